@@ -1,0 +1,723 @@
+"""Configuration: one YAML file, validated once into frozen dataclasses.
+
+Every problem is reported with the key's path and the fix, all at once
+(``workers.count: must be a positive integer, got 'two'``). Relative paths are
+relative to the config file's folder. Secrets are given as ``{env: NAME}`` or
+``{file: path}`` (or inline, discouraged) and are never printed.
+
+Any scalar key can be overridden from the environment:
+``WATCHFOLDER__WORKERS__COUNT=4`` sets ``workers.count``; list items are
+addressed by index (``WATCHFOLDER__WATCH__0__PATH``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from . import defaults as D
+from .errors import ConfigError
+from .job import RetryPolicy, Target
+
+_MISSING = object()
+
+
+class Secret:
+    """A secret value; its repr and str never show it."""
+
+    __slots__ = ("_value", "origin")
+
+    def __init__(self, value: str, origin: str):
+        self._value = value
+        self.origin = origin
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"<secret from {self.origin}>"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+# ---------------------------------------------------------------------------
+# Config objects
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: Path
+    synchronous: str = D.STORE_SYNCHRONOUS
+    lease_seconds: float = D.LEASE_SECONDS
+    busy_timeout: float = D.BUSY_TIMEOUT_SECONDS
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    count: int = D.WORKER_COUNT
+    poll_interval: float = D.WORKER_POLL_SECONDS
+    heartbeat_seconds: float = D.HEARTBEAT_SECONDS
+    shutdown_grace: float = D.SHUTDOWN_GRACE_SECONDS
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    root: Path
+    layout: str = D.ARCHIVE_LAYOUT
+
+
+@dataclass(frozen=True)
+class OmeroConfig:
+    host: str = "localhost"
+    port: int = D.OMERO_PORT
+    secure: bool = True
+    admin_user: str = "root"
+    admin_password: Secret | None = None
+    python: str | None = None
+    timeout: float = D.OMERO_TIMEOUT
+    connect_timeout: float = 30.0
+    sudo_ttl_ms: int = D.OMERO_SUDO_TTL_MS
+    web_url: str | None = None
+    namespace: str = "watchfolder.openmicroscopy.org/import"
+
+
+@dataclass(frozen=True)
+class ImporterConfig:
+    kind: str
+    archive: ArchiveConfig
+    omero: OmeroConfig
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    host: str = "localhost"
+    port: int = D.SMTP_PORT
+    security: str = "none"  # none | starttls | ssl
+    username: str | None = None
+    password: Secret | None = None
+    timeout: float = D.SMTP_TIMEOUT
+    verify_tls: bool = True
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    transport: str  # folder | smtp | none
+    outbox_dir: Path
+    sender: str = D.MAIL_FROM
+    admin_email: str | None = None
+    default_domain: str | None = None
+    templates_dir: Path | None = None
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    retry: RetryPolicy = field(default_factory=lambda: RetryPolicy(D.MAIL_MAX_ATTEMPTS, D.MAIL_BACKOFF))
+    watcher_unhealthy_after: float = D.WATCHER_UNHEALTHY_MAIL_AFTER
+    contact: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    name: str
+    role: str  # submit | read | admin
+    hash: str  # "sha256:<hex>"
+    owners: tuple[str, ...] = ()
+    roots: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    enabled: bool = True
+    listen: str = D.LISTEN
+    threads: int = D.SERVER_THREADS
+    max_body_bytes: int = D.MAX_BODY_BYTES
+    allowed_roots: tuple[Path, ...] = ()
+    tokens: tuple[TokenConfig, ...] = ()
+    public_url: str | None = None
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+
+@dataclass(frozen=True)
+class WatchAction:
+    action: str  # keep | move | delete
+    folder: Path | None = None
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    name: str
+    path: Path
+    mode: str = D.WATCH_MODE  # events | polling | auto
+    poll_interval: float = D.POLL_SECONDS
+    rescan_interval: float = D.RESCAN_SECONDS
+    detection: str = D.WATCH_DETECTION  # manifest | sidecar | layout
+    manifest_name: str = D.MANIFEST_NAME
+    sidecar_suffix: str = D.SIDECAR_SUFFIX
+    layout: str | None = None
+    quiet_period: float = D.QUIET_SECONDS
+    missing_timeout: float = D.MISSING_TIMEOUT_SECONDS
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = D.EXCLUDE_PATTERNS
+    owner: str | None = None
+    group: str | None = None
+    email: str | None = None
+    target: Target | None = None
+    allowed_owners: tuple[str, ...] = ()
+    check_os_owner: bool = False
+    on_success: WatchAction = WatchAction("keep")
+    on_failure: WatchAction = WatchAction("keep")
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None
+    data_dir: Path
+    log_level: str
+    store: StoreConfig
+    workers: WorkersConfig
+    retry: RetryPolicy
+    importer: ImporterConfig
+    notify: NotifyConfig
+    server: ServerConfig
+    watch: tuple[WatchConfig, ...]
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+
+# ---------------------------------------------------------------------------
+# Reading
+
+
+class _Reader:
+    """Walks the raw YAML, collecting every problem instead of stopping at the first."""
+
+    def __init__(self, base_dir: Path):
+        self.base_dir = base_dir
+        self.problems: list[str] = []
+
+    def problem(self, where: str, message: str) -> None:
+        self.problems.append(f"{where}: {message}")
+
+    def section(self, raw: dict, key: str, where: str) -> dict:
+        value = raw.get(key, {})
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.problem(_join(where, key), f"must be a mapping of keys, got {_show(value)}")
+            return {}
+        return value
+
+    def unknown(self, raw: dict, allowed: set[str], where: str) -> None:
+        for key in raw:
+            if key not in allowed:
+                hint = _closest(str(key), allowed)
+                fix = f"; did you mean {hint!r}?" if hint else f"; known keys: {', '.join(sorted(allowed))}"
+                self.problem(_join(where, str(key)), f"unknown key{fix}")
+
+    def get(self, raw: dict, key: str, where: str, check: Callable[[Any], Any], default: Any) -> Any:
+        if key not in raw or raw[key] is None:
+            return default
+        try:
+            return check(raw[key])
+        except _Bad as bad:
+            self.problem(_join(where, key), str(bad))
+            return default
+
+    def path(self, value: Any) -> Path:
+        if not isinstance(value, str) or not value.strip():
+            raise _Bad(f"must be a path, got {_show(value)}")
+        path = Path(os.path.expanduser(value))
+        return path if path.is_absolute() else (self.base_dir / path)
+
+    def secret(self, value: Any) -> Secret:
+        if isinstance(value, str):
+            return Secret(value, "inline")
+        if isinstance(value, dict) and len(value) == 1:
+            (kind, ref), = value.items()
+            if kind == "env":
+                if not isinstance(ref, str) or ref not in os.environ:
+                    raise _Bad(f"environment variable {ref!r} is not set; export it or use {{file: PATH}}")
+                return Secret(os.environ[ref], f"env {ref}")
+            if kind == "file":
+                try:
+                    path = self.path(ref)
+                    return Secret(path.read_text(encoding="utf-8").strip(), f"file {path}")
+                except OSError as exc:
+                    raise _Bad(f"cannot read secret file {ref!r}: {exc.strerror}") from None
+        raise _Bad("must be {env: VARIABLE} or {file: PATH} (or an inline string, discouraged)")
+
+
+class _Bad(Exception):
+    pass
+
+
+def _join(where: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{where}[{key}]"
+    return f"{where}.{key}" if where else key
+
+
+def _show(value: Any) -> str:
+    return repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+
+
+def _closest(word: str, choices: set[str]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _Bad(f"must be a positive integer, got {_show(value)}")
+    return value
+
+
+def port(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise _Bad(f"must be a port number between 1 and 65535, got {_show(value)}")
+    return value
+
+
+def seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise _Bad(f"must be a number of seconds (0 or more), got {_show(value)}")
+    return float(value)
+
+
+def positive_seconds(value: Any) -> float:
+    if seconds(value) <= 0:
+        raise _Bad(f"must be a number of seconds greater than 0, got {_show(value)}")
+    return float(value)
+
+
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad(f"must be true or false, got {_show(value)}")
+    return value
+
+
+def text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Bad(f"must be a non-empty string, got {_show(value)}")
+    return value
+
+
+def one_of(*choices: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise _Bad(f"must be one of {', '.join(choices)}, got {_show(value)}")
+        return value
+
+    return check
+
+
+def text_list(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise _Bad(f"must be a list of strings, got {_show(value)}")
+    return tuple(value)
+
+
+def backoff_list(value: Any) -> tuple[float, ...]:
+    if not isinstance(value, list) or not value:
+        raise _Bad(f"must be a non-empty list of seconds such as [30, 120, 600], got {_show(value)}")
+    return tuple(seconds(v) for v in value)
+
+
+def email(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[^@\s]+@[^@\s]+", value):
+        raise _Bad(f"must be an email address such as admin@example.org, got {_show(value)}")
+    return value
+
+
+def listen(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\s]+):\d{1,5}", value):
+        raise _Bad(f"must be HOST:PORT such as 127.0.0.1:8470, got {_show(value)}")
+    if not 0 <= int(value.rsplit(":", 1)[1]) < 65536:
+        raise _Bad(f"port must be between 0 and 65535, got {_show(value)}")
+    return value
+
+
+def _retry(r: _Reader, raw: dict, where: str, default: RetryPolicy) -> RetryPolicy:
+    r.unknown(raw, {"max_attempts", "backoff"}, where)
+    return RetryPolicy(
+        max_attempts=r.get(raw, "max_attempts", where, positive_int, default.max_attempts),
+        backoff=r.get(raw, "backoff", where, backoff_list, default.backoff),
+    )
+
+
+def _store(r: _Reader, raw: dict, data_dir: Path) -> StoreConfig:
+    w = "store"
+    r.unknown(raw, {"path", "synchronous", "lease_seconds", "busy_timeout"}, w)
+    return StoreConfig(
+        path=r.get(raw, "path", w, r.path, data_dir / D.DB_NAME),
+        synchronous=r.get(raw, "synchronous", w, one_of("full", "normal"), D.STORE_SYNCHRONOUS),
+        lease_seconds=r.get(raw, "lease_seconds", w, positive_seconds, D.LEASE_SECONDS),
+        busy_timeout=r.get(raw, "busy_timeout", w, positive_seconds, D.BUSY_TIMEOUT_SECONDS),
+    )
+
+
+def _workers(r: _Reader, raw: dict) -> WorkersConfig:
+    w = "workers"
+    r.unknown(raw, {"count", "poll_interval", "heartbeat_seconds", "shutdown_grace"}, w)
+    return WorkersConfig(
+        count=r.get(raw, "count", w, positive_int, D.WORKER_COUNT),
+        poll_interval=r.get(raw, "poll_interval", w, positive_seconds, D.WORKER_POLL_SECONDS),
+        heartbeat_seconds=r.get(raw, "heartbeat_seconds", w, positive_seconds, D.HEARTBEAT_SECONDS),
+        shutdown_grace=r.get(raw, "shutdown_grace", w, seconds, D.SHUTDOWN_GRACE_SECONDS),
+    )
+
+
+def _layout(value: Any) -> str:
+    value = text(value)
+    allowed = {"owner", "group", "project", "dataset", "screen", "job_id", "date"}
+    names = set(re.findall(r"{(\w+)}", value))
+    if not names <= allowed:
+        raise _Bad(
+            f"unknown placeholder(s) {', '.join(sorted(names - allowed))}; "
+            f"use {', '.join('{' + n + '}' for n in sorted(allowed))}"
+        )
+    if value.startswith("/") or ".." in value.split("/"):
+        raise _Bad(f"must be a relative layout without '..', got {value!r}")
+    return value
+
+
+def _importer(r: _Reader, raw: dict, data_dir: Path) -> ImporterConfig:
+    w = "importer"
+    r.unknown(raw, {"kind", "archive", "omero"}, w)
+    kind = r.get(raw, "kind", w, one_of("archive", "omero", "omero-cli", "noop"), "archive")
+    a = r.section(raw, "archive", w)
+    aw = "importer.archive"
+    r.unknown(a, {"root", "layout"}, aw)
+    archive = ArchiveConfig(
+        root=r.get(a, "root", aw, r.path, data_dir / "archive"),
+        layout=r.get(a, "layout", aw, _layout, D.ARCHIVE_LAYOUT),
+    )
+    o = r.section(raw, "omero", w)
+    ow = "importer.omero"
+    r.unknown(
+        o,
+        {
+            "host", "port", "secure", "admin_user", "admin_password", "python", "timeout",
+            "connect_timeout", "sudo_ttl_ms", "web_url", "namespace",
+        },
+        ow,
+    )
+    omero = OmeroConfig(
+        host=r.get(o, "host", ow, text, "localhost"),
+        port=r.get(o, "port", ow, port, D.OMERO_PORT),
+        secure=r.get(o, "secure", ow, boolean, True),
+        admin_user=r.get(o, "admin_user", ow, text, "root"),
+        admin_password=r.get(o, "admin_password", ow, r.secret, None),
+        python=r.get(o, "python", ow, text, None),
+        timeout=r.get(o, "timeout", ow, positive_seconds, D.OMERO_TIMEOUT),
+        connect_timeout=r.get(o, "connect_timeout", ow, positive_seconds, 30.0),
+        sudo_ttl_ms=r.get(o, "sudo_ttl_ms", ow, positive_int, D.OMERO_SUDO_TTL_MS),
+        web_url=r.get(o, "web_url", ow, text, None),
+        namespace=r.get(o, "namespace", ow, text, OmeroConfig.namespace),
+    )
+    if kind == "omero" and omero.admin_password is None and "admin_password" not in o:
+        r.problem(ow + ".admin_password", "required when importer.kind is omero; set {env: OMERO_ADMIN_PASSWORD}")
+    return ImporterConfig(kind=kind, archive=archive, omero=omero)
+
+
+def _notify(r: _Reader, raw: dict, data_dir: Path) -> NotifyConfig:
+    w = "notify"
+    r.unknown(
+        raw,
+        {
+            "transport", "outbox_dir", "from", "admin_email", "default_domain", "templates_dir",
+            "smtp", "retry", "watcher_unhealthy_after", "contact",
+        },
+        w,
+    )
+    s = r.section(raw, "smtp", w)
+    sw = "notify.smtp"
+    r.unknown(s, {"host", "port", "security", "username", "password", "timeout", "verify_tls", "ca_file"}, sw)
+    security = r.get(s, "security", sw, one_of("none", "starttls", "ssl"), "none")
+    smtp = SmtpConfig(
+        host=r.get(s, "host", sw, text, "localhost"),
+        port=r.get(s, "port", sw, port, 465 if security == "ssl" else (587 if security == "starttls" else D.SMTP_PORT)),
+        security=security,
+        username=r.get(s, "username", sw, text, None),
+        password=r.get(s, "password", sw, r.secret, None),
+        timeout=r.get(s, "timeout", sw, positive_seconds, D.SMTP_TIMEOUT),
+        verify_tls=r.get(s, "verify_tls", sw, boolean, True),
+        ca_file=r.get(s, "ca_file", sw, r.path, None),
+    )
+    if smtp.password is not None and smtp.username is None:
+        r.problem(sw + ".username", "required when notify.smtp.password is set")
+    templates_dir = r.get(raw, "templates_dir", w, r.path, None)
+    if templates_dir is not None and not templates_dir.is_dir():
+        r.problem(w + ".templates_dir", f"{templates_dir} is not a folder; create it or remove the key")
+    return NotifyConfig(
+        transport=r.get(raw, "transport", w, one_of("folder", "smtp", "none"), D.NOTIFY_TRANSPORT),
+        outbox_dir=r.get(raw, "outbox_dir", w, r.path, data_dir / "outbox"),
+        sender=r.get(raw, "from", w, email, D.MAIL_FROM),
+        admin_email=r.get(raw, "admin_email", w, email, None),
+        default_domain=r.get(raw, "default_domain", w, text, None),
+        templates_dir=templates_dir,
+        smtp=smtp,
+        retry=_retry(r, r.section(raw, "retry", w), "notify.retry", RetryPolicy(D.MAIL_MAX_ATTEMPTS, D.MAIL_BACKOFF)),
+        watcher_unhealthy_after=r.get(raw, "watcher_unhealthy_after", w, positive_seconds, D.WATCHER_UNHEALTHY_MAIL_AFTER),
+        contact=r.get(raw, "contact", w, text, None),
+    )
+
+
+def _server(r: _Reader, raw: dict) -> ServerConfig:
+    w = "server"
+    r.unknown(raw, {"enabled", "listen", "threads", "max_body_bytes", "allowed_roots", "tokens", "public_url"}, w)
+    tokens = []
+    raw_tokens = raw.get("tokens") or []
+    if not isinstance(raw_tokens, list):
+        r.problem("server.tokens", f"must be a list of tokens, got {_show(raw_tokens)}")
+        raw_tokens = []
+    names: set[str] = set()
+    for i, t in enumerate(raw_tokens):
+        tw = f"server.tokens[{i}]"
+        if not isinstance(t, dict):
+            r.problem(tw, "must be a mapping with name, role and hash (see `watchfolder token new`)")
+            continue
+        r.unknown(t, {"name", "role", "hash", "owners", "roots"}, tw)
+        name = r.get(t, "name", tw, text, f"token{i}")
+        if name in names:
+            r.problem(tw + ".name", f"duplicate token name {name!r}; names must be unique")
+        names.add(name)
+        if "hash" not in t:
+            r.problem(tw + ".hash", "missing; create one with `watchfolder token new --name NAME --role ROLE`")
+        tokens.append(
+            TokenConfig(
+                name=name,
+                role=r.get(t, "role", tw, one_of("submit", "read", "admin"), "read"),
+                hash=r.get(t, "hash", tw, _token_hash, ""),
+                owners=r.get(t, "owners", tw, text_list, ()),
+                roots=tuple(r.path(p) for p in r.get(t, "roots", tw, text_list, ())),
+            )
+        )
+    return ServerConfig(
+        enabled=r.get(raw, "enabled", w, boolean, True),
+        listen=r.get(raw, "listen", w, listen, D.LISTEN),
+        threads=r.get(raw, "threads", w, positive_int, D.SERVER_THREADS),
+        max_body_bytes=r.get(raw, "max_body_bytes", w, positive_int, D.MAX_BODY_BYTES),
+        allowed_roots=tuple(r.path(p) for p in r.get(raw, "allowed_roots", w, text_list, ())),
+        tokens=tuple(tokens),
+        public_url=r.get(raw, "public_url", w, text, None),
+    )
+
+
+def _token_hash(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
+        raise _Bad("must be sha256:<64 hex digits>, as printed by `watchfolder token new`; never the token itself")
+    return value
+
+
+def _action(r: _Reader, raw: Any, where: str, allowed: tuple[str, ...]) -> WatchAction:
+    if raw is None:
+        return WatchAction("keep")
+    if isinstance(raw, str):
+        raw = {"action": raw}
+    if not isinstance(raw, dict):
+        r.problem(where, f"must be one of {', '.join(allowed)} or {{action: move, folder: PATH}}")
+        return WatchAction("keep")
+    r.unknown(raw, {"action", "folder"}, where)
+    action = r.get(raw, "action", where, one_of(*allowed), "keep")
+    folder = r.get(raw, "folder", where, r.path, None)
+    if action == "move" and folder is None:
+        r.problem(where + ".folder", "required when action is move; name the folder to move acquisitions to")
+    return WatchAction(action, folder)
+
+
+WATCH_KEYS = {
+    "name", "path", "mode", "poll_interval", "rescan_interval", "detection", "manifest_name",
+    "sidecar_suffix", "layout", "quiet_period", "missing_timeout", "include", "exclude", "owner",
+    "group", "email", "target", "allowed_owners", "check_os_owner", "on_success", "on_failure",
+}
+
+
+def _watch(r: _Reader, raw: Any) -> tuple[WatchConfig, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        r.problem("watch", f"must be a list of watch folders, got {_show(raw)}")
+        return ()
+    out = []
+    names: set[str] = set()
+    for i, item in enumerate(raw):
+        w = f"watch[{i}]"
+        if not isinstance(item, dict):
+            r.problem(w, "must be a mapping with at least `path`")
+            continue
+        r.unknown(item, WATCH_KEYS, w)
+        if "path" not in item:
+            r.problem(w + ".path", "missing; name the drop folder to watch")
+            continue
+        path = r.get(item, "path", w, r.path, None)
+        if path is None:
+            continue
+        if not path.is_dir():
+            r.problem(w + ".path", f"{path} does not exist or is not a folder; create it or fix the path")
+        name = r.get(item, "name", w, text, path.name or str(path))
+        if name in names:
+            r.problem(w + ".name", f"duplicate watch name {name!r}; give each watch folder its own name")
+        names.add(name)
+        detection = r.get(item, "detection", w, one_of("manifest", "sidecar", "layout"), D.WATCH_DETECTION)
+        layout = r.get(item, "layout", w, text, None)
+        if detection == "layout" and not layout:
+            r.problem(w + ".layout", "required when detection is layout, e.g. '{owner}/{dataset}/'")
+        if layout and not set(re.findall(r"{(\w+)}", layout)) <= {"owner", "group", "project", "dataset", "screen"}:
+            r.problem(w + ".layout", "placeholders must be among {owner}, {group}, {project}, {dataset}, {screen}")
+        target = None
+        if item.get("target") is not None:
+            try:
+                target = Target.from_dict(item["target"], where=w + ".target")
+            except Exception as exc:  # AcquisitionError has the path already
+                r.problems.append(str(exc))
+        out.append(
+            WatchConfig(
+                name=name,
+                path=path,
+                mode=r.get(item, "mode", w, one_of("events", "polling", "auto"), D.WATCH_MODE),
+                poll_interval=r.get(item, "poll_interval", w, positive_seconds, D.POLL_SECONDS),
+                rescan_interval=r.get(item, "rescan_interval", w, positive_seconds, D.RESCAN_SECONDS),
+                detection=detection,
+                manifest_name=r.get(item, "manifest_name", w, text, D.MANIFEST_NAME),
+                sidecar_suffix=r.get(item, "sidecar_suffix", w, text, D.SIDECAR_SUFFIX),
+                layout=layout,
+                quiet_period=r.get(item, "quiet_period", w, seconds, D.QUIET_SECONDS),
+                missing_timeout=r.get(item, "missing_timeout", w, positive_seconds, D.MISSING_TIMEOUT_SECONDS),
+                include=r.get(item, "include", w, text_list, ()),
+                exclude=r.get(item, "exclude", w, text_list, D.EXCLUDE_PATTERNS),
+                owner=r.get(item, "owner", w, text, None),
+                group=r.get(item, "group", w, text, None),
+                email=r.get(item, "email", w, email, None),
+                target=target,
+                allowed_owners=r.get(item, "allowed_owners", w, text_list, ()),
+                check_os_owner=r.get(item, "check_os_owner", w, boolean, False),
+                on_success=_action(r, item.get("on_success"), w + ".on_success", ("keep", "move", "delete")),
+                on_failure=_action(r, item.get("on_failure"), w + ".on_failure", ("keep", "move")),
+            )
+        )
+    return tuple(out)
+
+
+TOP_KEYS = {"data_dir", "log_level", "store", "workers", "retry", "importer", "notify", "server", "watch"}
+
+
+def apply_env_overrides(raw: dict, environ: dict[str, str]) -> dict:
+    """Apply ``WATCHFOLDER__A__B=value`` overrides (values parsed as YAML scalars)."""
+    for name, value in sorted(environ.items()):
+        if not name.startswith(D.ENV_PREFIX):
+            continue
+        keys = [k.lower() for k in name[len(D.ENV_PREFIX):].split("__") if k]
+        if not keys:
+            continue
+        node: Any = raw
+        for key in keys[:-1]:
+            if isinstance(node, list) and key.isdigit() and int(key) < len(node):
+                node = node[int(key)]
+            elif isinstance(node, dict):
+                node = node.setdefault(key, {})
+            else:
+                raise ConfigError(f"{name}: cannot override {'.'.join(keys)}; that key is not a mapping")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            parsed = value
+        last = keys[-1]
+        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+            node[int(last)] = parsed
+        elif isinstance(node, dict):
+            node[last] = parsed
+        else:
+            raise ConfigError(f"{name}: cannot override {'.'.join(keys)}; that key is not a mapping")
+    return raw
+
+
+def parse(raw: Any, *, path: Path | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Validate a raw mapping (as loaded from YAML) into a :class:`Config`."""
+    base_dir = path.parent if path else Path.cwd()
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("the config file must be a YAML mapping of keys (data_dir:, workers:, …)")
+    raw = apply_env_overrides(raw, dict(os.environ if environ is None else environ))
+    r = _Reader(base_dir.resolve())
+    r.unknown(raw, TOP_KEYS, "")
+    data_dir = r.get(raw, "data_dir", "", r.path, r.path(D.DATA_DIR))
+    config = Config(
+        path=path,
+        data_dir=data_dir,
+        log_level=r.get(raw, "log_level", "", one_of("debug", "info", "warning", "error"), D.LOG_LEVEL),
+        store=_store(r, r.section(raw, "store", ""), data_dir),
+        workers=_workers(r, r.section(raw, "workers", "")),
+        retry=_retry(r, r.section(raw, "retry", ""), "retry", RetryPolicy(D.RETRY_MAX_ATTEMPTS, D.RETRY_BACKOFF)),
+        importer=_importer(r, r.section(raw, "importer", ""), data_dir),
+        notify=_notify(r, r.section(raw, "notify", ""), data_dir),
+        server=_server(r, r.section(raw, "server", "")),
+        watch=_watch(r, raw.get("watch")),
+    )
+    if config.notify.transport == "smtp" and not config.notify.smtp.host:
+        r.problem("notify.smtp.host", "required when notify.transport is smtp")
+    if r.problems:
+        raise ConfigError(r.problems)
+    return config
+
+
+def load(path: str | os.PathLike | None = None, *, environ: dict[str, str] | None = None) -> Config:
+    """Load and validate the config file (``$WATCHFOLDER_CONFIG`` when no path is given)."""
+    env = dict(os.environ if environ is None else environ)
+    if path is None:
+        path = env.get(D.CONFIG_ENV)
+    if path is None:
+        raise ConfigError(f"no config file given; pass --config PATH or set {D.CONFIG_ENV}")
+    file = Path(path).expanduser()
+    try:
+        text_ = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {file} does not exist; copy config/watchfolder.example.yaml there") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {file}: cannot read it ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text_)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{file}: invalid YAML{where}: {problem}") from None
+    return parse(raw, path=file.resolve(), environ=env)
+
+
+def to_dict(config: Any) -> Any:
+    """The effective config as plain data, secrets redacted (for ``check-config``)."""
+    if isinstance(config, Secret):
+        return f"<redacted: {config.origin}>"
+    if is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [to_dict(v) for v in config]
+    if isinstance(config, Path):
+        return str(config)
+    if isinstance(config, dict):
+        return {k: to_dict(v) for k, v in config.items()}
+    return config

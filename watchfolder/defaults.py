@@ -1,0 +1,53 @@
+"""Default values, in one place. Config keys fall back to these."""
+
+CONFIG_ENV = "WATCHFOLDER_CONFIG"
+ENV_PREFIX = "WATCHFOLDER__"  # WATCHFOLDER__WORKERS__COUNT=4 overrides workers.count
+
+DATA_DIR = "./watchfolder-data"
+DB_NAME = "watchfolder.db"
+LOG_LEVEL = "info"
+
+STORE_SYNCHRONOUS = "full"
+LEASE_SECONDS = 60.0
+BUSY_TIMEOUT_SECONDS = 30.0
+# A LOCKED queue message whose job never became running (crash between pop and
+# claim) is put back after this long.
+ORPHAN_MESSAGE_SECONDS = 60.0
+
+WORKER_COUNT = 2
+WORKER_POLL_SECONDS = 1.0
+HEARTBEAT_SECONDS = 5.0
+SHUTDOWN_GRACE_SECONDS = 30.0
+PROGRESS_MIN_INTERVAL = 0.5
+
+RETRY_MAX_ATTEMPTS = 5
+RETRY_BACKOFF = (30.0, 120.0, 600.0, 1800.0)
+
+ARCHIVE_LAYOUT = "{owner}/{project}/{dataset}"
+COPY_CHUNK_BYTES = 1024 * 1024
+
+NOTIFY_TRANSPORT = "folder"
+MAIL_FROM = "watchfolder@localhost"
+MAIL_MAX_ATTEMPTS = 10
+MAIL_BACKOFF = (30.0, 60.0, 300.0, 900.0, 3600.0)
+SMTP_PORT = 25
+SMTP_TIMEOUT = 30.0
+WATCHER_UNHEALTHY_MAIL_AFTER = 600.0
+
+LISTEN = "127.0.0.1:8470"
+SERVER_THREADS = 8
+MAX_BODY_BYTES = 1024 * 1024
+
+WATCH_MODE = "auto"
+WATCH_DETECTION = "manifest"
+MANIFEST_NAME = "watchfolder.json"
+SIDECAR_SUFFIX = ".json"
+QUIET_SECONDS = 30.0
+POLL_SECONDS = 5.0
+RESCAN_SECONDS = 3600.0
+MISSING_TIMEOUT_SECONDS = 3600.0
+EXCLUDE_PATTERNS = ("~$*", "*.tmp", "*.part", ".*")
+
+OMERO_PORT = 4064
+OMERO_TIMEOUT = 3600.0
+OMERO_SUDO_TTL_MS = 600_000

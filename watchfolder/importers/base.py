@@ -1,0 +1,95 @@
+"""The importer interface shared by every backend."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable
+
+from ..errors import ConfigError
+from ..job import Job
+
+
+class ImportContext(abc.ABC):
+    """What a running job offers its importer.
+
+    ``progress`` records how far the import is and doubles as a checkpoint: it
+    raises :class:`~watchfolder.errors.JobCancelled`, ``LeaseLost`` or
+    ``ShuttingDown`` when the importer must stop. Importers call it often (at
+    least every few seconds while working); it is cheap and throttles itself.
+    """
+
+    job: Job
+
+    @abc.abstractmethod
+    def progress(
+        self,
+        phase: str,
+        bytes_done: int = 0,
+        bytes_total: int = 0,
+        files_done: int = 0,
+        files_total: int = 0,
+    ) -> None: ...
+
+    @abc.abstractmethod
+    def log(self, message: str) -> None:
+        """Append a line to the job's log (never put secrets here)."""
+
+    @property
+    @abc.abstractmethod
+    def log_path(self) -> str:
+        """Path of the job's log file, for importers that redirect a child's stderr there."""
+
+    def checkpoint(self) -> None:
+        """Raise if the importer must stop; same as ``progress`` without new figures."""
+
+
+class Importer(abc.ABC):
+    """A backend. ``run`` returns the job result (a JSON-able dict) or raises
+    :class:`~watchfolder.errors.TransientImportError` /
+    :class:`~watchfolder.errors.PermanentImportError`."""
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def run(self, job: Job, ctx: ImportContext) -> dict[str, Any]: ...
+
+    def health(self) -> dict[str, Any]:
+        """Importer health for the status view: at least ``{"ok": bool}``."""
+        return {"ok": True}
+
+    def close(self) -> None:
+        """Release resources at shutdown."""
+
+
+_REGISTRY: dict[str, Callable[..., Importer]] = {}
+
+
+def register(name: str):
+    """Class decorator: make an importer available under ``importer.kind: name``."""
+
+    def deco(cls):
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def create_importer(config) -> Importer:
+    """Build the importer named by ``config.importer.kind``."""
+    # Importing the modules registers them; done here so that importing the
+    # package does not pull in every backend.
+    from . import archive, noop  # noqa: F401
+
+    try:
+        from . import omero  # noqa: F401
+    except ImportError:  # pragma: no cover - the omero backend module is optional
+        pass
+    kind = config.importer.kind
+    try:
+        factory = _REGISTRY[kind]
+    except KeyError:
+        raise ConfigError(
+            f"importer.kind: unknown importer {kind!r}; use one of {', '.join(sorted(_REGISTRY))}"
+        ) from None
+    return factory(config)

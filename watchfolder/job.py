@@ -1,0 +1,291 @@
+"""The job model: what one acquisition to import is, and the states it goes through."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+from .errors import AcquisitionError
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRY_WAIT = "retry_wait"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED_STATES
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FINISHED_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+
+class ErrorKind(str, Enum):
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+TARGET_FORMS = (
+    ("dataset",),
+    ("project", "dataset"),
+    ("dataset_id",),
+    ("screen",),
+    ("screen_id",),
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the images go: one of the forms in ``TARGET_FORMS``."""
+
+    project: str | None = None
+    dataset: str | None = None
+    dataset_id: int | None = None
+    screen: str | None = None
+    screen_id: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "target") -> "Target":
+        if not isinstance(data, dict):
+            raise AcquisitionError(
+                f"{where}: must be an object such as "
+                f'{{"project": "P", "dataset": "D"}}, got {data!r}'
+            )
+        keys = tuple(sorted(k for k, v in data.items() if v not in (None, "")))
+        forms = {tuple(sorted(f)): f for f in TARGET_FORMS}
+        if keys not in forms:
+            allowed = ", ".join("{" + ", ".join(f) + "}" for f in TARGET_FORMS)
+            raise AcquisitionError(
+                f"{where}: keys {list(keys) or 'none'} do not form a target; use one of {allowed}"
+            )
+        values: dict[str, Any] = {}
+        for key in keys:
+            value = data[key]
+            if key.endswith("_id"):
+                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                    raise AcquisitionError(f"{where}.{key}: must be a positive integer, got {value!r}")
+            elif not isinstance(value, str) or not value.strip():
+                raise AcquisitionError(f"{where}.{key}: must be a non-empty string, got {value!r}")
+            elif "/" in value or "\x00" in value:
+                raise AcquisitionError(f"{where}.{key}: must not contain '/', got {value!r}")
+            values[key] = value.strip() if isinstance(value, str) else value
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @property
+    def label(self) -> str:
+        """Human-readable form for mails and logs, e.g. ``project "P" / dataset "D"``."""
+        parts = []
+        for key, value in self.to_dict().items():
+            name = key.replace("_id", "")
+            parts.append(f"{name} {value}" if key.endswith("_id") else f'{name} "{value}"')
+        return " / ".join(parts)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of an acquisition, relative to the acquisition's root."""
+
+    path: str
+    size: int | None = None
+    sha256: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "FileEntry":
+        if isinstance(data, str):
+            return cls(path=data)
+        return cls(path=data["path"], size=data.get("size"), sha256=data.get("sha256"))
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything needed to queue one acquisition; the input of ``JobStore.enqueue``.
+
+    ``root`` is the acquisition's absolute folder; ``files`` are relative to it.
+    ``source`` says where it came from: ``watch:<name>``, ``api:<client>``, ``cli:<user>``.
+    ``session_key`` is a secret (an OMERO session the client lent us): stored only
+    until the job ends, never returned or logged.
+    """
+
+    owner: str
+    root: str
+    files: tuple[FileEntry, ...]
+    target: Target
+    source: str
+    group: str | None = None
+    email: str | None = None
+    name: str | None = None
+    description: str | None = None
+    annotations: dict[str, str] = field(default_factory=dict)
+    filesets: tuple[tuple[str, ...], ...] = ()
+    importer: str | None = None
+    idempotency_key: str | None = None
+    session_key: str | None = None
+    omero_host: str | None = None
+    omero_port: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def key(self) -> str:
+        """The idempotency key: given, or derived from the source, root and listed files."""
+        if self.idempotency_key:
+            return self.idempotency_key
+        digest = hashlib.sha256()
+        content = {
+            "source": self.source,
+            "root": self.root,
+            "files": [f.to_dict() for f in self.files],
+            "target": self.target.to_dict(),
+            "owner": self.owner,
+        }
+        digest.update(json.dumps(content, sort_keys=True).encode())
+        return "sha256:" + digest.hexdigest()
+
+    def total_bytes(self) -> int:
+        return sum(f.size or 0 for f in self.files)
+
+
+@dataclass
+class Progress:
+    phase: str = ""
+    bytes_done: int = 0
+    bytes_total: int = 0
+    files_done: int = 0
+    files_total: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def fraction(self) -> float:
+        if self.bytes_total:
+            return min(1.0, self.bytes_done / self.bytes_total)
+        if self.files_total:
+            return min(1.0, self.files_done / self.files_total)
+        return 0.0
+
+
+@dataclass
+class JobError:
+    kind: ErrorKind
+    message: str
+    config_error: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": str(self.kind), "message": self.message, "config_error": self.config_error}
+
+
+@dataclass
+class HistoryEntry:
+    at: float
+    state: JobState
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"at": self.at, "state": str(self.state), "message": self.message}
+
+
+@dataclass
+class Job:
+    """A job as stored: its spec plus its life so far. Times are Unix seconds."""
+
+    id: int
+    spec: JobSpec
+    idempotency_key: str
+    state: JobState
+    attempts: int
+    max_attempts: int
+    created_at: float
+    updated_at: float
+    next_attempt_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker: str | None = None
+    lease_expires_at: float | None = None
+    cancel_requested: bool = False
+    progress: Progress = field(default_factory=Progress)
+    result: dict[str, Any] | None = None
+    error: JobError | None = None
+    history: list[HistoryEntry] = field(default_factory=list)
+    log_path: str | None = None
+
+    # Convenience accessors used by notifiers and views.
+    @property
+    def owner(self) -> str:
+        return self.spec.owner
+
+    @property
+    def source(self) -> str:
+        return self.spec.source
+
+    def to_dict(self, *, history: bool = True) -> dict[str, Any]:
+        """Public representation (API, CLI). Never contains the session key."""
+        spec = self.spec
+        data: dict[str, Any] = {
+            "id": self.id,
+            "state": str(self.state),
+            "owner": spec.owner,
+            "group": spec.group,
+            "email": spec.email,
+            "target": spec.target.to_dict(),
+            "source": spec.source,
+            "root": spec.root,
+            "files": [f.to_dict() for f in spec.files],
+            "filesets": [list(fs) for fs in spec.filesets],
+            "name": spec.name,
+            "description": spec.description,
+            "annotations": dict(spec.annotations),
+            "importer": spec.importer,
+            "idempotency_key": self.idempotency_key,
+            "uses_session_key": bool(spec.session_key),
+            "attempts": self.attempts,
+            "max_attempts": self.max_attempts,
+            "next_attempt_at": self.next_attempt_at,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "worker": self.worker,
+            "cancel_requested": self.cancel_requested,
+            "progress": self.progress.to_dict(),
+            "result": self.result,
+            "error": self.error.to_dict() if self.error else None,
+        }
+        if history:
+            data["history"] = [h.to_dict() for h in self.history]
+        return data
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and when a transiently failed job is tried again.
+
+    ``backoff`` lists the waits in seconds after the 1st, 2nd, … failed attempt;
+    the last value repeats. ``max_attempts`` counts every attempt, the first included.
+    """
+
+    max_attempts: int = 5
+    backoff: tuple[float, ...] = (30.0, 120.0, 600.0, 1800.0)
+
+    def delay(self, attempts_made: int) -> float:
+        if not self.backoff:
+            return 0.0
+        index = min(max(attempts_made, 1), len(self.backoff)) - 1
+        return float(self.backoff[index])
