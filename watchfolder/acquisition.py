@@ -1,0 +1,673 @@
+"""The acquisition contract: manifests, sidecars, and turning a local path into a job spec.
+
+An acquisition is described by a JSON *descriptor*: a manifest (``watchfolder.json``
+at the root of a folder, listing its files) or a sidecar (``<datafile>.json`` beside
+one data file). Both carry the same keys (see ``CONTRACT_KEYS``). A JSON file that
+carries none of them is instrument metadata, i.e. data, not a descriptor.
+
+Everything here is pure file reading: no store, no watching. The watcher, the CLI
+``submit`` and the REST API all build their :class:`~watchfolder.job.JobSpec` here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import stat
+import unicodedata
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import defaults as D
+from .errors import AcquisitionError
+from .job import FileEntry, JobSpec, Target
+
+CONTRACT_KEYS = (
+    "owner", "group", "email", "target", "name", "description", "annotations", "files", "filesets",
+)
+FILE_ENTRY_KEYS = ("path", "size", "sha256")
+
+# A descriptor is a few KB; anything this big is not one and must not be read into memory.
+MAX_DESCRIPTOR_BYTES = 16 * 1024 * 1024
+
+_BOM = b"\xef\xbb\xbf"
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+|[^@\s]+@[^@\s]+")
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+class NotADescriptor(AcquisitionError):
+    """Valid JSON that carries none of the contract's keys: instrument data, not a sidecar."""
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """A parsed, validated manifest or sidecar.
+
+    ``files`` is ``None`` when the descriptor does not list files (a manifest then
+    covers every file under its folder). ``warnings`` are for the job log (unknown
+    fields, duplicate keys). ``raw_bytes_sha256`` identifies the exact bytes read,
+    so a changed re-drop is recognisably a new acquisition.
+    """
+
+    owner: str | None = None
+    group: str | None = None
+    email: str | None = None
+    target: Target | None = None
+    name: str | None = None
+    description: str | None = None
+    annotations: dict[str, str] = field(default_factory=dict)
+    files: tuple[FileEntry, ...] | None = None
+    filesets: tuple[tuple[str, ...], ...] = ()
+    warnings: tuple[str, ...] = ()
+    raw_bytes_sha256: str = ""
+    path: Path | None = None
+
+
+def is_descriptor(obj: Any) -> bool:
+    """True when ``obj`` (parsed JSON) is a descriptor: an object with at least one contract key."""
+    return isinstance(obj, dict) and any(key in obj for key in CONTRACT_KEYS)
+
+
+# ---------------------------------------------------------------------------
+# Reading and validating descriptors
+
+
+def load_json(path: Path) -> tuple[Any, bytes, list[str]]:
+    """Read a JSON file (UTF-8, BOM tolerated): ``(value, raw bytes, warnings)``.
+
+    Raises :class:`AcquisitionError` naming the line and column of a syntax error.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_DESCRIPTOR_BYTES + 1)
+    except FileNotFoundError:
+        raise AcquisitionError(f"{path}: does not exist") from None
+    except IsADirectoryError:
+        raise AcquisitionError(f"{path}: is a folder, not a JSON file") from None
+    except OSError as exc:
+        raise AcquisitionError(f"{path}: cannot read it ({exc.strerror}); check its permissions") from None
+    if len(raw) > MAX_DESCRIPTOR_BYTES:
+        raise AcquisitionError(
+            f"{path}: larger than {MAX_DESCRIPTOR_BYTES // (1024 * 1024)} MB, too big for a manifest or sidecar"
+        )
+    body = raw[len(_BOM):] if raw.startswith(_BOM) else raw
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = body[: exc.start].count(b"\n") + 1
+        column = exc.start - (body.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise AcquisitionError(
+            f"{path}: not UTF-8 text (bad byte 0x{body[exc.start]:02x} at line {line}, column {column}); "
+            "save the file as UTF-8"
+        ) from None
+    warnings: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in items:
+            if key in out:
+                warnings.append(f"duplicate key {key!r}: the last value is used")
+            out[key] = value
+        return out
+
+    try:
+        value = json.loads(text, object_pairs_hook=pairs)
+    except json.JSONDecodeError as exc:
+        raise AcquisitionError(
+            f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}; "
+            "fix the file (a JSON validator shows the spot) and save it again"
+        ) from None
+    return value, raw, warnings
+
+
+def read_descriptor(path: Path) -> Descriptor:
+    """Read and validate a manifest or sidecar.
+
+    Raises :class:`NotADescriptor` for JSON without any contract key, and
+    :class:`AcquisitionError` for anything unreadable or invalid.
+    """
+    path = Path(path)
+    value, raw, warnings = load_json(path)
+    if not is_descriptor(value):
+        what = "a JSON object" if isinstance(value, dict) else f"JSON {type(value).__name__}"
+        raise NotADescriptor(
+            f"{path}: {what} without any of the keys {', '.join(CONTRACT_KEYS)}; "
+            "treated as data, not as a manifest or sidecar"
+        )
+    try:
+        return parse_descriptor(value, warnings=warnings, raw=raw, path=path)
+    except AcquisitionError as exc:
+        raise AcquisitionError(f"{path}: {exc}") from None
+
+
+def parse_descriptor(
+    data: dict[str, Any], *, warnings: Iterable[str] = (), raw: bytes = b"", path: Path | None = None
+) -> Descriptor:
+    """Validate a descriptor given as parsed JSON (also used for API request bodies)."""
+    if not isinstance(data, dict):
+        raise AcquisitionError(f"must be a JSON object, got {type(data).__name__}")
+    notes = list(warnings)
+    for key in data:
+        if key not in CONTRACT_KEYS:
+            hint = difflib.get_close_matches(str(key), CONTRACT_KEYS, n=1, cutoff=0.6)
+            fix = f"did you mean {hint[0]!r}?" if hint else f"known fields: {', '.join(CONTRACT_KEYS)}"
+            notes.append(f"unknown field {key!r} ignored; {fix}")
+    files = _files(data["files"], notes) if data.get("files") is not None else None
+    filesets = _filesets(data.get("filesets"), files)
+    target = Target.from_dict(data["target"], where="target") if data.get("target") is not None else None
+    return Descriptor(
+        owner=_name_field(data, "owner"),
+        group=_name_field(data, "group"),
+        email=_email(data.get("email")),
+        target=target,
+        name=_text(data, "name"),
+        description=_text(data, "description", allow_newlines=True),
+        annotations=_annotations(data.get("annotations")),
+        files=files,
+        filesets=filesets,
+        warnings=tuple(notes),
+        raw_bytes_sha256=hashlib.sha256(raw).hexdigest() if raw else "",
+        path=path,
+    )
+
+
+def _text(data: dict, key: str, *, allow_newlines: bool = False) -> str | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise AcquisitionError(f"{key}: must be a string, got {value!r}")
+    bad = "\x00" if allow_newlines else "\x00\n\r"
+    if any(c in value for c in bad):
+        raise AcquisitionError(f"{key}: must be one line of text without control characters, got {value!r}")
+    return value.strip() or None
+
+
+def _name_field(data: dict, key: str) -> str | None:
+    value = _text(data, key)
+    if value is not None and ("/" in value or any(c.isspace() for c in value)):
+        raise AcquisitionError(f"{key}: must be a user or group name without spaces or '/', got {value!r}")
+    return value
+
+
+def _email(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _EMAIL.fullmatch(value.strip()):
+        raise AcquisitionError(f"email: must be an address such as jdoe@example.org, got {value!r}")
+    return value.strip()
+
+
+def _annotations(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise AcquisitionError(f'annotations: must be an object of text values such as {{"objective": "63x"}}, got {value!r}')
+    out: dict[str, str] = {}
+    for key, item in value.items():
+        if not key.strip():
+            raise AcquisitionError("annotations: keys must be non-empty")
+        # Numbers are unambiguous as text; instruments write them unquoted.
+        if isinstance(item, (int, float)) and not isinstance(item, bool):
+            item = str(item)
+        if not isinstance(item, str):
+            raise AcquisitionError(f"annotations.{key}: must be a string, got {item!r}")
+        out[key] = item
+    return out
+
+
+def normalize_relpath(value: Any, where: str) -> str:
+    """Validate a relative path from a descriptor and return it in ``a/b/c`` form.
+
+    Backslashes count as separators (Windows acquisition software writes them);
+    absolute paths and ``..`` are refused so a descriptor can never reach outside
+    its acquisition.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise AcquisitionError(f"{where}: must be a relative path, got {value!r}")
+    if "\x00" in value:
+        raise AcquisitionError(f"{where}: contains a NUL character: {value!r}")
+    text = value.replace("\\", "/")
+    if text.startswith("/") or _WINDOWS_DRIVE.match(text):
+        raise AcquisitionError(f"{where}: {value!r} is absolute; give it relative to the acquisition folder")
+    parts = [p for p in text.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise AcquisitionError(f"{where}: {value!r} contains '..'; paths must stay inside the acquisition folder")
+    if not parts:
+        raise AcquisitionError(f"{where}: {value!r} names no file")
+    return "/".join(parts)
+
+
+def _files(value: Any, notes: list[str]) -> tuple[FileEntry, ...]:
+    if not isinstance(value, list):
+        raise AcquisitionError(
+            f'files: must be a list such as [{{"path": "a.tif", "size": 1024}}], got {type(value).__name__}'
+        )
+    out: list[FileEntry] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(value):
+        where = f"files[{i}]"
+        if isinstance(item, str):
+            item = {"path": item}
+        if not isinstance(item, dict):
+            raise AcquisitionError(f'{where}: must be a path or an object {{"path": ..., "size": ...}}, got {item!r}')
+        for key in item:
+            if key not in FILE_ENTRY_KEYS:
+                notes.append(f"{where}: unknown field {key!r} ignored; known fields: {', '.join(FILE_ENTRY_KEYS)}")
+        path = normalize_relpath(item.get("path"), where + ".path")
+        key = unicodedata.normalize("NFC", path)
+        if key in seen:
+            raise AcquisitionError(f"{where}.path: {path!r} is listed twice (also files[{seen[key]}])")
+        seen[key] = i
+        size = item.get("size")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise AcquisitionError(f"{where}.size: must be a whole number of bytes (0 or more), got {size!r}")
+        digest = item.get("sha256")
+        if digest is not None:
+            if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+                raise AcquisitionError(f"{where}.sha256: must be 64 hexadecimal digits, got {digest!r}")
+            digest = digest.lower()
+        out.append(FileEntry(path=path, size=size, sha256=digest))
+    if not out:
+        raise AcquisitionError(
+            "files: the list is empty; list the acquisition's files, or remove the key to take "
+            "every file under the folder"
+        )
+    return tuple(out)
+
+
+def _filesets(value: Any, files: tuple[FileEntry, ...] | None) -> tuple[tuple[str, ...], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(fs, list) for fs in value):
+        raise AcquisitionError('filesets: must be a list of lists of paths, e.g. [["scan.vsi", "_scan_/f.ets"]]')
+    listed = {unicodedata.normalize("NFC", f.path): f.path for f in files} if files is not None else None
+    owner_of: dict[str, int] = {}
+    out = []
+    for i, fs in enumerate(value):
+        if not fs:
+            raise AcquisitionError(f"filesets[{i}]: is empty; remove it or list its files")
+        paths = []
+        for j, item in enumerate(fs):
+            path = normalize_relpath(item, f"filesets[{i}][{j}]")
+            key = unicodedata.normalize("NFC", path)
+            if listed is not None:
+                if key not in listed:
+                    raise AcquisitionError(f"filesets[{i}][{j}]: {path!r} is not in files; add it to files")
+                path = listed[key]
+            if key in owner_of:
+                raise AcquisitionError(f"filesets[{i}][{j}]: {path!r} is already in filesets[{owner_of[key]}]")
+            owner_of[key] = i
+            paths.append(path)
+        out.append(tuple(paths))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------
+# The filesystem side: finding files, matching patterns, refusing escapes
+
+
+def is_excluded(relpath: str, exclude: Iterable[str] = D.EXCLUDE_PATTERNS, include: Iterable[str] = ()) -> bool:
+    """True when a file (relative ``a/b/c`` path) is ignored by the patterns.
+
+    An exclude pattern matches any component (so ``.*`` hides dot-folders too) or
+    the whole path; when include patterns are given, the file's name or path must
+    match one of them.
+    """
+    parts = relpath.split("/")
+    for pattern in exclude:
+        if fnmatch.fnmatchcase(relpath, pattern) or any(fnmatch.fnmatchcase(p, pattern) for p in parts):
+            return True
+    include = tuple(include)
+    if include:
+        return not any(fnmatch.fnmatchcase(parts[-1], p) or fnmatch.fnmatchcase(relpath, p) for p in include)
+    return False
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _check_name(rel: str, root: Path) -> None:
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        raise AcquisitionError(
+            f"{root}: file name {shown!r} is not valid UTF-8; rename it (the job store and OMERO need UTF-8 names)"
+        ) from None
+
+
+def walk_files(
+    root: Path,
+    *,
+    exclude: Iterable[str] = D.EXCLUDE_PATTERNS,
+    include: Iterable[str] = (),
+    skip: Iterable[str] = (),
+) -> Iterator[tuple[str, os.stat_result]]:
+    """Yield ``(relative path, stat)`` for every regular file under ``root``, sorted.
+
+    Symlinks are followed only when they stay inside ``root`` (a file symlink
+    pointing outside raises :class:`AcquisitionError`); symlinked folders are not
+    descended into, which also rules out loops. ``skip`` names relative paths to
+    leave out (descriptor files).
+    """
+    root = Path(root)
+    real_root = os.path.realpath(root)
+    exclude = tuple(exclude)
+    include = tuple(include)
+    skip_set = {unicodedata.normalize("NFC", s) for s in skip}
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        folder = os.path.join(root, rel_dir) if rel_dir else str(root)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise AcquisitionError(f"{folder}: cannot list it ({exc.strerror}); check its permissions") from None
+        subdirs = []
+        for entry in entries:
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            if any(fnmatch.fnmatchcase(entry.name, p) for p in exclude):
+                continue
+            try:
+                if entry.is_symlink():
+                    target = os.path.realpath(entry.path)
+                    if not _inside(target, real_root):
+                        raise AcquisitionError(
+                            f"{entry.path}: symlink points outside the acquisition folder (to {target}); "
+                            "copy the file into the folder instead"
+                        )
+                    st = os.stat(entry.path)
+                    if stat.S_ISDIR(st.st_mode):
+                        continue
+                else:
+                    st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # vanished or a dangling link: nothing to import
+            if stat.S_ISDIR(st.st_mode):
+                subdirs.append(rel)
+            elif stat.S_ISREG(st.st_mode):
+                if unicodedata.normalize("NFC", rel) in skip_set or is_excluded(rel, exclude, include):
+                    continue
+                _check_name(rel, root)
+                yield rel, st
+        stack.extend(reversed(subdirs))
+
+
+def locate(root: Path, relpath: str) -> str | None:
+    """Find a listed relative path on disk, tolerating NFC/NFD differences.
+
+    Returns the path as spelled on disk, or ``None`` when it does not exist. A
+    manifest written on one system often names a file in the other Unicode form
+    than the filesystem stores (macOS writes NFD).
+    """
+    if os.path.lexists(os.path.join(root, relpath)):
+        return relpath
+    current = str(root)
+    found = []
+    for part in relpath.split("/"):
+        candidate = os.path.join(current, part)
+        if not os.path.lexists(candidate):
+            wanted = unicodedata.normalize("NFC", part)
+            try:
+                names = os.listdir(current)
+            except OSError:
+                return None
+            match = [n for n in names if unicodedata.normalize("NFC", n) == wanted]
+            if not match:
+                return None
+            part = match[0]
+            candidate = os.path.join(current, part)
+        found.append(part)
+        current = candidate
+    return "/".join(found)
+
+
+@dataclass
+class ListedCheck:
+    """Result of comparing listed files with the disk."""
+
+    present: list[tuple[FileEntry, os.stat_result]]
+    missing: list[str]  # readable reasons, one per file
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+
+def check_listed(root: Path, files: Iterable[FileEntry]) -> ListedCheck:
+    """Check that each listed file exists under ``root`` as a regular file with its listed size.
+
+    Present entries come back with their on-disk spelling and actual size. Symlinks
+    pointing outside ``root`` raise :class:`AcquisitionError`.
+    """
+    real_root = os.path.realpath(root)
+    present: list[tuple[FileEntry, os.stat_result]] = []
+    missing: list[str] = []
+    for entry in files:
+        rel = locate(root, entry.path)
+        if rel is None:
+            missing.append(f"{entry.path} (missing)")
+            continue
+        full = os.path.join(root, rel)
+        real = os.path.realpath(full)
+        if not _inside(real, real_root):
+            raise AcquisitionError(
+                f"{full}: symlink points outside the acquisition folder (to {real}); copy the file in instead"
+            )
+        try:
+            st = os.stat(full)
+        except FileNotFoundError:
+            missing.append(f"{entry.path} (dangling symlink)")
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            missing.append(f"{entry.path} (not a regular file)")
+            continue
+        if entry.size is not None and st.st_size != entry.size:
+            missing.append(f"{entry.path} (size {st.st_size} bytes, listed {entry.size})")
+            continue
+        present.append((FileEntry(path=rel, size=st.st_size, sha256=entry.sha256), st))
+    return ListedCheck(present, missing)
+
+
+def sidecar_data_path(sidecar: Path, suffix: str = D.SIDECAR_SUFFIX) -> Path | None:
+    """The data file a sidecar describes (``a.czi.json`` → ``a.czi``), or None if the name does not fit."""
+    name = sidecar.name
+    if not name.endswith(suffix) or len(name) <= len(suffix):
+        return None
+    return sidecar.with_name(name[: -len(suffix)])
+
+
+# ---------------------------------------------------------------------------
+# Building a job spec from a local path
+
+
+def from_path(
+    path: Path,
+    *,
+    source: str,
+    owner: str | None = None,
+    group: str | None = None,
+    email: str | None = None,
+    target: Target | None = None,
+    name: str | None = None,
+    description: str | None = None,
+    annotations: dict[str, str] | None = None,
+    manifest_name: str = D.MANIFEST_NAME,
+    sidecar_suffix: str = D.SIDECAR_SUFFIX,
+    idempotency_key: str | None = None,
+    exclude: Iterable[str] = D.EXCLUDE_PATTERNS,
+    include: Iterable[str] = (),
+) -> JobSpec:
+    """Build a :class:`JobSpec` for a local acquisition named on the command line or by the API.
+
+    ``path`` is a folder with a manifest, a data file with a sidecar (or the sidecar
+    itself), a plain file, or a plain folder (every regular file under it except
+    descriptors and excluded names). Explicit arguments override the descriptor;
+    ``owner`` and ``target`` must be known in the end. Descriptor warnings are
+    returned in ``spec.extra["warnings"]`` for the job log.
+    """
+    given = Path(path)
+    if not os.path.lexists(given):
+        raise AcquisitionError(f"{given}: does not exist; check the path")
+    resolved = Path(os.path.realpath(given))
+    if not resolved.exists():
+        raise AcquisitionError(f"{given}: is a dangling symlink")
+    exclude = tuple(exclude)
+    descriptor: Descriptor | None = None
+    descriptor_file: Path | None = None
+
+    if resolved.is_file() and resolved.name == manifest_name:
+        resolved = resolved.parent
+    if resolved.is_dir():
+        root = resolved
+        manifest = root / manifest_name
+        if manifest.is_file():
+            descriptor_file = manifest
+            descriptor = read_descriptor(manifest)
+        if descriptor is not None and descriptor.files is not None:
+            check = check_listed(root, descriptor.files)
+            if check.missing:
+                raise AcquisitionError(
+                    f"{manifest}: {len(check.missing)} listed file(s) missing or incomplete: "
+                    + "; ".join(check.missing[:20])
+                    + (" …" if len(check.missing) > 20 else "")
+                    + ". Wait until the copy finishes, or fix the manifest"
+                )
+            files = tuple(entry for entry, _ in check.present)
+        else:
+            sidecars = _sidecars_under(root, sidecar_suffix, exclude)
+            if descriptor is None and len(sidecars) == 1:
+                # A folder holding one described data file: its sidecar speaks for the folder.
+                descriptor_file = root / next(iter(sidecars))
+                descriptor = read_descriptor(descriptor_file)
+            skip = {manifest_name} | sidecars
+            files = tuple(
+                FileEntry(rel, st.st_size)
+                for rel, st in walk_files(root, exclude=exclude, include=include, skip=skip)
+            )
+            if not files:
+                raise AcquisitionError(f"{root}: no files to import (empty folder, or every file is excluded)")
+    elif resolved.is_file():
+        data = resolved
+        data_from_sidecar = sidecar_data_path(resolved, sidecar_suffix)
+        if data_from_sidecar is not None and data_from_sidecar.is_file():
+            # The sidecar itself was named; it describes its data file.
+            try:
+                descriptor = read_descriptor(resolved)
+                descriptor_file, data = resolved, data_from_sidecar
+            except NotADescriptor:
+                pass
+        if descriptor is None:
+            candidate = resolved.with_name(resolved.name + sidecar_suffix)
+            if candidate.is_file():
+                try:
+                    descriptor = read_descriptor(candidate)
+                    descriptor_file = candidate
+                except NotADescriptor:
+                    pass
+        root = data.parent
+        st = os.stat(data)
+        _check_name(data.name, root)
+        sha = None
+        if descriptor is not None and descriptor.files is not None:
+            sha = _sidecar_checksum(descriptor, data.name, st.st_size)
+        files = (FileEntry(data.name, st.st_size, sha),)
+    else:
+        raise AcquisitionError(f"{given}: is neither a regular file nor a folder")
+
+    d = descriptor or Descriptor()
+    where = f"in {descriptor_file.name}" if descriptor_file else "in a manifest or sidecar"
+    final_owner = owner or d.owner
+    final_target = target or d.target
+    if not final_owner:
+        raise AcquisitionError(f'{given}: no owner; set "owner" {where}, or pass the owner (--owner)')
+    if final_target is None:
+        raise AcquisitionError(
+            f'{given}: no target; set "target" {where} (e.g. {{"project": "P", "dataset": "D"}}), '
+            "or pass the target (--project/--dataset)"
+        )
+    merged_annotations = dict(d.annotations)
+    merged_annotations.update(annotations or {})
+    filesets = d.filesets
+    if filesets and descriptor_file is not None and descriptor_file.name != manifest_name:
+        filesets = ()  # a sidecar describes one file; filesets there make no sense
+    extra: dict[str, Any] = {}
+    if d.warnings:
+        extra["warnings"] = list(d.warnings)
+    if descriptor_file is not None:
+        extra["descriptor"] = os.path.relpath(descriptor_file, root)
+        extra["descriptor_sha256"] = d.raw_bytes_sha256
+    return JobSpec(
+        owner=final_owner,
+        root=str(root),
+        files=files,
+        target=final_target,
+        source=source,
+        group=group or d.group,
+        email=email or d.email,
+        name=name or d.name,
+        description=description or d.description,
+        annotations=merged_annotations,
+        filesets=_filesets_on_disk(filesets, files),
+        idempotency_key=idempotency_key,
+        extra=extra,
+    )
+
+
+def _sidecar_checksum(descriptor: Descriptor, data_name: str, size: int) -> str | None:
+    """A sidecar may give the data file's size/checksum in ``files``; check the size now."""
+    for entry in descriptor.files or ():
+        if unicodedata.normalize("NFC", entry.path) == unicodedata.normalize("NFC", data_name):
+            if entry.size is not None and entry.size != size:
+                raise AcquisitionError(
+                    f"{descriptor.path}: {data_name} has {size} bytes, the sidecar lists {entry.size}; "
+                    "wait until the copy finishes, or fix the sidecar"
+                )
+            return entry.sha256
+    return None
+
+
+def _filesets_on_disk(
+    filesets: tuple[tuple[str, ...], ...], files: tuple[FileEntry, ...]
+) -> tuple[tuple[str, ...], ...]:
+    """Re-spell fileset paths as found on disk, and refuse ones naming files not in the job."""
+    on_disk = {unicodedata.normalize("NFC", f.path): f.path for f in files}
+    out = []
+    for i, fs in enumerate(filesets):
+        paths = []
+        for p in fs:
+            key = unicodedata.normalize("NFC", p)
+            if key not in on_disk:
+                raise AcquisitionError(f"filesets[{i}]: {p!r} is not one of the acquisition's files")
+            paths.append(on_disk[key])
+        out.append(tuple(paths))
+    return tuple(out)
+
+
+def _sidecars_under(root: Path, suffix: str, exclude: tuple[str, ...]) -> set[str]:
+    """Relative paths of sidecar descriptors in a plain folder (data files keep their JSON if not descriptors)."""
+    found = set()
+    for rel, _st in walk_files(root, exclude=exclude, include=("*" + suffix,)):
+        full = root / rel
+        data = sidecar_data_path(full, suffix)
+        if data is None or not data.exists():
+            continue
+        try:
+            value, _raw, _w = load_json(full)
+        except AcquisitionError:
+            continue
+        if is_descriptor(value):
+            found.add(rel)
+    return found
