@@ -161,6 +161,52 @@ class JobSpec:
     def total_bytes(self) -> int:
         return sum(f.size or 0 for f in self.files)
 
+    def to_dict(self, *, secrets: bool = False) -> dict[str, Any]:
+        """Plain data for storage; the session key only when ``secrets`` is true."""
+        data = {
+            "owner": self.owner,
+            "root": self.root,
+            "files": [f.to_dict() for f in self.files],
+            "target": self.target.to_dict(),
+            "source": self.source,
+            "group": self.group,
+            "email": self.email,
+            "name": self.name,
+            "description": self.description,
+            "annotations": dict(self.annotations),
+            "filesets": [list(fs) for fs in self.filesets],
+            "importer": self.importer,
+            "idempotency_key": self.idempotency_key,
+            "omero_host": self.omero_host,
+            "omero_port": self.omero_port,
+            "extra": dict(self.extra),
+        }
+        if secrets:
+            data["session_key"] = self.session_key
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "JobSpec":
+        return cls(
+            owner=data["owner"],
+            root=data["root"],
+            files=tuple(FileEntry.from_dict(f) for f in data.get("files", ())),
+            target=Target(**data.get("target", {})),
+            source=data["source"],
+            group=data.get("group"),
+            email=data.get("email"),
+            name=data.get("name"),
+            description=data.get("description"),
+            annotations=dict(data.get("annotations") or {}),
+            filesets=tuple(tuple(fs) for fs in data.get("filesets") or ()),
+            importer=data.get("importer"),
+            idempotency_key=data.get("idempotency_key"),
+            session_key=data.get("session_key"),
+            omero_host=data.get("omero_host"),
+            omero_port=data.get("omero_port"),
+            extra=dict(data.get("extra") or {}),
+        )
+
 
 @dataclass
 class Progress:

@@ -1,0 +1,936 @@
+"""The job store: jobs, their history, the dispatch queue and the mail outbox in one SQLite file.
+
+This is the only module that speaks SQL. Dispatch goes through litequeue: each
+queued job has one queue message (``jobs.message_id``) that a worker pops; the
+job row says everything else (attempts, lease, progress, result). Enqueue and
+every finishing transition commit the job row, its queue message and its
+outbox mails in one transaction, so a crash at any instant leaves either the
+old state or the new one.
+
+litequeue's ``pop`` runs its own transaction, so a crash can fall between the
+pop and the claim of the job row; :meth:`JobStore.maintain` puts such orphan
+messages back. A running job holds a lease that its worker renews; when the
+lease expires (the worker was killed), ``maintain`` puts the job back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from litequeue import LiteQueue
+
+from . import defaults as D
+from .errors import ImportFailure, InvalidTransition, JobNotFound, LeaseLost, StoreError
+from .job import (
+    FINISHED_STATES,
+    ErrorKind,
+    HistoryEntry,
+    Job,
+    JobError,
+    JobSpec,
+    JobState,
+    Progress,
+    RetryPolicy,
+)
+from .mail import Mail, OutboxMail
+
+MailComposer = Callable[[Job], "list[Mail]"]
+
+SCHEMA_VERSION = 1
+QUEUE_TABLE = "dispatch"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    idempotency_key  TEXT NOT NULL UNIQUE,
+    state            TEXT NOT NULL,
+    owner            TEXT NOT NULL,
+    source           TEXT NOT NULL,
+    spec             TEXT NOT NULL,   -- JSON, without the session key
+    session_key      TEXT,            -- secret, erased when the job ends
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    max_attempts     INTEGER NOT NULL,
+    next_attempt_at  REAL,
+    created_at       REAL NOT NULL,
+    updated_at       REAL NOT NULL,
+    started_at       REAL,
+    finished_at      REAL,
+    worker           TEXT,
+    lease_expires_at REAL,
+    message_id       TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    progress         TEXT,
+    result           TEXT,
+    error_kind       TEXT,
+    error_message    TEXT,
+    error_config     INTEGER NOT NULL DEFAULT 0,
+    followup         TEXT             -- NULL, 'pending' or 'done' (post-actions of watched jobs)
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS jobs_lease ON jobs(lease_expires_at) WHERE state = 'running';
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, id);
+CREATE INDEX IF NOT EXISTS jobs_source ON jobs(source, id);
+CREATE INDEX IF NOT EXISTS jobs_followup ON jobs(source, id) WHERE followup = 'pending';
+CREATE TABLE IF NOT EXISTS job_history (
+    id      INTEGER PRIMARY KEY,
+    job_id  INTEGER NOT NULL REFERENCES jobs(id),
+    at      REAL NOT NULL,
+    state   TEXT NOT NULL,
+    message TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS job_history_job ON job_history(job_id, id);
+CREATE TABLE IF NOT EXISTS outbox (
+    id              INTEGER PRIMARY KEY,
+    job_id          INTEGER,
+    kind            TEXT NOT NULL,
+    sender          TEXT NOT NULL,
+    recipients      TEXT NOT NULL,   -- JSON list
+    subject         TEXT NOT NULL,
+    raw             BLOB NOT NULL,
+    state           TEXT NOT NULL,   -- pending | sending | sent | failed
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL,
+    claimed_until   REAL,
+    last_error      TEXT,
+    created_at      REAL NOT NULL,
+    sent_at         REAL
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS components (
+    kind       TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    host       TEXT NOT NULL,
+    pid        INTEGER NOT NULL,
+    status     TEXT NOT NULL,   -- JSON
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (kind, name)
+);
+"""
+
+
+def _now(now: float | None) -> float:
+    return time.time() if now is None else now
+
+
+class JobStore:
+    """Durable jobs in SQLite. Safe to share between threads and processes on one host.
+
+    ``composer`` builds the mails of a job that just finished (called inside
+    the finishing transaction); a ``mails`` argument to a finishing call
+    overrides it.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        synchronous: str = D.STORE_SYNCHRONOUS,
+        lease_seconds: float = D.LEASE_SECONDS,
+        retry: RetryPolicy | None = None,
+        logs_dir: str | os.PathLike | None = None,
+        busy_timeout: float = D.BUSY_TIMEOUT_SECONDS,
+        mail_retry: RetryPolicy | None = None,
+        composer: MailComposer | None = None,
+        sender: str = D.MAIL_FROM,
+    ):
+        self.path = Path(path)
+        if synchronous not in ("full", "normal"):
+            raise StoreError(f"synchronous must be 'full' or 'normal', got {synchronous!r}")
+        self.synchronous = synchronous
+        self.lease_seconds = float(lease_seconds)
+        self.retry_policy = retry or RetryPolicy(D.RETRY_MAX_ATTEMPTS, D.RETRY_BACKOFF)
+        self.mail_retry = mail_retry or RetryPolicy(D.MAIL_MAX_ATTEMPTS, D.MAIL_BACKOFF)
+        self.logs_dir = Path(logs_dir) if logs_dir else self.path.parent / "logs"
+        self.busy_timeout = busy_timeout
+        self.composer = composer
+        self.sender = sender
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._last_prune = 0.0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self._conn()  # create the schema now, so errors show at start
+
+    @classmethod
+    def from_config(cls, config, composer: MailComposer | None = None) -> "JobStore":
+        return cls(
+            config.store.path,
+            synchronous=config.store.synchronous,
+            lease_seconds=config.store.lease_seconds,
+            retry=config.retry,
+            logs_dir=config.logs_dir,
+            busy_timeout=config.store.busy_timeout,
+            mail_retry=config.notify.retry,
+            composer=composer,
+            sender=config.notify.sender,
+        )
+
+    # -- connections -------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+        # LiteQueue switches the connection to autocommit and WAL; our own
+        # transactions are explicit BEGIN IMMEDIATE … COMMIT around it.
+        queue = LiteQueue(conn, queue_name=QUEUE_TABLE)
+        conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.row_factory = sqlite3.Row
+        # executescript commits any open transaction first, so the schema gets its own.
+        conn.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+        with _transaction(conn):
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row["value"]) > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path} was written by a newer watchfolder (schema {row['value']}); upgrade watchfolder"
+                )
+        self._local.conn = conn
+        self._local.queue = queue
+        with self._connections_lock:
+            self._connections.append(conn)
+        return conn
+
+    def _queue(self) -> LiteQueue:
+        self._conn()
+        return self._local.queue
+
+    def close(self) -> None:
+        """Close every connection this store opened (call once no thread uses it)."""
+        with self._connections_lock:
+            for conn in self._connections:
+                try:
+                    conn.close()
+                except sqlite3.ProgrammingError:  # closed from its own thread already
+                    pass
+            self._connections.clear()
+        self._local = threading.local()
+
+    # -- reading -----------------------------------------------------------
+
+    def _job(self, row: sqlite3.Row, history: list[HistoryEntry] | None = None) -> Job:
+        spec_data = json.loads(row["spec"])
+        spec_data["session_key"] = row["session_key"]
+        error = None
+        if row["error_kind"]:
+            error = JobError(ErrorKind(row["error_kind"]), row["error_message"] or "", bool(row["error_config"]))
+        return Job(
+            id=row["id"],
+            spec=JobSpec.from_dict(spec_data),
+            idempotency_key=row["idempotency_key"],
+            state=JobState(row["state"]),
+            attempts=row["attempts"],
+            max_attempts=row["max_attempts"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            next_attempt_at=row["next_attempt_at"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+            worker=row["worker"],
+            lease_expires_at=row["lease_expires_at"],
+            cancel_requested=bool(row["cancel_requested"]),
+            progress=Progress(**json.loads(row["progress"])) if row["progress"] else Progress(),
+            result=json.loads(row["result"]) if row["result"] else None,
+            error=error,
+            history=history or [],
+            log_path=str(self.log_path(row["id"])),
+        )
+
+    def _history(self, conn: sqlite3.Connection, job_id: int) -> list[HistoryEntry]:
+        rows = conn.execute(
+            "SELECT at, state, message FROM job_history WHERE job_id = ? ORDER BY id", (job_id,)
+        ).fetchall()
+        return [HistoryEntry(r["at"], JobState(r["state"]), r["message"]) for r in rows]
+
+    def get(self, job_id: int) -> Job:
+        """The job with its history; raises :class:`JobNotFound`."""
+        conn = self._conn()
+        row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(job_id)
+        return self._job(row, self._history(conn, job_id))
+
+    def find(self, idempotency_key: str) -> Job | None:
+        row = self._conn().execute("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
+        return self._job(row) if row else None
+
+    def list_jobs(
+        self,
+        *,
+        states: Iterable[str] | None = None,
+        owner: str | None = None,
+        source: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[Job], str | None]:
+        """Jobs newest first, filtered; returns the page and the cursor of the next page (or None).
+
+        ``source`` matches exactly, or as a prefix when it ends with ``*``;
+        ``since``/``until`` bound the creation time.
+        """
+        where, args = [], []
+        if states:
+            states = [str(JobState(s)) for s in states]
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            args += states
+        if owner:
+            where.append("owner = ?")
+            args.append(owner)
+        if source:
+            if source.endswith("*"):
+                where.append("substr(source, 1, ?) = ?")
+                args += [len(source) - 1, source[:-1]]
+            else:
+                where.append("source = ?")
+                args.append(source)
+        if since is not None:
+            where.append("created_at >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("created_at < ?")
+            args.append(until)
+        if cursor:
+            try:
+                where.append("id < ?")
+                args.append(int(cursor))
+            except ValueError:
+                raise StoreError(f"invalid cursor {cursor!r}; pass the next_cursor of the previous page") from None
+        limit = max(1, min(int(limit), 1000))
+        sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+        rows = self._conn().execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit + 1)).fetchall()
+        jobs = [self._job(r) for r in rows[:limit]]
+        next_cursor = str(jobs[-1].id) if len(rows) > limit else None
+        return jobs, next_cursor
+
+    def counts(self) -> dict[str, int]:
+        """Number of jobs in each state (every state present)."""
+        counts = {str(s): 0 for s in JobState}
+        for row in self._conn().execute("SELECT state, count(*) AS n FROM jobs GROUP BY state"):
+            counts[row["state"]] = row["n"]
+        return counts
+
+    def oldest_queued_at(self) -> float | None:
+        row = self._conn().execute(
+            "SELECT min(created_at) AS t FROM jobs WHERE state IN ('queued', 'retry_wait')"
+        ).fetchone()
+        return row["t"]
+
+    def totals(self) -> dict[str, float]:
+        """Aggregates for metrics: bytes imported and summed durations of succeeded jobs."""
+        row = self._conn().execute(
+            "SELECT count(*) AS n, coalesce(sum(finished_at - started_at), 0) AS seconds,"
+            " coalesce(sum(json_extract(progress, '$.bytes_done')), 0) AS bytes"
+            " FROM jobs WHERE state = 'succeeded'"
+        ).fetchone()
+        return {"succeeded": row["n"], "seconds": row["seconds"], "bytes": row["bytes"]}
+
+    # -- logs --------------------------------------------------------------
+
+    def log_path(self, job_id: int) -> Path:
+        return self.logs_dir / f"{job_id}.log"
+
+    def log(self, job_id: int, message: str, *, now: float | None = None) -> None:
+        """Append a line to the job's log file."""
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(_now(now)))
+        with open(self.log_path(job_id), "a", encoding="utf-8") as fh:
+            for line in str(message).splitlines() or [""]:
+                fh.write(f"{stamp}Z {line}\n")
+
+    def read_log(self, job_id: int) -> str:
+        self.get(job_id)  # raises JobNotFound
+        try:
+            return self.log_path(job_id).read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    # -- writing: helpers --------------------------------------------------
+
+    def _add_history(self, conn, job_id: int, state: JobState | str, message: str, now: float) -> None:
+        conn.execute(
+            "INSERT INTO job_history (job_id, at, state, message) VALUES (?, ?, ?, ?)",
+            (job_id, now, str(state), message),
+        )
+
+    def _finish(
+        self,
+        conn,
+        row: sqlite3.Row,
+        now: float,
+        mails: MailComposer | None,
+        message: str,
+    ) -> Job:
+        """Common tail of every transition into a finished state (inside the transaction)."""
+        job = self._job(row)
+        self._add_history(conn, job.id, job.state, message, now)
+        if row["message_id"]:
+            self._queue().done(row["message_id"])
+        composer = mails if mails is not None else self.composer
+        if composer is not None:
+            self._outbox_insert(conn, composer(job), job.id, now)
+        return job
+
+    # -- writing: clients --------------------------------------------------
+
+    def enqueue(self, spec: JobSpec, *, now: float | None = None, note: str = "") -> tuple[Job, bool]:
+        """Queue a job; the same idempotency key returns the existing job and ``False``."""
+        now = _now(now)
+        key = spec.key()
+        conn = self._conn()
+        with _transaction(conn):
+            existing = conn.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (key,)).fetchone()
+            if existing is not None:
+                return self._job(existing), False
+            job_id = self._insert(conn, spec, key, JobState.QUEUED, now)
+            message = self._queue().put(str(job_id))
+            conn.execute("UPDATE jobs SET message_id = ? WHERE id = ?", (message.message_id, job_id))
+            self._add_history(conn, job_id, JobState.QUEUED, note or f"queued from {spec.source}", now)
+            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return self._job(row), True
+
+    def _insert(self, conn, spec: JobSpec, key: str, state: JobState, now: float, **extra: Any) -> int:
+        cols = {
+            "idempotency_key": key,
+            "state": str(state),
+            "owner": spec.owner,
+            "source": spec.source,
+            "spec": json.dumps(spec.to_dict()),
+            "session_key": spec.session_key,
+            "max_attempts": self.retry_policy.max_attempts,
+            "created_at": now,
+            "updated_at": now,
+            "progress": json.dumps(
+                Progress(bytes_total=spec.total_bytes(), files_total=len(spec.files)).to_dict()
+            ),
+            "followup": "pending" if spec.source.startswith("watch:") and state.finished else None,
+            **extra,
+        }
+        cur = conn.execute(
+            f"INSERT INTO jobs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", tuple(cols.values())
+        )
+        return cur.lastrowid
+
+    def reject(
+        self, spec: JobSpec, reason: str, *, now: float | None = None, mails: MailComposer | None = None
+    ) -> tuple[Job, bool]:
+        """Record bad input (invalid sidecar, unknown owner…) as a job that failed permanently.
+
+        Idempotent by key like :meth:`enqueue`, so a rescan does not report it twice.
+        """
+        now = _now(now)
+        key = spec.key()
+        conn = self._conn()
+        with _transaction(conn):
+            existing = conn.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (key,)).fetchone()
+            if existing is not None:
+                return self._job(existing), False
+            job_id = self._insert(
+                conn,
+                dataclasses.replace(spec, session_key=None),
+                key,
+                JobState.FAILED,
+                now,
+                finished_at=now,
+                error_kind=str(ErrorKind.PERMANENT),
+                error_message=reason,
+            )
+            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            job = self._finish(conn, row, now, mails, f"rejected: {reason}")
+        self.log(job.id, f"rejected: {reason}", now=now)
+        return job, True
+
+    def cancel(self, job_id: int, *, by: str = "", now: float | None = None, mails: MailComposer | None = None) -> Job:
+        """Cancel a job. Queued or waiting: at once. Running: asks its worker to stop."""
+        now = _now(now)
+        conn = self._conn()
+        who = f" by {by}" if by else ""
+        with _transaction(conn):
+            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFound(job_id)
+            state = JobState(row["state"])
+            if state.finished:
+                raise InvalidTransition(f"job {job_id} is already {state}; only unfinished jobs can be cancelled")
+            if state == JobState.RUNNING:
+                conn.execute(
+                    "UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?", (now, job_id)
+                )
+                self._add_history(conn, job_id, state, f"cancel requested{who}", now)
+            else:
+                row = conn.execute(
+                    "UPDATE jobs SET state = 'cancelled', finished_at = ?, updated_at = ?, session_key = NULL,"
+                    " next_attempt_at = NULL, followup = CASE WHEN source LIKE 'watch:%' THEN 'pending' END"
+                    " WHERE id = ? RETURNING *",
+                    (now, now, job_id),
+                ).fetchone()
+                self._finish(conn, row, now, mails, f"cancelled{who}")
+        self.log(job_id, f"cancel requested{who}" if state == JobState.RUNNING else f"cancelled{who}", now=now)
+        return self.get(job_id)
+
+    def retry(self, job_id: int, *, by: str = "", now: float | None = None) -> Job:
+        """Queue a failed or cancelled job again, with a fresh attempt budget.
+
+        A job waiting for its next attempt is queued at once.
+        """
+        now = _now(now)
+        conn = self._conn()
+        who = f" by {by}" if by else ""
+        with _transaction(conn):
+            row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFound(job_id)
+            state = JobState(row["state"])
+            if state not in (JobState.FAILED, JobState.CANCELLED, JobState.RETRY_WAIT):
+                raise InvalidTransition(
+                    f"job {job_id} is {state}; only failed, cancelled or waiting jobs can be retried"
+                )
+            message = self._queue().put(str(job_id))
+            conn.execute(
+                "UPDATE jobs SET state = 'queued', attempts = 0, next_attempt_at = NULL, finished_at = NULL,"
+                " error_kind = NULL, error_message = NULL, error_config = 0, cancel_requested = 0,"
+                " worker = NULL, lease_expires_at = NULL, message_id = ?, updated_at = ?, followup = NULL"
+                " WHERE id = ?",
+                (message.message_id, now, job_id),
+            )
+            self._add_history(conn, job_id, JobState.QUEUED, f"retry requested{who}", now)
+        self.log(job_id, f"retry requested{who}", now=now)
+        return self.get(job_id)
+
+    # -- writing: workers --------------------------------------------------
+
+    def claim(self, worker: str, *, now: float | None = None) -> Job | None:
+        """Take the next queued job and hold its lease, or return None when nothing is queued."""
+        queue = self._queue()
+        conn = self._conn()
+        while True:
+            message = queue.pop()
+            if message is None:
+                return None
+            now_ = _now(now)
+            with _transaction(conn):
+                row = conn.execute(
+                    "UPDATE jobs SET state = 'running', worker = ?, attempts = attempts + 1,"
+                    " lease_expires_at = ?, started_at = coalesce(started_at, ?), updated_at = ?,"
+                    " next_attempt_at = NULL"
+                    " WHERE id = ? AND state = 'queued' AND message_id = ? RETURNING *",
+                    (worker, now_ + self.lease_seconds, now_, now_, int(message.data), message.message_id),
+                ).fetchone()
+                if row is None:
+                    # A message whose job moved on (cancelled, or a duplicate after a
+                    # crash between pop and claim): drop it and take the next one.
+                    queue.done(message.message_id)
+                    continue
+                self._add_history(conn, row["id"], JobState.RUNNING, f"attempt {row['attempts']} on {worker}", now_)
+            return self._job(row)
+
+    def _running(self, conn, job_id: int, worker: str) -> sqlite3.Row:
+        row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(job_id)
+        if row["state"] != "running" or row["worker"] != worker:
+            raise LeaseLost(f"job {job_id} is no longer held by {worker} (state {row['state']}, worker {row['worker']})")
+        return row
+
+    def report_progress(
+        self, job_id: int, worker: str, progress: Progress | None = None, *, now: float | None = None
+    ) -> bool:
+        """Record progress and renew the lease; returns whether a cancel was requested.
+
+        Raises :class:`LeaseLost` when the job is no longer this worker's.
+        """
+        now = _now(now)
+        conn = self._conn()
+        if progress is None:
+            row = conn.execute(
+                "UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND state = 'running' AND worker = ?"
+                " RETURNING cancel_requested",
+                (now + self.lease_seconds, job_id, worker),
+            ).fetchone()
+        else:
+            row = conn.execute(
+                "UPDATE jobs SET lease_expires_at = ?, progress = ?, updated_at = ?"
+                " WHERE id = ? AND state = 'running' AND worker = ? RETURNING cancel_requested",
+                (now + self.lease_seconds, json.dumps(progress.to_dict()), now, job_id, worker),
+            ).fetchone()
+        if row is None:
+            raise LeaseLost(f"job {job_id} is no longer held by {worker}")
+        return bool(row["cancel_requested"])
+
+    def succeed(
+        self,
+        job_id: int,
+        worker: str,
+        result: dict[str, Any],
+        *,
+        now: float | None = None,
+        mails: MailComposer | None = None,
+        progress: Progress | None = None,
+    ) -> Job:
+        """Mark a running job succeeded with its result; its mails go to the outbox in the same transaction."""
+        now = _now(now)
+        conn = self._conn()
+        with _transaction(conn):
+            self._running(conn, job_id, worker)
+            row = conn.execute(
+                "UPDATE jobs SET state = 'succeeded', result = ?, finished_at = ?, updated_at = ?,"
+                " lease_expires_at = NULL, session_key = NULL, progress = coalesce(?, progress),"
+                " error_kind = NULL, error_message = NULL, error_config = 0,"
+                " followup = CASE WHEN source LIKE 'watch:%' THEN 'pending' END"
+                " WHERE id = ? RETURNING *",
+                (
+                    json.dumps(result),
+                    now,
+                    now,
+                    json.dumps(progress.to_dict()) if progress else None,
+                    job_id,
+                ),
+            ).fetchone()
+            job = self._finish(conn, row, now, mails, "succeeded")
+        return job
+
+    def fail(
+        self,
+        job_id: int,
+        worker: str,
+        failure: ImportFailure,
+        *,
+        now: float | None = None,
+        mails: MailComposer | None = None,
+    ) -> Job:
+        """Record a failed attempt: ``retry_wait`` with backoff when transient and attempts remain, else ``failed``."""
+        now = _now(now)
+        conn = self._conn()
+        kind = ErrorKind.TRANSIENT if failure.transient else ErrorKind.PERMANENT
+        with _transaction(conn):
+            current = self._running(conn, job_id, worker)
+            attempts = current["attempts"]
+            if failure.transient and attempts < current["max_attempts"]:
+                wait = self.retry_policy.delay(attempts)
+                row = conn.execute(
+                    "UPDATE jobs SET state = 'retry_wait', next_attempt_at = ?, updated_at = ?, worker = NULL,"
+                    " lease_expires_at = NULL, error_kind = ?, error_message = ?, error_config = ?"
+                    " WHERE id = ? RETURNING *",
+                    (now + wait, now, str(kind), failure.message, int(failure.config_error), job_id),
+                ).fetchone()
+                self._queue().done(row["message_id"])
+                self._add_history(
+                    conn, job_id, JobState.RETRY_WAIT,
+                    f"attempt {attempts} failed ({kind}): {failure.message}; next attempt in {wait:g} s", now,
+                )
+                return self._job(row)
+            if failure.transient:
+                message = f"gave up after {attempts} attempts: {failure.message}"
+            else:
+                message = failure.message
+            row = conn.execute(
+                "UPDATE jobs SET state = 'failed', finished_at = ?, updated_at = ?, lease_expires_at = NULL,"
+                " session_key = NULL, error_kind = ?, error_message = ?, error_config = ?,"
+                " followup = CASE WHEN source LIKE 'watch:%' THEN 'pending' END"
+                " WHERE id = ? RETURNING *",
+                (now, now, str(ErrorKind.PERMANENT if not failure.transient else kind), message,
+                 int(failure.config_error), job_id),
+            ).fetchone()
+            return self._finish(conn, row, now, mails, f"failed ({kind}): {message}")
+
+    def cancelled(
+        self, job_id: int, worker: str, *, now: float | None = None, mails: MailComposer | None = None
+    ) -> Job:
+        """The worker stopped a running job whose cancel was requested."""
+        now = _now(now)
+        conn = self._conn()
+        with _transaction(conn):
+            self._running(conn, job_id, worker)
+            row = conn.execute(
+                "UPDATE jobs SET state = 'cancelled', finished_at = ?, updated_at = ?, lease_expires_at = NULL,"
+                " session_key = NULL, followup = CASE WHEN source LIKE 'watch:%' THEN 'pending' END"
+                " WHERE id = ? RETURNING *",
+                (now, now, job_id),
+            ).fetchone()
+            return self._finish(conn, row, now, mails, "cancelled while running")
+
+    def release(self, job_id: int, worker: str, *, now: float | None = None, reason: str = "") -> Job:
+        """Give a running job back to the queue (worker shutting down). The attempt is not counted."""
+        now = _now(now)
+        conn = self._conn()
+        with _transaction(conn):
+            row = self._running(conn, job_id, worker)
+            self._queue().retry(row["message_id"])
+            conn.execute(
+                "UPDATE jobs SET state = 'queued', worker = NULL, lease_expires_at = NULL,"
+                " attempts = max(attempts - 1, 0), updated_at = ? WHERE id = ?",
+                (now, job_id),
+            )
+            self._add_history(conn, job_id, JobState.QUEUED, f"released by {worker}: {reason or 'stopping'}", now)
+        return self.get(job_id)
+
+    def maintain(self, *, now: float | None = None) -> dict[str, int]:
+        """Housekeeping, safe to run from any process at any time.
+
+        - running jobs whose lease expired go back to the queue (or fail when out of attempts);
+        - ``retry_wait`` jobs whose time has come are queued;
+        - queue messages left locked by a crash between pop and claim are put back.
+        """
+        now = _now(now)
+        conn = self._conn()
+        queue = self._queue()
+        stats = {"expired": 0, "due": 0, "orphans": 0}
+        with _transaction(conn):
+            expired = conn.execute(
+                "SELECT * FROM jobs WHERE state = 'running' AND lease_expires_at < ?", (now,)
+            ).fetchall()
+            for row in expired:
+                stats["expired"] += 1
+                note = f"lease of {row['worker']} expired (worker stopped or stalled)"
+                if row["attempts"] >= row["max_attempts"]:
+                    message = f"gave up after {row['attempts']} attempts; the last one ended when its {note}"
+                    done = conn.execute(
+                        "UPDATE jobs SET state = 'failed', finished_at = ?, updated_at = ?, lease_expires_at = NULL,"
+                        " session_key = NULL, error_kind = 'permanent', error_message = ?,"
+                        " followup = CASE WHEN source LIKE 'watch:%' THEN 'pending' END WHERE id = ? RETURNING *",
+                        (now, now, message, row["id"]),
+                    ).fetchone()
+                    self._finish(conn, done, now, None, message)
+                else:
+                    queue.retry(row["message_id"])
+                    conn.execute(
+                        "UPDATE jobs SET state = 'queued', worker = NULL, lease_expires_at = NULL, updated_at = ?"
+                        " WHERE id = ?",
+                        (now, row["id"]),
+                    )
+                    self._add_history(conn, row["id"], JobState.QUEUED, note + "; queued again", now)
+            due = conn.execute(
+                "SELECT id FROM jobs WHERE state = 'retry_wait' AND next_attempt_at <= ?", (now,)
+            ).fetchall()
+            for row in due:
+                stats["due"] += 1
+                message = queue.put(str(row["id"]))
+                conn.execute(
+                    "UPDATE jobs SET state = 'queued', message_id = ?, updated_at = ? WHERE id = ?",
+                    (message.message_id, now, row["id"]),
+                )
+                self._add_history(conn, row["id"], JobState.QUEUED, "retry time reached", now)
+            # litequeue stamps lock_time with the real clock, so this threshold is real time.
+            for message in list(queue.list_locked(int(D.ORPHAN_MESSAGE_SECONDS))):
+                job = conn.execute(
+                    "SELECT state, message_id FROM jobs WHERE id = ?", (int(message.data),)
+                ).fetchone()
+                if job is not None and job["state"] == "queued" and job["message_id"] == message.message_id:
+                    queue.retry(message.message_id)
+                    stats["orphans"] += 1
+                elif job is None or job["state"] != "running" or job["message_id"] != message.message_id:
+                    queue.done(message.message_id)
+            # finished sends whose sender died between claim and result: send again
+            conn.execute(
+                "UPDATE outbox SET state = 'pending' WHERE state = 'sending' AND claimed_until < ?", (now,)
+            )
+        if now - self._last_prune > 300:
+            self._last_prune = now
+            queue.prune(include_failed=False)
+        return stats
+
+    # -- follow-ups of watched jobs -----------------------------------------
+
+    def followups(self, source_prefix: str, *, limit: int = 100) -> list[Job]:
+        """Finished jobs from ``source_prefix`` whose post-actions (receipt, move…) are not done yet."""
+        rows = self._conn().execute(
+            "SELECT * FROM jobs WHERE followup = 'pending' AND substr(source, 1, ?) = ? ORDER BY id LIMIT ?",
+            (len(source_prefix), source_prefix, limit),
+        ).fetchall()
+        return [self._job(r) for r in rows]
+
+    def followup_done(self, job_id: int, note: str = "", *, now: float | None = None) -> None:
+        now = _now(now)
+        conn = self._conn()
+        with _transaction(conn):
+            conn.execute("UPDATE jobs SET followup = 'done' WHERE id = ?", (job_id,))
+            if note:
+                row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                self._add_history(conn, job_id, row["state"], note, now)
+        if note:
+            self.log(job_id, note, now=now)
+
+    # -- components (workers, watchers, importer) ---------------------------
+
+    def set_component(self, kind: str, name: str, status: dict[str, Any], *, now: float | None = None) -> None:
+        """Publish a component's status for the status view (any process)."""
+        self._conn().execute(
+            "INSERT INTO components (kind, name, host, pid, status, updated_at) VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (kind, name) DO UPDATE SET host = excluded.host, pid = excluded.pid,"
+            " status = excluded.status, updated_at = excluded.updated_at",
+            (kind, name, socket.gethostname(), os.getpid(), json.dumps(status), _now(now)),
+        )
+
+    def remove_component(self, kind: str, name: str) -> None:
+        self._conn().execute("DELETE FROM components WHERE kind = ? AND name = ?", (kind, name))
+
+    def components(self, kind: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM components" + (" WHERE kind = ?" if kind else "") + " ORDER BY kind, name"
+        rows = self._conn().execute(sql, (kind,) if kind else ()).fetchall()
+        return [
+            {
+                "kind": r["kind"],
+                "name": r["name"],
+                "host": r["host"],
+                "pid": r["pid"],
+                "status": json.loads(r["status"]),
+                "updated_at": r["updated_at"],
+            }
+            for r in rows
+        ]
+
+    # -- outbox -------------------------------------------------------------
+
+    def _outbox_insert(self, conn, mails: Iterable[Mail], job_id: int | None, now: float) -> None:
+        for mail in mails:
+            conn.execute(
+                "INSERT INTO outbox (job_id, kind, sender, recipients, subject, raw, state, next_attempt_at,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+                (
+                    job_id,
+                    mail.kind,
+                    str(mail.message.get("From") or self.sender),
+                    json.dumps(list(mail.recipients)),
+                    str(mail.message.get("Subject", "")),
+                    mail.as_bytes(),
+                    now,
+                    now,
+                ),
+            )
+
+    def outbox_add(self, mails: Iterable[Mail], *, job_id: int | None = None, now: float | None = None) -> None:
+        """Queue mails that belong to no job transition (e.g. watcher alerts)."""
+        conn = self._conn()
+        with _transaction(conn):
+            self._outbox_insert(conn, mails, job_id, _now(now))
+
+    def _mail(self, row: sqlite3.Row) -> OutboxMail:
+        return OutboxMail(
+            id=row["id"],
+            job_id=row["job_id"],
+            kind=row["kind"],
+            sender=row["sender"],
+            recipients=tuple(json.loads(row["recipients"])),
+            subject=row["subject"],
+            raw=bytes(row["raw"]),
+            state=row["state"],
+            attempts=row["attempts"],
+            next_attempt_at=row["next_attempt_at"],
+            last_error=row["last_error"],
+            created_at=row["created_at"],
+            sent_at=row["sent_at"],
+        )
+
+    def outbox_claim(self, *, now: float | None = None, limit: int = 10, hold: float = 300.0) -> list[OutboxMail]:
+        """Take due mails for sending; they stay ``sending`` for ``hold`` seconds at most."""
+        now = _now(now)
+        conn = self._conn()
+        with _transaction(conn):
+            rows = conn.execute(
+                "UPDATE outbox SET state = 'sending', claimed_until = ?, attempts = attempts + 1"
+                " WHERE id IN (SELECT id FROM outbox WHERE state = 'pending' AND next_attempt_at <= ?"
+                " ORDER BY id LIMIT ?) RETURNING *",
+                (now + hold, now, limit),
+            ).fetchall()
+        return sorted((self._mail(r) for r in rows), key=lambda m: m.id)
+
+    def outbox_sent(self, mail_id: int, *, now: float | None = None) -> None:
+        """The server accepted the mail: never send it again."""
+        self._conn().execute(
+            "UPDATE outbox SET state = 'sent', sent_at = ?, last_error = NULL, claimed_until = NULL WHERE id = ?",
+            (_now(now), mail_id),
+        )
+
+    def outbox_failed(self, mail_id: int, error: str, *, permanent: bool, now: float | None = None) -> OutboxMail:
+        """A delivery failed: try again later, or keep it as ``failed`` (permanent, or out of attempts)."""
+        now = _now(now)
+        conn = self._conn()
+        with _transaction(conn):
+            row = conn.execute("SELECT attempts FROM outbox WHERE id = ?", (mail_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"no mail with id {mail_id} in the outbox")
+            give_up = permanent or row["attempts"] >= self.mail_retry.max_attempts
+            row = conn.execute(
+                "UPDATE outbox SET state = ?, next_attempt_at = ?, last_error = ?, claimed_until = NULL"
+                " WHERE id = ? RETURNING *",
+                (
+                    "failed" if give_up else "pending",
+                    None if give_up else now + self.mail_retry.delay(row["attempts"]),
+                    error,
+                    mail_id,
+                ),
+            ).fetchone()
+        return self._mail(row)
+
+    def outbox_resend(self, mail_id: int, *, now: float | None = None) -> OutboxMail:
+        """Queue a failed (or sent) mail again, with a fresh attempt budget."""
+        row = self._conn().execute(
+            "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?, sent_at = NULL"
+            " WHERE id = ? AND state IN ('failed', 'sent') RETURNING *",
+            (_now(now), mail_id),
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"mail {mail_id} does not exist or is not failed or sent; nothing to resend")
+        return self._mail(row)
+
+    def outbox_list(self, *, state: str | None = None, limit: int = 50) -> list[OutboxMail]:
+        sql = "SELECT * FROM outbox" + (" WHERE state = ?" if state else "") + " ORDER BY id DESC LIMIT ?"
+        rows = self._conn().execute(sql, ((state, limit) if state else (limit,))).fetchall()
+        return [self._mail(r) for r in rows]
+
+    def outbox_counts(self) -> dict[str, int]:
+        counts = {"pending": 0, "sending": 0, "sent": 0, "failed": 0}
+        for row in self._conn().execute("SELECT state, count(*) AS n FROM outbox GROUP BY state"):
+            counts[row["state"]] = row["n"]
+        return counts
+
+    def outbox_next_due(self) -> float | None:
+        row = self._conn().execute("SELECT min(next_attempt_at) AS t FROM outbox WHERE state = 'pending'").fetchone()
+        return row["t"]
+
+    # -- health --------------------------------------------------------------
+
+    def ping(self) -> bool:
+        """True when the database answers."""
+        try:
+            self._conn().execute("SELECT 1 FROM jobs LIMIT 1").fetchall()
+            return True
+        except sqlite3.Error:
+            return False
+
+
+class _transaction:
+    """``BEGIN IMMEDIATE`` … ``COMMIT`` on an autocommit connection; rollback on any exception."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def __enter__(self):
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.conn.execute("COMMIT")
+        else:
+            self.conn.execute("ROLLBACK")
+        return False
+
+
+__all__ = ["JobStore", "FINISHED_STATES"]
