@@ -1,0 +1,323 @@
+"""Transports: how a composed mail leaves the outbox.
+
+``folder`` writes each mail as an ``.eml`` file (the default, for sites without
+a mail server and for the demo); ``smtp`` hands it to a mail server with
+:mod:`smtplib`. Both raise :class:`~watchfolder.mail.MailError`; ``permanent``
+says whether sending the same mail again can ever help.
+
+SMTP errors are classified by where they happen:
+
+* setting up the session (connect, greeting, TLS, AUTH) fails for every mail
+  alike and is fixed by the admin, not by the mail: always transient, so the
+  pending mails go out by themselves once the server or the config is fixed;
+* the mail transaction (MAIL FROM, RCPT TO, DATA): a 4xx reply is transient, a
+  5xx reply permanent (the server will refuse this mail again), except 530
+  ("authentication/TLS required first"), which is about the session;
+* a connection lost or timed out at any point: transient. If it is lost after
+  the message data was sent but before the server's reply arrived, the server
+  may have accepted the mail and a retry delivers it twice; SMTP cannot close
+  that window.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import smtplib
+import ssl
+import tempfile
+import threading
+from email.parser import BytesHeaderParser
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+from .mail import MailError, Transport
+
+log = logging.getLogger(__name__)
+
+
+class FolderTransport(Transport):
+    """Writes each mail as an RFC 5322 ``.eml`` file into ``outbox_dir``.
+
+    The file name comes from the mail's Date and a hash of its Message-ID, so
+    sending the same mail again replaces its file instead of adding a copy.
+    Files are written atomically (temporary name, fsync, rename).
+    """
+
+    name = "folder"
+
+    def __init__(self, outbox_dir: Path | str):
+        self.outbox_dir = Path(outbox_dir)
+
+    def file_name(self, raw: bytes) -> str:
+        """The file a mail is written to (stable for the same Message-ID and Date)."""
+        headers = BytesHeaderParser().parsebytes(raw)
+        message_id = (headers.get("Message-ID") or "").strip()
+        stamp = "undated"
+        try:
+            if headers.get("Date"):
+                stamp = parsedate_to_datetime(headers["Date"]).strftime("%Y%m%dT%H%M%S")
+        except (TypeError, ValueError):
+            pass
+        key = message_id.encode() if message_id else raw
+        return f"{stamp}-{hashlib.sha256(key).hexdigest()[:16]}.eml"
+
+    def send(self, raw: bytes, sender: str, recipients: tuple[str, ...]) -> None:
+        target = self.outbox_dir / self.file_name(raw)
+        tmp_name = None
+        try:
+            self.outbox_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(prefix=".", suffix=".eml.tmp", dir=self.outbox_dir)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(raw)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp_name, 0o640)
+            os.replace(tmp_name, target)
+            tmp_name = None
+            _fsync_dir(self.outbox_dir)
+        except OSError as exc:
+            raise MailError(
+                f"cannot write mail to {target}: {exc.strerror or exc}; "
+                f"check that notify.outbox_dir ({self.outbox_dir}) is writable"
+            ) from None
+        finally:
+            if tmp_name is not None:
+                try:
+                    os.unlink(tmp_name)
+                except OSError:
+                    pass
+        log.debug("mail for %s written to %s", ", ".join(recipients), target)
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; some filesystems refuse to open folders.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class SmtpTransport(Transport):
+    """Sends mails to an SMTP server: plain, STARTTLS or implicit TLS, with optional AUTH.
+
+    One connection is kept open between mails and checked (NOOP) before reuse.
+    Thread-safe: sends are serialised.
+    """
+
+    name = "smtp"
+
+    def __init__(self, config: Any):
+        self.config = config
+        self._conn: smtplib.SMTP | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def where(self) -> str:
+        return f"{self.config.host}:{self.config.port}"
+
+    def send(self, raw: bytes, sender: str, recipients: tuple[str, ...]) -> None:
+        if not recipients:
+            raise MailError("the mail has no recipients", permanent=True)
+        options = []
+        if not all(a.isascii() for a in (sender, *recipients)):
+            # Non-ASCII addresses need the server's SMTPUTF8 support; smtplib refuses otherwise.
+            options.append("SMTPUTF8")
+        with self._lock:
+            conn = self._session()
+            try:
+                refused = conn.sendmail(sender, list(recipients), raw, mail_options=options)
+            except smtplib.SMTPRecipientsRefused as exc:
+                replies = {rcpt: (code, _text(msg)) for rcpt, (code, msg) in exc.recipients.items()}
+                permanent = all(_is_permanent(code) for code, _ in replies.values())
+                detail = "; ".join(f"{rcpt}: {code} {msg}" for rcpt, (code, msg) in replies.items())
+                raise MailError(f"SMTP server {self.where} refused every recipient: {detail}",
+                                permanent=permanent) from None
+            except smtplib.SMTPSenderRefused as exc:
+                if exc.smtp_code == 530:
+                    # RFC 4954/3207: the session lacks AUTH or TLS. The config is at fault, not the mail.
+                    raise MailError(
+                        f"SMTP server {self.where} requires authentication or TLS first: "
+                        f"{exc.smtp_code} {_text(exc.smtp_error)}; set notify.smtp.security and username/password"
+                    ) from None
+                raise MailError(
+                    f"SMTP server {self.where} refused sender {sender}: {exc.smtp_code} {_text(exc.smtp_error)}; "
+                    "check notify.from",
+                    permanent=_is_permanent(exc.smtp_code),
+                ) from None
+            except smtplib.SMTPNotSupportedError as exc:
+                raise MailError(
+                    f"SMTP server {self.where} cannot take this mail: {exc} "
+                    "(a non-ASCII address needs a server with SMTPUTF8)",
+                    permanent=True,
+                ) from None
+            except smtplib.SMTPResponseException as exc:  # SMTPDataError and other replies
+                raise MailError(
+                    f"SMTP server {self.where} refused the mail: {exc.smtp_code} {_text(exc.smtp_error)}",
+                    permanent=_is_permanent(exc.smtp_code),
+                ) from None
+            except (smtplib.SMTPException, OSError) as exc:
+                self._drop()
+                raise MailError(
+                    f"connection to SMTP server {self.where} lost while sending: {_describe(exc)}"
+                ) from None
+        if refused:
+            # The server took the mail for the other recipients: sending it again would
+            # duplicate it for them, so this counts as sent, with a warning.
+            detail = "; ".join(f"{rcpt}: {code} {_text(msg)}" for rcpt, (code, msg) in refused.items())
+            log.warning("SMTP server %s accepted the mail but refused some recipients: %s", self.where, detail)
+        log.debug("mail for %s accepted by %s", ", ".join(recipients), self.where)
+
+    def _session(self) -> smtplib.SMTP:
+        """An open, authenticated connection: the kept one if it still answers, else a new one."""
+        if self._conn is not None:
+            try:
+                code, _ = self._conn.noop()
+                if code == 250:
+                    return self._conn
+            except (smtplib.SMTPException, OSError):
+                pass
+            self._drop()
+        self._conn = self._connect()
+        return self._conn
+
+    def _tls_context(self) -> ssl.SSLContext:
+        cfg = self.config
+        context = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
+        if not cfg.verify_tls:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    def _connect(self) -> smtplib.SMTP:
+        cfg = self.config
+        conn: smtplib.SMTP | None = None
+        try:
+            if cfg.security == "ssl":
+                conn = smtplib.SMTP_SSL(cfg.host, cfg.port, timeout=cfg.timeout, context=self._tls_context())
+            else:
+                conn = smtplib.SMTP(cfg.host, cfg.port, timeout=cfg.timeout)
+            conn.ehlo_or_helo_if_needed()
+            if cfg.security == "starttls":
+                if not conn.has_extn("starttls"):
+                    raise MailError(
+                        f"SMTP server {self.where} does not offer STARTTLS; "
+                        "set notify.smtp.security to ssl (and the port) or none"
+                    )
+                conn.starttls(context=self._tls_context())
+                conn.ehlo()
+            if cfg.username:
+                password = cfg.password.reveal() if cfg.password is not None else ""
+                _login(conn, cfg.username, password)
+            return conn
+        except MailError:
+            _close_quietly(conn)
+            raise
+        except ssl.SSLCertVerificationError as exc:
+            _close_quietly(conn)
+            raise MailError(
+                f"TLS certificate of SMTP server {self.where} not trusted ({exc.verify_message}); "
+                "set notify.smtp.ca_file to the CA that signed it, or verify_tls: false for a test server"
+            ) from None
+        except smtplib.SMTPAuthenticationError as exc:
+            _close_quietly(conn)
+            raise MailError(
+                f"SMTP server {self.where} refused the login of user {cfg.username!r}: "
+                f"{exc.smtp_code} {_text(exc.smtp_error)}; check notify.smtp.username and password"
+            ) from None
+        except smtplib.SMTPNotSupportedError as exc:
+            _close_quietly(conn)
+            raise MailError(
+                f"SMTP server {self.where}: {exc}; it offers no AUTH on this connection "
+                "(many servers offer it only after STARTTLS: set notify.smtp.security)"
+            ) from None
+        except smtplib.SMTPResponseException as exc:  # greeting, HELO, STARTTLS refused
+            _close_quietly(conn)
+            raise MailError(
+                f"SMTP server {self.where} refused the session: {exc.smtp_code} {_text(exc.smtp_error)}"
+            ) from None
+        except (smtplib.SMTPException, OSError) as exc:
+            _close_quietly(conn)
+            raise MailError(
+                f"cannot connect to SMTP server {self.where}: {_describe(exc)}; "
+                "check notify.smtp.host, port and security, and that the server runs"
+            ) from None
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        _close_quietly(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is None:
+                return
+            try:
+                conn.quit()
+            except (smtplib.SMTPException, OSError):
+                _close_quietly(conn)
+
+
+def _login(conn: smtplib.SMTP, user: str, password: str) -> None:
+    if (user + password).isascii():
+        conn.login(user, password)
+        return
+    # smtplib encodes credentials as ASCII and fails on any other character; RFC 4616
+    # AUTH PLAIN carries UTF-8, so non-ASCII credentials go that way, by hand.
+    if not conn.has_extn("auth"):
+        raise smtplib.SMTPNotSupportedError("SMTP AUTH extension not supported by server.")
+    mechanisms = conn.esmtp_features["auth"].upper().split()
+    if "PLAIN" not in mechanisms:
+        raise MailError(
+            f"the SMTP server offers AUTH {' '.join(mechanisms)} but not PLAIN, the only mechanism "
+            "that carries a non-ASCII username or password; use an ASCII password"
+        )
+    token = base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
+    code, reply = conn.docmd("AUTH", "PLAIN " + token)
+    if code != 235:
+        raise smtplib.SMTPAuthenticationError(code, reply)
+
+
+def _close_quietly(conn: smtplib.SMTP | None) -> None:
+    if conn is None:
+        return
+    try:
+        conn.close()
+    except OSError:
+        pass
+
+
+def _is_permanent(code: int) -> bool:
+    return 500 <= code < 600
+
+
+def _text(reply: bytes | str) -> str:
+    if isinstance(reply, bytes):
+        return reply.decode("utf-8", "replace")
+    return str(reply)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if type(exc).__name__ in text else f"{type(exc).__name__}: {text}"
+
+
+def create_transport(config: Any) -> Transport | None:
+    """The transport named by ``notify.transport``; ``None`` for ``none`` (mails stay in the outbox)."""
+    notify = config.notify
+    if notify.transport == "folder":
+        return FolderTransport(notify.outbox_dir)
+    if notify.transport == "smtp":
+        return SmtpTransport(notify.smtp)
+    if notify.transport == "none":
+        return None
+    raise ValueError(f"notify.transport: unknown transport {notify.transport!r}; use folder, smtp or none")
