@@ -1,0 +1,276 @@
+"""The ``omero`` importer: imports into OMERO through a child process.
+
+omero-py needs zeroc-ice 3.6, which does not build on the Python this service
+runs on, so the OMERO side (``watchfolder/omero_child/child.py``) runs in a
+child process started with ``importer.omero.python`` (default: this service's
+own interpreter when it can ``import omero``). The child gets the request as
+JSON on stdin (the admin password travels only there), answers with JSON
+lines on stdout and writes its diagnostics to stderr, which goes to the job's
+log. A crash or a hang in Ice takes down the child, never the service.
+
+This module must not import omero.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import JobInterrupt, PermanentImportError, TransientImportError
+from ..job import Job
+from .base import ImportContext, Importer, register
+
+CHILD = Path(__file__).resolve().parent.parent / "omero_child" / "child.py"
+PROTOCOL = 1
+# How often the parent wakes up to honour cancel/lease/shutdown while the
+# child is quiet; the context throttles its own store writes.
+CHECK_INTERVAL = 1.0
+PROBE_TTL = 60.0
+
+
+@register("omero")
+class OmeroImporter(Importer):
+    """Runs each job in a fresh child process (see the module docstring)."""
+
+    def __init__(self, config):
+        self.config = config
+        self.omero = config.importer.omero
+        self._python: str | None = None
+        self._probe: tuple[float, dict[str, Any]] | None = None
+        self._lock = threading.Lock()
+        self._children: dict[int, subprocess.Popen] = {}
+
+    # -- interpreter ---------------------------------------------------------
+
+    def python(self) -> str:
+        """The interpreter that runs the child; raises a config error when none fits."""
+        if self._python:
+            return self._python
+        configured = self.omero.python
+        if configured:
+            path = os.path.expanduser(configured)
+            if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+                raise PermanentImportError(
+                    f"importer.omero.python: {configured!r} is not an executable file; point it at "
+                    "a Python that has omero-py (scripts/omero-env builds .venv-omero/bin/python)",
+                    config_error=True,
+                )
+            self._python = path
+            return path
+        if _has_omero(sys.executable):
+            self._python = sys.executable
+            return sys.executable
+        raise PermanentImportError(
+            f"importer.omero.python is not set and this service's Python ({sys.executable}) "
+            "cannot import omero; set importer.omero.python to an interpreter that has omero-py "
+            "(scripts/omero-env builds .venv-omero/bin/python)",
+            config_error=True,
+        )
+
+    def health(self) -> dict[str, Any]:
+        """Whether the configured interpreter has omero-py (cached for a minute)."""
+        now = time.monotonic()
+        if self._probe and now - self._probe[0] < PROBE_TTL:
+            return dict(self._probe[1])
+        try:
+            python = self.python()
+        except PermanentImportError as exc:
+            info: dict[str, Any] = {"ok": False, "error": exc.message}
+        else:
+            info = {"ok": False, "python": python}
+            try:
+                out = subprocess.run(
+                    [python, str(CHILD), "--probe"], capture_output=True, text=True, timeout=60,
+                    stdin=subprocess.DEVNULL,
+                )
+                probed = json.loads(out.stdout.strip().splitlines()[-1])
+                info.update(probed, ok=bool(probed.get("omero_py")))
+            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired) as exc:
+                info["error"] = f"cannot run {python} {CHILD.name} --probe: {exc}"
+        info.update(server=f"{self.omero.host}:{self.omero.port}")
+        self._probe = (now, info)
+        return dict(info)
+
+    # -- running a job -------------------------------------------------------
+
+    def request(self, job: Job) -> dict[str, Any]:
+        """The JSON the child reads on stdin. Holds secrets: never log it."""
+        spec = job.spec
+        o = self.omero
+        return {
+            "protocol": PROTOCOL,
+            "job_id": job.id,
+            "job_key": job.idempotency_key,
+            "host": o.host,
+            "port": o.port,
+            "secure": o.secure,
+            "admin_user": o.admin_user,
+            "admin_password": o.admin_password.reveal() if o.admin_password else "",
+            "connect_timeout": o.connect_timeout,
+            "import_timeout": o.timeout,
+            "sudo_ttl_ms": o.sudo_ttl_ms,
+            "block_size": o.block_size,
+            "namespace": o.namespace,
+            "session_key": spec.session_key,
+            "omero_host": spec.omero_host if spec.session_key else None,
+            "omero_port": spec.omero_port if spec.session_key else None,
+            "owner": spec.owner,
+            "group": spec.group,
+            "email": spec.email,
+            "target": spec.target.to_dict(),
+            "root": spec.root,
+            "files": [f.path for f in spec.files],
+            "filesets": [list(fs) for fs in spec.filesets],
+            "name": spec.name,
+            "description": spec.description,
+            "annotations": dict(spec.annotations),
+            "source": spec.source,
+        }
+
+    def child_pid(self, job_id: int) -> int | None:
+        """Pid of the child running ``job_id`` now, if any (for the status view and tests)."""
+        with self._lock:
+            proc = self._children.get(job_id)
+        return proc.pid if proc else None
+
+    def run(self, job: Job, ctx: ImportContext) -> dict[str, Any]:
+        python = self.python()
+        payload = json.dumps(self.request(job)).encode()
+        with open(ctx.log_path, "ab") as log:
+            try:
+                proc = subprocess.Popen(
+                    [python, "-u", str(CHILD)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                    close_fds=True, start_new_session=True, cwd=str(CHILD.parent),
+                )
+            except OSError as exc:
+                raise PermanentImportError(
+                    f"cannot start the OMERO child with {python!r} ({exc.strerror}); "
+                    "check importer.omero.python", config_error=True,
+                ) from None
+        with self._lock:
+            self._children[job.id] = proc
+        ctx.log(f"omero: child pid {proc.pid} started with {python}")
+        try:
+            return self._talk(proc, payload, ctx)
+        finally:
+            with self._lock:
+                self._children.pop(job.id, None)
+            _kill(proc)
+
+    def _talk(self, proc: subprocess.Popen, payload: bytes, ctx: ImportContext) -> dict[str, Any]:
+        lines: queue.Queue[bytes | None] = queue.Queue()
+        reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True)
+        reader.start()
+        try:
+            # Sent whole before reading: the child reads stdin to the end first.
+            assert proc.stdin is not None
+            proc.stdin.write(payload)
+            proc.stdin.close()
+        except OSError:
+            pass  # the child died at once; its exit is reported below
+        idle = self.omero.idle_timeout
+        last = time.monotonic()
+        result: dict[str, Any] | None = None
+        error: dict[str, Any] | None = None
+        while True:
+            try:
+                line = lines.get(timeout=CHECK_INTERVAL)
+            except queue.Empty:
+                line = b""
+                if time.monotonic() - last > idle:
+                    _kill(proc)
+                    ctx.log(f"omero: child sent nothing for {idle:g} s; killed it")
+                    raise TransientImportError(
+                        f"the OMERO import stalled: no progress for {idle:g} s "
+                        "(server unresponsive?); will try again"
+                    ) from None
+                ctx.checkpoint()
+                continue
+            if line is None:
+                break
+            last = time.monotonic()
+            try:
+                event = json.loads(line)
+            except ValueError:
+                ctx.log(f"omero: unexpected child output: {line[:200]!r}")
+                continue
+            kind = event.get("event")
+            if kind == "progress":
+                ctx.progress(
+                    event.get("phase", ""), int(event.get("bytes_done", 0)), int(event.get("bytes_total", 0)),
+                    int(event.get("files_done", 0)), int(event.get("files_total", 0)),
+                )
+            elif kind == "result":
+                result = event.get("result") or {}
+            elif kind == "error":
+                error = event
+        code = proc.wait()
+        if result is not None:
+            result.setdefault("importer", "omero")
+            ctx.log(f"omero: imported images {result.get('image_ids')}")
+            return result
+        if error is not None:
+            message = str(error.get("message") or "the OMERO import failed")
+            ctx.log(f"omero: {error.get('kind')} failure: {message}")
+            if error.get("kind") == "transient":
+                raise TransientImportError(message)
+            raise PermanentImportError(message, config_error=bool(error.get("config_error")))
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        ctx.log(f"omero: child {how} without a result")
+        raise TransientImportError(f"the OMERO child process {how} without a result; see the job log")
+
+    def close(self) -> None:
+        """Kill children still running (the service is stopping; their jobs get retried)."""
+        with self._lock:
+            children = list(self._children.values())
+        for proc in children:
+            _kill(proc)
+
+
+def _read_lines(stream, lines: queue.Queue) -> None:
+    try:
+        for line in stream:
+            lines.put(line)
+    finally:
+        lines.put(None)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Kill the child and anything it started (its own process group)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL does not fail
+        pass
+    for stream in (proc.stdout, proc.stdin):
+        if stream:
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+
+def _has_omero(python: str) -> bool:
+    try:
+        return subprocess.run(
+            [python, "-c", "import omero, Ice"], capture_output=True, timeout=60,
+            stdin=subprocess.DEVNULL,
+        ).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+__all__ = ["OmeroImporter", "JobInterrupt"]

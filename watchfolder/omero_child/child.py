@@ -1,0 +1,802 @@
+"""Import one acquisition into OMERO: the child process of the ``omero`` importer.
+
+Run by file path with an interpreter that has omero-py (Python 3.10 works)::
+
+    python child.py            # reads one request (JSON) on stdin
+    python child.py --probe    # prints {"omero_py": version, ...} and exits
+
+It imports only the standard library at module level and omero-py inside
+functions, never the watchfolder package, so it runs in an environment that
+has omero-py and nothing else (and its pure helpers can be tested anywhere).
+
+Protocol: the request is one JSON object on stdin (it carries the admin
+password, which is why it never travels in argv or the environment). Events go
+to stdout as JSON lines::
+
+    {"event": "progress", "phase": "uploading", "bytes_done": 1, "bytes_total": 2,
+     "files_done": 0, "files_total": 1}
+    {"event": "result", "result": {...}}
+    {"event": "error", "kind": "transient"|"permanent", "config_error": false,
+     "message": "..."}
+
+Everything else (logging, Ice warnings, stray prints) goes to stderr, which
+the service appends to the job's log. Exit status: 0 result sent, 1 error sent.
+
+Filesets: the request's ``filesets`` (lists of relative paths) come first;
+every other file goes through :func:`group_filesets`' rule for common
+multi-file formats, and whatever no rule claims is a fileset of its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+import traceback
+
+PROTOCOL = 1
+JOB_MARKER = "watchfolder.job"
+
+log = logging.getLogger("omero-child")
+
+# The only HQL this program sends. Kept few and simple: every one of them must
+# also be answered by the test double (tests/omero/double), which matches them
+# verbatim.
+Q_PROJECT = (
+    "select p from Project p where p.name = :name"
+    " and p.details.owner.id = :uid and p.details.group.id = :gid order by p.id"
+)
+Q_DATASET_IN_PROJECT = (
+    "select l.child from ProjectDatasetLink l"
+    " where l.parent.id = :pid and l.child.name = :name order by l.child.id"
+)
+Q_DATASET = (
+    "select d from Dataset d where d.name = :name"
+    " and d.details.owner.id = :uid and d.details.group.id = :gid order by d.id"
+)
+Q_SCREEN = (
+    "select s from Screen s where s.name = :name"
+    " and s.details.owner.id = :uid and s.details.group.id = :gid order by s.id"
+)
+Q_JOB_FILESETS = (
+    "select distinct fs from Fileset fs left outer join fetch fs.usedFiles"
+    " join fs.jobLinks l join l.child j join j.versionInfo v"
+    " where v.name = :marker and v.value = :key and fs.details.owner.id = :uid"
+)
+Q_FILESET_IMAGES = "select i.id, i.fileset.id from Image i where i.fileset.id in (:ids) order by i.id"
+Q_ANNOTATED_IMAGES = (
+    "select l.parent.id from ImageAnnotationLink l where l.child.ns = :ns and l.parent.id in (:ids)"
+)
+QUERIES = (
+    Q_PROJECT, Q_DATASET_IN_PROJECT, Q_DATASET, Q_SCREEN, Q_JOB_FILESETS, Q_FILESET_IMAGES,
+    Q_ANNOTATED_IMAGES,
+)
+
+
+# ---------------------------------------------------------------------------
+# Pure helpers (no omero-py needed)
+
+
+class Failure(Exception):
+    """An error with its classification, sent back to the service as is."""
+
+    def __init__(self, message, *, transient=False, config_error=False):
+        super().__init__(message)
+        self.message = message
+        self.transient = transient
+        self.config_error = config_error
+
+
+# Multi-file formats: (suffix of the main file, function(stem) -> how to
+# recognise its companions). Paths are relative, '/'-separated.
+def _companion_dir(name_of_dir):
+    def match(main, other):
+        folder = os.path.dirname(main)
+        prefix = (folder + "/" if folder else "") + name_of_dir(main) + "/"
+        return other.startswith(prefix)
+
+    return match
+
+
+def _same_stem(*suffixes):
+    def match(main, other):
+        stem = main.rsplit(".", 1)[0]
+        return any(other.lower() == (stem + s).lower() for s in suffixes)
+
+    return match
+
+
+def _stem(path):
+    return os.path.basename(path).rsplit(".", 1)[0]
+
+
+MULTI_FILE_RULES = (
+    # Olympus cellSens: scan.vsi + _scan_/stackN/*.ets
+    (".vsi", _companion_dir(lambda main: "_" + _stem(main) + "_")),
+    # 3DHISTECH MIRAX: slide.mrxs + slide/*.dat, Slidedat.ini
+    (".mrxs", _companion_dir(_stem)),
+    # Image Cytometry Standard v1: x.ics + x.ids
+    (".ics", _same_stem(".ids")),
+    # Analyze 7.5: x.hdr + x.img
+    (".hdr", _same_stem(".img")),
+    # MetaImage: x.mhd + x.raw / x.zraw
+    (".mhd", _same_stem(".raw", ".zraw")),
+    # DeltaVision: x.dv + x.dv.log
+    (".dv", lambda main, other: other.lower() == main.lower() + ".log"),
+)
+MULTI_FILE_RULES_DOC = (
+    "<stem>.vsi takes every file under _<stem>_/ beside it; <stem>.mrxs takes every file under "
+    "<stem>/; <stem>.ics takes <stem>.ids; <stem>.hdr takes <stem>.img; <stem>.mhd takes "
+    "<stem>.raw or .zraw; <name>.dv takes <name>.dv.log; any other file is a fileset of its own"
+)
+
+
+def group_filesets(files, filesets=()):
+    """Split relative paths into filesets: given ``filesets`` first, then the
+    multi-file rule (``MULTI_FILE_RULES_DOC``), then one fileset per file.
+
+    Returns a list of lists, each with its main file first; raises ``Failure``
+    when a given fileset names a file that is not in ``files``.
+    """
+    files = [str(f) for f in files]
+    known = set(files)
+    groups = []
+    claimed = set()
+    for n, group in enumerate(filesets or ()):
+        group = [str(p) for p in group]
+        unknown = [p for p in group if p not in known]
+        if unknown:
+            raise Failure(
+                f"filesets[{n}] names {', '.join(repr(p) for p in unknown)}, which "
+                "the acquisition's files do not list; add it to files or remove it from filesets"
+            )
+        again = [p for p in group if p in claimed]
+        if again:
+            raise Failure(f"filesets[{n}]: {again[0]!r} is already in an earlier fileset")
+        claimed.update(group)
+        groups.append(group)
+    rest = sorted(p for p in files if p not in claimed)
+    for suffix, companion in MULTI_FILE_RULES:
+        for main in rest:
+            if main in claimed or not main.lower().endswith(suffix):
+                continue
+            members = [main] + [
+                p for p in rest if p != main and p not in claimed and companion(main, p)
+            ]
+            claimed.update(members)
+            groups.append(members)
+    for path in rest:
+        if path not in claimed:
+            groups.append([path])
+    return groups
+
+
+def client_path_key(path):
+    """How a client path compares with one the server stored (it may drop the leading '/')."""
+    return path.replace("\\", "/").lstrip("/")
+
+
+class Emitter:
+    """Writes protocol lines to the real stdout and throttles progress events."""
+
+    def __init__(self, stream, interval=0.25):
+        self.stream = stream
+        self.interval = interval
+        self.last = 0.0
+        self.phase = ""
+        self.figures = {"bytes_done": 0, "bytes_total": 0, "files_done": 0, "files_total": 0}
+
+    def send(self, message):
+        self.stream.write(json.dumps(message) + "\n")
+        self.stream.flush()
+
+    def progress(self, phase=None, force=False, **figures):
+        self.figures.update(figures)
+        changed = phase is not None and phase != self.phase
+        if phase is not None:
+            self.phase = phase
+        now = time.monotonic()
+        if force or changed or now - self.last >= self.interval:
+            self.last = now
+            self.send(dict(event="progress", phase=self.phase, **self.figures))
+
+
+# ---------------------------------------------------------------------------
+# Error classification
+
+
+def classify(exc, where=""):
+    """Turn any exception into a ``Failure`` (transient or permanent), in words for people."""
+    if isinstance(exc, Failure):
+        return exc
+    try:
+        import Glacier2
+        import Ice
+        import omero
+    except ImportError:  # pragma: no cover - only without omero-py
+        return Failure(f"{where}{type(exc).__name__}: {exc}")
+    prefix = f"{where}: " if where else ""
+    if isinstance(exc, Glacier2.PermissionDeniedException):
+        return Failure(f"{prefix}OMERO refused the login ({exc.reason or 'permission denied'})")
+    if isinstance(exc, Glacier2.CannotCreateSessionException):
+        return Failure(f"{prefix}OMERO could not create a session ({exc.reason})", transient=True)
+    if isinstance(exc, (Ice.ConnectionRefusedException, Ice.ConnectFailedException,
+                        Ice.ConnectTimeoutException, Ice.DNSException)):
+        return Failure(f"{prefix}cannot reach the OMERO server ({type(exc).__name__})", transient=True)
+    if isinstance(exc, (Ice.ConnectionLostException, Ice.TimeoutException, Ice.SocketException,
+                        Ice.CloseConnectionException, Ice.CommunicatorDestroyedException,
+                        Ice.ObjectNotExistException)):
+        return Failure(f"{prefix}lost the connection to OMERO ({type(exc).__name__})", transient=True)
+    transient_server = (omero.SessionException, omero.LockTimeout, omero.TryAgain, omero.ResourceError,
+                        omero.InternalException, omero.DatabaseBusyException, omero.ConcurrencyException)
+    if isinstance(exc, transient_server):
+        return Failure(f"{prefix}OMERO is busy or failed internally: {exc.message}", transient=True)
+    if isinstance(exc, omero.ServerError):
+        return Failure(f"{prefix}OMERO refused: {exc.message}")
+    if isinstance(exc, Ice.LocalException):
+        return Failure(f"{prefix}Ice error talking to OMERO ({type(exc).__name__})", transient=True)
+    if isinstance(exc, omero.ClientError):
+        return Failure(f"{prefix}OMERO client error: {exc}", transient=True)
+    if isinstance(exc, OSError):
+        return Failure(f"{prefix}cannot read {exc.filename or 'a file'}: {exc.strerror}")
+    return Failure(f"{prefix}unexpected error in the OMERO child: {type(exc).__name__}: {exc}")
+
+
+def describe_err(rsp, paths):
+    """Words for an ``omero.cmd.ERR`` from a server-side import."""
+    params = dict(rsp.parameters or {})
+    detail = params.get("message") or params.get("error") or ""
+    if not detail and params.get("stacktrace"):
+        detail = params["stacktrace"].strip().splitlines()[0]
+    what = ", ".join(os.path.basename(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
+    why = f"{rsp.name}" + (f": {detail}" if detail else "")
+    return (
+        f"OMERO could not import {what} ({why}). If the format is not supported by OMERO, "
+        "convert the files (e.g. to OME-TIFF) and submit them again."
+    )
+
+
+# ---------------------------------------------------------------------------
+# OMERO side
+
+
+def _new_client(req, host, port):
+    import omero
+    import omero.clients  # noqa: F401 - registers omero.client
+
+    props = {
+        "omero.host": host,
+        "omero.port": str(port),
+        "Ice.Override.ConnectTimeout": str(int(float(req.get("connect_timeout", 30)) * 1000)),
+        "omero.keep_alive": "60",
+    }
+    return omero.client(pmap=[f"--{k}={v}" for k, v in props.items()])
+
+
+def _close(client):
+    if client is None:
+        return
+    try:
+        client.closeSession()
+    except Exception as exc:  # closing is best effort: the import already succeeded or failed
+        log.warning("closing an OMERO session: %s", type(exc).__name__)
+
+
+class Importer:
+    """One request: sessions, target, filesets, upload, import, annotations."""
+
+    def __init__(self, req, emit):
+        self.req = req
+        self.emit = emit
+        self.admin = None
+        self.client = None
+        self.host = req.get("omero_host") or req["host"]
+        self.port = int(req.get("omero_port") or req["port"])
+        self.root = req["root"]
+        self.block = int(req.get("block_size") or 1024 * 1024)
+
+    # -- sessions --------------------------------------------------------
+
+    def connect(self):
+        """Open the session the import runs in: sudo as the owner, or the job's own session."""
+        import omero
+        from omero.rtypes import unwrap
+
+        req = self.req
+        self.emit.progress("connecting", force=True)
+        where = f"OMERO at {self.host}:{self.port}"
+        email = req.get("email")
+        if req.get("session_key"):
+            self.client = _new_client(req, self.host, self.port)
+            try:
+                self.client.joinSession(req["session_key"])
+            except Exception as exc:
+                failure = classify(exc, where)
+                if not failure.transient:
+                    failure = Failure(
+                        f"{where} did not accept this job's session key (expired or closed?); "
+                        "submit the job again with a fresh session"
+                    )
+                raise failure from None
+        else:
+            self.admin = _new_client(req, req["host"], int(req["port"]))
+            try:
+                self.admin.createSession(req["admin_user"], req["admin_password"])
+            except Exception as exc:
+                failure = classify(exc, where)
+                if not failure.transient:
+                    failure = Failure(
+                        f"{where} rejected the admin login of {req['admin_user']!r}: check "
+                        "importer.omero.admin_user and importer.omero.admin_password",
+                        config_error=True,
+                    )
+                raise failure from None
+            sf = self.admin.getSession()
+            admin_svc = sf.getAdminService()
+            owner = req["owner"]
+            try:
+                exp = admin_svc.lookupExperimenter(owner)
+            except omero.ApiUsageException:
+                raise Failure(
+                    f"OMERO has no user {owner!r}: check the owner's OMERO user name in the "
+                    "sidecar or manifest (or ask the facility to create the account)"
+                ) from None
+            email = email or unwrap(exp.getEmail()) or None
+            member_of = set(admin_svc.getMemberOfGroupIds(exp))
+            group = req.get("group")
+            if group:
+                try:
+                    grp = admin_svc.lookupGroup(group)
+                except omero.ApiUsageException:
+                    raise Failure(f"OMERO has no group {group!r}: check the group name") from None
+                if grp.getId().getValue() not in member_of:
+                    raise Failure(
+                        f"OMERO user {owner!r} is not a member of group {group!r}: add them to "
+                        "the group or name one of their groups"
+                    )
+            else:
+                group = unwrap(admin_svc.getDefaultGroup(exp.getId().getValue()).getName())
+            principal = omero.sys.Principal(name=owner, group=group, eventType="User")
+            ttl = int(req.get("sudo_ttl_ms") or 600000)
+            session = sf.getSessionService().createSessionWithTimeout(principal, ttl)
+            self.client = _new_client(req, req["host"], int(req["port"]))
+            self.client.joinSession(session.getUuid().getValue())
+        if not req.get("secure", True):
+            # Data goes over the unencrypted router when the server offers one.
+            plain = self.client.createClient(secure=False)
+            _close(self.client)
+            self.client = plain
+        sf = self.client.getSession()
+        self.ec = sf.getAdminService().getEventContext()
+        if not email and self.admin is None:
+            exp = sf.getAdminService().getExperimenter(self.ec.userId)
+            email = unwrap(exp.getEmail()) or None
+        self.email = email
+        log.info("session for %s in group %s (sudo=%s)", self.ec.userName, self.ec.groupName,
+                 self.admin is not None)
+
+    def close(self):
+        _close(self.client)
+        _close(self.admin)
+
+    # -- queries ---------------------------------------------------------
+
+    def _params(self, **values):
+        import omero.sys
+        from omero.rtypes import rlist, rlong, rstring
+
+        params = omero.sys.ParametersI()
+        for key, value in values.items():
+            if isinstance(value, (list, tuple)):
+                params.add(key, rlist([rlong(v) for v in value]))
+            elif isinstance(value, int):
+                params.add(key, rlong(value))
+            else:
+                params.add(key, rstring(value))
+        return params
+
+    def find_all(self, query, **values):
+        return self.client.getSession().getQueryService().findAllByQuery(query, self._params(**values))
+
+    def projection(self, query, **values):
+        from omero.rtypes import unwrap
+
+        rows = self.client.getSession().getQueryService().projection(query, self._params(**values))
+        return [unwrap(row) for row in rows]
+
+    def save(self, obj):
+        return self.client.getSession().getUpdateService().saveAndReturnObject(obj)
+
+    # -- target ----------------------------------------------------------
+
+    def resolve_target(self):
+        """Return (kind, id, name, created) for the job's target, creating it if named and new."""
+        import omero.model
+        from omero.rtypes import rstring, unwrap
+
+        target = self.req["target"]
+        uid, gid = self.ec.userId, self.ec.groupId
+        if "dataset_id" in target or "screen_id" in target:
+            kind = "Dataset" if "dataset_id" in target else "Screen"
+            oid = int(target.get("dataset_id") or target.get("screen_id"))
+            obj = self.client.getSession().getQueryService().find(kind, oid)
+            label = f"{kind.lower()} {oid}"
+            if obj is None:
+                raise Failure(f"{label} does not exist or {self.ec.userName!r} cannot see it; check the id")
+            obj_gid = obj.getDetails().getGroup().getId().getValue()
+            if obj_gid != gid:
+                raise Failure(
+                    f"{label} is in another group (id {obj_gid}) than the import's group "
+                    f"{self.ec.groupName!r}; name that group in the job or choose a {kind.lower()} "
+                    f"of group {self.ec.groupName!r}"
+                )
+            perms = obj.getDetails().getPermissions()
+            if perms is not None and not perms.canLink():
+                raise Failure(f"{label} is not writable by {self.ec.userName!r}; choose one they own or can write to")
+            return kind, oid, unwrap(obj.getName()), False
+        if "screen" in target:
+            return self._named(Q_SCREEN, omero.model.ScreenI, "Screen", target["screen"], uid=uid, gid=gid)
+        if "project" in target:
+            pkind, pid, _, pcreated = self._named(
+                Q_PROJECT, omero.model.ProjectI, "Project", target["project"], uid=uid, gid=gid
+            )
+            found = [] if pcreated else self.find_all(Q_DATASET_IN_PROJECT, pid=pid, name=target["dataset"])
+            if found:
+                return "Dataset", found[0].getId().getValue(), target["dataset"], False
+            dataset = omero.model.DatasetI()
+            dataset.setName(rstring(target["dataset"]))
+            dataset = self.save(dataset)
+            link = omero.model.ProjectDatasetLinkI()
+            link.setParent(omero.model.ProjectI(pid, False))
+            link.setChild(omero.model.DatasetI(dataset.getId().getValue(), False))
+            self.save(link)
+            log.info("created dataset %r in project %d", target["dataset"], pid)
+            return "Dataset", dataset.getId().getValue(), target["dataset"], True
+        return self._named(Q_DATASET, omero.model.DatasetI, "Dataset", target["dataset"], uid=uid, gid=gid)
+
+    def _named(self, query, cls, kind, name, **ids):
+        from omero.rtypes import rstring
+
+        found = self.find_all(query, name=name, **ids)
+        if found:
+            return kind, found[0].getId().getValue(), name, False
+        obj = cls()
+        obj.setName(rstring(name))
+        obj = self.save(obj)
+        log.info("created %s %r (id %d)", kind.lower(), name, obj.getId().getValue())
+        return kind, obj.getId().getValue(), name, True
+
+    # -- earlier attempts --------------------------------------------------
+
+    def earlier_filesets(self):
+        """Filesets an earlier attempt of this job left: {client path keys: (id, image ids)}."""
+        key = self.req.get("job_key")
+        if not key:
+            return {}
+        found = self.find_all(Q_JOB_FILESETS, marker=JOB_MARKER, key=key, uid=self.ec.userId)
+        if not found:
+            return {}
+        earlier = {}
+        for fs in found:
+            paths = frozenset(
+                client_path_key(e.getClientPath().getValue()) for e in fs.copyUsedFiles()
+            )
+            earlier[paths] = (fs.getId().getValue(), [])
+        ids = [fid for fid, _ in earlier.values()]
+        by_id = {fid: images for fid, images in earlier.values()}
+        for image_id, fileset_id in self.projection(Q_FILESET_IMAGES, ids=ids):
+            by_id[fileset_id].append(image_id)
+        return earlier
+
+    def delete_filesets(self, ids):
+        """Delete filesets left half-imported by an interrupted attempt (best effort)."""
+        import omero.callbacks
+        import omero.cmd
+
+        if not ids:
+            return
+        handle = self.client.getSession().submit(omero.cmd.Delete2(targetObjects={"Fileset": list(ids)}))
+        cb = omero.callbacks.CmdCallbackI(self.client, handle)
+        try:
+            rsp = cb.loop(60, 500)
+            if isinstance(rsp, omero.cmd.ERR):
+                log.warning("could not delete unfinished filesets %s: %s", ids, rsp.name)
+            else:
+                log.info("deleted unfinished filesets of an earlier attempt: %s", ids)
+        finally:
+            cb.close(True)
+
+    # -- import ------------------------------------------------------------
+
+    def import_fileset(self, repo, rels, target, figures):
+        """Upload one fileset, run the server-side import, return (fileset id, image ids, sha1s)."""
+        import omero.callbacks
+        import omero.cmd
+        import omero.grid
+        import omero.model
+        from omero.model.enums import ChecksumAlgorithmSHA1160
+        from omero.rtypes import rbool, rstring
+
+        paths = [os.path.join(self.root, rel) for rel in rels]
+        fileset = omero.model.FilesetI()
+        for path in paths:
+            entry = omero.model.FilesetEntryI()
+            entry.setClientPath(rstring(os.path.abspath(path)))
+            fileset.addFilesetEntry(entry)
+        upload = omero.model.UploadJobI()
+        upload.setVersionInfo([
+            omero.model.NamedValue("omero.version", _omero_version()),
+            omero.model.NamedValue("os.name", platform.system()),
+            omero.model.NamedValue("os.version", platform.release()),
+            omero.model.NamedValue("os.architecture", platform.machine()),
+            omero.model.NamedValue(JOB_MARKER, self.req.get("job_key") or ""),
+        ])
+        fileset.linkJob(upload)
+        settings = omero.grid.ImportSettings()
+        settings.doThumbnails = rbool(True)
+        settings.noStatsInfo = rbool(False)
+        settings.checksumAlgorithm = omero.model.ChecksumAlgorithmI()
+        settings.checksumAlgorithm.value = rstring(ChecksumAlgorithmSHA1160)
+        kind, target_id = target
+        cls = omero.model.DatasetI if kind == "Dataset" else omero.model.ScreenI
+        settings.userSpecifiedTarget = cls(target_id, False)
+        if self.req.get("name") and len(self.req.get("_plan", [])) == 1:
+            settings.userSpecifiedName = rstring(self.req["name"])
+        if self.req.get("description"):
+            settings.userSpecifiedDescription = rstring(self.req["description"])
+
+        proc = repo.importFileset(fileset, settings)
+        try:
+            hashes = []
+            for i, path in enumerate(paths):
+                hashes.append(self._upload(proc.getUploader(i), path, figures))
+                figures["files_done"] += 1
+                self.emit.progress("uploading", force=True, **figures)
+            handle = proc.verifyUpload(hashes)
+            self.emit.progress("importing", force=True, **figures)
+            rsp = self._await(handle, figures)
+        finally:
+            try:
+                proc.close()
+            except Exception as exc:  # the process may be gone with the connection
+                log.warning("closing the import process: %s", type(exc).__name__)
+        if isinstance(rsp, omero.cmd.ERR):
+            raise Failure(describe_err(rsp, paths))
+        image_ids = []
+        fileset_id = None
+        for pixels in rsp.pixels:
+            image = pixels.getImage()
+            image_ids.append(image.getId().getValue())
+            fs = image.getFileset() if hasattr(image, "getFileset") else None
+            if fileset_id is None and fs is not None:
+                fileset_id = fs.getId().getValue()
+        for obj in rsp.objects or []:
+            if fileset_id is None and isinstance(obj, omero.model.FilesetI):
+                fileset_id = obj.getId().getValue()
+        return fileset_id, sorted(set(image_ids)), hashes
+
+    def _upload(self, rfs, path, figures):
+        digest = hashlib.sha1()
+        offset = 0
+        try:
+            with open(path, "rb") as f:
+                while True:
+                    block = f.read(self.block)
+                    if not block:
+                        break
+                    rfs.write(block, offset, len(block))
+                    digest.update(block)
+                    offset += len(block)
+                    figures["bytes_done"] += len(block)
+                    self.emit.progress("uploading", **figures)
+        finally:
+            try:
+                rfs.close()
+            except Exception as exc:
+                log.warning("closing an upload: %s", type(exc).__name__)
+        return digest.hexdigest()
+
+    def _await(self, handle, figures):
+        """Wait for the server-side import through the command callback, with a deadline."""
+        import omero.callbacks
+
+        timeout = float(self.req.get("import_timeout") or 3600)
+        cb = omero.callbacks.CmdCallbackI(self.client, handle)
+        try:
+            deadline = time.monotonic() + timeout
+            while not cb.block(1000):
+                # A heartbeat: the service kills a child that stays silent too long.
+                self.emit.progress("importing", force=True, **figures)
+                if time.monotonic() > deadline:
+                    raise Failure(
+                        f"the server-side import did not finish within {timeout:g} s "
+                        "(importer.omero.timeout); will try again", transient=True,
+                    )
+            return cb.getResponse()
+        finally:
+            try:
+                cb.close(True)
+            except Exception as exc:
+                log.warning("closing the import handle: %s", type(exc).__name__)
+
+    def annotate(self, images, rels, hashes):
+        """One map annotation per fileset (user annotations + provenance), linked to its images."""
+        import omero.model
+        from omero.rtypes import rstring
+
+        if not images:
+            return None
+        values = [omero.model.NamedValue(str(k), str(v)) for k, v in (self.req.get("annotations") or {}).items()]
+        values.append(omero.model.NamedValue("watchfolder.job_id", str(self.req.get("job_id", ""))))
+        if self.req.get("source"):
+            values.append(omero.model.NamedValue("watchfolder.source", str(self.req["source"])))
+        for rel, sha1 in zip(rels, hashes, strict=True):
+            values.append(omero.model.NamedValue("watchfolder.path", os.path.join(self.root, rel)))
+            values.append(omero.model.NamedValue("watchfolder.sha1", sha1))
+        ann = omero.model.MapAnnotationI()
+        ann.setNs(rstring(self.req["namespace"]))
+        ann.setMapValue(values)
+        ann = self.save(ann)
+        ann_id = ann.getId().getValue()
+        links = []
+        for image_id in images:
+            link = omero.model.ImageAnnotationLinkI()
+            link.setParent(omero.model.ImageI(image_id, False))
+            link.setChild(omero.model.MapAnnotationI(ann_id, False))
+            links.append(link)
+        self.client.getSession().getUpdateService().saveAndReturnArray(links)
+        return ann_id
+
+    def run(self):
+        req = self.req
+        files = [str(f) for f in req["files"]]
+        plan = group_filesets(files, req.get("filesets") or ())
+        req["_plan"] = plan
+        sizes = {}
+        for rel in files:
+            path = os.path.join(self.root, rel)
+            try:
+                sizes[rel] = os.stat(path).st_size
+            except OSError as exc:
+                raise Failure(
+                    f"{rel!r} is missing from {self.root} ({exc.strerror}); put the file back "
+                    "or remove it from the acquisition's files"
+                ) from None
+        figures = {"bytes_done": 0, "bytes_total": sum(sizes.values()),
+                   "files_done": 0, "files_total": len(files)}
+        self.emit.progress("connecting", force=True, **figures)
+        self.connect()
+        kind, target_id, target_name, created = self.resolve_target()
+        earlier = self.earlier_filesets()
+        done = {}
+        stale = []
+        for fs_paths, (fs_id, images) in earlier.items():
+            if images:
+                done[fs_paths] = (fs_id, images)
+            else:
+                stale.append(fs_id)
+        self.delete_filesets(stale)
+        repo = self.client.getManagedRepository()
+        if repo is None:
+            raise Failure("the OMERO server offers no managed repository; it cannot accept imports")
+        results = []
+        for rels in plan:
+            keys = frozenset(client_path_key(os.path.abspath(os.path.join(self.root, r))) for r in rels)
+            if keys in done:
+                fs_id, images = done[keys]
+                log.info("fileset %d (%s) was imported by an earlier attempt; reusing it", fs_id, rels[0])
+                hashes = [_sha1_of(os.path.join(self.root, r), self.block) for r in rels]
+                figures["bytes_done"] += sum(sizes[r] for r in rels)
+                figures["files_done"] += len(rels)
+                annotated = set(self.projection(Q_ANNOTATED_IMAGES, ns=req["namespace"], ids=images))
+                missing = [i for i in images if i not in annotated]
+                ann_id = self.annotate(missing, rels, hashes) if missing else None
+                results.append({"id": fs_id, "files": rels, "image_ids": images, "sha1": hashes,
+                                "annotation_id": ann_id, "reused": True})
+                continue
+            fs_id, images, hashes = self.import_fileset(repo, rels, (kind, target_id), figures)
+            self.emit.progress("annotating", force=True, **figures)
+            ann_id = self.annotate(images, rels, hashes)
+            results.append({"id": fs_id, "files": rels, "image_ids": images, "sha1": hashes,
+                            "annotation_id": ann_id, "reused": False})
+        self.emit.progress("done", force=True, **figures)
+        return {
+            "image_ids": sorted({i for r in results for i in r["image_ids"]}),
+            "fileset_ids": [r["id"] for r in results],
+            "filesets": results,
+            "target": {"type": kind.lower(), "id": target_id, "name": target_name, "created": created},
+            "owner": self.ec.userName,
+            "group": self.ec.groupName,
+            "email": self.email,
+            "sudo": self.admin is not None,
+            "server": f"{self.host}:{self.port}",
+            "bytes": figures["bytes_total"],
+        }
+
+
+def _sha1_of(path, block):
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _omero_version():
+    try:
+        from omero_version import omero_version
+
+        return omero_version
+    except ImportError:  # pragma: no cover
+        return "unknown"
+
+
+def probe():
+    """Report what this interpreter offers (used by the service's health check)."""
+    info = {"python": sys.executable, "version": platform.python_version(), "protocol": PROTOCOL}
+    try:
+        import Ice
+        import omero  # noqa: F401
+
+        info.update(omero_py=_omero_version(), ice=Ice.stringVersion())
+        ok = True
+    except ImportError as exc:
+        info.update(omero_py=None, error=f"cannot import omero-py: {exc}")
+        ok = False
+    print(json.dumps(info), flush=True)
+    return 0 if ok else 2
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--probe"]:
+        return probe()
+    # Protocol lines get a private copy of stdout; fd 1 then points at stderr so
+    # that anything printed by libraries lands in the job log, not the protocol.
+    out = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s omero-child %(levelname)s %(message)s")
+    emit = Emitter(out)
+    try:
+        req = json.loads(sys.stdin.read())
+    except ValueError as exc:
+        emit.send({"event": "error", "kind": "permanent", "config_error": True,
+                   "message": f"bad request from the service: {exc}"})
+        return 1
+    if req.get("protocol") != PROTOCOL:
+        emit.send({"event": "error", "kind": "permanent", "config_error": True,
+                   "message": f"protocol {req.get('protocol')} not understood by {__file__} "
+                              f"(speaks {PROTOCOL}); the service and its child are from different versions"})
+        return 1
+    try:
+        import omero  # noqa: F401
+    except ImportError as exc:
+        emit.send({"event": "error", "kind": "permanent", "config_error": True,
+                   "message": f"{sys.executable} cannot import omero-py ({exc}); set importer.omero.python "
+                              "to an interpreter that has omero-py (scripts/omero-env builds one)"})
+        return 1
+    job = Importer(req, emit)
+    try:
+        result = job.run()
+    except BaseException as exc:  # every failure goes back classified, a bug included
+        failure = classify(exc)
+        if not isinstance(exc, Failure):
+            traceback.print_exc(file=sys.stderr)
+        log.error("import failed (%s): %s", "transient" if failure.transient else "permanent", failure.message)
+        emit.send({"event": "error", "kind": "transient" if failure.transient else "permanent",
+                   "config_error": failure.config_error, "message": failure.message})
+        return 1
+    finally:
+        job.close()
+    emit.send({"event": "result", "result": result})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
