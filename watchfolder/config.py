@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -90,6 +91,9 @@ class OmeroConfig:
     sudo_ttl_ms: int = D.OMERO_SUDO_TTL_MS
     web_url: str | None = None
     namespace: str = "watchfolder.openmicroscopy.org/import"
+    # A child that sends nothing (no progress, no heartbeat) for this long is hung: killed, retried.
+    idle_timeout: float = 300.0
+    block_size: int = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -245,7 +249,7 @@ class _Reader:
         if not isinstance(value, str) or not value.strip():
             raise _Bad(f"must be a path, got {_show(value)}")
         path = Path(os.path.expanduser(value))
-        return path if path.is_absolute() else (self.base_dir / path)
+        return Path(os.path.normpath(path if path.is_absolute() else (self.base_dir / path)))
 
     def secret(self, value: Any) -> Secret:
         if isinstance(value, str):
@@ -420,7 +424,7 @@ def _importer(r: _Reader, raw: dict, data_dir: Path) -> ImporterConfig:
         o,
         {
             "host", "port", "secure", "admin_user", "admin_password", "python", "timeout",
-            "connect_timeout", "sudo_ttl_ms", "web_url", "namespace",
+            "connect_timeout", "sudo_ttl_ms", "web_url", "namespace", "idle_timeout", "block_size",
         },
         ow,
     )
@@ -436,6 +440,8 @@ def _importer(r: _Reader, raw: dict, data_dir: Path) -> ImporterConfig:
         sudo_ttl_ms=r.get(o, "sudo_ttl_ms", ow, positive_int, D.OMERO_SUDO_TTL_MS),
         web_url=r.get(o, "web_url", ow, text, None),
         namespace=r.get(o, "namespace", ow, text, OmeroConfig.namespace),
+        idle_timeout=r.get(o, "idle_timeout", ow, positive_seconds, OmeroConfig.idle_timeout),
+        block_size=r.get(o, "block_size", ow, positive_int, OmeroConfig.block_size),
     )
     if kind == "omero" and omero.admin_password is None and "admin_password" not in o:
         r.problem(ow + ".admin_password", "required when importer.kind is omero; set {env: OMERO_ADMIN_PASSWORD}")
@@ -555,7 +561,7 @@ WATCH_KEYS = {
 }
 
 
-def _watch(r: _Reader, raw: Any) -> tuple[WatchConfig, ...]:
+def _watch(r: _Reader, raw: Any, data_dir: Path) -> tuple[WatchConfig, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
@@ -575,7 +581,8 @@ def _watch(r: _Reader, raw: Any) -> tuple[WatchConfig, ...]:
         path = r.get(item, "path", w, r.path, None)
         if path is None:
             continue
-        if not path.is_dir():
+        # Drop folders inside data_dir are created at start (the demo needs nothing prepared).
+        if not path.is_dir() and not (path.is_relative_to(data_dir) and not path.exists()):
             r.problem(w + ".path", f"{path} does not exist or is not a folder; create it or fix the path")
         name = r.get(item, "name", w, text, path.name or str(path))
         if name in names:
@@ -675,7 +682,7 @@ def parse(raw: Any, *, path: Path | None = None, environ: dict[str, str] | None 
         importer=_importer(r, r.section(raw, "importer", ""), data_dir),
         notify=_notify(r, r.section(raw, "notify", ""), data_dir),
         server=_server(r, r.section(raw, "server", "")),
-        watch=_watch(r, raw.get("watch")),
+        watch=_watch(r, raw.get("watch"), data_dir),
     )
     if config.notify.transport == "smtp" and not config.notify.smtp.host:
         r.problem("notify.smtp.host", "required when notify.transport is smtp")

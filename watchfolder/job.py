@@ -58,7 +58,7 @@ class Target:
     screen_id: int | None = None
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "target") -> "Target":
+    def from_dict(cls, data: Any, where: str = "target") -> Target:
         if not isinstance(data, dict):
             raise AcquisitionError(
                 f"{where}: must be an object such as "
@@ -109,7 +109,7 @@ class FileEntry:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
-    def from_dict(cls, data: Any) -> "FileEntry":
+    def from_dict(cls, data: Any) -> FileEntry:
         if isinstance(data, str):
             return cls(path=data)
         return cls(path=data["path"], size=data.get("size"), sha256=data.get("sha256"))
@@ -186,7 +186,7 @@ class JobSpec:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "JobSpec":
+    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
         return cls(
             owner=data["owner"],
             root=data["root"],

@@ -163,7 +163,7 @@ class JobStore:
         self._conn()  # create the schema now, so errors show at start
 
     @classmethod
-    def from_config(cls, config, composer: MailComposer | None = None) -> "JobStore":
+    def from_config(cls, config, composer: MailComposer | None = None) -> JobStore:
         return cls(
             config.store.path,
             synchronous=config.store.synchronous,

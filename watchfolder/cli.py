@@ -1,0 +1,487 @@
+"""The command line: a thin shell over the package.
+
+Every command reads the config given by ``--config`` (or ``$WATCHFOLDER_CONFIG``),
+calls one package function and turns package errors into a message and exit
+status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from . import __version__
+from . import config as configmod
+from .errors import AcquisitionError, WatchfolderError
+from .job import FINISHED_STATES, Job, JobState, Target
+
+EPILOG = "Config: --config PATH or $WATCHFOLDER_CONFIG. Docs: README.md."
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except WatchfolderError as exc:
+        print(f"watchfolder: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="watchfolder",
+        description="Get microscope acquisitions from drop folders and HTTP clients into OMERO or an archive.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"watchfolder {__version__}")
+    parser.add_argument("-c", "--config", help="config file (default: $WATCHFOLDER_CONFIG)")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run everything: watchers, workers, HTTP server, mail", epilog=EPILOG)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("work", help="run workers only", epilog=EPILOG)
+    p.add_argument("--burst", action="store_true", help="drain the queue, then exit")
+    p.add_argument("--count", type=int, help="number of workers (default: workers.count)")
+    p.set_defaults(func=cmd_work)
+
+    p = sub.add_parser("watch", help="run the folder watchers only", epilog=EPILOG)
+    p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("serve", help="run the HTTP API and dashboard only", epilog=EPILOG)
+    p.add_argument("--listen", help="HOST:PORT to bind (default: server.listen)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("submit", help="queue a local acquisition (folder or file)", epilog=EPILOG)
+    p.add_argument("path", help="acquisition folder (with or without watchfolder.json) or data file")
+    p.add_argument("--owner", help="OMERO user name of the owner (default: from the manifest or sidecar)")
+    p.add_argument("--group", help="OMERO group")
+    p.add_argument("--email", help="where to mail the outcome")
+    p.add_argument("--project", help="target project name (with --dataset)")
+    p.add_argument("--dataset", help="target dataset name")
+    p.add_argument("--dataset-id", type=int, help="target dataset id")
+    p.add_argument("--screen", help="target screen name")
+    p.add_argument("--screen-id", type=int, help="target screen id")
+    p.add_argument("--name", help="image name")
+    p.add_argument("--description", help="image description")
+    p.add_argument("--annotation", action="append", default=[], metavar="KEY=VALUE",
+                   help="key-value annotation (repeatable)")
+    p.add_argument("--wait", action="store_true", help="follow the job until it ends (exit 1 unless it succeeds)")
+    p.add_argument("--json", action="store_true", help="print the job as JSON")
+    p.set_defaults(func=cmd_submit)
+
+    jobs = sub.add_parser("jobs", help="list, show, retry and cancel jobs", epilog=EPILOG)
+    jsub = jobs.add_subparsers(title="jobs commands", metavar="ACTION")
+    p = jsub.add_parser("list", help="list jobs, newest first")
+    p.add_argument("--state", action="append", choices=[str(s) for s in JobState], help="filter (repeatable)")
+    p.add_argument("--owner")
+    p.add_argument("--source", help="exact source, or a prefix ending with * (e.g. 'watch:*')")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--cursor", help="next page (printed after a full page)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_jobs_list)
+    p = jsub.add_parser("show", help="show one job")
+    p.add_argument("id", type=int)
+    p.add_argument("--follow", "-f", action="store_true", help="draw live progress until the job ends")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_jobs_show)
+    p = jsub.add_parser("log", help="print a job's log")
+    p.add_argument("id", type=int)
+    p.set_defaults(func=cmd_jobs_log)
+    p = jsub.add_parser("retry", help="queue a failed or cancelled job again")
+    p.add_argument("id", type=int)
+    p.set_defaults(func=cmd_jobs_retry)
+    p = jsub.add_parser("cancel", help="cancel a queued, waiting or running job")
+    p.add_argument("id", type=int)
+    p.set_defaults(func=cmd_jobs_cancel)
+    jobs.set_defaults(func=lambda a: (jobs.print_help(), 2)[1])
+
+    p = sub.add_parser("status", help="queue, workers, watchers, importer, outbox, disk", epilog=EPILOG)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("check-config", help="validate the config and print it, secrets redacted", epilog=EPILOG)
+    p.set_defaults(func=cmd_check_config)
+
+    mail = sub.add_parser("mail", help="inspect and resend outbox mails", epilog=EPILOG)
+    msub = mail.add_subparsers(title="mail commands", metavar="ACTION")
+    p = msub.add_parser("list", help="list outbox mails, newest first")
+    p.add_argument("--state", choices=["pending", "sending", "sent", "failed"])
+    p.add_argument("--limit", type=int, default=20)
+    p.set_defaults(func=cmd_mail_list)
+    p = msub.add_parser("resend", help="queue a failed or sent mail again")
+    p.add_argument("id", type=int)
+    p.set_defaults(func=cmd_mail_resend)
+    mail.set_defaults(func=lambda a: (mail.print_help(), 2)[1])
+
+    token = sub.add_parser("token", help="create API tokens", epilog=EPILOG)
+    tsub = token.add_subparsers(title="token commands", metavar="ACTION")
+    p = tsub.add_parser("new", help="print a new token and the config lines to paste under server.tokens")
+    p.add_argument("--name", required=True)
+    p.add_argument("--role", required=True, choices=["submit", "read", "admin"])
+    p.add_argument("--owner", action="append", default=[], help="limit to this owner (repeatable)")
+    p.add_argument("--root", action="append", default=[], help="limit paths to this folder (repeatable)")
+    p.set_defaults(func=cmd_token_new)
+    token.set_defaults(func=lambda a: (token.print_help(), 2)[1])
+    return parser
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def load_config(args) -> configmod.Config:
+    config = configmod.load(args.config)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return config
+
+
+def open_store(config):
+    from .service import make_notifier, open_store
+
+    return open_store(config, make_notifier(config))
+
+
+def _wait_for_signal(stop: threading.Event) -> None:
+    """Block until SIGTERM/SIGINT (or ``stop`` is set by someone else)."""
+    def handler(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    while not stop.wait(0.5):
+        pass
+
+
+def _run_service(args, parts, *, banner: bool = False, burst: bool = False) -> int:
+    from .service import Service
+
+    config = load_config(args)
+    service = Service(config, parts, burst=burst)
+    service.start()
+    if banner:
+        print(_banner(config, service), flush=True)
+    stop = threading.Event()
+    if burst:
+        service.wait_workers()
+    else:
+        _wait_for_signal(stop)
+        print(f"stopping: finishing running jobs (grace {config.workers.shutdown_grace:g} s)…", flush=True)
+    service.stop()
+    return 0
+
+
+def _banner(config, service) -> str:
+    lines = [f"watchfolder {__version__} running ({config.workers.count} worker(s), importer {config.importer.kind})"]
+    for w in config.watch:
+        lines.append(f"  drop acquisitions into: {w.path}   ({w.detection}, {w.mode})")
+    if not config.watch:
+        lines.append("  no watch folders configured; queue acquisitions with `watchfolder submit PATH`")
+    if config.importer.kind == "archive":
+        lines.append(f"  archive:               {config.importer.archive.root}")
+    if config.notify.transport == "folder":
+        lines.append(f"  mail (outbox folder):  {config.notify.outbox_dir}")
+    elif config.notify.transport == "smtp":
+        lines.append(f"  mail via SMTP:         {config.notify.smtp.host}:{config.notify.smtp.port}")
+    lines.append(f"  job logs:              {config.logs_dir}")
+    if service.server is not None:
+        lines.append(f"  dashboard and API:     {service.server.url}")
+    cfg = f" --config {config.path}" if config.path else ""
+    lines.append(f"  follow jobs with:      watchfolder{cfg} jobs list")
+    lines.append("Stop with Ctrl-C (running jobs finish first).")
+    return "\n".join(lines)
+
+
+# -- commands --------------------------------------------------------------------
+
+
+def cmd_run(args) -> int:
+
+    return _run_service(args, None, banner=True)
+
+
+def cmd_work(args) -> int:
+    from .service import Parts
+
+    if args.count is not None:
+        if args.count < 1:
+            raise WatchfolderError(f"--count must be a positive integer, got {args.count}")
+        os.environ["WATCHFOLDER__WORKERS__COUNT"] = str(args.count)
+    return _run_service(args, Parts(workers=True, watch=False, server=False, mail=True), burst=args.burst)
+
+
+def cmd_watch(args) -> int:
+    from .service import Parts
+
+    return _run_service(args, Parts(workers=False, watch=True, server=False, mail=True), banner=True)
+
+
+def cmd_serve(args) -> int:
+    from .service import Parts
+
+    if args.listen:
+        os.environ["WATCHFOLDER__SERVER__LISTEN"] = args.listen
+        os.environ["WATCHFOLDER__SERVER__ENABLED"] = "true"
+    return _run_service(args, Parts(workers=False, watch=False, server=True, mail=False), banner=True)
+
+
+def _target_from_args(args) -> Target | None:
+    given = {
+        "project": args.project,
+        "dataset": args.dataset,
+        "dataset_id": args.dataset_id,
+        "screen": args.screen,
+        "screen_id": args.screen_id,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return None
+    try:
+        return Target.from_dict(given, where="--" + "/--".join(k.replace("_", "-") for k in given))
+    except AcquisitionError as exc:
+        raise AcquisitionError(
+            f"{exc} (use --dataset, --project with --dataset, --dataset-id, --screen or --screen-id)"
+        ) from None
+
+
+def cmd_submit(args) -> int:
+    from .acquisition import from_path
+
+    config = load_config(args)
+    annotations = {}
+    for item in args.annotation:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise AcquisitionError(f"--annotation {item!r}: write KEY=VALUE, e.g. --annotation objective=63x")
+        annotations[key] = value
+    user = _user()
+    spec = from_path(
+        Path(args.path),
+        source=f"cli:{user}",
+        owner=args.owner,
+        group=args.group,
+        email=args.email,
+        target=_target_from_args(args),
+        name=args.name,
+        description=args.description,
+        annotations=annotations or None,
+    )
+    store = open_store(config)
+    job, created = store.enqueue(spec, note=f"submitted by {user} from the command line")
+    if args.json:
+        print(json.dumps(job.to_dict(), indent=2))
+    else:
+        word = "queued" if created else "already known"
+        print(f"job {job.id} {word}: {len(spec.files)} file(s) of {spec.owner} → {spec.target.label} [{job.state}]")
+    if args.wait:
+        job = _follow(store, job.id)
+        return 0 if job.state == JobState.SUCCEEDED else 1
+    return 0
+
+
+def _when(stamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else "-"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def cmd_jobs_list(args) -> int:
+    config = load_config(args)
+    store = open_store(config)
+    jobs, cursor = store.list_jobs(
+        states=args.state, owner=args.owner, source=args.source, limit=args.limit, cursor=args.cursor
+    )
+    if args.json:
+        print(json.dumps({"jobs": [j.to_dict(history=False) for j in jobs], "next_cursor": cursor}, indent=2))
+        return 0
+    if not jobs:
+        print("no jobs")
+        return 0
+    print(f"{'ID':>6}  {'STATE':<10} {'OWNER':<12} {'CREATED':<19}  {'SOURCE':<22} TARGET")
+    for job in jobs:
+        print(
+            f"{job.id:>6}  {str(job.state):<10} {job.owner[:12]:<12} {_when(job.created_at):<19}  "
+            f"{job.source[:22]:<22} {job.spec.target.label}"
+        )
+    if cursor:
+        print(f"more: watchfolder jobs list --cursor {cursor}")
+    return 0
+
+
+def _describe(job: Job) -> str:
+    lines = [
+        f"job {job.id}  {job.state}",
+        f"  owner:    {job.owner}" + (f" (group {job.spec.group})" if job.spec.group else ""),
+        f"  email:    {job.spec.email or '-'}",
+        f"  target:   {job.spec.target.label}",
+        f"  source:   {job.source}",
+        f"  folder:   {job.spec.root} ({len(job.spec.files)} file(s), {_size(job.spec.total_bytes())})",
+        f"  attempts: {job.attempts}/{job.max_attempts}",
+        f"  created:  {_when(job.created_at)}   started: {_when(job.started_at)}   finished: {_when(job.finished_at)}",
+    ]
+    if job.state == JobState.RETRY_WAIT:
+        lines.append(f"  next attempt: {_when(job.next_attempt_at)}")
+    if job.error:
+        lines.append(f"  error ({job.error.kind}{', configuration' if job.error.config_error else ''}): "
+                     f"{job.error.message}")
+    if job.result:
+        lines.append("  result:   " + json.dumps(job.result)[:2000])
+    if job.history:
+        lines.append("  history:")
+        for h in job.history:
+            lines.append(f"    {_when(h.at)}  {str(h.state):<10} {h.message}")
+    lines.append(f"  log:      {job.log_path}")
+    return "\n".join(lines)
+
+
+def _bar(job: Job, width: int = 30) -> str:
+    p = job.progress
+    fraction = p.fraction
+    filled = int(round(fraction * width))
+    figures = f"{_size(p.bytes_done)} / {_size(p.bytes_total)}" if p.bytes_total else ""
+    files = f"{p.files_done}/{p.files_total} files" if p.files_total else ""
+    return (f"[{'#' * filled}{'.' * (width - filled)}] {fraction * 100:5.1f}%  {figures}  {files}  "
+            f"{p.phase or str(job.state)}")
+
+
+def _follow(store, job_id: int, out=sys.stdout) -> Job:
+    """Draw a live progress bar until the job ends."""
+    tty = out.isatty()
+    last = ""
+    while True:
+        job = store.get(job_id)
+        line = f"job {job.id} {str(job.state):<10} " + _bar(job)
+        if line != last:
+            out.write(("\r" + line.ljust(len(last))) if tty else line + "\n")
+            out.flush()
+            last = line
+        if job.state in FINISHED_STATES:
+            if tty:
+                out.write("\n")
+            if job.error:
+                out.write(f"error: {job.error.message}\n")
+            return job
+        time.sleep(0.3)  # polling the store for display, not synchronisation
+
+
+def cmd_jobs_show(args) -> int:
+    config = load_config(args)
+    store = open_store(config)
+    job = store.get(args.id)
+    if args.follow:
+        job = _follow(store, args.id)
+    if args.json:
+        print(json.dumps(job.to_dict(), indent=2))
+    elif not args.follow:
+        print(_describe(job))
+        if job.state == JobState.RUNNING:
+            print("  progress: " + _bar(job))
+    return 0
+
+
+def cmd_jobs_log(args) -> int:
+    config = load_config(args)
+    sys.stdout.write(open_store(config).read_log(args.id))
+    return 0
+
+
+def cmd_jobs_retry(args) -> int:
+    config = load_config(args)
+    job = open_store(config).retry(args.id, by=f"cli:{_user()}")
+    print(f"job {job.id} queued again")
+    return 0
+
+
+def cmd_jobs_cancel(args) -> int:
+    config = load_config(args)
+    job = open_store(config).cancel(args.id, by=f"cli:{_user()}")
+    print(f"job {job.id}: {'cancel requested (running)' if job.state == JobState.RUNNING else job.state}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from .importers import create_importer
+    from .status import collect_status
+
+    config = load_config(args)
+    store = open_store(config)
+    status = collect_status(config, store, create_importer(config))
+    if args.json:
+        print(json.dumps(status, indent=2, default=str))
+    else:
+        print(yaml.safe_dump(json.loads(json.dumps(status, default=str)), sort_keys=False, allow_unicode=True))
+    return 0 if status.get("healthy", True) else 1
+
+
+def cmd_check_config(args) -> int:
+    config = configmod.load(args.config)
+    print(f"# {config.path}: valid")
+    print(yaml.safe_dump(configmod.to_dict(config), sort_keys=False, allow_unicode=True))
+    return 0
+
+
+def cmd_mail_list(args) -> int:
+    config = load_config(args)
+    store = open_store(config)
+    mails = store.outbox_list(state=args.state, limit=args.limit)
+    if not mails:
+        print("no mails")
+    for m in mails:
+        error = f"  ({m.last_error})" if m.last_error else ""
+        print(f"{m.id:>6}  {m.state:<8} {_when(m.created_at)}  job {m.job_id or '-':>5}  {m.kind:<18} "
+              f"{', '.join(m.recipients)}  {m.subject}{error}")
+    return 0
+
+
+def cmd_mail_resend(args) -> int:
+    config = load_config(args)
+    mail = open_store(config).outbox_resend(args.id)
+    print(f"mail {mail.id} queued again for {', '.join(mail.recipients)}")
+    return 0
+
+
+def cmd_token_new(args) -> int:
+    from .auth import new_token
+
+    token, snippet = new_token(args.name, args.role, args.owner, args.root)
+    print(f"token (shown once; give it to the client): {token}")
+    print("add this under server.tokens in the config file:")
+    print(snippet)
+    return 0
+
+
+def terminal_width() -> int:
+    return shutil.get_terminal_size((100, 20)).columns
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"

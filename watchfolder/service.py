@@ -1,0 +1,125 @@
+"""The service: the parts of watchfolder wired together in one process.
+
+``watchfolder run`` hosts everything; ``work``, ``watch`` and ``serve`` host
+one part each and share the data directory (and its SQLite file) with the
+others on the same host.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from .config import Config
+from .importers import create_importer
+from .outbox import OutboxSender
+from .store import JobStore
+from .worker import WorkerPool
+
+log = logging.getLogger(__name__)
+
+ALL_PARTS = frozenset({"workers", "watch", "server", "mail"})
+
+
+@dataclass
+class Parts:
+    workers: bool = True
+    watch: bool = True
+    server: bool = True
+    mail: bool = True
+
+
+def make_notifier(config: Config):
+    """The mail composer, or None when mail is off (``notify.transport: none``)."""
+    if config.notify.transport == "none":
+        return None
+    from .notify import Notifier
+
+    return Notifier(config)
+
+
+def open_store(config: Config, notifier=None) -> JobStore:
+    """The job store, composing mails with ``notifier`` when given."""
+    return JobStore.from_config(config, composer=notifier.compose if notifier else None)
+
+
+class Service:
+    """Start and stop the configured parts. ``start()`` returns at once; ``stop()`` shuts down in order."""
+
+    def __init__(self, config: Config, parts: Parts | None = None, *, burst: bool = False):
+        self.config = config
+        self.parts = parts or Parts(server=config.server.enabled)
+        self.burst = burst
+        for watch in config.watch:
+            if watch.path.is_relative_to(config.data_dir):
+                watch.path.mkdir(parents=True, exist_ok=True)
+        self.notifier = make_notifier(config)
+        self.store = open_store(config, self.notifier)
+        self.importer = create_importer(config) if (self.parts.workers or self.parts.server) else None
+        self.pool: WorkerPool | None = None
+        self.watch = None
+        self.server = None
+        self.sender: OutboxSender | None = None
+        self._stop_mail = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        config = self.config
+        if self.parts.mail and config.notify.transport != "none":
+            from .transports import create_transport
+
+            transport = create_transport(config)
+            if transport is not None:
+                self.sender = OutboxSender(self.store, transport)
+                thread = threading.Thread(target=self.sender.run, args=(self._stop_mail,), name="outbox", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        if self.parts.watch and config.watch:
+            from .watcher import WatchService
+
+            self.watch = WatchService(config, self.store, notifier=self.notifier)
+            self.watch.start()
+        if self.parts.workers:
+            self.pool = WorkerPool(
+                self.store,
+                self.importer,
+                config.workers.count,
+                poll_interval=config.workers.poll_interval,
+                heartbeat_seconds=config.workers.heartbeat_seconds,
+            )
+            self.pool.start(burst=self.burst)
+        if self.parts.server:
+            from .api import create_app
+            from .server import Server
+
+            self.server = Server(config, create_app(config, self.store, self.importer))
+            self.server.start()
+        if self.importer is not None:
+            self.store.set_component("importer", self.importer.name, self.importer.health())
+
+    def wait_workers(self) -> None:
+        """Block until the worker pool ends (burst mode)."""
+        if self.pool:
+            self.pool.join()
+
+    def stop(self) -> None:
+        """Stop accepting work, let running jobs finish within the grace period, flush mail."""
+        if self.server:
+            self.server.stop()
+        if self.watch:
+            self.watch.stop()
+        if self.pool:
+            self.pool.stop(self.config.workers.shutdown_grace)
+        if self.sender:
+            # One last round so that mails of jobs that just finished leave now.
+            try:
+                self.sender.loop()
+            except Exception:
+                log.exception("final outbox round failed")
+        self._stop_mail.set()
+        for thread in self._threads:
+            thread.join(10)
+        if self.importer is not None:
+            self.importer.close()
+        self.store.close()

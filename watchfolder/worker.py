@@ -1,0 +1,281 @@
+"""Workers: claim jobs from the store, run the importer, record the outcome.
+
+A :class:`Worker` is a single-step ``loop(now)`` plus a runner; a
+:class:`WorkerPool` runs N of them in threads. Each running job has a
+heartbeat that renews its lease, so a lease only expires when the process
+died (kill -9, power loss) or hung; :meth:`JobStore.maintain` then gives the
+job back to the queue.
+
+Shutdown (SIGTERM/SIGINT): stop claiming, let running jobs finish within the
+grace period, then interrupt them at their next checkpoint and release them
+back to the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+from typing import Any
+
+from . import defaults as D
+from .errors import ImportFailure, JobCancelled, LeaseLost, ShuttingDown, TransientImportError
+from .importers.base import ImportContext, Importer
+from .job import Job, Progress
+from .store import JobStore
+
+log = logging.getLogger(__name__)
+
+
+class JobContext(ImportContext):
+    """The running job's link to the store: progress, lease, cancel and stop checks."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        job: Job,
+        worker: str,
+        hard_stop: threading.Event,
+        *,
+        min_interval: float = D.PROGRESS_MIN_INTERVAL,
+    ):
+        self.store = store
+        self.job = job
+        self.worker = worker
+        self.hard_stop = hard_stop
+        self.min_interval = min_interval
+        self.current = Progress(**job.progress.to_dict())
+        self.cancel_requested = False
+        self.lease_lost: str | None = None
+        self._last_write = 0.0
+        self._lock = threading.Lock()
+
+    @property
+    def log_path(self) -> str:
+        return str(self.store.log_path(self.job.id))
+
+    def log(self, message: str) -> None:
+        self.store.log(self.job.id, message)
+
+    def progress(
+        self,
+        phase: str,
+        bytes_done: int = 0,
+        bytes_total: int = 0,
+        files_done: int = 0,
+        files_total: int = 0,
+    ) -> None:
+        with self._lock:
+            self.current = Progress(phase, bytes_done, bytes_total, files_done, files_total)
+        now = time.monotonic()
+        if now - self._last_write >= self.min_interval:
+            self._last_write = now
+            self._write(self.current)
+        self.checkpoint()
+
+    def _write(self, progress: Progress | None) -> None:
+        try:
+            if self.store.report_progress(self.job.id, self.worker, progress):
+                self.cancel_requested = True
+        except LeaseLost as exc:
+            self.lease_lost = str(exc)
+
+    def heartbeat(self) -> None:
+        """Renew the lease (and save the latest progress); called by the heartbeat thread."""
+        with self._lock:
+            progress = self.current
+        self._write(progress)
+
+    def checkpoint(self) -> None:
+        if self.lease_lost:
+            raise LeaseLost(self.lease_lost)
+        if self.cancel_requested:
+            raise JobCancelled(f"job {self.job.id} cancelled")
+        if self.hard_stop.is_set():
+            raise ShuttingDown("worker stopping; grace period over")
+
+
+class Worker:
+    """Runs jobs one at a time. ``loop()`` does one step; ``run()`` loops until stopped."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        importer: Importer,
+        *,
+        name: str | None = None,
+        poll_interval: float = D.WORKER_POLL_SECONDS,
+        heartbeat_seconds: float = D.HEARTBEAT_SECONDS,
+        maintain_interval: float = 1.0,
+        hard_stop: threading.Event | None = None,
+    ):
+        self.store = store
+        self.importer = importer
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 10000}"
+        self.poll_interval = poll_interval
+        self.heartbeat_seconds = heartbeat_seconds
+        self.maintain_interval = maintain_interval
+        self.hard_stop = hard_stop or threading.Event()
+        self.current: JobContext | None = None
+        self.jobs_done = 0
+        self.started_at = time.time()
+        self._next_maintain = 0.0
+        self._beat_stop = threading.Event()
+        self._beat_thread: threading.Thread | None = None
+
+    # -- one step -----------------------------------------------------------
+
+    def loop(self, now: float | None = None) -> Job | None:
+        """Do housekeeping when due, claim one job and run it. Returns the finished job, or None if idle."""
+        clock = time.time() if now is None else now
+        if clock >= self._next_maintain:
+            self._next_maintain = clock + self.maintain_interval
+            self.store.maintain(now=now)
+        job = self.store.claim(self.name, now=now)
+        if job is None:
+            return None
+        return self.process(job, now=now)
+
+    def process(self, job: Job, now: float | None = None) -> Job:
+        """Run a claimed job to its next state."""
+        ctx = JobContext(self.store, job, self.name, self.hard_stop)
+        self.current = ctx
+        self.store.log(job.id, f"attempt {job.attempts} of {job.max_attempts} started on {self.name}")
+        self._publish()
+        try:
+            try:
+                result = self.importer.run(job, ctx)
+                ctx.checkpoint()  # a cancel that came in at the very end still counts
+            except JobCancelled:
+                self.store.log(job.id, "cancelled while running; stopped")
+                return self.store.cancelled(job.id, self.name, now=now)
+            except ShuttingDown:
+                self.store.log(job.id, "worker stopping: job released to the queue")
+                return self.store.release(job.id, self.name, now=now, reason="worker shutting down")
+            except LeaseLost as exc:
+                # Someone else owns the job now; write nothing more to it.
+                log.warning("job %s: %s", job.id, exc)
+                return self.store.get(job.id)
+            except ImportFailure as exc:
+                kind = "transient" if exc.transient else "permanent"
+                self.store.log(job.id, f"attempt {job.attempts} failed ({kind}): {exc.message}")
+                return self.store.fail(job.id, self.name, exc, now=now)
+            except Exception as exc:  # a bug or an unexpected OS error: keep the job, retry later
+                self.store.log(job.id, "unexpected error:\n" + traceback.format_exc())
+                log.exception("job %s: unexpected error", job.id)
+                failure = TransientImportError(f"internal error: {type(exc).__name__}: {exc}")
+                return self.store.fail(job.id, self.name, failure, now=now)
+            self.store.log(job.id, "succeeded")
+            return self.store.succeed(job.id, self.name, result, now=now, progress=ctx.current)
+        except LeaseLost as exc:  # the finishing write found the job taken over
+            log.warning("job %s: %s", job.id, exc)
+            return self.store.get(job.id)
+        finally:
+            self.jobs_done += 1
+            self.current = None
+            self._publish()
+
+    # -- heartbeat ------------------------------------------------------------
+
+    def _publish(self) -> None:
+        ctx = self.current
+        status: dict[str, Any] = {
+            "state": "busy" if ctx else "idle",
+            "job_id": ctx.job.id if ctx else None,
+            "jobs_done": self.jobs_done,
+            "started_at": self.started_at,
+            "heartbeat_seconds": self.heartbeat_seconds,
+            "importer": self.importer.name,
+        }
+        try:
+            self.store.set_component("worker", self.name, status)
+        except Exception:  # status is informative; never let it stop work
+            log.exception("could not publish worker status")
+
+    def _beat(self) -> None:
+        while not self._beat_stop.wait(self.heartbeat_seconds):
+            ctx = self.current
+            if ctx is not None:
+                ctx.heartbeat()
+            self._publish()
+
+    def start_heartbeat(self) -> None:
+        self._publish()
+        self._beat_thread = threading.Thread(target=self._beat, name=f"heartbeat-{self.name}", daemon=True)
+        self._beat_thread.start()
+
+    def stop_heartbeat(self, remove: bool = True) -> None:
+        self._beat_stop.set()
+        if self._beat_thread:
+            self._beat_thread.join()
+        if remove:
+            self.store.remove_component("worker", self.name)
+
+    # -- runner -----------------------------------------------------------------
+
+    def run(self, stop: threading.Event, *, burst: bool = False, max_jobs: int | None = None) -> int:
+        """Work until ``stop`` is set (or, in burst mode, until the queue is empty). Returns jobs run."""
+        done = 0
+        self.start_heartbeat()
+        try:
+            while not stop.is_set():
+                if max_jobs is not None and done >= max_jobs:
+                    break
+                try:
+                    job = self.loop()
+                except Exception:  # store busy or broken: keep the worker alive
+                    log.exception("worker %s: loop failed", self.name)
+                    stop.wait(self.poll_interval)
+                    continue
+                if job is None:
+                    if burst:
+                        break
+                    stop.wait(self.poll_interval)
+                else:
+                    done += 1
+        finally:
+            self.stop_heartbeat()
+        return done
+
+
+class WorkerPool:
+    """N workers in threads, with the shutdown sequence of the module docstring."""
+
+    def __init__(self, store: JobStore, importer: Importer, count: int, **worker_options: Any):
+        self.stop_claiming = threading.Event()
+        self.hard_stop = threading.Event()
+        base = f"{socket.gethostname()}:{os.getpid()}"
+        self.workers = [
+            Worker(store, importer, name=f"{base}:w{i + 1}", hard_stop=self.hard_stop, **worker_options)
+            for i in range(count)
+        ]
+        self.threads: list[threading.Thread] = []
+
+    def start(self, *, burst: bool = False) -> None:
+        for worker in self.workers:
+            thread = threading.Thread(
+                target=worker.run, args=(self.stop_claiming,), kwargs={"burst": burst}, name=worker.name
+            )
+            thread.start()
+            self.threads.append(thread)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the workers to end; True when all ended."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self.threads:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            thread.join(remaining)
+        return not any(t.is_alive() for t in self.threads)
+
+    def stop(self, grace: float = D.SHUTDOWN_GRACE_SECONDS) -> bool:
+        """Stop claiming; wait up to ``grace`` seconds for running jobs; then interrupt and release them."""
+        self.stop_claiming.set()
+        if self.join(grace):
+            return True
+        running = [w.current.job.id for w in self.workers if w.current]
+        log.warning("grace period over; releasing running jobs %s to the queue", running)
+        self.hard_stop.set()
+        return self.join(max(5.0, grace))
