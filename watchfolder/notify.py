@@ -422,7 +422,8 @@ def load_templates(override_dir: Path | str | None = None) -> dict[str, _Templat
             name = f"{kind}.{ext}"
             path = overrides.get(name, DEFAULT_TEMPLATES_DIR / name)
             try:
-                source = path.read_text(encoding="utf-8")
+                # utf-8-sig: an editor's byte-order mark must not hide the Subject line.
+                source = path.read_text(encoding="utf-8-sig")
             except (OSError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"notify.templates_dir: cannot read template {path}: {exc}") from None
             parts[ext] = source
@@ -432,7 +433,7 @@ def load_templates(override_dir: Path | str | None = None) -> dict[str, _Templat
         subject, text = _split_subject(parts["txt"], txt_path)
         out[kind] = _Templates(
             subject=_checked(subject, txt_path, allowed - {"subject"}, "the subject line"),
-            text=_checked(text, txt_path, allowed, "the body"),
+            text=_checked(text, txt_path, allowed, "the body", first_line=2),
             html=_checked(parts["html"], html_path, allowed, "the body"),
         )
     return out
@@ -448,14 +449,19 @@ def _split_subject(source: str, path: Path) -> tuple[str, str]:
     return first[len(SUBJECT_PREFIX):].strip(), rest
 
 
-def _checked(source: str, path: Path, allowed: frozenset[str], part: str) -> string.Template:
+def _checked(
+    source: str, path: Path, allowed: frozenset[str], part: str, first_line: int = 1
+) -> string.Template:
     template = string.Template(source)
     if not template.is_valid():
         match = next(m for m in template.pattern.finditer(source) if m.group("invalid") is not None)
-        line = source.count("\n", 0, match.start("invalid")) + 1
-        snippet = source[match.start("invalid"):match.start("invalid") + 12].split("\n")[0]
+        start = match.start()
+        line = source.count("\n", 0, start) + first_line
+        column = start - (source.rfind("\n", 0, start) + 1) + 1
+        snippet = source[start:start + 20].split("\n")[0]
         raise ConfigError(
-            f"notify.templates_dir: {path}: bad placeholder {snippet!r} in {part}, line {line}; "
+            f"notify.templates_dir: {path}: bad placeholder at {snippet!r} in {part}, "
+            f"line {line}, column {column}; "
             f"write $name or ${{name}}, and $$ for a literal dollar sign"
         )
     for name in template.get_identifiers():
