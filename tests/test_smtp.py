@@ -102,6 +102,12 @@ def test_plain_delivery_keeps_bytes_and_envelope(serve, recorder, transports):
     assert not got.tls
 
 
+def test_envelope_sender_is_the_address_of_a_from_header(serve, recorder, transports):
+    server = serve()
+    transports(port=server.port).send(make_raw(), "watchfolder <w@example.org>", ("a@example.org",))
+    assert recorder.wait_for(1)[0].mail_from == "w@example.org"
+
+
 def test_kept_connection_is_replaced_when_the_server_restarts(serve, recorder, transports):
     server = serve()
     port = server.port

@@ -30,7 +30,7 @@ import ssl
 import tempfile
 import threading
 from email.parser import BytesHeaderParser
-from email.utils import parsedate_to_datetime
+from email.utils import parseaddr, parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,8 @@ class SmtpTransport(Transport):
     def send(self, raw: bytes, sender: str, recipients: tuple[str, ...]) -> None:
         if not recipients:
             raise MailError("the mail has no recipients", permanent=True)
+        # The outbox stores the From header ("watchfolder <a@b>"); the envelope wants the address.
+        sender = parseaddr(sender)[1] or sender
         options = []
         if not all(a.isascii() for a in (sender, *recipients)):
             # Non-ASCII addresses need the server's SMTPUTF8 support; smtplib refuses otherwise.
