@@ -31,7 +31,9 @@ class Mail:
     message: EmailMessage
 
     def as_bytes(self) -> bytes:
-        return self.message.as_bytes(policy=email.policy.SMTP)
+        # SMTPUTF8 keeps a non-ASCII address readable in the headers; plain SMTP would mangle it.
+        ascii_only = all(r.isascii() for r in self.recipients)
+        return self.message.as_bytes(policy=email.policy.SMTP if ascii_only else email.policy.SMTPUTF8)
 
 
 @dataclass(frozen=True)

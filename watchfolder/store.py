@@ -142,6 +142,7 @@ class JobStore:
         mail_retry: RetryPolicy | None = None,
         composer: MailComposer | None = None,
         sender: str = D.MAIL_FROM,
+        orphan_seconds: float = D.ORPHAN_MESSAGE_SECONDS,
     ):
         self.path = Path(path)
         if synchronous not in ("full", "normal"):
@@ -154,6 +155,7 @@ class JobStore:
         self.busy_timeout = busy_timeout
         self.composer = composer
         self.sender = sender
+        self.orphan_seconds = orphan_seconds
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
@@ -376,8 +378,9 @@ class JobStore:
         message: str,
     ) -> Job:
         """Common tail of every transition into a finished state (inside the transaction)."""
-        job = self._job(row)
-        self._add_history(conn, job.id, job.state, message, now)
+        self._add_history(conn, row["id"], row["state"], message, now)
+        # The composer may say who cancelled or what happened last: give it the history.
+        job = self._job(row, self._history(conn, row["id"]))
         if row["message_id"]:
             self._queue().done(row["message_id"])
         composer = mails if mails is not None else self.composer
@@ -450,8 +453,9 @@ class JobStore:
                 error_message=reason,
             )
             row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            # Logged before the mails are composed, so the admin's mail quotes it.
+            self.log(job_id, f"rejected: {reason}", now=now)
             job = self._finish(conn, row, now, mails, f"rejected: {reason}")
-        self.log(job.id, f"rejected: {reason}", now=now)
         return job, True
 
     def cancel(self, job_id: int, *, by: str = "", now: float | None = None, mails: MailComposer | None = None) -> Job:
@@ -642,7 +646,7 @@ class JobStore:
                 " session_key = NULL, error_kind = ?, error_message = ?, error_config = ?,"
                 " followup = CASE WHEN source LIKE 'watch:%' THEN 'pending' END"
                 " WHERE id = ? RETURNING *",
-                (now, now, str(ErrorKind.PERMANENT if not failure.transient else kind), message,
+                (now, now, str(kind), message,
                  int(failure.config_error), job_id),
             ).fetchone()
             return self._finish(conn, row, now, mails, f"failed ({kind}): {message}")
@@ -725,7 +729,7 @@ class JobStore:
                 )
                 self._add_history(conn, row["id"], JobState.QUEUED, "retry time reached", now)
             # litequeue stamps lock_time with the real clock, so this threshold is real time.
-            for message in list(queue.list_locked(int(D.ORPHAN_MESSAGE_SECONDS))):
+            for message in list(queue.list_locked(self.orphan_seconds)):
                 job = conn.execute(
                     "SELECT state, message_id FROM jobs WHERE id = ?", (int(message.data),)
                 ).fetchone()

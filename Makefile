@@ -1,0 +1,44 @@
+# One command for each thing a developer needs. See README.md.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+CONFIG ?= config/demo.yaml
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-deps omero-env lint bench clean
+
+# The service's own environment (Python 3.11+), with the test tools.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit("watchfolder needs Python 3.11 or newer; set PYTHON=python3.11") if sys.version_info < (3, 11) else None'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# The demo: archive importer, mail to an outbox folder, everything under demo-data/.
+run: install
+	$(BIN)/watchfolder --config $(CONFIG) run
+
+# Python 3.10 + omero-py for the OMERO importer's child process and its tests
+# (the zeroc-ice wheel is built once, ~5 min, and cached). Its absence makes the
+# OMERO tests skip with the reason, it does not stop the other tests.
+omero-env:
+	scripts/omero-env || echo "make: no OMERO environment (see above); the OMERO tests will skip"
+
+# What the tests need outside Python: a headless Chromium for the dashboard test.
+test-deps:
+	scripts/test-deps
+
+test: install omero-env test-deps
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check watchfolder tests bench
+
+bench: install omero-env
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .venv-omero demo-data .pytest_cache build *.egg-info

@@ -1,0 +1,303 @@
+"""Workers: outcomes of a run, cancel, graceful shutdown, and a worker process killed mid-copy."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import wait_until
+
+from watchfolder.errors import PermanentImportError, TransientImportError
+from watchfolder.importers.archive import ArchiveImporter
+from watchfolder.importers.base import Importer
+from watchfolder.job import JobState
+from watchfolder.worker import Worker, WorkerPool
+
+T0 = 1_800_000_000.0
+
+
+class ScriptedImporter(Importer):
+    """An importer whose behaviour each test sets: raise, or work until released."""
+
+    name = "scripted"
+
+    def __init__(self, outcome=None):
+        self.outcome = outcome
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.runs = 0
+
+    def run(self, job, ctx):
+        self.runs += 1
+        self.started.set()
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        done = 0
+        while not self.release.wait(0.01):
+            done += 1
+            ctx.progress("working", done, 0, 0, 1)  # the checkpoint where cancel/shutdown land
+        return {"worked": done}
+
+
+def test_worker_archives_a_job_end_to_end(store, make_spec, tmp_path):
+    importer = ArchiveImporter(root=tmp_path / "archive")
+    worker = Worker(store, importer, name="w1")
+    job, _ = store.enqueue(make_spec())
+    done = worker.loop()
+    assert done.id == job.id and done.state == JobState.SUCCEEDED
+    for entry in job.spec.files:
+        copy = tmp_path / "archive" / "jdoe" / "Brain atlas" / "slide 3" / entry.path
+        assert hashlib.sha256(copy.read_bytes()).hexdigest() == entry.sha256
+    assert done.progress.bytes_done == done.progress.bytes_total == 1200
+    log = store.read_log(job.id)
+    assert "attempt 1 of 3 started on w1" in log and "succeeded" in log
+    assert worker.loop() is None
+
+
+@pytest.mark.parametrize(
+    ("outcome", "state", "kind"),
+    [
+        (TransientImportError("server unreachable"), JobState.RETRY_WAIT, "transient"),
+        (PermanentImportError("unsupported file format"), JobState.FAILED, "permanent"),
+        (ZeroDivisionError("bug"), JobState.RETRY_WAIT, "transient"),
+    ],
+)
+def test_worker_records_failures_by_kind(store, make_spec, outcome, state, kind):
+    job, _ = store.enqueue(make_spec())
+    done = Worker(store, ScriptedImporter(outcome), name="w").loop()
+    assert done.state == state and done.error.kind == kind
+    if isinstance(outcome, ZeroDivisionError):
+        assert "internal error: ZeroDivisionError: bug" in done.error.message
+        assert "Traceback" in store.read_log(job.id)
+
+
+def test_cancel_reaches_a_running_job(store, make_spec):
+    importer = ScriptedImporter()
+    worker = Worker(store, importer, name="w", heartbeat_seconds=0.05)
+    job, _ = store.enqueue(make_spec())
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("job", worker.loop()))
+    thread.start()
+    assert importer.started.wait(10)
+    store.cancel(job.id, by="admin")
+    thread.join(10)
+    assert result["job"].state == JobState.CANCELLED
+    assert [str(h.state) for h in store.get(job.id).history][-1] == "cancelled"
+
+
+def test_pool_stop_lets_running_jobs_finish_within_the_grace_period(store, make_spec):
+    importer = ScriptedImporter()
+    pool = WorkerPool(store, importer, 1, poll_interval=0.05, heartbeat_seconds=0.05)
+    job, _ = store.enqueue(make_spec())
+    pool.start()
+    assert importer.started.wait(10)
+    stopper = threading.Thread(target=pool.stop, kwargs={"grace": 30})
+    stopper.start()
+    wait_until(lambda: pool.stop_claiming.is_set())
+    other, _ = store.enqueue(make_spec())  # queued during shutdown: must not be claimed
+    importer.release.set()
+    stopper.join(30)
+    assert not stopper.is_alive()
+    assert store.get(job.id).state == JobState.SUCCEEDED
+    assert store.get(other.id).state == JobState.QUEUED
+    assert store.components("worker") == []
+
+
+def test_pool_stop_releases_jobs_still_running_after_the_grace_period(store, make_spec):
+    importer = ScriptedImporter()  # never released: works until interrupted
+    pool = WorkerPool(store, importer, 2, poll_interval=0.05, heartbeat_seconds=0.05)
+    job, _ = store.enqueue(make_spec())
+    pool.start()
+    assert importer.started.wait(10)
+    assert pool.stop(grace=0.1)
+    after = store.get(job.id)
+    assert after.state == JobState.QUEUED and after.attempts == 0
+    assert "released" in after.history[-1].message
+    assert "worker stopping" in store.read_log(job.id)
+
+
+def test_burst_mode_drains_the_queue_and_returns(store, make_spec, tmp_path):
+    for _ in range(5):
+        store.enqueue(make_spec())
+    worker = Worker(store, ArchiveImporter(root=tmp_path / "archive"), name="burst", poll_interval=0.05)
+    assert worker.run(threading.Event(), burst=True) == 5
+    assert store.counts()["succeeded"] == 5
+
+
+def test_heartbeat_keeps_the_lease_of_a_long_job(tmp_path, make_spec):
+    from watchfolder.store import JobStore
+
+    short = JobStore(tmp_path / "lease.db", lease_seconds=0.3)
+    importer = ScriptedImporter()
+    worker = Worker(short, importer, name="w", heartbeat_seconds=0.05, maintain_interval=0.05)
+    job, _ = short.enqueue(make_spec())
+    thread = threading.Thread(target=worker.run, args=(threading.Event(),), kwargs={"max_jobs": 1})
+    thread.start()
+    assert importer.started.wait(10)
+    # Well past several lease lengths, the job is still this worker's.
+    wait_until(lambda: short.get(job.id).updated_at > short.get(job.id).started_at + 1.0, timeout=10)
+    short.maintain()
+    assert short.get(job.id).state == JobState.RUNNING and short.get(job.id).worker == "w"
+    importer.release.set()
+    thread.join(10)
+    assert short.get(job.id).state == JobState.SUCCEEDED and short.get(job.id).attempts == 1
+    short.close()
+
+
+# -- a real worker process, killed with SIGKILL in the middle of a copy ----------
+
+
+def _write_config(tmp_path: Path, **workers) -> Path:
+    data = tmp_path / "data"
+    config = {
+        "data_dir": str(data),
+        "store": {"lease_seconds": 2},
+        "workers": {"count": 1, "poll_interval": 0.1, "heartbeat_seconds": 0.5, "shutdown_grace": 30, **workers},
+        "retry": {"max_attempts": 3, "backoff": [1]},
+        "importer": {"kind": "archive"},
+        "notify": {"transport": "folder", "admin_email": "admin@example.org"},
+        "server": {"enabled": False},
+    }
+    path = tmp_path / "watchfolder.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _big_acquisition(tmp_path: Path, size_mb: int = 256) -> tuple[Path, str]:
+    root = tmp_path / "big-acquisition"
+    root.mkdir()
+    block = hashlib.sha256(b"seed").digest() * (1024 * 1024 // 32)
+    digest = hashlib.sha256()
+    with open(root / "stack.ome.tiff", "wb") as fh:
+        for i in range(size_mb):
+            chunk = bytes([i % 251]) + block[1:]
+            fh.write(chunk)
+            digest.update(chunk)
+    return root, digest.hexdigest()
+
+
+def _cli(config: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "watchfolder", "--config", str(config), *args],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def _job_row(db: Path, job_id: int) -> dict:
+    conn = sqlite3.connect(db, timeout=30)
+    conn.row_factory = sqlite3.Row
+    row = dict(conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+    conn.close()
+    return row
+
+
+@pytest.mark.slow
+def test_worker_process_killed_mid_copy_completes_exactly_once(tmp_path):
+    config = _write_config(tmp_path)
+    root, digest = _big_acquisition(tmp_path)
+    submitted = _cli(config, "submit", str(root), "--owner", "jdoe", "--email", "jdoe@example.org",
+                     "--dataset", "big", "--json")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = json.loads(submitted.stdout)["id"]
+    db = tmp_path / "data" / "watchfolder.db"
+    total = 256 * 1024 * 1024
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "watchfolder", "--config", str(config), "work"]
+
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def mid_copy():
+            row = _job_row(db, job_id)
+            done = json.loads(row["progress"])["bytes_done"] if row["progress"] else 0
+            return row["state"] == "running" and 0 < done < total
+
+        wait_until(mid_copy, timeout=60, interval=0.005, message="the copy to start")
+        first.send_signal(signal.SIGKILL)
+    finally:
+        first.wait(30)
+    killed = _job_row(db, job_id)
+    assert killed["state"] == "running"  # nobody finished it: the lease is still held by the dead worker
+    dest_dir = tmp_path / "data" / "archive" / "jdoe" / "_no_project" / "big"
+    assert not (dest_dir / "stack.ome.tiff").exists()
+
+    second = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: _job_row(db, job_id)["state"] == "succeeded", timeout=120, message="the job to succeed")
+    finally:
+        second.send_signal(signal.SIGTERM)
+        _, err = second.communicate(timeout=60)
+    assert second.returncode == 0, err
+
+    final = _job_row(db, job_id)
+    assert final["attempts"] == 2
+    copy = dest_dir / "stack.ome.tiff"
+    with open(copy, "rb") as fh:
+        assert hashlib.file_digest(fh, "sha256").hexdigest() == digest
+    assert sorted(p.name for p in dest_dir.iterdir()) == ["stack.ome.tiff"]  # no partial copies left
+    result = json.loads(final["result"])
+    assert result["files"][0]["sha256"] == digest
+    shown = _cli(config, "jobs", "show", str(job_id))
+    assert "expired" in shown.stdout and shown.stdout.count("running") == 2
+    mails = list((tmp_path / "data" / "outbox").glob("*.eml"))
+    assert len(mails) == 1  # one mail for one acquisition, despite two attempts
+
+
+@pytest.mark.slow
+def test_sigterm_lets_the_running_job_finish(tmp_path):
+    config = _write_config(tmp_path)
+    root, digest = _big_acquisition(tmp_path, size_mb=64)
+    submitted = _cli(config, "submit", str(root), "--owner", "jdoe", "--dataset", "d", "--json")
+    job_id = json.loads(submitted.stdout)["id"]
+    db = tmp_path / "data" / "watchfolder.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "watchfolder", "--config", str(config), "work"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_until(lambda: _job_row(db, job_id)["state"] == "running", timeout=60, interval=0.005)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "stopping" in out
+    assert _job_row(db, job_id)["state"] == "succeeded"
+
+
+@pytest.mark.slow
+def test_sigterm_with_no_grace_releases_the_job_to_the_queue(tmp_path):
+    config = _write_config(tmp_path, shutdown_grace=0)
+    root, _ = _big_acquisition(tmp_path, size_mb=256)
+    submitted = _cli(config, "submit", str(root), "--owner", "jdoe", "--dataset", "d", "--json")
+    job_id = json.loads(submitted.stdout)["id"]
+    db = tmp_path / "data" / "watchfolder.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "watchfolder", "--config", str(config), "work"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        def copying():
+            row = _job_row(db, job_id)
+            return row["state"] == "running" and json.loads(row["progress"])["bytes_done"] > 0
+
+        wait_until(copying, timeout=60, interval=0.005)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+    row = _job_row(db, job_id)
+    assert row["state"] == "queued" and row["attempts"] == 0 and row["worker"] is None
+    dest_dir = tmp_path / "data" / "archive" / "jdoe" / "_no_project" / "d"
+    assert not dest_dir.exists() or list(dest_dir.iterdir()) == []  # the partial copy was removed
