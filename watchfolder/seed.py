@@ -1,0 +1,328 @@
+"""Compatibility with the seed system's import API (the Java import queue this service replaces).
+
+Its clients POST a JSON array to ``/ome/import`` and get ``[{statusUri, targetUri}]``
+back with 200, then read ``GET /ome/import/{id}`` as a plain-text log. Admins list
+``GET /ome/failed/import`` and read or drop ``GET|DELETE /ome/failed/import/{id}``.
+Validation errors answer 400 ``{"reason": "..."}``, one line per problem, as the
+seed did; nothing is queued unless every request in the array is valid.
+
+As in the seed, ``/ome/import`` takes no bearer token: the OMERO session key is
+the credential and the job runs in that session. Two things are stricter than
+the seed, deliberately:
+
+- ``omeroHost``/``omeroPort`` must name the OMERO server this service imports
+  into (``importer.omero``); otherwise anyone could make the service upload files
+  from the allowed roots to a server of their choosing;
+- ``targetUri`` must resolve under ``server.allowed_roots``.
+
+The ``statusUri`` id is a random UUID (the job's idempotency key is
+``ome-import:<uuid>``), so logs cannot be enumerated by counting job ids. The
+failed-import routes need an admin token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import urllib.parse
+import uuid
+from typing import Any
+
+import bottle
+
+from . import defaults as D
+from .acquisition import from_path
+from .auth import AuthError, Forbidden, resolve_under_roots
+from .errors import AcquisitionError, JobNotFound
+from .job import Job, JobSpec, JobState, Target
+
+IMPORT_PATH = "/ome/import"
+FAILED_PATH = "/ome/failed/import"
+KEY_PREFIX = "ome-import:"
+SOURCE_PREFIX = "seed:"
+
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
+
+
+class SeedError(Exception):
+    """A 4xx answered as ``{"reason": ...}``."""
+
+    def __init__(self, reason: str, status: int = 400):
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+def _reason(reason: str, status: int = 400) -> bottle.HTTPResponse:
+    response = bottle.HTTPResponse(json.dumps({"reason": reason}), status=status)
+    response.content_type = "application/json"
+    return response
+
+
+def _text(body: str, status: int = 200) -> bottle.HTTPResponse:
+    response = bottle.HTTPResponse(body, status=status)
+    response.content_type = "text/plain; charset=utf-8"
+    return response
+
+
+def _positive(value: Any, field: str, errors: list[str]) -> int | None:
+    """The seed took ids and ports as strings or numbers."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        errors.append(f"{field}: must be a positive whole number, got {value!r}")
+        return None
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        errors.append(f"{field}: must be a positive whole number, got {value!r}")
+        return None
+    if number <= 0:
+        errors.append(f"{field}: must be a positive whole number, got {value!r}")
+        return None
+    return number
+
+
+def target_path(uri: str) -> str:
+    """The local path of a ``file:`` URI (no host, or localhost) or of an absolute path."""
+    if uri.lower().startswith("file:"):
+        parsed = urllib.parse.urlsplit(uri)
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(
+                f"file URI {uri!r} names host {parsed.netloc!r}; only files on this server can be imported "
+                "(use file:///path or a plain path)"
+            )
+        path = urllib.parse.unquote(parsed.path)
+    else:
+        path = uri
+    if not path.startswith("/"):
+        raise ValueError(f"{uri!r} is not an absolute path or a file: URI")
+    return path
+
+
+def build_spec(config, item: Any, where: str, errors: list[str]) -> JobSpec | None:
+    """Validate one seed request into a job spec; problems go to ``errors`` (labelled with ``where``)."""
+    if not isinstance(item, dict):
+        errors.append(f"{where}: must be a JSON object, got {type(item).__name__}")
+        return None
+    mine: list[str] = []
+
+    def text(key: str, required: bool) -> str | None:
+        value = item.get(key)
+        if value is None or value == "":
+            if required:
+                mine.append(f"{key}: required")
+            return None
+        if not isinstance(value, str):
+            mine.append(f"{key}: must be a string, got {value!r}")
+            return None
+        return value
+
+    email = text("experimenterEmail", True)
+    if email is not None and not _EMAIL.fullmatch(email.strip()):
+        mine.append(f"experimenterEmail: not an email address: {email!r}")
+    uri = text("targetUri", True)
+    host = text("omeroHost", True)
+    session_key = text("sessionKey", True)
+    port = _positive(item.get("omeroPort"), "omeroPort", mine) or D.OMERO_PORT
+    omero = config.importer.omero
+    if host is not None and (host.strip().lower() != omero.host.lower() or port != omero.port):
+        mine.append(
+            f"omeroHost, omeroPort: {host}:{port} is not the OMERO server this service imports into "
+            f"({omero.host}:{omero.port}); send requests for another server to that server's import service"
+        )
+    dataset_id = _positive(item.get("datasetId"), "datasetId", mine)
+    screen_id = _positive(item.get("screenId"), "screenId", mine)
+    if dataset_id and screen_id:
+        mine.append("datasetId and screenId are mutually exclusive")
+    name = text("name", False)
+    description = text("description", False)
+    text_annotations: list[list[str]] = []
+    raw_annotations = item.get("textAnnotations") or []
+    if not isinstance(raw_annotations, list):
+        mine.append("textAnnotations: must be an array of [namespace, text] pairs")
+        raw_annotations = []
+    for i, pair in enumerate(raw_annotations):
+        if (
+            not isinstance(pair, list)
+            or len(pair) != 2
+            or not all(isinstance(s, str) and s for s in pair)
+        ):
+            mine.append(f"textAnnotations[{i}]: must be [namespace, text] with both non-empty, got {pair!r}")
+        else:
+            text_annotations.append([pair[0], pair[1]])
+    annotation_ids: list[int] = []
+    raw_ids = item.get("annotationIds") or []
+    if not isinstance(raw_ids, list):
+        mine.append("annotationIds: must be an array of ids")
+        raw_ids = []
+    for i, value in enumerate(raw_ids):
+        number = _positive(value, f"annotationIds[{i}]", mine)
+        if number is not None:
+            annotation_ids.append(number)
+
+    path = None
+    if uri is not None:
+        try:
+            path = resolve_under_roots(target_path(uri), config.server.allowed_roots)
+        except (ValueError, Forbidden) as exc:
+            mine.append(f"targetUri: {exc}")
+    spec = None
+    if not mine and path is not None:
+        target = Target(dataset_id=dataset_id) if dataset_id else Target(screen_id=screen_id) if screen_id else Target()
+        try:
+            spec = from_path(
+                path,
+                source=SOURCE_PREFIX + email.strip(),
+                owner=email.strip(),
+                email=email.strip(),
+                # No container: the images are imported orphaned, as the seed did.
+                target=target,
+                name=name,
+                description=description,
+                idempotency_key=KEY_PREFIX + str(uuid.uuid4()),
+            )
+            for entry in spec.files:
+                resolve_under_roots(f"{spec.root}/{entry.path}", config.server.allowed_roots)
+        except (AcquisitionError, Forbidden) as exc:
+            mine.append(f"targetUri: {exc}")
+            spec = None
+    if mine:
+        errors.extend(f"{where}: {m}" for m in mine)
+        return None
+    assert spec is not None and session_key is not None
+    return dataclasses.replace(
+        spec,
+        importer="omero",
+        session_key=session_key,
+        omero_host=omero.host,
+        omero_port=omero.port,
+        extra={**spec.extra, "text_annotations": text_annotations, "annotation_ids": annotation_ids},
+    )
+
+
+def import_id(job: Job) -> str:
+    """The id clients see: the UUID for seed jobs, the job id for others."""
+    key = job.idempotency_key
+    return key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else str(job.id)
+
+
+def find_import(store, ident: str, *, numeric: bool) -> Job | None:
+    """The job behind an import id; numeric job ids only where ``numeric`` (admin routes)."""
+    try:
+        uuid.UUID(ident)
+    except ValueError:
+        if numeric and ident.isdigit():
+            try:
+                return store.get(int(ident))
+            except JobNotFound:
+                return None
+        return None
+    return store.find(KEY_PREFIX + ident)
+
+
+def install(app: bottle.Bottle, api) -> None:
+    """Mount the seed routes on the API's app."""
+    from .api import BodyError, error_response, read_json_body
+
+    config, store = api.config, api.store
+
+    def admin() -> Any:
+        """None when the caller holds an admin token, else the error response."""
+        try:
+            principal = api.principal()
+            principal.require("manage", "use the failed-import routes")
+        except AuthError as exc:
+            headers = {"WWW-Authenticate": 'Bearer realm="watchfolder"'} if exc.status == 401 else None
+            return error_response(exc.status, str(exc), None, headers)
+        return None
+
+    @app.post(IMPORT_PATH)
+    def post_import():
+        if config.importer.kind != "omero":
+            return _reason(
+                f"this service imports with importer {config.importer.kind!r}, not into OMERO, so it cannot "
+                "use OMERO session keys; submit with POST /api/v1/jobs and a bearer token instead"
+            )
+        try:
+            body = read_json_body(bottle.request.environ, api.max_body)
+        except BodyError as exc:
+            return _reason(exc.message, exc.status)
+        if body is None:
+            return _json_list([])
+        if not isinstance(body, list):
+            return _reason(f"the body must be a JSON array of import requests, got {type(body).__name__}")
+        errors: list[str] = []
+        specs: list[tuple[JobSpec, str]] = []
+        for i, item in enumerate(body):
+            if item is None:
+                continue
+            spec = build_spec(config, item, f"request {i}", errors)
+            if spec is not None:
+                specs.append((spec, item["targetUri"]))
+        if errors:
+            return _reason("\n".join(errors))
+        out = []
+        for spec, uri in specs:
+            job, _created = store.enqueue(spec, note="submitted through /ome/import (seed API)")
+            for warning in spec.extra.get("warnings", ()):
+                store.log(job.id, f"warning: {warning}")
+            out.append({"statusUri": f"{IMPORT_PATH}/{import_id(job)}", "targetUri": uri})
+        return _json_list(out)
+
+    @app.get(IMPORT_PATH + "/<ident>")
+    def get_import(ident: str):
+        job = find_import(store, ident, numeric=False)
+        if job is None:
+            return _text(f"no import {ident}\n", 404)
+        return _text(store.read_log(job.id))
+
+    @app.get(FAILED_PATH)
+    def list_failed():
+        refused = admin()
+        if refused is not None:
+            return refused
+        paths: list[str] = []
+        cursor = None
+        while True:
+            jobs, cursor = store.list_jobs(states=[str(JobState.FAILED)], dismissed=False, limit=1000, cursor=cursor)
+            paths += [f"{FAILED_PATH}/{import_id(j)}" for j in jobs]
+            if cursor is None:
+                break
+        return _json_list(paths)
+
+    def failed_job(ident: str) -> Job | None:
+        job = find_import(store, ident, numeric=True)
+        if job is None or job.state != JobState.FAILED or job.dismissed_at is not None:
+            return None
+        return job
+
+    @app.get(FAILED_PATH + "/<ident>")
+    def get_failed(ident: str):
+        refused = admin()
+        if refused is not None:
+            return refused
+        job = failed_job(ident)
+        if job is None:
+            return _text(f"no failed import {ident}\n", 404)
+        return _text(store.read_log(job.id))
+
+    @app.delete(FAILED_PATH + "/<ident>")
+    def delete_failed(ident: str):
+        refused = admin()
+        if refused is not None:
+            return refused
+        job = failed_job(ident)
+        if job is not None:
+            store.dismiss(job.id, by=api.principal().source)
+        return bottle.HTTPResponse(status=204)
+
+
+def _json_list(data: list) -> bottle.HTTPResponse:
+    response = bottle.HTTPResponse(json.dumps(data), status=200)
+    response.content_type = "application/json"
+    return response
+
+
+__all__ = ["install", "build_spec", "target_path", "import_id"]

@@ -1,0 +1,208 @@
+"""The admin view: queue, workers, watchers, importer, outbox and disk space in one dict.
+
+Shared by ``GET /api/v1/status``, the dashboard and ``watchfolder status``; it
+reads everything from the store (and the disk), so it works from any process.
+
+Components publish themselves with ``store.set_component(kind, name, status)``;
+the keys read here are:
+
+- workers (kind ``worker``): ``state`` (``idle``, ``busy``, ``stopping``,
+  ``stopped``), ``current_job`` (job id or null); the row's ``updated_at`` is
+  the heartbeat.
+- watchers (kind ``watcher``): ``path``, ``mode``, ``healthy``, ``error``,
+  ``last_event_at``, ``last_scan_at``, ``pending``, ``events``, ``rescans``.
+- importer (kind ``importer``): ``ok`` and anything else the importer's
+  ``health()`` returns.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+# A worker is healthy while its heartbeat is younger than this many heartbeat intervals.
+HEARTBEAT_TOLERANCE = 3.0
+
+
+def _age(now: float, then: float | None) -> float | None:
+    return None if then is None else max(0.0, now - then)
+
+
+def worker_view(component: dict[str, Any], *, heartbeat_seconds: float, now: float) -> dict[str, Any]:
+    """One worker's row in the status view."""
+    status = component.get("status") or {}
+    state = str(status.get("state") or "unknown")
+    age = _age(now, component.get("updated_at"))
+    stopped = state == "stopped"
+    fresh = age is not None and age <= HEARTBEAT_TOLERANCE * heartbeat_seconds
+    problem = None
+    if not stopped and not fresh:
+        problem = f"no heartbeat for {age:.0f} s (expected every {heartbeat_seconds:g} s)"
+    return {
+        "name": component.get("name"),
+        "host": component.get("host"),
+        "pid": component.get("pid"),
+        "state": state,
+        "current_job": status.get("current_job"),
+        "heartbeat_at": component.get("updated_at"),
+        "heartbeat_age": age,
+        "healthy": stopped or fresh,
+        "problem": problem,
+    }
+
+
+def watcher_view(component: dict[str, Any], *, unhealthy_after: float, now: float) -> dict[str, Any]:
+    """One watcher's row in the status view."""
+    status = component.get("status") or {}
+    age = _age(now, component.get("updated_at"))
+    problem = status.get("error") or None
+    healthy = bool(status.get("healthy", True)) and problem is None
+    if age is not None and age > unhealthy_after:
+        healthy = False
+        problem = problem or f"no report for {age:.0f} s"
+    return {
+        "name": component.get("name"),
+        "host": component.get("host"),
+        "pid": component.get("pid"),
+        "path": status.get("path"),
+        "mode": status.get("mode"),
+        "healthy": healthy,
+        "problem": problem,
+        "last_event_at": status.get("last_event_at"),
+        "last_scan_at": status.get("last_scan_at"),
+        "pending": status.get("pending"),
+        "events": status.get("events"),
+        "rescans": status.get("rescans"),
+        "updated_at": component.get("updated_at"),
+    }
+
+
+def importer_view(config, store, importer=None) -> dict[str, Any]:
+    """Importer health: asked directly when this process has one, else as last published."""
+    kind = config.importer.kind
+    if importer is not None:
+        try:
+            health = dict(importer.health())
+        except Exception as exc:  # health must never break the status view
+            health = {"ok": False, "error": f"health check failed: {exc}"}
+        return {"kind": kind, **health, "ok": bool(health.get("ok")), "source": "live"}
+    published = store.components("importer")
+    if not published:
+        return {"kind": kind, "ok": None, "source": "none", "error": None}
+    latest = max(published, key=lambda c: c.get("updated_at") or 0)
+    status = dict(latest.get("status") or {})
+    return {
+        "kind": kind,
+        **status,
+        "ok": bool(status.get("ok")) if "ok" in status else None,
+        "source": "published",
+        "updated_at": latest.get("updated_at"),
+    }
+
+
+def disk_view(label: str, path: Path) -> dict[str, Any]:
+    """Free space of the filesystem holding ``path`` (or its nearest existing parent: an
+    archive root is created by the first import)."""
+    probe = Path(path)
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    try:
+        usage = shutil.disk_usage(probe)
+    except OSError as exc:
+        return {"label": label, "path": str(path), "error": f"{exc.strerror or exc}"}
+    return {
+        "label": label,
+        "path": str(path),
+        "total": usage.total,
+        "used": usage.used,
+        "free": usage.free,
+        "free_fraction": (usage.free / usage.total) if usage.total else None,
+    }
+
+
+def disks(config) -> list[dict[str, Any]]:
+    """The data directory, the archive root (archive importer) and every watch folder."""
+    entries: list[tuple[str, Path]] = [("data_dir", Path(config.data_dir))]
+    if config.importer.kind == "archive":
+        entries.append(("archive", Path(config.importer.archive.root)))
+    for watch in config.watch:
+        entries.append((f"watch:{watch.name}", Path(watch.path)))
+    return [disk_view(label, path) for label, path in entries]
+
+
+def collect_status(config, store, importer=None, *, now: float | None = None) -> dict[str, Any]:
+    """The admin view as plain data (JSON-able); ``healthy`` sums it up and ``problems`` says why not."""
+    now = time.time() if now is None else now
+    problems: list[str] = []
+    counts = store.counts()
+    oldest = store.oldest_queued_at()
+    workers = [
+        worker_view(c, heartbeat_seconds=config.workers.heartbeat_seconds, now=now)
+        for c in store.components("worker")
+    ]
+    watchers = [
+        watcher_view(c, unhealthy_after=config.notify.watcher_unhealthy_after, now=now)
+        for c in store.components("watcher")
+    ]
+    for w in workers:
+        if not w["healthy"]:
+            problems.append(f"worker {w['name']}: {w['problem']}")
+    for w in watchers:
+        if not w["healthy"]:
+            problems.append(f"watcher {w['name']}: {w['problem']}")
+    importer_status = importer_view(config, store, importer)
+    if importer_status.get("ok") is False:
+        problems.append(f"importer {importer_status['kind']}: {importer_status.get('error') or 'not ok'}")
+    outbox = store.outbox_counts()
+    if outbox.get("failed"):
+        problems.append(f"outbox: {outbox['failed']} mail(s) could not be sent")
+    disk = disks(config)
+    for d in disk:
+        if d.get("error"):
+            problems.append(f"disk {d['label']} ({d['path']}): {d['error']}")
+    return {
+        "generated_at": now,
+        "version": __version__,
+        "healthy": not problems,
+        "problems": problems,
+        "queue": {
+            "counts": counts,
+            "oldest_queued_at": oldest,
+            "oldest_queued_age": _age(now, oldest),
+        },
+        "workers": workers,
+        "watchers": watchers,
+        "importer": importer_status,
+        "outbox": {"counts": outbox},
+        "disk": disk,
+    }
+
+
+def health(config, store, *, now: float | None = None) -> tuple[bool, dict[str, Any]]:
+    """The load balancer's view: the store answers and no live worker missed its heartbeats."""
+    now = time.time() if now is None else now
+    checks: dict[str, Any] = {}
+    try:
+        store_ok = bool(store.ping())
+        checks["store"] = {"ok": store_ok, "detail": None if store_ok else "the database does not answer"}
+    except Exception as exc:  # a broken store must yield 503, not 500
+        store_ok = False
+        checks["store"] = {"ok": False, "detail": f"the database does not answer: {exc}"}
+    workers_ok = True
+    detail: list[str] = []
+    if store_ok:
+        for c in store.components("worker"):
+            w = worker_view(c, heartbeat_seconds=config.workers.heartbeat_seconds, now=now)
+            if not w["healthy"]:
+                workers_ok = False
+                detail.append(f"{w['name']}: {w['problem']}")
+    checks["workers"] = {"ok": workers_ok, "detail": "; ".join(detail) or None}
+    ok = store_ok and workers_ok
+    return ok, {"status": "ok" if ok else "unhealthy", "checks": checks}
+
+
+__all__ = ["collect_status", "health", "HEARTBEAT_TOLERANCE"]
