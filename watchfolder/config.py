@@ -213,8 +213,10 @@ class Config:
 class _Reader:
     """Walks the raw YAML, collecting every problem instead of stopping at the first."""
 
-    def __init__(self, base_dir: Path):
+    def __init__(self, base_dir: Path, environ: dict[str, str] | None = None):
         self.base_dir = base_dir
+        # Secrets {env: NAME} read the same environment as the overrides (tests inject it).
+        self.environ = os.environ if environ is None else environ
         self.problems: list[str] = []
 
     def problem(self, where: str, message: str) -> None:
@@ -257,9 +259,9 @@ class _Reader:
         if isinstance(value, dict) and len(value) == 1:
             (kind, ref), = value.items()
             if kind == "env":
-                if not isinstance(ref, str) or ref not in os.environ:
+                if not isinstance(ref, str) or ref not in self.environ:
                     raise _Bad(f"environment variable {ref!r} is not set; export it or use {{file: PATH}}")
-                return Secret(os.environ[ref], f"env {ref}")
+                return Secret(self.environ[ref], f"env {ref}")
             if kind == "file":
                 try:
                     path = self.path(ref)
@@ -668,8 +670,9 @@ def parse(raw: Any, *, path: Path | None = None, environ: dict[str, str] | None 
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError("the config file must be a YAML mapping of keys (data_dir:, workers:, …)")
-    raw = apply_env_overrides(raw, dict(os.environ if environ is None else environ))
-    r = _Reader(base_dir.resolve())
+    env = dict(os.environ if environ is None else environ)
+    raw = apply_env_overrides(raw, env)
+    r = _Reader(base_dir.resolve(), env)
     r.unknown(raw, TOP_KEYS, "")
     data_dir = r.get(raw, "data_dir", "", r.path, r.path(D.DATA_DIR))
     config = Config(
