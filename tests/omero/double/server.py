@@ -1,0 +1,895 @@
+"""An OMERO server double: real Ice on 127.0.0.1, built on omero-py's skeletons.
+
+Run with the omero-py interpreter (``.venv-omero/bin/python server.py``). It
+prints one JSON line ``{"port": ICE_PORT, "control": HTTP_PORT}`` when ready
+and serves until its stdin closes or it gets SIGTERM.
+
+It answers what the ``omero`` importer's child sends and nothing more: every
+operation of every servant it hosts that it does not implement raises
+``Ice.OperationNotExistException`` (the generated skeletons would otherwise
+answer None, or never answer an async call, and the client would hang). HQL is
+matched verbatim against the child's few queries.
+
+Control channel (HTTP on 127.0.0.1, JSON):
+    GET  /state            everything it holds (users, groups, sessions, containers,
+                           filesets, images, annotations, counters)
+    POST /seed             {"groups": [{"name", "perms"}], "users": [{"name", "password",
+                           "email", "groups": [...], "admin": bool}]}
+    POST /faults           merge switches; null clears one:
+                           down (bool: listener closed, connections refused),
+                           slow (seconds added to every upload write and login),
+                           drop_after_bytes (int: drop the connection once that many
+                           bytes of upload arrived; fires once),
+                           import_error (str: server-side imports answer omero.cmd.ERR),
+                           import_delay (seconds the server-side import takes)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import Glacier2
+import Ice
+import omero
+import omero.all  # noqa: F401 - every skeleton and model class
+import omero.callbacks  # noqa: F401
+import omero.cmd
+import omero.grid
+import omero.model
+import omero.sys
+import omero.ObjectFactoryRegistrar as ofr
+from omero.rtypes import ObjectFactories, rint, rlong, rstring, unwrap
+
+# The child's queries, verbatim (see watchfolder/omero_child/child.py).
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "watchfolder", "omero_child"))
+import child as C  # noqa: E402
+
+
+# ---------------------------------------------------------------------------
+# Strictness: unimplemented operations raise instead of answering None
+
+
+def strict(cls):
+    """Replace every skeleton operation ``cls`` does not implement with one that
+    raises ``Ice.OperationNotExistException``; put ``@amd`` methods under their
+    ``_async`` names, where Ice dispatches them."""
+    for name, attr in list(cls.__dict__.items()):
+        if hasattr(attr, "amd_name"):
+            delattr(cls, name)
+            setattr(cls, attr.amd_name, attr)
+    for name in dir(cls):
+        if name.startswith(("_", "ice_")):
+            continue
+        attr = getattr(cls, name)
+        code = getattr(attr, "__code__", None)
+        if code is None or not code.co_filename.endswith("_ice.py"):
+            continue  # implemented here, or not an operation
+        if name.endswith("_async"):
+            def raiser(self, _cb, *args, _name=name, **kw):
+                _cb.ice_exception(Ice.OperationNotExistException(operation=_name[:-6]))
+        else:
+            def raiser(self, *args, _name=name, **kw):
+                raise Ice.OperationNotExistException(operation=_name)
+        setattr(cls, name, raiser)
+    return cls
+
+
+def amd(fn):
+    """Write an async operation as a plain function: its return value or
+    exception goes to the callback."""
+
+    def wrapper(self, _cb, *args, **kw):
+        try:
+            result = fn(self, *args, **kw)
+        except Exception as exc:  # noqa: BLE001 - every error goes back to the client
+            _cb.ice_exception(exc)
+        else:
+            _cb.ice_response(result) if result is not _NOTHING else _cb.ice_response()
+
+    wrapper.amd_name = wrapper.__name__ = fn.__name__ + "_async"
+    return wrapper
+
+
+_NOTHING = object()
+
+
+# ---------------------------------------------------------------------------
+# State
+
+
+class World:
+    """Everything the double knows, under one lock."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.next = 100
+        self.users = {}
+        self.groups = {}
+        self.sessions = {}
+        self.connections = {}
+        self.projects, self.datasets, self.screens, self.plates = {}, {}, {}, {}
+        self.project_dataset = []
+        self.filesets, self.images, self.annotations = {}, {}, {}
+        self.faults = {}
+        self.counters = {"bytes_written": 0, "writes": 0, "logins": 0, "failed_logins": 0,
+                         "imports": 0, "drops": 0, "queries": 0}
+        self.add_group("system", "rw----", gid=0)
+        self.add_group("user", "rw----", gid=1)
+        self.add_user("root", "omero", "root@example.org", ["system", "user"], admin=True, uid=0)
+
+    def new_id(self):
+        with self.lock:
+            self.next += 1
+            return self.next
+
+    def add_group(self, name, perms="rw----", gid=None):
+        with self.lock:
+            if name not in self.groups:
+                self.groups[name] = {"id": self.new_id() if gid is None else gid, "name": name, "perms": perms}
+            return self.groups[name]
+
+    def add_user(self, name, password, email=None, groups=(), admin=False, uid=None):
+        with self.lock:
+            gids = [self.add_group(g)["id"] for g in groups]
+            if "user" in self.groups and 1 not in gids:
+                gids.append(1)
+            self.users[name] = {"id": self.new_id() if uid is None else uid, "name": name,
+                                "password": password, "email": email, "groups": gids, "admin": admin}
+            return self.users[name]
+
+    def user_by_id(self, uid):
+        return next((u for u in self.users.values() if u["id"] == uid), None)
+
+    def group_by_id(self, gid):
+        return next((g for g in self.groups.values() if g["id"] == gid), None)
+
+    def new_session(self, user, group):
+        sid = str(uuid.uuid4())
+        self.sessions[sid] = {"uuid": sid, "user": user["id"], "group": group["id"], "closed": False,
+                              "refs": 0}
+        return self.sessions[sid]
+
+    def dump(self):
+        with self.lock:
+            return {
+                "users": {n: {k: v for k, v in u.items() if k != "password"} for n, u in self.users.items()},
+                "groups": self.groups,
+                "sessions": list(self.sessions.values()),
+                "projects": list(self.projects.values()),
+                "datasets": list(self.datasets.values()),
+                "screens": list(self.screens.values()),
+                "plates": list(self.plates.values()),
+                "project_dataset": self.project_dataset,
+                "filesets": list(self.filesets.values()),
+                "images": list(self.images.values()),
+                "annotations": list(self.annotations.values()),
+                "faults": self.faults,
+                "counters": self.counters,
+            }
+
+
+WORLD = World()
+
+
+def session_of(current):
+    sid = current.ctx.get("omero.session.uuid") or current.id.name
+    with WORLD.lock:
+        session = WORLD.sessions.get(sid)
+    if session is None or session["closed"]:
+        raise omero.RemovedSessionException(None, None, f"no such session: {sid}")
+    return session
+
+
+def details(obj, owner, group_id, writable=True):
+    d = omero.model.DetailsI()
+    d.setOwner(omero.model.ExperimenterI(owner, False))
+    d.setGroup(omero.model.ExperimenterGroupI(group_id, False))
+    perms = omero.model.PermissionsI("rwra--")
+    # Restrictions, as a real server computes them for the caller: link, edit, delete, annotate.
+    perms._restrictions = [not writable] * 4
+    d.setPermissions(perms)
+    obj._details = d
+    return obj
+
+
+def container(kind, rec, session):
+    cls = {"project": omero.model.ProjectI, "dataset": omero.model.DatasetI,
+           "screen": omero.model.ScreenI}[kind]
+    obj = cls(rec["id"], True)
+    obj.setName(rstring(rec["name"]))
+    if rec.get("description"):
+        obj.setDescription(rstring(rec["description"]))
+    group = WORLD.group_by_id(rec["group"])
+    writable = rec["owner"] == session["user"] or (group and group["perms"][4:5] == "w")
+    return details(obj, rec["owner"], rec["group"], writable)
+
+
+# ---------------------------------------------------------------------------
+# Servants
+
+
+def typed(prx_cls, current, name, category="svc"):
+    return prx_cls.uncheckedCast(current.adapter.createProxy(Ice.Identity(name, category)))
+
+
+@strict
+class RouterI(Glacier2.Router):
+    def getClientProxy(self, current=None):
+        return None
+
+    def getServerProxy(self, current=None):
+        return current.adapter.createProxy(Ice.Identity("server", "router"))
+
+    def addProxies(self, proxies, current=None):
+        return []
+
+    def getCategoryForClient(self, current=None):
+        with WORLD.lock:
+            con = WORLD.connections.setdefault(current.con.toString(), {"category": str(uuid.uuid4()), "session": None})
+            return con["category"]
+
+    def createSession_async(self, _cb, userId, password, current=None):
+        slow = WORLD.faults.get("slow")
+        if slow:
+            time.sleep(float(slow))
+        with WORLD.lock:
+            joined = WORLD.sessions.get(userId)
+            if joined is not None and password == userId and not joined["closed"]:
+                session = joined
+            else:
+                user = WORLD.users.get(userId)
+                if user is None or user["password"] != password:
+                    WORLD.counters["failed_logins"] += 1
+                    _cb.ice_exception(Glacier2.PermissionDeniedException(f"Password check failed for '{userId}'"))
+                    return
+                group = WORLD.group_by_id(next(g for g in user["groups"] if g != 1))
+                session = WORLD.new_session(user, group)
+            WORLD.counters["logins"] += 1
+            session["refs"] += 1
+            con = WORLD.connections.setdefault(current.con.toString(), {"category": str(uuid.uuid4()), "session": None})
+            con["session"] = session["uuid"]
+            DOUBLE.add_servant(ServiceFactoryI(), Ice.Identity(session["uuid"], "sf"))
+        _cb.ice_response(typed(Glacier2.SessionPrx, current, session["uuid"], "sf"))
+
+    def destroySession(self, current=None):
+        with WORLD.lock:
+            con = WORLD.connections.pop(current.con.toString(), None)
+            if not con or not con["session"]:
+                return  # already gone: the client treats this as done
+            session = WORLD.sessions.get(con["session"])
+            if session:
+                session["refs"] -= 1
+                if session["refs"] <= 0:
+                    session["closed"] = True
+
+    def getSessionTimeout(self, current=None):
+        return 600
+
+    def getACMTimeout(self, current=None):
+        return 60
+
+    def refreshSession_async(self, _cb, current=None):
+        _cb.ice_response()
+
+
+@strict
+class ServiceFactoryI(omero.api.ServiceFactory):
+    def getAdminService(self, current=None):
+        return typed(omero.api.IAdminPrx, current, "IAdmin")
+
+    def getSessionService(self, current=None):
+        return typed(omero.api.ISessionPrx, current, "ISession")
+
+    def getQueryService(self, current=None):
+        return typed(omero.api.IQueryPrx, current, "IQuery")
+
+    def getUpdateService(self, current=None):
+        return typed(omero.api.IUpdatePrx, current, "IUpdate")
+
+    def getConfigService(self, current=None):
+        return typed(omero.api.IConfigPrx, current, "IConfig")
+
+    def sharedResources(self, current=None):
+        return typed(omero.grid.SharedResourcesPrx, current, "SharedResources")
+
+    def setCallback(self, callback, current=None):
+        pass
+
+    def detachOnDestroy(self, current=None):
+        pass
+
+    def closeOnDestroy(self, current=None):
+        pass
+
+    def keepAlive(self, proxy, current=None):
+        return True
+
+    def keepAllAlive(self, proxies, current=None):
+        return []
+
+    def activeServices(self, current=None):
+        return []
+
+    def destroy(self, current=None):
+        pass
+
+    def submit_async(self, _cb, req, current=None):
+        try:
+            session = session_of(current)
+            if not isinstance(req, omero.cmd.Delete2):
+                raise omero.ApiUsageException(None, None, f"the double cannot run {type(req).__name__}")
+            deleted = []
+            with WORLD.lock:
+                for fid in (req.targetObjects or {}).get("Fileset", []):
+                    fs = WORLD.filesets.get(fid)
+                    if fs and fs["owner"] == session["user"]:
+                        fs["state"] = "deleted"
+                        for image_id in fs["images"]:
+                            WORLD.images.pop(image_id, None)
+                        deleted.append(fid)
+            handle = HandleI()
+            handle.finish(omero.cmd.OK())
+            _cb.ice_response(DOUBLE.add_handle(handle, current))
+        except Exception as exc:  # noqa: BLE001
+            _cb.ice_exception(exc)
+
+
+def experimenter(user):
+    exp = omero.model.ExperimenterI(user["id"], True)
+    exp.setOmeName(rstring(user["name"]))
+    exp.setFirstName(rstring(user["name"]))
+    exp.setLastName(rstring(user["name"]))
+    if user.get("email"):
+        exp.setEmail(rstring(user["email"]))
+    return exp
+
+
+def experimenter_group(group):
+    grp = omero.model.ExperimenterGroupI(group["id"], True)
+    grp.setName(rstring(group["name"]))
+    return grp
+
+
+@strict
+class AdminI(omero.api.IAdmin):
+    @amd
+    def getEventContext(self, current=None):
+        s = session_of(current)
+        user, group = WORLD.user_by_id(s["user"]), WORLD.group_by_id(s["group"])
+        return omero.sys.EventContext(
+            sessionUuid=s["uuid"], userId=user["id"], userName=user["name"], groupId=group["id"],
+            groupName=group["name"], isAdmin=user["admin"], memberOfGroups=list(user["groups"]),
+            leaderOfGroups=[], eventType="User", adminPrivileges=[],
+            groupPermissions=omero.model.PermissionsI(group["perms"]),
+        )
+
+    @amd
+    def lookupExperimenter(self, name, current=None):
+        session_of(current)
+        user = WORLD.users.get(name)
+        if user is None:
+            raise omero.ApiUsageException(None, None, f"No such experimenter: {name}")
+        return experimenter(user)
+
+    @amd
+    def getExperimenter(self, uid, current=None):
+        session_of(current)
+        user = WORLD.user_by_id(uid)
+        if user is None:
+            raise omero.ApiUsageException(None, None, f"No such experimenter: {uid}")
+        return experimenter(user)
+
+    @amd
+    def lookupGroup(self, name, current=None):
+        session_of(current)
+        group = WORLD.groups.get(name)
+        if group is None:
+            raise omero.ApiUsageException(None, None, f"No such group: {name}")
+        return experimenter_group(group)
+
+    @amd
+    def getMemberOfGroupIds(self, exp, current=None):
+        session_of(current)
+        return list(WORLD.user_by_id(exp.getId().getValue())["groups"])
+
+    @amd
+    def getDefaultGroup(self, uid, current=None):
+        session_of(current)
+        user = WORLD.user_by_id(uid)
+        return experimenter_group(WORLD.group_by_id(next(g for g in user["groups"] if g != 1)))
+
+
+@strict
+class SessionServiceI(omero.api.ISession):
+    @amd
+    def createSessionWithTimeout(self, principal, ttl, current=None):
+        s = session_of(current)
+        if not WORLD.user_by_id(s["user"])["admin"]:
+            raise omero.SecurityViolation(None, None, "Only admins may create sessions for others")
+        with WORLD.lock:
+            user = WORLD.users.get(principal.name)
+            if user is None:
+                raise omero.ApiUsageException(None, None, f"No such user: {principal.name}")
+            group = WORLD.groups.get(principal.group)
+            if group is None or group["id"] not in user["groups"]:
+                raise omero.SecurityViolation(None, None, f"{principal.name} is not in group {principal.group}")
+            session = WORLD.new_session(user, group)
+            session["sudo_by"] = s["user"]
+        out = omero.model.SessionI(WORLD.new_id(), True)
+        out.setUuid(rstring(session["uuid"]))
+        out.setTimeToIdle(rlong(ttl))
+        return out
+
+    @amd
+    def getSession(self, sid, current=None):
+        session = WORLD.sessions.get(sid)
+        if session is None:
+            raise omero.RemovedSessionException(None, None, f"no session {sid}")
+        out = omero.model.SessionI(WORLD.new_id(), True)
+        out.setUuid(rstring(sid))
+        return out
+
+    @amd
+    def closeSession(self, session, current=None):
+        return 0
+
+
+@strict
+class ConfigI(omero.api.IConfig):
+    @amd
+    def getConfigValue(self, key, current=None):
+        return ""
+
+    @amd
+    def getVersion(self, current=None):
+        return "5.6.0-double"
+
+
+def params_of(params):
+    return {k: unwrap(v) for k, v in ((params.map if params else None) or {}).items()}
+
+
+@strict
+class QueryI(omero.api.IQuery):
+    @amd
+    def find(self, klass, oid, current=None):
+        s = session_of(current)
+        kind = klass.replace("omero.model.", "").rstrip("I").lower()
+        table = {"dataset": WORLD.datasets, "project": WORLD.projects, "screen": WORLD.screens}.get(kind)
+        if table is None:
+            raise omero.ApiUsageException(None, None, f"the double cannot find {klass}")
+        rec = table.get(oid)
+        user = WORLD.user_by_id(s["user"])
+        if rec is None or rec["group"] not in user["groups"]:
+            return None
+        return container(kind, rec, s)
+
+    @amd
+    def findAllByQuery(self, query, params, current=None):
+        s = session_of(current)
+        p = params_of(params)
+        WORLD.counters["queries"] += 1
+        with WORLD.lock:
+            if query in (C.Q_PROJECT, C.Q_DATASET, C.Q_SCREEN):
+                kind = {C.Q_PROJECT: "project", C.Q_DATASET: "dataset", C.Q_SCREEN: "screen"}[query]
+                table = {"project": WORLD.projects, "dataset": WORLD.datasets, "screen": WORLD.screens}[kind]
+                recs = [r for r in table.values() if r["name"] == p["name"] and r["owner"] == p["uid"]
+                        and r["group"] == p["gid"]]
+                return [container(kind, r, s) for r in sorted(recs, key=lambda r: r["id"])]
+            if query == C.Q_DATASET_IN_PROJECT:
+                ids = [d for pid, d in WORLD.project_dataset if pid == p["pid"]]
+                recs = [WORLD.datasets[d] for d in sorted(ids) if WORLD.datasets[d]["name"] == p["name"]]
+                return [container("dataset", r, s) for r in recs]
+            if query == C.Q_JOB_FILESETS:
+                out = []
+                for fs in WORLD.filesets.values():
+                    if fs["state"] == "deleted" or fs["owner"] != p["uid"]:
+                        continue
+                    if dict(fs["version_info"]).get(p["marker"]) != p["key"]:
+                        continue
+                    obj = omero.model.FilesetI(fs["id"], True)
+                    for path in fs["client_paths"]:
+                        entry = omero.model.FilesetEntryI()
+                        # A real server keeps client paths without the leading '/'.
+                        entry.setClientPath(rstring(path.lstrip("/")))
+                        obj.addFilesetEntry(entry)
+                    out.append(details(obj, fs["owner"], fs["group"]))
+                return out
+        raise omero.ApiUsageException(None, None, f"the OMERO double does not answer this query: {query}")
+
+    @amd
+    def projection(self, query, params, current=None):
+        session_of(current)
+        p = params_of(params)
+        WORLD.counters["queries"] += 1
+        with WORLD.lock:
+            if query == C.Q_FILESET_IMAGES:
+                rows = [(i["id"], i["fileset"]) for i in WORLD.images.values() if i["fileset"] in p["ids"]]
+                return [[rlong(a), rlong(b)] for a, b in sorted(rows)]
+            if query == C.Q_ANNOTATED_IMAGES:
+                rows = {i for a in WORLD.annotations.values() if a["ns"] == p["ns"]
+                        for i in a["images"] if i in p["ids"]}
+                return [[rlong(i)] for i in sorted(rows)]
+        raise omero.ApiUsageException(None, None, f"the OMERO double does not answer this query: {query}")
+
+
+@strict
+class UpdateI(omero.api.IUpdate):
+    def _save(self, obj, s):
+        with WORLD.lock:
+            base = {"owner": s["user"], "group": s["group"]}
+            for cls, kind, table in ((omero.model.ProjectI, "project", WORLD.projects),
+                                     (omero.model.DatasetI, "dataset", WORLD.datasets),
+                                     (omero.model.ScreenI, "screen", WORLD.screens)):
+                if isinstance(obj, cls):
+                    rec = dict(base, id=WORLD.new_id(), name=unwrap(obj.getName()),
+                               description=unwrap(obj.getDescription()))
+                    table[rec["id"]] = rec
+                    return container(kind, rec, s)
+            if isinstance(obj, omero.model.ProjectDatasetLinkI):
+                pid, did = obj.getParent().getId().getValue(), obj.getChild().getId().getValue()
+                for rec in (WORLD.projects.get(pid), WORLD.datasets.get(did)):
+                    if rec is None or rec["group"] != s["group"]:
+                        raise omero.SecurityViolation(None, None, "cannot link objects of another group")
+                WORLD.project_dataset.append((pid, did))
+                return omero.model.ProjectDatasetLinkI(WORLD.new_id(), False)
+            if isinstance(obj, omero.model.MapAnnotationI):
+                rec = dict(base, id=WORLD.new_id(), ns=unwrap(obj.getNs()),
+                           values=[[nv.name, nv.value] for nv in obj.getMapValue() or []], images=[])
+                WORLD.annotations[rec["id"]] = rec
+                out = omero.model.MapAnnotationI(rec["id"], True)
+                out.setNs(obj.getNs())
+                return details(out, s["user"], s["group"])
+            if isinstance(obj, omero.model.ImageAnnotationLinkI):
+                iid, aid = obj.getParent().getId().getValue(), obj.getChild().getId().getValue()
+                image, ann = WORLD.images.get(iid), WORLD.annotations.get(aid)
+                if image is None or ann is None:
+                    raise omero.ValidationException(None, None, f"no image {iid} or annotation {aid}")
+                if image["group"] != s["group"]:
+                    raise omero.SecurityViolation(None, None, "cannot annotate an image of another group")
+                ann["images"].append(iid)
+                return omero.model.ImageAnnotationLinkI(WORLD.new_id(), False)
+        raise omero.ApiUsageException(None, None, f"the double cannot save {type(obj).__name__}")
+
+    @amd
+    def saveAndReturnObject(self, obj, current=None):
+        return self._save(obj, session_of(current))
+
+    @amd
+    def saveAndReturnArray(self, objs, current=None):
+        s = session_of(current)
+        return [self._save(o, s) for o in objs]
+
+
+@strict
+class SharedResourcesI(omero.grid.SharedResources):
+    def repositories(self, current=None):
+        desc = omero.model.OriginalFileI(1, True)
+        desc.setName(rstring("ManagedRepository"))
+        desc.setPath(rstring("/"))
+        prx = typed(omero.grid.ManagedRepositoryPrx, current, "ManagedRepository")
+        return omero.grid.RepositoryMap(descriptions=[desc], proxies=[prx])
+
+
+@strict
+class ManagedRepositoryI(omero.grid.ManagedRepository):
+    def importFileset(self, fileset, settings, current=None):
+        s = session_of(current)
+        target = settings.userSpecifiedTarget
+        with WORLD.lock:
+            if target is not None:
+                kind = "dataset" if isinstance(target, omero.model.DatasetI) else "screen"
+                table = WORLD.datasets if kind == "dataset" else WORLD.screens
+                rec = table.get(target.getId().getValue())
+                if rec is None:
+                    raise omero.ValidationException(None, None, f"no {kind} {target.getId().getValue()}")
+                if rec["group"] != s["group"]:
+                    raise omero.SecurityViolation(
+                        None, None, f"Target container in group: {rec['group']}, not current group: {s['group']}")
+                target = (kind, rec["id"])
+            version = []
+            for link in fileset.copyJobLinks():
+                version += [(nv.name, nv.value) for nv in link.getChild().getVersionInfo() or []]
+            fs = {"id": WORLD.new_id(), "owner": s["user"], "group": s["group"], "state": "uploading",
+                  "client_paths": [unwrap(e.getClientPath()) for e in fileset.copyUsedFiles()],
+                  "version_info": version, "target": target, "images": [], "files": [],
+                  "name": unwrap(settings.userSpecifiedName), "description": unwrap(settings.userSpecifiedDescription)}
+            fs["files"] = [{"size": 0, "sha1": hashlib.sha1(), "sequential": True} for _ in fs["client_paths"]]
+            WORLD.filesets[fs["id"]] = fs
+        proc = ImportProcessI(fs["id"])
+        return omero.grid.ImportProcessPrx.uncheckedCast(DOUBLE.add_servant(proc, Ice.Identity(str(uuid.uuid4()), "proc"),
+                                                                            current))
+
+
+@strict
+class ImportProcessI(omero.grid.ImportProcess):
+    def __init__(self, fileset_id):
+        self.fileset_id = fileset_id
+
+    def getUploader(self, i, current=None):
+        session_of(current)
+        fs = WORLD.filesets[self.fileset_id]
+        if not 0 <= i < len(fs["files"]):
+            raise omero.ApiUsageException(None, None, f"no file {i} in this fileset")
+        prx = DOUBLE.add_servant(RawFileStoreI(fs["files"][i]), Ice.Identity(str(uuid.uuid4()), "rfs"), current)
+        return omero.api.RawFileStorePrx.uncheckedCast(prx)
+
+    def verifyUpload(self, hashes, current=None):
+        session_of(current)
+        with WORLD.lock:
+            fs = WORLD.filesets[self.fileset_id]
+            server = [f["sha1"].hexdigest() for f in fs["files"]]
+            if list(hashes) != server:
+                raise omero.ChecksumValidationException(None, None, f"checksums differ: {hashes} vs {server}")
+            fs["state"] = "importing"
+            fs["files"] = [{"size": f["size"], "sha1": h} for f, h in zip(fs["files"], server)]
+        handle = HandleI()
+        threading.Thread(target=run_import, args=(self.fileset_id, handle), daemon=True).start()
+        return DOUBLE.add_handle(handle, current)
+
+    @amd
+    def close(self, current=None):
+        return _NOTHING
+
+
+def run_import(fileset_id, handle):
+    delay = WORLD.faults.get("import_delay")
+    if delay:
+        time.sleep(float(delay))
+    with WORLD.lock:
+        WORLD.counters["imports"] += 1
+        fs = WORLD.filesets[fileset_id]
+        error = WORLD.faults.get("import_error")
+        if error:
+            fs["state"] = "failed"
+            handle.finish(omero.cmd.ERR(category="::omero::grid::ImportRequest", name="import-failed",
+                                        parameters={"message": str(error)}), failure=True)
+            return
+        image_id = WORLD.new_id()
+        name = fs["name"] or os.path.basename(fs["client_paths"][0])
+        image = {"id": image_id, "name": name, "description": fs["description"], "fileset": fileset_id,
+                 "owner": fs["owner"], "group": fs["group"], "dataset": None, "plate": None}
+        if fs["target"] and fs["target"][0] == "dataset":
+            image["dataset"] = fs["target"][1]
+        elif fs["target"]:
+            plate = {"id": WORLD.new_id(), "name": name, "screen": fs["target"][1], "owner": fs["owner"],
+                     "group": fs["group"]}
+            WORLD.plates[plate["id"]] = plate
+            image["plate"] = plate["id"]
+        WORLD.images[image_id] = image
+        fs["images"] = [image_id]
+        fs["state"] = "imported"
+    img = omero.model.ImageI(image_id, True)
+    img.setName(rstring(name))
+    img.setFileset(omero.model.FilesetI(fileset_id, False))
+    pixels = omero.model.PixelsI(WORLD.new_id(), True)
+    pixels.setImage(img)
+    pixels.setSizeX(rint(1))
+    handle.finish(omero.grid.ImportResponse(pixels=[pixels], objects=[]))
+
+
+@strict
+class RawFileStoreI(omero.api.RawFileStore):
+    def __init__(self, record):
+        self.record = record
+
+    def write_async(self, _cb, buf, position, length, current=None):
+        try:
+            session_of(current)
+            slow = WORLD.faults.get("slow")
+            if slow:
+                time.sleep(float(slow))
+            with WORLD.lock:
+                drop = WORLD.faults.get("drop_after_bytes")
+                if drop is not None and WORLD.counters["bytes_written"] + length > int(drop):
+                    WORLD.faults.pop("drop_after_bytes")
+                    WORLD.counters["drops"] += 1
+                    current.con.close(True)
+                    return
+                rec = self.record
+                if position == rec["size"]:
+                    rec["sha1"].update(buf[:length])
+                    rec["size"] += length
+                elif length:
+                    rec["sequential"] = False
+                WORLD.counters["bytes_written"] += length
+                WORLD.counters["writes"] += 1
+            _cb.ice_response()
+        except Exception as exc:  # noqa: BLE001
+            _cb.ice_exception(exc)
+
+    @amd
+    def close(self, current=None):
+        return _NOTHING
+
+    @amd
+    def size(self, current=None):
+        return self.record["size"]
+
+
+@strict
+class HandleI(omero.cmd.Handle):
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.response = None
+        self.status = None
+        self.callbacks = []
+
+    def finish(self, response, failure=False):
+        status = omero.cmd.Status(flags=[omero.cmd.State.FAILURE] if failure else [], currentStep=1, steps=1)
+        with self.lock:
+            self.response, self.status = response, status
+            callbacks, self.callbacks = self.callbacks, []
+        for cb in callbacks:
+            self._notify(cb)
+
+    def _notify(self, cb):
+        try:
+            cb.begin_finished(self.response, self.status)
+        except Ice.Exception:
+            pass  # the client went away; it polls getResponse when it comes back
+
+    def addCallback(self, cb, current=None):
+        # Answer over the client's own connection, as Glacier2 does.
+        fixed = omero.cmd.CmdCallbackPrx.uncheckedCast(current.con.createProxy(cb.ice_getIdentity()))
+        with self.lock:
+            done = self.response is not None
+            if not done:
+                self.callbacks.append(fixed)
+        if done:
+            self._notify(fixed)
+
+    def removeCallback(self, cb, current=None):
+        pass
+
+    def getResponse(self, current=None):
+        return self.response
+
+    def getStatus(self, current=None):
+        return self.status
+
+    def cancel(self, current=None):
+        return False
+
+    def close(self, current=None):
+        pass
+
+
+# ---------------------------------------------------------------------------
+# The server
+
+
+class Double:
+    def __init__(self, workdir):
+        self.workdir = workdir
+        cert, key = self._certificate()
+        init = Ice.InitializationData()
+        init.properties = Ice.createProperties()
+        for k, v in {
+            "Ice.ThreadPool.Server.Size": "4", "Ice.ThreadPool.Server.SizeMax": "16",
+            "Ice.ThreadPool.Client.Size": "2", "Ice.MessageSizeMax": "250000",
+            "Ice.Plugin.IceSSL": "IceSSL:createIceSSL", "IceSSL.CertFile": cert, "IceSSL.KeyFile": key,
+            "IceSSL.VerifyPeer": "0", "Ice.Warn.Connections": "0", "Ice.ACM.Server.Timeout": "0",
+        }.items():
+            init.properties.setProperty(k, v)
+        self.ic = Ice.initialize(init)
+        ofr.registerObjectFactory(self.ic, None)
+        for factory in ObjectFactories.values():
+            factory.register(self.ic)
+        self.servants = {}
+        self.adapter = None
+        self.port = 0
+        self.generation = 0
+        for name, servant in (("IAdmin", AdminI()), ("ISession", SessionServiceI()), ("IQuery", QueryI()),
+                              ("IUpdate", UpdateI()), ("IConfig", ConfigI()),
+                              ("SharedResources", SharedResourcesI()),
+                              ("ManagedRepository", ManagedRepositoryI())):
+            self.servants[("svc", name)] = servant
+        self.servants[("OMERO.Glacier2", "router")] = RouterI()
+        self.up()
+
+    def _certificate(self):
+        cert, key = os.path.join(self.workdir, "cert.pem"), os.path.join(self.workdir, "key.pem")
+        if not os.path.exists(cert):
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                            "-out", cert, "-days", "2", "-subj", "/CN=127.0.0.1"],
+                           check=True, capture_output=True)
+        return cert, key
+
+    def up(self):
+        with WORLD.lock:
+            if self.adapter is not None:
+                return
+            self.generation += 1
+            adapter = self.ic.createObjectAdapterWithEndpoints(
+                f"Double{self.generation}", f"ssl -h 127.0.0.1 -p {self.port}")
+            for (category, name), servant in self.servants.items():
+                adapter.add(servant, Ice.Identity(name, category))
+            adapter.activate()
+            self.port = adapter.getEndpoints()[0].getInfo().port
+            self.adapter = adapter
+
+    def down(self):
+        with WORLD.lock:
+            adapter, self.adapter = self.adapter, None
+            WORLD.connections.clear()
+        if adapter is not None:
+            adapter.destroy()
+
+    def add_servant(self, servant, identity, current=None):
+        with WORLD.lock:
+            self.servants[(identity.category, identity.name)] = servant
+            if self.adapter is not None and self.adapter.find(identity) is None:
+                self.adapter.add(servant, identity)
+            return (current.adapter if current else self.adapter).createProxy(identity)
+
+    def add_handle(self, handle, current):
+        prx = self.add_servant(handle, Ice.Identity(str(uuid.uuid4()), "handle"), current)
+        return omero.cmd.HandlePrx.uncheckedCast(prx)
+
+
+DOUBLE = None
+
+
+class Control(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _answer(self, data, code=200):
+        body = json.dumps(data, default=str).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path == "/state":
+            return self._answer(WORLD.dump())
+        self._answer({"error": "not found"}, 404)
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        if self.path == "/seed":
+            for g in body.get("groups", []):
+                WORLD.add_group(g["name"], g.get("perms", "rw----"))
+            for u in body.get("users", []):
+                WORLD.add_user(u["name"], u.get("password", "secret"), u.get("email"), u.get("groups", []),
+                               u.get("admin", False))
+            return self._answer({"ok": True})
+        if self.path == "/faults":
+            with WORLD.lock:
+                for k, v in body.items():
+                    if v is None:
+                        WORLD.faults.pop(k, None)
+                    else:
+                        WORLD.faults[k] = v
+                down = WORLD.faults.get("down")
+            DOUBLE.down() if down else DOUBLE.up()
+            return self._answer({"ok": True, "faults": WORLD.faults, "port": DOUBLE.port})
+        self._answer({"error": "not found"}, 404)
+
+
+def main():
+    global DOUBLE
+    workdir = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="omero-double-")
+    DOUBLE = Double(workdir)
+    control = ThreadingHTTPServer(("127.0.0.1", 0), Control)
+    threading.Thread(target=control.serve_forever, daemon=True).start()
+    print(json.dumps({"port": DOUBLE.port, "control": control.server_address[1]}), flush=True)
+    sys.stdin.read()  # until the test closes our stdin (or dies)
+    control.shutdown()
+    DOUBLE.ic.destroy()
+
+
+if __name__ == "__main__":
+    main()
