@@ -397,7 +397,8 @@ def create_app(config, store, importer=None) -> bottle.Bottle:
     from . import seed
 
     api = Api(config, store, importer)
-    app = bottle.Bottle(autojson=False, catchall=True)
+    app = bottle.Bottle(catchall=True)
+    app.config["json.enable"] = False
     app.config["watchfolder.api"] = api
     openapi_bytes = _package_file("openapi.yaml")
     static_dir = importlib.resources.files("watchfolder").joinpath("static")

@@ -6,9 +6,10 @@ reads everything from the store (and the disk), so it works from any process.
 Components publish themselves with ``store.set_component(kind, name, status)``;
 the keys read here are:
 
-- workers (kind ``worker``): ``state`` (``idle``, ``busy``, ``stopping``,
-  ``stopped``), ``current_job`` (job id or null); the row's ``updated_at`` is
-  the heartbeat.
+- workers (kind ``worker``): ``state`` (``idle``, ``busy``, ``stopped``),
+  ``job_id`` (the job it runs, or null), ``heartbeat_seconds`` (its interval,
+  else ``workers.heartbeat_seconds``); the row's ``updated_at`` is the
+  heartbeat. A worker that stops cleanly removes its row.
 - watchers (kind ``watcher``): ``path``, ``mode``, ``healthy``, ``error``,
   ``last_event_at``, ``last_scan_at``, ``pending``, ``events``, ``rescans``.
 - importer (kind ``importer``): ``ok`` and anything else the importer's
@@ -36,6 +37,7 @@ def worker_view(component: dict[str, Any], *, heartbeat_seconds: float, now: flo
     """One worker's row in the status view."""
     status = component.get("status") or {}
     state = str(status.get("state") or "unknown")
+    heartbeat_seconds = float(status.get("heartbeat_seconds") or heartbeat_seconds)
     age = _age(now, component.get("updated_at"))
     stopped = state == "stopped"
     fresh = age is not None and age <= HEARTBEAT_TOLERANCE * heartbeat_seconds
@@ -47,7 +49,7 @@ def worker_view(component: dict[str, Any], *, heartbeat_seconds: float, now: flo
         "host": component.get("host"),
         "pid": component.get("pid"),
         "state": state,
-        "current_job": status.get("current_job"),
+        "current_job": status.get("job_id"),
         "heartbeat_at": component.get("updated_at"),
         "heartbeat_age": age,
         "healthy": stopped or fresh,
