@@ -368,8 +368,9 @@ def _bar(job: Job, width: int = 30) -> str:
             f"{p.phase or str(job.state)}")
 
 
-def _follow(store, job_id: int, out=sys.stdout) -> Job:
+def _follow(store, job_id: int, out=None) -> Job:
     """Draw a live progress bar until the job ends."""
+    out = out or sys.stdout  # looked up now: sys.stdout may be redirected after import
     tty = out.isatty()
     last = ""
     while True:
