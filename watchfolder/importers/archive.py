@@ -88,6 +88,11 @@ class ArchiveImporter(Importer):
         sources = []
         missing = []
         for entry in job.spec.files:
+            if os.path.isabs(entry.path) or ".." in Path(entry.path).parts:
+                # It would be copied outside the destination folder (the acquisition parsers refuse these too).
+                raise PermanentImportError(
+                    f"{entry.path}: listed paths must be relative to the acquisition folder, without '..'"
+                )
             src = src_root / entry.path
             try:
                 real = src.resolve(strict=True)
