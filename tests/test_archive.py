@@ -1,0 +1,417 @@
+"""The archive importer, on real files, with a real store and a claimed job as its context."""
+
+from __future__ import annotations
+
+import calendar
+import hashlib
+import json
+import os
+import subprocess
+import threading
+import time
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from watchfolder.errors import JobCancelled, PermanentImportError, TransientImportError
+from watchfolder.importers.archive import ArchiveImporter
+from watchfolder.job import FileEntry, JobState, Target
+from watchfolder.worker import JobContext
+
+WORKER = "archive-test-worker"
+CREATED = calendar.timegm((2026, 3, 14, 9, 26, 53))  # 2026-03-14 UTC
+
+
+class RecordingContext(JobContext):
+    """The worker's real context (store writes, lease, cancel checks), recording each progress call.
+
+    ``on_progress`` lets a test act on the files at a precise point of the copy.
+    """
+
+    def __init__(self, *args, on_progress=None, **kwargs):
+        super().__init__(*args, min_interval=0.0, **kwargs)
+        self.calls: list[tuple[str, int, int, int, int]] = []
+        self.messages: list[str] = []
+        self.on_progress = on_progress
+
+    def progress(self, phase, bytes_done=0, bytes_total=0, files_done=0, files_total=0):
+        self.calls.append((phase, bytes_done, bytes_total, files_done, files_total))
+        if self.on_progress is not None:
+            self.on_progress(self)
+        super().progress(phase, bytes_done, bytes_total, files_done, files_total)
+
+    def log(self, message):
+        self.messages.append(message)
+        super().log(message)
+
+
+@pytest.fixture
+def archive_root(tmp_path) -> Path:
+    return tmp_path / "archive"
+
+
+@pytest.fixture
+def start(store):
+    """Queue a spec, claim its job: returns (job, context)."""
+
+    def start_job(spec, **ctx_options):
+        store.enqueue(spec, now=CREATED)
+        job = store.claim(WORKER, now=CREATED)
+        assert job is not None and job.spec.root == spec.root
+        return job, RecordingContext(store, job, WORKER, threading.Event(), **ctx_options)
+
+    return start_job
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+# -- copying ------------------------------------------------------------------------------
+
+
+def test_copies_every_file_with_checksums_into_the_layout(store, make_spec, start, archive_root):
+    files = {"tile_1.tif": b"one" * 1000, "sub/dir/tile_2.tif": b"two" * 700, "notes.txt": b"hello"}
+    spec = make_spec(files)
+    job, ctx = start(spec)
+    result = ArchiveImporter(root=archive_root).run(job, ctx)
+
+    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3"
+    assert result["destination"] == str(dest)
+    assert result["bytes"] == sum(len(d) for d in files.values())
+    assert files_under(archive_root) == sorted(f"jdoe/Brain atlas/slide 3/{rel}" for rel in files)
+    by_path = {f["path"]: f for f in result["files"]}
+    assert set(by_path) == set(files)
+    for rel, data in files.items():
+        assert (dest / rel).read_bytes() == data
+        assert by_path[rel] == {"path": rel, "dest": str(dest / rel), "size": len(data), "sha256": sha(data)}
+        assert (Path(spec.root) / rel).read_bytes() == data  # the source stays
+    # No temporary names left anywhere, and the result is plain JSON for the store.
+    assert not [p for p in archive_root.rglob("*") if p.name.endswith(".part")]
+    assert json.loads(json.dumps(result)) == result
+    done = store.succeed(job.id, WORKER, result, progress=ctx.current)
+    assert done.state == JobState.SUCCEEDED and done.result == result
+
+
+def test_progress_reports_bytes_and_files(store, make_spec, start, archive_root):
+    files = {"a.tif": os.urandom(1000), "b.tif": os.urandom(300), "c.tif": b""}
+    job, ctx = start(make_spec(files))
+    ArchiveImporter(root=archive_root, chunk_bytes=128).run(job, ctx)
+
+    total = 1300
+    assert {c[2] for c in ctx.calls} == {total}
+    assert {c[4] for c in ctx.calls} == {3}
+    done = [c[1] for c in ctx.calls]
+    assert done == sorted(done), "bytes done never go backwards"
+    assert len(ctx.calls) >= 1000 // 128  # several reports while copying one file
+    assert any(0 < c[1] < 1000 for c in ctx.calls)
+    files_done = [c[3] for c in ctx.calls]
+    assert files_done == sorted(files_done) and files_done[-1] == 3
+    assert ctx.calls[-1] == ("copying", total, total, 3, 3)
+    # The context wrote it through to the store: `jobs show` sees it.
+    progress = store.get(job.id).progress
+    assert (progress.bytes_done, progress.bytes_total, progress.files_done, progress.files_total) == (1300, 1300, 3, 3)
+
+
+def test_log_names_each_file_and_its_checksum(store, make_spec, start, archive_root):
+    job, ctx = start(make_spec({"x.tif": b"x" * 10}))
+    ArchiveImporter(root=archive_root).run(job, ctx)
+    log = store.read_log(job.id)
+    assert "archiving 1 file(s), 10 bytes, to " in log
+    assert f"archived x.tif sha256={sha(b'x' * 10)}" in log
+
+
+@pytest.mark.parametrize(
+    ("layout", "target", "group", "expected"),
+    [
+        ("{owner}/{project}/{dataset}", Target(project="P", dataset="D"), None, "jdoe/P/D"),
+        ("{owner}/{project}/{dataset}", Target(dataset="D"), None, "jdoe/_no_project/D"),
+        ("{owner}/{project}/{dataset}", Target(dataset_id=42), None, "jdoe/_no_project/dataset-42"),
+        ("{owner}/{project}/{dataset}", Target(screen="Plate 1"), None, "jdoe/_screens/Plate 1"),
+        ("{owner}/{project}/{dataset}", Target(screen_id=7), None, "jdoe/_screens/screen-7"),
+        ("{owner}/{screen}", Target(screen="Plate 1"), None, "jdoe/Plate 1"),
+        ("{owner}/{screen}", Target(screen_id=7), None, "jdoe/screen-7"),
+        ("{owner}/{screen}", Target(dataset="D"), None, "jdoe/_no_screen"),
+        ("{group}/{owner}/{date}/{job_id}", Target(dataset="D"), "smith-lab", "smith-lab/jdoe/2026-03-14/1"),
+        ("{group}/{owner}", Target(dataset="D"), None, "_default_group/jdoe"),
+        ("by-owner/{owner}//{dataset}/", Target(dataset="D"), None, "by-owner/jdoe/D"),
+    ],
+)
+def test_layout_placeholders(layout, target, group, expected, make_spec, start, archive_root):
+    job, ctx = start(make_spec({"f.tif": b"f"}, target=target, group=group))
+    result = ArchiveImporter(root=archive_root, layout=layout).run(job, ctx)
+    assert result["destination"] == str(archive_root / expected)
+    assert (archive_root / expected / "f.tif").read_bytes() == b"f"
+
+
+def test_layout_from_config(make_config, make_spec, start, tmp_path):
+    config = make_config(importer={"archive": {"root": str(tmp_path / "arch"), "layout": "{owner}-{date}"}})
+    job, ctx = start(make_spec({"f.tif": b"f"}))
+    result = ArchiveImporter(config).run(job, ctx)
+    assert result["destination"] == str(tmp_path / "arch" / "jdoe-2026-03-14")
+
+
+@pytest.mark.parametrize(
+    ("owner", "target", "expected"),
+    [
+        ("../../etc", Target(project="..", dataset="."), ".._.._etc/_no_project/_no_dataset"),
+        ("jdoe", Target(project="a/b", dataset="../../x"), "jdoe/a_b/.._.._x"),
+        ("jdoe", Target(project="a\\b", dataset="nul\x00byte"), "jdoe/a_b/nul_byte"),
+        ("/abs", Target(screen="/"), "_abs/_screens/_"),
+        ("  ", Target(dataset=" .. "), "_unknown_owner/_no_project/_no_dataset"),
+    ],
+)
+def test_unsafe_names_in_placeholders_stay_one_component(owner, target, expected, make_spec, start, archive_root):
+    # Targets built directly (an API client, a layout rule) bypass Target.from_dict's checks.
+    job, ctx = start(make_spec({"f.tif": b"f"}, owner=owner, target=target))
+    result = ArchiveImporter(root=archive_root).run(job, ctx)
+    dest = Path(result["destination"])
+    assert dest == archive_root / expected
+    assert len(dest.relative_to(archive_root).parts) == 3
+    assert files_under(archive_root) == [f"{expected}/f.tif"]
+
+
+@pytest.mark.parametrize("form", ["dotdot", "absolute"])
+def test_file_path_escaping_the_destination_is_refused(form, make_spec, start, archive_root):
+    # Both name a file inside the acquisition, but joined to the destination folder
+    # they would land beside it ('..') or on the source itself (absolute).
+    spec = make_spec({"f.tif": b"f", "x/keep": b"k"})
+    sneaky = f"x/../../{Path(spec.root).name}/f.tif" if form == "dotdot" else f"{spec.root}/f.tif"
+    assert (Path(spec.root) / sneaky).resolve() == Path(spec.root) / "f.tif"
+    job, ctx = start(spec.__class__(**{**spec.__dict__, "files": (FileEntry(sneaky, 1),)}))
+    with pytest.raises(PermanentImportError) as info:
+        ArchiveImporter(root=archive_root).run(job, ctx)
+    assert str(info.value) == (
+        f"{sneaky}: listed paths must be relative to the acquisition folder, without '..'"
+    )
+    assert files_under(archive_root) == []
+
+
+# -- refusing bad input ---------------------------------------------------------------------
+
+
+def test_manifest_checksum_mismatch_is_permanent(make_spec, start, archive_root):
+    spec = make_spec({"good.tif": b"good", "bad.tif": b"corrupted in transfer"})
+    wrong = "0" * 64
+    files = tuple(FileEntry(f.path, f.size, wrong if f.path == "bad.tif" else f.sha256) for f in spec.files)
+    job, ctx = start(spec.__class__(**{**spec.__dict__, "files": files}))
+    with pytest.raises(PermanentImportError) as info:
+        ArchiveImporter(root=archive_root).run(job, ctx)
+    message = str(info.value)
+    assert f"bad.tif: checksum {sha(b'corrupted in transfer')} does not match the manifest's {wrong}" in message
+    assert "export the acquisition again" in message
+    # Nothing of the bad file reached the archive, not even a temporary copy.
+    assert "bad.tif" not in " ".join(files_under(archive_root))
+
+
+def test_manifest_checksum_in_upper_case_is_accepted(make_spec, start, archive_root):
+    spec = make_spec({"a.tif": b"abc"})
+    files = (FileEntry("a.tif", 3, sha(b"abc").upper()),)
+    job, ctx = start(spec.__class__(**{**spec.__dict__, "files": files}))
+    result = ArchiveImporter(root=archive_root).run(job, ctx)
+    assert result["files"][0]["sha256"] == sha(b"abc")
+
+
+def test_missing_listed_file_is_permanent_and_named(make_spec, start, archive_root):
+    spec = make_spec({"a.tif": b"a", "b.tif": b"b", "c.tif": b"c"})
+    os.remove(Path(spec.root) / "b.tif")
+    job, ctx = start(spec)
+    with pytest.raises(PermanentImportError) as info:
+        ArchiveImporter(root=archive_root).run(job, ctx)
+    assert str(info.value) == f"1 listed file(s) missing from {spec.root}: b.tif"
+    assert files_under(archive_root) == []  # checked before anything is copied
+
+
+def test_size_changed_since_queued_is_permanent(make_spec, start, archive_root):
+    spec = make_spec({"a.tif": b"a" * 100})
+    (Path(spec.root) / "a.tif").write_bytes(b"a" * 150)
+    job, ctx = start(spec)
+    with pytest.raises(PermanentImportError) as info:
+        ArchiveImporter(root=archive_root).run(job, ctx)
+    assert str(info.value).startswith("a.tif is 150 bytes but was 100 bytes when queued")
+    assert files_under(archive_root) == []
+
+
+def test_file_changing_during_the_copy_is_transient(make_spec, start, archive_root):
+    spec = make_spec({"growing.tif": b"g" * 1000})
+    source = Path(spec.root) / "growing.tif"
+
+    def append_once(ctx):
+        if len(ctx.calls) == 2:  # mid-copy: the instrument is still writing
+            with open(source, "ab") as fh:
+                fh.write(b"more")
+
+    job, ctx = start(spec, on_progress=append_once)
+    with pytest.raises(TransientImportError) as info:
+        ArchiveImporter(root=archive_root, chunk_bytes=100).run(job, ctx)
+    assert str(info.value) == f"{source} changed while it was being copied; will try again"
+    assert [p for p in files_under(archive_root) if p.endswith("growing.tif") or p.endswith(".part")] == []
+
+
+def test_symlink_escaping_the_root_is_refused(make_spec, start, archive_root, tmp_path):
+    outside = tmp_path / "secret.txt"
+    outside.write_bytes(b"not yours")
+    spec = make_spec({"a.tif": b"a"})
+    (Path(spec.root) / "link.tif").symlink_to(outside)
+    files = (*spec.files, FileEntry("link.tif", len(b"not yours")))
+    job, ctx = start(spec.__class__(**{**spec.__dict__, "files": files}))
+    with pytest.raises(PermanentImportError) as info:
+        ArchiveImporter(root=archive_root).run(job, ctx)
+    assert str(info.value).startswith(f"link.tif resolves outside the acquisition folder ({outside})")
+    assert files_under(archive_root) == []
+
+
+def test_symlink_inside_the_root_is_copied_as_a_file(make_spec, start, archive_root):
+    spec = make_spec({"data/real.tif": b"real"})
+    (Path(spec.root) / "alias.tif").symlink_to(Path(spec.root) / "data" / "real.tif")
+    files = (*spec.files, FileEntry("alias.tif", 4))
+    job, ctx = start(spec.__class__(**{**spec.__dict__, "files": files}))
+    result = ArchiveImporter(root=archive_root).run(job, ctx)
+    alias = Path(result["destination"]) / "alias.tif"
+    assert not alias.is_symlink() and alias.read_bytes() == b"real"
+
+
+# -- re-runs, existing files, stale temporaries ------------------------------------------------
+
+
+def test_identical_file_already_there_is_reused(store, make_spec, start, archive_root):
+    files = {"a.tif": b"a" * 500, "b.tif": b"b" * 500}
+    job, ctx = start(make_spec(files))
+    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3"
+    dest.mkdir(parents=True)
+    (dest / "a.tif").write_bytes(files["a.tif"])  # copied by an attempt that then crashed
+    before = (dest / "a.tif").stat()
+    result = ArchiveImporter(root=archive_root).run(job, ctx)
+    after = (dest / "a.tif").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not rewritten
+    assert [f["sha256"] for f in result["files"]] == [sha(files["a.tif"]), sha(files["b.tif"])]
+    assert f"already archived a.tif sha256={sha(files['a.tif'])}" in ctx.messages
+    assert f"archived b.tif sha256={sha(files['b.tif'])}" in ctx.messages
+    assert files_under(dest) == ["a.tif", "b.tif"]
+
+
+def test_rerun_after_lease_expiry_completes_without_duplicates(store, make_spec, start, archive_root):
+    files = {"a.tif": b"a" * 500, "b.tif": b"b" * 500}
+    job, ctx = start(make_spec(files))
+    first = ArchiveImporter(root=archive_root).run(job, ctx)
+    # The worker died before recording success: the lease expires, the job runs again.
+    # (Progress renewed the lease on the real clock, so expiry is judged on it too.)
+    later = time.time() + 3600
+    assert store.maintain(now=later)["expired"] == 1
+    again = store.claim("second-worker", now=later)
+    assert again.id == job.id and again.attempts == 2
+    ctx2 = RecordingContext(store, again, "second-worker", threading.Event())
+    second = ArchiveImporter(root=archive_root).run(again, ctx2)
+    assert second == first
+    assert files_under(archive_root) == ["jdoe/Brain atlas/slide 3/a.tif", "jdoe/Brain atlas/slide 3/b.tif"]
+    assert all(m.startswith("already archived") for m in ctx2.messages[1:])
+
+
+def test_different_existing_file_is_never_overwritten(make_spec, start, archive_root):
+    job, ctx = start(make_spec({"a.tif": b"new acquisition"}))
+    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3"
+    dest.mkdir(parents=True)
+    (dest / "a.tif").write_bytes(b"someone else's data")
+    with pytest.raises(PermanentImportError) as info:
+        ArchiveImporter(root=archive_root).run(job, ctx)
+    assert str(info.value) == (
+        f"{dest / 'a.tif'} already exists with different content; the archive never overwrites: "
+        "move the existing file away or change importer.archive.layout"
+    )
+    assert (dest / "a.tif").read_bytes() == b"someone else's data"
+    assert files_under(dest) == ["a.tif"]  # no temporary copy left behind
+
+
+def test_stale_part_files_of_an_earlier_attempt_are_removed(make_spec, start, archive_root):
+    job, ctx = start(make_spec({"a.tif": b"a" * 100}))
+    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3"
+    dest.mkdir(parents=True)
+    stale = dest / f".a.tif.wf-{job.id}-deadbeef.part"
+    stale.write_bytes(b"half a cop")
+    other_job = dest / f".a.tif.wf-{job.id + 1000}-cafebabe.part"  # another job's copy in progress
+    other_job.write_bytes(b"busy")
+    ArchiveImporter(root=archive_root).run(job, ctx)
+    assert not stale.exists()
+    assert other_job.read_bytes() == b"busy"
+    assert (dest / "a.tif").read_bytes() == b"a" * 100
+
+
+# -- odd files ------------------------------------------------------------------------------
+
+
+def test_empty_file_and_unicode_names(make_spec, start, archive_root):
+    nfc = unicodedata.normalize("NFC", "café_Ø_µm.tif")
+    nfd = unicodedata.normalize("NFD", "naïve_ü.tif")
+    assert nfd != unicodedata.normalize("NFC", nfd)
+    files = {"empty.tif": b"", nfc: b"nfc", nfd: b"nfd", "日本語/画像 1.tif": b"cjk"}
+    job, ctx = start(make_spec(files))
+    result = ArchiveImporter(root=archive_root).run(job, ctx)
+    dest = Path(result["destination"])
+    # Names are kept exactly as spelled on disk (no normalisation that could clash).
+    assert sorted(os.listdir(dest)) == sorted(["empty.tif", nfc, nfd, "日本語"])
+    for rel, data in files.items():
+        assert (dest / rel).read_bytes() == data
+    by_path = {f["path"]: f for f in result["files"]}
+    assert by_path["empty.tif"]["size"] == 0
+    assert by_path["empty.tif"]["sha256"] == sha(b"")
+    assert by_path[nfd]["sha256"] == sha(b"nfd")
+
+
+# -- cancel and disk full ------------------------------------------------------------------
+
+
+def test_cancel_stops_the_copy_at_a_checkpoint_and_cleans_up(store, make_spec, start, archive_root):
+    spec = make_spec({"big.tif": os.urandom(4000)})
+
+    def cancel_midway(ctx):
+        if len(ctx.calls) == 3:
+            store.cancel(ctx.job.id, by="test")
+
+    job, ctx = start(spec, on_progress=cancel_midway)
+    with pytest.raises(JobCancelled):
+        ArchiveImporter(root=archive_root, chunk_bytes=500).run(job, ctx)
+    assert len(ctx.calls) == 3
+    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3"
+    assert files_under(dest) == []  # neither the file nor its temporary copy
+
+
+@pytest.fixture
+def tiny_volume(tmp_path):
+    """A 64 KiB tmpfs, to fill up for real; skipped where mounting is not allowed."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_disk_full_is_transient_and_leaves_no_partial_file(make_spec, start, tiny_volume):
+    job, ctx = start(make_spec({"small.tif": b"s" * 1000, "huge.tif": os.urandom(256 * 1024)}))
+    with pytest.raises(TransientImportError) as info:
+        ArchiveImporter(root=tiny_volume).run(job, ctx)
+    dest = tiny_volume / "jdoe" / "Brain atlas" / "slide 3"
+    assert str(info.value) == f"no space left on the archive volume while writing {dest / 'huge.tif'}"
+    assert [p for p in files_under(tiny_volume) if p.endswith(".part") or "huge" in p] == []
+    # The space the failed copy took is free again.
+    stat = os.statvfs(tiny_volume)
+    assert stat.f_bavail * stat.f_frsize > 32 * 1024
+
+
+def test_health(archive_root, tmp_path):
+    assert ArchiveImporter(root=archive_root).health() == {"ok": True, "root": str(archive_root)}
+    assert archive_root.is_dir()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    health = ArchiveImporter(root=blocker / "archive").health()
+    assert health["ok"] is False
+    assert health["error"] == f"cannot create {blocker / 'archive'}: Not a directory"
