@@ -1,0 +1,811 @@
+"""Completion detection: which paths form an acquisition, and when one is complete.
+
+A :class:`Detector` keeps one :class:`Candidate` per acquisition it has seen under
+a watch folder (a folder for the ``manifest`` and ``layout`` modes, a data file
+for ``sidecar``). Observers (events, polling, rescans) report what they saw; the
+detector restarts the candidate's quiet period on every change, and once a
+candidate has been quiet, checks the detection rule and returns an
+:class:`Outcome`: a job spec to queue, bad input to reject, or nothing to do.
+
+Nothing here touches the job store; the watcher applies outcomes. Time is always
+passed in (``now``), so tests drive it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+import json
+import os
+import pwd
+import re
+import stat
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import acquisition as acq
+from .config import WatchConfig
+from .errors import AcquisitionError
+from .job import FileEntry, JobSpec, Target
+
+# Files the watcher itself writes beside acquisitions; never part of one.
+RECEIPT_SUFFIX = ".watchfolder-receipt.json"
+ERROR_SUFFIX = ".watchfolder-error.txt"
+OWN_MARKERS = (".watchfolder-receipt.json", ".watchfolder-error.txt")
+
+# How often a candidate waiting for missing files is looked at again when no
+# event arrives (events mode); polling looks at every tick anyway.
+WAIT_RECHECK_SECONDS = 30.0
+
+
+def is_own_file(name: str) -> bool:
+    """True for receipts and error reports (and their temporary files)."""
+    return any(marker in name for marker in OWN_MARKERS)
+
+
+def _enc(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a candidate looked like at one moment: a digest of names, sizes and mtimes."""
+
+    digest: bytes
+    max_mtime: float  # newest mtime seen (files and folders), seconds
+    dirs: tuple[tuple[str, int], ...] = ()  # (relative folder, mtime_ns), for the polling index
+    files: int = 0
+
+
+class Patterns:
+    """Include/exclude patterns of a watch folder, pre-split for speed."""
+
+    def __init__(self, include: Iterable[str], exclude: Iterable[str]):
+        self.include = tuple(include)
+        self.exclude = tuple(exclude)
+        # Plain names and simple "*.ext"/"prefix*" patterns are matched without fnmatch.
+        self._exact = {p for p in self.exclude if not any(c in p for c in "*?[")}
+        self._regex = re.compile("|".join(fnmatch.translate(p) for p in self.exclude)) if self.exclude else None
+
+    def name_excluded(self, name: str) -> bool:
+        """True when a single name (file or folder) is excluded."""
+        if is_own_file(name):
+            return True
+        if name in self._exact:
+            return True
+        return bool(self._regex and self._regex.match(name))
+
+    def file_excluded(self, relpath: str) -> bool:
+        """True when a file (relative path) is not part of acquisitions."""
+        if is_own_file(relpath.rsplit("/", 1)[-1]):
+            return True
+        return acq.is_excluded(relpath, self.exclude, self.include)
+
+
+def snapshot_folder(
+    path: str, patterns: Patterns, rel: str = "", *, entries: list[os.DirEntry] | None = None
+) -> Snapshot | None:
+    """Walk a folder and digest every entry's name, size and mtime (None if it is gone).
+
+    Excluded *files* count (a ``.part`` being written is activity) but excluded
+    folders are not entered (``.snapshot`` on a NAS can be huge). Symlinks are not
+    followed. ``rel`` prefixes the folder paths returned for the polling index;
+    ``entries`` is the top folder's listing when the caller has it already.
+    """
+    try:
+        top = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not stat.S_ISDIR(top.st_mode):
+        return None
+    digest = hashlib.blake2b(digest_size=16)
+    max_ns = top.st_mtime_ns
+    dirs = [(rel, top.st_mtime_ns)]
+    files = 0
+    stack = [(path, "")]
+    while stack:
+        folder, sub = stack.pop()
+        try:
+            if entries is not None:
+                listing, entries = sorted(entries, key=lambda e: e.name), None
+            else:
+                with os.scandir(folder) as it:
+                    listing = sorted(it, key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            if not sub:
+                return None
+            continue
+        except PermissionError:
+            digest.update(b"?" + _enc(sub) + b"\n")
+            continue
+        subdirs = []
+        for entry in listing:
+            name = entry.name
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+                if is_dir and patterns.name_excluded(name):
+                    continue
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            child = f"{sub}/{name}" if sub else name
+            if st.st_mtime_ns > max_ns:
+                max_ns = st.st_mtime_ns
+            if is_dir:
+                digest.update(b"D" + _enc(child) + b"\0%d\n" % st.st_mtime_ns)
+                dirs.append((f"{rel}/{child}" if rel else child, st.st_mtime_ns))
+                subdirs.append((entry.path, child))
+            else:
+                if is_own_file(name):
+                    continue
+                files += 1
+                digest.update(b"F" + _enc(child) + b"\0%d\0%d\n" % (st.st_size, st.st_mtime_ns))
+        stack.extend(reversed(subdirs))
+    return Snapshot(digest.digest(), max_ns / 1e9, tuple(dirs), files)
+
+
+def snapshot_files(paths: Iterable[str]) -> Snapshot | None:
+    """Digest of a few named files (a data file and its sidecar); missing ones count as missing."""
+    digest = hashlib.blake2b(digest_size=16)
+    max_ns = 0
+    present = 0
+    for path in paths:
+        try:
+            st = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            digest.update(b"-\n")
+            continue
+        present += 1
+        max_ns = max(max_ns, st.st_mtime_ns)
+        digest.update(b"F%d\0%d\0%d\n" % (st.st_mode, st.st_size, st.st_mtime_ns))
+    if not present:
+        return None
+    return Snapshot(digest.digest(), max_ns / 1e9, (), present)
+
+
+# ---------------------------------------------------------------------------
+# Outcomes
+
+
+@dataclass
+class Outcome:
+    """What to do about a candidate that has been quiet.
+
+    ``kind``: ``enqueue`` (spec), ``reject`` (spec + reason), ``wait`` (reason; not
+    complete yet), ``ignore`` (note; e.g. a JSON that is data, not a sidecar), or
+    ``gone`` (the acquisition disappeared).
+    """
+
+    kind: str
+    rel: str
+    spec: JobSpec | None = None
+    reason: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Candidate:
+    rel: str
+    first_seen: float
+    last_change: float
+    digest: bytes | None = None  # last observed snapshot; None: unknown since the last event
+    observed_at: float = 0.0
+    done_digest: bytes | None = None  # snapshot at the last outcome (job queued, rejected, ignored)
+    waiting: str = ""  # why a quiet candidate is not complete yet
+    next_check: float = 0.0
+    seen_generation: int = 0
+
+    @property
+    def pending(self) -> bool:
+        return self.done_digest is None or self.digest != self.done_digest
+
+
+# ---------------------------------------------------------------------------
+# Rules: how paths map to acquisitions, and what makes one complete
+
+
+class Rule:
+    """One detection mode. Paths are relative to the watch root, ``/``-separated."""
+
+    unit = "folder"
+
+    def __init__(self, watch: WatchConfig, patterns: Patterns):
+        self.watch = watch
+        self.patterns = patterns
+
+    def folder_is_candidate(self, rel_dir: str, names: set[str]) -> bool:
+        """Is this folder (listed with ``names``) an acquisition?"""
+        return False
+
+    def file_candidates(self, rel_dir: str, names: set[str]) -> list[str]:
+        """Acquisitions that are files in this folder (sidecar mode)."""
+        return []
+
+    def descend(self, rel_dir: str) -> bool:
+        """Can acquisitions be found below this folder?"""
+        return True
+
+    def candidate_for(self, rel_path: str, known: dict[str, Candidate], is_dir: bool) -> str | None:
+        """The acquisition a changed path belongs to (known or about to be), or None."""
+        raise NotImplementedError
+
+    def snapshot(self, root: str, rel: str, entries: list[os.DirEntry] | None = None) -> Snapshot | None:
+        return snapshot_folder(os.path.join(root, rel), self.patterns, rel, entries=entries)
+
+    def build(self, root: str, rel: str, now: float) -> Outcome:
+        raise NotImplementedError
+
+
+def _ancestor_candidate(rel_path: str, known: dict[str, Candidate]) -> str | None:
+    path = rel_path
+    while path:
+        if path in known:
+            return path
+        path = path.rpartition("/")[0]
+    return None
+
+
+class ManifestRule(Rule):
+    """A folder holding the manifest (``watchfolder.json``) below the watch root."""
+
+    def folder_is_candidate(self, rel_dir: str, names: set[str]) -> bool:
+        return bool(rel_dir) and self.watch.manifest_name in names
+
+    def candidate_for(self, rel_path: str, known: dict[str, Candidate], is_dir: bool) -> str | None:
+        found = _ancestor_candidate(rel_path, known)
+        if found is not None:
+            return found
+        head, _, name = rel_path.rpartition("/")
+        if name == self.watch.manifest_name and head and not is_dir:
+            return head
+        return None
+
+    def build(self, root: str, rel: str, now: float) -> Outcome:
+        folder = Path(root, rel)
+        manifest = folder / self.watch.manifest_name
+        if not folder.is_dir():
+            return Outcome("gone", rel)
+        if not manifest.is_file():
+            return Outcome("gone", rel, reason=f"{self.watch.manifest_name} was removed")
+        base = _base_spec(self.watch, folder, rel)
+        try:
+            descriptor = acq.read_descriptor(manifest)
+        except acq.NotADescriptor as exc:
+            return Outcome("reject", rel, spec=base, reason=f"{exc}; a manifest must name at least the owner")
+        except AcquisitionError as exc:
+            return Outcome("reject", rel, spec=base, reason=str(exc))
+        base = _apply_descriptor(base, descriptor)
+        try:
+            if descriptor.files is not None:
+                check = acq.check_listed(folder, descriptor.files)
+                if check.missing:
+                    return Outcome(
+                        "wait", rel, spec=base,
+                        reason=f"{len(check.missing)} listed file(s) missing or incomplete: "
+                        + "; ".join(check.missing[:20]) + (" …" if len(check.missing) > 20 else ""),
+                    )
+                found = check.present
+                bad = _checksums(folder, [e for e, _ in found])
+                if bad:
+                    return Outcome("wait", rel, spec=base, reason="checksum mismatch: " + "; ".join(bad[:20]))
+            else:
+                found = [
+                    (FileEntry(r, st.st_size), st)
+                    for r, st in acq.walk_files(
+                        folder, exclude=self.patterns.exclude, include=self.patterns.include,
+                        skip={self.watch.manifest_name},
+                    )
+                    if not is_own_file(r.rsplit("/", 1)[-1])
+                ]
+                if not found:
+                    return Outcome(
+                        "reject", rel, spec=base,
+                        reason=f"{folder}: the manifest lists no files and the folder holds none to import",
+                    )
+        except AcquisitionError as exc:
+            return Outcome("reject", rel, spec=base, reason=str(exc))
+        return _finish(self.watch, base, descriptor, found, rel, "folder", warnings=list(descriptor.warnings))
+
+
+class SidecarRule(Rule):
+    """A data file with ``<data file><suffix>`` beside it."""
+
+    unit = "file"
+
+    def file_candidates(self, rel_dir: str, names: set[str]) -> list[str]:
+        suffix = self.watch.sidecar_suffix
+        out = []
+        for name in names:
+            if name.endswith(suffix) and len(name) > len(suffix) and not is_own_file(name):
+                data = name[: -len(suffix)]
+                if self.patterns.name_excluded(data):
+                    continue
+                out.append(f"{rel_dir}/{data}" if rel_dir else data)
+        return out
+
+    def candidate_for(self, rel_path: str, known: dict[str, Candidate], is_dir: bool) -> str | None:
+        if is_dir:
+            return None
+        if rel_path in known:
+            return rel_path
+        suffix = self.watch.sidecar_suffix
+        name = rel_path.rpartition("/")[2]
+        if name.endswith(suffix) and len(name) > len(suffix) and not is_own_file(name):
+            data = rel_path[: -len(suffix)]
+            if not self.patterns.name_excluded(data.rpartition("/")[2]):
+                return data
+        return None
+
+    def snapshot(self, root: str, rel: str, entries: list[os.DirEntry] | None = None) -> Snapshot | None:
+        data = os.path.join(root, rel)
+        return snapshot_files((data, data + self.watch.sidecar_suffix))
+
+    def build(self, root: str, rel: str, now: float) -> Outcome:
+        data = Path(root, rel)
+        sidecar = Path(str(data) + self.watch.sidecar_suffix)
+        if not sidecar.is_file():
+            return Outcome("gone", rel)
+        base = _base_spec(self.watch, data.parent, rel, files=(FileEntry(data.name),))
+        try:
+            descriptor = acq.read_descriptor(sidecar)
+        except acq.NotADescriptor as exc:
+            return Outcome("ignore", rel, reason=str(exc))
+        except AcquisitionError as exc:
+            return Outcome("reject", rel, spec=base, reason=str(exc))
+        base = _apply_descriptor(base, descriptor)
+        if not os.path.lexists(data):
+            return Outcome("wait", rel, spec=base, reason=f"data file {data.name} missing (sidecar {sidecar.name} is there)")
+        real_root = os.path.realpath(data.parent)
+        real = os.path.realpath(data)
+        if not real.startswith(real_root.rstrip("/") + "/"):
+            return Outcome("reject", rel, spec=base, reason=f"{data}: symlink points outside the folder (to {real})")
+        try:
+            st = os.stat(data)
+        except FileNotFoundError:
+            return Outcome("wait", rel, spec=base, reason=f"{data.name} is a dangling symlink")
+        if not stat.S_ISREG(st.st_mode):
+            return Outcome("reject", rel, spec=base, reason=f"{data}: not a regular file; a sidecar describes one data file")
+        entry = FileEntry(data.name, st.st_size)
+        for listed in descriptor.files or ():
+            if unicodedata.normalize("NFC", listed.path) == unicodedata.normalize("NFC", data.name):
+                if listed.size is not None and listed.size != st.st_size:
+                    return Outcome("wait", rel, spec=base, reason=f"{data.name} has {st.st_size} bytes, the sidecar lists {listed.size}")
+                entry = FileEntry(data.name, st.st_size, listed.sha256)
+        bad = _checksums(data.parent, [entry])
+        if bad:
+            return Outcome("wait", rel, spec=base, reason="checksum mismatch: " + "; ".join(bad))
+        descriptor = dataclasses.replace(descriptor, filesets=())
+        return _finish(self.watch, base, descriptor, [(entry, st)], rel, "file", warnings=list(descriptor.warnings))
+
+
+class LayoutRule(Rule):
+    """Folders at a fixed depth whose path names the owner and dataset (``{owner}/{dataset}/``)."""
+
+    def __init__(self, watch: WatchConfig, patterns: Patterns):
+        super().__init__(watch, patterns)
+        parts = [p for p in (watch.layout or "").strip("/").split("/") if p]
+        self.depth = len(parts)
+        self.regexes = [self._regex(p) for p in parts]
+
+    @staticmethod
+    def _regex(part: str) -> re.Pattern:
+        out, pos = [], 0
+        for m in re.finditer(r"{(\w+)}", part):
+            out.append(re.escape(part[pos:m.start()]))
+            out.append(f"(?P<{m.group(1)}>.+?)")
+            pos = m.end()
+        out.append(re.escape(part[pos:]))
+        return re.compile("".join(out), re.DOTALL)
+
+    def values(self, rel: str) -> dict[str, str] | None:
+        parts = rel.split("/")
+        if len(parts) != self.depth:
+            return None
+        values: dict[str, str] = {}
+        for part, regex in zip(parts, self.regexes, strict=True):
+            m = regex.fullmatch(part)
+            if not m:
+                return None
+            values.update({k: unicodedata.normalize("NFC", v) for k, v in m.groupdict().items()})
+        return values
+
+    def folder_is_candidate(self, rel_dir: str, names: set[str]) -> bool:
+        return bool(rel_dir) and self.values(rel_dir) is not None
+
+    def descend(self, rel_dir: str) -> bool:
+        return (rel_dir.count("/") + 1 if rel_dir else 0) < self.depth
+
+    def candidate_for(self, rel_path: str, known: dict[str, Candidate], is_dir: bool) -> str | None:
+        parts = rel_path.split("/")
+        if len(parts) < self.depth or (len(parts) == self.depth and not is_dir and rel_path not in known):
+            return None
+        head = "/".join(parts[: self.depth])
+        return head if head in known or self.values(head) is not None else None
+
+    def build(self, root: str, rel: str, now: float) -> Outcome:
+        folder = Path(root, rel)
+        if not folder.is_dir():
+            return Outcome("gone", rel)
+        values = self.values(rel) or {}
+        base = _base_spec(self.watch, folder, rel)
+        owner = values.get("owner") or self.watch.owner or ""
+        base = dataclasses.replace(base, owner=owner, group=values.get("group") or self.watch.group)
+        try:
+            target = _layout_target(self.watch.target, values)
+            if target is not None:
+                base = dataclasses.replace(base, target=target)
+            found = [
+                (FileEntry(r, st.st_size), st)
+                for r, st in acq.walk_files(folder, exclude=self.patterns.exclude, include=self.patterns.include)
+                if not is_own_file(r.rsplit("/", 1)[-1])
+            ]
+        except AcquisitionError as exc:
+            return Outcome("reject", rel, spec=base, reason=str(exc))
+        if not found:
+            # An empty folder (or one holding only temp files) is not an acquisition yet.
+            return Outcome("wait", rel, spec=base, reason="no files yet")
+        if owner and ("/" in owner or any(c.isspace() for c in owner)):
+            return Outcome("reject", rel, spec=base, reason=f"owner {owner!r} from the path is not a valid user name")
+        return _finish(self.watch, base, acq.Descriptor(), found, rel, "folder", warnings=[])
+
+
+def _layout_target(default: Target | None, values: dict[str, str]) -> Target | None:
+    keys = {k: v for k, v in values.items() if k in ("project", "dataset", "screen")}
+    if not keys:
+        return default
+    data = default.to_dict() if default else {}
+    if "screen" in keys:
+        data = {"screen": keys["screen"]}
+    else:
+        for k in ("dataset_id", "screen", "screen_id"):
+            data.pop(k, None)
+        data.update(keys)
+    return Target.from_dict(data, where="target from the folder layout")
+
+
+def make_rule(watch: WatchConfig, patterns: Patterns) -> Rule:
+    """The rule for ``watch.detection``."""
+    return {"manifest": ManifestRule, "sidecar": SidecarRule, "layout": LayoutRule}[watch.detection](watch, patterns)
+
+
+# ---------------------------------------------------------------------------
+# Building specs
+
+
+def _base_spec(watch: WatchConfig, root: Path, rel: str, files: tuple[FileEntry, ...] = ()) -> JobSpec:
+    """A spec with the watch folder's defaults; rejects use it when nothing better is known."""
+    return JobSpec(
+        owner=watch.owner or "",
+        root=str(root),
+        files=files,
+        target=watch.target or Target(),
+        source=f"watch:{watch.name}",
+        group=watch.group,
+        email=watch.email,
+        extra={"watch": watch.name, "acquisition": rel, "detection": watch.detection},
+    )
+
+
+def _apply_descriptor(spec: JobSpec, d: acq.Descriptor) -> JobSpec:
+    extra = dict(spec.extra)
+    if d.path is not None:
+        extra["descriptor"] = os.path.relpath(d.path, spec.root)
+        extra["descriptor_sha256"] = d.raw_bytes_sha256
+    return dataclasses.replace(
+        spec,
+        owner=d.owner or spec.owner,
+        group=d.group or spec.group,
+        email=d.email or spec.email,
+        target=d.target or spec.target,
+        name=d.name,
+        description=d.description,
+        annotations=dict(d.annotations),
+        extra=extra,
+    )
+
+
+_hash_cache: dict[tuple[str, int, int], str] = {}
+
+
+def _checksums(root: Path, entries: list[FileEntry]) -> list[str]:
+    """Files whose content does not match the listed sha256 (cached per path, size and mtime)."""
+    bad = []
+    for entry in entries:
+        if not entry.sha256:
+            continue
+        path = os.path.join(root, entry.path)
+        st = os.stat(path)
+        key = (path, st.st_size, st.st_mtime_ns)
+        digest = _hash_cache.get(key)
+        if digest is None:
+            h = hashlib.sha256()
+            with open(path, "rb") as fh:
+                while chunk := fh.read(1024 * 1024):
+                    h.update(chunk)
+            digest = h.hexdigest()
+            if len(_hash_cache) > 10_000:
+                _hash_cache.clear()
+            _hash_cache[key] = digest
+        if digest != entry.sha256:
+            bad.append(f"{entry.path} (sha256 {digest[:12]}…, listed {entry.sha256[:12]}…)")
+    return bad
+
+
+def acquisition_key(watch_name: str, rel: str, descriptor_sha256: str, files: list[tuple[FileEntry, Any]]) -> str:
+    """Idempotency key of a watched acquisition: folder, path and content.
+
+    Content is the descriptor's bytes and each file's size and mtime, so rescans
+    and restarts find the same key, and a changed re-drop gets a new one.
+    """
+    content = [
+        "watch/1",
+        watch_name,
+        unicodedata.normalize("NFC", rel),
+        descriptor_sha256,
+        sorted((unicodedata.normalize("NFC", e.path), st.st_size, st.st_mtime_ns) for e, st in files),
+    ]
+    raw = json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("utf-8", "surrogateescape")
+    return "watch:" + hashlib.sha256(raw).hexdigest()
+
+
+def _finish(
+    watch: WatchConfig,
+    base: JobSpec,
+    descriptor: acq.Descriptor,
+    found: list[tuple[FileEntry, os.stat_result]],
+    rel: str,
+    unit: str,
+    *,
+    warnings: list[str],
+) -> Outcome:
+    key = acquisition_key(watch.name, rel, descriptor.raw_bytes_sha256, found)
+    files = tuple(e for e, _ in found)
+    extra = dict(base.extra, unit=unit)
+    if warnings:
+        extra["warnings"] = warnings
+    spec = dataclasses.replace(base, files=files, idempotency_key=key, extra=extra)
+    try:
+        spec = dataclasses.replace(spec, filesets=acq._filesets_on_disk(descriptor.filesets, files))
+    except AcquisitionError as exc:
+        return Outcome("reject", rel, spec=spec, reason=str(exc))
+    where = "the manifest" if watch.detection == "manifest" else (
+        "the sidecar" if watch.detection == "sidecar" else "the folder layout"
+    )
+    if not spec.owner:
+        return Outcome(
+            "reject", rel, spec=spec,
+            reason=f'no owner: set "owner" in {where}, or set owner on watch folder {watch.name!r}',
+        )
+    if not spec.target.to_dict():
+        return Outcome(
+            "reject", rel, spec=spec,
+            reason=f'no target: set "target" in {where} (e.g. {{"project": "P", "dataset": "D"}}), '
+            f"or set target on watch folder {watch.name!r}",
+        )
+    if watch.allowed_owners and spec.owner not in watch.allowed_owners:
+        return Outcome(
+            "reject", rel, spec=spec,
+            reason=f"owner {spec.owner!r} is not allowed in watch folder {watch.name!r} "
+            f"(allowed: {', '.join(watch.allowed_owners)}); fix the owner in {where}, "
+            "or ask the admin to add it to allowed_owners",
+        )
+    if watch.check_os_owner:
+        problem = _os_owner_problem(spec.owner, found)
+        if problem:
+            return Outcome("reject", rel, spec=spec, reason=problem)
+    return Outcome("enqueue", rel, spec=spec, warnings=warnings)
+
+
+def _os_owner_problem(owner: str, found: list[tuple[FileEntry, os.stat_result]]) -> str:
+    names: dict[int, str] = {}
+    for entry, st in found:
+        if st.st_uid not in names:
+            try:
+                names[st.st_uid] = pwd.getpwuid(st.st_uid).pw_name
+            except KeyError:
+                names[st.st_uid] = f"uid {st.st_uid}"
+        if names[st.st_uid] != owner:
+            return (
+                f"{entry.path} belongs to system user {names[st.st_uid]!r}, but the acquisition claims owner "
+                f"{owner!r}; the owner check (check_os_owner) needs the files written by that user"
+            )
+    return ""
+
+
+# ---------------------------------------------------------------------------
+# The detector
+
+
+def estimate_change(max_mtime: float, since: float | None, now: float) -> float:
+    """When a change seen at ``now`` (and not at ``since``) happened.
+
+    The newest mtime says it exactly when it falls between the two looks; otherwise
+    (clock skew, copied mtimes) the safe answer is ``now``.
+    """
+    if since is not None and since < max_mtime <= now:
+        return max_mtime
+    return now
+
+
+class Detector:
+    """Candidates of one watch folder and their quiet periods.
+
+    ``root`` is the resolved watch folder. ``trust_events``: changes are reported
+    by events (``touch``), so a quiet candidate is complete without a second look;
+    otherwise (polling) a candidate is complete when two looks a quiet period
+    apart agree.
+    """
+
+    def __init__(self, watch: WatchConfig, root: str, *, trust_events: bool = False):
+        self.watch = watch
+        self.root = root
+        self.patterns = Patterns(watch.include, watch.exclude)
+        self.rule = make_rule(watch, self.patterns)
+        self.trust_events = trust_events
+        self.known: dict[str, Candidate] = {}
+        self.pending: set[str] = set()
+        self.generation = 0
+
+    # -- reports from observers -------------------------------------------
+
+    def observe(self, rel: str, now: float, *, since: float | None = None, snap: Snapshot | None = None) -> Snapshot | None:
+        """Look at a candidate now (snapshot it) and restart its quiet period if it changed.
+
+        ``since``: when the observer last looked without seeing this candidate (a
+        poll tick), so an mtime in between can date the change; None at startup.
+        """
+        if snap is None:
+            snap = self.rule.snapshot(self.root, rel)
+        cand = self.known.get(rel)
+        if snap is None:
+            if cand is not None:
+                self.forget(rel)
+            return None
+        if cand is None:
+            last = estimate_change(snap.max_mtime, since, now)
+            cand = Candidate(rel, first_seen=now, last_change=last, digest=snap.digest, observed_at=now)
+            cand.next_check = last + self.watch.quiet_period
+            cand.seen_generation = self.generation
+            self.known[rel] = cand
+            self.pending.add(rel)
+            return snap
+        cand.seen_generation = self.generation
+        if cand.digest != snap.digest:
+            if cand.digest is not None:
+                # A change seen by looking; an event (digest None) has dated it already.
+                cand.last_change = max(cand.last_change, estimate_change(snap.max_mtime, cand.observed_at, now))
+                cand.next_check = cand.last_change + self.watch.quiet_period
+            cand.digest = snap.digest
+            if snap.digest == cand.done_digest:
+                self.pending.discard(rel)  # back to what was already handled
+            else:
+                self.pending.add(rel)
+        cand.observed_at = now
+        return snap
+
+    def touch(self, rel: str, now: float) -> None:
+        """An event says the candidate changed: restart its quiet period (looked at when quiet)."""
+        cand = self.known.get(rel)
+        if cand is None:
+            cand = Candidate(rel, first_seen=now, last_change=now, seen_generation=self.generation)
+            self.known[rel] = cand
+        self._changed(cand, None, now)
+
+    def _changed(self, cand: Candidate, digest: bytes | None, now: float) -> None:
+        cand.last_change = now
+        cand.digest = digest
+        cand.next_check = now + self.watch.quiet_period
+        self.pending.add(cand.rel)
+
+    def forget(self, rel: str) -> None:
+        self.known.pop(rel, None)
+        self.pending.discard(rel)
+
+    def forget_below(self, rel_dir: str) -> None:
+        """A folder went away: drop every candidate in it."""
+        prefix = rel_dir + "/"
+        for rel in [r for r in self.known if r == rel_dir or r.startswith(prefix)]:
+            self.forget(rel)
+
+    def begin_scan(self) -> None:
+        self.generation += 1
+
+    def end_scan(self) -> None:
+        """After a full rescan: forget candidates that were not seen (gone)."""
+        for rel in [r for r, c in self.known.items() if c.seen_generation != self.generation]:
+            self.forget(rel)
+
+    # -- the single step --------------------------------------------------
+
+    def next_due(self) -> float | None:
+        """The earliest time a pending candidate must be looked at."""
+        if not self.pending:
+            return None
+        return min(self.known[r].next_check for r in self.pending)
+
+    def loop(self, now: float, *, recheck_pending: bool = False, since: float | None = None) -> list[Outcome]:
+        """Look at due candidates; return the outcomes of those that are complete or bad.
+
+        ``recheck_pending`` (polling): snapshot every pending candidate first, so
+        in-place appends restart quiet periods. Candidates with an ``enqueue`` or
+        ``reject`` outcome count as done once :meth:`settle` is called.
+        """
+        out: list[Outcome] = []
+        for rel in sorted(self.pending):
+            cand = self.known.get(rel)
+            if cand is None:
+                self.pending.discard(rel)
+                continue
+            if recheck_pending and now < cand.next_check:
+                self.observe(rel, now, since=since)
+            if now < cand.next_check:
+                continue
+            snap = self.rule.snapshot(self.root, rel)
+            if snap is None:
+                out.append(Outcome("gone", rel))
+                self.forget(rel)
+                continue
+            if cand.digest is not None and snap.digest != cand.digest:
+                # Changed since the last look without an event telling us (or between ticks).
+                cand.last_change = estimate_change(snap.max_mtime, cand.observed_at, now)
+                cand.digest = snap.digest
+                cand.observed_at = now
+                cand.next_check = cand.last_change + self.watch.quiet_period
+                if now < cand.next_check:
+                    continue
+            if cand.digest is None and not self.trust_events:
+                # No baseline yet (polling): take one and wait a quiet period.
+                cand.digest, cand.observed_at = snap.digest, now
+                cand.next_check = now + self.watch.quiet_period
+                continue
+            cand.digest, cand.observed_at = snap.digest, now
+            if snap.digest == cand.done_digest:
+                self.pending.discard(rel)
+                continue
+            outcome = self.rule.build(self.root, rel, now)
+            if outcome.kind == "gone":
+                self.forget(rel)
+                out.append(outcome)
+            elif outcome.kind == "ignore":
+                cand.done_digest = snap.digest
+                self.pending.discard(rel)
+                out.append(outcome)
+            elif outcome.kind == "wait":
+                if now - cand.last_change >= self.watch.missing_timeout:
+                    outcome.kind = "reject"
+                    outcome.reason = (
+                        f"incomplete after {self.watch.missing_timeout:g} s without change: {outcome.reason}; "
+                        "copy the missing files and drop the acquisition again, or fix the descriptor"
+                    )
+                    out.append(outcome)
+                else:
+                    cand.waiting = outcome.reason
+                    cand.next_check = min(cand.last_change + self.watch.missing_timeout, now + WAIT_RECHECK_SECONDS)
+            else:
+                cand.waiting = ""
+                out.append(outcome)
+        return out
+
+    def settle(self, outcome: Outcome, ok: bool, now: float, *, retry_after: float = 5.0) -> None:
+        """Record that an outcome was applied (``ok``) or must be tried again later."""
+        cand = self.known.get(outcome.rel)
+        if cand is None:
+            return
+        if ok:
+            cand.done_digest = cand.digest
+            self.pending.discard(outcome.rel)
+        else:
+            cand.next_check = now + retry_after
+
+    # -- status -----------------------------------------------------------
+
+    def pending_list(self, limit: int = 20) -> list[dict[str, Any]]:
+        out = []
+        for rel in sorted(self.pending)[:limit]:
+            c = self.known[rel]
+            out.append({"path": rel, "since": c.first_seen, "last_change": c.last_change, "waiting": c.waiting})
+        return out

@@ -1,0 +1,172 @@
+"""Walking a watch folder: full rescans, scans of new folders, and cheap polling.
+
+Polling does not re-snapshot the tree each interval. It keeps the mtime of every
+folder (a folder's mtime changes when an entry is added, removed or renamed in
+it) and stats only those; a changed folder is listed again, and the acquisitions
+still pending are looked at directly. Changes inside files of finished
+acquisitions, which no folder mtime shows, are left to the periodic full rescan.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from .detector import Detector
+
+# A folder listed while its mtime was this fresh is listed again on the next
+# tick: on filesystems with coarse timestamps (1 s on some NFS/SMB servers) an
+# entry added in the same second leaves the mtime unchanged.
+MTIME_GUARD_SECONDS = 2.0
+
+
+@dataclass
+class ScanStats:
+    folders: int = 0
+    candidates: int = 0
+    seconds: float = 0.0
+    errors: int = 0
+
+
+class Scanner:
+    """Finds candidates under ``root`` for a :class:`Detector`.
+
+    ``index``: keep the folder mtime index used by :meth:`poll` (polling mode).
+    ``skip``: absolute real paths of folders never entered (done/failed folders
+    placed inside the watch folder).
+    """
+
+    def __init__(self, detector: Detector, root: str, *, index: bool, skip: tuple[str, ...] = ()):
+        self.detector = detector
+        self.rule = detector.rule
+        self.root = root
+        self.index = index
+        self.skip = frozenset(skip)
+        self.dirs: dict[str, int] = {}  # absolute folder path -> mtime_ns
+        self.unsettled: set[str] = set()
+        self.errors: list[str] = []
+
+    def _rel(self, path: str) -> str:
+        return path[len(self.root) + 1:] if path != self.root else ""
+
+    def _abs(self, rel: str) -> str:
+        return os.path.join(self.root, rel) if rel else self.root
+
+    def full_scan(self, now: float) -> ScanStats:
+        """Walk the whole tree; forget candidates that are gone; rebuild the polling index."""
+        started = time.perf_counter()
+        self.detector.begin_scan()
+        if self.index:
+            self.dirs.clear()
+            self.unsettled.clear()
+        stats = self.scan_subtree("", now, since=None)
+        self.detector.end_scan()
+        stats.seconds = time.perf_counter() - started
+        return stats
+
+    def scan_subtree(self, rel_start: str, now: float, *, since: float | None, only_new: bool = False) -> ScanStats:
+        """Walk one folder and everything below it, reporting candidates to the detector.
+
+        ``only_new``: do not enter subfolders already in the index (polling re-lists
+        a changed folder; its known subfolders have their own index entries).
+        """
+        stats = ScanStats()
+        detector = self.detector
+        rule = self.rule
+        patterns = detector.patterns
+        known = detector.known
+        stack = [rel_start]
+        while stack:
+            rel = stack.pop()
+            path = self._abs(rel)
+            if path in self.skip:
+                continue
+            try:
+                with os.scandir(path) as it:
+                    entries = list(it)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except PermissionError as exc:
+                stats.errors += 1
+                self.errors.append(f"{path}: cannot list it ({exc.strerror})")
+                continue
+            stats.folders += 1
+            names = {e.name for e in entries}
+            if rel and (rel in known and rule.unit == "folder" or rule.folder_is_candidate(rel, names)):
+                snap = detector.observe(rel, now, since=since, snap=rule.snapshot(self.root, rel, entries))
+                stats.candidates += 1
+                if snap is not None and self.index:
+                    for sub, mtime in snap.dirs:
+                        self._index(self._abs(sub), mtime, now)
+                continue
+            if self.index:
+                try:
+                    self._index(path, os.stat(path).st_mtime_ns, now)
+                except FileNotFoundError:
+                    continue
+            for data_rel in rule.file_candidates(rel, names):
+                detector.observe(data_rel, now, since=since)
+                stats.candidates += 1
+            if not rule.descend(rel):
+                continue
+            for entry in entries:
+                try:
+                    if not entry.is_dir(follow_symlinks=False):
+                        continue
+                except OSError:
+                    continue
+                if patterns.name_excluded(entry.name):
+                    continue
+                if only_new and entry.path in self.dirs:
+                    continue
+                stack.append(f"{rel}/{entry.name}" if rel else entry.name)
+        return stats
+
+    def _index(self, path: str, mtime_ns: int, now: float) -> None:
+        self.dirs[path] = mtime_ns
+        if mtime_ns / 1e9 > now - MTIME_GUARD_SECONDS:
+            self.unsettled.add(path)
+        else:
+            self.unsettled.discard(path)
+
+    def poll(self, now: float, *, since: float | None) -> int:
+        """One polling tick: stat every known folder, re-list the changed ones. Returns how many changed."""
+        changed: list[str] = []
+        gone: list[str] = []
+        stat = os.stat
+        for path, old in self.dirs.items():
+            try:
+                mtime = stat(path).st_mtime_ns
+            except (FileNotFoundError, NotADirectoryError):
+                gone.append(path)
+                continue
+            if mtime != old or path in self.unsettled:
+                changed.append(path)
+        detector = self.detector
+        for path in gone:
+            self.dirs.pop(path, None)
+            self.unsettled.discard(path)
+            rel = self._rel(path)
+            cand = self.rule.candidate_for(rel, detector.known, True) if rel else None
+            if cand is not None and cand in detector.known:
+                detector.observe(cand, now, since=since)
+            elif rel:
+                detector.forget_below(rel)
+        for path in changed:
+            if path not in self.dirs:
+                continue
+            rel = self._rel(path)
+            cand = self.rule.candidate_for(rel, detector.known, True) if rel else None
+            if cand is not None and cand in detector.known and self.rule.unit == "folder":
+                snap = detector.observe(cand, now, since=since)
+                if snap is not None:
+                    for sub, mtime in snap.dirs:
+                        self._index(self._abs(sub), mtime, now)
+                continue
+            try:
+                self._index(path, stat(path).st_mtime_ns, now)
+            except FileNotFoundError:
+                continue
+            self.scan_subtree(rel, now, since=since, only_new=True)
+        return len(changed) + len(gone)

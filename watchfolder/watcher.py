@@ -1,0 +1,631 @@
+"""Watch folders: detect completed acquisitions and queue each exactly once.
+
+One :class:`Watcher` per configured watch folder. It chooses how to see changes
+(inotify events, or polling on network shares where events never come), feeds a
+:class:`~watchfolder.detector.Detector`, queues complete acquisitions in the job
+store, rejects bad ones with a readable reason, and applies post-actions when
+their jobs end. It never trusts a single source of truth: a full rescan runs at
+start, periodically, after an event-queue overflow and after every restart of a
+dead observer (watched folder removed, share unmounted).
+
+``Watcher.loop(now)`` is one step and returns how long to wait before the next;
+``Watcher.start()`` runs it in a thread. :class:`WatchService` runs all watchers
+of a config and mails the admin when one stays unhealthy.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from .config import Config, WatchConfig
+from .detector import Detector, Outcome
+from .followup import PostActions
+from .mounts import mount_of
+from .scanner import Scanner
+
+log = logging.getLogger(__name__)
+
+RESTART_BACKOFF = (1.0, 2.0, 5.0, 15.0, 30.0, 60.0)
+HEALTH_INTERVAL = 1.0
+STATUS_INTERVAL = 2.0
+FOLLOWUP_INTERVAL = 1.0
+STORE_RETRY_SECONDS = 5.0
+# Events that say nothing changed: reading files (e.g. an in-place import) must
+# not restart quiet periods.
+IGNORED_EVENTS = frozenset({"opened", "closed_no_write"})
+
+
+class WatchLimitError(OSError):
+    """inotify ran out of watches or instances; the message names the sysctl to raise."""
+
+
+# ---------------------------------------------------------------------------
+# inotify queue overflow: watchdog rebuilds its watches and only logs it, so a
+# log handler is the one place we learn that events were lost.
+
+_overflow_callbacks: set[Callable[[], None]] = set()
+_overflow_lock = threading.Lock()
+
+
+class _OverflowHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken log record must not break watching
+            return
+        if "overflow" in message.lower():
+            with _overflow_lock:
+                callbacks = list(_overflow_callbacks)
+            for callback in callbacks:
+                callback()
+
+
+_overflow_handler = _OverflowHandler(logging.WARNING)
+logging.getLogger("watchdog").addHandler(_overflow_handler)
+
+
+def _limit_message(exc: OSError, root: str) -> str:
+    if exc.errno == errno.EMFILE:
+        sysctl, value = "fs.inotify.max_user_instances", _read_proc("/proc/sys/fs/inotify/max_user_instances")
+    else:
+        sysctl, value = "fs.inotify.max_user_watches", _read_proc("/proc/sys/fs/inotify/max_user_watches")
+    return (
+        f"inotify limit reached watching {root} ({sysctl} = {value}); raise it, e.g. "
+        f"`sysctl -w {sysctl}=524288` and a line `{sysctl} = 524288` in /etc/sysctl.d/90-watchfolder.conf; "
+        "polling meanwhile"
+    )
+
+
+def _read_proc(path: str) -> str:
+    try:
+        with open(path, encoding="ascii") as fh:
+            return fh.read().strip()
+    except OSError:
+        return "unknown"
+
+
+class EventSource:
+    """inotify (through watchdog) on one folder, recursively; events go to ``sink``."""
+
+    def __init__(self, root: str, sink: Callable[[str, str, str, bool], None]):
+        self.root = root
+        self.sink = sink
+        self.observer = None
+
+    def start(self) -> None:
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers.inotify import InotifyObserver
+
+        sink = self.sink
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event) -> None:  # watchdog's thread
+                sink(event.event_type, _text(event.src_path), _text(getattr(event, "dest_path", "") or ""),
+                     event.is_directory)
+
+        observer = InotifyObserver()
+        try:
+            observer.schedule(Handler(), self.root, recursive=True)
+            observer.start()
+        except OSError as exc:
+            try:
+                observer.stop()
+            except Exception:  # never started; nothing to stop
+                pass
+            if exc.errno in (errno.ENOSPC, errno.EMFILE):
+                raise WatchLimitError(exc.errno, _limit_message(exc, self.root)) from exc
+            raise
+        self.observer = observer
+
+    def alive(self) -> bool:
+        observer = self.observer
+        if observer is None or not observer.is_alive():
+            return False
+        return all(e.is_alive() for e in list(observer.emitters))
+
+    def stop(self) -> None:
+        observer, self.observer = self.observer, None
+        if observer is not None:
+            try:
+                observer.stop()
+                observer.join(timeout=5)
+            except Exception:  # a dead observer may fail to stop; it is gone either way
+                log.debug("stopping the observer of %s failed", self.root, exc_info=True)
+
+
+def _text(path: Any) -> str:
+    return os.fsdecode(path) if isinstance(path, bytes) else str(path)
+
+
+# ---------------------------------------------------------------------------
+
+
+class Watcher:
+    """One watch folder: observer, detector, store, post-actions and health.
+
+    ``clock`` gives the time when ``loop`` is called without ``now``.
+    ``event_source`` builds the events observer (a factory taking root and sink),
+    ``mount_lookup`` maps a path to its mount (tests give network filesystems).
+    """
+
+    def __init__(
+        self,
+        watch: WatchConfig,
+        store: Any,
+        *,
+        clock: Callable[[], float] = time.time,
+        event_source: Callable[[str, Callable], Any] = EventSource,
+        mount_lookup: Callable[[str], Any] = mount_of,
+        restart_backoff: tuple[float, ...] = RESTART_BACKOFF,
+        health_interval: float = HEALTH_INTERVAL,
+        status_interval: float = STATUS_INTERVAL,
+        followup_interval: float = FOLLOWUP_INTERVAL,
+    ):
+        self.watch = watch
+        self.name = watch.name
+        self.source = f"watch:{watch.name}"
+        self.store = store
+        self.clock = clock
+        self.event_source_factory = event_source
+        self.mount_lookup = mount_lookup
+        self.restart_backoff = restart_backoff or RESTART_BACKOFF
+        self.health_interval = health_interval
+        self.status_interval = status_interval
+        self.followup_interval = followup_interval
+
+        self.events: deque[tuple[str, str, str, bool]] = deque()
+        self.wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+        self.root = os.path.realpath(watch.path)
+        self.mode = ""  # events | polling, once started
+        self.fs_type = ""
+        self.network = False
+        self.expected_network: bool | None = None
+        self.active = False
+        self.health = "starting"
+        self.error: str | None = None
+        self.warning: str | None = None
+        self.unhealthy_since: float | None = None
+        self.restart_attempt = 0
+        self.next_restart = 0.0
+        self.root_id: tuple[int, int] | None = None
+        self.source_obj: Any = None
+        self.detector: Detector | None = None
+        self.scanner: Scanner | None = None
+        self.post = PostActions(watch, self.root)
+        self.rescan_requested = False
+        self.last_event: float | None = None
+        self.last_scan: float | None = None
+        self.last_scan_seconds: float | None = None
+        self.last_poll: float | None = None
+        self.next_poll = 0.0
+        self.next_rescan = 0.0
+        self.next_health = 0.0
+        self.next_status = 0.0
+        self.next_followup = 0.0
+        self.counters = {"events": 0, "rescans": 0, "polls": 0, "queued": 0, "rejected": 0, "ignored": 0,
+                         "restarts": 0, "overflows": 0, "post_actions": 0}
+        self._status: dict[str, Any] = {}
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Run :meth:`loop` in a thread until :meth:`stop`."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        with _overflow_lock:
+            _overflow_callbacks.add(self._on_overflow)
+        self._thread = threading.Thread(target=self._run, name=f"watch:{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread and the observer, and publish the stopped status."""
+        self._stop.set()
+        self.wake.set()
+        with _overflow_lock:
+            _overflow_callbacks.discard(self._on_overflow)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self._deactivate()
+        self.health = "stopped"
+        try:
+            self._publish(self.clock(), force=True)
+        except Exception:  # the store may be closing as well
+            log.debug("publishing the stopped status of %s failed", self.name, exc_info=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                delay = self.loop()
+            except Exception as exc:  # keep watching; the status shows what broke
+                log.exception("watch folder %s: step failed", self.name)
+                self.error = f"internal error: {exc}"
+                delay = 1.0
+            self.wake.wait(max(0.0, delay))
+            self.wake.clear()
+
+    def _on_overflow(self) -> None:
+        if self.mode == "events":
+            self.rescan_requested = True
+            self.counters["overflows"] += 1
+            self.wake.set()
+
+    def _sink(self, event_type: str, src: str, dest: str, is_dir: bool) -> None:
+        if event_type in IGNORED_EVENTS:
+            return
+        self.events.append((event_type, src, dest, is_dir))
+        self.wake.set()
+
+    # -- starting and restarting the observer ------------------------------
+
+    def _choose_mode(self) -> str:
+        mount = self.mount_lookup(self.root)
+        self.fs_type = mount.fs_type if mount is not None else "unknown"
+        self.network = bool(mount is not None and mount.is_network)
+        if self.watch.mode == "auto":
+            return "polling" if self.network else "events"
+        return self.watch.mode
+
+    def _activate(self, now: float) -> None:
+        """Start observing (observer, then a full rescan); raises OSError if the folder is not usable."""
+        st = os.stat(self.root)
+        if not os.path.isdir(self.root):
+            raise NotADirectoryError(errno.ENOTDIR, f"{self.root} is not a folder")
+        os.listdir(self.root)  # unreadable shows now, not as a silent empty scan
+        mode = self._choose_mode()
+        if self.expected_network is None:
+            self.expected_network = self.network
+        elif self.expected_network and not self.network:
+            # The mount point is there but the share is not: watching the empty
+            # local folder would look healthy and see nothing.
+            raise OSError(errno.ENOENT, f"{self.root} is on {self.fs_type} now, not on its network share: "
+                                        "the share is not mounted; mount it again")
+        self.warning = None
+        if mode == "events":
+            source = self.event_source_factory(self.root, self._sink)
+            try:
+                source.start()
+                self.source_obj = source
+            except WatchLimitError as exc:
+                self.warning = str(exc)
+                log.warning("watch folder %s: %s", self.name, exc)
+                mode = "polling"
+        self.mode = mode
+        self.root_id = (st.st_dev, st.st_ino)
+        skip = tuple(
+            os.path.realpath(a.folder)
+            for a in (self.watch.on_success, self.watch.on_failure)
+            if a.folder is not None
+        )
+        self.detector = Detector(self.watch, self.root, trust_events=(mode == "events"))
+        self.scanner = Scanner(self.detector, self.root, index=(mode == "polling"), skip=skip)
+        self.events.clear()
+        self.active = True
+        self._rescan(now)
+        self.last_poll = now
+        self.next_poll = now + self.watch.poll_interval
+
+    def _deactivate(self) -> None:
+        self.active = False
+        source, self.source_obj = self.source_obj, None
+        if source is not None:
+            source.stop()
+
+    def _unhealthy(self, now: float, reason: str) -> None:
+        if self.health != "unhealthy":
+            log.warning("watch folder %s is unhealthy: %s", self.name, reason)
+        self._deactivate()
+        self.health = "unhealthy"
+        self.error = reason
+        if self.unhealthy_since is None:
+            self.unhealthy_since = now
+        delay = self.restart_backoff[min(self.restart_attempt, len(self.restart_backoff) - 1)]
+        self.restart_attempt += 1
+        self.next_restart = now + delay
+        self._publish(now, force=True)
+
+    def _try_start(self, now: float) -> None:
+        try:
+            self._activate(now)
+        except OSError as exc:
+            self._unhealthy(now, _describe_root_problem(self.root, exc))
+            return
+        if self.health == "unhealthy":
+            self.counters["restarts"] += 1
+            log.warning("watch folder %s recovered (%s mode)", self.name, self.mode)
+        self.health = "ok"
+        self.error = None
+        self.unhealthy_since = None
+        self.restart_attempt = 0
+        self._publish(now, force=True)
+
+    def _check_health(self, now: float) -> None:
+        try:
+            st = os.stat(self.root)
+        except OSError as exc:
+            self._unhealthy(now, _describe_root_problem(self.root, exc))
+            return
+        if (st.st_dev, st.st_ino) != self.root_id:
+            # Removed and recreated, or a share mounted/unmounted over it: the
+            # observer watches the old folder; start over.
+            self._unhealthy(now, f"{self.root} was replaced (removed and recreated, or a share was "
+                                 "mounted or unmounted); restarting the watch")
+            return
+        if self.mode == "events" and self.source_obj is not None and not self.source_obj.alive():
+            self._unhealthy(now, f"the event observer of {self.root} stopped; restarting it")
+
+    # -- the single step ----------------------------------------------------
+
+    def loop(self, now: float | None = None) -> float:
+        """One step: events, health, polling, rescans, due candidates, post-actions, status.
+
+        Returns the number of seconds until something is due.
+        """
+        now = self.clock() if now is None else now
+        if not self.active:
+            if self.health == "starting" or now >= self.next_restart:
+                self._try_start(now)
+            if not self.active:
+                self._publish(now)
+                return max(0.0, min(self.next_restart - now, self.health_interval))
+        assert self.detector is not None and self.scanner is not None
+        if now >= self.next_health:
+            self.next_health = now + self.health_interval
+            self._check_health(now)
+            if not self.active:
+                return max(0.0, min(self.next_restart - now, self.health_interval))
+        self._drain_events(now)
+        if not self.active:
+            return max(0.0, min(self.next_restart - now, self.health_interval))
+        if self.rescan_requested or now >= self.next_rescan:
+            self._rescan(now)
+        polled = False
+        if self.mode == "polling" and now >= self.next_poll:
+            changed = self.scanner.poll(now, since=self.last_poll)
+            self.counters["polls"] += 1
+            if changed:
+                self.last_event = now
+            self.last_poll = now
+            self.next_poll = now + self.watch.poll_interval
+            polled = True
+        outcomes = self.detector.loop(now, recheck_pending=polled, since=self.last_poll)
+        for outcome in outcomes:
+            self._apply(outcome, now)
+        if now >= self.next_followup:
+            self.next_followup = now + self.followup_interval
+            self._followups(now)
+        self._publish(now)
+        return self._next_delay(now)
+
+    def _next_delay(self, now: float) -> float:
+        due = [self.next_health, self.next_followup, self.next_rescan, self.next_status]
+        if self.mode == "polling":
+            due.append(self.next_poll)
+        if self.detector is not None:
+            candidate = self.detector.next_due()
+            if candidate is not None:
+                due.append(candidate)
+        return max(0.0, min(due) - now)
+
+    def _rescan(self, now: float) -> None:
+        assert self.scanner is not None
+        self.rescan_requested = False
+        stats = self.scanner.full_scan(now)
+        self.counters["rescans"] += 1
+        self.last_scan = now
+        self.last_scan_seconds = stats.seconds
+        self.next_rescan = now + self.watch.rescan_interval
+        if self.scanner.errors:
+            self.warning = self.scanner.errors[-1]
+            self.scanner.errors.clear()
+        log.info("watch folder %s: scanned %d folders, %d acquisitions in %.2f s",
+                 self.name, stats.folders, stats.candidates, stats.seconds)
+
+    def _drain_events(self, now: float) -> None:
+        if not self.events:
+            return
+        detector, scanner, rule = self.detector, self.scanner, self.detector.rule
+        root = self.root
+        prefix = root.rstrip("/") + "/"
+        while self.events:
+            event_type, src, dest, is_dir = self.events.popleft()
+            self.counters["events"] += 1
+            self.last_event = now
+            # A move is a removal at src and an arrival at dest; other events concern src.
+            for path, arrived in ((src, event_type != "moved"), (dest, True)):
+                if not path:
+                    continue
+                if path == root:
+                    if event_type == "deleted" or (event_type == "moved" and not arrived):
+                        self._unhealthy(now, f"{root} was removed or moved away")
+                        return
+                    continue
+                if not path.startswith(prefix):
+                    continue
+                rel = path[len(prefix):]
+                if any(detector.patterns.name_excluded(part) for part in rel.split("/")[:-1]):
+                    continue
+                removed = event_type == "deleted" or not arrived
+                if is_dir and removed:
+                    detector.forget_below(rel)
+                elif is_dir and event_type in ("created", "moved"):
+                    # Entries inside a folder that arrives whole produce no events of their own.
+                    scanner.scan_subtree(rel, now, since=None)
+                cand = rule.candidate_for(rel, detector.known, is_dir)
+                if cand is not None and (cand in detector.known or not removed):
+                    detector.touch(cand, now)
+
+    # -- applying outcomes ----------------------------------------------------
+
+    def _apply(self, outcome: Outcome, now: float) -> None:
+        detector = self.detector
+        assert detector is not None
+        try:
+            if outcome.kind == "enqueue":
+                job, created = self.store.enqueue(outcome.spec, now=now, note=f"detected in watch folder {self.name}")
+                if created:
+                    self.counters["queued"] += 1
+                    for warning in outcome.warnings:
+                        self.store.log(job.id, f"warning: {warning}", now=now)
+                    log.info("watch folder %s: queued job %d for %s", self.name, job.id, outcome.rel)
+                detector.settle(outcome, True, now)
+            elif outcome.kind == "reject":
+                job, created = self.store.reject(outcome.spec, outcome.reason, now=now)
+                if created:
+                    self.counters["rejected"] += 1
+                    log.warning("watch folder %s: rejected %s (job %d): %s", self.name, outcome.rel, job.id,
+                                outcome.reason)
+                detector.settle(outcome, True, now)
+            elif outcome.kind == "ignore":
+                self.counters["ignored"] += 1
+                log.debug("watch folder %s: ignored %s: %s", self.name, outcome.rel, outcome.reason)
+        except Exception as exc:  # store busy or failing: try again, never drop the acquisition
+            log.exception("watch folder %s: could not record %s", self.name, outcome.rel)
+            self.error = f"could not record {outcome.rel} in the job store: {exc}"
+            detector.settle(outcome, False, now, retry_after=STORE_RETRY_SECONDS)
+
+    def _followups(self, now: float) -> None:
+        try:
+            jobs = self.store.followups(self.source, limit=100)
+        except Exception as exc:
+            self.error = f"cannot read finished jobs from the store: {exc}"
+            return
+        for job in jobs:
+            if job.source != self.source:  # the store matches by prefix: "watch:a" also finds "watch:ab"
+                continue
+            try:
+                note = self.post.apply(job)
+            except OSError as exc:
+                note = f"post-action failed: {exc}; the files were left where they are"
+                self.warning = f"job {job.id}: {note}"
+                log.warning("watch folder %s: job %d: %s", self.name, job.id, note)
+            self.counters["post_actions"] += 1
+            self.store.followup_done(job.id, note, now=now)
+
+    # -- status ---------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The latest published status (thread-safe copy)."""
+        with self._lock:
+            return dict(self._status)
+
+    def _publish(self, now: float, *, force: bool = False) -> None:
+        detector = self.detector
+        status = {
+            "health": self.health,
+            "mode": self.mode or None,
+            "configured_mode": self.watch.mode,
+            "detection": self.watch.detection,
+            "path": str(self.watch.path),
+            "fs_type": self.fs_type or None,
+            "last_event": self.last_event,
+            "last_scan": self.last_scan,
+            "last_scan_seconds": self.last_scan_seconds,
+            "pending": len(detector.pending) if detector else 0,
+            "pending_acquisitions": detector.pending_list() if detector else [],
+            "known": len(detector.known) if detector else 0,
+            "rescans": self.counters["rescans"],
+            "events": self.counters["events"],
+            "counters": dict(self.counters),
+            "error": self.error,
+            "warning": self.warning,
+            "unhealthy_since": self.unhealthy_since,
+            "next_restart": self.next_restart if self.health == "unhealthy" else None,
+        }
+        with self._lock:
+            self._status = status
+        if force or now >= self.next_status:
+            self.next_status = now + self.status_interval
+            try:
+                self.store.set_component("watcher", self.name, status, now=now)
+            except Exception:  # status is best effort; watching goes on
+                log.debug("publishing the status of %s failed", self.name, exc_info=True)
+
+
+def _describe_root_problem(root: str, exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return f"{root} does not exist (removed, or its share is not mounted); waiting for it to come back"
+    if isinstance(exc, PermissionError):
+        return f"{root}: permission denied; let the service user read it"
+    return f"{root}: {exc.strerror or exc}"
+
+
+class WatchService:
+    """All watch folders of a config, with an alert when one stays unhealthy.
+
+    ``notifier`` (optional) provides ``compose_watcher_alert(name, status, since)``;
+    its mails go to the store's outbox once per unhealthy period.
+    """
+
+    def __init__(self, config: Config, store: Any, notifier: Any = None, **watcher_options: Any):
+        self.config = config
+        self.store = store
+        self.notifier = notifier
+        self.alert_after = config.notify.watcher_unhealthy_after
+        self.watchers = [Watcher(w, store, **watcher_options) for w in config.watch]
+        self._alerted: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start every watcher and the supervisor that sends unhealthy alerts."""
+        for watcher in self.watchers:
+            watcher.start()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="watch-service", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        for watcher in self.watchers:
+            watcher.stop(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(5.0, max(0.5, self.alert_after / 4))):
+            try:
+                self.loop()
+            except Exception:  # alerts are best effort; keep supervising
+                log.exception("watch service: supervising failed")
+
+    def loop(self, now: float | None = None) -> list[str]:
+        """Mail the admin about watchers unhealthy longer than ``notify.watcher_unhealthy_after``.
+
+        Returns the names alerted in this step.
+        """
+        now = time.time() if now is None else now
+        alerted = []
+        for watcher in self.watchers:
+            status = watcher.status()
+            since = status.get("unhealthy_since")
+            if status.get("health") != "unhealthy" or since is None:
+                self._alerted.pop(watcher.name, None)
+                continue
+            if now - since < self.alert_after or self._alerted.get(watcher.name) == since:
+                continue
+            self._alerted[watcher.name] = since
+            alerted.append(watcher.name)
+            if self.notifier is None:
+                log.warning("watch folder %s unhealthy since %s; no notifier to mail the admin", watcher.name, since)
+                continue
+            mails = self.notifier.compose_watcher_alert(watcher.name, status, since, now=now)
+            if mails:
+                self.store.outbox_add(mails, now=now)
+        return alerted
+
+    def status(self) -> list[dict[str, Any]]:
+        return [dict(w.status(), name=w.name) for w in self.watchers]
