@@ -233,17 +233,23 @@ def test_release_returns_the_job_without_counting_the_attempt(store, make_spec):
     assert store.claim("w2").id == job.id
 
 
-def test_orphan_message_after_a_crash_between_pop_and_claim_is_put_back(tmp_path, make_spec):
-    store = JobStore(tmp_path / "o.db", orphan_seconds=0)
-    job, _ = store.enqueue(make_spec())
-    store._queue().pop()  # the crash: the message is locked, the job row never changed
-    assert store.claim("w") is None
-    assert store.maintain()["orphans"] == 1
-    assert store.claim("w").id == job.id
-    # A running job's own message is not an orphan.
-    assert store.maintain()["orphans"] == 0
-    assert store.get(job.id).state == JobState.RUNNING
-    store.close()
+def test_a_job_has_a_ready_queue_message_exactly_while_queued(store, make_spec):
+    def ready_messages():
+        return store._conn().execute("SELECT count(*) FROM dispatch WHERE status = 0").fetchone()[0]
+
+    job, _ = store.enqueue(make_spec(), now=T0)
+    assert ready_messages() == 1
+    store.claim("w", now=T0)  # the message is consumed in the claim's own transaction
+    assert ready_messages() == 0
+    store.fail(job.id, "w", TransientImportError("down"), now=T0)
+    assert ready_messages() == 0
+    store.maintain(now=T0 + 100)
+    assert ready_messages() == 1 and store.get(job.id).state == JobState.QUEUED
+    store.claim("w", now=T0 + 100)
+    store.maintain(now=T0 + 1000)  # lease expired
+    assert ready_messages() == 1
+    store.cancel(job.id)
+    assert ready_messages() == 0
 
 
 def test_mail_composer_failure_rolls_back_the_whole_transition(store, make_spec):

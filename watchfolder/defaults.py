@@ -10,9 +10,8 @@ LOG_LEVEL = "info"
 STORE_SYNCHRONOUS = "full"
 LEASE_SECONDS = 60.0
 BUSY_TIMEOUT_SECONDS = 30.0
-# A LOCKED queue message whose job never became running (crash between pop and
-# claim) is put back after this long.
-ORPHAN_MESSAGE_SECONDS = 60.0
+# Consumed queue messages are deleted this often (they slow litequeue's peek down).
+PRUNE_SECONDS = 10.0
 
 WORKER_COUNT = 2
 WORKER_POLL_SECONDS = 1.0

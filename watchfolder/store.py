@@ -1,16 +1,19 @@
 """The job store: jobs, their history, the dispatch queue and the mail outbox in one SQLite file.
 
-This is the only module that speaks SQL. Dispatch goes through litequeue: each
-queued job has one queue message (``jobs.message_id``) that a worker pops; the
-job row says everything else (attempts, lease, progress, result). Enqueue and
-every finishing transition commit the job row, its queue message and its
-outbox mails in one transaction, so a crash at any instant leaves either the
-old state or the new one.
+This is the only module that speaks SQL. Dispatch goes through litequeue: a
+job has a ready queue message (``jobs.message_id``) exactly while it is
+queued; the job row says everything else (attempts, lease, progress, result).
+Every transition commits the job row, its queue message and its outbox mails
+in one transaction, so a crash at any instant leaves either the old state or
+the new one.
 
-litequeue's ``pop`` runs its own transaction, so a crash can fall between the
-pop and the claim of the job row; :meth:`JobStore.maintain` puts such orphan
-messages back. A running job holds a lease that its worker renews; when the
-lease expires (the worker was killed), ``maintain`` puts the job back.
+A claim does not use litequeue's ``pop``, which runs a transaction of its own
+(a crash between it and the job update would leave a locked message whose job
+is not running). Instead, inside one ``BEGIN IMMEDIATE`` that holds the write
+lock, it ``peek``s the oldest ready message, marks the job running and marks
+the message ``done``. A running job holds a lease that its worker renews; when
+the lease expires (the worker was killed), ``maintain`` queues the job again
+with a new message.
 """
 
 from __future__ import annotations
@@ -142,7 +145,6 @@ class JobStore:
         mail_retry: RetryPolicy | None = None,
         composer: MailComposer | None = None,
         sender: str = D.MAIL_FROM,
-        orphan_seconds: float = D.ORPHAN_MESSAGE_SECONDS,
     ):
         self.path = Path(path)
         if synchronous not in ("full", "normal"):
@@ -155,7 +157,6 @@ class JobStore:
         self.busy_timeout = busy_timeout
         self.composer = composer
         self.sender = sender
-        self.orphan_seconds = orphan_seconds
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
@@ -401,9 +402,10 @@ class JobStore:
                 return self._job(existing), False
             job_id = self._insert(conn, spec, key, JobState.QUEUED, now)
             message = self._queue().put(str(job_id))
-            conn.execute("UPDATE jobs SET message_id = ? WHERE id = ?", (message.message_id, job_id))
+            row = conn.execute(
+                "UPDATE jobs SET message_id = ? WHERE id = ? RETURNING *", (message.message_id, job_id)
+            ).fetchone()
             self._add_history(conn, job_id, JobState.QUEUED, note or f"queued from {spec.source}", now)
-            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return self._job(row), True
 
     def _insert(self, conn, spec: JobSpec, key: str, state: JobState, now: float, **extra: Any) -> int:
@@ -503,44 +505,48 @@ class JobStore:
                 raise InvalidTransition(
                     f"job {job_id} is {state}; only failed, cancelled or waiting jobs can be retried"
                 )
-            message = self._queue().put(str(job_id))
-            conn.execute(
-                "UPDATE jobs SET state = 'queued', attempts = 0, next_attempt_at = NULL, finished_at = NULL,"
-                " error_kind = NULL, error_message = NULL, error_config = 0, cancel_requested = 0,"
-                " worker = NULL, lease_expires_at = NULL, message_id = ?, updated_at = ?, followup = NULL"
-                " WHERE id = ?",
-                (message.message_id, now, job_id),
+            self._requeue(
+                conn, job_id, now, f"retry requested{who}",
+                attempts=0, next_attempt_at=None, finished_at=None, error_kind=None, error_message=None,
+                error_config=0, cancel_requested=0, followup=None,
             )
-            self._add_history(conn, job_id, JobState.QUEUED, f"retry requested{who}", now)
         self.log(job_id, f"retry requested{who}", now=now)
         return self.get(job_id)
 
     # -- writing: workers --------------------------------------------------
 
     def claim(self, worker: str, *, now: float | None = None) -> Job | None:
-        """Take the next queued job and hold its lease, or return None when nothing is queued."""
+        """Take the oldest queued job and hold its lease, or return None when nothing is queued."""
         queue = self._queue()
         conn = self._conn()
-        while True:
-            message = queue.pop()
-            if message is None:
-                return None
-            now_ = _now(now)
-            with _transaction(conn):
+        now = _now(now)
+        with _transaction(conn):
+            while (message := queue.peek()) is not None:
+                queue.done(message.message_id)
                 row = conn.execute(
-                    "UPDATE jobs SET state = 'running', worker = ?, attempts = attempts + 1,"
+                    "UPDATE jobs SET state = 'running', worker = ?, attempts = attempts + 1, message_id = NULL,"
                     " lease_expires_at = ?, started_at = coalesce(started_at, ?), updated_at = ?,"
                     " next_attempt_at = NULL"
                     " WHERE id = ? AND state = 'queued' AND message_id = ? RETURNING *",
-                    (worker, now_ + self.lease_seconds, now_, now_, int(message.data), message.message_id),
+                    (worker, now + self.lease_seconds, now, now, int(message.data), message.message_id),
                 ).fetchone()
-                if row is None:
-                    # A message whose job moved on (cancelled, or a duplicate after a
-                    # crash between pop and claim): drop it and take the next one.
-                    queue.done(message.message_id)
-                    continue
-                self._add_history(conn, row["id"], JobState.RUNNING, f"attempt {row['attempts']} on {worker}", now_)
-            return self._job(row)
+                if row is not None:
+                    self._add_history(conn, row["id"], JobState.RUNNING, f"attempt {row['attempts']} on {worker}", now)
+                    return self._job(row)
+                # A message whose job moved on cannot exist (every transition updates both),
+                # but a stray one must not block the queue: it is dropped above.
+        return None
+
+    def _requeue(self, conn, job_id: int, now: float, message: str, **columns: Any) -> None:
+        """Queue a job again with a new message (inside the caller's transaction)."""
+        queued = self._queue().put(str(job_id))
+        sets = "".join(f", {name} = ?" for name in columns)
+        conn.execute(
+            "UPDATE jobs SET state = 'queued', message_id = ?, worker = NULL, lease_expires_at = NULL,"
+            f" updated_at = ?{sets} WHERE id = ?",
+            (queued.message_id, now, *columns.values(), job_id),
+        )
+        self._add_history(conn, job_id, JobState.QUEUED, message, now)
 
     def _running(self, conn, job_id: int, worker: str) -> sqlite3.Row:
         row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -631,7 +637,6 @@ class JobStore:
                     " WHERE id = ? RETURNING *",
                     (now + wait, now, str(kind), failure.message, int(failure.config_error), job_id),
                 ).fetchone()
-                self._queue().done(row["message_id"])
                 self._add_history(
                     conn, job_id, JobState.RETRY_WAIT,
                     f"attempt {attempts} failed ({kind}): {failure.message}; next attempt in {wait:g} s", now,
@@ -673,13 +678,8 @@ class JobStore:
         conn = self._conn()
         with _transaction(conn):
             row = self._running(conn, job_id, worker)
-            self._queue().retry(row["message_id"])
-            conn.execute(
-                "UPDATE jobs SET state = 'queued', worker = NULL, lease_expires_at = NULL,"
-                " attempts = max(attempts - 1, 0), updated_at = ? WHERE id = ?",
-                (now, job_id),
-            )
-            self._add_history(conn, job_id, JobState.QUEUED, f"released by {worker}: {reason or 'stopping'}", now)
+            self._requeue(conn, job_id, now, f"released by {worker}: {reason or 'stopping'}",
+                          attempts=max(row["attempts"] - 1, 0))
         return self.get(job_id)
 
     def maintain(self, *, now: float | None = None) -> dict[str, int]:
@@ -687,12 +687,11 @@ class JobStore:
 
         - running jobs whose lease expired go back to the queue (or fail when out of attempts);
         - ``retry_wait`` jobs whose time has come are queued;
-        - queue messages left locked by a crash between pop and claim are put back.
+        - consumed queue messages are pruned now and then.
         """
         now = _now(now)
         conn = self._conn()
-        queue = self._queue()
-        stats = {"expired": 0, "due": 0, "orphans": 0}
+        stats = {"expired": 0, "due": 0}
         with _transaction(conn):
             expired = conn.execute(
                 "SELECT * FROM jobs WHERE state = 'running' AND lease_expires_at < ?", (now,)
@@ -710,41 +709,20 @@ class JobStore:
                     ).fetchone()
                     self._finish(conn, done, now, None, message)
                 else:
-                    queue.retry(row["message_id"])
-                    conn.execute(
-                        "UPDATE jobs SET state = 'queued', worker = NULL, lease_expires_at = NULL, updated_at = ?"
-                        " WHERE id = ?",
-                        (now, row["id"]),
-                    )
-                    self._add_history(conn, row["id"], JobState.QUEUED, note + "; queued again", now)
+                    self._requeue(conn, row["id"], now, note + "; queued again")
             due = conn.execute(
                 "SELECT id FROM jobs WHERE state = 'retry_wait' AND next_attempt_at <= ?", (now,)
             ).fetchall()
             for row in due:
                 stats["due"] += 1
-                message = queue.put(str(row["id"]))
-                conn.execute(
-                    "UPDATE jobs SET state = 'queued', message_id = ?, updated_at = ? WHERE id = ?",
-                    (message.message_id, now, row["id"]),
-                )
-                self._add_history(conn, row["id"], JobState.QUEUED, "retry time reached", now)
-            # litequeue stamps lock_time with the real clock, so this threshold is real time.
-            for message in list(queue.list_locked(self.orphan_seconds)):
-                job = conn.execute(
-                    "SELECT state, message_id FROM jobs WHERE id = ?", (int(message.data),)
-                ).fetchone()
-                if job is not None and job["state"] == "queued" and job["message_id"] == message.message_id:
-                    queue.retry(message.message_id)
-                    stats["orphans"] += 1
-                elif job is None or job["state"] != "running" or job["message_id"] != message.message_id:
-                    queue.done(message.message_id)
+                self._requeue(conn, row["id"], now, "retry time reached")
             # finished sends whose sender died between claim and result: send again
             conn.execute(
                 "UPDATE outbox SET state = 'pending' WHERE state = 'sending' AND claimed_until < ?", (now,)
             )
-        if now - self._last_prune > 300:
+        if now - self._last_prune > D.PRUNE_SECONDS:
             self._last_prune = now
-            queue.prune(include_failed=False)
+            self._queue().prune(include_failed=False)
         return stats
 
     # -- follow-ups of watched jobs -----------------------------------------

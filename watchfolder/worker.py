@@ -144,7 +144,8 @@ class Worker:
         ctx = JobContext(self.store, job, self.name, self.hard_stop)
         self.current = ctx
         self.store.log(job.id, f"attempt {job.attempts} of {job.max_attempts} started on {self.name}")
-        self._publish()
+        # Worker status is published by the heartbeat, not per job: a write per job
+        # would cost as much as the job itself on the no-op path.
         try:
             try:
                 result = self.importer.run(job, ctx)
@@ -176,7 +177,6 @@ class Worker:
         finally:
             self.jobs_done += 1
             self.current = None
-            self._publish()
 
     # -- heartbeat ------------------------------------------------------------
 

@@ -1,0 +1,151 @@
+"""Core benchmarks: job-cycle rate vs raw litequeue, archive importer vs cp + sha256sum.
+
+Each figure is printed beside a baseline measured in the same run, with the
+ratio and the target. Run: ``.venv/bin/python bench/bench_core.py`` (or ``make bench``).
+Options: --jobs N (default 3000), --archive-mb N (default 1024), --skip-archive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from email.message import EmailMessage
+from pathlib import Path
+
+from litequeue import LiteQueue
+
+from watchfolder.importers.noop import NoopImporter
+from watchfolder.job import FileEntry, JobSpec, Target
+from watchfolder.mail import Mail
+from watchfolder.store import JobStore
+from watchfolder.worker import Worker
+
+
+def report(name: str, value: float, unit: str, baseline: float, base_name: str, target: str) -> None:
+    ratio = value / baseline if baseline else float("nan")
+    print(f"{name:<44} {value:>10.1f} {unit:<8} baseline {base_name}: {baseline:>10.1f}  ratio {ratio:5.2f}  ({target})")
+
+
+def raw_litequeue_rate(tmp: Path, n: int) -> float:
+    """put, pop and done of n messages on a file database: cycles per second."""
+    q = LiteQueue(str(tmp / "raw.db"))
+    start = time.perf_counter()
+    for i in range(n):
+        q.put(str(i))
+        m = q.pop()
+        q.done(m.message_id)
+    elapsed = time.perf_counter() - start
+    q.close()
+    return n / elapsed
+
+
+def _mails(job) -> list[Mail]:
+    msg = EmailMessage()
+    msg["From"] = "watchfolder@localhost"
+    msg["To"] = "jdoe@example.org"
+    msg["Subject"] = f"job {job.id} {job.state}"
+    msg.set_content("imported")
+    return [Mail("job_succeeded", ("jdoe@example.org",), msg)]
+
+
+def job_cycle_rate(tmp: Path, n: int, synchronous: str) -> float:
+    """enqueue → claim → no-op import → succeed (with its outbox row), one worker: cycles per second."""
+    store = JobStore(tmp / f"jobs-{synchronous}.db", synchronous=synchronous, composer=_mails)
+    worker = Worker(store, NoopImporter(), name="bench", maintain_interval=1.0)
+    specs = [
+        JobSpec(owner="jdoe", root="/data/acq", files=(FileEntry(f"f{i}.tif", 10),),
+                target=Target(dataset="d"), source="bench", idempotency_key=f"k{i}")
+        for i in range(n)
+    ]
+    start = time.perf_counter()
+    for spec in specs:
+        store.enqueue(spec)
+        worker.loop()
+    elapsed = time.perf_counter() - start
+    assert store.counts()["succeeded"] == n and store.outbox_counts()["pending"] == n
+    store.close()
+    return n / elapsed
+
+
+ARCHIVE_CHILD = """
+import json, resource, sys, time
+from pathlib import Path
+from watchfolder.importers.archive import ArchiveImporter
+from watchfolder.importers.base import ImportContext
+from watchfolder.job import FileEntry, Job, JobSpec, JobState, Target
+
+class Ctx(ImportContext):
+    def progress(self, *a, **k): pass
+    def log(self, m): pass
+    @property
+    def log_path(self): return "/dev/null"
+
+src, dest = Path(sys.argv[1]), Path(sys.argv[2])
+spec = JobSpec(owner="jdoe", root=str(src.parent), files=(FileEntry(src.name, src.stat().st_size),),
+               target=Target(dataset="bench"), source="bench")
+job = Job(id=1, spec=spec, idempotency_key="k", state=JobState.RUNNING, attempts=1, max_attempts=1,
+          created_at=time.time(), updated_at=time.time())
+start = time.perf_counter()
+ArchiveImporter(root=dest).run(job, Ctx())
+print(json.dumps({"seconds": time.perf_counter() - start,
+                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def archive_vs_cp(tmp: Path, size_mb: int) -> None:
+    src = tmp / "src" / "big.ome.tiff"
+    src.parent.mkdir()
+    block = os.urandom(1024 * 1024)
+    with open(src, "wb") as fh:
+        for i in range(size_mb):
+            fh.write(block[:-1] + bytes([i % 256]))
+    # Baseline: cp, then sha256sum of source and copy (what an admin would script).
+    start = time.perf_counter()
+    subprocess.run(["cp", str(src), str(tmp / "cp-copy")], check=True)
+    subprocess.run(["sync", str(tmp / "cp-copy")], check=True)
+    subprocess.run(["sha256sum", str(src), str(tmp / "cp-copy")], check=True, capture_output=True)
+    baseline = time.perf_counter() - start
+    (tmp / "cp-copy").unlink()
+    out = subprocess.run(
+        [sys.executable, "-c", ARCHIVE_CHILD, str(src), str(tmp / "archive")],
+        check=True, capture_output=True, text=True,
+    )
+    figures = json.loads(out.stdout)
+    print(f"archive importer, {size_mb} MiB file: {figures['seconds']:.2f} s, peak RSS {figures['rss_mb']:.0f} MB")
+    print(f"  baseline cp + sync + sha256sum (source and copy): {baseline:.2f} s")
+    ratio = figures["seconds"] / baseline
+    print(f"  time ratio archive/baseline {ratio:.2f}  (target <= 1.0: {'OK' if ratio <= 1.0 else 'MISSED'}); "
+          f"RSS target <= 100 MB: {'OK' if figures['rss_mb'] <= 100 else 'MISSED'}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jobs", type=int, default=3000)
+    parser.add_argument("--archive-mb", type=int, default=1024)
+    parser.add_argument("--skip-archive", action="store_true")
+    args = parser.parse_args()
+    base = Path(os.environ.get("WATCHFOLDER_BENCH_DIR") or tempfile.gettempdir())
+    with tempfile.TemporaryDirectory(prefix="wf-bench-", dir=base) as tmp_name:
+        tmp = Path(tmp_name)
+        print(f"== core (jobs: {args.jobs}, Python {sys.version.split()[0]})")
+        raw = raw_litequeue_rate(tmp, args.jobs)
+        for sync in ("full", "normal"):
+            rate = job_cycle_rate(tmp, args.jobs, sync)
+            report(f"job cycles/s, 1 worker, synchronous={sync}", rate, "cycles/s", raw,
+                   "litequeue put+pop+done", "target >= 1000/s and ratio >= 0.3: "
+                   + ("OK" if rate >= 1000 and rate / raw >= 0.3 else "MISSED"))
+        if not args.skip_archive:
+            archive_vs_cp(tmp, args.archive_mb)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
