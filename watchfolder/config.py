@@ -556,6 +556,27 @@ def _action(r: _Reader, raw: Any, where: str, allowed: tuple[str, ...]) -> Watch
     return WatchAction(action, folder)
 
 
+def _watch_target(raw: Any, layout: str | None, where: str) -> Target:
+    """A watch folder's default target. With a layout, it may be partial (``{project: P}``
+    with ``{owner}/{dataset}/``): the path supplies the rest, so the merged target is checked."""
+    from_path = set(re.findall(r"{(\w+)}", layout or "")) & {"project", "dataset", "screen"}
+    if not from_path or not isinstance(raw, dict):
+        return Target.from_dict(raw, where=where)
+    probe = {k: v for k, v in raw.items() if v not in (None, "")}
+    if "screen" in from_path:
+        probe = {"screen": "x"}
+    else:
+        for key in ("dataset_id", "screen", "screen_id"):
+            probe.pop(key, None)
+        probe.update({k: "x" for k in from_path})
+    Target.from_dict(probe, where=where + " (completed by the layout)")
+    for key, value in raw.items():
+        if value not in (None, "") and key in ("project", "dataset", "screen"):
+            Target.from_dict({"dataset": value}, where=f"{where}.{key}")  # same rules for a name
+    known = {k: v for k, v in raw.items() if k in Target.__dataclass_fields__ and v not in (None, "")}
+    return Target(**known)
+
+
 WATCH_KEYS = {
     "name", "path", "mode", "poll_interval", "rescan_interval", "detection", "manifest_name",
     "sidecar_suffix", "layout", "quiet_period", "missing_timeout", "include", "exclude", "owner",
@@ -599,7 +620,7 @@ def _watch(r: _Reader, raw: Any, data_dir: Path) -> tuple[WatchConfig, ...]:
         target = None
         if item.get("target") is not None:
             try:
-                target = Target.from_dict(item["target"], where=w + ".target")
+                target = _watch_target(item["target"], layout if detection == "layout" else None, w + ".target")
             except Exception as exc:  # AcquisitionError has the path already
                 r.problems.append(str(exc))
         out.append(

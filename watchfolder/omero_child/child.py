@@ -183,10 +183,14 @@ def client_path_key(path):
 class Emitter:
     """Writes protocol lines to the real stdout and throttles progress events."""
 
-    def __init__(self, stream, interval=0.25):
+    def __init__(self, stream, interval=0.25, bytes_step=16 * 1024 * 1024):
         self.stream = stream
+        # At most one event per interval, but at least one per bytes_step, so
+        # that a fast upload still shows its way and a slow one stays chatty.
         self.interval = interval
+        self.bytes_step = bytes_step
         self.last = 0.0
+        self.last_bytes = 0
         self.phase = ""
         self.figures = {"bytes_done": 0, "bytes_total": 0, "files_done": 0, "files_total": 0}
 
@@ -200,8 +204,9 @@ class Emitter:
         if phase is not None:
             self.phase = phase
         now = time.monotonic()
-        if force or changed or now - self.last >= self.interval:
-            self.last = now
+        stepped = self.figures["bytes_done"] - self.last_bytes >= self.bytes_step
+        if force or changed or stepped or now - self.last >= self.interval:
+            self.last, self.last_bytes = now, self.figures["bytes_done"]
             self.send(dict(event="progress", phase=self.phase, **self.figures))
 
 
@@ -692,7 +697,7 @@ class Importer:
                 hashes = [_sha1_of(os.path.join(self.root, r), self.block) for r in rels]
                 figures["bytes_done"] += sum(sizes[r] for r in rels)
                 figures["files_done"] += len(rels)
-                annotated = set(self.projection(Q_ANNOTATED_IMAGES, ns=req["namespace"], ids=images))
+                annotated = {row[0] for row in self.projection(Q_ANNOTATED_IMAGES, ns=req["namespace"], ids=images)}
                 missing = [i for i in images if i not in annotated]
                 ann_id = self.annotate(missing, rels, hashes) if missing else None
                 results.append({"id": fs_id, "files": rels, "image_ids": images, "sha1": hashes,

@@ -1,0 +1,147 @@
+"""Fixtures for the OMERO importer tests: the omero-py interpreter and the server double.
+
+The double runs in the Python 3.10 environment built by ``scripts/omero-env``
+(or the interpreter named by ``$WATCHFOLDER_OMERO_PYTHON``); without one, these
+tests skip and say why. This folder is deliberately not a package: as one it
+would be importable as ``omero`` and shadow omero-py's name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DOUBLE = Path(__file__).resolve().parent / "double" / "server.py"
+ADMIN_PASSWORD = "double-admin-secret"
+
+
+def find_omero_python() -> tuple[str | None, str]:
+    """(interpreter, reason): an interpreter that can import omero-py, or why there is none."""
+    candidates = [os.environ.get("WATCHFOLDER_OMERO_PYTHON"), str(REPO / ".venv-omero" / "bin" / "python")]
+    tried = []
+    for python in filter(None, candidates):
+        tried.append(python)
+        if not os.path.exists(python):
+            continue
+        probe = subprocess.run([python, "-c", "import omero, Ice"], capture_output=True, text=True)
+        if probe.returncode == 0:
+            return python, ""
+        tried[-1] += f" (cannot import omero: {probe.stderr.strip().splitlines()[-1:]})"
+    return None, (
+        "no Python with omero-py: run scripts/omero-env (needs a Python 3.10) or set "
+        f"WATCHFOLDER_OMERO_PYTHON; tried {', '.join(tried)}"
+    )
+
+
+@pytest.fixture(scope="session")
+def omero_python() -> str:
+    python, reason = find_omero_python()
+    if python is None:
+        pytest.skip(reason)
+    return python
+
+
+class Double:
+    """A running server double and its control channel."""
+
+    def __init__(self, python: str, workdir: Path):
+        self.proc = subprocess.Popen(
+            [python, str(DOUBLE), str(workdir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=open(workdir / "double.log", "ab"), text=True,
+        )
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the OMERO double did not start; see {workdir / 'double.log'}")
+        ports = json.loads(line)
+        self.port: int = ports["port"]
+        self.control: int = ports["control"]
+        self.log = workdir / "double.log"
+
+    def _call(self, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.control}{path}", data=data,
+                                         method="GET" if data is None else "POST")
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return json.loads(answer.read())
+
+    def state(self) -> dict[str, Any]:
+        return self._call("/state")
+
+    def seed(self, **body: Any) -> None:
+        self._call("/seed", body)
+
+    def faults(self, **switches: Any) -> dict[str, Any]:
+        return self._call("/faults", switches)
+
+    def session(self, user: str, group: str | None = None) -> str:
+        return self._call("/session", {"user": user, "group": group})["uuid"]
+
+    def live_filesets(self) -> list[dict[str, Any]]:
+        return [f for f in self.state()["filesets"] if f["state"] != "deleted"]
+
+    def stop(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def double_workdir(tmp_path_factory) -> Path:
+    # Shared, so the TLS certificate is made once per test session.
+    return tmp_path_factory.mktemp("omero-double")
+
+
+@pytest.fixture
+def double(omero_python, double_workdir):
+    """A fresh double with the admin, a group 'lab' and users jdoe (lab) and mary (lab, imaging)."""
+    d = Double(omero_python, double_workdir)
+    d.seed(
+        groups=[{"name": "lab", "perms": "rwr---"}, {"name": "imaging", "perms": "rwra--"}],
+        users=[
+            {"name": "admin", "password": ADMIN_PASSWORD, "groups": ["system"], "admin": True},
+            {"name": "jdoe", "password": "jdoe-pw", "email": "jdoe@example.org", "groups": ["lab"]},
+            {"name": "mary", "password": "mary-pw", "email": "mary@example.org", "groups": ["lab", "imaging"]},
+        ],
+    )
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def omero_config(make_config, omero_python, double):
+    """A Config for the omero importer pointed at the double; keyword arguments override importer.omero."""
+
+    def make(**omero: Any):
+        values = {
+            "host": "127.0.0.1", "port": double.port, "admin_user": "admin",
+            "admin_password": ADMIN_PASSWORD, "python": omero_python, "idle_timeout": 60,
+            "connect_timeout": 5,
+        }
+        values.update(omero)
+        return make_config(importer={"kind": "omero", "omero": values})
+
+    return make
+
+
+@pytest.fixture
+def child_module():
+    """The child program imported by path (its pure helpers need no omero-py)."""
+    import importlib.util
+
+    path = REPO / "watchfolder" / "omero_child" / "child.py"
+    spec = importlib.util.spec_from_file_location("watchfolder_omero_child", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)
+    spec.loader.exec_module(module)
+    return module
