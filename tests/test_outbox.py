@@ -1,0 +1,357 @@
+"""The outbox: mails written with the job's finish, delivered by OutboxSender, never lost, never twice.
+
+Delivery goes through the real FolderTransport (``.eml`` files), or through
+``ScriptedTransport``, a faithful fake of the SMTP boundary that fails the way
+SmtpTransport does (``MailError``, transient or permanent). The clock is
+injected (``now=``) everywhere.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import re
+import threading
+from email.parser import BytesParser
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+
+import pytest
+from helpers import wait_until
+
+from watchfolder.errors import PermanentImportError, StoreError
+from watchfolder.job import JobState, RetryPolicy
+from watchfolder.mail import MailError, Transport
+from watchfolder.notify import Notifier
+from watchfolder.outbox import OutboxSender
+from watchfolder.store import JobStore
+from watchfolder.transports import FolderTransport
+
+T0 = 1_800_000_000.0
+WORKER = "outbox-test-worker"
+MAIL_RETRY = RetryPolicy(3, (10.0, 60.0))
+
+
+class ScriptedTransport(Transport):
+    """Plays a script of outcomes (None = accepted, an exception = raised), then accepts."""
+
+    name = "scripted"
+
+    def __init__(self, *outcomes: BaseException | None):
+        self.outcomes = list(outcomes)
+        self.sent: list[tuple[bytes, str, tuple[str, ...]]] = []
+        self.attempts = 0
+        self.closed = threading.Event()
+
+    def send(self, raw: bytes, sender: str, recipients: tuple[str, ...]) -> None:
+        self.attempts += 1
+        outcome = self.outcomes.pop(0) if self.outcomes else None
+        if outcome is not None:
+            raise outcome
+        self.sent.append((raw, sender, tuple(recipients)))
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+@pytest.fixture
+def notifier(make_config) -> Notifier:
+    return Notifier(make_config())
+
+
+@pytest.fixture
+def mailstore(tmp_path, notifier) -> JobStore:
+    s = JobStore(tmp_path / "db" / "outbox.db", lease_seconds=30, retry=RetryPolicy(3, (10.0, 60.0)),
+                 mail_retry=MAIL_RETRY, composer=notifier.compose)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def outbox_dir(tmp_path) -> Path:
+    return tmp_path / "outbox"
+
+
+def finish(store: JobStore, spec, *, fail: bool = False, now: float = T0, **kwargs):
+    """Queue, claim and finish a job at ``now``: succeeded, or failed permanently."""
+    store.enqueue(spec, now=now)
+    job = store.claim(WORKER, now=now)
+    if fail:
+        return store.fail(job.id, WORKER, PermanentImportError("tile_2.tif is not a supported format"),
+                          now=now, **kwargs)
+    return store.succeed(job.id, WORKER, {"destination": "/archive/x", "files": []}, now=now, **kwargs)
+
+
+def single(store: JobStore):
+    (mail,) = store.outbox_list()
+    return mail
+
+
+STRICT = email.policy.default.clone(raise_on_defect=True)
+
+
+def parse_eml(data: bytes):
+    return BytesParser(policy=STRICT).parsebytes(data)
+
+
+# -- the folder transport -----------------------------------------------------------------------
+
+
+def test_folder_transport_writes_rfc5322_eml(mailstore, make_spec, outbox_dir):
+    job = finish(mailstore, make_spec())
+    mail = single(mailstore)
+    assert (mail.state, mail.kind, mail.job_id, mail.recipients) == ("pending", "job_succeeded", job.id,
+                                                                      ("jdoe@example.org",))
+
+    assert OutboxSender(mailstore, FolderTransport(outbox_dir)).loop(now=T0 + 1) == 1
+    (eml,) = outbox_dir.iterdir()  # one file, no temporary left
+    assert eml.suffix == ".eml"
+    data = eml.read_bytes()
+    assert data == mail.raw
+    # RFC 5322: CRLF line endings, lines at most 998 characters, ASCII only (7-bit transfer).
+    assert all(line.endswith(b"\r") for line in data.split(b"\n")[:-1])
+    assert max(len(line) for line in data.split(b"\r\n")) <= 998
+    assert data.isascii()
+
+    message = parse_eml(data)
+    assert not message.defects
+    assert message["To"].addresses[0].addr_spec == "jdoe@example.org"
+    assert message["From"].addresses[0].addr_spec == "watchfolder@localhost"
+    assert message["Subject"]
+    assert re.fullmatch(r"<[^<>@\s]+@[^<>@\s]+>", message["Message-ID"].strip())  # may be folded (CFWS)
+    assert parsedate_to_datetime(message["Date"]).timestamp() == pytest.approx(T0, abs=1)
+    assert message["X-Watchfolder-Job"] == str(job.id)
+    assert message.get_content_type() == "multipart/alternative"
+    assert "slide 3" in message.get_body(("plain",)).get_content()
+
+    sent = single(mailstore)
+    assert (sent.state, sent.sent_at, sent.attempts, sent.last_error) == ("sent", T0 + 1, 1, None)
+
+
+def test_failed_job_mails_owner_and_admin(mailstore, make_spec, outbox_dir):
+    finish(mailstore, make_spec(), fail=True)
+    assert OutboxSender(mailstore, FolderTransport(outbox_dir)).loop(now=T0) == 2
+    messages = [parse_eml(p.read_bytes()) for p in sorted(outbox_dir.iterdir())]
+    to = sorted((m["X-Watchfolder-Kind"], m["To"].addresses[0].addr_spec) for m in messages)
+    assert to == [("admin_failure", "admin@example.org"), ("job_failed", "jdoe@example.org")]
+    for m in messages:
+        assert "tile_2.tif is not a supported format" in m.get_body(("plain",)).get_content()
+
+
+def test_folder_transport_unwritable_is_a_transient_mail_error(mailstore, make_spec, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    finish(mailstore, make_spec())
+    assert OutboxSender(mailstore, FolderTransport(blocker / "outbox")).loop(now=T0) == 0
+    mail = single(mailstore)
+    assert mail.state == "pending" and mail.next_attempt_at == T0 + 10
+    assert mail.last_error.startswith(f"cannot write mail to {blocker / 'outbox'}/")
+    assert "check that notify.outbox_dir" in mail.last_error
+
+
+# -- failures, backoff, resend --------------------------------------------------------------------
+
+
+def test_transient_failure_retries_later(mailstore, make_spec):
+    finish(mailstore, make_spec())
+    transport = ScriptedTransport(MailError("421 4.3.2 try again later"))
+    sender = OutboxSender(mailstore, transport)
+
+    assert sender.loop(now=T0) == 0
+    mail = single(mailstore)
+    assert (mail.state, mail.attempts, mail.next_attempt_at, mail.last_error) == (
+        "pending", 1, T0 + 10, "421 4.3.2 try again later"
+    )
+    assert sender.loop(now=T0 + 9.9) == 0  # not due yet: the transport is not even asked
+    assert transport.attempts == 1
+    assert sender.loop(now=T0 + 10) == 1
+    assert transport.attempts == 2
+    mail = single(mailstore)
+    assert (mail.state, mail.attempts, mail.sent_at, mail.last_error) == ("sent", 2, T0 + 10, None)
+    (raw, sender_address, recipients), = transport.sent
+    assert raw == mail.raw and sender_address == mail.sender and recipients == ("jdoe@example.org",)
+
+
+def test_backoff_schedule_then_failed_after_max_attempts(mailstore, make_spec):
+    finish(mailstore, make_spec())
+    transport = ScriptedTransport(*(MailError("connection refused") for _ in range(10)))
+    sender = OutboxSender(mailstore, transport)
+    schedule = []
+    now = T0
+    for _ in range(MAIL_RETRY.max_attempts):
+        assert sender.loop(now=now) == 0
+        mail = single(mailstore)
+        schedule.append((mail.attempts, mail.state, mail.next_attempt_at))
+        now = mail.next_attempt_at or now
+    # Waits of 10 s then 60 s (the last value repeats); the third attempt is the last.
+    assert schedule == [(1, "pending", T0 + 10), (2, "pending", T0 + 70), (3, "failed", None)]
+    assert sender.loop(now=T0 + 100_000) == 0
+    assert transport.attempts == 3
+    assert mailstore.outbox_counts() == {"pending": 0, "sending": 0, "sent": 0, "failed": 1}
+
+
+def test_permanent_failure_fails_at_once(mailstore, make_spec):
+    finish(mailstore, make_spec())
+    transport = ScriptedTransport(MailError("550 5.1.1 no such user", permanent=True))
+    sender = OutboxSender(mailstore, transport)
+    assert sender.loop(now=T0) == 0
+    mail = single(mailstore)
+    assert (mail.state, mail.attempts, mail.next_attempt_at, mail.last_error) == (
+        "failed", 1, None, "550 5.1.1 no such user"
+    )
+    assert sender.loop(now=T0 + 100_000) == 0
+    assert transport.attempts == 1
+
+
+def test_transport_bug_keeps_the_mail(mailstore, make_spec):
+    finish(mailstore, make_spec())
+    sender = OutboxSender(mailstore, ScriptedTransport(RuntimeError("boom")))
+    assert sender.loop(now=T0) == 0
+    mail = single(mailstore)
+    assert (mail.state, mail.last_error, mail.next_attempt_at) == ("pending", "RuntimeError: boom", T0 + 10)
+    assert sender.loop(now=T0 + 10) == 1
+
+
+def test_resend_requeues_a_failed_mail(mailstore, make_spec):
+    finish(mailstore, make_spec())
+    transport = ScriptedTransport(MailError("550 mailbox unavailable", permanent=True))
+    sender = OutboxSender(mailstore, transport)
+    sender.loop(now=T0)
+    mail = single(mailstore)
+    assert mail.state == "failed"
+
+    with pytest.raises(StoreError, match="not failed or sent"):
+        mailstore.outbox_resend(mail.id + 100)
+    resent = mailstore.outbox_resend(mail.id, now=T0 + 500)
+    assert (resent.state, resent.attempts, resent.next_attempt_at) == ("pending", 0, T0 + 500)
+    with pytest.raises(StoreError, match=f"mail {mail.id} does not exist or is not failed or sent"):
+        mailstore.outbox_resend(mail.id)  # pending already
+
+    assert sender.loop(now=T0 + 500) == 1
+    assert (single(mailstore).state, single(mailstore).attempts) == ("sent", 1)
+    assert len(transport.sent) == 1
+
+
+# -- written with the job's finish ------------------------------------------------------------------
+
+
+def test_mail_is_written_in_the_transaction_that_finishes_the_job(mailstore, make_spec, notifier):
+    seen = []
+
+    def composer(job):
+        seen.append((job.state, mailstore.outbox_counts()["pending"]))
+        return notifier.compose(job)
+
+    job = finish(mailstore, make_spec(), mails=composer)
+    # The composer saw the job in its final state; the job and its mail appeared together.
+    assert [s[0] for s in seen] == [JobState.SUCCEEDED]
+    assert mailstore.get(job.id).state == JobState.SUCCEEDED
+    assert single(mailstore).job_id == job.id
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["succeed", "fail"])
+def test_composer_raising_rolls_back_the_finish(mailstore, make_spec, fail):
+    def broken(job):
+        raise RuntimeError("template exploded")
+
+    store = mailstore
+    store.enqueue(make_spec(), now=T0)
+    job = store.claim(WORKER, now=T0)
+    with pytest.raises(RuntimeError, match="template exploded"):
+        if fail:
+            store.fail(job.id, WORKER, PermanentImportError("bad file"), now=T0, mails=broken)
+        else:
+            store.succeed(job.id, WORKER, {"files": []}, now=T0, mails=broken)
+    after = store.get(job.id)
+    assert (after.state, after.worker, after.result, after.error) == (JobState.RUNNING, WORKER, None, None)
+    assert [h.state for h in after.history] == [JobState.QUEUED, JobState.RUNNING]
+    assert store.outbox_list() == []
+    # The worker can still finish it afterwards, once.
+    store.succeed(job.id, WORKER, {"files": []}, now=T0 + 1)
+    assert single(store).kind == "job_succeeded"
+
+
+def test_cancelled_queued_job_mails_the_owner(mailstore, make_spec):
+    job, _ = mailstore.enqueue(make_spec(), now=T0)
+    mailstore.cancel(job.id, by="admin", now=T0)
+    assert [(m.kind, m.recipients) for m in mailstore.outbox_list()] == [("job_cancelled", ("jdoe@example.org",))]
+
+
+# -- never twice, never lost ---------------------------------------------------------------------------
+
+
+def test_a_sent_mail_is_never_sent_again(mailstore, make_spec, outbox_dir):
+    finish(mailstore, make_spec())
+    transport = ScriptedTransport()
+    sender = OutboxSender(mailstore, transport)
+    assert sender.loop(now=T0) == 1
+    for later in (T0 + 1, T0 + 301, T0 + 86_400):
+        mailstore.maintain(now=later)
+        assert sender.loop(now=later) == 0
+        assert mailstore.outbox_claim(now=later) == []
+    assert transport.attempts == 1
+    assert single(mailstore).state == "sent"
+
+
+def test_crash_between_claim_and_result_is_sent_after_the_hold(mailstore, make_spec, outbox_dir):
+    finish(mailstore, make_spec())
+    # A sender claims the mail, writes it, and dies before marking it sent.
+    (claimed,) = mailstore.outbox_claim(now=T0, hold=300)
+    FolderTransport(outbox_dir).send(claimed.raw, claimed.sender, claimed.recipients)
+    assert single(mailstore).state == "sending"
+
+    sender = OutboxSender(mailstore, FolderTransport(outbox_dir))
+    assert sender.loop(now=T0 + 1) == 0  # held by the dead sender: nobody else sends it
+    mailstore.maintain(now=T0 + 299)
+    assert sender.loop(now=T0 + 299) == 0
+    assert single(mailstore).state == "sending"
+
+    mailstore.maintain(now=T0 + 301)  # the hold expired
+    assert single(mailstore).state == "pending"
+    assert sender.loop(now=T0 + 301) == 1
+    mail = single(mailstore)
+    assert (mail.state, mail.attempts) == ("sent", 2)
+    # Same Message-ID, same file: the owner still has exactly one mail.
+    assert [p.suffix for p in outbox_dir.iterdir()] == [".eml"]
+
+
+def test_sender_run_delivers_until_stopped_then_closes_the_transport(mailstore, make_spec):
+    transport = ScriptedTransport()
+    sender = OutboxSender(mailstore, transport, poll_interval=0.02)
+    stop = threading.Event()
+    thread = threading.Thread(target=sender.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        finish(mailstore, make_spec(), now=None)
+        wait_until(lambda: mailstore.outbox_counts()["sent"] == 1, message="the mail to be sent")
+        finish(mailstore, make_spec(), now=None, fail=True)
+        wait_until(lambda: mailstore.outbox_counts()["sent"] == 3, message="the failure mails to be sent")
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert transport.closed.is_set()
+    assert sorted(r for _, _, (r,) in transport.sent) == [
+        "admin@example.org", "jdoe@example.org", "jdoe@example.org"
+    ]
+
+
+def test_many_mails_are_each_sent_once_by_concurrent_senders(mailstore, make_spec):
+    for _ in range(12):
+        finish(mailstore, make_spec())
+    transports = [ScriptedTransport() for _ in range(3)]
+    barrier = threading.Barrier(len(transports))
+
+    def drain(transport):
+        sender = OutboxSender(mailstore, transport, batch=2)
+        barrier.wait(10)
+        while sender.loop(now=T0 + 5):
+            pass
+
+    threads = [threading.Thread(target=drain, args=(t,)) for t in transports]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    ids = [parse_eml(raw)["Message-ID"] for t in transports for raw, _, _ in t.sent]
+    assert len(ids) == 12 and len(set(ids)) == 12
+    assert mailstore.outbox_counts()["sent"] == 12
