@@ -145,7 +145,7 @@ def test_readme_mentions_every_top_level_command():
     missing = [
         command for command in top
         if not re.search(rf"watchfolder(\s+(-c|--config)\s+\S+)?\s+{re.escape(command)}\b", text)
-        and f"`{command}`" not in text
+        and not re.search(rf"`{re.escape(command)}\b", text)  # a table row: `status [--json]`
     ]
     assert not missing, f"README.md does not mention: {', '.join(missing)}"
 

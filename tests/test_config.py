@@ -8,6 +8,7 @@ both in-process and as a real ``python -m watchfolder`` subprocess.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -560,16 +561,47 @@ def test_demo_config_validates():
         assert path.is_relative_to(config.data_dir), path
 
 
-def test_example_config_validates(monkeypatch):
-    path = REPO / "config" / "watchfolder.example.yaml"
-    assert path.is_file(), "config/watchfolder.example.yaml is missing; the project ships it (issue 2)"
-    # The example names every option, secrets included: give it the environment it asks for.
-    text = path.read_text(encoding="utf-8")
-    environ = {}
-    for name in set(_env_names(yaml.safe_load(text))):
-        environ[name] = "example-secret"
-    config = configmod.load(path, environ=environ)
+EXAMPLE = REPO / "config" / "watchfolder.example.yaml"
+
+
+def load_example(tmp_path: Path) -> configmod.Config:
+    """The example config, with the environment it asks for and its site folders moved into tmp_path."""
+    assert EXAMPLE.is_file(), "config/watchfolder.example.yaml is missing; the project ships it (issue 2)"
+    raw = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    environ = {name: "example-secret" for name in _env_names(raw)}
+    # Watch folders must exist; the example names the site's (/srv/...), as it should.
+    for i, _ in enumerate(raw.get("watch") or []):
+        folder = tmp_path / f"watch{i}"
+        folder.mkdir()
+        environ[f"WATCHFOLDER__WATCH__{i}__PATH"] = str(folder)
+    return configmod.load(EXAMPLE, environ=environ)
+
+
+def test_example_config_validates(tmp_path):
+    config = load_example(tmp_path)
+    assert config.watch, "the example shows at least one watch folder"
     assert configmod.to_dict(config)
+
+
+def test_example_config_names_every_option(tmp_path):
+    text = EXAMPLE.read_text(encoding="utf-8")
+    keys: set[str] = set()
+
+    def collect(node):
+        if isinstance(node, dict):
+            keys.update(node)
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    collect(configmod.to_dict(load_example(tmp_path)))
+    yaml_name = {"sender": "from"}  # dataclass field -> YAML key, where they differ
+    missing = sorted(
+        yaml_name.get(k, k) for k in keys if not re.search(rf"\b{re.escape(yaml_name.get(k, k))}:", text)
+    )
+    assert not missing, f"config/watchfolder.example.yaml does not show: {', '.join(missing)}"
 
 
 def _env_names(node):
