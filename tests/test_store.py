@@ -400,3 +400,15 @@ def test_newer_schema_is_refused(tmp_path):
     conn.close()
     with pytest.raises(StoreError, match="newer watchfolder"):
         JobStore(path)
+
+
+def test_flush_and_followups_work_in_both_synchronous_modes(tmp_path, make_spec):
+    for mode in ("normal", "full"):
+        store = JobStore(tmp_path / f"{mode}.db", synchronous=mode)
+        job, _ = store.enqueue(make_spec(source="watch:drop"))
+        store.claim("w")
+        store.succeed(job.id, "w", {})
+        store.flush()
+        assert [j.id for j in store.followups("watch:")] == [job.id]
+        assert store._conn().execute("PRAGMA synchronous").fetchone()[0] == {"normal": 1, "full": 2}[mode]
+        store.close()

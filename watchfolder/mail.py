@@ -30,6 +30,14 @@ class Mail:
     recipients: tuple[str, ...]
     message: EmailMessage
 
+    @property
+    def sender(self) -> str:
+        return str(self.message.get("From") or "")
+
+    @property
+    def subject(self) -> str:
+        return str(self.message.get("Subject") or "")
+
     def as_bytes(self) -> bytes:
         # SMTPUTF8 keeps a non-ASCII address readable in the headers; plain SMTP would mangle it.
         ascii_only = all(r.isascii() for r in self.recipients)

@@ -727,8 +727,26 @@ class JobStore:
 
     # -- follow-ups of watched jobs -----------------------------------------
 
+    def flush(self) -> None:
+        """Make every transaction committed so far durable (survive a power cut), whatever ``synchronous`` is."""
+        conn = self._conn()
+        if self.synchronous == "full":
+            return
+        conn.execute("PRAGMA synchronous = FULL")
+        try:
+            # A FULL commit syncs the write-ahead log, and with it every frame before it.
+            with _transaction(conn):
+                conn.execute("UPDATE meta SET value = value WHERE key = 'schema_version'")
+        finally:
+            conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+
     def followups(self, source_prefix: str, *, limit: int = 100) -> list[Job]:
-        """Finished jobs from ``source_prefix`` whose post-actions (receipt, move…) are not done yet."""
+        """Finished jobs from ``source_prefix`` whose post-actions (receipt, move…) are not done yet.
+
+        Their outcome is flushed to disk first, so a source is never moved or
+        deleted on the strength of a success a power cut could still undo.
+        """
+        self.flush()
         rows = self._conn().execute(
             "SELECT * FROM jobs WHERE followup = 'pending' AND substr(source, 1, ?) = ? ORDER BY id LIMIT ?",
             (len(source_prefix), source_prefix, limit),
@@ -785,9 +803,9 @@ class JobStore:
                 (
                     job_id,
                     mail.kind,
-                    str(mail.message.get("From") or self.sender),
+                    mail.sender or self.sender,
                     json.dumps(list(mail.recipients)),
-                    str(mail.message.get("Subject", "")),
+                    mail.subject,
                     mail.as_bytes(),
                     now,
                     now,
