@@ -412,3 +412,16 @@ def test_flush_and_followups_work_in_both_synchronous_modes(tmp_path, make_spec)
         assert [j.id for j in store.followups("watch:")] == [job.id]
         assert store._conn().execute("PRAGMA synchronous").fetchone()[0] == {"normal": 1, "full": 2}[mode]
         store.close()
+
+
+def test_dismiss_acknowledges_a_failure_and_retry_clears_it(store, make_spec):
+    job, _ = store.enqueue(make_spec())
+    with pytest.raises(InvalidTransition, match="only failed jobs"):
+        store.dismiss(job.id)
+    store.claim("w")
+    store.fail(job.id, "w", PermanentImportError("unknown user"))
+    dismissed = store.dismiss(job.id, by="admin", now=T0)
+    assert dismissed.dismissed_at == T0 and "dismissed by admin" in dismissed.history[-1].message
+    assert store.list_jobs(states=["failed"], dismissed=False)[0] == []
+    assert [j.id for j in store.list_jobs(dismissed=True)[0]] == [job.id]
+    assert store.retry(job.id).dismissed_at is None

@@ -271,6 +271,7 @@ class Job:
     error: JobError | None = None
     history: list[HistoryEntry] = field(default_factory=list)
     log_path: str | None = None
+    dismissed_at: float | None = None
 
     # Convenience accessors used by notifiers and views.
     @property
@@ -313,6 +314,7 @@ class Job:
             "progress": self.progress.to_dict(),
             "result": self.result,
             "error": self.error.to_dict() if self.error else None,
+            "dismissed_at": self.dismissed_at,
         }
         if history:
             data["history"] = [h.to_dict() for h in self.history]

@@ -77,7 +77,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_kind       TEXT,
     error_message    TEXT,
     error_config     INTEGER NOT NULL DEFAULT 0,
-    followup         TEXT             -- NULL, 'pending' or 'done' (post-actions of watched jobs)
+    followup         TEXT,            -- NULL, 'pending' or 'done' (post-actions of watched jobs)
+    dismissed_at     REAL             -- an admin acknowledged the failure (seed API DELETE)
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS jobs_lease ON jobs(lease_expires_at) WHERE state = 'running';
@@ -251,6 +252,7 @@ class JobStore:
             error=error,
             history=history or [],
             log_path=str(self.log_path(row["id"])),
+            dismissed_at=row["dismissed_at"],
         )
 
     def _history(self, conn: sqlite3.Connection, job_id: int) -> list[HistoryEntry]:
@@ -281,13 +283,17 @@ class JobStore:
         until: float | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        dismissed: bool | None = None,
     ) -> tuple[list[Job], str | None]:
         """Jobs newest first, filtered; returns the page and the cursor of the next page (or None).
 
         ``source`` matches exactly, or as a prefix when it ends with ``*``;
-        ``since``/``until`` bound the creation time.
+        ``since``/``until`` bound the creation time; ``dismissed`` filters on
+        whether an admin acknowledged a failure.
         """
         where, args = [], []
+        if dismissed is not None:
+            where.append("dismissed_at IS NOT NULL" if dismissed else "dismissed_at IS NULL")
         if states:
             states = [str(JobState(s)) for s in states]
             where.append(f"state IN ({','.join('?' * len(states))})")
@@ -508,9 +514,25 @@ class JobStore:
             self._requeue(
                 conn, job_id, now, f"retry requested{who}",
                 attempts=0, next_attempt_at=None, finished_at=None, error_kind=None, error_message=None,
-                error_config=0, cancel_requested=0, followup=None,
+                error_config=0, cancel_requested=0, followup=None, dismissed_at=None,
             )
         self.log(job_id, f"retry requested{who}", now=now)
+        return self.get(job_id)
+
+    def dismiss(self, job_id: int, *, by: str = "", now: float | None = None) -> Job:
+        """Acknowledge a failed job: it leaves the failed-imports list, its record stays."""
+        now = _now(now)
+        conn = self._conn()
+        who = f" by {by}" if by else ""
+        with _transaction(conn):
+            row = conn.execute("SELECT state, dismissed_at FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFound(job_id)
+            if row["state"] != "failed":
+                raise InvalidTransition(f"job {job_id} is {row['state']}; only failed jobs can be dismissed")
+            if row["dismissed_at"] is None:
+                conn.execute("UPDATE jobs SET dismissed_at = ?, updated_at = ? WHERE id = ?", (now, now, job_id))
+                self._add_history(conn, job_id, "failed", f"failure dismissed{who}", now)
         return self.get(job_id)
 
     # -- writing: workers --------------------------------------------------
