@@ -145,8 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
 # -- helpers -------------------------------------------------------------------
 
 
-def load_config(args) -> configmod.Config:
-    config = configmod.load(args.config)
+def load_config(args, overrides: dict[str, str] | None = None) -> configmod.Config:
+    """Load the config; ``overrides`` are extra WATCHFOLDER__… settings from command-line flags."""
+    environ = {**os.environ, **(overrides or {})}
+    config = configmod.load(args.config, environ=environ)
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -171,10 +173,11 @@ def _wait_for_signal(stop: threading.Event) -> None:
         pass
 
 
-def _run_service(args, parts, *, banner: bool = False, burst: bool = False) -> int:
+def _run_service(args, parts, *, banner: bool = False, burst: bool = False,
+                 overrides: dict[str, str] | None = None) -> int:
     from .service import Service
 
-    config = load_config(args)
+    config = load_config(args, overrides)
     service = Service(config, parts, burst=burst)
     service.start()
     if banner:
@@ -221,11 +224,13 @@ def cmd_run(args) -> int:
 def cmd_work(args) -> int:
     from .service import Parts
 
+    overrides = {}
     if args.count is not None:
         if args.count < 1:
             raise WatchfolderError(f"--count must be a positive integer, got {args.count}")
-        os.environ["WATCHFOLDER__WORKERS__COUNT"] = str(args.count)
-    return _run_service(args, Parts(workers=True, watch=False, server=False, mail=True), burst=args.burst)
+        overrides["WATCHFOLDER__WORKERS__COUNT"] = str(args.count)
+    return _run_service(args, Parts(workers=True, watch=False, server=False, mail=True), burst=args.burst,
+                        overrides=overrides)
 
 
 def cmd_watch(args) -> int:
@@ -237,10 +242,11 @@ def cmd_watch(args) -> int:
 def cmd_serve(args) -> int:
     from .service import Parts
 
+    overrides = {"WATCHFOLDER__SERVER__ENABLED": "true"}
     if args.listen:
-        os.environ["WATCHFOLDER__SERVER__LISTEN"] = args.listen
-        os.environ["WATCHFOLDER__SERVER__ENABLED"] = "true"
-    return _run_service(args, Parts(workers=False, watch=False, server=True, mail=False), banner=True)
+        overrides["WATCHFOLDER__SERVER__LISTEN"] = args.listen
+    return _run_service(args, Parts(workers=False, watch=False, server=True, mail=False), banner=True,
+                        overrides=overrides)
 
 
 def _target_from_args(args) -> Target | None:
