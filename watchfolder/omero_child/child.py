@@ -558,6 +558,7 @@ class Importer:
         try:
             hashes = []
             for i, path in enumerate(paths):
+                self.emit.progress("uploading", force=True, **figures)
                 hashes.append(self._upload(proc.getUploader(i), path, figures))
                 figures["files_done"] += 1
                 self.emit.progress("uploading", force=True, **figures)
