@@ -215,7 +215,7 @@ class Watcher:
         self.next_followup = 0.0
         self.counters = {"events": 0, "rescans": 0, "polls": 0, "queued": 0, "rejected": 0, "ignored": 0,
                          "restarts": 0, "overflows": 0, "post_actions": 0}
-        self._status: dict[str, Any] = {}
+        self._status: dict[str, Any] = self._build_status()
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -522,8 +522,19 @@ class Watcher:
             return dict(self._status)
 
     def _publish(self, now: float, *, force: bool = False) -> None:
+        status = self._build_status()
+        with self._lock:
+            self._status = status
+        if force or now >= self.next_status:
+            self.next_status = now + self.status_interval
+            try:
+                self.store.set_component("watcher", self.name, status, now=now)
+            except Exception:  # status is best effort; watching goes on
+                log.debug("publishing the status of %s failed", self.name, exc_info=True)
+
+    def _build_status(self) -> dict[str, Any]:
         detector = self.detector
-        status = {
+        return {
             "health": self.health,
             "mode": self.mode or None,
             "configured_mode": self.watch.mode,
@@ -544,14 +555,6 @@ class Watcher:
             "unhealthy_since": self.unhealthy_since,
             "next_restart": self.next_restart if self.health == "unhealthy" else None,
         }
-        with self._lock:
-            self._status = status
-        if force or now >= self.next_status:
-            self.next_status = now + self.status_interval
-            try:
-                self.store.set_component("watcher", self.name, status, now=now)
-            except Exception:  # status is best effort; watching goes on
-                log.debug("publishing the status of %s failed", self.name, exc_info=True)
 
 
 def _describe_root_problem(root: str, exc: OSError) -> str:
