@@ -4,6 +4,7 @@ is checked against api/openapi.yaml by the client (api_support.Client)."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -529,3 +530,30 @@ def test_unknown_route_and_method_are_json(svc):
     assert r.status == 404 and json.loads(r.body)["error"].startswith("no such endpoint")
     r = client.request("DELETE", "/api/v1/jobs", check=False)
     assert r.status == 405 and "not allowed" in json.loads(r.body)["error"]
+
+
+def test_concurrent_submissions_each_get_their_job_once(svc):
+    """Many request threads at once (the enqueue group commit): no job lost, none doubled."""
+    folders = [acquisition(svc.roots["drop"], f"jdoe/{i}") for i in range(12)]
+    same = acquisition(svc.roots["drop"], "jdoe/same")
+    barrier = threading.Barrier(24)
+    results: dict[int, tuple[int, int]] = {}
+
+    def go(i: int) -> None:
+        client = svc.client("portal")
+        barrier.wait(timeout=30)
+        r = submit(client, folders[i] if i < 12 else same)
+        results[i] = (r.status, r.json["id"])
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    distinct = [results[i] for i in range(12)]
+    assert all(status == 202 for status, _ in distinct)
+    assert len({job_id for _, job_id in distinct}) == 12
+    repeated = [results[i] for i in range(12, 24)]
+    assert sorted(status for status, _ in repeated) == [200] * 11 + [202]
+    assert len({job_id for _, job_id in repeated}) == 1
+    assert svc.store.counts()["queued"] == 13
