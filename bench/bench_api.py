@@ -17,7 +17,7 @@ targets: >= 1000 accepted jobs/s, p99 <= 50 ms, ratio >= 0.3.
 Run: ``.venv/bin/python bench/bench_api.py`` (part of ``make bench``).
 Options: --requests N (per route, default 6000), --seconds S (per route, default 30),
 --rounds N (default 3), --connections N (default 32), --threads N (default:
-server.threads' default), --synchronous full|normal (default full).
+server.threads' default), --synchronous full|normal (default: store.synchronous's default).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ JOBS = "/api/v1/jobs"
 # -- the server side (child process) ------------------------------------------------
 
 
-def serve(workdir: Path, synchronous: str, threads: int | None) -> None:
+def serve(workdir: Path, synchronous: str | None, threads: int | None) -> None:
     """Start the API with the two reference routes added, print the port, serve until stdin closes."""
     import bottle
     import yaml
@@ -61,8 +61,11 @@ def serve(workdir: Path, synchronous: str, threads: int | None) -> None:
                       "tokens": yaml.safe_load(snippet)}
     if threads:
         server_section["threads"] = threads
-    raw = {"data_dir": str(workdir / "data"), "store": {"synchronous": synchronous}, "server": server_section}
+    raw = {"data_dir": str(workdir / "data"), "server": server_section}
+    if synchronous:
+        raw["store"] = {"synchronous": synchronous}
     config = wconfig.parse(raw, path=workdir / "watchfolder.yaml", environ={})
+    synchronous = config.store.synchronous
     store = JobStore.from_config(config)
     app = create_app(config, store)
 
@@ -94,7 +97,8 @@ def serve(workdir: Path, synchronous: str, threads: int | None) -> None:
 
     server = Server(config, app)
     server.start()
-    print(json.dumps({"port": server.port, "token": token, "threads": config.server.threads}), flush=True)
+    print(json.dumps({"port": server.port, "token": token, "threads": config.server.threads,
+                      "synchronous": synchronous}), flush=True)
     sys.stdin.read()  # the parent closes stdin to stop us
     server.stop()
     print(json.dumps({"jobs": store.counts()["queued"]}), flush=True)
@@ -169,7 +173,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--synchronous", choices=("full", "normal"), default="full")
+    parser.add_argument("--synchronous", choices=("full", "normal"), default=None)
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -181,7 +185,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
         workdir = Path(tmp)
         folder = make_acquisition(workdir / "drop")
-        command = [sys.executable, __file__, "--serve", str(workdir), "--synchronous", args.synchronous]
+        command = [sys.executable, __file__, "--serve", str(workdir)]
+        if args.synchronous:
+            command += ["--synchronous", args.synchronous]
         if args.threads:
             command += ["--threads", str(args.threads)]
         child = subprocess.Popen(
@@ -221,7 +227,7 @@ def main() -> int:
         stored = json.loads(tail.strip().splitlines()[-1])["jobs"] if tail.strip() else None
 
     print(f"API benchmark: {args.connections} connections on loopback, {hello['threads']} server threads, "
-          f"SQLite synchronous={args.synchronous}, {args.rounds} interleaved rounds")
+          f"SQLite synchronous={hello['synchronous']}, {args.rounds} interleaved rounds")
     summary = {}
     for path, name in routes.items():
         r = results[path]

@@ -4,17 +4,20 @@ is checked against api/openapi.yaml by the client (api_support.Client)."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
 import pytest
 import yaml
-from api_support import CONTRACT, OPENAPI, acquisition, start_service, stop_service
+from api_support import CONTRACT, OPENAPI, Client, acquisition, start_service, stop_service
 
 from watchfolder import config as wconfig
+from watchfolder.api import create_app
 from watchfolder.auth import TokenVerifier, Unauthorized, hash_token, new_token
 from watchfolder.errors import PermanentImportError, WatchfolderError
 from watchfolder.job import Progress
+from watchfolder.store import JobStore
 
 
 @pytest.fixture
@@ -557,3 +560,38 @@ def test_concurrent_submissions_each_get_their_job_once(svc):
     assert sorted(status for status, _ in repeated) == [200] * 11 + [202]
     assert len({job_id for _, job_id in repeated}) == 1
     assert svc.store.counts()["queued"] == 13
+
+
+def test_server_binds_an_ephemeral_port_and_stops(tmp_path):
+    from watchfolder.server import Server
+
+    service = start_service(tmp_path)
+    url, port = service.server.url, service.server.port
+    assert port > 0 and url == f"http://127.0.0.1:{port}"
+    assert service.client().get("/api/v1/health").status == 200
+    stop_service(service)
+    with socket.socket() as s:  # the port is free again
+        s.bind(("127.0.0.1", port))
+    # serve_forever in a thread of our own, stopped from outside
+    store = JobStore.from_config(service.config)
+    other = Server(service.config, create_app(service.config, store))
+    runner = threading.Thread(target=other.serve_forever)
+    runner.start()
+    try:
+        assert Client(other.url).get("/api/v1/health").status == 200
+    finally:
+        other.stop()
+        runner.join(timeout=10)
+        store.close()
+    assert not runner.is_alive()
+
+
+def test_listen_conflict_names_the_address(tmp_path):
+    from watchfolder.server import Server
+
+    service = start_service(tmp_path)
+    try:
+        with pytest.raises(WatchfolderError, match=f"127.0.0.1:{service.server.port}"):
+            Server(service.config, create_app(service.config, service.store), listen=f"127.0.0.1:{service.server.port}")
+    finally:
+        stop_service(service)
