@@ -498,6 +498,29 @@ def test_openapi_document_is_served_and_is_the_contract(svc):
     assert CONTRACT.check_request("post", "/api/v1/jobs", {"path": "/x", "bogus": 1}) != []
 
 
+def test_every_reference_in_the_contract_resolves():
+    refs = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                refs.append(node["$ref"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(CONTRACT.doc)
+    assert refs
+    for ref in refs:
+        CONTRACT._deref({"$ref": ref})  # raises KeyError for a dangling reference
+    for template, item in CONTRACT.doc["paths"].items():
+        for method, operation in item.items():
+            if method in ("get", "post", "delete"):
+                assert operation.get("operationId") and operation.get("responses"), f"{method} {template}"
+
+
 def test_every_documented_route_answers(svc):
     """Each path of the contract exists on the server (no documented-but-missing route)."""
     admin = svc.client("admin")

@@ -265,7 +265,7 @@ def install(app: bottle.Bottle, api) -> None:
             return _reason("\n".join(errors))
         out = []
         for spec, uri in specs:
-            job, _created = store.enqueue(spec, note="submitted through /ome/import (seed API)")
+            job, _created = api.batcher.enqueue(spec, "submitted through /ome/import (seed API)")
             for warning in spec.extra.get("warnings", ()):
                 store.log(job.id, f"warning: {warning}")
             out.append({"statusUri": f"{IMPORT_PATH}/{import_id(job)}", "targetUri": uri})
