@@ -419,8 +419,10 @@ def test_status_view(svc):
     svc.store.set_component("worker", "w-fresh", {"state": "busy", "job_id": 3, "heartbeat_seconds": 5}, now=now)
     svc.store.set_component("worker", "w-stale", {"state": "idle", "heartbeat_seconds": 5}, now=now - 60)
     svc.store.set_component(
-        "watcher", "drop", {"path": "/data/drop", "mode": "polling", "healthy": True, "pending": 2,
-                            "events": 40, "rescans": 3, "last_event_at": now - 5, "last_scan_at": now - 50}, now=now)
+        "watcher", "drop", {"path": "/data/drop", "mode": "polling", "health": "ok", "pending": 2,
+                            "events": 40, "rescans": 3, "last_event": now - 5, "last_scan": now - 50}, now=now)
+    svc.store.set_component("watcher", "share", {"health": "unhealthy", "error": "/mnt/share does not exist"}, now=now)
+    svc.store.set_component("watcher", "quiet", {"health": "ok"}, now=now - 7200)
     svc.store.set_component("importer", "archive", {"ok": False, "error": "archive root not writable"}, now=now)
     submit(svc.client("admin"), acquisition(svc.roots["drop"], "jdoe/a"))
     status = svc.client("reader").get("/api/v1/status").json
@@ -429,7 +431,11 @@ def test_status_view(svc):
     workers = {w["name"]: w for w in status["workers"]}
     assert workers["w-fresh"]["healthy"] and workers["w-fresh"]["current_job"] == 3
     assert not workers["w-stale"]["healthy"] and "no heartbeat" in workers["w-stale"]["problem"]
-    assert status["watchers"][0]["pending"] == 2 and status["watchers"][0]["healthy"]
+    watchers = {w["name"]: w for w in status["watchers"]}
+    assert watchers["drop"]["pending"] == 2 and watchers["drop"]["healthy"]
+    assert watchers["drop"]["last_event_at"] == pytest.approx(now - 5)
+    assert not watchers["share"]["healthy"] and watchers["share"]["problem"] == "/mnt/share does not exist"
+    assert not watchers["quiet"]["healthy"] and "no report for" in watchers["quiet"]["problem"]
     assert status["importer"]["ok"] is False
     assert {d["label"] for d in status["disk"]} == {"data_dir", "archive"}
     assert all(d["free"] > 0 for d in status["disk"])
@@ -472,7 +478,7 @@ def test_metrics(svc):
     submit(admin, acquisition(svc.roots["drop"], "jdoe/b"))
     svc.store.claim("w1")
     svc.store.succeed(job["id"], "w1", {"images": [1]}, progress=Progress("done", 600, 600, 1, 1))
-    svc.store.set_component("watcher", "drop", {"healthy": True, "events": 17, "rescans": 2})
+    svc.store.set_component("watcher", "drop", {"health": "ok", "events": 17, "rescans": 2})
     r = svc.client().get("/metrics")
     assert r.status == 200
     lines = set(r.text.splitlines())

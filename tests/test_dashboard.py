@@ -72,7 +72,7 @@ def test_dashboard_shows_progress_and_failure_and_retries_with_a_click(browser, 
     svc.store.report_progress(running, "w1", Progress("upload", 300, 600, 0, 1))
     assert svc.store.claim("w2").id == failing
     svc.store.fail(failing, "w2", PermanentImportError("unsupported file format: .xyz"))
-    svc.store.set_component("watcher", "drop", {"path": "/data/drop", "mode": "polling", "healthy": True})
+    svc.store.set_component("watcher", "drop", {"path": "/data/drop", "mode": "polling", "health": "ok"})
 
     wait = _login(browser, svc, "admin")
 

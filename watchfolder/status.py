@@ -10,8 +10,9 @@ the keys read here are:
   ``job_id`` (the job it runs, or null), ``heartbeat_seconds`` (its interval,
   else ``workers.heartbeat_seconds``); the row's ``updated_at`` is the
   heartbeat. A worker that stops cleanly removes its row.
-- watchers (kind ``watcher``): ``path``, ``mode``, ``healthy``, ``error``,
-  ``last_event_at``, ``last_scan_at``, ``pending``, ``events``, ``rescans``.
+- watchers (kind ``watcher``): ``health`` (``starting``, ``ok``, ``unhealthy``,
+  ``stopped``), ``error``, ``warning``, ``path``, ``mode``, ``last_event``,
+  ``last_scan``, ``pending``, ``pending_acquisitions``, ``events``, ``rescans``.
 - importer (kind ``importer``): ``ok`` and anything else the importer's
   ``health()`` returns.
 """
@@ -58,25 +59,31 @@ def worker_view(component: dict[str, Any], *, heartbeat_seconds: float, now: flo
 
 
 def watcher_view(component: dict[str, Any], *, unhealthy_after: float, now: float) -> dict[str, Any]:
-    """One watcher's row in the status view."""
+    """One watcher's row in the status view (from what :mod:`.watcher` publishes)."""
     status = component.get("status") or {}
     age = _age(now, component.get("updated_at"))
+    state = status.get("health")
     problem = status.get("error") or None
-    healthy = bool(status.get("healthy", True)) and problem is None
-    if age is not None and age > unhealthy_after:
+    healthy = state != "unhealthy" if state is not None else problem is None
+    if healthy and state not in ("stopped",) and age is not None and age > unhealthy_after:
         healthy = False
-        problem = problem or f"no report for {age:.0f} s"
+        problem = f"no report for {age:.0f} s (the watcher process may be gone)"
+    if not healthy and problem is None:
+        problem = "unhealthy"
     return {
         "name": component.get("name"),
         "host": component.get("host"),
         "pid": component.get("pid"),
         "path": status.get("path"),
         "mode": status.get("mode"),
+        "health": state,
         "healthy": healthy,
         "problem": problem,
-        "last_event_at": status.get("last_event_at"),
-        "last_scan_at": status.get("last_scan_at"),
+        "warning": status.get("warning"),
+        "last_event_at": status.get("last_event"),
+        "last_scan_at": status.get("last_scan"),
         "pending": status.get("pending"),
+        "pending_acquisitions": status.get("pending_acquisitions") or [],
         "events": status.get("events"),
         "rescans": status.get("rescans"),
         "updated_at": component.get("updated_at"),
