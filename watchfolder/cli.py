@@ -162,15 +162,16 @@ def open_store(config):
     return open_store(config, make_notifier(config))
 
 
-def _wait_for_signal(stop: threading.Event) -> None:
-    """Block until SIGTERM/SIGINT (or ``stop`` is set by someone else)."""
+def _stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM/SIGINT. Installed before anything starts, so no signal is missed."""
+    stop = threading.Event()
+
     def handler(signum, frame):
         stop.set()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-    while not stop.wait(0.5):
-        pass
+    return stop
 
 
 def _run_service(args, parts, *, banner: bool = False, burst: bool = False,
@@ -178,15 +179,16 @@ def _run_service(args, parts, *, banner: bool = False, burst: bool = False,
     from .service import Service
 
     config = load_config(args, overrides)
+    stop = _stop_on_signals()
     service = Service(config, parts, burst=burst)
     service.start()
     if banner:
         print(_banner(config, service), flush=True)
-    stop = threading.Event()
     if burst:
         service.wait_workers()
     else:
-        _wait_for_signal(stop)
+        while not stop.wait(0.5):
+            pass
         print(f"stopping: finishing running jobs (grace {config.workers.shutdown_grace:g} s)…", flush=True)
     service.stop()
     return 0
