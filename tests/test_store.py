@@ -425,3 +425,13 @@ def test_dismiss_acknowledges_a_failure_and_retry_clears_it(store, make_spec):
     assert store.list_jobs(states=["failed"], dismissed=False)[0] == []
     assert [j.id for j in store.list_jobs(dismissed=True)[0]] == [job.id]
     assert store.retry(job.id).dismissed_at is None
+
+
+def test_enqueue_many_commits_a_batch_and_keeps_idempotency(store, make_spec):
+    a, b = make_spec(), make_spec()
+    results = store.enqueue_many([(a, "first"), (b, ""), (a, "again")])
+    assert [created for _, created in results] == [True, True, False]
+    assert results[2][0].id == results[0][0].id
+    assert store.get(results[0][0].id).history[0].message == "first"
+    assert store.counts()["queued"] == 2
+    assert {store.claim("w").id, store.claim("w").id} == {results[0][0].id, results[1][0].id}

@@ -196,7 +196,7 @@ class EnqueueBatcher:
 
     A request thread queues its spec, then takes the write lock; if no earlier
     writer has stored its job meanwhile, it writes everything waiting (its own
-    included) in one transaction when the store offers ``enqueue_many``. Under
+    included) in one transaction (``JobStore.enqueue_many``). Under
     load one commit covers many jobs; without load a request writes its own job
     with no hand-over to another thread. Threads wait on a Python lock rather
     than in SQLite's busy handler, which sleeps in steps of up to 100 ms.
@@ -224,10 +224,9 @@ class EnqueueBatcher:
         return future.result()
 
     def _write(self, batch: list) -> None:
-        many = getattr(self.store, "enqueue_many", None)
-        if many is not None and len(batch) > 1:
+        if len(batch) > 1:
             try:
-                results = many([(spec, note) for spec, note, _ in batch])
+                results = self.store.enqueue_many([(spec, note) for spec, note, _ in batch])
             except Exception:  # one bad job must not fail the others: write each alone
                 log.exception("batched enqueue failed; writing the %d jobs one by one", len(batch))
             else:

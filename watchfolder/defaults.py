@@ -38,7 +38,9 @@ SMTP_TIMEOUT = 30.0
 WATCHER_UNHEALTHY_MAIL_AFTER = 600.0
 
 LISTEN = "127.0.0.1:8470"
-SERVER_THREADS = 8
+# Few threads serve more: every SQLite call hands the GIL over, and 8 threads
+# spent more time switching than working (bench/bench_api.py).
+SERVER_THREADS = 4
 MAX_BODY_BYTES = 1024 * 1024
 
 WATCH_MODE = "auto"

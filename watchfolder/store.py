@@ -399,20 +399,35 @@ class JobStore:
 
     def enqueue(self, spec: JobSpec, *, now: float | None = None, note: str = "") -> tuple[Job, bool]:
         """Queue a job; the same idempotency key returns the existing job and ``False``."""
+        return self.enqueue_many([(spec, note)], now=now)[0]
+
+    def enqueue_many(
+        self, items: Iterable[tuple[JobSpec, str]], *, now: float | None = None
+    ) -> list[tuple[Job, bool]]:
+        """Queue several ``(spec, note)`` in one transaction (one commit for all: group commit).
+
+        Each answer is ``(job, created)`` as from :meth:`enqueue`; a key repeated
+        within the batch returns the first one's job with ``False``.
+        """
         now = _now(now)
-        key = spec.key()
         conn = self._conn()
+        queue = self._queue()
+        out: list[tuple[Job, bool]] = []
         with _transaction(conn):
-            existing = conn.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (key,)).fetchone()
-            if existing is not None:
-                return self._job(existing), False
-            job_id = self._insert(conn, spec, key, JobState.QUEUED, now)
-            message = self._queue().put(str(job_id))
-            row = conn.execute(
-                "UPDATE jobs SET message_id = ? WHERE id = ? RETURNING *", (message.message_id, job_id)
-            ).fetchone()
-            self._add_history(conn, job_id, JobState.QUEUED, note or f"queued from {spec.source}", now)
-        return self._job(row), True
+            for spec, note in items:
+                key = spec.key()
+                existing = conn.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (key,)).fetchone()
+                if existing is not None:
+                    out.append((self._job(existing), False))
+                    continue
+                job_id = self._insert(conn, spec, key, JobState.QUEUED, now)
+                message = queue.put(str(job_id))
+                row = conn.execute(
+                    "UPDATE jobs SET message_id = ? WHERE id = ? RETURNING *", (message.message_id, job_id)
+                ).fetchone()
+                self._add_history(conn, job_id, JobState.QUEUED, note or f"queued from {spec.source}", now)
+                out.append((self._job(row), True))
+        return out
 
     def _insert(self, conn, spec: JobSpec, key: str, state: JobState, now: float, **extra: Any) -> int:
         cols = {
