@@ -215,6 +215,26 @@ def test_connection_dropped_mid_upload_is_retried_without_duplicates(store, impo
     assert len(double.state()["annotations"]) == 2
 
 
+def test_upload_keeps_writes_in_flight_and_the_file_arrives_whole(store, importer, make_spec, double):
+    # The double holds each upload's first block back until a later block has been
+    # written: a child that waited for every write would stall on it (and the
+    # counters would show no overlap); one that keeps writes in flight sees its
+    # blocks land out of order, positionally, and the server's SHA-1 still agrees.
+    double.faults(hold_first_write=30)
+    content = os.urandom(5 * 1024 * 1024 + 12345)
+    spec = make_spec({"big.tif": content}, group="lab")
+    job = run_job(store, importer, spec)
+
+    assert job.state is JobState.SUCCEEDED, job.error
+    counters = double.state()["counters"]
+    assert counters["overlapped_writes"] >= 1 and counters["out_of_order_writes"] >= 1
+    assert counters["bytes_written"] == len(content)
+    (fileset,) = double.state()["filesets"]
+    assert fileset["files"] == [{"size": len(content), "sha1": hashlib.sha1(content).hexdigest()}]
+    assert job.result["filesets"][0]["sha1"] == [hashlib.sha1(content).hexdigest()]
+    assert job.progress.bytes_done == len(content)
+
+
 def test_child_killed_mid_upload_is_retried_and_leaves_one_fileset(store, importer, make_spec, double):
     double.faults(slow=0.05)  # each 1 MiB block takes a while: time to kill the child mid-way
     spec = make_spec({"big.tif": os.urandom(8 * 1024 * 1024)}, group="lab")

@@ -29,6 +29,7 @@ multi-file formats, and whatever no rule claims is a fileset of its own.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -40,6 +41,9 @@ import traceback
 
 PROTOCOL = 1
 JOB_MARKER = "watchfolder.job"
+# Upload writes outstanding at once: two already keep both ends busy over
+# loopback; more only add memory (one block each) and server threads.
+WRITES_IN_FLIGHT = 2
 
 log = logging.getLogger("omero-child")
 
@@ -303,6 +307,7 @@ class Importer:
         self.port = int(req.get("omero_port") or req["port"])
         self.root = req["root"]
         self.block = int(req.get("block_size") or 1024 * 1024)
+        self.in_flight = max(1, int(req.get("writes_in_flight") or WRITES_IN_FLIGHT))
 
     # -- sessions --------------------------------------------------------
 
@@ -586,7 +591,18 @@ class Importer:
         return fileset_id, sorted(set(image_ids)), hashes
 
     def _upload(self, rfs, path, figures):
+        """Send one file to ``rfs`` and return its SHA-1 (hex).
+
+        Up to ``self.in_flight`` writes are outstanding (``begin_write``): while
+        the server takes one block, the next is read, hashed and sent, instead
+        of the two sides taking turns. Each block is read once and hashed from
+        the very bytes object that goes out. Writes carry their offset, so the
+        order in which the server dispatches them does not matter (OMERO writes
+        positionally). ``bytes_done`` counts blocks the server acknowledged.
+        Memory: ``in_flight`` blocks.
+        """
         digest = hashlib.sha1()
+        sent = collections.deque()  # (async result, length), oldest first
         offset = 0
         try:
             with open(path, "rb") as f:
@@ -594,17 +610,32 @@ class Importer:
                     block = f.read(self.block)
                     if not block:
                         break
-                    rfs.write(block, offset, len(block))
+                    if len(sent) >= self.in_flight:
+                        self._acknowledged(rfs, sent.popleft(), figures)
+                    sent.append((rfs.begin_write(block, offset, len(block)), len(block)))
                     digest.update(block)
                     offset += len(block)
-                    figures["bytes_done"] += len(block)
-                    self.emit.progress("uploading", **figures)
+            while sent:
+                self._acknowledged(rfs, sent.popleft(), figures)
         finally:
+            # After a failure, let the writes still out finish (or fail: the
+            # connection may be gone) before closing, so close does not overtake them.
+            for result, _ in sent:
+                try:
+                    rfs.end_write(result)
+                except Exception:  # noqa: BLE001 - the first failure is the one that counts
+                    pass
             try:
                 rfs.close()
             except Exception as exc:
                 log.warning("closing an upload: %s", type(exc).__name__)
         return digest.hexdigest()
+
+    def _acknowledged(self, rfs, sent, figures):
+        result, length = sent
+        rfs.end_write(result)  # raises what the write raised
+        figures["bytes_done"] += length
+        self.emit.progress("uploading", **figures)
 
     def _await(self, handle, figures):
         """Wait for the server-side import through the command callback, with a deadline."""

@@ -22,7 +22,13 @@ Control channel (HTTP on 127.0.0.1, JSON):
                            drop_after_bytes (int: drop the connection once that many
                            bytes of upload arrived; fires once),
                            import_error (str: server-side imports answer omero.cmd.ERR),
-                           import_delay (seconds the server-side import takes)
+                           import_delay (seconds the server-side import takes),
+                           hold_first_write (seconds: an upload's block at offset 0 waits
+                           up to that long for a later block to be written first;
+                           with writes kept in flight they land out of order)
+Counters include overlapped_writes (writes that arrived while another write of
+the same upload was being dispatched) and out_of_order_writes (blocks that landed
+ahead of a gap and waited for it to fill).
 """
 
 from __future__ import annotations
@@ -121,7 +127,8 @@ class World:
         self.filesets, self.images, self.annotations = {}, {}, {}
         self.faults = {}
         self.counters = {"bytes_written": 0, "writes": 0, "logins": 0, "failed_logins": 0,
-                         "imports": 0, "drops": 0, "queries": 0}
+                         "imports": 0, "drops": 0, "queries": 0,
+                         "overlapped_writes": 0, "out_of_order_writes": 0}
         self.add_group("system", "rw----", gid=0)
         self.add_group("user", "rw----", gid=1)
         self.add_user("root", "omero", "root@example.org", ["system", "user"], admin=True, uid=0)
@@ -679,33 +686,74 @@ def run_import(fileset_id, handle):
 
 @strict
 class RawFileStoreI(omero.api.RawFileStore):
+    """An upload target that writes positionally, as OMERO's RawFileBean does.
+
+    Writes may be dispatched out of order (a client keeps several in flight and
+    the thread pool is not serialized), so a block that lands ahead of the bytes
+    received so far waits in ``ahead`` until the gap before it is filled; the
+    running SHA-1 then covers the file in order. ``ahead`` holds at most the
+    client's writes in flight.
+    """
+
     def __init__(self, record):
         self.record = record
+        self.ahead = {}
+        self.in_flight = 0
+        self.later_written = threading.Event()  # a block past offset 0 has been written
 
     def write_async(self, _cb, buf, position, length, current=None):
         try:
             session_of(current)
-            slow = WORLD.faults.get("slow")
-            if slow:
-                time.sleep(float(slow))
             with WORLD.lock:
-                drop = WORLD.faults.get("drop_after_bytes")
-                if drop is not None and WORLD.counters["bytes_written"] + length > int(drop):
-                    WORLD.faults.pop("drop_after_bytes")
-                    WORLD.counters["drops"] += 1
-                    current.con.close(True)
-                    return
-                rec = self.record
-                if position == rec["size"]:
-                    rec["sha1"].update(buf[:length])
-                    rec["size"] += length
-                elif length:
-                    rec["sequential"] = False
-                WORLD.counters["bytes_written"] += length
-                WORLD.counters["writes"] += 1
+                self.in_flight += 1
+                if self.in_flight > 1:
+                    WORLD.counters["overlapped_writes"] += 1
+                hold = WORLD.faults.get("hold_first_write") if position == 0 else None
+            try:
+                if hold:
+                    # Keep the first block back until a later one has been written
+                    # (or the deadline passes): out of order, as a real server's
+                    # thread pool may well do it to writes kept in flight.
+                    self.later_written.wait(float(hold))
+                slow = WORLD.faults.get("slow")
+                if slow:
+                    time.sleep(float(slow))
+                with WORLD.lock:
+                    drop = WORLD.faults.get("drop_after_bytes")
+                    if drop is not None and WORLD.counters["bytes_written"] + length > int(drop):
+                        WORLD.faults.pop("drop_after_bytes")
+                        WORLD.counters["drops"] += 1
+                        current.con.close(True)
+                        return
+                    self._put(bytes(buf[:length]), position)
+                    WORLD.counters["bytes_written"] += length
+                    WORLD.counters["writes"] += 1
+                if position > 0:
+                    self.later_written.set()
+            finally:
+                with WORLD.lock:
+                    self.in_flight -= 1
             _cb.ice_response()
         except Exception as exc:  # noqa: BLE001
             _cb.ice_exception(exc)
+
+    def _put(self, data, position):
+        rec = self.record
+        if not data:
+            return
+        if position > rec["size"]:
+            self.ahead[position] = data
+            WORLD.counters["out_of_order_writes"] += 1
+            return
+        if position < rec["size"]:
+            rec["sequential"] = False  # a rewrite: noted, not applied (each byte is hashed as first written)
+            return
+        rec["sha1"].update(data)
+        rec["size"] += len(data)
+        while rec["size"] in self.ahead:
+            data = self.ahead.pop(rec["size"])
+            rec["sha1"].update(data)
+            rec["size"] += len(data)
 
     @amd
     def close(self, current=None):
