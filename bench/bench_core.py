@@ -8,11 +8,8 @@ Options: --jobs N (default 3000), --archive-mb N (default 1024), --skip-archive.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import resource
-import shutil
 import subprocess
 import sys
 import tempfile
