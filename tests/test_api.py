@@ -624,3 +624,28 @@ def test_listen_conflict_names_the_address(tmp_path):
             Server(service.config, create_app(service.config, service.store), listen=f"127.0.0.1:{service.server.port}")
     finally:
         stop_service(service)
+
+
+def test_run_token_is_only_made_for_a_loopback_server_without_tokens(make_config):
+    import urllib.request
+
+    from watchfolder.service import Parts, Service
+
+    parts = Parts(workers=False, watch=False, server=True, mail=False)
+    service = Service(make_config(server={"enabled": True, "listen": "127.0.0.1:0"}), parts)
+    service.start()
+    try:
+        request = urllib.request.Request(service.server.url + "/api/v1/status",
+                                         headers={"Authorization": f"Bearer {service.run_token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200
+    finally:
+        service.stop()
+    configured = make_config(server={"enabled": True, "listen": "127.0.0.1:0", "tokens": [
+        {"name": "ops", "role": "admin", "hash": "sha256:" + "0" * 64}]})
+    service = Service(configured, parts)
+    service.start()
+    try:
+        assert service.run_token is None
+    finally:
+        service.stop()

@@ -119,3 +119,20 @@ def test_read_token_gets_no_buttons_and_submit_token_is_turned_away(browser, svc
     message = wait.until(lambda d: d.find_element(By.ID, "login-error").text or None)
     assert "role submit" in message
     assert not browser.find_element(By.ID, "board").is_displayed()
+
+
+def test_run_without_tokens_prints_a_one_run_link_that_opens_the_dashboard(browser, make_config):
+    from watchfolder.service import Parts, Service
+
+    config = make_config(server={"enabled": True, "listen": "127.0.0.1:0", "tokens": []})
+    service = Service(config, Parts(workers=False, watch=False, server=True, mail=False))
+    service.start()
+    try:
+        assert service.run_token
+        browser.get(f"{service.server.url}/#token={service.run_token}")
+        wait = WebDriverWait(browser, 20)
+        wait.until(lambda d: d.find_element(By.ID, "board").is_displayed())
+        assert "this-run-admin (admin)" in browser.find_element(By.ID, "who").text
+        assert "token" not in browser.current_url  # taken out of the address bar
+    finally:
+        service.stop()

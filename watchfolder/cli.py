@@ -207,7 +207,10 @@ def _banner(config, service) -> str:
     elif config.notify.transport == "smtp":
         lines.append(f"  mail via SMTP:         {config.notify.smtp.host}:{config.notify.smtp.port}")
     lines.append(f"  job logs:              {config.logs_dir}")
-    if service.server is not None:
+    if service.server is not None and service.run_token:
+        lines.append(f"  dashboard:             {service.server.url}/#token={service.run_token}")
+        lines.append("                         (an admin token for this run only; configure server.tokens for more)")
+    elif service.server is not None:
         lines.append(f"  dashboard and API:     {service.server.url}")
     cfg = f" --config {config.path}" if config.path else ""
     lines.append(f"  follow jobs with:      watchfolder{cfg} jobs list")

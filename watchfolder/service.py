@@ -7,11 +7,12 @@ others on the same host.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass
 
-from .config import Config
+from .config import Config, TokenConfig
 from .importers import create_importer
 from .outbox import OutboxSender
 from .store import JobStore
@@ -60,6 +61,7 @@ class Service:
         self.pool: WorkerPool | None = None
         self.watch = None
         self.server = None
+        self.run_token: str | None = None
         self.sender: OutboxSender | None = None
         self._stop_mail = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -93,10 +95,29 @@ class Service:
             from .api import create_app
             from .server import Server
 
+            config = self._with_run_token(config)
             self.server = Server(config, create_app(config, self.store, self.importer))
             self.server.start()
         if self.importer is not None:
             self.store.set_component("importer", self.importer.name, self.importer.health())
+
+    def _with_run_token(self, config: Config) -> Config:
+        """With no tokens configured and a loopback address, make an admin token for this run only.
+
+        Like Jupyter's start-up link: the person who started the service gets
+        the dashboard; nothing is written to the config or the log.
+        """
+        if config.server.tokens or config.server.host not in ("127.0.0.1", "localhost", "::1"):
+            if not config.server.tokens:
+                log.warning("server.tokens is empty: the API accepts no requests; "
+                            "create a token with `watchfolder token new --name NAME --role admin`")
+            return config
+        from .auth import hash_token, new_token
+
+        token, _ = new_token("this-run-admin", "admin")
+        self.run_token = token
+        run_token = TokenConfig(name="this-run-admin", role="admin", hash=hash_token(token))
+        return dataclasses.replace(config, server=dataclasses.replace(config.server, tokens=(run_token,)))
 
     def wait_workers(self) -> None:
         """Block until the worker pool ends (burst mode)."""

@@ -195,6 +195,13 @@ document.addEventListener("DOMContentLoaded", () => {
     open();
   });
   $("#logout").addEventListener("click", () => logout(""));
+  // `watchfolder run` prints a link with a one-run token in the fragment (never sent to
+  // the server in a URL): keep it for this tab and take it out of the address bar.
+  const fromLink = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (fromLink) {
+    sessionStorage.setItem(TOKEN_KEY, fromLink);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
   if (sessionStorage.getItem(TOKEN_KEY)) open();
   else logout("");
 });
