@@ -40,6 +40,9 @@ OWN_MARKERS = (".watchfolder-receipt.json", ".watchfolder-error.txt")
 # How often a candidate waiting for missing files is looked at again when no
 # event arrives (events mode); polling looks at every tick anyway.
 WAIT_RECHECK_SECONDS = 30.0
+# Outcomes per detector step: bounds memory (each holds a job spec) when
+# thousands of acquisitions become due at once, and lets events in between.
+OUTCOME_BATCH = 200
 
 
 def is_own_file(name: str) -> bool:
@@ -123,6 +126,8 @@ def snapshot_folder(
             digest.update(b"?" + _enc(sub) + b"\n")
             continue
         subdirs = []
+        parts = []  # digested once per folder: one update call instead of one per file
+        prefix = sub + "/" if sub else ""
         for entry in listing:
             name = entry.name
             try:
@@ -132,18 +137,22 @@ def snapshot_folder(
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            child = f"{sub}/{name}" if sub else name
-            if st.st_mtime_ns > max_ns:
-                max_ns = st.st_mtime_ns
+            mtime = st.st_mtime_ns
+            if mtime > max_ns:
+                max_ns = mtime
             if is_dir:
-                digest.update(b"D" + _enc(child) + b"\0%d\n" % st.st_mtime_ns)
-                dirs.append((f"{rel}/{child}" if rel else child, st.st_mtime_ns))
+                child = prefix + name
+                parts.append(f"D{child}\0{mtime}")
+                dirs.append((f"{rel}/{child}" if rel else child, mtime))
                 subdirs.append((entry.path, child))
+            elif ".watchfolder-" in name and is_own_file(name):
+                continue
             else:
-                if is_own_file(name):
-                    continue
                 files += 1
-                digest.update(b"F" + _enc(child) + b"\0%d\0%d\n" % (st.st_size, st.st_mtime_ns))
+                parts.append(f"F{prefix}{name}\0{st.st_size}\0{mtime}")
+        if parts:
+            parts.append("")
+            digest.update("\n".join(parts).encode("utf-8", "surrogateescape"))
         stack.extend(reversed(subdirs))
     return Snapshot(digest.digest(), max_ns / 1e9, tuple(dirs), files)
 
@@ -727,15 +736,20 @@ class Detector:
             return None
         return min(self.known[r].next_check for r in self.pending)
 
-    def loop(self, now: float, *, recheck_pending: bool = False, since: float | None = None) -> list[Outcome]:
+    def loop(
+        self, now: float, *, recheck_pending: bool = False, since: float | None = None, limit: int = OUTCOME_BATCH
+    ) -> list[Outcome]:
         """Look at due candidates; return the outcomes of those that are complete or bad.
 
         ``recheck_pending`` (polling): snapshot every pending candidate first, so
         in-place appends restart quiet periods. Candidates with an ``enqueue`` or
-        ``reject`` outcome count as done once :meth:`settle` is called.
+        ``reject`` outcome count as done once :meth:`settle` is called. At most
+        ``limit`` outcomes per step: the rest stay due for the next one.
         """
         out: list[Outcome] = []
         for rel in sorted(self.pending):
+            if len(out) >= limit:
+                break
             cand = self.known.get(rel)
             if cand is None:
                 self.pending.discard(rel)
