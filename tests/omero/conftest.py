@@ -84,6 +84,14 @@ class Double:
     def session(self, user: str, group: str | None = None) -> str:
         return self._call("/session", {"user": user, "group": group})["uuid"]
 
+    def close_session(self, uuid: str) -> None:
+        self._call("/session/close", {"uuid": uuid})
+
+    def annotation(self, owner: str, group: str, kind: str = "tag", ns: str | None = None, text: str = "") -> int:
+        """Create an annotation as ``owner`` in ``group`` before any import; returns its id."""
+        return self._call("/annotations", {"owner": owner, "group": group, "kind": kind, "ns": ns,
+                                           "text": text})["id"]
+
     def live_filesets(self) -> list[dict[str, Any]]:
         return [f for f in self.state()["filesets"] if f["state"] != "deleted"]
 

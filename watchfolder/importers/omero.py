@@ -133,6 +133,10 @@ class OmeroImporter(Importer):
             "description": spec.description,
             "annotations": dict(spec.annotations),
             "source": spec.source,
+            # Set by the seed API (/ome/import): comment annotations to create and
+            # existing annotations to link, on every imported image.
+            "text_annotations": list(spec.extra.get("text_annotations") or ()),
+            "annotation_ids": list(spec.extra.get("annotation_ids") or ()),
         }
 
     def child_pid(self, job_id: int) -> int | None:
@@ -216,7 +220,12 @@ class OmeroImporter(Importer):
         code = proc.wait()
         if result is not None:
             result.setdefault("importer", "omero")
-            ctx.log(f"omero: imported images {result.get('image_ids')}")
+            ctx.log(f"omero: imported images {result.get('image_ids')}{_where(result)}")
+            if result.get("text_annotation_ids") or result.get("linked_annotation_ids"):
+                ctx.log(
+                    f"omero: linked to every image: text annotations {result.get('text_annotation_ids') or []}, "
+                    f"existing annotations {result.get('linked_annotation_ids') or []}"
+                )
             return result
         if error is not None:
             message = str(error.get("message") or "the OMERO import failed")
@@ -234,6 +243,16 @@ class OmeroImporter(Importer):
             children = list(self._children.values())
         for proc in children:
             _kill(proc)
+
+
+def _where(result: dict[str, Any]) -> str:
+    """' into dataset 5', or the orphaned case spelled out, for the job log."""
+    if result.get("orphaned"):
+        return " as orphaned images (no dataset or screen was given)"
+    target = result.get("target")
+    if isinstance(target, dict) and target.get("type"):
+        return f" into {target['type']} {target.get('id')}"
+    return ""
 
 
 def _read_lines(stream, lines: queue.Queue) -> None:

@@ -25,6 +25,13 @@ the service appends to the job's log. Exit status: 0 result sent, 1 error sent.
 Filesets: the request's ``filesets`` (lists of relative paths) come first;
 every other file goes through :func:`group_filesets`' rule for common
 multi-file formats, and whatever no rule claims is a fileset of its own.
+
+Target: an empty ``target`` imports the images orphaned (no dataset or
+screen); the result then says ``"target": null, "orphaned": true``.
+Annotations on every image, besides our map annotation: ``text_annotations``
+([[namespace, text], ...]) become comment annotations, and ``annotation_ids``
+name existing annotations to link (checked before any upload; a missing,
+foreign-group or unlinkable one fails the job permanently).
 """
 
 from __future__ import annotations
@@ -255,6 +262,34 @@ def classify(exc, where=""):
     return Failure(f"{prefix}unexpected error in the OMERO child: {type(exc).__name__}: {exc}")
 
 
+def session_key_reason(exc, key):
+    """OMERO's reason for refusing a session key, without the key (a secret)."""
+    reason = getattr(exc, "reason", None) or getattr(exc, "message", None) or type(exc).__name__
+    return str(reason).replace(key, "<session key>") if key else str(reason)
+
+
+def text_annotation_pairs(value):
+    """The request's ``text_annotations`` as a list of (namespace, text); raises ``Failure`` on bad input."""
+    pairs = []
+    for n, pair in enumerate(value or ()):
+        if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                or not all(isinstance(s, str) and s for s in pair)):
+            raise Failure(f"text_annotations[{n}]: must be [namespace, text], both non-empty strings; got {pair!r}")
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+def annotation_id_list(value):
+    """The request's ``annotation_ids`` as positive ints, duplicates dropped (OMERO refuses a link twice)."""
+    ids = []
+    for n, aid in enumerate(value or ()):
+        if isinstance(aid, bool) or not isinstance(aid, int) or aid <= 0:
+            raise Failure(f"annotation_ids[{n}]: must be a positive whole number, got {aid!r}")
+        if aid not in ids:
+            ids.append(aid)
+    return ids
+
+
 def describe_err(rsp, paths):
     """Words for an ``omero.cmd.ERR`` from a server-side import."""
     params = dict(rsp.parameters or {})
@@ -308,6 +343,9 @@ class Importer:
         self.root = req["root"]
         self.block = int(req.get("block_size") or 1024 * 1024)
         self.in_flight = max(1, int(req.get("writes_in_flight") or WRITES_IN_FLIGHT))
+        self.text_pairs = []
+        self.linked = []
+        self._comments = None
 
     # -- sessions --------------------------------------------------------
 
@@ -328,8 +366,9 @@ class Importer:
                 failure = classify(exc, where)
                 if not failure.transient:
                     failure = Failure(
-                        f"{where} did not accept this job's session key (expired or closed?); "
-                        "submit the job again with a fresh session"
+                        f"{where} rejected this job's session key: {session_key_reason(exc, req['session_key'])}. "
+                        "The session has probably expired or been closed; submit the job again "
+                        "with a fresh session key"
                     )
                 raise failure from None
         else:
@@ -424,11 +463,19 @@ class Importer:
     # -- target ----------------------------------------------------------
 
     def resolve_target(self):
-        """Return (kind, id, name, created) for the job's target, creating it if named and new."""
+        """Return (kind, id, name, created) for the job's target, creating it if named and new.
+
+        An empty target (the seed API's requests without datasetId or screenId)
+        gives (None, None, None, False): the images are imported orphaned, in no
+        dataset or screen, as the seed system did.
+        """
         import omero.model
         from omero.rtypes import rstring, unwrap
 
-        target = self.req["target"]
+        target = self.req.get("target") or {}
+        if not target:
+            log.info("no dataset or screen given: the images are imported orphaned")
+            return None, None, None, False
         uid, gid = self.ec.userId, self.ec.groupId
         if "dataset_id" in target or "screen_id" in target:
             kind = "Dataset" if "dataset_id" in target else "Screen"
@@ -479,6 +526,46 @@ class Importer:
         obj = self.save(obj)
         log.info("created %s %r (id %d)", kind.lower(), name, obj.getId().getValue())
         return kind, obj.getId().getValue(), name, True
+
+    # -- annotations to link -----------------------------------------------
+
+    def check_linked_annotations(self):
+        """Check the request's ``annotation_ids`` before anything is uploaded.
+
+        Each must exist, be visible to the session, be in the import's group
+        (OMERO refuses links across groups) and be linkable by the user. A bad
+        id fails the job permanently, naming the id, before any data moves:
+        linking fewer annotations than the client asked for would lose their
+        intent silently. Returns [(model class, id)] for the links.
+        """
+        ids = annotation_id_list(self.req.get("annotation_ids"))
+        if not ids:
+            return []
+        query = self.client.getSession().getQueryService()
+        user, group = self.ec.userName, self.ec.groupName
+        found = []
+        for aid in ids:
+            ann = query.find("Annotation", aid)
+            if ann is None:
+                raise Failure(
+                    f"annotation {aid} (annotationIds) does not exist or {user!r} cannot see it in group "
+                    f"{group!r}; remove it from annotationIds or give the id of an annotation of that group"
+                )
+            ann_gid = ann.getDetails().getGroup().getId().getValue()
+            if ann_gid != self.ec.groupId:
+                raise Failure(
+                    f"annotation {aid} (annotationIds) is in another group (id {ann_gid}) than the import's "
+                    f"group {group!r}; OMERO links only within a group: use an annotation of group {group!r}"
+                )
+            perms = ann.getDetails().getPermissions()
+            if perms is not None and not perms.canLink():
+                raise Failure(
+                    f"annotation {aid} (annotationIds) cannot be linked by {user!r} in group {group!r}; "
+                    "use an annotation they own, or ask its owner to link it"
+                )
+            found.append((type(ann), aid))
+        log.info("annotations to link to every image: %s", ", ".join(str(a) for _, a in found))
+        return found
 
     # -- earlier attempts --------------------------------------------------
 
@@ -552,8 +639,10 @@ class Importer:
         settings.checksumAlgorithm = omero.model.ChecksumAlgorithmI()
         settings.checksumAlgorithm.value = rstring(ChecksumAlgorithmSHA1160)
         kind, target_id = target
-        cls = omero.model.DatasetI if kind == "Dataset" else omero.model.ScreenI
-        settings.userSpecifiedTarget = cls(target_id, False)
+        if kind is not None:
+            cls = omero.model.DatasetI if kind == "Dataset" else omero.model.ScreenI
+            settings.userSpecifiedTarget = cls(target_id, False)
+        # else: no userSpecifiedTarget, and OMERO leaves the images orphaned.
         if self.req.get("name") and len(self.req.get("_plan", [])) == 1:
             settings.userSpecifiedName = rstring(self.req["name"])
         if self.req.get("description"):
@@ -661,12 +750,22 @@ class Importer:
                 log.warning("closing the import handle: %s", type(exc).__name__)
 
     def annotate(self, images, rels, hashes):
-        """One map annotation per fileset (user annotations + provenance), linked to its images."""
+        """Annotate one fileset's images; returns the ids involved (for the result).
+
+        Each image gets: the fileset's map annotation (the user's annotations
+        plus provenance, under our namespace), the job's text annotations
+        (comment annotations, see :meth:`comment_annotations`) and the existing
+        annotations the job names (``annotation_ids``). All of one fileset's
+        links are saved in one call, which OMERO runs as one transaction: an
+        image that carries our map annotation carries the rest too, which is
+        how a retry tells annotated images from bare ones.
+        """
         import omero.model
         from omero.rtypes import rstring
 
+        ids = {"annotation_id": None, "text_annotation_ids": [], "linked_annotation_ids": []}
         if not images:
-            return None
+            return ids
         values = [omero.model.NamedValue(str(k), str(v)) for k, v in (self.req.get("annotations") or {}).items()]
         values.append(omero.model.NamedValue("watchfolder.job_id", str(self.req.get("job_id", ""))))
         if self.req.get("source"):
@@ -678,20 +777,51 @@ class Importer:
         ann.setNs(rstring(self.req["namespace"]))
         ann.setMapValue(values)
         ann = self.save(ann)
-        ann_id = ann.getId().getValue()
+        ids["annotation_id"] = ann_id = ann.getId().getValue()
+        ids["text_annotation_ids"] = comments = self.comment_annotations()
+        ids["linked_annotation_ids"] = [aid for _, aid in self.linked]
+        children = [omero.model.MapAnnotationI(ann_id, False)]
+        children += [omero.model.CommentAnnotationI(cid, False) for cid in comments]
+        children += [cls(aid, False) for cls, aid in self.linked]
         links = []
         for image_id in images:
-            link = omero.model.ImageAnnotationLinkI()
-            link.setParent(omero.model.ImageI(image_id, False))
-            link.setChild(omero.model.MapAnnotationI(ann_id, False))
-            links.append(link)
+            for child in children:
+                link = omero.model.ImageAnnotationLinkI()
+                link.setParent(omero.model.ImageI(image_id, False))
+                link.setChild(child)
+                links.append(link)
         self.client.getSession().getUpdateService().saveAndReturnArray(links)
-        return ann_id
+        return ids
+
+    def comment_annotations(self):
+        """Ids of the job's text annotations, saved on first use: one comment annotation per
+        [namespace, text], shared by every image this attempt annotates.
+
+        A retry that finds some filesets already annotated makes its own set for
+        the rest (the earlier attempt's ids are not looked up).
+        """
+        import omero.model
+        from omero.rtypes import rstring
+
+        if self._comments is None:
+            made = []
+            for ns, text in self.text_pairs:
+                comment = omero.model.CommentAnnotationI()
+                comment.setNs(rstring(ns))
+                comment.setTextValue(rstring(text))
+                made.append(comment)
+            saved = self.client.getSession().getUpdateService().saveAndReturnArray(made) if made else []
+            self._comments = [c.getId().getValue() for c in saved]
+            if made:
+                log.info("text annotations saved as comment annotations %s", self._comments)
+        return self._comments
 
     def run(self):
         req = self.req
         files = [str(f) for f in req["files"]]
         plan = group_filesets(files, req.get("filesets") or ())
+        self.text_pairs = text_annotation_pairs(req.get("text_annotations"))
+        annotation_id_list(req.get("annotation_ids"))  # bad ids fail before connecting
         req["_plan"] = plan
         sizes = {}
         for rel in files:
@@ -707,6 +837,7 @@ class Importer:
                    "files_done": 0, "files_total": len(files)}
         self.emit.progress("connecting", force=True, **figures)
         self.connect()
+        self.linked = self.check_linked_annotations()
         kind, target_id, target_name, created = self.resolve_target()
         earlier = self.earlier_filesets()
         done = {}
@@ -731,21 +862,29 @@ class Importer:
                 figures["files_done"] += len(rels)
                 annotated = {row[0] for row in self.projection(Q_ANNOTATED_IMAGES, ns=req["namespace"], ids=images)}
                 missing = [i for i in images if i not in annotated]
-                ann_id = self.annotate(missing, rels, hashes) if missing else None
+                # Images annotated by the earlier attempt have all their links (see annotate).
+                ids = self.annotate(missing, rels, hashes)
                 results.append({"id": fs_id, "files": rels, "image_ids": images, "sha1": hashes,
-                                "annotation_id": ann_id, "reused": True})
+                                **ids, "reused": True})
                 continue
             fs_id, images, hashes = self.import_fileset(repo, rels, (kind, target_id), figures)
             self.emit.progress("annotating", force=True, **figures)
-            ann_id = self.annotate(images, rels, hashes)
+            ids = self.annotate(images, rels, hashes)
             results.append({"id": fs_id, "files": rels, "image_ids": images, "sha1": hashes,
-                            "annotation_id": ann_id, "reused": False})
+                            **ids, "reused": False})
         self.emit.progress("done", force=True, **figures)
         return {
             "image_ids": sorted({i for r in results for i in r["image_ids"]}),
             "fileset_ids": [r["id"] for r in results],
             "filesets": results,
-            "target": {"type": kind.lower(), "id": target_id, "name": target_name, "created": created},
+            # None when the images were imported orphaned (no dataset or screen given).
+            "target": None if kind is None else {
+                "type": kind.lower(), "id": target_id, "name": target_name, "created": created},
+            "orphaned": kind is None,
+            # The service's mails link to the container by these keys.
+            **({f"{kind.lower()}_id": target_id} if kind else {}),
+            "text_annotation_ids": sorted({a for r in results for a in r["text_annotation_ids"]}),
+            "linked_annotation_ids": [aid for _, aid in self.linked],
             "owner": self.ec.userName,
             "group": self.ec.groupName,
             "email": self.email,

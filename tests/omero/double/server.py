@@ -12,10 +12,14 @@ matched verbatim against the child's few queries.
 
 Control channel (HTTP on 127.0.0.1, JSON):
     GET  /state            everything it holds (users, groups, sessions, containers,
-                           filesets, images, annotations, counters)
+                           filesets, images, annotations {id, kind, ns, values|text,
+                           owner, group, images: [linked image ids]}, counters)
     POST /seed             {"groups": [{"name", "perms"}], "users": [{"name", "password",
                            "email", "groups": [...], "admin": bool}]}
     POST /session          {"user", "group"?} -> {"uuid"}: a session as a web client holds one
+    POST /session/close    {"uuid"}: that session ends (logged out, or timed out)
+    POST /annotations      {"owner", "group", "kind": "tag"|"comment"|"map", "ns"?, "text"?}
+                           -> {"id"}: an annotation that exists before the import
     POST /faults           merge switches; null clears one:
                            down (bool: listener closed, connections refused),
                            slow (seconds added to every upload write and login),
@@ -218,6 +222,25 @@ def container(kind, rec, session):
     group = WORLD.group_by_id(rec["group"])
     writable = rec["owner"] == session["user"] or (group and group["perms"][4:5] == "w")
     return details(obj, rec["owner"], rec["group"], writable)
+
+
+ANNOTATION_CLASSES = {"map": omero.model.MapAnnotationI, "comment": omero.model.CommentAnnotationI,
+                      "tag": omero.model.TagAnnotationI}
+
+
+def can_link_annotation(rec, session):
+    """Its owner may link an annotation; others only in read-annotate or read-write groups."""
+    group = WORLD.group_by_id(rec["group"])
+    return rec["owner"] == session["user"] or bool(group and group["perms"][4:5] in ("a", "w"))
+
+
+def annotation(rec, session):
+    obj = ANNOTATION_CLASSES[rec["kind"]](rec["id"], True)
+    if rec.get("ns") is not None:
+        obj.setNs(rstring(rec["ns"]))
+    if rec["kind"] in ("comment", "tag"):
+        obj.setTextValue(rstring(rec.get("text") or ""))
+    return details(obj, rec["owner"], rec["group"], can_link_annotation(rec, session))
 
 
 # ---------------------------------------------------------------------------
@@ -471,11 +494,17 @@ class QueryI(omero.api.IQuery):
     def find(self, klass, oid, current=None):
         s = session_of(current)
         kind = klass.replace("omero.model.", "").rstrip("I").lower()
+        user = WORLD.user_by_id(s["user"])
+        if kind == "annotation":
+            # Polymorphic, as OMERO's find("Annotation", id): the concrete class comes back.
+            rec = WORLD.annotations.get(oid)
+            if rec is None or rec["group"] not in user["groups"]:
+                return None
+            return annotation(rec, s)
         table = {"dataset": WORLD.datasets, "project": WORLD.projects, "screen": WORLD.screens}.get(kind)
         if table is None:
             raise omero.ApiUsageException(None, None, f"the double cannot find {klass}")
         rec = table.get(oid)
-        user = WORLD.user_by_id(s["user"])
         if rec is None or rec["group"] not in user["groups"]:
             return None
         return container(kind, rec, s)
@@ -549,23 +578,34 @@ class UpdateI(omero.api.IUpdate):
                         raise omero.SecurityViolation(None, None, "cannot link objects of another group")
                 WORLD.project_dataset.append((pid, did))
                 return omero.model.ProjectDatasetLinkI(WORLD.new_id(), False)
-            if isinstance(obj, omero.model.MapAnnotationI):
-                rec = dict(base, id=WORLD.new_id(), ns=unwrap(obj.getNs()),
-                           values=[[nv.name, nv.value] for nv in obj.getMapValue() or []], images=[])
-                WORLD.annotations[rec["id"]] = rec
-                out = omero.model.MapAnnotationI(rec["id"], True)
-                out.setNs(obj.getNs())
-                return details(out, s["user"], s["group"])
+            for kind, cls in ANNOTATION_CLASSES.items():
+                if type(obj) is cls:
+                    rec = dict(base, id=WORLD.new_id(), kind=kind, ns=unwrap(obj.getNs()), images=[])
+                    if kind == "map":
+                        rec["values"] = [[nv.name, nv.value] for nv in obj.getMapValue() or []]
+                    else:
+                        rec["text"] = unwrap(obj.getTextValue())
+                    WORLD.annotations[rec["id"]] = rec
+                    return annotation(rec, s)
             if isinstance(obj, omero.model.ImageAnnotationLinkI):
-                iid, aid = obj.getParent().getId().getValue(), obj.getChild().getId().getValue()
-                image, ann = WORLD.images.get(iid), WORLD.annotations.get(aid)
-                if image is None or ann is None:
-                    raise omero.ValidationException(None, None, f"no image {iid} or annotation {aid}")
-                if image["group"] != s["group"]:
-                    raise omero.SecurityViolation(None, None, "cannot annotate an image of another group")
-                ann["images"].append(iid)
+                iid, aid = self._check_link(obj, s)
+                WORLD.annotations[aid]["images"].append(iid)
                 return omero.model.ImageAnnotationLinkI(WORLD.new_id(), False)
         raise omero.ApiUsageException(None, None, f"the double cannot save {type(obj).__name__}")
+
+    def _check_link(self, obj, s, pending=()):
+        """Refuse an image-annotation link as OMERO would; returns (image id, annotation id)."""
+        iid, aid = obj.getParent().getId().getValue(), obj.getChild().getId().getValue()
+        image, ann = WORLD.images.get(iid), WORLD.annotations.get(aid)
+        if image is None or ann is None:
+            raise omero.ValidationException(None, None, f"no image {iid} or annotation {aid}")
+        if image["group"] != s["group"] or ann["group"] != s["group"]:
+            raise omero.SecurityViolation(None, None, "cannot link objects of another group")
+        if not can_link_annotation(ann, s):
+            raise omero.SecurityViolation(None, None, f"cannot link annotation {aid}: not permitted")
+        if iid in ann["images"] or (iid, aid) in pending:
+            raise omero.ValidationException(None, None, f"image {iid} is already linked to annotation {aid}")
+        return iid, aid
 
     @amd
     def saveAndReturnObject(self, obj, current=None):
@@ -573,8 +613,14 @@ class UpdateI(omero.api.IUpdate):
 
     @amd
     def saveAndReturnArray(self, objs, current=None):
+        # One transaction, as on a real server: every link is checked before anything is saved.
         s = session_of(current)
-        return [self._save(o, s) for o in objs]
+        with WORLD.lock:
+            pending = set()
+            for o in objs:
+                if isinstance(o, omero.model.ImageAnnotationLinkI):
+                    pending.add(self._check_link(o, s, pending))
+            return [self._save(o, s) for o in objs]
 
 
 @strict
@@ -921,6 +967,19 @@ class Control(BaseHTTPRequestHandler):
                 group = WORLD.groups[body["group"]] if body.get("group") else WORLD.group_by_id(
                     next(g for g in user["groups"] if g != 1))
                 return self._answer({"uuid": WORLD.new_session(user, group)["uuid"]})
+        if self.path == "/annotations":
+            # An annotation that exists before the import: {"owner", "group", "kind", "ns", "text"} -> {"id"}.
+            with WORLD.lock:
+                rec = {"id": WORLD.new_id(), "kind": body.get("kind", "tag"), "ns": body.get("ns"),
+                       "text": body.get("text", ""), "owner": WORLD.users[body["owner"]]["id"],
+                       "group": WORLD.groups[body["group"]]["id"], "images": []}
+                WORLD.annotations[rec["id"]] = rec
+            return self._answer({"id": rec["id"]})
+        if self.path == "/session/close":
+            # The session a client lent us ends (logout, or the server's idle timeout).
+            with WORLD.lock:
+                WORLD.sessions[body["uuid"]]["closed"] = True
+            return self._answer({"ok": True})
         if self.path == "/faults":
             with WORLD.lock:
                 for k, v in body.items():
