@@ -507,14 +507,26 @@ def test_delete_only_after_verified_success(harness, store):
     write_manifest_acq(harness.drop / "verified", {"a.tif": b"a", "sub/b.tif": b"b"})
     write_manifest_acq(harness.drop / "unverified", {"c.tif": b"c"})
     write_manifest_acq(harness.drop / "failed", {"d.tif": b"d"})
-    wait_until(lambda: len(jobs_of(store)) == 3, 10)
+    write_manifest_acq(harness.drop / "changed", {"e.tif": b"e"})
+    (harness.drop / "verified" / "notes.txt").write_bytes(b"not listed, not imported")
+    wait_until(lambda: len(jobs_of(store)) == 4, 10)
     by_root = {Path(j.spec.root).name: j for j in jobs_of(store)}
+    # Rewritten after detection (same size, new mtime): what was imported is not what is there.
+    st = os.stat(harness.drop / "changed" / "e.tif")
+    (harness.drop / "changed" / "e.tif").write_bytes(b"E")
+    os.utime(harness.drop / "changed" / "e.tif", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     finish_all(store, {"verified": {"verified": True}, "unverified": {"verified": False},
-                       "failed": PermanentImportError("boom")})
-    wait_until(lambda: not (harness.drop / "verified").exists(), 10, message="deleted")
-    wait_until(lambda: store.followups("watch:drop") == [], 10)
+                       "failed": PermanentImportError("boom"), "changed": {}})
+    wait_until(lambda: store.followups("watch:drop") == [], 10, message="post-actions done")
+    verified = harness.drop / "verified"
+    assert not (verified / "a.tif").exists() and not (verified / "sub").exists()
+    assert not (verified / "watchfolder.json").exists()
+    assert (verified / "notes.txt").read_bytes() == b"not listed, not imported"
+    assert "deleted 3 file(s)" in store.read_log(by_root["verified"].id)
     assert (harness.drop / "unverified" / "c.tif").exists()
-    assert "not deleted" in store.read_log(by_root["unverified"].id)
+    assert "not deleted (the importer did not verify the copy)" in store.read_log(by_root["unverified"].id)
+    assert (harness.drop / "changed" / "e.tif").read_bytes() == b"E"
+    assert "the files changed since they were detected" in store.read_log(by_root["changed"].id)
     assert (harness.drop / "failed" / "d.tif").exists()
     assert (harness.drop / "failed.watchfolder-error.txt").exists()
 

@@ -9,6 +9,7 @@ are never removed on failure, and a move never overwrites anything.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import WatchAction, WatchConfig
-from .detector import ERROR_SUFFIX, RECEIPT_SUFFIX
+from .detector import ERROR_SUFFIX, RECEIPT_SUFFIX, acquisition_key
 from .job import Job, JobState
 
 
@@ -148,18 +149,34 @@ class PostActions:
         return f"post-action: kept; error report {self._beside(main, ERROR_SUFFIX).name}"
 
     def _unverified(self, job: Job, main: Path) -> str:
-        """Why deleting would be unsafe, or '' when the imported files are exactly what is on disk."""
+        """Why deleting would be unsafe, or '' when the files on disk are exactly those imported.
+
+        The importer verified its copy (checksums) or the job would not have
+        succeeded; what remains to check is that nothing changed on disk since
+        the acquisition was detected: its idempotency key, recomputed from the
+        descriptor's bytes and each file's size and mtime, must be the same.
+        """
         result = job.result or {}
         if result.get("verified") is False:
             return "the importer did not verify the copy"
-        for entry in job.spec.files:
-            path = Path(job.spec.root, entry.path)
+        if result.get("orphaned"):
+            return "the images were imported but not linked to their target"
+        spec = job.spec
+        found = []
+        for entry in spec.files:
             try:
-                size = path.stat().st_size
+                found.append((entry, os.stat(Path(spec.root, entry.path))))
             except OSError:
                 return f"{entry.path} is gone"
-            if entry.size is not None and size != entry.size:
-                return f"{entry.path} changed since the import ({size} bytes, imported {entry.size})"
+        digest = ""
+        if spec.extra.get("descriptor"):
+            try:
+                digest = hashlib.sha256(Path(spec.root, spec.extra["descriptor"]).read_bytes()).hexdigest()
+            except OSError:
+                return f"{spec.extra['descriptor']} is gone"
+        key = acquisition_key(self.watch.name, spec.extra.get("acquisition") or "", digest, found)
+        if key != job.idempotency_key:
+            return "the files changed since they were detected"
         return ""
 
     def _delete(self, job: Job, main: Path) -> int:
