@@ -232,6 +232,18 @@ def test_submit_overrides_from_options(tmp_path, cfg_path, jobstore, capsys):
     assert job.source.startswith("cli:")
 
 
+def test_submit_reports_descriptor_warnings_and_logs_them(tmp_path, cfg_path, jobstore, capsys):
+    acquisition = tmp_path / "slide3"
+    shutil.copytree(SLIDE3, acquisition)
+    manifest = json.loads((acquisition / "watchfolder.json").read_text())
+    manifest["objektive"] = "63x"  # an unknown field: a warning, not an error
+    (acquisition / "watchfolder.json").write_text(json.dumps(manifest))
+    assert run_cli(cfg_path, "submit", str(acquisition)) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "objektive" in err
+    assert "objektive" in jobstore.read_log(1)
+
+
 def test_submit_without_owner_names_the_option(tmp_path, cfg_path, capsys):
     acquisition = tmp_path / "plain"
     acquisition.mkdir()

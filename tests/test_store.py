@@ -409,7 +409,8 @@ def test_flush_and_followups_work_in_both_synchronous_modes(tmp_path, make_spec)
         store.claim("w")
         store.succeed(job.id, "w", {})
         store.flush()
-        assert [j.id for j in store.followups("watch:")] == [job.id]
+        assert [j.id for j in store.followups("watch:*")] == [job.id]
+        assert store.followups("watch:") == [] and store.followups("watch:drop2") == []
         assert store._conn().execute("PRAGMA synchronous").fetchone()[0] == {"normal": 1, "full": 2}[mode]
         store.close()
 

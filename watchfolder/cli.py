@@ -297,6 +297,10 @@ def cmd_submit(args) -> int:
     )
     store = open_store(config)
     job, created = store.enqueue(spec, note=f"submitted by {user} from the command line")
+    if created:
+        for warning in spec.extra.get("warnings", ()):
+            store.log(job.id, f"warning: {warning}")
+            print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         print(json.dumps(job.to_dict(), indent=2))
     else:

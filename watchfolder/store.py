@@ -777,16 +777,21 @@ class JobStore:
         finally:
             conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
 
-    def followups(self, source_prefix: str, *, limit: int = 100) -> list[Job]:
-        """Finished jobs from ``source_prefix`` whose post-actions (receipt, move…) are not done yet.
+    def followups(self, source: str, *, limit: int = 100) -> list[Job]:
+        """Finished jobs from ``source`` whose post-actions (receipt, move…) are not done yet.
 
-        Their outcome is flushed to disk first, so a source is never moved or
-        deleted on the strength of a success a power cut could still undo.
+        ``source`` matches exactly, or as a prefix when it ends with ``*``
+        (as in :meth:`list_jobs`). Their outcome is flushed to disk first, so a
+        source is never moved or deleted on the strength of a success a power
+        cut could still undo.
         """
         self.flush()
+        if source.endswith("*"):
+            where, args = "substr(source, 1, ?) = ?", (len(source) - 1, source[:-1])
+        else:
+            where, args = "source = ?", (source,)
         rows = self._conn().execute(
-            "SELECT * FROM jobs WHERE followup = 'pending' AND substr(source, 1, ?) = ? ORDER BY id LIMIT ?",
-            (len(source_prefix), source_prefix, limit),
+            f"SELECT * FROM jobs WHERE followup = 'pending' AND {where} ORDER BY id LIMIT ?", (*args, limit)
         ).fetchall()
         return [self._job(r) for r in rows]
 

@@ -503,8 +503,6 @@ class Watcher:
             self.error = f"cannot read finished jobs from the store: {exc}"
             return
         for job in jobs:
-            if job.source != self.source:  # the store matches by prefix: "watch:a" also finds "watch:ab"
-                continue
             try:
                 note = self.post.apply(job)
             except OSError as exc:
