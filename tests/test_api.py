@@ -649,3 +649,21 @@ def test_run_token_is_only_made_for_a_loopback_server_without_tokens(make_config
         assert service.run_token is None
     finally:
         service.stop()
+
+
+def test_a_port_in_use_stops_the_service_cleanly_with_the_reason(make_config):
+    from watchfolder.errors import ConfigError
+    from watchfolder.service import Service
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = make_config(server={"enabled": True, "listen": f"127.0.0.1:{port}"})
+        service = Service(config)
+        with pytest.raises(ConfigError, match="Address already in use"):
+            service.start()
+        # Nothing that keeps the process alive was left running (workers are not daemon threads).
+        assert service.pool is None
+        lingering = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+        assert lingering == []

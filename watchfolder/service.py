@@ -67,7 +67,24 @@ class Service:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
+        """Start the parts; if one cannot start, stop those already running and raise."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         config = self.config
+        # The server first: a port in use is the likeliest start-up failure, and
+        # nothing else should have started when it happens.
+        if self.parts.server:
+            from .api import create_app
+            from .server import Server
+
+            served = self._with_run_token(config)
+            self.server = Server(served, create_app(served, self.store, self.importer))
+            self.server.start()
         if self.parts.mail and config.notify.transport != "none":
             from .transports import create_transport
 
@@ -91,13 +108,6 @@ class Service:
                 heartbeat_seconds=config.workers.heartbeat_seconds,
             )
             self.pool.start(burst=self.burst)
-        if self.parts.server:
-            from .api import create_app
-            from .server import Server
-
-            config = self._with_run_token(config)
-            self.server = Server(config, create_app(config, self.store, self.importer))
-            self.server.start()
         if self.importer is not None:
             self.store.set_component("importer", self.importer.name, self.importer.health())
 
