@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -17,3 +20,21 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {message or predicate}")
         time.sleep(interval)
+
+
+TARGET = {"project": "Brain atlas", "dataset": "2026-11-28 slide 3"}
+
+
+def write_manifest(folder: Path, files: dict[str, bytes], **fields: Any) -> Path:
+    """Write the files, then (last, as the contract asks) a manifest listing them with sizes and checksums."""
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for rel, data in files.items():
+        path = folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        entries.append({"path": rel, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    body = {"owner": "jdoe", "target": TARGET, "files": entries, **fields}
+    manifest = folder / "watchfolder.json"
+    manifest.write_text(json.dumps(body, ensure_ascii=False), encoding="utf-8")
+    return manifest

@@ -9,6 +9,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+from helpers import TARGET, write_manifest
 
 from watchfolder.acquisition import (
     NotADescriptor,
@@ -24,27 +25,12 @@ from watchfolder.errors import AcquisitionError
 from watchfolder.job import Target
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "acquisitions"
-TARGET = {"project": "Brain atlas", "dataset": "2026-11-28 slide 3"}
 
 
 def write_json(path: Path, data, *, bom: bool = False) -> Path:
     raw = json.dumps(data, ensure_ascii=False).encode("utf-8")
     path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + raw)
     return path
-
-
-def manifest(folder: Path, files: dict[str, bytes], **fields) -> Path:
-    """Write files and a manifest listing them with sizes and checksums."""
-    folder.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for rel, data in files.items():
-        p = folder / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-        entries.append({"path": rel, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-    body = {"owner": "jdoe", "target": TARGET, "files": entries}
-    body.update(fields)
-    return write_json(folder / "watchfolder.json", body)
 
 
 # ---------------------------------------------------------------------------
@@ -301,7 +287,7 @@ def test_example_layout_needs_owner_and_target():
 
 
 def test_arguments_override_descriptor(tmp_path):
-    manifest(tmp_path / "acq", {"a.tif": b"a"}, annotations={"k": "1", "m": "x"}, email="a@example.org")
+    write_manifest(tmp_path / "acq", {"a.tif": b"a"}, annotations={"k": "1", "m": "x"}, email="a@example.org")
     spec = from_path(
         tmp_path / "acq",
         source="api:portal",
@@ -324,7 +310,7 @@ def test_arguments_override_descriptor(tmp_path):
 
 def test_manifest_missing_and_short_files_are_listed(tmp_path):
     folder = tmp_path / "acq"
-    manifest(folder, {"a.tif": b"aaaa", "sub/b.tif": b"bbbb", "c.tif": b"cc"})
+    write_manifest(folder, {"a.tif": b"aaaa", "sub/b.tif": b"bbbb", "c.tif": b"cc"})
     (folder / "sub" / "b.tif").unlink()
     (folder / "c.tif").write_bytes(b"c")  # still being copied
     with pytest.raises(AcquisitionError) as err:
@@ -366,7 +352,7 @@ def test_empty_folder_is_refused(tmp_path):
 
 
 def test_empty_listed_file(tmp_path):
-    manifest(tmp_path / "acq", {"empty.tif": b""})
+    write_manifest(tmp_path / "acq", {"empty.tif": b""})
     spec = from_path(tmp_path / "acq", source="cli:t")
     assert [(f.path, f.size) for f in spec.files] == [("empty.tif", 0)]
 
@@ -396,7 +382,7 @@ def test_deep_and_long_paths(tmp_path):
     parts = [f"level {i:02d} " + "x" * 40 for i in range(30)]
     rel = "/".join(parts) + "/image.tif"
     assert len(rel) > 1200
-    manifest(tmp_path / "acq", {rel: b"deep"})
+    write_manifest(tmp_path / "acq", {rel: b"deep"})
     spec = from_path(tmp_path / "acq", source="cli:t")
     assert spec.files[0].path == rel and spec.files[0].size == 4
     # Also found by walking a plain folder.
@@ -419,14 +405,14 @@ def test_listed_symlink_escaping_root_is_refused(tmp_path):
 
 
 def test_symlink_inside_root_is_kept(tmp_path):
-    manifest(tmp_path / "acq", {"real.tif": b"r"})
+    write_manifest(tmp_path / "acq", {"real.tif": b"r"})
     (tmp_path / "acq" / "link.tif").symlink_to("real.tif")
     spec = from_path(tmp_path / "acq", source="cli:t")
     assert [f.path for f in spec.files] == ["real.tif"]
 
 
 def test_symlinked_acquisition_folder_resolves(tmp_path):
-    manifest(tmp_path / "real", {"a.tif": b"a"})
+    write_manifest(tmp_path / "real", {"a.tif": b"a"})
     (tmp_path / "alias").symlink_to(tmp_path / "real")
     spec = from_path(tmp_path / "alias", source="cli:t")
     assert spec.root == str((tmp_path / "real").resolve())
@@ -466,7 +452,7 @@ def test_invalid_sidecar_is_an_error_not_data(tmp_path):
 
 
 def test_warnings_travel_in_extra(tmp_path):
-    manifest(tmp_path / "acq", {"a.tif": b"a"}, instrument="LSM")
+    write_manifest(tmp_path / "acq", {"a.tif": b"a"}, instrument="LSM")
     spec = from_path(tmp_path / "acq", source="cli:t")
     assert any("unknown field 'instrument'" in w for w in spec.extra["warnings"])
 

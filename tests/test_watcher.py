@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -14,7 +13,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from helpers import wait_until
+from helpers import TARGET, wait_until, write_manifest
 
 from watchfolder.errors import PermanentImportError
 from watchfolder.job import JobState
@@ -23,24 +22,7 @@ from watchfolder.notify import Notifier
 from watchfolder.watcher import EventSource, Watcher, WatchLimitError, WatchService
 
 MODES = ["events", "polling"]
-TARGET = {"project": "Brain atlas", "dataset": "2026-11-28 slide 3"}
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "acquisitions"
-
-
-def write_manifest_acq(folder: Path, files: dict[str, bytes], **fields) -> Path:
-    """Files first, manifest last (as the contract asks)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for rel, data in files.items():
-        p = folder / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-        entries.append({"path": rel, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-    body = {"owner": "jdoe", "target": TARGET, "files": entries}
-    body.update(fields)
-    manifest = folder / "watchfolder.json"
-    manifest.write_text(json.dumps(body, ensure_ascii=False), encoding="utf-8")
-    return manifest
 
 
 def jobs_of(store, **kw):
@@ -175,7 +157,7 @@ def test_manifest_written_before_its_files_waits_for_them(harness, store, mode):
 def test_500_acquisitions_at_once_yield_500_jobs_without_duplicates(harness, store, mode, tmp_path):
     staging = tmp_path / "staging"
     for i in range(500):
-        write_manifest_acq(staging / f"acq {i:03d}", {"a.tif": f"a{i}".encode(), "b.tif": f"b{i}".encode()})
+        write_manifest(staging / f"acq {i:03d}", {"a.tif": f"a{i}".encode(), "b.tif": f"b{i}".encode()})
     w = harness.watcher(mode, quiet_period=0.5)
     for i in range(500):
         os.rename(staging / f"acq {i:03d}", harness.drop / f"acq {i:03d}")
@@ -197,11 +179,11 @@ def test_500_acquisitions_at_once_yield_500_jobs_without_duplicates(harness, sto
 
 @pytest.mark.parametrize("mode", MODES)
 def test_files_dropped_while_stopped_are_picked_up_on_start(harness, store, mode):
-    write_manifest_acq(harness.drop / "before", {"a.tif": b"a"})
+    write_manifest(harness.drop / "before", {"a.tif": b"a"})
     w = harness.watcher(mode)
     one_job(store)
     w.stop()
-    write_manifest_acq(harness.drop / "while stopped", {"b.tif": b"b"})
+    write_manifest(harness.drop / "while stopped", {"b.tif": b"b"})
     harness.watcher(mode)
     wait_until(lambda: len(jobs_of(store)) == 2, 10, message="second job")
     roots = sorted(Path(j.spec.root).name for j in jobs_of(store))
@@ -211,7 +193,7 @@ def test_files_dropped_while_stopped_are_picked_up_on_start(harness, store, mode
 @pytest.mark.parametrize("mode", MODES)
 def test_root_removed_and_recreated_unhealthy_then_recovers(harness, store, mode):
     w = harness.watcher(mode)
-    write_manifest_acq(harness.drop / "first", {"a.tif": b"a"})
+    write_manifest(harness.drop / "first", {"a.tif": b"a"})
     one_job(store)
     shutil.rmtree(harness.drop)
     wait_until(lambda: w.status()["health"] == "unhealthy", 10, message="unhealthy")
@@ -221,12 +203,12 @@ def test_root_removed_and_recreated_unhealthy_then_recovers(harness, store, mode
     # While the folder is away, restarts keep failing and the watcher says so.
     restarts_before = w.counters["restarts"]
     harness.drop.mkdir()
-    write_manifest_acq(harness.drop / "meanwhile", {"b.tif": b"b"})
+    write_manifest(harness.drop / "meanwhile", {"b.tif": b"b"})
     wait_until(lambda: w.status()["health"] == "ok", 10, message="recovered")
     assert w.counters["restarts"] == restarts_before + 1
     wait_until(lambda: len(jobs_of(store)) == 2, 10, message="job for what arrived meanwhile")
     # And it watches the new folder, not the old one.
-    write_manifest_acq(harness.drop / "after", {"c.tif": b"c"})
+    write_manifest(harness.drop / "after", {"c.tif": b"c"})
     wait_until(lambda: len(jobs_of(store)) == 3, 10, message="job after recovery")
     assert w.status()["mode"] == mode
 
@@ -239,7 +221,7 @@ def test_root_removed_and_recreated_unhealthy_then_recovers(harness, store, mode
 def test_changed_redrop_is_a_new_job_unchanged_is_not(harness, store, mode):
     w = harness.watcher(mode)
     folder = harness.drop / "acq"
-    write_manifest_acq(folder, {"a.tif": b"first"})
+    write_manifest(folder, {"a.tif": b"first"})
     first = one_job(store)[0]
     w.rescan_requested = True
     w.wake.set()
@@ -247,7 +229,7 @@ def test_changed_redrop_is_a_new_job_unchanged_is_not(harness, store, mode):
     assert len(jobs_of(store)) == 1
     # The instrument writes the acquisition again, with new content.
     shutil.rmtree(folder)
-    write_manifest_acq(folder, {"a.tif": b"second!"})
+    write_manifest(folder, {"a.tif": b"second!"})
     wait_until(lambda: len(jobs_of(store)) == 2, 10, message="second job")
     second = jobs_of(store)[0]
     assert second.idempotency_key != first.idempotency_key
@@ -256,8 +238,8 @@ def test_changed_redrop_is_a_new_job_unchanged_is_not(harness, store, mode):
 
 def test_key_depends_on_folder_path_and_content(harness, store):
     w = harness.watcher("events")
-    write_manifest_acq(harness.drop / "x", {"a.tif": b"same"})
-    write_manifest_acq(harness.drop / "y", {"a.tif": b"same"})
+    write_manifest(harness.drop / "x", {"a.tif": b"same"})
+    write_manifest(harness.drop / "y", {"a.tif": b"same"})
     wait_until(lambda: len(jobs_of(store)) == 2, 10)
     keys = {j.idempotency_key for j in jobs_of(store)}
     assert len(keys) == 2 and all(k.startswith("watch:") for k in keys)
@@ -303,7 +285,7 @@ def test_manifest_with_bom_unknown_fields_and_unicode_names(harness, store):
 
 def test_owner_not_allowed_is_rejected_with_reason(harness, store):
     harness.watcher("events", allowed_owners=["alice", "bob"])
-    write_manifest_acq(harness.drop / "acq", {"a.tif": b"a"})
+    write_manifest(harness.drop / "acq", {"a.tif": b"a"})
     job = one_job(store)[0]
     assert job.state == JobState.FAILED
     assert "owner 'jdoe' is not allowed in watch folder 'drop' (allowed: alice, bob)" in job.error.message
@@ -314,8 +296,8 @@ def test_os_owner_check(harness, store):
 
     me = pwd.getpwuid(os.getuid()).pw_name
     harness.watcher("events", check_os_owner=True)
-    write_manifest_acq(harness.drop / "mine", {"a.tif": b"a"}, owner=me)
-    write_manifest_acq(harness.drop / "claimed", {"a.tif": b"b"}, owner="someone-else")
+    write_manifest(harness.drop / "mine", {"a.tif": b"a"}, owner=me)
+    write_manifest(harness.drop / "claimed", {"a.tif": b"b"}, owner="someone-else")
     wait_until(lambda: len(jobs_of(store)) == 2, 10)
     by_root = {Path(j.spec.root).name: j for j in jobs_of(store)}
     assert by_root["mine"].state == JobState.QUEUED
@@ -398,7 +380,7 @@ def test_missing_files_timeout_becomes_failed_job_listing_them(harness, store):
 def test_checksum_mismatch_waits_then_fails(harness, store):
     harness.watcher("events", missing_timeout=1.0)
     folder = harness.drop / "acq"
-    write_manifest_acq(folder, {"a.tif": b"original"})
+    write_manifest(folder, {"a.tif": b"original"})
     manifest = json.loads((folder / "watchfolder.json").read_text())
     (folder / "a.tif").write_bytes(b"corrupt!")  # same size, other bytes
     (folder / "watchfolder.json").write_text(json.dumps(manifest))
@@ -434,7 +416,7 @@ def finish_all(store, outcomes: dict):
 def test_keep_writes_a_receipt_and_is_not_requeued(harness, store):
     w = harness.watcher("events")
     folder = harness.drop / "acq"
-    write_manifest_acq(folder, {"a.tif": b"a"})
+    write_manifest(folder, {"a.tif": b"a"})
     job = one_job(store)[0]
     finish(store, job)
     receipt = harness.drop / "acq.watchfolder-receipt.json"
@@ -453,8 +435,8 @@ def test_move_on_success_and_on_failure(harness, store, tmp_path):
     done, failed = tmp_path / "done", tmp_path / "failed"
     harness.watcher("events", on_success={"action": "move", "folder": str(done)},
                     on_failure={"action": "move", "folder": str(failed)})
-    write_manifest_acq(harness.drop / "good", {"a.tif": b"a"})
-    write_manifest_acq(harness.drop / "bad", {"b.tif": b"b"})
+    write_manifest(harness.drop / "good", {"a.tif": b"a"})
+    write_manifest(harness.drop / "bad", {"b.tif": b"b"})
     wait_until(lambda: len(jobs_of(store)) == 2, 10)
     finish_all(store, {"good": {"verified": True}, "bad": PermanentImportError("unsupported file format")})
     wait_until(lambda: store.followups("watch:drop") == [], 10, message="post-actions done")
@@ -471,7 +453,7 @@ def test_move_never_overwrites(harness, store, tmp_path):
     (done / "acq").mkdir(parents=True)
     (done / "acq" / "older.tif").write_bytes(b"older")
     harness.watcher("events", on_success={"action": "move", "folder": str(done)})
-    write_manifest_acq(harness.drop / "acq", {"a.tif": b"a"})
+    write_manifest(harness.drop / "acq", {"a.tif": b"a"})
     finish(store, one_job(store)[0])
     wait_until(lambda: store.followups("watch:drop") == [], 10, message="post-action done")
     assert (done / "acq (2)" / "a.tif").exists()
@@ -481,7 +463,7 @@ def test_move_never_overwrites(harness, store, tmp_path):
 def test_failure_moves_to_failed_folder_with_error_report(harness, store, tmp_path):
     failed = tmp_path / "failed"
     harness.watcher("events", on_failure={"action": "move", "folder": str(failed)})
-    write_manifest_acq(harness.drop / "bad", {"b.tif": b"b"})
+    write_manifest(harness.drop / "bad", {"b.tif": b"b"})
     job = one_job(store)[0]
     finish(store, job, ok=False)
     wait_until(lambda: (failed / "bad.watchfolder-error.txt").exists(), 10, message="error report")
@@ -504,10 +486,10 @@ def test_rejected_input_kept_with_error_report(harness, store):
 
 def test_delete_only_after_verified_success(harness, store):
     harness.watcher("events", on_success="delete")
-    write_manifest_acq(harness.drop / "verified", {"a.tif": b"a", "sub/b.tif": b"b"})
-    write_manifest_acq(harness.drop / "unverified", {"c.tif": b"c"})
-    write_manifest_acq(harness.drop / "failed", {"d.tif": b"d"})
-    write_manifest_acq(harness.drop / "changed", {"e.tif": b"e"})
+    write_manifest(harness.drop / "verified", {"a.tif": b"a", "sub/b.tif": b"b"})
+    write_manifest(harness.drop / "unverified", {"c.tif": b"c"})
+    write_manifest(harness.drop / "failed", {"d.tif": b"d"})
+    write_manifest(harness.drop / "changed", {"e.tif": b"e"})
     (harness.drop / "verified" / "notes.txt").write_bytes(b"not listed, not imported")
     wait_until(lambda: len(jobs_of(store)) == 4, 10)
     by_root = {Path(j.spec.root).name: j for j in jobs_of(store)}
@@ -553,7 +535,7 @@ def test_overflow_triggers_a_rescan_that_finds_lost_acquisitions(harness, store)
     w = harness.watcher("events", options={"event_source": DeafEventSource}, rescan_interval=3600)
     DeafEventSource.deaf.set()
     try:
-        write_manifest_acq(harness.drop / "lost in overflow", {"a.tif": b"a"})
+        write_manifest(harness.drop / "lost in overflow", {"a.tif": b"a"})
         # Show that the events were really lost: nothing becomes pending.
         events = w.counters["events"]
         w.wake.set()
@@ -585,7 +567,7 @@ def test_watch_limit_names_the_sysctl_and_falls_back_to_polling(harness, store):
     status = w.status()
     assert status["mode"] == "polling" and status["health"] == "ok"
     assert "fs.inotify.max_user_watches" in status["warning"] and "sysctl -w" in status["warning"]
-    write_manifest_acq(harness.drop / "acq", {"a.tif": b"a"})
+    write_manifest(harness.drop / "acq", {"a.tif": b"a"})
     one_job(store)
 
 
@@ -595,7 +577,7 @@ def test_auto_mode_polls_network_shares_and_watches_local_disks(harness, store):
     local.stop()
     share = harness.watcher("auto", options={"mount_lookup": lambda p: Mount("/mnt/share", "cifs", "//nas/x")})
     assert share.status()["mode"] == "polling" and share.status()["fs_type"] == "cifs"
-    write_manifest_acq(harness.drop / "acq", {"a.tif": b"a"})
+    write_manifest(harness.drop / "acq", {"a.tif": b"a"})
     one_job(store)
 
 
@@ -615,7 +597,7 @@ def test_unmounted_share_stays_unhealthy_until_mounted_again(harness, store):
     wait_until(lambda: w.status()["health"] == "unhealthy", 10)
     wait_until(lambda: "share is not mounted" in (w.status()["error"] or ""), 10, message="names the unmounted share")
     # Mount again, with an acquisition that arrived on the server meanwhile.
-    write_manifest_acq(harness.tmp_path / "share-data" / "meanwhile", {"a.tif": b"a"})
+    write_manifest(harness.tmp_path / "share-data" / "meanwhile", {"a.tif": b"a"})
     harness.drop.rmdir()
     os.rename(harness.tmp_path / "share-data", harness.drop)
     mounted.set()

@@ -192,6 +192,22 @@ def _cli(config: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def _start_worker(config: Path, **popen) -> subprocess.Popen:
+    """`watchfolder work` as a real process."""
+    popen.setdefault("stdout", subprocess.PIPE)
+    popen.setdefault("stderr", subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "watchfolder", "--config", str(config), "work"],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, text=True, **popen,
+    )
+
+
+def _submit(config: Path, root: Path, *options: str) -> int:
+    submitted = _cli(config, "submit", str(root), "--owner", "jdoe", "--json", *options)
+    assert submitted.returncode == 0, submitted.stderr
+    return json.loads(submitted.stdout)["id"]
+
+
 def _job_row(db: Path, job_id: int) -> dict:
     conn = sqlite3.connect(db, timeout=30)
     conn.row_factory = sqlite3.Row
@@ -204,16 +220,10 @@ def _job_row(db: Path, job_id: int) -> dict:
 def test_worker_process_killed_mid_copy_completes_exactly_once(tmp_path):
     config = _write_config(tmp_path)
     root, digest = _big_acquisition(tmp_path)
-    submitted = _cli(config, "submit", str(root), "--owner", "jdoe", "--email", "jdoe@example.org",
-                     "--dataset", "big", "--json")
-    assert submitted.returncode == 0, submitted.stderr
-    job_id = json.loads(submitted.stdout)["id"]
+    job_id = _submit(config, root, "--email", "jdoe@example.org", "--dataset", "big")
     db = tmp_path / "data" / "watchfolder.db"
     total = 256 * 1024 * 1024
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "watchfolder", "--config", str(config), "work"]
-
-    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = _start_worker(config, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         def mid_copy():
             row = _job_row(db, job_id)
@@ -229,7 +239,7 @@ def test_worker_process_killed_mid_copy_completes_exactly_once(tmp_path):
     dest_dir = tmp_path / "data" / "archive" / "jdoe" / "_no_project" / "big"
     assert not (dest_dir / "stack.ome.tiff").exists()
 
-    second = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    second = _start_worker(config, stdout=subprocess.DEVNULL)
     try:
         wait_until(lambda: _job_row(db, job_id)["state"] == "succeeded", timeout=120, message="the job to succeed")
     finally:
@@ -255,13 +265,9 @@ def test_worker_process_killed_mid_copy_completes_exactly_once(tmp_path):
 def test_sigterm_lets_the_running_job_finish(tmp_path):
     config = _write_config(tmp_path)
     root, digest = _big_acquisition(tmp_path, size_mb=64)
-    submitted = _cli(config, "submit", str(root), "--owner", "jdoe", "--dataset", "d", "--json")
-    job_id = json.loads(submitted.stdout)["id"]
+    job_id = _submit(config, root, "--dataset", "d")
     db = tmp_path / "data" / "watchfolder.db"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "watchfolder", "--config", str(config), "work"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    proc = _start_worker(config)
     try:
         wait_until(lambda: _job_row(db, job_id)["state"] == "running", timeout=60, interval=0.005)
         proc.send_signal(signal.SIGTERM)
@@ -278,13 +284,9 @@ def test_sigterm_lets_the_running_job_finish(tmp_path):
 def test_sigterm_with_no_grace_releases_the_job_to_the_queue(tmp_path):
     config = _write_config(tmp_path, shutdown_grace=0)
     root, _ = _big_acquisition(tmp_path, size_mb=256)
-    submitted = _cli(config, "submit", str(root), "--owner", "jdoe", "--dataset", "d", "--json")
-    job_id = json.loads(submitted.stdout)["id"]
+    job_id = _submit(config, root, "--dataset", "d")
     db = tmp_path / "data" / "watchfolder.db"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "watchfolder", "--config", str(config), "work"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    proc = _start_worker(config)
     try:
         def copying():
             row = _job_row(db, job_id)

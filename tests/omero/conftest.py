@@ -153,3 +153,22 @@ def child_module():
     sys.modules.setdefault(spec.name, module)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def importer(omero_config):
+    """The omero importer pointed at the double."""
+    from watchfolder.importers import create_importer
+
+    imp = create_importer(omero_config())
+    yield imp
+    imp.close()
+
+
+def run_job(store, importer, spec, *, now=None):
+    """Queue ``spec`` and run it through a real worker; the job as it ended."""
+    from watchfolder.worker import Worker
+
+    job, _ = store.enqueue(spec, now=now)
+    Worker(store, importer, name="w1").loop(now=now)
+    return store.get(job.id)

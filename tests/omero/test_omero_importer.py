@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import ADMIN_PASSWORD
+from conftest import ADMIN_PASSWORD, run_job
 from helpers import wait_until
 
 from watchfolder.errors import PermanentImportError
@@ -25,17 +25,6 @@ from watchfolder.worker import Worker
 pytestmark = pytest.mark.omero
 
 
-def run_job(store, importer, spec, *, now=None):
-    job, _ = store.enqueue(spec, now=now)
-    Worker(store, importer, name="w1").loop(now=now)
-    return store.get(job.id)
-
-
-@pytest.fixture
-def importer(omero_config):
-    imp = create_importer(omero_config())
-    yield imp
-    imp.close()
 
 
 def dataset_named(state, name):

@@ -16,6 +16,7 @@ import uuid
 
 import pytest
 from api_support import Client, make_config
+from conftest import run_job
 from helpers import wait_until
 
 from watchfolder.api import create_app
@@ -32,17 +33,6 @@ NOTES = "org.example.lab/notes"
 STAIN = "org.example.lab/stain"
 
 
-def run_job(store, importer, spec, *, now=None):
-    job, _ = store.enqueue(spec, now=now)
-    Worker(store, importer, name="w1").loop(now=now)
-    return store.get(job.id)
-
-
-@pytest.fixture
-def importer(omero_config):
-    imp = create_importer(omero_config())
-    yield imp
-    imp.close()
 
 
 @pytest.fixture
