@@ -90,7 +90,7 @@ INVALID = {
     ),
     "bad_enum_importer": (
         {"importer": {"kind": "ftp"}},
-        "importer.kind: must be one of archive, omero, omero-cli, noop, got 'ftp'",
+        "importer.kind: must be one of archive, omero, noop, got 'ftp'",
     ),
     "bad_enum_log_level": (
         {"log_level": "loud"},

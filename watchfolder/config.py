@@ -412,7 +412,7 @@ def _layout(value: Any) -> str:
 def _importer(r: _Reader, raw: dict, data_dir: Path) -> ImporterConfig:
     w = "importer"
     r.unknown(raw, {"kind", "archive", "omero"}, w)
-    kind = r.get(raw, "kind", w, one_of("archive", "omero", "omero-cli", "noop"), "archive")
+    kind = r.get(raw, "kind", w, one_of("archive", "omero", "noop"), "archive")
     a = r.section(raw, "archive", w)
     aw = "importer.archive"
     r.unknown(a, {"root", "layout"}, aw)

@@ -248,7 +248,7 @@ class Notifier:
 
     def _destination_name(self, job: Job) -> str:
         kind = job.spec.importer or self.importer_kind
-        return {"archive": "the archive", "omero": "OMERO", "omero-cli": "OMERO"}.get(kind, kind)
+        return {"archive": "the archive", "omero": "OMERO"}.get(kind, kind)
 
     def _location(self, job: Job, result: dict) -> _Block:
         label = job.spec.target.label or "(no target)"
