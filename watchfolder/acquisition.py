@@ -12,6 +12,7 @@ Everything here is pure file reading: no store, no watching. The watcher, the CL
 from __future__ import annotations
 
 import difflib
+import errno
 import fnmatch
 import hashlib
 import json
@@ -84,10 +85,9 @@ def load_json(path: Path) -> tuple[Any, bytes, list[str]]:
 
     Raises :class:`AcquisitionError` naming the line and column of a syntax error.
     """
-    path = Path(path)
+    path = path if isinstance(path, Path) else Path(path)
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_DESCRIPTOR_BYTES + 1)
+        raw = _read_limited(path, MAX_DESCRIPTOR_BYTES)
     except FileNotFoundError:
         raise AcquisitionError(f"{path}: does not exist") from None
     except IsADirectoryError:
@@ -128,13 +128,43 @@ def load_json(path: Path) -> tuple[Any, bytes, list[str]]:
     return value, raw, warnings
 
 
+def _read_limited(path: str | os.PathLike, limit: int) -> bytes:
+    """The file's bytes, at most ``limit + 1`` of them (one more than allowed tells "too big").
+
+    Plain ``os`` calls, as few as possible: the API reads a manifest per request, and
+    each system call lets another thread take the GIL. Not ``read(limit + 1)`` at
+    once either, which allocates the whole limit on every call.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
+        regular = stat.S_ISREG(st.st_mode)
+        chunks: list[bytes] = []
+        got = 0
+        ask = min(st.st_size, limit) + 1 if regular else 65536
+        while got <= limit:
+            chunk = os.read(fd, min(ask, limit + 1 - got))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+            if regular and len(chunk) < ask:
+                break  # a short read of a regular file is its end
+            ask = 65536  # it grew meanwhile (or is not a regular file): read on, up to the limit
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def read_descriptor(path: Path) -> Descriptor:
     """Read and validate a manifest or sidecar.
 
     Raises :class:`NotADescriptor` for JSON without any contract key, and
     :class:`AcquisitionError` for anything unreadable or invalid.
     """
-    path = Path(path)
+    path = path if isinstance(path, Path) else Path(path)
     value, raw, warnings = load_json(path)
     if not is_descriptor(value):
         what = "a JSON object" if isinstance(value, dict) else f"JSON {type(value).__name__}"
@@ -452,25 +482,44 @@ def check_listed(root: Path, files: Iterable[FileEntry]) -> ListedCheck:
     Present entries come back with their on-disk spelling and actual size. Symlinks
     pointing outside ``root`` raise :class:`AcquisitionError`.
     """
-    real_root = os.path.realpath(root)
+    root_text = os.fspath(root)
+    real_root: str | None = None
     present: list[tuple[FileEntry, os.stat_result]] = []
     missing: list[str] = []
     for entry in files:
-        rel = locate(root, entry.path)
-        if rel is None:
-            missing.append(f"{entry.path} (missing)")
-            continue
-        full = os.path.join(root, rel)
-        real = os.path.realpath(full)
-        if not _inside(real, real_root):
-            raise AcquisitionError(
-                f"{full}: symlink points outside the acquisition folder (to {real}); copy the file in instead"
-            )
+        rel = entry.path
+        full = os.path.join(root_text, rel)
         try:
-            st = os.stat(full)
-        except FileNotFoundError:
-            missing.append(f"{entry.path} (dangling symlink)")
-            continue
+            lst = os.lstat(full)
+        except OSError:
+            found = locate(root, entry.path)
+            if found is None:
+                missing.append(f"{entry.path} (missing)")
+                continue
+            rel = found
+            full = os.path.join(root_text, rel)
+            try:
+                lst = os.lstat(full)
+            except OSError:
+                missing.append(f"{entry.path} (missing)")
+                continue
+        if _plain_below(root_text, rel, lst):
+            # No symlink between root and the file: it resolves to realpath(root)/rel,
+            # inside the folder, and lstat is what stat would say.
+            st = lst
+        else:
+            if real_root is None:
+                real_root = os.path.realpath(root)
+            real = os.path.realpath(full)
+            if not _inside(real, real_root):
+                raise AcquisitionError(
+                    f"{full}: symlink points outside the acquisition folder (to {real}); copy the file in instead"
+                )
+            try:
+                st = os.stat(full)
+            except FileNotFoundError:
+                missing.append(f"{entry.path} (dangling symlink)")
+                continue
         if not stat.S_ISREG(st.st_mode):
             missing.append(f"{entry.path} (not a regular file)")
             continue
@@ -479,6 +528,28 @@ def check_listed(root: Path, files: Iterable[FileEntry]) -> ListedCheck:
             continue
         present.append((FileEntry(path=rel, size=st.st_size, sha256=entry.sha256), st))
     return ListedCheck(present, missing)
+
+
+def _plain_below(root: str, rel: str, lst: os.stat_result) -> bool:
+    """True when ``root/rel`` has no symlink, ``.`` or ``..`` after ``root`` (``lst``: lstat of it).
+
+    Such a path cannot leave the folder, so the full ``realpath`` (one lstat per
+    component of the whole path, root included) is needed only otherwise.
+    """
+    if stat.S_ISLNK(lst.st_mode):
+        return False
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return False
+    current = root
+    for part in parts[:-1]:
+        current = os.path.join(current, part)
+        try:
+            if stat.S_ISLNK(os.lstat(current).st_mode):
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def sidecar_data_path(sidecar: Path, suffix: str = D.SIDECAR_SUFFIX) -> Path | None:
@@ -509,6 +580,7 @@ def from_path(
     idempotency_key: str | None = None,
     exclude: Iterable[str] = D.EXCLUDE_PATTERNS,
     include: Iterable[str] = (),
+    resolved: bool = False,
 ) -> JobSpec:
     """Build a :class:`JobSpec` for a local acquisition named on the command line or by the API.
 
@@ -516,28 +588,41 @@ def from_path(
     itself), a plain file, or a plain folder (every regular file under it except
     descriptors and excluded names). Explicit arguments override the descriptor;
     ``owner`` and ``target`` must be known in the end. Descriptor warnings are
-    returned in ``spec.extra["warnings"]`` for the job log.
+    returned in ``spec.extra["warnings"]`` for the job log. ``resolved=True`` says
+    ``path`` is already ``os.path.realpath``'s answer (the API resolved it to check
+    its roots), so it is not resolved again.
     """
-    given = Path(path)
-    if not os.path.lexists(given):
-        raise AcquisitionError(f"{given}: does not exist; check the path")
-    resolved = Path(os.path.realpath(given))
-    if not resolved.exists():
+    if resolved:
+        real = os.fspath(path)
+        given = real  # for messages: already in Path's normal form
+    else:
+        given = Path(path)
+        if not os.path.lexists(given):
+            raise AcquisitionError(f"{given}: does not exist; check the path")
+        real = os.path.realpath(given)
+    st = _stat(real)
+    if st is None:
+        if not os.path.lexists(given):
+            raise AcquisitionError(f"{given}: does not exist; check the path")
         raise AcquisitionError(f"{given}: is a dangling symlink")
     exclude = tuple(exclude)
     descriptor: Descriptor | None = None
     descriptor_file: Path | None = None
+    descriptor_rel = ""  # descriptor_file relative to root
 
-    if resolved.is_file() and resolved.name == manifest_name:
-        resolved = resolved.parent
-    if resolved.is_dir():
-        root = resolved
-        manifest = root / manifest_name
-        if manifest.is_file():
-            descriptor_file = manifest
-            descriptor = read_descriptor(manifest)
+    if stat.S_ISREG(st.st_mode) and os.path.basename(real) == manifest_name:
+        real = os.path.dirname(real)
+        st = _stat(real)
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        root: Path | str = real
+        manifest = os.path.join(real, manifest_name)
+        manifest_st = _stat(manifest)
+        if manifest_st is not None and stat.S_ISREG(manifest_st.st_mode):
+            descriptor_file = Path(manifest)
+            descriptor_rel = manifest_name
+            descriptor = read_descriptor(descriptor_file)
         if descriptor is not None and descriptor.files is not None:
-            check = check_listed(root, descriptor.files)
+            check = check_listed(real, descriptor.files)
             if check.missing:
                 raise AcquisitionError(
                     f"{manifest}: {len(check.missing)} listed file(s) missing or incomplete: "
@@ -547,10 +632,12 @@ def from_path(
                 )
             files = tuple(entry for entry, _ in check.present)
         else:
+            root = Path(real)
             sidecars = _sidecars_under(root, sidecar_suffix, exclude)
             if descriptor is None and len(sidecars) == 1:
                 # A folder holding one described data file: its sidecar speaks for the folder.
-                descriptor_file = root / next(iter(sidecars))
+                descriptor_rel = next(iter(sidecars))
+                descriptor_file = root / descriptor_rel
                 descriptor = read_descriptor(descriptor_file)
             skip = {manifest_name} | sidecars
             files = tuple(
@@ -559,18 +646,19 @@ def from_path(
             )
             if not files:
                 raise AcquisitionError(f"{root}: no files to import (empty folder, or every file is excluded)")
-    elif resolved.is_file():
-        data = resolved
-        data_from_sidecar = sidecar_data_path(resolved, sidecar_suffix)
+    elif st is not None and stat.S_ISREG(st.st_mode):
+        resolved_file = Path(real)
+        data = resolved_file
+        data_from_sidecar = sidecar_data_path(resolved_file, sidecar_suffix)
         if data_from_sidecar is not None and data_from_sidecar.is_file():
             # The sidecar itself was named; it describes its data file.
             try:
-                descriptor = read_descriptor(resolved)
-                descriptor_file, data = resolved, data_from_sidecar
+                descriptor = read_descriptor(resolved_file)
+                descriptor_file, data = resolved_file, data_from_sidecar
             except NotADescriptor:
                 pass
         if descriptor is None:
-            candidate = resolved.with_name(resolved.name + sidecar_suffix)
+            candidate = resolved_file.with_name(resolved_file.name + sidecar_suffix)
             if candidate.is_file():
                 try:
                     descriptor = read_descriptor(candidate)
@@ -579,6 +667,8 @@ def from_path(
                     pass
         root = data.parent
         st = os.stat(data)
+        if descriptor_file is not None:
+            descriptor_rel = descriptor_file.name  # beside the data file
         _check_name(data.name, root)
         sha = None
         if descriptor is not None and descriptor.files is not None:
@@ -607,7 +697,7 @@ def from_path(
     if d.warnings:
         extra["warnings"] = list(d.warnings)
     if descriptor_file is not None:
-        extra["descriptor"] = os.path.relpath(descriptor_file, root)
+        extra["descriptor"] = descriptor_rel
         extra["descriptor_sha256"] = d.raw_bytes_sha256
     return JobSpec(
         owner=final_owner,
@@ -624,6 +714,18 @@ def from_path(
         idempotency_key=idempotency_key,
         extra=extra,
     )
+
+
+def _stat(path: str) -> os.stat_result | None:
+    """``os.stat``, or None where ``Path.exists()`` would say False (missing, dangling, loop)."""
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EBADF):
+            return None
+        raise
 
 
 def _sidecar_checksum(descriptor: Descriptor, data_name: str, size: int) -> str | None:

@@ -32,7 +32,7 @@ import bottle
 
 from . import defaults as D
 from .acquisition import from_path
-from .auth import AuthError, Principal, TokenVerifier, resolve_under_roots
+from .auth import AuthError, Principal, TokenVerifier, resolve_roots, resolve_under_roots
 from .errors import AcquisitionError, InvalidTransition, JobNotFound, StoreError
 from .job import Job, JobState, Target
 from .metrics import exposition, make_registry
@@ -256,7 +256,8 @@ class Api:
         self.registry = make_registry(config, store)
         self.batcher = EnqueueBatcher(store)
         # Roots are config: resolve them once, not on every request.
-        self.allowed_roots = tuple(os.path.realpath(r) for r in config.server.allowed_roots)
+        self.allowed_roots = resolve_roots(config.server.allowed_roots)
+        self.token_roots = {p.roots: resolve_roots(p.roots) for p in self.verifier.principals()}
 
     # -- helpers -----------------------------------------------------------
 
@@ -290,7 +291,10 @@ class Api:
         return job
 
     def check_paths(self, principal: Principal, path: str) -> str:
-        return resolve_under_roots(path, self.allowed_roots, principal.roots)
+        token_roots = self.token_roots.get(principal.roots)
+        if token_roots is None:  # a principal not from the config's tokens
+            token_roots = resolve_roots(principal.roots)
+        return resolve_under_roots(path, self.allowed_roots, token_roots, roots_resolved=True)
 
     # -- jobs ----------------------------------------------------------------
 
@@ -320,6 +324,10 @@ class Api:
                 annotations=fields.get("annotations"),
                 manifest_name=D.MANIFEST_NAME,
                 sidecar_suffix=D.SIDECAR_SUFFIX,
+                idempotency_key=(
+                    f"{principal.source}:{fields['idempotency_key']}" if "idempotency_key" in fields else None
+                ),
+                resolved=True,  # check_paths resolved it
             )
         except AcquisitionError as exc:
             message = str(exc)
@@ -328,14 +336,11 @@ class Api:
         principal.check_owner(spec.owner)
         # No per-file check needed: from_path refuses files that resolve outside the
         # acquisition folder, and the folder itself was checked above.
-        changes: dict[str, Any] = {}
-        if "idempotency_key" in fields:
-            changes["idempotency_key"] = f"{principal.source}:{fields['idempotency_key']}"
         if "session_key" in fields:
             omero = self.config.importer.omero
-            changes.update(session_key=fields["session_key"], omero_host=omero.host, omero_port=omero.port)
-        if changes:
-            spec = dataclasses.replace(spec, **changes)
+            spec = dataclasses.replace(
+                spec, session_key=fields["session_key"], omero_host=omero.host, omero_port=omero.port
+            )
         job, created = self.batcher.enqueue(spec, f"submitted by token {principal.name}")
         if created:
             for warning in spec.extra.get("warnings", ()):

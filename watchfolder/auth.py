@@ -152,6 +152,10 @@ class TokenVerifier:
                 (digest, Principal(t.name, t.role, tuple(t.owners), tuple(str(r) for r in t.roots)))
             )
 
+    def principals(self) -> list[Principal]:
+        """The configured principals (no secrets), e.g. to prepare per-token data at start."""
+        return [principal for _, principal in self._entries]
+
     def verify(self, authorization: str | None) -> Principal:
         """The principal for an ``Authorization`` header value; raises :class:`Unauthorized`."""
         if not authorization:
@@ -176,15 +180,26 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root if root.endswith(os.sep) else root + os.sep)
 
 
+def resolve_roots(roots: Iterable[str | os.PathLike]) -> tuple[str, ...]:
+    """Resolve configured roots (symlinks included) once, for :func:`resolve_under_roots`."""
+    return tuple(os.path.realpath(os.fspath(r)) for r in roots)
+
+
 def resolve_under_roots(
-    path: str | os.PathLike, allowed_roots: Sequence[str | os.PathLike], token_roots: Sequence[str | os.PathLike] = ()
+    path: str | os.PathLike,
+    allowed_roots: Sequence[str | os.PathLike],
+    token_roots: Sequence[str | os.PathLike] = (),
+    *,
+    roots_resolved: bool = False,
 ) -> str:
     """Resolve ``path`` (symlinks included) and check it lies under an allowed root.
 
     Returns the resolved path; raises :class:`Forbidden` with the reason
     otherwise. Both the server's roots and, when the token has any, the token's
     roots must contain the path. Roots are resolved too, so a root that is
-    itself a symlink works as expected.
+    itself a symlink works as expected; ``roots_resolved=True`` says the caller
+    already did that with :func:`resolve_roots` (the server does it once at start,
+    not on every request).
     """
     if not allowed_roots:
         raise Forbidden(
@@ -197,7 +212,7 @@ def resolve_under_roots(
     if not os.path.isabs(text):
         raise Forbidden(f"path {text!r} is relative; give an absolute path under an allowed root")
     real = os.path.realpath(text)
-    server_roots = [os.path.realpath(os.fspath(r)) for r in allowed_roots]
+    server_roots = [os.fspath(r) for r in allowed_roots] if roots_resolved else resolve_roots(allowed_roots)
     if not any(_inside(real, r) for r in server_roots):
         shown = f"{text!r}" + (f" (resolves to {real!r})" if real != os.path.normpath(text) else "")
         raise Forbidden(
@@ -205,7 +220,7 @@ def resolve_under_roots(
             "move the data under one of them or ask the admin to add a root"
         )
     if token_roots:
-        limits = [os.path.realpath(os.fspath(r)) for r in token_roots]
+        limits = [os.fspath(r) for r in token_roots] if roots_resolved else resolve_roots(token_roots)
         if not any(_inside(real, r) for r in limits):
             raise Forbidden(
                 f"path {text!r} (resolves to {real!r}) is outside this token's roots ({', '.join(limits)})"
@@ -223,5 +238,6 @@ __all__ = [
     "TokenVerifier",
     "hash_token",
     "new_token",
+    "resolve_roots",
     "resolve_under_roots",
 ]
