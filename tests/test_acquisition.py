@@ -22,7 +22,7 @@ from watchfolder.acquisition import (
     walk_files,
 )
 from watchfolder.errors import AcquisitionError
-from watchfolder.job import Target
+from watchfolder.job import FileEntry, Target
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "acquisitions"
 
@@ -468,3 +468,19 @@ def test_check_listed_reports_non_regular(tmp_path):
 
     check = check_listed(tmp_path, [FileEntry("dir.tif")])
     assert not check.complete and check.missing == ["dir.tif (not a regular file)"]
+
+
+def test_listed_files_through_symlinked_folders_inside_are_accepted_and_outside_refused(tmp_path):
+    acq = tmp_path / "acq"
+    (acq / "real" / "deep").mkdir(parents=True)
+    (acq / "real" / "deep" / "a.tif").write_bytes(b"aaa")
+    (acq / "inside").symlink_to(acq / "real")  # a folder alias that stays in the acquisition
+    outside = tmp_path / "outside" / "deep"
+    outside.mkdir(parents=True)
+    (outside / "b.tif").write_bytes(b"bb")
+    (acq / "real" / "escape").symlink_to(tmp_path / "outside")  # nested, leaves the acquisition
+
+    ok = check_listed(acq, [FileEntry("inside/deep/a.tif", 3)])
+    assert ok.complete and len(ok.present) == 1
+    with pytest.raises(AcquisitionError, match="outside"):
+        check_listed(acq, [FileEntry("real/escape/deep/b.tif", 2)])

@@ -436,3 +436,12 @@ def test_enqueue_many_commits_a_batch_and_keeps_idempotency(store, make_spec):
     assert store.get(results[0][0].id).history[0].message == "first"
     assert store.counts()["queued"] == 2
     assert {store.claim("w").id, store.claim("w").id} == {results[0][0].id, results[1][0].id}
+
+
+def test_enqueue_answers_the_job_as_stored_and_duplicates_use_no_ids(store, make_spec):
+    first, _ = store.enqueue(make_spec(), now=T0)
+    stored = store.get(first.id)
+    assert dataclasses.replace(stored, history=[]) == first
+    store.enqueue(first.spec, now=T0 + 1)  # a duplicate
+    second, _ = store.enqueue(make_spec(), now=T0 + 2)
+    assert second.id == first.id + 1
