@@ -182,15 +182,21 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="wf-bench-", dir=base) as tmp_name:
         tmp = Path(tmp_name)
         print(f"== core (jobs: {args.jobs}, Python {sys.version.split()[0]})")
-        for phased in (False, True):
+        # The target's baseline (about 3,300/s on these machines) is litequeue's
+        # put, pop and done over a backlog, with synchronous=normal as litequeue
+        # sets it: that row carries the verdict; the others are for information.
+        for phased in (True, False):
             how = "backlog" if phased else "one at a time"
             raw = raw_litequeue_rate(tmp, args.jobs, phased)
             print(f"-- {how}: raw litequeue put+pop+done {raw:.0f} cycles/s")
-            for sync in ("full", "normal"):
+            for sync in ("normal", "full"):
                 rate = job_cycle_rate(tmp, args.jobs, sync, phased)
-                verdict = "OK" if rate >= 1000 and rate / raw >= 0.3 else "MISSED"
-                report(f"job cycles/s, {how}, synchronous={sync}", rate, "/s", raw,
-                       "litequeue", f"target >= 1000/s and ratio >= 0.3: {verdict}")
+                if phased and sync == "normal":
+                    verdict = "OK" if rate >= 1000 and rate / raw >= 0.3 else "MISSED"
+                    note = f"target >= 1000/s and ratio >= 0.3: {verdict}"
+                else:
+                    note = "for information" + (" (every commit fsynced)" if sync == "full" else "")
+                report(f"job cycles/s, {how}, synchronous={sync}", rate, "/s", raw, "litequeue", note)
         print(f"real Notifier, compose one success mail (text + HTML): {notifier_compose_cost(300):.0f} us"
               " (not in the cycles above, which use a minimal mail)")
         if not args.skip_archive:

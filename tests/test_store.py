@@ -445,3 +445,12 @@ def test_enqueue_answers_the_job_as_stored_and_duplicates_use_no_ids(store, make
     store.enqueue(first.spec, now=T0 + 1)  # a duplicate
     second, _ = store.enqueue(make_spec(), now=T0 + 2)
     assert second.id == first.id + 1
+
+
+def test_finding_the_next_job_is_an_index_seek_not_a_sort(store):
+    # litequeue's own indexes would sort every ready message on each claim (O(n^2) for a backlog).
+    plan = store._conn().execute(
+        "EXPLAIN QUERY PLAN SELECT * FROM dispatch WHERE status = 0 ORDER BY message_id LIMIT 1"
+    ).fetchall()
+    details = " ".join(row[3] for row in plan)
+    assert "dispatch_ready" in details and "TEMP B-TREE" not in details

@@ -53,6 +53,10 @@ QUEUE_TABLE = "dispatch"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- litequeue indexes status and message_id apart, so finding the oldest ready
+-- message sorts every ready one: a backlog of N drains in O(N^2). This index
+-- makes it a seek.
+CREATE INDEX IF NOT EXISTS dispatch_ready ON dispatch(status, message_id);
 CREATE TABLE IF NOT EXISTS jobs (
     id               INTEGER PRIMARY KEY AUTOINCREMENT,
     idempotency_key  TEXT NOT NULL UNIQUE,
