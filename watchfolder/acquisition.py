@@ -80,6 +80,12 @@ def is_descriptor(obj: Any) -> bool:
 # Reading and validating descriptors
 
 
+def line_column(data: bytes, offset: int) -> tuple[int, int]:
+    """1-based line and column of a byte offset, for messages about bad input."""
+    line = data.count(b"\n", 0, offset) + 1
+    return line, offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+
+
 def load_json(path: Path) -> tuple[Any, bytes, list[str]]:
     """Read a JSON file (UTF-8, BOM tolerated): ``(value, raw bytes, warnings)``.
 
@@ -102,8 +108,7 @@ def load_json(path: Path) -> tuple[Any, bytes, list[str]]:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = body[: exc.start].count(b"\n") + 1
-        column = exc.start - (body.rfind(b"\n", 0, exc.start) + 1) + 1
+        line, column = line_column(body, exc.start)
         raise AcquisitionError(
             f"{path}: not UTF-8 text (bad byte 0x{body[exc.start]:02x} at line {line}, column {column}); "
             "save the file as UTF-8"

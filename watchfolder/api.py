@@ -31,7 +31,7 @@ from typing import Any
 import bottle
 
 from . import defaults as D
-from .acquisition import from_path
+from .acquisition import from_path, line_column
 from .auth import AuthError, Principal, TokenVerifier, resolve_roots, resolve_under_roots
 from .errors import AcquisitionError, InvalidTransition, JobNotFound, StoreError
 from .job import Job, JobState, Target
@@ -103,8 +103,7 @@ def read_json_body(environ: dict, limit: int) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        line, column = line_column(raw, exc.start)
         raise BodyError(
             400,
             f"the body is not UTF-8 (bad byte at line {line}, column {column}); send UTF-8 JSON",
