@@ -820,7 +820,6 @@ class JobStore:
         source is never moved or deleted on the strength of a success a power
         cut could still undo.
         """
-        self.flush()
         if source.endswith("*"):
             where, args = "substr(source, 1, ?) = ?", (len(source) - 1, source[:-1])
         else:
@@ -828,6 +827,8 @@ class JobStore:
         rows = self._conn().execute(
             f"SELECT * FROM jobs WHERE followup = 'pending' AND {where} ORDER BY id LIMIT ?", (*args, limit)
         ).fetchall()
+        if rows:  # watchers ask every tick: an fsync only when there is something to act on
+            self.flush()
         return [self._job(r) for r in rows]
 
     def followup_done(self, job_id: int, note: str = "", *, now: float | None = None) -> None:
