@@ -628,6 +628,17 @@ class JobStore:
             raise LeaseLost(f"job {job_id} is no longer held by {worker} (state {row['state']}, worker {row['worker']})")
         return row
 
+    def _update_running(self, conn, job_id: int, worker: str, assignments: str, params: tuple) -> sqlite3.Row:
+        """UPDATE the job if ``worker`` still holds it, in one statement; else raise as :meth:`_running`."""
+        row = conn.execute(
+            f"UPDATE jobs SET {assignments} WHERE id = ? AND state = 'running' AND worker = ? RETURNING *",
+            (*params, job_id, worker),
+        ).fetchone()
+        if row is None:
+            self._running(conn, job_id, worker)  # says why: JobNotFound or LeaseLost
+            raise StoreError(f"job {job_id} could not be updated")  # not reached inside one transaction
+        return row
+
     def report_progress(
         self, job_id: int, worker: str, progress: Progress | None = None, *, now: float | None = None
     ) -> bool:
@@ -667,23 +678,15 @@ class JobStore:
         now = _now(now)
         conn = self._conn()
         with _transaction(conn):
-            self._running(conn, job_id, worker)
-            row = conn.execute(
-                "UPDATE jobs SET state = 'succeeded', result = ?, finished_at = ?, updated_at = ?,"
+            row = self._update_running(
+                conn, job_id, worker,
+                "state = 'succeeded', result = ?, finished_at = ?, updated_at = ?,"
                 " lease_expires_at = NULL, session_key = NULL, progress = coalesce(?, progress),"
                 " error_kind = NULL, error_message = NULL, error_config = 0,"
-                " followup = CASE WHEN source LIKE 'watch:%' THEN 'pending' END"
-                " WHERE id = ? RETURNING *",
-                (
-                    json.dumps(result),
-                    now,
-                    now,
-                    json.dumps(progress.to_dict()) if progress else None,
-                    job_id,
-                ),
-            ).fetchone()
-            job = self._finish(conn, row, now, mails, "succeeded")
-        return job
+                " followup = CASE WHEN source LIKE 'watch:%' THEN 'pending' END",
+                (json.dumps(result), now, now, json.dumps(progress.to_dict()) if progress else None),
+            )
+            return self._finish(conn, row, now, mails, "succeeded")
 
     def fail(
         self,
@@ -735,13 +738,12 @@ class JobStore:
         now = _now(now)
         conn = self._conn()
         with _transaction(conn):
-            self._running(conn, job_id, worker)
-            row = conn.execute(
-                "UPDATE jobs SET state = 'cancelled', finished_at = ?, updated_at = ?, lease_expires_at = NULL,"
-                " session_key = NULL, followup = CASE WHEN source LIKE 'watch:%' THEN 'pending' END"
-                " WHERE id = ? RETURNING *",
-                (now, now, job_id),
-            ).fetchone()
+            row = self._update_running(
+                conn, job_id, worker,
+                "state = 'cancelled', finished_at = ?, updated_at = ?, lease_expires_at = NULL,"
+                " session_key = NULL, followup = CASE WHEN source LIKE 'watch:%' THEN 'pending' END",
+                (now, now),
+            )
             return self._finish(conn, row, now, mails, "cancelled while running")
 
     def release(self, job_id: int, worker: str, *, now: float | None = None, reason: str = "") -> Job:
