@@ -268,23 +268,14 @@ class Notifier:
     def _images_block(self, images: list[int]) -> _Block:
         if not images:
             return _Block("", "")
-        lines, items = [], []
+        rows = []
         for image_id in images[:MAX_LISTED]:
             if self.web_url:
                 url = f"{self.web_url}/webclient/?show=image-{image_id}"
-                lines.append(f"  image {image_id}: {url}")
-                items.append(f'<li><a href="{_esc(url)}">image {image_id}</a></li>')
+                rows.append((f"image {image_id}: {url}", f'<a href="{_esc(url)}">image {image_id}</a>'))
             else:
-                lines.append(f"  image {image_id}")
-                items.append(f"<li>image {image_id}</li>")
-        if len(images) > MAX_LISTED:
-            more = f"and {len(images) - MAX_LISTED} more"
-            lines.append(f"  … {more}")
-            items.append(f"<li>… {more}</li>")
-        return _Block(
-            "Images:\n" + "\n".join(lines) + "\n\n",
-            "<p>Images:</p>\n<ul>\n" + "\n".join(items) + "\n</ul>\n",
-        )
+                rows.append((f"image {image_id}", f"image {image_id}"))
+        return _list_block("Images", rows, len(images))
 
     def _job_url_block(self, job: Job) -> _Block:
         if not self.public_url:
@@ -512,18 +503,24 @@ def _file_sizes(job: Job) -> list[tuple[str, int | None]]:
 def _files_block(sizes: list[tuple[str, int | None]]) -> _Block:
     if not sizes:
         return _Block("", "")
-    lines, items = [], []
+    rows = []
     for path, size in sizes[:MAX_LISTED]:
         shown = f" ({_size(size)})" if size is not None else ""
-        lines.append(f"  {path}{shown}")
-        items.append(f"<li><code>{_esc(path)}</code>{_esc(shown)}</li>")
-    if len(sizes) > MAX_LISTED:
-        more = f"and {len(sizes) - MAX_LISTED} more"
+        rows.append((f"{path}{shown}", f"<code>{_esc(path)}</code>{_esc(shown)}"))
+    return _list_block("Files", rows, len(sizes))
+
+
+def _list_block(title: str, rows: list[tuple[str, str]], total: int) -> _Block:
+    """A titled list in text and HTML (``rows`` of (text, html)), with "and N more" past MAX_LISTED."""
+    lines = [f"  {text}" for text, _ in rows]
+    items = [f"<li>{html}</li>" for _, html in rows]
+    if total > MAX_LISTED:
+        more = f"and {total - MAX_LISTED} more"
         lines.append(f"  … {more}")
         items.append(f"<li>… {more}</li>")
     return _Block(
-        "Files:\n" + "\n".join(lines) + "\n\n",
-        "<p>Files:</p>\n<ul>\n" + "\n".join(items) + "\n</ul>\n",
+        f"{title}:\n" + "\n".join(lines) + "\n\n",
+        f"<p>{title}:</p>\n<ul>\n" + "\n".join(items) + "\n</ul>\n",
     )
 
 
