@@ -367,8 +367,10 @@ def is_excluded(relpath: str, exclude: Iterable[str] = D.EXCLUDE_PATTERNS, inclu
     return False
 
 
-def _inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+def is_within(path: str, root: str) -> bool:
+    """True when ``path`` is ``root`` or below it (both already resolved)."""
+    root = root.rstrip(os.sep) or os.sep
+    return path == root or path.startswith(root if root.endswith(os.sep) else root + os.sep)
 
 
 def _check_name(rel: str, root: Path) -> None:
@@ -418,7 +420,7 @@ def walk_files(
             try:
                 if entry.is_symlink():
                     target = os.path.realpath(entry.path)
-                    if not _inside(target, real_root):
+                    if not is_within(target, real_root):
                         raise AcquisitionError(
                             f"{entry.path}: symlink points outside the acquisition folder (to {target}); "
                             "copy the file into the folder instead"
@@ -516,7 +518,7 @@ def check_listed(root: Path, files: Iterable[FileEntry]) -> ListedCheck:
             if real_root is None:
                 real_root = os.path.realpath(root)
             real = os.path.realpath(full)
-            if not _inside(real, real_root):
+            if not is_within(real, real_root):
                 raise AcquisitionError(
                     f"{full}: symlink points outside the acquisition folder (to {real}); copy the file in instead"
                 )

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import yaml
 
+from .acquisition import is_within
 from .errors import WatchfolderError
 
 ROLES = ("submit", "read", "admin")
@@ -175,11 +176,6 @@ class TokenVerifier:
         return found
 
 
-def _inside(path: str, root: str) -> bool:
-    root = root.rstrip(os.sep) or os.sep
-    return path == root or path.startswith(root if root.endswith(os.sep) else root + os.sep)
-
-
 def resolve_roots(roots: Iterable[str | os.PathLike]) -> tuple[str, ...]:
     """Resolve configured roots (symlinks included) once, for :func:`resolve_under_roots`."""
     return tuple(os.path.realpath(os.fspath(r)) for r in roots)
@@ -213,7 +209,7 @@ def resolve_under_roots(
         raise Forbidden(f"path {text!r} is relative; give an absolute path under an allowed root")
     real = os.path.realpath(text)
     server_roots = [os.fspath(r) for r in allowed_roots] if roots_resolved else resolve_roots(allowed_roots)
-    if not any(_inside(real, r) for r in server_roots):
+    if not any(is_within(real, r) for r in server_roots):
         shown = f"{text!r}" + (f" (resolves to {real!r})" if real != os.path.normpath(text) else "")
         raise Forbidden(
             f"path {shown} is outside the allowed roots ({', '.join(server_roots)}); "
@@ -221,7 +217,7 @@ def resolve_under_roots(
         )
     if token_roots:
         limits = [os.fspath(r) for r in token_roots] if roots_resolved else resolve_roots(token_roots)
-        if not any(_inside(real, r) for r in limits):
+        if not any(is_within(real, r) for r in limits):
             raise Forbidden(
                 f"path {text!r} (resolves to {real!r}) is outside this token's roots ({', '.join(limits)})"
             )

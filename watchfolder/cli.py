@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -222,7 +221,6 @@ def _banner(config, service) -> str:
 
 
 def cmd_run(args) -> int:
-
     return _run_service(args, None, banner=True)
 
 
@@ -488,10 +486,6 @@ def cmd_token_new(args) -> int:
     print("add this under server.tokens in the config file:")
     print(snippet)
     return 0
-
-
-def terminal_width() -> int:
-    return shutil.get_terminal_size((100, 20)).columns
 
 
 def _user() -> str:

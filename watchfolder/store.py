@@ -50,6 +50,8 @@ MailComposer = Callable[[Job], "list[Mail]"]
 
 SCHEMA_VERSION = 1
 QUEUE_TABLE = "dispatch"
+# Every transition into a finished state: watched jobs then await their post-actions.
+FINISHED_FOLLOWUP = "followup = CASE WHEN source LIKE 'watch:%' THEN 'pending' END"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -166,6 +168,7 @@ class JobStore:
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self._last_prune = 0.0
+        self._schema_ready = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self._conn()  # create the schema now, so errors show at start
@@ -197,6 +200,17 @@ class JobStore:
         conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
         conn.execute("PRAGMA foreign_keys = ON")
         conn.row_factory = sqlite3.Row
+        with self._connections_lock:
+            # Once per store, not per thread: it takes the write lock.
+            if not self._schema_ready:
+                self._create_schema(conn)
+                self._schema_ready = True
+            self._connections.append(conn)
+        self._local.conn = conn
+        self._local.queue = queue
+        return conn
+
+    def _create_schema(self, conn: sqlite3.Connection) -> None:
         # executescript commits any open transaction first, so the schema gets its own.
         conn.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
         with _transaction(conn):
@@ -207,11 +221,6 @@ class JobStore:
                 raise StoreError(
                     f"{self.path} was written by a newer watchfolder (schema {row['value']}); upgrade watchfolder"
                 )
-        self._local.conn = conn
-        self._local.queue = queue
-        with self._connections_lock:
-            self._connections.append(conn)
-        return conn
 
     def _queue(self) -> LiteQueue:
         self._conn()
@@ -366,7 +375,8 @@ class JobStore:
                 fh.write(f"{stamp}Z {line}\n")
 
     def read_log(self, job_id: int) -> str:
-        self.get(job_id)  # raises JobNotFound
+        if self._conn().execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
+            raise JobNotFound(job_id)
         try:
             return self.log_path(job_id).read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
@@ -536,7 +546,7 @@ class JobStore:
             else:
                 row = conn.execute(
                     "UPDATE jobs SET state = 'cancelled', finished_at = ?, updated_at = ?, session_key = NULL,"
-                    " next_attempt_at = NULL, followup = CASE WHEN source LIKE 'watch:%' THEN 'pending' END"
+                    f" next_attempt_at = NULL, {FINISHED_FOLLOWUP}"
                     " WHERE id = ? RETURNING *",
                     (now, now, job_id),
                 ).fetchone()
@@ -683,7 +693,7 @@ class JobStore:
                 "state = 'succeeded', result = ?, finished_at = ?, updated_at = ?,"
                 " lease_expires_at = NULL, session_key = NULL, progress = coalesce(?, progress),"
                 " error_kind = NULL, error_message = NULL, error_config = 0,"
-                " followup = CASE WHEN source LIKE 'watch:%' THEN 'pending' END",
+                f" {FINISHED_FOLLOWUP}",
                 (json.dumps(result), now, now, json.dumps(progress.to_dict()) if progress else None),
             )
             return self._finish(conn, row, now, mails, "succeeded")
@@ -724,7 +734,7 @@ class JobStore:
             row = conn.execute(
                 "UPDATE jobs SET state = 'failed', finished_at = ?, updated_at = ?, lease_expires_at = NULL,"
                 " session_key = NULL, error_kind = ?, error_message = ?, error_config = ?,"
-                " followup = CASE WHEN source LIKE 'watch:%' THEN 'pending' END"
+                f" {FINISHED_FOLLOWUP}"
                 " WHERE id = ? RETURNING *",
                 (now, now, str(kind), message,
                  int(failure.config_error), job_id),
@@ -741,7 +751,7 @@ class JobStore:
             row = self._update_running(
                 conn, job_id, worker,
                 "state = 'cancelled', finished_at = ?, updated_at = ?, lease_expires_at = NULL,"
-                " session_key = NULL, followup = CASE WHEN source LIKE 'watch:%' THEN 'pending' END",
+                f" session_key = NULL, {FINISHED_FOLLOWUP}",
                 (now, now),
             )
             return self._finish(conn, row, now, mails, "cancelled while running")
@@ -778,7 +788,7 @@ class JobStore:
                     done = conn.execute(
                         "UPDATE jobs SET state = 'failed', finished_at = ?, updated_at = ?, lease_expires_at = NULL,"
                         " session_key = NULL, error_kind = 'permanent', error_message = ?,"
-                        " followup = CASE WHEN source LIKE 'watch:%' THEN 'pending' END WHERE id = ? RETURNING *",
+                        f" {FINISHED_FOLLOWUP} WHERE id = ? RETURNING *",
                         (now, now, message, row["id"]),
                     ).fetchone()
                     self._finish(conn, done, now, None, message)
