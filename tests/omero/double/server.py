@@ -31,8 +31,9 @@ Control channel (HTTP on 127.0.0.1, JSON):
                            up to that long for a later block to be written first;
                            with writes kept in flight they land out of order)
 Counters include overlapped_writes (writes that arrived while another write of
-the same upload was being dispatched) and out_of_order_writes (blocks that landed
-ahead of a gap and waited for it to fill).
+the same upload was still outstanding: being dispatched, or sent earlier and not
+arrived yet) and out_of_order_writes (blocks that landed ahead of a gap and
+waited for it to fill).
 """
 
 from __future__ import annotations
@@ -752,7 +753,10 @@ class RawFileStoreI(omero.api.RawFileStore):
             session_of(current)
             with WORLD.lock:
                 self.in_flight += 1
-                if self.in_flight > 1:
+                # Either proves the client kept several writes in flight: another is being
+                # dispatched now, or an earlier block was sent and has not arrived yet (the
+                # thread pool may dispatch a later block first, and finish it first).
+                if self.in_flight > 1 or position > self.record["size"]:
                     WORLD.counters["overlapped_writes"] += 1
                 hold = WORLD.faults.get("hold_first_write") if position == 0 else None
             try:
