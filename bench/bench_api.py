@@ -50,10 +50,10 @@ def serve(workdir: Path, synchronous: str | None, threads: int | None) -> None:
     import yaml
 
     from watchfolder import config as wconfig
-    from watchfolder.api import create_app
-    from watchfolder.auth import new_token
-    from watchfolder.server import Server
-    from watchfolder.store import JobStore
+    from watchfolder.store import SQLiteStore
+    from watchfolder.web.app import create_app
+    from watchfolder.web.auth import new_token
+    from watchfolder.web.server import Server
 
     # waitress warns whenever more requests wait than it has threads: expected at 32 connections.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
@@ -67,7 +67,7 @@ def serve(workdir: Path, synchronous: str | None, threads: int | None) -> None:
         raw["store"] = {"synchronous": synchronous}
     config = wconfig.parse(raw, path=workdir / "watchfolder.yaml", environ={})
     synchronous = config.store.synchronous
-    store = JobStore.from_config(config)
+    store = SQLiteStore.from_config(config)
     app = create_app(config, store)
 
     def ok() -> bottle.HTTPResponse:

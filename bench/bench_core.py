@@ -20,8 +20,8 @@ from litequeue import LiteQueue
 
 from watchfolder.importers.noop import NoopImporter
 from watchfolder.job import FileEntry, JobSpec, Target
-from watchfolder.mail import Mail
-from watchfolder.store import JobStore
+from watchfolder.mail.message import Mail
+from watchfolder.store import SQLiteStore
 from watchfolder.worker import Worker
 
 
@@ -78,7 +78,7 @@ def _mails(job) -> list[Mail]:
 
 def job_cycle_rate(tmp: Path, n: int, synchronous: str, phased: bool) -> float:
     """enqueue → claim → no-op import → succeed (with its outbox row), one worker: cycles per second."""
-    store = JobStore(tmp / f"jobs-{synchronous}-{phased}.db", synchronous=synchronous, composer=_mails)
+    store = SQLiteStore(tmp / f"jobs-{synchronous}-{phased}.db", synchronous=synchronous, composer=_mails)
     worker = Worker(store, NoopImporter(), name="bench", maintain_interval=1.0)
     specs = [
         JobSpec(owner="jdoe", root="/data/acq", files=(FileEntry(f"f{i}.tif", 10),),
@@ -105,7 +105,7 @@ def notifier_compose_cost(n: int) -> float:
     """Microseconds the real Notifier takes to compose one success mail (text + HTML)."""
     from watchfolder import config as configmod
     from watchfolder.job import Job, JobState
-    from watchfolder.notify import Notifier
+    from watchfolder.mail.notify import Notifier
 
     config = configmod.parse({"data_dir": tempfile.gettempdir(), "notify": {"admin_email": "a@example.org"}},
                              environ={})

@@ -43,7 +43,7 @@ from watchfolder import config as configmod  # noqa: E402
 from watchfolder.importers import create_importer  # noqa: E402
 from watchfolder.importers.base import ImportContext  # noqa: E402
 from watchfolder.job import FileEntry, JobSpec, Target  # noqa: E402
-from watchfolder.store import JobStore  # noqa: E402
+from watchfolder.store import SQLiteStore  # noqa: E402
 
 DOUBLE = REPO / "tests" / "omero" / "double" / "server.py"
 PLAIN = REPO / "bench" / "omero_plain_upload.py"
@@ -125,7 +125,7 @@ def main() -> int:
                 "python": python, "block_size": BLOCK}},
             "notify": {"transport": "none"}, "server": {"enabled": False}}, path=work / "w.yaml", environ={})
         importer = create_importer(config)
-        store = JobStore(work / "jobs.db", logs_dir=work / "logs")
+        store = SQLiteStore(work / "jobs.db", logs_dir=work / "logs")
 
         def job_for(name, n):
             spec = JobSpec(owner="jdoe", group="lab", root=str(acq), files=(FileEntry(name),),

@@ -35,8 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from watchfolder import config as configmod  # noqa: E402
-from watchfolder.store import JobStore  # noqa: E402
-from watchfolder.watcher import Watcher  # noqa: E402
+from watchfolder.store import SQLiteStore  # noqa: E402
+from watchfolder.watch.watcher import Watcher  # noqa: E402
 
 QUIET = 1.0
 POLL = 1.0
@@ -64,7 +64,7 @@ def watch_config(drop: Path, data: Path, **watch) -> configmod.WatchConfig:
 def latency(base: Path, mode: str, count: int) -> list[float]:
     drop = base / f"drop-{mode}"
     drop.mkdir()
-    store = JobStore(base / f"latency-{mode}.db", synchronous="normal")
+    store = SQLiteStore(base / f"latency-{mode}.db", synchronous="normal")
     watcher = Watcher(watch_config(drop, base, mode=mode), store)
     watcher.start()
     deadline = time.monotonic() + 30
@@ -119,7 +119,7 @@ def child_tree(args: argparse.Namespace) -> None:
     """Watch the tree in polling mode: cold scan, enqueue, warm rescan, restart, idle CPU, RSS."""
     base = Path(args.base)
     out: dict[str, float] = {}
-    store = JobStore(base / "tree.db", synchronous="normal")
+    store = SQLiteStore(base / "tree.db", synchronous="normal")
     cfg = watch_config(base / "tree", base, mode="polling", detection="layout", layout="{owner}/{dataset}/",
                        target={"project": "Bench"})
     watcher = Watcher(cfg, store)

@@ -17,10 +17,10 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from watchfolder import config as wconfig
-from watchfolder.api import create_app
-from watchfolder.auth import new_token
-from watchfolder.server import Server
-from watchfolder.store import JobStore
+from watchfolder.store import SQLiteStore
+from watchfolder.web.app import create_app
+from watchfolder.web.auth import new_token
+from watchfolder.web.server import Server
 
 REPO = Path(__file__).resolve().parent.parent
 OPENAPI = REPO / "api" / "openapi.yaml"
@@ -168,7 +168,7 @@ class Service:
     """A running API: config, store, server and a token per name."""
 
     config: Any
-    store: JobStore
+    store: SQLiteStore
     server: Server
     tokens: dict[str, str]
     roots: dict[str, Path]
@@ -218,7 +218,7 @@ def make_config(tmp_path: Path, *, importer: str = "archive", extra_server: dict
 
 def start_service(tmp_path: Path, **kw: Any) -> Service:
     config, tokens, roots = make_config(tmp_path, **kw)
-    store = JobStore.from_config(config)
+    store = SQLiteStore.from_config(config)
     app = create_app(config, store)
     server = Server(config, app)
     server.start()

@@ -13,12 +13,12 @@ from helpers import wait_until  # noqa: F401  (re-exported for tests)
 
 from watchfolder import config as configmod
 from watchfolder.job import FileEntry, JobSpec, RetryPolicy, Target
-from watchfolder.store import JobStore
+from watchfolder.store import SQLiteStore
 
 
 @pytest.fixture
-def store(tmp_path) -> JobStore:
-    s = JobStore(tmp_path / "db" / "watchfolder.db", lease_seconds=30, retry=RetryPolicy(3, (10.0, 60.0)))
+def store(tmp_path) -> SQLiteStore:
+    s = SQLiteStore(tmp_path / "db" / "watchfolder.db", lease_seconds=30, retry=RetryPolicy(3, (10.0, 60.0)))
     yield s
     s.close()
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from helpers import TARGET, write_manifest
 
-from watchfolder.acquisition import (
+from watchfolder.errors import AcquisitionError
+from watchfolder.job import FileEntry, Target
+from watchfolder.watch.acquisition import (
     NotADescriptor,
     check_listed,
     from_path,
@@ -21,8 +23,6 @@ from watchfolder.acquisition import (
     read_descriptor,
     walk_files,
 )
-from watchfolder.errors import AcquisitionError
-from watchfolder.job import FileEntry, Target
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "acquisitions"
 

@@ -13,11 +13,11 @@ import yaml
 from api_support import CONTRACT, OPENAPI, Client, acquisition, start_service, stop_service
 
 from watchfolder import config as wconfig
-from watchfolder.api import create_app
-from watchfolder.auth import TokenVerifier, Unauthorized, hash_token, new_token
 from watchfolder.errors import PermanentImportError, WatchfolderError
 from watchfolder.job import Progress
-from watchfolder.store import JobStore
+from watchfolder.store import SQLiteStore
+from watchfolder.web.app import create_app
+from watchfolder.web.auth import TokenVerifier, Unauthorized, hash_token, new_token
 
 
 @pytest.fixture
@@ -592,7 +592,7 @@ def test_concurrent_submissions_each_get_their_job_once(svc):
 
 
 def test_server_binds_an_ephemeral_port_and_stops(tmp_path):
-    from watchfolder.server import Server
+    from watchfolder.web.server import Server
 
     service = start_service(tmp_path)
     url, port = service.server.url, service.server.port
@@ -602,7 +602,7 @@ def test_server_binds_an_ephemeral_port_and_stops(tmp_path):
     with socket.socket() as s:  # the port is free again
         s.bind(("127.0.0.1", port))
     # serve_forever in a thread of our own, stopped from outside
-    store = JobStore.from_config(service.config)
+    store = SQLiteStore.from_config(service.config)
     other = Server(service.config, create_app(service.config, store))
     runner = threading.Thread(target=other.serve_forever)
     runner.start()
@@ -616,7 +616,7 @@ def test_server_binds_an_ephemeral_port_and_stops(tmp_path):
 
 
 def test_listen_conflict_names_the_address(tmp_path):
-    from watchfolder.server import Server
+    from watchfolder.web.server import Server
 
     service = start_service(tmp_path)
     try:

@@ -26,10 +26,10 @@ import yaml
 
 from watchfolder import __version__, cli
 from watchfolder import config as configmod
-from watchfolder.auth import TokenVerifier, hash_token
 from watchfolder.errors import PermanentImportError
 from watchfolder.job import JobState, Progress
 from watchfolder.service import make_notifier, open_store
+from watchfolder.web.auth import TokenVerifier, hash_token
 
 REPO = Path(__file__).resolve().parent.parent
 SLIDE3 = REPO / "examples" / "acquisitions" / "slide3"

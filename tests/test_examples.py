@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from watchfolder import cli
-from watchfolder.auth import hash_token
 from watchfolder.service import Service
+from watchfolder.web.auth import hash_token
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TOKEN = "wf_example-test-token"

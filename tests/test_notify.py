@@ -28,9 +28,9 @@ from watchfolder.job import (
     RetryPolicy,
     Target,
 )
-from watchfolder.mail import Mail
-from watchfolder.notify import LOG_TAIL_LINES, MAX_LISTED, Notifier
-from watchfolder.transports import SmtpTransport
+from watchfolder.mail.message import Mail
+from watchfolder.mail.notify import LOG_TAIL_LINES, MAX_LISTED, Notifier
+from watchfolder.mail.transports import SmtpTransport
 
 T0 = 1_795_000_000.0  # a fixed clock: 2026-11-18
 ADMIN = "admin@facility.example.org"
@@ -289,7 +289,7 @@ def test_non_ascii_owner_is_not_turned_into_an_address(tmp_path):
 def test_job_without_any_resolvable_address(tmp_path, caplog):
     config = make_config(tmp_path, notify={"admin_email": None})
     notifier = Notifier(config)
-    with caplog.at_level(logging.WARNING, logger="watchfolder.notify"):
+    with caplog.at_level(logging.WARNING, logger="watchfolder.mail.notify"):
         assert notifier.compose(make_job(email=None, result={"destination": "/a"})) == []
         failed = make_job(JobState.FAILED, email=None, error=JobError(ErrorKind.PERMANENT, "x"))
         assert notifier.compose(failed) == []
@@ -447,10 +447,10 @@ def finish_jobs(store, count: int, now: float) -> list[int]:
 
 @pytest.fixture
 def outbox_parts(tmp_path):
-    outbox = pytest.importorskip("watchfolder.outbox", reason="the outbox sender is not written yet")
+    outbox = pytest.importorskip("watchfolder.mail.outbox", reason="the outbox sender is not written yet")
     store_mod = pytest.importorskip("watchfolder.store")
     notifier = Notifier(make_config(tmp_path))
-    store = store_mod.JobStore(
+    store = store_mod.SQLiteStore(
         tmp_path / "jobs.db", composer=notifier.compose, mail_retry=RetryPolicy(5, (10.0, 60.0)),
         logs_dir=tmp_path / "logs",
     )

@@ -20,11 +20,11 @@ from helpers import wait_until
 
 from watchfolder.errors import PermanentImportError, StoreError
 from watchfolder.job import JobState, RetryPolicy
-from watchfolder.mail import MailError, Transport
-from watchfolder.notify import Notifier
-from watchfolder.outbox import OutboxSender
-from watchfolder.store import JobStore
-from watchfolder.transports import FolderTransport
+from watchfolder.mail.message import MailError, Transport
+from watchfolder.mail.notify import Notifier
+from watchfolder.mail.outbox import OutboxSender
+from watchfolder.mail.transports import FolderTransport
+from watchfolder.store import SQLiteStore
 
 T0 = 1_800_000_000.0
 WORKER = "outbox-test-worker"
@@ -59,8 +59,8 @@ def notifier(make_config) -> Notifier:
 
 
 @pytest.fixture
-def mailstore(tmp_path, notifier) -> JobStore:
-    s = JobStore(tmp_path / "db" / "outbox.db", lease_seconds=30, retry=RetryPolicy(3, (10.0, 60.0)),
+def mailstore(tmp_path, notifier) -> SQLiteStore:
+    s = SQLiteStore(tmp_path / "db" / "outbox.db", lease_seconds=30, retry=RetryPolicy(3, (10.0, 60.0)),
                  mail_retry=MAIL_RETRY, composer=notifier.compose)
     yield s
     s.close()
@@ -71,7 +71,7 @@ def outbox_dir(tmp_path) -> Path:
     return tmp_path / "outbox"
 
 
-def finish(store: JobStore, spec, *, fail: bool = False, now: float = T0, **kwargs):
+def finish(store: SQLiteStore, spec, *, fail: bool = False, now: float = T0, **kwargs):
     """Queue, claim and finish a job at ``now``: succeeded, or failed permanently."""
     store.enqueue(spec, now=now)
     job = store.claim(WORKER, now=now)
@@ -81,7 +81,7 @@ def finish(store: JobStore, spec, *, fail: bool = False, now: float = T0, **kwar
     return store.succeed(job.id, WORKER, {"destination": "/archive/x", "files": []}, now=now, **kwargs)
 
 
-def single(store: JobStore):
+def single(store: SQLiteStore):
     (mail,) = store.outbox_list()
     return mail
 

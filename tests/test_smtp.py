@@ -20,8 +20,8 @@ from mailserver import (
 
 from watchfolder import config as wconfig
 from watchfolder.config import Secret, SmtpConfig
-from watchfolder.mail import MailError
-from watchfolder.transports import FolderTransport, SmtpTransport, create_transport
+from watchfolder.mail.message import MailError
+from watchfolder.mail.transports import FolderTransport, SmtpTransport, create_transport
 
 PASSWORD = "s3cret-Pässword"
 
@@ -287,7 +287,7 @@ def test_partly_refused_recipients_count_as_sent(serve, recorder, transports, ca
     recorder.rcpt_replies["gone@example.org"] = "550 5.1.1 No such user"
     server = serve()
     transport = transports(port=server.port)
-    with caplog.at_level(logging.WARNING, logger="watchfolder.transports"):
+    with caplog.at_level(logging.WARNING, logger="watchfolder.mail.transports"):
         transport.send(make_raw(), "w@example.org", ("gone@example.org", "ok@example.org"))
     assert recorder.wait_for(1)[0].rcpt_tos == ["ok@example.org"]
     assert "gone@example.org" in caplog.text and "550" in caplog.text

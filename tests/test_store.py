@@ -1,236 +1,24 @@
-"""The job store: every transition, idempotency, leases, backoff, outbox atomicity, concurrency."""
+"""The SQLite store's own behaviour: its queue table, schema versions, synchronous modes, query plans.
+
+Everything every store must do is in ``tests/store_contract.py`` (run by
+``tests/test_store_contract.py``)."""
 
 from __future__ import annotations
 
-import dataclasses
 import sqlite3
-import threading
-from email.message import EmailMessage
 
 import pytest
 
-from watchfolder.errors import (
-    InvalidTransition,
-    JobNotFound,
-    LeaseLost,
-    PermanentImportError,
-    StoreError,
-    TransientImportError,
-)
-from watchfolder.job import JobState, Progress, RetryPolicy
-from watchfolder.mail import Mail
-from watchfolder.store import JobStore
+from watchfolder.errors import StoreError, TransientImportError
+from watchfolder.job import JobState, RetryPolicy
+from watchfolder.store import SQLiteStore
 
 T0 = 1_800_000_000.0
-
-
-def mail_for(job) -> list[Mail]:
-    msg = EmailMessage()
-    msg["From"] = "watchfolder@example.org"
-    msg["To"] = job.spec.email
-    msg["Subject"] = f"job {job.id} {job.state}"
-    msg.set_content("body")
-    return [Mail(f"job_{job.state}", (job.spec.email,), msg)]
-
-
-def states(job) -> list[str]:
-    return [str(h.state) for h in job.history]
-
-
-def test_enqueue_claim_succeed_records_history_and_result(store, make_spec):
-    job, created = store.enqueue(make_spec(), now=T0)
-    assert created and job.state == JobState.QUEUED and job.attempts == 0
-    assert job.progress.bytes_total == 1200 and job.progress.files_total == 2
-
-    running = store.claim("w1", now=T0 + 1)
-    assert running.id == job.id and running.state == JobState.RUNNING
-    assert running.attempts == 1 and running.worker == "w1"
-    assert running.lease_expires_at == T0 + 1 + store.lease_seconds
-    assert store.claim("w2", now=T0 + 1) is None
-
-    done = store.succeed(job.id, "w1", {"files": 2}, now=T0 + 5, mails=mail_for)
-    assert done.state == JobState.SUCCEEDED and done.result == {"files": 2}
-    full = store.get(job.id)
-    assert states(full) == ["queued", "running", "succeeded"]
-    assert [h.at for h in full.history] == [T0, T0 + 1, T0 + 5]
-    assert full.started_at == T0 + 1 and full.finished_at == T0 + 5
-    assert [m.subject for m in store.outbox_list()] == [f"job {job.id} succeeded"]
-
-
-def test_enqueue_is_idempotent(store, make_spec):
-    spec = make_spec()
-    first, created = store.enqueue(spec, now=T0)
-    again, created_again = store.enqueue(spec, now=T0 + 10)
-    assert created and not created_again and again.id == first.id
-    assert store.counts()["queued"] == 1
-    # Even after it finished, the same acquisition is not queued twice.
-    store.claim("w", now=T0)
-    store.succeed(first.id, "w", {}, now=T0 + 1)
-    third, created_third = store.enqueue(spec, now=T0 + 20)
-    assert not created_third and third.state == JobState.SUCCEEDED
-    # Another content is another job.
-    changed = dataclasses.replace(spec, files=spec.files[:1])
-    other, created_other = store.enqueue(changed, now=T0 + 30)
-    assert created_other and other.id != first.id
-    # An explicit key wins.
-    keyed = dataclasses.replace(spec, idempotency_key="client-key-1")
-    assert store.enqueue(keyed)[1] and not store.enqueue(dataclasses.replace(changed, idempotency_key="client-key-1"))[1]
-
-
-def test_concurrent_enqueue_of_one_acquisition_makes_one_job(tmp_path, make_spec):
-    path = tmp_path / "c.db"
-    JobStore(path).close()
-    spec = make_spec()
-    barrier = threading.Barrier(8)
-    results = []
-
-    def enqueue():
-        s = JobStore(path)
-        barrier.wait()
-        results.append(s.enqueue(spec))
-        s.close()
-
-    threads = [threading.Thread(target=enqueue) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sum(created for _, created in results) == 1
-    assert len({job.id for job, _ in results}) == 1
-
-
-def test_transient_failure_waits_with_backoff_then_fails_after_max_attempts(store, make_spec):
-    job, _ = store.enqueue(make_spec(), now=T0)
-    # policy in the fixture: 3 attempts, backoff 10 s then 60 s
-    store.claim("w", now=T0)
-    waiting = store.fail(job.id, "w", TransientImportError("server unreachable"), now=T0 + 1)
-    assert waiting.state == JobState.RETRY_WAIT and waiting.next_attempt_at == T0 + 11
-    assert waiting.error.kind == "transient" and waiting.error.message == "server unreachable"
-
-    assert store.maintain(now=T0 + 10.9)["due"] == 0
-    assert store.claim("w", now=T0 + 10.9) is None
-    assert store.maintain(now=T0 + 11)["due"] == 1
-    second = store.claim("w", now=T0 + 11)
-    assert second.attempts == 2
-    waiting = store.fail(job.id, "w", TransientImportError("timeout"), now=T0 + 12)
-    assert waiting.next_attempt_at == T0 + 12 + 60
-
-    store.maintain(now=T0 + 72)
-    third = store.claim("w", now=T0 + 72)
-    assert third.attempts == 3
-    final = store.fail(job.id, "w", TransientImportError("timeout again"), now=T0 + 73, mails=mail_for)
-    assert final.state == JobState.FAILED
-    # The kind keeps the cause (the server kept timing out); the state says it is over.
-    assert final.error.kind == "transient" and "gave up after 3 attempts: timeout again" in final.error.message
-    assert states(store.get(job.id)) == [
-        "queued", "running", "retry_wait", "queued", "running", "retry_wait", "queued", "running", "failed",
-    ]
-    assert [m.kind for m in store.outbox_list()] == ["job_failed"]
 
 
 def test_backoff_policy_repeats_its_last_interval():
     policy = RetryPolicy(max_attempts=6, backoff=(5, 30, 300))
     assert [policy.delay(n) for n in range(1, 7)] == [5, 30, 300, 300, 300, 300]
-
-
-def test_permanent_failure_fails_at_once(store, make_spec):
-    job, _ = store.enqueue(make_spec())
-    store.claim("w")
-    failed = store.fail(job.id, "w", PermanentImportError("unsupported file", config_error=True))
-    assert failed.state == JobState.FAILED and failed.attempts == 1
-    assert failed.error.to_dict() == {"kind": "permanent", "message": "unsupported file", "config_error": True}
-
-
-def test_cancel_queued_and_waiting_jobs_at_once(store, make_spec):
-    queued, _ = store.enqueue(make_spec())
-    cancelled = store.cancel(queued.id, by="admin", mails=mail_for)
-    assert cancelled.state == JobState.CANCELLED and "cancelled by admin" in cancelled.history[-1].message
-    assert store.claim("w") is None  # its queue message is gone
-
-    waiting, _ = store.enqueue(make_spec(), now=T0)
-    store.claim("w", now=T0)
-    store.fail(waiting.id, "w", TransientImportError("down"), now=T0)
-    assert store.cancel(waiting.id, now=T0 + 1).state == JobState.CANCELLED
-    store.maintain(now=T0 + 1000)
-    assert store.claim("w", now=T0 + 1000) is None
-
-
-def test_cancel_running_job_is_a_request_the_worker_honours(store, make_spec):
-    job, _ = store.enqueue(make_spec())
-    store.claim("w")
-    assert store.report_progress(job.id, "w", Progress("copying", 10, 100)) is False
-    assert store.cancel(job.id).state == JobState.RUNNING
-    assert store.report_progress(job.id, "w", Progress("copying", 20, 100)) is True
-    done = store.cancelled(job.id, "w")
-    assert done.state == JobState.CANCELLED
-
-
-def test_invalid_transitions_are_refused_with_the_state(store, make_spec):
-    job, _ = store.enqueue(make_spec())
-    with pytest.raises(InvalidTransition, match="is queued; only failed, cancelled or waiting"):
-        store.retry(job.id)
-    store.claim("w")
-    with pytest.raises(InvalidTransition, match="is running"):
-        store.retry(job.id)
-    store.succeed(job.id, "w", {})
-    with pytest.raises(InvalidTransition, match="already succeeded"):
-        store.cancel(job.id)
-    with pytest.raises(LeaseLost):
-        store.succeed(job.id, "w", {})
-    with pytest.raises(JobNotFound):
-        store.get(12345)
-    with pytest.raises(JobNotFound):
-        store.cancel(12345)
-
-
-def test_manual_retry_gives_a_fresh_attempt_budget(store, make_spec):
-    job, _ = store.enqueue(make_spec())
-    store.claim("w")
-    store.fail(job.id, "w", PermanentImportError("unknown user"))
-    again = store.retry(job.id, by="admin")
-    assert again.state == JobState.QUEUED and again.attempts == 0 and again.error is None
-    claimed = store.claim("w2")
-    assert claimed.id == job.id and claimed.attempts == 1
-    store.succeed(job.id, "w2", {})
-    cancelled, _ = store.enqueue(make_spec())
-    store.cancel(cancelled.id)
-    assert store.retry(cancelled.id).state == JobState.QUEUED
-
-
-def test_expired_lease_puts_the_job_back_and_the_old_worker_loses_it(store, make_spec):
-    job, _ = store.enqueue(make_spec(), now=T0)
-    store.claim("dead-worker", now=T0)
-    store.report_progress(job.id, "dead-worker", Progress("copying", 1, 2), now=T0 + 20)  # renews to T0+50
-    assert store.maintain(now=T0 + 49)["expired"] == 0
-    assert store.maintain(now=T0 + 51)["expired"] == 1
-    assert store.get(job.id).state == JobState.QUEUED
-    taken = store.claim("new-worker", now=T0 + 52)
-    assert taken.id == job.id and taken.attempts == 2
-    with pytest.raises(LeaseLost):
-        store.report_progress(job.id, "dead-worker", Progress(), now=T0 + 53)
-    with pytest.raises(LeaseLost):
-        store.succeed(job.id, "dead-worker", {}, now=T0 + 53)
-    store.succeed(job.id, "new-worker", {}, now=T0 + 54)
-    assert "expired" in store.get(job.id).history[2].message
-
-
-def test_lease_expiring_on_the_last_attempt_fails_the_job(store, make_spec):
-    job, _ = store.enqueue(make_spec(), now=T0)
-    now = T0
-    for _ in range(3):
-        assert store.claim("w", now=now).id == job.id
-        now += store.lease_seconds + 1
-        store.maintain(now=now)
-    final = store.get(job.id)
-    assert final.state == JobState.FAILED and "gave up after 3 attempts" in final.error.message
-
-
-def test_release_returns_the_job_without_counting_the_attempt(store, make_spec):
-    job, _ = store.enqueue(make_spec())
-    store.claim("w")
-    released = store.release(job.id, "w", reason="shutdown")
-    assert released.state == JobState.QUEUED and released.attempts == 0
-    assert store.claim("w2").id == job.id
 
 
 def test_a_job_has_a_ready_queue_message_exactly_while_queued(store, make_spec):
@@ -252,159 +40,20 @@ def test_a_job_has_a_ready_queue_message_exactly_while_queued(store, make_spec):
     assert ready_messages() == 0
 
 
-def test_mail_composer_failure_rolls_back_the_whole_transition(store, make_spec):
-    job, _ = store.enqueue(make_spec())
-    store.claim("w")
-
-    def broken(job):
-        raise RuntimeError("template bug")
-
-    with pytest.raises(RuntimeError):
-        store.succeed(job.id, "w", {"x": 1}, mails=broken)
-    after = store.get(job.id)
-    assert after.state == JobState.RUNNING and after.result is None
-    assert store.outbox_list() == []
-    store.succeed(job.id, "w", {"x": 1}, mails=mail_for)
-    assert len(store.outbox_list()) == 1
-
-
-def test_session_key_is_erased_when_the_job_ends_and_never_shown(store, make_spec):
-    job, _ = store.enqueue(make_spec(session_key="secret-session"))
-    assert store.get(job.id).spec.session_key == "secret-session"
-    assert "secret-session" not in str(store.get(job.id).to_dict())
-    store.claim("w")
-    store.succeed(job.id, "w", {})
-    assert store.get(job.id).spec.session_key is None
-    raw = sqlite3.connect(store.path).execute("SELECT session_key, spec FROM jobs").fetchone()
-    assert raw[0] is None and "secret-session" not in raw[1]
-
-
-def test_reject_records_bad_input_as_a_failed_job_once(store, make_spec):
-    spec = make_spec(source="watch:drop")
-    job, created = store.reject(spec, "sidecar: invalid JSON at line 3, column 5", mails=mail_for)
-    assert created and job.state == JobState.FAILED and job.attempts == 0
-    assert job.error.message.startswith("sidecar: invalid JSON")
-    assert not store.reject(spec, "again")[1]
-    assert "rejected" in store.read_log(job.id)
-    assert [j.id for j in store.followups("watch:drop")] == [job.id]
-    store.followup_done(job.id, "kept; error report written")
-    assert store.followups("watch:drop") == []
-
-
-def test_list_jobs_filters_and_pages(store, make_spec):
-    ids = []
-    for i in range(7):
-        job, _ = store.enqueue(
-            make_spec(owner="alice" if i % 2 else "bob", source="watch:drop" if i < 4 else "api:portal"),
-            now=T0 + i,
-        )
-        ids.append(job.id)
-    page, cursor = store.list_jobs(limit=3)
-    assert [j.id for j in page] == ids[::-1][:3] and cursor
-    page2, cursor2 = store.list_jobs(limit=3, cursor=cursor)
-    page3, cursor3 = store.list_jobs(limit=3, cursor=cursor2)
-    assert [j.id for j in page + page2 + page3] == ids[::-1] and cursor3 is None
-    assert {j.owner for j in store.list_jobs(owner="alice")[0]} == {"alice"}
-    assert len(store.list_jobs(source="watch:*")[0]) == 4
-    assert len(store.list_jobs(source="api:portal")[0]) == 3
-    assert [j.id for j in store.list_jobs(since=T0 + 5)[0]] == ids[:4:-1]
-    assert [j.id for j in store.list_jobs(until=T0 + 1)[0]] == [ids[0]]
-    store.claim("w")
-    assert [j.state for j in store.list_jobs(states=["running"])[0]] == [JobState.RUNNING]
-    with pytest.raises(StoreError, match="invalid cursor"):
-        store.list_jobs(cursor="abc")
-    with pytest.raises(ValueError):
-        store.list_jobs(states=["sleeping"])
-
-
-def test_counts_oldest_and_components(store, make_spec):
-    store.enqueue(make_spec(), now=T0)
-    store.enqueue(make_spec(), now=T0 + 5)
-    assert store.counts() == {
-        "queued": 2, "running": 0, "retry_wait": 0, "succeeded": 0, "failed": 0, "cancelled": 0,
-    }
-    assert store.oldest_queued_at() == T0
-    store.set_component("worker", "w1", {"state": "idle"}, now=T0)
-    store.set_component("worker", "w1", {"state": "busy"}, now=T0 + 1)
-    (component,) = store.components("worker")
-    assert component["status"] == {"state": "busy"} and component["updated_at"] == T0 + 1
-    store.remove_component("worker", "w1")
-    assert store.components() == []
-
-
-def test_two_workers_in_threads_never_claim_the_same_job(tmp_path, make_spec):
-    path = tmp_path / "race.db"
-    setup = JobStore(path)
-    specs = [make_spec(files={f"f{i}.tif": b"x"}) for i in range(150)]
-    for spec in specs:
-        setup.enqueue(spec)
-    claimed: dict[str, list[int]] = {"a": [], "b": []}
-    barrier = threading.Barrier(2)
-
-    def work(name):
-        s = JobStore(path)
-        barrier.wait()
-        while (job := s.claim(name)) is not None:
-            claimed[name].append(job.id)
-            s.succeed(job.id, name, {})
-        s.close()
-
-    threads = [threading.Thread(target=work, args=(n,)) for n in claimed]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    every = claimed["a"] + claimed["b"]
-    assert len(every) == 150 and len(set(every)) == 150
-    assert setup.counts()["succeeded"] == 150
-    setup.close()
-
-
-def test_outbox_claim_send_fail_and_resend(store, make_spec):
-    job, _ = store.enqueue(make_spec(), now=T0)
-    store.claim("w", now=T0)
-    store.succeed(job.id, "w", {}, now=T0, mails=mail_for)
-    (mail,) = store.outbox_claim(now=T0)
-    assert mail.state == "sending" and mail.attempts == 1 and mail.recipients == ("jdoe@example.org",)
-    assert store.outbox_claim(now=T0) == []
-    retry = store.outbox_failed(mail.id, "421 try later", permanent=False, now=T0)
-    assert retry.state == "pending" and retry.next_attempt_at > T0
-    assert store.outbox_claim(now=T0) == []
-    (again,) = store.outbox_claim(now=retry.next_attempt_at)
-    store.outbox_failed(again.id, "550 no such user", permanent=True, now=T0 + 100)
-    assert store.outbox_counts()["failed"] == 1
-    assert store.outbox_resend(again.id).state == "pending"
-    (third,) = store.outbox_claim(now=T0 + 200)
-    store.outbox_sent(third.id, now=T0 + 201)
-    assert store.outbox_counts() == {"pending": 0, "sending": 0, "sent": 1, "failed": 0}
-    assert store.outbox_claim(now=T0 + 10_000) == []
-
-
-def test_data_survives_reopening_the_file(tmp_path, make_spec):
-    path = tmp_path / "persist.db"
-    first = JobStore(path)
-    job, _ = first.enqueue(make_spec())
-    first.close()
-    second = JobStore(path)
-    assert second.get(job.id).state == JobState.QUEUED
-    assert second.claim("w").id == job.id
-    second.close()
-
-
 def test_newer_schema_is_refused(tmp_path):
     path = tmp_path / "new.db"
-    JobStore(path).close()
+    SQLiteStore(path).close()
     conn = sqlite3.connect(path)
     conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     conn.commit()
     conn.close()
     with pytest.raises(StoreError, match="newer watchfolder"):
-        JobStore(path)
+        SQLiteStore(path)
 
 
 def test_flush_and_followups_work_in_both_synchronous_modes(tmp_path, make_spec):
     for mode in ("normal", "full"):
-        store = JobStore(tmp_path / f"{mode}.db", synchronous=mode)
+        store = SQLiteStore(tmp_path / f"{mode}.db", synchronous=mode)
         job, _ = store.enqueue(make_spec(source="watch:drop"))
         store.claim("w")
         store.succeed(job.id, "w", {})
@@ -415,38 +64,6 @@ def test_flush_and_followups_work_in_both_synchronous_modes(tmp_path, make_spec)
         store.close()
 
 
-def test_dismiss_acknowledges_a_failure_and_retry_clears_it(store, make_spec):
-    job, _ = store.enqueue(make_spec())
-    with pytest.raises(InvalidTransition, match="only failed jobs"):
-        store.dismiss(job.id)
-    store.claim("w")
-    store.fail(job.id, "w", PermanentImportError("unknown user"))
-    dismissed = store.dismiss(job.id, by="admin", now=T0)
-    assert dismissed.dismissed_at == T0 and "dismissed by admin" in dismissed.history[-1].message
-    assert store.list_jobs(states=["failed"], dismissed=False)[0] == []
-    assert [j.id for j in store.list_jobs(dismissed=True)[0]] == [job.id]
-    assert store.retry(job.id).dismissed_at is None
-
-
-def test_enqueue_many_commits_a_batch_and_keeps_idempotency(store, make_spec):
-    a, b = make_spec(), make_spec()
-    results = store.enqueue_many([(a, "first"), (b, ""), (a, "again")])
-    assert [created for _, created in results] == [True, True, False]
-    assert results[2][0].id == results[0][0].id
-    assert store.get(results[0][0].id).history[0].message == "first"
-    assert store.counts()["queued"] == 2
-    assert {store.claim("w").id, store.claim("w").id} == {results[0][0].id, results[1][0].id}
-
-
-def test_enqueue_answers_the_job_as_stored_and_duplicates_use_no_ids(store, make_spec):
-    first, _ = store.enqueue(make_spec(), now=T0)
-    stored = store.get(first.id)
-    assert dataclasses.replace(stored, history=[]) == first
-    store.enqueue(first.spec, now=T0 + 1)  # a duplicate
-    second, _ = store.enqueue(make_spec(), now=T0 + 2)
-    assert second.id == first.id + 1
-
-
 def test_finding_the_next_job_is_an_index_seek_not_a_sort(store):
     # litequeue's own indexes would sort every ready message on each claim (O(n^2) for a backlog).
     plan = store._conn().execute(
@@ -454,3 +71,11 @@ def test_finding_the_next_job_is_an_index_seek_not_a_sort(store):
     ).fetchall()
     details = " ".join(row[3] for row in plan)
     assert "dispatch_ready" in details and "TEMP B-TREE" not in details
+
+
+def test_erased_session_key_is_gone_from_the_database_file(store, make_spec):
+    job, _ = store.enqueue(make_spec(session_key="secret-session"))
+    store.claim("w")
+    store.succeed(job.id, "w", {})
+    raw = sqlite3.connect(store.path).execute("SELECT session_key, spec FROM jobs").fetchone()
+    assert raw[0] is None and "secret-session" not in raw[1]

@@ -17,9 +17,9 @@ from helpers import TARGET, wait_until, write_manifest
 
 from watchfolder.errors import PermanentImportError
 from watchfolder.job import JobState
-from watchfolder.mounts import Mount
-from watchfolder.notify import Notifier
-from watchfolder.watcher import EventSource, Watcher, WatchLimitError, WatchService
+from watchfolder.mail.notify import Notifier
+from watchfolder.watch.mounts import Mount
+from watchfolder.watch.watcher import EventSource, Watcher, WatchLimitError, WatchService
 
 MODES = ["events", "polling"]
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "acquisitions"
@@ -557,7 +557,7 @@ class LimitedEventSource:
         self.root = root
 
     def start(self):
-        from watchfolder.watcher import _limit_message
+        from watchfolder.watch.watcher import _limit_message
 
         raise WatchLimitError(errno.ENOSPC, _limit_message(OSError(errno.ENOSPC, "limit"), self.root))
 

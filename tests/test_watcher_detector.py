@@ -9,10 +9,10 @@ import unicodedata
 
 import pytest
 
-from watchfolder.detector import LayoutRule, Patterns, estimate_change, snapshot_folder
 from watchfolder.job import JobState
-from watchfolder.mounts import is_network_fs, mount_of, parse_mountinfo
-from watchfolder.watcher import Watcher, WatchService
+from watchfolder.watch.detector import LayoutRule, Patterns, estimate_change, snapshot_folder
+from watchfolder.watch.mounts import is_network_fs, mount_of, parse_mountinfo
+from watchfolder.watch.watcher import Watcher, WatchService
 
 T0 = 1_000_000.0  # an arbitrary clock far from the files' real mtimes
 

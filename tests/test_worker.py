@@ -134,9 +134,9 @@ def test_burst_mode_drains_the_queue_and_returns(store, make_spec, tmp_path):
 
 
 def test_heartbeat_keeps_the_lease_of_a_long_job(tmp_path, make_spec):
-    from watchfolder.store import JobStore
+    from watchfolder.store import SQLiteStore
 
-    short = JobStore(tmp_path / "lease.db", lease_seconds=0.3)
+    short = SQLiteStore(tmp_path / "lease.db", lease_seconds=0.3)
     importer = ScriptedImporter()
     worker = Worker(short, importer, name="w", heartbeat_seconds=0.05, maintain_interval=0.05)
     job, _ = short.enqueue(make_spec())

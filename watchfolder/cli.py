@@ -272,7 +272,7 @@ def _target_from_args(args) -> Target | None:
 
 
 def cmd_submit(args) -> int:
-    from .acquisition import from_path
+    from .watch.acquisition import from_path
 
     config = load_config(args)
     annotations = {}
@@ -479,7 +479,7 @@ def cmd_mail_resend(args) -> int:
 
 
 def cmd_token_new(args) -> int:
-    from .auth import new_token
+    from .web.auth import new_token
 
     token, snippet = new_token(args.name, args.role, args.owner, args.root)
     print(f"token (shown once; give it to the client): {token}")

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 from .config import Config, TokenConfig
 from .importers import create_importer
-from .outbox import OutboxSender
+from .mail.outbox import OutboxSender
 from .store import JobStore
+from .store import open_store as _open_store
 from .worker import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -35,14 +36,14 @@ def make_notifier(config: Config):
     """The mail composer, or None when mail is off (``notify.transport: none``)."""
     if config.notify.transport == "none":
         return None
-    from .notify import Notifier
+    from .mail.notify import Notifier
 
     return Notifier(config)
 
 
 def open_store(config: Config, notifier=None) -> JobStore:
     """The job store, composing mails with ``notifier`` when given."""
-    return JobStore.from_config(config, composer=notifier.compose if notifier else None)
+    return _open_store(config, composer=notifier.compose if notifier else None)
 
 
 class Service:
@@ -79,14 +80,14 @@ class Service:
         # The server first: a port in use is the likeliest start-up failure, and
         # nothing else should have started when it happens.
         if self.parts.server:
-            from .api import create_app
-            from .server import Server
+            from .web.app import create_app
+            from .web.server import Server
 
             served = self._with_run_token(config)
             self.server = Server(served, create_app(served, self.store, self.importer))
             self.server.start()
         if self.parts.mail and config.notify.transport != "none":
-            from .transports import create_transport
+            from .mail.transports import create_transport
 
             transport = create_transport(config)
             if transport is not None:
@@ -95,7 +96,7 @@ class Service:
                 thread.start()
                 self._threads.append(thread)
         if self.parts.watch and config.watch:
-            from .watcher import WatchService
+            from .watch.watcher import WatchService
 
             self.watch = WatchService(config, self.store, notifier=self.notifier)
             self.watch.start()
@@ -122,7 +123,7 @@ class Service:
                 log.warning("server.tokens is empty: the API accepts no requests; "
                             "create a token with `watchfolder token new --name NAME --role admin`")
             return config
-        from .auth import hash_token, new_token
+        from .web.auth import hash_token, new_token
 
         token, _ = new_token("this-run-admin", "admin")
         self.run_token = token

@@ -1,7 +1,7 @@
 """The omero importer, through the real omero-py client in the child, against the server double.
 
 Jobs go through the real store and a real worker, so these are end-to-end:
-acquisition folder -> JobStore -> Worker -> OmeroImporter -> child -> Ice -> double.
+acquisition folder -> SQLiteStore -> Worker -> OmeroImporter -> child -> Ice -> double.
 """
 
 from __future__ import annotations

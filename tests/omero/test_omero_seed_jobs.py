@@ -19,11 +19,11 @@ from api_support import Client, make_config
 from conftest import run_job
 from helpers import wait_until
 
-from watchfolder.api import create_app
 from watchfolder.importers import create_importer
 from watchfolder.job import JobState, Target
-from watchfolder.server import Server
-from watchfolder.store import JobStore
+from watchfolder.store import SQLiteStore
+from watchfolder.web.app import create_app
+from watchfolder.web.server import Server
 from watchfolder.worker import Worker
 
 pytestmark = pytest.mark.omero
@@ -37,7 +37,7 @@ STAIN = "org.example.lab/stain"
 
 @pytest.fixture
 def seed_spec(make_spec, double):
-    """A spec shaped as watchfolder.seed builds it: jdoe's own session in 'lab', no target by default."""
+    """A spec shaped as watchfolder.web.seed builds it: jdoe's own session in 'lab', no target by default."""
 
     def make(files=None, *, key=None, text_annotations=(), annotation_ids=(), **fields):
         values = dict(
@@ -208,7 +208,7 @@ def seed_service(tmp_path, double, omero_python):
     omero = dataclasses.replace(config.importer.omero, host="127.0.0.1", port=double.port, python=omero_python,
                                 connect_timeout=5, idle_timeout=60)
     config = dataclasses.replace(config, importer=dataclasses.replace(config.importer, omero=omero))
-    store = JobStore.from_config(config)
+    store = SQLiteStore.from_config(config)
     server = Server(config, create_app(config, store))
     server.start()
     importer = create_importer(config)

@@ -27,7 +27,8 @@ from typing import Any
 from .. import defaults as D
 from ..errors import PermanentImportError, TransientImportError
 from ..job import Job
-from .base import ImportContext, Importer, register
+from . import register
+from .base import ImportContext, Importer
 
 
 def _component(value: str | None, fallback: str) -> str:

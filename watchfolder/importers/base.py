@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
 from typing import Any
 
-from ..errors import ConfigError
 from ..job import Job
 
 
@@ -60,37 +58,3 @@ class Importer(abc.ABC):
 
     def close(self) -> None:
         """Release resources at shutdown."""
-
-
-_REGISTRY: dict[str, Callable[..., Importer]] = {}
-
-
-def register(name: str):
-    """Class decorator: make an importer available under ``importer.kind: name``."""
-
-    def deco(cls):
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def create_importer(config) -> Importer:
-    """Build the importer named by ``config.importer.kind``."""
-    # Importing the modules registers them; done here so that importing the
-    # package does not pull in every backend.
-    from . import archive, noop  # noqa: F401
-
-    try:
-        from . import omero  # noqa: F401
-    except ImportError:  # pragma: no cover - the omero backend module is optional
-        pass
-    kind = config.importer.kind
-    try:
-        factory = _REGISTRY[kind]
-    except KeyError:
-        raise ConfigError(
-            f"importer.kind: unknown importer {kind!r}; use one of {', '.join(sorted(_REGISTRY))}"
-        ) from None
-    return factory(config)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..job import Job
-from .base import ImportContext, Importer, register
+from . import register
+from .base import ImportContext, Importer
 
 
 @register("noop")

@@ -26,7 +26,8 @@ from typing import Any
 
 from ..errors import JobInterrupt, PermanentImportError, TransientImportError
 from ..job import Job
-from .base import ImportContext, Importer, register
+from . import register
+from .base import ImportContext, Importer
 
 CHILD = Path(__file__).resolve().parent.parent / "omero_child" / "child.py"
 PROTOCOL = 1

@@ -1,4 +1,4 @@
-"""The REST API: a Bottle application over the package (see ``api/openapi.yaml``).
+"""The REST API under ``/api/v1``: jobs, status, whoami and health (see ``api/openapi.yaml``).
 
 A thin shell: each handler checks the token, calls one package function and
 turns package exceptions into ``{"error": ..., "detail": ...}`` with the right
@@ -18,30 +18,26 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import difflib
-import importlib.resources
-import json
 import logging
 import os
 import queue
 import threading
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import bottle
 
-from . import defaults as D
-from .acquisition import from_path, line_column
-from .auth import AuthError, Principal, TokenVerifier, resolve_roots, resolve_under_roots
-from .errors import AcquisitionError, InvalidTransition, JobNotFound, StoreError
-from .job import Job, JobState, Target
-from .metrics import exposition, make_registry
-from .status import collect_status, health
+from .. import defaults as D
+from ..errors import AcquisitionError, JobNotFound
+from ..job import Job, JobState, Target
+from ..status import collect_status, health
+from ..watch.acquisition import from_path
+from .auth import Principal, TokenVerifier, resolve_roots, resolve_under_roots
+from .http import API, ApiError, BodyError, api_errors, invalid, json_response, problem, read_json_body
+from .metrics import make_registry
 
 log = logging.getLogger(__name__)
 
-API = "/api/v1"
-JSON_TYPE = "application/json"
 MAX_PAGE = 500
 
 JOB_REQUEST_FIELDS = (
@@ -49,74 +45,6 @@ JOB_REQUEST_FIELDS = (
     "idempotency_key", "session_key",
 )
 _TEXT_FIELDS = ("owner", "group", "email", "name", "description", "session_key", "idempotency_key")
-
-
-class ApiError(Exception):
-    """An error answer: status, a human message with the fix, and structured detail."""
-
-    def __init__(self, status: int, error: str, detail: Any = None, headers: dict[str, str] | None = None):
-        super().__init__(error)
-        self.status = status
-        self.error = error
-        self.detail = detail
-        self.headers = headers or {}
-
-
-def invalid(problems: list[dict[str, str]]) -> ApiError:
-    """422 naming every bad field."""
-    fields = ", ".join(p["field"] for p in problems)
-    return ApiError(422, f"invalid or unknown field(s): {fields}", problems)
-
-
-def problem(field: str, message: str) -> dict[str, str]:
-    return {"field": field, "message": message}
-
-
-# ---------------------------------------------------------------------------
-# Request bodies
-
-
-class BodyError(Exception):
-    """The body is too large (413) or not JSON (400); ``detail`` holds line and column."""
-
-    def __init__(self, status: int, message: str, detail: Any = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.detail = detail
-
-
-def read_json_body(environ: dict, limit: int) -> Any:
-    """Read and parse the request body, refusing more than ``limit`` bytes."""
-    try:
-        length = int(environ.get("CONTENT_LENGTH") or -1)
-    except ValueError:
-        length = -1
-    if length > limit:
-        raise BodyError(413, f"the body has {length} bytes; the limit is {limit} (server.max_body_bytes)")
-    stream = environ["wsgi.input"]
-    raw = stream.read(length) if length >= 0 else stream.read(limit + 1)
-    if len(raw) > limit:
-        raise BodyError(413, f"the body is larger than the limit of {limit} bytes (server.max_body_bytes)")
-    if not raw.strip():
-        raise BodyError(400, "the body is empty; send a JSON document", {"line": 1, "column": 1, "message": "empty"})
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line, column = line_column(raw, exc.start)
-        raise BodyError(
-            400,
-            f"the body is not UTF-8 (bad byte at line {line}, column {column}); send UTF-8 JSON",
-            {"line": line, "column": column, "message": "not UTF-8"},
-        ) from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BodyError(
-            400,
-            f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
-            {"line": exc.lineno, "column": exc.colno, "message": exc.msg},
-        ) from None
 
 
 def _unknown_field(key: str, known: tuple[str, ...]) -> dict[str, str]:
@@ -413,75 +341,9 @@ class Api:
         return out, cursor
 
 
-def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> bottle.HTTPResponse:
-    body = json.dumps(data, separators=(",", ":"))
-    response = bottle.HTTPResponse(body, status=status, headers=headers)
-    response.content_type = JSON_TYPE
-    return response
-
-
-def error_response(status: int, error: str, detail: Any = None, headers: dict[str, str] | None = None):
-    return _json({"error": error, "detail": detail}, status, headers)
-
-
-def api_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn package exceptions into JSON errors (the mapping from errors to status codes)."""
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return handler(*args, **kwargs)
-        except ApiError as exc:
-            return error_response(exc.status, exc.error, exc.detail, exc.headers)
-        except AuthError as exc:
-            headers = {"WWW-Authenticate": 'Bearer realm="watchfolder"'} if exc.status == 401 else None
-            return error_response(exc.status, str(exc), None, headers)
-        except JobNotFound as exc:
-            return error_response(404, str(exc))
-        except InvalidTransition as exc:
-            return error_response(409, str(exc))
-        except StoreError as exc:
-            return error_response(422, str(exc))
-
-    wrapper.__name__ = handler.__name__
-    wrapper.__doc__ = handler.__doc__
-    return wrapper
-
-
-def _package_file(name: str) -> bytes:
-    return importlib.resources.files("watchfolder").joinpath(name).read_bytes()
-
-
-STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
-
-
-def create_app(config, store, importer=None) -> bottle.Bottle:
-    """The WSGI application: REST API, metrics, dashboard and the seed-compatible routes."""
-    from . import seed
-
-    api = Api(config, store, importer)
-    app = bottle.Bottle(catchall=True)
-    app.config["json.enable"] = False
-    app.config["watchfolder.api"] = api
-    openapi_bytes = _package_file("openapi.yaml")
-    static_dir = importlib.resources.files("watchfolder").joinpath("static")
-    static_files = {p.name: p.read_bytes() for p in static_dir.iterdir() if p.is_file()}
-
-    def default_error(err: bottle.HTTPError) -> str:
-        bottle.response.content_type = JSON_TYPE
-        if err.status_code >= 500:
-            log.error("unhandled error on %s %s: %s", bottle.request.method, bottle.request.path, err.exception)
-            if err.traceback:
-                log.error("%s", err.traceback)
-            return json.dumps({"error": "internal server error; see the server log", "detail": None})
-        if err.status_code == 404:
-            message = f"no such endpoint: {bottle.request.method} {bottle.request.path}; see {API}/openapi.yaml"
-        elif err.status_code == 405:
-            message = f"method {bottle.request.method} not allowed on {bottle.request.path}; allowed: {err.headers.get('Allow', '')}"
-        else:
-            message = str(err.body)
-        return json.dumps({"error": message, "detail": None})
-
-    app.default_error_handler = default_error
+def install(app: bottle.Bottle, api: Api) -> None:
+    """Mount the ``/api/v1`` routes (jobs, status, whoami, health) on ``app``."""
+    config, store, importer = api.config, api.store, api.importer
 
     @app.post(f"{API}/jobs")
     @api_errors
@@ -489,19 +351,19 @@ def create_app(config, store, importer=None) -> bottle.Bottle:
         principal = api.principal()
         principal.require("submit", "submit jobs")
         job, created = api.submit(principal, api.body())
-        return _json(job.to_dict(), 202 if created else 200, {"Location": api.job_url(job.id)})
+        return json_response(job.to_dict(), 202 if created else 200, {"Location": api.job_url(job.id)})
 
     @app.get(f"{API}/jobs")
     @api_errors
     def list_jobs():
         principal = api.principal()
-        return _json(api.list_jobs(principal, bottle.request.query))
+        return json_response(api.list_jobs(principal, bottle.request.query))
 
     @app.get(f"{API}/jobs/<job_id:int>")
     @api_errors
     def get_job(job_id: int):
         principal = api.principal()
-        return _json(api.visible_job(principal, job_id).to_dict())
+        return json_response(api.visible_job(principal, job_id).to_dict())
 
     @app.get(f"{API}/jobs/<job_id:int>/log")
     @api_errors
@@ -518,7 +380,7 @@ def create_app(config, store, importer=None) -> bottle.Bottle:
         principal = api.principal()
         principal.require("manage", "retry jobs")
         api.visible_job(principal, job_id)
-        return _json(store.retry(job_id, by=principal.source).to_dict())
+        return json_response(store.retry(job_id, by=principal.source).to_dict())
 
     @app.post(f"{API}/jobs/<job_id:int>/cancel")
     @api_errors
@@ -526,66 +388,27 @@ def create_app(config, store, importer=None) -> bottle.Bottle:
         principal = api.principal()
         principal.require("manage", "cancel jobs")
         api.visible_job(principal, job_id)
-        return _json(store.cancel(job_id, by=principal.source).to_dict())
+        return json_response(store.cancel(job_id, by=principal.source).to_dict())
 
     @app.get(f"{API}/status")
     @api_errors
     def get_status():
         principal = api.principal()
         principal.require("status", "read the status view")
-        return _json(collect_status(config, store, importer))
+        return json_response(collect_status(config, store, importer))
 
     @app.get(f"{API}/whoami")
     @api_errors
     def whoami():
         p = api.principal()
         permissions = sorted(x for x in ("submit", "read", "read_own", "status", "manage") if p.can(x))
-        return _json({"name": p.name, "role": p.role, "owners": list(p.owners), "roots": list(p.roots),
+        return json_response({"name": p.name, "role": p.role, "owners": list(p.owners), "roots": list(p.roots),
                       "permissions": permissions})
 
     @app.get(f"{API}/health")
     def get_health():
         ok, data = health(config, store)
-        return _json(data, 200 if ok else 503)
-
-    @app.get(f"{API}/openapi.yaml")
-    def get_openapi():
-        response = bottle.HTTPResponse(openapi_bytes)
-        response.content_type = "application/yaml"
-        return response
-
-    @app.get("/metrics")
-    def get_metrics():
-        response = bottle.HTTPResponse(exposition(api.registry))
-        response.content_type = "text/plain; version=0.0.4; charset=utf-8"
-        return response
-
-    def static(name: str) -> bottle.HTTPResponse:
-        if name not in static_files:
-            return error_response(404, f"no static file {name!r}")
-        response = bottle.HTTPResponse(static_files[name])
-        response.content_type = STATIC_TYPES.get(os.path.splitext(name)[1], "application/octet-stream")
-        # The page holds no data; the API calls it makes carry the token.
-        response.set_header("Cache-Control", "no-cache")
-        response.set_header("X-Content-Type-Options", "nosniff")
-        response.set_header("X-Frame-Options", "DENY")
-        return response
-
-    @app.get("/")
-    def dashboard():
-        response = static("index.html")
-        response.set_header(
-            "Content-Security-Policy",
-            "default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; frame-ancestors 'none'",
-        )
-        return response
-
-    @app.get("/static/<name>")
-    def static_file(name: str):
-        return static(name)
-
-    seed.install(app, api)
-    return app
+        return json_response(data, 200 if ok else 503)
 
 
-__all__ = ["create_app", "Api", "ApiError", "read_json_body", "parse_job_request"]
+__all__ = ["Api", "install", "parse_job_request"]

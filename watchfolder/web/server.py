@@ -14,7 +14,7 @@ import threading
 from waitress import wasyncore
 from waitress.server import create_server
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import WatchAction, WatchConfig
+from ..config import WatchAction, WatchConfig
+from ..job import Job, JobState
 from .detector import ERROR_SUFFIX, RECEIPT_SUFFIX, acquisition_key
-from .job import Job, JobState
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import defaults as D
-from .errors import AcquisitionError
-from .job import FileEntry, JobSpec, Target
+from .. import defaults as D
+from ..errors import AcquisitionError
+from ..job import FileEntry, JobSpec, Target
 
 CONTRACT_KEYS = (
     "owner", "group", "email", "target", "name", "description", "annotations", "files", "filesets",

@@ -1,6 +1,7 @@
-"""The job store: jobs, their history, the dispatch queue and the mail outbox in one SQLite file.
+"""The SQLite job store (the embedded default): jobs, their history, the dispatch queue and the mail outbox in one SQLite file.
 
-This is the only module that speaks SQL. Dispatch goes through litequeue: a
+It implements :class:`watchfolder.store.base.JobStore`; it and the other store
+implementations are the only modules that speak SQL. Dispatch goes through litequeue: a
 job has a ready queue message (``jobs.message_id``) exactly while it is
 queued; the job row says everything else (attempts, lease, progress, result).
 Every transition commits the job row, its queue message and its outbox mails
@@ -25,15 +26,15 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from litequeue import LiteQueue
 
-from . import defaults as D
-from .errors import ImportFailure, InvalidTransition, JobNotFound, LeaseLost, StoreError
-from .job import (
+from .. import defaults as D
+from ..errors import ImportFailure, InvalidTransition, JobNotFound, LeaseLost, StoreError
+from ..job import (
     FINISHED_STATES,
     ErrorKind,
     HistoryEntry,
@@ -44,9 +45,7 @@ from .job import (
     Progress,
     RetryPolicy,
 )
-from .mail import Mail, OutboxMail
-
-MailComposer = Callable[[Job], "list[Mail]"]
+from .base import JobStore, Mail, MailComposer, OutboxMail
 
 SCHEMA_VERSION = 1
 QUEUE_TABLE = "dispatch"
@@ -132,7 +131,7 @@ def _now(now: float | None) -> float:
     return time.time() if now is None else now
 
 
-class JobStore:
+class SQLiteStore(JobStore):
     """Durable jobs in SQLite. Safe to share between threads and processes on one host.
 
     ``composer`` builds the mails of a job that just finished (called inside
@@ -174,7 +173,7 @@ class JobStore:
         self._conn()  # create the schema now, so errors show at start
 
     @classmethod
-    def from_config(cls, config, composer: MailComposer | None = None) -> JobStore:
+    def from_config(cls, config, composer: MailComposer | None = None) -> SQLiteStore:
         return cls(
             config.store.path,
             synchronous=config.store.synchronous,

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import yaml
 
-from .acquisition import is_within
-from .errors import WatchfolderError
+from ..errors import WatchfolderError
+from ..watch.acquisition import is_within
 
 ROLES = ("submit", "read", "admin")
 

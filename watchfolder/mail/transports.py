@@ -34,7 +34,7 @@ from email.utils import parseaddr, parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
-from .mail import MailError, Transport
+from .message import MailError, Transport
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from prometheus_client.core import (
     SummaryMetricFamily,
 )
 
-from .status import watcher_view, worker_view
+from ..status import watcher_view, worker_view
 
 log = logging.getLogger(__name__)
 

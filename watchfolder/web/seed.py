@@ -31,11 +31,12 @@ from typing import Any
 
 import bottle
 
-from . import defaults as D
-from .acquisition import from_path
+from .. import defaults as D
+from ..errors import AcquisitionError, JobNotFound
+from ..job import Job, JobSpec, JobState, Target
+from ..watch.acquisition import from_path
 from .auth import AuthError, Forbidden, resolve_under_roots
-from .errors import AcquisitionError, JobNotFound
-from .job import Job, JobSpec, JobState, Target
+from .http import BodyError, error_response, read_json_body
 
 IMPORT_PATH = "/ome/import"
 FAILED_PATH = "/ome/failed/import"
@@ -224,8 +225,6 @@ def find_import(store, ident: str, *, numeric: bool) -> Job | None:
 
 def install(app: bottle.Bottle, api) -> None:
     """Mount the seed routes on the API's app."""
-    from .api import BodyError, error_response, read_json_body
-
     config, store = api.config, api.store
 
     def admin() -> Any:

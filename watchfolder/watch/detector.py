@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import WatchConfig
+from ..errors import AcquisitionError
+from ..job import FileEntry, JobSpec, Target
 from . import acquisition as acq
-from .config import WatchConfig
-from .errors import AcquisitionError
-from .job import FileEntry, JobSpec, Target
 
 # Files the watcher itself writes beside acquisitions; never part of one.
 RECEIPT_SUFFIX = ".watchfolder-receipt.json"

@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from .mail import MailError, Transport
-from .store import JobStore
+from ..store import JobStore
+from .message import MailError, Transport
 
 log = logging.getLogger(__name__)
 

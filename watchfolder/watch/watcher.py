@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .config import Config, WatchConfig
+from ..config import Config, WatchConfig
 from .detector import Detector, Outcome
 from .followup import PostActions
 from .mounts import mount_of

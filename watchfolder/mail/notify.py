@@ -49,9 +49,9 @@ from email.utils import formataddr, formatdate
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .job import Job, JobState
-from .mail import Mail
+from ..errors import ConfigError
+from ..job import Job, JobState
+from .message import Mail
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Mail: composing notifications, the outbox sender and the SMTP / folder transports."""

@@ -1,0 +1,30 @@
+"""Mail as it moves through the outbox: composed messages and the transports that deliver them."""
+
+from __future__ import annotations
+
+import abc
+
+from ..errors import WatchfolderError
+from ..store.base import Mail, OutboxMail
+
+__all__ = ["Mail", "MailError", "OutboxMail", "Transport"]
+
+
+class MailError(WatchfolderError):
+    """Delivery failed. ``permanent`` means retrying the same mail cannot help (SMTP 5xx)."""
+
+    def __init__(self, message: str, *, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class Transport(abc.ABC):
+    """Delivers one raw RFC 5322 message. Raises :class:`MailError` on failure."""
+
+    name = ""
+
+    @abc.abstractmethod
+    def send(self, raw: bytes, sender: str, recipients: tuple[str, ...]) -> None: ...
+
+    def close(self) -> None:
+        """Release connections."""

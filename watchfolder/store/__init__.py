@@ -1,0 +1,22 @@
+"""The job store: durable jobs, their history, the dispatch queue and the mail outbox.
+
+:class:`JobStore` (``base.py``) is the storage contract; :class:`SQLiteStore`
+(``sqlite.py``) implements it on one SQLite file, the embedded default.
+``open_store(config)`` builds the store the config names.
+"""
+
+from __future__ import annotations
+
+from .base import JobStore, Mail, MailComposer, OutboxMail
+from .sqlite import SQLiteStore
+
+__all__ = ["JobStore", "Mail", "MailComposer", "OutboxMail", "SQLiteStore", "open_store"]
+
+
+def open_store(config, composer: MailComposer | None = None) -> JobStore:
+    """The job store for ``config`` (a :class:`watchfolder.config.Config`).
+
+    ``composer`` builds the mails of a job that just finished. Raises
+    :class:`~watchfolder.errors.StoreError` when the store cannot be opened.
+    """
+    return SQLiteStore.from_config(config, composer=composer)

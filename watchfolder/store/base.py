@@ -1,0 +1,318 @@
+"""The storage contract: what every job store implements, in plain data.
+
+Everything above the store (workers, watchers, the REST API, the CLI, the mail
+sender) speaks to it only through this interface, and only with the plain
+records of :mod:`watchfolder.job` (``JobSpec`` in, ``Job`` out) and the mail
+records below. ``tests/store_contract.py`` holds the contract tests, written
+against this class alone and run against every implementation (huey's
+``BaseStorage`` is the model).
+
+Times are epoch seconds (``now`` arguments let tests and callers pass the
+clock); errors are :class:`~watchfolder.errors.JobNotFound`,
+:class:`~watchfolder.errors.InvalidTransition`,
+:class:`~watchfolder.errors.LeaseLost` and
+:class:`~watchfolder.errors.StoreError`.
+"""
+
+from __future__ import annotations
+
+import abc
+import email.policy
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+from ..errors import ImportFailure
+from ..job import Job, JobSpec, Progress
+
+
+@dataclass(frozen=True)
+class Mail:
+    """A composed mail, ready for the outbox.
+
+    ``kind`` is e.g. ``job_succeeded``, ``job_failed``, ``admin_failure``,
+    ``watcher_unhealthy``; ``recipients`` are the envelope recipients.
+    """
+
+    kind: str
+    recipients: tuple[str, ...]
+    message: EmailMessage
+
+    @property
+    def sender(self) -> str:
+        return str(self.message.get("From") or "")
+
+    @property
+    def subject(self) -> str:
+        return str(self.message.get("Subject") or "")
+
+    def as_bytes(self) -> bytes:
+        # SMTPUTF8 keeps a non-ASCII address readable in the headers; plain SMTP would mangle it.
+        ascii_only = all(r.isascii() for r in self.recipients)
+        return self.message.as_bytes(policy=email.policy.SMTP if ascii_only else email.policy.SMTPUTF8)
+
+
+@dataclass(frozen=True)
+class OutboxMail:
+    """A mail as stored in the outbox."""
+
+    id: int
+    job_id: int | None
+    kind: str
+    sender: str
+    recipients: tuple[str, ...]
+    subject: str
+    raw: bytes
+    state: str  # pending | sending | sent | failed
+    attempts: int
+    next_attempt_at: float | None
+    last_error: str | None
+    created_at: float
+    sent_at: float | None
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "job_id": self.job_id,
+            "kind": self.kind,
+            "recipients": list(self.recipients),
+            "subject": self.subject,
+            "state": self.state,
+            "attempts": self.attempts,
+            "next_attempt_at": self.next_attempt_at,
+            "last_error": self.last_error,
+            "created_at": self.created_at,
+            "sent_at": self.sent_at,
+        }
+
+
+#: Builds the mails of a job that just finished; called inside the finishing transaction.
+MailComposer = Callable[[Job], "list[Mail]"]
+
+
+class JobStore(abc.ABC):
+    """Durable jobs, their history, the dispatch queue and the mail outbox.
+
+    Safe to share between the threads of a process; several processes may
+    open the same store. Every state transition commits the job, its history
+    entry, its dispatch message and its mails atomically.
+    """
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close every connection this store opened (call once no thread uses it)."""
+
+    @abc.abstractmethod
+    def get(self, job_id: int) -> Job:
+        """The job with its history; raises :class:`JobNotFound`."""
+
+    @abc.abstractmethod
+    def find(self, idempotency_key: str) -> Job | None:
+        """The job holding ``idempotency_key`` (without history), or None."""
+
+    @abc.abstractmethod
+    def list_jobs(
+        self,
+        *,
+        states: Iterable[str] | None = None,
+        owner: str | None = None,
+        source: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+        dismissed: bool | None = None,
+    ) -> tuple[list[Job], str | None]:
+        """Jobs newest first, filtered; returns the page and the cursor of the next page (or None).
+
+        ``source`` matches exactly, or as a prefix when it ends with ``*``;
+        ``since``/``until`` bound the creation time; ``dismissed`` filters on
+        whether an admin acknowledged a failure.
+        """
+
+    @abc.abstractmethod
+    def counts(self) -> dict[str, int]:
+        """Number of jobs in each state (every state present)."""
+
+    @abc.abstractmethod
+    def oldest_queued_at(self) -> float | None:
+        """Creation time (epoch seconds) of the oldest queued job, or None when none is queued."""
+
+    @abc.abstractmethod
+    def totals(self) -> dict[str, float]:
+        """Aggregates for metrics: bytes imported and summed durations of succeeded jobs."""
+
+    @abc.abstractmethod
+    def log_path(self, job_id: int) -> Path:
+        """Where job ``job_id``'s log lives (a file; it may not exist yet)."""
+
+    @abc.abstractmethod
+    def log(self, job_id: int, message: str, *, now: float | None = None) -> None:
+        """Append a line to the job's log file."""
+
+    @abc.abstractmethod
+    def read_log(self, job_id: int) -> str:
+        """The job's whole log as text (empty when nothing was logged); raises :class:`JobNotFound`."""
+
+    @abc.abstractmethod
+    def enqueue(self, spec: JobSpec, *, now: float | None = None, note: str = "") -> tuple[Job, bool]:
+        """Queue a job; the same idempotency key returns the existing job and ``False``."""
+
+    @abc.abstractmethod
+    def enqueue_many(
+        self, items: Iterable[tuple[JobSpec, str]], *, now: float | None = None
+    ) -> list[tuple[Job, bool]]:
+        """Queue several ``(spec, note)`` in one transaction (one commit for all: group commit).
+
+        Each answer is ``(job, created)`` as from :meth:`enqueue`; a key repeated
+        within the batch returns the first one's job with ``False``.
+        """
+
+    @abc.abstractmethod
+    def reject(
+        self, spec: JobSpec, reason: str, *, now: float | None = None, mails: MailComposer | None = None
+    ) -> tuple[Job, bool]:
+        """Record bad input (invalid sidecar, unknown owner…) as a job that failed permanently.
+
+        Idempotent by key like :meth:`enqueue`, so a rescan does not report it twice.
+        """
+
+    @abc.abstractmethod
+    def cancel(self, job_id: int, *, by: str = "", now: float | None = None, mails: MailComposer | None = None) -> Job:
+        """Cancel a job. Queued or waiting: at once. Running: asks its worker to stop."""
+
+    @abc.abstractmethod
+    def retry(self, job_id: int, *, by: str = "", now: float | None = None) -> Job:
+        """Queue a failed or cancelled job again, with a fresh attempt budget.
+
+        A job waiting for its next attempt is queued at once.
+        """
+
+    @abc.abstractmethod
+    def dismiss(self, job_id: int, *, by: str = "", now: float | None = None) -> Job:
+        """Acknowledge a failed job: it leaves the failed-imports list, its record stays."""
+
+    @abc.abstractmethod
+    def claim(self, worker: str, *, now: float | None = None) -> Job | None:
+        """Take the oldest queued job and hold its lease, or return None when nothing is queued."""
+
+    @abc.abstractmethod
+    def report_progress(
+        self, job_id: int, worker: str, progress: Progress | None = None, *, now: float | None = None
+    ) -> bool:
+        """Record progress and renew the lease; returns whether a cancel was requested.
+
+        Raises :class:`LeaseLost` when the job is no longer this worker's.
+        """
+
+    @abc.abstractmethod
+    def succeed(
+        self,
+        job_id: int,
+        worker: str,
+        result: dict[str, Any],
+        *,
+        now: float | None = None,
+        mails: MailComposer | None = None,
+        progress: Progress | None = None,
+    ) -> Job:
+        """Mark a running job succeeded with its result; its mails go to the outbox in the same transaction."""
+
+    @abc.abstractmethod
+    def fail(
+        self,
+        job_id: int,
+        worker: str,
+        failure: ImportFailure,
+        *,
+        now: float | None = None,
+        mails: MailComposer | None = None,
+    ) -> Job:
+        """Record a failed attempt: ``retry_wait`` with backoff when transient and attempts remain, else ``failed``."""
+
+    @abc.abstractmethod
+    def cancelled(
+        self, job_id: int, worker: str, *, now: float | None = None, mails: MailComposer | None = None
+    ) -> Job:
+        """The worker stopped a running job whose cancel was requested."""
+
+    @abc.abstractmethod
+    def release(self, job_id: int, worker: str, *, now: float | None = None, reason: str = "") -> Job:
+        """Give a running job back to the queue (worker shutting down). The attempt is not counted."""
+
+    @abc.abstractmethod
+    def maintain(self, *, now: float | None = None) -> dict[str, int]:
+        """Housekeeping, safe to run from any process at any time.
+
+        - running jobs whose lease expired go back to the queue (or fail when out of attempts);
+        - ``retry_wait`` jobs whose time has come are queued;
+        - consumed queue messages are pruned now and then.
+        """
+
+    @abc.abstractmethod
+    def flush(self) -> None:
+        """Make every transaction committed so far durable (survive a power cut), whatever ``synchronous`` is."""
+
+    @abc.abstractmethod
+    def followups(self, source: str, *, limit: int = 100) -> list[Job]:
+        """Finished jobs from ``source`` whose post-actions (receipt, move…) are not done yet.
+
+        ``source`` matches exactly, or as a prefix when it ends with ``*``
+        (as in :meth:`list_jobs`). Their outcome is flushed to disk first, so a
+        source is never moved or deleted on the strength of a success a power
+        cut could still undo.
+        """
+
+    @abc.abstractmethod
+    def followup_done(self, job_id: int, note: str = "", *, now: float | None = None) -> None:
+        """Mark job ``job_id``'s post-actions done (``note`` goes to its log)."""
+
+    @abc.abstractmethod
+    def set_component(self, kind: str, name: str, status: dict[str, Any], *, now: float | None = None) -> None:
+        """Publish a component's status for the status view (any process)."""
+
+    @abc.abstractmethod
+    def remove_component(self, kind: str, name: str) -> None:
+        """Forget a component's status row (it stopped cleanly)."""
+
+    @abc.abstractmethod
+    def components(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """Every published component status (optionally of one ``kind``), as plain dicts."""
+
+    @abc.abstractmethod
+    def outbox_add(self, mails: Iterable[Mail], *, job_id: int | None = None, now: float | None = None) -> None:
+        """Queue mails that belong to no job transition (e.g. watcher alerts)."""
+
+    @abc.abstractmethod
+    def outbox_claim(self, *, now: float | None = None, limit: int = 10, hold: float = 300.0) -> list[OutboxMail]:
+        """Take due mails for sending; they stay ``sending`` for ``hold`` seconds at most."""
+
+    @abc.abstractmethod
+    def outbox_sent(self, mail_id: int, *, now: float | None = None) -> None:
+        """The server accepted the mail: never send it again."""
+
+    @abc.abstractmethod
+    def outbox_failed(self, mail_id: int, error: str, *, permanent: bool, now: float | None = None) -> OutboxMail:
+        """A delivery failed: try again later, or keep it as ``failed`` (permanent, or out of attempts)."""
+
+    @abc.abstractmethod
+    def outbox_resend(self, mail_id: int, *, now: float | None = None) -> OutboxMail:
+        """Queue a failed (or sent) mail again, with a fresh attempt budget."""
+
+    @abc.abstractmethod
+    def outbox_list(self, *, state: str | None = None, limit: int = 50) -> list[OutboxMail]:
+        """Outbox mails newest first, optionally in one ``state`` (pending, sending, sent, failed)."""
+
+    @abc.abstractmethod
+    def outbox_counts(self) -> dict[str, int]:
+        """Number of outbox mails in each state."""
+
+    @abc.abstractmethod
+    def outbox_next_due(self) -> float | None:
+        """The earliest ``next_attempt_at`` (epoch seconds) of a pending mail, or None."""
+
+    @abc.abstractmethod
+    def ping(self) -> bool:
+        """True when the database answers."""

@@ -1,0 +1,1 @@
+"""Folder watching: acquisitions on disk, their completeness, and the watchers that queue them."""

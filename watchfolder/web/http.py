@@ -1,0 +1,119 @@
+"""What the API and the seed routes share: JSON answers, error answers, request bodies.
+
+Errors go out as ``{"error": "...", "detail": ...}`` (``api/openapi.yaml``'s
+``Error`` schema) with the status that :func:`api_errors` maps each package
+exception to.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import bottle
+
+from ..errors import InvalidTransition, JobNotFound, StoreError
+from ..watch.acquisition import line_column
+from .auth import AuthError
+
+API = "/api/v1"
+JSON_TYPE = "application/json"
+
+
+class ApiError(Exception):
+    """An error answer: status, a human message with the fix, and structured detail."""
+
+    def __init__(self, status: int, error: str, detail: Any = None, headers: dict[str, str] | None = None):
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.detail = detail
+        self.headers = headers or {}
+
+
+def invalid(problems: list[dict[str, str]]) -> ApiError:
+    """422 naming every bad field."""
+    fields = ", ".join(p["field"] for p in problems)
+    return ApiError(422, f"invalid or unknown field(s): {fields}", problems)
+
+
+def problem(field: str, message: str) -> dict[str, str]:
+    return {"field": field, "message": message}
+
+
+class BodyError(Exception):
+    """The body is too large (413) or not JSON (400); ``detail`` holds line and column."""
+
+    def __init__(self, status: int, message: str, detail: Any = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.detail = detail
+
+
+def read_json_body(environ: dict, limit: int) -> Any:
+    """Read and parse the request body, refusing more than ``limit`` bytes."""
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or -1)
+    except ValueError:
+        length = -1
+    if length > limit:
+        raise BodyError(413, f"the body has {length} bytes; the limit is {limit} (server.max_body_bytes)")
+    stream = environ["wsgi.input"]
+    raw = stream.read(length) if length >= 0 else stream.read(limit + 1)
+    if len(raw) > limit:
+        raise BodyError(413, f"the body is larger than the limit of {limit} bytes (server.max_body_bytes)")
+    if not raw.strip():
+        raise BodyError(400, "the body is empty; send a JSON document", {"line": 1, "column": 1, "message": "empty"})
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line, column = line_column(raw, exc.start)
+        raise BodyError(
+            400,
+            f"the body is not UTF-8 (bad byte at line {line}, column {column}); send UTF-8 JSON",
+            {"line": line, "column": column, "message": "not UTF-8"},
+        ) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BodyError(
+            400,
+            f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
+            {"line": exc.lineno, "column": exc.colno, "message": exc.msg},
+        ) from None
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> bottle.HTTPResponse:
+    body = json.dumps(data, separators=(",", ":"))
+    response = bottle.HTTPResponse(body, status=status, headers=headers)
+    response.content_type = JSON_TYPE
+    return response
+
+
+def error_response(status: int, error: str, detail: Any = None, headers: dict[str, str] | None = None):
+    return json_response({"error": error, "detail": detail}, status, headers)
+
+
+def api_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn package exceptions into JSON errors (the mapping from errors to status codes)."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return handler(*args, **kwargs)
+        except ApiError as exc:
+            return error_response(exc.status, exc.error, exc.detail, exc.headers)
+        except AuthError as exc:
+            headers = {"WWW-Authenticate": 'Bearer realm="watchfolder"'} if exc.status == 401 else None
+            return error_response(exc.status, str(exc), None, headers)
+        except JobNotFound as exc:
+            return error_response(404, str(exc))
+        except InvalidTransition as exc:
+            return error_response(409, str(exc))
+        except StoreError as exc:
+            return error_response(422, str(exc))
+
+    wrapper.__name__ = handler.__name__
+    wrapper.__doc__ = handler.__doc__
+    return wrapper
