@@ -400,11 +400,34 @@ def test_disk_full_is_transient_and_leaves_no_partial_file(make_spec, start, tin
     with pytest.raises(TransientImportError) as info:
         ArchiveImporter(root=tiny_volume).run(job, ctx)
     dest = tiny_volume / "jdoe" / "Brain atlas" / "slide 3"
-    assert str(info.value) == f"no space left on the archive volume while writing {dest / 'huge.tif'}"
+    assert str(info.value) == (
+        f"cannot write {dest / 'huge.tif'}: no space left on the device; "
+        "free space there; the job is retried automatically"
+    )
     assert [p for p in files_under(tiny_volume) if p.endswith(".part") or "huge" in p] == []
     # The space the failed copy took is free again.
     stat = os.statvfs(tiny_volume)
     assert stat.f_bavail * stat.f_frsize > 32 * 1024
+
+
+def test_name_too_long_is_permanent_and_says_what_to_change(make_spec, start, archive_root):
+    # Issue 11 case 9: a 300-character dataset name was retried as transient for ~42 min.
+    job, ctx = start(make_spec({"f.tif": b"f"}, target=Target(project="P", dataset="d" * 300)))
+    with pytest.raises(PermanentImportError) as info:
+        ArchiveImporter(root=archive_root).run(job, ctx)
+    message = str(info.value)
+    assert message.startswith(f"cannot create archive folder {archive_root / 'jdoe' / 'P' / ('d' * 300)}: ")
+    assert "name is too long" in message and "shorten the project, dataset or file name" in message
+    assert files_under(archive_root) == []
+
+
+def test_file_in_the_way_of_a_folder_is_permanent(make_spec, start, archive_root):
+    (archive_root / "jdoe").mkdir(parents=True)
+    (archive_root / "jdoe" / "P").write_text("not a folder")
+    job, ctx = start(make_spec({"f.tif": b"f"}, target=Target(project="P", dataset="D")))
+    with pytest.raises(PermanentImportError) as info:
+        ArchiveImporter(root=archive_root).run(job, ctx)
+    assert "a file is in the way where a folder is expected; move that file away" in str(info.value)
 
 
 def test_health(archive_root, tmp_path):

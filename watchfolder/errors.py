@@ -8,6 +8,8 @@ them by accident.
 
 from __future__ import annotations
 
+import errno as _errno
+
 
 class WatchfolderError(Exception):
     """Base of every error raised by watchfolder."""
@@ -78,3 +80,84 @@ class LeaseLost(JobInterrupt):
 
 class ShuttingDown(JobInterrupt):
     """The worker is stopping and the grace period is over: release the job."""
+
+
+# -- OS errors -----------------------------------------------------------------
+
+# errno -> (permanent?, what is wrong, what to change). Permanent causes are the
+# ones no retry can cure: the name, the permissions or the mount must change.
+# Anything not listed is treated as transient (a share that went away, a
+# timeout): the job is kept and retried, never failed on a guess.
+_OS_ERRORS: dict[int, tuple[bool, str, str]] = {
+    _errno.ENAMETOOLONG: (
+        True, "the name is too long for the filesystem (at most 255 bytes per folder or file name)",
+        "shorten the project, dataset or file name, or change importer.archive.layout",
+    ),
+    _errno.EINVAL: (
+        True, "the name is not valid on this filesystem (e.g. ':', '*', '?', '\"', '<', '>', '|' "
+        "or a trailing dot or space on a Windows/SMB share)",
+        "rename the acquisition, project or dataset without those characters",
+    ),
+    _errno.EILSEQ: (
+        True, "the name's characters cannot be stored on this filesystem (encoding)",
+        "rename it using plain letters, digits, '-' and '_'",
+    ),
+    _errno.EACCES: (
+        True, "permission denied",
+        "give the user watchfolder runs as access to it (or fix the folder's owner/mode)",
+    ),
+    _errno.EPERM: (
+        True, "operation not permitted",
+        "give the user watchfolder runs as access to it (or fix the folder's owner/mode)",
+    ),
+    _errno.EROFS: (
+        True, "the filesystem is mounted read-only",
+        "remount it read-write or point the configuration at a writable folder",
+    ),
+    _errno.ENOTDIR: (
+        True, "a file is in the way where a folder is expected",
+        "move that file away",
+    ),
+    _errno.EISDIR: (
+        True, "a folder is in the way where a file is expected",
+        "move that folder away",
+    ),
+    _errno.ELOOP: (
+        True, "too many levels of symbolic links",
+        "fix the symbolic link loop",
+    ),
+    _errno.EFBIG: (
+        True, "the file is too large for this filesystem (e.g. FAT32's 4 GiB limit)",
+        "archive to a filesystem that supports large files",
+    ),
+    _errno.ENOSPC: (
+        False, "no space left on the device",
+        "free space there; the job is retried automatically",
+    ),
+    _errno.EDQUOT: (
+        False, "the disk quota is exceeded",
+        "free space or raise the quota; the job is retried automatically",
+    ),
+    _errno.EIO: (
+        False, "an I/O error (failing disk or a network share that dropped)",
+        "check the disk or the share; the job is retried automatically",
+    ),
+}
+
+
+def classify_os_error(exc: OSError, path: object, action: str) -> ImportFailure:
+    """Turn an ``OSError`` met while ``action`` ("create archive folder", "read") on
+    ``path`` into a :class:`PermanentImportError` or :class:`TransientImportError`.
+
+    The rule is by ``errno`` (POSIX, ``errno(3)``): a name too long or invalid, a
+    permission refused, a read-only mount and a file in the way are permanent —
+    retrying cannot help, and the message says what to change; no space, quota
+    and I/O errors are transient; an errno not listed is transient too (keeps the
+    job). The message is one line: ``"cannot <action> <path>: <problem>; <fix>"``.
+    Returns the exception (the caller raises it, ``from None``).
+    """
+    permanent, problem, fix = _OS_ERRORS.get(
+        exc.errno or 0, (False, exc.strerror or str(exc), "the job is retried automatically")
+    )
+    message = f"cannot {action} {path}: {problem}; {fix}"
+    return PermanentImportError(message) if permanent else TransientImportError(message)

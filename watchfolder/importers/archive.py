@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import defaults as D
-from ..errors import PermanentImportError, TransientImportError
+from ..errors import PermanentImportError, TransientImportError, classify_os_error
 from ..job import Job
 from . import register
 from .base import ImportContext, Importer
@@ -120,7 +120,7 @@ class ArchiveImporter(Importer):
         try:
             dest_root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise TransientImportError(f"cannot create archive folder {dest_root}: {exc.strerror}") from None
+            raise classify_os_error(exc, dest_root, "create archive folder") from None
         ctx.log(f"archiving {len(sources)} file(s), {total} bytes, to {dest_root}")
         done_bytes = 0
         copied = []
@@ -138,7 +138,10 @@ class ArchiveImporter(Importer):
 
     def _copy_one(self, job, ctx, src: Path, dest: Path, expected: str | None, buf: bytearray,
                   done_before: int, total: int, index: int, count: int) -> tuple[str, bool]:
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise classify_os_error(exc, dest.parent, "create archive folder") from None
         prefix = f".{dest.name}.wf-{job.id}-"
         for stale in dest.parent.glob(prefix + "*.part"):  # left by an interrupted attempt
             stale.unlink(missing_ok=True)
@@ -173,9 +176,9 @@ class ArchiveImporter(Importer):
                 raise TransientImportError(f"the copy of {src.name} does not match its source (disk error?)")
             return digest, self._place(tmp, dest, digest, buf)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise TransientImportError(f"no space left on the archive volume while writing {dest}") from None
-            raise TransientImportError(f"copying {src} to {dest} failed: {exc}") from None
+            if exc.filename == str(src):
+                raise classify_os_error(exc, src, "read") from None
+            raise classify_os_error(exc, dest, "write") from None
         finally:
             tmp.unlink(missing_ok=True)
 
