@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from watchfolder.errors import JobCancelled, PermanentImportError, TransientImportError
+from watchfolder.importers import archive as archive_module
 from watchfolder.importers.archive import ArchiveImporter
 from watchfolder.job import FileEntry, JobState, Target
 from watchfolder.worker import JobContext
@@ -42,7 +43,7 @@ class RecordingContext(JobContext):
         super().progress(phase, bytes_done, bytes_total, files_done, files_total)
 
     def log(self, message):
-        self.messages.append(message)
+        self.messages.extend(message.splitlines())
         super().log(message)
 
 
@@ -112,7 +113,7 @@ def test_progress_reports_bytes_and_files(store, make_spec, start, archive_root)
     assert any(0 < c[1] < 1000 for c in ctx.calls)
     files_done = [c[3] for c in ctx.calls]
     assert files_done == sorted(files_done) and files_done[-1] == 3
-    assert ctx.calls[-1] == ("copying", total, total, 3, 3)
+    assert ctx.calls[-2:] == [("syncing", total, total, 3, 3), ("archived", total, total, 3, 3)]
     # The context wrote it through to the store: `jobs show` sees it.
     progress = store.get(job.id).progress
     assert (progress.bytes_done, progress.bytes_total, progress.files_done, progress.files_total) == (1300, 1300, 3, 3)
@@ -309,7 +310,8 @@ def test_rerun_after_lease_expiry_completes_without_duplicates(store, make_spec,
     second = ArchiveImporter(root=archive_root).run(again, ctx2)
     assert second == first
     assert files_under(archive_root) == ["jdoe/Brain atlas/slide 3/a.tif", "jdoe/Brain atlas/slide 3/b.tif"]
-    assert all(m.startswith("already archived") for m in ctx2.messages[1:])
+    assert ctx2.messages[-1].endswith("2 were already archived by an earlier attempt")
+    assert all(m.startswith("already archived") for m in ctx2.messages[1:-1])
 
 
 def test_different_existing_file_is_never_overwritten(make_spec, start, archive_root):
@@ -339,6 +341,101 @@ def test_stale_part_files_of_an_earlier_attempt_are_removed(make_spec, start, ar
     assert not stale.exists()
     assert other_job.read_bytes() == b"busy"
     assert (dest / "a.tif").read_bytes() == b"a" * 100
+
+
+def test_stale_part_files_are_looked_for_once_per_destination_folder(make_spec, start, archive_root, monkeypatch):
+    # 300 files in 3 folders: the destination is listed 3 times, not 300 (the cost that
+    # grew with the plate: one listing of an ever larger folder before every file).
+    files = {f"well_{w}/f{i:03d}.tif": b"%d" % i for w in "ABC" for i in range(100)}
+    job, ctx = start(make_spec(files))
+    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3"
+    stale = [dest / f"well_{w}" / f".f000.tif.wf-{job.id}-0badc0de.part" for w in "ABC"]
+    for path in stale:
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"half")
+    listed = []
+    real_scandir = os.scandir
+
+    def counting_scandir(path="."):
+        listed.append(os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(archive_module.os, "scandir", counting_scandir)
+    ArchiveImporter(root=archive_root).run(job, ctx)
+    monkeypatch.undo()
+    assert sorted(listed) == sorted(str(dest / f"well_{w}") for w in "ABC")
+    assert not any(path.exists() for path in stale)
+    assert len(files_under(dest)) == 300
+
+
+@pytest.mark.parametrize("sync", ["auto", "fsync"])
+def test_nothing_is_reported_archived_before_it_is_durable(sync, store, make_spec, start, archive_root, monkeypatch):
+    files = {"a.tif": b"a" * 10, "sub/b.tif": b"b" * 20, "sub/deeper/c.tif": b"c"}
+    job, ctx = start(make_spec(files))
+    synced = []  # what the sync calls covered, and what had been reported by then
+    real_syncfs, real_fsync = archive_module.syncfs, archive_module._fsync_path
+
+    def spy_syncfs(path):
+        synced.append(("syncfs", str(path), list(ctx.messages), ctx.calls[-1][0]))
+        return real_syncfs(path)
+
+    def spy_fsync(path, flags=os.O_RDONLY):
+        synced.append(("fsync", str(path), list(ctx.messages), ctx.calls[-1][0]))
+        return real_fsync(path, flags)
+
+    monkeypatch.setattr(archive_module, "syncfs", spy_syncfs)
+    monkeypatch.setattr(archive_module, "_fsync_path", spy_fsync)
+    result = ArchiveImporter(root=archive_root, sync=sync).run(job, ctx)
+    dest = Path(result["destination"])
+    assert synced, "the copies were never flushed"
+    for _, _, messages, phase in synced:
+        assert not [m for m in messages if "archived" in m and not m.startswith("archiving")]
+        assert phase == "syncing"
+    if sync == "fsync" or synced[0][0] == "fsync":
+        fsynced = {path for how, path, _, _ in synced if how == "fsync"}
+        # every file, its folder and each folder mkdir may have created, up to the archive root
+        assert {str(dest / rel) for rel in files} <= fsynced
+        assert {str(dest / "sub" / "deeper"), str(dest / "sub"), str(dest), str(archive_root)} <= fsynced
+    else:
+        assert [how for how, *_ in synced] == ["syncfs"]
+    assert f"archived sub/b.tif sha256={sha(b'b' * 20)}" in ctx.messages
+    assert ctx.calls[-1][0] == "archived"
+
+
+def test_a_failed_flush_is_transient_and_reports_nothing_archived(make_spec, start, archive_root, monkeypatch):
+    # A disk that loses the writes at sync time (EIO): the job must not succeed.
+    job, ctx = start(make_spec({"a.tif": b"a" * 10}))
+
+    def broken_disk(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(archive_module, "syncfs", broken_disk)
+    with pytest.raises(TransientImportError) as info:
+        ArchiveImporter(root=archive_root).run(job, ctx)
+    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3"
+    assert str(info.value).startswith(f"cannot flush to disk {dest}: ")
+    assert "the job is retried automatically" in str(info.value)
+    assert not [m for m in ctx.messages if m.startswith("archived") or "durable" in m]
+
+
+def test_progress_is_written_at_a_bounded_rate_whatever_the_file_count(store, make_spec, start, archive_root):
+    files = {f"f{i:04d}.tif": b"x" for i in range(2000)}
+    job, _ = start(make_spec(files))
+    ctx = JobContext(store, job, WORKER, threading.Event(), min_interval=0.25)
+    writes = []
+    real_report = store.report_progress
+
+    def counting_report(*args, **kwargs):
+        writes.append(time.monotonic())
+        return real_report(*args, **kwargs)
+
+    store.report_progress = counting_report
+    started = time.monotonic()
+    ArchiveImporter(root=archive_root).run(job, ctx)
+    elapsed = time.monotonic() - started
+    # At most one write per interval (and the first), not one per file or chunk.
+    assert len(writes) <= elapsed / 0.25 + 1
+    assert all(b - a >= 0.25 for a, b in zip(writes, writes[1:], strict=False))
 
 
 # -- odd files ------------------------------------------------------------------------------

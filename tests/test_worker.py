@@ -262,6 +262,54 @@ def test_worker_process_killed_mid_copy_completes_exactly_once(tmp_path):
 
 
 @pytest.mark.slow
+def test_plate_of_20000_files_killed_mid_copy_is_archived_once_by_a_second_worker(tmp_path):
+    # An HCS plate (issue 13): kill -9 while its files are being copied (some copied and
+    # not yet flushed, one half-written under its temporary name), then another worker.
+    config = _write_config(tmp_path)
+    root = tmp_path / "plate"
+    (root / "Images").mkdir(parents=True)
+    count = 20_000
+    for i in range(count):
+        (root / "Images" / f"r{i // 2400 + 1:02d}c{i // 100 % 24 + 1:02d}f{i % 100 + 1:02d}.tiff").write_bytes(
+            b"%08d" % i * 16
+        )
+    job_id = _submit(config, root, "--screen", "Plate 1")
+    db = tmp_path / "data" / "watchfolder.db"
+    first = _start_worker(config, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def mid_copy():
+            row = _job_row(db, job_id)
+            done = json.loads(row["progress"])["files_done"] if row["progress"] else 0
+            return row["state"] == "running" and count // 10 < done < count // 2
+
+        wait_until(mid_copy, timeout=120, interval=0.005, message="the copy to be under way")
+        first.send_signal(signal.SIGKILL)
+    finally:
+        first.wait(30)
+    killed = _job_row(db, job_id)
+    assert killed["state"] == "running"
+    assert json.loads(killed["progress"])["files_done"] < count  # killed in the middle, not after
+
+    second = _start_worker(config, stdout=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _job_row(db, job_id)["state"] == "succeeded", timeout=300, message="the job to succeed")
+    finally:
+        second.send_signal(signal.SIGTERM)
+        _, err = second.communicate(timeout=60)
+    assert second.returncode == 0, err
+    assert _job_row(db, job_id)["attempts"] == 2
+    archive = tmp_path / "data" / "archive"
+    dest = archive / "jdoe" / "_screens" / "Plate 1" / "Images"
+    archived = sorted(os.listdir(dest))
+    assert archived == sorted(os.listdir(root / "Images"))  # each once, nothing else: no temporary file
+    for name in archived:
+        assert (dest / name).read_bytes() == (root / "Images" / name).read_bytes(), name
+    assert [str(p) for p in archive.rglob("*") if p.is_file() and p.parent != dest] == []
+    log = _cli(config, "jobs", "log", str(job_id)).stdout
+    assert f"{count} file(s) durable" in log and "already archived" in log
+
+
+@pytest.mark.slow
 def test_sigterm_lets_the_running_job_finish(tmp_path):
     config = _write_config(tmp_path)
     root, digest = _big_acquisition(tmp_path, size_mb=64)

@@ -1,11 +1,24 @@
 """The ``archive`` importer: copy an acquisition into ``<root>/<layout>/…`` with checksums.
 
-Each file is copied to a temporary name in the destination folder while its
-SHA-256 is computed, fsynced, read back and hashed again, then linked into
-place (``link`` fails if the name exists, so a different existing file is
-never overwritten) and the temporary name removed. A file that is already
-there with the same checksum counts as copied, so an attempt interrupted by a
-crash completes on the next one without duplicating anything.
+Each file is copied to a temporary name in its destination folder while its
+SHA-256 is computed, read back and hashed again, then linked into place
+(``link`` fails if the name exists, so a different existing file is never
+overwritten) and the temporary name removed. A file that is already there
+with the same checksum counts as copied, so an attempt interrupted by a crash
+completes on the next one without duplicating anything.
+
+Durability is batched per acquisition: once every file is written and
+verified, one ``syncfs`` of the archive volume (Linux) — or, where it is
+missing or fails, one ``fsync`` per file and per folder — makes them durable
+together. Nothing is reported archived (log lines, result, progress phase
+``archived``) before that sync returned; a crash before it leaves files that
+the next attempt checks and reuses, and the temporary names of an attempt
+are removed by the next one, once per destination folder.
+
+Per-file work is constant: no listing of the destination per file, one
+``realpath`` per source folder (not per file), and progress handed to the
+context, which writes it to the store at a bounded rate whatever the file
+count.
 
 Layout placeholders: ``{owner}``, ``{group}``, ``{project}``, ``{dataset}``,
 ``{screen}``, ``{job_id}``, ``{date}`` (YYYY-MM-DD of the job's creation, UTC).
@@ -16,9 +29,12 @@ becomes ``dataset-<id>`` / ``screen-<id>``.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import hashlib
 import os
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -30,6 +46,9 @@ from ..job import Job
 from . import register
 from .base import ImportContext, Importer
 
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
 
 def _component(value: str | None, fallback: str) -> str:
     """A safe single path component: no separators, no NUL, no '.'/'..'."""
@@ -39,22 +58,74 @@ def _component(value: str | None, fallback: str) -> str:
     return text
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _within(path: str, root: str) -> bool:
+    """True when ``path`` is ``root`` or below it (both already resolved)."""
+    root = root.rstrip(os.sep) or os.sep
+    return path == root or path.startswith(root if root.endswith(os.sep) else root + os.sep)
+
+
+def _fsync_path(path: str | os.PathLike, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags | _O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
+def _load_syncfs():
+    """libc's ``syncfs(int fd)`` (Linux ≥ 2.6.39, glibc ≥ 2.14), or None where there is none."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        func = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int]
+    func.restype = ctypes.c_int
+    return func
+
+
+_SYNCFS = _load_syncfs()
+
+
+def syncfs(path: str | os.PathLike) -> bool:
+    """Flush the whole filesystem holding ``path`` to stable storage (``syncfs(2)``).
+
+    Returns False where the call does not exist; raises :class:`OSError` when it
+    fails (since Linux 5.8 it also reports write-back errors, as ``fsync`` does).
+    """
+    if _SYNCFS is None:
+        return False
+    fd = os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+    try:
+        if _SYNCFS(fd) != 0:
+            err = ctypes.get_errno()
+            if err == errno.ENOSYS:
+                return False
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+    return True
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        written = os.write(fd, data)
+        data = data[written:]
+
+
 @register("archive")
 class ArchiveImporter(Importer):
+    """``sync``: ``"auto"`` (``syncfs`` where available, else per-file ``fsync``) or ``"fsync"``."""
+
     def __init__(self, config=None, *, root: Path | None = None, layout: str | None = None,
-                 chunk_bytes: int = D.COPY_CHUNK_BYTES):
+                 chunk_bytes: int = D.COPY_CHUNK_BYTES, sync: str = "auto"):
         archive = config.importer.archive if config is not None else None
         self.root = Path(root or archive.root)
         self.layout = layout or (archive.layout if archive else D.ARCHIVE_LAYOUT)
         self.chunk_bytes = chunk_bytes
+        if sync not in ("auto", "fsync"):
+            raise ValueError(f"sync must be 'auto' or 'fsync', got {sync!r}")
+        self.sync = sync
 
     def health(self) -> dict[str, Any]:
         try:
@@ -83,106 +154,182 @@ class ArchiveImporter(Importer):
         }
         return self.root.joinpath(*[p for p in self.layout.format(**values).split("/") if p])
 
-    def run(self, job: Job, ctx: ImportContext) -> dict[str, Any]:
-        src_root = Path(job.spec.root)
-        dest_root = self.destination(job)
+    # -- the run ------------------------------------------------------------------------
+
+    def _sources(self, job: Job) -> list[tuple[Any, str, int]]:
+        """``(entry, real source path, size)`` of every listed file; raises before anything is copied."""
+        src_root = os.fspath(job.spec.root)
+        real_root = os.path.realpath(src_root)
+        real_dirs: dict[str, str] = {}  # folder relative to the root -> its realpath: one per folder, not per file
         sources = []
         missing = []
         for entry in job.spec.files:
-            if os.path.isabs(entry.path) or ".." in Path(entry.path).parts:
+            rel = entry.path
+            if os.path.isabs(rel) or ".." in Path(rel).parts:
                 # It would be copied outside the destination folder (the acquisition parsers refuse these too).
                 raise PermanentImportError(
-                    f"{entry.path}: listed paths must be relative to the acquisition folder, without '..'"
+                    f"{rel}: listed paths must be relative to the acquisition folder, without '..'"
                 )
-            src = src_root / entry.path
+            folder, _, name = rel.rpartition("/")
+            real_dir = real_dirs.get(folder)
+            if real_dir is None:
+                real_dir = real_dirs[folder] = os.path.realpath(os.path.join(src_root, folder))
+            real = os.path.join(real_dir, name)
             try:
-                real = src.resolve(strict=True)
+                st = os.lstat(real)
+                if stat.S_ISLNK(st.st_mode):
+                    real = os.path.realpath(real)
+                    st = os.stat(real)
             except (FileNotFoundError, NotADirectoryError):
-                missing.append(entry.path)
+                missing.append(rel)
                 continue
-            if not real.is_relative_to(src_root.resolve()):
+            if not _within(real, real_root):
                 raise PermanentImportError(
-                    f"{entry.path} resolves outside the acquisition folder ({real}); symlinks out of it are refused"
+                    f"{rel} resolves outside the acquisition folder ({real}); symlinks out of it are refused"
                 )
-            size = real.stat().st_size
-            if entry.size is not None and size != entry.size:
+            if not stat.S_ISREG(st.st_mode):
+                raise PermanentImportError(f"{rel} is not a regular file; list files only, not folders or devices")
+            if entry.size is not None and st.st_size != entry.size:
                 raise PermanentImportError(
-                    f"{entry.path} is {size} bytes but was {entry.size} bytes when queued: the acquisition "
+                    f"{rel} is {st.st_size} bytes but was {entry.size} bytes when queued: the acquisition "
                     "changed after it was queued; submit it again once it is complete"
                 )
-            sources.append((entry, real, size))
+            sources.append((entry, real, st.st_size))
         if missing:
             raise PermanentImportError(
                 f"{len(missing)} listed file(s) missing from {src_root}: {', '.join(missing[:20])}"
                 + (" …" if len(missing) > 20 else "")
             )
+        return sources
+
+    def run(self, job: Job, ctx: ImportContext) -> dict[str, Any]:
+        sources = self._sources(job)
+        dest_root = self.destination(job)
         total = sum(size for _, _, size in sources)
+        count = len(sources)
         try:
             dest_root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise classify_os_error(exc, dest_root, "create archive folder") from None
-        ctx.log(f"archiving {len(sources)} file(s), {total} bytes, to {dest_root}")
+        ctx.log(f"archiving {count} file(s), {total} bytes, to {dest_root}")
+        tag = f".wf-{job.id}-"
+        folders: set[str] = set()  # destination folders prepared in this attempt
         done_bytes = 0
         copied = []
+        lines = []
+        reused_count = 0
         buf = bytearray(self.chunk_bytes)
         for index, (entry, src, size) in enumerate(sources):
-            dest = dest_root / entry.path
-            digest, reused = self._copy_one(job, ctx, src, dest, entry.sha256, buf, done_bytes, total,
-                                            index, len(sources))
+            dest = os.path.join(dest_root, entry.path)
+            parent = os.path.dirname(dest)
+            if parent not in folders:
+                self._prepare_folder(parent, tag)
+                folders.add(parent)
+            digest, reused = self._copy_one(ctx, tag, src, dest, entry.sha256, buf, done_bytes, total, index, count)
             done_bytes += size
-            copied.append({"path": entry.path, "dest": str(dest), "size": size, "sha256": digest})
-            ctx.log(f"{'already archived' if reused else 'archived'} {entry.path} sha256={digest}")
-            ctx.progress("copying", done_bytes, total, index + 1, len(sources))
-        _fsync_dir(dest_root)
+            reused_count += reused
+            copied.append({"path": entry.path, "dest": dest, "size": size, "sha256": digest})
+            lines.append(f"{'already archived' if reused else 'archived'} {entry.path} sha256={digest}")
+            ctx.progress("copying", done_bytes, total, index + 1, count)
+        ctx.progress("syncing", done_bytes, total, count, count)
+        how = self._make_durable(ctx, dest_root, copied, folders)
+        # Only now is anything reported archived: every line below is on stable storage.
+        if lines:
+            ctx.log("\n".join(lines))
+        ctx.log(f"{count} file(s) durable ({how}); {reused_count} were already archived by an earlier attempt")
+        ctx.progress("archived", done_bytes, total, count, count)
         return {"destination": str(dest_root), "files": copied, "bytes": total}
 
-    def _copy_one(self, job, ctx, src: Path, dest: Path, expected: str | None, buf: bytearray,
-                  done_before: int, total: int, index: int, count: int) -> tuple[str, bool]:
+    def _prepare_folder(self, folder: str, tag: str) -> None:
+        """Create ``folder`` and remove this job's temporary files left in it by an interrupted attempt."""
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.makedirs(folder, exist_ok=True)
         except OSError as exc:
-            raise classify_os_error(exc, dest.parent, "create archive folder") from None
-        prefix = f".{dest.name}.wf-{job.id}-"
-        for stale in dest.parent.glob(prefix + "*.part"):  # left by an interrupted attempt
-            stale.unlink(missing_ok=True)
-        tmp = dest.parent / f"{prefix}{uuid.uuid4().hex[:8]}.part"
-        before = src.stat()
-        source_hash = hashlib.sha256()
-        view = memoryview(buf)
-        done = 0
+            raise classify_os_error(exc, folder, "create archive folder") from None
         try:
-            with open(src, "rb") as fin, open(tmp, "xb") as fout:
-                while True:
-                    n = fin.readinto(buf)
-                    if not n:
+            with os.scandir(folder) as entries:
+                stale = [e.path for e in entries if e.name.startswith(".") and tag in e.name
+                         and e.name.endswith(".part")]
+        except OSError as exc:
+            raise classify_os_error(exc, folder, "list archive folder") from None
+        for path in stale:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def _make_durable(self, ctx: ImportContext, dest_root: Path, copied: list[dict], folders: set[str]) -> str:
+        """Flush every copied file and folder (and the folders above them) to stable storage."""
+        try:
+            if self.sync == "auto" and syncfs(dest_root):
+                return "syncfs"
+            for index, item in enumerate(copied):
+                _fsync_path(item["dest"])
+                if index % 256 == 0:
+                    ctx.checkpoint()
+            dirs = set()
+            root = os.fspath(self.root)
+            for folder in folders:
+                # Every folder up to the archive root's parent: mkdir may have created any of them.
+                while folder not in dirs:
+                    dirs.add(folder)
+                    if not _within(folder, root) or folder == os.path.dirname(folder):
                         break
-                    chunk = view[:n]
-                    source_hash.update(chunk)
-                    fout.write(chunk)
-                    done += n
+                    folder = os.path.dirname(folder)
+            for folder in sorted(dirs, key=len, reverse=True):
+                _fsync_path(folder, _O_DIRECTORY)
+            return "fsync"
+        except OSError as exc:
+            raise classify_os_error(exc, exc.filename or dest_root, "flush to disk") from None
+
+    def _copy_one(self, ctx: ImportContext, tag: str, src: str, dest: str, expected: str | None, buf: bytearray,
+                  done_before: int, total: int, index: int, count: int) -> tuple[str, bool]:
+        folder, name = os.path.split(dest)
+        tmp = os.path.join(folder, f".{name}{tag}{uuid.uuid4().hex[:8]}.part")
+        view = memoryview(buf)
+        source_hash = hashlib.sha256()
+        done = 0
+        fin = fout = -1
+        try:
+            fin = os.open(src, os.O_RDONLY | _O_CLOEXEC)
+            before = os.fstat(fin)
+            fout = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o666)
+            while n := os.readv(fin, [buf]):
+                chunk = view[:n]
+                source_hash.update(chunk)
+                _write_all(fout, chunk)
+                done += n
+                if n == len(buf):  # a file of several chunks: report within it (and honour a cancel)
                     ctx.progress("copying", done_before + done, total, index, count)
-                fout.flush()
-                os.fsync(fout.fileno())
-            after = src.stat()
+            after = os.fstat(fin)
             if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or done != after.st_size:
                 raise TransientImportError(f"{src} changed while it was being copied; will try again")
             digest = source_hash.hexdigest()
             if expected and digest != expected.lower():
                 raise PermanentImportError(
-                    f"{src.name}: checksum {digest} does not match the manifest's {expected}; "
+                    f"{os.path.basename(src)}: checksum {digest} does not match the manifest's {expected}; "
                     "the file is corrupt or the manifest is wrong: export the acquisition again"
                 )
-            if self._hash(tmp, buf) != digest:
-                raise TransientImportError(f"the copy of {src.name} does not match its source (disk error?)")
+            os.lseek(fout, 0, os.SEEK_SET)
+            if self._hash_fd(fout, buf) != digest:
+                raise TransientImportError(f"the copy of {os.path.basename(src)} does not match its source (disk error?)")
+            os.close(fout)
+            fout = -1
             return digest, self._place(tmp, dest, digest, buf)
         except OSError as exc:
-            if exc.filename == str(src):
+            if exc.filename == src:
                 raise classify_os_error(exc, src, "read") from None
             raise classify_os_error(exc, dest, "write") from None
         finally:
-            tmp.unlink(missing_ok=True)
+            for fd in (fin, fout):
+                if fd >= 0:
+                    os.close(fd)
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
 
-    def _place(self, tmp: Path, dest: Path, digest: str, buf: bytearray) -> bool:
+    def _place(self, tmp: str, dest: str, digest: str, buf: bytearray) -> bool:
         """Move the verified copy into place; True when an identical file was already there."""
         try:
             os.link(tmp, dest)
@@ -192,14 +339,18 @@ class ArchiveImporter(Importer):
             if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
                 raise
             # Filesystems without hard links (some network shares): check, then rename.
-            if dest.exists():
+            if os.path.lexists(dest):
                 return self._place_existing(dest, digest, buf)
             os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
         return False
 
-    def _place_existing(self, dest: Path, digest: str, buf: bytearray) -> bool:
-        if self._hash(dest, buf) == digest:
+    def _place_existing(self, dest: str, digest: str, buf: bytearray) -> bool:
+        fd = os.open(dest, os.O_RDONLY | _O_CLOEXEC)
+        try:
+            same = self._hash_fd(fd, buf) == digest
+        finally:
+            os.close(fd)
+        if same:
             return True
         raise PermanentImportError(
             f"{dest} already exists with different content; the archive never overwrites: "
@@ -207,10 +358,9 @@ class ArchiveImporter(Importer):
         )
 
     @staticmethod
-    def _hash(path: Path, buf: bytearray) -> str:
+    def _hash_fd(fd: int, buf: bytearray) -> str:
         digest = hashlib.sha256()
         view = memoryview(buf)
-        with open(path, "rb") as fh:
-            while n := fh.readinto(buf):
-                digest.update(view[:n])
+        while n := os.readv(fd, [buf]):
+            digest.update(view[:n])
         return digest.hexdigest()
