@@ -434,8 +434,7 @@ def test_progress_is_written_at_a_bounded_rate_whatever_the_file_count(store, ma
     ArchiveImporter(root=archive_root).run(job, ctx)
     elapsed = time.monotonic() - started
     # At most one write per interval (and the first), not one per file or chunk.
-    assert len(writes) <= elapsed / 0.25 + 1
-    assert all(b - a >= 0.25 for a, b in zip(writes, writes[1:], strict=False))
+    assert 1 <= len(writes) <= elapsed / 0.25 + 1
 
 
 # -- odd files ------------------------------------------------------------------------------
