@@ -547,7 +547,75 @@ def test_overflow_triggers_a_rescan_that_finds_lost_acquisitions(harness, store)
     logging.getLogger("watchdog.observers.inotify_c").warning("Inotify queue overflowed; filesystem events were lost")
     job = one_job(store)[0]
     assert Path(job.spec.root).name == "lost in overflow"
-    assert w.counters["overflows"] == 1 and w.counters["rescans"] >= 2
+    assert w.counters["overflows"] == 1 and w.counters["catchups"] == 1 and w.counters["rescans"] == 1
+
+
+def _overflow():
+    # What watchdog logs when the kernel reports IN_Q_OVERFLOW.
+    logging.getLogger("watchdog.observers.inotify_c").warning("Inotify queue overflowed; filesystem events were lost")
+
+
+def test_reading_the_tree_queues_no_events(tmp_path):
+    # Listing folders and reading manifests (what every scan does) must not queue
+    # inotify events: on a big tree they overflowed the kernel's queue, and the
+    # catch-up scan overflowed it again.
+    for i in range(20):
+        (tmp_path / f"acq{i}").mkdir()
+        (tmp_path / f"acq{i}" / "watchfolder.json").write_text("{}")
+    seen = []
+    changed = threading.Event()
+
+    def sink(event_type, src, dest, is_dir):
+        seen.append((event_type, src))
+        if src.endswith("marker"):
+            changed.set()
+
+    source = EventSource(str(tmp_path), sink)
+    source.start()
+    try:
+        for i in range(20):
+            os.listdir(tmp_path / f"acq{i}")
+            (tmp_path / f"acq{i}" / "watchfolder.json").read_bytes()
+        (tmp_path / "marker").write_bytes(b"")  # a change, so we know the events before it arrived
+        assert changed.wait(5), "the observer saw no change"
+    finally:
+        source.stop()
+    assert [e for e in seen if not e[1].endswith("marker") and e[1] != str(tmp_path)] == []
+
+
+def test_overflows_coalesce_into_one_catch_up(harness, store):
+    import watchfolder.watch.watcher as watcher_module
+
+    w = harness.watcher("events", options={"event_source": DeafEventSource}, rescan_interval=3600)
+    DeafEventSource.deaf.set()
+    try:
+        write_manifest(harness.drop / "lost", {"a.tif": b"a"})
+        for _ in range(watcher_module.OVERFLOW_LIMIT - 1):
+            _overflow()
+    finally:
+        DeafEventSource.deaf.clear()
+    one_job(store)
+    wait_until(lambda: not w.overflow_pending, 5, message="overflows caught up")
+    assert w.counters["overflows"] == watcher_module.OVERFLOW_LIMIT - 1
+    # One catch-up, or two when the watcher's step ran between the overflows; never a full rescan.
+    assert 1 <= w.counters["catchups"] <= 2 and w.counters["rescans"] == 1
+    assert w.status()["mode"] == "events"
+
+
+def test_repeated_overflows_switch_to_polling_and_name_the_sysctl(harness, store):
+    import watchfolder.watch.watcher as watcher_module
+
+    w = harness.watcher("events", rescan_interval=3600)
+    for _ in range(watcher_module.OVERFLOW_LIMIT):
+        _overflow()
+    w.wake.set()
+    wait_until(lambda: w.status()["mode"] == "polling", 5, message="polling after repeated overflows")
+    status = w.status()
+    assert status["health"] == "ok"
+    assert "fs.inotify.max_queued_events" in status["warning"] and "sysctl -w" in status["warning"]
+    assert w.source_obj is None
+    write_manifest(harness.drop / "acq", {"a.tif": b"a"})
+    one_job(store)
 
 
 class LimitedEventSource:

@@ -8,6 +8,15 @@ their jobs end. It never trusts a single source of truth: a full rescan runs at
 start, periodically, after an event-queue overflow and after every restart of a
 dead observer (watched folder removed, share unmounted).
 
+Big trees: the observer asks the kernel only for changes (no open/close-nowrite
+events, so the watcher's own scans make none). When the kernel's event queue
+overflows anyway, the lost events are caught up by restatting the folders of
+the tree (a folder's mtime shows an added, removed or renamed entry) and
+re-listing only the changed ones, at most once per :data:`OVERFLOW_CATCHUP_MIN`
+seconds however many overflows come in; a tree that overflows again and again
+(:data:`OVERFLOW_LIMIT` in :data:`OVERFLOW_WINDOW` seconds) is polled instead,
+and ``status`` names the sysctl to raise (``fs.inotify.max_queued_events``).
+
 ``Watcher.loop(now)`` is one step and returns how long to wait before the next;
 ``Watcher.start()`` runs it in a thread. :class:`WatchService` runs all watchers
 of a config and mails the admin when one stays unhealthy.
@@ -40,6 +49,12 @@ STORE_RETRY_SECONDS = 5.0
 # Events that say nothing changed: reading files (e.g. an in-place import) must
 # not restart quiet periods.
 IGNORED_EVENTS = frozenset({"opened", "closed_no_write"})
+# Overflow handling (see the module docstring): catch-ups coalesce into one per
+# OVERFLOW_CATCHUP_MIN seconds (or 4x the last catch-up's duration, if longer);
+# OVERFLOW_LIMIT overflows within OVERFLOW_WINDOW seconds switch to polling.
+OVERFLOW_CATCHUP_MIN = 1.0
+OVERFLOW_LIMIT = 5
+OVERFLOW_WINDOW = 60.0
 
 
 class WatchLimitError(OSError):
@@ -83,6 +98,17 @@ def _limit_message(exc: OSError, root: str) -> str:
     )
 
 
+def _queue_limit_message(root: str, overflows: int, window: float) -> str:
+    sysctl = "fs.inotify.max_queued_events"
+    value = _read_proc("/proc/sys/fs/inotify/max_queued_events")
+    return (
+        f"the kernel's inotify event queue overflowed {overflows} times in {window:g} s watching {root} "
+        f"({sysctl} = {value}): the tree changes faster than events can be kept; polling instead. Raise it, "
+        f"e.g. `sysctl -w {sysctl}=1048576` and a line `{sysctl} = 1048576` in "
+        "/etc/sysctl.d/90-watchfolder.conf, then restart the service to watch with events again"
+    )
+
+
 def _read_proc(path: str) -> str:
     try:
         with open(path, encoding="ascii") as fh:
@@ -100,7 +126,18 @@ class EventSource:
         self.observer = None
 
     def start(self) -> None:
-        from watchdog.events import FileSystemEventHandler
+        from watchdog.events import (
+            DirCreatedEvent,
+            DirDeletedEvent,
+            DirModifiedEvent,
+            DirMovedEvent,
+            FileClosedEvent,
+            FileCreatedEvent,
+            FileDeletedEvent,
+            FileModifiedEvent,
+            FileMovedEvent,
+            FileSystemEventHandler,
+        )
         from watchdog.observers.inotify import InotifyObserver
 
         sink = self.sink
@@ -112,7 +149,13 @@ class EventSource:
 
         observer = InotifyObserver()
         try:
-            observer.schedule(Handler(), self.root, recursive=True)
+            # Only changes: with open and close-nowrite in the kernel's mask, every
+            # folder a scan lists and every manifest it reads queues two events,
+            # and a rescan of a big tree overflowed the queue it was catching up.
+            observer.schedule(Handler(), self.root, recursive=True, event_filter=[
+                FileCreatedEvent, DirCreatedEvent, FileDeletedEvent, DirDeletedEvent, FileModifiedEvent,
+                DirModifiedEvent, FileMovedEvent, DirMovedEvent, FileClosedEvent,
+            ])
             observer.start()
         except OSError as exc:
             try:
@@ -204,6 +247,10 @@ class Watcher:
         self.scanner: Scanner | None = None
         self.post = PostActions(watch, self.root)
         self.rescan_requested = False
+        self.overflow_pending = False
+        self.overflow_times: deque[float] = deque()
+        self.next_catchup = 0.0
+        self.last_catchup_seconds: float | None = None
         self.last_event: float | None = None
         self.last_scan: float | None = None
         self.last_scan_seconds: float | None = None
@@ -214,7 +261,7 @@ class Watcher:
         self.next_status = 0.0
         self.next_followup = 0.0
         self.counters = {"events": 0, "rescans": 0, "polls": 0, "queued": 0, "rejected": 0, "ignored": 0,
-                         "restarts": 0, "overflows": 0, "post_actions": 0}
+                         "restarts": 0, "overflows": 0, "catchups": 0, "post_actions": 0}
         self._status: dict[str, Any] = self._build_status()
 
     # -- lifecycle ----------------------------------------------------------
@@ -257,9 +304,11 @@ class Watcher:
             self.wake.clear()
 
     def _on_overflow(self) -> None:
+        # watchdog's thread: only flag it; the watcher's step catches up (coalesced).
         if self.mode == "events":
-            self.rescan_requested = True
+            self.overflow_pending = True
             self.counters["overflows"] += 1
+            self.overflow_times.append(time.monotonic())
             self.wake.set()
 
     def _sink(self, event_type: str, src: str, dest: str, is_dir: bool) -> None:
@@ -310,8 +359,11 @@ class Watcher:
             if a.folder is not None
         )
         self.detector = Detector(self.watch, self.root, trust_events=(mode == "events"))
-        self.scanner = Scanner(self.detector, self.root, index=(mode == "polling"), skip=skip)
+        # The folder mtime index serves polling, and in events mode the catch-up after an overflow.
+        self.scanner = Scanner(self.detector, self.root, index=True, skip=skip)
         self.events.clear()
+        self.overflow_pending = False
+        self.overflow_times.clear()
         self.active = True
         self._rescan(now)
         self.last_poll = now
@@ -391,6 +443,9 @@ class Watcher:
             return max(0.0, min(self.next_restart - now, self.health_interval))
         if self.rescan_requested or now >= self.next_rescan:
             self._rescan(now)
+            self.overflow_pending = False  # a full rescan saw everything
+        elif self.overflow_pending and self.mode == "events":
+            self._overflowed(now)
         polled = False
         if self.mode == "polling" and now >= self.next_poll:
             changed = self.scanner.poll(now, since=self.last_poll)
@@ -411,6 +466,8 @@ class Watcher:
 
     def _next_delay(self, now: float) -> float:
         due = [self.next_health, self.next_followup, self.next_rescan, self.next_status]
+        if self.overflow_pending:
+            due.append(self.next_catchup)
         if self.mode == "polling":
             due.append(self.next_poll)
         if self.detector is not None:
@@ -432,6 +489,44 @@ class Watcher:
             self.scanner.errors.clear()
         log.info("watch folder %s: scanned %d folders, %d acquisitions in %.2f s",
                  self.name, stats.folders, stats.candidates, stats.seconds)
+
+    def _overflowed(self, now: float) -> None:
+        """Events were lost: catch up on what may have changed, or give up events for polling."""
+        assert self.scanner is not None and self.detector is not None
+        horizon = time.monotonic() - OVERFLOW_WINDOW
+        while self.overflow_times and self.overflow_times[0] < horizon:
+            self.overflow_times.popleft()
+        if len(self.overflow_times) >= OVERFLOW_LIMIT:
+            self.warning = _queue_limit_message(self.root, len(self.overflow_times), OVERFLOW_WINDOW)
+            log.warning("watch folder %s: %s", self.name, self.warning)
+            source, self.source_obj = self.source_obj, None
+            if source is not None:
+                source.stop()
+            self.mode = "polling"
+            self.detector.trust_events = False
+            self.overflow_pending = False
+            self.events.clear()
+            self._rescan(now)
+            self.last_poll = now
+            self.next_poll = now + self.watch.poll_interval
+            self._publish(now, force=True)
+            return
+        if now < self.next_catchup:
+            return
+        self.overflow_pending = False
+        started = time.perf_counter()
+        # Added, removed and renamed entries show in their folder's mtime; files of
+        # pending acquisitions are looked at directly. In-place changes to
+        # acquisitions already handled are left to the periodic full rescan.
+        changed = self.scanner.poll(now, since=self.last_event)
+        for rel in list(self.detector.pending):
+            self.detector.observe(rel, now, since=self.last_event)
+        seconds = time.perf_counter() - started
+        self.counters["catchups"] += 1
+        self.last_catchup_seconds = seconds
+        self.next_catchup = now + max(OVERFLOW_CATCHUP_MIN, 4 * seconds)
+        log.info("watch folder %s: event queue overflowed; caught up (%d folders changed) in %.2f s",
+                 self.name, changed, seconds)
 
     def _drain_events(self, now: float) -> None:
         if not self.events:
@@ -542,6 +637,7 @@ class Watcher:
             "last_event": self.last_event,
             "last_scan": self.last_scan,
             "last_scan_seconds": self.last_scan_seconds,
+            "last_catchup_seconds": self.last_catchup_seconds,
             "pending": len(detector.pending) if detector else 0,
             "pending_acquisitions": detector.pending_list() if detector else [],
             "known": len(detector.known) if detector else 0,
