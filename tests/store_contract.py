@@ -399,3 +399,33 @@ def test_enqueue_answers_the_job_as_stored_and_duplicates_use_no_ids(store, make
     store.enqueue(first.spec, now=T0 + 1)  # a duplicate
     second, _ = store.enqueue(make_spec(), now=T0 + 2)
     assert second.id == first.id + 1
+
+
+def test_queued_work_wakes_a_waiting_worker(store, make_spec):
+    # Every way of queueing a job wakes waiters of this process: enqueue, retry, and
+    # the requeue of a due retry by maintain. A timeout with nothing queued says False.
+    seen = store.work_generation()
+    assert store.wait_for_work(seen, 0.01) is False
+
+    def queued_from_another_thread(action):
+        seen = store.work_generation()
+        woke = []
+        waiter = threading.Thread(target=lambda: woke.append(store.wait_for_work(seen, 30)))
+        waiter.start()
+        action()
+        waiter.join(10)
+        return woke == [True]
+
+    job = None
+
+    def enqueue():
+        nonlocal job
+        job, _ = store.enqueue(make_spec(), now=T0)
+
+    assert queued_from_another_thread(enqueue)
+    claimed = store.claim("w", now=T0)
+    store.fail(claimed.id, "w", TransientImportError("share away"), now=T0)
+    assert queued_from_another_thread(lambda: store.maintain(now=T0 + 3600))
+    claimed = store.claim("w", now=T0 + 3600)
+    store.fail(claimed.id, "w", PermanentImportError("bad file"), now=T0 + 3600)
+    assert queued_from_another_thread(lambda: store.retry(job.id, now=T0 + 3601))

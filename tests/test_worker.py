@@ -125,6 +125,21 @@ def test_pool_stop_releases_jobs_still_running_after_the_grace_period(store, mak
     assert "worker stopping" in store.read_log(job.id)
 
 
+def test_idle_worker_wakes_when_a_job_is_queued_in_its_process(store, make_spec):
+    # The poll interval is far longer than the deadline: only the wake-up can meet it.
+    importer = ScriptedImporter()
+    importer.release.set()
+    pool = WorkerPool(store, importer, 2, poll_interval=60, heartbeat_seconds=60)
+    pool.start()
+    try:
+        wait_until(lambda: len(store.components("worker")) == 2, message="workers up")
+        for _ in range(3):
+            job, _ = store.enqueue(make_spec())
+            wait_until(lambda job=job: store.get(job.id).state == JobState.SUCCEEDED, 5, message="job run at once")
+    finally:
+        assert pool.stop(grace=5)
+
+
 def test_burst_mode_drains_the_queue_and_returns(store, make_spec, tmp_path):
     for _ in range(5):
         store.enqueue(make_spec())

@@ -29,6 +29,9 @@ from .store import JobStore
 
 log = logging.getLogger(__name__)
 
+# How often an idle worker waiting for work checks its stop event.
+STOP_CHECK_SECONDS = 0.2
+
 
 class JobContext(ImportContext):
     """The running job's link to the store: progress, lease, cancel and stop checks."""
@@ -216,6 +219,16 @@ class Worker:
 
     # -- runner -----------------------------------------------------------------
 
+    def _idle(self, stop: threading.Event, seen: int) -> None:
+        """Wait for work: woken at once by a job queued in this process (or, where the
+        store can tell, in another); otherwise look again after ``poll_interval``.
+        ``stop`` is checked every :data:`STOP_CHECK_SECONDS`."""
+        deadline = time.monotonic() + self.poll_interval
+        while not stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or self.store.wait_for_work(seen, min(left, STOP_CHECK_SECONDS)):
+                return
+
     def run(self, stop: threading.Event, *, burst: bool = False, max_jobs: int | None = None) -> int:
         """Work until ``stop`` is set (or, in burst mode, until the queue is empty). Returns jobs run."""
         done = 0
@@ -224,6 +237,8 @@ class Worker:
             while not stop.is_set():
                 if max_jobs is not None and done >= max_jobs:
                     break
+                # Read before looking: a job queued after the look wakes the wait below.
+                seen = self.store.work_generation()
                 try:
                     job = self.loop()
                 except Exception:  # store busy or broken: keep the worker alive
@@ -233,7 +248,7 @@ class Worker:
                 if job is None:
                     if burst:
                         break
-                    stop.wait(self.poll_interval)
+                    self._idle(stop, seen)
                 else:
                     done += 1
         finally:
@@ -273,6 +288,8 @@ class WorkerPool:
     def stop(self, grace: float = D.SHUTDOWN_GRACE_SECONDS) -> bool:
         """Stop claiming; wait up to ``grace`` seconds for running jobs; then interrupt and release them."""
         self.stop_claiming.set()
+        if self.workers:
+            self.workers[0].store.notify_work()  # idle workers wake and see the stop
         if self.join(grace):
             return True
         running = [w.current.job.id for w in self.workers if w.current]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import email.policy
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -86,6 +87,35 @@ class OutboxMail:
             "created_at": self.created_at,
             "sent_at": self.sent_at,
         }
+
+
+class WorkSignal:
+    """Wakes waiting workers when a job is queued: a generation counter under a condition.
+
+    A worker reads :meth:`generation` *before* it looks for a job and, finding
+    none, waits (:meth:`wait`) for it to change, so a job queued between the look
+    and the wait is not missed.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._generation = 0
+
+    def generation(self) -> int:
+        return self._generation
+
+    def notify(self) -> None:
+        with self._cond:
+            self._generation += 1
+            self._cond.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a notify after generation ``seen``; True if one came."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._generation != seen, timeout)
+
+
+_signal_lock = threading.Lock()
 
 
 #: Builds the mails of a job that just finished; called inside the finishing transaction.
@@ -316,3 +346,35 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     def ping(self) -> bool:
         """True when the database answers."""
+
+    # -- waking workers -------------------------------------------------------
+    # Not abstract: every store gets the in-process signal. A store whose database
+    # can notify other processes (PostgreSQL's LISTEN/NOTIFY) overrides
+    # :meth:`wait_for_work` to also return on such a notification; one that cannot
+    # (SQLite) leaves workers of other processes to their poll interval.
+
+    @property
+    def work_signal(self) -> WorkSignal:
+        """This store's in-process signal (created on first use)."""
+        signal = self.__dict__.get("_work_signal")
+        if signal is None:
+            with _signal_lock:
+                signal = self.__dict__.setdefault("_work_signal", WorkSignal())
+        return signal
+
+    def work_generation(self) -> int:
+        """A token to read before looking for a job, for :meth:`wait_for_work`."""
+        return self.work_signal.generation()
+
+    def wait_for_work(self, seen: int, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a job to be queued after ``seen`` was read.
+
+        Returns True when woken (a job may be there), False on timeout. Implementations
+        call :meth:`notify_work` after *committing* anything that queues a job
+        (enqueue, retry, requeue of an expired lease or a due retry, release).
+        """
+        return self.work_signal.wait(seen, timeout)
+
+    def notify_work(self) -> None:
+        """Wake this process's waiting workers (call after the commit that queued work)."""
+        self.work_signal.notify()

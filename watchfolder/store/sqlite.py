@@ -448,6 +448,8 @@ class SQLiteStore(JobStore):
                 conn.execute("UPDATE jobs SET message_id = ? WHERE id = ?", (message.message_id, job_id))
                 self._add_history(conn, job_id, JobState.QUEUED, note or f"queued from {spec.source}", now)
                 out.append((self._queued_job(job_id, spec, key, now), True))
+        if any(created for _, created in out):
+            self.notify_work()
         return out
 
     def _queued_job(self, job_id: int, spec: JobSpec, key: str, now: float) -> Job:
@@ -575,6 +577,7 @@ class SQLiteStore(JobStore):
                 attempts=0, next_attempt_at=None, finished_at=None, error_kind=None, error_message=None,
                 error_config=0, cancel_requested=0, followup=None, dismissed_at=None,
             )
+        self.notify_work()
         self.log(job_id, f"retry requested{who}", now=now)
         return self.get(job_id)
 
@@ -763,6 +766,7 @@ class SQLiteStore(JobStore):
             row = self._running(conn, job_id, worker)
             self._requeue(conn, job_id, now, f"released by {worker}: {reason or 'stopping'}",
                           attempts=max(row["attempts"] - 1, 0))
+        self.notify_work()
         return self.get(job_id)
 
     def maintain(self, *, now: float | None = None) -> dict[str, int]:
@@ -803,6 +807,8 @@ class SQLiteStore(JobStore):
             conn.execute(
                 "UPDATE outbox SET state = 'pending' WHERE state = 'sending' AND claimed_until < ?", (now,)
             )
+        if stats["expired"] or stats["due"]:
+            self.notify_work()
         if now - self._last_prune > D.PRUNE_SECONDS:
             self._last_prune = now
             self._queue().prune(include_failed=False)
