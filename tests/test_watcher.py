@@ -500,6 +500,9 @@ def test_delete_only_after_verified_success(harness, store):
     finish_all(store, {"verified": {"verified": True}, "unverified": {"verified": False},
                        "failed": PermanentImportError("boom"), "changed": {}})
     wait_until(lambda: store.followups("watch:drop") == [], 10, message="post-actions done")
+    # followup_done commits, then appends its note to the log file: wait for the last note.
+    wait_until(lambda: "the files changed since" in store.read_log(by_root["changed"].id), 10)
+    wait_until(lambda: "deleted 3 file(s)" in store.read_log(by_root["verified"].id), 10)
     verified = harness.drop / "verified"
     assert not (verified / "a.tif").exists() and not (verified / "sub").exists()
     assert not (verified / "watchfolder.json").exists()
