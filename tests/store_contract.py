@@ -429,3 +429,48 @@ def test_queued_work_wakes_a_waiting_worker(store, make_spec):
     claimed = store.claim("w", now=T0 + 3600)
     store.fail(claimed.id, "w", PermanentImportError("bad file"), now=T0 + 3600)
     assert queued_from_another_thread(lambda: store.retry(job.id, now=T0 + 3601))
+
+
+def _pending(path, *, watch="drop", kind="waiting", reason="waiting for 1 of 2 files (missing: b.tif)",
+             first_seen=T0, last_change=T0, owner="jdoe", digest="ab12"):
+    from watchfolder.store import PendingEntry
+
+    return PendingEntry(watch=watch, path=path, kind=kind, reason=reason, first_seen=first_seen,
+                        last_change=last_change, quiet_until=last_change + 30, owner=owner, digest=digest)
+
+
+def test_pending_sync_lists_replaces_and_keeps_the_first_sighting(store, make_store):
+    store.pending_sync("drop", [_pending("a"), _pending("b", owner=None, kind="writing", first_seen=T0 + 5)], now=T0 + 6)
+    store.pending_sync("other", [_pending("a", watch="other", first_seen=T0 + 1)], now=T0 + 6)
+    listed = store.pending_list()
+    assert [(e.watch, e.path) for e in listed] == [("drop", "a"), ("other", "a"), ("drop", "b")]
+    first = listed[0]
+    assert (first.kind, first.reason, first.owner, first.digest) == (
+        "waiting", "waiting for 1 of 2 files (missing: b.tif)", "jdoe", "ab12")
+    assert (first.first_seen, first.last_change, first.quiet_until, first.updated_at) == (T0, T0, T0 + 30, T0 + 6)
+    assert first.to_dict()["reason"] == first.reason and "digest" not in first.to_dict()
+
+    # A restarted watcher reports "a" as first seen now: the store keeps the earlier sighting.
+    # "b" is not reported any more (queued or gone): it leaves the list. Other folders are untouched.
+    store.pending_sync("drop", [_pending("a", first_seen=T0 + 100, last_change=T0 + 90, reason="changed")],
+                       now=T0 + 100)
+    (a,) = store.pending_list(watch="drop")
+    assert (a.first_seen, a.last_change, a.reason, a.updated_at) == (T0, T0 + 90, "changed", T0 + 100)
+    assert [e.path for e in store.pending_list(watch="other")] == ["a"]
+
+    # Filters, limit, and another handle on the same database (another process).
+    assert [e.watch for e in store.pending_list(owner="jdoe")] == ["drop", "other"]
+    assert store.pending_list(owner="nobody") == []
+    assert len(store.pending_list(limit=1)) == 1
+    assert [e.path for e in make_store().pending_list(watch="drop")] == ["a"]
+
+    store.pending_sync("drop", [], now=T0 + 200)
+    assert [e.watch for e in store.pending_list()] == ["other"]
+
+
+def test_pending_survives_reopening_the_store(make_store):
+    first = make_store()
+    first.pending_sync("drop", [_pending("slide 3/ü")], now=T0)
+    first.close()
+    (entry,) = make_store().pending_list()
+    assert (entry.path, entry.first_seen) == ("slide 3/ü", T0)

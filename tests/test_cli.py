@@ -379,7 +379,7 @@ def test_jobs_show_running_has_progress_and_failed_has_error(cfg_path, jobstore,
     jobstore.report_progress(job.id, WORKER, Progress("copying", 250, 1000, 0, 2))
     assert run_cli(cfg_path, "jobs", "show", str(job.id)) == 0
     out = capsys.readouterr().out
-    assert "  progress: [########......................]  25.0%  250 B / 1.0 KB  0/2 files  copying" in out
+    assert "  progress: [########......................]  25.0%  250 B / 1000 B  0/2 files  copying" in out
 
     jobstore.fail(job.id, WORKER, PermanentImportError("tile_9.tif is not a supported format"))
     assert run_cli(cfg_path, "jobs", "show", str(job.id)) == 0
@@ -413,7 +413,7 @@ def test_jobs_show_follow_draws_progress_until_the_job_ends(cfg_path, jobstore, 
         first = lines.get(timeout=30)
         assert first is not None, proc.stderr.read()
         assert first.startswith(f"job {job.id} running")
-        assert "[###############...............]  50.0%  500 B / 1.0 KB  1/2 files  copying" in first
+        assert "[###############...............]  50.0%  500 B / 1000 B  1/2 files  copying" in first
 
         # The job ends from another thread, as a worker would end it.
         finisher = threading.Thread(
@@ -434,7 +434,7 @@ def test_jobs_show_follow_draws_progress_until_the_job_ends(cfg_path, jobstore, 
         rest.append(line)
     assert rest, "no line after the job ended"
     assert rest[-1].startswith(f"job {job.id} succeeded")
-    assert "[##############################] 100.0%  1.0 KB / 1.0 KB  2/2 files" in rest[-1]
+    assert "[##############################] 100.0%  1000 B / 1000 B  2/2 files" in rest[-1]
 
 
 def test_jobs_follow_of_finished_job_returns_at_once(cfg_path, jobstore, make_spec, capsys):

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -21,8 +22,9 @@ import yaml
 
 from . import __version__
 from . import config as configmod
-from .errors import AcquisitionError, WatchfolderError
+from .errors import AcquisitionError, JobNotFound, WatchfolderError
 from .job import FINISHED_STATES, Job, JobState, Target
+from .units import format_size
 
 EPILOG = "Config: --config PATH or $WATCHFOLDER_CONFIG. Docs: README.md."
 
@@ -34,12 +36,31 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()
+        return code
     except WatchfolderError as exc:
         print(f"watchfolder: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`jobs list | head`): nothing more to say, and no traceback.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports it
+
+
+def _sub_parser(common: argparse.ArgumentParser) -> type[argparse.ArgumentParser]:
+    """A parser class whose every (sub)command accepts the common options too."""
+
+    class SubParser(argparse.ArgumentParser):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("parents", [common])
+            super().__init__(*args, **kwargs)
+
+    return SubParser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"watchfolder {__version__}")
     parser.add_argument("-c", "--config", help="config file (default: $WATCHFOLDER_CONFIG)")
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    # Also accepted after the command (`watchfolder run --config x.yaml`); SUPPRESS keeps a
+    # --config given before the command when none is given after it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", default=argparse.SUPPRESS, help="config file (default: $WATCHFOLDER_CONFIG)")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_sub_parser(common))
 
     p = sub.add_parser("run", help="run everything: watchers, workers, HTTP server, mail", epilog=EPILOG)
     p.set_defaults(func=cmd_run)
@@ -81,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--description", help="image description")
     p.add_argument("--annotation", action="append", default=[], metavar="KEY=VALUE",
                    help="key-value annotation (repeatable)")
-    p.add_argument("--wait", action="store_true", help="follow the job until it ends (exit 1 unless it succeeds)")
+    p.add_argument("--wait", "--follow", action="store_true", dest="wait",
+                   help="follow the job with a progress bar until it ends (exit 1 unless it succeeds)")
     p.add_argument("--json", action="store_true", help="print the job as JSON")
     p.set_defaults(func=cmd_submit)
 
@@ -97,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_jobs_list)
     p = jsub.add_parser("show", help="show one job")
     p.add_argument("id", type=int)
-    p.add_argument("--follow", "-f", action="store_true", help="draw live progress until the job ends")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="draw live progress until the job ends (waits for a job about to appear)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs_show)
     p = jsub.add_parser("log", help="print a job's log")
@@ -105,9 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_jobs_log)
     p = jsub.add_parser("retry", help="queue a failed or cancelled job again")
     p.add_argument("id", type=int)
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs_retry)
     p = jsub.add_parser("cancel", help="cancel a queued, waiting or running job")
     p.add_argument("id", type=int)
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs_cancel)
     jobs.set_defaults(func=lambda a: (jobs.print_help(), 2)[1])
 
@@ -116,16 +145,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("check-config", help="validate the config and print it, secrets redacted", epilog=EPILOG)
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("pending", help="acquisitions the watchers see and have not queued, with why",
+                       epilog=EPILOG)
+    p.add_argument("--watch", help="only this watch folder (its name)")
+    p.add_argument("--owner", help="only this owner")
+    p.add_argument("--limit", type=int, default=500)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_pending)
+
+    p = sub.add_parser("explain", help="what the service thinks of a path under a watch folder, and why",
+                       epilog=EPILOG)
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_explain)
 
     mail = sub.add_parser("mail", help="inspect and resend outbox mails", epilog=EPILOG)
     msub = mail.add_subparsers(title="mail commands", metavar="ACTION")
     p = msub.add_parser("list", help="list outbox mails, newest first")
     p.add_argument("--state", choices=["pending", "sending", "sent", "failed"])
     p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_mail_list)
     p = msub.add_parser("resend", help="queue a failed or sent mail again")
     p.add_argument("id", type=int)
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_mail_resend)
     mail.set_defaults(func=lambda a: (mail.print_help(), 2)[1])
 
@@ -136,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", required=True, choices=["submit", "read", "admin"])
     p.add_argument("--owner", action="append", default=[], help="limit to this owner (repeatable)")
     p.add_argument("--root", action="append", default=[], help="limit paths to this folder (repeatable)")
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_token_new)
     token.set_defaults(func=lambda a: (token.print_help(), 2)[1])
     return parser
@@ -190,7 +237,17 @@ def _run_service(args, parts, *, banner: bool = False, burst: bool = False,
             pass
         print(f"stopping: finishing running jobs (grace {config.workers.shutdown_grace:g} s)…", flush=True)
     service.stop()
+    if banner:
+        print(f"watchfolder {__version__} stopped", flush=True)
     return 0
+
+
+def executable() -> str:
+    """How to run this very program again: the real path of the script, or ``python -m watchfolder``."""
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    if argv0 and not argv0.endswith(("__main__.py", "-c")) and os.path.exists(argv0):
+        return shlex.quote(os.path.realpath(argv0))
+    return f"{shlex.quote(sys.executable)} -m watchfolder"
 
 
 def _banner(config, service) -> str:
@@ -211,8 +268,9 @@ def _banner(config, service) -> str:
         lines.append("                         (an admin token for this run only; configure server.tokens for more)")
     elif service.server is not None:
         lines.append(f"  dashboard and API:     {service.server.url}")
-    cfg = f" --config {config.path}" if config.path else ""
-    lines.append(f"  follow jobs with:      watchfolder{cfg} jobs list")
+    cfg = f" --config {shlex.quote(str(Path(config.path).resolve()))}" if config.path else ""
+    lines.append(f"  follow jobs with:      {executable()}{cfg} jobs list")
+    lines.append(f"  why not in yet:        {executable()}{cfg} pending")
     lines.append("Stop with Ctrl-C (running jobs finish first).")
     return "\n".join(lines)
 
@@ -314,12 +372,7 @@ def _when(stamp: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else "-"
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
+_size = format_size
 
 
 def cmd_jobs_list(args) -> int:
@@ -382,12 +435,20 @@ def _bar(job: Job, width: int = 30) -> str:
 
 
 def _follow(store, job_id: int, out=None) -> Job:
-    """Draw a live progress bar until the job ends."""
+    """Draw a live progress bar until the job ends; a job about to appear is waited for."""
     out = out or sys.stdout  # looked up now: sys.stdout may be redirected after import
     tty = out.isatty()
     last = ""
+    told = False
     while True:
-        job = store.get(job_id)
+        try:
+            job = store.get(job_id)
+        except JobNotFound:
+            if not told:
+                print(f"waiting for job {job_id} to appear (Ctrl-C to stop)…", file=sys.stderr, flush=True)
+                told = True
+            time.sleep(0.3)  # polling the store for display, not synchronisation
+            continue
         line = f"job {job.id} {str(job.state):<10} " + _bar(job)
         if line != last:
             out.write(("\r" + line.ljust(len(last))) if tty else line + "\n")
@@ -405,9 +466,7 @@ def _follow(store, job_id: int, out=None) -> Job:
 def cmd_jobs_show(args) -> int:
     config = load_config(args)
     store = open_store(config)
-    job = store.get(args.id)
-    if args.follow:
-        job = _follow(store, args.id)
+    job = _follow(store, args.id, sys.stderr if args.json else None) if args.follow else store.get(args.id)
     if args.json:
         print(json.dumps(job.to_dict(), indent=2))
     elif not args.follow:
@@ -426,13 +485,16 @@ def cmd_jobs_log(args) -> int:
 def cmd_jobs_retry(args) -> int:
     config = load_config(args)
     job = open_store(config).retry(args.id, by=f"cli:{_user()}")
-    print(f"job {job.id} queued again")
+    print(json.dumps(job.to_dict(), indent=2) if args.json else f"job {job.id} queued again")
     return 0
 
 
 def cmd_jobs_cancel(args) -> int:
     config = load_config(args)
     job = open_store(config).cancel(args.id, by=f"cli:{_user()}")
+    if args.json:
+        print(json.dumps(job.to_dict(), indent=2))
+        return 0
     print(f"job {job.id}: {'cancel requested (running)' if job.state == JobState.RUNNING else job.state}")
     return 0
 
@@ -453,8 +515,58 @@ def cmd_status(args) -> int:
 
 def cmd_check_config(args) -> int:
     config = configmod.load(args.config)
+    if args.json:
+        print(json.dumps(configmod.to_dict(config), indent=2, default=str))
+        return 0
     print(f"# {config.path}: valid")
     print(yaml.safe_dump(configmod.to_dict(config), sort_keys=False, allow_unicode=True))
+    return 0
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+def cmd_pending(args) -> int:
+    from .watch.explain import pending_view
+
+    config = load_config(args)
+    store = open_store(config)
+    entries = pending_view(store.pending_list(watch=args.watch, owner=args.owner, limit=args.limit))
+    if args.json:
+        print(json.dumps({"pending": entries}, indent=2))
+        return 0
+    if not entries:
+        print("nothing pending: every acquisition the watchers know of is queued or done")
+        return 0
+    for e in entries:
+        owner = f"  (owner {e['owner']})" if e["owner"] else ""
+        print(f"{e['watch']}: {e['path']}{owner}  seen {_ago(e['waiting_for'])} ago")
+        print(f"    {e['reason']}")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from .watch.explain import explain
+
+    config = load_config(args)
+    store = open_store(config)
+    answers = [explain(config, store, path) for path in args.paths]
+    if args.json:
+        print(json.dumps({"paths": [a.to_dict() for a in answers]}, indent=2))
+        return 0
+    for a in answers:
+        where = f" [watch folder {a.watch}]" if a.watch else ""
+        print(f"{a.path}{where}")
+        print(f"    {a.reason}")
+        for detail in a.details:
+            print(f"    {detail}")
     return 0
 
 
@@ -462,6 +574,9 @@ def cmd_mail_list(args) -> int:
     config = load_config(args)
     store = open_store(config)
     mails = store.outbox_list(state=args.state, limit=args.limit)
+    if args.json:
+        print(json.dumps({"mails": [m.to_dict() for m in mails]}, indent=2))
+        return 0
     if not mails:
         print("no mails")
     for m in mails:
@@ -474,6 +589,9 @@ def cmd_mail_list(args) -> int:
 def cmd_mail_resend(args) -> int:
     config = load_config(args)
     mail = open_store(config).outbox_resend(args.id)
+    if args.json:
+        print(json.dumps(mail.to_dict(), indent=2))
+        return 0
     print(f"mail {mail.id} queued again for {', '.join(mail.recipients)}")
     return 0
 
@@ -482,6 +600,9 @@ def cmd_token_new(args) -> int:
     from .web.auth import new_token
 
     token, snippet = new_token(args.name, args.role, args.owner, args.root)
+    if args.json:
+        print(json.dumps({"token": token, "config": snippet}, indent=2))
+        return 0
     print(f"token (shown once; give it to the client): {token}")
     print("add this under server.tokens in the config file:")
     print(snippet)

@@ -51,6 +51,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..job import Job, JobState
+from ..units import format_size
 from .message import Mail
 
 log = logging.getLogger(__name__)
@@ -582,15 +583,7 @@ def _format_seconds(seconds: float) -> str:
     return f"{secs} s"
 
 
-def _size(size: int | None) -> str:
-    if size is None:
-        return "size unknown"
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+_size = format_size
 
 
 def _plural(count: int, word: str) -> str:

@@ -7,10 +7,10 @@
 
 from __future__ import annotations
 
-from .base import JobStore, Mail, MailComposer, OutboxMail
+from .base import JobStore, Mail, MailComposer, OutboxMail, PendingEntry
 from .sqlite import SQLiteStore
 
-__all__ = ["JobStore", "Mail", "MailComposer", "OutboxMail", "SQLiteStore", "open_store"]
+__all__ = ["JobStore", "Mail", "MailComposer", "OutboxMail", "PendingEntry", "SQLiteStore", "open_store"]
 
 
 def open_store(config, composer: MailComposer | None = None) -> JobStore:

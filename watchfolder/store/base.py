@@ -118,6 +118,47 @@ class WorkSignal:
 _signal_lock = threading.Lock()
 
 
+@dataclass(frozen=True)
+class PendingEntry:
+    """An acquisition a watcher knows of and has not queued, with why (plain data).
+
+    ``watch`` is the watch folder's name and ``path`` the acquisition's path
+    relative to it (``/``-separated). ``kind`` is a short machine word
+    (``writing``, ``waiting``, ``size``, ``sidecar``, ``ignored``…) and
+    ``reason`` the same in a scientist's words. ``first_seen`` is when a
+    watcher first saw the acquisition (kept across restarts by the store),
+    ``last_change`` when it last changed, ``quiet_until`` when its quiet period
+    ends (None when not counting), all epoch seconds. ``digest`` is the
+    watcher's opaque snapshot of the acquisition (hex) at ``last_change``: a
+    restarted watcher that finds the same digest knows nothing changed while it
+    was down. ``owner`` is the owner named so far, or None.
+    """
+
+    watch: str
+    path: str
+    kind: str
+    reason: str
+    first_seen: float
+    last_change: float
+    quiet_until: float | None = None
+    owner: str | None = None
+    digest: str | None = None
+    updated_at: float | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "watch": self.watch,
+            "path": self.path,
+            "kind": self.kind,
+            "reason": self.reason,
+            "owner": self.owner,
+            "first_seen": self.first_seen,
+            "last_change": self.last_change,
+            "quiet_until": self.quiet_until,
+            "updated_at": self.updated_at,
+        }
+
+
 #: Builds the mails of a job that just finished; called inside the finishing transaction.
 MailComposer = Callable[[Job], "list[Mail]"]
 
@@ -342,6 +383,24 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     def outbox_next_due(self) -> float | None:
         """The earliest ``next_attempt_at`` (epoch seconds) of a pending mail, or None."""
+
+    # -- pending acquisitions (what the watchers see and have not queued) ----
+
+    @abc.abstractmethod
+    def pending_sync(self, watch: str, entries: Iterable[PendingEntry], *, now: float | None = None) -> None:
+        """Make ``entries`` the whole pending list of watch folder ``watch``, in one transaction.
+
+        Entries of ``watch`` not given are removed (queued, rejected or gone).
+        An entry already stored keeps its stored ``first_seen`` when that is
+        earlier than the given one, so a restarted watcher never restarts the
+        clock of an acquisition; ``updated_at`` is set to ``now``.
+        """
+
+    @abc.abstractmethod
+    def pending_list(
+        self, *, watch: str | None = None, owner: str | None = None, limit: int = 500
+    ) -> list[PendingEntry]:
+        """Pending acquisitions, oldest first (by ``first_seen``), optionally of one watch folder or owner."""
 
     @abc.abstractmethod
     def ping(self) -> bool:

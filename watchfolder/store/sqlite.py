@@ -45,7 +45,7 @@ from ..job import (
     Progress,
     RetryPolicy,
 )
-from .base import JobStore, Mail, MailComposer, OutboxMail
+from .base import JobStore, Mail, MailComposer, OutboxMail, PendingEntry
 
 SCHEMA_VERSION = 1
 QUEUE_TABLE = "dispatch"
@@ -124,6 +124,20 @@ CREATE TABLE IF NOT EXISTS components (
     updated_at REAL NOT NULL,
     PRIMARY KEY (kind, name)
 );
+CREATE TABLE IF NOT EXISTS pending (
+    watch       TEXT NOT NULL,
+    path        TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    owner       TEXT,
+    first_seen  REAL NOT NULL,
+    last_change REAL NOT NULL,
+    quiet_until REAL,
+    digest      TEXT,
+    updated_at  REAL NOT NULL,
+    PRIMARY KEY (watch, path)
+);
+CREATE INDEX IF NOT EXISTS pending_first_seen ON pending(first_seen);
 """
 
 
@@ -885,6 +899,55 @@ class SQLiteStore(JobStore):
                 "status": json.loads(r["status"]),
                 "updated_at": r["updated_at"],
             }
+            for r in rows
+        ]
+
+    # -- pending acquisitions -------------------------------------------------
+
+    def pending_sync(self, watch: str, entries: Iterable[PendingEntry], *, now: float | None = None) -> None:
+        """Make ``entries`` the whole pending list of watch folder ``watch`` (see :class:`JobStore`)."""
+        now = _now(now)
+        rows = [
+            (watch, e.path, e.kind, e.reason, e.owner, e.first_seen, e.last_change, e.quiet_until, e.digest, now)
+            for e in entries
+        ]
+        conn = self._conn()
+        with _transaction(conn):
+            keep = {r[1] for r in rows}
+            stored = [r[0] for r in conn.execute("SELECT path FROM pending WHERE watch = ?", (watch,))]
+            conn.executemany(
+                "DELETE FROM pending WHERE watch = ? AND path = ?", [(watch, p) for p in stored if p not in keep]
+            )
+            conn.executemany(
+                "INSERT INTO pending (watch, path, kind, reason, owner, first_seen, last_change, quiet_until,"
+                " digest, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (watch, path) DO UPDATE SET kind = excluded.kind, reason = excluded.reason,"
+                " owner = excluded.owner, first_seen = min(pending.first_seen, excluded.first_seen),"
+                " last_change = excluded.last_change, quiet_until = excluded.quiet_until,"
+                " digest = excluded.digest, updated_at = excluded.updated_at",
+                rows,
+            )
+
+    def pending_list(
+        self, *, watch: str | None = None, owner: str | None = None, limit: int = 500
+    ) -> list[PendingEntry]:
+        """Pending acquisitions, oldest first, optionally of one watch folder or owner."""
+        where, params = [], []
+        if watch is not None:
+            where.append("watch = ?")
+            params.append(watch)
+        if owner is not None:
+            where.append("owner = ?")
+            params.append(owner)
+        sql = "SELECT * FROM pending" + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY first_seen, watch, path LIMIT ?"
+        rows = self._conn().execute(sql, (*params, int(limit))).fetchall()
+        return [
+            PendingEntry(
+                watch=r["watch"], path=r["path"], kind=r["kind"], reason=r["reason"], first_seen=r["first_seen"],
+                last_change=r["last_change"], quiet_until=r["quiet_until"], owner=r["owner"], digest=r["digest"],
+                updated_at=r["updated_at"],
+            )
             for r in rows
         ]
 

@@ -477,6 +477,8 @@ class ListedCheck:
 
     present: list[tuple[FileEntry, os.stat_result]]
     missing: list[str]  # readable reasons, one per file
+    absent: list[str] = field(default_factory=list)  # listed paths not there at all
+    sizes: list[tuple[str, int, int]] = field(default_factory=list)  # (path, bytes found, listed)
 
     @property
     def complete(self) -> bool:
@@ -493,6 +495,8 @@ def check_listed(root: Path, files: Iterable[FileEntry]) -> ListedCheck:
     real_root: str | None = None
     present: list[tuple[FileEntry, os.stat_result]] = []
     missing: list[str] = []
+    absent: list[str] = []
+    sizes: list[tuple[str, int, int]] = []
     for entry in files:
         rel = entry.path
         full = os.path.join(root_text, rel)
@@ -502,6 +506,7 @@ def check_listed(root: Path, files: Iterable[FileEntry]) -> ListedCheck:
             found = locate(root, entry.path)
             if found is None:
                 missing.append(f"{entry.path} (missing)")
+                absent.append(entry.path)
                 continue
             rel = found
             full = os.path.join(root_text, rel)
@@ -509,6 +514,7 @@ def check_listed(root: Path, files: Iterable[FileEntry]) -> ListedCheck:
                 lst = os.lstat(full)
             except OSError:
                 missing.append(f"{entry.path} (missing)")
+                absent.append(entry.path)
                 continue
         if _plain_below(root_text, rel, lst):
             # No symlink between root and the file: it resolves to realpath(root)/rel,
@@ -532,9 +538,10 @@ def check_listed(root: Path, files: Iterable[FileEntry]) -> ListedCheck:
             continue
         if entry.size is not None and st.st_size != entry.size:
             missing.append(f"{entry.path} (size {st.st_size} bytes, listed {entry.size})")
+            sizes.append((entry.path, st.st_size, entry.size))
             continue
         present.append((FileEntry(path=rel, size=st.st_size, sha256=entry.sha256), st))
-    return ListedCheck(present, missing)
+    return ListedCheck(present, missing, absent, sizes)
 
 
 def _plain_below(root: str, rel: str, lst: os.stat_result) -> bool:

@@ -21,6 +21,7 @@ import os
 import pwd
 import re
 import stat
+import time
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from typing import Any
 from ..config import WatchConfig
 from ..errors import AcquisitionError
 from ..job import FileEntry, JobSpec, Target
+from ..store.base import PendingEntry
 from . import acquisition as acq
 
 # Files the watcher itself writes beside acquisitions; never part of one.
@@ -194,6 +196,7 @@ class Outcome:
     spec: JobSpec | None = None
     reason: str = ""
     warnings: list[str] = field(default_factory=list)
+    why: str = ""  # a ``wait``'s pending kind: waiting (files), size, sidecar, empty
 
 
 @dataclass
@@ -205,8 +208,11 @@ class Candidate:
     observed_at: float = 0.0
     done_digest: bytes | None = None  # snapshot at the last outcome (job queued, rejected, ignored)
     waiting: str = ""  # why a quiet candidate is not complete yet
+    waiting_kind: str = ""  # the pending kind of ``waiting`` (see :func:`pending_reason`)
+    owner: str | None = None  # the owner named so far (from the last look at the descriptor)
     next_check: float = 0.0
     seen_generation: int = 0
+    peak_files: int = 0  # most files seen at once (sidecar: 2 once the data file was there)
 
     @property
     def pending(self) -> bool:
@@ -292,15 +298,17 @@ class ManifestRule(Rule):
             if descriptor.files is not None:
                 check = acq.check_listed(folder, descriptor.files)
                 if check.missing:
-                    return Outcome(
-                        "wait", rel, spec=base,
-                        reason=f"{len(check.missing)} listed file(s) missing or incomplete: "
-                        + "; ".join(check.missing[:20]) + (" …" if len(check.missing) > 20 else ""),
-                    )
+                    why, reason = listed_reason(check, len(descriptor.files), "manifest")
+                    return Outcome("wait", rel, spec=base, reason=reason, why=why)
                 found = check.present
                 bad = _checksums(folder, [e for e, _ in found])
-                if bad:
-                    return Outcome("wait", rel, spec=base, reason="checksum mismatch: " + "; ".join(bad[:20]))
+                sized = {e.path for e in descriptor.files if e.size is not None}
+                if any(p in sized for p in bad):
+                    # Complete (every listed size matches) yet different: waiting cannot fix it.
+                    return Outcome("reject", rel, spec=base, reason=checksum_reason(bad, "manifest"))
+                if bad:  # no size listed: the file may still be growing
+                    return Outcome("wait", rel, spec=base, why="checksum",
+                                   reason=checksum_reason(bad, "manifest").split(":")[0] + " yet")
             else:
                 found = [
                     (FileEntry(r, st.st_size), st)
@@ -367,7 +375,8 @@ class SidecarRule(Rule):
             return Outcome("reject", rel, spec=base, reason=str(exc))
         base = _apply_descriptor(base, descriptor)
         if not os.path.lexists(data):
-            return Outcome("wait", rel, spec=base, reason=f"data file {data.name} missing (sidecar {sidecar.name} is there)")
+            return Outcome("wait", rel, spec=base, why="sidecar",
+                           reason=f"sidecar names data file {data.name}, which is missing")
         real_root = os.path.realpath(data.parent)
         real = os.path.realpath(data)
         if not real.startswith(real_root.rstrip("/") + "/"):
@@ -382,11 +391,15 @@ class SidecarRule(Rule):
         for listed in descriptor.files or ():
             if unicodedata.normalize("NFC", listed.path) == unicodedata.normalize("NFC", data.name):
                 if listed.size is not None and listed.size != st.st_size:
-                    return Outcome("wait", rel, spec=base, reason=f"{data.name} has {st.st_size} bytes, the sidecar lists {listed.size}")
+                    return Outcome("wait", rel, spec=base, why="size",
+                                   reason=size_reason(data.name, st.st_size, listed.size, "sidecar"))
                 entry = FileEntry(data.name, st.st_size, listed.sha256)
         bad = _checksums(data.parent, [entry])
+        if bad and any(f.size is not None for f in descriptor.files or () if f.path == data.name):
+            return Outcome("reject", rel, spec=base, reason=checksum_reason(bad, "sidecar"))
         if bad:
-            return Outcome("wait", rel, spec=base, reason="checksum mismatch: " + "; ".join(bad))
+            return Outcome("wait", rel, spec=base, why="checksum",
+                           reason=checksum_reason(bad, "sidecar").split(":")[0] + " yet")
         descriptor = dataclasses.replace(descriptor, filesets=())
         return _finish(self.watch, base, descriptor, [(entry, st)], rel, "file", warnings=list(descriptor.warnings))
 
@@ -456,7 +469,7 @@ class LayoutRule(Rule):
             return Outcome("reject", rel, spec=base, reason=str(exc))
         if not found:
             # An empty folder (or one holding only temp files) is not an acquisition yet.
-            return Outcome("wait", rel, spec=base, reason="no files yet")
+            return Outcome("wait", rel, spec=base, why="empty", reason="waiting for files: the folder holds none yet")
         if owner and ("/" in owner or any(c.isspace() for c in owner)):
             return Outcome("reject", rel, spec=base, reason=f"owner {owner!r} from the path is not a valid user name")
         return _finish(self.watch, base, acq.Descriptor(), found, rel, "folder", warnings=[])
@@ -540,8 +553,56 @@ def _checksums(root: Path, entries: list[FileEntry]) -> list[str]:
                 _hash_cache.clear()
             _hash_cache[key] = digest
         if digest != entry.sha256:
-            bad.append(f"{entry.path} (sha256 {digest[:12]}…, listed {entry.sha256[:12]}…)")
+            bad.append(entry.path)
     return bad
+
+
+# ---------------------------------------------------------------------------
+# Pending reasons, in the words of the scientist who dropped the data
+
+
+def _names(paths: list[str], limit: int = 10) -> str:
+    shown = ", ".join(paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def size_reason(path: str, found: int, listed: int, where: str) -> str:
+    """``size of x.tif is 1,000 bytes, manifest says 4,096``."""
+    return f"size of {path} is {found:,} bytes, {where} says {listed:,}"
+
+
+def listed_reason(check: acq.ListedCheck, total: int, where: str) -> tuple[str, str]:
+    """(pending kind, reason) for listed files not all there with their sizes."""
+    parts = []
+    if check.absent:
+        parts.append(f"waiting for {len(check.absent)} of {total} files (missing: {_names(check.absent)})")
+    parts += [size_reason(p, found, listed, where) for p, found, listed in check.sizes[:5]]
+    if len(check.sizes) > 5:
+        parts.append(f"{len(check.sizes) - 5} more files of the wrong size")
+    explained = len(check.absent) + len(check.sizes)
+    if explained < len(check.missing):  # dangling symlinks, folders where files are listed
+        parts.append("; ".join(m for m in check.missing if not m.endswith(" (missing)") and " (size " not in m))
+    return ("waiting" if check.absent else "size"), "; ".join(parts)
+
+
+def checksum_reason(paths: list[str], where: str) -> str:
+    """Why a complete acquisition whose content differs from its descriptor fails at once."""
+    noun = "checksum" if len(paths) == 1 else "checksums"
+    verb = "does" if len(paths) == 1 else "do"
+    return (
+        f"{noun} of {_names(paths)} {verb} not match the {where}: the size is right but the content differs, "
+        f"so waiting will not help; copy the file(s) again from the instrument (or fix the {where}'s sha256)"
+    )
+
+
+def pending_reason(kind: str, reason: str, last_change: float, quiet_until: float | None, now: float) -> str:
+    """The reason to show ``now``: a candidate still in its quiet period is described from its times."""
+    if kind != "writing":
+        return reason
+    ago = max(0.0, now - last_change)
+    shown = f"{ago:.0f} s" if ago < 120 else f"{ago / 60:.0f} min"
+    until = time.strftime("%H:%M:%S", time.localtime(quiet_until)) if quiet_until else "?"
+    return f"still being written: last change {shown} ago, quiet until {until}"
 
 
 def acquisition_key(watch_name: str, rel: str, descriptor_sha256: str, files: list[tuple[FileEntry, Any]]) -> str:
@@ -649,8 +710,13 @@ class Detector:
     apart agree.
     """
 
-    def __init__(self, watch: WatchConfig, root: str, *, trust_events: bool = False):
+    def __init__(
+        self, watch: WatchConfig, root: str, *, trust_events: bool = False,
+        remembered: dict[str, PendingEntry] | None = None,
+    ):
         self.watch = watch
+        # What the store remembers of pending candidates from before a restart.
+        self.remembered: dict[str, PendingEntry] = dict(remembered or {})
         self.root = root
         self.patterns = Patterns(watch.include, watch.exclude)
         self.rule = make_rule(watch, self.patterns)
@@ -677,18 +743,27 @@ class Detector:
         if cand is None:
             last = estimate_change(snap.max_mtime, since, now)
             cand = Candidate(rel, first_seen=now, last_change=last, digest=snap.digest, observed_at=now)
-            cand.next_check = last + self.watch.quiet_period
+            old = self.remembered.pop(rel, None)
+            if old is not None:
+                # Seen before a restart: its clock goes on from then, not from now.
+                cand.first_seen = min(now, old.first_seen)
+                if old.digest == snap.digest.hex():
+                    cand.last_change = min(last, old.last_change)
+            cand.next_check = cand.last_change + self.watch.quiet_period
             cand.seen_generation = self.generation
+            cand.peak_files = snap.files
             self.known[rel] = cand
             self.pending.add(rel)
             return snap
         cand.seen_generation = self.generation
+        cand.peak_files = max(cand.peak_files, snap.files)
         if cand.digest != snap.digest:
             if cand.digest is not None:
                 # A change seen by looking; an event (digest None) has dated it already.
                 cand.last_change = max(cand.last_change, estimate_change(snap.max_mtime, cand.observed_at, now))
                 cand.next_check = cand.last_change + self.watch.quiet_period
             cand.digest = snap.digest
+            cand.waiting = cand.waiting_kind = ""  # looked at again once quiet
             if snap.digest == cand.done_digest:
                 self.pending.discard(rel)  # back to what was already handled
             else:
@@ -700,11 +775,14 @@ class Detector:
         """An event says the candidate changed: restart its quiet period (looked at when quiet)."""
         cand = self.known.get(rel)
         if cand is None:
-            cand = Candidate(rel, first_seen=now, last_change=now, seen_generation=self.generation)
+            old = self.remembered.pop(rel, None)
+            first = min(now, old.first_seen) if old is not None else now
+            cand = Candidate(rel, first_seen=first, last_change=now, seen_generation=self.generation)
             self.known[rel] = cand
         self._changed(cand, None, now)
 
     def _changed(self, cand: Candidate, digest: bytes | None, now: float) -> None:
+        cand.waiting = cand.waiting_kind = ""  # looked at again once quiet
         cand.last_change = now
         cand.digest = digest
         cand.next_check = now + self.watch.quiet_period
@@ -777,10 +855,16 @@ class Detector:
                 cand.next_check = now + self.watch.quiet_period
                 continue
             cand.digest, cand.observed_at = snap.digest, now
+            cand.peak_files = max(cand.peak_files, snap.files)
             if snap.digest == cand.done_digest:
                 self.pending.discard(rel)
                 continue
             outcome = self.rule.build(self.root, rel, now)
+            if outcome.kind == "wait" and outcome.why == "sidecar" and cand.peak_files > 1:
+                # The data file was there and is gone after the quiet period: waiting will not bring it back.
+                outcome.kind = "reject"
+                outcome.reason += " (it was there before and has been removed or renamed); " \
+                    "put the data file back beside its sidecar, or remove the sidecar"
             if outcome.kind == "gone":
                 self.forget(rel)
                 out.append(outcome)
@@ -789,6 +873,8 @@ class Detector:
                 self.pending.discard(rel)
                 out.append(outcome)
             elif outcome.kind == "wait":
+                if outcome.spec is not None:
+                    cand.owner = outcome.spec.owner or None
                 if now - cand.last_change >= self.watch.missing_timeout:
                     outcome.kind = "reject"
                     outcome.reason = (
@@ -798,6 +884,7 @@ class Detector:
                     out.append(outcome)
                 else:
                     cand.waiting = outcome.reason
+                    cand.waiting_kind = outcome.why or "waiting"
                     cand.next_check = min(cand.last_change + self.watch.missing_timeout, now + WAIT_RECHECK_SECONDS)
             else:
                 cand.waiting = ""
@@ -816,6 +903,25 @@ class Detector:
             cand.next_check = now + retry_after
 
     # -- status -----------------------------------------------------------
+
+    def pending_entries(self, now: float) -> list[PendingEntry]:
+        """Every pending candidate with why it is not queued yet, for the store."""
+        out = []
+        for rel in sorted(self.pending):
+            c = self.known.get(rel)
+            if c is None:
+                continue
+            if c.waiting and now >= c.last_change + self.watch.quiet_period:
+                kind, reason, until = c.waiting_kind or "waiting", c.waiting, None
+            else:
+                kind, until = "writing", c.last_change + self.watch.quiet_period
+                reason = pending_reason(kind, "", c.last_change, until, now)
+            out.append(PendingEntry(
+                watch=self.watch.name, path=rel, kind=kind, reason=reason, first_seen=c.first_seen,
+                last_change=c.last_change, quiet_until=until, owner=c.owner,
+                digest=c.digest.hex() if c.digest else None,
+            ))
+        return out
 
     def pending_list(self, limit: int = 20) -> list[dict[str, Any]]:
         out = []

@@ -260,6 +260,7 @@ class Watcher:
         self.next_health = 0.0
         self.next_status = 0.0
         self.next_followup = 0.0
+        self._pending_signature: Any = None
         self.counters = {"events": 0, "rescans": 0, "polls": 0, "queued": 0, "rejected": 0, "ignored": 0,
                          "restarts": 0, "overflows": 0, "catchups": 0, "post_actions": 0}
         self._status: dict[str, Any] = self._build_status()
@@ -358,7 +359,14 @@ class Watcher:
             for a in (self.watch.on_success, self.watch.on_failure)
             if a.folder is not None
         )
-        self.detector = Detector(self.watch, self.root, trust_events=(mode == "events"))
+        try:
+            remembered = {e.path: e for e in self.store.pending_list(watch=self.name, limit=1_000_000)}
+        except Exception:  # the store is busy: start without, the clocks restart
+            log.warning("watch folder %s: cannot read its pending acquisitions from the store", self.name,
+                        exc_info=True)
+            remembered = None
+        self.detector = Detector(self.watch, self.root, trust_events=(mode == "events"), remembered=remembered)
+        self._pending_signature = None
         # The folder mtime index serves polling, and in events mode the catch-up after an overflow.
         self.scanner = Scanner(self.detector, self.root, index=True, skip=skip)
         self.events.clear()
@@ -614,7 +622,24 @@ class Watcher:
         with self._lock:
             return dict(self._status)
 
+    def _sync_pending(self, now: float) -> None:
+        """Keep the store's pending list of this folder equal to the detector's (when it changed)."""
+        if self.detector is None or not self.active:
+            return
+        entries = self.detector.pending_entries(now)
+        signature = [(e.path, e.kind, "" if e.kind == "writing" else e.reason, e.first_seen, e.last_change,
+                      e.owner) for e in entries]
+        if signature == self._pending_signature:
+            return
+        try:
+            self.store.pending_sync(self.name, entries, now=now)
+        except Exception:  # best effort like the status; the next step tries again
+            log.debug("recording the pending acquisitions of %s failed", self.name, exc_info=True)
+            return
+        self._pending_signature = signature
+
     def _publish(self, now: float, *, force: bool = False) -> None:
+        self._sync_pending(now)
         status = self._build_status()
         with self._lock:
             self._status = status

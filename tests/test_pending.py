@@ -1,0 +1,228 @@
+"""Why is my data not in yet: pending reasons from real drops, kept in the store, shown by `pending` and `explain`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+from helpers import TARGET, wait_until, write_manifest
+
+from watchfolder import config as configmod
+from watchfolder.job import JobState
+from watchfolder.store import open_store
+from watchfolder.watch.explain import explain
+from watchfolder.watch.watcher import Watcher
+
+T0 = 1_000_000.0  # an injected clock far from the files' real mtimes
+
+
+def jobs_of(store):
+    return store.list_jobs(limit=1000)[0]
+
+
+def _watch(name, path, **kw):
+    entry = {"name": name, "path": str(path), "mode": "events", "quiet_period": 0.3, "poll_interval": 0.1,
+             "missing_timeout": 600}
+    entry.update(kw)
+    return entry
+
+
+@pytest.fixture
+def drops(tmp_path):
+    out = {}
+    for name in ("manifest", "sidecar", "slow"):
+        out[name] = tmp_path / "drop" / name
+        out[name].mkdir(parents=True)
+    return out
+
+
+@pytest.fixture
+def config(tmp_path, drops, clean_env):
+    """A config file on disk (the CLI reads it in another process) with three watch folders."""
+    raw = {
+        "data_dir": str(tmp_path / "data"),
+        "importer": {"kind": "archive", "archive": {"root": str(tmp_path / "archive")}},
+        "notify": {"transport": "folder", "admin_email": "admin@example.org"},
+        "watch": [
+            _watch("manifest", drops["manifest"]),
+            _watch("sidecar", drops["sidecar"], detection="sidecar"),
+            _watch("slow", drops["slow"], quiet_period=3600),
+        ],
+    }
+    path = tmp_path / "watchfolder.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return configmod.load(path, environ={})
+
+
+@pytest.fixture
+def store(config):
+    s = open_store(config)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def watchers(config, store):
+    started = [Watcher(w, store, health_interval=0.1, status_interval=0.1) for w in config.watch]
+    for w in started:
+        w.start()
+    for w in started:
+        wait_until(lambda w=w: w.status().get("health") == "ok", 10, message="watcher healthy")
+    yield {w.name: w for w in started}
+    for w in started:
+        w.stop()
+
+
+def _manifest(folder, present: dict[str, bytes], listed: dict[str, int], owner="jdoe"):
+    folder.mkdir(parents=True, exist_ok=True)
+    for rel, data in present.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    files = [{"path": rel, "size": size} for rel, size in listed.items()]
+    (folder / "watchfolder.json").write_text(json.dumps({"owner": owner, "target": TARGET, "files": files}))
+
+
+def _pending_reason(store, watch, path, pattern):
+    def find():
+        for e in store.pending_list(watch=watch):
+            if e.path == path and re.search(pattern, e.reason):
+                return e
+        return None
+    return wait_until(find, 10, message=f"pending {watch}:{path} matching {pattern!r}")
+
+
+def cli(config_path, *args):
+    return subprocess.run([sys.executable, "-m", "watchfolder", *args, "--config", str(config_path)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_each_pending_reason_from_a_real_drop_in_the_store_pending_and_explain(
+        watchers, store, config, drops, tmp_path):
+    # Waiting for files: 2 of 5 listed files are not there.
+    five = {"a.tif": 10, "b/c.tif": 10, "d.tif": 10, "e.tif": 10, "f.tif": 10}
+    _manifest(drops["manifest"] / "plate1", {k: b"x" * 10 for k in ("d.tif", "e.tif", "f.tif")}, five)
+    # Wrong size: the file is there but shorter than listed.
+    _manifest(drops["manifest"] / "short", {"x.tif": b"x" * 1000}, {"x.tif": 4096})
+    # A sidecar whose data file has not arrived.
+    (drops["sidecar"] / "d.czi.json").write_text(json.dumps({"owner": "asmith", "target": TARGET}))
+    # Still being written: a quiet period of an hour has not passed.
+    write_manifest(drops["slow"] / "live", {"a.tif": b"a"})
+
+    missing = _pending_reason(store, "manifest", "plate1", r"^waiting for 2 of 5 files \(missing: a\.tif, b/c\.tif\)$")
+    assert missing.kind == "waiting" and missing.owner == "jdoe"
+    short = _pending_reason(store, "manifest", "short", r"^size of x\.tif is 1,000 bytes, manifest says 4,096$")
+    assert short.kind == "size"
+    sidecar = _pending_reason(store, "sidecar", "d.czi", r"^sidecar names data file d\.czi, which is missing$")
+    assert sidecar.owner == "asmith"
+    live = _pending_reason(store, "slow", "live", r"^still being written: last change \d+ s ago, quiet until")
+    assert live.kind == "writing" and live.quiet_until >= live.last_change + 3600
+    assert jobs_of(store) == []
+
+    # explain: the same words for the acquisitions and any path inside them, plus what is not one.
+    (drops["manifest"] / "scan.tmp").write_bytes(b"t")
+    (drops["manifest"] / "loose.czi").write_bytes(b"c")
+    (drops["manifest"] / "loose.czi.json").write_text(json.dumps({"owner": "jdoe", "target": TARGET}))
+    answers = {
+        "plate1/d.tif": ("pending", "part of acquisition plate1: waiting for 2 of 5 files (missing: a.tif, b/c.tif)"),
+        "short": ("pending", "size of x.tif is 1,000 bytes, manifest says 4,096"),
+        "scan.tmp": ("ignored", "ignored: matches exclude pattern *.tmp"),
+        "loose.czi": ("not_acquisition", "not an acquisition here: this folder watches for watchfolder.json manifests"),
+    }
+    for rel, (verdict, reason) in answers.items():
+        got = explain(config, store, str(drops["manifest"] / rel))
+        assert (got.verdict, got.watch) == (verdict, "manifest"), got
+        assert got.reason.startswith(reason), got.reason
+    loose = explain(config, store, str(drops["manifest"] / "loose.czi"))
+    assert "loose.czi.json beside it looks like a sidecar" in loose.details[0]
+    got = explain(config, store, str(drops["sidecar"] / "d.czi.json"))
+    assert got.reason == "part of acquisition d.czi: sidecar names data file d.czi, which is missing"
+    got = explain(config, store, str(drops["slow"] / "live" / "a.tif"))
+    assert got.verdict == "pending" and "still being written: last change" in got.reason
+    assert explain(config, store, str(tmp_path)).verdict == "outside"
+
+    # The command line shows the same, from another process.
+    out = cli(config.path, "pending")
+    assert out.returncode == 0, out.stderr
+    assert "manifest: plate1  (owner jdoe)" in out.stdout
+    assert "    waiting for 2 of 5 files (missing: a.tif, b/c.tif)" in out.stdout
+    assert "    sidecar names data file d.czi, which is missing" in out.stdout
+    data = json.loads(cli(config.path, "pending", "--owner", "asmith", "--json").stdout)
+    assert [(e["watch"], e["path"]) for e in data["pending"]] == [("sidecar", "d.czi")]
+    out = cli(config.path, "explain", str(drops["manifest"] / "scan.tmp"), str(drops["manifest"] / "short"))
+    assert out.returncode == 0, out.stderr
+    assert "ignored: matches exclude pattern *.tmp" in out.stdout
+    assert "size of x.tif is 1,000 bytes, manifest says 4,096" in out.stdout
+    data = json.loads(cli(config.path, "explain", "--json", str(drops["manifest"] / "loose.czi")).stdout)
+    assert data["paths"][0]["verdict"] == "not_acquisition"
+
+    # Once the files arrive the entry leaves the list and explain names the job.
+    for rel in ("a.tif", "b/c.tif"):
+        (drops["manifest"] / "plate1" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (drops["manifest"] / "plate1" / rel).write_bytes(b"x" * 10)
+    wait_until(lambda: jobs_of(store), 15, message="plate1 queued")
+    wait_until(lambda: all(e.path != "plate1" for e in store.pending_list(watch="manifest")), 10)
+    got = explain(config, store, str(drops["manifest"] / "plate1"))
+    assert got.verdict == "job" and got.job_id == jobs_of(store)[0].id
+    assert got.reason == f"became job {got.job_id}, queued"
+
+
+def test_failures_that_waiting_cannot_fix_fail_after_the_quiet_period(watchers, store, drops):
+    # A complete file (the listed size matches) with other content: fails now, not after missing_timeout (600 s).
+    folder = drops["manifest"] / "corrupt"
+    good = b"original"
+    folder.mkdir()
+    (folder / "a.tif").write_bytes(b"corrupt!")
+    (folder / "watchfolder.json").write_text(json.dumps({"owner": "jdoe", "target": TARGET, "files": [
+        {"path": "a.tif", "size": len(good), "sha256": hashlib.sha256(good).hexdigest()}]}))
+    (job,) = wait_until(lambda: jobs_of(store), 15, message="the checksum failure")
+    assert job.state == JobState.FAILED
+    assert job.error.message.startswith("checksum of a.tif does not match the manifest: the size is right")
+
+    # A sidecar whose data file was there and is gone after the quiet period.
+    data = drops["sidecar"] / "cells.czi"
+    sidecar = drops["sidecar"] / "cells.czi.json"
+    data.write_bytes(b"pixels")
+    sidecar.write_text(json.dumps({"owner": "jdoe", "target": TARGET,
+                                   "files": [{"path": "cells.czi", "size": 99}]}))
+    _pending_reason(store, "sidecar", "cells.czi", r"^size of cells\.czi is 6 bytes, sidecar says 99$")
+    data.unlink()
+    failed = wait_until(lambda: [j for j in jobs_of(store) if j.spec.extra.get("acquisition") == "cells.czi"], 15,
+                        message="the sidecar failure")
+    assert failed[0].state == JobState.FAILED
+    assert failed[0].error.message.startswith("sidecar names data file cells.czi, which is missing (it was there")
+
+
+def test_a_restart_keeps_the_first_sighting_and_the_missing_timeout_clock(make_config, tmp_path):
+    store = open_store(make_config())
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    cfg = make_config(watch=[{"name": "w", "path": str(drop), "mode": "polling", "quiet_period": 10,
+                              "poll_interval": 1, "missing_timeout": 100, "rescan_interval": 1000}])
+    first = Watcher(cfg.watch[0], store)
+    first.loop(now=T0)
+    _manifest(drop / "acq", {}, {"later.tif": 3})
+    first.loop(now=T0 + 1)
+    first.loop(now=T0 + 12)
+    (entry,) = store.pending_list(watch="w")
+    assert (entry.first_seen, entry.reason) == (T0 + 1, "waiting for 1 of 1 files (missing: later.tif)")
+    first.stop()
+
+    # The service restarts 50 s later: the acquisition was first seen at T0 + 1, not now.
+    second = Watcher(cfg.watch[0], store)
+    second.loop(now=T0 + 60)
+    second.loop(now=T0 + 75)
+    (entry,) = store.pending_list(watch="w")
+    assert entry.first_seen == T0 + 1
+    assert jobs_of(store) == []
+    # missing_timeout (100 s) counts from before the restart: it fails at T0 + 101, not T0 + 160.
+    second.loop(now=T0 + 102)
+    (job,) = jobs_of(store)
+    assert job.state == JobState.FAILED and "waiting for 1 of 1 files (missing: later.tif)" in job.error.message
+    second.loop(now=T0 + 103)
+    assert store.pending_list(watch="w") == []
+    store.close()

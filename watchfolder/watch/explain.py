@@ -1,0 +1,209 @@
+"""Why is my data not in yet: what the service thinks of any path under a watch folder.
+
+:func:`explain` answers for one path (``watchfolder explain PATH``) by looking
+at the disk the way the watcher does — the same exclude patterns, the same
+detection rule, the same completeness check — and at the job store: the job
+the acquisition became, or the pending entry a watcher recorded with its
+reason. :func:`pending_view` turns the store's pending entries into what the
+CLI, the API and the dashboard show (a "still being written" reason is
+described from its times at the moment it is shown).
+
+Nothing here changes anything: no job is queued, no file is touched.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import Config, WatchConfig
+from ..store.base import JobStore, PendingEntry
+from .detector import Patterns, is_own_file, make_rule, pending_reason
+
+
+@dataclass
+class Explanation:
+    """The answer for one path. ``verdict`` is one word a script can test:
+
+    ``outside`` (under no watch folder), ``watch_folder`` (the folder itself),
+    ``ignored`` (excluded, a symlink, the service's own file), ``not_acquisition``,
+    ``pending`` (not complete yet, or still being written), ``ready`` (complete,
+    queued once quiet), ``rejected`` (will fail or has failed at detection), or
+    ``job`` (it became job ``job_id``, in ``job_state``).
+    """
+
+    path: str
+    verdict: str
+    reason: str
+    watch: str | None = None
+    acquisition: str | None = None  # relative to the watch folder
+    job_id: int | None = None
+    job_state: str | None = None
+    pending: dict[str, Any] | None = None
+    details: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path, "verdict": self.verdict, "reason": self.reason, "watch": self.watch,
+            "acquisition": self.acquisition, "job_id": self.job_id, "job_state": self.job_state,
+            "pending": self.pending, "details": list(self.details),
+        }
+
+
+def pending_view(entries: list[PendingEntry], now: float | None = None) -> list[dict[str, Any]]:
+    """The store's pending entries as shown to people: reasons described as of ``now``."""
+    now = time.time() if now is None else now
+    out = []
+    for e in entries:
+        item = e.to_dict()
+        item["reason"] = pending_reason(e.kind, e.reason, e.last_change, e.quiet_until, now)
+        item["waiting_for"] = max(0.0, now - e.first_seen)
+        out.append(item)
+    return out
+
+
+def _watch_for(config: Config, path: str) -> tuple[WatchConfig, str, str] | None:
+    """The watch folder holding ``path``: (watch, its resolved root, path relative to it)."""
+    # The path's folder is resolved (a share may be reached through a link), its last
+    # component is not: a symlink must be seen as one.
+    head, tail = os.path.split(os.path.abspath(path))
+    real = os.path.join(os.path.realpath(head), tail) if tail else os.path.realpath(head)
+    best = None
+    for watch in config.watch:
+        root = os.path.realpath(watch.path)
+        if real == root or real.startswith(root.rstrip("/") + "/"):
+            if best is None or len(root) > len(best[1]):
+                best = (watch, root, os.path.relpath(real, root).replace(os.sep, "/") if real != root else "")
+    return best
+
+
+def _excluded_by(watch: WatchConfig, rel: str) -> str | None:
+    parts = rel.split("/")
+    for pattern in watch.exclude:
+        if fnmatch.fnmatchcase(rel, pattern) or any(fnmatch.fnmatchcase(p, pattern) for p in parts):
+            return f"ignored: matches exclude pattern {pattern}"
+    return None
+
+
+def _looks_for(watch: WatchConfig) -> str:
+    if watch.detection == "manifest":
+        return f"this folder watches for {watch.manifest_name} manifests (a folder with {watch.manifest_name} in it)"
+    if watch.detection == "sidecar":
+        return (f"this folder watches for data files with a sidecar beside them "
+                f"(cells_01.czi with cells_01.czi{watch.sidecar_suffix})")
+    return f"this folder takes folders laid out as {watch.layout} (owner and dataset from the path)"
+
+
+def _acquisition_of(watch: WatchConfig, root: str, rel: str, is_dir: bool) -> str | None:
+    """The acquisition (relative path) ``rel`` belongs to under ``watch``'s rule, looking at the disk."""
+    rule = make_rule(watch, Patterns(watch.include, watch.exclude))
+    if watch.detection == "manifest":
+        head = rel if is_dir else rel.rpartition("/")[0]
+        while head:
+            if os.path.isfile(os.path.join(root, head, watch.manifest_name)):
+                return head
+            head = head.rpartition("/")[0]
+        return None
+    if watch.detection == "sidecar":
+        suffix = watch.sidecar_suffix
+        if is_dir:
+            return None
+        if rel.endswith(suffix) and len(rel.rpartition("/")[2]) > len(suffix):
+            return rel[: -len(suffix)]
+        return rel if os.path.lexists(os.path.join(root, rel + suffix)) else None
+    return rule.candidate_for(rel, {}, True) if rel else None
+
+
+def _not_acquisition(watch: WatchConfig, root: str, rel: str, is_dir: bool) -> Explanation:
+    reason = f"not an acquisition here: {_looks_for(watch)}"
+    details = []
+    full = os.path.join(root, rel)
+    if watch.detection != "sidecar" and not is_dir and os.path.isfile(full + watch.sidecar_suffix):
+        details.append(f"{os.path.basename(full)}{watch.sidecar_suffix} beside it looks like a sidecar, but "
+                       f"watch folder {watch.name!r} detects {watch.detection}s; use a sidecar watch folder, "
+                       f"or put the data in a folder with a {watch.manifest_name} manifest")
+    if watch.detection == "layout" and rel:
+        depth = len([p for p in (watch.layout or "").strip("/").split("/") if p])
+        have = rel.count("/") + 1
+        if have < depth:
+            details.append(f"this path is {have} level(s) deep; acquisitions are {depth} levels deep ({watch.layout})")
+    return Explanation(full, "not_acquisition", reason, watch.name, None, details=details)
+
+
+def explain(config: Config, store: JobStore | None, path: str, *, now: float | None = None) -> Explanation:
+    """What the service thinks of ``path`` and why (see :class:`Explanation`). Never raises for a bad path."""
+    now = time.time() if now is None else now
+    found = _watch_for(config, path)
+    if found is None:
+        folders = ", ".join(f"{w.name} ({w.path})" for w in config.watch) or "none configured"
+        return Explanation(os.path.abspath(path), "outside",
+                           f"not under any watch folder; watch folders: {folders}")
+    watch, root, rel = found
+    full = os.path.join(root, rel) if rel else root
+    if not rel:
+        return Explanation(full, "watch_folder",
+                           f"the watch folder {watch.name!r} itself ({watch.detection} detection); {_looks_for(watch)}",
+                           watch.name)
+    if not os.path.lexists(full):
+        return Explanation(full, "outside", f"{full} does not exist", watch.name)
+    if is_own_file(rel.rpartition("/")[2]):
+        return Explanation(full, "ignored", "written by watchfolder itself (a receipt or an error report)",
+                           watch.name)
+    excluded = _excluded_by(watch, rel)
+    if excluded:
+        return Explanation(full, "ignored", excluded + " (temporary and hidden files are never imported)",
+                           watch.name)
+    if os.path.islink(full):
+        return Explanation(full, "ignored", f"a symbolic link (to {os.readlink(full)}): links are never "
+                           "followed into an acquisition; copy the data in instead", watch.name)
+    is_dir = os.path.isdir(full)
+    if watch.include and not is_dir and not any(
+        fnmatch.fnmatchcase(rel.rpartition("/")[2], p) or fnmatch.fnmatchcase(rel, p) for p in watch.include
+    ):
+        return Explanation(full, "ignored", f"ignored: matches none of the include patterns "
+                           f"{', '.join(watch.include)}", watch.name)
+    acq_rel = _acquisition_of(watch, root, rel, is_dir)
+    if acq_rel is None:
+        return _not_acquisition(watch, root, rel, is_dir)
+    return _explain_acquisition(watch, root, acq_rel, full, store, now)
+
+
+def _explain_acquisition(
+    watch: WatchConfig, root: str, acq_rel: str, full: str, store: JobStore | None, now: float
+) -> Explanation:
+    part = "" if os.path.join(root, acq_rel) == full else f"part of acquisition {acq_rel}: "
+    pending = None
+    if store is not None:
+        for entry in store.pending_list(watch=watch.name, limit=1_000_000):
+            if entry.path == acq_rel:
+                pending = pending_view([entry], now)[0]
+    rule = make_rule(watch, Patterns(watch.include, watch.exclude))
+    outcome = rule.build(root, acq_rel, now)
+    out = Explanation(full, "pending", "", watch.name, acq_rel, pending=pending)
+    if outcome.spec is not None and outcome.kind in ("enqueue", "reject") and store is not None:
+        job = store.find(outcome.spec.key())
+        if job is not None:
+            out.verdict, out.job_id, out.job_state = "job", job.id, str(job.state)
+            why = f": {job.error.message}" if job.error else ""
+            out.reason = f"{part}became job {job.id}, {job.state}{why}"
+            return out
+    if outcome.kind == "gone":
+        out.verdict, out.reason = "not_acquisition", f"{part}{outcome.reason or 'no longer an acquisition'}"
+    elif outcome.kind == "ignore":
+        out.verdict, out.reason = "ignored", f"{part}ignored: {outcome.reason}"
+    elif outcome.kind == "reject":
+        out.verdict, out.reason = "rejected", f"{part}will fail once quiet: {outcome.reason}"
+    elif pending is not None and pending["kind"] == "writing":
+        out.reason = part + pending["reason"]
+    elif outcome.kind == "wait":
+        out.reason = part + outcome.reason
+    else:
+        out.verdict = "ready"
+        out.reason = (f"{part}complete: queued once nothing has changed for {watch.quiet_period:g} s "
+                      "(a watcher must be running: watchfolder run or watchfolder watch)")
+    if pending is not None:
+        out.details.append(f"first seen {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(pending['first_seen']))}")
+    return out
