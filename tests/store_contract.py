@@ -474,3 +474,47 @@ def test_pending_survives_reopening_the_store(make_store):
     first.close()
     (entry,) = make_store().pending_list()
     assert (entry.path, entry.first_seen) == ("slide 3/ü", T0)
+
+
+def plate_spec(n: int, **fields):
+    """A spec listing ``n`` files (an HCS plate), with and without sizes and checksums."""
+    from watchfolder.job import FileEntry, JobSpec, Target
+
+    files = tuple(
+        FileEntry(f"Images/r{i // 2400:02d}c{i // 100 % 24:02d}f{i % 100:02d}.tiff",
+                  None if i % 7 == 0 else 1000 + i, None if i % 3 else f"{i:064x}")
+        for i in range(n)
+    )
+    return JobSpec(owner="jdoe", root="/data/plate", files=files, target=Target(screen="Plate 1"),
+                   source="cli:test", email="jdoe@example.org", **fields)
+
+
+def test_a_plate_of_20000_files_round_trips_in_order(make_store):
+    # Issue 13: one acquisition can list 100,000 files; every read gives them back in
+    # order, unchanged, through every transition and after reopening.
+    store = make_store()
+    spec = plate_spec(20_000)
+    job, _ = store.enqueue(spec, now=T0)
+    assert job.spec.files == spec.files and job.progress.files_total == 20_000
+    running = store.claim("w", now=T0)
+    assert running.spec.files == spec.files
+    for i in range(1, 50):
+        store.report_progress(job.id, "w", Progress("copying", i, 0, i * 400, 20_000), now=T0 + i)
+    assert store.get(job.id).spec.files == spec.files
+    done = store.succeed(job.id, "w", {"bytes": 1}, now=T0 + 60, mails=mail_for)
+    assert done.spec.files == spec.files and done.progress.files_done == 19_600
+    assert store.find(spec.key()).spec.files == spec.files
+    listed, _ = store.list_jobs()
+    assert listed[0].spec.files == spec.files
+    store.close()
+    assert make_store().get(job.id).spec.files == spec.files
+
+
+def test_enqueue_many_takes_10000_acquisitions_in_one_batch(store):
+    # A share that comes back with a backlog: one call, one transaction.
+    specs = [plate_spec(2, idempotency_key=f"acq-{i}") for i in range(10_000)]
+    results = store.enqueue_many([(s, "") for s in specs], now=T0)
+    assert all(created for _, created in results)
+    assert len({job.id for job, _ in results}) == 10_000
+    assert store.counts()["queued"] == 10_000
+    assert store.get(results[-1][0].id).spec.files == specs[-1].files

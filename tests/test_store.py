@@ -5,6 +5,7 @@ Everything every store must do is in ``tests/store_contract.py`` (run by
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import pytest
@@ -79,3 +80,34 @@ def test_erased_session_key_is_gone_from_the_database_file(store, make_spec):
     store.succeed(job.id, "w", {})
     raw = sqlite3.connect(store.path).execute("SELECT session_key, spec FROM jobs").fetchone()
     assert raw[0] is None and "secret-session" not in raw[1]
+
+
+def test_the_file_list_stays_out_of_the_row_that_progress_rewrites(store):
+    # SQLite rewrites a whole row on UPDATE: a plate's 20,000 files in the jobs row made
+    # every progress write and lease renewal copy megabytes (issue 13).
+    from store_contract import plate_spec
+
+    job, _ = store.enqueue(plate_spec(20_000), now=T0)
+    store.claim("w", now=T0)
+    store.report_progress(job.id, "w", now=T0 + 1)
+    size = store._conn().execute("SELECT length(spec) + length(progress) FROM jobs WHERE id = ?", (job.id,))
+    assert size.fetchone()[0] < 2048
+    assert store._conn().execute("SELECT count(*) FROM job_files WHERE job_id = ?", (job.id,)).fetchone()[0] == 20_000
+
+
+def test_rows_of_schema_1_with_files_in_the_spec_are_still_read(tmp_path, make_spec):
+    path = tmp_path / "old.db"
+    store = SQLiteStore(path)
+    spec = make_spec()
+    job, _ = store.enqueue(spec, now=T0)
+    conn = store._conn()
+    # As schema 1 wrote it: the files inside the spec JSON, no job_files rows.
+    conn.execute("UPDATE jobs SET spec = ? WHERE id = ?", (json.dumps(spec.to_dict()), job.id))
+    conn.execute("DELETE FROM job_files")
+    conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    store.close()
+    reopened = SQLiteStore(path)
+    assert reopened.get(job.id).spec.files == spec.files
+    version = reopened._conn().execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+    assert version == "2"  # a schema 1 program now refuses this file instead of losing file lists
+    reopened.close()

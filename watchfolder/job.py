@@ -174,12 +174,11 @@ class JobSpec:
     def total_bytes(self) -> int:
         return sum(f.size or 0 for f in self.files)
 
-    def to_dict(self, *, secrets: bool = False) -> dict[str, Any]:
-        """Plain data for storage; the session key only when ``secrets`` is true."""
+    def to_dict(self, *, secrets: bool = False, files: bool = True) -> dict[str, Any]:
+        """Plain data for storage; the session key only when ``secrets`` is true, the files unless ``files`` is false."""
         data = {
             "owner": self.owner,
             "root": self.root,
-            "files": [f.to_dict() for f in self.files],
             "target": self.target.to_dict(),
             "source": self.source,
             "group": self.group,
@@ -194,6 +193,8 @@ class JobSpec:
             "omero_port": self.omero_port,
             "extra": dict(self.extra),
         }
+        if files:
+            data["files"] = [f.to_dict() for f in self.files]
         if secrets:
             data["session_key"] = self.session_key
         return data

@@ -169,6 +169,14 @@ class JobStore(abc.ABC):
     Safe to share between the threads of a process; several processes may
     open the same store. Every state transition commits the job, its history
     entry, its dispatch message and its mails atomically.
+
+    Size: one job may list 100,000 files (an HCS plate is one acquisition).
+    A store writes ``spec.files`` once, at enqueue, and keeps it out of what
+    :meth:`report_progress`, lease renewals and transitions rewrite (SQLite:
+    the ``job_files`` table beside the ``jobs`` row), so their cost does not
+    grow with the file count; every read returns the files in their order,
+    unchanged. :meth:`enqueue_many` takes thousands of acquisitions in one
+    call (a share that comes back with a backlog).
     """
 
     @abc.abstractmethod

@@ -37,6 +37,7 @@ from ..errors import ImportFailure, InvalidTransition, JobNotFound, LeaseLost, S
 from ..job import (
     FINISHED_STATES,
     ErrorKind,
+    FileEntry,
     HistoryEntry,
     Job,
     JobError,
@@ -47,7 +48,9 @@ from ..job import (
 )
 from .base import JobStore, Mail, MailComposer, OutboxMail, PendingEntry
 
-SCHEMA_VERSION = 1
+# 2: a job's listed files live in job_files, not in jobs.spec (rows of version 1 keep
+# them in spec and are still read; a version 1 program must not read version 2 rows).
+SCHEMA_VERSION = 2
 QUEUE_TABLE = "dispatch"
 # Every transition into a finished state: watched jobs then await their post-actions.
 FINISHED_FOLLOWUP = "followup = CASE WHEN source LIKE 'watch:%' THEN 'pending' END"
@@ -64,7 +67,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     state            TEXT NOT NULL,
     owner            TEXT NOT NULL,
     source           TEXT NOT NULL,
-    spec             TEXT NOT NULL,   -- JSON, without the session key
+    spec             TEXT NOT NULL,   -- JSON, without the session key and (schema 2) without the files
     session_key      TEXT,            -- secret, erased when the job ends
     attempts         INTEGER NOT NULL DEFAULT 0,
     max_attempts     INTEGER NOT NULL,
@@ -90,6 +93,16 @@ CREATE INDEX IF NOT EXISTS jobs_lease ON jobs(lease_expires_at) WHERE state = 'r
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, id);
 CREATE INDEX IF NOT EXISTS jobs_source ON jobs(source, id);
 CREATE INDEX IF NOT EXISTS jobs_followup ON jobs(source, id) WHERE followup = 'pending';
+-- The listed files, written once at enqueue: out of the jobs row, which every
+-- progress write and lease renewal rewrites whole (an HCS plate lists 100,000 files).
+CREATE TABLE IF NOT EXISTS job_files (
+    job_id  INTEGER NOT NULL,
+    seq     INTEGER NOT NULL,
+    path    TEXT NOT NULL,
+    size    INTEGER,
+    sha256  TEXT,
+    PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS job_history (
     id      INTEGER PRIMARY KEY,
     job_id  INTEGER NOT NULL REFERENCES jobs(id),
@@ -234,6 +247,9 @@ class SQLiteStore(JobStore):
                 raise StoreError(
                     f"{self.path} was written by a newer watchfolder (schema {row['value']}); upgrade watchfolder"
                 )
+            elif int(row["value"]) < SCHEMA_VERSION:
+                # Older rows stay readable as they are; the new version keeps older programs out.
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     def _queue(self) -> LiteQueue:
         self._conn()
@@ -255,12 +271,15 @@ class SQLiteStore(JobStore):
     def _job(self, row: sqlite3.Row, history: list[HistoryEntry] | None = None) -> Job:
         spec_data = json.loads(row["spec"])
         spec_data["session_key"] = row["session_key"]
+        spec = JobSpec.from_dict(spec_data)
+        if "files" not in spec_data:  # schema 2: in job_files
+            spec = dataclasses.replace(spec, files=self._files(row["id"]))
         error = None
         if row["error_kind"]:
             error = JobError(ErrorKind(row["error_kind"]), row["error_message"] or "", bool(row["error_config"]))
         return Job(
             id=row["id"],
-            spec=JobSpec.from_dict(spec_data),
+            spec=spec,
             idempotency_key=row["idempotency_key"],
             state=JobState(row["state"]),
             attempts=row["attempts"],
@@ -279,6 +298,18 @@ class SQLiteStore(JobStore):
             history=history or [],
             log_path=str(self.log_path(row["id"])),
             dismissed_at=row["dismissed_at"],
+        )
+
+    def _files(self, job_id: int) -> tuple[FileEntry, ...]:
+        rows = self._conn().execute(
+            "SELECT path, size, sha256 FROM job_files WHERE job_id = ? ORDER BY seq", (job_id,)
+        ).fetchall()
+        return tuple(FileEntry(path, size, sha256) for path, size, sha256 in rows)
+
+    def _insert_files(self, conn, job_id: int, spec: JobSpec) -> None:
+        conn.executemany(
+            "INSERT INTO job_files (job_id, seq, path, size, sha256) VALUES (?, ?, ?, ?, ?)",
+            ((job_id, seq, f.path, f.size, f.sha256) for seq, f in enumerate(spec.files)),
         )
 
     def _history(self, conn: sqlite3.Connection, job_id: int) -> list[HistoryEntry]:
@@ -458,6 +489,7 @@ class SQLiteStore(JobStore):
                     out.append((self._job(existing), False))
                     continue
                 job_id = cur.lastrowid
+                self._insert_files(conn, job_id, spec)
                 message = queue.put(str(job_id))
                 conn.execute("UPDATE jobs SET message_id = ? WHERE id = ?", (message.message_id, job_id))
                 self._add_history(conn, job_id, JobState.QUEUED, note or f"queued from {spec.source}", now)
@@ -490,6 +522,7 @@ class SQLiteStore(JobStore):
         cur = conn.execute(
             f"INSERT INTO jobs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", tuple(cols.values())
         )
+        self._insert_files(conn, cur.lastrowid, spec)
         return cur.lastrowid
 
     def _columns(self, spec: JobSpec, key: str, state: JobState, now: float, **extra: Any) -> dict[str, Any]:
@@ -499,7 +532,7 @@ class SQLiteStore(JobStore):
             "state": str(state),
             "owner": spec.owner,
             "source": spec.source,
-            "spec": json.dumps(spec.to_dict()),
+            "spec": json.dumps(spec.to_dict(files=False)),
             "session_key": spec.session_key,
             "max_attempts": self.retry_policy.max_attempts,
             "created_at": now,
