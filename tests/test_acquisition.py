@@ -484,3 +484,71 @@ def test_listed_files_through_symlinked_folders_inside_are_accepted_and_outside_
     assert ok.complete and len(ok.present) == 1
     with pytest.raises(AcquisitionError, match="outside"):
         check_listed(acq, [FileEntry("real/escape/deep/b.tif", 2)])
+
+
+def _plate_folder(tmp_path: Path) -> tuple[Path, list[FileEntry]]:
+    """A folder of many listed files with every odd case among them."""
+    acq = tmp_path / "plate"
+    images = acq / "Images" / "deep"
+    images.mkdir(parents=True)
+    entries = []
+    for i in range(40):
+        (images / f"f{i:02d}.tiff").write_bytes(b"x" * i)
+        entries.append(FileEntry(f"Images/deep/f{i:02d}.tiff", i))
+    nfd = unicodedata.normalize("NFD", "zoë.tiff")
+    (images / nfd).write_bytes(b"nfd")
+    (images / "alias.tiff").symlink_to(images / "f03.tiff")
+    (images / "folder.tiff").mkdir()
+    (acq / "linked").symlink_to(images)
+    entries += [
+        FileEntry("Images/deep/" + unicodedata.normalize("NFC", "zoë.tiff"), 3),  # other Unicode form
+        FileEntry("Images/deep/alias.tiff", 3),  # symlink inside
+        FileEntry("Images/deep/folder.tiff"),  # not a regular file
+        FileEntry("Images/deep/gone.tiff", 1),  # missing
+        FileEntry("Images/deep/f05.tiff", 6),  # wrong size
+        FileEntry("linked/f07.tiff", 7),  # through a symlinked folder
+        *[FileEntry(f"linked/f{i:02d}.tiff", i) for i in range(20, 40)],
+    ]
+    return acq, entries
+
+
+def test_check_listed_in_one_pass_agrees_with_the_file_by_file_check(tmp_path, monkeypatch):
+    from watchfolder.watch import acquisition
+
+    acq, entries = _plate_folder(tmp_path)
+    listed = check_listed(acq, entries)
+    monkeypatch.setattr(acquisition, "LIST_FOLDER_FROM", 10**9)
+    one_by_one = check_listed(acq, entries)
+    assert [(e, s.st_ino) for e, s in listed.present] == [(e, s.st_ino) for e, s in one_by_one.present]
+    assert listed.missing == one_by_one.missing == [
+        "Images/deep/folder.tiff (not a regular file)",
+        "Images/deep/gone.tiff (missing)",
+        "Images/deep/f05.tiff (size 5 bytes, listed 6)",
+    ]
+    assert len(listed.present) == 40 + 3 + 20
+    assert (listed.absent, listed.sizes) == (one_by_one.absent, one_by_one.sizes)
+    assert listed.absent == ["Images/deep/gone.tiff"] and listed.sizes == [("Images/deep/f05.tiff", 5, 6)]
+
+
+def test_check_listed_lists_a_folder_of_many_files_once(tmp_path, monkeypatch):
+    # Issue 13: a 100,000-file manifest was checked with an lstat per file plus one per
+    # folder above it, every time it was looked at.
+    folder = tmp_path / "plate" / "Images" / "a" / "b"
+    folder.mkdir(parents=True)
+    entries = []
+    for i in range(500):
+        (folder / f"f{i:03d}.tiff").write_bytes(b"1")
+        entries.append(FileEntry(f"Images/a/b/f{i:03d}.tiff", 1))
+    calls = {"lstat": 0, "stat": 0, "scandir": 0}
+    for name in calls:
+        real = getattr(os, name)
+
+        def counting(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(os, name, counting)
+    check = check_listed(tmp_path / "plate", entries)
+    monkeypatch.undo()
+    assert check.complete and len(check.present) == 500
+    assert calls["scandir"] == 1 and calls["lstat"] + calls["stat"] <= 3  # the folders above, once

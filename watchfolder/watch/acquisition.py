@@ -485,54 +485,58 @@ class ListedCheck:
         return not self.missing
 
 
+# A folder holding at least this many listed files is listed once (scandir) instead of
+# looked up name by name: a plate's 100,000 files in one Images/ folder.
+LIST_FOLDER_FROM = 16
+
+
 def check_listed(root: Path, files: Iterable[FileEntry]) -> ListedCheck:
     """Check that each listed file exists under ``root`` as a regular file with its listed size.
 
-    Present entries come back with their on-disk spelling and actual size. Symlinks
-    pointing outside ``root`` raise :class:`AcquisitionError`.
+    Present entries come back with their on-disk spelling and actual size, in the
+    listed order. Symlinks pointing outside ``root`` raise :class:`AcquisitionError`.
+
+    One pass: a folder holding many listed files is listed once with ``scandir``
+    and each file stat'ed from its entry (one system call per file, whatever the
+    depth; no symlink check per path component per file). Anything unusual — a
+    symlink, a name in the other Unicode form, a missing file — takes the
+    file-by-file path, which says why.
     """
+    files = list(files)
     root_text = os.fspath(root)
-    real_root: str | None = None
+    per_folder: dict[str, int] = {}
+    for entry in files:
+        folder = entry.path.rpartition("/")[0]
+        per_folder[folder] = per_folder.get(folder, 0) + 1
+    listings: dict[str, dict[str, os.DirEntry] | None] = {}
+    plain_dirs: dict[str, bool] = {"": True}
+    state = _RealRoot(root)
     present: list[tuple[FileEntry, os.stat_result]] = []
     missing: list[str] = []
     absent: list[str] = []
     sizes: list[tuple[str, int, int]] = []
     for entry in files:
-        rel = entry.path
-        full = os.path.join(root_text, rel)
-        try:
-            lst = os.lstat(full)
-        except OSError:
-            found = locate(root, entry.path)
-            if found is None:
-                missing.append(f"{entry.path} (missing)")
-                absent.append(entry.path)
-                continue
-            rel = found
-            full = os.path.join(root_text, rel)
-            try:
-                lst = os.lstat(full)
-            except OSError:
-                missing.append(f"{entry.path} (missing)")
-                absent.append(entry.path)
-                continue
-        if _plain_below(root_text, rel, lst):
-            # No symlink between root and the file: it resolves to realpath(root)/rel,
-            # inside the folder, and lstat is what stat would say.
-            st = lst
+        folder, _, name = entry.path.rpartition("/")
+        st = None
+        if per_folder[folder] >= LIST_FOLDER_FROM and not entry.path.startswith("/"):
+            if folder not in listings:
+                listings[folder] = _list_plain_folder(root_text, folder, plain_dirs)
+            listing = listings[folder]
+            found = listing.get(name) if listing is not None else None
+            if found is not None:
+                try:
+                    lst = found.stat(follow_symlinks=False)
+                except OSError:
+                    lst = None
+                if lst is not None and not stat.S_ISLNK(lst.st_mode):
+                    st = lst  # a plain folder chain and not a symlink: lstat is what stat would say
+        if st is not None:
+            checked = (entry.path, st)
         else:
-            if real_root is None:
-                real_root = os.path.realpath(root)
-            real = os.path.realpath(full)
-            if not is_within(real, real_root):
-                raise AcquisitionError(
-                    f"{full}: symlink points outside the acquisition folder (to {real}); copy the file in instead"
-                )
-            try:
-                st = os.stat(full)
-            except FileNotFoundError:
-                missing.append(f"{entry.path} (dangling symlink)")
+            checked = _check_one(root, root_text, entry, state, missing, absent)
+            if checked is None:
                 continue
+        rel, st = checked
         if not stat.S_ISREG(st.st_mode):
             missing.append(f"{entry.path} (not a regular file)")
             continue
@@ -542,6 +546,81 @@ def check_listed(root: Path, files: Iterable[FileEntry]) -> ListedCheck:
             continue
         present.append((FileEntry(path=rel, size=st.st_size, sha256=entry.sha256), st))
     return ListedCheck(present, missing, absent, sizes)
+
+
+class _RealRoot:
+    """``realpath(root)``, computed only when a symlink needs it."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._real: str | None = None
+
+    @property
+    def real(self) -> str:
+        if self._real is None:
+            self._real = os.path.realpath(self.root)
+        return self._real
+
+
+def _list_plain_folder(root: str, folder: str, plain_dirs: dict[str, bool]) -> dict[str, os.DirEntry] | None:
+    """The entries of ``root/folder`` by name, when no symlink, ``.`` or ``..`` lies between; else None."""
+    parts = folder.split("/") if folder else []
+    current = ""
+    for part in parts:
+        parent, current = current, f"{current}/{part}" if current else part
+        known = plain_dirs.get(current)
+        if known is None:
+            try:
+                known = part not in ("", ".", "..") and plain_dirs[parent] and stat.S_ISDIR(
+                    os.lstat(os.path.join(root, current)).st_mode
+                )
+            except OSError:
+                known = False
+            plain_dirs[current] = known
+        if not known:
+            return None
+    try:
+        with os.scandir(os.path.join(root, folder) if folder else root) as it:
+            return {e.name: e for e in it}
+    except OSError:
+        return None
+
+
+def _check_one(root: Path, root_text: str, entry: FileEntry, real_root: _RealRoot,
+               missing: list[str], absent: list[str]) -> tuple[str, os.stat_result] | None:
+    """Find and stat one listed file (its on-disk spelling and stat), or note why not and return None."""
+    rel = entry.path
+    full = os.path.join(root_text, rel)
+    try:
+        lst = os.lstat(full)
+    except OSError:
+        found = locate(root, entry.path)
+        if found is None:
+            missing.append(f"{entry.path} (missing)")
+            absent.append(entry.path)
+            return None
+        rel = found
+        full = os.path.join(root_text, rel)
+        try:
+            lst = os.lstat(full)
+        except OSError:
+            missing.append(f"{entry.path} (missing)")
+            absent.append(entry.path)
+            return None
+    if _plain_below(root_text, rel, lst):
+        # No symlink between root and the file: it resolves to realpath(root)/rel,
+        # inside the folder, and lstat is what stat would say.
+        return rel, lst
+    real = os.path.realpath(full)
+    if not is_within(real, real_root.real):
+        raise AcquisitionError(
+            f"{full}: symlink points outside the acquisition folder (to {real}); copy the file in instead"
+        )
+    try:
+        return rel, os.stat(full)
+    except FileNotFoundError:
+        missing.append(f"{entry.path} (dangling symlink)")
+        return None
 
 
 def _plain_below(root: str, rel: str, lst: os.stat_result) -> bool:
