@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -152,6 +153,66 @@ def test_manifest_written_before_its_files_waits_for_them(harness, store, mode):
         fh.write(files["sub/tile_2.tif"][500:])
     jobs = one_job(store)
     assert sorted((f.path, f.size) for f in jobs[0].spec.files) == [("sub/tile_2.tif", 2000), ("tile_1.tif", 1000)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_manifest_with_sizes_and_checksums_is_queued_without_the_quiet_period(harness, store, mode):
+    # A quiet period far beyond the deadline: only the proof can meet it.
+    harness.watcher(mode, quiet_period=120)
+    folder = harness.drop / "proven"
+    write_manifest(folder, {"a.tif": b"a" * 1000, "sub/b.tif": b"b" * 2000})
+    written = os.stat(folder / "watchfolder.json").st_mtime
+    job = one_job(store, timeout=10)[0]
+    assert job.state == JobState.QUEUED and job.created_at - written < 10
+    assert sorted(f.path for f in job.spec.files) == ["a.tif", "sub/b.tif"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_checksummed_manifest_waits_until_its_files_match(harness, store, mode):
+    w = harness.watcher(mode, quiet_period=120)
+    folder = harness.drop / "slide"
+    folder.mkdir()
+    data = b"z" * 4000
+    entry = {"path": "z.tif", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / "z.tif").write_bytes(data[:1000])  # still being copied
+    (folder / "watchfolder.json").write_text(json.dumps({"owner": "jdoe", "target": TARGET, "files": [entry]}))
+    wait_until(lambda: "slide" in w.detector.known
+               and w.detector.known["slide"].proof_after > 0, 10, message="a proof attempt that failed")
+    # Same size, other content: the checksum tells.
+    (folder / "z.tif").write_bytes(b"y" * 4000)
+    wait_until(lambda: w.detector.known["slide"].proof_backoff >= 0.2, 10, message="a second failed proof")
+    assert jobs_of(store) == []
+    (folder / "z.tif").write_bytes(data)
+    job = one_job(store, timeout=10)[0]
+    assert [(f.path, f.size, f.sha256) for f in job.spec.files] == [("z.tif", 4000, entry["sha256"])]
+
+
+@pytest.mark.parametrize("detection", ["manifest without checksums", "sidecar without checksum", "layout"])
+def test_nothing_proves_completeness_the_quiet_period_applies(harness, store, detection):
+    if detection == "layout":
+        w = harness.watcher("events", detection="layout", layout="{owner}/{dataset}/", quiet_period=120,
+                            target={"project": "P"})
+        (harness.drop / "jdoe" / "ds").mkdir(parents=True)
+        (harness.drop / "jdoe" / "ds" / "a.tif").write_bytes(b"a")
+        rel = "jdoe/ds"
+    elif detection.startswith("sidecar"):
+        w = harness.watcher("events", detection="sidecar", quiet_period=120)
+        (harness.drop / "a.czi").write_bytes(b"czi")
+        (harness.drop / "a.czi.json").write_text(json.dumps(
+            {"owner": "jdoe", "target": TARGET, "files": [{"path": "a.czi", "size": 3}]}))
+        rel = "a.czi"
+    else:
+        w = harness.watcher("events", quiet_period=120)
+        (harness.drop / "m").mkdir()
+        (harness.drop / "m" / "a.tif").write_bytes(b"a")
+        (harness.drop / "m" / "watchfolder.json").write_text(json.dumps(
+            {"owner": "jdoe", "target": TARGET, "files": [{"path": "a.tif", "size": 1}]}))
+        rel = "m"
+    wait_until(lambda: rel in w.detector.known and w.detector.known[rel].proof_at is None
+               and w.counters["events"] > 0 and not w.events, 10, message="events handled")
+    wait_until(lambda: w.detector.next_due() is not None and w.detector.next_due() > time.time() + 60, 10,
+               message="only the quiet period left")
+    assert jobs_of(store) == []
 
 
 @pytest.mark.parametrize("mode", MODES)

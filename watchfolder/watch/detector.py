@@ -7,6 +7,16 @@ detector restarts the candidate's quiet period on every change, and once a
 candidate has been quiet, checks the detection rule and returns an
 :class:`Outcome`: a job spec to queue, bad input to reject, or nothing to do.
 
+Proven completeness: when the descriptor lists every file with its size and
+sha256 (a manifest, or a sidecar for its data file) and all of them are there
+and match, the acquisition is complete whatever the clock says, so it is queued
+at once (:data:`PROOF_DELAY` after the change that completed it, to let a burst
+of events settle) instead of after the quiet period. Anything short of that
+proof (a file missing, a size or checksum not matching yet, a manifest still
+being written, no checksums, a layout rule) waits for the quiet period as
+before; failed proofs are retried after changes, backing off up to the quiet
+period, so a big file being written is not hashed over and over.
+
 Nothing here touches the job store; the watcher applies outcomes. Time is always
 passed in (``now``), so tests drive it.
 """
@@ -42,6 +52,11 @@ OWN_MARKERS = (".watchfolder-receipt.json", ".watchfolder-error.txt")
 # How often a candidate waiting for missing files is looked at again when no
 # event arrives (events mode); polling looks at every tick anyway.
 WAIT_RECHECK_SECONDS = 30.0
+# Proven completeness: first look this long after a change (a burst of events
+# settles), failed proofs retried no sooner than PROOF_RETRY, doubling up to the
+# quiet period.
+PROOF_DELAY = 0.05
+PROOF_RETRY = 0.1
 # Outcomes per detector step: bounds memory (each holds a job spec) when
 # thousands of acquisitions become due at once, and lets events in between.
 OUTCOME_BATCH = 200
@@ -197,6 +212,7 @@ class Outcome:
     reason: str = ""
     warnings: list[str] = field(default_factory=list)
     why: str = ""  # a ``wait``'s pending kind: waiting (files), size, sidecar, empty
+    proven: bool = False  # an enqueue whose completeness the descriptor's sizes and sha256 proved
 
 
 @dataclass
@@ -213,6 +229,9 @@ class Candidate:
     next_check: float = 0.0
     seen_generation: int = 0
     peak_files: int = 0  # most files seen at once (sidecar: 2 once the data file was there)
+    proof_at: float | None = None  # when to try proving completeness before the quiet period ends
+    proof_after: float = 0.0  # no proof attempt before (backoff after failed ones)
+    proof_backoff: float = 0.0
 
     @property
     def pending(self) -> bool:
@@ -227,6 +246,8 @@ class Rule:
     """One detection mode. Paths are relative to the watch root, ``/``-separated."""
 
     unit = "folder"
+    #: Can a descriptor prove completeness (sizes and checksums)? Layout rules have none.
+    can_prove = True
 
     def __init__(self, watch: WatchConfig, patterns: Patterns):
         self.watch = watch
@@ -309,6 +330,7 @@ class ManifestRule(Rule):
                 if bad:  # no size listed: the file may still be growing
                     return Outcome("wait", rel, spec=base, why="checksum",
                                    reason=checksum_reason(bad, "manifest").split(":")[0] + " yet")
+                proven = bool(found) and all(e.size is not None and e.sha256 for e in descriptor.files)
             else:
                 found = [
                     (FileEntry(r, st.st_size), st)
@@ -323,9 +345,11 @@ class ManifestRule(Rule):
                         "reject", rel, spec=base,
                         reason=f"{folder}: the manifest lists no files and the folder holds none to import",
                     )
+                proven = False
         except AcquisitionError as exc:
             return Outcome("reject", rel, spec=base, reason=str(exc))
-        return _finish(self.watch, base, descriptor, found, rel, "folder", warnings=list(descriptor.warnings))
+        return _finish(self.watch, base, descriptor, found, rel, "folder", warnings=list(descriptor.warnings),
+                       proven=proven)
 
 
 class SidecarRule(Rule):
@@ -388,12 +412,14 @@ class SidecarRule(Rule):
         if not stat.S_ISREG(st.st_mode):
             return Outcome("reject", rel, spec=base, reason=f"{data}: not a regular file; a sidecar describes one data file")
         entry = FileEntry(data.name, st.st_size)
+        proven = False
         for listed in descriptor.files or ():
             if unicodedata.normalize("NFC", listed.path) == unicodedata.normalize("NFC", data.name):
                 if listed.size is not None and listed.size != st.st_size:
                     return Outcome("wait", rel, spec=base, why="size",
                                    reason=size_reason(data.name, st.st_size, listed.size, "sidecar"))
                 entry = FileEntry(data.name, st.st_size, listed.sha256)
+                proven = listed.size is not None and bool(listed.sha256)
         bad = _checksums(data.parent, [entry])
         if bad and any(f.size is not None for f in descriptor.files or () if f.path == data.name):
             return Outcome("reject", rel, spec=base, reason=checksum_reason(bad, "sidecar"))
@@ -401,11 +427,14 @@ class SidecarRule(Rule):
             return Outcome("wait", rel, spec=base, why="checksum",
                            reason=checksum_reason(bad, "sidecar").split(":")[0] + " yet")
         descriptor = dataclasses.replace(descriptor, filesets=())
-        return _finish(self.watch, base, descriptor, [(entry, st)], rel, "file", warnings=list(descriptor.warnings))
+        return _finish(self.watch, base, descriptor, [(entry, st)], rel, "file", warnings=list(descriptor.warnings),
+                       proven=proven)
 
 
 class LayoutRule(Rule):
     """Folders at a fixed depth whose path names the owner and dataset (``{owner}/{dataset}/``)."""
+
+    can_prove = False
 
     def __init__(self, watch: WatchConfig, patterns: Patterns):
         super().__init__(watch, patterns)
@@ -631,6 +660,7 @@ def _finish(
     unit: str,
     *,
     warnings: list[str],
+    proven: bool = False,
 ) -> Outcome:
     key = acquisition_key(watch.name, rel, descriptor.raw_bytes_sha256, found)
     files = tuple(e for e, _ in found)
@@ -667,7 +697,7 @@ def _finish(
         problem = _os_owner_problem(spec.owner, found)
         if problem:
             return Outcome("reject", rel, spec=spec, reason=problem)
-    return Outcome("enqueue", rel, spec=spec, warnings=warnings)
+    return Outcome("enqueue", rel, spec=spec, warnings=warnings, proven=proven)
 
 
 def _os_owner_problem(owner: str, found: list[tuple[FileEntry, os.stat_result]]) -> str:
@@ -754,6 +784,7 @@ class Detector:
             cand.peak_files = snap.files
             self.known[rel] = cand
             self.pending.add(rel)
+            self._schedule_proof(cand, now)
             return snap
         cand.seen_generation = self.generation
         cand.peak_files = max(cand.peak_files, snap.files)
@@ -768,6 +799,7 @@ class Detector:
                 self.pending.discard(rel)  # back to what was already handled
             else:
                 self.pending.add(rel)
+                self._schedule_proof(cand, now)
         cand.observed_at = now
         return snap
 
@@ -787,6 +819,28 @@ class Detector:
         cand.digest = digest
         cand.next_check = now + self.watch.quiet_period
         self.pending.add(cand.rel)
+        self._schedule_proof(cand, now + PROOF_DELAY)
+
+    def _schedule_proof(self, cand: Candidate, at: float) -> None:
+        if self.rule.can_prove:
+            cand.proof_at = max(at, cand.proof_after)
+
+    def _try_proof(self, cand: Candidate, now: float) -> Outcome | None:
+        """Before the quiet period ends: the enqueue outcome if the descriptor proves completeness, else None."""
+        cand.proof_at = None
+        snap = self.rule.snapshot(self.root, cand.rel)
+        if snap is None or snap.digest == cand.done_digest:
+            return None  # gone, or back to what was handled: the quiet-period look decides
+        outcome = self.rule.build(self.root, cand.rel, now)
+        if outcome.kind == "enqueue" and outcome.proven:
+            cand.digest, cand.observed_at = snap.digest, now
+            cand.waiting = ""
+            cand.proof_backoff = 0.0
+            return outcome
+        # Not proven (yet): the next change may complete it; do not look again too soon.
+        cand.proof_backoff = min(max(PROOF_RETRY, 2 * cand.proof_backoff), self.watch.quiet_period)
+        cand.proof_after = now + cand.proof_backoff
+        return None
 
     def forget(self, rel: str) -> None:
         self.known.pop(rel, None)
@@ -812,7 +866,11 @@ class Detector:
         """The earliest time a pending candidate must be looked at."""
         if not self.pending:
             return None
-        return min(self.known[r].next_check for r in self.pending)
+        known = self.known
+        return min(
+            c.next_check if c.proof_at is None or c.proof_at > c.next_check else c.proof_at
+            for c in (known[r] for r in self.pending)
+        )
 
     def loop(
         self, now: float, *, recheck_pending: bool = False, since: float | None = None, limit: int = OUTCOME_BATCH
@@ -835,7 +893,12 @@ class Detector:
             if recheck_pending and now < cand.next_check:
                 self.observe(rel, now, since=since)
             if now < cand.next_check:
+                if cand.proof_at is not None and now >= cand.proof_at:
+                    proven = self._try_proof(cand, now)
+                    if proven is not None:
+                        out.append(proven)
                 continue
+            cand.proof_at = None
             snap = self.rule.snapshot(self.root, rel)
             if snap is None:
                 out.append(Outcome("gone", rel))
