@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import yaml
-from helpers import TARGET, wait_until, write_manifest
+from helpers import TARGET, wait_until
 
 from watchfolder import config as configmod
 from watchfolder.job import JobState
@@ -110,8 +110,9 @@ def test_each_pending_reason_from_a_real_drop_in_the_store_pending_and_explain(
     _manifest(drops["manifest"] / "short", {"x.tif": b"x" * 1000}, {"x.tif": 4096})
     # A sidecar whose data file has not arrived.
     (drops["sidecar"] / "d.czi.json").write_text(json.dumps({"owner": "asmith", "target": TARGET}))
-    # Still being written: a quiet period of an hour has not passed.
-    write_manifest(drops["slow"] / "live", {"a.tif": b"a"})
+    # Still being written: a quiet period of an hour has not passed (sizes without
+    # checksums prove nothing, so the quiet period applies).
+    _manifest(drops["slow"] / "live", {"a.tif": b"a"}, {"a.tif": 1})
 
     missing = _pending_reason(store, "manifest", "plate1", r"^waiting for 2 of 5 files \(missing: a\.tif, b/c\.tif\)$")
     assert missing.kind == "waiting" and missing.owner == "jdoe"
