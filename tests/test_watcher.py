@@ -342,7 +342,8 @@ def test_manifest_with_bom_unknown_fields_and_unicode_names(harness, store):
     job = one_job(store)[0]
     assert job.state == JobState.QUEUED
     assert [f.path for f in job.spec.files] == [nfd, "empty.tif"]
-    assert "unknown field 'microscope_serial' ignored" in store.read_log(job.id)
+    # The watcher appends the warnings to the log right after queueing the job.
+    wait_until(lambda: "unknown field 'microscope_serial' ignored" in store.read_log(job.id), 10)
 
 
 def test_owner_not_allowed_is_rejected_with_reason(harness, store):
