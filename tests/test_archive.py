@@ -82,10 +82,10 @@ def test_copies_every_file_with_checksums_into_the_layout(store, make_spec, star
     job, ctx = start(spec)
     result = ArchiveImporter(root=archive_root).run(job, ctx)
 
-    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3"
+    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3" / Path(job.spec.root).name
     assert result["destination"] == str(dest)
     assert result["bytes"] == sum(len(d) for d in files.values())
-    assert files_under(archive_root) == sorted(f"jdoe/Brain atlas/slide 3/{rel}" for rel in files)
+    assert files_under(archive_root) == sorted(f"jdoe/Brain atlas/slide 3/acquisition-1/{rel}" for rel in files)
     by_path = {f["path"]: f for f in result["files"]}
     assert set(by_path) == set(files)
     for rel, data in files.items():
@@ -160,11 +160,11 @@ def test_layout_from_config(make_config, make_spec, start, tmp_path):
 @pytest.mark.parametrize(
     ("owner", "target", "expected"),
     [
-        ("../../etc", Target(project="..", dataset="."), ".._.._etc/_no_project/_no_dataset"),
-        ("jdoe", Target(project="a/b", dataset="../../x"), "jdoe/a_b/.._.._x"),
-        ("jdoe", Target(project="a\\b", dataset="nul\x00byte"), "jdoe/a_b/nul_byte"),
-        ("/abs", Target(screen="/"), "_abs/_screens/_"),
-        ("  ", Target(dataset=" .. "), "_unknown_owner/_no_project/_no_dataset"),
+        ("../../etc", Target(project="..", dataset="."), ".._.._etc/_no_project/_no_dataset/acquisition-1"),
+        ("jdoe", Target(project="a/b", dataset="../../x"), "jdoe/a_b/.._.._x/acquisition-1"),
+        ("jdoe", Target(project="a\\b", dataset="nul\x00byte"), "jdoe/a_b/nul_byte/acquisition-1"),
+        ("/abs", Target(screen="/"), "_abs/_screens/_/acquisition-1"),
+        ("  ", Target(dataset=" .. "), "_unknown_owner/_no_project/_no_dataset/acquisition-1"),
     ],
 )
 def test_unsafe_names_in_placeholders_stay_one_component(owner, target, expected, make_spec, start, archive_root):
@@ -173,7 +173,7 @@ def test_unsafe_names_in_placeholders_stay_one_component(owner, target, expected
     result = ArchiveImporter(root=archive_root).run(job, ctx)
     dest = Path(result["destination"])
     assert dest == archive_root / expected
-    assert len(dest.relative_to(archive_root).parts) == 3
+    assert len(dest.relative_to(archive_root).parts) == 4
     assert files_under(archive_root) == [f"{expected}/f.tif"]
 
 
@@ -283,7 +283,7 @@ def test_symlink_inside_the_root_is_copied_as_a_file(make_spec, start, archive_r
 def test_identical_file_already_there_is_reused(store, make_spec, start, archive_root):
     files = {"a.tif": b"a" * 500, "b.tif": b"b" * 500}
     job, ctx = start(make_spec(files))
-    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3"
+    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3" / Path(job.spec.root).name
     dest.mkdir(parents=True)
     (dest / "a.tif").write_bytes(files["a.tif"])  # copied by an attempt that then crashed
     before = (dest / "a.tif").stat()
@@ -309,29 +309,54 @@ def test_rerun_after_lease_expiry_completes_without_duplicates(store, make_spec,
     ctx2 = RecordingContext(store, again, "second-worker", threading.Event())
     second = ArchiveImporter(root=archive_root).run(again, ctx2)
     assert second == first
-    assert files_under(archive_root) == ["jdoe/Brain atlas/slide 3/a.tif", "jdoe/Brain atlas/slide 3/b.tif"]
+    assert files_under(archive_root) == ["jdoe/Brain atlas/slide 3/acquisition-1/a.tif",
+                                         "jdoe/Brain atlas/slide 3/acquisition-1/b.tif"]
     assert ctx2.messages[-1].endswith("2 were already archived by an earlier attempt")
     assert all(m.startswith("already archived") for m in ctx2.messages[1:-1])
 
 
-def test_different_existing_file_is_never_overwritten(make_spec, start, archive_root):
-    job, ctx = start(make_spec({"a.tif": b"new acquisition"}))
-    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3"
+def test_different_existing_file_is_never_overwritten_the_job_goes_beside_it(store, make_spec, start, archive_root):
+    job, ctx = start(make_spec({"a.tif": b"new acquisition", "b.tif": b"b"}))
+    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3" / Path(job.spec.root).name
     dest.mkdir(parents=True)
     (dest / "a.tif").write_bytes(b"someone else's data")
-    with pytest.raises(PermanentImportError) as info:
-        ArchiveImporter(root=archive_root).run(job, ctx)
-    assert str(info.value) == (
-        f"{dest / 'a.tif'} already exists with different content; the archive never overwrites: "
-        "move the existing file away or change importer.archive.layout"
-    )
+    result = ArchiveImporter(root=archive_root).run(job, ctx)
+    beside = dest.with_name(dest.name + " (2)")
+    assert result["destination"] == str(beside) and result["renamed_from"] == str(dest)
     assert (dest / "a.tif").read_bytes() == b"someone else's data"
-    assert files_under(dest) == ["a.tif"]  # no temporary copy left behind
+    assert files_under(dest) == ["a.tif"]  # nothing added to the other acquisition's folder
+    assert files_under(beside) == ["a.tif", "b.tif"]
+    assert f"{dest} already holds other files of the same names: archiving into {beside}" in store.read_log(job.id)
+    # A retry of the same job finds its own copy, not a third folder.
+    again = ArchiveImporter(root=archive_root).run(job, ctx)
+    assert again["destination"] == str(beside)
+    assert not dest.with_name(dest.name + " (3)").exists()
+
+
+def test_a_file_appearing_mid_copy_moves_the_job_to_the_next_folder(store, make_spec, start, archive_root):
+    """Two workers chose the same free folder: the one that finds the other's file there moves on."""
+    job, ctx = start(make_spec({"a.tif": b"a" * 10, "b.tif": b"mine" * 10}))
+    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3" / Path(job.spec.root).name
+    importer = ArchiveImporter(root=archive_root)
+    real_copy = importer._copy_one
+
+    def racing(ctx_, tag, src, target, *args):
+        if target == str(dest / "b.tif") and not os.path.exists(target):
+            Path(target).write_bytes(b"the other worker's b.tif")
+        return real_copy(ctx_, tag, src, target, *args)
+
+    importer._copy_one = racing
+    result = importer.run(job, ctx)
+    beside = dest.with_name(dest.name + " (2)")
+    assert result["destination"] == str(beside)
+    assert files_under(dest) == ["b.tif"]  # our a.tif was taken back out of the contested folder
+    assert (dest / "b.tif").read_bytes() == b"the other worker's b.tif"
+    assert files_under(beside) == ["a.tif", "b.tif"]
 
 
 def test_stale_part_files_of_an_earlier_attempt_are_removed(make_spec, start, archive_root):
     job, ctx = start(make_spec({"a.tif": b"a" * 100}))
-    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3"
+    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3" / Path(job.spec.root).name
     dest.mkdir(parents=True)
     stale = dest / f".a.tif.wf-{job.id}-deadbeef.part"
     stale.write_bytes(b"half a cop")
@@ -472,7 +497,7 @@ def test_cancel_stops_the_copy_at_a_checkpoint_and_cleans_up(store, make_spec, s
     with pytest.raises(JobCancelled):
         ArchiveImporter(root=archive_root, chunk_bytes=500).run(job, ctx)
     assert len(ctx.calls) == 3
-    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3"
+    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3" / Path(job.spec.root).name
     assert files_under(dest) == []  # neither the file nor its temporary copy
 
 
@@ -495,7 +520,7 @@ def test_disk_full_is_transient_and_leaves_no_partial_file(make_spec, start, tin
     job, ctx = start(make_spec({"small.tif": b"s" * 1000, "huge.tif": os.urandom(256 * 1024)}))
     with pytest.raises(TransientImportError) as info:
         ArchiveImporter(root=tiny_volume).run(job, ctx)
-    dest = tiny_volume / "jdoe" / "Brain atlas" / "slide 3"
+    dest = tiny_volume / "jdoe" / "Brain atlas" / "slide 3" / Path(job.spec.root).name
     assert str(info.value) == (
         f"cannot write {dest / 'huge.tif'}: no space left on the device; "
         "free space there; the job is retried automatically"
@@ -512,7 +537,8 @@ def test_name_too_long_is_permanent_and_says_what_to_change(make_spec, start, ar
     with pytest.raises(PermanentImportError) as info:
         ArchiveImporter(root=archive_root).run(job, ctx)
     message = str(info.value)
-    assert message.startswith(f"cannot create archive folder {archive_root / 'jdoe' / 'P' / ('d' * 300)}: ")
+    dest = archive_root / "jdoe" / "P" / ("d" * 300) / Path(job.spec.root).name
+    assert message.startswith(f"cannot create archive folder {dest}: ")
     assert "name is too long" in message and "shorten the project, dataset or file name" in message
     assert files_under(archive_root) == []
 

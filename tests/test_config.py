@@ -131,8 +131,8 @@ INVALID = {
     ),
     "layout_placeholder_unknown": (
         {"importer": {"archive": {"layout": "{owner}/{projet}"}}},
-        "importer.archive.layout: unknown placeholder(s) projet; use {dataset}, {date}, {group}, {job_id}, "
-        "{owner}, {project}, {screen}",
+        "importer.archive.layout: unknown placeholder(s) projet; use {acquisition}, {dataset}, {date}, {group}, "
+        "{job_id}, {owner}, {project}, {screen}",
     ),
     "layout_escapes": (
         {"importer": {"archive": {"layout": "../{owner}"}}},

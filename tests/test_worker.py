@@ -55,7 +55,7 @@ def test_worker_archives_a_job_end_to_end(store, make_spec, tmp_path):
     done = worker.loop()
     assert done.id == job.id and done.state == JobState.SUCCEEDED
     for entry in job.spec.files:
-        copy = tmp_path / "archive" / "jdoe" / "Brain atlas" / "slide 3" / entry.path
+        copy = tmp_path / "archive" / "jdoe" / "Brain atlas" / "slide 3" / Path(job.spec.root).name / entry.path
         assert hashlib.sha256(copy.read_bytes()).hexdigest() == entry.sha256
     assert done.progress.bytes_done == done.progress.bytes_total == 1200
     log = store.read_log(job.id)
@@ -251,7 +251,7 @@ def test_worker_process_killed_mid_copy_completes_exactly_once(tmp_path):
         first.wait(30)
     killed = _job_row(db, job_id)
     assert killed["state"] == "running"  # nobody finished it: the lease is still held by the dead worker
-    dest_dir = tmp_path / "data" / "archive" / "jdoe" / "_no_project" / "big"
+    dest_dir = tmp_path / "data" / "archive" / "jdoe" / "_no_project" / "big" / root.name
     assert not (dest_dir / "stack.ome.tiff").exists()
 
     second = _start_worker(config, stdout=subprocess.DEVNULL)
@@ -364,5 +364,5 @@ def test_sigterm_with_no_grace_releases_the_job_to_the_queue(tmp_path):
     assert proc.returncode == 0
     row = _job_row(db, job_id)
     assert row["state"] == "queued" and row["attempts"] == 0 and row["worker"] is None
-    dest_dir = tmp_path / "data" / "archive" / "jdoe" / "_no_project" / "d"
+    dest_dir = tmp_path / "data" / "archive" / "jdoe" / "_no_project" / "d" / root.name
     assert not dest_dir.exists() or list(dest_dir.iterdir()) == []  # the partial copy was removed

@@ -397,7 +397,7 @@ def _workers(r: _Reader, raw: dict) -> WorkersConfig:
 
 def _layout(value: Any) -> str:
     value = text(value)
-    allowed = {"owner", "group", "project", "dataset", "screen", "job_id", "date"}
+    allowed = {"owner", "group", "project", "dataset", "screen", "acquisition", "job_id", "date"}
     names = set(re.findall(r"{(\w+)}", value))
     if not names <= allowed:
         raise _Bad(

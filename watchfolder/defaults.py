@@ -26,7 +26,7 @@ PROGRESS_MIN_INTERVAL = 0.5
 RETRY_MAX_ATTEMPTS = 5
 RETRY_BACKOFF = (30.0, 120.0, 600.0, 1800.0)
 
-ARCHIVE_LAYOUT = "{owner}/{project}/{dataset}"
+ARCHIVE_LAYOUT = "{owner}/{project}/{dataset}/{acquisition}"
 COPY_CHUNK_BYTES = 1024 * 1024
 
 NOTIFY_TRANSPORT = "folder"

@@ -10,6 +10,26 @@ from typing import Any
 
 from .errors import AcquisitionError
 
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]}
+_CONTROL.update({0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"})
+_CONTROL.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``…).
+
+    File names may hold any byte but ``/`` and NUL; written raw into a line-based
+    log or a mail they forge lines. Every place that writes a name into a log line,
+    a mail or a report passes it through here. Names that are not valid UTF-8
+    (surrogate escapes) show as ``\\udcff``-style escapes too.
+    """
+    if text.isprintable():
+        return text
+    out = text.translate(_CONTROL)
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in out):
+        out = "".join(f"\\u{ord(c):04x}" if 0xD800 <= ord(c) <= 0xDFFF else c for c in out)
+    return out
+
 
 class JobState(str, Enum):
     QUEUED = "queued"
@@ -173,6 +193,24 @@ class JobSpec:
 
     def total_bytes(self) -> int:
         return sum(f.size or 0 for f in self.files)
+
+    @property
+    def acquisition_name(self) -> str:
+        """The acquisition's own name, for archive folders and mails.
+
+        A folder acquisition is named after its folder (``…/plate 7`` → ``plate 7``),
+        even when it holds one file; a one-file acquisition (a sidecar pair, or a
+        file submitted alone: ``extra["unit"] == "file"``) after its data file
+        without the extension (``cells_01.czi`` → ``cells_01``, ``a.ome.tiff`` → ``a``).
+        """
+        if self.extra.get("unit") == "file" and self.files:
+            name = self.files[0].path.replace("\\", "/").rsplit("/", 1)[-1]
+            stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
+            if stem.lower().endswith(".ome"):
+                stem = stem[:-4]
+            return stem or name
+        rel = str(self.extra.get("acquisition") or "").rstrip("/")
+        return rel.rsplit("/", 1)[-1] if rel else (self.root.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1])
 
     def to_dict(self, *, secrets: bool = False, files: bool = True) -> dict[str, Any]:
         """Plain data for storage; the session key only when ``secrets`` is true, the files unless ``files`` is false."""

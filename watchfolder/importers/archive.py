@@ -21,10 +21,19 @@ context, which writes it to the store at a bounded rate whatever the file
 count.
 
 Layout placeholders: ``{owner}``, ``{group}``, ``{project}``, ``{dataset}``,
-``{screen}``, ``{job_id}``, ``{date}`` (YYYY-MM-DD of the job's creation, UTC).
-A target without a project files under project ``_no_project``; a screen
-target uses project ``_screens`` and the screen as dataset; an id target
-becomes ``dataset-<id>`` / ``screen-<id>``.
+``{screen}``, ``{acquisition}`` (the acquisition's folder name, or a one-file
+acquisition's file name without its extension), ``{job_id}``, ``{date}``
+(YYYY-MM-DD of the job's creation, UTC). A target without a project files under
+project ``_no_project``; a screen target uses project ``_screens`` and the
+screen as dataset; an id target becomes ``dataset-<id>`` / ``screen-<id>``.
+
+Two acquisitions never share a folder by default (the default layout ends in
+``{acquisition}``). When the destination already holds a file of the same name
+with other content (two runs called ``run1`` in one dataset, or a layout without
+``{acquisition}``), the job is not failed: its files go to the first free
+``<destination> (2)``, ``(3)``… folder, and the log and the result
+(``renamed_from``) say so. A folder "fits" when every file the job would write
+there is absent or already identical, so a retry finds its own earlier copy.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import ctypes
 import ctypes.util
 import errno
 import hashlib
+import itertools
 import os
 import stat
 import time
@@ -42,7 +52,7 @@ from typing import Any
 
 from .. import defaults as D
 from ..errors import PermanentImportError, TransientImportError, classify_os_error
-from ..job import Job
+from ..job import Job, printable
 from . import register
 from .base import ImportContext, Importer
 
@@ -56,6 +66,14 @@ def _component(value: str | None, fallback: str) -> str:
     if not text or set(text) == {"."}:
         return fallback
     return text
+
+
+# How many "<destination> (n)" folders are tried before a job fails for good.
+MAX_COLLISION_SUFFIX = 1000
+
+
+class _Occupied(Exception):
+    """A destination file appeared with other content while this job was copying (another worker won)."""
 
 
 def _within(path: str, root: str) -> bool:
@@ -149,6 +167,7 @@ class ArchiveImporter(Importer):
             "project": _component(project, "_no_project"),
             "dataset": _component(dataset, "_no_dataset"),
             "screen": _component(t.screen or (f"screen-{t.screen_id}" if t.screen_id else None), "_no_screen"),
+            "acquisition": _component(job.spec.acquisition_name, f"job-{job.id}"),
             "job_id": str(job.id),
             "date": time.strftime("%Y-%m-%d", time.gmtime(job.created_at)),
         }
@@ -205,6 +224,72 @@ class ArchiveImporter(Importer):
     def run(self, job: Job, ctx: ImportContext) -> dict[str, Any]:
         sources = self._sources(job)
         dest_root = self.destination(job)
+        buf = bytearray(self.chunk_bytes)
+        for n in itertools.count(1):
+            if n > MAX_COLLISION_SUFFIX:
+                raise PermanentImportError(
+                    f"{dest_root} and {MAX_COLLISION_SUFFIX - 1} numbered folders beside it all hold other files "
+                    "of the same names; add {acquisition} or {job_id} to importer.archive.layout"
+                )
+            candidate = dest_root if n == 1 else dest_root.with_name(f"{dest_root.name} ({n})")
+            if not self._fits(candidate, sources, buf):
+                continue
+            if n > 1:
+                ctx.log(f"{dest_root} already holds other files of the same names: archiving into {candidate}")
+            placed: list[str] = []
+            try:
+                result = self._copy_all(job, ctx, candidate, sources, buf, placed)
+            except _Occupied as exc:
+                ctx.log(f"{exc}: another job took {candidate}; trying the next folder")
+                for path in placed:
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        pass
+                continue
+            if n > 1:
+                result["renamed_from"] = str(dest_root)
+            return result
+        raise AssertionError("unreachable")
+
+    def _fits(self, folder: Path, sources: list, buf: bytearray) -> bool:
+        """True when every file of the job is absent from ``folder`` or already there, identical.
+
+        Costs one ``lstat`` when the folder does not exist yet (the usual case), and a
+        hash only for a same-named file of the same size (a retry's own copy).
+        """
+        try:
+            st = os.lstat(folder)
+        except OSError:
+            return True  # not there (or unusable above it: creating it says why, classified)
+        if not stat.S_ISDIR(st.st_mode):
+            return False
+        for entry, src, size in sources:
+            dest = os.path.join(folder, entry.path)
+            try:
+                st = os.lstat(dest)
+            except FileNotFoundError:
+                continue
+            except NotADirectoryError:
+                return False  # a file where the job needs a folder
+            except OSError:
+                return True  # e.g. a name too long: copying reports it, classified
+            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+                return False
+            if self._hash_path(dest, buf) != (entry.sha256 or self._hash_path(src, buf)):
+                return False
+        return True
+
+    def _hash_path(self, path: str, buf: bytearray) -> str:
+        fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+        try:
+            return self._hash_fd(fd, buf)
+        finally:
+            os.close(fd)
+
+    def _copy_all(self, job: Job, ctx: ImportContext, dest_root: Path, sources: list, buf: bytearray,
+                  placed: list[str]) -> dict[str, Any]:
+        """Copy every source into ``dest_root``; ``placed`` collects the files this attempt linked there."""
         total = sum(size for _, _, size in sources)
         count = len(sources)
         try:
@@ -218,7 +303,6 @@ class ArchiveImporter(Importer):
         copied = []
         lines = []
         reused_count = 0
-        buf = bytearray(self.chunk_bytes)
         for index, (entry, src, size) in enumerate(sources):
             dest = os.path.join(dest_root, entry.path)
             parent = os.path.dirname(dest)
@@ -226,10 +310,12 @@ class ArchiveImporter(Importer):
                 self._prepare_folder(parent, tag)
                 folders.add(parent)
             digest, reused = self._copy_one(ctx, tag, src, dest, entry.sha256, buf, done_bytes, total, index, count)
+            if not reused:
+                placed.append(dest)
             done_bytes += size
             reused_count += reused
             copied.append({"path": entry.path, "dest": dest, "size": size, "sha256": digest})
-            lines.append(f"{'already archived' if reused else 'archived'} {entry.path} sha256={digest}")
+            lines.append(f"{'already archived' if reused else 'archived'} {printable(entry.path)} sha256={digest}")
             ctx.progress("copying", done_bytes, total, index + 1, count)
         ctx.progress("syncing", done_bytes, total, count, count)
         how = self._make_durable(ctx, dest_root, copied, folders)
@@ -352,10 +438,7 @@ class ArchiveImporter(Importer):
             os.close(fd)
         if same:
             return True
-        raise PermanentImportError(
-            f"{dest} already exists with different content; the archive never overwrites: "
-            "move the existing file away or change importer.archive.layout"
-        )
+        raise _Occupied(f"{dest} already exists with different content")
 
     @staticmethod
     def _hash_fd(fd: int, buf: bytearray) -> str:

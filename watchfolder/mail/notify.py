@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..job import Job, JobState
+from ..job import Job, JobState, printable
 from ..units import format_size
 from .message import Mail
 
@@ -198,7 +198,7 @@ class Notifier:
             "owner": spec.owner or "(unknown owner)",
             "group": spec.group or "default",
             "acquisition": _acquisition_name(job),
-            "folder": spec.root,
+            "folder": printable(spec.root),
             "source": spec.source,
             "target": spec.target.label or "(none)",
             "state": str(job.state),
@@ -486,10 +486,9 @@ def _one_line(value: str, limit: int) -> str:
 def _acquisition_name(job: Job) -> str:
     spec = job.spec
     if spec.name:
-        return spec.name
-    if len(spec.files) == 1:
-        return os.path.basename(spec.files[0].path) or spec.files[0].path
-    return os.path.basename(spec.root.rstrip("/\\")) or spec.root or f"job {job.id}"
+        return printable(spec.name)
+    # A one-file *folder* is still named after its folder; JobSpec.acquisition_name knows which is which.
+    return printable(spec.acquisition_name or spec.root or f"job {job.id}")
 
 
 def _file_sizes(job: Job) -> list[tuple[str, int | None]]:
@@ -506,6 +505,7 @@ def _files_block(sizes: list[tuple[str, int | None]]) -> _Block:
         return _Block("", "")
     rows = []
     for path, size in sizes[:MAX_LISTED]:
+        path = printable(path)
         shown = f" ({_size(size)})" if size is not None else ""
         rows.append((f"{path}{shown}", f"<code>{_esc(path)}</code>{_esc(shown)}"))
     return _list_block("Files", rows, len(sizes))

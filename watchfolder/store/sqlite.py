@@ -45,6 +45,7 @@ from ..job import (
     JobState,
     Progress,
     RetryPolicy,
+    printable,
 )
 from .base import JobStore, Mail, MailComposer, OutboxMail, PendingEntry
 
@@ -412,11 +413,17 @@ class SQLiteStore(JobStore):
         return self.logs_dir / f"{job_id}.log"
 
     def log(self, job_id: int, message: str, *, now: float | None = None) -> None:
-        """Append a line to the job's log file."""
+        """Append a line to the job's log file.
+
+        Control characters are escaped (:func:`~watchfolder.job.printable`); the lines
+        of a multi-line message (a traceback) after the first are indented, so no text
+        in a message, such as a file name holding a newline, can pass for a log entry.
+        """
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(_now(now)))
-        with open(self.log_path(job_id), "a", encoding="utf-8") as fh:
-            for line in str(message).splitlines() or [""]:
-                fh.write(f"{stamp}Z {line}\n")
+        lines = str(message).split("\n")
+        with open(self.log_path(job_id), "a", encoding="utf-8", errors="backslashreplace") as fh:
+            for i, line in enumerate(lines):
+                fh.write(f"{stamp}Z {'  ' if i else ''}{printable(line)}\n")
 
     def read_log(self, job_id: int) -> str:
         if self._conn().execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:

@@ -708,6 +708,7 @@ def from_path(
         st = _stat(real)
     if st is not None and stat.S_ISDIR(st.st_mode):
         root: Path | str = real
+        unit = "folder"
         manifest = os.path.join(real, manifest_name)
         manifest_st = _stat(manifest)
         if manifest_st is not None and stat.S_ISREG(manifest_st.st_mode):
@@ -759,6 +760,7 @@ def from_path(
                 except NotADescriptor:
                     pass
         root = data.parent
+        unit = "file"
         st = os.stat(data)
         if descriptor_file is not None:
             descriptor_rel = descriptor_file.name  # beside the data file
@@ -786,7 +788,7 @@ def from_path(
     filesets = d.filesets
     if filesets and descriptor_file is not None and descriptor_file.name != manifest_name:
         filesets = ()  # a sidecar describes one file; filesets there make no sense
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"unit": unit}
     if d.warnings:
         extra["warnings"] = list(d.warnings)
     if descriptor_file is not None:

@@ -1,0 +1,57 @@
+"""Case 1: unrelated acquisitions never collide in the archive (written from the issue and README)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from drops import MODES, manifest, succeeded
+from helpers import wait_until
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_runs_writing_the_same_file_name_into_one_dataset_both_succeed(field, mode):
+    field.start(mode)
+    manifest(field.drop / "run1", {"Image_001.tif": b"first run " * 100})
+    manifest(field.drop / "run2", {"Image_001.tif": b"second run " * 100})
+    jobs = field.settled(2)
+    assert [j.state.value for j in jobs] == ["succeeded", "succeeded"], [j.error for j in jobs]
+    archived = field.archived()
+    assert len(archived) == 2, archived
+    # Apart by default: each acquisition has its own folder below the dataset.
+    assert {a.rsplit("/", 2)[-2] for a in archived} == {"run1", "run2"}, archived
+    contents = {(field.archive / a).read_bytes()[:5] for a in archived}
+    assert contents == {b"first", b"secon"}
+
+
+def test_a_layout_without_the_acquisition_resolves_a_collision_and_says_where(field):
+    field.start("events", importer={"archive": {"root": str(field.archive), "layout": "{owner}/{project}/{dataset}"}})
+    manifest(field.drop / "run1", {"Image_001.tif": b"first run " * 100})
+    field.settled(1)
+    manifest(field.drop / "run2", {"Image_001.tif": b"second run " * 100})
+    jobs = field.settled(2)
+    assert [j.state.value for j in jobs] == ["succeeded", "succeeded"], [j.error for j in jobs]
+    archived = field.archived()
+    assert len(archived) == 2, archived
+    second = jobs[1]
+    where = [a for a in archived if (field.archive / a).read_bytes().startswith(b"second")][0]
+    # The result and the receipt name where the second run's file went.
+    assert where in json.dumps(second.result, ensure_ascii=False), second.result
+    receipt_file = field.drop / "run2.watchfolder-receipt.json"
+    wait_until(receipt_file.exists, 10, message="the receipt of run2")
+    receipt = receipt_file.read_text(encoding="utf-8")
+    assert where in receipt, receipt
+    assert "Image_001" in field.store.read_log(second.id)
+
+
+def test_200_acquisitions_with_identical_file_names_into_one_dataset(field):
+    field.start("events")
+    for i in range(200):
+        manifest(field.drop / "bulk" / f"{i:04d}", {"x.tif": f"tile {i} ".encode() * 50,
+                                                     "meta.txt": f"acquisition {i}".encode()})
+    jobs = field.settled(200, timeout=120)
+    assert len(jobs) == 200
+    failed = [(j.id, j.error) for j in jobs if j.state.value != "succeeded"]
+    assert failed == []
+    assert len(succeeded(jobs)) == 200
+    assert len(field.archived()) == 400
