@@ -188,7 +188,7 @@ def test_submit_then_work_burst_archives_and_mails_the_owner(tmp_path, cfg_path,
     finally:
         store.close()
 
-    archive = config.importer.archive.root / "jdoe" / "Brain atlas" / "2026-11-28 slide 3"
+    archive = config.importer.archive.root / "jdoe" / "Brain atlas" / "2026-11-28 slide 3" / "slide3"
     assert sorted(p.name for p in archive.iterdir()) == ["tile_001.ome.tiff", "tile_002.ome.tiff"]
     for entry in manifest["files"]:
         copy = archive / entry["path"]
@@ -487,7 +487,8 @@ def test_jobs_log(cfg_path, jobstore, make_spec, capsys):
     capsys.readouterr()
     assert run_cli(cfg_path, "jobs", "log", str(job.id)) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split(" ", 1)[1] for line in lines[:2]] == ["first line", "second line"]
+    # A message's later lines are indented: they cannot pass for entries of their own.
+    assert [line.split(" ", 1)[1] for line in lines[:2]] == ["first line", "  second line"]
     assert lines[2].split(" ", 1)[1].startswith("cancelled by cli:")
     assert run_cli(cfg_path, "jobs", "log", "42") == 1
     assert capsys.readouterr().err == "watchfolder: error: no job with id 42\n"
