@@ -373,7 +373,7 @@ def test_stale_part_files_are_looked_for_once_per_destination_folder(make_spec, 
     # grew with the plate: one listing of an ever larger folder before every file).
     files = {f"well_{w}/f{i:03d}.tif": b"%d" % i for w in "ABC" for i in range(100)}
     job, ctx = start(make_spec(files))
-    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3"
+    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3" / Path(job.spec.root).name
     stale = [dest / f"well_{w}" / f".f000.tif.wf-{job.id}-0badc0de.part" for w in "ABC"]
     for path in stale:
         path.parent.mkdir(parents=True)
@@ -437,7 +437,7 @@ def test_a_failed_flush_is_transient_and_reports_nothing_archived(make_spec, sta
     monkeypatch.setattr(archive_module, "syncfs", broken_disk)
     with pytest.raises(TransientImportError) as info:
         ArchiveImporter(root=archive_root).run(job, ctx)
-    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3"
+    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3" / Path(job.spec.root).name
     assert str(info.value).startswith(f"cannot flush to disk {dest}: ")
     assert "the job is retried automatically" in str(info.value)
     assert not [m for m in ctx.messages if m.startswith("archived") or "durable" in m]

@@ -314,7 +314,7 @@ def test_plate_of_20000_files_killed_mid_copy_is_archived_once_by_a_second_worke
     assert second.returncode == 0, err
     assert _job_row(db, job_id)["attempts"] == 2
     archive = tmp_path / "data" / "archive"
-    dest = archive / "jdoe" / "_screens" / "Plate 1" / "Images"
+    dest = archive / "jdoe" / "_screens" / "Plate 1" / "plate" / "Images"
     archived = sorted(os.listdir(dest))
     assert archived == sorted(os.listdir(root / "Images"))  # each once, nothing else: no temporary file
     for name in archived:
