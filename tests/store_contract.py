@@ -518,3 +518,82 @@ def test_enqueue_many_takes_10000_acquisitions_in_one_batch(store):
     assert len({job.id for job, _ in results}) == 10_000
     assert store.counts()["queued"] == 10_000
     assert store.get(results[-1][0].id).spec.files == specs[-1].files
+
+def test_every_state_change_is_an_event_in_order_with_the_job_summary(store, make_spec):
+    job, _ = store.enqueue(make_spec(group="lab", name="slide 3"), now=T0)
+    store.claim("w", now=T0 + 1)
+    store.fail(job.id, "w", TransientImportError("server down"), now=T0 + 2)
+    store.maintain(now=T0 + 100)
+    store.claim("w", now=T0 + 101)
+    store.cancel(job.id, by="admin", now=T0 + 102)  # a request, not a change: no event
+    store.cancelled(job.id, "w", now=T0 + 103)
+    events = store.events_after(0)
+    assert [e["type"].rsplit(".", 1)[1] for e in events] == [
+        "queued", "running", "retry_wait", "queued", "running", "cancelled"
+    ]
+    assert [e["id"] for e in events] == sorted(e["id"] for e in events)
+    assert all(e["subject"] == f"job/{job.id}" and e["job_id"] == job.id and e["owner"] == "jdoe" for e in events)
+    waiting = events[2]["data"]
+    assert waiting["state"] == "retry_wait" and waiting["attempts"] == 1
+    assert waiting["error"] == {"kind": "transient", "message": "server down"}
+    assert waiting["target"] == {"project": "Brain atlas", "dataset": "slide 3"}
+    assert waiting["group"] == "lab" and waiting["name"] == "slide 3" and "files" not in waiting
+    assert store.last_event_id() == events[-1]["id"]
+    assert store.events_after(events[2]["id"], limit=2) == events[3:5]
+
+
+def test_success_and_rejection_events_carry_result_and_reason(store, make_spec):
+    job, _ = store.enqueue(make_spec(), now=T0)
+    store.claim("w", now=T0)
+    store.succeed(job.id, "w", {"image_ids": [1, 2], "files": [{"path": "a"}]}, now=T0 + 1)
+    rejected, _ = store.reject(make_spec(owner="alice"), "sidecar: invalid JSON", now=T0 + 2)
+    done = store.events_after(0, job_id=job.id)[-1]
+    assert done["type"] == "org.watchfolder.job.succeeded"
+    assert done["data"]["result"] == {"image_ids": [1, 2]}  # the file list stays out
+    (failed,) = store.events_after(0, owners=["alice"])
+    assert failed["job_id"] == rejected.id and failed["type"] == "org.watchfolder.job.failed"
+    assert failed["data"]["error"]["message"] == "sidecar: invalid JSON"
+    assert store.events_after(0, owners=[]) == []
+
+
+def test_added_events_and_watcher_health_changes(store):
+    first = store.add_event("org.watchfolder.job.progress", "job/7", {"percent": 50}, job_id=7, owner="jdoe", now=T0)
+    store.set_component("watcher", "lsm", {"health": "ok", "path": "/drop"}, now=T0)
+    store.set_component("watcher", "lsm", {"health": "ok", "path": "/drop"}, now=T0 + 1)  # no change
+    store.set_component("watcher", "lsm", {"health": "unhealthy", "path": "/drop", "error": "gone"}, now=T0 + 2)
+    events = store.events_after(0)
+    assert events[0]["id"] == first and events[0]["data"] == {"percent": 50}
+    health = [e for e in events if e["type"] == "org.watchfolder.watcher.health"]
+    assert [(e["data"]["previous"], e["data"]["health"]) for e in health] == [(None, "ok"), ("ok", "unhealthy")]
+    assert health[-1]["subject"] == "watcher/lsm" and health[-1]["data"]["problem"] == "gone"
+
+
+def test_sinks_are_held_by_one_holder_and_remember_their_position(store, make_spec):
+    store.enqueue(make_spec(), now=T0)
+    start = store.last_event_id()
+    sink = store.sink_claim("webhook:lims", "p1", hold=30, now=T0)
+    assert sink["last_id"] == start and sink["disabled_at"] is None  # a new sink starts at the newest event
+    assert store.sink_claim("webhook:lims", "p2", hold=30, now=T0 + 10) is None
+    store.sink_update("webhook:lims", "p1", last_id=start + 5, delivered=5, now=T0 + 11)
+    with pytest.raises(StoreError):
+        store.sink_update("webhook:lims", "p2", last_id=0)
+    with pytest.raises(StoreError):
+        store.sink_update("webhook:lims", "p1", colour="red")
+    taken = store.sink_claim("webhook:lims", "p2", hold=30, now=T0 + 31)  # p1's lease ran out
+    assert taken["last_id"] == start + 5 and taken["delivered"] == 5 and taken["holder"] == "p2"
+    store.sink_update("webhook:lims", "p2", failing_since=T0 + 40, last_error="503", disabled_at=T0 + 50)
+    store.sink_reset("webhook:lims")
+    (row,) = store.sinks()
+    assert row["name"] == "webhook:lims" and row["disabled_at"] is None and row["last_error"] is None
+
+
+def test_events_prune_keeps_what_a_sink_has_not_delivered(store, make_spec):
+    for _ in range(3):
+        store.enqueue(make_spec(), now=T0)
+    ids = [e["id"] for e in store.events_after(0)]
+    store.sink_claim("mqtt", "p", hold=30, now=T0)
+    store.sink_update("mqtt", "p", last_id=ids[0])
+    assert store.events_prune(T0 + 1, sinks=["mqtt"]) == 1
+    assert [e["id"] for e in store.events_after(0)] == ids[1:]
+    assert store.events_prune(T0 - 1) == 0
+    assert store.events_prune(T0 + 1) == 2

@@ -175,6 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_mail_resend)
     mail.set_defaults(func=lambda a: (mail.print_help(), 2)[1])
 
+    events = sub.add_parser("events", help="events out: list them, see and re-enable sinks", epilog=EPILOG)
+    esub = events.add_subparsers(dest="events_command", metavar="SUBCOMMAND")
+    p = esub.add_parser("list", help="print events (CloudEvents JSON lines) after an id, oldest first")
+    p.add_argument("--after", type=int, default=0, help="only events with a larger id (default 0)")
+    p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    p.set_defaults(func=cmd_events_list)
+    p = esub.add_parser("sinks", help="each webhook / MQTT sink: position, failures, disabled")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_events_sinks)
+    p = esub.add_parser("enable", help="re-enable a disabled sink; it resumes where it stopped")
+    p.add_argument("name", help="the sink, e.g. webhook:lims or mqtt (see `events sinks`)")
+    p.set_defaults(func=cmd_events_enable)
+    events.set_defaults(func=lambda a: (events.print_help(), 2)[1])
+
     token = sub.add_parser("token", help="create API tokens", epilog=EPILOG)
     tsub = token.add_subparsers(title="token commands", metavar="ACTION")
     p = tsub.add_parser("new", help="print a new token and the config lines to paste under server.tokens")
@@ -593,6 +607,44 @@ def cmd_mail_resend(args) -> int:
         print(json.dumps(mail.to_dict(), indent=2))
         return 0
     print(f"mail {mail.id} queued again for {', '.join(mail.recipients)}")
+    return 0
+
+
+def cmd_events_list(args) -> int:
+    from .events.cloudevents import envelope
+
+    config = load_config(args)
+    for event in open_store(config).events_after(args.after, limit=args.limit):
+        print(json.dumps(envelope(event, config.events.source), ensure_ascii=False))
+    return 0
+
+
+def cmd_events_sinks(args) -> int:
+    from .status import sink_view
+
+    config = load_config(args)
+    store = open_store(config)
+    now = time.time()
+    views = [sink_view(s, now=now) for s in store.sinks()]
+    if args.json:
+        print(json.dumps({"last_id": store.last_event_id(), "sinks": views}, indent=2))
+        return 0
+    if not views:
+        print("no sinks have run yet (configure events.webhooks or events.mqtt)")
+    for v in views:
+        error = f"  ({v['last_error']})" if v["last_error"] else ""
+        print(f"{v['name']:<24} {v['state']:<9} at event {v['last_id']:>8}  delivered {v['delivered']}{error}")
+    return 0
+
+
+def cmd_events_enable(args) -> int:
+    config = load_config(args)
+    store = open_store(config)
+    if args.name not in {s["name"] for s in store.sinks()}:
+        print(f"no event sink {args.name!r}; see `watchfolder events sinks`", file=sys.stderr)
+        return 1
+    store.sink_reset(args.name)
+    print(f"{args.name} enabled; it resumes after the last event it delivered")
     return 0
 
 

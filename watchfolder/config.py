@@ -76,6 +76,8 @@ class WorkersConfig:
 class ArchiveConfig:
     root: Path
     layout: str = D.ARCHIVE_LAYOUT
+    # Below this many free bytes on the archive volume, its jobs pause (not fail).
+    min_free_bytes: int = D.ARCHIVE_MIN_FREE_BYTES
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,17 @@ class OmeroConfig:
     # A child that sends nothing (no progress, no heartbeat) for this long is hung: killed, retried.
     idle_timeout: float = 300.0
     block_size: int = 1024 * 1024
+    # Imports running at once against this server from one service process.
+    max_concurrent: int = D.OMERO_MAX_CONCURRENT
+
+
+@dataclass(frozen=True)
+class PauseConfig:
+    """The circuit breaker in front of an importer's target (an OMERO server, the archive volume)."""
+
+    after_failures: int = D.PAUSE_AFTER_FAILURES
+    probe_interval: float = D.PAUSE_PROBE_SECONDS
+    alert_after: float = D.PAUSE_ALERT_SECONDS
 
 
 @dataclass(frozen=True)
@@ -101,6 +114,7 @@ class ImporterConfig:
     kind: str
     archive: ArchiveConfig
     omero: OmeroConfig
+    pause: PauseConfig = field(default_factory=PauseConfig)
 
 
 @dataclass(frozen=True)
@@ -158,6 +172,47 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class WebhookConfig:
+    """One webhook endpoint: events POSTed as CloudEvents JSON, signed per Standard Webhooks."""
+
+    name: str
+    url: str
+    secret: Secret
+    types: tuple[str, ...] = ()   # fnmatch patterns on the event type; empty: every type
+    owners: tuple[str, ...] = ()  # only these owners' job events (watcher events always); empty: all
+    timeout: float = D.WEBHOOK_TIMEOUT
+    disable_after: float = D.SINK_DISABLE_AFTER
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """An MQTT broker: events published at QoS 1 on ``<topic_prefix>/jobs/<owner>/<state>``."""
+
+    host: str
+    port: int = D.MQTT_PORT
+    tls: bool = False
+    ca_file: Path | None = None
+    username: str | None = None
+    password: Secret | None = None
+    topic_prefix: str = D.MQTT_TOPIC_PREFIX
+    client_id: str | None = None
+    types: tuple[str, ...] = ()
+    owners: tuple[str, ...] = ()
+    timeout: float = D.WEBHOOK_TIMEOUT
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    source: str = D.EVENTS_SOURCE
+    retention: float = D.EVENTS_RETENTION_SECONDS
+    progress_milestones: tuple[int, ...] = D.PROGRESS_MILESTONES
+    progress_min_bytes: int = D.PROGRESS_EVENT_MIN_BYTES
+    retry: RetryPolicy = field(default_factory=lambda: RetryPolicy(1_000_000, D.SINK_BACKOFF))
+    webhooks: tuple[WebhookConfig, ...] = ()
+    mqtt: MqttConfig | None = None
+
+
+@dataclass(frozen=True)
 class WatchAction:
     action: str  # keep | move | delete
     folder: Path | None = None
@@ -200,6 +255,7 @@ class Config:
     notify: NotifyConfig
     server: ServerConfig
     watch: tuple[WatchConfig, ...]
+    events: EventsConfig = field(default_factory=EventsConfig)
 
     @property
     def logs_dir(self) -> Path:
@@ -295,6 +351,12 @@ def _closest(word: str, choices: set[str]) -> str | None:
 def positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise _Bad(f"must be a positive integer, got {_show(value)}")
+    return value
+
+
+def non_negative_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _Bad(f"must be a whole number of 0 or more, got {_show(value)}")
     return value
 
 
@@ -411,14 +473,15 @@ def _layout(value: Any) -> str:
 
 def _importer(r: _Reader, raw: dict, data_dir: Path) -> ImporterConfig:
     w = "importer"
-    r.unknown(raw, {"kind", "archive", "omero"}, w)
+    r.unknown(raw, {"kind", "archive", "omero", "pause"}, w)
     kind = r.get(raw, "kind", w, one_of("archive", "omero", "noop"), "archive")
     a = r.section(raw, "archive", w)
     aw = "importer.archive"
-    r.unknown(a, {"root", "layout"}, aw)
+    r.unknown(a, {"root", "layout", "min_free_bytes"}, aw)
     archive = ArchiveConfig(
         root=r.get(a, "root", aw, r.path, data_dir / "archive"),
         layout=r.get(a, "layout", aw, _layout, D.ARCHIVE_LAYOUT),
+        min_free_bytes=r.get(a, "min_free_bytes", aw, non_negative_int, D.ARCHIVE_MIN_FREE_BYTES),
     )
     o = r.section(raw, "omero", w)
     ow = "importer.omero"
@@ -427,6 +490,7 @@ def _importer(r: _Reader, raw: dict, data_dir: Path) -> ImporterConfig:
         {
             "host", "port", "secure", "admin_user", "admin_password", "python", "timeout",
             "connect_timeout", "sudo_ttl_ms", "web_url", "namespace", "idle_timeout", "block_size",
+            "max_concurrent",
         },
         ow,
     )
@@ -444,10 +508,19 @@ def _importer(r: _Reader, raw: dict, data_dir: Path) -> ImporterConfig:
         namespace=r.get(o, "namespace", ow, text, OmeroConfig.namespace),
         idle_timeout=r.get(o, "idle_timeout", ow, positive_seconds, OmeroConfig.idle_timeout),
         block_size=r.get(o, "block_size", ow, positive_int, OmeroConfig.block_size),
+        max_concurrent=r.get(o, "max_concurrent", ow, positive_int, D.OMERO_MAX_CONCURRENT),
+    )
+    pz = r.section(raw, "pause", w)
+    pw = "importer.pause"
+    r.unknown(pz, {"after_failures", "probe_interval", "alert_after"}, pw)
+    pause = PauseConfig(
+        after_failures=r.get(pz, "after_failures", pw, positive_int, D.PAUSE_AFTER_FAILURES),
+        probe_interval=r.get(pz, "probe_interval", pw, positive_seconds, D.PAUSE_PROBE_SECONDS),
+        alert_after=r.get(pz, "alert_after", pw, seconds, D.PAUSE_ALERT_SECONDS),
     )
     if kind == "omero" and omero.admin_password is None and "admin_password" not in o:
         r.problem(ow + ".admin_password", "required when importer.kind is omero; set {env: OMERO_ADMIN_PASSWORD}")
-    return ImporterConfig(kind=kind, archive=archive, omero=omero)
+    return ImporterConfig(kind=kind, archive=archive, omero=omero, pause=pause)
 
 
 def _notify(r: _Reader, raw: dict, data_dir: Path) -> NotifyConfig:
@@ -532,6 +605,107 @@ def _server(r: _Reader, raw: dict) -> ServerConfig:
         tokens=tuple(tokens),
         public_url=r.get(raw, "public_url", w, text, None),
     )
+
+
+def milestones(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and 0 < v < 100 for v in value):
+        raise _Bad(f"must be a list of percentages between 1 and 99 such as [25, 50, 75], got {_show(value)}")
+    return tuple(sorted(set(value)))
+
+
+def _filters(r: _Reader, raw: dict, where: str) -> dict[str, tuple[str, ...]]:
+    return {"types": r.get(raw, "types", where, text_list, ()), "owners": r.get(raw, "owners", where, text_list, ())}
+
+
+def _events(r: _Reader, raw: dict, server: ServerConfig) -> EventsConfig:
+    w = "events"
+    r.unknown(raw, {"source", "retention", "progress_milestones", "progress_min_bytes", "retry", "webhooks",
+                    "mqtt"}, w)
+    hooks = []
+    raw_hooks = raw.get("webhooks") or []
+    if not isinstance(raw_hooks, list):
+        r.problem("events.webhooks", f"must be a list of endpoints, got {_show(raw_hooks)}")
+        raw_hooks = []
+    names: set[str] = set()
+    for i, h in enumerate(raw_hooks):
+        hw = f"events.webhooks[{i}]"
+        if not isinstance(h, dict):
+            r.problem(hw, "must be a mapping with url and secret")
+            continue
+        r.unknown(h, {"name", "url", "secret", "types", "owners", "timeout", "disable_after"}, hw)
+        name = r.get(h, "name", hw, text, f"webhook{i + 1}")
+        if name in names:
+            r.problem(hw + ".name", f"duplicate webhook name {name!r}; names must be unique")
+        names.add(name)
+        if "url" not in h:
+            r.problem(hw + ".url", "missing; the endpoint's http:// or https:// URL")
+        if "secret" not in h:
+            r.problem(hw + ".secret", "missing; a Standard Webhooks secret (whsec_<base64>), e.g. {env: LIMS_WEBHOOK_SECRET}")
+        hooks.append(WebhookConfig(
+            name=name,
+            url=r.get(h, "url", hw, http_url, ""),
+            secret=r.get(h, "secret", hw, lambda v: webhook_secret(r.secret(v)), Secret("", "missing")),
+            timeout=r.get(h, "timeout", hw, positive_seconds, D.WEBHOOK_TIMEOUT),
+            disable_after=r.get(h, "disable_after", hw, positive_seconds, D.SINK_DISABLE_AFTER),
+            **_filters(r, h, hw),
+        ))
+    mqtt = None
+    if raw.get("mqtt") is not None:
+        m = r.section(raw, "mqtt", w)
+        mw = "events.mqtt"
+        r.unknown(m, {"host", "port", "tls", "ca_file", "username", "password", "topic_prefix", "client_id",
+                      "types", "owners", "timeout"}, mw)
+        if "host" not in m:
+            r.problem(mw + ".host", "missing; the MQTT broker's host name")
+        mqtt = MqttConfig(
+            host=r.get(m, "host", mw, text, "localhost"),
+            port=r.get(m, "port", mw, port, D.MQTT_PORT),
+            tls=r.get(m, "tls", mw, boolean, False),
+            ca_file=r.get(m, "ca_file", mw, r.path, None),
+            username=r.get(m, "username", mw, text, None),
+            password=r.get(m, "password", mw, r.secret, None),
+            topic_prefix=r.get(m, "topic_prefix", mw, topic_prefix, D.MQTT_TOPIC_PREFIX),
+            client_id=r.get(m, "client_id", mw, text, None),
+            timeout=r.get(m, "timeout", mw, positive_seconds, D.WEBHOOK_TIMEOUT),
+            **_filters(r, m, mw),
+        )
+    return EventsConfig(
+        source=r.get(raw, "source", w, text, server.public_url or D.EVENTS_SOURCE),
+        retention=r.get(raw, "retention", w, positive_seconds, D.EVENTS_RETENTION_SECONDS),
+        progress_milestones=r.get(raw, "progress_milestones", w, milestones, D.PROGRESS_MILESTONES),
+        progress_min_bytes=r.get(raw, "progress_min_bytes", w, non_negative_int, D.PROGRESS_EVENT_MIN_BYTES),
+        retry=_retry(r, r.section(raw, "retry", w), "events.retry", RetryPolicy(1_000_000, D.SINK_BACKOFF)),
+        webhooks=tuple(hooks),
+        mqtt=mqtt,
+    )
+
+
+def http_url(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+        raise _Bad(f"must be an http:// or https:// URL, got {_show(value)}")
+    return value
+
+
+def webhook_secret(secret: Secret) -> Secret:
+    """A Standard Webhooks secret: ``whsec_`` and base64 of at least 24 bytes."""
+    import base64
+    import binascii
+
+    raw = secret.reveal()
+    try:
+        key = base64.b64decode(raw.removeprefix("whsec_") + "==", validate=False)
+    except (binascii.Error, ValueError):
+        key = b""
+    if not raw.startswith("whsec_") or len(key) < 24:
+        raise _Bad("must be a Standard Webhooks secret: whsec_ and base64 of 24 or more random bytes "
+                   "(make one with: python3 -c \"import base64,os;print('whsec_'+base64.b64encode(os.urandom(32)).decode())\")")
+    return secret
+
+
+def topic_prefix(value: Any) -> str:
+    if not isinstance(value, str) or not value or any(c in value for c in "#+\0") or value.startswith("/"):
+        raise _Bad(f"must be an MQTT topic without wildcards (+, #) such as facility/watchfolder, got {_show(value)}")
+    return value.rstrip("/")
 
 
 def _token_hash(value: Any) -> str:
@@ -651,7 +825,7 @@ def _watch(r: _Reader, raw: Any, data_dir: Path) -> tuple[WatchConfig, ...]:
     return tuple(out)
 
 
-TOP_KEYS = {"data_dir", "log_level", "store", "workers", "retry", "importer", "notify", "server", "watch"}
+TOP_KEYS = {"data_dir", "log_level", "store", "workers", "retry", "importer", "notify", "server", "watch", "events"}
 
 
 def apply_env_overrides(raw: dict, environ: dict[str, str]) -> dict:
@@ -696,6 +870,7 @@ def parse(raw: Any, *, path: Path | None = None, environ: dict[str, str] | None 
     r = _Reader(base_dir.resolve(), env)
     r.unknown(raw, TOP_KEYS, "")
     data_dir = r.get(raw, "data_dir", "", r.path, r.path(D.DATA_DIR))
+    server = _server(r, r.section(raw, "server", ""))
     config = Config(
         path=path,
         data_dir=data_dir,
@@ -705,8 +880,9 @@ def parse(raw: Any, *, path: Path | None = None, environ: dict[str, str] | None 
         retry=_retry(r, r.section(raw, "retry", ""), "retry", RetryPolicy(D.RETRY_MAX_ATTEMPTS, D.RETRY_BACKOFF)),
         importer=_importer(r, r.section(raw, "importer", ""), data_dir),
         notify=_notify(r, r.section(raw, "notify", ""), data_dir),
-        server=_server(r, r.section(raw, "server", "")),
+        server=server,
         watch=_watch(r, raw.get("watch"), data_dir),
+        events=_events(r, r.section(raw, "events", ""), server),
     )
     if config.notify.transport == "smtp" and not config.notify.smtp.host:
         r.problem("notify.smtp.host", "required when notify.transport is smtp")

@@ -27,6 +27,8 @@ RETRY_MAX_ATTEMPTS = 5
 RETRY_BACKOFF = (30.0, 120.0, 600.0, 1800.0)
 
 ARCHIVE_LAYOUT = "{owner}/{project}/{dataset}/{acquisition}"
+# The archive's jobs pause (instead of failing one by one) below this much free space.
+ARCHIVE_MIN_FREE_BYTES = 1024**3
 COPY_CHUNK_BYTES = 1024 * 1024
 
 NOTIFY_TRANSPORT = "folder"
@@ -56,3 +58,26 @@ EXCLUDE_PATTERNS = ("~$*", "*.tmp", "*.part", ".*")
 OMERO_PORT = 4064
 OMERO_TIMEOUT = 3600.0
 OMERO_SUDO_TTL_MS = 600_000
+# Imports at once against one OMERO server from one service process, whatever the worker count.
+OMERO_MAX_CONCURRENT = 4
+
+# Back-pressure: this many connection failures in a row pause an importer's target;
+# while paused it is probed every PAUSE_PROBE_SECONDS; a pause longer than
+# PAUSE_ALERT_SECONDS mails the admin (and its end does too).
+PAUSE_AFTER_FAILURES = 3
+PAUSE_PROBE_SECONDS = 30.0
+PAUSE_ALERT_SECONDS = 600.0
+
+# Events out (CloudEvents 1.0): the ``source`` attribute, how long delivered events
+# are kept, and the progress percentages that make a ``job.progress`` event.
+EVENTS_SOURCE = "urn:watchfolder"
+EVENTS_RETENTION_SECONDS = 7 * 86400.0
+PROGRESS_MILESTONES = (25, 50, 75)
+# Smaller jobs finish too fast for milestones to tell anyone anything.
+PROGRESS_EVENT_MIN_BYTES = 64 * 1024**2
+WEBHOOK_TIMEOUT = 10.0
+# A sink failing without a break for this long is disabled (webhooks) and the admin told.
+SINK_DISABLE_AFTER = 86400.0
+SINK_BACKOFF = (1.0, 5.0, 30.0, 120.0, 600.0)
+MQTT_PORT = 1883
+MQTT_TOPIC_PREFIX = "watchfolder"

@@ -48,12 +48,17 @@ class ImportFailure(WatchfolderError):
 
     transient = False
 
-    def __init__(self, message: str, *, config_error: bool = False):
+    def __init__(self, message: str, *, config_error: bool = False, unavailable: bool = False):
         super().__init__(message)
         self.message = message
         # A permanent failure caused by the service's configuration (e.g. wrong
         # OMERO admin password) rather than by the acquisition: the admin must act.
         self.config_error = config_error
+        # The importer's target itself is down (OMERO unreachable, connection lost,
+        # archive volume full), not this job: counts toward pausing the target
+        # (see watchfolder.backpressure), and a job failing so while the target is
+        # paused goes back to the queue without losing its attempt.
+        self.unavailable = unavailable
 
 
 class TransientImportError(ImportFailure):
@@ -160,4 +165,8 @@ def classify_os_error(exc: OSError, path: object, action: str) -> ImportFailure:
         exc.errno or 0, (False, exc.strerror or str(exc), "the job is retried automatically")
     )
     message = f"cannot {action} {path}: {problem}; {fix}"
-    return PermanentImportError(message) if permanent else TransientImportError(message)
+    if permanent:
+        return PermanentImportError(message)
+    # A full volume is the target being unavailable, not this job's fault: it counts
+    # toward pausing the target (watchfolder.backpressure) instead of burning attempts.
+    return TransientImportError(message, unavailable=exc.errno in (_errno.ENOSPC, _errno.EDQUOT))

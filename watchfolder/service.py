@@ -12,6 +12,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
+from .backpressure import TargetGate
 from .config import Config, TokenConfig
 from .importers import create_importer
 from .mail.outbox import OutboxSender
@@ -60,6 +61,8 @@ class Service:
         self.store = open_store(config, self.notifier)
         self.importer = create_importer(config) if (self.parts.workers or self.parts.server) else None
         self.pool: WorkerPool | None = None
+        self.gate: TargetGate | None = None
+        self.dispatcher = None
         self.watch = None
         self.server = None
         self.run_token: str | None = None
@@ -100,17 +103,69 @@ class Service:
 
             self.watch = WatchService(config, self.store, notifier=self.notifier)
             self.watch.start()
+        if self.parts.workers or self.parts.mail:
+            self._start_events()
         if self.parts.workers:
+            self.gate = TargetGate.from_config(config, self.importer, self.store, alert=self._target_alert)
+            self.gate.publish()
             self.pool = WorkerPool(
                 self.store,
                 self.importer,
                 config.workers.count,
                 poll_interval=config.workers.poll_interval,
                 heartbeat_seconds=config.workers.heartbeat_seconds,
+                gate=self.gate,
+                milestones=config.events.progress_milestones,
+                milestone_min_bytes=config.events.progress_min_bytes,
             )
             self.pool.start(burst=self.burst)
         if self.importer is not None:
             self.store.set_component("importer", self.importer.name, self.importer.health())
+
+    def _start_events(self) -> None:
+        """Deliver the event outbox to the configured sinks (and prune it), in a thread."""
+        from .events.dispatcher import EventDispatcher
+        from .events.sinks import create_sinks
+
+        events = self.config.events
+        self.dispatcher = EventDispatcher(
+            self.store, create_sinks(self.config), backoff=events.retry, retention=events.retention,
+            alert=self._sink_alert,
+        )
+        thread = threading.Thread(target=self.dispatcher.run, args=(self._stop_mail,), name="events", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _admin_alert(self, key: str, title: str, what: str, advice: str, status: dict, since: float) -> None:
+        if self.notifier is None:
+            log.warning("%s (no mail: notify.transport is none)", title)
+            return
+        mails = self.notifier.compose_admin_alert(key, title, what, advice, status, since)
+        if mails:
+            self.store.outbox_add(mails)
+
+    def _target_alert(self, target: str, status: dict, resumed: bool) -> None:
+        since = status.get("paused_since") or 0.0
+        if resumed:
+            self._admin_alert(
+                f"target-resumed:{target}:{since}", f"Imports to {target} resumed",
+                f"The importer target {target} answers again; its queued jobs are being imported.",
+                "Nothing to do.", status, since)
+        else:
+            self._admin_alert(
+                f"target-paused:{target}:{since}", f"Imports to {target} paused",
+                f"Imports to {target} are paused: {status.get('reason')}. Jobs wait in the queue and "
+                "lose no attempts; the service probes the target and resumes by itself.",
+                "Check the server or the volume named above; GET /api/v1/status shows the last probe.",
+                status, since)
+
+    def _sink_alert(self, sink: str, row: dict) -> None:
+        self._admin_alert(
+            f"sink-disabled:{sink}:{row.get('disabled_at')}", f"Event sink {sink} disabled",
+            f"Events could not be delivered to {sink} since {row.get('failing_since')}: "
+            f"{row.get('last_error')}. It is disabled; events after {row.get('last_id')} wait in the store.",
+            f"Fix the endpoint, then run `watchfolder events enable {sink}`: delivery resumes where it stopped.",
+            row, row.get("failing_since") or 0.0)
 
     def _with_run_token(self, config: Config) -> Config:
         """With no tokens configured and a loopback address, make an admin token for this run only.

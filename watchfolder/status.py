@@ -113,6 +113,37 @@ def importer_view(config, store, importer=None) -> dict[str, Any]:
     }
 
 
+def target_view(component: dict[str, Any], *, now: float) -> dict[str, Any]:
+    """An importer target's back-pressure state, as its gate published it (watchfolder.backpressure)."""
+    status = dict(component.get("status") or {})
+    since = status.get("paused_since")
+    return {
+        **status,
+        "target": status.get("target") or component.get("name"),
+        "paused": bool(status.get("paused")),
+        "paused_for": _age(now, since) if status.get("paused") else None,
+        "host": component.get("host"),
+        "pid": component.get("pid"),
+        "updated_at": component.get("updated_at"),
+    }
+
+
+def sink_view(row: dict[str, Any], *, now: float) -> dict[str, Any]:
+    """An event sink's delivery state: ``ok``, ``failing`` (retrying) or ``disabled``."""
+    state = "disabled" if row.get("disabled_at") is not None else (
+        "failing" if row.get("failing_since") is not None else "ok")
+    return {
+        "name": row["name"],
+        "state": state,
+        "last_id": row["last_id"],
+        "delivered": row.get("delivered", 0),
+        "failing_for": _age(now, row.get("failing_since")),
+        "last_error": row.get("last_error"),
+        "holder": row.get("holder"),
+        "disabled_at": row.get("disabled_at"),
+    }
+
+
 def disk_view(label: str, path: Path) -> dict[str, Any]:
     """Free space of the filesystem holding ``path`` (or its nearest existing parent: an
     archive root is created by the first import)."""
@@ -166,6 +197,14 @@ def collect_status(config, store, importer=None, *, now: float | None = None) ->
     importer_status = importer_view(config, store, importer)
     if importer_status.get("ok") is False:
         problems.append(f"importer {importer_status['kind']}: {importer_status.get('error') or 'not ok'}")
+    targets = [target_view(c, now=now) for c in store.components("target")]
+    for tv in targets:
+        if tv["paused"]:
+            problems.append(f"importer target {tv['target']} paused since {tv['paused_for']:.0f} s: {tv['reason']}")
+    sinks = [sink_view(s, now=now) for s in store.sinks()]
+    for sv in sinks:
+        if sv["state"] != "ok":
+            problems.append(f"event sink {sv['name']} {sv['state']}: {sv['last_error']}")
     outbox = store.outbox_counts()
     if outbox.get("failed"):
         problems.append(f"outbox: {outbox['failed']} mail(s) could not be sent")
@@ -185,7 +224,8 @@ def collect_status(config, store, importer=None, *, now: float | None = None) ->
         },
         "workers": workers,
         "watchers": watchers,
-        "importer": importer_status,
+        "importer": {**importer_status, "targets": targets},
+        "events": {"last_id": store.last_event_id(), "sinks": sinks},
         "outbox": {"counts": outbox},
         "disk": disk,
     }

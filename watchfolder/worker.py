@@ -22,6 +22,7 @@ import traceback
 from typing import Any
 
 from . import defaults as D
+from .backpressure import TargetGate
 from .errors import ImportFailure, JobCancelled, LeaseLost, ShuttingDown, TransientImportError
 from .importers.base import ImportContext, Importer
 from .job import Job, Progress
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 # How often an idle worker waiting for work checks its stop event.
 STOP_CHECK_SECONDS = 0.2
+JOB_PROGRESS_EVENT = "org.watchfolder.job.progress"
 
 
 class JobContext(ImportContext):
@@ -44,12 +46,17 @@ class JobContext(ImportContext):
         hard_stop: threading.Event,
         *,
         min_interval: float = D.PROGRESS_MIN_INTERVAL,
+        milestones: tuple[int, ...] = (),
+        milestone_min_bytes: int = 0,
     ):
         self.store = store
         self.job = job
         self.worker = worker
         self.hard_stop = hard_stop
         self.min_interval = min_interval
+        self.milestones = milestones
+        self.milestone_min_bytes = milestone_min_bytes
+        self._milestone = 0
         self.current = Progress(**job.progress.to_dict())
         self.cancel_requested = False
         self.lease_lost: str | None = None
@@ -77,7 +84,23 @@ class JobContext(ImportContext):
         if now - self._last_write >= self.min_interval:
             self._last_write = now
             self._write(self.current)
+        if self.milestones and bytes_total > 0 and bytes_total >= self.milestone_min_bytes:
+            self._milestone_event(phase, bytes_done * 100 // bytes_total)
         self.checkpoint()
+
+    def _milestone_event(self, phase: str, percent: int) -> None:
+        """A ``job.progress`` event when the job passes one of ``events.progress_milestones``."""
+        passed = [m for m in self.milestones if self._milestone < m <= percent]
+        if not passed:
+            return
+        self._milestone = passed[-1]
+        data = {"job_id": self.job.id, "owner": self.job.owner, "percent": passed[-1], "phase": phase,
+                **self.current.to_dict()}
+        try:
+            self.store.add_event(JOB_PROGRESS_EVENT, f"job/{self.job.id}", data, job_id=self.job.id,
+                                 owner=self.job.owner)
+        except Exception:  # an event is informative; the import goes on
+            log.exception("job %s: could not record a progress event", self.job.id)
 
     def _write(self, progress: Progress | None) -> None:
         try:
@@ -114,9 +137,15 @@ class Worker:
         heartbeat_seconds: float = D.HEARTBEAT_SECONDS,
         maintain_interval: float = 1.0,
         hard_stop: threading.Event | None = None,
+        gate: TargetGate | None = None,
+        milestones: tuple[int, ...] = (),
+        milestone_min_bytes: int = 0,
     ):
         self.store = store
         self.importer = importer
+        self.gate = gate
+        self.milestones = milestones
+        self.milestone_min_bytes = milestone_min_bytes
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 10000}"
         self.poll_interval = poll_interval
         self.heartbeat_seconds = heartbeat_seconds
@@ -137,14 +166,22 @@ class Worker:
         if clock >= self._next_maintain:
             self._next_maintain = clock + self.maintain_interval
             self.store.maintain(now=now)
-        job = self.store.claim(self.name, now=now)
-        if job is None:
-            return None
-        return self.process(job, now=now)
+        gate = self.gate
+        if gate is not None and not gate.acquire():
+            return None  # the target is paused or at its cap: leave the jobs queued
+        try:
+            job = self.store.claim(self.name, now=now)
+            if job is None:
+                return None
+            return self.process(job, now=now)
+        finally:
+            if gate is not None:
+                gate.done()
 
     def process(self, job: Job, now: float | None = None) -> Job:
         """Run a claimed job to its next state."""
-        ctx = JobContext(self.store, job, self.name, self.hard_stop)
+        ctx = JobContext(self.store, job, self.name, self.hard_stop, milestones=self.milestones,
+                         milestone_min_bytes=self.milestone_min_bytes)
         self.current = ctx
         self.store.log(job.id, f"attempt {job.attempts} of {job.max_attempts} started on {self.name}")
         # Worker status is published by the heartbeat, not per job: a write per job
@@ -165,6 +202,10 @@ class Worker:
                 return self.store.get(job.id)
             except ImportFailure as exc:
                 kind = "transient" if exc.transient else "permanent"
+                if self.gate is not None and self.gate.failed(exc):
+                    reason = f"target {self.gate.target} paused ({exc.message}); attempt not counted"
+                    self.store.log(job.id, f"attempt {job.attempts}: {reason}")
+                    return self.store.release(job.id, self.name, now=now, reason=reason)
                 self.store.log(job.id, f"attempt {job.attempts} failed ({kind}): {exc.message}")
                 return self.store.fail(job.id, self.name, exc, now=now)
             except Exception as exc:  # a bug or an unexpected OS error: keep the job, retry later
@@ -172,6 +213,8 @@ class Worker:
                 log.exception("job %s: unexpected error", job.id)
                 failure = TransientImportError(f"internal error: {type(exc).__name__}: {exc}")
                 return self.store.fail(job.id, self.name, failure, now=now)
+            if self.gate is not None:
+                self.gate.succeeded()
             self.store.log(job.id, "succeeded")
             return self.store.succeed(job.id, self.name, result, now=now, progress=ctx.current)
         except LeaseLost as exc:  # the finishing write found the job taken over

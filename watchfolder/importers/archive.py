@@ -44,6 +44,7 @@ import errno
 import hashlib
 import itertools
 import os
+import shutil
 import stat
 import time
 import uuid
@@ -53,6 +54,7 @@ from typing import Any
 from .. import defaults as D
 from ..errors import PermanentImportError, TransientImportError, classify_os_error
 from ..job import Job, printable
+from ..units import format_size
 from . import register
 from .base import ImportContext, Importer
 
@@ -144,6 +146,7 @@ class ArchiveImporter(Importer):
         if sync not in ("auto", "fsync"):
             raise ValueError(f"sync must be 'auto' or 'fsync', got {sync!r}")
         self.sync = sync
+        self.min_free_bytes = archive.min_free_bytes if archive is not None else 0
 
     def health(self) -> dict[str, Any]:
         try:
@@ -152,6 +155,27 @@ class ArchiveImporter(Importer):
             return {"ok": ok, "root": str(self.root), **({} if ok else {"error": f"{self.root} is not writable"})}
         except OSError as exc:
             return {"ok": False, "root": str(self.root), "error": f"cannot create {self.root}: {exc.strerror}"}
+
+    # -- back-pressure ------------------------------------------------------------
+
+    def target(self) -> str:
+        return f"archive:{self.root}"
+
+    def pause_reason(self) -> str | None:
+        """Below ``importer.archive.min_free_bytes`` free on the archive volume, hold its jobs."""
+        if not self.min_free_bytes:
+            return None
+        probe = self.root
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        try:
+            free = shutil.disk_usage(probe).free
+        except OSError as exc:
+            return f"cannot read the free space of {probe}: {exc.strerror}"
+        if free < self.min_free_bytes:
+            return (f"the archive volume ({probe}) has {format_size(free)} free, less than importer.archive."
+                    f"min_free_bytes ({format_size(self.min_free_bytes)}); free space there or move the archive root")
+        return None
 
     def destination(self, job: Job) -> Path:
         t = job.spec.target

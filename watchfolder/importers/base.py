@@ -56,5 +56,27 @@ class Importer(abc.ABC):
         """Importer health for the status view: at least ``{"ok": bool}``."""
         return {"ok": True}
 
+    # -- back-pressure (see watchfolder.backpressure) ---------------------------
+
+    def target(self) -> str:
+        """The name of what this importer writes to, e.g. ``omero:host:4064`` or ``archive:/data``."""
+        return self.name
+
+    def max_concurrent(self) -> int | None:
+        """Imports at once against the target from this process (None: as many as workers)."""
+        return None
+
+    def pause_reason(self) -> str | None:
+        """A reason to hold the target's jobs before trying any (archive volume nearly full), or None.
+
+        Called before claiming, at most every few seconds; must be cheap.
+        """
+        return None
+
+    def probe(self) -> str | None:
+        """Is the target back? None when it is, else why not. Called while paused, every
+        ``importer.pause.probe_interval`` seconds; may take a few seconds."""
+        return self.pause_reason()
+
     def close(self) -> None:
         """Release resources at shutdown."""

@@ -232,11 +232,43 @@ class OmeroImporter(Importer):
             message = str(error.get("message") or "the OMERO import failed")
             ctx.log(f"omero: {error.get('kind')} failure: {message}")
             if error.get("kind") == "transient":
-                raise TransientImportError(message)
+                raise TransientImportError(message, unavailable=bool(error.get("unavailable")))
             raise PermanentImportError(message, config_error=bool(error.get("config_error")))
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
         ctx.log(f"omero: child {how} without a result")
         raise TransientImportError(f"the OMERO child process {how} without a result; see the job log")
+
+    # -- back-pressure ------------------------------------------------------------
+
+    def target(self) -> str:
+        return f"omero:{self.omero.host}:{self.omero.port}"
+
+    def max_concurrent(self) -> int | None:
+        return self.omero.max_concurrent
+
+    def probe(self) -> str | None:
+        """Run the child with ``--ping``: connect and log in as the admin, then close."""
+        o = self.omero
+        try:
+            python = self.python()
+        except PermanentImportError as exc:
+            return exc.message
+        request = json.dumps({
+            "host": o.host, "port": o.port, "admin_user": o.admin_user,
+            "admin_password": o.admin_password.reveal() if o.admin_password else "",
+            "connect_timeout": o.connect_timeout,
+        })
+        try:
+            out = subprocess.run(
+                [python, str(CHILD), "--ping"], input=request, capture_output=True, text=True,
+                timeout=o.connect_timeout + 30, cwd=str(CHILD.parent),
+            )
+            answer = json.loads(out.stdout.strip().splitlines()[-1])
+        except subprocess.TimeoutExpired:
+            return f"OMERO at {o.host}:{o.port} did not answer within {o.connect_timeout + 30:g} s"
+        except (OSError, ValueError, IndexError) as exc:
+            return f"cannot run {python} {CHILD.name} --ping: {exc}"
+        return None if answer.get("ok") else str(answer.get("message") or "OMERO is not reachable")
 
     def close(self) -> None:
         """Kill children still running (the service is stopping; their jobs get retried)."""

@@ -85,6 +85,8 @@ VARIABLES: dict[str, frozenset[str]] = {
     "watcher_unhealthy": frozenset(
         {"name", "since", "duration", "error", "status", "contact", "subject", "path", "mode"}
     ),
+    # Service-level alerts: an importer target paused or resumed, an event sink disabled.
+    "admin_alert": frozenset({"title", "what", "advice", "since", "duration", "status", "contact", "subject"}),
 }
 #: Variables that are pre-rendered fragments: HTML in .html templates, text paragraphs in .txt.
 BLOCKS = frozenset({"note", "files", "images", "location", "log_tail", "status", "job_url"})
@@ -322,19 +324,12 @@ class Notifier:
             log.warning("watch folder %r is unhealthy but notify.admin_email is not set; no mail sent", name)
             return []
         now = time.time() if now is None else now
-        lines = [f"  {key}: {_show(value)}" for key, value in sorted(status.items())]
-        rows = "".join(
-            f"<tr><th style=\"text-align: left; padding-right: 1em;\">{_esc(str(key))}</th>"
-            f"<td>{_esc(_show(value))}</td></tr>\n"
-            for key, value in sorted(status.items())
-        )
         values = {
             "name": name,
             "since": _when(since),
             "duration": _format_seconds(max(0.0, now - since)),
             "error": str(status.get("error") or status.get("message") or "not reported by the watcher"),
-            "status": _Block("\n".join(lines) + "\n" if lines else "  (empty)\n",
-                             f'<table style="border-collapse: collapse;">\n{rows}</table>'),
+            "status": _status_block(status),
             "contact": self.contact,
             "path": str(status.get("path", "")),
             "mode": str(status.get("mode", "")),
@@ -342,6 +337,31 @@ class Notifier:
         digest = hashlib.sha256(name.encode()).hexdigest()[:12]
         message_id = f"<watchfolder.watcher.{digest}.{int(since * 1000)}@{self.domain}>"
         return [self._mail("watcher_unhealthy", (self.notify.admin_email,), values, message_id, now)]
+
+    def compose_admin_alert(
+        self, key: str, title: str, what: str, advice: str, status: dict, since: float,
+        *, now: float | None = None,
+    ) -> list[Mail]:
+        """An admin mail about the service itself (empty without ``notify.admin_email``).
+
+        ``key`` names the occurrence (its Message-ID), so the same alert is recognisable.
+        """
+        if not self.notify.admin_email:
+            log.warning("%s; notify.admin_email is not set, so no mail was sent", title)
+            return []
+        now = time.time() if now is None else now
+        values = {
+            "title": title,
+            "what": what,
+            "advice": advice,
+            "since": _when(since),
+            "duration": _format_seconds(max(0.0, now - since)),
+            "status": _status_block(status),
+            "contact": self.contact,
+        }
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return [self._mail("admin_alert", (self.notify.admin_email,), values,
+                           f"<watchfolder.alert.{digest}@{self.domain}>", now)]
 
     # ------------------------------------------------------------- rendering
 
@@ -468,6 +488,18 @@ def _checked(
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def _status_block(status: dict) -> _Block:
+    """A component's status as an indented list (text) and a table (HTML)."""
+    lines = [f"  {key}: {_show(value)}" for key, value in sorted(status.items())]
+    rows = "".join(
+        f"<tr><th style=\"text-align: left; padding-right: 1em;\">{_esc(str(key))}</th>"
+        f"<td>{_esc(_show(value))}</td></tr>\n"
+        for key, value in sorted(status.items())
+    )
+    return _Block("\n".join(lines) + "\n" if lines else "  (empty)\n",
+                  f'<table style="border-collapse: collapse;">\n{rows}</table>')
 
 
 def _esc(value: str) -> str:

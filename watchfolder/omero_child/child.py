@@ -95,11 +95,13 @@ QUERIES = (
 class Failure(Exception):
     """An error with its classification, sent back to the service as is."""
 
-    def __init__(self, message, *, transient=False, config_error=False):
+    def __init__(self, message, *, transient=False, config_error=False, unavailable=False):
         super().__init__(message)
         self.message = message
         self.transient = transient
         self.config_error = config_error
+        # The server (not this import) is unreachable: the service pauses its jobs.
+        self.unavailable = unavailable
 
 
 # Multi-file formats: (suffix of the main file, function(stem) -> how to
@@ -239,14 +241,17 @@ def classify(exc, where=""):
     if isinstance(exc, Glacier2.PermissionDeniedException):
         return Failure(f"{prefix}OMERO refused the login ({exc.reason or 'permission denied'})")
     if isinstance(exc, Glacier2.CannotCreateSessionException):
-        return Failure(f"{prefix}OMERO could not create a session ({exc.reason})", transient=True)
+        return Failure(f"{prefix}OMERO could not create a session ({exc.reason})", transient=True,
+                       unavailable=True)
     if isinstance(exc, (Ice.ConnectionRefusedException, Ice.ConnectFailedException,
                         Ice.ConnectTimeoutException, Ice.DNSException)):
-        return Failure(f"{prefix}cannot reach the OMERO server ({type(exc).__name__})", transient=True)
+        return Failure(f"{prefix}cannot reach the OMERO server ({type(exc).__name__})", transient=True,
+                       unavailable=True)
     if isinstance(exc, (Ice.ConnectionLostException, Ice.TimeoutException, Ice.SocketException,
                         Ice.CloseConnectionException, Ice.CommunicatorDestroyedException,
                         Ice.ObjectNotExistException)):
-        return Failure(f"{prefix}lost the connection to OMERO ({type(exc).__name__})", transient=True)
+        return Failure(f"{prefix}lost the connection to OMERO ({type(exc).__name__})", transient=True,
+                       unavailable=True)
     transient_server = (omero.SessionException, omero.LockTimeout, omero.TryAgain, omero.ResourceError,
                         omero.InternalException, omero.DatabaseBusyException, omero.ConcurrencyException)
     if isinstance(exc, transient_server):
@@ -927,10 +932,37 @@ def probe():
     return 0 if ok else 2
 
 
+def ping(stdin, out):
+    """``--ping``: can the server be reached and the admin log in? For pausing and resuming.
+
+    Reads ``{"host", "port", "admin_user", "admin_password", "connect_timeout"}`` on
+    stdin and prints one line ``{"ok": true}`` or ``{"ok": false, "message": ...,
+    "unavailable": bool}``; the session is closed at once.
+    """
+    client = req = None
+    try:
+        req = json.loads(stdin.read())
+        client = _new_client(req, req["host"], int(req["port"]))
+        client.createSession(req["admin_user"], req["admin_password"])
+        client.getSession().getAdminService().getEventContext()
+        answer = {"ok": True}
+    except BaseException as exc:  # every failure is an answer
+        failure = classify(exc, f"OMERO at {req.get('host')}:{req.get('port')}" if isinstance(req, dict) else "")
+        answer = {"ok": False, "message": failure.message, "unavailable": failure.unavailable}
+    finally:
+        _close(client)
+    out.write(json.dumps(answer) + "\n")
+    out.flush()
+    return 0 if answer["ok"] else 1
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--probe"]:
         return probe()
+    if argv[:1] == ["--ping"]:
+        logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+        return ping(sys.stdin, sys.stdout)
     # Protocol lines get a private copy of stdout; fd 1 then points at stderr so
     # that anything printed by libraries lands in the job log, not the protocol.
     out = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
@@ -966,7 +998,8 @@ def main(argv=None):
             traceback.print_exc(file=sys.stderr)
         log.error("import failed (%s): %s", "transient" if failure.transient else "permanent", failure.message)
         emit.send({"event": "error", "kind": "transient" if failure.transient else "permanent",
-                   "config_error": failure.config_error, "message": failure.message})
+                   "config_error": failure.config_error, "unavailable": failure.unavailable,
+                   "message": failure.message})
         return 1
     finally:
         job.close()

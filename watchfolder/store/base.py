@@ -445,3 +445,69 @@ class JobStore(abc.ABC):
     def notify_work(self) -> None:
         """Wake this process's waiting workers (call after the commit that queued work)."""
         self.work_signal.notify()
+
+
+    # -- events (CloudEvents outbox) -------------------------------------------
+    #
+    # Every job state change writes an event in the transaction that makes the
+    # change: ``type`` is ``org.watchfolder.job.<state>``, ``subject`` ``job/<id>``,
+    # ``data`` the job summary as the change left it (no file list). Events are
+    # plain dicts ``{"id", "at", "type", "subject", "job_id", "owner", "data"}``,
+    # ids increasing. Sinks (webhook endpoints, MQTT) keep their position in the
+    # store and are held by one process at a time through a lease.
+
+    @abc.abstractmethod
+    def add_event(
+        self,
+        type: str,
+        subject: str,
+        data: dict[str, Any],
+        *,
+        job_id: int | None = None,
+        owner: str | None = None,
+        now: float | None = None,
+    ) -> int:
+        """Append an event that is not a job state change (a progress milestone); returns its id."""
+
+    @abc.abstractmethod
+    def events_after(
+        self,
+        after: int = 0,
+        *,
+        limit: int = 100,
+        owners: Iterable[str] | None = None,
+        job_id: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Events with ``id > after`` in id order, at most ``limit``; optionally only ``owners``' or one job's."""
+
+    @abc.abstractmethod
+    def last_event_id(self) -> int:
+        """The newest event's id (0 when there is none)."""
+
+    @abc.abstractmethod
+    def sink_claim(self, name: str, holder: str, *, hold: float, now: float | None = None) -> dict[str, Any] | None:
+        """Hold sink ``name`` for ``hold`` seconds; a new sink starts after the newest event.
+
+        Returns the sink's row (``name``, ``last_id``, ``holder``, ``held_until``,
+        ``delivered``, ``failing_since``, ``last_error``, ``disabled_at``, ``updated_at``)
+        or None while another holder's lease runs.
+        """
+
+    @abc.abstractmethod
+    def sink_update(self, name: str, holder: str, *, now: float | None = None, **fields: Any) -> None:
+        """Record a held sink's progress: ``last_id``, ``delivered`` (a count to add),
+        ``failing_since``, ``last_error``, ``disabled_at``. Raises :class:`StoreError` when
+        ``holder`` does not hold it or a field is unknown."""
+
+    @abc.abstractmethod
+    def sink_reset(self, name: str, *, now: float | None = None) -> None:
+        """Re-enable a disabled sink; it resumes after the last event it delivered."""
+
+    @abc.abstractmethod
+    def sinks(self) -> list[dict[str, Any]]:
+        """Every event sink's row (as :meth:`sink_claim` returns it), by name."""
+
+    @abc.abstractmethod
+    def events_prune(self, before: float, *, sinks: Iterable[str] = ()) -> int:
+        """Delete events older than ``before`` (epoch seconds) that every named sink has
+        delivered; returns how many were deleted."""

@@ -56,6 +56,26 @@ QUEUE_TABLE = "dispatch"
 # Every transition into a finished state: watched jobs then await their post-actions.
 FINISHED_FOLLOWUP = "followup = CASE WHEN source LIKE 'watch:%' THEN 'pending' END"
 
+#: CloudEvents ``type`` of a job event: this prefix and the job's new state.
+JOB_EVENT_PREFIX = "org.watchfolder.job."
+#: A job event, built in SQL from the job row as the transition left it (no round trip
+#: through Python): the job summary of ``EventData`` in api/openapi.yaml. The file
+#: list stays out (it can hold 100,000 entries); the result keeps everything else.
+#: CloudEvents ``type`` of a watcher's health change.
+WATCHER_HEALTH_EVENT = "org.watchfolder.watcher.health"
+EVENT_INSERT_SQL = (
+    "INSERT INTO events (at, type, subject, job_id, owner, data)"
+    " SELECT ?1, ?2, 'job/' || id, id, owner, json_object("
+    "'job_id', id, 'state', state, 'owner', owner, 'group', json_extract(spec, '$.group'),"
+    " 'name', json_extract(spec, '$.name'), 'source', source, 'path', json_extract(spec, '$.root'),"
+    " 'target', json(json_extract(spec, '$.target')), 'attempts', attempts, 'max_attempts', max_attempts,"
+    " 'message', ?3, 'result', json_remove(json(result), '$.files'),"
+    " 'error', CASE WHEN error_kind IS NULL THEN NULL"
+    " ELSE json_object('kind', error_kind, 'message', error_message) END,"
+    " 'created_at', created_at, 'updated_at', updated_at)"
+    " FROM jobs WHERE id = ?4"
+)
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- litequeue indexes status and message_id apart, so finding the oldest ready
@@ -129,6 +149,32 @@ CREATE TABLE IF NOT EXISTS outbox (
     sent_at         REAL
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
+-- The event outbox: one row per job state change (written by the transaction that
+-- makes the change), progress milestone and watcher health change. Delivered in id
+-- order to every sink (webhook, MQTT) and read by GET /api/v1/events.
+CREATE TABLE IF NOT EXISTS events (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    at      REAL NOT NULL,
+    type    TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    job_id  INTEGER,
+    owner   TEXT,
+    data    TEXT NOT NULL   -- JSON
+);
+CREATE INDEX IF NOT EXISTS events_owner ON events(owner, id);
+-- One row per event sink: how far it has delivered, who delivers it now (a lease,
+-- so one process at a time delivers a sink, in order), and whether it is failing.
+CREATE TABLE IF NOT EXISTS event_sinks (
+    name          TEXT PRIMARY KEY,
+    last_id       INTEGER NOT NULL DEFAULT 0,
+    holder        TEXT,
+    held_until    REAL,
+    delivered     INTEGER NOT NULL DEFAULT 0,
+    failing_since REAL,
+    last_error    TEXT,
+    disabled_at   REAL,
+    updated_at    REAL
+);
 CREATE TABLE IF NOT EXISTS components (
     kind       TEXT NOT NULL,
     name       TEXT NOT NULL,
@@ -153,6 +199,17 @@ CREATE TABLE IF NOT EXISTS pending (
 );
 CREATE INDEX IF NOT EXISTS pending_first_seen ON pending(first_seen);
 """
+
+
+def watcher_event_data(name: str, status: dict[str, Any], previous: str | None) -> dict[str, Any]:
+    """The data of a watcher health event: its name, folder, health before and now, and why."""
+    return {
+        "watcher": name,
+        "path": status.get("path"),
+        "health": status.get("health"),
+        "previous": previous,
+        "problem": status.get("error") or status.get("warning"),
+    }
 
 
 def _now(now: float | None) -> float:
@@ -435,11 +492,20 @@ class SQLiteStore(JobStore):
 
     # -- writing: helpers --------------------------------------------------
 
-    def _add_history(self, conn, job_id: int, state: JobState | str, message: str, now: float) -> None:
+    def _add_history(
+        self, conn, job_id: int, state: JobState | str, message: str, now: float, *, event: bool = True
+    ) -> None:
+        """Record a history entry; a state change (``event``) also goes to the event outbox.
+
+        Called after the job row was updated, in the same transaction: the event's
+        data is the job as it is now (see :data:`EVENT_DATA_SQL`).
+        """
         conn.execute(
             "INSERT INTO job_history (job_id, at, state, message) VALUES (?, ?, ?, ?)",
             (job_id, now, str(state), message),
         )
+        if event:
+            conn.execute(EVENT_INSERT_SQL, (now, JOB_EVENT_PREFIX + str(state), message, job_id))
 
     def _finish(
         self,
@@ -597,7 +663,7 @@ class SQLiteStore(JobStore):
                 conn.execute(
                     "UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?", (now, job_id)
                 )
-                self._add_history(conn, job_id, state, f"cancel requested{who}", now)
+                self._add_history(conn, job_id, state, f"cancel requested{who}", now, event=False)
             else:
                 row = conn.execute(
                     "UPDATE jobs SET state = 'cancelled', finished_at = ?, updated_at = ?, session_key = NULL,"
@@ -648,7 +714,7 @@ class SQLiteStore(JobStore):
                 raise InvalidTransition(f"job {job_id} is {row['state']}; only failed jobs can be dismissed")
             if row["dismissed_at"] is None:
                 conn.execute("UPDATE jobs SET dismissed_at = ?, updated_at = ? WHERE id = ?", (now, now, job_id))
-                self._add_history(conn, job_id, "failed", f"failure dismissed{who}", now)
+                self._add_history(conn, job_id, "failed", f"failure dismissed{who}", now, event=False)
         return self.get(job_id)
 
     # -- writing: workers --------------------------------------------------
@@ -909,20 +975,39 @@ class SQLiteStore(JobStore):
             conn.execute("UPDATE jobs SET followup = 'done' WHERE id = ?", (job_id,))
             if note:
                 row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-                self._add_history(conn, job_id, row["state"], note, now)
+                self._add_history(conn, job_id, row["state"], note, now, event=False)
         if note:
             self.log(job_id, note, now=now)
 
     # -- components (workers, watchers, importer) ---------------------------
 
     def set_component(self, kind: str, name: str, status: dict[str, Any], *, now: float | None = None) -> None:
-        """Publish a component's status for the status view (any process)."""
-        self._conn().execute(
+        """Publish a component's status for the status view (any process).
+
+        A watcher whose ``health`` changes also writes a ``org.watchfolder.watcher.health``
+        event, in the same transaction.
+        """
+        now = _now(now)
+        upsert = (
             "INSERT INTO components (kind, name, host, pid, status, updated_at) VALUES (?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (kind, name) DO UPDATE SET host = excluded.host, pid = excluded.pid,"
-            " status = excluded.status, updated_at = excluded.updated_at",
-            (kind, name, socket.gethostname(), os.getpid(), json.dumps(status), _now(now)),
+            " status = excluded.status, updated_at = excluded.updated_at"
         )
+        args = (kind, name, socket.gethostname(), os.getpid(), json.dumps(status), now)
+        conn = self._conn()
+        if kind != "watcher" or "health" not in status:
+            conn.execute(upsert, args)
+            return
+        with _transaction(conn):
+            old = conn.execute(
+                "SELECT json_extract(status, '$.health') AS health FROM components WHERE kind = ? AND name = ?",
+                (kind, name),
+            ).fetchone()
+            conn.execute(upsert, args)
+            previous = old["health"] if old else None
+            if previous != status["health"]:
+                data = watcher_event_data(name, status, previous)
+                self._insert_event(conn, WATCHER_HEALTH_EVENT, f"watcher/{name}", data, None, None, now)
 
     def remove_component(self, kind: str, name: str) -> None:
         self._conn().execute("DELETE FROM components WHERE kind = ? AND name = ?", (kind, name))
@@ -990,6 +1075,129 @@ class SQLiteStore(JobStore):
             )
             for r in rows
         ]
+
+    # -- events -------------------------------------------------------------
+
+    def _insert_event(self, conn, type_: str, subject: str, data: dict[str, Any],
+                      job_id: int | None, owner: str | None, now: float) -> int:
+        cur = conn.execute(
+            "INSERT INTO events (at, type, subject, job_id, owner, data) VALUES (?, ?, ?, ?, ?, ?)",
+            (now, type_, subject, job_id, owner, json.dumps(data)),
+        )
+        return cur.lastrowid
+
+    def add_event(
+        self,
+        type: str,
+        subject: str,
+        data: dict[str, Any],
+        *,
+        job_id: int | None = None,
+        owner: str | None = None,
+        now: float | None = None,
+    ) -> int:
+        """Append an event that is not a job state change (a progress milestone); returns its id."""
+        conn = self._conn()
+        with _transaction(conn):
+            return self._insert_event(conn, type, subject, data, job_id, owner, _now(now))
+
+    def events_after(
+        self,
+        after: int = 0,
+        *,
+        limit: int = 100,
+        owners: Iterable[str] | None = None,
+        job_id: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Events with ``id > after`` in id order, at most ``limit``; optionally only ``owners``' or one job's."""
+        where, args = ["id > ?"], [int(after)]
+        if owners is not None:
+            owners = list(owners)
+            where.append(f"owner IN ({', '.join('?' * len(owners))})")
+            args += owners
+        if job_id is not None:
+            where.append("job_id = ?")
+            args.append(job_id)
+        rows = self._conn().execute(
+            f"SELECT * FROM events WHERE {' AND '.join(where)} ORDER BY id LIMIT ?", (*args, int(limit))
+        ).fetchall()
+        return [
+            {"id": r["id"], "at": r["at"], "type": r["type"], "subject": r["subject"], "job_id": r["job_id"],
+             "owner": r["owner"], "data": json.loads(r["data"])}
+            for r in rows
+        ]
+
+    def last_event_id(self) -> int:
+        """The newest event's id (0 when there is none)."""
+        row = self._conn().execute("SELECT max(id) AS id FROM events").fetchone()
+        return row["id"] or 0
+
+    def _sink(self, row: sqlite3.Row) -> dict[str, Any]:
+        return {k: row[k] for k in row.keys()}
+
+    def sink_claim(self, name: str, holder: str, *, hold: float, now: float | None = None) -> dict[str, Any] | None:
+        """Hold sink ``name`` for ``hold`` seconds (created at the newest event when new).
+
+        Returns the sink's row (``last_id``, ``failing_since``, ``disabled_at``…) or None
+        while another holder's lease runs: one process delivers a sink at a time.
+        """
+        now = _now(now)
+        conn = self._conn()
+        with _transaction(conn):
+            conn.execute(
+                "INSERT INTO event_sinks (name, last_id, updated_at)"
+                " VALUES (?, (SELECT coalesce(max(id), 0) FROM events), ?) ON CONFLICT (name) DO NOTHING",
+                (name, now),
+            )
+            row = conn.execute(
+                "UPDATE event_sinks SET holder = ?, held_until = ? WHERE name = ?"
+                " AND (holder IS NULL OR holder = ? OR held_until < ?) RETURNING *",
+                (holder, now + hold, name, holder, now),
+            ).fetchone()
+        return self._sink(row) if row else None
+
+    def sink_update(self, name: str, holder: str, *, now: float | None = None, **fields: Any) -> None:
+        """Record a sink's progress while holding it: ``last_id``, ``delivered`` (added),
+        ``failing_since``, ``last_error``, ``disabled_at``. Raises :class:`StoreError` when
+        ``holder`` no longer holds it."""
+        allowed = {"last_id", "failing_since", "last_error", "disabled_at"}
+        sets, args = ["updated_at = ?"], [_now(now)]
+        for key, value in fields.items():
+            if key == "delivered":
+                sets.append("delivered = delivered + ?")
+            elif key in allowed:
+                sets.append(f"{key} = ?")
+            else:
+                raise StoreError(f"unknown sink field {key!r}")
+            args.append(value)
+        cur = self._conn().execute(
+            f"UPDATE event_sinks SET {', '.join(sets)} WHERE name = ? AND holder = ?", (*args, name, holder)
+        )
+        if cur.rowcount != 1:
+            raise StoreError(f"event sink {name!r} is not held by {holder}")
+
+    def sink_reset(self, name: str, *, now: float | None = None) -> None:
+        """Re-enable a disabled sink: it resumes after the last event it delivered."""
+        self._conn().execute(
+            "UPDATE event_sinks SET disabled_at = NULL, failing_since = NULL, last_error = NULL, updated_at = ?"
+            " WHERE name = ?",
+            (_now(now), name),
+        )
+
+    def sinks(self) -> list[dict[str, Any]]:
+        """Every event sink's row, by name."""
+        return [self._sink(r) for r in self._conn().execute("SELECT * FROM event_sinks ORDER BY name")]
+
+    def events_prune(self, before: float, *, sinks: Iterable[str] = ()) -> int:
+        """Delete events older than ``before`` that every named sink has delivered; returns how many."""
+        sinks = list(sinks)
+        floor = ""
+        args: list[Any] = [before]
+        if sinks:
+            floor = (f" AND id <= (SELECT coalesce(min(last_id), 0) FROM event_sinks"
+                     f" WHERE name IN ({', '.join('?' * len(sinks))}))")
+            args += sinks
+        return self._conn().execute(f"DELETE FROM events WHERE at < ?{floor}", args).rowcount
 
     # -- outbox -------------------------------------------------------------
 

@@ -29,6 +29,7 @@ import bottle
 
 from .. import defaults as D
 from ..errors import AcquisitionError, JobNotFound
+from ..events.cloudevents import envelope
 from ..job import Job, JobState, Target
 from ..status import collect_status, health
 from ..watch.acquisition import from_path
@@ -39,6 +40,8 @@ from .metrics import make_registry
 log = logging.getLogger(__name__)
 
 MAX_PAGE = 500
+#: Event ids are SQL BIGINTs.
+MAX_EVENT_ID = 2**63 - 1
 
 JOB_REQUEST_FIELDS = (
     "path", "owner", "group", "email", "target", "name", "description", "annotations",
@@ -97,6 +100,17 @@ def parse_job_request(body: Any) -> tuple[dict[str, Any], list[dict[str, str]]]:
                     problems.append(problem(f"annotations.{k}", f"must be a string with a non-empty key, got {v!r}"))
             clean["annotations"] = dict(annotations)
     return clean, problems
+
+
+def _int_param(query, name: str, default: int, low: int, high: int, problems: list) -> int:
+    """A whole-number query parameter between ``low`` and ``high``; a bad one adds a problem."""
+    raw = query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        problems.append(problem(name, f"must be a whole number from {low} to {high}, got {raw!r}"))
+        return default
+    return int(raw)
 
 
 def parse_time(value: str, field: str) -> float:
@@ -222,6 +236,47 @@ class Api:
         if token_roots is None:  # a principal not from the config's tokens
             token_roots = resolve_roots(principal.roots)
         return resolve_under_roots(path, self.allowed_roots, token_roots, roots_resolved=True)
+
+    # -- events ----------------------------------------------------------------
+
+    def event_visible(self, principal: Principal, event: dict[str, Any]) -> bool:
+        """Job events as the job is visible; watcher events to tokens that read the status view."""
+        owner = event.get("owner")
+        if event.get("job_id") is None:
+            return principal.can("status") and not principal.owners
+        if owner is None or not principal.may_see_owner(owner):
+            return False
+        if principal.can("read"):
+            return True
+        return principal.can("read_own") and (event.get("data") or {}).get("source") == principal.source
+
+    def list_events(self, principal: Principal, query: bottle.FormsDict) -> dict[str, Any]:
+        """``GET /events?after=&limit=``: CloudEvents after an id, oldest first, as this token may see them."""
+        problems = []
+        after = _int_param(query, "after", 0, 0, MAX_EVENT_ID, problems)
+        limit = _int_param(query, "limit", 100, 1, MAX_PAGE, problems)
+        unknown = [k for k in query.keys() if k not in ("after", "limit")]
+        problems += [problem(k, "unknown parameter; use after and limit") for k in unknown]
+        if problems:
+            raise invalid(problems)
+        source = self.config.events.source
+        out: list[dict[str, Any]] = []
+        position = after
+        more = False
+        for _ in range(20):  # bounded work per request: the next page goes on from next_after
+            batch = self.store.events_after(position, limit=limit)
+            for event in batch:
+                if len(out) == limit:
+                    more = True
+                    break
+                position = event["id"]
+                if self.event_visible(principal, event):
+                    out.append(envelope(event, source))
+            if more or len(batch) < limit:
+                break
+        else:
+            more = True
+        return {"events": out, "next_after": position, "has_more": more}
 
     # -- jobs ----------------------------------------------------------------
 
@@ -389,6 +444,12 @@ def install(app: bottle.Bottle, api: Api) -> None:
         principal.require("manage", "cancel jobs")
         api.visible_job(principal, job_id)
         return json_response(store.cancel(job_id, by=principal.source).to_dict())
+
+    @app.get(f"{API}/events")
+    @api_errors
+    def list_events():
+        principal = api.principal()
+        return json_response(api.list_events(principal, bottle.request.query))
 
     @app.get(f"{API}/status")
     @api_errors

@@ -19,7 +19,7 @@ from prometheus_client.core import (
     SummaryMetricFamily,
 )
 
-from ..status import watcher_view, worker_view
+from ..status import sink_view, target_view, watcher_view, worker_view
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,34 @@ class StoreCollector:
         for key, n in by_health.items():
             workers.add_metric([key], n)
         yield workers
+
+        paused = GaugeMetricFamily(
+            "watchfolder_importer_paused", "1 while the importer target is paused (back-pressure)", labels=["target"]
+        )
+        running = GaugeMetricFamily(
+            "watchfolder_importer_running", "Imports running against the target", labels=["target"]
+        )
+        for c in store.components("target"):
+            t = target_view(c, now=now)
+            paused.add_metric([str(t["target"])], 1.0 if t["paused"] else 0.0)
+            running.add_metric([str(t["target"])], float(t.get("running") or 0))
+        yield paused
+        yield running
+
+        last = store.last_event_id()
+        yield GaugeMetricFamily("watchfolder_events_last_id", "Id of the newest event", value=float(last))
+        behind = GaugeMetricFamily(
+            "watchfolder_event_sink_lag", "Events not yet delivered to the sink", labels=["sink"]
+        )
+        failing = GaugeMetricFamily(
+            "watchfolder_event_sink_failing", "1 while deliveries to the sink fail (2: disabled)", labels=["sink"]
+        )
+        for s in store.sinks():
+            v = sink_view(s, now=now)
+            behind.add_metric([v["name"]], float(max(0, last - v["last_id"])))
+            failing.add_metric([v["name"]], {"ok": 0.0, "failing": 1.0, "disabled": 2.0}[v["state"]])
+        yield behind
+        yield failing
 
         outbox = GaugeMetricFamily("watchfolder_outbox_mails", "Mails in the outbox by state", labels=["state"])
         for state, n in sorted(store.outbox_counts().items()):

@@ -30,7 +30,9 @@ Control channel (HTTP on 127.0.0.1, JSON):
                            hold_first_write (seconds: an upload's block at offset 0 waits
                            up to that long for a later block to be written first;
                            with writes kept in flight they land out of order)
-Counters include overlapped_writes (writes that arrived while another write of
+Counters include imports_in_progress and max_imports_in_progress (filesets from
+importFileset to the end of their server-side import, now and at most at once),
+overlapped_writes (writes that arrived while another write of
 the same upload was still outstanding: being dispatched, or sent earlier and not
 arrived yet) and out_of_order_writes (blocks that landed ahead of a gap and
 waited for it to fill).
@@ -133,7 +135,8 @@ class World:
         self.faults = {}
         self.counters = {"bytes_written": 0, "writes": 0, "logins": 0, "failed_logins": 0,
                          "imports": 0, "drops": 0, "queries": 0,
-                         "overlapped_writes": 0, "out_of_order_writes": 0}
+                         "overlapped_writes": 0, "out_of_order_writes": 0,
+                         "imports_in_progress": 0, "max_imports_in_progress": 0}
         self.add_group("system", "rw----", gid=0)
         self.add_group("user", "rw----", gid=1)
         self.add_user("root", "omero", "root@example.org", ["system", "user"], admin=True, uid=0)
@@ -659,6 +662,11 @@ class ManagedRepositoryI(omero.grid.ManagedRepository):
                   "name": unwrap(settings.userSpecifiedName), "description": unwrap(settings.userSpecifiedDescription)}
             fs["files"] = [{"size": 0, "sha1": hashlib.sha1(), "sequential": True} for _ in fs["client_paths"]]
             WORLD.filesets[fs["id"]] = fs
+            # Filesets between importFileset and the end of their server-side import: the
+            # imports this server is running at once (back-pressure tests read the maximum).
+            WORLD.counters["imports_in_progress"] += 1
+            WORLD.counters["max_imports_in_progress"] = max(WORLD.counters["max_imports_in_progress"],
+                                                            WORLD.counters["imports_in_progress"])
         proc = ImportProcessI(fs["id"])
         return omero.grid.ImportProcessPrx.uncheckedCast(DOUBLE.add_servant(proc, Ice.Identity(str(uuid.uuid4()), "proc"),
                                                                             current))
@@ -696,6 +704,14 @@ class ImportProcessI(omero.grid.ImportProcess):
 
 
 def run_import(fileset_id, handle):
+    try:
+        _run_import(fileset_id, handle)
+    finally:
+        with WORLD.lock:
+            WORLD.counters["imports_in_progress"] -= 1
+
+
+def _run_import(fileset_id, handle):
     delay = WORLD.faults.get("import_delay")
     if delay:
         time.sleep(float(delay))

@@ -1,0 +1,252 @@
+"""Back-pressure on an importer's target: a cap on concurrent imports and a circuit breaker.
+
+One :class:`TargetGate` stands in front of the importer of a worker process
+(its target: an OMERO server, the archive volume). Workers ask it before they
+claim a job:
+
+- **Cap.** At most ``max_concurrent`` imports run at once against the target
+  (``importer.omero.max_concurrent``), whatever the worker count; a worker
+  finding no free slot does not claim, so queued jobs stay queued.
+- **Circuit breaker.** A failure that says the target itself is unavailable
+  (:attr:`ImportFailure.unavailable`: server unreachable, connection lost,
+  session service down, archive volume full) is checked at once with a probe
+  (the OMERO child logs in and out; the archive checks its free space). If the
+  target does not answer, it is *paused*: workers stop claiming its jobs, so no
+  job burns its attempts while the server is down; the failed job, and any that
+  fail so while the target is paused, go back to the queue with their attempt
+  not counted. If the probe answers, the failure is the job's own and counts;
+  ``importer.pause.after_failures`` such failures in a row (a flapping server)
+  pause the target too. While paused, the target is probed every
+  ``probe_interval`` seconds; the first success resumes it and the queue drains
+  at the cap.
+- **Pre-check.** ``Importer.pause_reason`` (archive: free space under
+  ``importer.archive.min_free_bytes``) pauses the target before any job fails.
+
+The gate publishes its state as the store component ``("target", name)``, which
+``status``, the dashboard and ``/metrics`` (``watchfolder_importer_paused``)
+show; a pause longer than ``importer.pause.alert_after`` mails the admin once,
+and its end mails again. The gate is per process: each ``work`` process
+pauses, probes and caps on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .errors import ImportFailure
+
+log = logging.getLogger(__name__)
+
+#: How often the cheap pre-check (free space) runs while the target is not paused.
+PRECHECK_SECONDS = 5.0
+
+
+class TargetGate:
+    """Cap + breaker + pre-check for one target (see the module doc). Thread-safe."""
+
+    def __init__(
+        self,
+        importer,
+        *,
+        after_failures: int,
+        probe_interval: float,
+        alert_after: float,
+        store=None,
+        alert: Callable[[str, dict[str, Any], bool], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.importer = importer
+        self.target = importer.target()
+        cap = importer.max_concurrent()
+        self.max_concurrent = cap
+        self.after_failures = after_failures
+        self.probe_interval = probe_interval
+        self.alert_after = alert_after
+        self.store = store
+        self.alert = alert
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._probe_lock = threading.Lock()
+        self.running = 0
+        self.peak = 0
+        self.failures = 0
+        self.paused_since: float | None = None
+        self.reason: str | None = None
+        self.last_probe_at: float | None = None
+        self.last_probe: str | None = None
+        self.alerted = False
+        self.pauses = 0
+        self._next_probe = 0.0
+        self._next_precheck = 0.0
+
+    @classmethod
+    def from_config(cls, config, importer, store=None, alert=None) -> TargetGate:
+        p = config.importer.pause
+        return cls(importer, after_failures=p.after_failures, probe_interval=p.probe_interval,
+                   alert_after=p.alert_after, store=store, alert=alert)
+
+    # -- claiming ---------------------------------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_since is not None
+
+    def acquire(self) -> bool:
+        """Take a slot to claim a job: False while paused or at the cap. Call :meth:`done` after."""
+        self.tick()
+        with self._lock:
+            if self.paused_since is not None:
+                return False
+            if self.max_concurrent is not None and self.running >= self.max_concurrent:
+                return False
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            return True
+
+    def done(self) -> None:
+        """Give the slot back (the claim found nothing, or the job ended)."""
+        with self._lock:
+            self.running = max(0, self.running - 1)
+
+    # -- outcomes -----------------------------------------------------------------
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self.failures = 0
+
+    def failed(self, failure: ImportFailure) -> bool:
+        """Record a failed job; True when it must go back to the queue with its attempt not counted.
+
+        A failure that says the target is unavailable is checked at once with a
+        probe: when the target does not answer, this is an outage, not the job's
+        fault: the target pauses and the job is released. When the probe
+        succeeds, the failure is the job's own (a file that breaks the
+        connection every time) and counts, unless ``after_failures`` such
+        failures came in a row (a flapping server), which pauses the target too.
+        """
+        if not failure.unavailable:
+            with self._lock:
+                self.failures = 0
+            return False
+        with self._lock:
+            self.failures += 1
+            if self.paused_since is not None:
+                return True
+        with self._probe_lock:  # one probe at a time; a thread that waited uses the fresh state
+            with self._lock:
+                if self.paused_since is not None:
+                    return True
+            reason = self._safely(self.importer.probe)
+            self.last_probe_at = self.clock()
+            self.last_probe = reason or "ok"
+            with self._lock:
+                if reason is not None:
+                    self._pause(f"{failure.message} (probe: {reason})")
+                elif self.failures >= self.after_failures:
+                    self._pause(f"{self.failures} failures in a row: {failure.message}")
+                paused = self.paused_since is not None
+        self.publish()
+        return paused
+
+    def _pause(self, reason: str) -> None:
+        now = self.clock()
+        self.paused_since = now
+        self.reason = reason
+        self.alerted = False
+        self.pauses += 1
+        self._next_probe = now + self.probe_interval
+        log.warning("importer target %s paused: %s; probing every %g s", self.target, reason,
+                    self.probe_interval)
+
+    # -- probing ------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Probe when due (paused), run the pre-check when due (not paused), alert when due."""
+        now = self.clock()
+        if self.paused_since is None:
+            if now < self._next_precheck:
+                return
+            self._next_precheck = now + PRECHECK_SECONDS
+            reason = self._safely(self.importer.pause_reason)
+            if reason:
+                with self._lock:
+                    if self.paused_since is None:
+                        self._pause(reason)
+                self.publish()
+            return
+        if now >= self._next_probe and self._probe_lock.acquire(blocking=False):
+            try:
+                self._probe(now)
+            finally:
+                self._probe_lock.release()
+        if (not self.alerted and self.paused_since is not None
+                and self.clock() - self.paused_since >= self.alert_after):
+            self.alerted = True
+            self._alert(resumed=False)
+
+    def _probe(self, now: float) -> None:
+        reason = self._safely(self.importer.probe)
+        self.last_probe_at = self.clock()
+        self.last_probe = reason or "ok"
+        with self._lock:
+            self._next_probe = self.clock() + self.probe_interval
+            resumed = reason is None and self.paused_since is not None
+            if resumed:
+                since, alerted = self.paused_since, self.alerted
+                self.paused_since = None
+                self.failures = 0
+                self._next_precheck = 0.0
+            elif reason:
+                self.reason = reason
+        if resumed:
+            log.info("importer target %s resumed after %.0f s paused", self.target, now - since)
+            if alerted:
+                self._alert(resumed=True, since=since)
+        self.publish()
+
+    def _safely(self, check: Callable[[], str | None]) -> str | None:
+        try:
+            return check()
+        except Exception as exc:  # a broken check keeps the target as it is, says why
+            log.exception("checking importer target %s failed", self.target)
+            return f"the check itself failed: {type(exc).__name__}: {exc}"
+
+    def _alert(self, *, resumed: bool, since: float | None = None) -> None:
+        if self.alert is None:
+            return
+        status = self.status()
+        if since is not None:
+            status["paused_since"] = since
+        try:
+            self.alert(self.target, status, resumed)
+        except Exception:  # the mail is informative; never stop the workers
+            log.exception("could not queue the admin mail about target %s", self.target)
+
+    # -- what admins see ----------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "paused": self.paused,
+            "paused_since": self.paused_since,
+            "reason": self.reason if self.paused else None,
+            "last_probe_at": self.last_probe_at,
+            "last_probe": self.last_probe,
+            "consecutive_failures": self.failures,
+            "running": self.running,
+            "max_concurrent": self.max_concurrent,
+            "peak": self.peak,
+            "pauses": self.pauses,
+        }
+
+    def publish(self) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.set_component("target", self.target, self.status())
+        except Exception:  # status is informative
+            log.exception("could not publish importer target status")
