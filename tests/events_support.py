@@ -118,10 +118,11 @@ def mosquitto_binary() -> str | None:
 class Broker:
     """Debian's Mosquitto on 127.0.0.1 and an ephemeral port, with no persistence."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, port: int | None = None):
         binary = mosquitto_binary()
         assert binary, "mosquitto is not installed"
-        self.port = free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
         conf = workdir / "mosquitto.conf"
         conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
         self.log = workdir / "mosquitto.log"

@@ -569,6 +569,8 @@ def load_example(tmp_path: Path) -> configmod.Config:
     assert EXAMPLE.is_file(), "config/watchfolder.example.yaml is missing; the project ships it (issue 2)"
     raw = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
     environ = {name: "example-secret" for name in _env_names(raw)}
+    # A webhook secret has a format of its own (Standard Webhooks): give it one.
+    environ["LIMS_WEBHOOK_SECRET"] = "whsec_" + "c2VjcmV0" * 5
     # Watch folders must exist; the example names the site's (/srv/...), as it should.
     for i, _ in enumerate(raw.get("watch") or []):
         folder = tmp_path / f"watch{i}"
@@ -613,3 +615,34 @@ def _env_names(node):
     elif isinstance(node, list):
         for value in node:
             yield from _env_names(value)
+
+
+@pytest.mark.parametrize(
+    ("events", "message"),
+    [
+        ({"webhooks": [{"url": "ftp://x", "secret": "whsec_" + "QUJD" * 11}]},
+         "events.webhooks[0].url: must be an http:// or https:// URL"),
+        ({"webhooks": [{"url": "https://lims.example.org/h", "secret": "hunter2"}]},
+         "events.webhooks[0].secret: must be a Standard Webhooks secret"),
+        ({"webhooks": [{"url": "https://lims.example.org/h"}]}, "events.webhooks[0].secret: missing"),
+        ({"mqtt": {"port": 1883}}, "events.mqtt.host: missing"),
+        ({"mqtt": {"host": "m", "topic_prefix": "lab/#"}}, "events.mqtt.topic_prefix: must be an MQTT topic"),
+        ({"progress_milestones": [0, 50]}, "events.progress_milestones: must be a list of percentages"),
+        ({"webhook": []}, "events.webhook: unknown key; did you mean 'webhooks'?"),
+    ],
+)
+def test_events_config_errors_name_the_key_and_the_fix(tmp_path, events, message):
+    with pytest.raises(ConfigError) as info:
+        configmod.parse({"events": events}, path=tmp_path / "watchfolder.yaml", environ={})
+    assert any(p.startswith(message) for p in info.value.problems), info.value.problems
+
+
+def test_back_pressure_settings_are_validated(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        configmod.parse({"importer": {"pause": {"after_failures": 0, "probe_intervall": 3},
+                                      "omero": {"max_concurrent": -1}, "archive": {"min_free_bytes": "1G"}}},
+                        path=tmp_path / "watchfolder.yaml", environ={})
+    problems = "\n".join(info.value.problems)
+    for key in ("importer.pause.after_failures", "importer.pause.probe_intervall: unknown key; did you mean "
+                "'probe_interval'?", "importer.omero.max_concurrent", "importer.archive.min_free_bytes"):
+        assert key in problems

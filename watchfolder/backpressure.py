@@ -204,6 +204,8 @@ class TargetGate:
                 self.reason = reason
         if resumed:
             log.info("importer target %s resumed after %.0f s paused", self.target, now - since)
+            if self.store is not None:
+                self.store.notify_work()  # idle workers claim at once instead of at their next poll
             if alerted:
                 self._alert(resumed=True, since=since)
         self.publish()

@@ -169,6 +169,7 @@ class Worker:
         gate = self.gate
         if gate is not None and not gate.acquire():
             return None  # the target is paused or at its cap: leave the jobs queued
+        job = None
         try:
             job = self.store.claim(self.name, now=now)
             if job is None:
@@ -177,6 +178,8 @@ class Worker:
         finally:
             if gate is not None:
                 gate.done()
+                if job is not None and gate.max_concurrent is not None:
+                    self.store.notify_work()  # a slot is free: workers held at the cap look again
 
     def process(self, job: Job, now: float | None = None) -> Job:
         """Run a claimed job to its next state."""
