@@ -111,3 +111,60 @@ def test_rows_of_schema_1_with_files_in_the_spec_are_still_read(tmp_path, make_s
     version = reopened._conn().execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
     assert version == "2"  # a schema 1 program now refuses this file instead of losing file lists
     reopened.close()
+
+
+def _mail(job):
+    from email.message import EmailMessage
+
+    from watchfolder.store import Mail
+
+    msg = EmailMessage()
+    msg["From"] = "watchfolder@example.org"
+    msg["To"] = "jdoe@example.org"
+    msg["Subject"] = f"job {job.id} {job.state} cancel={job.cancel_requested} history={len(job.history)}"
+    msg.set_content("body")
+    return [Mail("job_succeeded", ("jdoe@example.org",), msg)]
+
+
+def test_success_mail_is_composed_outside_the_write_lock(tmp_path, make_spec):
+    # A composer that needs the write lock itself: it fails ("database is locked", no
+    # waiting) whenever it is called inside the finishing transaction.
+    path = tmp_path / "jobs.db"
+    probe = sqlite3.connect(path, timeout=0, isolation_level=None)
+    calls = []
+
+    def composer(job):
+        probe.execute("BEGIN IMMEDIATE")
+        probe.execute("ROLLBACK")
+        calls.append(job)
+        return _mail(job)
+
+    store = SQLiteStore(path, composer=composer)
+    job, _ = store.enqueue(make_spec(), now=T0)
+    store.claim("w", now=T0)
+    done = store.succeed(job.id, "w", {"ok": True}, now=T0 + 1)
+    assert done.state == JobState.SUCCEEDED and len(calls) == 1
+    assert calls[0] == done  # the mail describes the job exactly as committed
+    [mail] = store.outbox_list()
+    assert mail.subject == f"job {job.id} succeeded cancel=False history={len(done.history)}"
+    assert mail.raw == _mail(done)[0].as_bytes()
+    store.close()
+    probe.close()
+
+
+def test_job_changed_while_its_mail_was_composed_gets_a_mail_of_what_was_committed(store, make_spec):
+    calls = []
+
+    def composer(job):
+        calls.append(job)
+        if len(calls) == 1:
+            store.cancel(job.id)  # the job changes after the mail was composed outside the lock
+        return _mail(job)
+
+    store.composer = composer
+    job, _ = store.enqueue(make_spec(), now=T0)
+    store.claim("w", now=T0)
+    done = store.succeed(job.id, "w", {"ok": True}, now=T0 + 1)
+    assert len(calls) == 2 and calls[1] == done and done.cancel_requested
+    [mail] = store.outbox_list()
+    assert mail.subject == f"job {job.id} succeeded cancel=True history={len(done.history)}"

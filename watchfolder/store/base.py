@@ -159,7 +159,10 @@ class PendingEntry:
         }
 
 
-#: Builds the mails of a job that just finished; called inside the finishing transaction.
+#: Builds the mails of a job that just finished. Its mails are written to the outbox in
+#: the finishing transaction; a store may call it before that transaction, on the job as
+#: it will be committed, to keep the (slow) composition out of its write lock, provided
+#: it calls it again inside when the job turned out otherwise.
 MailComposer = Callable[[Job], "list[Mail]"]
 
 

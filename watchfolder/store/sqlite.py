@@ -219,9 +219,10 @@ def _now(now: float | None) -> float:
 class SQLiteStore(JobStore):
     """Durable jobs in SQLite. Safe to share between threads and processes on one host.
 
-    ``composer`` builds the mails of a job that just finished (called inside
-    the finishing transaction); a ``mails`` argument to a finishing call
-    overrides it.
+    ``composer`` builds the mails of a job that just finished (for a success,
+    before the finishing transaction on the job as it will be committed, and
+    again inside only if it changed meanwhile; for other endings inside it);
+    a ``mails`` argument to a finishing call overrides it.
     """
 
     def __init__(
@@ -514,17 +515,56 @@ class SQLiteStore(JobStore):
         now: float,
         mails: MailComposer | None,
         message: str,
+        prepared: _Prepared | None = None,
     ) -> Job:
-        """Common tail of every transition into a finished state (inside the transaction)."""
+        """Common tail of every transition into a finished state (inside the transaction).
+
+        ``prepared``: the mails composed before the transaction for the job as it was
+        expected to end (:meth:`_prepare`); used when the job did end exactly so (same
+        row, no history entry since), else the composer runs here as it always did.
+        """
         self._add_history(conn, row["id"], row["state"], message, now)
-        # The composer may say who cancelled or what happened last: give it the history.
-        job = self._job(row, self._history(conn, row["id"]))
+        if prepared is not None and prepared.matches(conn, row):
+            job = prepared.job
+        else:
+            prepared = None
+            # The composer may say who cancelled or what happened last: give it the history.
+            job = self._job(row, self._history(conn, row["id"]))
         if row["message_id"]:
             self._queue().done(row["message_id"])
-        composer = mails if mails is not None else self.composer
-        if composer is not None:
-            self._outbox_insert(conn, composer(job), job.id, now)
+        if prepared is not None:
+            self._outbox_insert(conn, prepared.mails, job.id, now, raw=prepared.raw)
+        else:
+            composer = mails if mails is not None else self.composer
+            if composer is not None:
+                self._outbox_insert(conn, composer(job), job.id, now)
         return job
+
+    def _prepare(
+        self, job_id: int, worker: str, composer: MailComposer | None, changes: dict[str, Any], message: str,
+        now: float,
+    ) -> _Prepared | None:
+        """Compose (and render) a finishing job's mails *before* its transaction.
+
+        Composing a mail (text + HTML through Python's email package) costs a few
+        milliseconds; inside the transaction it held the database's write lock that
+        long, stalling every other worker, watcher and API request. Here the job is
+        read without the lock and ``changes`` (the finishing UPDATE's new column
+        values) applied in Python; :meth:`_finish` uses the result only if the row
+        the UPDATE returns is exactly that, so the mails always describe the job as
+        it was committed.
+        """
+        if composer is None:
+            return None
+        conn = self._conn()
+        row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None or row["state"] != "running" or row["worker"] != worker:
+            return None  # the transaction will say why
+        data = {**dict(row), **changes}
+        history = self._history(conn, job_id)
+        job = self._job(data, [*history, HistoryEntry(now, JobState(data["state"]), message)])
+        composed = list(composer(job))
+        return _Prepared(job, data, len(history) + 1, composed, [m.as_bytes() for m in composed])
 
     # -- writing: clients --------------------------------------------------
 
@@ -809,6 +849,19 @@ class SQLiteStore(JobStore):
         """Mark a running job succeeded with its result; its mails go to the outbox in the same transaction."""
         now = _now(now)
         conn = self._conn()
+        result_json = json.dumps(result)
+        progress_json = json.dumps(progress.to_dict()) if progress else None
+        changes: dict[str, Any] = {
+            "state": "succeeded", "result": result_json, "finished_at": now, "updated_at": now,
+            "lease_expires_at": None, "session_key": None, "error_kind": None, "error_message": None,
+            "error_config": 0,
+        }
+        if progress_json is not None:
+            changes["progress"] = progress_json
+        prepared = self._prepare(job_id, worker, mails if mails is not None else self.composer,
+                                 changes, "succeeded", now)
+        if prepared is not None:  # FINISHED_FOLLOWUP, as SQL computes it
+            prepared.data["followup"] = "pending" if prepared.data["source"].startswith("watch:") else None
         with _transaction(conn):
             row = self._update_running(
                 conn, job_id, worker,
@@ -816,9 +869,9 @@ class SQLiteStore(JobStore):
                 " lease_expires_at = NULL, session_key = NULL, progress = coalesce(?, progress),"
                 " error_kind = NULL, error_message = NULL, error_config = 0,"
                 f" {FINISHED_FOLLOWUP}",
-                (json.dumps(result), now, now, json.dumps(progress.to_dict()) if progress else None),
+                (result_json, now, now, progress_json),
             )
-            return self._finish(conn, row, now, mails, "succeeded")
+            return self._finish(conn, row, now, mails, "succeeded", prepared)
 
     def fail(
         self,
@@ -1201,8 +1254,10 @@ class SQLiteStore(JobStore):
 
     # -- outbox -------------------------------------------------------------
 
-    def _outbox_insert(self, conn, mails: Iterable[Mail], job_id: int | None, now: float) -> None:
-        for mail in mails:
+    def _outbox_insert(
+        self, conn, mails: Iterable[Mail], job_id: int | None, now: float, *, raw: list[bytes] | None = None
+    ) -> None:
+        for i, mail in enumerate(mails):
             conn.execute(
                 "INSERT INTO outbox (job_id, kind, sender, recipients, subject, raw, state, next_attempt_at,"
                 " created_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
@@ -1212,7 +1267,7 @@ class SQLiteStore(JobStore):
                     mail.sender or self.sender,
                     json.dumps(list(mail.recipients)),
                     mail.subject,
-                    mail.as_bytes(),
+                    raw[i] if raw is not None else mail.as_bytes(),
                     now,
                     now,
                 ),
@@ -1317,6 +1372,24 @@ class SQLiteStore(JobStore):
             return True
         except sqlite3.Error:
             return False
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """Mails composed before a finishing transaction, for the job as it was expected to end."""
+
+    job: Job
+    data: dict[str, Any]  # the jobs row as the finishing UPDATE was expected to leave it
+    history_len: int  # entries including the finishing one
+    mails: list[Mail]
+    raw: list[bytes]
+
+    def matches(self, conn: sqlite3.Connection, row: sqlite3.Row) -> bool:
+        """Did the job end exactly as expected (inside the transaction, after its history entry)?"""
+        if dict(row) != self.data:
+            return False
+        count = conn.execute("SELECT count(*) FROM job_history WHERE job_id = ?", (row["id"],)).fetchone()[0]
+        return count == self.history_len
 
 
 class _transaction:
