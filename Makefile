@@ -38,6 +38,7 @@ lint: install
 	$(BIN)/ruff check watchfolder tests bench
 
 bench: install omero-env
+	scripts/bench-deps
 	$(BIN)/python bench/run_all.py
 
 clean:
