@@ -35,12 +35,15 @@ def test_a_layout_without_the_acquisition_resolves_a_collision_and_says_where(fi
     assert len(archived) == 2, archived
     second = jobs[1]
     where = [a for a in archived if (field.archive / a).read_bytes().startswith(b"second")][0]
-    # The result and the receipt name where the second run's file went.
-    assert where in json.dumps(second.result, ensure_ascii=False), second.result
+    # The result and the receipt name where the second run's file went (the folder as
+    # `destination`, each file's path relative to it).
+    folder, _, name = where.rpartition("/")
+    assert second.result["destination"] == str(field.archive / folder), second.result
+    assert [f["path"] for f in second.result["files"]] == [name]
     receipt_file = field.drop / "run2.watchfolder-receipt.json"
     wait_until(receipt_file.exists, 10, message="the receipt of run2")
     receipt = receipt_file.read_text(encoding="utf-8")
-    assert where in receipt, receipt
+    assert json.dumps(str(field.archive / folder), ensure_ascii=False) in receipt, receipt
     assert "Image_001" in field.store.read_log(second.id)
 
 
