@@ -54,6 +54,8 @@ POLL_SECONDS = 5.0
 RESCAN_SECONDS = 3600.0
 MISSING_TIMEOUT_SECONDS = 3600.0
 EXCLUDE_PATTERNS = ("~$*", "*.tmp", "*.part", ".*")
+# Folder formats whose inside is never filtered by the patterns (their dot-files are metadata).
+CONTAINER_SUFFIXES = (".zarr", ".n5")
 
 OMERO_PORT = 4064
 OMERO_TIMEOUT = 3600.0

@@ -8,6 +8,8 @@ reads what a user or an admin would read: the jobs, the archive, the mails, the 
 
 from __future__ import annotations
 
+import email
+import email.policy
 import hashlib
 import json
 import time
@@ -100,9 +102,16 @@ class Field:
         return sorted(str(p.relative_to(self.archive)) for p in self.archive.rglob("*") if p.is_file())
 
     def mails(self) -> list[str]:
+        """Each mail as its recipients, subject and plain-text body (decoded)."""
         if not self.outbox.exists():
             return []
-        return [p.read_bytes().decode("utf-8", "replace") for p in sorted(self.outbox.rglob("*.eml"))]
+        out = []
+        for path in sorted(self.outbox.rglob("*.eml")):
+            message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+            body = message.get_body(("plain",))
+            out.append(f"To: {message['To']}\nSubject: {message['Subject']}\n\n"
+                       + (body.get_content() if body is not None else ""))
+        return out
 
     def reported(self, fragment: str) -> str | None:
         """Where ``fragment`` (a path or a word) is explained to the admin: a failed job's reason or a pending entry."""
@@ -112,6 +121,9 @@ class Field:
         for entry in self.pending():
             if fragment in json.dumps(entry, ensure_ascii=False):
                 return json.dumps(entry, ensure_ascii=False)
+        for pending in self.store.pending_list():
+            if fragment in pending.path:
+                return f"pending {pending.path}: {pending.kind}: {pending.reason}"
         return None
 
 

@@ -211,7 +211,7 @@ class Notifier:
             "contact": self.contact,
             "file_count": str(len(sizes)),
             "total_size": _size(total),
-            "files": _files_block(sizes),
+            "files": _with_left_out(_files_block(sizes), spec.extra.get("left_out")),
             "note": _Block(note + "\n\n", f'<p style="background: #fff3cd; padding: 0.5em;">{_esc(note)}</p>\n')
             if note
             else _Block("", ""),
@@ -541,6 +541,15 @@ def _files_block(sizes: list[tuple[str, int | None]]) -> _Block:
         shown = f" ({_size(size)})" if size is not None else ""
         rows.append((f"{path}{shown}", f"<code>{_esc(path)}</code>{_esc(shown)}"))
     return _list_block("Files", rows, len(sizes))
+
+
+def _with_left_out(block: _Block, left_out: Any) -> _Block:
+    """The files block followed by what was left out of the acquisition (excluded names, links), if anything."""
+    if not left_out or not isinstance(left_out, list):
+        return block
+    rows = [(printable(str(x)), f"<code>{_esc(printable(str(x)))}</code>") for x in left_out[:MAX_LISTED]]
+    extra = _list_block("Left out (not imported)", rows, len(left_out))
+    return _Block(block.text + extra.text, block.html + extra.html)
 
 
 def _list_block(title: str, rows: list[tuple[str, str]], total: int) -> _Block:

@@ -350,14 +350,32 @@ def _filesets(value: Any, files: tuple[FileEntry, ...] | None) -> tuple[tuple[st
 # The filesystem side: finding files, matching patterns, refusing escapes
 
 
+def container_depth(parts: list[str]) -> int | None:
+    """How many leading components reach the first known container format (``x.ome.zarr``), or None.
+
+    A container (``defaults.CONTAINER_SUFFIXES``: OME-Zarr, Zarr, N5) is one
+    dataset stored as a folder; its inside (``.zgroup``, ``.zattrs``, ``.zarray``,
+    chunks) belongs to the format, so patterns never filter it.
+    """
+    for i, part in enumerate(parts[:-1]):
+        if part.lower().endswith(D.CONTAINER_SUFFIXES):
+            return i + 1
+    return None
+
+
 def is_excluded(relpath: str, exclude: Iterable[str] = D.EXCLUDE_PATTERNS, include: Iterable[str] = ()) -> bool:
     """True when a file (relative ``a/b/c`` path) is ignored by the patterns.
 
     An exclude pattern matches any component (so ``.*`` hides dot-folders too) or
     the whole path; when include patterns are given, the file's name or path must
-    match one of them.
+    match one of them. Inside a known container format (:func:`container_depth`)
+    only the components up to the container count: nothing inside is filtered.
     """
     parts = relpath.split("/")
+    depth = container_depth(parts)
+    if depth is not None:
+        outer = parts[:depth]
+        return any(fnmatch.fnmatchcase(p, pattern) for pattern in exclude for p in outer)
     for pattern in exclude:
         if fnmatch.fnmatchcase(relpath, pattern) or any(fnmatch.fnmatchcase(p, pattern) for p in parts):
             return True
@@ -389,13 +407,17 @@ def walk_files(
     exclude: Iterable[str] = D.EXCLUDE_PATTERNS,
     include: Iterable[str] = (),
     skip: Iterable[str] = (),
+    left_out: list[str] | None = None,
 ) -> Iterator[tuple[str, os.stat_result]]:
     """Yield ``(relative path, stat)`` for every regular file under ``root``, sorted.
 
     Symlinks are followed only when they stay inside ``root`` (a file symlink
     pointing outside raises :class:`AcquisitionError`); symlinked folders are not
     descended into, which also rules out loops. ``skip`` names relative paths to
-    leave out (descriptor files).
+    leave out (descriptor files). Nothing inside a known container format
+    (``x.ome.zarr/``) is filtered by the patterns. ``left_out``, when given,
+    collects what was left out and why (``".DS_Store (excluded)"``), for the job
+    log and the owner's mail.
     """
     root = Path(root)
     real_root = os.path.realpath(root)
@@ -413,9 +435,12 @@ def walk_files(
         except OSError as exc:
             raise AcquisitionError(f"{folder}: cannot list it ({exc.strerror}); check its permissions") from None
         subdirs = []
+        inside_container = bool(rel_dir) and container_depth(rel_dir.split("/") + [""]) is not None
         for entry in entries:
             rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-            if any(fnmatch.fnmatchcase(entry.name, p) for p in exclude):
+            if not inside_container and any(fnmatch.fnmatchcase(entry.name, p) for p in exclude):
+                if left_out is not None and not _own_marker(entry.name):
+                    left_out.append(f"{rel} (excluded)")
                 continue
             try:
                 if entry.is_symlink():
@@ -427,6 +452,8 @@ def walk_files(
                         )
                     st = os.stat(entry.path)
                     if stat.S_ISDIR(st.st_mode):
+                        if left_out is not None:
+                            left_out.append(f"{rel} (a symbolic link to a folder, not followed)")
                         continue
                 else:
                     st = entry.stat(follow_symlinks=False)
@@ -435,11 +462,20 @@ def walk_files(
             if stat.S_ISDIR(st.st_mode):
                 subdirs.append(rel)
             elif stat.S_ISREG(st.st_mode):
-                if unicodedata.normalize("NFC", rel) in skip_set or is_excluded(rel, exclude, include):
+                if unicodedata.normalize("NFC", rel) in skip_set:
+                    continue
+                if is_excluded(rel, exclude, include):
+                    if left_out is not None and not _own_marker(entry.name):
+                        left_out.append(f"{rel} (not matched by include)" if include else f"{rel} (excluded)")
                     continue
                 _check_name(rel, root)
                 yield rel, st
         stack.extend(reversed(subdirs))
+
+
+def _own_marker(name: str) -> bool:
+    """Receipts and error reports watchfolder writes beside acquisitions: never "left out" news."""
+    return ".watchfolder-receipt.json" in name or ".watchfolder-error.txt" in name
 
 
 def locate(root: Path, relpath: str) -> str | None:

@@ -27,6 +27,7 @@ import dataclasses
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 import pwd
 import re
@@ -39,10 +40,18 @@ from pathlib import Path
 from typing import Any
 
 from ..config import WatchConfig
-from ..errors import AcquisitionError
-from ..job import FileEntry, JobSpec, Target
+from ..errors import AcquisitionError, classify_os_error
+from ..job import FileEntry, JobSpec, Target, printable
 from ..store.base import PendingEntry
 from . import acquisition as acq
+
+log = logging.getLogger(__name__)
+
+
+def _os_reason(exc: OSError, path: Any) -> str:
+    """An OS error on ``path`` in words, with what to do (the errno classes of ``classify_os_error``)."""
+    return classify_os_error(exc, printable(os.fsdecode(path) if isinstance(path, bytes) else str(path)),
+                             "read").message
 
 # Files the watcher itself writes beside acquisitions; never part of one.
 RECEIPT_SUFFIX = ".watchfolder-receipt.json"
@@ -57,6 +66,10 @@ WAIT_RECHECK_SECONDS = 30.0
 # quiet period.
 PROOF_DELAY = 0.05
 PROOF_RETRY = 0.1
+# Left-out paths kept in a job (the log line says how many in all).
+MAX_LEFT_OUT = 200
+# Skipped paths remembered for the pending list (a drop folder full of dot-folders stays bounded).
+MAX_SKIPPED = 1000
 # Outcomes per detector step: bounds memory (each holds a job spec) when
 # thousands of acquisitions become due at once, and lets events in between.
 OUTCOME_BATCH = 200
@@ -98,6 +111,24 @@ class Patterns:
         if name in self._exact:
             return True
         return bool(self._regex and self._regex.match(name))
+
+    def path_excluded(self, relpath: str) -> str | None:
+        """The pattern that excludes a path relative to the watch folder (any of its components), or None.
+
+        The one decision for where an acquisition may be: the start-up scan, polling
+        and events all ask it, so a folder moved in as ``acq1.tmp/`` or
+        ``.incoming/acq2/`` is never an acquisition until it is renamed.
+        """
+        for part in relpath.split("/"):
+            if not part:
+                continue
+            if is_own_file(part):
+                return "a file watchfolder writes"
+            if part in self._exact:
+                return part
+            if self._regex and self._regex.match(part):
+                return next((p for p in self.exclude if fnmatch.fnmatchcase(part, p)), "exclude")
+        return None
 
     def file_excluded(self, relpath: str) -> bool:
         """True when a file (relative path) is not part of acquisitions."""
@@ -301,6 +332,7 @@ class ManifestRule(Rule):
         return None
 
     def build(self, root: str, rel: str, now: float) -> Outcome:
+        left_out: list[str] = []
         folder = Path(root, rel)
         manifest = folder / self.watch.manifest_name
         if not folder.is_dir():
@@ -336,7 +368,7 @@ class ManifestRule(Rule):
                     (FileEntry(r, st.st_size), st)
                     for r, st in acq.walk_files(
                         folder, exclude=self.patterns.exclude, include=self.patterns.include,
-                        skip={self.watch.manifest_name},
+                        skip={self.watch.manifest_name}, left_out=left_out,
                     )
                     if not is_own_file(r.rsplit("/", 1)[-1])
                 ]
@@ -349,7 +381,7 @@ class ManifestRule(Rule):
         except AcquisitionError as exc:
             return Outcome("reject", rel, spec=base, reason=str(exc))
         return _finish(self.watch, base, descriptor, found, rel, "folder", warnings=list(descriptor.warnings),
-                       proven=proven)
+                       proven=proven, left_out=left_out)
 
 
 class SidecarRule(Rule):
@@ -478,6 +510,7 @@ class LayoutRule(Rule):
         return head if head in known or self.values(head) is not None else None
 
     def build(self, root: str, rel: str, now: float) -> Outcome:
+        left_out: list[str] = []
         folder = Path(root, rel)
         if not folder.is_dir():
             return Outcome("gone", rel)
@@ -491,7 +524,8 @@ class LayoutRule(Rule):
                 base = dataclasses.replace(base, target=target)
             found = [
                 (FileEntry(r, st.st_size), st)
-                for r, st in acq.walk_files(folder, exclude=self.patterns.exclude, include=self.patterns.include)
+                for r, st in acq.walk_files(folder, exclude=self.patterns.exclude, include=self.patterns.include,
+                                            left_out=left_out)
                 if not is_own_file(r.rsplit("/", 1)[-1])
             ]
         except AcquisitionError as exc:
@@ -501,7 +535,7 @@ class LayoutRule(Rule):
             return Outcome("wait", rel, spec=base, why="empty", reason="waiting for files: the folder holds none yet")
         if owner and ("/" in owner or any(c.isspace() for c in owner)):
             return Outcome("reject", rel, spec=base, reason=f"owner {owner!r} from the path is not a valid user name")
-        return _finish(self.watch, base, acq.Descriptor(), found, rel, "folder", warnings=[])
+        return _finish(self.watch, base, acq.Descriptor(), found, rel, "folder", warnings=[], left_out=left_out)
 
 
 def _layout_target(default: Target | None, values: dict[str, str]) -> Target | None:
@@ -661,10 +695,16 @@ def _finish(
     *,
     warnings: list[str],
     proven: bool = False,
+    left_out: list[str] | None = None,
 ) -> Outcome:
     key = acquisition_key(watch.name, rel, descriptor.raw_bytes_sha256, found)
     files = tuple(e for e, _ in found)
     extra = dict(base.extra, unit=unit)
+    if left_out:
+        # Said in the job log (with the warnings) and in the owner's mail.
+        extra["left_out"] = left_out[:MAX_LEFT_OUT]
+        shown = ", ".join(printable(x) for x in left_out[:20]) + (" …" if len(left_out) > 20 else "")
+        warnings = [*warnings, f"left out of the acquisition ({len(left_out)}): {shown}"]
     if warnings:
         extra["warnings"] = warnings
     spec = dataclasses.replace(base, files=files, idempotency_key=key, extra=extra)
@@ -754,6 +794,60 @@ class Detector:
         self.known: dict[str, Candidate] = {}
         self.pending: set[str] = set()
         self.generation = 0
+        # Paths seen and deliberately not watched as acquisitions (excluded names,
+        # symbolic links, paths the service cannot read): rel -> (first seen, kind, reason).
+        self.skipped: dict[str, tuple[float, str, str]] = {}
+
+    # -- what is never an acquisition ---------------------------------------
+
+    def refusal(self, rel: str) -> tuple[str, str] | None:
+        """``(kind, reason)`` when ``rel`` may not be (or lead to) an acquisition, else None.
+
+        One rule for events, polling and scans: no component of the path may be an
+        excluded name, and none may be a symbolic link (a link is never followed into
+        an acquisition: ``latest -> plate``, ``reference -> /elsewhere``, ``loop -> .``).
+        """
+        pattern = self.patterns.path_excluded(rel)
+        if pattern is not None:
+            return "excluded", (
+                f"excluded by the pattern {pattern!r} of watch folder {self.watch.name!r}; "
+                "rename it (e.g. when the copy is finished) to have it imported"
+            )
+        current = self.root
+        for part in rel.split("/"):
+            current = os.path.join(current, part)
+            try:
+                st = os.lstat(current)
+            except FileNotFoundError:
+                return None  # gone: the candidate's own look says so
+            except OSError as exc:
+                return "unreadable", _os_reason(exc, current)
+            if stat.S_ISLNK(st.st_mode):
+                try:
+                    target = os.readlink(current)
+                except OSError:
+                    target = "?"
+                return "symlink", (
+                    f"a symbolic link (to {printable(target)}): links are never followed into an acquisition, "
+                    "so the same data is not imported twice and no other folder's data is imported here; "
+                    "copy or move the data itself into the drop folder"
+                )
+        return None
+
+    def skip(self, rel: str, kind: str, reason: str, now: float) -> None:
+        """Note a path that is not watched as an acquisition, with why (listed as pending)."""
+        if rel in self.skipped or len(self.skipped) >= MAX_SKIPPED:
+            return
+        self.skipped[rel] = (now, kind, reason)
+        log.info("watch folder %s: %s not watched: %s", self.watch.name, printable(rel), reason)
+
+    def admit(self, rel: str, now: float) -> bool:
+        """True when ``rel`` may become a candidate; otherwise note why and return False."""
+        refused = self.refusal(rel)
+        if refused is None:
+            return True
+        self.skip(rel, *refused, now)
+        return False
 
     # -- reports from observers -------------------------------------------
 
@@ -763,9 +857,11 @@ class Detector:
         ``since``: when the observer last looked without seeing this candidate (a
         poll tick), so an mtime in between can date the change; None at startup.
         """
+        cand = self.known.get(rel)
+        if cand is None and not self.admit(rel, now):
+            return None
         if snap is None:
             snap = self.rule.snapshot(self.root, rel)
-        cand = self.known.get(rel)
         if snap is None:
             if cand is not None:
                 self.forget(rel)
@@ -807,6 +903,8 @@ class Detector:
         """An event says the candidate changed: restart its quiet period (looked at when quiet)."""
         cand = self.known.get(rel)
         if cand is None:
+            if not self.admit(rel, now):
+                return
             old = self.remembered.pop(rel, None)
             first = min(now, old.first_seen) if old is not None else now
             cand = Candidate(rel, first_seen=first, last_change=now, seen_generation=self.generation)
@@ -831,7 +929,10 @@ class Detector:
         snap = self.rule.snapshot(self.root, cand.rel)
         if snap is None or snap.digest == cand.done_digest:
             return None  # gone, or back to what was handled: the quiet-period look decides
-        outcome = self.rule.build(self.root, cand.rel, now)
+        try:
+            outcome = self.rule.build(self.root, cand.rel, now)
+        except OSError:
+            return None  # the look at the end of the quiet period reports it
         if outcome.kind == "enqueue" and outcome.proven:
             cand.digest, cand.observed_at = snap.digest, now
             cand.waiting = ""
@@ -847,13 +948,16 @@ class Detector:
         self.pending.discard(rel)
 
     def forget_below(self, rel_dir: str) -> None:
-        """A folder went away: drop every candidate in it."""
+        """A folder went away: drop every candidate in it (and every note of a skipped path)."""
         prefix = rel_dir + "/"
         for rel in [r for r in self.known if r == rel_dir or r.startswith(prefix)]:
             self.forget(rel)
+        for rel in [r for r in self.skipped if r == rel_dir or r.startswith(prefix)]:
+            del self.skipped[rel]
 
     def begin_scan(self) -> None:
         self.generation += 1
+        self.skipped.clear()  # the scan notes again what is still there
 
     def end_scan(self) -> None:
         """After a full rescan: forget candidates that were not seen (gone)."""
@@ -899,7 +1003,11 @@ class Detector:
                         out.append(proven)
                 continue
             cand.proof_at = None
-            snap = self.rule.snapshot(self.root, rel)
+            try:
+                snap = self.rule.snapshot(self.root, rel)
+            except OSError as exc:
+                self._unreadable(cand, exc, now)
+                continue
             if snap is None:
                 out.append(Outcome("gone", rel))
                 self.forget(rel)
@@ -922,7 +1030,12 @@ class Detector:
             if snap.digest == cand.done_digest:
                 self.pending.discard(rel)
                 continue
-            outcome = self.rule.build(self.root, rel, now)
+            try:
+                outcome = self.rule.build(self.root, rel, now)
+            except OSError as exc:
+                outcome = self._os_outcome(cand, exc, now)
+                if outcome is None:
+                    continue
             if outcome.kind == "wait" and outcome.why == "sidecar" and cand.peak_files > 1:
                 # The data file was there and is gone after the quiet period: waiting will not bring it back.
                 outcome.kind = "reject"
@@ -954,6 +1067,22 @@ class Detector:
                 out.append(outcome)
         return out
 
+    def _unreadable(self, cand: Candidate, exc: OSError, now: float) -> None:
+        """A candidate the service cannot look at now: say why, look again later; others carry on."""
+        cand.waiting = _os_reason(exc, getattr(exc, "filename", None) or os.path.join(self.root, cand.rel))
+        cand.waiting_kind = "unreadable"
+        cand.next_check = now + min(WAIT_RECHECK_SECONDS, max(self.watch.quiet_period, 1.0))
+
+    def _os_outcome(self, cand: Candidate, exc: OSError, now: float) -> Outcome | None:
+        """An OS error while reading a candidate: permanent ones (permission, a name too long)
+        reject it at once with the fix; transient ones (I/O, a share that dropped) wait."""
+        failure = classify_os_error(exc, getattr(exc, "filename", None) or os.path.join(self.root, cand.rel), "read")
+        if failure.transient:
+            self._unreadable(cand, exc, now)
+            return None
+        spec = _base_spec(self.watch, Path(self.root, cand.rel), cand.rel)
+        return Outcome("reject", cand.rel, spec=spec, reason=failure.message)
+
     def settle(self, outcome: Outcome, ok: bool, now: float, *, retry_after: float = 5.0) -> None:
         """Record that an outcome was applied (``ok``) or must be tried again later."""
         cand = self.known.get(outcome.rel)
@@ -984,6 +1113,9 @@ class Detector:
                 last_change=c.last_change, quiet_until=until, owner=c.owner,
                 digest=c.digest.hex() if c.digest else None,
             ))
+        for rel, (seen, kind, reason) in sorted(self.skipped.items()):
+            out.append(PendingEntry(watch=self.watch.name, path=rel, kind=kind, reason=reason, first_seen=seen,
+                                    last_change=seen))
         return out
 
     def pending_list(self, limit: int = 20) -> list[dict[str, Any]]:
@@ -991,4 +1123,6 @@ class Detector:
         for rel in sorted(self.pending)[:limit]:
             c = self.known[rel]
             out.append({"path": rel, "since": c.first_seen, "last_change": c.last_change, "waiting": c.waiting})
+        for rel, (seen, kind, reason) in sorted(self.skipped.items())[: max(0, limit - len(out))]:
+            out.append({"path": rel, "since": seen, "last_change": seen, "waiting": reason, "kind": kind})
         return out

@@ -13,11 +13,13 @@ import os
 import time
 from dataclasses import dataclass
 
-from .detector import Detector
+from .detector import Detector, _os_reason
 
-# A folder listed while its mtime was this fresh is listed again on the next
-# tick: on filesystems with coarse timestamps (1 s on some NFS/SMB servers) an
-# entry added in the same second leaves the mtime unchanged.
+# A folder is listed again on every tick until its mtime has stayed the same for
+# this long by the *local* clock: on filesystems with coarse timestamps (1 s on
+# some NFS/SMB servers) an entry added in the same server second leaves the mtime
+# unchanged. The server's timestamps are never compared with the local clock (a
+# file server's clock may lag by seconds or minutes): only with each other.
 MTIME_GUARD_SECONDS = 2.0
 
 
@@ -44,6 +46,7 @@ class Scanner:
         self.index = index
         self.skip = frozenset(skip)
         self.dirs: dict[str, int] = {}  # absolute folder path -> mtime_ns
+        self.seen_at: dict[str, float] = {}  # absolute folder path -> local time its current mtime was first seen
         self.unsettled: set[str] = set()
         self.errors: list[str] = []
 
@@ -59,6 +62,7 @@ class Scanner:
         self.detector.begin_scan()
         if self.index:
             self.dirs.clear()
+            self.seen_at.clear()
             self.unsettled.clear()
         stats = self.scan_subtree("", now, since=None)
         self.detector.end_scan()
@@ -76,6 +80,8 @@ class Scanner:
         rule = self.rule
         patterns = detector.patterns
         known = detector.known
+        if rel_start and rel_start not in known and not detector.admit(rel_start, now):
+            return stats  # an excluded name or a symbolic link: noted, never entered
         stack = [rel_start]
         while stack:
             rel = stack.pop()
@@ -87,9 +93,13 @@ class Scanner:
                     entries = list(it)
             except (FileNotFoundError, NotADirectoryError):
                 continue
-            except PermissionError as exc:
+            except OSError as exc:
+                # Unreadable, a name too long, an I/O error: this folder is noted with why; the rest goes on.
                 stats.errors += 1
-                self.errors.append(f"{path}: cannot list it ({exc.strerror})")
+                reason = _os_reason(exc, path)
+                self.errors.append(reason)
+                if rel:
+                    detector.skip(rel, "unreadable", reason, now)
                 continue
             stats.folders += 1
             names = {e.name for e in entries}
@@ -111,21 +121,28 @@ class Scanner:
             if not rule.descend(rel):
                 continue
             for entry in entries:
+                child = f"{rel}/{entry.name}" if rel else entry.name
                 try:
+                    if entry.is_symlink():
+                        detector.admit(child, now)  # never followed; noted with the reason
+                        continue
                     if not entry.is_dir(follow_symlinks=False):
                         continue
                 except OSError:
                     continue
                 if patterns.name_excluded(entry.name):
+                    detector.admit(child, now)  # noted as excluded, not entered
                     continue
                 if only_new and entry.path in self.dirs:
                     continue
-                stack.append(f"{rel}/{entry.name}" if rel else entry.name)
+                stack.append(child)
         return stats
 
     def _index(self, path: str, mtime_ns: int, now: float) -> None:
+        if self.dirs.get(path) != mtime_ns or path not in self.seen_at:
+            self.seen_at[path] = now
         self.dirs[path] = mtime_ns
-        if mtime_ns / 1e9 > now - MTIME_GUARD_SECONDS:
+        if now - self.seen_at[path] < MTIME_GUARD_SECONDS:
             self.unsettled.add(path)
         else:
             self.unsettled.discard(path)
@@ -146,6 +163,7 @@ class Scanner:
         detector = self.detector
         for path in gone:
             self.dirs.pop(path, None)
+            self.seen_at.pop(path, None)
             self.unsettled.discard(path)
             rel = self._rel(path)
             cand = self.rule.candidate_for(rel, detector.known, True) if rel else None

@@ -1,0 +1,74 @@
+"""Cases 3 and 4: one exclusion decision for every path; a known container format is never filtered inside."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from drops import MODES, manifest, succeeded, tree
+from helpers import wait_until
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_excluded_names_moved_in_and_renamed_later_are_one_job_each(field, tmp_path, mode):
+    field.start(mode)
+    staging = tmp_path / "staging"
+    manifest(staging / "acq1", {"a.tif": b"one " * 100})
+    manifest(staging / "acq2", {"b.tif": b"two " * 100})
+    os.rename(staging / "acq1", field.drop / "acq1.tmp")
+    (field.drop / ".incoming").mkdir()
+    os.rename(staging / "acq2", field.drop / ".incoming" / "acq2")
+    field.quiet_for(1.0)  # several quiet periods: an excluded name must not become a job meanwhile
+    assert field.jobs() == []
+    assert field.reported("acq1.tmp"), field.pending()
+    os.rename(field.drop / "acq1.tmp", field.drop / "acq1")
+    os.rename(field.drop / ".incoming" / "acq2", field.drop / "acq2")
+    jobs = field.settled(2)
+    field.quiet_for(0.8)
+    jobs = field.jobs()
+    assert len(jobs) == 2 and len(succeeded(jobs)) == 2, [(j.spec.root, j.error) for j in jobs]
+    wait_until(lambda: len(field.mails()) >= 2, 10, message="two mails")
+    assert all("missing" not in m for m in field.mails())
+
+
+def zarr_plate(folder):
+    attrs = json.dumps({"plate": {"rows": [{"name": "A"}], "columns": [{"name": "1"}]}}).encode()
+    return tree(folder, {
+        ".zgroup": b'{"zarr_format": 2}', ".zattrs": attrs,
+        "A/.zgroup": b'{"zarr_format": 2}', "A/1/.zgroup": b'{"zarr_format": 2}',
+        "A/1/0/.zgroup": b'{"zarr_format": 2}', "A/1/0/.zattrs": b'{"multiscales": []}',
+        "A/1/0/0/.zarray": b'{"chunks": [1, 1, 1, 64, 64]}',
+        **{f"A/1/0/0/0.0.0.{y}.{x}": bytes([y, x]) * 64 for y in range(2) for x in range(4)},
+    })
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ome_zarr_moved_into_a_layout_drop_keeps_its_metadata(field, tmp_path, mode):
+    field.start(mode, detection="layout", layout="{owner}/{dataset}/")
+    staging = tmp_path / "staging" / "jdoe" / "plates"
+    zarr_plate(staging / "plate.ome.zarr")
+    tree(staging, {".DS_Store": b"finder"})
+    (field.drop / "jdoe").mkdir()
+    os.rename(staging, field.drop / "jdoe" / "plates")
+    [job] = field.settled(1)
+    assert job.state.value == "succeeded", job.error
+    names = [a.rsplit("/", 1)[-1] for a in field.archived()]
+    assert names.count(".zgroup") == 4 and ".zarray" in names and ".zattrs" in names, names
+    assert len([n for n in names if n.startswith("0.0.0.")]) == 8
+    assert ".DS_Store" not in names
+    # What was left out is said: in the job log and in the mail.
+    assert ".DS_Store" in field.store.read_log(job.id)
+    wait_until(lambda: any(".DS_Store" in m for m in field.mails()), 10, message="the mail listing .DS_Store")
+
+
+def test_ome_zarr_in_a_manifest_without_a_file_list(field, tmp_path):
+    field.start("events")
+    staging = tmp_path / "staging" / "acq"
+    zarr_plate(staging / "plate.ome.zarr")
+    manifest(staging, {}, listed=False)
+    os.rename(staging, field.drop / "acq")
+    [job] = field.settled(1)
+    assert job.state.value == "succeeded", job.error
+    files = [f.path for f in job.spec.files]
+    assert "plate.ome.zarr/.zattrs" in files and "plate.ome.zarr/A/1/0/0/.zarray" in files, files

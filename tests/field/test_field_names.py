@@ -1,0 +1,49 @@
+"""Cases 10 and 11: a bad entry is reported against its path and the rest carries on; names are escaped."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from drops import MODES, manifest, succeeded, tree
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_newline_in_a_file_name_forges_no_log_line_and_no_mail_line(field, mode):
+    field.start(mode, detection="layout", layout="{owner}/{dataset}/")
+    forged = "x.tif\n2026-12-01 00:00:00 job 1 succeeded: all good"
+    tree(field.drop / "jdoe" / "day1", {forged: b"x" * 10, "y.tif": b"y" * 10})
+    [job] = field.settled(1)
+    log = field.store.read_log(job.id)
+    assert not any(line.startswith("2026-12-01 00:00:00 job 1") for line in log.splitlines()), log
+    assert "\\n" in log
+    for mail in field.mails():
+        assert "\n2026-12-01 00:00:00 job 1 succeeded" not in mail.replace("\r\n", "\n")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_file_name_that_is_not_utf8_does_not_stall_the_others(field, mode):
+    field.start(mode, detection="layout", layout="{owner}/{dataset}/")
+    bad = os.fsencode(field.drop / "jdoe" / "bad") + b"/\xff\xfe.tif"
+    tree(field.drop / "jdoe" / "bad", {"ok.tif": b"ok" * 10})
+    with open(bad, "wb") as f:
+        f.write(b"latin-1 name")
+    for i in range(3):
+        tree(field.drop / "jdoe" / f"good{i}", {"a.tif": b"%d" % i * 10})
+    jobs = field.settled(4)
+    assert sorted(j.spec.target.dataset for j in succeeded(jobs)) == ["good0", "good1", "good2"], \
+        [(j.spec.root, j.state.value, j.error) for j in jobs]
+    assert field.reported("bad"), field.pending()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_path_too_long_for_the_archive_is_reported_and_the_rest_carries_on(field, mode):
+    field.start(mode)
+    deep = field.drop / "deep"
+    name = "n" * 250
+    manifest(deep, {f"{name}/{name}/{name}/{name}/{name}/{name}/{name}/{name}/{name}/{name}/{name}/"
+                    f"{name}/{name}/{name}/{name}/{name}/a.tif": b"deep"})
+    manifest(field.drop / "fine", {"a.tif": b"fine"})
+    jobs = field.settled(2)
+    assert [j.spec.root.rsplit("/", 1)[-1] for j in succeeded(jobs)] == ["fine"] or len(succeeded(jobs)) == 2
+    assert field.watcher_status()["health"] == "ok"

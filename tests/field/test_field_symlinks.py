@@ -1,0 +1,58 @@
+"""Case 2: a symlink is never followed into an acquisition, in every mode, and never silently."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from drops import MODES, manifest, succeeded, tree
+
+LAYOUT = {"detection": "layout", "layout": "{owner}/{dataset}/", "target": {"project": "Atlas"}}
+
+
+def user_folder(base, outside):
+    jdoe = base / "jdoe"
+    tree(jdoe / "2026-11-28_plate", {"A1.tif": b"plate " * 100, "A2.tif": b"plate2 " * 100})
+    tree(jdoe / "2026-11-29_slide", {"s.tif": b"slide " * 100})
+    tree(outside, {"secret.tif": b"not yours " * 100})
+    os.symlink("2026-11-28_plate", jdoe / "latest")
+    os.symlink(outside, jdoe / "reference")
+    return jdoe
+
+
+@pytest.mark.parametrize("how", ["moved-events", "moved-polling", "present-at-start"])
+def test_linked_folders_in_a_user_folder_are_reported_not_imported(field, tmp_path, how):
+    staging = tmp_path / "staging"
+    jdoe = user_folder(staging, tmp_path / "elsewhere")
+    mode = "polling" if how == "moved-polling" else "events"
+    if how == "present-at-start":
+        shutil.move(str(jdoe), field.drop / "jdoe")
+        field.start(mode, **LAYOUT)
+    else:
+        field.start(mode, **LAYOUT)
+        os.rename(jdoe, field.drop / "jdoe")
+    jobs = field.settled(2)
+    field.quiet_for(1.0)
+    jobs = field.jobs()
+    ok = succeeded(jobs)
+    assert sorted(j.spec.target.dataset for j in ok) == ["2026-11-28_plate", "2026-11-29_slide"], \
+        [(j.spec.root, j.state.value) for j in jobs]
+    assert not any("not yours" in (field.archive / a).read_bytes().decode() for a in field.archived())
+    for link in ("latest", "reference"):
+        assert field.reported(link), f"{link} neither pending nor a failed job: {field.pending()}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_loop_link_inside_an_acquisition_is_not_a_second_job(field, tmp_path, mode):
+    field.start(mode)
+    staging = tmp_path / "staging" / "acqA"
+    manifest(staging, {"a.tif": b"a" * 100})
+    os.symlink(".", staging / "loop")
+    os.rename(staging, field.drop / "acqA")
+    jobs = field.settled(1)
+    field.quiet_for(1.0)
+    jobs = field.jobs()
+    assert len(jobs) == 1, [j.spec.root for j in jobs]
+    assert jobs[0].state.value == "succeeded"
+    assert field.archived() and all("loop" not in a for a in field.archived())
