@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 import pytest
@@ -14,7 +15,7 @@ from watchfolder.service import Parts, Service
 pytestmark = pytest.mark.skipif(
     mosquitto_binary() is None, reason="needs Debian's mosquitto (make test-deps installs it)"
 )
-JOBS = 20
+JOBS = int(os.environ.get("WATCHFOLDER_EVENTS_JOBS", "20"))
 
 
 class Subscriber:
