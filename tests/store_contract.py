@@ -597,3 +597,16 @@ def test_events_prune_keeps_what_a_sink_has_not_delivered(store, make_spec):
     assert [e["id"] for e in store.events_after(0)] == ids[1:]
     assert store.events_prune(T0 - 1) == 0
     assert store.events_prune(T0 + 1) == 2
+
+
+def test_replace_spec_stores_a_retried_jobs_acquisition_as_read_again(store, make_spec):
+    # A job rejected at detection holds no files; its retry re-reads the acquisition (issue 12 case 7).
+    spec = make_spec()
+    job, _ = store.enqueue(dataclasses.replace(spec, files=()))
+    claimed = store.claim("w")
+    again = store.replace_spec(claimed.id, "w", spec)
+    assert [f.path for f in again.spec.files] == [f.path for f in spec.files]
+    assert store.get(job.id).spec.files == spec.files
+    assert again.idempotency_key == job.idempotency_key
+    with pytest.raises(LeaseLost):
+        store.replace_spec(job.id, "another-worker", spec)

@@ -226,6 +226,10 @@ class WatchConfig:
     poll_interval: float = D.POLL_SECONDS
     rescan_interval: float = D.RESCAN_SECONDS
     detection: str = D.WATCH_DETECTION  # manifest | sidecar | layout
+    # manifest detection also imports sidecar pairs outside manifest folders
+    sidecars: bool = True
+    # an acquisition whose content this owner already imported into this target is not imported again
+    deduplicate: bool = True
     manifest_name: str = D.MANIFEST_NAME
     sidecar_suffix: str = D.SIDECAR_SUFFIX
     layout: str | None = None
@@ -755,6 +759,7 @@ WATCH_KEYS = {
     "name", "path", "mode", "poll_interval", "rescan_interval", "detection", "manifest_name",
     "sidecar_suffix", "layout", "quiet_period", "missing_timeout", "include", "exclude", "owner",
     "group", "email", "target", "allowed_owners", "check_os_owner", "on_success", "on_failure",
+    "sidecars", "deduplicate",
 }
 
 
@@ -805,6 +810,8 @@ def _watch(r: _Reader, raw: Any, data_dir: Path) -> tuple[WatchConfig, ...]:
                 poll_interval=r.get(item, "poll_interval", w, positive_seconds, D.POLL_SECONDS),
                 rescan_interval=r.get(item, "rescan_interval", w, positive_seconds, D.RESCAN_SECONDS),
                 detection=detection,
+                sidecars=r.get(item, "sidecars", w, boolean, True),
+                deduplicate=r.get(item, "deduplicate", w, boolean, True),
                 manifest_name=r.get(item, "manifest_name", w, text, D.MANIFEST_NAME),
                 sidecar_suffix=r.get(item, "sidecar_suffix", w, text, D.SIDECAR_SUFFIX),
                 layout=layout,

@@ -8,6 +8,7 @@ others on the same host.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 from dataclasses import dataclass
@@ -106,6 +107,9 @@ class Service:
         if self.parts.workers or self.parts.mail:
             self._start_events()
         if self.parts.workers:
+            from .watch.dedup import find_duplicate
+            from .watch.redetect import redetect
+
             self.gate = TargetGate.from_config(config, self.importer, self.store, alert=self._target_alert)
             self.gate.publish()
             self.pool = WorkerPool(
@@ -117,6 +121,8 @@ class Service:
                 gate=self.gate,
                 milestones=config.events.progress_milestones,
                 milestone_min_bytes=config.events.progress_min_bytes,
+                redetect=functools.partial(redetect, config=config),
+                duplicate_of=functools.partial(find_duplicate, config=config, store=self.store),
             )
             self.pool.start(burst=self.burst)
         if self.importer is not None:

@@ -19,13 +19,22 @@ import socket
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from . import defaults as D
 from .backpressure import TargetGate
-from .errors import ImportFailure, JobCancelled, LeaseLost, ShuttingDown, TransientImportError
+from .errors import (
+    AcquisitionError,
+    ImportFailure,
+    JobCancelled,
+    LeaseLost,
+    PermanentImportError,
+    ShuttingDown,
+    TransientImportError,
+)
 from .importers.base import ImportContext, Importer
-from .job import Job, Progress
+from .job import Job, JobSpec, Progress
 from .store import JobStore
 
 log = logging.getLogger(__name__)
@@ -140,9 +149,15 @@ class Worker:
         gate: TargetGate | None = None,
         milestones: tuple[int, ...] = (),
         milestone_min_bytes: int = 0,
+        redetect: Callable[[Job], JobSpec] | None = None,
+        duplicate_of: Callable[[Job], Job | None] | None = None,
     ):
         self.store = store
         self.importer = importer
+        # Reads a rejected (or file-less) job's acquisition again from disk before a retry imports it.
+        self.redetect = redetect
+        # Finds an earlier succeeded job with the same content (watch.dedup): then nothing is imported twice.
+        self.duplicate_of = duplicate_of
         self.gate = gate
         self.milestones = milestones
         self.milestone_min_bytes = milestone_min_bytes
@@ -191,6 +206,16 @@ class Worker:
         # would cost as much as the job itself on the no-op path.
         try:
             try:
+                job = ctx.job = self._prepare(job, ctx, now)
+                earlier = self.duplicate_of(job) if self.duplicate_of is not None else None
+                if earlier is not None:
+                    self.store.log(job.id, f"already imported as job {earlier.id} (the same {len(job.spec.files)} "
+                                           "file(s): names, sizes and SHA-256): not imported again")
+                    result = {"duplicate_of": earlier.id, "files": [], "bytes": 0}
+                    for key in ("destination", "image_ids", "fileset_ids", "dataset_id", "screen_id"):
+                        if key in (earlier.result or {}):
+                            result[key] = earlier.result[key]
+                    return self.store.succeed(job.id, self.name, result, now=now, progress=ctx.current)
                 result = self.importer.run(job, ctx)
                 ctx.checkpoint()  # a cancel that came in at the very end still counts
             except JobCancelled:
@@ -226,6 +251,23 @@ class Worker:
         finally:
             self.jobs_done += 1
             self.current = None
+
+    def _prepare(self, job: Job, ctx: JobContext, now: float | None) -> Job:
+        """The job to import: re-detected from disk when its spec is not a detected acquisition;
+        never one with zero files (that is not a success, whatever the importer would say)."""
+        if self.redetect is not None and (job.spec.extra.get("rejected") or not job.spec.files):
+            try:
+                spec = self.redetect(job)
+            except AcquisitionError as exc:
+                raise PermanentImportError(str(exc)) from None
+            job = self.store.replace_spec(job.id, self.name, spec, now=now)
+            ctx.log(f"re-read from disk: {len(spec.files)} file(s), owner {spec.owner}, target {spec.target.label}")
+        if not job.spec.files:
+            raise PermanentImportError(
+                f"{job.spec.root}: no files to import; a job with no files is never a success "
+                "(drop the acquisition again once it holds its files)"
+            )
+        return job
 
     # -- heartbeat ------------------------------------------------------------
 

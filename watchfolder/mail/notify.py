@@ -184,6 +184,10 @@ class Notifier:
                 )
                 return None
             recipients = owner_to
+        duplicate = (job.result or {}).get("duplicate_of") if job.state == JobState.SUCCEEDED else None
+        if duplicate and kind != "admin_failure":
+            note = (f"These files were already imported as job {duplicate} (same names, sizes and SHA-256): "
+                    "nothing was imported again. " + note).strip()
         values = self._job_values(kind, job, owner_to, note)
         stamp = job.finished_at if job.finished_at is not None else time.time()
         digest = hashlib.sha256(job.idempotency_key.encode()).hexdigest()[:12]

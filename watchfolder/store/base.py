@@ -281,6 +281,12 @@ class JobStore(abc.ABC):
         """Take the oldest queued job and hold its lease, or return None when nothing is queued."""
 
     @abc.abstractmethod
+    def replace_spec(self, job_id: int, worker: str, spec: JobSpec, *, now: float | None = None) -> Job:
+        """Store a running job's acquisition as re-read from disk (a retry re-detects it): files,
+        owner, target… change; the idempotency key and the source stay. Raises
+        :class:`~watchfolder.errors.LeaseLost` when ``worker`` no longer holds the job."""
+        raise NotImplementedError(f"{type(self).__name__} cannot replace a job's spec")
+
     def report_progress(
         self, job_id: int, worker: str, progress: Progress | None = None, *, now: float | None = None
     ) -> bool:

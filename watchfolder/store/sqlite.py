@@ -811,6 +811,27 @@ class SQLiteStore(JobStore):
             raise StoreError(f"job {job_id} could not be updated")  # not reached inside one transaction
         return row
 
+    def replace_spec(self, job_id: int, worker: str, spec: JobSpec, *, now: float | None = None) -> Job:
+        """Store what a running job's acquisition is now (re-read from disk on a retry).
+
+        The idempotency key and the source stay. Raises :class:`LeaseLost` when the
+        job is no longer this worker's.
+        """
+        now = _now(now)
+        conn = self._conn()
+        with _transaction(conn):
+            row = conn.execute(
+                "UPDATE jobs SET spec = ?, owner = ?, updated_at = ? WHERE id = ? AND state = 'running' AND worker = ?"
+                " RETURNING id",
+                (json.dumps(dataclasses.replace(spec, session_key=None).to_dict(files=False)), spec.owner, now,
+                 job_id, worker),
+            ).fetchone()
+            if row is None:
+                raise LeaseLost(f"job {job_id} is no longer held by {worker}")
+            conn.execute("DELETE FROM job_files WHERE job_id = ?", (job_id,))
+            self._insert_files(conn, job_id, spec)
+        return self.get(job_id)
+
     def report_progress(
         self, job_id: int, worker: str, progress: Progress | None = None, *, now: float | None = None
     ) -> bool:

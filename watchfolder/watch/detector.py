@@ -255,6 +255,7 @@ class Candidate:
     observed_at: float = 0.0
     done_digest: bytes | None = None  # snapshot at the last outcome (job queued, rejected, ignored)
     waiting: str = ""  # why a quiet candidate is not complete yet
+    job_id: int | None = None  # the job queued for it last
     waiting_kind: str = ""  # the pending kind of ``waiting`` (see :func:`pending_reason`)
     owner: str | None = None  # the owner named so far (from the last look at the descriptor)
     next_check: float = 0.0
@@ -345,7 +346,7 @@ class ManifestRule(Rule):
         except acq.NotADescriptor as exc:
             return Outcome("reject", rel, spec=base, reason=f"{exc}; a manifest must name at least the owner")
         except AcquisitionError as exc:
-            return Outcome("reject", rel, spec=base, reason=str(exc))
+            return Outcome("reject", rel, spec=_salvaged(base, manifest), reason=str(exc))
         base = _apply_descriptor(base, descriptor)
         try:
             if descriptor.files is not None:
@@ -428,7 +429,7 @@ class SidecarRule(Rule):
         except acq.NotADescriptor as exc:
             return Outcome("ignore", rel, reason=str(exc))
         except AcquisitionError as exc:
-            return Outcome("reject", rel, spec=base, reason=str(exc))
+            return Outcome("reject", rel, spec=_salvaged(base, sidecar), reason=str(exc))
         base = _apply_descriptor(base, descriptor)
         if not os.path.lexists(data):
             return Outcome("wait", rel, spec=base, why="sidecar",
@@ -552,8 +553,59 @@ def _layout_target(default: Target | None, values: dict[str, str]) -> Target | N
     return Target.from_dict(data, where="target from the folder layout")
 
 
+class DescriptorRule(ManifestRule):
+    """Both descriptor kinds in one watch folder: folders with a manifest, and sidecar pairs elsewhere.
+
+    The default of a ``manifest`` watch folder (``sidecars: true``): an instrument
+    that writes ``cells_01.czi`` + ``cells_01.czi.json`` into the manifest drop
+    folder is imported, not silently ignored. A sidecar-looking pair inside a
+    folder that has (or gets) a manifest belongs to that manifest's acquisition.
+    """
+
+    def __init__(self, watch: WatchConfig, patterns: Patterns):
+        super().__init__(watch, patterns)
+        self.sidecar = SidecarRule(watch, patterns)
+
+    def _in_manifest_folder(self, root: str, rel: str) -> bool:
+        head = rel.rpartition("/")[0]
+        while head:
+            if os.path.isfile(os.path.join(root, head, self.watch.manifest_name)):
+                return True
+            head = head.rpartition("/")[0]
+        return False
+
+    def file_candidates(self, rel_dir: str, names: set[str]) -> list[str]:
+        return self.sidecar.file_candidates(rel_dir, names)
+
+    def candidate_for(self, rel_path: str, known: dict[str, Candidate], is_dir: bool) -> str | None:
+        found = super().candidate_for(rel_path, known, is_dir)
+        if found is not None:
+            return found
+        return self.sidecar.candidate_for(rel_path, known, is_dir)
+
+    def _is_file_candidate(self, root: str, rel: str) -> bool:
+        full = os.path.join(root, rel)
+        return not os.path.isdir(full) and (
+            os.path.lexists(full) or os.path.lexists(full + self.watch.sidecar_suffix)
+        )
+
+    def snapshot(self, root: str, rel: str, entries: list[os.DirEntry] | None = None) -> Snapshot | None:
+        if self._is_file_candidate(root, rel):
+            return self.sidecar.snapshot(root, rel)
+        return super().snapshot(root, rel, entries)
+
+    def build(self, root: str, rel: str, now: float) -> Outcome:
+        if not self._is_file_candidate(root, rel):
+            return super().build(root, rel, now)
+        if self._in_manifest_folder(root, rel):
+            return Outcome("gone", rel, reason="part of a manifest folder's acquisition")
+        return self.sidecar.build(root, rel, now)
+
+
 def make_rule(watch: WatchConfig, patterns: Patterns) -> Rule:
-    """The rule for ``watch.detection``."""
+    """The rule for ``watch.detection`` (``manifest`` with ``sidecars: true``: both descriptor kinds)."""
+    if watch.detection == "manifest" and watch.sidecars:
+        return DescriptorRule(watch, patterns)
     return {"manifest": ManifestRule, "sidecar": SidecarRule, "layout": LayoutRule}[watch.detection](watch, patterns)
 
 
@@ -573,6 +625,40 @@ def _base_spec(watch: WatchConfig, root: Path, rel: str, files: tuple[FileEntry,
         email=watch.email,
         extra={"watch": watch.name, "acquisition": rel, "detection": watch.detection},
     )
+
+
+def _salvaged(spec: JobSpec, path: Path) -> JobSpec:
+    """A rejected descriptor's owner, email and target, where they are valid on their own.
+
+    An invalid field elsewhere (``"files": []``) must not make the rejection mail
+    read "(unknown owner)": the owner named in the file still hears about it.
+    """
+    try:
+        value, _raw, _warnings = acq.load_json(path)
+    except AcquisitionError:
+        return spec
+    if not isinstance(value, dict):
+        return spec
+    changes: dict[str, Any] = {}
+    for key in ("owner", "group"):
+        try:
+            found = acq._name_field(value, key)
+        except AcquisitionError:
+            found = None
+        if found:
+            changes[key] = found
+    try:
+        email = acq._email(value.get("email"))
+        if email:
+            changes["email"] = email
+    except AcquisitionError:
+        pass
+    try:
+        if value.get("target") is not None:
+            changes["target"] = Target.from_dict(value["target"])
+    except AcquisitionError:
+        pass
+    return dataclasses.replace(spec, **changes) if changes else spec
 
 
 def _apply_descriptor(spec: JobSpec, d: acq.Descriptor) -> JobSpec:
@@ -700,6 +786,12 @@ def _finish(
     key = acquisition_key(watch.name, rel, descriptor.raw_bytes_sha256, found)
     files = tuple(e for e, _ in found)
     extra = dict(base.extra, unit=unit)
+    try:
+        # Which folder (or file) this is: changed in place after its import, or dropped anew (watcher).
+        st = os.stat(os.path.join(base.root, rel.rpartition("/")[2]) if unit == "file" else base.root)
+        extra["inode"] = [st.st_dev, st.st_ino]
+    except OSError:
+        pass
     if left_out:
         # Said in the job log (with the warnings) and in the owner's mail.
         extra["left_out"] = left_out[:MAX_LEFT_OUT]

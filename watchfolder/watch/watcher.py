@@ -24,7 +24,9 @@ of a config and mails the admin when one stays unhealthy.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import json
 import logging
 import os
 import threading
@@ -34,7 +36,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import Config, WatchConfig
-from .detector import Detector, Outcome
+from ..job import JobState, printable
+from .detector import RECEIPT_SUFFIX, Detector, Outcome
 from .followup import PostActions
 from .mounts import mount_of
 from .scanner import Scanner
@@ -576,8 +579,20 @@ class Watcher:
         detector = self.detector
         assert detector is not None
         try:
-            if outcome.kind == "enqueue":
+            earlier = self._imported_already(outcome) if outcome.kind in ("enqueue", "reject") else None
+            if earlier is not None:
+                # Changed in place after its import (a viewer, the OS or a user added or rewrote a
+                # file): never imported again. Noted against the job that imported it.
+                self.store.log(earlier.id, f"{printable(outcome.rel)} changed after this import; not imported "
+                               "again (to import new data, drop it as a new acquisition)", now=now)
+                log.info("watch folder %s: %s changed after its import as job %d; ignored",
+                         self.name, printable(outcome.rel), earlier.id)
+                detector.settle(outcome, True, now)
+            elif outcome.kind == "enqueue":
                 job, created = self.store.enqueue(outcome.spec, now=now, note=f"detected in watch folder {self.name}")
+                cand = detector.known.get(outcome.rel)
+                if cand is not None:
+                    cand.job_id = job.id
                 if created:
                     self.counters["queued"] += 1
                     for warning in outcome.warnings:
@@ -585,7 +600,9 @@ class Watcher:
                     log.info("watch folder %s: queued job %d for %s", self.name, job.id, outcome.rel)
                 detector.settle(outcome, True, now)
             elif outcome.kind == "reject":
-                job, created = self.store.reject(outcome.spec, outcome.reason, now=now)
+                # Marked so that a retry reads the acquisition from disk again (watch.redetect).
+                spec = dataclasses.replace(outcome.spec, extra={**outcome.spec.extra, "rejected": True})
+                job, created = self.store.reject(spec, outcome.reason, now=now)
                 if created:
                     self.counters["rejected"] += 1
                     log.warning("watch folder %s: rejected %s (job %d): %s", self.name, outcome.rel, job.id,
@@ -598,6 +615,37 @@ class Watcher:
             log.exception("watch folder %s: could not record %s", self.name, outcome.rel)
             self.error = f"could not record {outcome.rel} in the job store: {exc}"
             detector.settle(outcome, False, now, retry_after=STORE_RETRY_SECONDS)
+
+    def _imported_already(self, outcome: Outcome) -> Any:
+        """The succeeded job that imported this very folder (same inode) before it changed, or None.
+
+        Known from the candidate (this run) or from the receipt beside the acquisition
+        (after a restart). A folder removed and dropped again has a new inode: a new job.
+        """
+        try:
+            st = os.stat(os.path.join(self.root, outcome.rel))
+        except OSError:
+            return None
+        inode = [st.st_dev, st.st_ino]
+        cand = self.detector.known.get(outcome.rel) if self.detector else None
+        job_id = cand.job_id if cand is not None else None
+        if job_id is None:
+            receipt = os.path.join(self.root, outcome.rel + RECEIPT_SUFFIX)
+            try:
+                with open(receipt, encoding="utf-8") as fh:
+                    job_id = json.load(fh).get("job_id")
+            except (OSError, ValueError, AttributeError):
+                return None
+        if not isinstance(job_id, int):
+            return None
+        try:
+            job = self.store.get(job_id)
+        except Exception:  # JobNotFound (another database), store busy: treat as new
+            return None
+        if (job.state != JobState.SUCCEEDED or job.spec.extra.get("watch") != self.name
+                or job.spec.extra.get("acquisition") != outcome.rel or job.spec.extra.get("inode") != inode):
+            return None
+        return job
 
     def _followups(self, now: float) -> None:
         try:

@@ -1,0 +1,68 @@
+"""Cases 6, 7 and 13: every descriptor kind is recognised; a retry re-detects; zero files is never a success."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from drops import MODES, manifest, tree
+from helpers import wait_until
+
+from watchfolder.job import JobState
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_sidecar_pair_in_a_manifest_folder_is_imported(field, mode):
+    field.start(mode)  # detection not set: the default recognises manifests and sidecars
+    tree(field.drop / "single", {"cells_01.czi": b"czi " * 100})
+    (field.drop / "single" / "cells_01.czi.json").write_text(
+        json.dumps({"owner": "jdoe", "target": {"dataset": "cells"}}), encoding="utf-8")
+    [job] = field.settled(1)
+    assert job.state.value == "succeeded", job.error
+    assert [f.path for f in job.spec.files] == ["cells_01.czi"]
+
+
+def test_retry_of_a_truncated_manifest_re_reads_it(field):
+    field.start("events")
+    folder = field.drop / "acq"
+    body = manifest(folder, {"a.tif": b"a" * 100}).read_text(encoding="utf-8")
+    (folder / "watchfolder.json").write_text(body[: len(body) // 2], encoding="utf-8")
+    [job] = field.settled(1)
+    assert job.state.value == "failed"
+    field.store.retry(job.id, by="test")
+    [again] = field.settled(1)
+    assert again.state == JobState.FAILED, again.result  # still broken on disk: not a success with 0 files
+    assert "json" in again.error.message.lower() or "line" in again.error.message.lower()
+    assert field.archived() == []
+    # Fixed on disk, then retried (the watcher stopped, so only the retry can see the fix):
+    # the files are read again and imported.
+    field.service.watch.stop()
+    (folder / "watchfolder.json").write_text(body, encoding="utf-8")
+    field.store.retry(job.id, by="test")
+    [fixed] = field.settled(1)
+    assert fixed.state == JobState.SUCCEEDED, fixed.error
+    assert [f.path for f in fixed.spec.files] == ["a.tif"]
+    assert len(field.archived()) == 1
+    assert not any("_unknown_owner" in a or "_no_dataset" in a for a in field.archived())
+
+
+def test_an_empty_file_list_is_rejected_naming_owner_and_target(field):
+    field.start("events")
+    manifest(field.drop / "empty", {}, owner="asmith")
+    (field.drop / "empty" / "watchfolder.json").write_text(
+        json.dumps({"owner": "asmith", "target": {"dataset": "day1"}, "files": []}), encoding="utf-8")
+    [job] = field.settled(1)
+    assert job.state.value == "failed"
+    assert job.spec.owner == "asmith"
+    mails = wait_until(field.mails, 10, message="the rejection mail")
+    assert not any("(unknown owner)" in m for m in mails)
+    assert any("asmith" in m for m in mails)
+
+
+def test_a_one_file_folder_is_named_after_the_folder_in_mails(field):
+    field.start("events", detection="layout", layout="{owner}/{dataset}/")
+    tree(field.drop / "jdoe" / "plate 7", {"x.tif": b"x" * 10})
+    (field.drop / "jdoe" / "plate 7" / "broken.json").write_text("{", encoding="utf-8")
+    jobs = field.settled(1)
+    assert jobs[0].state.value == "succeeded", jobs[0].error
+    wait_until(lambda: any("plate 7" in m for m in field.mails()), 10, message="a mail naming the folder")

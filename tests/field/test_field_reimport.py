@@ -1,0 +1,54 @@
+"""Cases 5 and 8: what is already in is never imported again (a change after success, a copy under another name)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from drops import MODES, manifest, tree
+from helpers import wait_until
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_kept_acquisition_changed_after_success_is_not_imported_again(field, mode):
+    field.start(mode)
+    manifest(field.drop / "acq", {"a.tif": b"a" * 1000, "b.tif": b"b" * 1000})
+    [job] = field.settled(1)
+    assert job.state.value == "succeeded"
+    mails = len(wait_until(field.mails, 10, message="the success mail"))
+    archived = field.archived()
+    (field.drop / "acq" / "a.tif").write_bytes(b"A" * 1000)  # a viewer rewrites a file
+    tree(field.drop / "acq", {"thumbs.db": b"os", "notes.txt": b"a user adds a note"})
+    field.quiet_for(1.5)
+    jobs = field.jobs()
+    assert [j.id for j in jobs] == [job.id], [(j.id, j.state.value, j.error) for j in jobs]
+    assert field.archived() == archived
+    assert len(field.mails()) == mails
+    assert "after" in field.store.read_log(job.id).lower()  # the change is noted against the job
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_same_acquisition_copied_in_under_a_second_name_is_not_imported_twice(field, tmp_path, mode):
+    field.start(mode)
+    manifest(field.drop / "slide3", {"a.tif": b"a" * 1000, "b.tif": b"b" * 1000})
+    [first] = field.settled(1)
+    shutil.copytree(field.drop / "slide3", tmp_path / "copy")
+    os.rename(tmp_path / "copy", field.drop / "slide3 copy")
+    first, second = field.settled(2)
+    assert second.state.value == "succeeded", second.error
+    assert f"already imported as job {first.id}" in field.store.read_log(second.id)
+    assert len(field.archived()) == 2
+    wait_until(lambda: any(f"already imported as job {first.id}" in m for m in field.mails()), 10,
+               message="the short mail naming the first job")
+
+
+def test_deduplication_can_be_switched_off(field, tmp_path):
+    field.start("events", deduplicate=False)
+    manifest(field.drop / "slide3", {"a.tif": b"a" * 1000})
+    field.settled(1)
+    shutil.copytree(field.drop / "slide3", tmp_path / "copy")
+    os.rename(tmp_path / "copy", field.drop / "again")
+    jobs = field.settled(2)
+    assert [j.state.value for j in jobs] == ["succeeded", "succeeded"]
+    assert len(field.archived()) == 2
