@@ -231,3 +231,37 @@ def test_mountinfo_and_network_types():
     for fs in ("ext4", "xfs", "btrfs", "tmpfs", "zfs"):
         assert not is_network_fs(fs)
     assert mount_of("/", "") is None
+
+
+def test_polling_rechecks_a_bounded_number_of_pending_acquisitions_per_tick(store, make_config, drop, monkeypatch):
+    # Thousands in their quiet period must not make every tick read them all.
+    import watchfolder.watch.detector as detector_module
+
+    monkeypatch.setattr(detector_module, "RECHECK_PER_TICK", 20)
+    for i in range(100):
+        (drop / "jdoe" / f"ds{i:03d}").mkdir(parents=True)
+        (drop / "jdoe" / f"ds{i:03d}" / "a.tif").write_bytes(b"a")
+    w = polling_watcher(store, make_config, drop, detection="layout", layout="{owner}/{dataset}/",
+                        target={"project": "P"}, quiet_period=60)
+    # A real clock, past the scanner's guard for fresh folder mtimes (an injected clock
+    # far from the files' mtimes would make every folder look freshly changed).
+    t0 = time.time() + 5
+    w.loop(now=t0)
+    assert len(w.detector.pending) == 100
+    looks = []
+    real = w.detector.rule.snapshot
+    monkeypatch.setattr(w.detector.rule, "snapshot", lambda *a, **k: looks.append(a[1]) or real(*a, **k))
+    for tick in range(1, 7):
+        looks.clear()
+        w.loop(now=t0 + tick)
+        assert len(looks) <= 20 + 5, f"tick {tick} looked at {len(looks)} acquisitions"
+    # Every one is looked at in turn (the longest unobserved first).
+    observed = {c.observed_at for c in w.detector.known.values()}
+    assert min(observed) > t0
+    # An in-place append is still noticed: at the latest when the quiet period ends.
+    with open(drop / "jdoe" / "ds007" / "a.tif", "ab") as fh:
+        fh.write(b"more")
+    w.loop(now=t0 + 61)
+    w.loop(now=t0 + 62)
+    queued = {j.spec.target.dataset for j in jobs_of(store)}
+    assert "ds007" not in queued and len(queued) == 99

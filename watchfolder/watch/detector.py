@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import hashlib
+import heapq
 import json
 import logging
 import os
@@ -70,6 +71,12 @@ PROOF_RETRY = 0.1
 MAX_LEFT_OUT = 200
 # Skipped paths remembered for the pending list (a drop folder full of dot-folders stays bounded).
 MAX_SKIPPED = 1000
+# Polling: pending candidates re-looked at per tick (the longest unobserved first),
+# so a backlog of thousands in their quiet period does not make every tick read
+# them all. Each one is still looked at when its quiet period ends (a change seen
+# then restarts it, dated by the newest mtime), so this only bounds how early an
+# in-place append is noticed.
+RECHECK_PER_TICK = 500
 # Outcomes per detector step: bounds memory (each holds a job spec) when
 # thousands of acquisitions become due at once, and lets events in between.
 OUTCOME_BATCH = 200
@@ -1073,12 +1080,15 @@ class Detector:
     ) -> list[Outcome]:
         """Look at due candidates; return the outcomes of those that are complete or bad.
 
-        ``recheck_pending`` (polling): snapshot every pending candidate first, so
-        in-place appends restart quiet periods. Candidates with an ``enqueue`` or
+        ``recheck_pending`` (polling): snapshot pending candidates first (at most
+        :data:`RECHECK_PER_TICK`, the longest unobserved first), so in-place
+        appends restart quiet periods. Candidates with an ``enqueue`` or
         ``reject`` outcome count as done once :meth:`settle` is called. At most
         ``limit`` outcomes per step: the rest stay due for the next one.
         """
         out: list[Outcome] = []
+        if recheck_pending:
+            self._recheck(now, since)
         for rel in sorted(self.pending):
             if len(out) >= limit:
                 break
@@ -1086,8 +1096,6 @@ class Detector:
             if cand is None:
                 self.pending.discard(rel)
                 continue
-            if recheck_pending and now < cand.next_check:
-                self.observe(rel, now, since=since)
             if now < cand.next_check:
                 if cand.proof_at is not None and now >= cand.proof_at:
                     proven = self._try_proof(cand, now)
@@ -1174,6 +1182,14 @@ class Detector:
             return None
         spec = _base_spec(self.watch, Path(self.root, cand.rel), cand.rel)
         return Outcome("reject", cand.rel, spec=spec, reason=failure.message)
+
+    def _recheck(self, now: float, since: float | None) -> None:
+        known = self.known
+        waiting = [c for c in (known.get(r) for r in self.pending) if c is not None and now < c.next_check]
+        if len(waiting) > RECHECK_PER_TICK:
+            waiting = heapq.nsmallest(RECHECK_PER_TICK, waiting, key=lambda c: c.observed_at)
+        for cand in waiting:
+            self.observe(cand.rel, now, since=since)
 
     def settle(self, outcome: Outcome, ok: bool, now: float, *, retry_after: float = 5.0) -> None:
         """Record that an outcome was applied (``ok``) or must be tried again later."""
