@@ -204,6 +204,10 @@ class Service:
             self.watch.stop()
         if self.pool:
             self.pool.stop(self.config.workers.shutdown_grace)
+        if self.watch:
+            # Jobs that finished during the grace period get their receipt (or move) now,
+            # not at the next start.
+            self.watch.finish_followups()
         if self.sender:
             # One last round so that mails of jobs that just finished leave now.
             try:

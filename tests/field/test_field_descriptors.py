@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 from drops import MODES, manifest, tree
@@ -66,3 +67,28 @@ def test_a_one_file_folder_is_named_after_the_folder_in_mails(field):
     jobs = field.settled(1)
     assert jobs[0].state.value == "succeeded", jobs[0].error
     wait_until(lambda: any("plate 7" in m for m in field.mails()), 10, message="a mail naming the folder")
+
+
+def test_a_job_finishing_during_shutdown_gets_its_receipt_before_the_service_stops(field):
+    """SIGTERM while a job runs: the job finishes in the grace period, and its receipt is written then."""
+    svc = field.start("events")
+    started, release = threading.Event(), threading.Event()
+    real_run, real_stop = svc.importer.run, svc.watch.stop
+
+    def held_run(job, ctx):  # the import is still running when the shutdown begins
+        started.set()
+        assert release.wait(10)
+        return real_run(job, ctx)
+
+    def stop_watchers_then_release(*args, **kwargs):
+        real_stop(*args, **kwargs)
+        release.set()
+
+    svc.importer.run = held_run
+    svc.watch.stop = stop_watchers_then_release
+    manifest(field.drop / "acq", {"a.tif": b"a" * 100})
+    assert started.wait(10)
+    field.stop()  # what SIGTERM does: watchers stop, the running job finishes, then the service ends
+    receipt = field.drop / "acq.watchfolder-receipt.json"
+    assert receipt.exists()
+    assert json.loads(receipt.read_text(encoding="utf-8"))["state"] == "succeeded"

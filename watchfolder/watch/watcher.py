@@ -757,6 +757,14 @@ class WatchService:
         self._thread = threading.Thread(target=self._run, name="watch-service", daemon=True)
         self._thread.start()
 
+    def finish_followups(self) -> None:
+        """After the workers stopped: apply the post-actions (receipts, moves) of jobs that just ended."""
+        for watcher in self.watchers:
+            try:
+                watcher._followups(time.time())
+            except Exception:  # best effort at shutdown; the next start applies what is left
+                log.exception("watch folder %s: post-actions at shutdown failed", watcher.name)
+
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         if self._thread is not None:
