@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import threading
 import time
 import unicodedata
@@ -766,3 +767,36 @@ def test_service_mails_admin_when_a_watcher_stays_unhealthy(tmp_path, store, mak
     finally:
         service.stop()
     assert store.components("watcher")[0]["status"]["health"] == "stopped"
+
+
+def test_acquisitions_found_together_are_queued_in_one_transaction(harness, store):
+    # Issue 13: a share that comes back with thousands of finished acquisitions was
+    # queued one transaction (one commit) per acquisition.
+    for i in range(30):
+        (harness.drop / f"acq {i:02d}").mkdir()
+        (harness.drop / f"acq {i:02d}" / "a.tif").write_bytes(b"%d" % i)
+        (harness.drop / f"acq {i:02d}" / "watchfolder.json").write_text(json.dumps({"owner": "jdoe",
+                                                                                  "target": TARGET}))
+    batches, singles = [], []
+    real_many, real_one = store.enqueue_many, store.enqueue
+    failures = ["database is locked"]  # the first batch meets a busy store
+
+    def enqueue_many(items, **kwargs):
+        items = list(items)
+        if failures:
+            raise sqlite3.OperationalError(failures.pop())
+        batches.append(len(items))
+        return real_many(items, **kwargs)
+
+    store.enqueue_many = enqueue_many
+    store.enqueue = lambda *a, **k: singles.append(a) or real_one(*a, **k)
+    w = harness.watcher("polling", start=False)
+    start = time.time()
+    w.loop(now=start)  # the start-up scan finds all 30, not quiet yet
+    w.loop(now=start + 1)  # quiet: all 30 complete in one step; the store is busy
+    assert jobs_of(store) == [] and w.status()["pending"] == 30 and "database is locked" in w.error
+    w.loop(now=start + 1 + 5.5)  # tried again after STORE_RETRY_SECONDS: one batch
+    assert batches == [30] and singles == []
+    jobs = jobs_of(store)
+    assert sorted(Path(j.spec.root).name for j in jobs) == [f"acq {i:02d}" for i in range(30)]
+    assert len({j.idempotency_key for j in jobs}) == 30

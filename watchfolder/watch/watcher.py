@@ -467,8 +467,10 @@ class Watcher:
             self.next_poll = now + self.watch.poll_interval
             polled = True
         outcomes = self.detector.loop(now, recheck_pending=polled, since=self.last_poll)
+        self._enqueue_all([o for o in outcomes if o.kind == "enqueue"], now)
         for outcome in outcomes:
-            self._apply(outcome, now)
+            if outcome.kind != "enqueue":
+                self._apply(outcome, now)
         if now >= self.next_followup:
             self.next_followup = now + self.followup_interval
             self._followups(now)
@@ -575,30 +577,70 @@ class Watcher:
 
     # -- applying outcomes ----------------------------------------------------
 
+    def _enqueue_all(self, outcomes: list[Outcome], now: float) -> None:
+        """Queue the acquisitions found complete in one step, in one store transaction.
+
+        A share that comes back with thousands of finished acquisitions costs one
+        commit per batch, not one per acquisition. If the batch cannot be recorded,
+        each acquisition is tried again later (none is dropped).
+        """
+        if not outcomes:
+            return
+        detector = self.detector
+        assert detector is not None
+        fresh = []
+        for outcome in outcomes:
+            try:
+                earlier = self._imported_already(outcome)
+                if earlier is not None:
+                    self._changed_after_import(outcome, earlier, now)
+                    continue
+            except Exception as exc:  # the store or the log failing: try again later
+                log.exception("watch folder %s: could not record %s", self.name, outcome.rel)
+                self.error = f"could not record {outcome.rel} in the job store: {exc}"
+                detector.settle(outcome, False, now, retry_after=STORE_RETRY_SECONDS)
+                continue
+            fresh.append(outcome)
+        if not fresh:
+            return
+        outcomes = fresh
+        note = f"detected in watch folder {self.name}"
+        try:
+            answers = self.store.enqueue_many([(o.spec, note) for o in outcomes], now=now)
+        except Exception as exc:  # store busy or failing: try again, never drop the acquisition
+            log.exception("watch folder %s: could not record %d acquisition(s)", self.name, len(outcomes))
+            self.error = f"could not record {outcomes[0].rel} and {len(outcomes) - 1} more in the job store: {exc}"
+            for outcome in outcomes:
+                detector.settle(outcome, False, now, retry_after=STORE_RETRY_SECONDS)
+            return
+        for outcome, (job, created) in zip(outcomes, answers, strict=True):
+            cand = detector.known.get(outcome.rel)
+            if cand is not None:
+                cand.job_id = job.id
+            if created:
+                self.counters["queued"] += 1
+                for warning in outcome.warnings:
+                    self.store.log(job.id, f"warning: {warning}", now=now)
+                log.info("watch folder %s: queued job %d for %s", self.name, job.id, outcome.rel)
+            detector.settle(outcome, True, now)
+
+    def _changed_after_import(self, outcome: Outcome, earlier: Any, now: float) -> None:
+        # Changed in place after its import (a viewer, the OS or a user added or rewrote a
+        # file): never imported again. Noted against the job that imported it.
+        self.store.log(earlier.id, f"{printable(outcome.rel)} changed after this import; not imported "
+                       "again (to import new data, drop it as a new acquisition)", now=now)
+        log.info("watch folder %s: %s changed after its import as job %d; ignored",
+                 self.name, printable(outcome.rel), earlier.id)
+        self.detector.settle(outcome, True, now)
+
     def _apply(self, outcome: Outcome, now: float) -> None:
+        """Record a rejected or ignored acquisition (enqueues go through :meth:`_enqueue_all`)."""
         detector = self.detector
         assert detector is not None
         try:
-            earlier = self._imported_already(outcome) if outcome.kind in ("enqueue", "reject") else None
+            earlier = self._imported_already(outcome) if outcome.kind == "reject" else None
             if earlier is not None:
-                # Changed in place after its import (a viewer, the OS or a user added or rewrote a
-                # file): never imported again. Noted against the job that imported it.
-                self.store.log(earlier.id, f"{printable(outcome.rel)} changed after this import; not imported "
-                               "again (to import new data, drop it as a new acquisition)", now=now)
-                log.info("watch folder %s: %s changed after its import as job %d; ignored",
-                         self.name, printable(outcome.rel), earlier.id)
-                detector.settle(outcome, True, now)
-            elif outcome.kind == "enqueue":
-                job, created = self.store.enqueue(outcome.spec, now=now, note=f"detected in watch folder {self.name}")
-                cand = detector.known.get(outcome.rel)
-                if cand is not None:
-                    cand.job_id = job.id
-                if created:
-                    self.counters["queued"] += 1
-                    for warning in outcome.warnings:
-                        self.store.log(job.id, f"warning: {warning}", now=now)
-                    log.info("watch folder %s: queued job %d for %s", self.name, job.id, outcome.rel)
-                detector.settle(outcome, True, now)
+                self._changed_after_import(outcome, earlier, now)
             elif outcome.kind == "reject":
                 # Marked so that a retry reads the acquisition from disk again (watch.redetect).
                 spec = dataclasses.replace(outcome.spec, extra={**outcome.spec.extra, "rejected": True})
