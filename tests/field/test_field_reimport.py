@@ -52,3 +52,28 @@ def test_deduplication_can_be_switched_off(field, tmp_path):
     jobs = field.settled(2)
     assert [j.state.value for j in jobs] == ["succeeded", "succeeded"]
     assert len(field.archived()) == 2
+
+
+def test_a_change_made_while_the_service_was_down_is_not_imported_again(field):
+    field.start("events")
+    manifest(field.drop / "acq", {"a.tif": b"a" * 1000})
+    [job] = field.settled(1)
+    wait_until((field.drop / "acq.watchfolder-receipt.json").exists, 10, message="the receipt")
+    field.stop()
+    tree(field.drop / "acq", {"desktop.ini": b"os", "notes.txt": b"added while the service was down"})
+    field.start("events")  # the start-up scan finds the change; the receipt says it was imported
+    field.quiet_for(1.5)
+    assert [j.id for j in field.jobs()] == [job.id]
+    assert "changed after this import" in field.store.read_log(job.id)
+
+
+def test_the_same_folder_removed_and_dropped_again_with_new_content_is_a_new_job(field, tmp_path):
+    field.start("events")
+    manifest(field.drop / "acq", {"a.tif": b"first " * 100})
+    field.settled(1)
+    wait_until((field.drop / "acq.watchfolder-receipt.json").exists, 10, message="the receipt")
+    shutil.rmtree(field.drop / "acq")
+    manifest(tmp_path / "again", {"a.tif": b"second " * 100})
+    os.rename(tmp_path / "again", field.drop / "acq")
+    first, second = field.settled(2)
+    assert second.state.value == "succeeded", second.error

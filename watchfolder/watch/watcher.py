@@ -659,16 +659,13 @@ class Watcher:
             detector.settle(outcome, False, now, retry_after=STORE_RETRY_SECONDS)
 
     def _imported_already(self, outcome: Outcome) -> Any:
-        """The succeeded job that imported this very folder (same inode) before it changed, or None.
+        """The succeeded job that imported this very acquisition before it changed in place, or None.
 
         Known from the candidate (this run) or from the receipt beside the acquisition
-        (after a restart). A folder removed and dropped again has a new inode: a new job.
+        (after a restart). "This very acquisition": the same folder (device and inode)
+        still holding at least one of the files that job imported, unchanged (inode and
+        mtime). A folder removed and dropped again holds new files: a new job.
         """
-        try:
-            st = os.stat(os.path.join(self.root, outcome.rel))
-        except OSError:
-            return None
-        inode = [st.st_dev, st.st_ino]
         cand = self.detector.known.get(outcome.rel) if self.detector else None
         job_id = cand.job_id if cand is not None else None
         if job_id is None:
@@ -684,10 +681,25 @@ class Watcher:
             job = self.store.get(job_id)
         except Exception:  # JobNotFound (another database), store busy: treat as new
             return None
+        identity = job.spec.extra.get("identity") or {}
         if (job.state != JobState.SUCCEEDED or job.spec.extra.get("watch") != self.name
-                or job.spec.extra.get("acquisition") != outcome.rel or job.spec.extra.get("inode") != inode):
+                or job.spec.extra.get("acquisition") != outcome.rel or not identity.get("files")):
             return None
-        return job
+        try:
+            st = os.stat(os.path.join(self.root, outcome.rel))
+        except OSError:
+            return None
+        if [st.st_dev, st.st_ino] != identity.get("dir"):
+            return None
+        base = job.spec.root
+        for path, ino, mtime_ns in identity["files"]:
+            try:
+                fst = os.stat(os.path.join(base, path))
+            except OSError:
+                continue
+            if fst.st_ino == ino and fst.st_mtime_ns == mtime_ns:
+                return job
+        return None
 
     def _followups(self, now: float) -> None:
         try:
