@@ -27,7 +27,8 @@ run: install
 omero-env:
 	scripts/omero-env || echo "make: no OMERO environment (see above); the OMERO tests will skip"
 
-# What the tests need outside Python: a headless Chromium for the dashboard test.
+# What the tests need outside Python: a headless Chromium for the dashboard test,
+# PostgreSQL server binaries for the PostgreSQL store tests.
 test-deps:
 	scripts/test-deps
 

@@ -10,10 +10,36 @@ from typing import Any
 
 import pytest
 from helpers import wait_until  # noqa: F401  (re-exported for tests)
+from pgserver import PgServer
 
 from watchfolder import config as configmod
 from watchfolder.job import FileEntry, JobSpec, RetryPolicy, Target
 from watchfolder.store import SQLiteStore
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One throwaway PostgreSQL server for the session (see ``pgserver.py``); skips with the reason where none can run."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg is not installed (pip install -e '.[test]')")
+    server = PgServer.find()
+    if isinstance(server, str):
+        pytest.skip(server)
+    try:
+        server.start()
+    except (RuntimeError, OSError) as exc:
+        server.cleanup()
+        pytest.skip(f"could not start a throwaway PostgreSQL: {exc}")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def pg_url(pg_server) -> str:
+    """The URL of a fresh, empty database on the session's PostgreSQL server."""
+    return pg_server.create_database()
 
 
 @pytest.fixture

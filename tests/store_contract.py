@@ -610,3 +610,31 @@ def test_replace_spec_stores_a_retried_jobs_acquisition_as_read_again(store, mak
     assert again.idempotency_key == job.idempotency_key
     with pytest.raises(LeaseLost):
         store.replace_spec(job.id, "another-worker", spec)
+
+
+
+def test_a_watch_folder_is_held_by_one_watcher_at_a_time(store, make_store):
+    other = make_store()
+    assert store.hold_folder("drop", "host-a", ttl=30, now=T0)
+    assert not other.hold_folder("drop", "host-b", ttl=30, now=T0 + 1)
+    assert store.hold_folder("drop", "host-a", ttl=30, now=T0 + 20)  # renewed to T0 + 50
+    assert not other.hold_folder("drop", "host-b", ttl=30, now=T0 + 49)
+    assert other.hold_folder("another-drop", "host-b", ttl=30, now=T0 + 49)
+    (held, _) = other.folder_holders()
+    assert held["folder"] == "another-drop" and held["holder"] == "host-b"
+    # The holder died: once its lease ran out, the other takes over, and the old one has lost it.
+    assert other.hold_folder("drop", "host-b", ttl=30, now=T0 + 51)
+    assert not store.hold_folder("drop", "host-a", ttl=30, now=T0 + 52)
+    drop = {h["folder"]: h for h in store.folder_holders()}["drop"]
+    assert drop["holder"] == "host-b" and drop["acquired_at"] == T0 + 51 and drop["expires_at"] == T0 + 81
+    # Releasing hands it over at once; only the holder can release.
+    store.release_folder("drop", "host-a")
+    assert not store.hold_folder("drop", "host-a", ttl=30, now=T0 + 53)
+    other.release_folder("drop", "host-b")
+    assert store.hold_folder("drop", "host-a", ttl=30, now=T0 + 54)
+
+
+def test_the_store_describes_itself_for_the_status_view(store):
+    described = store.describe()
+    assert described["backend"] in ("sqlite", "postgresql") and described["location"]
+    assert isinstance(described["schema"], int) and described["schema"] >= 3

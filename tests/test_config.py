@@ -82,7 +82,7 @@ INVALID = {
     ),
     "unknown_key_without_close_match": (
         {"store": {"zzz": 1}},
-        "store.zzz: unknown key; known keys: busy_timeout, lease_seconds, path, synchronous",
+        "store.zzz: unknown key; known keys: busy_timeout, lease_seconds, logs_dir, password, path, synchronous, url",
     ),
     "bad_enum_transport": (
         {"notify": {"transport": "pigeon"}},
@@ -646,3 +646,38 @@ def test_back_pressure_settings_are_validated(tmp_path):
     for key in ("importer.pause.after_failures", "importer.pause.probe_intervall: unknown key; did you mean "
                 "'probe_interval'?", "importer.omero.max_concurrent", "importer.archive.min_free_bytes"):
         assert key in problems
+
+
+# -- store.url ------------------------------------------------------------------------
+
+
+def test_store_url_sqlite_and_postgresql(tmp_path):
+    config = configmod.parse(base(tmp_path, store={"url": "sqlite:///db/jobs.db"}),
+                             path=tmp_path / "watchfolder.yaml", environ={})
+    assert config.store.backend == "sqlite" and config.store.path == tmp_path / "db" / "jobs.db"
+    assert config.store.display_url == f"sqlite:///{tmp_path / 'db' / 'jobs.db'}"
+    raw = base(tmp_path, store={"url": "postgresql://watchfolder@db.example.org/watchfolder",
+                                "password": {"env": "WF_DB_PASSWORD"}, "logs_dir": "/shared/logs"})
+    config = configmod.parse(raw, path=tmp_path / "watchfolder.yaml", environ={"WF_DB_PASSWORD": SECRET})
+    assert config.store.backend == "postgresql" and config.store.password.reveal() == SECRET
+    assert config.logs_dir == Path("/shared/logs") and SECRET not in repr(config)
+    default = configmod.parse(base(tmp_path), path=tmp_path / "watchfolder.yaml", environ={})
+    assert default.store.backend == "sqlite" and default.logs_dir == tmp_path / "data" / "logs"
+
+
+@pytest.mark.parametrize(
+    "store, expected",
+    [
+        ({"url": "postgresql://wf:hunter2@db/wf"}, "store.url: carries a password; give it as store.password"),
+        ({"url": "mysql://db/wf"}, "store.url: unknown scheme 'mysql'; use sqlite:///PATH or postgresql://"),
+        ({"url": "sqlite://jobs.db"}, "store.url: a SQLite URL is sqlite:///PATH (three slashes)"),
+        ({"url": "postgresql:///wf"}, "store.url: names no host"),
+        ({"url": "sqlite:///a.db", "path": "b.db"}, "store.url: and store.path both name the SQLite file"),
+        ({"password": "x"}, "store.password: is only used with store.url: postgresql://"),
+        ({"url": 5}, "store.url: must be sqlite:///PATH or postgresql://USER@HOST[:PORT]/DATABASE, got 5"),
+    ],
+)
+def test_store_url_problems_name_the_fix(tmp_path, store, expected):
+    (problem,) = problems_of(base(tmp_path, store=store), tmp_path)
+    assert problem.startswith(expected), problem
+    assert "hunter2" not in problem

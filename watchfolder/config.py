@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -62,6 +63,20 @@ class StoreConfig:
     synchronous: str = D.STORE_SYNCHRONOUS
     lease_seconds: float = D.LEASE_SECONDS
     busy_timeout: float = D.BUSY_TIMEOUT_SECONDS
+    # postgresql://user@host:port/db (several hosts), or None: the SQLite file at ``path``.
+    url: str | None = None
+    password: Secret | None = None
+    # Job logs; with several hosts, a folder shared by all at the same path.
+    logs_dir: Path | None = None
+
+    @property
+    def backend(self) -> str:
+        return "postgresql" if self.url else "sqlite"
+
+    @property
+    def display_url(self) -> str:
+        """The store's URL without secrets."""
+        return self.url if self.url else f"sqlite:///{self.path}"
 
 
 @dataclass(frozen=True)
@@ -263,7 +278,7 @@ class Config:
 
     @property
     def logs_dir(self) -> Path:
-        return self.data_dir / "logs"
+        return self.store.logs_dir or self.data_dir / "logs"
 
 
 # ---------------------------------------------------------------------------
@@ -439,11 +454,52 @@ def _retry(r: _Reader, raw: dict, where: str, default: RetryPolicy) -> RetryPoli
     )
 
 
+def _store_url(r: _Reader, raw: dict, w: str) -> tuple[str | None, Path | None]:
+    """``store.url`` as (postgresql URL, None) or (None, SQLite path); (None, None) when absent or bad."""
+    url = raw.get("url")
+    if url is None:
+        return None, None
+    where = _join(w, "url")
+    if not isinstance(url, str) or "://" not in url:
+        r.problem(where, f"must be sqlite:///PATH or postgresql://USER@HOST[:PORT]/DATABASE, got {_show(url)}")
+        return None, None
+    scheme, rest = url.split("://", 1)
+    if scheme == "sqlite":
+        if "path" in raw:
+            r.problem(where, "and store.path both name the SQLite file; keep one")
+        if not rest.startswith("/") or rest == "/":
+            r.problem(where, f"a SQLite URL is sqlite:///PATH (three slashes), got {url!r}")
+            return None, None
+        try:
+            return None, r.path(rest[1:])
+        except _Bad as bad:
+            r.problem(where, str(bad))
+            return None, None
+    if scheme in ("postgresql", "postgres"):
+        parts = urlsplit(url)
+        if parts.password is not None:
+            r.problem(where, "carries a password; give it as store.password: {env: VARIABLE} or {file: PATH}")
+            return None, None
+        if not parts.hostname and "host=" not in (parts.query or ""):
+            r.problem(where, f"names no host; e.g. postgresql://watchfolder@db.example.org/watchfolder, got {url!r}")
+            return None, None
+        return url, None
+    r.problem(where, f"unknown scheme {scheme!r}; use sqlite:///PATH or postgresql://USER@HOST/DATABASE")
+    return None, None
+
+
 def _store(r: _Reader, raw: dict, data_dir: Path) -> StoreConfig:
     w = "store"
-    r.unknown(raw, {"path", "synchronous", "lease_seconds", "busy_timeout"}, w)
+    r.unknown(raw, {"url", "password", "logs_dir", "path", "synchronous", "lease_seconds", "busy_timeout"}, w)
+    url, sqlite_path = _store_url(r, raw, w)
+    password = r.get(raw, "password", w, r.secret, None)
+    if password is not None and not url:
+        r.problem(_join(w, "password"), "is only used with store.url: postgresql://…; remove it")
     return StoreConfig(
-        path=r.get(raw, "path", w, r.path, data_dir / D.DB_NAME),
+        url=url,
+        password=password,
+        logs_dir=r.get(raw, "logs_dir", w, r.path, None),
+        path=sqlite_path or r.get(raw, "path", w, r.path, data_dir / D.DB_NAME),
         synchronous=r.get(raw, "synchronous", w, one_of("full", "normal"), D.STORE_SYNCHRONOUS),
         lease_seconds=r.get(raw, "lease_seconds", w, positive_seconds, D.LEASE_SECONDS),
         busy_timeout=r.get(raw, "busy_timeout", w, positive_seconds, D.BUSY_TIMEOUT_SECONDS),

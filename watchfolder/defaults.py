@@ -14,6 +14,14 @@ LOG_LEVEL = "info"
 STORE_SYNCHRONOUS = "normal"
 LEASE_SECONDS = 60.0
 BUSY_TIMEOUT_SECONDS = 30.0
+# store.url: postgresql://… — connections per process (the pool grows to this), how
+# long a call waits for one, and the reconnect backoff of workers and watchers.
+PG_POOL_MAX = 8
+PG_CONNECT_TIMEOUT_SECONDS = 10.0
+RECONNECT_BACKOFF = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+# A watch folder is held by one watcher at a time; the holder renews its lease
+# every third of this, and another watcher takes over once it expired.
+FOLDER_LEASE_SECONDS = 30.0
 # Consumed queue messages are deleted this often (they slow litequeue's peek down).
 PRUNE_SECONDS = 10.0
 

@@ -29,6 +29,10 @@ class StoreError(WatchfolderError):
     """The job store refused an operation."""
 
 
+class StoreUnavailable(StoreError):
+    """The store cannot be reached now (database server down, restarting, network). Try again later."""
+
+
 class JobNotFound(StoreError):
     def __init__(self, job_id: int):
         self.job_id = job_id

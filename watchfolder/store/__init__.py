@@ -1,8 +1,10 @@
 """The job store: durable jobs, their history, the dispatch queue and the mail outbox.
 
 :class:`JobStore` (``base.py``) is the storage contract; :class:`SQLiteStore`
-(``sqlite.py``) implements it on one SQLite file, the embedded default.
-``open_store(config)`` builds the store the config names.
+(``sqlite.py``) implements it on one SQLite file, the embedded default, and
+``PostgresStore`` (``postgres.py``, imported on demand: psycopg is an optional
+dependency) on PostgreSQL, for several hosts. ``open_store(config)`` builds
+the store the config's ``store.url`` names.
 """
 
 from __future__ import annotations
@@ -19,4 +21,8 @@ def open_store(config, composer: MailComposer | None = None) -> JobStore:
     ``composer`` builds the mails of a job that just finished. Raises
     :class:`~watchfolder.errors.StoreError` when the store cannot be opened.
     """
+    if config.store.backend == "postgresql":
+        from .postgres import PostgresStore
+
+        return PostgresStore.from_config(config, composer=composer)
     return SQLiteStore.from_config(config, composer=composer)

@@ -423,6 +423,28 @@ class JobStore(abc.ABC):
     def ping(self) -> bool:
         """True when the database answers."""
 
+    # -- watch folder leases (several watchers, one holder per folder) -------
+
+    @abc.abstractmethod
+    def hold_folder(self, folder: str, holder: str, *, ttl: float, now: float | None = None) -> bool:
+        """Take or renew the lease on watch folder ``folder`` for ``ttl`` seconds.
+
+        True when ``holder`` holds it now: it was free, expired, or already
+        ``holder``'s (then renewed). False while another holder's lease runs.
+        """
+
+    @abc.abstractmethod
+    def release_folder(self, folder: str, holder: str) -> None:
+        """Give the folder's lease up (only when ``holder`` holds it), so another watcher takes over at once."""
+
+    @abc.abstractmethod
+    def folder_holders(self) -> list[dict[str, Any]]:
+        """Every folder lease: ``folder``, ``holder``, ``host``, ``pid``, ``acquired_at``, ``expires_at``."""
+
+    def describe(self) -> dict[str, Any]:
+        """What the status view shows about the store itself: ``backend``, ``location`` (no secrets), ``schema``."""
+        return {"backend": type(self).__name__}
+
     # -- waking workers -------------------------------------------------------
     # Not abstract: every store gets the in-process signal. A store whose database
     # can notify other processes (PostgreSQL's LISTEN/NOTIFY) overrides

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import socket
 import sqlite3
@@ -40,21 +41,26 @@ from ..job import (
     FileEntry,
     HistoryEntry,
     Job,
-    JobError,
     JobSpec,
     JobState,
     Progress,
     RetryPolicy,
-    printable,
 )
 from .base import JobStore, Mail, MailComposer, OutboxMail, PendingEntry
+from .rows import (
+    FINISHED_FOLLOWUP,
+    FileLogs,
+    component_from_row,
+    history_from_rows,
+    job_from_row,
+    mail_from_row,
+    new_job_columns,
+    pending_from_row,
+)
 
-# 2: a job's listed files live in job_files, not in jobs.spec (rows of version 1 keep
-# them in spec and are still read; a version 1 program must not read version 2 rows).
-SCHEMA_VERSION = 2
+log = logging.getLogger(__name__)
+
 QUEUE_TABLE = "dispatch"
-# Every transition into a finished state: watched jobs then await their post-actions.
-FINISHED_FOLLOWUP = "followup = CASE WHEN source LIKE 'watch:%' THEN 'pending' END"
 
 #: CloudEvents ``type`` of a job event: this prefix and the job's new state.
 JOB_EVENT_PREFIX = "org.watchfolder.job."
@@ -212,11 +218,33 @@ def watcher_event_data(name: str, status: dict[str, Any], previous: str | None) 
     }
 
 
+# Numbered schema steps after the baseline SCHEMA above (which stays idempotent:
+# CREATE … IF NOT EXISTS). A store opened at an older version applies the
+# missing steps at start, in one transaction each, and logs each one.
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (1, "jobs, history, dispatch queue, outbox and components", ""),
+    # job_files is in SCHEMA: rows of version 1 keep their files in spec and are still
+    # read; the version number keeps a version 1 program from reading version 2 rows.
+    (2, "a job's listed files in job_files, not in jobs.spec", ""),
+    (3, "watch folder leases (one watcher per folder)", """
+CREATE TABLE IF NOT EXISTS folder_leases (
+    folder      TEXT PRIMARY KEY,
+    holder      TEXT NOT NULL,
+    host        TEXT NOT NULL,
+    pid         INTEGER NOT NULL,
+    acquired_at REAL NOT NULL,
+    expires_at  REAL NOT NULL
+);
+"""),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
 def _now(now: float | None) -> float:
     return time.time() if now is None else now
 
 
-class SQLiteStore(JobStore):
+class SQLiteStore(FileLogs, JobStore):
     """Durable jobs in SQLite. Safe to share between threads and processes on one host.
 
     ``composer`` builds the mails of a job that just finished (for a success,
@@ -300,15 +328,25 @@ class SQLiteStore(JobStore):
         conn.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
         with _transaction(conn):
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if row is None:
-                conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row["value"]) > SCHEMA_VERSION:
+            current = int(row["value"]) if row else 0
+            if current > SCHEMA_VERSION:
                 raise StoreError(
-                    f"{self.path} was written by a newer watchfolder (schema {row['value']}); upgrade watchfolder"
+                    f"{self.path} was written by a newer watchfolder (schema {current}, this one knows "
+                    f"{SCHEMA_VERSION}); upgrade watchfolder"
                 )
-            elif int(row["value"]) < SCHEMA_VERSION:
-                # Older rows stay readable as they are; the new version keeps older programs out.
-                conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+            for version, what, sql in MIGRATIONS:
+                if version <= current:
+                    continue
+                if current:  # a fresh file says nothing: it is simply created at the latest version
+                    log.warning("store %s: schema %d -> %d: %s", self.path, version - 1, version, what)
+                for statement in filter(str.strip, sql.split(";")):
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO meta VALUES ('schema_version', ?)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (str(version),),
+                )
+        self.schema_version = SCHEMA_VERSION
 
     def _queue(self) -> LiteQueue:
         self._conn()
@@ -328,36 +366,7 @@ class SQLiteStore(JobStore):
     # -- reading -----------------------------------------------------------
 
     def _job(self, row: sqlite3.Row, history: list[HistoryEntry] | None = None) -> Job:
-        spec_data = json.loads(row["spec"])
-        spec_data["session_key"] = row["session_key"]
-        spec = JobSpec.from_dict(spec_data)
-        if "files" not in spec_data:  # schema 2: in job_files
-            spec = dataclasses.replace(spec, files=self._files(row["id"]))
-        error = None
-        if row["error_kind"]:
-            error = JobError(ErrorKind(row["error_kind"]), row["error_message"] or "", bool(row["error_config"]))
-        return Job(
-            id=row["id"],
-            spec=spec,
-            idempotency_key=row["idempotency_key"],
-            state=JobState(row["state"]),
-            attempts=row["attempts"],
-            max_attempts=row["max_attempts"],
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
-            next_attempt_at=row["next_attempt_at"],
-            started_at=row["started_at"],
-            finished_at=row["finished_at"],
-            worker=row["worker"],
-            lease_expires_at=row["lease_expires_at"],
-            cancel_requested=bool(row["cancel_requested"]),
-            progress=Progress(**json.loads(row["progress"])) if row["progress"] else Progress(),
-            result=json.loads(row["result"]) if row["result"] else None,
-            error=error,
-            history=history or [],
-            log_path=str(self.log_path(row["id"])),
-            dismissed_at=row["dismissed_at"],
-        )
+        return job_from_row(row, self.log_path(row["id"]), history, files=self._files)
 
     def _files(self, job_id: int) -> tuple[FileEntry, ...]:
         rows = self._conn().execute(
@@ -372,10 +381,9 @@ class SQLiteStore(JobStore):
         )
 
     def _history(self, conn: sqlite3.Connection, job_id: int) -> list[HistoryEntry]:
-        rows = conn.execute(
-            "SELECT at, state, message FROM job_history WHERE job_id = ? ORDER BY id", (job_id,)
-        ).fetchall()
-        return [HistoryEntry(r["at"], JobState(r["state"]), r["message"]) for r in rows]
+        return history_from_rows(
+            conn.execute("SELECT at, state, message FROM job_history WHERE job_id = ? ORDER BY id", (job_id,))
+        )
 
     def get(self, job_id: int) -> Job:
         """The job with its history; raises :class:`JobNotFound`."""
@@ -467,29 +475,10 @@ class SQLiteStore(JobStore):
 
     # -- logs --------------------------------------------------------------
 
-    def log_path(self, job_id: int) -> Path:
-        return self.logs_dir / f"{job_id}.log"
-
-    def log(self, job_id: int, message: str, *, now: float | None = None) -> None:
-        """Append a line to the job's log file.
-
-        Control characters are escaped (:func:`~watchfolder.job.printable`); the lines
-        of a multi-line message (a traceback) after the first are indented, so no text
-        in a message, such as a file name holding a newline, can pass for a log entry.
-        """
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(_now(now)))
-        lines = str(message).split("\n")
-        with open(self.log_path(job_id), "a", encoding="utf-8", errors="backslashreplace") as fh:
-            for i, line in enumerate(lines):
-                fh.write(f"{stamp}Z {'  ' if i else ''}{printable(line)}\n")
-
     def read_log(self, job_id: int) -> str:
         if self._conn().execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
             raise JobNotFound(job_id)
-        try:
-            return self.log_path(job_id).read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
+        return self._read_log_file(job_id)
 
     # -- writing: helpers --------------------------------------------------
 
@@ -640,22 +629,7 @@ class SQLiteStore(JobStore):
 
     def _columns(self, spec: JobSpec, key: str, state: JobState, now: float, **extra: Any) -> dict[str, Any]:
         """The columns of a new job row."""
-        return {
-            "idempotency_key": key,
-            "state": str(state),
-            "owner": spec.owner,
-            "source": spec.source,
-            "spec": json.dumps(spec.to_dict(files=False)),
-            "session_key": spec.session_key,
-            "max_attempts": self.retry_policy.max_attempts,
-            "created_at": now,
-            "updated_at": now,
-            "progress": json.dumps(
-                Progress(bytes_total=spec.total_bytes(), files_total=len(spec.files)).to_dict()
-            ),
-            "followup": "pending" if spec.source.startswith("watch:") and state.finished else None,
-            **extra,
-        }
+        return new_job_columns(spec, key, state, now, self.retry_policy.max_attempts, **extra)
 
     def reject(
         self, spec: JobSpec, reason: str, *, now: float | None = None, mails: MailComposer | None = None
@@ -1089,17 +1063,36 @@ class SQLiteStore(JobStore):
     def components(self, kind: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT * FROM components" + (" WHERE kind = ?" if kind else "") + " ORDER BY kind, name"
         rows = self._conn().execute(sql, (kind,) if kind else ()).fetchall()
-        return [
-            {
-                "kind": r["kind"],
-                "name": r["name"],
-                "host": r["host"],
-                "pid": r["pid"],
-                "status": json.loads(r["status"]),
-                "updated_at": r["updated_at"],
-            }
-            for r in rows
-        ]
+        return [component_from_row(r) for r in rows]
+
+    # -- watch folder leases -------------------------------------------------
+
+    def hold_folder(self, folder: str, holder: str, *, ttl: float, now: float | None = None) -> bool:
+        """Take or renew the lease on watch folder ``folder`` for ``ttl`` seconds; True when ``holder`` holds it."""
+        now = _now(now)
+        row = self._conn().execute(
+            "INSERT INTO folder_leases (folder, holder, host, pid, acquired_at, expires_at)"
+            " VALUES (:f, :h, :host, :pid, :now, :until)"
+            " ON CONFLICT (folder) DO UPDATE SET holder = excluded.holder, host = excluded.host,"
+            " pid = excluded.pid, expires_at = excluded.expires_at,"
+            " acquired_at = CASE WHEN folder_leases.holder = excluded.holder"
+            " THEN folder_leases.acquired_at ELSE excluded.acquired_at END"
+            " WHERE folder_leases.holder = excluded.holder OR folder_leases.expires_at < :now"
+            " RETURNING holder",
+            {"f": folder, "h": holder, "host": socket.gethostname(), "pid": os.getpid(),
+             "now": now, "until": now + ttl},
+        ).fetchone()
+        return row is not None
+
+    def release_folder(self, folder: str, holder: str) -> None:
+        self._conn().execute("DELETE FROM folder_leases WHERE folder = ? AND holder = ?", (folder, holder))
+
+    def folder_holders(self) -> list[dict[str, Any]]:
+        rows = self._conn().execute("SELECT * FROM folder_leases ORDER BY folder").fetchall()
+        return [dict(r) for r in rows]
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "sqlite", "location": str(self.path), "schema": SCHEMA_VERSION}
 
     # -- pending acquisitions -------------------------------------------------
 
@@ -1141,14 +1134,7 @@ class SQLiteStore(JobStore):
         sql = "SELECT * FROM pending" + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY first_seen, watch, path LIMIT ?"
         rows = self._conn().execute(sql, (*params, int(limit))).fetchall()
-        return [
-            PendingEntry(
-                watch=r["watch"], path=r["path"], kind=r["kind"], reason=r["reason"], first_seen=r["first_seen"],
-                last_change=r["last_change"], quiet_until=r["quiet_until"], owner=r["owner"], digest=r["digest"],
-                updated_at=r["updated_at"],
-            )
-            for r in rows
-        ]
+        return [pending_from_row(r) for r in rows]
 
     # -- events -------------------------------------------------------------
 
@@ -1301,21 +1287,7 @@ class SQLiteStore(JobStore):
             self._outbox_insert(conn, mails, job_id, _now(now))
 
     def _mail(self, row: sqlite3.Row) -> OutboxMail:
-        return OutboxMail(
-            id=row["id"],
-            job_id=row["job_id"],
-            kind=row["kind"],
-            sender=row["sender"],
-            recipients=tuple(json.loads(row["recipients"])),
-            subject=row["subject"],
-            raw=bytes(row["raw"]),
-            state=row["state"],
-            attempts=row["attempts"],
-            next_attempt_at=row["next_attempt_at"],
-            last_error=row["last_error"],
-            created_at=row["created_at"],
-            sent_at=row["sent_at"],
-        )
+        return mail_from_row(row)
 
     def outbox_claim(self, *, now: float | None = None, limit: int = 10, hold: float = 300.0) -> list[OutboxMail]:
         """Take due mails for sending; they stay ``sending`` for ``hold`` seconds at most."""

@@ -1,0 +1,167 @@
+"""Rows to records and back, shared by the store implementations.
+
+Every store keeps the same columns (``jobs``, ``job_history``, ``outbox``,
+``components``, ``folder_leases``), so turning a row (any mapping from column
+name to value: ``sqlite3.Row``, psycopg's ``dict_row``) into the plain records
+of :mod:`watchfolder.job` and :mod:`watchfolder.store.base` is written once,
+here, as are the job logs (files under one folder, see :class:`FileLogs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..job import ErrorKind, FileEntry, HistoryEntry, Job, JobError, JobSpec, JobState, Progress, printable
+from .base import OutboxMail, PendingEntry
+
+#: Every transition into a finished state: watched jobs then await their post-actions.
+FINISHED_FOLLOWUP = "followup = CASE WHEN source LIKE 'watch:%' THEN 'pending' END"
+
+
+def job_from_row(
+    row: Mapping[str, Any],
+    log_path: Path,
+    history: list[HistoryEntry] | None = None,
+    files: Callable[[int], tuple[FileEntry, ...]] | tuple[FileEntry, ...] | None = None,
+) -> Job:
+    """The :class:`Job` a ``jobs`` row holds (``spec``, ``progress`` and ``result`` are JSON text).
+
+    A spec without ``files`` keeps them in the ``job_files`` table: ``files`` gives
+    them (the tuple, or a function of the job id that reads them).
+    """
+    spec_data = json.loads(row["spec"])
+    spec_data["session_key"] = row["session_key"]
+    spec = JobSpec.from_dict(spec_data)
+    if "files" not in spec_data and files is not None:
+        spec = dataclasses.replace(spec, files=files(row["id"]) if callable(files) else files)
+    error = None
+    if row["error_kind"]:
+        error = JobError(ErrorKind(row["error_kind"]), row["error_message"] or "", bool(row["error_config"]))
+    return Job(
+        id=row["id"],
+        spec=spec,
+        idempotency_key=row["idempotency_key"],
+        state=JobState(row["state"]),
+        attempts=row["attempts"],
+        max_attempts=row["max_attempts"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        next_attempt_at=row["next_attempt_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        worker=row["worker"],
+        lease_expires_at=row["lease_expires_at"],
+        cancel_requested=bool(row["cancel_requested"]),
+        progress=Progress(**json.loads(row["progress"])) if row["progress"] else Progress(),
+        result=json.loads(row["result"]) if row["result"] else None,
+        error=error,
+        history=history or [],
+        log_path=str(log_path),
+        dismissed_at=row["dismissed_at"],
+    )
+
+
+def history_from_rows(rows) -> list[HistoryEntry]:
+    """``job_history`` rows (``at``, ``state``, ``message``) in order."""
+    return [HistoryEntry(r["at"], JobState(r["state"]), r["message"]) for r in rows]
+
+
+def new_job_columns(
+    spec: JobSpec, key: str, state: JobState, now: float, max_attempts: int, **extra: Any
+) -> dict[str, Any]:
+    """The columns of a new ``jobs`` row."""
+    return {
+        "idempotency_key": key,
+        "state": str(state),
+        "owner": spec.owner,
+        "source": spec.source,
+        "spec": json.dumps(spec.to_dict(files=False)),  # the files go to job_files
+        "session_key": spec.session_key,
+        "max_attempts": max_attempts,
+        "created_at": now,
+        "updated_at": now,
+        "progress": json.dumps(Progress(bytes_total=spec.total_bytes(), files_total=len(spec.files)).to_dict()),
+        "followup": "pending" if spec.source.startswith("watch:") and state.finished else None,
+        **extra,
+    }
+
+
+def mail_from_row(row: Mapping[str, Any]) -> OutboxMail:
+    """The :class:`OutboxMail` an ``outbox`` row holds (``recipients`` is a JSON list)."""
+    return OutboxMail(
+        id=row["id"],
+        job_id=row["job_id"],
+        kind=row["kind"],
+        sender=row["sender"],
+        recipients=tuple(json.loads(row["recipients"])),
+        subject=row["subject"],
+        raw=bytes(row["raw"]),
+        state=row["state"],
+        attempts=row["attempts"],
+        next_attempt_at=row["next_attempt_at"],
+        last_error=row["last_error"],
+        created_at=row["created_at"],
+        sent_at=row["sent_at"],
+    )
+
+
+def component_from_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``components`` row as the plain dict :meth:`JobStore.components` answers."""
+    return {
+        "kind": row["kind"],
+        "name": row["name"],
+        "host": row["host"],
+        "pid": row["pid"],
+        "status": json.loads(row["status"]),
+        "updated_at": row["updated_at"],
+    }
+
+
+def pending_from_row(row: Mapping[str, Any]) -> PendingEntry:
+    """A ``pending`` row as the :class:`PendingEntry` it holds."""
+    return PendingEntry(
+        watch=row["watch"], path=row["path"], kind=row["kind"], reason=row["reason"], first_seen=row["first_seen"],
+        last_change=row["last_change"], quiet_until=row["quiet_until"], owner=row["owner"], digest=row["digest"],
+        updated_at=row["updated_at"],
+    )
+
+
+class FileLogs:
+    """Job logs as files ``<logs_dir>/<job id>.log``, appended one stamped line at a time.
+
+    Both stores keep logs as files rather than rows: importers redirect a child
+    process's output straight into the file (``ImportContext.log_path``) and
+    the failure mail quotes its tail. With several hosts, ``logs_dir`` is a
+    shared folder mounted at the same path everywhere; a log is only written
+    by the worker holding the job's lease, so plain appends are safe on
+    NFS/SMB (no locking, unlike a database file).
+    """
+
+    logs_dir: Path
+
+    def log_path(self, job_id: int) -> Path:
+        return self.logs_dir / f"{job_id}.log"
+
+    def log(self, job_id: int, message: str, *, now: float | None = None) -> None:
+        """Append a line to the job's log file.
+
+        Control characters are escaped (:func:`~watchfolder.job.printable`); the lines
+        of a multi-line message (a traceback) after the first are indented, so no text
+        in a message, such as a file name holding a newline, can pass for a log entry.
+        """
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() if now is None else now))
+        lines = str(message).split("\n")
+        with open(self.log_path(job_id), "a", encoding="utf-8", errors="backslashreplace") as fh:
+            for i, line in enumerate(lines):
+                fh.write(f"{stamp}Z {'  ' if i else ''}{printable(line)}\n")
+
+    def _read_log_file(self, job_id: int) -> str:
+        try:
+            return self.log_path(job_id).read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
