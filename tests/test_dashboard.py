@@ -20,6 +20,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="needs the selenium package (pip install -e '.[test]')")
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service as DriverService  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -50,7 +51,9 @@ def svc(tmp_path):
 
 def _login(browser, svc, token_name):
     browser.get(svc.server.url + "/?refresh=1")
-    wait = WebDriverWait(browser, 20)
+    # The page redraws its tables every second: a row found just before a redraw is
+    # stale when read; look again instead of failing.
+    wait = WebDriverWait(browser, 20, ignored_exceptions=(StaleElementReferenceException,))
     field = wait.until(lambda d: d.find_element(By.ID, "token") if d.find_element(By.ID, "token").is_displayed() else None)
     field.send_keys(svc.tokens[token_name])
     browser.find_element(By.CSS_SELECTOR, "#login button[type=submit]").click()
