@@ -1062,13 +1062,16 @@ class PostgresStore(FileLogs, JobStore):
 
     def _listen(self) -> None:
         backoff = iter(D.RECONNECT_BACKOFF)
+        reconnecting = False
         while not self._listener_stop.is_set():
             try:
                 with psycopg.connect(self.url, autocommit=True, **self._connect_kwargs) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self._listening = True
                     backoff = iter(D.RECONNECT_BACKOFF)
-                    self.notify_work()  # a job queued while we were not listening is claimable now
+                    if reconnecting:  # a job queued while we were not listening is claimable now
+                        self.notify_work()
+                    reconnecting = True
                     while not self._listener_stop.is_set():
                         for _ in conn.notifies(timeout=1.0, stop_after=1):
                             self.notify_work()
