@@ -13,6 +13,7 @@ import pytest
 from watchfolder.errors import StoreError, TransientImportError
 from watchfolder.job import JobState, RetryPolicy
 from watchfolder.store import SQLiteStore
+from watchfolder.store.sqlite import SCHEMA_VERSION
 
 T0 = 1_800_000_000.0
 
@@ -109,7 +110,7 @@ def test_rows_of_schema_1_with_files_in_the_spec_are_still_read(tmp_path, make_s
     reopened = SQLiteStore(path)
     assert reopened.get(job.id).spec.files == spec.files
     version = reopened._conn().execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
-    assert version == "2"  # a schema 1 program now refuses this file instead of losing file lists
+    assert version == str(SCHEMA_VERSION)  # a schema 1 program now refuses this file instead of losing file lists
     reopened.close()
 
 
@@ -168,3 +169,19 @@ def test_job_changed_while_its_mail_was_composed_gets_a_mail_of_what_was_committ
     assert len(calls) == 2 and calls[1] == done and done.cancel_requested
     [mail] = store.outbox_list()
     assert mail.subject == f"job {job.id} succeeded cancel=True history={len(done.history)}"
+
+
+def test_a_store_of_schema_1_is_migrated_at_start_with_a_log_line_per_step(tmp_path, caplog):
+    path = tmp_path / "old.db"
+    SQLiteStore(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE folder_leases")
+    conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with caplog.at_level("WARNING", logger="watchfolder.store.sqlite"):
+        store = SQLiteStore(path)
+    assert "schema 1 -> 2: a job's listed files in job_files" in caplog.text
+    assert "schema 2 -> 3: watch folder leases" in caplog.text
+    assert store.hold_folder("drop", "a", ttl=10) and store.describe()["schema"] == SCHEMA_VERSION
+    store.close()
