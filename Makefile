@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 CONFIG ?= config/demo.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-deps omero-env lint bench clean
+.PHONY: install run test test-deps omero-env lint bench faults clean
 
 # The service's own environment (Python 3.11+), with the test tools.
 $(VENV)/.installed: pyproject.toml
@@ -34,6 +34,10 @@ test-deps:
 
 test: install omero-env test-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Fault drills at full size (make test runs a bounded slice of each): see tests/faults/.
+faults: install test-deps
+	WATCHFOLDER_FAULTS=1 $(BIN)/python -m pytest tests/faults $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check watchfolder tests bench

@@ -681,3 +681,12 @@ def test_store_url_problems_name_the_fix(tmp_path, store, expected):
     (problem,) = problems_of(base(tmp_path, store=store), tmp_path)
     assert problem.startswith(expected), problem
     assert "hunter2" not in problem
+
+
+def test_the_several_hosts_example_is_a_valid_config(tmp_path):
+    raw = yaml.safe_load((REPO / "examples" / "deploy" / "several-hosts.yaml").read_text(encoding="utf-8"))
+    raw["watch"][0]["path"] = str(tmp_path)  # the share is not mounted here
+    config = configmod.parse(raw, path=tmp_path / "watchfolder.yaml",
+                             environ={"WATCHFOLDER_DB_PASSWORD": SECRET, "SMTP_PASSWORD": "x"})
+    assert config.store.backend == "postgresql" and config.store.password.reveal() == SECRET
+    assert config.logs_dir == Path("/mnt/shared/watchfolder/logs")

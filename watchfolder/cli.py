@@ -83,9 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("work", help="run workers only", epilog=EPILOG)
     p.add_argument("--burst", action="store_true", help="drain the queue, then exit")
     p.add_argument("--count", type=int, help="number of workers (default: workers.count)")
+    p.add_argument("--name", help="this process's name in the status view; workers are NAME:w1… (default: host:pid)")
     p.set_defaults(func=cmd_work)
 
     p = sub.add_parser("watch", help="run the folder watchers only", epilog=EPILOG)
+    p.add_argument("--name", help="this watcher's identity for the folder leases and the status view "
+                                  "(default: host:pid)")
     p.set_defaults(func=cmd_watch)
 
     p = sub.add_parser("serve", help="run the HTTP API and dashboard only", epilog=EPILOG)
@@ -161,6 +164,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_explain)
+
+    store = sub.add_parser("store", help="schema migrations; copy a SQLite store into PostgreSQL", epilog=EPILOG)
+    ssub = store.add_subparsers(title="store commands", metavar="STORE_COMMAND")
+    p = ssub.add_parser(
+        "migrate",
+        help="bring the configured store's schema up to date; with --to, copy it into PostgreSQL",
+        description="Without --to: apply pending schema migrations to the configured store and print its "
+        "version. With --to postgresql://USER@HOST/DB: copy the configured SQLite store (jobs, history, "
+        "outbox…) into that database, keeping ids; running it again copies only what is new. Stop the "
+        "services first, then set store.url to the new URL.",
+        epilog=EPILOG,
+    )
+    p.add_argument("--to", metavar="URL", help="the PostgreSQL database to copy into (no password in it)")
+    p.add_argument("--password-env", metavar="VAR",
+                   help="environment variable holding the database password (else PGPASSWORD or ~/.pgpass)")
+    p.set_defaults(func=cmd_store_migrate)
+    store.set_defaults(func=lambda a: (store.print_help(), 2)[1])
 
     mail = sub.add_parser("mail", help="inspect and resend outbox mails", epilog=EPILOG)
     msub = mail.add_subparsers(title="mail commands", metavar="ACTION")
@@ -240,7 +260,7 @@ def _run_service(args, parts, *, banner: bool = False, burst: bool = False,
 
     config = load_config(args, overrides)
     stop = _stop_on_signals()
-    service = Service(config, parts, burst=burst)
+    service = Service(config, parts, burst=burst, name=getattr(args, "name", None), stop=stop)
     service.start()
     if banner:
         print(_banner(config, service), flush=True)
@@ -525,6 +545,46 @@ def cmd_status(args) -> int:
     else:
         print(yaml.safe_dump(json.loads(json.dumps(status, default=str)), sort_keys=False, allow_unicode=True))
     return 0 if status.get("healthy", True) else 1
+
+
+def cmd_store_migrate(args) -> int:
+    config = load_config(args)
+    store = open_store(config)  # applies pending schema migrations, with a log line per step
+    described = store.describe()
+    print(f"store {described.get('location')}: schema {described.get('schema')} (up to date)")
+    if not args.to:
+        store.close()
+        return 0
+    if config.store.backend != "sqlite":
+        raise WatchfolderError(
+            f"store migrate --to copies a SQLite store, but this config's store is {config.store.display_url}"
+        )
+    if not args.to.startswith(("postgresql://", "postgres://")):
+        raise WatchfolderError(f"--to must be a postgresql://USER@HOST/DATABASE URL, got {args.to!r}")
+    from urllib.parse import urlsplit
+
+    if urlsplit(args.to).password is not None:
+        raise WatchfolderError("--to carries a password; pass it with --password-env VAR, PGPASSWORD or ~/.pgpass")
+    password = None
+    if args.password_env:
+        if args.password_env not in os.environ:
+            raise WatchfolderError(f"--password-env: environment variable {args.password_env!r} is not set")
+        password = os.environ[args.password_env]
+    from .store.migrate import copy_sqlite_to_postgres
+    from .store.postgres import PostgresStore
+
+    store.close()
+    target = PostgresStore(args.to, password=password, logs_dir=config.logs_dir)
+    try:
+        report = copy_sqlite_to_postgres(config.store.path, target)
+    finally:
+        target.close()
+    for table, counts in report.items():
+        print(f"  {table:<14} {counts['read']:>8} read, {counts['copied']:>8} copied "
+              f"({counts['read'] - counts['copied']} already there)")
+    print(f"copied into {target.location}. Set store.url: {target.location} (password in store.password) "
+          "on every host, then start the services.")
+    return 0
 
 
 def cmd_check_config(args) -> int:

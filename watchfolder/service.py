@@ -13,8 +13,10 @@ import logging
 import threading
 from dataclasses import dataclass
 
+from . import defaults as D
 from .backpressure import TargetGate
 from .config import Config, TokenConfig
+from .errors import StoreUnavailable
 from .importers import create_importer
 from .mail.outbox import OutboxSender
 from .store import JobStore
@@ -48,18 +50,46 @@ def open_store(config: Config, notifier=None) -> JobStore:
     return _open_store(config, composer=notifier.compose if notifier else None)
 
 
+def open_store_waiting(config: Config, notifier, stop: threading.Event) -> JobStore:
+    """The job store for a long-running service: while it cannot be reached, wait and retry with backoff.
+
+    A host started before its database server (a reboot of both) then comes up
+    on its own. Short commands use :func:`open_store` and fail at once instead.
+    Raises :class:`StoreUnavailable` only when ``stop`` is set meanwhile.
+    """
+    delays = iter(D.RECONNECT_BACKOFF)
+    while True:
+        try:
+            return open_store(config, notifier)
+        except StoreUnavailable as exc:
+            delay = next(delays, D.RECONNECT_BACKOFF[-1])
+            log.warning("%s; trying again in %g s", exc, delay)
+            if stop.wait(delay):
+                raise
+
+
 class Service:
     """Start and stop the configured parts. ``start()`` returns at once; ``stop()`` shuts down in order."""
 
-    def __init__(self, config: Config, parts: Parts | None = None, *, burst: bool = False):
+    def __init__(
+        self,
+        config: Config,
+        parts: Parts | None = None,
+        *,
+        burst: bool = False,
+        name: str | None = None,
+        stop: threading.Event | None = None,
+    ):
         self.config = config
         self.parts = parts or Parts(server=config.server.enabled)
         self.burst = burst
+        # This process's identity on a shared store: worker names NAME:w1…, the watch folder leases' holder.
+        self.name = name
         for watch in config.watch:
             if watch.path.is_relative_to(config.data_dir):
                 watch.path.mkdir(parents=True, exist_ok=True)
         self.notifier = make_notifier(config)
-        self.store = open_store(config, self.notifier)
+        self.store = open_store_waiting(config, self.notifier, stop or threading.Event())
         self.importer = create_importer(config) if (self.parts.workers or self.parts.server) else None
         self.pool: WorkerPool | None = None
         self.gate: TargetGate | None = None
@@ -102,7 +132,7 @@ class Service:
         if self.parts.watch and config.watch:
             from .watch.watcher import WatchService
 
-            self.watch = WatchService(config, self.store, notifier=self.notifier)
+            self.watch = WatchService(config, self.store, notifier=self.notifier, holder=self.name)
             self.watch.start()
         if self.parts.workers or self.parts.mail:
             self._start_events()
@@ -123,6 +153,7 @@ class Service:
                 milestone_min_bytes=config.events.progress_min_bytes,
                 redetect=functools.partial(redetect, config=config),
                 duplicate_of=functools.partial(find_duplicate, config=config, store=self.store),
+                name=self.name,
             )
             self.pool.start(burst=self.burst)
         if self.importer is not None:

@@ -90,6 +90,45 @@ def watcher_view(component: dict[str, Any], *, unhealthy_after: float, now: floa
     }
 
 
+def store_view(store) -> dict[str, Any]:
+    """The store's backend, location (no secrets) and schema version."""
+    described = dict(store.describe())
+    return {k: described[k] for k in ("backend", "location", "schema", "error") if k in described}
+
+
+def folder_view(store, *, now: float) -> list[dict[str, Any]]:
+    """Which watcher holds which watch folder; ``expired`` when its holder stopped renewing."""
+    return [
+        {
+            "folder": h["folder"],
+            "holder": h["holder"],
+            "host": h["host"],
+            "pid": h["pid"],
+            "acquired_at": h["acquired_at"],
+            "expires_at": h["expires_at"],
+            "expired": h["expires_at"] < now,
+        }
+        for h in store.folder_holders()
+    ]
+
+
+def hosts_view(workers: list[dict[str, Any]], folders: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per host: how many workers (and how many busy), and the watch folders its watchers hold."""
+    hosts: dict[str, dict[str, Any]] = {}
+
+    def entry(host: str) -> dict[str, Any]:
+        return hosts.setdefault(host, {"host": host, "workers": 0, "busy": 0, "folders": []})
+
+    for w in workers:
+        e = entry(str(w.get("host") or "?"))
+        e["workers"] += 1
+        e["busy"] += w.get("state") == "busy"
+    for f in folders:
+        if not f["expired"]:
+            entry(str(f["host"]))["folders"].append(f["folder"])
+    return sorted(hosts.values(), key=lambda e: e["host"])
+
+
 def importer_view(config, store, importer=None) -> dict[str, Any]:
     """Importer health: asked directly when this process has one, else as last published."""
     kind = config.importer.kind
@@ -212,6 +251,13 @@ def collect_status(config, store, importer=None, *, now: float | None = None) ->
     for d in disk:
         if d.get("error"):
             problems.append(f"disk {d['label']} ({d['path']}): {d['error']}")
+    folders = folder_view(store, now=now)
+    for f in folders:
+        if f["expired"]:
+            problems.append(
+                f"watch folder {f['folder']}: the lease of {f['holder']} on {f['host']} expired "
+                f"{now - f['expires_at']:.0f} s ago and no other watcher took it over"
+            )
     return {
         "generated_at": now,
         "version": __version__,
@@ -228,6 +274,9 @@ def collect_status(config, store, importer=None, *, now: float | None = None) ->
         "events": {"last_id": store.last_event_id(), "sinks": sinks},
         "outbox": {"counts": outbox},
         "disk": disk,
+        "store": store_view(store),
+        "folders": folders,
+        "hosts": hosts_view(workers, folders),
     }
 
 
@@ -237,7 +286,11 @@ def health(config, store, *, now: float | None = None) -> tuple[bool, dict[str, 
     checks: dict[str, Any] = {}
     try:
         store_ok = bool(store.ping())
-        checks["store"] = {"ok": store_ok, "detail": None if store_ok else "the database does not answer"}
+        reason = store.describe().get("error") if not store_ok else None
+        checks["store"] = {
+            "ok": store_ok,
+            "detail": None if store_ok else f"the database does not answer{': ' + reason if reason else ''}",
+        }
     except Exception as exc:  # a broken store must yield 503, not 500
         store_ok = False
         checks["store"] = {"ok": False, "detail": f"the database does not answer: {exc}"}

@@ -31,6 +31,7 @@ from .errors import (
     LeaseLost,
     PermanentImportError,
     ShuttingDown,
+    StoreUnavailable,
     TransientImportError,
 )
 from .importers.base import ImportContext, Importer
@@ -117,6 +118,10 @@ class JobContext(ImportContext):
                 self.cancel_requested = True
         except LeaseLost as exc:
             self.lease_lost = str(exc)
+        except StoreUnavailable as exc:
+            # Progress is best effort and the lease outlives a short outage; the
+            # next heartbeat after the store is back renews it.
+            log.warning("job %s: could not renew its lease: %s", self.job.id, exc)
 
     def heartbeat(self) -> None:
         """Renew the lease (and save the latest progress); called by the heartbeat thread."""
@@ -220,10 +225,12 @@ class Worker:
                 ctx.checkpoint()  # a cancel that came in at the very end still counts
             except JobCancelled:
                 self.store.log(job.id, "cancelled while running; stopped")
-                return self.store.cancelled(job.id, self.name, now=now)
+                return self._settle(lambda: self.store.cancelled(job.id, self.name, now=now))
             except ShuttingDown:
                 self.store.log(job.id, "worker stopping: job released to the queue")
-                return self.store.release(job.id, self.name, now=now, reason="worker shutting down")
+                return self._settle(
+                    lambda: self.store.release(job.id, self.name, now=now, reason="worker shutting down")
+                )
             except LeaseLost as exc:
                 # Someone else owns the job now; write nothing more to it.
                 log.warning("job %s: %s", job.id, exc)
@@ -233,21 +240,24 @@ class Worker:
                 if self.gate is not None and self.gate.failed(exc):
                     reason = f"target {self.gate.target} paused ({exc.message}); attempt not counted"
                     self.store.log(job.id, f"attempt {job.attempts}: {reason}")
-                    return self.store.release(job.id, self.name, now=now, reason=reason)
+                    return self._settle(lambda: self.store.release(job.id, self.name, now=now, reason=reason))
                 self.store.log(job.id, f"attempt {job.attempts} failed ({kind}): {exc.message}")
-                return self.store.fail(job.id, self.name, exc, now=now)
+                failure = exc
+                return self._settle(lambda: self.store.fail(job.id, self.name, failure, now=now))
             except Exception as exc:  # a bug or an unexpected OS error: keep the job, retry later
                 self.store.log(job.id, "unexpected error:\n" + traceback.format_exc())
                 log.exception("job %s: unexpected error", job.id)
                 failure = TransientImportError(f"internal error: {type(exc).__name__}: {exc}")
-                return self.store.fail(job.id, self.name, failure, now=now)
+                return self._settle(lambda: self.store.fail(job.id, self.name, failure, now=now))
             if self.gate is not None:
                 self.gate.succeeded()
             self.store.log(job.id, "succeeded")
-            return self.store.succeed(job.id, self.name, result, now=now, progress=ctx.current)
+            return self._settle(
+                lambda: self.store.succeed(job.id, self.name, result, now=now, progress=ctx.current)
+            )
         except LeaseLost as exc:  # the finishing write found the job taken over
             log.warning("job %s: %s", job.id, exc)
-            return self.store.get(job.id)
+            return self._settle(lambda: self.store.get(job.id))
         finally:
             self.jobs_done += 1
             self.current = None
@@ -268,6 +278,26 @@ class Worker:
                 "(drop the acquisition again once it holds its files)"
             )
         return job
+
+    def _settle(self, write):
+        """Run a job's finishing write, waiting out a store outage (server restart, network).
+
+        The outcome of work already done is not thrown away: the write is tried
+        again with backoff while the heartbeat keeps renewing the lease. If the
+        lease was lost meanwhile (outage longer than the lease), the write raises
+        :class:`LeaseLost` and the job's new holder decides. A write whose commit
+        was cut off and is tried again finds the job finished: LeaseLost as well.
+        """
+        delays = iter(D.RECONNECT_BACKOFF)
+        while True:
+            try:
+                return write()
+            except StoreUnavailable as exc:
+                if self.hard_stop.is_set():
+                    raise
+                delay = next(delays, D.RECONNECT_BACKOFF[-1])
+                log.warning("worker %s: %s; trying again in %g s", self.name, exc, delay)
+                self.hard_stop.wait(delay)
 
     # -- heartbeat ------------------------------------------------------------
 
@@ -303,7 +333,10 @@ class Worker:
         if self._beat_thread:
             self._beat_thread.join()
         if remove:
-            self.store.remove_component("worker", self.name)
+            try:
+                self.store.remove_component("worker", self.name)
+            except StoreUnavailable as exc:  # its row ages out of the status view instead
+                log.warning("worker %s: could not remove its status: %s", self.name, exc)
 
     # -- runner -----------------------------------------------------------------
 
@@ -321,6 +354,7 @@ class Worker:
         """Work until ``stop`` is set (or, in burst mode, until the queue is empty). Returns jobs run."""
         done = 0
         self.start_heartbeat()
+        outage = None
         try:
             while not stop.is_set():
                 if max_jobs is not None and done >= max_jobs:
@@ -329,10 +363,19 @@ class Worker:
                 seen = self.store.work_generation()
                 try:
                     job = self.loop()
+                except StoreUnavailable as exc:  # server down or restarting: wait, reconnect with backoff
+                    if outage is None:
+                        outage = iter(D.RECONNECT_BACKOFF)
+                        log.warning("worker %s: %s; waiting for it", self.name, exc)
+                    stop.wait(next(outage, D.RECONNECT_BACKOFF[-1]))
+                    continue
                 except Exception:  # store busy or broken: keep the worker alive
                     log.exception("worker %s: loop failed", self.name)
                     stop.wait(self.poll_interval)
                     continue
+                if outage is not None:
+                    outage = None
+                    log.warning("worker %s: store reachable again", self.name)
                 if job is None:
                     if burst:
                         break
@@ -347,10 +390,12 @@ class Worker:
 class WorkerPool:
     """N workers in threads, with the shutdown sequence of the module docstring."""
 
-    def __init__(self, store: JobStore, importer: Importer, count: int, **worker_options: Any):
+    def __init__(
+        self, store: JobStore, importer: Importer, count: int, *, name: str | None = None, **worker_options: Any
+    ):
         self.stop_claiming = threading.Event()
         self.hard_stop = threading.Event()
-        base = f"{socket.gethostname()}:{os.getpid()}"
+        base = name or f"{socket.gethostname()}:{os.getpid()}"
         self.workers = [
             Worker(store, importer, name=f"{base}:w{i + 1}", hard_stop=self.hard_stop, **worker_options)
             for i in range(count)

@@ -29,12 +29,14 @@ import errno
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from .. import defaults as D
 from ..config import Config, WatchConfig
 from ..job import JobState, printable
 from .detector import RECEIPT_SUFFIX, Detector, Outcome
@@ -213,6 +215,8 @@ class Watcher:
         health_interval: float = HEALTH_INTERVAL,
         status_interval: float = STATUS_INTERVAL,
         followup_interval: float = FOLLOWUP_INTERVAL,
+        holder: str | None = None,
+        lease_seconds: float = D.FOLDER_LEASE_SECONDS,
     ):
         self.watch = watch
         self.name = watch.name
@@ -225,6 +229,12 @@ class Watcher:
         self.health_interval = health_interval
         self.status_interval = status_interval
         self.followup_interval = followup_interval
+        # One watcher per folder across hosts: this one watches only while it holds
+        # the folder's lease in the store, renewed every third of lease_seconds.
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}"
+        self.lease_seconds = lease_seconds
+        self.holding = False
+        self.next_lease = 0.0
 
         self.events: deque[tuple[str, str, str, bool]] = deque()
         self.wake = threading.Event()
@@ -290,11 +300,18 @@ class Watcher:
             self._thread.join(timeout)
             self._thread = None
         self._deactivate()
-        self.health = "stopped"
         try:
-            self._publish(self.clock(), force=True)
-        except Exception:  # the store may be closing as well
+            if self.holding:
+                self.health = "stopped"
+                self._publish(self.clock(), force=True)
+                # Hand the folder over at once instead of after the lease.
+                self.store.release_folder(self.name, self.holder)
+                self.holding = False
+            else:
+                self.store.remove_component("watcher", self.standby_name)
+        except Exception:  # the store may be closing or unreachable as well
             log.debug("publishing the stopped status of %s failed", self.name, exc_info=True)
+        self.health = "stopped"
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -437,8 +454,11 @@ class Watcher:
         Returns the number of seconds until something is due.
         """
         now = self.clock() if now is None else now
+        if not self._hold(now):
+            self._publish(now)
+            return max(0.0, self.next_lease - now)
         if not self.active:
-            if self.health == "starting" or now >= self.next_restart:
+            if self.health in ("starting", "standby") or now >= self.next_restart:
                 self._try_start(now)
             if not self.active:
                 self._publish(now)
@@ -477,8 +497,72 @@ class Watcher:
         self._publish(now)
         return self._next_delay(now)
 
+    # -- the folder's lease (several watchers, one holder) --------------------
+
+    @property
+    def standby_name(self) -> str:
+        """The component name a watcher waiting for the folder publishes under."""
+        return f"{self.name}@{self.holder}"
+
+    def _hold(self, now: float) -> bool:
+        """Take or renew the folder's lease when due; True while this watcher holds it.
+
+        On taking it over, the next step starts watching with a full rescan, so
+        nothing dropped while the previous holder was dying is missed (and
+        idempotency keys keep what it already queued from being queued twice).
+        On losing it (another took over after this one stalled), it stops watching.
+        """
+        if now < self.next_lease:
+            return self.holding
+        try:
+            held = self.store.hold_folder(self.name, self.holder, ttl=self.lease_seconds, now=now)
+            if not held and self._release_dead_local_holder():
+                held = self.store.hold_folder(self.name, self.holder, ttl=self.lease_seconds, now=now)
+        except Exception as exc:  # store unreachable: carry on as we were; retry soon
+            self.next_lease = now + min(1.0, self.lease_seconds / 3)
+            self.error = f"cannot renew the folder's lease in the job store: {exc}"
+            return self.holding
+        self.next_lease = now + self.lease_seconds / 3
+        if held and not self.holding:
+            log.warning("watch folder %s: %s holds it now; watching", self.name, self.holder)
+            self.health = "starting"
+            try:
+                self.store.remove_component("watcher", self.standby_name)
+            except Exception:
+                log.debug("removing the standby status of %s failed", self.name, exc_info=True)
+        elif not held and (self.holding or self.health != "standby"):
+            if self.holding:
+                log.warning("watch folder %s: lease lost to another watcher; standing by", self.name)
+            self._deactivate()
+            self.health = "standby"
+            self.error = None
+            self.next_status = 0.0
+        self.holding = held
+        return held
+
+    def _release_dead_local_holder(self) -> bool:
+        """Free the folder when its holder was a process of this host that no longer exists.
+
+        A watcher restarted after a crash (kill -9, OOM) then resumes at once
+        instead of waiting for its predecessor's lease to run out.
+        """
+        here = socket.gethostname()
+        for lease in self.store.folder_holders():
+            if lease["folder"] != self.name or lease["host"] != here or lease["pid"] == os.getpid():
+                continue
+            try:
+                os.kill(lease["pid"], 0)
+            except ProcessLookupError:
+                log.warning("watch folder %s: its holder %s (pid %d on this host) is gone; taking over",
+                            self.name, lease["holder"], lease["pid"])
+                self.store.release_folder(self.name, lease["holder"])
+                return True
+            except OSError:  # alive, owned by another user
+                return False
+        return False
+
     def _next_delay(self, now: float) -> float:
-        due = [self.next_health, self.next_followup, self.next_rescan, self.next_status]
+        due = [self.next_health, self.next_followup, self.next_rescan, self.next_status, self.next_lease]
         if self.overflow_pending:
             due.append(self.next_catchup)
         if self.mode == "polling":
@@ -748,7 +832,8 @@ class Watcher:
         if force or now >= self.next_status:
             self.next_status = now + self.status_interval
             try:
-                self.store.set_component("watcher", self.name, status, now=now)
+                name = self.name if self.holding or self.health != "standby" else self.standby_name
+                self.store.set_component("watcher", name, status, now=now)
             except Exception:  # status is best effort; watching goes on
                 log.debug("publishing the status of %s failed", self.name, exc_info=True)
 
@@ -756,6 +841,9 @@ class Watcher:
         detector = self.detector
         return {
             "health": self.health,
+            "folder": self.name,
+            "holder": self.holder,
+            "holding": self.holding,
             "mode": self.mode or None,
             "configured_mode": self.watch.mode,
             "detection": self.watch.detection,

@@ -13,7 +13,7 @@ from typing import Any
 
 import bottle
 
-from ..errors import InvalidTransition, JobNotFound, StoreError
+from ..errors import InvalidTransition, JobNotFound, StoreError, StoreUnavailable
 from ..watch.acquisition import line_column
 from .auth import AuthError
 
@@ -111,6 +111,8 @@ def api_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
             return error_response(404, str(exc))
         except InvalidTransition as exc:
             return error_response(409, str(exc))
+        except StoreUnavailable as exc:
+            return error_response(503, str(exc), None, {"Retry-After": "5"})
         except StoreError as exc:
             return error_response(422, str(exc))
 

@@ -124,7 +124,8 @@ function render(status, running, failed) {
 
   fill($("#watchers tbody"), status.watchers.map((w) => el("tr", { class: w.healthy ? "ok" : "bad" },
     el("td", {}, w.name), el("td", {}, w.path), el("td", {}, w.mode),
-    el("td", {}, w.healthy ? "healthy" : "unhealthy: " + (w.problem || "")),
+    el("td", {}, !w.healthy ? "unhealthy: " + (w.problem || "")
+      : w.health === "standby" ? "standby (another watcher holds the folder)" : "healthy"),
     el("td", {}, when(w.last_event_at, now)), el("td", {}, when(w.last_scan_at, now)),
     el("td", {}, w.pending == null ? "–" : w.pending))), "No watcher reports.", 7);
 
@@ -132,6 +133,13 @@ function render(status, running, failed) {
     el("td", {}, w.name), el("td", {}, `${w.host} (pid ${w.pid})`), el("td", {}, w.state),
     el("td", {}, w.current_job == null ? "–" : w.current_job),
     el("td", {}, age(w.heartbeat_age) + (w.healthy ? "" : " – " + w.problem)))), "No worker reports.", 5);
+
+  // Several hosts: each host's workers and the watch folders its watchers hold.
+  fill($("#hosts tbody"), (status.hosts || []).map((h) => el("tr", {},
+    el("td", {}, h.host), el("td", {}, `${h.workers} (${h.busy} busy)`),
+    el("td", {}, h.folders.length ? h.folders.join(", ") : "–"))), "No host reports.", 3);
+  const store = status.store || {};
+  $("#store").textContent = store.backend ? `Job store: ${store.backend} ${store.location || ""} (schema ${store.schema})` : "";
 
   const imp = status.importer;
   $("#importer").textContent = `Importer ${imp.kind}: ` +
