@@ -844,6 +844,22 @@ class PostgresStore(FileLogs, JobStore):
         files = tuple(FileEntry(path, size, sha256) for path, size, sha256 in row["files_json"])
         return job_from_row(row, self.log_path(row["id"]), files=files)
 
+    def replace_spec(self, job_id: int, worker: str, spec: JobSpec, *, now: float | None = None) -> Job:
+        """Store what a running job's acquisition is now (re-read from disk on a retry); key and source stay."""
+        now = _now(now)
+        with self._tx() as conn:
+            row = conn.execute(
+                "UPDATE jobs SET spec = %s, owner = %s, updated_at = %s WHERE id = %s AND state = 'running'"
+                " AND worker = %s RETURNING id",
+                (json.dumps(dataclasses.replace(spec, session_key=None).to_dict(files=False)), spec.owner, now,
+                 job_id, worker),
+            ).fetchone()
+            if row is None:
+                raise LeaseLost(f"job {job_id} is no longer held by {worker}")
+            conn.execute("DELETE FROM job_files WHERE job_id = %s", (job_id,))
+            self._insert_files(conn, [(job_id, spec)])
+        return self.get(job_id)
+
     def report_progress(
         self, job_id: int, worker: str, progress: Progress | None = None, *, now: float | None = None
     ) -> bool:
