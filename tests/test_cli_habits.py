@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -75,10 +76,11 @@ def test_config_after_the_command_and_json(cfg_path, tmp_path):
 def test_closed_pipe_ends_quietly(cfg_path, tmp_path, jobstore):
     from watchfolder.watch.acquisition import from_path
 
-    for i in range(300):
-        spec = from_path(SLIDE3, source="cli:test", idempotency_key=f"k{i}")
-        jobstore.enqueue(spec)
-    proc = subprocess.Popen([sys.executable, "-m", "watchfolder", "jobs", "list", "--limit", "300",
+    # More output than a pipe holds (64 KiB): the writer must still be writing when the
+    # reader goes away, whatever the timing (300 lines fitted, and sometimes all got out).
+    spec = from_path(SLIDE3, source="cli:test")
+    jobstore.enqueue_many([(dataclasses.replace(spec, idempotency_key=f"k{i}"), "") for i in range(1000)])
+    proc = subprocess.Popen([sys.executable, "-m", "watchfolder", "jobs", "list", "--limit", "1000",
                              "--config", str(cfg_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env(), cwd=tmp_path)
     proc.stdout.readline()  # `| head -1`: read one line, then close the pipe
