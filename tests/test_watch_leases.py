@@ -94,3 +94,21 @@ def test_the_other_watcher_takes_over_when_the_holder_dies(tmp_path, shared_stor
     finally:
         b.stop()
         a.stop()
+
+
+def test_post_actions_at_shutdown_are_left_to_the_watcher_that_took_over(tmp_path, make_config):
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    config = make_config(watch=[{"name": "drop", "path": str(drop), "mode": "polling"}])
+    store = SQLiteStore(tmp_path / "db" / "watchfolder.db")
+    try:
+        mine = Watcher(config.watch[0], store, holder="host-a", lease_seconds=30)
+        applied = []
+        mine._followups = lambda now: applied.append(now)
+        mine.finish_followups(1.0)  # free: held for the post-actions, then released
+        assert applied == [1.0] and store.folder_holders() == []
+        assert store.hold_folder("drop", "host-b", ttl=30, now=2.0)  # another watcher took over
+        mine.finish_followups(3.0)
+        assert applied == [1.0]  # the other's to apply now
+    finally:
+        store.close()

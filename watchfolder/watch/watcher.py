@@ -540,6 +540,20 @@ class Watcher:
         self.holding = held
         return held
 
+    def finish_followups(self, now: float) -> None:
+        """Apply pending post-actions once more at shutdown, if this watcher can hold the folder.
+
+        The lease was released when watching stopped; another watcher may have taken
+        the folder over since, and then its post-actions are that watcher's to apply
+        (a move must not be applied twice).
+        """
+        if not self.store.hold_folder(self.name, self.holder, ttl=self.lease_seconds, now=now):
+            return
+        try:
+            self._followups(now)
+        finally:
+            self.store.release_folder(self.name, self.holder)
+
     def _release_dead_local_holder(self) -> bool:
         """Free the folder when its holder was a process of this host that no longer exists.
 
@@ -903,7 +917,7 @@ class WatchService:
         """After the workers stopped: apply the post-actions (receipts, moves) of jobs that just ended."""
         for watcher in self.watchers:
             try:
-                watcher._followups(time.time())
+                watcher.finish_followups(time.time())
             except Exception:  # best effort at shutdown; the next start applies what is left
                 log.exception("watch folder %s: post-actions at shutdown failed", watcher.name)
 
