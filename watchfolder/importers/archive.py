@@ -60,7 +60,9 @@ from .base import ImportContext, Importer
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-_O_TMPFILE = getattr(os, "O_TMPFILE", 0)  # Linux ≥ 3.11 on ext4, XFS, Btrfs, tmpfs; not NFS or SMB
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0)
+# Small files between two progress calls (each also a cancel checkpoint).
+PROGRESS_EVERY_FILES = 16  # Linux ≥ 3.11 on ext4, XFS, Btrfs, tmpfs; not NFS or SMB
 
 
 def _component(value: str | None, fallback: str) -> str:
@@ -256,7 +258,7 @@ class ArchiveImporter(Importer):
         missing = []
         for entry in job.spec.files:
             rel = entry.path
-            if os.path.isabs(rel) or ".." in Path(rel).parts:
+            if os.path.isabs(rel) or ".." in rel.split("/"):
                 # It would be copied outside the destination folder (the acquisition parsers refuse these too).
                 raise PermanentImportError(
                     f"{rel}: listed paths must be relative to the acquisition folder, without '..'"
@@ -390,7 +392,9 @@ class ArchiveImporter(Importer):
             reused_count += reused
             copied.append({"path": entry.path, "size": size, "sha256": digest})
             lines.append(f"{'already archived' if reused else 'archived'} {printable(entry.path)} sha256={digest}")
-            ctx.progress("copying", done_bytes, total, index + 1, count)
+            if index % PROGRESS_EVERY_FILES == 0 or size >= self.chunk_bytes:
+                # Every few files (the context throttles the store writes; this bounds the calls).
+                ctx.progress("copying", done_bytes, total, index + 1, count)
         ctx.progress("syncing", done_bytes, total, count, count)
         how = self._make_durable(ctx, dest_root, copied, folders)
         # Only now is anything reported archived: every line below is on stable storage.
