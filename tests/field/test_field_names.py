@@ -47,3 +47,19 @@ def test_a_path_too_long_for_the_archive_is_reported_and_the_rest_carries_on(fie
     jobs = field.settled(2)
     assert [j.spec.root.rsplit("/", 1)[-1] for j in succeeded(jobs)] == ["fine"] or len(succeeded(jobs)) == 2
     assert field.watcher_status()["health"] == "ok"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_acquisition_folder_named_in_latin_1_is_reported_and_the_rest_carries_on(field, tmp_path, mode):
+    field.start(mode)
+    staging = tmp_path / "staging"
+    manifest(staging / "ok", {"a.tif": b"fine"})
+    manifest(staging / "bad", {"b.tif": b"bad name"})
+    os.rename(os.fsencode(staging / "bad"), os.fsencode(field.drop) + b"/Messung_M\xfcller")
+    os.rename(staging / "ok", field.drop / "ok")
+    jobs = field.settled(1)
+    field.quiet_for(1.0)
+    jobs = field.jobs()
+    assert [j.spec.root.rsplit("/", 1)[-1] for j in succeeded(jobs)] == ["ok"], [(j.spec.root, j.error) for j in jobs]
+    assert field.reported("Messung_M"), field.pending()
+    assert field.watcher_status()["health"] == "ok"

@@ -910,6 +910,13 @@ class Detector:
         excluded name, and none may be a symbolic link (a link is never followed into
         an acquisition: ``latest -> plate``, ``reference -> /elsewhere``, ``loop -> .``).
         """
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:
+            return "name", (
+                f"the name {printable(rel)} is not valid UTF-8 (written by a system using another character set); "
+                "rename it (the job store, mails and OMERO need UTF-8 names)"
+            )
         pattern = self.patterns.path_excluded(rel)
         if pattern is not None:
             return "excluded", (
