@@ -104,6 +104,9 @@ def test_broker_down_then_up_every_event_goes_out_when_it_is_back(tmp_path, make
     service.start()
     service.dispatcher.poll_interval = 0.05
     try:
+        # A new sink starts after the newest event: let it exist before the first job is
+        # queued, or (under load) that job's first event comes before it and is not its to send.
+        wait_until(lambda: service.store.sinks(), timeout=30, message="the MQTT sink registered")
         jobs = [service.store.enqueue(make_spec(files={f"g{i}.tif": b"n" * (i + 1)}))[0] for i in range(5)]
         wait_until(lambda: service.store.counts()["succeeded"] == 5, timeout=30)
         wait_until(lambda: service.store.sinks() and service.store.sinks()[0]["failing_since"], timeout=10)
