@@ -20,6 +20,11 @@ Per-file work is constant: no listing of the destination per file, one
 context, which writes it to the store at a bounded rate whatever the file
 count.
 
+Sources are read through :class:`watchfolder.safefs.SourceTree`: no symlink is
+followed out of the job's allowed root or the acquisition folder, whatever was
+swapped in since the job was queued, and the size recorded is the one read from
+the opened file.
+
 Layout placeholders: ``{owner}``, ``{group}``, ``{project}``, ``{dataset}``,
 ``{screen}``, ``{acquisition}`` (the acquisition's folder name, or a one-file
 acquisition's file name without its extension), ``{job_id}``, ``{date}``
@@ -52,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import defaults as D
+from .. import safefs
 from ..errors import PermanentImportError, TransientImportError, classify_os_error
 from ..job import Job, printable
 from ..units import format_size
@@ -189,6 +195,7 @@ class ArchiveImporter(Importer):
     def __init__(self, config=None, *, root: Path | None = None, layout: str | None = None,
                  chunk_bytes: int = D.COPY_CHUNK_BYTES, sync: str = "auto", anonymous_temp: bool = True):
         archive = config.importer.archive if config is not None else None
+        self.config = config
         self.root = Path(root or archive.root)
         self.layout = layout or (archive.layout if archive else D.ARCHIVE_LAYOUT)
         self.chunk_bytes = chunk_bytes
@@ -249,11 +256,37 @@ class ArchiveImporter(Importer):
 
     # -- the run ------------------------------------------------------------------------
 
-    def _sources(self, job: Job) -> list[tuple[Any, str, int]]:
-        """``(entry, real source path, size)`` of every listed file; raises before anything is copied."""
+    def _tree(self, job: Job) -> safefs.SourceTree:
+        """The acquisition folder, opened under the job's allowed root (PermanentImportError if refused)."""
+        try:
+            allowed = safefs.allowed_root_for(job.spec.source, job.spec.root, self.config)
+            return safefs.SourceTree(allowed, os.fspath(job.spec.root))
+        except safefs.UnsafePath as exc:
+            raise PermanentImportError(str(exc)) from None
+        except OSError as exc:
+            raise classify_os_error(exc, job.spec.root, "read") from None
+
+    @staticmethod
+    def _open_source(tree: safefs.SourceTree, entry) -> tuple[int, os.stat_result]:
+        """Open a listed file through ``tree``: ``(fd, fstat)``; the size must be the one queued.
+
+        Raises PermanentImportError when the path is refused or the size changed; OSError as ``open``.
+        """
+        try:
+            fd, st = tree.open(entry.path)
+        except safefs.UnsafePath as exc:
+            raise PermanentImportError(str(exc)) from None
+        if entry.size is not None and st.st_size != entry.size:
+            os.close(fd)
+            raise PermanentImportError(
+                f"{entry.path} is {st.st_size} bytes but was {entry.size} bytes when queued: the acquisition "
+                "changed after it was queued; submit it again once it is complete"
+            )
+        return fd, st
+
+    def _sources(self, job: Job, tree: safefs.SourceTree) -> list[tuple[Any, str, int]]:
+        """``(entry, source path, size)`` of every listed file; raises before anything is copied."""
         src_root = os.fspath(job.spec.root)
-        real_root = os.path.realpath(src_root)
-        real_dirs: dict[str, str] = {}  # folder relative to the root -> its realpath: one per folder, not per file
         sources = []
         missing = []
         for entry in job.spec.files:
@@ -263,31 +296,15 @@ class ArchiveImporter(Importer):
                 raise PermanentImportError(
                     f"{rel}: listed paths must be relative to the acquisition folder, without '..'"
                 )
-            folder, _, name = rel.rpartition("/")
-            real_dir = real_dirs.get(folder)
-            if real_dir is None:
-                real_dir = real_dirs[folder] = os.path.realpath(os.path.join(src_root, folder))
-            real = os.path.join(real_dir, name)
             try:
-                st = os.lstat(real)
-                if stat.S_ISLNK(st.st_mode):
-                    real = os.path.realpath(real)
-                    st = os.stat(real)
+                fd, st = self._open_source(tree, entry)
+                os.close(fd)
             except (FileNotFoundError, NotADirectoryError):
                 missing.append(rel)
                 continue
-            if not _within(real, real_root):
-                raise PermanentImportError(
-                    f"{rel} resolves outside the acquisition folder ({real}); symlinks out of it are refused"
-                )
-            if not stat.S_ISREG(st.st_mode):
-                raise PermanentImportError(f"{rel} is not a regular file; list files only, not folders or devices")
-            if entry.size is not None and st.st_size != entry.size:
-                raise PermanentImportError(
-                    f"{rel} is {st.st_size} bytes but was {entry.size} bytes when queued: the acquisition "
-                    "changed after it was queued; submit it again once it is complete"
-                )
-            sources.append((entry, real, st.st_size))
+            except OSError as exc:
+                raise classify_os_error(exc, os.path.join(src_root, rel), "read") from None
+            sources.append((entry, os.path.join(src_root, rel), st.st_size))
         if missing:
             raise PermanentImportError(
                 f"{len(missing)} listed file(s) missing from {src_root}: {', '.join(missing[:20])}"
@@ -296,7 +313,11 @@ class ArchiveImporter(Importer):
         return sources
 
     def run(self, job: Job, ctx: ImportContext) -> dict[str, Any]:
-        sources = self._sources(job)
+        with self._tree(job) as tree:
+            return self._run(job, ctx, tree)
+
+    def _run(self, job: Job, ctx: ImportContext, tree: safefs.SourceTree) -> dict[str, Any]:
+        sources = self._sources(job, tree)
         dest_root = self.destination(job)
         buf = bytearray(self.chunk_bytes)
         for n in itertools.count(1):
@@ -306,13 +327,13 @@ class ArchiveImporter(Importer):
                     "of the same names; add {acquisition} or {job_id} to importer.archive.layout"
                 )
             candidate = dest_root if n == 1 else dest_root.with_name(f"{dest_root.name} ({n})")
-            if not self._fits(candidate, sources, buf):
+            if not self._fits(candidate, sources, buf, tree):
                 continue
             if n > 1:
                 ctx.log(f"{dest_root} already holds other files of the same names: archiving into {candidate}")
             placed: list[str] = []
             try:
-                result = self._copy_all(job, ctx, candidate, sources, buf, placed)
+                result = self._copy_all(job, ctx, candidate, sources, buf, placed, tree)
             except _Occupied as exc:
                 ctx.log(f"{exc}: another job took {candidate}; trying the next folder")
                 for path in placed:
@@ -326,7 +347,7 @@ class ArchiveImporter(Importer):
             return result
         raise AssertionError("unreachable")
 
-    def _fits(self, folder: Path, sources: list, buf: bytearray) -> bool:
+    def _fits(self, folder: Path, sources: list, buf: bytearray, tree: safefs.SourceTree) -> bool:
         """True when every file of the job is absent from ``folder`` or already there, identical.
 
         Costs one ``lstat`` when the folder does not exist yet (the usual case), and a
@@ -338,7 +359,7 @@ class ArchiveImporter(Importer):
             return True  # not there (or unusable above it: creating it says why, classified)
         if not stat.S_ISDIR(st.st_mode):
             return False
-        for entry, src, size in sources:
+        for entry, _src, size in sources:
             dest = os.path.join(folder, entry.path)
             try:
                 st = os.lstat(dest)
@@ -350,7 +371,7 @@ class ArchiveImporter(Importer):
                 return True  # e.g. a name too long: copying reports it, classified
             if not stat.S_ISREG(st.st_mode) or st.st_size != size:
                 return False
-            if self._hash_path(dest, buf) != (entry.sha256 or self._hash_path(src, buf)):
+            if self._hash_path(dest, buf) != (entry.sha256 or self._hash_source(tree, entry, buf)):
                 return False
         return True
 
@@ -361,8 +382,15 @@ class ArchiveImporter(Importer):
         finally:
             os.close(fd)
 
+    def _hash_source(self, tree: safefs.SourceTree, entry, buf: bytearray) -> str:
+        fd, _ = self._open_source(tree, entry)
+        try:
+            return self._hash_fd(fd, buf)
+        finally:
+            os.close(fd)
+
     def _copy_all(self, job: Job, ctx: ImportContext, dest_root: Path, sources: list, buf: bytearray,
-                  placed: list[str]) -> dict[str, Any]:
+                  placed: list[str], tree: safefs.SourceTree) -> dict[str, Any]:
         """Copy every source into ``dest_root``; ``placed`` collects the files this attempt linked there."""
         total = sum(size for _, _, size in sources)
         count = len(sources)
@@ -378,14 +406,14 @@ class ArchiveImporter(Importer):
         copied = []
         lines = []
         reused_count = 0
-        for index, (entry, src, size) in enumerate(sources):
+        for index, (entry, src, _queued_size) in enumerate(sources):
             dest = os.path.join(dest_root, entry.path)
             parent = os.path.dirname(dest)
             if parent not in folders:
                 self._prepare_folder(parent, tag)
                 folders.add(parent)
-            digest, reused = self._copy_one(ctx, tag if not anonymous else None, src, dest, entry.sha256, buf,
-                                            done_bytes, total, index, count)
+            digest, reused, size = self._copy_one(ctx, tag if not anonymous else None, src, dest, entry.sha256, buf,
+                                                  done_bytes, total, index, count, source=(tree, entry))
             if not reused:
                 placed.append(dest)
             done_bytes += size
@@ -447,8 +475,12 @@ class ArchiveImporter(Importer):
             raise classify_os_error(exc, exc.filename or dest_root, "flush to disk") from None
 
     def _copy_one(self, ctx: ImportContext, tag: str | None, src: str, dest: str, expected: str | None,
-                  buf: bytearray, done_before: int, total: int, index: int, count: int) -> tuple[str, bool]:
-        """Copy, verify and place one file; ``tag`` names a temporary file, None makes it anonymous."""
+                  buf: bytearray, done_before: int, total: int, index: int, count: int,
+                  *, source) -> tuple[str, bool, int]:
+        """Copy, verify and place one file: ``(sha256, already archived, bytes read)``.
+
+        ``tag`` names a temporary file, None makes it anonymous; ``source`` is ``(SourceTree, entry)``.
+        """
         folder, name = os.path.split(dest)
         tmp = os.path.join(folder, f".{name}{tag}{uuid.uuid4().hex[:8]}.part") if tag else None
         view = memoryview(buf)
@@ -456,8 +488,10 @@ class ArchiveImporter(Importer):
         done = 0
         fin = fout = -1
         try:
-            fin = os.open(src, os.O_RDONLY | _O_CLOEXEC)
-            before = os.fstat(fin)
+            try:
+                fin, before = self._open_source(*source)
+            except OSError as exc:
+                raise classify_os_error(exc, src, "read") from None
             if tmp is None:
                 fout = os.open(folder, os.O_RDWR | _O_TMPFILE | _O_CLOEXEC, 0o666)
             else:
@@ -482,10 +516,10 @@ class ArchiveImporter(Importer):
             if self._hash_fd(fout, buf) != digest:
                 raise TransientImportError(f"the copy of {os.path.basename(src)} does not match its source (disk error?)")
             if tmp is None:
-                return digest, self._place(fout, dest, digest, buf)
+                return digest, self._place(fout, dest, digest, buf), done
             os.close(fout)
             fout = -1
-            return digest, self._place(tmp, dest, digest, buf)
+            return digest, self._place(tmp, dest, digest, buf), done
         except OSError as exc:
             if exc.filename == src:
                 raise classify_os_error(exc, src, "read") from None

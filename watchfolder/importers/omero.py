@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import safefs
 from ..errors import JobInterrupt, PermanentImportError, TransientImportError
 from ..job import Job
 from . import register
@@ -128,6 +129,8 @@ class OmeroImporter(Importer):
             "email": spec.email,
             "target": spec.target.to_dict(),
             "root": spec.root,
+            # What the child may read under (watchfolder.safefs); a refusal fails the job.
+            "allowed_root": safefs.allowed_root_for(spec.source, spec.root, self.config),
             "files": [f.path for f in spec.files],
             "filesets": [list(fs) for fs in spec.filesets],
             "name": spec.name,
@@ -148,7 +151,10 @@ class OmeroImporter(Importer):
 
     def run(self, job: Job, ctx: ImportContext) -> dict[str, Any]:
         python = self.python()
-        payload = json.dumps(self.request(job)).encode()
+        try:
+            payload = json.dumps(self.request(job)).encode()
+        except safefs.UnsafePath as exc:
+            raise PermanentImportError(str(exc)) from None
         with open(ctx.log_path, "ab") as log:
             try:
                 proc = subprocess.Popen(

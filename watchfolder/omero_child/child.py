@@ -104,6 +104,38 @@ class Failure(Exception):
         self.unavailable = unavailable
 
 
+_SAFEFS = []
+
+
+def _safefs():
+    """The service's ``safefs`` module, loaded by file path (standard library only)."""
+    if not _SAFEFS:
+        import importlib.util
+
+        where = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "safefs.py")
+        spec = importlib.util.spec_from_file_location("watchfolder_safefs", where)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _SAFEFS.append(module)
+    return _SAFEFS[0]
+
+
+def open_source(req, rel):
+    """Open ``req["root"]/rel`` for reading as the service does; return ``(binary file, size in bytes)``.
+
+    No symlink is followed out of ``req["allowed_root"]`` (``/`` when absent) or the
+    acquisition folder, whatever was swapped in since the job was queued
+    (``watchfolder/safefs.py``). Raises :class:`Failure` (permanent) when the path
+    is refused, ``OSError`` as ``open`` does.
+    """
+    safefs = _safefs()
+    try:
+        fd, st = safefs.open_source(req.get("allowed_root") or "/", req["root"], rel)
+    except safefs.UnsafePath as exc:
+        raise Failure(str(exc)) from None
+    return os.fdopen(fd, "rb"), st.st_size
+
+
 # Multi-file formats: (suffix of the main file, function(stem) -> how to
 # recognise its companions). Paths are relative, '/'-separated.
 def _companion_dir(name_of_dir):
@@ -699,7 +731,7 @@ class Importer:
         sent = collections.deque()  # (async result, length), oldest first
         offset = 0
         try:
-            with open(path, "rb") as f:
+            with open_source(self.req, os.path.relpath(path, self.root))[0] as f:
                 while True:
                     block = f.read(self.block)
                     if not block:
@@ -830,9 +862,9 @@ class Importer:
         req["_plan"] = plan
         sizes = {}
         for rel in files:
-            path = os.path.join(self.root, rel)
             try:
-                sizes[rel] = os.stat(path).st_size
+                f, sizes[rel] = open_source(req, rel)
+                f.close()
             except OSError as exc:
                 raise Failure(
                     f"{rel!r} is missing from {self.root} ({exc.strerror}); put the file back "
@@ -862,7 +894,7 @@ class Importer:
             if keys in done:
                 fs_id, images = done[keys]
                 log.info("fileset %d (%s) was imported by an earlier attempt; reusing it", fs_id, rels[0])
-                hashes = [_sha1_of(os.path.join(self.root, r), self.block) for r in rels]
+                hashes = [_sha1_of(r, self.block, lambda rel: open_source(req, rel)[0]) for r in rels]
                 figures["bytes_done"] += sum(sizes[r] for r in rels)
                 figures["files_done"] += len(rels)
                 annotated = {row[0] for row in self.projection(Q_ANNOTATED_IMAGES, ns=req["namespace"], ids=images)}
@@ -899,9 +931,9 @@ class Importer:
         }
 
 
-def _sha1_of(path, block):
+def _sha1_of(path, block, opener=lambda p: open(p, "rb")):
     digest = hashlib.sha1()
-    with open(path, "rb") as f:
+    with opener(path) as f:
         for chunk in iter(lambda: f.read(block), b""):
             digest.update(chunk)
     return digest.hexdigest()

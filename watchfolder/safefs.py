@@ -1,0 +1,271 @@
+"""Open an acquisition's files without following a symlink out of where they belong.
+
+An acquisition's paths are checked when it is detected or submitted, and its
+files are opened later, by a worker. Between the two, whoever can write to the
+drop folder can swap a folder or a file for a symlink (``mv acq acq.orig;
+ln -s /etc acq``). A plain ``open()`` would follow it. :func:`open_source`
+therefore never follows a symlink it has not checked itself:
+
+- the allowed root (a watch folder, one of ``server.allowed_roots``: config the
+  admin wrote) is opened as named;
+- every folder from there down to the acquisition's folder is opened with
+  ``O_NOFOLLOW`` relative to its parent's descriptor (``dir_fd``): a folder that
+  became a symlink is refused, whatever it points to;
+- inside the acquisition, a symlink is followed only as the acquisition's own
+  parser allows it (to a path still inside the acquisition folder), resolved
+  here component by component with ``readlink(dir_fd=…)``, never by the kernel;
+- the file itself is opened with ``O_NOFOLLOW | O_NONBLOCK`` (a FIFO does not
+  block) and must be a regular file; its ``fstat`` is what the caller records
+  and compares, since the descriptor, not the name, is what gets read.
+
+This module uses the standard library only and runs on Python 3.10: the OMERO
+child process loads it by file path (:func:`load_by_path` in the child).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+try:
+    from .errors import WatchfolderError as _Base
+except ImportError:  # loaded by file path, outside the package (the OMERO child)
+    _Base = Exception
+
+__all__ = ["UnsafePath", "SourceTree", "open_source", "allowed_root_for", "same_file"]
+
+# As Linux's own limit on symlinks followed while resolving one path.
+MAX_SYMLINKS = 40
+_PATH = getattr(os, "O_PATH", 0)  # search permission is enough to walk through a folder
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_DIR_FLAGS = (_PATH or os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC
+
+
+class UnsafePath(_Base):
+    """A path left its allowed root, met a symlink where none may be, or is not a regular file.
+
+    Permanent: trying again cannot make the path safe. ``path`` is the path as asked for.
+    """
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def _within(path: str, root: str) -> bool:
+    root = root.rstrip("/") or "/"
+    return path == root or path.startswith(root if root == "/" else root + "/")
+
+
+def _relative_to(path: str, root: str) -> list[str]:
+    rest = path[len(root.rstrip("/")):]
+    return [p for p in rest.split("/") if p]
+
+
+def allowed_root_for(source: str, root: str, config=None) -> str:
+    """The folder a job of ``source`` may read under, for :func:`open_source`'s ``allowed_root``.
+
+    ``watch:<name>``: that watch folder. ``api:…`` and ``seed:…`` (HTTP clients):
+    the entry of ``server.allowed_roots`` holding ``root``. ``cli:…`` (a local user
+    who can read the config): ``/``. Raises :class:`UnsafePath` when no allowed
+    root holds ``root`` any more (e.g. the config changed since the job was queued).
+    """
+    kind, _, name = source.partition(":")
+    if kind == "cli" or config is None:
+        return "/"
+    if kind == "watch":
+        candidates = [w.path for w in getattr(config, "watch", ()) if w.name == name]
+    else:
+        candidates = list(getattr(getattr(config, "server", None), "allowed_roots", ()))
+    for candidate in candidates:
+        for form in (os.path.abspath(candidate), os.path.realpath(candidate)):
+            if _within(root, form):
+                return form
+    where = f"watch folder {name!r}" if kind == "watch" else "server.allowed_roots"
+    raise UnsafePath(root, f"is not under {where} any more; queue it again from an allowed folder")
+
+
+def _open_dir(name: str, dir_fd: int, shown: str) -> int:
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+            raise UnsafePath(shown, "is no longer a folder (a symlink or a file now); it was a folder "
+                                    "when the acquisition was queued, so it is not followed") from None
+        raise
+
+
+class SourceTree:
+    """An acquisition folder opened once, its files opened by :meth:`open`; a context manager.
+
+    Opening walks from ``allowed_root`` down to ``root`` with ``O_NOFOLLOW`` at
+    every folder (:class:`UnsafePath` if one became a symlink) and keeps the
+    acquisition folder's descriptor: every later open is relative to that very
+    folder, whatever happens to its path. The last few subfolders' descriptors
+    are kept too, so a plate of 100,000 files in 400 wells costs about one
+    ``openat`` per file.
+    """
+
+    CACHED_FOLDERS = 8
+
+    def __init__(self, allowed_root: str, root: str):
+        self.root = root
+        if not os.path.isabs(allowed_root) or not os.path.isabs(root):
+            raise UnsafePath(root, "the acquisition folder and its allowed root must be absolute paths")
+        if not _within(root, allowed_root):
+            raise UnsafePath(root, f"is not under its allowed root {allowed_root}")
+        self._forms = {root.rstrip("/") or "/", os.path.realpath(root)}  # compared as text only
+        self._folders: dict[str, int] = {}
+        fd = os.open(allowed_root, (_PATH or os.O_RDONLY) | os.O_DIRECTORY | _CLOEXEC)
+        try:
+            current = allowed_root.rstrip("/") or "/"
+            for part in _relative_to(root, allowed_root):
+                if part in (".", ".."):
+                    raise UnsafePath(root, "the acquisition folder must not contain '.' or '..'")
+                current = os.path.join(current, part)
+                parent, fd = fd, -1
+                try:
+                    fd = _open_dir(part, parent, current)
+                finally:
+                    os.close(parent)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            raise
+        self._root_fd = fd
+
+    def __enter__(self) -> SourceTree:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._folders.values():
+            os.close(fd)
+        self._folders.clear()
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd = -1
+
+    def open(self, rel: str) -> tuple[int, os.stat_result]:
+        """Open ``root/rel`` for reading: ``(fd, fstat)``; the caller closes ``fd``.
+
+        ``rel`` may pass through symlinks that stay inside the acquisition folder.
+        Raises :class:`UnsafePath` (refused: permanent) or ``OSError`` (missing
+        file, permissions, I/O error).
+        """
+        shown = os.path.join(self.root, rel)
+        if os.path.isabs(rel) or not rel:
+            raise UnsafePath(shown, "a listed path must be relative to the acquisition folder")
+        folder, _, name = rel.rpartition("/")
+        plain = name not in ("", ".", "..") and not any(p in ("", ".", "..") for p in folder.split("/") if folder)
+        if plain:
+            # Fast path: the folder's descriptor (resolved safely once), then the name itself,
+            # not following it. A symlink there takes the full walk below.
+            dir_fd = self._folder(folder, shown) if folder else self._root_fd
+            try:
+                fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+                    raise
+            else:
+                return self._regular(fd, shown)
+        fd = self._resolve(rel, shown, want_dir=False)
+        return self._regular(fd, shown)
+
+    @staticmethod
+    def _regular(fd: int, shown: str) -> tuple[int, os.stat_result]:
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UnsafePath(shown, "is not a regular file")
+            if getattr(os, "O_NONBLOCK", 0):
+                os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, st
+
+    def _folder(self, folder: str, shown: str) -> int:
+        fd = self._folders.pop(folder, None)
+        if fd is None:
+            fd = self._resolve(folder, shown, want_dir=True)
+            while len(self._folders) >= self.CACHED_FOLDERS:
+                os.close(self._folders.pop(next(iter(self._folders))))
+        self._folders[folder] = fd  # most recently used last
+        return fd
+
+    def _resolve(self, rel: str, shown: str, *, want_dir: bool) -> int:
+        """Walk ``rel`` from the acquisition folder, resolving symlinks here and refusing any way out."""
+        fds: list[int] = []  # below the acquisition folder; its own fd is not ours to close
+
+        def top() -> int:
+            return fds[-1] if fds else self._root_fd
+
+        pending = [p for p in rel.split("/") if p not in ("", ".")]
+        links = 0
+        try:
+            while pending:
+                part = pending.pop(0)
+                if part == "..":
+                    if not fds:
+                        raise UnsafePath(shown, "leads out of the acquisition folder ('..')")
+                    os.close(fds.pop())
+                    continue
+                as_dir = want_dir or bool(pending)
+                try:
+                    fd = os.open(part, _DIR_FLAGS if as_dir else _FILE_FLAGS, dir_fd=top())
+                except OSError as exc:
+                    if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+                        raise
+                    st = os.stat(part, dir_fd=top(), follow_symlinks=False)
+                    if not stat.S_ISLNK(st.st_mode):
+                        raise UnsafePath(shown, f"{part!r} is not a folder") from None
+                    links += 1
+                    if links > MAX_SYMLINKS:
+                        raise UnsafePath(shown, "too many levels of symlinks") from None
+                    target = os.readlink(part, dir_fd=top())
+                    if os.path.isabs(target):
+                        target = os.path.normpath(target)
+                        form = next((f for f in self._forms if _within(target, f)), None)
+                        if form is None:
+                            raise UnsafePath(shown, f"is a symlink out of the acquisition folder (to {target}); "
+                                                    "copy the file into the folder instead") from None
+                        for fd in fds:
+                            os.close(fd)
+                        fds.clear()
+                        pending = _relative_to(target, form) + pending
+                    else:
+                        pending = [p for p in target.split("/") if p not in ("", ".")] + pending
+                    continue
+                fds.append(fd)
+            if not fds:
+                if want_dir:
+                    return os.dup(self._root_fd)
+                raise UnsafePath(shown, "is not a regular file")
+            return fds.pop()
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def open_source(allowed_root: str, root: str, rel: str) -> tuple[int, os.stat_result]:
+    """Open ``root/rel`` for reading once; ``(fd, fstat)``, the caller closes ``fd``.
+
+    See :class:`SourceTree` (use it to open many files of one acquisition).
+    """
+    try:
+        tree = SourceTree(allowed_root, root)
+    except UnsafePath as exc:
+        raise UnsafePath(os.path.join(root, rel), exc.reason) from None
+    with tree:
+        return tree.open(rel)
+
+
+def same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    """True when two stats name the same file with the same content stamp (device, inode, size, mtime)."""
+    return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns) == (b.st_dev, b.st_ino, b.st_size, b.st_mtime_ns)
