@@ -68,10 +68,13 @@ def _relative_to(path: str, root: str) -> list[str]:
 def allowed_root_for(source: str, root: str, config=None) -> str:
     """The folder a job of ``source`` may read under, for :func:`open_source`'s ``allowed_root``.
 
-    ``watch:<name>``: that watch folder. ``api:…`` and ``seed:…`` (HTTP clients):
-    the entry of ``server.allowed_roots`` holding ``root``. ``cli:…`` (a local user
-    who can read the config): ``/``. Raises :class:`UnsafePath` when no allowed
-    root holds ``root`` any more (e.g. the config changed since the job was queued).
+    ``watch:<name>``: that watch folder. Other sources (``api:…``, ``seed:…``: HTTP
+    clients): the entry of ``server.allowed_roots`` holding ``root``. ``cli:…`` (a
+    local user who can read the config), a watch folder no longer configured, or no
+    allowed roots at all: ``/`` (the walk from there still refuses every symlink
+    down to ``root``, which was resolved when the job was queued). Raises
+    :class:`UnsafePath` when allowed roots are configured but none holds ``root``
+    any more (the config was narrowed since the job was queued).
     """
     kind, _, name = source.partition(":")
     if kind == "cli" or config is None:
@@ -80,6 +83,8 @@ def allowed_root_for(source: str, root: str, config=None) -> str:
         candidates = [w.path for w in getattr(config, "watch", ()) if w.name == name]
     else:
         candidates = list(getattr(getattr(config, "server", None), "allowed_roots", ()))
+    if not candidates:
+        return "/"
     for candidate in candidates:
         for form in (os.path.abspath(candidate), os.path.realpath(candidate)):
             if _within(root, form):
