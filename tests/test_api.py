@@ -279,7 +279,7 @@ def test_invalid_json_is_400_with_line_and_column(svc):
     assert r.status == 400
     assert r.json["detail"]["line"] == 3 and r.json["detail"]["column"] == 12
     assert "line 3, column 12" in r.json["error"]
-    r = svc.client("portal").post("/api/v1/jobs", raw=b'{"path": "\xff"}')
+    r = svc.client("portal").post("/api/v1/jobs", raw=b'{"path": "\xff"}', headers={"Content-Type": "application/json"})
     assert r.status == 400 and "UTF-8" in r.json["error"]
 
 

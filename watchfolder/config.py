@@ -93,6 +93,7 @@ class ArchiveConfig:
     layout: str = D.ARCHIVE_LAYOUT
     # Below this many free bytes on the archive volume, its jobs pause (not fail).
     min_free_bytes: int = D.ARCHIVE_MIN_FREE_BYTES
+    file_mode: int | None = None  # None: each copy keeps its source's permission bits
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,10 @@ class ServerConfig:
     allowed_roots: tuple[Path, ...] = ()
     tokens: tuple[TokenConfig, ...] = ()
     public_url: str | None = None
+    connection_limit: int = D.SERVER_CONNECTION_LIMIT
+    idle_timeout: float = D.SERVER_IDLE_TIMEOUT
+    seed_max_items: int = D.SEED_MAX_ITEMS
+    seed_rate_per_minute: int = D.SEED_RATE_PER_MINUTE
 
     @property
     def host(self) -> str:
@@ -537,11 +542,12 @@ def _importer(r: _Reader, raw: dict, data_dir: Path) -> ImporterConfig:
     kind = r.get(raw, "kind", w, one_of("archive", "omero", "noop"), "archive")
     a = r.section(raw, "archive", w)
     aw = "importer.archive"
-    r.unknown(a, {"root", "layout", "min_free_bytes"}, aw)
+    r.unknown(a, {"root", "layout", "min_free_bytes", "file_mode"}, aw)
     archive = ArchiveConfig(
         root=r.get(a, "root", aw, r.path, data_dir / "archive"),
         layout=r.get(a, "layout", aw, _layout, D.ARCHIVE_LAYOUT),
         min_free_bytes=r.get(a, "min_free_bytes", aw, non_negative_int, D.ARCHIVE_MIN_FREE_BYTES),
+        file_mode=r.get(a, "file_mode", aw, _file_mode, None),
     )
     o = r.section(raw, "omero", w)
     ow = "importer.omero"
@@ -628,7 +634,8 @@ def _notify(r: _Reader, raw: dict, data_dir: Path) -> NotifyConfig:
 
 def _server(r: _Reader, raw: dict) -> ServerConfig:
     w = "server"
-    r.unknown(raw, {"enabled", "listen", "threads", "max_body_bytes", "allowed_roots", "tokens", "public_url"}, w)
+    r.unknown(raw, {"enabled", "listen", "threads", "max_body_bytes", "allowed_roots", "tokens", "public_url",
+                    "connection_limit", "idle_timeout", "seed_max_items", "seed_rate_per_minute"}, w)
     tokens = []
     raw_tokens = raw.get("tokens") or []
     if not isinstance(raw_tokens, list):
@@ -664,6 +671,10 @@ def _server(r: _Reader, raw: dict) -> ServerConfig:
         allowed_roots=tuple(r.path(p) for p in r.get(raw, "allowed_roots", w, text_list, ())),
         tokens=tuple(tokens),
         public_url=r.get(raw, "public_url", w, text, None),
+        connection_limit=r.get(raw, "connection_limit", w, positive_int, D.SERVER_CONNECTION_LIMIT),
+        idle_timeout=r.get(raw, "idle_timeout", w, positive_seconds, D.SERVER_IDLE_TIMEOUT),
+        seed_max_items=r.get(raw, "seed_max_items", w, positive_int, D.SEED_MAX_ITEMS),
+        seed_rate_per_minute=r.get(raw, "seed_rate_per_minute", w, positive_int, D.SEED_RATE_PER_MINUTE),
     )
 
 
@@ -766,6 +777,15 @@ def topic_prefix(value: Any) -> str:
     if not isinstance(value, str) or not value or any(c in value for c in "#+\0") or value.startswith("/"):
         raise _Bad(f"must be an MQTT topic without wildcards (+, #) such as facility/watchfolder, got {_show(value)}")
     return value.rstrip("/")
+
+
+def _file_mode(value: Any) -> int:
+    """Octal permission bits: "0640" (or YAML's unquoted 0640, read as the integer 416)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
+        return value
+    if isinstance(value, str) and re.fullmatch(r"0?o?[0-7]{3}", value.strip()):
+        return int(value.strip()[-3:], 8)
+    raise _Bad(f'must be permission bits in octal such as "0640", got {_show(value)}')
 
 
 def _token_hash(value: Any) -> str:

@@ -52,6 +52,13 @@ LISTEN = "127.0.0.1:8470"
 # spent more time switching than working (bench/bench_api.py).
 SERVER_THREADS = 4
 MAX_BODY_BYTES = 1024 * 1024
+# Open connections waitress keeps (its default, 100, let 110 idle clients stall
+# every request); a connection silent this long is closed.
+SERVER_CONNECTION_LIMIT = 1000
+SERVER_IDLE_TIMEOUT = 30.0
+# /ome/import (no bearer token): items per request, and requests per minute per client address.
+SEED_MAX_ITEMS = 100
+SEED_RATE_PER_MINUTE = 60
 
 WATCH_MODE = "auto"
 WATCH_DETECTION = "manifest"

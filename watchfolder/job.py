@@ -95,8 +95,9 @@ class Target:
         for key in keys:
             value = data[key]
             if key.endswith("_id"):
-                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                    raise AcquisitionError(f"{where}.{key}: must be a positive integer, got {value!r}")
+                # OMERO ids are Java longs (and SQLite integers 64-bit): a larger one names nothing.
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**63:
+                    raise AcquisitionError(f"{where}.{key}: must be a positive integer below 2**63, got {value!r}")
             elif not isinstance(value, str) or not value.strip():
                 raise AcquisitionError(f"{where}.{key}: must be a non-empty string, got {value!r}")
             elif "/" in value or "\x00" in value:

@@ -19,6 +19,7 @@ import concurrent.futures
 import dataclasses
 import difflib
 import logging
+import math
 import os
 import queue
 import threading
@@ -33,6 +34,7 @@ from ..events.cloudevents import envelope
 from ..job import Job, JobState, Target
 from ..status import collect_status, health
 from ..watch.acquisition import from_path
+from . import params
 from .auth import Principal, TokenVerifier, resolve_roots, resolve_under_roots
 from .http import API, ApiError, BodyError, api_errors, invalid, json_response, problem, read_json_body
 from .metrics import make_registry
@@ -48,6 +50,8 @@ JOB_REQUEST_FIELDS = (
     "idempotency_key", "session_key",
 )
 _TEXT_FIELDS = ("owner", "group", "email", "name", "description", "session_key", "idempotency_key")
+# Optional text the contract allows empty: "" means "not given".
+_MAY_BE_EMPTY = ("group", "email", "name", "description")
 
 
 def _unknown_field(key: str, known: tuple[str, ...]) -> dict[str, str]:
@@ -73,7 +77,7 @@ def parse_job_request(body: Any) -> tuple[dict[str, Any], list[dict[str, str]]]:
         clean["path"] = path
     for key in _TEXT_FIELDS:
         value = body.get(key)
-        if value is None:
+        if value is None or (key in _MAY_BE_EMPTY and isinstance(value, str) and not value.strip()):
             continue
         if not isinstance(value, str) or not value.strip() or "\x00" in value:
             problems.append(problem(key, f"must be a non-empty string, got {value!r}"))
@@ -114,18 +118,21 @@ def _int_param(query, name: str, default: int, low: int, high: int, problems: li
 
 
 def parse_time(value: str, field: str) -> float:
-    """Unix seconds or ISO 8601 (naive means UTC)."""
+    """Unix seconds or ISO 8601 (naive means UTC); 422 naming ``field`` otherwise (NaN and infinities too)."""
+    bad = invalid([problem(field, f"must be Unix seconds or ISO 8601 such as 2026-11-28T10:00:00Z, got {value!r}")])
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise invalid([problem(field, f"must be Unix seconds or ISO 8601 such as 2026-11-28T10:00:00Z, got {value!r}")]) from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=UTC)
+            seconds = parsed.timestamp()
+        except (ValueError, OverflowError):
+            raise bad from None
+    if not math.isfinite(seconds) or abs(seconds) > 1e11:  # beyond year 5000: a typo
+        raise bad
+    return seconds
 
 
 # ---------------------------------------------------------------------------
@@ -203,9 +210,12 @@ class Api:
     # -- helpers -----------------------------------------------------------
 
     def principal(self) -> Principal:
-        return self.verifier.verify(bottle.request.get_header("Authorization"))
+        # The raw WSGI value (Latin-1 text): bottle's header view decodes UTF-8 and fails on other bytes.
+        return self.verifier.verify(bottle.request.environ.get("HTTP_AUTHORIZATION"))
 
     def body(self) -> Any:
+        """The request's JSON body: 415 unless sent as application/json, 413 too large, 400 not JSON."""
+        params.require_json(bottle.request.environ)
         try:
             return read_json_body(bottle.request.environ, self.max_body)
         except BodyError as exc:
@@ -329,37 +339,44 @@ class Api:
                 self.store.log(job.id, f"warning: {warning}")
         return job, created
 
-    def list_jobs(self, principal: Principal, query: bottle.FormsDict) -> dict[str, Any]:
+    def list_jobs(self, principal: Principal, query: bottle.MultiDict) -> dict[str, Any]:
+        """``query``: from :func:`.params.query` (UTF-8). Every bad parameter is named in one 422."""
         problems: list[dict[str, str]] = []
         known = ("state", "owner", "source", "since", "until", "limit", "cursor")
         problems += [_unknown_field(k, known) for k in query.keys() if k not in known]
         states: list[str] = []
+        names = ", ".join(str(v) for v in JobState)
         for raw in query.getall("state"):
-            for s in filter(None, (x.strip() for x in raw.split(","))):
+            given = [x.strip() for x in raw.split(",")]
+            if not all(given):
+                problems.append(problem("state", f"must list states separated by commas ({names}), got {raw!r}"))
+            for s in filter(None, given):
                 if s not in {str(v) for v in JobState}:
-                    problems.append(problem("state", f"unknown state {s!r}; use {', '.join(str(v) for v in JobState)}"))
+                    problems.append(problem("state", f"unknown state {s!r}; use {names}"))
                 states.append(s)
         limit = 50
-        if query.get("limit") is not None:
+        since = until = cursor = None
+        checks = (
+            ("limit", lambda v: params.whole_number(v, "limit", 1, MAX_PAGE)),
+            ("since", lambda v: parse_time(v, "since")),
+            ("until", lambda v: parse_time(v, "until")),
+            ("cursor", params.cursor),
+        )
+        parsed: dict[str, Any] = {}
+        for key, parse in checks:
+            if query.get(key) is None:
+                continue
             try:
-                limit = int(query.get("limit"))
-                if not 1 <= limit <= MAX_PAGE:
-                    raise ValueError
-            except ValueError:
-                problems.append(problem("limit", f"must be a whole number from 1 to {MAX_PAGE}, got {query.get('limit')!r}"))
-        since = until = None
-        try:
-            if query.get("since"):
-                since = parse_time(query.get("since"), "since")
-            if query.get("until"):
-                until = parse_time(query.get("until"), "until")
-        except ApiError as exc:
-            problems += exc.detail
-        cursor = query.get("cursor") or None
-        if cursor is not None and not cursor.isdigit():
-            problems.append(problem("cursor", f"must be the next_cursor of a previous page, got {cursor!r}"))
+                parsed[key] = parse(query.get(key))
+            except ApiError as exc:
+                problems += exc.detail
+        for key in ("owner", "source"):
+            if any(not v for v in query.getall(key)):
+                problems.append(problem(key, "must not be empty; leave the parameter out to not filter"))
         if problems:
             raise invalid(problems)
+        limit = parsed.get("limit", limit)
+        since, until, cursor = parsed.get("since"), parsed.get("until"), parsed.get("cursor")
         owner = query.get("owner") or None
         source = query.get("source") or None
         empty = {"jobs": [], "next_cursor": None}
@@ -412,35 +429,39 @@ def install(app: bottle.Bottle, api: Api) -> None:
     @api_errors
     def list_jobs():
         principal = api.principal()
-        return json_response(api.list_jobs(principal, bottle.request.query))
+        return json_response(api.list_jobs(principal, params.query(bottle.request.environ)))
 
-    @app.get(f"{API}/jobs/<job_id:int>")
+    @app.get(f"{API}/jobs/<ident>")
     @api_errors
-    def get_job(job_id: int):
+    def get_job(ident: str):
         principal = api.principal()
+        job_id = params.job_id(ident)
         return json_response(api.visible_job(principal, job_id).to_dict())
 
-    @app.get(f"{API}/jobs/<job_id:int>/log")
+    @app.get(f"{API}/jobs/<ident>/log")
     @api_errors
-    def get_log(job_id: int):
+    def get_log(ident: str):
         principal = api.principal()
+        job_id = params.job_id(ident)
         job = api.visible_job(principal, job_id)
         response = bottle.HTTPResponse(store.read_log(job.id))
         response.content_type = "text/plain; charset=utf-8"
         return response
 
-    @app.post(f"{API}/jobs/<job_id:int>/retry")
+    @app.post(f"{API}/jobs/<ident>/retry")
     @api_errors
-    def retry_job(job_id: int):
+    def retry_job(ident: str):
         principal = api.principal()
+        job_id = params.job_id(ident)
         principal.require("manage", "retry jobs")
         api.visible_job(principal, job_id)
         return json_response(store.retry(job_id, by=principal.source).to_dict())
 
-    @app.post(f"{API}/jobs/<job_id:int>/cancel")
+    @app.post(f"{API}/jobs/<ident>/cancel")
     @api_errors
-    def cancel_job(job_id: int):
+    def cancel_job(ident: str):
         principal = api.principal()
+        job_id = params.job_id(ident)
         principal.require("manage", "cancel jobs")
         api.visible_job(principal, job_id)
         return json_response(store.cancel(job_id, by=principal.source).to_dict())

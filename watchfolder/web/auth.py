@@ -163,8 +163,8 @@ class TokenVerifier:
             raise Unauthorized("missing bearer token; send the header 'Authorization: Bearer <token>'")
         scheme, _, token = authorization.strip().partition(" ")
         token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise Unauthorized("the Authorization header must be 'Bearer <token>'")
+        if scheme.lower() != "bearer" or not token or not token.isascii():
+            raise Unauthorized("the Authorization header must be 'Bearer <token>' (tokens are ASCII)")
         presented = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
         found: Principal | None = None
         # No early exit: every configured hash is compared, whatever matches.

@@ -8,6 +8,7 @@ exception to.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,10 @@ from .auth import AuthError
 
 API = "/api/v1"
 JSON_TYPE = "application/json"
+# Arrays and objects nested deeper than this are refused before anything walks them
+# (the API's documents are 3 levels deep; Python's parser recurses and would hit its
+# recursion limit around 1,000 levels).
+MAX_JSON_DEPTH = 32
 
 
 class ApiError(Exception):
@@ -75,6 +80,10 @@ def read_json_body(environ: dict, limit: int) -> Any:
             f"the body is not UTF-8 (bad byte at line {line}, column {column}); send UTF-8 JSON",
             {"line": line, "column": column, "message": "not UTF-8"},
         ) from None
+    too_deep = BodyError(400, f"the JSON is nested more than {MAX_JSON_DEPTH} levels deep; send a flatter document",
+                         {"line": 1, "column": 1, "message": "nested too deeply"})
+    if _nesting(raw) > MAX_JSON_DEPTH:
+        raise too_deep
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -83,6 +92,27 @@ def read_json_body(environ: dict, limit: int) -> Any:
             f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
             {"line": exc.lineno, "column": exc.colno, "message": exc.msg},
         ) from None
+    except RecursionError:  # only if the scan above missed a level; never a 500
+        raise too_deep from None
+
+
+_STRUCTURE = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _nesting(raw: bytes) -> int:
+    """The deepest nesting of arrays and objects in ``raw`` (strings skipped), without parsing it."""
+    depth = deepest = 0
+    for match in _STRUCTURE.finditer(raw):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_JSON_DEPTH:
+                    break
+        elif token in (b"]", b"}"):
+            depth -= 1
+    return deepest
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> bottle.HTTPResponse:

@@ -17,14 +17,24 @@ the seed, deliberately:
 
 The ``statusUri`` id is a random UUID (the job's idempotency key is
 ``ome-import:<uuid>``), so logs cannot be enumerated by counting job ids. The
-failed-import routes need an admin token.
+failed-import routes need an admin token and show only the jobs that token may
+see (its owners), through the API's one authorisation helper (``Api.visible``).
+
+Since this route takes no token, it is also bounded: only ``application/json``
+bodies (a web page cannot post JSON across origins without the browser asking
+first, so no CSRF), at most ``server.seed_max_items`` items (413) and
+``server.seed_rate_per_minute`` requests per client address (429). Every
+refusal is logged for the admin.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
+import threading
+import time
 import urllib.parse
 import uuid
 from typing import Any
@@ -35,8 +45,11 @@ from .. import defaults as D
 from ..errors import AcquisitionError, JobNotFound
 from ..job import Job, JobSpec, JobState, Target
 from ..watch.acquisition import from_path
+from . import params
 from .auth import AuthError, Forbidden, resolve_under_roots
-from .http import BodyError, error_response, read_json_body
+from .http import ApiError, BodyError, error_response, read_json_body
+
+log = logging.getLogger(__name__)
 
 IMPORT_PATH = "/ome/import"
 FAILED_PATH = "/ome/failed/import"
@@ -214,44 +227,94 @@ def find_import(store, ident: str, *, numeric: bool) -> Job | None:
     try:
         uuid.UUID(ident)
     except ValueError:
-        if numeric and ident.isdigit():
+        job_id = params.positive_id(ident) if numeric else None
+        if job_id is not None:
             try:
-                return store.get(int(ident))
+                return store.get(job_id)
             except JobNotFound:
                 return None
         return None
     return store.find(KEY_PREFIX + ident)
 
 
+class RateLimiter:
+    """At most ``per_minute`` requests per client address, as a token bucket (bursts up to ``per_minute``).
+
+    Thread-safe; remembers at most ``max_clients`` addresses (the least recently seen go first).
+    """
+
+    def __init__(self, per_minute: int, max_clients: int = 10_000) -> None:
+        self.rate = per_minute / 60.0
+        self.burst = float(per_minute)
+        self.max_clients = max_clients
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, client: str, now: float | None = None) -> float:
+        """0 when ``client`` may go ahead (one token taken), else the seconds to wait."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            tokens, last = self._buckets.pop(client, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            wait = 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+            self._buckets[client] = (tokens - 1 if wait == 0 else tokens, now)
+            while len(self._buckets) > self.max_clients:
+                del self._buckets[next(iter(self._buckets))]
+            return wait
+
+
 def install(app: bottle.Bottle, api) -> None:
     """Mount the seed routes on the API's app."""
     config, store = api.config, api.store
+    limiter = RateLimiter(config.server.seed_rate_per_minute)
+    max_items = config.server.seed_max_items
 
     def admin() -> Any:
-        """None when the caller holds an admin token, else the error response."""
+        """The caller's principal when it holds an admin token, else the error response."""
         try:
             principal = api.principal()
             principal.require("manage", "use the failed-import routes")
         except AuthError as exc:
             headers = {"WWW-Authenticate": 'Bearer realm="watchfolder"'} if exc.status == 401 else None
             return error_response(exc.status, str(exc), None, headers)
-        return None
+        return principal
+
+    def refuse(reason: str, status: int = 400, headers: dict[str, str] | None = None) -> bottle.HTTPResponse:
+        log.warning("POST %s from %s refused (%d): %s", IMPORT_PATH, bottle.request.remote_addr or "?", status,
+                    reason.splitlines()[0] if reason else "")
+        response = _reason(reason, status)
+        for key, value in (headers or {}).items():
+            response.set_header(key, value)
+        return response
 
     @app.post(IMPORT_PATH)
     def post_import():
+        wait = limiter.allow(bottle.request.remote_addr or "?")
+        if wait:
+            return refuse(
+                f"too many requests from this address (server.seed_rate_per_minute is "
+                f"{config.server.seed_rate_per_minute}); try again in {wait:.0f} s",
+                429, {"Retry-After": str(max(1, round(wait)))},
+            )
         if config.importer.kind != "omero":
-            return _reason(
+            return refuse(
                 f"this service imports with importer {config.importer.kind!r}, not into OMERO, so it cannot "
                 "use OMERO session keys; submit with POST /api/v1/jobs and a bearer token instead"
             )
         try:
+            params.require_json(bottle.request.environ)
             body = read_json_body(bottle.request.environ, api.max_body)
+        except ApiError as exc:
+            return refuse(exc.error, exc.status)
         except BodyError as exc:
-            return _reason(exc.message, exc.status)
+            return refuse(exc.message, exc.status)
         if body is None:
             return _json_list([])
         if not isinstance(body, list):
-            return _reason(f"the body must be a JSON array of import requests, got {type(body).__name__}")
+            return refuse(f"the body must be a JSON array of import requests, got {type(body).__name__}")
+        if len(body) > max_items:
+            return refuse(f"{len(body)} import requests in one body; the limit is {max_items} "
+                          "(server.seed_max_items): send them in several requests", 413)
         errors: list[str] = []
         specs: list[tuple[JobSpec, str]] = []
         for i, item in enumerate(body):
@@ -261,7 +324,7 @@ def install(app: bottle.Bottle, api) -> None:
             if spec is not None:
                 specs.append((spec, item["targetUri"]))
         if errors:
-            return _reason("\n".join(errors))
+            return refuse("\n".join(errors))
         out = []
         for spec, uri in specs:
             job, _created = api.batcher.enqueue(spec, "submitted through /ome/import (seed API)")
@@ -279,42 +342,42 @@ def install(app: bottle.Bottle, api) -> None:
 
     @app.get(FAILED_PATH)
     def list_failed():
-        refused = admin()
-        if refused is not None:
-            return refused
+        principal = admin()
+        if isinstance(principal, bottle.HTTPResponse):
+            return principal
         paths: list[str] = []
         cursor = None
         while True:
             jobs, cursor = store.list_jobs(states=[str(JobState.FAILED)], dismissed=False, limit=1000, cursor=cursor)
-            paths += [f"{FAILED_PATH}/{import_id(j)}" for j in jobs]
+            paths += [f"{FAILED_PATH}/{import_id(j)}" for j in jobs if api.visible(principal, j)]
             if cursor is None:
                 break
         return _json_list(paths)
 
-    def failed_job(ident: str) -> Job | None:
+    def failed_job(principal, ident: str) -> Job | None:
         job = find_import(store, ident, numeric=True)
         if job is None or job.state != JobState.FAILED or job.dismissed_at is not None:
             return None
-        return job
+        return job if api.visible(principal, job) else None
 
     @app.get(FAILED_PATH + "/<ident>")
     def get_failed(ident: str):
-        refused = admin()
-        if refused is not None:
-            return refused
-        job = failed_job(ident)
+        principal = admin()
+        if isinstance(principal, bottle.HTTPResponse):
+            return principal
+        job = failed_job(principal, ident)
         if job is None:
             return _text(f"no failed import {ident}\n", 404)
         return _text(store.read_log(job.id))
 
     @app.delete(FAILED_PATH + "/<ident>")
     def delete_failed(ident: str):
-        refused = admin()
-        if refused is not None:
-            return refused
-        job = failed_job(ident)
-        if job is not None:
-            store.dismiss(job.id, by=api.principal().source)
+        principal = admin()
+        if isinstance(principal, bottle.HTTPResponse):
+            return principal
+        job = failed_job(principal, ident)
+        if job is not None:  # nothing to drop (or not this token's to see) answers the same
+            store.dismiss(job.id, by=principal.source)
         return bottle.HTTPResponse(status=204)
 
 

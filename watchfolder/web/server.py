@@ -8,11 +8,15 @@ or Ctrl-C (``watchfolder serve``). Port 0 binds an ephemeral port; ``.port`` and
 
 from __future__ import annotations
 
+import json
 import logging
+import resource
 import threading
 
 from waitress import wasyncore
+from waitress.channel import HTTPChannel
 from waitress.server import create_server
+from waitress.task import ErrorTask
 
 from ..errors import ConfigError
 
@@ -21,6 +25,39 @@ log = logging.getLogger(__name__)
 # How long one poll of the server loop waits; bounds how fast stop() is noticed
 # when the wake-up trigger is not available.
 LOOP_TIMEOUT = 0.5
+
+
+class JsonErrorTask(ErrorTask):
+    """waitress's own refusals (body too large, bad request line, …) in the API's JSON error shape."""
+
+    def execute(self):
+        e = self.request.error
+        message = f"{e.reason}: {e.body}"
+        if e.code == 413:
+            limit = self.channel.server.adj.max_request_body_size
+            message = f"the body is larger than the limit of {limit} bytes (server.max_body_bytes)"
+        body = json.dumps({"error": message, "detail": None}).encode()
+        self.status = f"{e.code} {e.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class JsonErrorChannel(HTTPChannel):
+    error_task_class = JsonErrorTask
+
+
+def _raise_open_files_limit(wanted: int) -> None:
+    """Raise the soft limit on open files towards ``wanted`` (never past the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open files limit to %d (%s); server.connection_limit may not be "
+                        "reached", target, exc)
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -41,6 +78,9 @@ class Server:
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         limit = config.server.max_body_bytes
+        server = config.server
+        # Every connection is a descriptor; keep room for the store, logs and the children.
+        _raise_open_files_limit(server.connection_limit + 512)
         try:
             self._server = create_server(
                 app,
@@ -49,12 +89,19 @@ class Server:
                 port=requested_port,
                 threads=config.server.threads,
                 ident="watchfolder",
-                # The app answers 413 in JSON up to this size; waitress refuses (plain text)
-                # only bodies far beyond the limit, so it never buffers unbounded input.
-                max_request_body_size=max(4 * limit, limit + 65536),
+                # waitress refuses larger bodies before buffering them, in JSON (JsonErrorTask).
+                max_request_body_size=limit,
                 expose_tracebacks=False,
                 clear_untrusted_proxy_headers=True,
+                # Idle or half-open clients must not starve the others (waitress's
+                # default keeps 100 connections, each for 120 s of silence).
+                connection_limit=server.connection_limit,
+                channel_timeout=server.idle_timeout,
+                cleanup_interval=max(1, min(30, int(server.idle_timeout / 2))),
+                # select() cannot watch descriptors past 1024.
+                asyncore_use_poll=True,
             )
+            self._server.channel_class = JsonErrorChannel
         except OSError as exc:
             raise ConfigError(
                 f"server.listen: cannot listen on {self.host}:{requested_port} ({exc.strerror or exc}); "
@@ -75,7 +122,7 @@ class Server:
     def _loop(self) -> None:
         try:
             while not self._stopping.is_set() and self._map:
-                wasyncore.loop(timeout=LOOP_TIMEOUT, map=self._map, count=1)
+                wasyncore.loop(timeout=LOOP_TIMEOUT, map=self._map, use_poll=True, count=1)
         finally:
             self._server.task_dispatcher.shutdown()
             wasyncore.close_all(self._map)

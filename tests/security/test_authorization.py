@@ -1,0 +1,90 @@
+"""Issue 10, case 2: every route × every kind of token; an owner limit holds on every one of them.
+
+The routes come from the application itself, so a route added later without an
+entry here fails ``test_every_route_is_covered``.
+"""
+
+from __future__ import annotations
+
+import pytest
+from api_support import TOKEN_SPECS, acquisition, start_service, stop_service
+
+from watchfolder.web.app import create_app
+from watchfolder.web.seed import import_id
+
+TOKENS = {
+    **TOKEN_SPECS,
+    "jdoe-admin": ("admin", ("jdoe",), ()),
+    "jdoe-reader": ("read", ("jdoe",), ()),
+}
+OWNER_LIMITED = ("jdoe-admin", "jdoe-reader", "jdoe-only", "lab-reader")  # none of them may see alice
+KINDS = [None, *TOKENS]
+
+# rule -> (method, path with {id} for alice's failed job, per-job?)
+ROUTES = {
+    ("POST", "/api/v1/jobs"): None,  # submitting: covered by the owner checks of the submit tests
+    ("GET", "/api/v1/jobs"): "/api/v1/jobs?limit=500",
+    ("GET", "/api/v1/jobs/<ident>"): "/api/v1/jobs/{id}",
+    ("GET", "/api/v1/jobs/<ident>/log"): "/api/v1/jobs/{id}/log",
+    ("POST", "/api/v1/jobs/<ident>/retry"): "/api/v1/jobs/{id}/retry",
+    ("POST", "/api/v1/jobs/<ident>/cancel"): "/api/v1/jobs/{id}/cancel",
+    ("GET", "/api/v1/status"): None,  # counts only, no job
+    ("GET", "/api/v1/whoami"): None,
+    ("GET", "/api/v1/health"): None,
+    ("GET", "/api/v1/openapi.yaml"): None,
+    ("GET", "/metrics"): None,
+    ("GET", "/"): None,
+    ("GET", "/static/<name>"): None,
+    ("POST", "/ome/import"): None,  # no token: the OMERO session is the credential
+    ("GET", "/ome/import/<ident>"): None,  # an unguessable UUID is the credential
+    ("GET", "/ome/failed/import"): "/ome/failed/import",
+    ("GET", "/ome/failed/import/<ident>"): "/ome/failed/import/{id}",
+    ("DELETE", "/ome/failed/import/<ident>"): "/ome/failed/import/{id}",
+}
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory):
+    service = start_service(tmp_path_factory.mktemp("authz"), token_specs=TOKENS)
+    folder = acquisition(service.roots["drop"], "alice-1", owner="alice")
+    r = service.client("portal").post("/api/v1/jobs", {"path": str(folder)})
+    assert r.status == 202
+    job, _ = service.store.reject(
+        service.store.get(r.json["id"]).spec.__class__(**{**service.store.get(r.json["id"]).spec.__dict__,
+                                                          "idempotency_key": "alice-failed"}),
+        "failed on purpose for the authorisation test",
+    )
+    service.alice = job
+    yield service
+    stop_service(service)
+
+
+def test_every_route_is_covered(svc):
+    app = create_app(svc.config, svc.store)
+    routes = {(r.method, r.rule) for r in app.routes}
+    assert routes == set(ROUTES), f"routes without an authorisation case: {routes ^ set(ROUTES)}"
+
+
+# Writes by unlimited tokens would change alice's job under the other cases: their
+# effect is tested in test_api/test_seed; here every kind reads, the limited ones also write.
+CASES = [(kind, method, rule) for (method, rule), path in ROUTES.items() if path for kind in KINDS
+         if method == "GET" or kind is None or kind in OWNER_LIMITED]
+
+
+@pytest.mark.parametrize(("kind", "method", "rule"), CASES)
+def test_owner_limited_tokens_never_reach_another_owners_job(svc, kind, method, rule):
+    alice = svc.alice
+    template = ROUTES[(method, rule)]
+    per_job = "{id}" in template
+    limited = kind is None or kind in OWNER_LIMITED
+    r = (svc.client(kind) if kind else svc.client()).request(method, template.format(id=alice.id))
+    listed = r.status < 300 and (f'"id":{alice.id},' in r.text or f'/ome/failed/import/{import_id(alice)}"' in r.text)
+    if limited:
+        if per_job:
+            assert r.status in (401, 403, 404) or (method == "DELETE" and r.status == 204), (kind, r.status)
+        assert not listed, f"{kind} sees alice's job on {method} {template}"
+        assert svc.store.get(alice.id).dismissed_at is None, f"{kind} dismissed alice's failed job"
+        assert svc.store.get(alice.id).state.value == "failed", f"{kind} changed alice's job"
+    elif kind == "admin":
+        # The positive control: the unlimited admin does reach it, so the checks above can fail.
+        assert r.status == 200 and (per_job or listed), r.text[:300]

@@ -1,0 +1,94 @@
+"""Reading what a request says, totally: every bad value becomes a 4xx with the API's error shape.
+
+One place for what used to be parsed ad hoc per route, and gave 500s on values
+no one expected: ids past SQLite's 64-bit integers, a cursor of 20 digits,
+Unicode digits (``'²'.isdigit()`` is true, ``int('²')`` fails), query strings
+decoded as Latin-1 (PEP 3333's WSGI strings) instead of UTF-8 (RFC 3986 and
+the WHATWG URL standard percent-encode UTF-8), any ``Content-Type``.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+
+import bottle
+
+from .http import ApiError, invalid, problem
+
+# SQLite integers and OMERO ids (Java long) are signed 64-bit.
+INT64_MAX = 2**63 - 1
+_DIGITS = re.compile(r"[0-9]{1,19}")
+JSON_TYPES = ("application/json",)
+
+
+def query(environ: dict) -> bottle.MultiDict:
+    """The query string as UTF-8 text (blank values kept); raises ApiError 400 when it is not UTF-8."""
+    # WSGI hands the bytes over as Latin-1 text: take them back as bytes, then decode as UTF-8.
+    raw = environ.get("QUERY_STRING", "")
+    try:
+        pairs = [(k.encode("latin-1").decode("utf-8"), v.encode("latin-1").decode("utf-8"))
+                 for k, v in urllib.parse.parse_qsl(raw, keep_blank_values=True, encoding="latin-1")]
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        raise ApiError(400, "the query string is not UTF-8 once percent-decoded; encode values as UTF-8 "
+                            "(e.g. owner=jos%C3%A9)") from None
+    out = bottle.MultiDict()
+    for key, value in pairs:
+        out.append(key, value)
+    return out
+
+
+def positive_id(text: str) -> int | None:
+    """A positive 64-bit id from a path segment, or None when it cannot name anything."""
+    if not _DIGITS.fullmatch(text):
+        return None
+    value = int(text)
+    return value if 0 < value <= INT64_MAX else None
+
+
+def job_id(text: str) -> int:
+    """The job id of a ``/jobs/{id}`` route; ApiError 404 when it cannot be one."""
+    value = positive_id(text)
+    if value is None:
+        raise ApiError(404, f"no job {text!r}: job ids are whole numbers from 1 to {INT64_MAX}")
+    return value
+
+
+def cursor(value: str | None, field: str = "cursor") -> str | None:
+    """A page cursor (the ``next_cursor`` of an earlier page) or None; a problem dict is raised as 422."""
+    if value is None or value == "":
+        return None
+    if positive_id(value) is None and value != "0":
+        raise invalid([problem(field, f"must be the next_cursor of a previous page, got {value!r}")])
+    return value
+
+
+def whole_number(value: str, field: str, low: int, high: int) -> int:
+    """An ASCII whole number in ``[low, high]``; 422 naming ``field`` otherwise."""
+    if _DIGITS.fullmatch(value.strip()):
+        number = int(value)
+        if low <= number <= high:
+            return number
+    raise invalid([problem(field, f"must be a whole number from {low} to {high}, got {value!r}")])
+
+
+def media_type(environ: dict) -> str:
+    """The request's media type, lower case, without parameters ('' when none)."""
+    return (environ.get("CONTENT_TYPE") or "").split(";", 1)[0].strip().lower()
+
+
+def require_json(environ: dict) -> None:
+    """Refuse any body that is not declared ``application/json`` (415).
+
+    Browsers send ``text/plain`` and form bodies across origins without asking
+    (no CORS preflight), so checking the type is what stops a web page a user
+    visits from posting here in their name.
+    """
+    kind = media_type(environ)
+    if kind not in JSON_TYPES:
+        shown = environ.get("CONTENT_TYPE") or "none"
+        raise ApiError(415, f"the body must be sent as Content-Type: application/json, got {shown}")
+
+
+__all__ = ["INT64_MAX", "query", "positive_id", "job_id", "cursor", "whole_number", "media_type",
+           "require_json"]
