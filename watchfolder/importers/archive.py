@@ -196,6 +196,7 @@ class ArchiveImporter(Importer):
                  chunk_bytes: int = D.COPY_CHUNK_BYTES, sync: str = "auto", anonymous_temp: bool = True):
         archive = config.importer.archive if config is not None else None
         self.config = config
+        self.file_mode = archive.file_mode if archive is not None else None
         self.root = Path(root or archive.root)
         self.layout = layout or (archive.layout if archive else D.ARCHIVE_LAYOUT)
         self.chunk_bytes = chunk_bytes
@@ -493,9 +494,10 @@ class ArchiveImporter(Importer):
             except OSError as exc:
                 raise classify_os_error(exc, src, "read") from None
             if tmp is None:
-                fout = os.open(folder, os.O_RDWR | _O_TMPFILE | _O_CLOEXEC, 0o666)
+                fout = os.open(folder, os.O_RDWR | _O_TMPFILE | _O_CLOEXEC, 0o600)
             else:
-                fout = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o666)
+                fout = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o600)
+            os.fchmod(fout, self.copy_mode(before))
             while n := os.readv(fin, [buf]):
                 chunk = view[:n]
                 source_hash.update(chunk)
@@ -533,6 +535,11 @@ class ArchiveImporter(Importer):
                     os.unlink(tmp)
                 except FileNotFoundError:
                     pass
+
+    def copy_mode(self, source: os.stat_result) -> int:
+        """Permission bits of a copy: the source's, narrowed by ``importer.archive.file_mode`` when set."""
+        mode = stat.S_IMODE(source.st_mode) & 0o777
+        return mode & self.file_mode if self.file_mode is not None else mode
 
     def _place(self, tmp: str | int, dest: str, digest: str, buf: bytearray) -> bool:
         """Move the verified copy (a temporary name, or the fd of an unnamed file) into place.

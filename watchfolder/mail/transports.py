@@ -69,13 +69,13 @@ class FolderTransport(Transport):
         target = self.outbox_dir / self.file_name(raw)
         tmp_name = None
         try:
-            self.outbox_dir.mkdir(parents=True, exist_ok=True)
+            self.outbox_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # mails hold names and paths
             fd, tmp_name = tempfile.mkstemp(prefix=".", suffix=".eml.tmp", dir=self.outbox_dir)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(raw)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.chmod(tmp_name, 0o640)
+            os.chmod(tmp_name, 0o600)  # mails name people and their data: the service user only
             os.replace(tmp_name, target)
             tmp_name = None
             _fsync_dir(self.outbox_dir)

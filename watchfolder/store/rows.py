@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..filemodes import open_private_append
 from ..job import ErrorKind, FileEntry, HistoryEntry, Job, JobError, JobSpec, JobState, Progress, printable
 from .base import OutboxMail, PendingEntry
 
@@ -156,7 +157,7 @@ class FileLogs:
         """
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() if now is None else now))
         lines = str(message).split("\n")
-        with open(self.log_path(job_id), "a", encoding="utf-8", errors="backslashreplace") as fh:
+        with open_private_append(self.log_path(job_id), errors="backslashreplace") as fh:  # 0600
             for i, line in enumerate(lines):
                 fh.write(f"{stamp}Z {'  ' if i else ''}{printable(line)}\n")
 

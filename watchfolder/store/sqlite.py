@@ -35,6 +35,7 @@ from litequeue import LiteQueue
 
 from .. import defaults as D
 from ..errors import ImportFailure, InvalidTransition, JobNotFound, LeaseLost, StoreError
+from ..filemodes import private_file
 from ..job import (
     FINISHED_STATES,
     ErrorKind,
@@ -282,8 +283,12 @@ class SQLiteStore(FileLogs, JobStore):
         self._connections_lock = threading.Lock()
         self._last_prune = 0.0
         self._schema_ready = False
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.logs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Pending jobs hold OMERO session keys: the database (and the -wal and -shm
+        # files SQLite creates with the database's mode) is the service user's only.
+        for path in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+            private_file(path, create=path == self.path)
         self._conn()  # create the schema now, so errors show at start
 
     @classmethod
@@ -312,6 +317,8 @@ class SQLiteStore(FileLogs, JobStore):
         queue = LiteQueue(conn, queue_name=QUEUE_TABLE)
         conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
         conn.execute("PRAGMA foreign_keys = ON")
+        # Erased secrets (session keys) are overwritten with zeros, not just unlinked from the b-tree.
+        conn.execute("PRAGMA secure_delete = ON")
         conn.row_factory = sqlite3.Row
         with self._connections_lock:
             # Once per store, not per thread: it takes the write lock.
@@ -980,7 +987,24 @@ class SQLiteStore(FileLogs, JobStore):
         if now - self._last_prune > D.PRUNE_SECONDS:
             self._last_prune = now
             self._queue().prune(include_failed=False)
+            self._truncate_wal(conn)
         return stats
+
+    @staticmethod
+    def _truncate_wal(conn: sqlite3.Connection) -> None:
+        """Copy the WAL into the database and empty it, if no reader is in the way (never waits).
+
+        An erased session key is zeroed in the database (``secure_delete``) but the WAL
+        still holds the page as it was until the WAL is reset; truncating it leaves no copy.
+        """
+        (timeout,) = conn.execute("PRAGMA busy_timeout").fetchone()
+        try:
+            conn.execute("PRAGMA busy_timeout = 0")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.OperationalError:
+            pass  # busy: the next round tries again
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(timeout)}")
 
     # -- follow-ups of watched jobs -----------------------------------------
 
