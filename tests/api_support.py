@@ -17,6 +17,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from watchfolder import config as wconfig
+from watchfolder.errors import PermanentImportError
 from watchfolder.store import SQLiteStore
 from watchfolder.web.app import create_app
 from watchfolder.web.auth import new_token
@@ -163,6 +164,25 @@ class Client:
         return self.request("DELETE", path, **kw)
 
 
+class KnownSessions:
+    """A faithful fake of ``OmeroImporter.session_info`` for tests without OMERO.
+
+    Known keys answer their user, as OMERO's event context would; any other key is
+    rejected the way the child reports OMERO's refusal (PermanentImportError). The
+    real check runs against the OMERO double in tests/omero/test_omero_session_check.py.
+    """
+
+    def __init__(self, sessions: dict[str, dict[str, Any]] | None = None):
+        self.sessions = dict(sessions or {})
+        self.asked: list[str] = []
+
+    def __call__(self, key: str) -> dict[str, Any]:
+        self.asked.append(key)
+        if key in self.sessions:
+            return dict(self.sessions[key])
+        raise PermanentImportError("OMERO at omero.example.org:4064 rejected the session key: session not found")
+
+
 @dataclass
 class Service:
     """A running API: config, store, server and a token per name."""
@@ -216,10 +236,10 @@ def make_config(tmp_path: Path, *, importer: str = "archive", extra_server: dict
     return wconfig.parse(raw, path=tmp_path / "watchfolder.yaml", environ={}), tokens, roots
 
 
-def start_service(tmp_path: Path, **kw: Any) -> Service:
+def start_service(tmp_path: Path, *, session_checker: Any = None, **kw: Any) -> Service:
     config, tokens, roots = make_config(tmp_path, **kw)
     store = SQLiteStore.from_config(config)
-    app = create_app(config, store)
+    app = create_app(config, store, session_checker=session_checker)
     server = Server(config, app)
     server.start()
     return Service(config, store, server, tokens, roots)

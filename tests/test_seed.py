@@ -6,16 +6,18 @@ import json
 import uuid
 
 import pytest
-from api_support import acquisition, start_service, stop_service
+from api_support import KnownSessions, acquisition, start_service, stop_service
 
 from watchfolder.errors import PermanentImportError
 
 SESSION = "8b2f6a1e-5c4d-4e3f-9a8b-7c6d5e4f3a2b"
+# Whose SESSION is, as OMERO would answer (the real check: tests/omero/test_omero_session_check.py).
+JDOE = {"user": "jdoe", "email": "jdoe@example.org", "group": "lab"}
 
 
 @pytest.fixture
 def svc(tmp_path):
-    service = start_service(tmp_path, importer="omero")
+    service = start_service(tmp_path, importer="omero", session_checker=KnownSessions({SESSION: JDOE}))
     yield service
     stop_service(service)
 
@@ -57,7 +59,8 @@ def test_import_round_trip(svc):
     assert spec.target.dataset_id == 51 and (spec.name, spec.description) == ("slide 3", "left hemisphere")
     assert spec.extra["text_annotations"] == [["org.example/notes", "stained"]]
     assert spec.extra["annotation_ids"] == [7, 8]
-    assert (spec.email, spec.source) == ("jdoe@example.org", "seed:jdoe@example.org")
+    # The session's user, not the body's address, owns the job.
+    assert (spec.owner, spec.email, spec.group, spec.source) == ("jdoe", "jdoe@example.org", "lab", "seed:jdoe")
     assert job.to_dict()["uses_session_key"] is True
     other = svc.store.find("ome-import:" + answers[1]["statusUri"].rsplit("/", 1)[1])
     assert other.spec.target.screen_id == 9

@@ -235,16 +235,17 @@ def test_seed_api_end_to_end_into_the_double(seed_service, double):
     rejected_key = str(uuid.uuid4())
     base = {"experimenterEmail": EMAIL, "targetUri": folder.as_uri(), "omeroHost": "127.0.0.1",
             "omeroPort": str(double.port)}
+    # A key OMERO rejects is refused before anything is queued (issue 10); the good one is queued.
+    r = client.post("/ome/import", [dict(base, sessionKey=rejected_key)])
+    assert r.status == 400 and "rejected the session key" in r.json["reason"] and rejected_key not in r.text
     r = client.post("/ome/import", [
         dict(base, sessionKey=key, textAnnotations=[[NOTES, "stained with DAPI"]], annotationIds=[tag]),
-        dict(base, sessionKey=rejected_key),
     ])
     assert r.status == 200, r.text
-    good_uri, bad_uri = (a["statusUri"] for a in r.json)
-    good, bad = (store.find("ome-import:" + u.rsplit("/", 1)[1]) for u in (good_uri, bad_uri))
-    wait_until(lambda: all(store.get(j.id).state.finished for j in (good, bad)), timeout=120,
-               message="both seed jobs to finish")
-    good, bad = store.get(good.id), store.get(bad.id)
+    (good_uri,) = (a["statusUri"] for a in r.json)
+    good = store.find("ome-import:" + good_uri.rsplit("/", 1)[1])
+    wait_until(lambda: store.get(good.id).state.finished, timeout=120, message="the seed job to finish")
+    good = store.get(good.id)
 
     assert good.state is JobState.SUCCEEDED, good.error
     assert good.result["orphaned"] is True and good.result["sudo"] is False
@@ -264,9 +265,18 @@ def test_seed_api_end_to_end_into_the_double(seed_service, double):
     assert f"existing annotations [{tag}]" in log.text
     assert key not in log.text
 
+    # A key that expires after it was checked fails its job, as before.
+    double.close_session(key)
+    folder2 = roots["drop"] / "jdoe" / "run-8"
+    folder2.mkdir(parents=True)
+    (folder2 / "tile_1.ome.tiff").write_bytes(b"tile" * 100)
+    late = store.enqueue(dataclasses.replace(good.spec, root=str(folder2), idempotency_key="late", session_key=key,
+                                             files=(dataclasses.replace(good.spec.files[0], path="tile_1.ome.tiff",
+                                                                        size=400),)))[0]
+    wait_until(lambda: store.get(late.id).state.finished, timeout=120, message="the late job to finish")
+    bad = store.get(late.id)
     assert bad.state is JobState.FAILED and bad.error.kind == "permanent"
-    bad_log = client.get(bad_uri).text
-    assert "rejected this job's session key" in bad_log and rejected_key not in bad_log
+    assert "rejected this job's session key" in store.read_log(bad.id) and key not in store.read_log(bad.id)
     assert bad.attempts == 1
 
 

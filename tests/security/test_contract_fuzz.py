@@ -13,7 +13,7 @@ import pytest
 
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in the test extra: pip install -e '.[test]'")
 
-from api_support import OPENAPI, start_service, stop_service  # noqa: E402
+from api_support import OPENAPI, KnownSessions, start_service, stop_service  # noqa: E402
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import (  # noqa: E402
@@ -32,7 +32,7 @@ schema = schemathesis.openapi.from_path(str(OPENAPI))
 def served(tmp_path_factory):
     # The omero importer config, so /ome/import validates its items instead of refusing them all;
     # no worker runs, so nothing is imported. The rate limit is raised: here it would only hide cases.
-    service = start_service(tmp_path_factory.mktemp("fuzz"), importer="omero",
+    service = start_service(tmp_path_factory.mktemp("fuzz"), importer="omero", session_checker=KnownSessions(),
                             extra_server={"seed_rate_per_minute": 1_000_000})
     yield service
     stop_service(service)

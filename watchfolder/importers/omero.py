@@ -101,6 +101,36 @@ class OmeroImporter(Importer):
         self._probe = (now, info)
         return dict(info)
 
+    # -- whose session is this? ---------------------------------------------------
+
+    def session_info(self, session_key: str) -> dict[str, Any]:
+        """Join ``session_key`` on the configured server in a child: ``{"user", "email", "group"}``.
+
+        Raises PermanentImportError when OMERO rejects the key (or no omero-py is
+        configured), TransientImportError when OMERO cannot be reached or does not
+        answer within ``importer.omero.connect_timeout`` (+10 s to start the child).
+        The key travels on the child's stdin only.
+        """
+        o = self.omero
+        request = {"host": o.host, "port": o.port, "session_key": session_key,
+                   "connect_timeout": o.connect_timeout}
+        python = self.python()
+        try:
+            out = subprocess.run(
+                [python, str(CHILD), "--session-info"], input=json.dumps(request), capture_output=True,
+                text=True, timeout=float(o.connect_timeout) + 10, cwd=str(CHILD.parent),
+            )
+            answer = json.loads(out.stdout.strip().splitlines()[-1])
+        except subprocess.TimeoutExpired:
+            raise TransientImportError(f"OMERO at {o.host}:{o.port} did not answer within "
+                                       f"{o.connect_timeout:g} s") from None
+        except (OSError, ValueError, IndexError) as exc:
+            raise TransientImportError(f"cannot run the OMERO child to check a session: {exc}") from None
+        if "error" in answer:
+            cls = TransientImportError if answer.get("transient") else PermanentImportError
+            raise cls(str(answer["error"]).replace(session_key, "<session key>"))
+        return answer
+
     # -- running a job -------------------------------------------------------
 
     def request(self, job: Job) -> dict[str, Any]:

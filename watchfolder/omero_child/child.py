@@ -367,6 +367,41 @@ def _close(client):
         log.warning("closing an OMERO session: %s", type(exc).__name__)
 
 
+def session_info(req):
+    """Join ``req["session_key"]`` on ``req["host"]:req["port"]`` and say whose it is.
+
+    Returns ``{"user": omeName, "email": str or None, "group": name}`` from the
+    session's event context (OMERO's ``IAdmin.getEventContext``) and the user's
+    experimenter record. Raises :class:`Failure`: permanent when OMERO rejects
+    the key, transient when OMERO cannot be reached. Leaves the session open
+    (only this client's reference to it is released).
+    """
+    from omero.rtypes import unwrap
+
+    where = f"OMERO at {req['host']}:{req['port']}"
+    client = _new_client(req, req["host"], int(req["port"]))
+    try:
+        try:
+            sf = client.joinSession(req["session_key"])
+        except Exception as exc:
+            failure = classify(exc, where)
+            if not failure.transient:
+                failure = Failure(f"{where} rejected the session key: {session_key_reason(exc, req['session_key'])}")
+            raise failure from None
+        # Closing this client must not close the client's session (OMERO's ServiceFactory.detachOnDestroy).
+        sf.detachOnDestroy()
+        admin = sf.getAdminService()
+        ec = admin.getEventContext()
+        email = unwrap(admin.getExperimenter(ec.userId).getEmail()) or None
+        return {"user": ec.userName, "email": email, "group": ec.groupName}
+    except Failure:
+        raise
+    except Exception as exc:
+        raise classify(exc, where) from None
+    finally:
+        _close(client)
+
+
 class Importer:
     """One request: sessions, target, filesets, upload, import, annotations."""
 
@@ -995,6 +1030,20 @@ def main(argv=None):
     if argv[:1] == ["--ping"]:
         logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
         return ping(sys.stdin, sys.stdout)
+    if argv[:1] == ["--session-info"]:
+        # One JSON request on stdin ({host, port, session_key, connect_timeout}); one JSON line out:
+        # {"user", "email", "group"} or {"error", "transient"}. Exit status 0 or 1.
+        out = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+        try:
+            answer, status = session_info(json.loads(sys.stdin.read())), 0
+        except BaseException as exc:  # noqa: BLE001 - every failure goes back classified
+            failure = classify(exc)
+            answer, status = {"error": failure.message, "transient": failure.transient}, 1
+        out.write(json.dumps(answer) + "\n")
+        out.flush()
+        return status
     # Protocol lines get a private copy of stdout; fd 1 then points at stderr so
     # that anything printed by libraries lands in the job log, not the protocol.
     out = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")

@@ -199,6 +199,7 @@ class Api:
         self.config = config
         self.store = store
         self.importer = importer
+        self.session_checker = None  # set by create_app; see seed.install
         self.verifier = TokenVerifier(config.server.tokens)
         self.max_body = config.server.max_body_bytes
         self.registry = make_registry(config, store)

@@ -30,9 +30,15 @@ def _package_file(name: str) -> bytes:
 STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 
 
-def create_app(config, store, importer=None) -> bottle.Bottle:
-    """The WSGI application: REST API, metrics, dashboard and the seed-compatible routes."""
+def create_app(config, store, importer=None, session_checker=None) -> bottle.Bottle:
+    """The WSGI application: REST API, metrics, dashboard and the seed-compatible routes.
+
+    ``session_checker(key) -> {"user", "email", "group"}`` tells whose an OMERO session
+    key is, for ``POST /ome/import`` (default: the omero importer's ``session_info``,
+    which joins the session in a child process).
+    """
     api = Api(config, store, importer)
+    api.session_checker = session_checker
     app = bottle.Bottle(catchall=True)
     app.config["json.enable"] = False
     app.config["watchfolder.api"] = api

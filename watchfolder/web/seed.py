@@ -7,8 +7,12 @@ Validation errors answer 400 ``{"reason": "..."}``, one line per problem, as the
 seed did; nothing is queued unless every request in the array is valid.
 
 As in the seed, ``/ome/import`` takes no bearer token: the OMERO session key is
-the credential and the job runs in that session. Two things are stricter than
-the seed, deliberately:
+the credential and the job runs in that session. Before anything is queued,
+each distinct key is joined in OMERO (a child process reads the session's event
+context, in well under a second against a nearby server); a key OMERO rejects
+answers 400 and nothing is queued. The job's owner, group and mail address are
+the session's, not the body's (``experimenterEmail`` is checked for shape only).
+Also stricter than the seed, deliberately:
 
 - ``omeroHost``/``omeroPort`` must name the OMERO server this service imports
   into (``importer.omero``); otherwise anyone could make the service upload files
@@ -42,7 +46,7 @@ from typing import Any
 import bottle
 
 from .. import defaults as D
-from ..errors import AcquisitionError, JobNotFound
+from ..errors import AcquisitionError, ImportFailure, JobNotFound
 from ..job import Job, JobSpec, JobState, Target
 from ..watch.acquisition import from_path
 from . import params
@@ -267,6 +271,21 @@ def install(app: bottle.Bottle, api) -> None:
     """Mount the seed routes on the API's app."""
     config, store = api.config, api.store
     limiter = RateLimiter(config.server.seed_rate_per_minute)
+    checker: list = []
+
+    def session_owner(key: str) -> dict[str, Any]:
+        """Whose session ``key`` is, asked of OMERO (ImportFailure when rejected or unreachable)."""
+        if not checker:
+            if api.session_checker is not None:
+                checker.append(api.session_checker)
+            else:
+                importer = api.importer if hasattr(api.importer, "session_info") else None
+                if importer is None:
+                    from ..importers import create_importer  # only when serving seed clients
+
+                    importer = create_importer(config)
+                checker.append(importer.session_info)
+        return checker[0](key)
     max_items = config.server.seed_max_items
 
     def admin() -> Any:
@@ -325,6 +344,24 @@ def install(app: bottle.Bottle, api) -> None:
                 specs.append((spec, item["targetUri"]))
         if errors:
             return refuse("\n".join(errors))
+        # The session key is the credential: OMERO must accept it before anything is
+        # queued, and the job belongs to the session's user, whatever the body claims.
+        owners: dict[str, dict[str, Any]] = {}
+        for index, (spec, uri) in enumerate(specs):
+            key = spec.session_key or ""
+            if key not in owners:
+                try:
+                    owners[key] = session_owner(key)
+                except ImportFailure as exc:
+                    if exc.transient or exc.config_error:  # not the client's fault
+                        return refuse(f"cannot check the session key with OMERO now ({exc.message}); "
+                                      "nothing was queued: try again later", 503)
+                    return refuse(f"request for {uri}: sessionKey: {exc.message}; nothing was queued: log in "
+                                  "to OMERO again and send a fresh session key")
+            who = owners[key]
+            specs[index] = (dataclasses.replace(spec, owner=who["user"], email=who.get("email") or None,
+                                                group=who.get("group") or None,
+                                                source=SOURCE_PREFIX + who["user"]), uri)
         out = []
         for spec, uri in specs:
             job, _created = api.batcher.enqueue(spec, "submitted through /ome/import (seed API)")

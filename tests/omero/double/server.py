@@ -302,7 +302,8 @@ class RouterI(Glacier2.Router):
             session = WORLD.sessions.get(con["session"])
             if session:
                 session["refs"] -= 1
-                if session["refs"] <= 0:
+                # As OMERO: a client that called detachOnDestroy leaves the session open.
+                if session["refs"] <= 0 and not con.get("detach"):
                     session["closed"] = True
 
     def getSessionTimeout(self, current=None):
@@ -339,7 +340,10 @@ class ServiceFactoryI(omero.api.ServiceFactory):
         pass
 
     def detachOnDestroy(self, current=None):
-        pass
+        with WORLD.lock:
+            con = WORLD.connections.get(current.con.toString())
+            if con is not None:
+                con["detach"] = True
 
     def closeOnDestroy(self, current=None):
         pass

@@ -1,0 +1,95 @@
+"""Issue 10, case 3: /ome/import is no longer open to anyone (real HTTP, nothing queued on refusal)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from api_support import KnownSessions, acquisition, start_service, stop_service
+
+SESSION = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+JDOE = {"user": "jdoe", "email": "jdoe@example.org", "group": "lab"}
+
+
+@pytest.fixture
+def svc(tmp_path):
+    sessions = KnownSessions({SESSION: JDOE})
+    service = start_service(tmp_path, importer="omero", session_checker=sessions,
+                            extra_server={"seed_max_items": 5, "seed_rate_per_minute": 4})
+    service.sessions = sessions
+    yield service
+    stop_service(service)
+
+
+def item(folder, **fields):
+    return {"experimenterEmail": "victim@example.org", "targetUri": folder.as_uri(),
+            "omeroHost": "omero.example.org", "omeroPort": 4064, "sessionKey": SESSION, **fields}
+
+
+def queued(svc) -> int:
+    return len(svc.store.list_jobs(limit=500)[0])
+
+
+def test_owner_and_mail_come_from_the_session_not_the_body(svc):
+    folder = acquisition(svc.roots["drop"], "jdoe/a", manifest=False)
+    r = svc.client().post("/ome/import", [item(folder, experimenterEmail="attacker@evil.example")])
+    assert r.status == 200, r.text
+    (job,) = svc.store.list_jobs()[0]
+    assert (job.spec.owner, job.spec.email, job.spec.source) == ("jdoe", "jdoe@example.org", "seed:jdoe")
+
+
+def test_a_key_omero_rejects_queues_nothing_and_sends_no_mail(svc, caplog):
+    folder = acquisition(svc.roots["drop"], "jdoe/a", manifest=False)
+    caplog.set_level(logging.WARNING, logger="watchfolder.web.seed")
+    forged = "11111111-2222-3333-4444-555555555555"
+    r = svc.client().post("/ome/import", [item(folder), item(folder, sessionKey=forged)])
+    assert r.status == 400 and "rejected the session key" in r.json["reason"]
+    assert forged not in r.text
+    assert queued(svc) == 0
+    assert svc.store.outbox_claim(limit=100) == []
+    assert "refused (400)" in caplog.text and forged not in caplog.text
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x"])
+def test_only_json_bodies_are_accepted(svc, content_type):
+    """What a cross-site form or fetch without a preflight can send, refused before anything else."""
+    folder = acquisition(svc.roots["drop"], "jdoe/a", manifest=False)
+    r = svc.client().post("/ome/import", raw=json.dumps([item(folder)]).encode(),
+                          headers={"Content-Type": content_type})
+    assert r.status == 415 and "application/json" in r.json["reason"]
+    assert queued(svc) == 0 and svc.sessions.asked == []
+
+
+def test_too_many_items_is_413_and_queues_nothing(svc):
+    folder = acquisition(svc.roots["drop"], "jdoe/a", manifest=False)
+    r = svc.client().post("/ome/import", [item(folder)] * 6)
+    assert r.status == 413 and "server.seed_max_items" in r.json["reason"]
+    assert queued(svc) == 0 and svc.sessions.asked == []
+
+
+def test_a_client_over_the_rate_gets_429_with_retry_after(svc, caplog):
+    caplog.set_level(logging.WARNING, logger="watchfolder.web.seed")
+    client = svc.client()
+    answers = [client.post("/ome/import", []) for _ in range(5)]
+    assert [a.status for a in answers] == [200, 200, 200, 200, 429]
+    assert int(answers[-1].headers["retry-after"]) >= 1
+    assert "server.seed_rate_per_minute" in answers[-1].json["reason"]
+    assert "refused (429)" in caplog.text
+
+
+def test_an_unreachable_omero_is_503_and_queues_nothing(tmp_path):
+    from watchfolder.errors import TransientImportError
+
+    def unreachable(key):
+        raise TransientImportError("cannot reach the OMERO server (ConnectionRefusedException)")
+
+    service = start_service(tmp_path, importer="omero", session_checker=unreachable)
+    try:
+        folder = acquisition(service.roots["drop"], "jdoe/a", manifest=False)
+        r = service.client().post("/ome/import", [item(folder)])
+        assert r.status == 503 and "try again later" in r.json["reason"]
+        assert queued(service) == 0
+    finally:
+        stop_service(service)
