@@ -55,6 +55,13 @@ def test_bad_list_parameters_are_422_naming_the_parameter(svc, query):
     assert r.json["detail"][0]["field"] == query.split("=")[0]
 
 
+@pytest.mark.parametrize("query", ["after=%C2%B2", "limit=%C2%B2", "after=99999999999999999999999", "after="])
+def test_bad_event_parameters_are_422(svc, query):
+    r = svc.client("admin").get(f"/api/v1/events?{query}")
+    assert r.status == 422, r.text
+    assert r.json["detail"][0]["field"] == query.split("=")[0]
+
+
 def test_seed_delete_of_a_30_digit_id_is_204(svc):
     assert svc.client("admin").delete("/ome/failed/import/" + "1" * 30).status == 204
 

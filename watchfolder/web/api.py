@@ -111,10 +111,11 @@ def _int_param(query, name: str, default: int, low: int, high: int, problems: li
     raw = query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
-        problems.append(problem(name, f"must be a whole number from {low} to {high}, got {raw!r}"))
+    try:
+        return params.whole_number(raw, name, low, high)
+    except ApiError as exc:
+        problems += exc.detail
         return default
-    return int(raw)
 
 
 def parse_time(value: str, field: str) -> float:
@@ -261,7 +262,7 @@ class Api:
             return True
         return principal.can("read_own") and (event.get("data") or {}).get("source") == principal.source
 
-    def list_events(self, principal: Principal, query: bottle.FormsDict) -> dict[str, Any]:
+    def list_events(self, principal: Principal, query: bottle.MultiDict) -> dict[str, Any]:
         """``GET /events?after=&limit=``: CloudEvents after an id, oldest first, as this token may see them."""
         problems = []
         after = _int_param(query, "after", 0, 0, MAX_EVENT_ID, problems)
@@ -471,7 +472,7 @@ def install(app: bottle.Bottle, api: Api) -> None:
     @api_errors
     def list_events():
         principal = api.principal()
-        return json_response(api.list_events(principal, bottle.request.query))
+        return json_response(api.list_events(principal, params.query(bottle.request.environ)))
 
     @app.get(f"{API}/status")
     @api_errors
