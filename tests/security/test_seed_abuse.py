@@ -93,3 +93,19 @@ def test_an_unreachable_omero_is_503_and_queues_nothing(tmp_path):
         assert queued(service) == 0
     finally:
         stop_service(service)
+
+
+@pytest.mark.parametrize("value", [2**63, "9" * 30, "²"])
+def test_ids_past_64_bits_are_400(svc, value):
+    folder = acquisition(svc.roots["drop"], "jdoe/a", manifest=False)
+    r = svc.client().post("/ome/import", [item(folder, datasetId=value)])
+    assert r.status == 400 and "datasetId" in r.json["reason"]
+    assert queued(svc) == 0
+
+
+def test_many_different_session_keys_in_one_request_are_413(svc):
+    folder = acquisition(svc.roots["drop"], "jdoe/a", manifest=False)
+    keys = [f"0000000{i}-aaaa-bbbb-cccc-dddddddddddd" for i in range(5)]
+    r = svc.client().post("/ome/import", [item(folder, sessionKey=k) for k in keys])
+    assert r.status == 413 and "different session keys" in r.json["reason"]
+    assert svc.sessions.asked == [] and queued(svc) == 0

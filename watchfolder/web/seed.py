@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 IMPORT_PATH = "/ome/import"
 FAILED_PATH = "/ome/failed/import"
 KEY_PREFIX = "ome-import:"
+# Different session keys in one request: each is checked with OMERO in a child process.
+MAX_SESSIONS = 4
 SOURCE_PREFIX = "seed:"
 
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
@@ -96,8 +98,8 @@ def _positive(value: Any, field: str, errors: list[str]) -> int | None:
     except ValueError:
         errors.append(f"{field}: must be a positive whole number, got {value!r}")
         return None
-    if number <= 0:
-        errors.append(f"{field}: must be a positive whole number, got {value!r}")
+    if not 0 < number <= params.INT64_MAX:  # OMERO ids are Java longs
+        errors.append(f"{field}: must be a positive whole number below 2^63, got {value!r}")
         return None
     return number
 
@@ -346,6 +348,10 @@ def install(app: bottle.Bottle, api) -> None:
             return refuse("\n".join(errors))
         # The session key is the credential: OMERO must accept it before anything is
         # queued, and the job belongs to the session's user, whatever the body claims.
+        keys = {spec.session_key for spec, _ in specs}
+        if len(keys) > MAX_SESSIONS:  # each costs a round trip to OMERO in a child process
+            return refuse(f"{len(keys)} different session keys in one request; send at most {MAX_SESSIONS} "
+                          "(one user's imports per request, as the seed's clients do)", 413)
         owners: dict[str, dict[str, Any]] = {}
         for index, (spec, uri) in enumerate(specs):
             key = spec.session_key or ""
