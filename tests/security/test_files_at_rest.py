@@ -92,8 +92,9 @@ def test_archive_copies_keep_their_sources_mode_never_wider(tmp_path, store, mak
         def log(self, message):
             pass
 
-    result = importer.run(job, Ctx())
-    assert mode(result["files"][0]["dest"]) == expected
+    importer.run(job, Ctx())
+    (copy,) = (tmp_path / "archive").rglob("a.tif")
+    assert mode(copy) == expected
 
 
 def test_archive_file_mode_is_read_from_the_config(make_config, tmp_path):
