@@ -10,6 +10,7 @@ from __future__ import annotations
 import email
 import email.policy
 import os
+import threading
 import urllib.parse
 
 import pytest
@@ -212,3 +213,32 @@ def test_events_endpoint_refuses_bad_parameters(api, query):
     answer = api.client("admin").get("/api/v1/events?" + urllib.parse.urlencode(query))
     assert answer.status == 422
     assert answer.json["detail"][0]["field"] == next(iter(query))
+
+
+def test_sinks_are_registered_before_any_job_can_be_queued(make_config, make_spec, receiver, monkeypatch):
+    # A new sink starts after the newest event. Registered lazily by the dispatcher's first
+    # pass, it skipped the events of jobs queued and started before that pass (seen under load).
+    from watchfolder.events.dispatcher import EventDispatcher
+
+    passes = threading.Event()
+    real_run = EventDispatcher.run
+
+    def late_run(self, stop):  # the dispatcher thread is scheduled late, as under load
+        passes.wait(30)
+        real_run(self, stop)
+
+    monkeypatch.setattr(EventDispatcher, "run", late_run)
+    config = events_config(make_config, receiver)
+    service = Service(config, Parts(workers=True, watch=False, server=False, mail=True))
+    before = service.store.last_event_id()
+    service.start()
+    try:
+        job, _ = service.store.enqueue(make_spec())
+        wait_until(lambda: service.store.counts()["succeeded"] == 1, timeout=30)
+        assert [(s["name"], s["last_id"]) for s in service.store.sinks()] == [("webhook:lims", before)]
+        passes.set()
+        wait_until(lambda: finished(receiver, [job]), timeout=30)
+    finally:
+        passes.set()
+        service.stop()
+    assert receiver.by_job()[job.id] == LIFECYCLE

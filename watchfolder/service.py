@@ -111,6 +111,10 @@ class Service:
 
     def _start(self) -> None:
         config = self.config
+        if self.parts.workers or self.parts.mail:
+            # Sinks registered before anything can queue a job: a new sink starts after the
+            # newest event, so the events of this run's first jobs are its own.
+            self._make_dispatcher()
         # The server first: a port in use is the likeliest start-up failure, and
         # nothing else should have started when it happens.
         if self.parts.server:
@@ -134,8 +138,11 @@ class Service:
 
             self.watch = WatchService(config, self.store, notifier=self.notifier, holder=self.name)
             self.watch.start()
-        if self.parts.workers or self.parts.mail:
-            self._start_events()
+        if self.dispatcher is not None:
+            thread = threading.Thread(target=self.dispatcher.run, args=(self._stop_mail,), name="events",
+                                      daemon=True)
+            thread.start()
+            self._threads.append(thread)
         if self.parts.workers:
             from .watch.dedup import find_duplicate
             from .watch.redetect import redetect
@@ -159,8 +166,8 @@ class Service:
         if self.importer is not None:
             self.store.set_component("importer", self.importer.name, self.importer.health())
 
-    def _start_events(self) -> None:
-        """Deliver the event outbox to the configured sinks (and prune it), in a thread."""
+    def _make_dispatcher(self) -> None:
+        """The event dispatcher (delivers the event outbox to the sinks and prunes it), its sinks registered."""
         from .events.dispatcher import EventDispatcher
         from .events.sinks import create_sinks
 
@@ -169,9 +176,7 @@ class Service:
             self.store, create_sinks(self.config), backoff=events.retry, retention=events.retention,
             alert=self._sink_alert,
         )
-        thread = threading.Thread(target=self.dispatcher.run, args=(self._stop_mail,), name="events", daemon=True)
-        thread.start()
-        self._threads.append(thread)
+        self.dispatcher.register()
 
     def _admin_alert(self, key: str, title: str, what: str, advice: str, status: dict, since: float) -> None:
         if self.notifier is None:

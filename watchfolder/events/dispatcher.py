@@ -58,6 +58,12 @@ class EventDispatcher:
         self._next_prune = 0.0
         self.wake = threading.Event()
 
+    def register(self, now: float | None = None) -> None:
+        """Create each sink's row now (a new sink starts after the newest event), before any
+        worker runs: events written between the start and the first pass are then its own."""
+        for sink in self.sinks:
+            self.store.sink_claim(sink.name, self.name, hold=HOLD_SECONDS, now=now)
+
     def step(self, now: float | None = None) -> int:
         """One pass: each held sink delivers what is due. Returns the events delivered."""
         delivered = 0
