@@ -24,7 +24,8 @@ class Receiver:
     """An HTTP endpoint on 127.0.0.1 that verifies each POST's signature and records the CloudEvent.
 
     ``fail_with`` makes it answer that status instead (and record nothing);
-    ``stop()`` / ``start()`` take it off the network and back on the same port.
+    ``redirect_to`` answers 302 to that URL; ``hold`` (an Event) keeps each request waiting
+    until it is set; ``stop()`` / ``start()`` take it off the network and back on the same port.
     """
 
     def __init__(self, secret: str = SECRET):
@@ -33,6 +34,8 @@ class Receiver:
         self.bodies: dict[str, bytes] = {}
         self.rejected: list[str] = []
         self.fail_with: int | None = None
+        self.redirect_to: str | None = None
+        self.hold: threading.Event | None = None
         self.lock = threading.Lock()
         self.port = 0
         self.server: ThreadingHTTPServer | None = None
@@ -48,6 +51,13 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 (http.server's name)
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if receiver.hold is not None:
+                    receiver.hold.wait(30)  # a hanging endpoint
+                if receiver.redirect_to:
+                    self.send_response(302)
+                    self.send_header("Location", receiver.redirect_to)
+                    self.end_headers()
+                    return
                 if receiver.fail_with:
                     self.send_response(receiver.fail_with)
                     self.end_headers()

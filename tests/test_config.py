@@ -629,6 +629,13 @@ def _env_names(node):
         ({"mqtt": {"host": "m", "topic_prefix": "lab/#"}}, "events.mqtt.topic_prefix: must be an MQTT topic"),
         ({"progress_milestones": [0, 50]}, "events.progress_milestones: must be a list of percentages"),
         ({"webhook": []}, "events.webhook: unknown key; did you mean 'webhooks'?"),
+        ({"webhooks": [{"url": "https://lims.example.org/h", "secret": "whsec_" + "QUJD" * 11,
+                        "types": ["org.watchfolder.job.succeded"]}]},
+         "events.webhooks[0].types: 'org.watchfolder.job.succeded' matches no event type"),
+        ({"webhooks": [{"url": "http://user:pw@127.0.0.1:8/x", "secret": "whsec_" + "QUJD" * 11}]},
+         "events.webhooks[0].url: must not carry a user or password"),
+        ({"mqtt": {"host": "m", "ca_file": "/nonexistent/ca.pem"}}, "events.mqtt.ca_file: /nonexistent/ca.pem is not a file"),
+        ({"mqtt": {"host": "m", "password": "pw"}}, "events.mqtt.username: required when events.mqtt.password is set"),
     ],
 )
 def test_events_config_errors_name_the_key_and_the_fix(tmp_path, events, message):

@@ -242,3 +242,43 @@ def test_sinks_are_registered_before_any_job_can_be_queued(make_config, make_spe
         passes.set()
         service.stop()
     assert receiver.by_job()[job.id] == LIFECYCLE
+
+
+def test_a_redirect_is_not_a_delivery(make_config, make_spec, receiver):
+    # Following a 302 turned the POST into a GET without the event, and counted it delivered.
+    elsewhere = Receiver()
+    receiver.redirect_to = elsewhere.url
+    config = events_config(make_config, receiver)
+    service = run_service(config)
+    try:
+        service.store.enqueue(make_spec())
+        wait_until(lambda: (s := service.store.sinks()) and s[0]["last_error"], timeout=30, message="a failure")
+        (sink,) = service.store.sinks()
+        assert "302" in sink["last_error"] and elsewhere.url in sink["last_error"] and sink["delivered"] == 0
+        receiver.redirect_to = None
+        wait_until(lambda: service.store.sinks()[0]["delivered"] == 3, timeout=30, message="delivered once fixed")
+    finally:
+        service.stop()
+        elsewhere.stop()
+    assert elsewhere.events() == [] and [e["type"].rsplit(".", 1)[1] for e in receiver.events()] == LIFECYCLE
+
+
+def test_a_hanging_endpoint_delays_only_its_own_events(make_config, make_spec, receiver):
+    fast = Receiver()
+    receiver.hold = threading.Event()  # this endpoint never answers until released
+    config = make_config(
+        events={"webhooks": [{"name": "slow", "url": receiver.url, "secret": SECRET, "timeout": 30},
+                             {"name": "fast", "url": fast.url, "secret": SECRET}]},
+        workers={"poll_interval": 0.05},
+    )
+    service = run_service(config)
+    try:
+        jobs = [service.store.enqueue(make_spec(files={f"h{i}.tif": b"h" * (i + 1)}))[0] for i in range(3)]
+        wait_until(lambda: finished(fast, jobs), timeout=30, message="the fast endpoint gets every event")
+        assert receiver.events() == []
+        receiver.hold.set()
+        wait_until(lambda: finished(receiver, jobs), timeout=60, message="the slow one catches up")
+    finally:
+        receiver.hold.set()
+        service.stop()
+        fast.stop()

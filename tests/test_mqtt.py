@@ -88,7 +88,7 @@ def test_each_job_state_change_is_published_at_qos1_on_owner_and_state_topics(br
         assert [t for t, _ in mine] == [f"facility/wf/jobs/{job.owner}/{s}" for s in ("queued", "running", "succeeded")]
         assert all(e["specversion"] == "1.0" and e["data"]["job_id"] == job.id for _, e in mine)
     (topic, event), = [(t, e) for t, e in messages if "/watchers/" in t]
-    assert topic == "facility/wf/watchers/lsm_980/health"  # '/' in a name cannot add topic levels
+    assert topic == "facility/wf/watchers/lsm%2F980/health"  # '/' in a name cannot add topic levels
     assert event["data"]["health"] == "unhealthy"
 
 

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 #: How often the cheap pre-check (free space) runs while the target is not paused.
 PRECHECK_SECONDS = 5.0
+#: How often the gate's state (imports running, peak) is published for status and /metrics.
+PUBLISH_SECONDS = 5.0
 
 
 class TargetGate:
@@ -82,6 +84,7 @@ class TargetGate:
         self.pauses = 0
         self._next_probe = 0.0
         self._next_precheck = 0.0
+        self._next_publish = 0.0
 
     @classmethod
     def from_config(cls, config, importer, store=None, alert=None) -> TargetGate:
@@ -165,8 +168,12 @@ class TargetGate:
     # -- probing ------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Probe when due (paused), run the pre-check when due (not paused), alert when due."""
+        """Probe when due (paused), run the pre-check when due (not paused), alert when due,
+        publish the state (imports running, peak) every :data:`PUBLISH_SECONDS`."""
         now = self.clock()
+        if now >= self._next_publish:
+            self._next_publish = now + PUBLISH_SECONDS
+            self.publish()
         if self.paused_since is None:
             if now < self._next_precheck:
                 return

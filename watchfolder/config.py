@@ -684,8 +684,23 @@ def milestones(value: Any) -> tuple[int, ...]:
     return tuple(sorted(set(value)))
 
 
+def event_types(value: Any) -> tuple[str, ...]:
+    """fnmatch patterns that each match at least one event type (a typo would silently match none)."""
+    import fnmatch
+
+    from .events.cloudevents import TYPES
+
+    patterns = text_list(value)
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(t, pattern) for t in TYPES):
+            raise _Bad(f"{pattern!r} matches no event type; use one of {', '.join(TYPES)} (or a pattern such as "
+                       "'org.watchfolder.job.*')")
+    return patterns
+
+
 def _filters(r: _Reader, raw: dict, where: str) -> dict[str, tuple[str, ...]]:
-    return {"types": r.get(raw, "types", where, text_list, ()), "owners": r.get(raw, "owners", where, text_list, ())}
+    return {"types": r.get(raw, "types", where, event_types, ()),
+            "owners": r.get(raw, "owners", where, text_list, ())}
 
 
 def _events(r: _Reader, raw: dict, server: ServerConfig) -> EventsConfig:
@@ -740,6 +755,11 @@ def _events(r: _Reader, raw: dict, server: ServerConfig) -> EventsConfig:
             timeout=r.get(m, "timeout", mw, positive_seconds, D.WEBHOOK_TIMEOUT),
             **_filters(r, m, mw),
         )
+    if mqtt is not None:
+        if mqtt.ca_file is not None and not mqtt.ca_file.is_file():
+            r.problem("events.mqtt.ca_file", f"{mqtt.ca_file} is not a file; give the CA certificate (PEM) of the broker")
+        if mqtt.password is not None and mqtt.username is None:
+            r.problem("events.mqtt.username", "required when events.mqtt.password is set")
     return EventsConfig(
         source=r.get(raw, "source", w, text, server.public_url or D.EVENTS_SOURCE),
         retention=r.get(raw, "retention", w, positive_seconds, D.EVENTS_RETENTION_SECONDS),
@@ -754,6 +774,10 @@ def _events(r: _Reader, raw: dict, server: ServerConfig) -> EventsConfig:
 def http_url(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
         raise _Bad(f"must be an http:// or https:// URL, got {_show(value)}")
+    if "@" in value.split("/", 3)[2]:
+        # user:password@ would be shown by check-config, the status and the logs; the webhook
+        # secret authenticates the sender instead.
+        raise _Bad("must not carry a user or password (user:pw@host); receivers check the webhook signature")
     return value
 
 

@@ -56,7 +56,6 @@ class EventDispatcher:
         self._failures: dict[str, int] = {}
         self._next_try: dict[str, float] = {}
         self._next_prune = 0.0
-        self.wake = threading.Event()
 
     def register(self, now: float | None = None) -> None:
         """Create each sink's row now (a new sink starts after the newest event), before any
@@ -65,21 +64,25 @@ class EventDispatcher:
             self.store.sink_claim(sink.name, self.name, hold=HOLD_SECONDS, now=now)
 
     def step(self, now: float | None = None) -> int:
-        """One pass: each held sink delivers what is due. Returns the events delivered."""
-        delivered = 0
-        for sink in self.sinks:
-            clock = time.time() if now is None else now
-            if self._next_try.get(sink.name, 0.0) > clock:
-                continue
-            row = self.store.sink_claim(sink.name, self.name, hold=HOLD_SECONDS, now=clock)
-            if row is None or row["disabled_at"] is not None:
-                continue
-            delivered += self._deliver(sink, row, clock)
+        """One pass over every sink, then pruning when due. Returns the events delivered."""
+        delivered = sum(self._step_sink(sink, now) for sink in self.sinks)
+        self._prune(now)
+        return delivered
+
+    def _step_sink(self, sink: Sink, now: float | None = None) -> int:
+        clock = time.time() if now is None else now
+        if self._next_try.get(sink.name, 0.0) > clock:
+            return 0
+        row = self.store.sink_claim(sink.name, self.name, hold=HOLD_SECONDS, now=clock)
+        if row is None or row["disabled_at"] is not None:
+            return 0
+        return self._deliver(sink, row, clock)
+
+    def _prune(self, now: float | None = None) -> None:
         clock = time.time() if now is None else now
         if clock >= self._next_prune:
             self._next_prune = clock + PRUNE_EVERY
             self.store.events_prune(clock - self.retention, sinks=[s.name for s in self.sinks])
-        return delivered
 
     def _deliver(self, sink: Sink, row: dict[str, Any], now: float) -> int:
         start = last_id = row["last_id"]
@@ -130,15 +133,33 @@ class EventDispatcher:
             log.warning("event sink %s: %s; next try in %g s", sink.name, error, wait)
 
     def run(self, stop: threading.Event) -> None:
-        """Deliver until ``stop`` is set."""
+        """Deliver until ``stop`` is set: one thread per sink, so a slow or hanging endpoint
+        delays only its own events; this thread prunes."""
+        threads = [threading.Thread(target=self._run_sink, args=(sink, stop), name=f"events-{sink.name}",
+                                    daemon=True) for sink in self.sinks]
+        for thread in threads:
+            thread.start()
+        try:
+            while not stop.wait(self.poll_interval):
+                try:
+                    self._prune()
+                except Exception:  # store busy or broken: keep going
+                    log.exception("pruning delivered events failed")
+        finally:
+            for thread in threads:
+                thread.join(5)
+
+    def _run_sink(self, sink: Sink, stop: threading.Event) -> None:
         try:
             while not stop.is_set():
                 try:
-                    self.step()
+                    self._step_sink(sink)
                 except Exception:  # store busy or broken: keep going
-                    log.exception("event dispatcher pass failed")
-                self.wake.wait(self.poll_interval)
-                self.wake.clear()
+                    log.exception("event sink %s: pass failed", sink.name)
+                stop.wait(self.poll_interval)
         finally:
-            for sink in self.sinks:
-                sink.close()
+            sink.close()
+            try:  # hand the sink over at once (a restarted service need not wait out the hold)
+                self.store.sink_claim(sink.name, self.name, hold=0.0)
+            except Exception:
+                log.debug("could not hand over sink %s", sink.name, exc_info=True)

@@ -84,13 +84,28 @@ class WebhookSink(Sink):
         }
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 (configured URL)
+            with _NO_REDIRECTS.open(request, timeout=self.timeout) as response:
                 response.read(64 * 1024)
+                if not 200 <= response.status < 300:  # a 1xx/3xx reaching here is no delivery either
+                    raise DeliveryError(f"{self.url} answered {response.status} {response.reason}")
         except urllib.error.HTTPError as exc:
-            raise DeliveryError(f"{self.url} answered {exc.code} {exc.reason}") from None
+            where = exc.headers.get("Location") if 300 <= exc.code < 400 else None
+            moved = f" (to {where}: a redirect is not followed, update the webhook's url)" if where else ""
+            raise DeliveryError(f"{self.url} answered {exc.code} {exc.reason}{moved}") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise DeliveryError(f"cannot reach {self.url}: {reason}") from None
+
+
+class _Refuse(urllib.request.HTTPRedirectHandler):
+    """Redirects are answers, not deliveries: following one would turn the POST into a GET
+    without the event (urllib does so for 301/302/303) and count it delivered."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_NO_REDIRECTS = urllib.request.build_opener(_Refuse())
 
 
 class MqttSink(Sink):
@@ -113,7 +128,7 @@ class MqttSink(Sink):
         subject = event["subject"]
         if subject.startswith("watcher/"):
             return f"{self.prefix}/watchers/{_topic_level(subject[8:])}/{state_of(event)}"
-        owner = _topic_level(event.get("owner") or "_unknown")
+        owner = _topic_level(event.get("owner") or "")
         return f"{self.prefix}/jobs/{owner}/{state_of(event)}"
 
     def _connect(self):
@@ -178,8 +193,12 @@ class MqttSink(Sink):
 
 
 def _topic_level(value: str) -> str:
-    """One topic level: MQTT wildcards and separators replaced (owners and names are free text)."""
-    return "".join("_" if c in "/+#\0" else c for c in value) or "_"
+    """One topic level for a free-text name (an owner, a watcher): percent-encoded wherever MQTT
+    gives a character a meaning (``/``, ``+``, ``#``, NUL) and for ``%`` itself, so that two names
+    never share a topic; an empty name is ``%00`` (no name can encode to it)."""
+    if not value:
+        return "%00"
+    return "".join(f"%{ord(c):02X}" if c in "/+#%\0" else c for c in value)
 
 
 def create_sinks(config) -> list[Sink]:
