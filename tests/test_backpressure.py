@@ -153,7 +153,9 @@ def test_a_nearly_full_archive_volume_pauses_its_jobs_and_says_why_everywhere(ar
     service = archive_service
     store = service.store
     jobs = [store.enqueue(make_spec(files={f"v{i}.tif": b"v" * (i + 1)}))[0] for i in range(3)]
-    wait_until(lambda: service.gate.paused, timeout=10, message="paused by the free-space check")
+    # The gate pauses, then publishes: wait for what the status view reads.
+    wait_until(lambda: any(c["status"]["paused"] for c in store.components("target")), timeout=10,
+               message="paused by the free-space check")
     status = collect_status(service.config, store)
     (target,) = status["importer"]["targets"]
     assert target["paused"] and "min_free_bytes" in target["reason"]

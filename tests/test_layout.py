@@ -81,3 +81,21 @@ def test_no_import_circles():
 def test_omero_child_imports_nothing_of_the_service():
     for path in (PACKAGE / "omero_child").rglob("*.py"):
         assert not imports(path, top_level_only=False), f"{path.name} must run alone on Python 3.10"
+
+
+def test_the_http_contract_has_no_duplicate_keys():
+    # YAML keeps the last of two equal keys silently: a second schema named like a first one
+    # replaced it for every $ref (two `Target` schemas did).
+    import yaml
+
+    class Strict(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+        duplicates = sorted({str(k) for k in keys if keys.count(k) > 1})
+        assert not duplicates, f"api/openapi.yaml line {node.start_mark.line + 1}: duplicate keys {duplicates}"
+        return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+    Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    yaml.load((PACKAGE.parent / "api" / "openapi.yaml").read_text(encoding="utf-8"), Loader=Strict)
