@@ -676,6 +676,7 @@ def test_store_url_sqlite_and_postgresql(tmp_path):
     "store, expected",
     [
         ({"url": "postgresql://wf:hunter2@db/wf"}, "store.url: carries a password; give it as store.password"),
+        ({"url": "postgresql://wf@db/wf?password=hunter2"}, "store.url: carries a password; give it as store.password"),
         ({"url": "mysql://db/wf"}, "store.url: unknown scheme 'mysql'; use sqlite:///PATH or postgresql://"),
         ({"url": "sqlite://jobs.db"}, "store.url: a SQLite URL is sqlite:///PATH (three slashes)"),
         ({"url": "postgresql:///wf"}, "store.url: names no host"),

@@ -143,6 +143,20 @@ def test_sqlite_store_is_copied_into_postgresql_idempotently(pg, tmp_path, make_
     assert target.list_jobs(dismissed=True)[0][0].id == failed.id
 
 
+def test_migrate_refuses_a_database_where_other_jobs_hold_the_ids(pg, tmp_path, make_spec):
+    # The copy keeps ids and leaves rows already there: into a used database it reported
+    # "0 copied (13 already there)" and lost the SQLite jobs (found by trying it).
+    src = SQLiteStore(tmp_path / "old" / "watchfolder.db", **OPTIONS)
+    mine = [src.enqueue(make_spec(), now=T0 + i)[0] for i in range(2)]
+    src.close()
+    target = pg(logs_dir=tmp_path / "logs")
+    other, _ = target.enqueue(make_spec(), now=T0)
+    assert other.id == mine[0].id
+    with pytest.raises(StoreError, match=f"other jobs under 1 of the ids .* job {other.id}.* nothing was copied"):
+        copy_sqlite_to_postgres(tmp_path / "old" / "watchfolder.db", target)
+    assert target.counts()["queued"] == 1 and target.get(other.id).idempotency_key == other.idempotency_key
+
+
 def test_copy_refuses_what_is_not_a_store(pg, tmp_path):
     with pytest.raises(StoreError, match="does not exist"):
         copy_sqlite_to_postgres(tmp_path / "missing.db", pg())

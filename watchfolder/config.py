@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
@@ -482,7 +482,8 @@ def _store_url(r: _Reader, raw: dict, w: str) -> tuple[str | None, Path | None]:
             return None, None
     if scheme in ("postgresql", "postgres"):
         parts = urlsplit(url)
-        if parts.password is not None:
+        if parts.password is not None or "password" in parse_qs(parts.query or ""):
+            # It would be shown by check-config, status and every connection error.
             r.problem(where, "carries a password; give it as store.password: {env: VARIABLE} or {file: PATH}")
             return None, None
         if not parts.hostname and "host=" not in (parts.query or ""):

@@ -45,6 +45,7 @@ def copy_sqlite_to_postgres(sqlite_path: str | Path, target: PostgresStore) -> d
             raise StoreError(f"{path} holds no jobs table; is it a watchfolder store?")
         report: dict[str, dict[str, int]] = {}
         with target._tx(pipeline=False) as conn:
+            _refuse_other_jobs(src, conn, path)
             target_columns = _target_columns(conn)
             shared = [t for t in tables - SKIPPED_TABLES if t in target_columns]
             shared.sort(key=lambda t: (ORDER.index(t) if t in ORDER else len(ORDER), t))
@@ -63,6 +64,29 @@ def copy_sqlite_to_postgres(sqlite_path: str | Path, target: PostgresStore) -> d
         return report
     finally:
         src.close()
+
+
+def _refuse_other_jobs(src: sqlite3.Connection, conn, path: Path) -> None:
+    """Raise :class:`StoreError` when the target holds *other* jobs under ids of the source's.
+
+    Ids are kept, and a row already there is left as it is (that makes a second run
+    idempotent); copied into a database where other jobs took those ids, the source's
+    jobs would be dropped without a word (found by trying it).
+    """
+    keys = dict(src.execute("SELECT id, idempotency_key FROM jobs"))
+    ids = list(keys)
+    clashes = []
+    for start in range(0, len(ids), BATCH):
+        rows = conn.execute(
+            "SELECT id, idempotency_key FROM jobs WHERE id = ANY(%s)", (ids[start:start + BATCH],)
+        ).fetchall()
+        clashes += [r["id"] for r in rows if r["idempotency_key"] != keys[r["id"]]]
+    if clashes:
+        raise StoreError(
+            f"the target database already holds other jobs under {len(clashes)} of the ids in {path} "
+            f"(e.g. job {min(clashes)}); nothing was copied. Migrate into an empty database (or the one an "
+            "earlier `store migrate` of this same file filled)"
+        )
 
 
 def _target_columns(conn) -> dict[str, dict[str, str]]:
