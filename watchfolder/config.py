@@ -114,6 +114,12 @@ class OmeroConfig:
     block_size: int = 1024 * 1024
     # Imports running at once against this server from one service process.
     max_concurrent: int = D.OMERO_MAX_CONCURRENT
+    # Files Bio-Formats reads as no image: attach (FileAnnotation on the target), ignore, fail.
+    non_images: str = "attach"
+    # Group files into filesets with Bio-Formats (as OMERO's importer does) when Java and the jar are there.
+    bioformats: bool = True
+    # The Bio-Formats jar; default: the one scripts/omero-env puts beside the child's Python.
+    bioformats_jar: str | None = None
 
 
 @dataclass(frozen=True)
@@ -558,6 +564,7 @@ def _importer(r: _Reader, raw: dict, data_dir: Path) -> ImporterConfig:
             "host", "port", "secure", "admin_user", "admin_password", "python", "timeout",
             "connect_timeout", "sudo_ttl_ms", "web_url", "namespace", "idle_timeout", "block_size",
             "max_concurrent",
+            "non_images", "bioformats", "bioformats_jar",
         },
         ow,
     )
@@ -576,6 +583,9 @@ def _importer(r: _Reader, raw: dict, data_dir: Path) -> ImporterConfig:
         idle_timeout=r.get(o, "idle_timeout", ow, positive_seconds, OmeroConfig.idle_timeout),
         block_size=r.get(o, "block_size", ow, positive_int, OmeroConfig.block_size),
         max_concurrent=r.get(o, "max_concurrent", ow, positive_int, D.OMERO_MAX_CONCURRENT),
+        non_images=r.get(o, "non_images", ow, one_of("attach", "ignore", "fail"), "attach"),
+        bioformats=r.get(o, "bioformats", ow, boolean, True),
+        bioformats_jar=r.get(o, "bioformats_jar", ow, text, None),
     )
     pz = r.section(raw, "pause", w)
     pw = "importer.pause"

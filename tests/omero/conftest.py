@@ -72,6 +72,10 @@ class Double:
         with urllib.request.urlopen(request, timeout=30) as answer:
             return json.loads(answer.read())
 
+    def reset(self) -> None:
+        """Back to an empty server (as freshly started); the port stays."""
+        self.port = self._call("/reset", {})["port"]
+
     def state(self) -> dict[str, Any]:
         return self._call("/state")
 
@@ -110,10 +114,20 @@ def double_workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("omero-double")
 
 
-@pytest.fixture
-def double(omero_python, double_workdir):
-    """A fresh double with the admin, a group 'lab' and users jdoe (lab) and mary (lab, imaging)."""
+@pytest.fixture(scope="session")
+def double_process(omero_python, double_workdir):
+    """One double process for the test session (its start and its JVM cost seconds);
+    each test gets it reset to an empty server."""
     d = Double(omero_python, double_workdir)
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def double(double_process):
+    """A fresh double with the admin, a group 'lab' and users jdoe (lab) and mary (lab, imaging)."""
+    d = double_process
+    d.reset()
     d.seed(
         groups=[{"name": "lab", "perms": "rwr---"}, {"name": "imaging", "perms": "rwra--"}],
         users=[
@@ -123,7 +137,6 @@ def double(omero_python, double_workdir):
         ],
     )
     yield d
-    d.stop()
 
 
 @pytest.fixture
@@ -153,6 +166,17 @@ def child_module():
     sys.modules.setdefault(spec.name, module)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def make_spec(make_spec):
+    """As the suite's make_spec, with files OMERO (Bio-Formats) reads as images by default:
+    Bio-Formats' synthetic ``.fake`` format takes any content."""
+
+    def make(files=None, **fields):
+        return make_spec(files or {"img_1.fake": b"pixels-1" * 100, "img_2.fake": b"pixels-2" * 50}, **fields)
+
+    return make
 
 
 @pytest.fixture

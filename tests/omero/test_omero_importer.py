@@ -32,7 +32,7 @@ def dataset_named(state, name):
 
 
 def test_single_file_import_ends_succeeded_with_image_ids(store, importer, make_spec, double):
-    spec = make_spec({"cells.tif": b"\x00pixels" * 5000}, target=Target(project="Brain atlas", dataset="slide 3"),
+    spec = make_spec({"cells.fake": b"\x00pixels" * 5000}, target=Target(project="Brain atlas", dataset="slide 3"),
                      group="lab", importer="omero")
     job = run_job(store, importer, spec)
 
@@ -41,7 +41,7 @@ def test_single_file_import_ends_succeeded_with_image_ids(store, importer, make_
     assert job.result["image_ids"] == [i["id"] for i in state["images"]]
     assert len(job.result["image_ids"]) == 1
     (fileset,) = state["filesets"]
-    assert fileset["state"] == "imported" and fileset["client_paths"] == [str(Path(spec.root) / "cells.tif")]
+    assert fileset["state"] == "imported" and fileset["client_paths"] == [str(Path(spec.root) / "cells.fake")]
     assert fileset["files"][0]["size"] == 35000
     (dataset,) = dataset_named(state, "slide 3")
     assert state["images"][0]["dataset"] == dataset["id"] == job.result["target"]["id"]
@@ -52,28 +52,28 @@ def test_single_file_import_ends_succeeded_with_image_ids(store, importer, make_
     assert "imported images" in log and ADMIN_PASSWORD not in log
 
 
-def test_multi_fileset_acquisition(store, importer, make_spec, double):
+@pytest.mark.parametrize("bioformats", [True, False], ids=["bioformats", "suffix-rules"])
+def test_multi_fileset_acquisition(store, omero_config, make_spec, double, bioformats):
+    # The manifest's filesets win, with or without Bio-Formats; the rest are grouped
+    # (each .fake file is an image of its own for Bio-Formats and for the suffix rules).
     files = {
-        "a.tif": b"a" * 100,
-        "b.tif": b"b" * 200,
-        "scan.vsi": b"vsi",
-        "_scan_/stack1/frame_t.ets": b"ets" * 10,
-        "cell.ics": b"ics",
-        "cell.ids": b"ids" * 4,
-        "custom/one.dat": b"1",
-        "custom/two.dat": b"22",
+        "a.fake": b"a" * 100,
+        "b.fake": b"b" * 200,
+        "custom/one.fake": b"1",
+        "custom/two.fake": b"22",
     }
-    spec = make_spec(files, group="lab", filesets=(("custom/one.dat", "custom/two.dat"),))
+    importer = create_importer(omero_config(bioformats=bioformats))
+    spec = make_spec(files, group="lab", filesets=(("custom/one.fake", "custom/two.fake"),))
     job = run_job(store, importer, spec)
 
     assert job.state is JobState.SUCCEEDED, job.error
+    assert job.result["grouping"] == ("bioformats" if bioformats else "suffix rules")
     groups = sorted(sorted(fs["files"]) for fs in job.result["filesets"])
-    assert groups == [["_scan_/stack1/frame_t.ets", "scan.vsi"], ["a.tif"], ["b.tif"],
-                      ["cell.ics", "cell.ids"], ["custom/one.dat", "custom/two.dat"]]
+    assert groups == [["a.fake"], ["b.fake"], ["custom/one.fake", "custom/two.fake"]]
     state = double.state()
-    assert len(state["filesets"]) == 5 and len(state["images"]) == 5
+    assert len(state["filesets"]) == 3 and len(state["images"]) == 3
     assert sorted(job.result["image_ids"]) == sorted(i["id"] for i in state["images"])
-    assert job.progress.files_done == job.progress.files_total == 8
+    assert job.progress.files_done == job.progress.files_total == 4
     assert job.progress.bytes_done == sum(len(v) for v in files.values())
 
 
@@ -95,8 +95,8 @@ def test_sudo_into_the_owners_group(store, importer, make_spec, double):
 
 
 def test_dataset_created_on_first_use_and_reused_after(store, importer, make_spec, double):
-    first = run_job(store, importer, make_spec({"1.tif": b"1"}, group="lab"))
-    second = run_job(store, importer, make_spec({"2.tif": b"2"}, group="lab"))
+    first = run_job(store, importer, make_spec({"1.fake": b"1"}, group="lab"))
+    second = run_job(store, importer, make_spec({"2.fake": b"2"}, group="lab"))
 
     assert first.state is second.state is JobState.SUCCEEDED
     assert first.result["target"]["created"] is True and second.result["target"]["created"] is False
@@ -107,7 +107,7 @@ def test_dataset_created_on_first_use_and_reused_after(store, importer, make_spe
 
 def test_annotations_and_provenance_on_each_image(store, importer, make_spec, double):
     data = b"some pixels" * 1000
-    spec = make_spec({"x.tif": data}, group="lab", annotations={"microscope": "LSM 980", "objective": "63x"},
+    spec = make_spec({"x.fake": data}, group="lab", annotations={"microscope": "LSM 980", "objective": "63x"},
                      source="watch:lsm980")
     job = run_job(store, importer, spec)
 
@@ -117,19 +117,22 @@ def test_annotations_and_provenance_on_each_image(store, importer, make_spec, do
     assert ann["images"] == job.result["image_ids"]
     assert ann["values"] == [
         ["microscope", "LSM 980"], ["objective", "63x"], ["watchfolder.job_id", str(job.id)],
-        ["watchfolder.source", "watch:lsm980"], ["watchfolder.path", os.path.join(spec.root, "x.tif")],
+        ["watchfolder.source", "watch:lsm980"], ["watchfolder.path", os.path.join(spec.root, "x.fake")],
         ["watchfolder.sha1", hashlib.sha1(data).hexdigest()],
     ]
 
 
 def test_server_import_error_is_a_permanent_failure_with_the_message(store, importer, make_spec, double):
     double.faults(import_error="Unknown file format: no reader for odd.xyz")
-    job = run_job(store, importer, make_spec({"odd.xyz": b"?"}, group="lab"))
+    job = run_job(store, importer, make_spec({"odd.fake": b"?"}, group="lab"))
 
     assert job.state is JobState.FAILED
     assert job.error.kind == "permanent" and not job.error.config_error
     assert "Unknown file format: no reader for odd.xyz" in job.error.message
-    assert "odd.xyz" in job.error.message and "convert" in job.error.message
+    assert "odd.fake" in job.error.message and "convert" in job.error.message
+    # Found case 6: the fileset the failed import left is deleted, not left in OMERO.
+    assert double.live_filesets() == []
+    assert double.state()["counters"]["deleted_filesets"] == 1
 
 
 def test_wrong_admin_password_is_a_permanent_config_error(store, omero_config, make_spec, double):
@@ -159,12 +162,12 @@ def test_unknown_owner_or_group_is_permanent(store, importer, make_spec, double,
 
 
 def test_target_by_id_must_exist_and_be_writable(store, importer, make_spec, double):
-    made = run_job(store, importer, make_spec({"m.tif": b"m"}, owner="mary", group="lab", target=Target(dataset="hers")))
+    made = run_job(store, importer, make_spec({"m.fake": b"m"}, owner="mary", group="lab", target=Target(dataset="hers")))
     theirs = made.result["target"]["id"]
 
     missing = run_job(store, importer, make_spec(group="lab", target=Target(dataset_id=999999)))
     readonly = run_job(store, importer, make_spec(owner="jdoe", group="lab", target=Target(dataset_id=theirs)))
-    own = run_job(store, importer, make_spec({"o.tif": b"o"}, owner="mary", group="lab",
+    own = run_job(store, importer, make_spec({"o.fake": b"o"}, owner="mary", group="lab",
                                              target=Target(dataset_id=theirs)))
 
     assert "dataset 999999 does not exist" in missing.error.message
@@ -175,7 +178,7 @@ def test_target_by_id_must_exist_and_be_writable(store, importer, make_spec, dou
 
 def test_server_down_then_up_is_retried_and_succeeds_once(store, importer, make_spec, double):
     double.faults(down=True)
-    spec = make_spec({"one.tif": b"1" * 1000}, group="lab")
+    spec = make_spec({"one.fake": b"1" * 1000}, group="lab")
     job = run_job(store, importer, spec, now=1000.0)
 
     assert job.state is JobState.RETRY_WAIT and job.error.kind == "transient"
@@ -189,16 +192,16 @@ def test_server_down_then_up_is_retried_and_succeeds_once(store, importer, make_
 
 def test_connection_dropped_mid_upload_is_retried_without_duplicates(store, importer, make_spec, double):
     double.faults(drop_after_bytes=3 * 1024 * 1024)
-    spec = make_spec({"a.tif": os.urandom(2 * 1024 * 1024), "b.tif": os.urandom(2 * 1024 * 1024)}, group="lab")
+    spec = make_spec({"a.fake": os.urandom(2 * 1024 * 1024), "b.fake": os.urandom(2 * 1024 * 1024)}, group="lab")
     job = run_job(store, importer, spec, now=1000.0)
 
     assert job.state is JobState.RETRY_WAIT and "lost the connection" in job.error.message
     job = run_job(store, importer, spec, now=2000.0)
 
     assert job.state is JobState.SUCCEEDED, job.error
-    # a.tif's fileset was complete after attempt 1 and is reused; b.tif's half upload is deleted.
+    # a.fake's fileset was complete after attempt 1 and is reused; b.fake's half upload is deleted.
     live = double.live_filesets()
-    assert sorted(os.path.basename(f["client_paths"][0]) for f in live) == ["a.tif", "b.tif"]
+    assert sorted(os.path.basename(f["client_paths"][0]) for f in live) == ["a.fake", "b.fake"]
     assert len(double.state()["images"]) == 2
     assert [f["reused"] for f in job.result["filesets"]] == [True, False]
     assert len(double.state()["annotations"]) == 2
@@ -211,7 +214,7 @@ def test_upload_keeps_writes_in_flight_and_the_file_arrives_whole(store, importe
     # blocks land out of order, positionally, and the server's SHA-1 still agrees.
     double.faults(hold_first_write=30)
     content = os.urandom(5 * 1024 * 1024 + 12345)
-    spec = make_spec({"big.tif": content}, group="lab")
+    spec = make_spec({"big.fake": content}, group="lab")
     job = run_job(store, importer, spec)
 
     assert job.state is JobState.SUCCEEDED, job.error
@@ -219,14 +222,14 @@ def test_upload_keeps_writes_in_flight_and_the_file_arrives_whole(store, importe
     assert counters["overlapped_writes"] >= 1 and counters["out_of_order_writes"] >= 1
     assert counters["bytes_written"] == len(content)
     (fileset,) = double.state()["filesets"]
-    assert fileset["files"] == [{"size": len(content), "sha1": hashlib.sha1(content).hexdigest()}]
+    assert [(f["size"], f["sha1"]) for f in fileset["files"]] == [(len(content), hashlib.sha1(content).hexdigest())]
     assert job.result["filesets"][0]["sha1"] == [hashlib.sha1(content).hexdigest()]
     assert job.progress.bytes_done == len(content)
 
 
 def test_child_killed_mid_upload_is_retried_and_leaves_one_fileset(store, importer, make_spec, double):
     double.faults(slow=0.05)  # each 1 MiB block takes a while: time to kill the child mid-way
-    spec = make_spec({"big.tif": os.urandom(8 * 1024 * 1024)}, group="lab")
+    spec = make_spec({"big.fake": os.urandom(8 * 1024 * 1024)}, group="lab")
     job, _ = store.enqueue(spec, now=1000.0)
     seen: dict[str, bytes] = {}
 
@@ -267,7 +270,7 @@ def test_hung_server_child_is_killed_after_the_idle_timeout(store, omero_config,
 
 def test_session_key_job_imports_as_that_session(store, importer, make_spec, double):
     key = double.session("jdoe", "lab")
-    spec = make_spec({"k.tif": b"k"}, group=None, session_key=key, email=None)
+    spec = make_spec({"k.fake": b"k"}, group=None, session_key=key, email=None)
     job = run_job(store, importer, spec)
 
     assert job.state is JobState.SUCCEEDED, job.error
@@ -275,7 +278,7 @@ def test_session_key_job_imports_as_that_session(store, importer, make_spec, dou
     assert not [s for s in double.state()["sessions"] if s.get("sudo_by") is not None]
     assert key not in store.read_log(job.id)
 
-    bad = run_job(store, importer, make_spec({"k2.tif": b"k"}, session_key="no-such-session"))
+    bad = run_job(store, importer, make_spec({"k2.fake": b"k"}, session_key="no-such-session"))
     assert bad.state is JobState.FAILED and "session key" in bad.error.message
 
 
@@ -302,10 +305,10 @@ class RecordingContext(ImportContext):
 def test_a_200_mb_file_streams_progress_events(store, importer, make_spec, double, tmp_path):
     size = 200 * 1024 * 1024
     spec = make_spec({"placeholder.txt": b""}, group="lab")
-    big = Path(spec.root) / "big.ome.tiff"
+    big = Path(spec.root) / "big.fake"
     with open(big, "wb") as f:
         f.truncate(size)  # sparse: no 200 MB write to disk
-    spec = dataclasses.replace(spec, files=(FileEntry("big.ome.tiff", size),))
+    spec = dataclasses.replace(spec, files=(FileEntry("big.fake", size),))
     job, _ = store.enqueue(spec)
     ctx = RecordingContext(job, tmp_path / "job.log")
     result = importer.run(job, ctx)

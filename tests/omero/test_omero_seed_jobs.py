@@ -60,7 +60,7 @@ def links_of(state, image_id):
 
 
 def test_no_target_imports_orphaned_images(store, importer, seed_spec, double):
-    spec = seed_spec({"a.tif": b"a" * 300, "b.tif": b"b" * 200})
+    spec = seed_spec({"a.fake": b"a" * 300, "b.fake": b"b" * 200})
     assert spec.target.to_dict() == {}
     job = run_job(store, importer, spec)
 
@@ -82,9 +82,9 @@ def test_no_target_imports_orphaned_images(store, importer, seed_spec, double):
 
 
 def test_dataset_id_target_still_goes_into_the_dataset(store, importer, seed_spec, double):
-    made = run_job(store, importer, seed_spec({"m.tif": b"m"}, target=Target(dataset="plates")))
+    made = run_job(store, importer, seed_spec({"m.fake": b"m"}, target=Target(dataset="plates")))
     dataset_id = made.result["target"]["id"]
-    job = run_job(store, importer, seed_spec({"n.tif": b"n"}, target=Target(dataset_id=dataset_id)))
+    job = run_job(store, importer, seed_spec({"n.fake": b"n"}, target=Target(dataset_id=dataset_id)))
 
     assert job.state is JobState.SUCCEEDED, job.error
     assert job.result["orphaned"] is False and job.result["dataset_id"] == dataset_id
@@ -95,7 +95,7 @@ def test_dataset_id_target_still_goes_into_the_dataset(store, importer, seed_spe
 
 def test_text_annotations_become_comment_annotations_on_every_image(store, importer, seed_spec, double):
     pairs = [(NOTES, "stained with DAPI"), (STAIN, "H&E"), (NOTES, "second note, same namespace")]
-    job = run_job(store, importer, seed_spec({"a.tif": b"a", "b.tif": b"b"}, text_annotations=pairs))
+    job = run_job(store, importer, seed_spec({"a.fake": b"a", "b.fake": b"b"}, text_annotations=pairs))
 
     assert job.state is JobState.SUCCEEDED, job.error
     state = double.state()
@@ -118,7 +118,7 @@ def test_existing_annotations_are_linked_to_every_image(store, importer, seed_sp
     tag = double.annotation("jdoe", "lab", kind="tag", text="experiment 42")
     note = double.annotation("jdoe", "lab", kind="comment", ns=NOTES, text="from the portal")
     # The same id twice is linked once: OMERO refuses a second identical link.
-    job = run_job(store, importer, seed_spec({"a.tif": b"a", "b.tif": b"b"}, annotation_ids=[tag, note, tag],
+    job = run_job(store, importer, seed_spec({"a.fake": b"a", "b.fake": b"b"}, annotation_ids=[tag, note, tag],
                                              text_annotations=[(STAIN, "H&E")]))
 
     assert job.state is JobState.SUCCEEDED, job.error
@@ -180,7 +180,7 @@ def test_a_session_key_omero_rejects_fails_permanently_with_the_reason(store, im
 def test_retry_after_a_dropped_connection_links_everything_exactly_once(store, importer, seed_spec, double):
     tag = double.annotation("jdoe", "lab", text="experiment 42")
     double.faults(drop_after_bytes=3 * 1024 * 1024)
-    spec = seed_spec({"a.tif": os.urandom(2 * 1024 * 1024), "b.tif": os.urandom(2 * 1024 * 1024)},
+    spec = seed_spec({"a.fake": os.urandom(2 * 1024 * 1024), "b.fake": os.urandom(2 * 1024 * 1024)},
                      text_annotations=[(NOTES, "n")], annotation_ids=[tag])
     job = run_job(store, importer, spec, now=1000.0)
     assert job.state is JobState.RETRY_WAIT, job.error
@@ -191,7 +191,7 @@ def test_retry_after_a_dropped_connection_links_everything_exactly_once(store, i
     state = double.state()
     assert len(state["images"]) == 2
     for image in job.result["image_ids"]:
-        # a.tif's image was annotated in attempt 1, b.tif's in attempt 2: each once.
+        # a.fake's image was annotated in attempt 1, b.fake's in attempt 2: each once.
         assert links_of(state, image) == sorted([
             ("tag", "", "experiment 42"), ("comment", NOTES, "n"),
             ("map", "watchfolder.openmicroscopy.org/import", None),
@@ -228,8 +228,8 @@ def test_seed_api_end_to_end_into_the_double(seed_service, double):
     store, client, roots = seed_service
     folder = roots["drop"] / "jdoe" / "run-7"
     folder.mkdir(parents=True)
-    (folder / "tile_1.ome.tiff").write_bytes(b"tile one" * 1000)
-    (folder / "tile_2.ome.tiff").write_bytes(b"tile two" * 1000)
+    (folder / "tile_1.fake").write_bytes(b"tile one" * 1000)
+    (folder / "tile_2.fake").write_bytes(b"tile two" * 1000)
     tag = double.annotation("jdoe", "lab", text="experiment 42")
     key = double.session("jdoe", "lab")
     rejected_key = str(uuid.uuid4())

@@ -90,11 +90,19 @@ class OmeroImporter(Importer):
             info = {"ok": False, "python": python}
             try:
                 out = subprocess.run(
-                    [python, str(CHILD), "--probe"], capture_output=True, text=True, timeout=60,
+                    [python, str(CHILD), "--probe", os.path.expanduser(self.omero.bioformats_jar or "")],
+                    capture_output=True, text=True, timeout=60,
                     stdin=subprocess.DEVNULL,
                 )
                 probed = json.loads(out.stdout.strip().splitlines()[-1])
                 info.update(probed, ok=bool(probed.get("omero_py")))
+                bf = probed.get("bioformats") or {}
+                if not self.omero.bioformats:
+                    info["filesets"] = "suffix rules (importer.omero.bioformats is false)"
+                elif bf.get("ok"):
+                    info["filesets"] = f"Bio-Formats ({bf.get('jar')})"
+                else:
+                    info["filesets"] = f"suffix rules: Bio-Formats unavailable: {bf.get('reason')}"
             except (OSError, ValueError, IndexError, subprocess.TimeoutExpired) as exc:
                 info["error"] = f"cannot run {python} {CHILD.name} --probe: {exc}"
         info.update(server=f"{self.omero.host}:{self.omero.port}")
@@ -149,6 +157,9 @@ class OmeroImporter(Importer):
             "connect_timeout": o.connect_timeout,
             "import_timeout": o.timeout,
             "sudo_ttl_ms": o.sudo_ttl_ms,
+            "non_images": o.non_images,
+            "bioformats": o.bioformats,
+            "bioformats_jar": os.path.expanduser(o.bioformats_jar) if o.bioformats_jar else None,
             "block_size": o.block_size,
             "namespace": o.namespace,
             "session_key": spec.session_key,

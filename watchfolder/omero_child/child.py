@@ -22,9 +22,18 @@ to stdout as JSON lines::
 Everything else (logging, Ice warnings, stray prints) goes to stderr, which
 the service appends to the job's log. Exit status: 0 result sent, 1 error sent.
 
-Filesets: the request's ``filesets`` (lists of relative paths) come first;
-every other file goes through :func:`group_filesets`' rule for common
-multi-file formats, and whatever no rule claims is a fileset of its own.
+Filesets: the request's ``filesets`` (lists of relative paths) come first.
+With Bio-Formats (Java, ``jpype1`` and its jar, see ``bfgroup.py``) every
+other file is grouped as OMERO's own importer groups it (each unclaimed file
+opened with ``ImageReader``, its used files form a fileset), before anything
+is uploaded: a file no reader accepts is not an image and is attached to the
+target, ignored, or fails the job (``non_images``); a file a reader claims but
+cannot read fails the job, naming Bio-Formats' reason; a Screen target takes
+only plates. Without Bio-Formats, :func:`group_filesets`' suffix rules apply.
+
+Sessions: the owner's session (sudo) lives at least as long as the job can
+(:func:`session_lifetime_ms`), idles out after ``sudo_ttl_ms`` without a
+keep-alive, and is closed when the job ends.
 
 Target: an empty ``target`` imports the images orphaned (no dataset or
 screen); the result then says ``"target": null, "orphaned": true``.
@@ -73,10 +82,13 @@ Q_SCREEN = (
     "select s from Screen s where s.name = :name"
     " and s.details.owner.id = :uid and s.details.group.id = :gid order by s.id"
 )
+# A fileset's job link points at the abstract Job; versionInfo belongs to its
+# subclasses (UploadJob, MetadataImportJob), so the marker is looked up on
+# UploadJob by id (OMERO's model: Fileset.jobLinks -> FilesetJobLink.child: Job).
 Q_JOB_FILESETS = (
     "select distinct fs from Fileset fs left outer join fetch fs.usedFiles"
-    " join fs.jobLinks l join l.child j join j.versionInfo v"
-    " where v.name = :marker and v.value = :key and fs.details.owner.id = :uid"
+    " join fs.jobLinks l where fs.details.owner.id = :uid and l.child.id in"
+    " (select j.id from UploadJob j join j.versionInfo v where v.name = :marker and v.value = :key)"
 )
 Q_FILESET_IMAGES = "select i.id, i.fileset.id from Image i where i.fileset.id in (:ids) order by i.id"
 Q_ANNOTATED_IMAGES = (
@@ -220,6 +232,30 @@ def group_filesets(files, filesets=()):
     return groups
 
 
+NON_IMAGE_POLICIES = ("attach", "ignore", "fail")
+# Below this rate an upload would outlive the owner's session (see session_lifetime_ms).
+SLOWEST_UPLOAD_BYTES_PER_S = 1024 * 1024
+
+
+def session_lifetime_ms(import_timeout, filesets, total_bytes, idle_ms):
+    """How long the owner's session may live (ms): every fileset's server-side
+    import taking its whole ``import_timeout`` (s), the upload at 1 MiB/s, and an
+    hour to spare; never less than the idle timeout.
+
+    OMERO's ``ISession.createSessionWithTimeouts(principal, timeToLive,
+    timeToIdle)``: ``timeToLive`` is the session's absolute lifetime (an import
+    still running then dies with "exceeded timeToLive"), ``timeToIdle`` how long
+    it survives without a call (the client's keep-alive pings count).
+    """
+    seconds = float(import_timeout) * max(1, filesets) + total_bytes / SLOWEST_UPLOAD_BYTES_PER_S + 3600
+    return max(int(seconds * 1000), int(idle_ms))
+
+
+def keep_alive_seconds(idle_ms):
+    """The client's keep-alive interval (whole seconds): a third of the idle timeout, at most 60."""
+    return max(1, min(60, int(idle_ms / 1000 / 3)))
+
+
 def client_path_key(path):
     """How a client path compares with one the server stored (it may drop the leading '/')."""
     return path.replace("\\", "/").lstrip("/")
@@ -353,7 +389,7 @@ def _new_client(req, host, port):
         "omero.host": host,
         "omero.port": str(port),
         "Ice.Override.ConnectTimeout": str(int(float(req.get("connect_timeout", 30)) * 1000)),
-        "omero.keep_alive": "60",
+        "omero.keep_alive": str(keep_alive_seconds(int(req.get("sudo_ttl_ms") or 600000))),
     }
     return omero.client(pmap=[f"--{k}={v}" for k, v in props.items()])
 
@@ -418,6 +454,13 @@ class Importer:
         self.text_pairs = []
         self.linked = []
         self._comments = None
+        self.sudo_session = None
+        self.lifetime_ms = None
+        self.bf = None
+        self.bf_reason = None
+        self.not_images = {}
+        self.ignored = []
+        self.fileset_info = None
 
     # -- sessions --------------------------------------------------------
 
@@ -482,8 +525,20 @@ class Importer:
             else:
                 group = unwrap(admin_svc.getDefaultGroup(exp.getId().getValue()).getName())
             principal = omero.sys.Principal(name=owner, group=group, eventType="User")
-            ttl = int(req.get("sudo_ttl_ms") or 600000)
-            session = sf.getSessionService().createSessionWithTimeout(principal, ttl)
+            idle = int(req.get("sudo_ttl_ms") or 600000)
+            lifetime = self.lifetime_ms or session_lifetime_ms(
+                req.get("import_timeout") or 3600, 1, 0, idle)
+            try:
+                session = sf.getSessionService().createSessionWithTimeouts(principal, lifetime, idle)
+            except omero.SecurityViolation as exc:
+                raise Failure(
+                    f"OMERO refused to let {req['admin_user']!r} act as {owner!r} in group {group!r} "
+                    f"({exc.message}): importer.omero.admin_user must be a full administrator, a "
+                    "restricted administrator with the Sudo privilege, or an owner of the group",
+                    config_error=True,
+                ) from None
+            self.sudo_session = session
+            log.info("owner's session: lifetime %d ms, idle timeout %d ms", lifetime, idle)
             self.client = _new_client(req, req["host"], int(req["port"]))
             self.client.joinSession(session.getUuid().getValue())
         if not req.get("secure", True):
@@ -501,7 +556,14 @@ class Importer:
                  self.admin is not None)
 
     def close(self):
+        """End the job's sessions: the owner's (sudo) session is closed on the server, not
+        left to time out (joining it took one reference, creating it another)."""
         _close(self.client)
+        if self.admin is not None and self.sudo_session is not None:
+            try:
+                self.admin.getSession().getSessionService().closeSession(self.sudo_session)
+            except Exception as exc:  # best effort: it idles out after sudo_ttl_ms anyway
+                log.warning("closing the owner's session: %s", type(exc).__name__)
         _close(self.admin)
 
     # -- queries ---------------------------------------------------------
@@ -541,6 +603,7 @@ class Importer:
         gives (None, None, None, False): the images are imported orphaned, in no
         dataset or screen, as the seed system did.
         """
+        import omero
         import omero.model
         from omero.rtypes import rstring, unwrap
 
@@ -552,8 +615,17 @@ class Importer:
         if "dataset_id" in target or "screen_id" in target:
             kind = "Dataset" if "dataset_id" in target else "Screen"
             oid = int(target.get("dataset_id") or target.get("screen_id"))
-            obj = self.client.getSession().getQueryService().find(kind, oid)
             label = f"{kind.lower()} {oid}"
+            try:
+                obj = self.client.getSession().getQueryService().find(kind, oid)
+            except omero.SecurityViolation:
+                # What a real server answers for a container of a group the session is not in.
+                raise Failure(
+                    f"{label} is in another group than the import's group {self.ec.groupName!r}, "
+                    f"or {self.ec.userName!r} may not read it (OMERO: cannot read); name the "
+                    f"{kind.lower()}'s group in the job, or choose a {kind.lower()} of group "
+                    f"{self.ec.groupName!r}"
+                ) from None
             if obj is None:
                 raise Failure(f"{label} does not exist or {self.ec.userName!r} cannot see it; check the id")
             obj_gid = obj.getDetails().getGroup().getId().getValue()
@@ -610,6 +682,8 @@ class Importer:
         linking fewer annotations than the client asked for would lose their
         intent silently. Returns [(model class, id)] for the links.
         """
+        import omero
+
         ids = annotation_id_list(self.req.get("annotation_ids"))
         if not ids:
             return []
@@ -617,7 +691,14 @@ class Importer:
         user, group = self.ec.userName, self.ec.groupName
         found = []
         for aid in ids:
-            ann = query.find("Annotation", aid)
+            try:
+                ann = query.find("Annotation", aid)
+            except omero.SecurityViolation:
+                raise Failure(
+                    f"annotation {aid} (annotationIds) is in another group than the import's group "
+                    f"{group!r}, or {user!r} may not read it; OMERO links only within a group: use an "
+                    f"annotation of group {group!r}"
+                ) from None
             if ann is None:
                 raise Failure(
                     f"annotation {aid} (annotationIds) does not exist or {user!r} cannot see it in group "
@@ -740,6 +821,8 @@ class Importer:
             raise Failure(describe_err(rsp, paths))
         image_ids = []
         fileset_id = None
+        plate_ids = [obj.getId().getValue() for obj in rsp.objects or []
+                     if isinstance(obj, omero.model.PlateI)]
         for pixels in rsp.pixels:
             image = pixels.getImage()
             image_ids.append(image.getId().getValue())
@@ -749,9 +832,18 @@ class Importer:
         for obj in rsp.objects or []:
             if fileset_id is None and isinstance(obj, omero.model.FilesetI):
                 fileset_id = obj.getId().getValue()
+        if kind == "Screen" and not plate_ids:
+            # OMERO links only plates to a screen: these images would be orphaned
+            # while the job said "screen N". (With Bio-Formats this is refused
+            # before any upload; this is the check without it.)
+            self.delete_filesets([fileset_id] if fileset_id is not None else [])
+            raise Failure(
+                f"{', '.join(rels[:3])} is not a plate (OMERO found no plate in it), and a screen "
+                "takes only plates; it was removed again. Import it into a dataset instead"
+            )
         return fileset_id, sorted(set(image_ids)), hashes
 
-    def _upload(self, rfs, path, figures):
+    def _upload(self, rfs, path, figures, close=True):
         """Send one file to ``rfs`` and return its SHA-1 (hex).
 
         Up to ``self.in_flight`` writes are outstanding (``begin_write``): while
@@ -766,6 +858,10 @@ class Importer:
         sent = collections.deque()  # (async result, length), oldest first
         offset = 0
         try:
+            # OMERO creates the uploaded file on the first write (every OMERO
+            # uploader writes zero bytes first); without it an empty file never
+            # exists on the server and verifyUpload fails.
+            rfs.write(b"", 0, 0)
             with open_source(self.req, os.path.relpath(path, self.root))[0] as f:
                 while True:
                     block = f.read(self.block)
@@ -786,10 +882,11 @@ class Importer:
                     rfs.end_write(result)
                 except Exception:  # noqa: BLE001 - the first failure is the one that counts
                     pass
-            try:
-                rfs.close()
-            except Exception as exc:
-                log.warning("closing an upload: %s", type(exc).__name__)
+            if close:
+                try:
+                    rfs.close()
+                except Exception as exc:
+                    log.warning("closing an upload: %s", type(exc).__name__)
         return digest.hexdigest()
 
     def _acknowledged(self, rfs, sent, figures):
@@ -810,9 +907,13 @@ class Importer:
                 # A heartbeat: the service kills a child that stays silent too long.
                 self.emit.progress("importing", force=True, **figures)
                 if time.monotonic() > deadline:
+                    # Closing the handle below cancels OMERO's import; the partly
+                    # imported fileset is deleted by the caller. Trying again would
+                    # only time out again: this is for the admin to raise the limit.
                     raise Failure(
                         f"the server-side import did not finish within {timeout:g} s "
-                        "(importer.omero.timeout); will try again", transient=True,
+                        "(importer.omero.timeout): it was cancelled and its fileset removed. "
+                        "Raise importer.omero.timeout for acquisitions this large, then retry the job",
                     )
             return cb.getResponse()
         finally:
@@ -888,13 +989,156 @@ class Importer:
                 log.info("text annotations saved as comment annotations %s", self._comments)
         return self._comments
 
+    # -- planning (before anything is uploaded) ------------------------------
+
+    def plan(self, files):
+        """Decide the filesets before connecting: ``[[rel, ...], ...]``, main file first.
+
+        Sets ``self.not_images`` ({rel: reason}, files to attach) and
+        ``self.fileset_info`` (Bio-Formats' findings per fileset, or None).
+        Raises ``Failure`` (permanent) for a corrupt image, a non-image with
+        ``non_images: fail``, or a Screen target with a non-plate fileset.
+        """
+        req = self.req
+        given = [[str(p) for p in g] for g in req.get("filesets") or ()]
+        policy = req.get("non_images") or "attach"
+        if policy not in NON_IMAGE_POLICIES:
+            raise Failure(f"non_images: must be one of {', '.join(NON_IMAGE_POLICIES)}, got {policy!r}",
+                          config_error=True)
+        # Checks the given filesets name known files (and only once each).
+        group_filesets(files, given)
+        self.bf_reason = None
+        if req.get("bioformats", True):
+            from bfgroup import BioFormats, why_unavailable
+
+            self.bf_reason = why_unavailable(req.get("bioformats_jar"))
+            if self.bf_reason is None:
+                self.bf = BioFormats(req.get("bioformats_jar"))
+        else:
+            self.bf_reason = "Bio-Formats grouping is switched off (importer.omero.bioformats: false)"
+        if self.bf is None:
+            log.info("filesets by suffix rules: %s", self.bf_reason)
+            self.fileset_info = None
+            return group_filesets(files, given)
+        claimed = {p for g in given for p in g}
+        started = time.monotonic()
+        found, refused = self.bf.group(self.root, [f for f in files if f not in claimed])
+        info = []
+        for g in given:
+            # The manifest's grouping wins; Bio-Formats still reads its main file.
+            reading = self.bf.read(os.path.join(self.root, g[0]))
+            if reading.error:
+                refused_given = {g[0]: reading.error}
+                raise Failure(self._corrupt_message(refused_given, given=True))
+            info.append({"files": g, "format": reading.format, "series": reading.series,
+                         "plates": reading.plates})
+        info += found
+        corrupt = {rel: why for rel, why in refused.items() if not why.startswith("UnknownFormatException")}
+        if corrupt:
+            raise Failure(self._corrupt_message(corrupt))
+        unknown = {rel: why for rel, why in refused.items() if rel not in corrupt}
+        if unknown and policy == "fail":
+            raise Failure(
+                f"{len(unknown)} file(s) are not images Bio-Formats can read: "
+                + "; ".join(f"{rel} ({why})" for rel, why in list(unknown.items())[:5])
+                + (" ..." if len(unknown) > 5 else "")
+                + ". importer.omero.non_images is 'fail': remove them from the acquisition, or set it "
+                "to 'attach' or 'ignore'"
+            )
+        target = req.get("target") or {}
+        if "screen" in target or "screen_id" in target:
+            not_plates = [g["files"][0] for g in info if not g["plates"]]
+            if not_plates:
+                raise Failure(
+                    f"the target is a screen, which takes only plates, but {', '.join(not_plates[:5])}"
+                    f"{' ...' if len(not_plates) > 5 else ''} {'is' if len(not_plates) == 1 else 'are'} "
+                    "not a plate (Bio-Formats found no plate); import them into a dataset instead"
+                )
+        if unknown:
+            log.info("not images (%s): %s", policy, ", ".join(unknown))
+        self.not_images = unknown if policy == "attach" else {}
+        self.ignored = sorted(unknown) if policy == "ignore" else []
+        self.fileset_info = info
+        log.info("Bio-Formats %s grouped %d file(s) into %d fileset(s) in %.2f s", self.bf.version(),
+                 len(files), len(info), time.monotonic() - started)
+        return [g["files"] for g in info]
+
+    def _corrupt_message(self, corrupt, given=False):
+        what = "; ".join(f"{rel}: {why}" for rel, why in list(corrupt.items())[:5])
+        more = " ..." if len(corrupt) > 5 else ""
+        return (
+            f"Bio-Formats cannot read {what}{more}. Nothing was uploaded. The file is damaged or "
+            "incomplete, or not in the format its name says: replace it (or remove it from the "
+            "acquisition) and submit again"
+        )
+
+    # -- attachments ---------------------------------------------------------
+
+    def attach(self, kind, target_id, image_ids, figures):
+        """Upload each non-image file as a FileAnnotation (OriginalFile + link) on the target
+        container, or on every imported image when there is none; returns
+        [{"file", "annotation_id", "original_file_id"}]."""
+        import omero.model
+        from omero.rtypes import rlong, rstring
+
+        if not self.not_images:
+            return []
+        sf = self.client.getSession()
+        update = sf.getUpdateService()
+        done = []
+        for rel in self.not_images:
+            path = os.path.join(self.root, rel)
+            ofile = omero.model.OriginalFileI()
+            ofile.setName(rstring(os.path.basename(rel)))
+            ofile.setPath(rstring(os.path.dirname(os.path.abspath(path)) + "/"))
+            ofile.setSize(rlong(os.path.getsize(path)))
+            ofile.setMimetype(rstring("application/octet-stream"))
+            ofile = update.saveAndReturnObject(ofile)
+            rfs = sf.createRawFileStore()
+            try:
+                rfs.setFileId(ofile.getId().getValue())
+                sha1 = self._upload(rfs, path, figures, close=False)
+                rfs.save()
+                figures["files_done"] += 1
+            finally:
+                try:
+                    rfs.close()
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("closing an attachment upload: %s", type(exc).__name__)
+            ann = omero.model.FileAnnotationI()
+            ann.setNs(rstring(self.req["namespace"]))
+            ann.setDescription(rstring(f"{rel} (sha1 {sha1}), attached by watchfolder job {self.req.get('job_id')}"))
+            ann.setFile(omero.model.OriginalFileI(ofile.getId().getValue(), False))
+            ann = update.saveAndReturnObject(ann)
+            aid = ann.getId().getValue()
+            links = []
+            parents = ([(kind, target_id)] if kind else [("Image", i) for i in image_ids])
+            for pkind, pid in parents:
+                link = getattr(omero.model, f"{pkind}AnnotationLinkI")()
+                link.setParent(getattr(omero.model, f"{pkind}I")(pid, False))
+                link.setChild(omero.model.FileAnnotationI(aid, False))
+                links.append(link)
+            if links:
+                update.saveAndReturnArray(links)
+            done.append({"file": rel, "annotation_id": aid, "original_file_id": ofile.getId().getValue(),
+                         "sha1": sha1})
+            log.info("attached %s as file annotation %d", rel, aid)
+        return done
+
+    def cleanup_unfinished(self):
+        """After a failure: delete this job's filesets that hold no image (a cancelled or
+        failed server-side import leaves one), so no half-done fileset stays in OMERO."""
+        try:
+            stale = [fs_id for fs_id, images in self.earlier_filesets().values() if not images]
+            self.delete_filesets(stale)
+        except Exception as exc:  # noqa: BLE001 - the failure that brought us here is the one to report
+            log.warning("could not clean up unfinished filesets: %s", type(exc).__name__)
+
     def run(self):
         req = self.req
         files = [str(f) for f in req["files"]]
-        plan = group_filesets(files, req.get("filesets") or ())
         self.text_pairs = text_annotation_pairs(req.get("text_annotations"))
         annotation_id_list(req.get("annotation_ids"))  # bad ids fail before connecting
-        req["_plan"] = plan
         sizes = {}
         for rel in files:
             try:
@@ -905,8 +1149,14 @@ class Importer:
                     f"{rel!r} is missing from {self.root} ({exc.strerror}); put the file back "
                     "or remove it from the acquisition's files"
                 ) from None
+        self.emit.progress("grouping", force=True, bytes_done=0, bytes_total=sum(sizes.values()),
+                           files_done=0, files_total=len(files))
+        plan = self.plan(files)
+        req["_plan"] = plan
         figures = {"bytes_done": 0, "bytes_total": sum(sizes.values()),
                    "files_done": 0, "files_total": len(files)}
+        self.lifetime_ms = session_lifetime_ms(req.get("import_timeout") or 3600, len(plan),
+                                               figures["bytes_total"], int(req.get("sudo_ttl_ms") or 600000))
         self.emit.progress("connecting", force=True, **figures)
         self.connect()
         self.linked = self.check_linked_annotations()
@@ -939,16 +1189,32 @@ class Importer:
                 results.append({"id": fs_id, "files": rels, "image_ids": images, "sha1": hashes,
                                 **ids, "reused": True})
                 continue
-            fs_id, images, hashes = self.import_fileset(repo, rels, (kind, target_id), figures)
+            try:
+                fs_id, images, hashes = self.import_fileset(repo, rels, (kind, target_id), figures)
+            except Failure as failure:
+                if not failure.transient:
+                    self.cleanup_unfinished()
+                raise
             self.emit.progress("annotating", force=True, **figures)
             ids = self.annotate(images, rels, hashes)
             results.append({"id": fs_id, "files": rels, "image_ids": images, "sha1": hashes,
                             **ids, "reused": False})
+        image_ids = sorted({i for r in results for i in r["image_ids"]})
+        if self.not_images:
+            self.emit.progress("attaching", force=True, **figures)
+        attachments = self.attach(kind, target_id, image_ids, figures)
+        for rel in self.ignored:
+            figures["bytes_done"] += sizes[rel]
+            figures["files_done"] += 1
         self.emit.progress("done", force=True, **figures)
         return {
-            "image_ids": sorted({i for r in results for i in r["image_ids"]}),
+            "image_ids": image_ids,
             "fileset_ids": [r["id"] for r in results],
             "filesets": results,
+            # Files that are not images: attached to the target (non_images: attach) or left out.
+            "attachments": attachments,
+            "ignored": list(self.ignored),
+            "grouping": "bioformats" if self.bf is not None else "suffix rules",
             # None when the images were imported orphaned (no dataset or screen given).
             "target": None if kind is None else {
                 "type": kind.lower(), "id": target_id, "name": target_name, "created": created},
@@ -983,9 +1249,16 @@ def _omero_version():
         return "unknown"
 
 
-def probe():
-    """Report what this interpreter offers (used by the service's health check)."""
+def probe(jar=None):
+    """Report what this interpreter offers (used by the service's health check): omero-py,
+    and whether Bio-Formats grouping is possible (``bioformats``: {"ok", "jar", "reason"})."""
     info = {"python": sys.executable, "version": platform.python_version(), "protocol": PROTOCOL}
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bfgroup import default_jar, why_unavailable
+
+    reason = why_unavailable(jar)
+    info["bioformats"] = {"ok": reason is None, "jar": jar or default_jar(), "reason": reason,
+                          "grouping": "bioformats" if reason is None else "suffix rules"}
     try:
         import Ice
         import omero  # noqa: F401
@@ -1026,7 +1299,7 @@ def ping(stdin, out):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--probe"]:
-        return probe()
+        return probe(argv[1] if len(argv) > 1 and argv[1] else None)
     if argv[:1] == ["--ping"]:
         logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
         return ping(sys.stdin, sys.stdout)

