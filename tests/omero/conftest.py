@@ -168,6 +168,46 @@ def child_module():
     return module
 
 
+def bioformats_jar_of(python: str) -> Path:
+    """The jar scripts/omero-env installs beside the OMERO Python (bfgroup.default_jar)."""
+    prefix = subprocess.run([python, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True)
+    return Path(prefix.stdout.strip()) / "share" / "bioformats" / "bioformats_package.jar"
+
+
+@pytest.fixture(scope="session")
+def bioformats(omero_python) -> Path:
+    """The Bio-Formats jar the child and the double use; skips without Java, JPype or the jar."""
+    child_dir = REPO / "watchfolder" / "omero_child"
+    probe = subprocess.run(
+        [omero_python, "-c", f"import sys; sys.path.insert(0, {str(child_dir)!r}); import bfgroup; "
+                             "print(bfgroup.why_unavailable() or '')"],
+        capture_output=True, text=True,
+    )
+    reason = probe.stdout.strip()
+    if probe.returncode:
+        reason = (probe.stderr.strip().splitlines() or ["bfgroup does not load"])[-1]
+    if reason:
+        pytest.skip(f"no Bio-Formats in the OMERO environment: {reason}")
+    return bioformats_jar_of(omero_python)
+
+
+def image_converter(jar: Path, source: Path, pattern: str) -> list[Path]:
+    """Bio-Formats' own ImageConverter: writes ``pattern`` (e.g. out_Z%z.ome.tiff) beside ``source``."""
+    subprocess.run(["java", "-cp", str(jar), "loci.formats.tools.ImageConverter", "-no-upgrade", source.name,
+                    pattern], cwd=source.parent, check=True, capture_output=True, timeout=300)
+    return sorted(p for p in source.parent.iterdir() if p != source)
+
+
+@pytest.fixture(scope="session")
+def converted(bioformats, tmp_path_factory) -> dict[str, list[Path]]:
+    """Test images made once per session from Bio-Formats' synthetic .fake files:
+    ``multi``: a multi-file OME-TIFF (three planes, three files, one OME-XML)."""
+    folder = tmp_path_factory.mktemp("ome-tiff")
+    fake = folder / "multi&sizeZ=3&sizeX=64&sizeY=64.fake"
+    fake.touch()
+    return {"multi": image_converter(bioformats, fake, "out_Z%z.ome.tiff")}
+
+
 @pytest.fixture
 def make_spec(make_spec):
     """As the suite's make_spec, with files OMERO (Bio-Formats) reads as images by default:

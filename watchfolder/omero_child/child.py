@@ -251,9 +251,19 @@ def session_lifetime_ms(import_timeout, filesets, total_bytes, idle_ms):
     return max(int(seconds * 1000), int(idle_ms))
 
 
+# omero-py refuses a keep-alive interval of 5 s or less (omero.util.Resources).
+KEEP_ALIVE_MIN_S = 6
+
+
 def keep_alive_seconds(idle_ms):
-    """The client's keep-alive interval (whole seconds): a third of the idle timeout, at most 60."""
-    return max(1, min(60, int(idle_ms / 1000 / 3)))
+    """The client's keep-alive interval (whole seconds): a third of the idle timeout, 6 to 60."""
+    return max(KEEP_ALIVE_MIN_S, min(60, int(idle_ms / 1000 / 3)))
+
+
+def idle_timeout_ms(sudo_ttl_ms):
+    """The owner's session's idle timeout (ms): ``sudo_ttl_ms``, but at least two keep-alive
+    intervals, so that the keep-alive always comes in time."""
+    return max(int(sudo_ttl_ms or 600000), 2 * KEEP_ALIVE_MIN_S * 1000)
 
 
 def client_path_key(path):
@@ -389,7 +399,7 @@ def _new_client(req, host, port):
         "omero.host": host,
         "omero.port": str(port),
         "Ice.Override.ConnectTimeout": str(int(float(req.get("connect_timeout", 30)) * 1000)),
-        "omero.keep_alive": str(keep_alive_seconds(int(req.get("sudo_ttl_ms") or 600000))),
+        "omero.keep_alive": str(keep_alive_seconds(idle_timeout_ms(req.get("sudo_ttl_ms")))),
     }
     return omero.client(pmap=[f"--{k}={v}" for k, v in props.items()])
 
@@ -525,7 +535,7 @@ class Importer:
             else:
                 group = unwrap(admin_svc.getDefaultGroup(exp.getId().getValue()).getName())
             principal = omero.sys.Principal(name=owner, group=group, eventType="User")
-            idle = int(req.get("sudo_ttl_ms") or 600000)
+            idle = idle_timeout_ms(req.get("sudo_ttl_ms"))
             lifetime = self.lifetime_ms or session_lifetime_ms(
                 req.get("import_timeout") or 3600, 1, 0, idle)
             try:
@@ -1156,7 +1166,7 @@ class Importer:
         figures = {"bytes_done": 0, "bytes_total": sum(sizes.values()),
                    "files_done": 0, "files_total": len(files)}
         self.lifetime_ms = session_lifetime_ms(req.get("import_timeout") or 3600, len(plan),
-                                               figures["bytes_total"], int(req.get("sudo_ttl_ms") or 600000))
+                                               figures["bytes_total"], idle_timeout_ms(req.get("sudo_ttl_ms")))
         self.emit.progress("connecting", force=True, **figures)
         self.connect()
         self.linked = self.check_linked_annotations()

@@ -1,0 +1,192 @@
+"""Issue 14's found cases, end to end against the strict double: what a real OMERO
+server would have refused or mangled, and what the importer now does instead.
+
+Jobs go through the real store, worker, importer and child (with Bio-Formats when
+Java, JPype and the jar are there) over real Ice to the double, which imports with
+the same Bio-Formats jar. Test images are made here: Bio-Formats' synthetic
+``.fake`` format (the file name carries the parameters) and its ``ImageConverter``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import run_job
+
+from watchfolder.importers import create_importer
+from watchfolder.job import JobState, Target
+
+pytestmark = pytest.mark.omero
+
+PLATE = "plate&plates=1&plateRows=2&plateCols=2&fields=1.fake"
+
+
+def test_an_import_longer_than_the_configured_session_time_succeeds(store, omero_config, make_spec, double):
+    # Found case 1, scaled down: sudo_ttl_ms used to be the owner's session's whole
+    # lifetime, so an import that took longer died with "exceeded timeToLive". Now it
+    # is the idle timeout (kept off by the client's keep-alive, every 6 s at least)
+    # and the lifetime covers the job; the server-side import here takes longer.
+    double.faults(import_delay=15)
+    importer = create_importer(omero_config(sudo_ttl_ms=12000))
+    job = run_job(store, importer, make_spec({"long.fake": b"x" * 1000}, group="lab"))
+
+    assert job.state is JobState.SUCCEEDED, job.error
+    state = double.state()
+    (sudo,) = [s for s in state["sessions"] if s.get("sudo_by") is not None]
+    assert sudo["ttl_ms"] >= 3600 * 1000 and sudo["tti_ms"] == 12000
+    # ... and it is closed when the job ends, not left to time out.
+    assert sudo["closed"] and sudo["ended_by"] == "closeSession"
+    assert len(state["images"]) == 1
+
+
+def test_an_empty_file_is_imported(store, importer, make_spec, double):
+    # Found case 2: OMERO creates an uploaded file on the first write; an empty file
+    # that is never written does not exist on the server and verifyUpload fails.
+    job = run_job(store, importer, make_spec({"empty.fake": b"", "other.fake": b"data"}, group="lab"))
+
+    assert job.state is JobState.SUCCEEDED, job.error
+    state = double.state()
+    assert sorted(f["files"][0]["size"] for f in state["filesets"]) == [0, 4]
+    assert len(state["images"]) == 2
+
+
+def test_a_screen_target_takes_only_plates(store, importer, make_spec, double, bioformats):
+    # Found case 3: OMERO links only plates to a screen. A non-plate fileset is refused
+    # before anything is uploaded; a plate lands in the screen.
+    bad = run_job(store, importer, make_spec({"cells.fake": b"", PLATE: b""}, group="lab",
+                                             target=Target(screen="HCS run")))
+    assert bad.state is JobState.FAILED and bad.error.kind == "permanent"
+    assert "cells.fake" in bad.error.message and "only plates" in bad.error.message
+    assert double.state()["filesets"] == []
+
+    good = run_job(store, importer, make_spec({PLATE: b""}, group="lab", target=Target(screen="HCS run")))
+    assert good.state is JobState.SUCCEEDED, good.error
+    state = double.state()
+    (screen,) = state["screens"]
+    (plate,) = state["plates"]
+    assert plate["screen"] == screen["id"] == good.result["target"]["id"]
+    assert len(state["images"]) == 4 and {i["plate"] for i in state["images"]} == {plate["id"]}
+
+
+def test_a_screen_target_without_bioformats_refuses_a_non_plate_after_import(store, omero_config, make_spec,
+                                                                              double, bioformats):
+    # The same kind without Bio-Formats in the child: OMERO's answer shows no plate;
+    # the fileset is deleted again and the job fails instead of reporting "screen N".
+    importer = create_importer(omero_config(bioformats=False))
+    job = run_job(store, importer, make_spec({"cells.fake": b""}, group="lab", target=Target(screen="S")))
+
+    assert job.state is JobState.FAILED and "not a plate" in job.error.message
+    assert double.live_filesets() == [] and double.state()["images"] == []
+
+
+def test_files_that_are_not_images_are_attached_and_the_job_succeeds(store, importer, make_spec, double,
+                                                                     bioformats):
+    # Found case 4: tiles and a zz_metadata.json used to end "failed" after the
+    # tiles were imported. Bio-Formats now decides before any upload.
+    files = {"tile_1.fake": b"1", "tile_2.fake": b"2", "notes.txt": b"objective 63x\n",
+             "zz_metadata.json": b'{"stage": 3}'}
+    job = run_job(store, importer, make_spec(files, group="lab"))
+
+    assert job.state is JobState.SUCCEEDED, job.error
+    state = double.state()
+    assert len(state["images"]) == 2 and len(state["filesets"]) == 2
+    attached = sorted(a["file"] for a in job.result["attachments"])
+    assert attached == ["notes.txt", "zz_metadata.json"]
+    files_by_id = {f["id"]: f for f in state["original_files"]}
+    annotations = [a for a in state["annotations"] if a["kind"] == "file"]
+    assert sorted(files_by_id[a["file"]]["name"] for a in annotations) == attached
+    assert all(files_by_id[a["file"]]["size"] == len(files[files_by_id[a["file"]]["name"]]) for a in annotations)
+    dataset = job.result["target"]["id"]
+    assert sorted(link[2] for link in state["container_links"]) == sorted(a["id"] for a in annotations)
+    assert {tuple(link[:2]) for link in state["container_links"]} == {("dataset", dataset)}
+    assert job.progress.files_done == job.progress.files_total == 4
+
+
+@pytest.mark.parametrize("policy", ["ignore", "fail"])
+def test_non_image_policy_ignore_or_fail_before_upload(store, omero_config, make_spec, double, bioformats, policy):
+    importer = create_importer(omero_config(non_images=policy))
+    job = run_job(store, importer, make_spec({"a.fake": b"", "notes.txt": b"n"}, group="lab"))
+
+    if policy == "ignore":
+        assert job.state is JobState.SUCCEEDED and job.result["ignored"] == ["notes.txt"]
+        assert len(double.state()["images"]) == 1 and double.state()["original_files"] == []
+    else:
+        assert job.state is JobState.FAILED and "notes.txt" in job.error.message
+        assert "non_images" in job.error.message and double.state()["filesets"] == []
+
+
+def test_a_corrupt_tif_fails_before_upload_naming_file_and_reason(store, importer, make_spec, double, bioformats):
+    job = run_job(store, importer, make_spec({"good.fake": b"", "broken.tif": os.urandom(600)}, group="lab"))
+
+    assert job.state is JobState.FAILED and job.error.kind == "permanent"
+    assert "broken.tif" in job.error.message and "Invalid TIFF file" in job.error.message
+    state = double.state()
+    assert state["filesets"] == [] and state["counters"]["bytes_written"] == 0
+
+
+def test_a_multi_file_ome_tiff_is_one_fileset_and_one_image(store, importer, make_spec, double, converted):
+    # Found case 5: three .ome.tiff sharing one OME-XML are one dataset for Bio-Formats.
+    files = {p.name: p.read_bytes() for p in converted["multi"]}
+    job = run_job(store, importer, make_spec(files, group="lab"))
+
+    assert job.state is JobState.SUCCEEDED, job.error
+    (fileset,) = job.result["filesets"]
+    assert sorted(fileset["files"]) == sorted(files)
+    state = double.state()
+    assert len(state["filesets"]) == 1 and len(state["images"]) == 1
+
+
+def test_a_multi_series_file_gives_one_image_per_series(store, importer, make_spec, double, bioformats):
+    job = run_job(store, importer, make_spec({"stage&series=3.fake": b""}, group="lab"))
+
+    assert job.state is JobState.SUCCEEDED, job.error
+    names = sorted(i["name"] for i in double.state()["images"])
+    assert len(job.result["image_ids"]) == 3 and len(names) == 3
+    assert all(n.startswith("stage&series=3.fake [") for n in names)
+
+
+def test_an_admin_without_sudo_is_a_config_error(store, omero_config, make_spec, double):
+    double.seed(users=[{"name": "ops", "password": "ops-pw", "groups": ["system"], "admin": True,
+                        "privileges": ["ModifyUser", "ReadSession"]}])
+    importer = create_importer(omero_config(admin_user="ops", admin_password="ops-pw"))
+    job = run_job(store, importer, make_spec({"a.fake": b""}, group="lab"))
+
+    assert job.state is JobState.FAILED and job.error.config_error is True
+    assert "Sudo privilege" in job.error.message and "importer.omero.admin_user" in job.error.message
+    assert job.attempts == 1
+
+
+def test_a_group_owner_may_act_for_the_groups_members(store, omero_config, make_spec, double):
+    double.seed(users=[{"name": "lead", "password": "lead-pw", "groups": ["lab"], "owner_of": ["lab"]}])
+    importer = create_importer(omero_config(admin_user="lead", admin_password="lead-pw"))
+    job = run_job(store, importer, make_spec({"a.fake": b""}, group="lab"))
+
+    assert job.state is JobState.SUCCEEDED, job.error
+    assert job.result["owner"] == "jdoe"
+
+
+def test_an_import_timeout_cancels_removes_and_fails_for_good(store, omero_config, make_spec, double):
+    # Found case 6: it used to cancel the import and then say it "will try again".
+    double.faults(import_delay=30)
+    importer = create_importer(omero_config(timeout=2))
+    job = run_job(store, importer, make_spec({"slow.fake": b""}, group="lab"))
+
+    assert job.state is JobState.FAILED and job.error.kind == "permanent"
+    assert "importer.omero.timeout" in job.error.message and "will try again" not in job.error.message
+    assert job.attempts == 1
+    state = double.state()
+    assert double.live_filesets() == [] and state["counters"]["deleted_filesets"] == 1
+    assert state["images"] == []
+
+
+def test_a_dataset_of_another_group_is_named_as_such(store, importer, make_spec, double):
+    # Found case 6: a real server answers "Cannot read" for another group's container.
+    other = run_job(store, importer, make_spec({"m.fake": b""}, owner="mary", group="imaging",
+                                               target=Target(dataset="hers")))
+    assert other.state is JobState.SUCCEEDED, other.error
+    job = run_job(store, importer, make_spec({"j.fake": b""}, owner="mary", group="lab",
+                                             target=Target(dataset_id=other.result["target"]["id"])))
+
+    assert job.state is JobState.FAILED and job.error.kind == "permanent"
+    assert "is in another group than the import's group 'lab'" in job.error.message
