@@ -276,6 +276,15 @@ def test_example_sidecar_from_data_file_sidecar_or_folder():
         assert [(f.path, f.size) for f in spec.files] == [("cells_01.ome.tiff", data.stat().st_size)]
 
 
+def test_another_owner_does_not_get_the_manifests_email():
+    # Issue 14: `submit --owner alice` on jdoe's manifest mailed jdoe.
+    spec = from_path(EXAMPLES / "slide3", source="cli:test", owner="alice")
+    assert spec.owner == "alice" and spec.email is None
+    assert from_path(EXAMPLES / "slide3", source="cli:test", owner="jdoe").email == "jdoe@example.org"
+    given = from_path(EXAMPLES / "slide3", source="cli:test", owner="alice", email="alice@example.org")
+    assert given.email == "alice@example.org"
+
+
 def test_example_layout_needs_owner_and_target():
     folder = EXAMPLES / "layout" / "jdoe" / "2026-11-28 plate"
     with pytest.raises(AcquisitionError, match=r"no owner; set \"owner\" .*\(--owner\)"):

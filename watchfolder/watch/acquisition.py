@@ -853,7 +853,9 @@ def from_path(
         target=final_target,
         source=source,
         group=group or d.group,
-        email=email or d.email,
+        # The descriptor's email belongs to the descriptor's owner: another owner given
+        # here (submit --owner) gets their own (the job's email, else OMERO's, else the default).
+        email=email or (d.email if final_owner == d.owner else None),
         name=name or d.name,
         description=description or d.description,
         annotations=merged_annotations,
