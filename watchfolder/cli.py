@@ -593,6 +593,12 @@ def cmd_check_config(args) -> int:
         print(json.dumps(configmod.to_dict(config), indent=2, default=str))
         return 0
     print(f"# {config.path}: valid")
+    if config.importer.kind == "omero":
+        # Which fileset grouping the OMERO child will use (Bio-Formats, or the suffix rules and why).
+        from .importers import create_importer
+
+        health = create_importer(config).health()
+        print(f"# importer.omero: filesets by {health.get('filesets') or health.get('error') or 'unknown'}")
     print(yaml.safe_dump(configmod.to_dict(config), sort_keys=False, allow_unicode=True))
     return 0
 

@@ -9,6 +9,7 @@ the same Bio-Formats jar. Test images are made here: Bio-Formats' synthetic
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -190,3 +191,25 @@ def test_a_dataset_of_another_group_is_named_as_such(store, importer, make_spec,
 
     assert job.state is JobState.FAILED and job.error.kind == "permanent"
     assert "is in another group than the import's group 'lab'" in job.error.message
+
+
+def test_status_and_check_config_say_which_grouping_is_used(omero_config, omero_python, bioformats, tmp_path,
+                                                             capsys):
+    from watchfolder.cli import main
+
+    assert create_importer(omero_config()).health()["filesets"].startswith("Bio-Formats")
+    missing = create_importer(omero_config(bioformats_jar=str(tmp_path / "nowhere.jar"))).health()
+    assert missing["filesets"].startswith("suffix rules: Bio-Formats unavailable: no Bio-Formats jar at")
+    off = create_importer(omero_config(bioformats=False)).health()
+    assert off["filesets"] == "suffix rules (importer.omero.bioformats is false)"
+
+    path = tmp_path / "wf.yaml"
+    path.write_text(json.dumps({
+        "data_dir": str(tmp_path / "data"),
+        "importer": {"kind": "omero", "omero": {"python": omero_python, "admin_password": "x",
+                                                "bioformats_jar": str(tmp_path / "nowhere.jar")}},
+        "notify": {"transport": "folder", "admin_email": "admin@example.org"},
+        "server": {"enabled": False},
+    }))
+    assert main(["--config", str(path), "check-config"]) == 0
+    assert "# importer.omero: filesets by suffix rules: Bio-Formats unavailable" in capsys.readouterr().out
