@@ -40,7 +40,7 @@ def test_omero_down_pauses_without_burning_attempts_and_resumes_at_the_cap(
     )
     double.faults(down=True, import_delay=0.3)
     service = Service(config, Parts(workers=True, watch=False, server=False, mail=True))
-    specs = [make_spec(files={f"img_{i}.tif": b"i" * (i + 1)}, group="lab", importer="omero",
+    specs = [make_spec(files={f"img_{i}.fake": b"i" * (i + 1)}, group="lab", importer="omero",
                        target=Target(dataset=f"bp {i % 3}")) for i in range(JOBS)]
     jobs = [service.store.enqueue(s)[0] for s in specs]
     service.start()
