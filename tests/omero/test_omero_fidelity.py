@@ -213,3 +213,11 @@ def test_status_and_check_config_say_which_grouping_is_used(omero_config, omero_
     }))
     assert main(["--config", str(path), "check-config"]) == 0
     assert "# importer.omero: filesets by suffix rules: Bio-Formats unavailable" in capsys.readouterr().out
+
+
+def test_an_acquisition_without_any_image_fails_before_upload(store, importer, make_spec, double, bioformats):
+    job = run_job(store, importer, make_spec({"notes.txt": b"n", "meta.json": b"{}"}, group="lab"))
+
+    assert job.state is JobState.FAILED and job.error.kind == "permanent"
+    assert "none of the 2 file(s) is an image" in job.error.message and "notes.txt" in job.error.message
+    assert double.state()["filesets"] == [] and double.state()["original_files"] == []

@@ -121,7 +121,7 @@ class BioFormats:
             except jpype.JException:
                 pass
 
-    def group(self, root, files):
+    def group(self, root, files, progress=None):
         """Split ``files`` (paths relative to ``root``) into filesets as ``ImportCandidates`` does.
 
         Returns ``(filesets, not_images)``: ``filesets`` is a list of dicts
@@ -130,7 +130,8 @@ class BioFormats:
         files no reader accepts and no fileset uses. A dataset's used files
         outside ``files`` are ignored (the acquisition's file list decides what
         is uploaded). When two readers claim a file, the one that claims more
-        files wins, as in ``ImportCandidates``.
+        files wins, as in ``ImportCandidates``. ``progress(files_examined)`` is
+        called after each file read (a long folder must not look hung).
         """
         files = [str(f) for f in files]
         root = os.path.abspath(root)
@@ -138,7 +139,9 @@ class BioFormats:
         groups = []  # dicts as returned
         owner = {}  # rel -> index in groups
         refused = {}
-        for rel in sorted(files):
+        for n, rel in enumerate(sorted(files)):
+            if progress is not None:
+                progress(n)
             if rel in owner:
                 continue
             reading = self.read(os.path.join(root, rel))

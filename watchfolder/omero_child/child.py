@@ -1032,7 +1032,9 @@ class Importer:
             return group_filesets(files, given)
         claimed = {p for g in given for p in g}
         started = time.monotonic()
-        found, refused = self.bf.group(self.root, [f for f in files if f not in claimed])
+        found, refused = self.bf.group(
+            self.root, [f for f in files if f not in claimed],
+            progress=lambda n: self.emit.progress("grouping", files_done=n))
         info = []
         for g in given:
             # The manifest's grouping wins; Bio-Formats still reads its main file.
@@ -1054,6 +1056,12 @@ class Importer:
                 + (" ..." if len(unknown) > 5 else "")
                 + ". importer.omero.non_images is 'fail': remove them from the acquisition, or set it "
                 "to 'attach' or 'ignore'"
+            )
+        if not info:
+            raise Failure(
+                f"none of the {len(files)} file(s) is an image Bio-Formats can read ("
+                + "; ".join(f"{rel}: {why}" for rel, why in list(unknown.items())[:3])
+                + "); nothing was uploaded. Check that the acquisition holds the image files"
             )
         target = req.get("target") or {}
         if "screen" in target or "screen_id" in target:
