@@ -34,11 +34,13 @@ def why_unavailable(jar=None):
         return f"jpype1 is not installed in {sys.executable} (scripts/omero-env installs it)"
     if not os.path.isfile(jar):
         return f"no Bio-Formats jar at {jar} (scripts/omero-env installs one; or set importer.omero.bioformats_jar)"
-    import shutil
-
-    java_home = os.environ.get("JAVA_HOME")
-    if not shutil.which("java") and not (java_home and os.path.isdir(java_home)):
-        return "no Java found (install Debian's default-jre-headless, or set JAVA_HOME)"
+    try:
+        # Where JPype itself will look for the JVM (JAVA_HOME, then the system's default Java).
+        jvm = jpype.getDefaultJVMPath()
+    except Exception as exc:  # noqa: BLE001 - JPype's JVMNotFoundException and friends
+        return f"no Java found ({exc}); install Debian's default-jre-headless, or set JAVA_HOME"
+    if not os.path.exists(jvm):
+        return f"no Java at {jvm}; install Debian's default-jre-headless, or set JAVA_HOME"
     return None
 
 

@@ -1023,7 +1023,14 @@ class Importer:
 
             self.bf_reason = why_unavailable(req.get("bioformats_jar"))
             if self.bf_reason is None:
-                self.bf = BioFormats(req.get("bioformats_jar"))
+                try:
+                    self.bf = BioFormats(req.get("bioformats_jar"))
+                except Exception as exc:  # noqa: BLE001 - a JVM that does not start, a broken jar
+                    raise Failure(
+                        f"Bio-Formats did not start ({type(exc).__name__}: {exc}); repair Java or the jar "
+                        "(scripts/omero-env), or set importer.omero.bioformats: false to group by suffix rules",
+                        config_error=True,
+                    ) from None
         else:
             self.bf_reason = "Bio-Formats grouping is switched off (importer.omero.bioformats: false)"
         if self.bf is None:
