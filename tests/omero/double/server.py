@@ -4,6 +4,17 @@ Run with the omero-py interpreter (``.venv-omero/bin/python server.py``). It
 prints one JSON line ``{"port": ICE_PORT, "control": HTTP_PORT}`` when ready
 and serves until its stdin closes or it gets SIGTERM.
 
+As strict as OMERO where the importer depends on it (each rule has its own test in
+tests/omero/test_double.py): sessions expire by lifetime and idle time (SessionCache)
+and close by reference count; only admins with Sudo, or group owners for their
+groups, may create sessions for others; an uploaded file exists only after its
+first write (FileBuffer); the server-side import reads the upload with
+Bio-Formats (the child's jar, via bfgroup.py) and fails what it cannot read,
+names multi-series images "name [series]" and links only plates to a screen;
+it fails when its session timed out, and closing its handle cancels it; HQL is
+checked against the model's property names; find and queries see only the
+session's group (and in a private group only one's own data); Delete2 deletes.
+
 It answers what the ``omero`` importer's child sends and nothing more: every
 operation of every servant it hosts that it does not implement raises
 ``Ice.OperationNotExistException`` (the generated skeletons would otherwise
@@ -14,8 +25,11 @@ Control channel (HTTP on 127.0.0.1, JSON):
     GET  /state            everything it holds (users, groups, sessions, containers,
                            filesets, images, annotations {id, kind, ns, values|text,
                            owner, group, images: [linked image ids]}, counters)
+    POST /reset            back to an empty server (a fresh world; servants of old sessions
+                           dropped); the process, its port and its JVM stay
     POST /seed             {"groups": [{"name", "perms"}], "users": [{"name", "password",
-                           "email", "groups": [...], "admin": bool}]}
+                           "email", "groups": [...], "admin": bool, "privileges": [...]
+                           (a restricted admin's; default all), "owner_of": [groups]}]}
     POST /session          {"user", "group"?} -> {"uuid"}: a session as a web client holds one
     POST /session/close    {"uuid"}: that session ends (logged out, or timed out)
     POST /annotations      {"owner", "group", "kind": "tag"|"comment"|"map", "ns"?, "text"?}
@@ -27,6 +41,8 @@ Control channel (HTTP on 127.0.0.1, JSON):
                            bytes of upload arrived; fires once),
                            import_error (str: server-side imports answer omero.cmd.ERR),
                            import_delay (seconds the server-side import takes),
+                           session_defaults ({"ttl_ms", "tti_ms"} of password logins;
+                           default no lifetime, 10 minutes idle),
                            hold_first_write (seconds: an upload's block at offset 0 waits
                            up to that long for a later block to be written first;
                            with writes kept in flight they land out of order)
