@@ -269,9 +269,9 @@ def test_seed_api_end_to_end_into_the_double(seed_service, double):
     double.close_session(key)
     folder2 = roots["drop"] / "jdoe" / "run-8"
     folder2.mkdir(parents=True)
-    (folder2 / "tile_1.ome.tiff").write_bytes(b"tile" * 100)
+    (folder2 / "tile_1.fake").write_bytes(b"tile" * 100)
     late = store.enqueue(dataclasses.replace(good.spec, root=str(folder2), idempotency_key="late", session_key=key,
-                                             files=(dataclasses.replace(good.spec.files[0], path="tile_1.ome.tiff",
+                                             files=(dataclasses.replace(good.spec.files[0], path="tile_1.fake",
                                                                         size=400),)))[0]
     wait_until(lambda: store.get(late.id).state.finished, timeout=120, message="the late job to finish")
     bad = store.get(late.id)
