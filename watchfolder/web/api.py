@@ -34,6 +34,7 @@ from ..events.cloudevents import envelope
 from ..job import Job, JobState, Target
 from ..status import collect_status, health
 from ..watch.acquisition import from_path
+from ..watch.explain import pending_view
 from . import params
 from .auth import Principal, TokenVerifier, resolve_roots, resolve_under_roots
 from .http import API, ApiError, BodyError, api_errors, invalid, json_response, problem, read_json_body
@@ -401,6 +402,32 @@ class Api:
         jobs, next_cursor = self._page(principal, filters, limit, cursor, post_filter)
         return {"jobs": [j.to_dict(history=False) for j in jobs], "next_cursor": next_cursor}
 
+    def pending(self, principal: Principal, query: bottle.FormsDict) -> dict[str, Any]:
+        """Pending acquisitions the token may see: all (read role, within its owners), else its owners' only."""
+        known = ("watch", "owner", "limit")
+        problems = [_unknown_field(k, known) for k in query.keys() if k not in known]
+        limit = 500
+        if query.get("limit") is not None:
+            try:
+                limit = int(query.get("limit"))
+                if not 1 <= limit <= 10_000:
+                    raise ValueError
+            except ValueError:
+                problems.append(problem("limit", f"must be a whole number from 1 to 10000, got {query.get('limit')!r}"))
+        if problems:
+            raise invalid(problems)
+        if not principal.can("read"):
+            principal.require("read_own", "list pending acquisitions")
+        owner = query.get("owner") or None
+        # A watcher may not know an acquisition's owner yet: only unrestricted readers see those.
+        unrestricted = principal.can("read") and not principal.owners
+        if not unrestricted and owner is None and len(principal.owners) == 1:
+            owner = principal.owners[0]
+        entries = self.store.pending_list(watch=query.get("watch") or None, owner=owner, limit=limit)
+        if not unrestricted:
+            entries = [e for e in entries if e.owner is not None and e.owner in principal.owners]
+        return {"pending": pending_view(entries)}
+
     def _page(self, principal, filters, limit, cursor, post_filter) -> tuple[list[Job], str | None]:
         if not post_filter:
             return self.store.list_jobs(**filters, limit=limit, cursor=cursor)
@@ -473,6 +500,11 @@ def install(app: bottle.Bottle, api: Api) -> None:
     def list_events():
         principal = api.principal()
         return json_response(api.list_events(principal, params.query(bottle.request.environ)))
+
+    @app.get(f"{API}/pending")
+    @api_errors
+    def list_pending():
+        return json_response(api.pending(api.principal(), bottle.request.query))
 
     @app.get(f"{API}/status")
     @api_errors

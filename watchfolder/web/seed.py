@@ -2,7 +2,10 @@
 
 Its clients POST a JSON array to ``/ome/import`` and get ``[{statusUri, targetUri}]``
 back with 200, then read ``GET /ome/import/{id}`` as a plain-text log. Admins list
-``GET /ome/failed/import`` and read or drop ``GET|DELETE /ome/failed/import/{id}``.
+``GET /ome/failed/import`` and read or drop ``GET|DELETE /ome/failed/import/{id}``,
+and list the mails that could not be delivered with ``GET /ome/failed/mail`` (each
+read as text with ``GET /ome/failed/mail/{id}``; ``watchfolder mail resend ID``
+queues one again).
 Validation errors answer 400 ``{"reason": "..."}``, one line per problem, as the
 seed did; nothing is queued unless every request in the array is valid.
 
@@ -57,6 +60,9 @@ log = logging.getLogger(__name__)
 
 IMPORT_PATH = "/ome/import"
 FAILED_PATH = "/ome/failed/import"
+FAILED_MAIL_PATH = "/ome/failed/mail"
+#: Failed mails looked at by the failed-mail routes (newest first); mails fail rarely.
+FAILED_MAIL_LIMIT = 10_000
 KEY_PREFIX = "ome-import:"
 # Different session keys in one request: each is checked with OMERO in a child process.
 MAX_SESSIONS = 4
@@ -413,6 +419,24 @@ def install(app: bottle.Bottle, api) -> None:
             return _text(f"no failed import {ident}\n", 404)
         return _text(store.read_log(job.id))
 
+    @app.get(FAILED_MAIL_PATH)
+    def list_failed_mail():
+        refused = admin()
+        if refused is not None:
+            return refused
+        return _json_list([f"{FAILED_MAIL_PATH}/{m.id}" for m in store.outbox_list(state="failed",
+                                                                                  limit=FAILED_MAIL_LIMIT)])
+
+    @app.get(FAILED_MAIL_PATH + "/<ident>")
+    def get_failed_mail(ident: str):
+        refused = admin()
+        if refused is not None:
+            return refused
+        for mail in store.outbox_list(state="failed", limit=FAILED_MAIL_LIMIT):
+            if ident.isdigit() and mail.id == int(ident):
+                return _text(_failed_mail_text(mail))
+        return _text(f"no failed mail {ident}\n", 404)
+
     @app.delete(FAILED_PATH + "/<ident>")
     def delete_failed(ident: str):
         principal = admin()
@@ -422,6 +446,20 @@ def install(app: bottle.Bottle, api) -> None:
         if job is not None:  # nothing to drop (or not this token's to see) answers the same
             store.dismiss(job.id, by=principal.source)
         return bottle.HTTPResponse(status=204)
+
+
+def _failed_mail_text(mail) -> str:
+    """A failed mail as the seed showed it: why it failed, then the message as it would have gone out."""
+    head = [
+        f"mail {mail.id} ({mail.kind}) could not be delivered after {mail.attempts} attempt(s)",
+        f"to: {', '.join(mail.recipients)}",
+        f"subject: {mail.subject}",
+        f"last error: {mail.last_error or '(none recorded)'}",
+        f"job: {mail.job_id if mail.job_id is not None else '-'}",
+        f"send it again with: watchfolder mail resend {mail.id}",
+        "",
+    ]
+    return "\n".join(head) + "\n" + mail.raw.decode("utf-8", "replace")
 
 
 def _json_list(data: list) -> bottle.HTTPResponse:
