@@ -551,3 +551,57 @@ def test_override_with_byte_order_mark_and_crlf(tmp_path):
     )
     assert mail.message["Subject"] == "Abgebrochen: acq-7"
     assert "Job 42" in mail.message.get_body(("plain",)).get_content()
+
+
+# ------------------------------------------------------------- what the owner recognises (issue 15)
+
+
+def _described(job: Job) -> Job:
+    import dataclasses
+
+    spec = dataclasses.replace(job.spec, description="Hippocampus CA1, mouse 7, GFP", annotations={
+        "objective": "63x/1.4 oil", "microscope": "LSM 980"})
+    return dataclasses.replace(job, spec=spec)
+
+
+def test_success_and_failure_mails_repeat_description_and_annotations(tmp_path, smtp):
+    notifier = Notifier(omero_config(tmp_path))
+    failed = make_job(JobState.FAILED, error=JobError(ErrorKind.PERMANENT, "slide3/tile_001.ome.tiff: no reader "
+                                                      "accepts this file; export it as OME-TIFF"))
+    succeeded, owner_failed, _admin = smtp(notifier.compose(_described(make_job(result=OMERO_RESULT)))
+                                           + notifier.compose(_described(failed)))
+    for got in (succeeded, owner_failed):
+        text = got.text()
+        assert "Description: Hippocampus CA1, mouse 7, GFP\n" in text
+        assert "Annotations:\n  microscope: LSM 980\n  objective: 63x/1.4 oil\n" in text
+        assert "<b>objective</b>: 63x/1.4 oil" in got.html()
+    assert "https://omero.example.org/webclient/?show=image-101" in succeeded.text()
+    text = owner_failed.text()
+    assert "Why:    slide3/tile_001.ome.tiff: no reader accepts this file; export it as OME-TIFF" in text
+    assert "Traceback" not in text
+    # Without description or annotations the mail has no empty headings.
+    (plain,) = smtp(notifier.compose(make_job(result=OMERO_RESULT)))
+    assert "Description:" not in plain.text() and "Annotations:" not in plain.text()
+
+
+@pytest.mark.parametrize("name", [
+    "2026-11-28 Überblick über die Aufnahme des Hippocampus, Region CA1, Maus 7, Objektiv 63x/1.4 Öl",
+    "Imaging run — très longue acquisition nommée par le logiciel du microscope sans espace" + "x" * 60,
+    "显微镜采集 2026-11-28 海马体 CA1 区域 小鼠 7 号 物镜 63 倍 油浸 非常长的名字需要折行",
+    "plain ascii acquisition name that is long enough to be folded over more than one header line",
+])
+@pytest.mark.parametrize("email_address", ["jdoe@example.org", "jörg@example.org"])
+def test_long_subjects_fold_without_doubled_spaces(tmp_path, smtp, name, email_address):
+    import email
+    import email.policy
+    from email.header import decode_header, make_header
+
+    notifier = Notifier(make_config(tmp_path))
+    (got,) = smtp(notifier.compose(make_job(name=name, email=email_address, result={"destination": "/a"})))
+    expected = f"Imported into the archive: {name}"
+    assert got.message["Subject"] == expected
+    if email_address.isascii():  # (compat32 cannot read the raw UTF-8 headers of an SMTPUTF8 mail at all)
+        legacy = email.message_from_bytes(got.raw)  # how older clients (compat32) read it
+        assert str(make_header(decode_header(legacy["Subject"]))) == expected
+    header_block = got.raw.split(b"\r\n\r\n", 1)[0]
+    assert all(len(line) <= 998 for line in header_block.split(b"\r\n"))

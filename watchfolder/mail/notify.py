@@ -68,7 +68,7 @@ MAX_LISTED = 20
 _JOB = (
     "job_id", "owner", "group", "acquisition", "folder", "source", "target", "state",
     "created", "started", "finished", "attempts", "contact", "subject",
-    "summary", "file_count", "total_size", "files", "note",
+    "summary", "file_count", "total_size", "files", "note", "about",
 )
 #: The variables each mail kind offers to its templates.
 VARIABLES: dict[str, frozenset[str]] = {
@@ -89,7 +89,7 @@ VARIABLES: dict[str, frozenset[str]] = {
     "admin_alert": frozenset({"title", "what", "advice", "since", "duration", "status", "contact", "subject"}),
 }
 #: Variables that are pre-rendered fragments: HTML in .html templates, text paragraphs in .txt.
-BLOCKS = frozenset({"note", "files", "images", "location", "log_tail", "status", "job_url"})
+BLOCKS = frozenset({"note", "files", "images", "location", "log_tail", "status", "job_url", "about"})
 
 KINDS = tuple(VARIABLES)
 SUBJECT_PREFIX = "Subject:"
@@ -216,6 +216,7 @@ class Notifier:
             "file_count": str(len(sizes)),
             "total_size": _size(total),
             "files": _with_left_out(_files_block(sizes), spec.extra.get("left_out")),
+            "about": _about_block(spec.description, spec.annotations),
             "note": _Block(note + "\n\n", f'<p style="background: #fff3cd; padding: 0.5em;">{_esc(note)}</p>\n')
             if note
             else _Block("", ""),
@@ -568,6 +569,23 @@ def _list_block(title: str, rows: list[tuple[str, str]], total: int) -> _Block:
         f"{title}:\n" + "\n".join(lines) + "\n\n",
         f"<p>{title}:</p>\n<ul>\n" + "\n".join(items) + "\n</ul>\n",
     )
+
+
+def _about_block(description: str | None, annotations: dict[str, str] | None) -> _Block:
+    """The acquisition's own description and annotations, repeated so the owner recognises it."""
+    text, rich = [], []
+    if description:
+        text.append("Description: " + _one_line(description, 2000))
+        rich.append(f"<p>Description: {_esc(description)}</p>")
+    if annotations:
+        rows = [(f"{k}: {_one_line(str(v), 500)}", f"<b>{_esc(k)}</b>: {_esc(str(v))}")
+                for k, v in sorted(annotations.items())]
+        block = _list_block("Annotations", rows[:MAX_LISTED], len(rows))
+        text.append(block.text.rstrip("\n"))
+        rich.append(block.html)
+    if not text:
+        return _Block("", "")
+    return _Block("\n".join(text) + "\n\n", "\n".join(rich) + "\n")
 
 
 def _log_tail(path: str | None) -> _Block:

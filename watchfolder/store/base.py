@@ -52,7 +52,13 @@ class Mail:
     def as_bytes(self) -> bytes:
         # SMTPUTF8 keeps a non-ASCII address readable in the headers; plain SMTP would mangle it.
         ascii_only = all(r.isascii() for r in self.recipients)
-        return self.message.as_bytes(policy=email.policy.SMTP if ascii_only else email.policy.SMTPUTF8)
+        policy = email.policy.SMTP if ascii_only else email.policy.SMTPUTF8
+        if not ascii_only or all(str(v).isascii() for v in self.message.values()):
+            # Nothing needs RFC 2047 encoded words (whose 75-character limit needs folding): keep
+            # each header on one line (RFC 5322 allows 998). Readers that unfold a folded header
+            # by turning CRLF into a space (Python's compat32, some webmail) show doubled spaces.
+            policy = policy.clone(max_line_length=998)
+        return self.message.as_bytes(policy=policy)
 
 
 @dataclass(frozen=True)
