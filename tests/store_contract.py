@@ -638,3 +638,20 @@ def test_the_store_describes_itself_for_the_status_view(store):
     described = store.describe()
     assert described["backend"] in ("sqlite", "postgresql") and described["location"]
     assert isinstance(described["schema"], int) and described["schema"] >= 3
+
+
+def test_throughput_buckets_succeeded_jobs_and_bytes(store, make_spec):
+    import dataclasses as dc
+
+    for i, (finish, ok) in enumerate([(T0 + 10, True), (T0 + 20, True), (T0 + 3700, True), (T0 + 30, False)]):
+        job, _ = store.enqueue(dc.replace(make_spec(), idempotency_key=f"tp{i}"), now=T0)
+        store.claim("w", now=T0)
+        store.report_progress(job.id, "w", Progress("copy", 100 * (i + 1), 1000, 0, 2), now=T0)
+        if ok:
+            store.succeed(job.id, "w", {}, now=finish)
+        else:
+            store.fail(job.id, "w", PermanentImportError("bad"), now=finish)
+    buckets = store.throughput(since=T0, bucket=3600, now=T0 + 3 * 3600)
+    assert [b["start"] for b in buckets] == [T0, T0 + 3600, T0 + 7200, T0 + 10800]
+    assert [(b["jobs"], b["bytes"]) for b in buckets] == [(2, 300), (1, 300), (0, 0), (0, 0)]
+    assert store.throughput(since=T0 + 4000, bucket=600, now=T0 + 4000)[0]["jobs"] == 0

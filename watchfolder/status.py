@@ -234,6 +234,8 @@ def collect_status(config, store, importer=None, *, now: float | None = None) ->
         if not w["healthy"]:
             problems.append(f"watcher {w['name']}: {w['problem']}")
     importer_status = importer_view(config, store, importer)
+    # The dashboard links images to OMERO.web with it (as the owners' mails do).
+    importer_status["web_url"] = (config.importer.omero.web_url or "").rstrip("/") or None
     if importer_status.get("ok") is False:
         problems.append(f"importer {importer_status['kind']}: {importer_status.get('error') or 'not ok'}")
     targets = [target_view(c, now=now) for c in store.components("target")]

@@ -420,6 +420,16 @@ class JobStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    def throughput(self, *, since: float, bucket: float, now: float | None = None) -> list[dict[str, float]]:
+        """Succeeded jobs per time bucket, for the dashboard's chart.
+
+        Buckets of ``bucket`` seconds from ``since`` up to ``now``, oldest first,
+        empty ones included: ``[{"start": epoch seconds, "jobs": n, "bytes": b}]``
+        where a job counts in the bucket of its ``finished_at`` and ``bytes`` sums
+        its ``progress.bytes_done``.
+        """
+
+    @abc.abstractmethod
     def pending_list(
         self, *, watch: str | None = None, owner: str | None = None, limit: int = 500
     ) -> list[PendingEntry]:

@@ -1144,6 +1144,25 @@ class SQLiteStore(FileLogs, JobStore):
                 rows,
             )
 
+    def throughput(self, *, since: float, bucket: float, now: float | None = None) -> list[dict[str, float]]:
+        """Succeeded jobs and bytes per ``bucket`` seconds since ``since`` (see :class:`JobStore`)."""
+        now = _now(now)
+        if bucket <= 0:
+            raise StoreError(f"bucket must be a positive number of seconds, got {bucket!r}")
+        count = max(1, int((now - since) // bucket) + 1)
+        out = [{"start": since + i * bucket, "jobs": 0, "bytes": 0} for i in range(count)]
+        rows = self._conn().execute(
+            "SELECT CAST((finished_at - ?) / ? AS INTEGER) AS i, count(*) AS n,"
+            " coalesce(sum(json_extract(progress, '$.bytes_done')), 0) AS bytes"
+            " FROM jobs WHERE state = 'succeeded' AND finished_at >= ? AND finished_at <= ? GROUP BY i",
+            (since, bucket, since, now),
+        ).fetchall()
+        for r in rows:
+            if 0 <= r["i"] < count:
+                out[r["i"]]["jobs"] = r["n"]
+                out[r["i"]]["bytes"] = r["bytes"]
+        return out
+
     def pending_list(
         self, *, watch: str | None = None, owner: str | None = None, limit: int = 500
     ) -> list[PendingEntry]:

@@ -23,6 +23,7 @@ import math
 import os
 import queue
 import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -345,7 +346,7 @@ class Api:
     def list_jobs(self, principal: Principal, query: bottle.MultiDict) -> dict[str, Any]:
         """``query``: from :func:`.params.query` (UTF-8). Every bad parameter is named in one 422."""
         problems: list[dict[str, str]] = []
-        known = ("state", "owner", "source", "since", "until", "limit", "cursor")
+        known = ("state", "owner", "source", "since", "until", "limit", "cursor", "q")
         problems += [_unknown_field(k, known) for k in query.keys() if k not in known]
         states: list[str] = []
         names = ", ".join(str(v) for v in JobState)
@@ -399,7 +400,9 @@ class Api:
             else:
                 post_filter = True
         filters = {"states": states or None, "owner": owner, "source": source, "since": since, "until": until}
-        jobs, next_cursor = self._page(principal, filters, limit, cursor, post_filter)
+        text = (query.get("q") or "").strip().casefold()
+        jobs, next_cursor = self._page(principal, filters, limit, cursor, post_filter or bool(text),
+                                       (lambda job: text in _searchable(job)) if text else None)
         return {"jobs": [j.to_dict(history=False) for j in jobs], "next_cursor": next_cursor}
 
     def pending(self, principal: Principal, query: bottle.FormsDict) -> dict[str, Any]:
@@ -428,7 +431,7 @@ class Api:
             entries = [e for e in entries if e.owner is not None and e.owner in principal.owners]
         return {"pending": pending_view(entries)}
 
-    def _page(self, principal, filters, limit, cursor, post_filter) -> tuple[list[Job], str | None]:
+    def _page(self, principal, filters, limit, cursor, post_filter, match=None) -> tuple[list[Job], str | None]:
         if not post_filter:
             return self.store.list_jobs(**filters, limit=limit, cursor=cursor)
         # A token limited to several owners: fill the page from successive store pages. The
@@ -436,10 +439,27 @@ class Api:
         out: list[Job] = []
         for _ in range(50):
             jobs, cursor = self.store.list_jobs(**filters, limit=limit - len(out), cursor=cursor)
-            out += [j for j in jobs if principal.may_see_owner(j.owner)]
+            out += [j for j in jobs if principal.may_see_owner(j.owner) and (match is None or match(j))]
             if cursor is None or len(out) >= limit:
                 break
         return out, cursor
+
+
+def _searchable(job: Job) -> str:
+    """What the job list's text filter (``q``) looks in: folder, files, name, target, owner, reason."""
+    spec = job.spec
+    parts = [spec.root, spec.name or "", spec.description or "", spec.target.label, job.owner, job.source,
+             job.error.message if job.error else "", str(job.id)]
+    parts += [f.path for f in spec.files[:1000]]
+    return "\n".join(parts).casefold()
+
+
+def throughput(store, hours: float, now: float | None = None) -> dict[str, Any]:
+    """Acquisitions and bytes per hour (per 6 hours beyond two days) over the last ``hours``."""
+    now = time.time() if now is None else now
+    bucket = 3600.0 if hours <= 48 else 6 * 3600.0
+    since = (now // bucket + 1) * bucket - hours * 3600.0
+    return {"since": since, "bucket": bucket, "buckets": store.throughput(since=since, bucket=bucket, now=now)}
 
 
 def install(app: bottle.Bottle, api: Api) -> None:
@@ -486,6 +506,25 @@ def install(app: bottle.Bottle, api: Api) -> None:
         api.visible_job(principal, job_id)
         return json_response(store.retry(job_id, by=principal.source).to_dict())
 
+    @app.post(f"{API}/jobs/<ident>/dismiss")
+    @api_errors
+    def dismiss_job(ident: str):
+        principal = api.principal()
+        job_id = params.job_id(ident)
+        principal.require("manage", "dismiss failures")
+        api.visible_job(principal, job_id)
+        return json_response(store.dismiss(job_id, by=principal.source).to_dict())
+
+    @app.get(f"{API}/throughput")
+    @api_errors
+    def get_throughput():
+        principal = api.principal()
+        principal.require("status", "read the throughput")
+        raw = params.query(bottle.request.environ).get("hours") or "24"
+        if raw not in ("24", "168"):
+            raise invalid([problem("hours", f"must be 24 (a day) or 168 (a week), got {raw!r}")])
+        return json_response(throughput(store, float(raw)))
+
     @app.post(f"{API}/jobs/<ident>/cancel")
     @api_errors
     def cancel_job(ident: str):
@@ -504,7 +543,7 @@ def install(app: bottle.Bottle, api: Api) -> None:
     @app.get(f"{API}/pending")
     @api_errors
     def list_pending():
-        return json_response(api.pending(api.principal(), bottle.request.query))
+        return json_response(api.pending(api.principal(), params.query(bottle.request.environ)))
 
     @app.get(f"{API}/status")
     @api_errors
