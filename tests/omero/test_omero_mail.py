@@ -1,0 +1,44 @@
+"""The owner's success mail after a real import (omero-py over Ice against the double) links each image in OMERO.web."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+
+import pytest
+from conftest import run_job
+
+from watchfolder.importers import create_importer
+from watchfolder.job import JobState, Target
+from watchfolder.mail.notify import Notifier
+
+pytestmark = pytest.mark.omero
+
+
+def test_success_mail_links_each_imported_image_in_omero_web(store, omero_config, make_spec, double, tmp_path):
+    config = omero_config(web_url="https://omero.example.org/")
+    importer = create_importer(config)
+    try:
+        spec = make_spec({"cells_a.tif": b"\x00a" * 3000, "cells_b.tif": b"\x00b" * 4000},
+                         target=Target(project="Brain atlas", dataset="slide 3"), importer="omero",
+                         name="2026-11-28 slide 3", description="Hippocampus CA1, mouse 7",
+                         annotations={"objective": "63x/1.4 oil"})
+        job = run_job(store, importer, spec)
+    finally:
+        importer.close()
+    assert job.state is JobState.SUCCEEDED, job.error
+    images = job.result["image_ids"]
+    assert len(images) == 2 and sorted(images) == sorted(i["id"] for i in double.state()["images"])
+
+    (mail,) = Notifier(config).compose(job)
+    raw = mail.as_bytes()
+    (tmp_path / "success-omero.eml").write_bytes(raw)
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    text = message.get_body(("plain",)).get_content()
+    (tmp_path / "success-omero.txt").write_text(f"Subject: {message['Subject']}\n\n{text}", encoding="utf-8")
+    assert message["Subject"] == "Imported into OMERO: 2026-11-28 slide 3"
+    for image_id in images:
+        assert f"image {image_id}: https://omero.example.org/webclient/?show=image-{image_id}" in text
+    assert "Description: Hippocampus CA1, mouse 7" in text and "objective: 63x/1.4 oil" in text
+    html = message.get_body(("html",)).get_content()
+    assert f'<a href="https://omero.example.org/webclient/?show=image-{images[0]}">' in html
