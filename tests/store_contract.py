@@ -655,3 +655,18 @@ def test_throughput_buckets_succeeded_jobs_and_bytes(store, make_spec):
     assert [b["start"] for b in buckets] == [T0, T0 + 3600, T0 + 7200, T0 + 10800]
     assert [(b["jobs"], b["bytes"]) for b in buckets] == [(2, 300), (1, 300), (0, 0), (0, 0)]
     assert store.throughput(since=T0 + 4000, bucket=600, now=T0 + 4000)[0]["jobs"] == 0
+
+
+def test_outbox_hold_gives_claimed_mails_back_without_counting_the_attempt(store, make_spec):
+    job, _ = store.enqueue(make_spec(), now=T0)
+    store.outbox_add(mail_for(job), now=T0)
+    store.outbox_add(mail_for(job), now=T0)
+    first, second = store.outbox_claim(now=T0)
+    assert store.outbox_hold([first.id, 999_999], until=T0 + 600, now=T0) == 1
+    (held,) = [m for m in store.outbox_list() if m.id == first.id]
+    assert (held.state, held.next_attempt_at, held.attempts) == ("pending", T0 + 600, 0)
+    assert store.outbox_claim(now=T0 + 599) == []
+    assert [m.id for m in store.outbox_claim(now=T0 + 600)] == [first.id]
+    assert store.outbox_hold([second.id], until=T0, now=T0) == 1
+    store.outbox_sent(second.id, now=T0)
+    assert store.outbox_hold([second.id], until=T0 + 1, now=T0) == 0  # only claimed mails

@@ -163,6 +163,9 @@ class NotifyConfig:
     retry: RetryPolicy = field(default_factory=lambda: RetryPolicy(D.MAIL_MAX_ATTEMPTS, D.MAIL_BACKOFF))
     watcher_unhealthy_after: float = D.WATCHER_UNHEALTHY_MAIL_AFTER
     contact: str | None = None
+    # More than admin_digest_after permanent failures within admin_digest_minutes: one digest mail.
+    admin_digest_after: int = D.ADMIN_DIGEST_AFTER
+    admin_digest_minutes: float = D.ADMIN_DIGEST_MINUTES
 
 
 @dataclass(frozen=True)
@@ -606,7 +609,7 @@ def _notify(r: _Reader, raw: dict, data_dir: Path) -> NotifyConfig:
         raw,
         {
             "transport", "outbox_dir", "from", "admin_email", "default_domain", "templates_dir",
-            "smtp", "retry", "watcher_unhealthy_after", "contact",
+            "smtp", "retry", "watcher_unhealthy_after", "contact", "admin_digest_after", "admin_digest_minutes",
         },
         w,
     )
@@ -640,6 +643,8 @@ def _notify(r: _Reader, raw: dict, data_dir: Path) -> NotifyConfig:
         retry=_retry(r, r.section(raw, "retry", w), "notify.retry", RetryPolicy(D.MAIL_MAX_ATTEMPTS, D.MAIL_BACKOFF)),
         watcher_unhealthy_after=r.get(raw, "watcher_unhealthy_after", w, positive_seconds, D.WATCHER_UNHEALTHY_MAIL_AFTER),
         contact=r.get(raw, "contact", w, text, None),
+        admin_digest_after=r.get(raw, "admin_digest_after", w, positive_int, D.ADMIN_DIGEST_AFTER),
+        admin_digest_minutes=r.get(raw, "admin_digest_minutes", w, positive_seconds, D.ADMIN_DIGEST_MINUTES),
     )
 
 

@@ -98,3 +98,8 @@ SINK_DISABLE_AFTER = 86400.0
 SINK_BACKOFF = (1.0, 5.0, 30.0, 120.0, 600.0)
 MQTT_PORT = 1883
 MQTT_TOPIC_PREFIX = "watchfolder"
+
+# The admin gets one digest instead of single failure mails once more than
+# ADMIN_DIGEST_AFTER permanent failures arrive within ADMIN_DIGEST_MINUTES.
+ADMIN_DIGEST_AFTER = 10
+ADMIN_DIGEST_MINUTES = 10.0

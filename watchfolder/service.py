@@ -129,7 +129,7 @@ class Service:
 
             transport = create_transport(config)
             if transport is not None:
-                self.sender = OutboxSender(self.store, transport)
+                self.sender = OutboxSender(self.store, transport, notifier=self.notifier)
                 thread = threading.Thread(target=self.sender.run, args=(self._stop_mail,), name="outbox", daemon=True)
                 thread.start()
                 self._threads.append(thread)

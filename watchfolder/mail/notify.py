@@ -87,9 +87,10 @@ VARIABLES: dict[str, frozenset[str]] = {
     ),
     # Service-level alerts: an importer target paused or resumed, an event sink disabled.
     "admin_alert": frozenset({"title", "what", "advice", "since", "duration", "status", "contact", "subject"}),
+    "admin_digest": frozenset({"count", "minutes", "threshold", "failures", "contact", "subject"}),
 }
 #: Variables that are pre-rendered fragments: HTML in .html templates, text paragraphs in .txt.
-BLOCKS = frozenset({"note", "files", "images", "location", "log_tail", "status", "job_url", "about"})
+BLOCKS = frozenset({"note", "files", "images", "location", "log_tail", "status", "job_url", "about", "failures"})
 
 KINDS = tuple(VARIABLES)
 SUBJECT_PREFIX = "Subject:"
@@ -367,6 +368,38 @@ class Notifier:
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         return [self._mail("admin_alert", (self.notify.admin_email,), values,
                            f"<watchfolder.alert.{digest}@{self.domain}>", now)]
+
+    # --------------------------------------------------------------- digests
+
+    def compose_admin_digest(self, failures: list[tuple[int | None, str]], *, now: float | None = None) -> Mail | None:
+        """One admin mail for many permanent failures: ``failures`` are ``(job id, reason)``, grouped by reason.
+
+        None without an admin address.
+        """
+        if not self.notify.admin_email or not failures:
+            return None
+        now = time.time() if now is None else now
+        groups: dict[str, list[int | None]] = {}
+        for job_id, reason in failures:
+            groups.setdefault(reason, []).append(job_id)
+        text, rich = [], []
+        for reason, ids in sorted(groups.items(), key=lambda g: -len(g[1])):
+            shown = ", ".join(str(i) for i in ids[:MAX_LISTED] if i is not None)
+            more = f" and {len(ids) - MAX_LISTED} more" if len(ids) > MAX_LISTED else ""
+            text.append(f"{len(ids)} x {reason}\n    jobs {shown}{more}\n")
+            rich.append(f"<li><b>{len(ids)} ×</b> {_esc(reason)}<br><small>jobs {_esc(shown + more)}</small></li>")
+        minutes = self.notify.admin_digest_minutes
+        values = {
+            "count": str(len(failures)),
+            "minutes": f"{minutes:g}",
+            "threshold": str(self.notify.admin_digest_after),
+            "failures": _Block("\n".join(text) + "\n", "<ul>\n" + "\n".join(rich) + "\n</ul>\n"),
+            "contact": self.contact,
+        }
+        ids = ",".join(str(i) for i, _ in failures)
+        digest = hashlib.sha256(ids.encode()).hexdigest()[:12]
+        message_id = f"<watchfolder.digest.{int(now * 1000)}.{digest}@{self.domain}>"
+        return self._mail("admin_digest", (self.notify.admin_email,), values, message_id, now)
 
     # ------------------------------------------------------------- rendering
 

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from email.parser import BytesHeaderParser
 
+from ..errors import JobNotFound
 from ..store import JobStore
 from .message import MailError, Transport
 
@@ -23,16 +26,72 @@ log = logging.getLogger(__name__)
 class OutboxSender:
     """``loop(now)`` sends what is due once; ``run(stop)`` repeats until stopped."""
 
-    def __init__(self, store: JobStore, transport: Transport, *, poll_interval: float = 1.0, batch: int = 20):
+    def __init__(self, store: JobStore, transport: Transport, *, poll_interval: float = 1.0, batch: int = 20,
+                 notifier=None):
         self.store = store
         self.transport = transport
         self.poll_interval = poll_interval
         self.batch = batch
+        # With a notifier, bursts of admin failure mails become digests (notify.admin_digest_*).
+        self.notifier = notifier
 
     def loop(self, now: float | None = None) -> int:
         """Send the mails that are due; returns how many the server accepted."""
+        mails = self.store.outbox_claim(now=now, limit=self.batch)
+        if self.notifier is not None and any(m.kind == "admin_failure" for m in mails):
+            mails = self._digest(mails, time.time() if now is None else now)
+        return self._send(mails, now)
+
+    def _digest(self, mails: list, now: float) -> list:
+        """Admin failure mails beyond ``admin_digest_after`` within the window go out as one digest.
+
+        Returns the mails still to send one by one. A digest is composed at most
+        once per window; failures arriving after it wait (held in the outbox)
+        for the next one, so a storm of failures makes one mail per window.
+        """
+        notify = self.notifier.notify
+        window = notify.admin_digest_minutes * 60.0
+        recent = [m for m in self.store.outbox_list(limit=100_000) if m.created_at >= now - window]
+        admin = [m for m in mails if m.kind == "admin_failure"]
+        # Held mails come back after the window: they count even though they are older.
+        burst = max(len(admin), sum(1 for m in recent if m.kind == "admin_failure"))
+        if burst <= notify.admin_digest_after:
+            return mails
+        rest = [m for m in mails if m.kind != "admin_failure"]
+        digests = [m.created_at for m in recent if m.kind == "admin_digest"]
+        if digests:
+            self.store.outbox_hold([m.id for m in admin], until=max(digests) + window, now=now)
+            return rest
+        # Everything due joins this digest (held ones included), not only this batch.
+        for more in self.store.outbox_claim(now=now, limit=100_000):
+            (admin if more.kind == "admin_failure" else rest).append(more)
+        digest = self.notifier.compose_admin_digest([self._failure(m) for m in admin], now=now)
+        if digest is not None:
+            self.store.outbox_add([digest], now=now)
+        for m in admin:  # delivered inside the digest
+            self.store.outbox_sent(m.id, now=now)
+        rest += self.store.outbox_claim(now=now, limit=self.batch)  # the digest itself goes out now
+        log.warning("%d permanent failures in %g min: one digest mail to the admin instead of single mails",
+                    len(admin), notify.admin_digest_minutes)
+        return rest
+
+    def _failure(self, mail) -> tuple[int | None, str]:
+        """(job id, reason) of an admin failure mail, the reason from the job itself."""
+        header = BytesHeaderParser().parsebytes(mail.raw).get("X-Watchfolder-Job")
+        job_id = int(header) if header and str(header).strip().isdigit() else mail.job_id
+        reason = mail.subject
+        if job_id is not None:
+            try:
+                job = self.store.get(job_id)
+                if job.error is not None:
+                    reason = job.error.message
+            except JobNotFound:
+                pass
+        return job_id, reason
+
+    def _send(self, mails: list, now: float | None) -> int:
         sent = 0
-        for mail in self.store.outbox_claim(now=now, limit=self.batch):
+        for mail in mails:
             try:
                 self.transport.send(mail.raw, mail.sender, mail.recipients)
             except MailError as exc:

@@ -396,6 +396,11 @@ class JobStore(abc.ABC):
         """Queue a failed (or sent) mail again, with a fresh attempt budget."""
 
     @abc.abstractmethod
+    def outbox_hold(self, mail_ids: Iterable[int], *, until: float, now: float | None = None) -> int:
+        """Give claimed (``sending``) mails back as ``pending``, due at ``until``; the claim is not counted
+        as an attempt. Returns how many were held (the admin digest waits with them)."""
+
+    @abc.abstractmethod
     def outbox_list(self, *, state: str | None = None, limit: int = 50) -> list[OutboxMail]:
         """Outbox mails newest first, optionally in one ``state`` (pending, sending, sent, failed)."""
 

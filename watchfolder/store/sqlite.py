@@ -1384,6 +1384,19 @@ class SQLiteStore(FileLogs, JobStore):
             raise StoreError(f"mail {mail_id} does not exist or is not failed or sent; nothing to resend")
         return self._mail(row)
 
+    def outbox_hold(self, mail_ids: Iterable[int], *, until: float, now: float | None = None) -> int:
+        """Claimed mails back to ``pending`` until ``until``, their claim not counted (see :class:`JobStore`)."""
+        conn = self._conn()
+        held = 0
+        with _transaction(conn):
+            for mail_id in mail_ids:
+                held += conn.execute(
+                    "UPDATE outbox SET state = 'pending', next_attempt_at = ?, claimed_until = NULL,"
+                    " attempts = max(0, attempts - 1) WHERE id = ? AND state = 'sending'",
+                    (until, mail_id),
+                ).rowcount
+        return held
+
     def outbox_list(self, *, state: str | None = None, limit: int = 50) -> list[OutboxMail]:
         sql = "SELECT * FROM outbox" + (" WHERE state = ?" if state else "") + " ORDER BY id DESC LIMIT ?"
         rows = self._conn().execute(sql, ((state, limit) if state else (limit,))).fetchall()

@@ -1,0 +1,86 @@
+"""The admin digest: a burst of permanent failures gives one mail per period, over real SMTP."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from mailserver import EphemeralController, Recorder
+
+from watchfolder import config as wconfig
+from watchfolder.config import SmtpConfig
+from watchfolder.job import RetryPolicy
+from watchfolder.mail.notify import Notifier
+from watchfolder.mail.outbox import OutboxSender
+from watchfolder.mail.transports import SmtpTransport
+from watchfolder.store import SQLiteStore
+
+T0 = 1_795_000_000.0
+
+
+@pytest.fixture
+def smtp_server():
+    recorder = Recorder()
+    controller = EphemeralController(recorder)
+    controller.start()
+    yield recorder, controller.port
+    controller.stop()
+
+
+def test_a_burst_of_failures_gives_the_admin_one_digest_per_period(tmp_path, smtp_server, make_spec):
+    recorder, port = smtp_server
+    config = wconfig.parse({
+        "data_dir": str(tmp_path / "data"), "importer": {"kind": "archive"},
+        "notify": {"transport": "smtp", "from": "wf@example.org", "admin_email": "admin@example.org",
+                   "admin_digest_after": 3, "admin_digest_minutes": 10, "smtp": {"host": "127.0.0.1", "port": port}},
+    }, path=tmp_path / "watchfolder.yaml", environ={})
+    notifier = Notifier(config)
+    store = SQLiteStore(tmp_path / "db.sqlite", retry=RetryPolicy(3, (10.0,)), composer=notifier.compose)
+    transport = SmtpTransport(SmtpConfig(host="127.0.0.1", port=port, timeout=10.0))
+    sender = OutboxSender(store, transport, notifier=notifier)
+
+    def fail(i, when, reason):
+        spec = dataclasses.replace(make_spec(), idempotency_key=f"k{i}", email=f"user{i}@example.org")
+        store.reject(spec, reason, now=when)
+
+    def admin_mails():
+        return [r for r in recorder.received if r.rcpt_tos == ["admin@example.org"]]
+
+    try:
+        # Up to the threshold: one admin mail per failure, as before.
+        for i in range(3):
+            fail(i, T0, f"scan_{i}.xyz: no reader accepts this file")
+        sender.loop(now=T0)
+        recorder.wait_for(6)
+        assert len(admin_mails()) == 3
+        # A burst: 8 more within the period: the owners get theirs, the admin one digest.
+        for i in range(3, 11):
+            fail(i, T0 + 30, "checksum of a.tif does not match the manifest" if i % 2 else "unknown owner 'x'")
+        while sender.loop(now=T0 + 31):
+            pass
+        recorder.wait_for(6 + 8 + 1)
+        (digest,) = admin_mails()[3:]
+        assert digest.message["Subject"] == "[watchfolder] 8 imports failed in the last 10 min"
+        text = digest.text()
+        assert "4 x checksum of a.tif does not match the manifest" in text and "4 x unknown owner 'x'" in text
+        assert {m.state for m in store.outbox_list(limit=100)} == {"sent"}
+        # More failures in the same period wait for the next digest...
+        for i in range(11, 16):
+            fail(i, T0 + 60, "scan.xyz: no reader accepts this file")
+        while sender.loop(now=T0 + 61):
+            pass
+        recorder.wait_for(6 + 8 + 1 + 5)
+        assert len(admin_mails()) == 4
+        held = [m for m in store.outbox_list(limit=100) if m.kind == "admin_failure" and m.state == "pending"]
+        assert len(held) == 5 and all(m.next_attempt_at == pytest.approx(T0 + 31 + 600) for m in held)
+        assert all(m.attempts == 0 for m in held)  # waiting is not a failed attempt
+        # ...which goes out when the period is over, with all five.
+        while sender.loop(now=T0 + 700):
+            pass
+        recorder.wait_for(6 + 8 + 1 + 5 + 1)
+        last = admin_mails()[-1]
+        assert last.message["Subject"] == "[watchfolder] 5 imports failed in the last 10 min"
+        assert "5 x scan.xyz: no reader accepts this file" in last.text()
+    finally:
+        transport.close()
+        store.close()
