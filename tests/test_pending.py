@@ -145,6 +145,13 @@ def test_each_pending_reason_from_a_real_drop_in_the_store_pending_and_explain(
     got = explain(config, store, str(drops["slow"] / "live" / "a.tif"))
     assert got.verdict == "pending" and "still being written: last change" in got.reason
     assert explain(config, store, str(tmp_path)).verdict == "outside"
+    assert explain(config, store, str(drops["manifest"] / "nothere")).verdict == "not_found"
+    # A name with a newline cannot forge lines in explain's output.
+    odd = drops["manifest"] / "acq\nforged: imported"
+    odd.mkdir()
+    out = cli(config.path, "explain", str(odd))
+    assert out.returncode == 0 and "acq\\nforged: imported" in out.stdout
+    assert not any(line.startswith("forged") for line in out.stdout.splitlines())
 
     # The command line shows the same, from another process.
     out = cli(config.path, "pending")

@@ -23,7 +23,7 @@ import yaml
 from . import __version__
 from . import config as configmod
 from .errors import AcquisitionError, JobNotFound, WatchfolderError
-from .job import FINISHED_STATES, Job, JobState, Target
+from .job import FINISHED_STATES, Job, JobState, Target, printable
 from .units import format_size
 
 EPILOG = "Config: --config PATH or $WATCHFOLDER_CONFIG. Docs: README.md."
@@ -626,9 +626,9 @@ def cmd_pending(args) -> int:
         print("nothing pending: every acquisition the watchers know of is queued or done")
         return 0
     for e in entries:
-        owner = f"  (owner {e['owner']})" if e["owner"] else ""
-        print(f"{e['watch']}: {e['path']}{owner}  seen {_ago(e['waiting_for'])} ago")
-        print(f"    {e['reason']}")
+        owner = f"  (owner {printable(e['owner'])})" if e["owner"] else ""
+        print(f"{printable(e['watch'])}: {printable(e['path'])}{owner}  seen {_ago(e['waiting_for'])} ago")
+        print(f"    {printable(e['reason'])}")
     return 0
 
 
@@ -642,11 +642,12 @@ def cmd_explain(args) -> int:
         print(json.dumps({"paths": [a.to_dict() for a in answers]}, indent=2))
         return 0
     for a in answers:
-        where = f" [watch folder {a.watch}]" if a.watch else ""
-        print(f"{a.path}{where}")
-        print(f"    {a.reason}")
+        # Names may hold newlines: escaped, so one answer stays on its own lines.
+        where = f" [watch folder {printable(a.watch)}]" if a.watch else ""
+        print(f"{printable(a.path)}{where}")
+        print(f"    {printable(a.reason)}")
         for detail in a.details:
-            print(f"    {detail}")
+            print(f"    {printable(detail)}")
     return 0
 
 

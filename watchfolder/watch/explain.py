@@ -28,7 +28,7 @@ from .detector import Patterns, is_own_file, make_rule, pending_reason
 class Explanation:
     """The answer for one path. ``verdict`` is one word a script can test:
 
-    ``outside`` (under no watch folder), ``watch_folder`` (the folder itself),
+    ``outside`` (under no watch folder), ``not_found`` (no such path), ``watch_folder`` (the folder itself),
     ``ignored`` (excluded, a symlink, the service's own file), ``not_acquisition``,
     ``pending`` (not complete yet, or still being written), ``ready`` (complete,
     queued once quiet), ``rejected`` (will fail or has failed at detection), or
@@ -148,7 +148,8 @@ def explain(config: Config, store: JobStore | None, path: str, *, now: float | N
                            f"the watch folder {watch.name!r} itself ({watch.detection} detection); {_looks_for(watch)}",
                            watch.name)
     if not os.path.lexists(full):
-        return Explanation(full, "outside", f"{full} does not exist", watch.name)
+        return Explanation(full, "not_found", f"{full} does not exist (check the spelling, or it was moved "
+                           "away or imported and deleted)", watch.name)
     if is_own_file(rel.rpartition("/")[2]):
         return Explanation(full, "ignored", "written by watchfolder itself (a receipt or an error report)",
                            watch.name)
