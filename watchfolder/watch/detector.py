@@ -920,7 +920,7 @@ class Detector:
         pattern = self.patterns.path_excluded(rel)
         if pattern is not None:
             return "excluded", (
-                f"excluded by the pattern {pattern!r} of watch folder {self.watch.name!r}; "
+                f"ignored: matches exclude pattern {pattern} of watch folder {self.watch.name!r}; "
                 "rename it (e.g. when the copy is finished) to have it imported"
             )
         current = self.root

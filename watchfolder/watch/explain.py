@@ -21,7 +21,7 @@ from typing import Any
 
 from ..config import Config, WatchConfig
 from ..store.base import JobStore, PendingEntry
-from .detector import Patterns, is_own_file, make_rule, pending_reason
+from .detector import Detector, Patterns, is_own_file, make_rule, pending_reason
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Explanation:
     """The answer for one path. ``verdict`` is one word a script can test:
 
     ``outside`` (under no watch folder), ``not_found`` (no such path), ``watch_folder`` (the folder itself),
-    ``ignored`` (excluded, a symlink, the service's own file), ``not_acquisition``,
+    ``ignored`` (excluded, a symlink, the service's own file), ``unreadable``, ``not_acquisition``,
     ``pending`` (not complete yet, or still being written), ``ready`` (complete,
     queued once quiet), ``rejected`` (will fail or has failed at detection), or
     ``job`` (it became job ``job_id``, in ``job_state``).
@@ -78,14 +78,6 @@ def _watch_for(config: Config, path: str) -> tuple[WatchConfig, str, str] | None
             if best is None or len(root) > len(best[1]):
                 best = (watch, root, os.path.relpath(real, root).replace(os.sep, "/") if real != root else "")
     return best
-
-
-def _excluded_by(watch: WatchConfig, rel: str) -> str | None:
-    parts = rel.split("/")
-    for pattern in watch.exclude:
-        if fnmatch.fnmatchcase(rel, pattern) or any(fnmatch.fnmatchcase(p, pattern) for p in parts):
-            return f"ignored: matches exclude pattern {pattern}"
-    return None
 
 
 def _looks_for(watch: WatchConfig) -> str:
@@ -153,13 +145,11 @@ def explain(config: Config, store: JobStore | None, path: str, *, now: float | N
     if is_own_file(rel.rpartition("/")[2]):
         return Explanation(full, "ignored", "written by watchfolder itself (a receipt or an error report)",
                            watch.name)
-    excluded = _excluded_by(watch, rel)
-    if excluded:
-        return Explanation(full, "ignored", excluded + " (temporary and hidden files are never imported)",
-                           watch.name)
-    if os.path.islink(full):
-        return Explanation(full, "ignored", f"a symbolic link (to {os.readlink(full)}): links are never "
-                           "followed into an acquisition; copy the data in instead", watch.name)
+    # The watcher's own rule for excluded names, symbolic links and unreadable paths.
+    refused = Detector(watch, root).refusal(rel)
+    if refused is not None:
+        kind, reason = refused
+        return Explanation(full, "unreadable" if kind == "unreadable" else "ignored", reason, watch.name)
     is_dir = os.path.isdir(full)
     if watch.include and not is_dir and not any(
         fnmatch.fnmatchcase(rel.rpartition("/")[2], p) or fnmatch.fnmatchcase(rel, p) for p in watch.include
