@@ -841,8 +841,6 @@ class Watcher:
     def _publish(self, now: float, *, force: bool = False) -> None:
         self._sync_pending(now)
         status = self._build_status()
-        with self._lock:
-            self._status = status
         if force or now >= self.next_status:
             self.next_status = now + self.status_interval
             try:
@@ -850,6 +848,9 @@ class Watcher:
                 self.store.set_component("watcher", name, status, now=now)
             except Exception:  # status is best effort; watching goes on
                 log.debug("publishing the status of %s failed", self.name, exc_info=True)
+        # After the store: whoever sees a status here finds it published too (other processes read the store).
+        with self._lock:
+            self._status = status
 
     def _build_status(self) -> dict[str, Any]:
         detector = self.detector
