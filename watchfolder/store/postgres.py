@@ -533,6 +533,25 @@ class PostgresStore(FileLogs, JobStore):
             ).fetchone()
         return {"succeeded": row["n"], "seconds": float(row["seconds"]), "bytes": int(row["bytes"])}
 
+    def throughput(self, *, since: float, bucket: float, now: float | None = None) -> list[dict[str, float]]:
+        now = _now(now)
+        if bucket <= 0:
+            raise StoreError(f"bucket must be a positive number of seconds, got {bucket!r}")
+        count = max(1, int((now - since) // bucket) + 1)
+        out = [{"start": since + i * bucket, "jobs": 0, "bytes": 0} for i in range(count)]
+        with self._tx() as conn:
+            rows = conn.execute(
+                "SELECT floor((finished_at - %s) / %s)::bigint AS i, count(*) AS n,"
+                " coalesce(sum((progress::jsonb ->> 'bytes_done')::numeric), 0) AS bytes"
+                " FROM jobs WHERE state = 'succeeded' AND finished_at >= %s AND finished_at <= %s GROUP BY 1",
+                (since, bucket, since, now),
+            ).fetchall()
+        for r in rows:
+            if 0 <= r["i"] < count:
+                out[r["i"]]["jobs"] = int(r["n"])
+                out[r["i"]]["bytes"] = int(r["bytes"])
+        return out
+
     def read_log(self, job_id: int) -> str:
         with self._tx() as conn:
             if conn.execute("SELECT 1 FROM jobs WHERE id = %s", (job_id,)).fetchone() is None:
@@ -1290,6 +1309,18 @@ class PostgresStore(FileLogs, JobStore):
                 ),
             ).fetchone()
         return mail_from_row(row)
+
+    def outbox_hold(self, mail_ids: Iterable[int], *, until: float, now: float | None = None) -> int:
+        ids = [int(i) for i in mail_ids]
+        if not ids:
+            return 0
+        with self._tx() as conn:
+            rows = conn.execute(
+                "UPDATE outbox SET state = 'pending', next_attempt_at = %s, claimed_until = NULL,"
+                " attempts = greatest(0, attempts - 1) WHERE id = ANY(%s) AND state = 'sending' RETURNING id",
+                (until, ids),
+            ).fetchall()
+        return len(rows)
 
     def outbox_resend(self, mail_id: int, *, now: float | None = None) -> OutboxMail:
         with self._tx() as conn:
