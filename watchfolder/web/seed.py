@@ -421,17 +421,17 @@ def install(app: bottle.Bottle, api) -> None:
 
     @app.get(FAILED_MAIL_PATH)
     def list_failed_mail():
-        refused = admin()
-        if refused is not None:
-            return refused
+        principal = admin()
+        if isinstance(principal, bottle.HTTPResponse):
+            return principal
         return _json_list([f"{FAILED_MAIL_PATH}/{m.id}" for m in store.outbox_list(state="failed",
                                                                                   limit=FAILED_MAIL_LIMIT)])
 
     @app.get(FAILED_MAIL_PATH + "/<ident>")
     def get_failed_mail(ident: str):
-        refused = admin()
-        if refused is not None:
-            return refused
+        principal = admin()
+        if isinstance(principal, bottle.HTTPResponse):
+            return principal
         for mail in store.outbox_list(state="failed", limit=FAILED_MAIL_LIMIT):
             if ident.isdigit() and mail.id == int(ident):
                 return _text(_failed_mail_text(mail))
