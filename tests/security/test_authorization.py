@@ -28,6 +28,9 @@ ROUTES = {
     ("GET", "/api/v1/jobs/<ident>/log"): "/api/v1/jobs/{id}/log",
     ("POST", "/api/v1/jobs/<ident>/retry"): "/api/v1/jobs/{id}/retry",
     ("POST", "/api/v1/jobs/<ident>/cancel"): "/api/v1/jobs/{id}/cancel",
+    ("POST", "/api/v1/jobs/<ident>/dismiss"): "/api/v1/jobs/{id}/dismiss",
+    ("GET", "/api/v1/pending"): None,  # owner-scoped entries, not jobs: tests/test_api_pending.py
+    ("GET", "/api/v1/throughput"): None,  # counts only, no job
     ("GET", "/api/v1/events"): "/api/v1/events?limit=500",
     ("GET", "/api/v1/status"): None,  # counts only, no job
     ("GET", "/api/v1/whoami"): None,
@@ -41,6 +44,8 @@ ROUTES = {
     ("GET", "/ome/failed/import"): "/ome/failed/import",
     ("GET", "/ome/failed/import/<ident>"): "/ome/failed/import/{id}",
     ("DELETE", "/ome/failed/import/<ident>"): "/ome/failed/import/{id}",
+    ("GET", "/ome/failed/mail"): None,  # admin only, mails not jobs: tests/test_api_pending.py
+    ("GET", "/ome/failed/mail/<ident>"): None,
 }
 
 
