@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -366,3 +367,89 @@ def test_sigterm_with_no_grace_releases_the_job_to_the_queue(tmp_path):
     assert row["state"] == "queued" and row["attempts"] == 0 and row["worker"] is None
     dest_dir = tmp_path / "data" / "archive" / "jdoe" / "_no_project" / "d" / root.name
     assert not dest_dir.exists() or list(dest_dir.iterdir()) == []  # the partial copy was removed
+
+
+# -- faults: a long lock, dead workers' rows (issue 11 cases 1 and 2) --------------
+
+
+class SilentImporter(Importer):
+    """Says nothing while it works, like OMERO's server-side import phase."""
+
+    name = "silent"
+
+    def __init__(self):
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def run(self, job, ctx):
+        self.started.set()
+        assert self.release.wait(30)
+        return {"silent": True}
+
+
+def test_heartbeat_survives_a_long_lock_and_renews_the_lease_of_a_silent_job(tmp_path, make_spec):
+    from watchfolder.store import SQLiteStore
+
+    db = tmp_path / "locked.db"
+    store = SQLiteStore(db, lease_seconds=1.0, busy_timeout=0.05)
+    other = SQLiteStore(db, lease_seconds=1.0, busy_timeout=5)  # another process's view: runs maintain
+    importer = SilentImporter()
+    worker = Worker(store, importer, name="w", heartbeat_seconds=0.1, maintain_interval=3600)
+    job, _ = store.enqueue(make_spec())
+    thread = threading.Thread(target=worker.run, args=(threading.Event(),), kwargs={"max_jobs": 1})
+    thread.start()
+    assert importer.started.wait(10)
+    locker = sqlite3.connect(db, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    held_until = time.time() + 0.6  # several heartbeats fail with "database is locked"
+    while time.time() < held_until:
+        time.sleep(0.05)
+    locker.execute("COMMIT")
+    locker.close()
+    unlocked = time.time()
+    # The heartbeat thread came back: the worker row and the lease move on after the lock…
+    wait_until(lambda: other.components("worker")[0]["updated_at"] > unlocked + 0.5, timeout=10)
+    # …and for several lease lengths of importer silence, no maintain gives the job away.
+    deadline = time.time() + 3.0
+    while time.time() < deadline:
+        other.maintain()
+        current = other.get(job.id)
+        assert current.state == JobState.RUNNING and current.worker == "w", current.history[-1]
+        time.sleep(0.1)
+    importer.release.set()
+    thread.join(10)
+    done = other.get(job.id)
+    assert done.state == JobState.SUCCEEDED and done.attempts == 1
+    store.close()
+    other.close()
+
+
+def test_rows_of_dead_workers_are_pruned_and_health_recovers(store, make_config, caplog):
+    from watchfolder import status
+
+    config = make_config()
+    now = 1_900_000_000.0
+    store.set_component("worker", "host:1234:w1", {"state": "busy", "heartbeat_seconds": 5}, now=now - 1800)
+    store.set_component("worker", "host:1234:w2", {"state": "idle", "heartbeat_seconds": 5}, now=now - 30)
+    store.set_component("worker", "host:99:w1", {"state": "idle", "heartbeat_seconds": 5}, now=now - 1)
+    # A worker killed a minute ago is still reported (the admin should see it)…
+    ok, body = status.health(config, store, now=now)
+    assert not ok and "host:1234:w2: no heartbeat for 30 s" in body["checks"]["workers"]["detail"]
+    assert "host:1234:w1" not in body["checks"]["workers"]["detail"]  # …one dead for 30 min is gone
+    assert "forgot worker host:1234:w1 (pid" in caplog.text and "no heartbeat for 1800 s" in caplog.text
+    # Ten minutes later nothing of the dead process is left and health is back to ok, with no worker process.
+    later = now + 700
+    store.set_component("worker", "host:99:w1", {"state": "idle", "heartbeat_seconds": 5}, now=later - 1)
+    caplog.clear()
+    view = status.collect_status(config, store, now=later)
+    assert view["healthy"], view["problems"]
+    assert [w["name"] for w in view["workers"]] == ["host:99:w1"]
+    assert caplog.text.count("forgot worker") == 1  # reported once, when removed
+    assert status.health(config, store, now=later)[0]
+
+
+def test_prune_waits_ten_heartbeat_intervals_of_a_slow_worker(store):
+    now = 1_900_000_000.0
+    store.set_component("worker", "slow", {"state": "idle", "heartbeat_seconds": 120}, now=now - 900)
+    assert store.prune_workers(now=now) == []
+    assert [r["name"] for r in store.prune_workers(now=now + 400)] == ["slow"]

@@ -28,6 +28,10 @@ PRUNE_SECONDS = 10.0
 WORKER_COUNT = 2
 WORKER_POLL_SECONDS = 1.0
 HEARTBEAT_SECONDS = 5.0
+# A worker row whose heartbeat is older than this (or 10 of its intervals, if
+# longer) belongs to a process that died without removing it (kill -9, host
+# lost): it is forgotten, with one warning, so health recovers on its own.
+WORKER_PRUNE_SECONDS = 600.0
 SHUTDOWN_GRACE_SECONDS = 30.0
 PROGRESS_MIN_INTERVAL = 0.5
 

@@ -217,6 +217,7 @@ def collect_status(config, store, importer=None, *, now: float | None = None) ->
     """The admin view as plain data (JSON-able); ``healthy`` sums it up and ``problems`` says why not."""
     now = time.time() if now is None else now
     problems: list[str] = []
+    store.prune_workers(now=now)  # dead processes' rows, so health recovers with no worker running
     counts = store.counts()
     oldest = store.oldest_queued_at()
     workers = [
@@ -299,6 +300,7 @@ def health(config, store, *, now: float | None = None) -> tuple[bool, dict[str, 
     workers_ok = True
     detail: list[str] = []
     if store_ok:
+        store.prune_workers(now=now)
         for c in store.components("worker"):
             w = worker_view(c, heartbeat_seconds=config.workers.heartbeat_seconds, now=now)
             if not w["healthy"]:

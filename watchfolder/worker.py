@@ -301,7 +301,7 @@ class Worker:
 
     # -- heartbeat ------------------------------------------------------------
 
-    def _publish(self) -> None:
+    def _publish(self, *, raise_errors: bool = False) -> None:
         ctx = self.current
         status: dict[str, Any] = {
             "state": "busy" if ctx else "idle",
@@ -314,14 +314,31 @@ class Worker:
         try:
             self.store.set_component("worker", self.name, status)
         except Exception:  # status is informative; never let it stop work
+            if raise_errors:
+                raise
             log.exception("could not publish worker status")
 
     def _beat(self) -> None:
+        # The lease is renewed here, on a clock, whatever the importer does (OMERO's
+        # server-side import may say nothing for an hour). A store error (database
+        # locked past busy_timeout, disk full) must not end the thread: it is logged
+        # once per streak and the next beat tries again.
+        failing = False
         while not self._beat_stop.wait(self.heartbeat_seconds):
-            ctx = self.current
-            if ctx is not None:
-                ctx.heartbeat()
-            self._publish()
+            try:
+                ctx = self.current
+                if ctx is not None:
+                    ctx.heartbeat()
+                self._publish(raise_errors=True)
+            except Exception as exc:
+                if not failing:
+                    log.warning("worker %s: heartbeat failed (%s); retrying every %g s",
+                                self.name, exc, self.heartbeat_seconds)
+                failing = True
+                continue
+            if failing:
+                log.warning("worker %s: heartbeat works again", self.name)
+            failing = False
 
     def start_heartbeat(self) -> None:
         self._publish()
@@ -335,8 +352,8 @@ class Worker:
         if remove:
             try:
                 self.store.remove_component("worker", self.name)
-            except StoreUnavailable as exc:  # its row ages out of the status view instead
-                log.warning("worker %s: could not remove its status: %s", self.name, exc)
+            except Exception as exc:  # the row is pruned later (store.prune_workers)
+                log.warning("worker %s: could not remove its status row: %s", self.name, exc)
 
     # -- runner -----------------------------------------------------------------
 

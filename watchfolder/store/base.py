@@ -18,15 +18,20 @@ from __future__ import annotations
 
 import abc
 import email.policy
+import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+from .. import defaults as D
 from ..errors import ImportFailure
 from ..job import Job, JobSpec, Progress
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -374,6 +379,27 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     def components(self, kind: str | None = None) -> list[dict[str, Any]]:
         """Every published component status (optionally of one ``kind``), as plain dicts."""
+
+    def prune_workers(self, *, now: float | None = None, after: float = D.WORKER_PRUNE_SECONDS) -> list[dict[str, Any]]:
+        """Forget worker rows whose heartbeat is older than ``after`` seconds (or ten of the
+        worker's own heartbeat intervals, if longer): a process killed with SIGKILL never
+        removes its row, and health would stay 503 forever. Returns the rows removed, each
+        logged once as a warning. A worker that was only stopped (SIGSTOP) publishes its
+        row again at its next heartbeat.
+        """
+        now = time.time() if now is None else now
+        removed = []
+        for row in self.components("worker"):
+            status = row.get("status") or {}
+            bound = max(after, 10 * float(status.get("heartbeat_seconds") or 0))
+            if row.get("updated_at") is not None and now - row["updated_at"] > bound:
+                self.remove_component("worker", row["name"])
+                log.warning(
+                    "forgot worker %s (pid %s on %s): no heartbeat for %.0f s; its process is gone",
+                    row["name"], row.get("pid"), row.get("host"), now - row["updated_at"],
+                )
+                removed.append(row)
+        return removed
 
     @abc.abstractmethod
     def outbox_add(self, mails: Iterable[Mail], *, job_id: int | None = None, now: float | None = None) -> None:

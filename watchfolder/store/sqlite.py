@@ -988,6 +988,7 @@ class SQLiteStore(FileLogs, JobStore):
             self._last_prune = now
             self._queue().prune(include_failed=False)
             self._truncate_wal(conn)
+            stats["workers_pruned"] = len(self.prune_workers(now=now))
         return stats
 
     @staticmethod
