@@ -171,22 +171,95 @@ def test_transient_failure_retries_later(mailstore, make_spec):
     assert raw == mail.raw and sender_address == mail.sender and recipients == ("jdoe@example.org",)
 
 
-def test_backoff_schedule_then_failed_after_max_attempts(mailstore, make_spec):
+def test_transient_failures_back_off_to_the_cap_and_never_give_up(mailstore, make_spec, make_config):
+    # Issue 11 case 3: connection refused / 535 used to fail the mail after max_attempts (~5.4 h).
+    from watchfolder import status
+
     finish(mailstore, make_spec())
-    transport = ScriptedTransport(*(MailError("connection refused") for _ in range(10)))
+    outage = [MailError("connection refused") for _ in range(40)] + [MailError("535 5.7.8 bad credentials")] * 10
+    transport = ScriptedTransport(*outage)
     sender = OutboxSender(mailstore, transport)
     schedule = []
     now = T0
-    for _ in range(MAIL_RETRY.max_attempts):
+    for _ in range(len(outage)):
         assert sender.loop(now=now) == 0
         mail = single(mailstore)
-        schedule.append((mail.attempts, mail.state, mail.next_attempt_at))
-        now = mail.next_attempt_at or now
-    # Waits of 10 s then 60 s (the last value repeats); the third attempt is the last.
-    assert schedule == [(1, "pending", T0 + 10), (2, "pending", T0 + 70), (3, "failed", None)]
-    assert sender.loop(now=T0 + 100_000) == 0
-    assert transport.attempts == 3
-    assert mailstore.outbox_counts() == {"pending": 0, "sending": 0, "sent": 0, "failed": 1}
+        schedule.append((mail.attempts, mail.state, mail.next_attempt_at - now))
+        now = mail.next_attempt_at
+    # Waits of 10 s then 60 s, the cap, repeated: pending all along.
+    assert schedule[:3] == [(1, "pending", 10), (2, "pending", 60), (3, "pending", 60)]
+    assert {(state, wait) for _, state, wait in schedule[2:]} == {("pending", 60)}
+    # The admin sees the backlog (MAIL_RETRY.max_attempts is 3) but nothing is failed.
+    config = make_config(notify={"retry": {"max_attempts": 3, "backoff": [10, 60]}})
+    view = status.collect_status(config, mailstore, now=now)
+    assert view["outbox"]["backlog"]["count"] == 1
+    assert view["outbox"]["backlog"]["last_error"] == "535 5.7.8 bad credentials"
+    assert any(p.startswith("outbox: 1 mail(s) still undelivered after 3 attempts or more") for p in view["problems"])
+    # The server is back: the mail leaves once, and the backlog is gone.
+    assert sender.loop(now=now) == 1
+    assert single(mailstore).state == "sent" and len(transport.sent) == 1
+    assert mailstore.outbox_counts() == {"pending": 0, "sending": 0, "sent": 1, "failed": 0}
+    assert status.collect_status(config, mailstore, now=now)["outbox"]["backlog"]["count"] == 0
+
+
+def test_claim_hold_comes_from_the_sender_and_sizes_the_batch(mailstore, make_spec):
+    for _ in range(5):
+        finish(mailstore, make_spec())
+    slow = ScriptedTransport()
+    slow.timeout = 30.0
+    sender = OutboxSender(mailstore, slow, hold=120.0)
+    assert sender.batch == 2  # two sends of 30 s fill half the hold
+    # A sender killed after claiming: the claim is held for 120 s, not a hard-coded 300 s.
+    claimed = mailstore.outbox_claim(now=T0, limit=2, hold=sender.hold)
+    assert {m.state for m in claimed} == {"sending"}
+    mailstore.maintain(now=T0 + 119)
+    assert mailstore.outbox_counts()["sending"] == 2
+    mailstore.maintain(now=T0 + 121)
+    assert mailstore.outbox_counts()["sending"] == 0
+
+
+def test_drain_sends_every_due_mail_and_ends_during_an_outage(mailstore, make_spec):
+    for _ in range(45):
+        finish(mailstore, make_spec())
+    transport = ScriptedTransport()
+    sender = OutboxSender(mailstore, transport)
+    assert sender.batch == 20
+    assert sender.drain(now=T0) == 45  # more than one batch
+    assert mailstore.outbox_counts()["sent"] == 45
+    # With the server down, drain tries each due mail once and returns.
+    for _ in range(3):
+        finish(mailstore, make_spec())
+    down = ScriptedTransport(*(MailError("connection refused") for _ in range(100)))
+    assert OutboxSender(mailstore, down).drain(now=T0) == 0
+    assert down.attempts == 3 and mailstore.outbox_counts()["pending"] == 3
+
+
+def test_temporary_mail_files_of_a_killed_sender_are_swept(tmp_path):
+    import os
+    import time
+
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    stale = outbox / ".abc123.eml.tmp"
+    stale.write_bytes(b"half a mail")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    fresh = outbox / ".def456.eml.tmp"  # a send in progress in another process
+    fresh.write_bytes(b"being written")
+    kept = outbox / "20261201T000000-0123456789abcdef.eml"
+    kept.write_bytes(b"a mail")
+    transport = FolderTransport(outbox)
+    stop = threading.Event()
+    stop.set()  # run() sweeps at start, then ends at once
+    OutboxSender(FakeStore(), transport).run(stop)
+    assert sorted(p.name for p in outbox.iterdir()) == [fresh.name, kept.name]
+
+
+class FakeStore:
+    """Nothing to send (run() only sweeps here)."""
+
+    def outbox_claim(self, **kwargs):
+        return []
 
 
 def test_permanent_failure_fails_at_once(mailstore, make_spec):
@@ -355,3 +428,39 @@ def test_many_mails_are_each_sent_once_by_concurrent_senders(mailstore, make_spe
     ids = [parse_eml(raw)["Message-ID"] for t in transports for raw, _, _ in t.sent]
     assert len(ids) == 12 and len(set(ids)) == 12
     assert mailstore.outbox_counts()["sent"] == 12
+
+
+def test_work_burst_drains_the_outbox_too(tmp_path, make_spec):
+    # Issue 11 case 4: `work --burst` sent one batch of 20 and exited with mail still pending.
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from watchfolder import config as configmod
+    from watchfolder.service import open_store
+
+    data = tmp_path / "data"
+    raw = {
+        "data_dir": str(data),
+        "workers": {"count": 1, "poll_interval": 0.05},
+        "importer": {"kind": "noop"},
+        "notify": {"transport": "folder", "admin_email": "admin@example.org"},
+        "server": {"enabled": False},
+    }
+    path = tmp_path / "watchfolder.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    config = configmod.load(path, environ={})
+    store = open_store(config, Notifier(config))
+    for _ in range(45):
+        store.enqueue(make_spec())
+    store.close()
+    done = subprocess.run([sys.executable, "-m", "watchfolder", "--config", str(path), "work", "--burst"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert done.returncode == 0, done.stderr
+    store = open_store(config)
+    assert store.counts()["succeeded"] == 45
+    assert store.outbox_counts() == {"pending": 0, "sending": 0, "sent": 45, "failed": 0}
+    assert len(list((data / "outbox").glob("*.eml"))) == 45
+    store.close()

@@ -161,6 +161,7 @@ class NotifyConfig:
     templates_dir: Path | None = None
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     retry: RetryPolicy = field(default_factory=lambda: RetryPolicy(D.MAIL_MAX_ATTEMPTS, D.MAIL_BACKOFF))
+    claim_hold: float = D.MAIL_CLAIM_HOLD_SECONDS
     watcher_unhealthy_after: float = D.WATCHER_UNHEALTHY_MAIL_AFTER
     contact: str | None = None
     # More than admin_digest_after permanent failures within admin_digest_minutes: one digest mail.
@@ -610,6 +611,7 @@ def _notify(r: _Reader, raw: dict, data_dir: Path) -> NotifyConfig:
         {
             "transport", "outbox_dir", "from", "admin_email", "default_domain", "templates_dir",
             "smtp", "retry", "watcher_unhealthy_after", "contact", "admin_digest_after", "admin_digest_minutes",
+            "claim_hold",
         },
         w,
     )
@@ -632,6 +634,10 @@ def _notify(r: _Reader, raw: dict, data_dir: Path) -> NotifyConfig:
     templates_dir = r.get(raw, "templates_dir", w, r.path, None)
     if templates_dir is not None and not templates_dir.is_dir():
         r.problem(w + ".templates_dir", f"{templates_dir} is not a folder; create it or remove the key")
+    claim_hold = r.get(raw, "claim_hold", w, positive_seconds, D.MAIL_CLAIM_HOLD_SECONDS)
+    if raw.get("transport") == "smtp" and claim_hold < 2 * smtp.timeout:
+        r.problem(w + ".claim_hold", f"must be at least twice notify.smtp.timeout ({smtp.timeout:g} s), "
+                  f"got {claim_hold:g}: a slow delivery would be claimed again and sent twice")
     return NotifyConfig(
         transport=r.get(raw, "transport", w, one_of("folder", "smtp", "none"), D.NOTIFY_TRANSPORT),
         outbox_dir=r.get(raw, "outbox_dir", w, r.path, data_dir / "outbox"),
@@ -645,6 +651,7 @@ def _notify(r: _Reader, raw: dict, data_dir: Path) -> NotifyConfig:
         contact=r.get(raw, "contact", w, text, None),
         admin_digest_after=r.get(raw, "admin_digest_after", w, positive_int, D.ADMIN_DIGEST_AFTER),
         admin_digest_minutes=r.get(raw, "admin_digest_minutes", w, positive_seconds, D.ADMIN_DIGEST_MINUTES),
+        claim_hold=claim_hold,
     )
 
 

@@ -46,7 +46,13 @@ COPY_CHUNK_BYTES = 1024 * 1024
 NOTIFY_TRANSPORT = "folder"
 MAIL_FROM = "watchfolder@localhost"
 MAIL_MAX_ATTEMPTS = 10
-MAIL_BACKOFF = (30.0, 60.0, 300.0, 900.0, 3600.0)
+MAIL_BACKOFF = (30.0, 60.0, 300.0, 900.0, 3600.0)  # the last value is the cap, repeated forever
+# A claimed mail stays 'sending' this long at most; a sender killed mid-batch
+# leaves its claims for another one after it. A batch is sized to fit in it.
+MAIL_CLAIM_HOLD_SECONDS = 300.0
+MAIL_BATCH = 20
+# Temporary files of the folder transport older than this were left by a crash.
+OUTBOX_TEMP_MAX_AGE = 60.0
 SMTP_PORT = 25
 SMTP_TIMEOUT = 30.0
 WATCHER_UNHEALTHY_MAIL_AFTER = 600.0

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from . import defaults as D
@@ -129,7 +130,8 @@ class Service:
 
             transport = create_transport(config)
             if transport is not None:
-                self.sender = OutboxSender(self.store, transport, notifier=self.notifier)
+                self.sender = OutboxSender(self.store, transport, hold=config.notify.claim_hold,
+                                           notifier=self.notifier)
                 thread = threading.Thread(target=self.sender.run, args=(self._stop_mail,), name="outbox", daemon=True)
                 thread.start()
                 self._threads.append(thread)
@@ -245,9 +247,12 @@ class Service:
             # not at the next start.
             self.watch.finish_followups()
         if self.sender:
-            # One last round so that mails of jobs that just finished leave now.
+            # Mails of jobs that just finished leave now: all that are due in burst
+            # mode (`work --burst` drains the outbox as it drains the queue), within
+            # the grace period otherwise.
+            deadline = None if self.burst else time.monotonic() + self.config.workers.shutdown_grace
             try:
-                self.sender.loop()
+                self.sender.drain(deadline=deadline)
             except Exception:
                 log.exception("final outbox round failed")
         self._stop_mail.set()

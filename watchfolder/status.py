@@ -183,6 +183,20 @@ def sink_view(row: dict[str, Any], *, now: float) -> dict[str, Any]:
     }
 
 
+def outbox_backlog(config, store, *, now: float) -> dict[str, Any]:
+    """Mails still pending after ``notify.retry.max_attempts`` transient failures: they are
+    never given up (the server may be down for a day) but the admin must hear of them."""
+    stuck = [m for m in store.outbox_list(state="pending", limit=1000)
+             if m.attempts >= config.notify.retry.max_attempts]
+    backoff = config.notify.retry.backoff
+    return {
+        "count": len(stuck),
+        "oldest_age": _age(now, min(m.created_at for m in stuck)) if stuck else None,
+        "last_error": max(stuck, key=lambda m: m.attempts).last_error if stuck else None,
+        "retry_every": float(backoff[-1]) if backoff else 0.0,
+    }
+
+
 def disk_view(label: str, path: Path) -> dict[str, Any]:
     """Free space of the filesystem holding ``path`` (or its nearest existing parent: an
     archive root is created by the first import)."""
@@ -250,6 +264,13 @@ def collect_status(config, store, importer=None, *, now: float | None = None) ->
     outbox = store.outbox_counts()
     if outbox.get("failed"):
         problems.append(f"outbox: {outbox['failed']} mail(s) could not be sent")
+    backlog = outbox_backlog(config, store, now=now)
+    if backlog["count"]:
+        problems.append(
+            f"outbox: {backlog['count']} mail(s) still undelivered after {config.notify.retry.max_attempts} "
+            f"attempts or more (oldest queued {backlog['oldest_age']:.0f} s ago; last error: {backlog['last_error']}); "
+            f"retried every {backlog['retry_every']:g} s at most until the mail server takes them"
+        )
     disk = disks(config)
     for d in disk:
         if d.get("error"):
@@ -275,7 +296,7 @@ def collect_status(config, store, importer=None, *, now: float | None = None) ->
         "watchers": watchers,
         "importer": {**importer_status, "targets": targets},
         "events": {"last_id": store.last_event_id(), "sinks": sinks},
-        "outbox": {"counts": outbox},
+        "outbox": {"counts": outbox, "backlog": backlog},
         "disk": disk,
         "store": store_view(store),
         "folders": folders,

@@ -26,5 +26,12 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def send(self, raw: bytes, sender: str, recipients: tuple[str, ...]) -> None: ...
 
+    # Seconds one send may take at most (the SMTP timeout); sizes the outbox's batches.
+    timeout: float = 1.0
+
+    def sweep(self) -> list:
+        """Remove what an interrupted send left behind (the folder transport's temp files)."""
+        return []
+
     def close(self) -> None:
         """Release connections."""

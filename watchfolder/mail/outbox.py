@@ -2,11 +2,14 @@
 
 A mail is marked sent right after the server accepted it. The remaining
 window: a crash after the server accepted a mail and before that mark is
-written sends it again after the claim expires (the Message-ID stays the same,
-so mail clients show it once). SMTP being down loses nothing: mails wait in
-the outbox and are retried with backoff; one that keeps failing stays
-``failed``, visible in ``watchfolder status`` and ``watchfolder mail list``,
-and ``watchfolder mail resend ID`` queues it again.
+written sends it again after the claim expires (``notify.claim_hold``; the
+Message-ID stays the same, so mail clients show it once). SMTP being down
+loses nothing and gives nothing up: mails wait in the outbox and are retried
+with backoff up to its cap (the last value of ``notify.retry.backoff``) for as
+long as the outage lasts; the backlog shows in ``watchfolder status`` and the
+dashboard. Only a permanent refusal (a 5xx reply to this mail, e.g. an
+unknown recipient) leaves a mail ``failed``; ``watchfolder mail resend ID``
+queues it again.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import threading
 import time
 from email.parser import BytesHeaderParser
 
+from .. import defaults as D
 from ..errors import JobNotFound
 from ..store import JobStore
 from .message import MailError, Transport
@@ -24,23 +28,51 @@ log = logging.getLogger(__name__)
 
 
 class OutboxSender:
-    """``loop(now)`` sends what is due once; ``run(stop)`` repeats until stopped."""
+    """``loop(now)`` sends what is due once; ``drain()`` until nothing is due; ``run(stop)`` until stopped.
 
-    def __init__(self, store: JobStore, transport: Transport, *, poll_interval: float = 1.0, batch: int = 20,
-                 notifier=None):
+    ``hold`` (seconds) is how long a claimed mail stays ``sending``; a batch is at
+    most as many mails as fit in half of it at the transport's timeout each, so a
+    slow server never lets a claim expire under a send in progress.
+    """
+
+    def __init__(self, store: JobStore, transport: Transport, *, poll_interval: float = 1.0,
+                 batch: int = D.MAIL_BATCH, hold: float = D.MAIL_CLAIM_HOLD_SECONDS,
+                 sweep_interval: float = D.OUTBOX_TEMP_MAX_AGE, notifier=None):
         self.store = store
-        self.transport = transport
-        self.poll_interval = poll_interval
-        self.batch = batch
         # With a notifier, bursts of admin failure mails become digests (notify.admin_digest_*).
         self.notifier = notifier
+        self.transport = transport
+        self.poll_interval = poll_interval
+        self.hold = float(hold)
+        timeout = max(float(getattr(transport, "timeout", 1.0) or 1.0), 0.001)
+        self.batch = max(1, min(batch, int(self.hold / (2 * timeout))))
+        self.sweep_interval = sweep_interval
+        self._next_sweep = 0.0
 
     def loop(self, now: float | None = None) -> int:
-        """Send the mails that are due; returns how many the server accepted."""
-        mails = self.store.outbox_claim(now=now, limit=self.batch)
+        """Send one batch of the mails that are due; returns how many the server accepted."""
+        return self._batch(now)[1]
+
+    def _batch(self, now: float | None) -> tuple[int, int]:
+        """(claimed, accepted) for one batch."""
+        sent = 0
+        mails = self.store.outbox_claim(now=now, limit=self.batch, hold=self.hold)
+        claimed = len(mails)
         if self.notifier is not None and any(m.kind == "admin_failure" for m in mails):
             mails = self._digest(mails, time.time() if now is None else now)
-        return self._send(mails, now)
+        for mail in mails:
+            try:
+                self.transport.send(mail.raw, mail.sender, mail.recipients)
+            except MailError as exc:
+                state = self.store.outbox_failed(mail.id, str(exc), permanent=exc.permanent, now=now)
+                log.warning("mail %s to %s: %s (%s)", mail.id, ", ".join(mail.recipients), exc, state.state)
+            except Exception as exc:  # a bug in a transport must not lose the mail
+                log.exception("mail %s: unexpected error", mail.id)
+                self.store.outbox_failed(mail.id, f"{type(exc).__name__}: {exc}", permanent=False, now=now)
+            else:
+                self.store.outbox_sent(mail.id, now=now)
+                sent += 1
+        return claimed, sent
 
     def _digest(self, mails: list, now: float) -> list:
         """Admin failure mails beyond ``admin_digest_after`` within the window go out as one digest.
@@ -63,14 +95,14 @@ class OutboxSender:
             self.store.outbox_hold([m.id for m in admin], until=max(digests) + window, now=now)
             return rest
         # Everything due joins this digest (held ones included), not only this batch.
-        for more in self.store.outbox_claim(now=now, limit=100_000):
+        for more in self.store.outbox_claim(now=now, limit=100_000, hold=self.hold):
             (admin if more.kind == "admin_failure" else rest).append(more)
         digest = self.notifier.compose_admin_digest([self._failure(m) for m in admin], now=now)
         if digest is not None:
             self.store.outbox_add([digest], now=now)
         for m in admin:  # delivered inside the digest
             self.store.outbox_sent(m.id, now=now)
-        rest += self.store.outbox_claim(now=now, limit=self.batch)  # the digest itself goes out now
+        rest += self.store.outbox_claim(now=now, limit=self.batch, hold=self.hold)  # the digest itself goes out now
         log.warning("%d permanent failures in %g min: one digest mail to the admin instead of single mails",
                     len(admin), notify.admin_digest_minutes)
         return rest
@@ -89,24 +121,31 @@ class OutboxSender:
                 pass
         return job_id, reason
 
-    def _send(self, mails: list, now: float | None) -> int:
+    def drain(self, *, deadline: float | None = None, now: float | None = None) -> int:
+        """Send batches until no mail is due (or ``deadline``, a ``time.monotonic()`` value,
+        passes); returns how many were accepted. Mails that fail wait for their next
+        attempt, so this ends even while the server is down."""
         sent = 0
-        for mail in mails:
-            try:
-                self.transport.send(mail.raw, mail.sender, mail.recipients)
-            except MailError as exc:
-                state = self.store.outbox_failed(mail.id, str(exc), permanent=exc.permanent, now=now)
-                log.warning("mail %s to %s: %s (%s)", mail.id, ", ".join(mail.recipients), exc, state.state)
-            except Exception as exc:  # a bug in a transport must not lose the mail
-                log.exception("mail %s: unexpected error", mail.id)
-                self.store.outbox_failed(mail.id, f"{type(exc).__name__}: {exc}", permanent=False, now=now)
-            else:
-                self.store.outbox_sent(mail.id, now=now)
-                sent += 1
+        while deadline is None or time.monotonic() < deadline:
+            claimed, accepted = self._batch(now)
+            sent += accepted
+            if not claimed:
+                break
         return sent
 
+    def sweep(self) -> None:
+        """Remove the transport's leftovers of interrupted sends (at start and every ``sweep_interval``)."""
+        self._next_sweep = time.monotonic() + self.sweep_interval
+        try:
+            self.transport.sweep()
+        except Exception:  # housekeeping must never stop the sender
+            log.exception("outbox sweep failed")
+
     def run(self, stop: threading.Event) -> None:
+        self.sweep()
         while not stop.is_set():
+            if time.monotonic() >= self._next_sweep:
+                self.sweep()
             try:
                 if self.loop() == 0:
                     stop.wait(self.poll_interval)

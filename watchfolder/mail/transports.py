@@ -29,11 +29,13 @@ import smtplib
 import ssl
 import tempfile
 import threading
+import time
 from email.parser import BytesHeaderParser
 from email.utils import parseaddr, parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
+from .. import defaults as D
 from .message import MailError, Transport
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,25 @@ class FolderTransport(Transport):
             pass
         key = message_id.encode() if message_id else raw
         return f"{stamp}-{hashlib.sha256(key).hexdigest()[:16]}.eml"
+
+    def sweep(self, older_than: float = D.OUTBOX_TEMP_MAX_AGE, *, now: float | None = None) -> list[Path]:
+        """Delete ``.*.eml.tmp`` files older than ``older_than`` seconds (a sender killed while
+        writing leaves them; a write takes milliseconds). Returns what was deleted."""
+        now = time.time() if now is None else now
+        removed = []
+        for tmp in self.outbox_dir.glob(".*.eml.tmp"):
+            try:
+                if now - tmp.stat().st_mtime > older_than:
+                    tmp.unlink()
+                    removed.append(tmp)
+            except FileNotFoundError:  # another sender swept it
+                continue
+            except OSError as exc:
+                log.warning("cannot remove the temporary mail file %s: %s", tmp, exc.strerror or exc)
+        if removed:
+            log.info("removed %d temporary mail file(s) left by an interrupted sender in %s",
+                     len(removed), self.outbox_dir)
+        return removed
 
     def send(self, raw: bytes, sender: str, recipients: tuple[str, ...]) -> None:
         target = self.outbox_dir / self.file_name(raw)
@@ -124,6 +145,10 @@ class SmtpTransport(Transport):
     @property
     def where(self) -> str:
         return f"{self.config.host}:{self.config.port}"
+
+    @property
+    def timeout(self) -> float:  # type: ignore[override]
+        return float(self.config.timeout)
 
     def send(self, raw: bytes, sender: str, recipients: tuple[str, ...]) -> None:
         if not recipients:

@@ -415,7 +415,10 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     def outbox_failed(self, mail_id: int, error: str, *, permanent: bool, now: float | None = None) -> OutboxMail:
-        """A delivery failed: try again later, or keep it as ``failed`` (permanent, or out of attempts)."""
+        """A delivery failed. Transient: ``pending`` again after the mail retry policy's
+        backoff (its last value is the cap, repeated for as long as it takes: a mail is
+        never given up because the server was down). Permanent (the server refused a
+        recipient): kept as ``failed``, resent only by ``outbox_resend``."""
 
     @abc.abstractmethod
     def outbox_resend(self, mail_id: int, *, now: float | None = None) -> OutboxMail:

@@ -1354,14 +1354,14 @@ class SQLiteStore(FileLogs, JobStore):
         )
 
     def outbox_failed(self, mail_id: int, error: str, *, permanent: bool, now: float | None = None) -> OutboxMail:
-        """A delivery failed: try again later, or keep it as ``failed`` (permanent, or out of attempts)."""
+        """A delivery failed: transient → ``pending`` after a capped backoff; permanent → ``failed``."""
         now = _now(now)
         conn = self._conn()
         with _transaction(conn):
             row = conn.execute("SELECT attempts FROM outbox WHERE id = ?", (mail_id,)).fetchone()
             if row is None:
                 raise StoreError(f"no mail with id {mail_id} in the outbox")
-            give_up = permanent or row["attempts"] >= self.mail_retry.max_attempts
+            give_up = permanent  # a transient failure never uses up the mail (issue 11)
             row = conn.execute(
                 "UPDATE outbox SET state = ?, next_attempt_at = ?, last_error = ?, claimed_until = NULL"
                 " WHERE id = ? RETURNING *",
