@@ -451,7 +451,7 @@ def test_health(svc):
     now = time.time()
     svc.store.set_component("worker", "w1", {"state": "idle", "heartbeat_seconds": 5}, now=now)
     assert anonymous.get("/api/v1/health").status == 200
-    svc.store.set_component("worker", "w1", {"state": "idle", "heartbeat_seconds": 5}, now=now - 3600)
+    svc.store.set_component("worker", "w1", {"state": "idle", "heartbeat_seconds": 5}, now=now - 60)  # dead for a minute; pruned after 10 min
     r = anonymous.get("/api/v1/health")
     assert r.status == 503
     assert r.json["checks"]["workers"]["ok"] is False and "w1" in r.json["checks"]["workers"]["detail"]
