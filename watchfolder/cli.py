@@ -13,6 +13,7 @@ import logging
 import os
 import shlex
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -27,6 +28,8 @@ from .job import FINISHED_STATES, Job, JobState, Target, printable
 from .units import format_size
 
 EPILOG = "Config: --config PATH or $WATCHFOLDER_CONFIG. Docs: README.md."
+# What error messages may name: the job database of the loaded config.
+_STATE: dict[str, str] = {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +44,17 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except WatchfolderError as exc:
         print(f"watchfolder: error: {exc}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:  # disk full, corrupt or unreadable database: one line, not a traceback
+        from .store.sqlite import explain_database_error
+
+        print(f"watchfolder: error: {explain_database_error(exc, _STATE.get('db', 'store.path'))}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. the data directory full or not writable at start
+        from .errors import describe_os_error
+
+        where = exc.filename or _STATE.get("data_dir", "the data directory")
+        print(f"watchfolder: error: {describe_os_error(exc, where, 'use')[1]}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -229,6 +243,8 @@ def load_config(args, overrides: dict[str, str] | None = None) -> configmod.Conf
     """Load the config; ``overrides`` are extra WATCHFOLDER__… settings from command-line flags."""
     environ = {**os.environ, **(overrides or {})}
     config = configmod.load(args.config, environ=environ)
+    _STATE["db"] = str(config.store.path)
+    _STATE["data_dir"] = str(config.data_dir)
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

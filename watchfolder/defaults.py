@@ -24,6 +24,8 @@ RECONNECT_BACKOFF = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 FOLDER_LEASE_SECONDS = 30.0
 # Consumed queue messages are deleted this often (they slow litequeue's peek down).
 PRUNE_SECONDS = 10.0
+# After a checkpoint the write-ahead log is truncated to this size (it keeps its peak otherwise).
+WAL_SIZE_LIMIT_BYTES = 4 * 1024 * 1024
 
 WORKER_COUNT = 2
 WORKER_POLL_SECONDS = 1.0

@@ -141,36 +141,41 @@ _OS_ERRORS: dict[int, tuple[bool, str, str]] = {
     ),
     _errno.ENOSPC: (
         False, "no space left on the device",
-        "free space there; the job is retried automatically",
+        "free space there",
     ),
     _errno.EDQUOT: (
         False, "the disk quota is exceeded",
-        "free space or raise the quota; the job is retried automatically",
+        "free space or raise the quota",
     ),
     _errno.EIO: (
         False, "an I/O error (failing disk or a network share that dropped)",
-        "check the disk or the share; the job is retried automatically",
+        "check the disk or the share",
     ),
 }
 
 
-def classify_os_error(exc: OSError, path: object, action: str) -> ImportFailure:
-    """Turn an ``OSError`` met while ``action`` ("create archive folder", "read") on
-    ``path`` into a :class:`PermanentImportError` or :class:`TransientImportError`.
+def describe_os_error(exc: OSError, path: object, action: str) -> tuple[bool, str]:
+    """``(permanent, "cannot <action> <path>: <problem>; <fix>")`` for an ``OSError`` (one line).
 
     The rule is by ``errno`` (POSIX, ``errno(3)``): a name too long or invalid, a
     permission refused, a read-only mount and a file in the way are permanent —
-    retrying cannot help, and the message says what to change; no space, quota
-    and I/O errors are transient; an errno not listed is transient too (keeps the
-    job). The message is one line: ``"cannot <action> <path>: <problem>; <fix>"``.
+    retrying cannot help, and the fix says what to change; no space, quota and I/O
+    errors are transient; an errno not listed is transient too.
+    """
+    permanent, problem, fix = _OS_ERRORS.get(exc.errno or 0, (False, exc.strerror or str(exc), ""))
+    return permanent, f"cannot {action} {path}: {problem}" + (f"; {fix}" if fix else "")
+
+
+def classify_os_error(exc: OSError, path: object, action: str) -> ImportFailure:
+    """Turn an ``OSError`` met while ``action`` ("create archive folder", "read") on
+    ``path`` into a :class:`PermanentImportError` or :class:`TransientImportError`
+    (rule: :func:`describe_os_error`; a transient one says the job is retried).
     Returns the exception (the caller raises it, ``from None``).
     """
-    permanent, problem, fix = _OS_ERRORS.get(
-        exc.errno or 0, (False, exc.strerror or str(exc), "the job is retried automatically")
-    )
-    message = f"cannot {action} {path}: {problem}; {fix}"
+    permanent, message = describe_os_error(exc, path, action)
     if permanent:
         return PermanentImportError(message)
     # A full volume is the target being unavailable, not this job's fault: it counts
     # toward pausing the target (watchfolder.backpressure) instead of burning attempts.
-    return TransientImportError(message, unavailable=exc.errno in (_errno.ENOSPC, _errno.EDQUOT))
+    return TransientImportError(message + "; the job is retried automatically",
+                                unavailable=exc.errno in (_errno.ENOSPC, _errno.EDQUOT))

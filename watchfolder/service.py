@@ -8,16 +8,20 @@ others on the same host.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import functools
 import logging
+import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import defaults as D
 from .backpressure import TargetGate
 from .config import Config, TokenConfig
-from .errors import StoreUnavailable
+from .errors import StoreUnavailable, WatchfolderError
 from .importers import create_importer
 from .mail.outbox import OutboxSender
 from .store import JobStore
@@ -67,6 +71,42 @@ def open_store_waiting(config: Config, notifier, stop: threading.Event) -> JobSt
             log.warning("%s; trying again in %g s", exc, delay)
             if stop.wait(delay):
                 raise
+class DataDirLock:
+    """The OS lock that lets one ``run``/``watch`` use a data directory at a time.
+
+    ``flock(2)`` on ``<data_dir>/watch.lock``: the kernel releases it when the
+    process ends in any way (kill -9 included), so a stale lock never needs
+    clearing by hand. Two watchers on one data directory would queue and move
+    the same acquisitions twice. Raises :class:`~watchfolder.errors.WatchfolderError`
+    naming the holder (pid, host, start time) when it is taken.
+    """
+
+    def __init__(self, data_dir: Path):
+        self.path = Path(data_dir) / "watch.lock"
+        self._fd: int | None = None
+
+    def acquire(self, what: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise WatchfolderError(
+                f"data directory {self.path.parent} is already used by {holder}; one `watchfolder run` or "
+                "`watch` per data directory: stop that one first, or give this one its own data_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        os.pwrite(fd, f"`watchfolder {what}` (pid {os.getpid()} on {socket.gethostname()}, started {started})\n"
+                  .encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor releases the flock
+            self._fd = None
 
 
 class Service:
@@ -100,6 +140,7 @@ class Service:
         self.run_token: str | None = None
         self.sender: OutboxSender | None = None
         self._stop_mail = threading.Event()
+        self._lock: DataDirLock | None = None
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -112,6 +153,10 @@ class Service:
 
     def _start(self) -> None:
         config = self.config
+        if self.parts.watch:
+            # Before anything starts: a second watcher would act on the same drops.
+            self._lock = DataDirLock(config.data_dir)
+            self._lock.acquire("run" if self.parts.workers else "watch")
         if self.parts.workers or self.parts.mail:
             # Sinks registered before anything can queue a job: a new sink starts after the
             # newest event, so the events of this run's first jobs are its own.
@@ -261,3 +306,5 @@ class Service:
         if self.importer is not None:
             self.importer.close()
         self.store.close()
+        if self._lock is not None:
+            self._lock.release()

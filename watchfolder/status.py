@@ -310,10 +310,11 @@ def health(config, store, *, now: float | None = None) -> tuple[bool, dict[str, 
     checks: dict[str, Any] = {}
     try:
         store_ok = bool(store.ping())
-        reason = store.describe().get("error") if not store_ok else None
+        broken = getattr(store, "broken", None)  # deleted or replaced under this process (SQLiteStore.check_file)
+        reason = (broken or store.describe().get("error")) if not store_ok else None
         checks["store"] = {
             "ok": store_ok,
-            "detail": None if store_ok else f"the database does not answer{': ' + reason if reason else ''}",
+            "detail": None if store_ok else (broken or f"the database does not answer{': ' + reason if reason else ''}"),
         }
     except Exception as exc:  # a broken store must yield 503, not 500
         store_ok = False

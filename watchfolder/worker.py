@@ -370,6 +370,7 @@ class Worker:
     def run(self, stop: threading.Event, *, burst: bool = False, max_jobs: int | None = None) -> int:
         """Work until ``stop`` is set (or, in burst mode, until the queue is empty). Returns jobs run."""
         done = 0
+        last_error = None
         self.start_heartbeat()
         outage = None
         try:
@@ -386,10 +387,13 @@ class Worker:
                         log.warning("worker %s: %s; waiting for it", self.name, exc)
                     stop.wait(next(outage, D.RECONNECT_BACKOFF[-1]))
                     continue
-                except Exception:  # store busy or broken: keep the worker alive
-                    log.exception("worker %s: loop failed", self.name)
+                except Exception as exc:  # store busy or broken: claim nothing, keep the worker alive
+                    if str(exc) != last_error:  # once per kind, not every poll
+                        log.exception("worker %s: loop failed; not claiming until the store works", self.name)
+                    last_error = str(exc)
                     stop.wait(self.poll_interval)
                     continue
+                last_error = None
                 if outage is not None:
                     outage = None
                     log.warning("worker %s: store reachable again", self.name)

@@ -241,6 +241,62 @@ CREATE TABLE IF NOT EXISTS folder_leases (
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
+# SQLite primary result codes (https://www.sqlite.org/rescode.html) -> (problem, fix).
+_DB_ERRORS: dict[str, tuple[str, str]] = {
+    "SQLITE_FULL": (
+        "the disk holding the job database is full",
+        "free space on that filesystem (old job logs are in the logs folder beside it), then start again",
+    ),
+    "SQLITE_CORRUPT": (
+        "the job database is corrupt",
+        "stop every watchfolder process, move the file and its -wal/-shm aside, and restore the last backup "
+        "(or salvage it: sqlite3 OLD .recover | sqlite3 NEW)",
+    ),
+    "SQLITE_NOTADB": (
+        "the file is not an SQLite database (corrupt or overwritten)",
+        "stop every watchfolder process, move the file and its -wal/-shm aside, and restore the last backup",
+    ),
+    "SQLITE_CANTOPEN": (
+        "the job database cannot be opened",
+        "check that its folder exists and that the user watchfolder runs as may write there (store.path)",
+    ),
+    "SQLITE_READONLY": (
+        "the job database is read-only",
+        "give the user watchfolder runs as write access to the file and its folder, or remount read-write",
+    ),
+    "SQLITE_IOERR": (
+        "an I/O error on the job database (failing disk, or a network filesystem: SQLite needs a local disk)",
+        "check the disk (dmesg) and keep store.path on a local filesystem",
+    ),
+    "SQLITE_BUSY": (
+        "the job database stayed locked longer than store.busy_timeout",
+        "look for a process holding it (fuser FILE) or raise store.busy_timeout",
+    ),
+    "SQLITE_LOCKED": (
+        "the job database stayed locked longer than store.busy_timeout",
+        "look for a process holding it (fuser FILE) or raise store.busy_timeout",
+    ),
+}
+
+
+def explain_database_error(exc: sqlite3.Error, path: os.PathLike | str) -> str:
+    """One line for an admin: the database file, the problem, and the fix (by SQLite result code)."""
+    code = getattr(exc, "sqlite_errorname", None) or ""
+    primary = "_".join(code.split("_")[:2])  # SQLITE_IOERR_WRITE -> SQLITE_IOERR
+    problem, fix = _DB_ERRORS.get(primary, (None, None))
+    if problem is None:
+        text = str(exc).lower()
+        if "disk is full" in text:
+            problem, fix = _DB_ERRORS["SQLITE_FULL"]
+        elif "malformed" in text or "not a database" in text:
+            problem, fix = _DB_ERRORS["SQLITE_CORRUPT"]
+        else:
+            return f"job database {path}: {exc}"
+    return f"job database {path}: {problem} ({exc}); {fix}"
+
+
+
+
 def _now(now: float | None) -> float:
     return time.time() if now is None else now
 
@@ -283,8 +339,12 @@ class SQLiteStore(FileLogs, JobStore):
         self._connections_lock = threading.Lock()
         self._last_prune = 0.0
         self._schema_ready = False
+        self._identity: tuple[int, int] | None = None
+        self.broken: str | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.logs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.path.exists():
+            self._refuse_a_new_database_over_old_logs()
         # Pending jobs hold OMERO session keys: the database (and the -wal and -shm
         # files SQLite creates with the database's mode) is the service user's only.
         for path in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
@@ -308,9 +368,13 @@ class SQLiteStore(FileLogs, JobStore):
     # -- connections -------------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
+        if self.broken:
+            raise StoreError(self.broken)
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             return conn
+        if self._identity is None and not self.path.exists():
+            self._refuse_a_new_database_over_old_logs()
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
         # LiteQueue switches the connection to autocommit and WAL; our own
         # transactions are explicit BEGIN IMMEDIATE … COMMIT around it.
@@ -319,6 +383,8 @@ class SQLiteStore(FileLogs, JobStore):
         conn.execute("PRAGMA foreign_keys = ON")
         # Erased secrets (session keys) are overwritten with zeros, not just unlinked from the b-tree.
         conn.execute("PRAGMA secure_delete = ON")
+        # After each checkpoint the WAL is cut back to this size instead of keeping its peak.
+        conn.execute(f"PRAGMA journal_size_limit = {D.WAL_SIZE_LIMIT_BYTES}")
         conn.row_factory = sqlite3.Row
         with self._connections_lock:
             # Once per store, not per thread: it takes the write lock.
@@ -328,7 +394,48 @@ class SQLiteStore(FileLogs, JobStore):
             self._connections.append(conn)
         self._local.conn = conn
         self._local.queue = queue
+        if self._identity is None:
+            st = os.stat(self.path)
+            self._identity = (st.st_dev, st.st_ino)
         return conn
+
+    def _refuse_a_new_database_over_old_logs(self) -> None:
+        # Job ids restart at 1 in a new database: job 7's log would be another
+        # job's, and the drop folders' acquisitions would be imported again.
+        logs = next(iter(self.logs_dir.glob("*.log")), None) if self.logs_dir.is_dir() else None
+        if logs is not None:
+            raise StoreError(
+                f"the job database {self.path} is missing, but {self.logs_dir} holds logs of earlier jobs: "
+                "it was deleted or moved. Restore it from the backup; to start afresh on purpose, "
+                "move the logs folder away as well"
+            )
+
+    def check_file(self) -> str | None:
+        """Check that ``store.path`` is still the file this store opened (same device and inode).
+
+        A database deleted or replaced under a running process is written to
+        unseen while other processes create a new one where job ids start again:
+        once noticed, this store refuses every operation (``StoreError`` with the
+        returned reason), the worker stops claiming and health turns 503.
+        Called on the health tick (``maintain``, ``ping``). Returns None when fine.
+        """
+        if self.broken or self._identity is None:
+            return self.broken
+        try:
+            st = os.stat(self.path)
+            problem = None if (st.st_dev, st.st_ino) == self._identity else "was replaced by another file"
+        except FileNotFoundError:
+            problem = "was deleted"
+        except OSError as exc:
+            problem = f"cannot be checked ({exc.strerror or exc})"
+        if problem:
+            self.broken = (
+                f"the job database {self.path} {problem} while this process (pid {os.getpid()}) had it open; "
+                "stop every watchfolder process and restore the database from the backup "
+                "(this process records nothing more)"
+            )
+            log.critical(self.broken)
+        return self.broken
 
     def _create_schema(self, conn: sqlite3.Connection) -> None:
         # executescript commits any open transaction first, so the schema gets its own.
@@ -952,7 +1059,11 @@ class SQLiteStore(FileLogs, JobStore):
         - consumed queue messages are pruned now and then.
         """
         now = _now(now)
+        if self.check_file():
+            raise StoreError(self.broken)
         conn = self._conn()
+        if str(self.path) in _WAL_RECLAIM:
+            _reclaim_wal(conn, str(self.path))
         stats = {"expired": 0, "due": 0}
         with _transaction(conn):
             expired = conn.execute(
@@ -1060,6 +1171,8 @@ class SQLiteStore(FileLogs, JobStore):
         A watcher whose ``health`` changes also writes a ``org.watchfolder.watcher.health``
         event, in the same transaction.
         """
+        if self.check_file():  # components publish on a clock: the health tick of watch-only processes
+            raise StoreError(self.broken)
         now = _now(now)
         upsert = (
             "INSERT INTO components (kind, name, host, pid, status, updated_at) VALUES (?, ?, ?, ?, ?, ?)"
@@ -1417,6 +1530,8 @@ class SQLiteStore(FileLogs, JobStore):
 
     def ping(self) -> bool:
         """True when the database answers."""
+        if self.check_file():
+            return False
         try:
             self._conn().execute("SELECT 1 FROM jobs LIMIT 1").fetchall()
             return True
@@ -1456,10 +1571,60 @@ class _transaction:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            self.conn.execute("COMMIT")
-        else:
+            try:
+                self.conn.execute("COMMIT")
+            except sqlite3.OperationalError as error:
+                _after_write_error(self.conn, error)
+                raise
+            return False
+        try:
             self.conn.execute("ROLLBACK")
+        except sqlite3.OperationalError:  # SQLite already rolled back (e.g. on SQLITE_FULL)
+            pass
+        if isinstance(exc, sqlite3.OperationalError):
+            _after_write_error(self.conn, exc)
         return False
+
+
+# Databases whose WAL must be checkpointed and truncated as soon as the disk allows
+# (a write failed for space); retried on every maintain tick until it succeeds.
+_WAL_RECLAIM: set[str] = set()
+
+
+def _after_write_error(conn: sqlite3.Connection, exc: sqlite3.OperationalError) -> None:
+    """A write failed for space: give the write-ahead log's space back to the filesystem.
+
+    The WAL keeps its size after a checkpoint; on a small data filesystem it grows
+    back and fills it once space was freed. A TRUNCATE checkpoint copies it into the
+    database and truncates it to zero bytes; while the disk is still full it cannot
+    (the database file must grow), so it is retried on each maintain tick until the
+    admin has freed space.
+    """
+    if not (getattr(exc, "sqlite_errorname", "") or "").startswith("SQLITE_FULL") and "full" not in str(exc):
+        return
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        path = conn.execute("PRAGMA database_list").fetchone()[2]
+    except sqlite3.Error:
+        return
+    _WAL_RECLAIM.add(path)
+    _reclaim_wal(conn, path)
+
+
+def _reclaim_wal(conn: sqlite3.Connection, path: str) -> bool:
+    """Try the TRUNCATE checkpoint; True (and forgotten) once done."""
+    try:
+        busy, log_frames, done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    except sqlite3.Error as error:
+        log.warning("job database %s is full; the WAL checkpoint waits for free space (%s)", path, error)
+        return False
+    if busy:
+        return False  # a reader holds an old snapshot: next tick
+    _WAL_RECLAIM.discard(path)
+    log.warning("job database %s: write-ahead log checkpointed and truncated after a disk-full error "
+                "(%s frames)", path, log_frames)
+    return True
 
 
 __all__ = ["JobStore", "FINISHED_STATES"]
