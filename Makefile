@@ -36,8 +36,14 @@ test: install omero-env test-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Fault drills at full size (make test runs a bounded slice of each): see tests/faults/.
+# Issue 11's counts: kill -9 loops of `work` (200 jobs, 20 kills) and `run` (100 drops,
+# 35 kills), a SIGSTOPped worker, SMTP down past the retry budget, disk full (as root),
+# database corrupt/deleted, two `run`s on one data dir; each drill prints its counts.
 faults: install test-deps
-	WATCHFOLDER_FAULTS=1 $(BIN)/python -m pytest tests/faults $(PYTEST_ARGS)
+	rm -f faults-report.txt
+	WATCHFOLDER_FAULTS=1 WATCHFOLDER_FAULTS_REPORT=$(CURDIR)/faults-report.txt \
+		$(BIN)/python -m pytest -p no:cacheprovider tests/faults $(PYTEST_ARGS)
+	@cat faults-report.txt
 
 lint: install
 	$(BIN)/ruff check watchfolder tests bench
@@ -47,4 +53,4 @@ bench: install omero-env
 	$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf $(VENV) .venv-omero demo-data .pytest_cache build *.egg-info
+	rm -rf $(VENV) .venv-omero demo-data .pytest_cache build *.egg-info faults-report.txt

@@ -453,3 +453,13 @@ def test_prune_waits_ten_heartbeat_intervals_of_a_slow_worker(store):
     store.set_component("worker", "slow", {"state": "idle", "heartbeat_seconds": 120}, now=now - 900)
     assert store.prune_workers(now=now) == []
     assert [r["name"] for r in store.prune_workers(now=now + 400)] == ["slow"]
+
+
+def test_rows_of_workers_whose_process_is_gone_on_this_host_are_pruned_at_once(store):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    store.set_component("worker", f"here:{pid}:w1", {"state": "busy", "heartbeat_seconds": 5})
+    store._conn().execute("UPDATE components SET pid = ? WHERE name = ?", (pid, f"here:{pid}:w1"))
+    store.set_component("worker", "alive", {"state": "idle", "heartbeat_seconds": 5})
+    assert [r["name"] for r in store.prune_workers()] == [f"here:{pid}:w1"]
+    assert [r["name"] for r in store.components("worker")] == ["alive"]

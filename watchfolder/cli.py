@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"watchfolder: error: {explain_database_error(exc, _STATE.get('db', 'store.path'))}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`jobs list | head`): nothing more to say, and no traceback.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports it
     except OSError as exc:  # e.g. the data directory full or not writable at start
         from .errors import describe_os_error
 
@@ -58,12 +64,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        # The reader went away (`jobs list | head`): nothing more to say, and no traceback.
-        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 141  # 128 + SIGPIPE, as a shell reports it
 
 
 def _sub_parser(common: argparse.ArgumentParser) -> type[argparse.ArgumentParser]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-from conftest import cli, fill, kill9, start, wait_for, write_config
+from drills import cli, fill, kill9, report, start, wait_for, write_config
 
 from watchfolder.errors import StoreError
 from watchfolder.store import SQLiteStore
@@ -33,6 +33,7 @@ def test_corrupt_database_is_one_line_naming_file_problem_and_fix(tmp_path, comm
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith(f"watchfolder: error: job database {db}: the file is not an SQLite database")
     assert "restore the last backup" in lines[0]
+    report(f"corrupt database: {' '.join(command)}", exit=done.returncode, lines=len(lines), traceback=0)
 
 
 @pytest.mark.parametrize("command", COMMANDS[:3], ids=lambda c: " ".join(c))
@@ -49,6 +50,7 @@ def test_data_dir_full_at_start_is_one_line(tmp_path, tmpfs, command):
     assert str(volume / "data") in lines[0]
     assert "full" in lines[0] or "no space left" in lines[0]
     assert "free space" in lines[0]
+    report(f"data dir full: {' '.join(command)}", exit=done.returncode, lines=len(lines), traceback=0)
 
 
 def test_a_write_failing_for_space_truncates_the_wal(tmp_path, tmpfs, make_spec):
@@ -65,6 +67,7 @@ def test_a_write_failing_for_space_truncates_the_wal(tmp_path, tmpfs, make_spec)
     filler.unlink()  # the admin frees space: the next maintain tick gives the WAL's space back
     store.maintain()
     assert wal.stat().st_size == 0, f"WAL kept {wal.stat().st_size} bytes"
+    report("database disk full", wal_truncated="yes")
     for _ in range(5):
         store.enqueue(make_spec())
     store.close()
@@ -95,6 +98,7 @@ def test_database_deleted_while_running_is_noticed(tmp_path, make_spec, make_con
     # Another process (the CLI) refuses to start a new database where job ids would restart.
     with pytest.raises(StoreError, match="is missing, but .* holds logs of earlier jobs"):
         SQLiteStore(config.store.path, logs_dir=config.logs_dir)
+    report("database deleted", health="unhealthy (503)", claims_after=0, new_database="refused")
 
 
 def test_database_replaced_while_running_is_noticed(tmp_path, make_spec):
@@ -131,3 +135,4 @@ def test_two_runs_on_one_data_dir(tmp_path):
         wait_for(lambda: f"pid {third.pid}" in lock.read_text(), 60, "a new watch takes the lock")
     finally:
         kill9(third)
+    report("two runs on one data dir", second_run_exit=second.returncode, lock_after_kill9="released")

@@ -19,6 +19,8 @@ from __future__ import annotations
 import abc
 import email.policy
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -32,6 +34,17 @@ from ..errors import ImportFailure
 from ..job import Job, JobSpec, Progress
 
 log = logging.getLogger(__name__)
+
+
+def _process_exists(pid: int) -> bool:
+    """Whether a process with this id runs on this host (signal 0 checks without sending)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 @dataclass(frozen=True)
@@ -381,22 +394,26 @@ class JobStore(abc.ABC):
         """Every published component status (optionally of one ``kind``), as plain dicts."""
 
     def prune_workers(self, *, now: float | None = None, after: float = D.WORKER_PRUNE_SECONDS) -> list[dict[str, Any]]:
-        """Forget worker rows whose heartbeat is older than ``after`` seconds (or ten of the
-        worker's own heartbeat intervals, if longer): a process killed with SIGKILL never
-        removes its row, and health would stay 503 forever. Returns the rows removed, each
-        logged once as a warning. A worker that was only stopped (SIGSTOP) publishes its
-        row again at its next heartbeat.
+        """Forget the rows of dead workers: those of this host whose process is gone, and
+        any whose heartbeat is older than ``after`` seconds (or ten of the worker's own
+        heartbeat intervals, if longer; other hosts' processes cannot be asked). A process
+        killed with SIGKILL never removes its row, and health would stay 503 forever.
+        Returns the rows removed, each logged once as a warning. A worker that was only
+        stopped (SIGSTOP) publishes its row again at its next heartbeat.
         """
         now = time.time() if now is None else now
+        here = socket.gethostname()
         removed = []
         for row in self.components("worker"):
             status = row.get("status") or {}
             bound = max(after, 10 * float(status.get("heartbeat_seconds") or 0))
-            if row.get("updated_at") is not None and now - row["updated_at"] > bound:
+            age = now - row["updated_at"] if row.get("updated_at") is not None else 0.0
+            gone = row.get("host") == here and row.get("pid") and not _process_exists(int(row["pid"]))
+            if gone or age > bound:
                 self.remove_component("worker", row["name"])
                 log.warning(
-                    "forgot worker %s (pid %s on %s): no heartbeat for %.0f s; its process is gone",
-                    row["name"], row.get("pid"), row.get("host"), now - row["updated_at"],
+                    "forgot worker %s (pid %s on %s): %s", row["name"], row.get("pid"), row.get("host"),
+                    "its process is gone" if gone else f"no heartbeat for {age:.0f} s; its process is gone",
                 )
                 removed.append(row)
         return removed

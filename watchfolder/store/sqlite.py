@@ -1454,7 +1454,8 @@ class SQLiteStore(FileLogs, JobStore):
             rows = conn.execute(
                 "UPDATE outbox SET state = 'sending', claimed_until = ?, attempts = attempts + 1"
                 " WHERE id IN (SELECT id FROM outbox WHERE state = 'pending' AND next_attempt_at <= ?"
-                " ORDER BY id LIMIT ?) RETURNING *",
+                # The longest-waiting first: by id, mails that keep failing would starve the rest.
+                " ORDER BY next_attempt_at, id LIMIT ?) RETURNING *",
                 (now + hold, now, limit),
             ).fetchall()
         return sorted((self._mail(r) for r in rows), key=lambda m: m.id)
