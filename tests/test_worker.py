@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -463,3 +464,80 @@ def test_rows_of_workers_whose_process_is_gone_on_this_host_are_pruned_at_once(s
     store.set_component("worker", "alive", {"state": "idle", "heartbeat_seconds": 5})
     assert [r["name"] for r in store.prune_workers()] == [f"here:{pid}:w1"]
     assert [r["name"] for r in store.components("worker")] == ["alive"]
+
+
+def test_cancel_of_an_orphaned_running_job_is_at_once(tmp_path, make_spec):
+    # Issue 11 case 5: it waited for the lease, was queued and claimed again (an attempt
+    # burnt) before it became cancelled.
+    from watchfolder.store import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "orphan.db", lease_seconds=600)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    worker = f"{socket.gethostname()}:{int(dead.stdout)}:w1"
+    job, _ = store.enqueue(make_spec())
+    store.claim(worker)
+    cancelled = store.cancel(job.id, by="cli:admin")
+    assert cancelled.state == JobState.CANCELLED and cancelled.attempts == 1
+    assert "its worker" in cancelled.history[-1].message and "is gone" in cancelled.history[-1].message
+    # A live worker's job only gets the request (it stops at its next checkpoint).
+    other, _ = store.enqueue(make_spec())
+    store.claim(f"{socket.gethostname()}:{os.getpid()}:w1")
+    assert store.cancel(other.id).state == JobState.RUNNING
+    # A lease that ran out also means nobody is working on it.
+    third, _ = store.enqueue(make_spec())
+    store.claim("remote-host:123:w1", now=time.time() - 700)
+    assert store.cancel(third.id).state == JobState.CANCELLED
+    store.close()
+
+
+def test_a_job_failing_for_good_leaves_nothing_in_the_archive(store, make_spec, tmp_path):
+    # Issue 11 case 5: the already-copied files of a half-done acquisition stayed (16 MB).
+    from watchfolder.job import FileEntry
+
+    spec = make_spec({"a.tif": b"a" * 5000, "b.tif": b"b" * 5000, "c.tif": b"c" * 5000})
+    files = tuple(FileEntry(f.path, f.size, "0" * 64 if f.path == "c.tif" else f.sha256) for f in spec.files)
+    job, _ = store.enqueue(spec.__class__(**{**spec.__dict__, "files": files}))
+    archive = tmp_path / "archive"
+    done = Worker(store, ArchiveImporter(root=archive), name="w").loop()
+    assert done.state == JobState.FAILED and "does not match the manifest" in done.error.message
+    assert [p for p in archive.rglob("*") if p.is_file()] == []
+    assert [p for p in archive.rglob("*") if p.is_dir()] == []  # its folders went too
+    assert "removed 2 file(s) this job had written" in store.read_log(job.id)
+
+
+def test_files_of_another_job_found_identical_are_not_removed(store, make_spec, tmp_path):
+    from watchfolder.job import FileEntry
+
+    archive = tmp_path / "archive"
+    importer = ArchiveImporter(root=archive)
+    spec = make_spec({"a.tif": b"a" * 5000})
+    first, _ = store.enqueue(spec)
+    assert Worker(store, importer, name="w").loop().state == JobState.SUCCEEDED
+    bad = spec.__class__(**{**spec.__dict__, "files": (*spec.files, FileEntry("b.tif", 1, "0" * 64))})
+    (Path(spec.root) / "b.tif").write_bytes(b"b")
+    second, _ = store.enqueue(bad, note="again")
+    done = Worker(store, importer, name="w").loop()
+    assert done.id == second.id and done.state == JobState.FAILED
+    assert sorted(p.name for p in archive.rglob("*") if p.is_file()) == ["a.tif"]  # the first job's file stays
+
+
+def test_an_orphan_cancelled_from_the_cli_is_cleaned_up_on_the_maintain_tick(tmp_path, make_spec):
+    from watchfolder.store import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "orphan.db", lease_seconds=600)
+    archive = tmp_path / "archive"
+    importer = ArchiveImporter(root=archive)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    job, _ = store.enqueue(make_spec())
+    job = store.claim(f"{socket.gethostname()}:{int(dead.stdout)}:w1")
+    # What the killed attempt left: one file placed (in its ledger) and one half-written.
+    dest = importer.destination(job)
+    dest.mkdir(parents=True)
+    (dest / "img_1.tif").write_bytes(b"pixels-1" * 100)
+    (dest / f".watchfolder-job-{job.id}.owned").write_text('"img_1.tif"\n')
+    (dest / f".img_2.tif.wf-{job.id}-1234abcd.part").write_bytes(b"half")
+    assert store.cancel(job.id).state == JobState.CANCELLED
+    Worker(store, importer, name="w", maintain_interval=0).loop()
+    assert not archive.exists() or [p for p in archive.rglob("*") if p.is_file()] == []
+    assert "removed 2 file(s)" in store.read_log(job.id)
+    store.close()

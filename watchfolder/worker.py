@@ -35,7 +35,7 @@ from .errors import (
     TransientImportError,
 )
 from .importers.base import ImportContext, Importer
-from .job import Job, JobSpec, Progress
+from .job import Job, JobSpec, JobState, Progress
 from .store import JobStore
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,7 @@ class Worker:
         self.started_at = time.time()
         self._next_maintain = 0.0
         self._beat_stop = threading.Event()
+        self._cleaned: dict[int, None] = {}  # ids of jobs already cleaned up (insertion-ordered, bounded)
         self._beat_thread: threading.Thread | None = None
 
     # -- one step -----------------------------------------------------------
@@ -186,6 +187,7 @@ class Worker:
         if clock >= self._next_maintain:
             self._next_maintain = clock + self.maintain_interval
             self.store.maintain(now=now)
+            self._clean_up_ended_elsewhere()
         gate = self.gate
         if gate is not None and not gate.acquire():
             return None  # the target is paused or at its cap: leave the jobs queued
@@ -225,7 +227,7 @@ class Worker:
                 ctx.checkpoint()  # a cancel that came in at the very end still counts
             except JobCancelled:
                 self.store.log(job.id, "cancelled while running; stopped")
-                return self._settle(lambda: self.store.cancelled(job.id, self.name, now=now))
+                return self.clean_up(self._settle(lambda: self.store.cancelled(job.id, self.name, now=now)))
             except ShuttingDown:
                 self.store.log(job.id, "worker stopping: job released to the queue")
                 return self._settle(
@@ -243,12 +245,12 @@ class Worker:
                     return self._settle(lambda: self.store.release(job.id, self.name, now=now, reason=reason))
                 self.store.log(job.id, f"attempt {job.attempts} failed ({kind}): {exc.message}")
                 failure = exc
-                return self._settle(lambda: self.store.fail(job.id, self.name, failure, now=now))
+                return self.clean_up(self._settle(lambda: self.store.fail(job.id, self.name, failure, now=now)))
             except Exception as exc:  # a bug or an unexpected OS error: keep the job, retry later
                 self.store.log(job.id, "unexpected error:\n" + traceback.format_exc())
                 log.exception("job %s: unexpected error", job.id)
                 failure = TransientImportError(f"internal error: {type(exc).__name__}: {exc}")
-                return self._settle(lambda: self.store.fail(job.id, self.name, failure, now=now))
+                return self.clean_up(self._settle(lambda: self.store.fail(job.id, self.name, failure, now=now)))
             if self.gate is not None:
                 self.gate.succeeded()
             self.store.log(job.id, "succeeded")
@@ -298,6 +300,35 @@ class Worker:
                 delay = next(delays, D.RECONNECT_BACKOFF[-1])
                 log.warning("worker %s: %s; trying again in %g s", self.name, exc, delay)
                 self.hard_stop.wait(delay)
+
+    # -- what unsuccessful jobs wrote -------------------------------------------
+
+    def clean_up(self, job: Job) -> Job:
+        """A job that ended without success (cancelled, failed for good) leaves nothing in the
+        target: the importer removes what it wrote (issue 11). Returns ``job``."""
+        if job.state not in (JobState.CANCELLED, JobState.FAILED) or job.id in self._cleaned:
+            return job
+        self._cleaned[job.id] = None
+        if len(self._cleaned) > 10_000:
+            self._cleaned.pop(next(iter(self._cleaned)))
+        try:
+            removed = self.importer.cleanup(job)
+        except Exception as exc:  # never let cleanup stop the worker; the files only take space
+            log.warning("job %s: cleaning up after it failed: %s", job.id, exc)
+            self.store.log(job.id, f"could not remove what this job wrote: {exc}")
+            return job
+        if removed:
+            self.store.log(job.id, f"removed {len(removed)} file(s) this job had written to the target "
+                                   "before it ended without success")
+        return job
+
+    def _clean_up_ended_elsewhere(self) -> None:
+        """Jobs cancelled or failed outside a worker (an orphan cancelled from the CLI, a lease
+        that ran out on the last attempt): their leftovers are removed here, on the maintain tick."""
+        jobs, _ = self.store.list_jobs(states=[JobState.CANCELLED.value, JobState.FAILED.value], limit=20)
+        for job in jobs:
+            if job.id not in self._cleaned:
+                self.clean_up(job)
 
     # -- heartbeat ------------------------------------------------------------
 

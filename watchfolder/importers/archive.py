@@ -48,6 +48,7 @@ import ctypes.util
 import errno
 import hashlib
 import itertools
+import json
 import os
 import shutil
 import stat
@@ -179,6 +180,20 @@ def _write_all(fd: int, data: memoryview) -> None:
     while data:
         written = os.write(fd, data)
         data = data[written:]
+
+
+def _ledger_name(job_id: int) -> str:
+    return f".watchfolder-job-{job_id}.owned"
+
+
+def _remove_empty(folder: str, root: str) -> None:
+    """rmdir ``folder`` and its parents while empty, never ``root`` or above."""
+    while _within(folder, root) and os.path.normpath(folder) != os.path.normpath(root):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+        folder = os.path.dirname(folder)
 
 
 @register("archive")
@@ -337,7 +352,7 @@ class ArchiveImporter(Importer):
                 result = self._copy_all(job, ctx, candidate, sources, buf, placed, tree)
             except _Occupied as exc:
                 ctx.log(f"{exc}: another job took {candidate}; trying the next folder")
-                for path in placed:
+                for path in [*placed, os.path.join(candidate, _ledger_name(job.id))]:
                     try:
                         os.unlink(path)
                     except FileNotFoundError:
@@ -402,6 +417,24 @@ class ArchiveImporter(Importer):
         ctx.log(f"archiving {count} file(s), {total} bytes, to {dest_root}")
         tag = f".wf-{job.id}-"
         anonymous = self.anonymous_temp and _anonymous_files_work(dest_root)
+        # What this job owns in the folder, across attempts: what cleanup() removes if it
+        # ends without success. One line per file it placed (JSON strings: any name).
+        ledger_path = os.path.join(dest_root, _ledger_name(job.id))
+        try:
+            ledger = os.open(ledger_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise classify_os_error(exc, dest_root, "write to archive folder") from None
+        try:
+            result = self._copy_each(job, ctx, dest_root, sources, buf, placed, tag, ledger, total, count,
+                                     anonymous, tree)
+        finally:
+            os.close(ledger)
+        os.unlink(ledger_path)  # succeeded: the files are the job's result now
+        return result
+
+    def _copy_each(self, job: Job, ctx: ImportContext, dest_root: Path, sources: list, buf: bytearray,
+                   placed: list[str], tag: str, ledger: int, total: int, count: int,
+                   anonymous: bool, tree: safefs.SourceTree) -> dict[str, Any]:
         folders: set[str] = set()  # destination folders prepared in this attempt
         done_bytes = 0
         copied = []
@@ -417,6 +450,10 @@ class ArchiveImporter(Importer):
                                                   done_bytes, total, index, count, source=(tree, entry))
             if not reused:
                 placed.append(dest)
+                try:
+                    os.write(ledger, (json.dumps(entry.path) + "\n").encode())
+                except OSError as exc:
+                    raise classify_os_error(exc, dest_root, "write to archive folder") from None
             done_bytes += size
             reused_count += reused
             copied.append({"path": entry.path, "size": size, "sha256": digest})
@@ -432,6 +469,38 @@ class ArchiveImporter(Importer):
         ctx.log(f"{count} file(s) durable ({how}); {reused_count} were already archived by an earlier attempt")
         ctx.progress("archived", done_bytes, total, count, count)
         return {"destination": str(dest_root), "files": copied, "bytes": total}
+
+    def cleanup(self, job: Job) -> list[str]:
+        """Remove the files ``job`` placed (its ledger lists them) and its ``.part`` files from
+        its destination folder(s), then the folders left empty up to the archive root.
+        Files it found already archived (another job's, identical) are not its own and stay."""
+        removed: list[str] = []
+        base = self.destination(job)
+        tag = f".wf-{job.id}-"
+        for n in range(1, MAX_COLLISION_SUFFIX + 1):
+            folder = base if n == 1 else base.with_name(f"{base.name} ({n})")
+            if not folder.is_dir():
+                if n > 1:
+                    break
+                continue
+            ledger = folder / _ledger_name(job.id)
+            owned = []
+            if ledger.exists():
+                owned = [json.loads(line) for line in ledger.read_text(encoding="utf-8").splitlines() if line]
+            for rel in owned:
+                path = folder / rel
+                if path.is_relative_to(folder) and os.path.lexists(path):
+                    path.unlink()
+                    removed.append(str(path))
+            for current, _dirs, names in os.walk(folder):
+                for name in names:
+                    if name.startswith(".") and tag in name and name.endswith(".part"):
+                        os.unlink(os.path.join(current, name))
+                        removed.append(os.path.join(current, name))
+            ledger.unlink(missing_ok=True)
+            for current, _dirs, _names in sorted(os.walk(folder), key=lambda t: -len(t[0])):
+                _remove_empty(current, os.fspath(self.root))
+        return removed
 
     def _prepare_folder(self, folder: str, tag: str) -> None:
         """Create ``folder`` and remove this job's temporary files left in it by an interrupted attempt."""
@@ -493,6 +562,11 @@ class ArchiveImporter(Importer):
                 fin, before = self._open_source(*source)
             except OSError as exc:
                 raise classify_os_error(exc, src, "read") from None
+            # Identity first: a retry whose file is already archived reads instead of
+            # writing (a temporary copy would fail on a nearly full volume).
+            same = self._already_there(dest, before.st_size, expected, fin, buf)
+            if same:
+                return same, True
             if tmp is None:
                 fout = os.open(folder, os.O_RDWR | _O_TMPFILE | _O_CLOEXEC, 0o600)
             else:
@@ -540,6 +614,21 @@ class ArchiveImporter(Importer):
         """Permission bits of a copy: the source's, narrowed by ``importer.archive.file_mode`` when set."""
         mode = stat.S_IMODE(source.st_mode) & 0o777
         return mode & self.file_mode if self.file_mode is not None else mode
+
+    def _already_there(self, dest: str, size: int, expected: str | None, fin: int, buf: bytearray) -> str | None:
+        """The checksum when ``dest`` already holds exactly the source's bytes, else None."""
+        try:
+            st = os.lstat(dest)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            return None
+        digest = self._hash_path(dest, buf)
+        if expected:
+            return digest if digest == expected.lower() else None
+        source = self._hash_fd(fin, buf)
+        os.lseek(fin, 0, os.SEEK_SET)
+        return digest if digest == source else None
 
     def _place(self, tmp: str | int, dest: str, digest: str, buf: bytearray) -> bool:
         """Move the verified copy (a temporary name, or the fd of an unnamed file) into place.

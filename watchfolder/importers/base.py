@@ -78,5 +78,11 @@ class Importer(abc.ABC):
         ``importer.pause.probe_interval`` seconds; may take a few seconds."""
         return self.pause_reason()
 
+    def cleanup(self, job: Job) -> list[str]:
+        """Remove what ``job`` wrote to the target when it ended without success (cancelled,
+        failed for good); returns the paths removed. Idempotent: called again, it finds
+        nothing. Importers that write nothing of their own keep this default."""
+        return []
+
     def close(self) -> None:
         """Release resources at shutdown."""

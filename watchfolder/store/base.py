@@ -36,7 +36,7 @@ from ..job import Job, JobSpec, Progress
 log = logging.getLogger(__name__)
 
 
-def _process_exists(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
     """Whether a process with this id runs on this host (signal 0 checks without sending)."""
     try:
         os.kill(pid, 0)
@@ -408,7 +408,7 @@ class JobStore(abc.ABC):
             status = row.get("status") or {}
             bound = max(after, 10 * float(status.get("heartbeat_seconds") or 0))
             age = now - row["updated_at"] if row.get("updated_at") is not None else 0.0
-            gone = row.get("host") == here and row.get("pid") and not _process_exists(int(row["pid"]))
+            gone = row.get("host") == here and row.get("pid") and not process_exists(int(row["pid"]))
             if gone or age > bound:
                 self.remove_component("worker", row["name"])
                 log.warning(
