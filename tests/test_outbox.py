@@ -236,6 +236,8 @@ def test_drain_sends_every_due_mail_and_ends_during_an_outage(mailstore, make_sp
 
 def test_temporary_mail_files_of_a_killed_sender_are_swept(tmp_path):
     import os
+    import subprocess
+    import sys
     import time
 
     outbox = tmp_path / "outbox"
@@ -244,8 +246,11 @@ def test_temporary_mail_files_of_a_killed_sender_are_swept(tmp_path):
     stale.write_bytes(b"half a mail")
     old = time.time() - 3600
     os.utime(stale, (old, old))
-    fresh = outbox / ".def456.eml.tmp"  # a send in progress in another process
+    fresh = outbox / f".{os.getpid()}-def456.eml.tmp"  # a send in progress in a live process
     fresh.write_bytes(b"being written")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = outbox / f".{int(dead.stdout)}-0a1b2c.eml.tmp"  # its writer was killed a moment ago
+    orphan.write_bytes(b"half")
     kept = outbox / "20261201T000000-0123456789abcdef.eml"
     kept.write_bytes(b"a mail")
     transport = FolderTransport(outbox)

@@ -13,10 +13,10 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
+from helpers import wait_until
 
 FULL = os.environ.get("WATCHFOLDER_FAULTS") in ("1", "full")  # `make faults` sets 1
 
@@ -45,7 +45,8 @@ def write_config(tmp_path: Path, **sections) -> Path:
         "workers": {"count": 2, "poll_interval": 0.05, "heartbeat_seconds": 0.3, "shutdown_grace": 5},
         "retry": {"max_attempts": 5, "backoff": [0.2]},
         "importer": {"kind": "archive", "archive": {"root": str(tmp_path / "archive")}},
-        "notify": {"transport": "folder", "admin_email": "admin@example.org"},
+        # A mail claimed by a killed sender is sent again after the hold: seconds here, not 5 min.
+        "notify": {"transport": "folder", "admin_email": "admin@example.org", "claim_hold": 3},
         "server": {"enabled": False},
     }
     for key, value in sections.items():
@@ -98,14 +99,8 @@ def rows(db: Path, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
 
 
 def wait_for(predicate, timeout: float, message: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s: {message}")
-        time.sleep(interval)
+    """helpers.wait_until with the drills' argument order."""
+    return wait_until(predicate, timeout=timeout, interval=interval, message=message)
 
 
 def assert_invariants(tmp_path: Path, *, expected_jobs: int, mail_dir: Path | None = None,

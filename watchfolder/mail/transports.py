@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import defaults as D
+from ..store.base import process_exists
 from .message import MailError, Transport
 
 log = logging.getLogger(__name__)
@@ -68,13 +69,15 @@ class FolderTransport(Transport):
         return f"{stamp}-{hashlib.sha256(key).hexdigest()[:16]}.eml"
 
     def sweep(self, older_than: float = D.OUTBOX_TEMP_MAX_AGE, *, now: float | None = None) -> list[Path]:
-        """Delete ``.*.eml.tmp`` files older than ``older_than`` seconds (a sender killed while
-        writing leaves them; a write takes milliseconds). Returns what was deleted."""
+        """Delete the ``.<pid>-*.eml.tmp`` files a sender killed while writing left: at once when
+        that process no longer runs on this host, else once older than ``older_than`` seconds
+        (a write takes milliseconds). Returns what was deleted."""
         now = time.time() if now is None else now
         removed = []
         for tmp in self.outbox_dir.glob(".*.eml.tmp"):
+            writer = tmp.name[1:].split("-", 1)[0]  # named .<pid>-…: a writer gone on this host is known at once
             try:
-                if now - tmp.stat().st_mtime > older_than:
+                if (writer.isdigit() and not process_exists(int(writer))) or now - tmp.stat().st_mtime > older_than:
                     tmp.unlink()
                     removed.append(tmp)
             except FileNotFoundError:  # another sender swept it
@@ -91,7 +94,7 @@ class FolderTransport(Transport):
         tmp_name = None
         try:
             self.outbox_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # mails hold names and paths
-            fd, tmp_name = tempfile.mkstemp(prefix=".", suffix=".eml.tmp", dir=self.outbox_dir)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{os.getpid()}-", suffix=".eml.tmp", dir=self.outbox_dir)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(raw)
                 fh.flush()

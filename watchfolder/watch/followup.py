@@ -9,6 +9,7 @@ are never removed on failure, and a move never overwrites anything.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -43,6 +44,38 @@ def _unique(dest: Path) -> Path:
         n += 1
 
 
+def _move_one(src: Path, dest: Path, job_id: int) -> None:
+    """Move ``src`` to ``dest`` (which this job's move owns); safe to call again after a crash."""
+    if not os.path.lexists(src):
+        return  # moved by an earlier attempt
+    if os.path.lexists(dest):
+        # The copy completed and was renamed into place; removing the source was interrupted.
+        _remove(src)
+        return
+    try:
+        os.rename(src, dest)  # same filesystem: atomic
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    staging = dest.with_name(f".{dest.name}.wf-{job_id}.moving")
+    if os.path.lexists(staging):
+        _remove(staging)  # a copy interrupted by a crash: start it again
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, staging, symlinks=True)
+    else:
+        shutil.copy2(src, staging, follow_symlinks=False)
+    os.rename(staging, dest)
+    _remove(src)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def receipt(job: Job) -> dict[str, Any]:
     """The receipt's content: which job, how it ended, and where the data went."""
     spec = job.spec
@@ -62,7 +95,7 @@ def receipt(job: Job) -> dict[str, Any]:
     }
 
 
-def error_report(job: Job) -> str:
+def error_report(job: Job, *, moved: bool = False) -> str:
     spec = job.spec
     reason = job.error.message if job.error else ("cancelled" if job.state == JobState.CANCELLED else "unknown")
     lines = [
@@ -70,7 +103,8 @@ def error_report(job: Job) -> str:
         "",
         f"Reason: {reason}",
         "",
-        "The files were left as they were. Fix the problem named above and drop the",
+        ("The files were moved here, unchanged." if moved else "The files were left as they were.")
+        + " Fix the problem named above and drop the",
         "acquisition again (a changed acquisition is a new job), or ask the facility",
         f"admin to retry job {job.id}.",
         "",
@@ -112,21 +146,37 @@ class PostActions:
     def _beside(self, main: Path, suffix: str) -> Path:
         return main.with_name(main.name + suffix)
 
-    def _move(self, paths: list[Path], rel: str, folder: Path) -> Path:
-        dest_main = _unique(folder / rel if rel else folder / paths[0].name)
+    def _move(self, job: Job, paths: list[Path], rel: str, folder: Path) -> Path:
+        """Move the acquisition (and its descriptor) into ``folder``; idempotent and crash-safe.
+
+        The destination is chosen once and recorded (``<folder>/.watchfolder-moves/<job>.json``)
+        before anything moves, so an attempt interrupted at any point (kill -9 in the middle
+        of a copy to another filesystem) resumes into the same place instead of making a
+        partial duplicate ``X (2)``. Across filesystems each path is copied to a hidden
+        staging name, renamed into place, and only then removed from the drop folder.
+        """
+        marker = folder / ".watchfolder-moves" / f"{job.id}.json"
+        resumed = marker.exists()
+        if resumed:
+            dest_main = Path(json.loads(marker.read_text(encoding="utf-8"))["destination"])
+        else:
+            dest_main = _unique(folder / rel if rel else folder / paths[0].name)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomic(marker, json.dumps({"job_id": job.id, "destination": str(dest_main)}))
         dest_main.parent.mkdir(parents=True, exist_ok=True)
-        # shutil.move copies across filesystems and removes the source only after
-        # the copy succeeded, so a failed move never loses the original.
-        shutil.move(str(paths[0]), str(dest_main))
+        _move_one(paths[0], dest_main, job.id)
         for extra in paths[1:]:
-            if os.path.lexists(extra):
-                shutil.move(str(extra), str(_unique(dest_main.with_name(dest_main.name + extra.name[len(paths[0].name):]))))
+            dest = dest_main.with_name(dest_main.name + extra.name[len(paths[0].name):])
+            if os.path.lexists(extra) and os.path.lexists(dest) and not resumed:
+                dest = _unique(dest)
+            _move_one(extra, dest, job.id)
+        marker.unlink(missing_ok=True)
         return dest_main
 
     def _success(self, job: Job, main: Path, paths: list[Path], rel: str, action: WatchAction) -> str:
         text = json.dumps(receipt(job), indent=2, ensure_ascii=False) + "\n"
         if action.action == "move" and action.folder is not None:
-            dest = self._move(paths, rel, action.folder)
+            dest = self._move(job, paths, rel, action.folder)
             _write_atomic(self._beside(dest, RECEIPT_SUFFIX), text)
             return f"post-action: moved to {dest}"
         if action.action == "delete":
@@ -142,8 +192,8 @@ class PostActions:
     def _failure(self, job: Job, main: Path, paths: list[Path], rel: str, action: WatchAction) -> str:
         text = error_report(job)
         if action.action == "move" and action.folder is not None:
-            dest = self._move(paths, rel, action.folder)
-            _write_atomic(self._beside(dest, ERROR_SUFFIX), text)
+            dest = self._move(job, paths, rel, action.folder)
+            _write_atomic(self._beside(dest, ERROR_SUFFIX), error_report(job, moved=True))
             return f"post-action: moved to {dest} with an error report"
         _write_atomic(self._beside(main, ERROR_SUFFIX), text)
         return f"post-action: kept; error report {self._beside(main, ERROR_SUFFIX).name}"
