@@ -131,7 +131,7 @@ def assert_invariants(tmp_path: Path, *, expected_jobs: int, mail_dir: Path | No
             assert dest not in destinations, f"jobs {destinations.get(dest)} and {job['id']} share {dest}"
             destinations[dest] = job["id"]
             for entry in result["files"]:
-                assert Path(entry["dest"]).is_relative_to(dest)
+                assert (dest / entry["path"]).resolve().is_relative_to(dest.resolve())
     archived = [p for p in archive.rglob("*") if p.is_file()] if archive.exists() else []
     parts = [p for p in archived if p.name.endswith(".part")]
     assert parts == [], f"{len(parts)} .part files left: {parts[:3]}"

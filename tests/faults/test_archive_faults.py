@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from pathlib import Path
 
 from drills import fill, report
 
@@ -27,7 +26,7 @@ def test_a_retry_checks_identity_before_copying_on_a_nearly_full_volume(tmpfs, s
     filler = fill(volume)
     filler.write_bytes(filler.read_bytes()[: -(8 * 1024)])  # 8 KiB free: room for meta.txt, not a second stack
     result = importer.run(job, ctx)
-    assert [Path(f["dest"]).name for f in result["files"]] == ["stack.tif", "meta.txt"]
+    assert [f["path"] for f in result["files"]] == ["stack.tif", "meta.txt"]
     assert (dest / "stack.tif").read_bytes() == data
     assert not list(dest.glob(".*.part"))
     report("archive identity before copy", free_bytes=8192, reused=1, copied=1)

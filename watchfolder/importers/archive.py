@@ -186,6 +186,31 @@ def _ledger_name(job_id: int) -> str:
     return f".watchfolder-job-{job_id}.owned"
 
 
+class _Ledger:
+    """The files a job placed in its archive folder, one JSON string per line (any name fits).
+    Appended without fsync: a crash may lose the last line, never invent one."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = -1
+
+    def add(self, rel: str) -> None:
+        if self.fd < 0:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_CLOEXEC, 0o644)
+        os.write(self.fd, (json.dumps(rel) + "\n").encode())
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def remove(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
 def _remove_empty(folder: str, root: str) -> None:
     """rmdir ``folder`` and its parents while empty, never ``root`` or above."""
     while _within(folder, root) and os.path.normpath(folder) != os.path.normpath(root):
@@ -418,22 +443,18 @@ class ArchiveImporter(Importer):
         tag = f".wf-{job.id}-"
         anonymous = self.anonymous_temp and _anonymous_files_work(dest_root)
         # What this job owns in the folder, across attempts: what cleanup() removes if it
-        # ends without success. One line per file it placed (JSON strings: any name).
-        ledger_path = os.path.join(dest_root, _ledger_name(job.id))
-        try:
-            ledger = os.open(ledger_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise classify_os_error(exc, dest_root, "write to archive folder") from None
+        # ends without success (created with the first file placed).
+        ledger = _Ledger(os.path.join(dest_root, _ledger_name(job.id)))
         try:
             result = self._copy_each(job, ctx, dest_root, sources, buf, placed, tag, ledger, total, count,
                                      anonymous, tree)
         finally:
-            os.close(ledger)
-        os.unlink(ledger_path)  # succeeded: the files are the job's result now
+            ledger.close()
+        ledger.remove()  # succeeded: the files are the job's result now
         return result
 
     def _copy_each(self, job: Job, ctx: ImportContext, dest_root: Path, sources: list, buf: bytearray,
-                   placed: list[str], tag: str, ledger: int, total: int, count: int,
+                   placed: list[str], tag: str, ledger: _Ledger, total: int, count: int,
                    anonymous: bool, tree: safefs.SourceTree) -> dict[str, Any]:
         folders: set[str] = set()  # destination folders prepared in this attempt
         done_bytes = 0
@@ -451,7 +472,7 @@ class ArchiveImporter(Importer):
             if not reused:
                 placed.append(dest)
                 try:
-                    os.write(ledger, (json.dumps(entry.path) + "\n").encode())
+                    ledger.add(entry.path)
                 except OSError as exc:
                     raise classify_os_error(exc, dest_root, "write to archive folder") from None
             done_bytes += size
