@@ -30,3 +30,21 @@ def test_a_retry_checks_identity_before_copying_on_a_nearly_full_volume(tmpfs, s
     assert (dest / "stack.tif").read_bytes() == data
     assert not list(dest.glob(".*.part"))
     report("archive identity before copy", free_bytes=8192, reused=1, copied=1)
+
+
+def test_a_probe_left_by_a_killed_worker_is_swept(tmp_path):
+    # Found by the kill -9 loop of `work`: a worker killed between the O_TMPFILE probe's
+    # link and unlink left `.wf-probe-…` in an acquisition's archive folder.
+    import subprocess
+    import sys
+
+    from watchfolder.importers import archive
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    folder = tmp_path / "dest"
+    folder.mkdir()
+    (folder / f".wf-probe-{int(dead.stdout)}-0123abcd").write_bytes(b"")
+    live = folder / f".wf-probe-{__import__('os').getpid()}-4567ef01"
+    live.write_bytes(b"")
+    archive._anonymous_files_work(folder)
+    assert sorted(p.name for p in folder.iterdir()) == [live.name]

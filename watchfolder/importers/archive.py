@@ -61,6 +61,7 @@ from .. import defaults as D
 from .. import safefs
 from ..errors import PermanentImportError, TransientImportError, classify_os_error
 from ..job import Job, printable
+from ..store.base import process_exists
 from ..units import format_size
 from . import register
 from .base import ImportContext, Importer
@@ -161,7 +162,8 @@ def _anonymous_files_work(folder: str | os.PathLike) -> bool:
     """True when an ``O_TMPFILE`` file can be made in ``folder`` and linked to a name there."""
     if not _O_TMPFILE or _PROC_FD is None:
         return False
-    probe = os.path.join(folder, f".wf-probe-{uuid.uuid4().hex[:8]}")
+    _sweep_probes(folder)
+    probe = os.path.join(folder, f".wf-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         fd = os.open(folder, os.O_RDWR | _O_TMPFILE | _O_CLOEXEC, 0o600)
     except OSError:
@@ -174,6 +176,27 @@ def _anonymous_files_work(folder: str | os.PathLike) -> bool:
         os.close(fd)
     os.unlink(probe)
     return True
+
+
+def _sweep_probes(folder: str | os.PathLike) -> None:
+    """Remove probes left in ``folder`` by a process killed between link and unlink (issue 11:
+    nothing but the job's files in its folder); a probe of a live process is left alone."""
+    try:
+        with os.scandir(folder) as entries:
+            stale = [e.path for e in entries if e.name.startswith(".wf-probe-")
+                     and not _probe_writer_alive(e.name)]
+    except OSError:
+        return
+    for path in stale:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _probe_writer_alive(name: str) -> bool:
+    pid = name[len(".wf-probe-"):].partition("-")[0]
+    return pid.isdigit() and process_exists(int(pid))
 
 
 def _write_all(fd: int, data: memoryview) -> None:
