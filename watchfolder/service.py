@@ -153,8 +153,9 @@ class Service:
 
     def _start(self) -> None:
         config = self.config
-        if self.parts.watch:
-            # Before anything starts: a second watcher would act on the same drops.
+        if self.parts.watch and config.store.backend == "sqlite":
+            # Before anything starts: a second watcher would act on the same drops. (With
+            # PostgreSQL, watchers on several hosts share folders through folder leases.)
             self._lock = DataDirLock(config.data_dir)
             self._lock.acquire("run" if self.parts.workers else "watch")
         if self.parts.workers or self.parts.mail:
