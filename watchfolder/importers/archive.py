@@ -610,7 +610,7 @@ class ArchiveImporter(Importer):
             # writing (a temporary copy would fail on a nearly full volume).
             same = self._already_there(dest, before.st_size, expected, fin, buf)
             if same:
-                return same, True
+                return same, True, before.st_size
             if tmp is None:
                 fout = os.open(folder, os.O_RDWR | _O_TMPFILE | _O_CLOEXEC, 0o600)
             else:
