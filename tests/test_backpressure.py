@@ -87,6 +87,8 @@ def test_an_outage_pauses_the_target_and_burns_no_attempt(store, make_spec):
     try:
         wait_until(lambda: gate.paused, timeout=10, message="the target pauses")
         wait_until(lambda: store.counts()["running"] == 0, timeout=10)
+        wait_until(lambda: any(c["status"]["paused"] for c in store.components("target")), timeout=10,
+                   message="the pause published")
         # Jobs wait in the queue, none is failing or waiting for a retry, no attempt is used.
         assert store.counts()["queued"] == 12 and store.counts()["retry_wait"] == 0
         assert all(store.get(j.id).attempts == 0 for j in jobs)

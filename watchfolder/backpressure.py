@@ -73,6 +73,7 @@ class TargetGate:
         self.clock = clock
         self._lock = threading.Lock()
         self._probe_lock = threading.Lock()
+        self._publish_lock = threading.Lock()
         self.running = 0
         self.peak = 0
         self.failures = 0
@@ -255,7 +256,10 @@ class TargetGate:
     def publish(self) -> None:
         if self.store is None:
             return
-        try:
-            self.store.set_component("target", self.target, self.status())
-        except Exception:  # status is informative
-            log.exception("could not publish importer target status")
+        # One publisher at a time, the state read inside: a periodic publish that read the
+        # state before a pause must not be written after the pause's own (it was, under load).
+        with self._publish_lock:
+            try:
+                self.store.set_component("target", self.target, self.status())
+            except Exception:  # status is informative
+                log.exception("could not publish importer target status")
