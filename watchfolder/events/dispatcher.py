@@ -2,8 +2,8 @@
 
 Each sink has a row in the store: the id of the last event it delivered and a
 lease, so that one process at a time delivers it (several ``work`` processes,
-on several hosts, may run a dispatcher). :meth:`EventDispatcher.step` is one
-pass over the sinks; :meth:`run` loops. A failed delivery is retried, with the
+on several hosts, may run a dispatcher). :meth:`run` gives each sink a thread of
+its own that delivers it in order. A failed delivery is retried, with the
 backoff of ``events.retry``, until it succeeds; the events behind it wait, so
 the order holds. A webhook failing without a break for ``disable_after``
 seconds is disabled and the admin told once; ``watchfolder events enable NAME``
@@ -62,12 +62,6 @@ class EventDispatcher:
         worker runs: events written between the start and the first pass are then its own."""
         for sink in self.sinks:
             self.store.sink_claim(sink.name, self.name, hold=HOLD_SECONDS, now=now)
-
-    def step(self, now: float | None = None) -> int:
-        """One pass over every sink, then pruning when due. Returns the events delivered."""
-        delivered = sum(self._step_sink(sink, now) for sink in self.sinks)
-        self._prune(now)
-        return delivered
 
     def _step_sink(self, sink: Sink, now: float | None = None) -> int:
         clock = time.time() if now is None else now
