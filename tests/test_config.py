@@ -682,6 +682,11 @@ def test_store_url_sqlite_and_postgresql(tmp_path):
         ({"url": "postgresql:///wf"}, "store.url: names no host"),
         ({"url": "sqlite:///a.db", "path": "b.db"}, "store.url: and store.path both name the SQLite file"),
         ({"password": "x"}, "store.password: is only used with store.url: postgresql://"),
+        ({"url": "sqlite:///a.db", "password": "x"}, "store.password: is only used with store.url: postgresql://"),
+        # A rejected URL is the one problem: not also "store.password is only used with postgresql".
+        ({"url": "postgresql://wf:hunter2@db/wf", "password": "x"}, "store.url: carries a password"),
+        ({"url": "postgresql:///wf", "password": "x"}, "store.url: names no host"),
+        ({"url": "mysql://db/wf", "password": "x"}, "store.url: unknown scheme 'mysql'"),
         ({"url": 5}, "store.url: must be sqlite:///PATH or postgresql://USER@HOST[:PORT]/DATABASE, got 5"),
     ],
 )

@@ -179,9 +179,10 @@ def test_a_store_of_schema_1_is_migrated_at_start_with_a_log_line_per_step(tmp_p
     conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     conn.commit()
     conn.close()
-    with caplog.at_level("WARNING", logger="watchfolder.store.sqlite"):
+    with caplog.at_level("INFO", logger="watchfolder.store.sqlite"):
         store = SQLiteStore(path)
     assert "schema 1 -> 2: a job's listed files in job_files" in caplog.text
     assert "schema 2 -> 3: watch folder leases" in caplog.text
+    assert {r.levelname for r in caplog.records if " -> " in r.getMessage()} == {"INFO"}  # news, not a warning
     assert store.hold_folder("drop", "a", ttl=10) and store.describe()["schema"] == SCHEMA_VERSION
     store.close()

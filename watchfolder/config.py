@@ -509,7 +509,8 @@ def _store(r: _Reader, raw: dict, data_dir: Path) -> StoreConfig:
     r.unknown(raw, {"url", "password", "logs_dir", "path", "synchronous", "lease_seconds", "busy_timeout"}, w)
     url, sqlite_path = _store_url(r, raw, w)
     password = r.get(raw, "password", w, r.secret, None)
-    if password is not None and not url:
+    url_rejected = raw.get("url") is not None and url is None and sqlite_path is None
+    if password is not None and not url and not url_rejected:  # a rejected URL is the one problem to show
         r.problem(_join(w, "password"), "is only used with store.url: postgresql://…; remove it")
     return StoreConfig(
         url=url,

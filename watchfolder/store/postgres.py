@@ -405,7 +405,7 @@ class PostgresStore(FileLogs, JobStore):
                 if version <= current:
                     continue
                 if current:  # a fresh database says nothing: it is simply created at the latest version
-                    log.warning("store %s: schema %d -> %d: %s", self.location, version - 1, version, what)
+                    log.info("store %s: schema %d -> %d: %s", self.location, version - 1, version, what)
                 conn.execute(sql)
                 conn.execute(
                     "INSERT INTO meta VALUES ('schema_version', %s)"

@@ -452,7 +452,7 @@ class SQLiteStore(FileLogs, JobStore):
                 if version <= current:
                     continue
                 if current:  # a fresh file says nothing: it is simply created at the latest version
-                    log.warning("store %s: schema %d -> %d: %s", self.path, version - 1, version, what)
+                    log.info("store %s: schema %d -> %d: %s", self.path, version - 1, version, what)
                 for statement in filter(str.strip, sql.split(";")):
                     conn.execute(statement)
                 conn.execute(
