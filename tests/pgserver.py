@@ -108,6 +108,25 @@ class PgServer:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
 
+    def require_password(self, role: str, password: str) -> None:
+        """Create ``role`` (LOGIN, ``password``) that must give its password over TCP (scram-sha-256).
+
+        Every other role keeps trust authentication: the rule goes first in pg_hba.conf
+        (the first matching line wins), then the server reloads it.
+        """
+        import psycopg
+
+        hba = self.data / "pg_hba.conf"
+        rule = f"host all {role} 127.0.0.1/32 scram-sha-256\n"
+        text = hba.read_text()
+        if rule not in text:
+            hba.write_text(rule + text)  # written in place: the file stays the server user's
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+            verb = "ALTER" if exists else "CREATE"
+            conn.execute(f"{verb} ROLE \"{role}\" LOGIN PASSWORD '{password}'")
+            conn.execute("SELECT pg_reload_conf()")
+
     def create_database(self) -> str:
         """A fresh empty database; returns its URL."""
         import psycopg

@@ -590,7 +590,7 @@ def cmd_store_migrate(args) -> int:
     from .store.postgres import PostgresStore
 
     store.close()
-    target = PostgresStore(args.to, password=password, logs_dir=config.logs_dir)
+    target = PostgresStore(args.to, password=password, logs_dir=config.logs_dir, log_outages=False)
     try:
         report = copy_sqlite_to_postgres(config.store.path, target)
     finally:
@@ -608,7 +608,10 @@ def cmd_check_config(args) -> int:
     if args.json:
         print(json.dumps(configmod.to_dict(config), indent=2, default=str))
         return 0
+    store_line = _check_store_connection(config) if config.store.backend == "postgresql" else None
     print(f"# {config.path}: valid")
+    if store_line:
+        print(store_line)
     if config.importer.kind == "omero":
         # Which fileset grouping the OMERO child will use (Bio-Formats, or the suffix rules and why).
         from .importers import create_importer
@@ -619,14 +622,38 @@ def cmd_check_config(args) -> int:
     return 0
 
 
+def _check_store_connection(config) -> str | None:
+    """Connect once to the PostgreSQL store; the line that says what is there (nothing is changed).
+
+    A refused connection (no such database or role, wrong password) is a configuration
+    error, raised as :class:`StoreRefused`; an unreachable server is only noted on
+    stderr: the services wait for it.
+    """
+    from .errors import StoreUnavailable
+    from .store.postgres import SCHEMA_VERSION, probe, redact_url
+
+    password = config.store.password.reveal() if config.store.password is not None else None
+    try:
+        found = probe(config.store.url, password=password)
+    except StoreUnavailable as exc:
+        print(f"watchfolder: warning: {exc} (now; the services wait for it)", file=sys.stderr)
+        return None
+    schema = found["schema"]
+    if schema is None:
+        state = f"empty (the schema, {SCHEMA_VERSION}, is created at first start)"
+    elif schema < SCHEMA_VERSION:
+        state = f"schema {schema} (migrated to {SCHEMA_VERSION} at next start)"
+    elif schema > SCHEMA_VERSION:
+        state = f"schema {schema}, newer than this watchfolder ({SCHEMA_VERSION}): upgrade it on this host"
+    else:
+        state = f"schema {schema} (up to date)"
+    return f"# store.url {redact_url(config.store.url)}: connected (PostgreSQL {found['server']}), {state}"
+
+
 def _ago(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 2 * 86400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} d"
+    from .units import format_duration
+
+    return format_duration(seconds)
 
 
 def cmd_pending(args) -> int:

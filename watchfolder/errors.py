@@ -33,6 +33,16 @@ class StoreUnavailable(StoreError):
     """The store cannot be reached now (database server down, restarting, network). Try again later."""
 
 
+class StoreRefused(StoreError):
+    """The database server refused this store's connection for a reason waiting will not fix.
+
+    No such database or role, a wrong or missing password, a host the server does
+    not admit: a configuration error. The message names ``store.url`` (password
+    redacted), the server's reason and the fix. Services stop at once instead of
+    waiting, unlike :class:`StoreUnavailable`.
+    """
+
+
 class JobNotFound(StoreError):
     def __init__(self, job_id: int):
         self.job_id = job_id

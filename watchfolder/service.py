@@ -50,9 +50,9 @@ def make_notifier(config: Config):
     return Notifier(config)
 
 
-def open_store(config: Config, notifier=None) -> JobStore:
-    """The job store, composing mails with ``notifier`` when given."""
-    return _open_store(config, composer=notifier.compose if notifier else None)
+def open_store(config: Config, notifier=None, *, service: bool = False) -> JobStore:
+    """The job store, composing mails with ``notifier`` when given (``service``: see ``store.open_store``)."""
+    return _open_store(config, composer=notifier.compose if notifier else None, service=service)
 
 
 def open_store_waiting(config: Config, notifier, stop: threading.Event) -> JobStore:
@@ -65,10 +65,10 @@ def open_store_waiting(config: Config, notifier, stop: threading.Event) -> JobSt
     delays = iter(D.RECONNECT_BACKOFF)
     while True:
         try:
-            return open_store(config, notifier)
-        except StoreUnavailable as exc:
+            return open_store(config, notifier, service=True)
+        except StoreUnavailable as exc:  # the store's outage log says it, once (store/outage.py)
             delay = next(delays, D.RECONNECT_BACKOFF[-1])
-            log.warning("%s; trying again in %g s", exc, delay)
+            log.debug("%s; trying again in %g s", exc, delay)
             if stop.wait(delay):
                 raise
 class DataDirLock:

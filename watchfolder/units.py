@@ -1,4 +1,4 @@
-"""One unit system for sizes everywhere (CLI, mails, dashboard): IEC binary prefixes.
+"""One unit system for sizes (and durations) everywhere (CLI, mails, dashboard, logs): IEC binary prefixes.
 
 IEC 80000-13: 1 KiB = 1024 bytes, 1 MiB = 1024 KiB, … The dashboard's
 ``bytes()`` in ``web/static/dashboard.js`` follows the same rule.
@@ -19,3 +19,14 @@ def format_size(size: int | float | None) -> str:
             return f"{int(size)} B" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def format_duration(seconds: float) -> str:
+    """A duration for people: ``42 s``, ``7 min``, ``3.5 h``, ``2.0 d`` (``seconds`` in seconds)."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"

@@ -15,14 +15,18 @@ from .sqlite import SQLiteStore
 __all__ = ["JobStore", "Mail", "MailComposer", "OutboxMail", "PendingEntry", "SQLiteStore", "open_store"]
 
 
-def open_store(config, composer: MailComposer | None = None) -> JobStore:
+def open_store(config, composer: MailComposer | None = None, *, service: bool = False) -> JobStore:
     """The job store for ``config`` (a :class:`watchfolder.config.Config`).
 
-    ``composer`` builds the mails of a job that just finished. Raises
-    :class:`~watchfolder.errors.StoreError` when the store cannot be opened.
+    ``composer`` builds the mails of a job that just finished; ``service``: a
+    long-running process, which logs the store's outages (``store/outage.py``)
+    where a short command only reports its error. Raises
+    :class:`~watchfolder.errors.StoreError` when the store cannot be opened
+    (:class:`~watchfolder.errors.StoreRefused`: a configuration error;
+    :class:`~watchfolder.errors.StoreUnavailable`: try again later).
     """
     if config.store.backend == "postgresql":
         from .postgres import PostgresStore
 
-        return PostgresStore.from_config(config, composer=composer)
+        return PostgresStore.from_config(config, composer=composer, log_outages=service)
     return SQLiteStore.from_config(config, composer=composer)

@@ -35,6 +35,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -45,9 +46,18 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .. import defaults as D
-from ..errors import ImportFailure, InvalidTransition, JobNotFound, LeaseLost, StoreError, StoreUnavailable
+from ..errors import (
+    ImportFailure,
+    InvalidTransition,
+    JobNotFound,
+    LeaseLost,
+    StoreError,
+    StoreRefused,
+    StoreUnavailable,
+)
 from ..job import ErrorKind, FileEntry, HistoryEntry, Job, JobSpec, JobState, Progress, RetryPolicy
 from .base import JobStore, Mail, MailComposer, OutboxMail, PendingEntry
+from .outage import Outage, outage_for
 from .rows import (
     FINISHED_FOLLOWUP as _FINISHED_FOLLOWUP,
 )
@@ -70,6 +80,8 @@ except ImportError:  # pragma: no cover - reported by PostgresStore()
     psycopg = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
+_SILENT = logging.getLogger(__name__ + ".short")  # the outages of short commands (their error says it)
+_SILENT.disabled = True
 
 # psycopg's placeholders are %s: a literal % is written %%.
 FINISHED_FOLLOWUP = _FINISHED_FOLLOWUP.replace("%", "%%")
@@ -106,6 +118,8 @@ JOB_EVENT_INSERT = (
 FILES_OF_JOBS = "SELECT job_id, path, size, sha256 FROM job_files WHERE job_id = ANY(%s) ORDER BY job_id, seq"
 #: A pooled connection idle longer than this is checked before use (seconds).
 IDLE_CHECK_SECONDS = 0.5
+#: While waiting for a pooled connection, how often to look whether the pool's attempt failed (seconds).
+CONNECT_POLL_SECONDS = 0.1
 #: Key of the advisory lock held while the schema is migrated.
 MIGRATION_LOCK = 0x77_66_01
 
@@ -265,6 +279,87 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
+#: What the server says when it refuses a connection for good (waiting will not fix it), and the
+#: fix, as (pattern of the server's reason, fix). ``{user}``, ``{dbname}`` come from ``store.url``.
+#: libpq gives no SQLSTATE for a failed connection, so the (English) messages are matched.
+REFUSALS: list[tuple[re.Pattern, str]] = [
+    (re.compile(r'database "[^"]*" does not exist'),
+     "create it (createdb -O {user} {dbname}) or correct the database name in store.url"),
+    (re.compile(r'role "[^"]*" does not exist'),
+     "create the role (createuser --pwprompt {user}) or correct the user name in store.url"),
+    (re.compile(r"password authentication failed|no password supplied|password is required"),
+     "set store.password ({{env: VARIABLE}} or {{file: PATH}}) to the password of role {user}"),
+    (re.compile(r"no pg_hba\.conf entry|authentication failed"),
+     "let this host and role {user} in through the server's pg_hba.conf (then SELECT pg_reload_conf())"),
+    (re.compile(r"permission denied for database|is not permitted to log in"),
+     "on the server: GRANT CONNECT ON DATABASE {dbname} TO {user}; ALTER ROLE {user} LOGIN"),
+    (re.compile(r"invalid (connection option|URI|integer value|port)|missing \"=\""),
+     "correct store.url (postgresql://USER@HOST[:PORT]/DATABASE)"),
+]
+
+
+def connection_error(exc: BaseException, url: str) -> StoreError:
+    """The store error for a failed connection to ``url``: :class:`StoreRefused` when waiting will not
+    fix it (with the server's reason and the fix), else :class:`StoreUnavailable`."""
+    text = str(exc).strip()
+    reason = _first_line(exc)
+    fatal = re.search(r"FATAL:\s+(.*)", text)
+    if fatal:
+        reason = fatal.group(1).strip()
+    elif ": " in reason and reason.startswith("connection failed"):
+        reason = reason.rsplit(": ", 1)[1] or reason
+    for pattern, fix in REFUSALS:
+        if pattern.search(text):
+            try:
+                info = psycopg.conninfo.conninfo_to_dict(url)
+            except psycopg.Error:
+                info = {}
+            user = info.get("user") or "USER"
+            fix = fix.format(user=user, dbname=info.get("dbname") or user)
+            return StoreRefused(f"store.url {redact_url(url)}: the server refused the connection: {reason}; {fix}")
+    return StoreUnavailable(f"PostgreSQL at {redact_url(url)} is unreachable: {reason}")
+
+
+def probe(url: str, *, password: str | None = None, connect_timeout: float = D.PG_CONNECT_TIMEOUT_SECONDS
+          ) -> dict[str, Any]:
+    """Connect once to ``url`` without changing anything: ``{"server": version, "schema": n or None}``.
+
+    What ``check-config`` shows. Raises :class:`StoreRefused` or
+    :class:`StoreUnavailable` as :func:`connection_error` says, and
+    :class:`StoreError` when psycopg is not installed.
+    """
+    if psycopg is None:
+        raise StoreError("store.url is a postgresql:// URL but psycopg is not installed; "
+                         "install watchfolder with the postgresql extra: pip install 'watchfolder[postgresql]'")
+    kwargs: dict[str, Any] = {"connect_timeout": max(1, int(connect_timeout)), "autocommit": True}
+    if password is not None:
+        kwargs["password"] = password
+    try:
+        with psycopg.connect(url, **kwargs) as conn:
+            version = conn.execute("SHOW server_version").fetchone()[0]
+            schema = None
+            if conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()[0]:
+                row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                schema = int(row[0]) if row else None
+    except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:
+        raise connection_error(exc, url) from exc
+    return {"server": version, "schema": schema}
+
+
+def _quiet_pool_log() -> None:
+    """Drop psycopg_pool's per-attempt connection warnings: the store reports outages itself (:class:`Outage`)."""
+    pool_log = logging.getLogger("psycopg.pool")
+    if not any(isinstance(f, _PoolNoise) for f in pool_log.filters):
+        pool_log.addFilter(_PoolNoise())
+
+
+class _PoolNoise(logging.Filter):
+    NOISE = ("error connecting in", "reconnection attempt in pool", "discarding broken connection")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOISE)
+
+
 def _source_filter(source: str) -> tuple[str, tuple]:
     if source.endswith("*"):
         return "left(source, %s) = %s", (len(source) - 1, source[:-1])
@@ -295,6 +390,7 @@ class PostgresStore(FileLogs, JobStore):
         pool_max: int = D.PG_POOL_MAX,
         connect_timeout: float = D.PG_CONNECT_TIMEOUT_SECONDS,
         application_name: str = "watchfolder",
+        log_outages: bool = True,
     ):
         if psycopg is None:
             raise StoreError(
@@ -318,8 +414,14 @@ class PostgresStore(FileLogs, JobStore):
             self._connect_kwargs["password"] = password
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self._returned: dict[int, float] = {}  # id(connection) -> when it went back to the pool
+        # Outages are logged once per process (store/outage.py); a short command only reports its error.
+        self._outage = outage_for(self.location, log) if log_outages else Outage(self.location, _SILENT)
+        # (monotonic time, exception) of the pool's latest failed connection attempt.
+        self._connect_failure: tuple[float, BaseException] | None = None
+        _quiet_pool_log()
         self.pool = psycopg_pool.ConnectionPool(
             url,
+            connection_class=self._connection_class(),
             min_size=1,
             max_size=max(1, pool_max),
             kwargs={**self._connect_kwargs, "row_factory": dict_row},
@@ -336,10 +438,15 @@ class PostgresStore(FileLogs, JobStore):
         self._listener_stop = threading.Event()
         self._listening = False
         self._last_error: str | None = None
-        self.schema_version = self._migrate()
+        try:
+            self.schema_version = self._migrate()
+        except BaseException:
+            self.pool.close()  # no pool left reconnecting in the background of a failed start
+            raise
 
     @classmethod
-    def from_config(cls, config, composer: MailComposer | None = None) -> PostgresStore:
+    def from_config(cls, config, composer: MailComposer | None = None, *, log_outages: bool = True
+                    ) -> PostgresStore:
         password = config.store.password.reveal() if config.store.password is not None else None
         return cls(
             config.store.url,
@@ -350,9 +457,53 @@ class PostgresStore(FileLogs, JobStore):
             mail_retry=config.notify.retry,
             composer=composer,
             sender=config.notify.sender,
+            log_outages=log_outages,
         )
 
     # -- connections -------------------------------------------------------
+
+    def _connection_class(self) -> type:
+        """psycopg's connection class, noting each failed connection attempt of the pool on this store."""
+        store = self
+
+        class Connection(psycopg.Connection):
+            @classmethod
+            def connect(cls, conninfo: str = "", **kwargs: Any):
+                try:
+                    return super().connect(conninfo, **kwargs)
+                except psycopg.Error as exc:
+                    store._connect_failure = (time.monotonic(), exc)
+                    raise
+
+        return Connection
+
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        """A pooled connection (``with conn:`` commits or rolls back as psycopg does), or an error at once.
+
+        The pool connects in the background; when its attempt fails while we wait, the
+        error is raised at once (:func:`connection_error`: :class:`StoreRefused` for a
+        wrong database, role or password, :class:`StoreUnavailable` otherwise), not after
+        ``connect_timeout`` as a bare pool timeout.
+        """
+        asked = time.monotonic()
+        deadline = asked + self.connect_timeout
+        while True:
+            try:
+                conn = self.pool.getconn(timeout=max(0.001, min(CONNECT_POLL_SECONDS, deadline - time.monotonic())))
+                break
+            except psycopg_pool.PoolTimeout:
+                failed = self._connect_failure
+                if failed is not None and failed[0] >= asked:
+                    raise connection_error(failed[1], self.url) from failed[1]
+                if time.monotonic() >= deadline:
+                    raise StoreUnavailable(f"PostgreSQL at {self.location} is unreachable: no connection within "
+                                           f"{self.connect_timeout:g} s") from None
+        try:
+            with conn:
+                yield conn
+        finally:
+            self.pool.putconn(conn)
 
     def _stamp(self, conn) -> None:
         self._returned[id(conn)] = time.monotonic()
@@ -376,17 +527,22 @@ class PostgresStore(FileLogs, JobStore):
         costs two or three round trips, not one per statement.
         """
         try:
-            with self.pool.connection(timeout=self.connect_timeout) as conn:
+            with self._connection() as conn:
                 if not pipeline:  # e.g. scripts of several statements (the schema)
                     yield conn
-                    return
-                with conn.pipeline():
-                    yield conn
-                    conn.commit()
-        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
-            if isinstance(exc, psycopg.OperationalError):
-                self.pool.check()  # drop the other connections the same restart broke
-            raise StoreUnavailable(f"PostgreSQL at {self.location} is unreachable: {_first_line(exc)}") from exc
+                else:
+                    with conn.pipeline():
+                        yield conn
+                        conn.commit()
+        except StoreUnavailable as exc:
+            self._outage.down(str(exc))
+            raise
+        except psycopg.OperationalError as exc:
+            self.pool.check()  # drop the other connections the same restart broke
+            error = StoreUnavailable(f"PostgreSQL at {self.location} is unreachable: {_first_line(exc)}")
+            self._outage.down(str(error))
+            raise error from exc
+        self._outage.up()
 
     def _migrate(self) -> int:
         with self._tx(pipeline=False) as conn:
@@ -1388,6 +1544,7 @@ class PostgresStore(FileLogs, JobStore):
                 with psycopg.connect(self.url, autocommit=True, **self._connect_kwargs) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self._listening = True
+                    self._outage.up()
                     backoff = iter(D.RECONNECT_BACKOFF)
                     if reconnecting:  # a job queued while we were not listening is claimable now
                         self.notify_work()
@@ -1395,9 +1552,9 @@ class PostgresStore(FileLogs, JobStore):
                     while not self._listener_stop.is_set():
                         for _ in conn.notifies(timeout=1.0, stop_after=1):
                             self.notify_work()
-            except psycopg.Error as exc:
-                log.warning("store %s: LISTEN connection lost (%s); polling meanwhile", self.location,
-                            _first_line(exc))
+            except psycopg.Error as exc:  # the outage's one line says it (workers poll meanwhile)
+                self._outage.down(f"PostgreSQL at {self.location}: LISTEN connection lost ({_first_line(exc)}); "
+                                  "workers poll meanwhile")
             self._listening = False
             self._listener_stop.wait(next(backoff, D.RECONNECT_BACKOFF[-1]))
 
