@@ -37,6 +37,21 @@ def pg_server():
 
 
 @pytest.fixture
+def own_server():
+    """A PostgreSQL server of this test's own, to stop and restart (skips with the reason where none can run)."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg is not installed (pip install -e '.[test]')")
+    server = PgServer.find()
+    if isinstance(server, str):
+        pytest.skip(server)
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
 def pg_url(pg_server) -> str:
     """The URL of a fresh, empty database on the session's PostgreSQL server."""
     return pg_server.create_database()

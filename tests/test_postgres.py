@@ -174,19 +174,6 @@ def test_url_password_is_never_shown():
     assert redact_url("postgresql://wf@db/wf") == "postgresql://wf@db/wf"
 
 
-@pytest.fixture
-def own_server():
-    """A server of this test's own, to stop and restart."""
-    from pgserver import PgServer
-
-    server = PgServer.find()
-    if isinstance(server, str):
-        pytest.skip(server)
-    server.start()
-    yield server
-    server.cleanup()
-
-
 def test_server_down_raises_store_unavailable_and_the_store_recovers_after_a_restart(own_server, tmp_path,
                                                                                      make_spec):
     from helpers import wait_until

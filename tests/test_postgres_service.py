@@ -104,3 +104,102 @@ def test_an_unreachable_server_is_a_warning_for_check_config_and_an_error_for_st
     status = _watchfolder(_config(tmp_path, url), "status")
     assert status.returncode == 1
     assert status.stderr.strip() == f"watchfolder: error: PostgreSQL at {url} is unreachable: Connection refused"
+
+
+class _Service:
+    """``python -m watchfolder ARGS`` in the background, its log (stderr) collected line by line."""
+
+    def __init__(self, config: Path, *args: str):
+        import threading
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHFOLDER")}
+        env["WF_TEST_DB_PASSWORD"] = "unused-with-trust"
+        self.proc = subprocess.Popen([sys.executable, "-m", "watchfolder", "--config", str(config), *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.lines: list[str] = []
+        self.stdout: list[str] = []
+        self._readers = [threading.Thread(target=self._read, args=(self.proc.stderr, self.lines), daemon=True),
+                         threading.Thread(target=self._read, args=(self.proc.stdout, self.stdout), daemon=True)]
+        for reader in self._readers:
+            reader.start()
+
+    @staticmethod
+    def _read(stream, into: list[str]) -> None:
+        for line in stream:
+            into.append(line.rstrip("\n"))
+
+    def matching(self, text: str, level: str | None = None) -> list[str]:
+        return [line for line in list(self.lines) if text in line and (level is None or f" {level} " in line)]
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for reader in self._readers:
+            reader.join(5)
+
+
+def test_a_database_outage_is_one_warning_then_one_info_line_with_its_duration(own_server, tmp_path):
+    # Before: every worker thread, heartbeat, watcher, the outbox, the event dispatcher, the LISTEN
+    # thread and psycopg's pool each logged the outage, on every retry.
+    from helpers import wait_until
+
+    url = own_server.create_database()
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    config = _config(tmp_path, url, log_level="debug", workers={"count": 3, "poll_interval": 0.2},
+                     notify={"transport": "folder"},
+                     watch=[{"path": str(drop), "mode": "polling", "poll_interval": 0.2}])
+    service = _Service(config, "run")
+    try:
+        wait_until(lambda: any("running (3 worker(s)" in line for line in service.stdout)
+                   or service.proc.poll() is not None and pytest.fail("\n".join(service.lines)),
+                   60, interval=0.1, message="the service up")
+        start = len(service.lines)
+        own_server.stop("fast")
+        # Let the outage last through many retries of every part (seen in the DEBUG lines), then end it.
+        wait_until(lambda: len([line for line in service.lines[start:] if "unreachable" in line]) >= 12,
+                   60, interval=0.1,
+                   message="the parts retrying during the outage")
+        own_server.start()
+        wait_until(lambda: service.matching("reachable again after", "INFO"), 60, interval=0.1,
+                   message="the INFO line when the store is back")
+        during = service.lines[start:]
+        warnings = [line for line in during if " WARNING " in line or " ERROR " in line or " CRITICAL " in line]
+        assert len(warnings) == 1, "\n".join(warnings)
+        assert f"PostgreSQL at {url}" in warnings[0] and "waiting for it" in warnings[0]
+        assert len([line for line in during if "reachable again after" in line]) == 1
+    finally:
+        service.stop()
+
+
+def test_an_outage_reminds_with_backoff_and_a_late_success_of_an_old_call_ends_nothing(caplog):
+    import logging
+
+    from watchfolder.store.outage import Outage
+
+    now = [0.0]
+    outage = Outage("db", logging.getLogger("test.outage"), clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="test.outage"):
+        for t in (0, 1, 30, 59, 61, 100, 180, 182, 400, 430):
+            now[0] = t
+            if t == 100:
+                outage.up(started=50.0)  # a call under way before the latest failure (at 61)
+            outage.down(f"PostgreSQL at db is unreachable ({t})")
+        now[0] = 500.0
+        outage.up(started=430.0)
+        outage.up(started=431.0)
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert lines == [
+        ("WARNING", "PostgreSQL at db is unreachable (0); waiting for it, retrying with backoff (nothing is lost)"),
+        ("WARNING", "still, after 61 s: PostgreSQL at db is unreachable (61)"),
+        ("WARNING", "still, after 3 min: PostgreSQL at db is unreachable (182)"),
+        ("WARNING", "still, after 7 min: PostgreSQL at db is unreachable (430)"),
+        ("INFO", "store db reachable again after 8 min"),
+    ]

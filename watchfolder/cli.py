@@ -249,6 +249,9 @@ def load_config(args, overrides: dict[str, str] | None = None) -> configmod.Conf
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from .store.outage import OutageNoise
+
+    OutageNoise.install()  # a store outage is said once, by the store (store/outage.py)
     return config
 
 

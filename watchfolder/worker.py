@@ -120,8 +120,8 @@ class JobContext(ImportContext):
             self.lease_lost = str(exc)
         except StoreUnavailable as exc:
             # Progress is best effort and the lease outlives a short outage; the
-            # next heartbeat after the store is back renews it.
-            log.warning("job %s: could not renew its lease: %s", self.job.id, exc)
+            # next heartbeat after the store is back renews it. (The store logs the outage.)
+            log.debug("job %s: could not renew its lease: %s", self.job.id, exc)
 
     def heartbeat(self) -> None:
         """Renew the lease (and save the latest progress); called by the heartbeat thread."""
@@ -298,7 +298,7 @@ class Worker:
                 if self.hard_stop.is_set():
                     raise
                 delay = next(delays, D.RECONNECT_BACKOFF[-1])
-                log.warning("worker %s: %s; trying again in %g s", self.name, exc, delay)
+                log.debug("worker %s: %s; trying again in %g s", self.name, exc, delay)  # the store logs the outage
                 self.hard_stop.wait(delay)
 
     # -- what unsuccessful jobs wrote -------------------------------------------
@@ -415,8 +415,9 @@ class Worker:
                 except StoreUnavailable as exc:  # server down or restarting: wait, reconnect with backoff
                     if outage is None:
                         outage = iter(D.RECONNECT_BACKOFF)
-                        log.warning("worker %s: %s; waiting for it", self.name, exc)
-                    stop.wait(next(outage, D.RECONNECT_BACKOFF[-1]))
+                    delay = next(outage, D.RECONNECT_BACKOFF[-1])
+                    log.debug("worker %s: %s; trying again in %g s", self.name, exc, delay)  # the store logs it
+                    stop.wait(delay)
                     continue
                 except Exception as exc:  # store busy or broken: claim nothing, keep the worker alive
                     if str(exc) != last_error:  # once per kind, not every poll
@@ -425,9 +426,7 @@ class Worker:
                     stop.wait(self.poll_interval)
                     continue
                 last_error = None
-                if outage is not None:
-                    outage = None
-                    log.warning("worker %s: store reachable again", self.name)
+                outage = None
                 if job is None:
                     if burst:
                         break

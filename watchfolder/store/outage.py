@@ -23,9 +23,12 @@ class Outage:
 
     ``down(error)`` on each failed attempt: the first logs a WARNING naming the
     store and the error; later ones log a reminder once :data:`REMINDERS` says
-    (seconds since the previous line). ``up()`` on each success: after an
-    outage, one INFO line with its duration. Thread-safe; ``up()`` costs one
-    attribute read when nothing is wrong. Times are ``time.monotonic()`` seconds.
+    (seconds since the previous line). ``up(started)`` on each success of an
+    attempt begun at ``started``: after an outage, one INFO line with its
+    duration. A success begun before the latest failure (a call that was under
+    way when the server went) ends nothing. Thread-safe; ``up()`` costs one
+    attribute read when nothing is wrong. Times are ``clock()`` seconds
+    (``time.monotonic()``).
     """
 
     def __init__(self, store: str, logger: logging.Logger, *, clock=time.monotonic):
@@ -35,6 +38,7 @@ class Outage:
         self.since: float | None = None
         self.error: str | None = None
         self._next_reminder = 0.0
+        self._last_failure = 0.0
         self._reminders = 0
         self._lock = threading.Lock()
 
@@ -43,6 +47,7 @@ class Outage:
         now = self.clock()
         with self._lock:
             self.error = error
+            self._last_failure = now
             if self.since is None:
                 self.since = now
                 self._reminders = 0
@@ -53,11 +58,11 @@ class Outage:
                 self._next_reminder = now + REMINDERS[min(self._reminders, len(REMINDERS) - 1)]
                 self.log.warning("still, after %s: %s", format_duration(now - self.since), error)
 
-    def up(self) -> None:
+    def up(self, started: float) -> None:
         if self.since is None:
             return
         with self._lock:
-            if self.since is None:
+            if self.since is None or started < self._last_failure:
                 return
             lasted = self.clock() - self.since
             self.since = None
@@ -79,3 +84,47 @@ def outage_for(store: str, logger: logging.Logger) -> Outage:
         if outage is None:
             outage = _OUTAGES[store] = Outage(store, logger)
         return outage
+
+
+class OutageNoise(logging.Filter):
+    """A handler filter: what an outage makes the other parts say, already said by :class:`Outage`.
+
+    Drops (or, when the root logger is at DEBUG, shows as DEBUG) a record whose
+    exception is a :class:`~watchfolder.errors.StoreUnavailable` (a loop that
+    retries), and psycopg's own warnings about lost or failed connections.
+    Installed on the root handlers by the command line (``install``).
+    """
+
+    PSYCOPG_NOISE = (
+        "error connecting in", "reconnection attempt in pool", "discarding broken connection",
+        "discarding closed connection", "closing returned connection", "error resetting connection",
+        "error ignored terminating", "error ignored in rollback",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.DEBUG or not self._noise(record):
+            return True
+        if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+    def _noise(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("psycopg"):
+            return str(record.msg).startswith(self.PSYCOPG_NOISE)
+        if record.exc_info and record.exc_info[1] is not None:
+            from ..errors import StoreUnavailable
+
+            exc: BaseException | None = record.exc_info[1]
+            while exc is not None:
+                if isinstance(exc, StoreUnavailable):
+                    return True
+                exc = exc.__cause__ or exc.__context__
+        return False
+
+    @classmethod
+    def install(cls) -> None:
+        """Add the filter to the root logger's handlers (once)."""
+        for handler in logging.getLogger().handlers:
+            if not any(isinstance(f, cls) for f in handler.filters):
+                handler.addFilter(cls())

@@ -346,20 +346,6 @@ def probe(url: str, *, password: str | None = None, connect_timeout: float = D.P
     return {"server": version, "schema": schema}
 
 
-def _quiet_pool_log() -> None:
-    """Drop psycopg_pool's per-attempt connection warnings: the store reports outages itself (:class:`Outage`)."""
-    pool_log = logging.getLogger("psycopg.pool")
-    if not any(isinstance(f, _PoolNoise) for f in pool_log.filters):
-        pool_log.addFilter(_PoolNoise())
-
-
-class _PoolNoise(logging.Filter):
-    NOISE = ("error connecting in", "reconnection attempt in pool", "discarding broken connection")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.NOISE)
-
-
 def _source_filter(source: str) -> tuple[str, tuple]:
     if source.endswith("*"):
         return "left(source, %s) = %s", (len(source) - 1, source[:-1])
@@ -418,7 +404,6 @@ class PostgresStore(FileLogs, JobStore):
         self._outage = outage_for(self.location, log) if log_outages else Outage(self.location, _SILENT)
         # (monotonic time, exception) of the pool's latest failed connection attempt.
         self._connect_failure: tuple[float, BaseException] | None = None
-        _quiet_pool_log()
         self.pool = psycopg_pool.ConnectionPool(
             url,
             connection_class=self._connection_class(),
@@ -526,6 +511,7 @@ class PostgresStore(FileLogs, JobStore):
         with the next one that is read (and the COMMIT with the last), so a transition
         costs two or three round trips, not one per statement.
         """
+        started = time.monotonic()
         try:
             with self._connection() as conn:
                 if not pipeline:  # e.g. scripts of several statements (the schema)
@@ -542,7 +528,7 @@ class PostgresStore(FileLogs, JobStore):
             error = StoreUnavailable(f"PostgreSQL at {self.location} is unreachable: {_first_line(exc)}")
             self._outage.down(str(error))
             raise error from exc
-        self._outage.up()
+        self._outage.up(started)
 
     def _migrate(self) -> int:
         with self._tx(pipeline=False) as conn:
@@ -1540,11 +1526,12 @@ class PostgresStore(FileLogs, JobStore):
         backoff = iter(D.RECONNECT_BACKOFF)
         reconnecting = False
         while not self._listener_stop.is_set():
+            started = time.monotonic()
             try:
                 with psycopg.connect(self.url, autocommit=True, **self._connect_kwargs) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self._listening = True
-                    self._outage.up()
+                    self._outage.up(started)
                     backoff = iter(D.RECONNECT_BACKOFF)
                     if reconnecting:  # a job queued while we were not listening is claimable now
                         self.notify_work()
