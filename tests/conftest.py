@@ -17,9 +17,8 @@ from watchfolder.job import FileEntry, JobSpec, RetryPolicy, Target
 from watchfolder.store import SQLiteStore
 
 
-@pytest.fixture(scope="session")
-def pg_server():
-    """One throwaway PostgreSQL server for the session (see ``pgserver.py``); skips with the reason where none can run."""
+def _started_pg_server() -> PgServer:
+    """A throwaway PostgreSQL server, started (see ``pgserver.py``); skips with the reason where none can run."""
     try:
         import psycopg  # noqa: F401
     except ImportError:
@@ -32,6 +31,13 @@ def pg_server():
     except (RuntimeError, OSError) as exc:
         server.cleanup()
         pytest.skip(f"could not start a throwaway PostgreSQL: {exc}")
+    return server
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One throwaway PostgreSQL server for the session."""
+    server = _started_pg_server()
     yield server
     server.cleanup()
 
@@ -39,14 +45,7 @@ def pg_server():
 @pytest.fixture
 def own_server():
     """A PostgreSQL server of this test's own, to stop and restart (skips with the reason where none can run)."""
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        pytest.skip("psycopg is not installed (pip install -e '.[test]')")
-    server = PgServer.find()
-    if isinstance(server, str):
-        pytest.skip(server)
-    server.start()
+    server = _started_pg_server()
     yield server
     server.cleanup()
 
