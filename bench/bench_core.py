@@ -98,7 +98,10 @@ def real_notifier(tmp: Path) -> Notifier:
 
 def job_cycle_rate(tmp: Path, n: int, synchronous: str, phased: bool, composer=None, tag: str = "") -> float:
     """enqueue → claim → no-op import → succeed (with its outbox row), one worker: cycles per second."""
-    store = SQLiteStore(tmp / f"jobs-{synchronous}-{phased}{tag}.db", synchronous=synchronous,
+    # Each store in a folder of its own: a store refuses a new database beside another's logs.
+    folder = tmp / f"jobs-{synchronous}-{phased}{tag}"
+    folder.mkdir()
+    store = SQLiteStore(folder / "jobs.db", synchronous=synchronous,
                         composer=composer or _mails)
     worker = Worker(store, NoopImporter(), name="bench", maintain_interval=1.0)
     specs = [

@@ -392,6 +392,35 @@ def test_enqueue_many_commits_a_batch_and_keeps_idempotency(store, make_spec):
     assert {store.claim("w").id, store.claim("w").id} == {results[0][0].id, results[1][0].id}
 
 
+def test_recent_successes_like_are_the_owners_succeeded_jobs_of_that_shape(store, make_spec):
+    from watchfolder.job import Target
+
+    two = {"a.tif": b"x" * 100, "b.tif": b"y" * 50}  # 2 files, 150 bytes
+    ids = {}
+    for name, files, fields in (
+        ("match-1", two, {}),
+        ("other-size", {"a.tif": b"x" * 100, "b.tif": b"y" * 51}, {}),
+        ("other-count", {"a.tif": b"x" * 150}, {}),
+        ("other-owner", two, {"owner": "asmith"}),
+        ("other-target", two, {"target": Target(dataset="elsewhere")}),
+        ("other-group", two, {"group": "other-lab"}),
+        ("match-2", two, {}),
+        ("not-finished", two, {}),
+    ):
+        job, _ = store.enqueue(make_spec(files=files, name=name, **fields), now=T0)
+        ids[name] = job.id
+        if name != "not-finished":
+            store.claim("w", now=T0)
+            store.succeed(job.id, "w", {}, now=T0 + 1)
+    probe = make_spec(files=two)
+    found = store.recent_successes_like(probe, recent=200)
+    assert [j.id for j in found] == [ids["match-2"], ids["match-1"]]  # newest first
+    assert found[0].spec.files == store.get(ids["match-2"]).spec.files
+    # Only the owner's `recent` newest successes are looked at.
+    assert [j.id for j in store.recent_successes_like(probe, recent=3)] == [ids["match-2"]]
+    assert store.recent_successes_like(make_spec(files={"c.tif": b"z" * 151}), recent=200) == []
+
+
 def test_enqueue_answers_the_job_as_stored_and_duplicates_use_no_ids(store, make_spec):
     first, _ = store.enqueue(make_spec(), now=T0)
     stored = store.get(first.id)

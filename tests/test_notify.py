@@ -339,6 +339,33 @@ def test_unicode_names_and_subjects(tmp_path, smtp):
     assert "Çà &amp; &lt;b&gt;" in html and "<b>Schnitt 3 – Gehirn ü 東京</b>" in html
 
 
+def test_each_mail_has_its_own_boundary_and_parses_back_whole(tmp_path):
+    """The composer sets the multipart boundary itself (the generator's own costs a regular
+    expression per mail): each mail gets a fresh one, absent from its parts, and a parser finds
+    exactly the text and HTML parts; headers of one mail never leak into the next (the header
+    classes are shared, the headers are not)."""
+    import email
+    import email.policy
+
+    notifier = Notifier(make_config(tmp_path))
+    first = notifier.compose(make_job(result={"destination": "/a"}))[0]
+    second = notifier.compose(make_job(result={"destination": "/b"}, job_id=43, owner="asmith"))[0]
+    boundaries = set()
+    for mail, job_id in ((first, "42"), (second, "43")):
+        raw = mail.as_bytes()
+        boundary = mail.message.get_boundary()
+        boundaries.add(boundary)
+        assert raw.count(b"--" + boundary.encode() + b"\r\n") == 2
+        assert raw.count(b"--" + boundary.encode() + b"--") == 1
+        parsed = email.message_from_bytes(raw, policy=email.policy.default)
+        assert [p.get_content_type() for p in parsed.iter_parts()] == ["text/plain", "text/html"]
+        assert parsed["X-Watchfolder-Job"] == job_id
+        assert parsed.get_body(("plain",)).get_content().count("Hello") == 1
+    assert len(boundaries) == 2
+    assert "asmith" in second.message["Subject"] or "asmith" in second.as_bytes().decode()
+    assert "asmith" not in first.as_bytes().decode()
+
+
 def test_newlines_in_values_do_not_break_the_subject(tmp_path):
     job = make_job(JobState.FAILED, error=JobError(ErrorKind.PERMANENT, "line one\nBcc: evil@example.org"))
     admin = Notifier(make_config(tmp_path)).compose(job)[1]

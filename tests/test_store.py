@@ -114,6 +114,22 @@ def test_rows_of_schema_1_with_files_in_the_spec_are_still_read(tmp_path, make_s
     reopened.close()
 
 
+def test_recent_successes_like_counts_the_files_of_schema_1_rows(tmp_path, make_spec):
+    store = SQLiteStore(tmp_path / "jobs.db")
+    spec = make_spec()
+    job, _ = store.enqueue(spec, now=T0)
+    store.claim("w", now=T0)
+    store.succeed(job.id, "w", {}, now=T0 + 1)
+    conn = store._conn()
+    # As schema 1 wrote it: the files inside the spec JSON, no job_files rows.
+    conn.execute("UPDATE jobs SET spec = ? WHERE id = ?", (json.dumps(spec.to_dict()), job.id))
+    conn.execute("DELETE FROM job_files")
+    assert [j.id for j in store.recent_successes_like(spec, recent=10)] == [job.id]
+    bigger = make_spec(files={"img_1.tif": b"pixels-1" * 100, "img_2.tif": b"pixels-2" * 51})
+    assert store.recent_successes_like(bigger, recent=10) == []
+    store.close()
+
+
 def _mail(job):
     from email.message import EmailMessage
 

@@ -39,6 +39,7 @@ import hashlib
 import html
 import logging
 import os
+import random
 import re
 import string
 import time
@@ -51,6 +52,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..job import Job, JobState, printable
+from ..store.base import MAIL_POLICY
 from ..units import format_size
 from .message import Mail
 
@@ -419,7 +421,7 @@ class Notifier:
         plain["subject"] = subject
         rich = {k: v.html if isinstance(v, _Block) else _esc(str(v)) for k, v in values.items()}
         rich["subject"] = _esc(subject)
-        msg = EmailMessage()
+        msg = EmailMessage(policy=MAIL_POLICY)
         msg["Subject"] = subject
         msg["From"] = formataddr(("watchfolder", self.sender))
         msg["To"] = ", ".join(recipients)
@@ -436,6 +438,11 @@ class Notifier:
         msg.set_content(templates.text.substitute(plain), charset="utf-8", cte="quoted-printable")
         msg.add_alternative(templates.html.substitute(rich), subtype="html", charset="utf-8",
                             cte="quoted-printable")
+        # The boundary set here, not by the generator, which compiles a regular expression for
+        # each new boundary to look for it in the text (a millisecond per mail). A random number
+        # between '=' runs (the generator's own form) cannot occur in quoted-printable parts,
+        # where '=' is always '=3D'.
+        msg.set_boundary(f"==============={random.getrandbits(64):020d}==")
         return Mail(kind=kind, recipients=tuple(recipients), message=msg)
 
 

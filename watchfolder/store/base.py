@@ -25,13 +25,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from email.headerregistry import HeaderRegistry
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 from .. import defaults as D
 from ..errors import ImportFailure
-from ..job import Job, JobSpec, Progress
+from ..job import Job, JobSpec, JobState, Progress
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,39 @@ def process_exists(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+def same_target(a: JobSpec, b: JobSpec) -> bool:
+    """Whether two acquisitions go to the same target in the same group (content de-duplication's scope)."""
+    return a.target == b.target and (a.group or None) == (b.group or None)
+
+
+class _CachingHeaderRegistry(HeaderRegistry):
+    """Python's :class:`~email.headerregistry.HeaderRegistry` builds a new header class with
+    ``type()`` on every lookup — a third of composing a mail. The class depends only on the
+    header's name, so each is built once here; the headers themselves behave the same."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._classes: dict[str, type] = {}
+
+    def __getitem__(self, name: str) -> type:
+        key = name.lower()
+        cls = self._classes.get(key)
+        if cls is None:
+            cls = self._classes[key] = super().__getitem__(name)
+        return cls
+
+
+_HEADERS = _CachingHeaderRegistry()
+#: The policy to compose mails with: :data:`email.policy.default` with cached header classes.
+MAIL_POLICY = email.policy.default.clone(header_factory=_HEADERS)
+# Generation policies of Mail.as_bytes, by (ascii_only, one_line_headers).
+_WIRE_POLICIES = {
+    (ascii_only, one_line): (email.policy.SMTP if ascii_only else email.policy.SMTPUTF8).clone(
+        header_factory=_HEADERS, **({"max_line_length": 998} if one_line else {}))
+    for ascii_only in (True, False) for one_line in (True, False)
+}
 
 
 @dataclass(frozen=True)
@@ -70,13 +104,11 @@ class Mail:
     def as_bytes(self) -> bytes:
         # SMTPUTF8 keeps a non-ASCII address readable in the headers; plain SMTP would mangle it.
         ascii_only = all(r.isascii() for r in self.recipients)
-        policy = email.policy.SMTP if ascii_only else email.policy.SMTPUTF8
-        if not ascii_only or all(str(v).isascii() for v in self.message.values()):
-            # Nothing needs RFC 2047 encoded words (whose 75-character limit needs folding): keep
-            # each header on one line (RFC 5322 allows 998). Readers that unfold a folded header
-            # by turning CRLF into a space (Python's compat32, some webmail) show doubled spaces.
-            policy = policy.clone(max_line_length=998)
-        return self.message.as_bytes(policy=policy)
+        # Nothing needs RFC 2047 encoded words (whose 75-character limit needs folding): keep
+        # each header on one line (RFC 5322 allows 998). Readers that unfold a folded header
+        # by turning CRLF into a space (Python's compat32, some webmail) show doubled spaces.
+        one_line = not ascii_only or all(str(v).isascii() for v in self.message.values())
+        return self.message.as_bytes(policy=_WIRE_POLICIES[ascii_only, one_line])
 
 
 @dataclass(frozen=True)
@@ -237,6 +269,20 @@ class JobStore(abc.ABC):
         ``since``/``until`` bound the creation time; ``dismissed`` filters on
         whether an admin acknowledged a failure.
         """
+
+    def recent_successes_like(self, spec: JobSpec, *, recent: int) -> list[Job]:
+        """Among ``spec.owner``'s ``recent`` newest succeeded jobs, newest first, those into the
+        same target and group with as many files as ``spec`` totalling as many bytes (a file
+        of unknown size counts 0).
+
+        Content de-duplication's candidates (:mod:`watchfolder.watch.dedup`): only these
+        are compared in full. This default filters :meth:`list_jobs`; a store answers
+        from its own tables where it can, without building every job (a burst of 200
+        acquisitions compared 200 × 200 jobs).
+        """
+        jobs, _ = self.list_jobs(states=[JobState.SUCCEEDED], owner=spec.owner, limit=recent)
+        return [j for j in jobs if same_target(j.spec, spec) and len(j.spec.files) == len(spec.files)
+                and j.spec.total_bytes() == spec.total_bytes()]
 
     @abc.abstractmethod
     def counts(self) -> dict[str, int]:

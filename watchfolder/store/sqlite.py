@@ -47,7 +47,7 @@ from ..job import (
     Progress,
     RetryPolicy,
 )
-from .base import JobStore, Mail, MailComposer, OutboxMail, PendingEntry, process_exists
+from .base import JobStore, Mail, MailComposer, OutboxMail, PendingEntry, process_exists, same_target
 from .rows import (
     FINISHED_FOLLOWUP,
     FileLogs,
@@ -564,6 +564,26 @@ class SQLiteStore(FileLogs, JobStore):
         jobs = [self._job(r) for r in rows[:limit]]
         next_cursor = str(jobs[-1].id) if len(rows) > limit else None
         return jobs, next_cursor
+
+    def recent_successes_like(self, spec: JobSpec, *, recent: int) -> list[Job]:
+        # Target, group and the files' count and bytes compared in SQL (the files from job_files,
+        # or for a schema-1 row from the spec's own list): only the rows that match are built.
+        count, total, target = len(spec.files), spec.total_bytes(), spec.target
+        rows = self._conn().execute(
+            "SELECT j.* FROM (SELECT * FROM jobs WHERE owner = ? AND state = 'succeeded'"
+            " ORDER BY id DESC LIMIT ?) AS j WHERE json_extract(j.spec, '$.target.project') IS ?"
+            " AND json_extract(j.spec, '$.target.dataset') IS ? AND json_extract(j.spec, '$.target.dataset_id') IS ?"
+            " AND json_extract(j.spec, '$.target.screen') IS ? AND json_extract(j.spec, '$.target.screen_id') IS ?"
+            " AND nullif(json_extract(j.spec, '$.group'), '') IS ?"
+            " AND CASE WHEN json_type(j.spec, '$.files') IS NULL"
+            " THEN (SELECT count(*) = ? AND coalesce(sum(size), 0) = ? FROM job_files f WHERE f.job_id = j.id)"
+            " ELSE (SELECT count(*) = ? AND coalesce(sum(json_extract(value, '$.size')), 0) = ?"
+            " FROM json_each(j.spec, '$.files')) END ORDER BY j.id DESC",
+            (spec.owner, max(1, min(int(recent), 1000)), target.project, target.dataset, target.dataset_id,
+             target.screen, target.screen_id, spec.group or None, count, total, count, total),
+        ).fetchall()
+        jobs = [self._job(r) for r in rows]
+        return [j for j in jobs if same_target(j.spec, spec)]
 
     def counts(self) -> dict[str, int]:
         """Number of jobs in each state (every state present)."""

@@ -23,7 +23,7 @@ import unicodedata
 from typing import Any
 
 from ..config import Config
-from ..job import Job, JobState
+from ..job import Job
 
 RECENT_JOBS = 200
 
@@ -62,7 +62,7 @@ def find_duplicate(job: Job, *, config: Config, store: Any) -> Job | None:
         return None
     shape = _shape(job)
     total = spec.total_bytes()
-    earlier, _ = store.list_jobs(states=[JobState.SUCCEEDED], owner=spec.owner, limit=RECENT_JOBS)
+    earlier = store.recent_successes_like(spec, recent=RECENT_JOBS)
     mine: dict[str, str] | None = None
     for other in earlier:
         if other.id == job.id or other.spec.target != spec.target or (other.spec.group or None) != (spec.group or None):
