@@ -597,6 +597,16 @@ def test_added_events_and_watcher_health_changes(store):
     assert health[-1]["subject"] == "watcher/lsm" and health[-1]["data"]["problem"] == "gone"
 
 
+def test_last_event_id_survives_pruning_every_event(store, make_spec):
+    store.enqueue(make_spec(), now=T0)
+    newest = store.last_event_id()
+    assert newest > 0
+    assert store.events_prune(T0 + 10) >= 1 and store.events_after(0) == []
+    assert store.last_event_id() == newest  # a poller at `newest` is not ahead of this store
+    store.enqueue(make_spec(owner="alice"), now=T0 + 20)
+    assert store.events_after(newest)[0]["id"] > newest
+
+
 def test_sinks_are_held_by_one_holder_and_remember_their_position(store, make_spec):
     store.enqueue(make_spec(), now=T0)
     start = store.last_event_id()

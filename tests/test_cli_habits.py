@@ -123,3 +123,30 @@ def test_banner_names_the_real_executable_and_a_stopped_line_ends_the_run(cfg_pa
     assert f"{os.path.realpath(script)} --config {cfg_path.resolve()} jobs list" in text
     assert f"{os.path.realpath(script)} --config {cfg_path.resolve()} pending" in text
     assert lines[-1].strip().endswith("stopped"), lines[-3:]
+
+
+@pytest.mark.parametrize("args, name", [
+    (("jobs", "show", "9" * 20), "id"),
+    (("jobs", "retry", "²"), "id"),
+    (("jobs", "list", "--limit", "0"), "--limit"),
+    (("jobs", "list", "--cursor", "9" * 20), "cursor"),
+    (("mail", "list", "--limit", "9" * 20), "--limit"),
+    (("pending", "--limit", "-1"), "--limit"),
+    (("events", "list", "--after", "9" * 20), "--after"),
+    (("events", "list", "--limit", "-5"), "--limit"),
+    (("submit", str(SLIDE3), "--dataset-id", "9" * 20), "--dataset-id"),
+])
+def test_every_number_on_the_command_line_is_checked_before_the_store_sees_it(cfg_path, tmp_path, args, name):
+    out = sub(*args, "-c", str(cfg_path), cwd=tmp_path)
+    assert out.returncode in (1, 2), out
+    assert "Traceback" not in out.stderr and name in out.stderr, out.stderr
+
+
+def test_events_list_past_the_newest_event_says_the_store_changed(cfg_path, tmp_path, jobstore):
+    out = sub("submit", str(SLIDE3), "-c", str(cfg_path), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    newest = jobstore.last_event_id()
+    out = sub("events", "list", "--after", str(newest), "-c", str(cfg_path), cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout == "", out
+    out = sub("events", "list", "--after", str(newest + 1), "-c", str(cfg_path), cwd=tmp_path)
+    assert out.returncode == 1 and "past the newest event id" in out.stderr and "--after 0" in out.stderr

@@ -207,6 +207,15 @@ def test_events_endpoint_pages_and_scopes_by_owner(api, make_spec):
     assert api.client("portal").get("/api/v1/events").json["events"] == []  # submitted nothing
 
 
+def test_a_position_past_the_newest_event_is_a_conflict_not_an_empty_page(api, make_spec):
+    job, _ = api.store.enqueue(make_spec())
+    newest = api.store.last_event_id()
+    assert api.client("admin").get(f"/api/v1/events?after={newest}").json["events"] == []
+    answer = api.client("admin").get(f"/api/v1/events?after={newest + 1000}")
+    assert answer.status == 409  # a poller restored against another store would otherwise wait forever
+    assert "after=0" in answer.json["error"] and str(newest) in answer.json["error"]
+
+
 @pytest.mark.parametrize("query", [{"after": "-1"}, {"after": "9" * 30}, {"limit": "0"}, {"limit": "x"},
                                    {"since": "1"}])
 def test_events_endpoint_refuses_bad_parameters(api, query):

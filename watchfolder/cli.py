@@ -25,7 +25,7 @@ from . import __version__
 from . import config as configmod
 from .errors import AcquisitionError, JobNotFound, WatchfolderError
 from .job import FINISHED_STATES, Job, JobState, Target, printable
-from .units import format_size
+from .units import INT64_MAX, format_size, whole_number
 
 EPILOG = "Config: --config PATH or $WATCHFOLDER_CONFIG. Docs: README.md."
 # What error messages may name: the job database of the loaded config.
@@ -77,6 +77,26 @@ def _sub_parser(common: argparse.ArgumentParser) -> type[argparse.ArgumentParser
     return SubParser
 
 
+def _whole_arg(low: int, high: int = INT64_MAX, what: str = "a whole number"):
+    """An argparse ``type`` reading an ASCII whole number in ``[low, high]`` (a usage error otherwise)."""
+
+    def parse(text: str) -> int:
+        number = whole_number(text, low, high)
+        if number is None:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} from {low} to {high}")
+        return number
+
+    return parse
+
+
+# Every number the CLI reads goes through one of these: a bad one is a usage error naming it,
+# never a traceback from the store (SQLite and PostgreSQL integers are 64-bit).
+ID = _whole_arg(1, what="an id")
+COUNT = _whole_arg(1, 10_000, what="a count")
+EVENT_ID = _whole_arg(0, what="an event id")
+WORKERS = _whole_arg(1, 1024, what="a number of workers")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="watchfolder",
@@ -96,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("work", help="run workers only", epilog=EPILOG)
     p.add_argument("--burst", action="store_true", help="drain the queue, then exit")
-    p.add_argument("--count", type=int, help="number of workers (default: workers.count)")
+    p.add_argument("--count", type=WORKERS, help="number of workers (default: workers.count)")
     p.add_argument("--name", help="this process's name in the status view; workers are NAME:w1… (default: host:pid)")
     p.set_defaults(func=cmd_work)
 
@@ -116,9 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--email", help="where to mail the outcome")
     p.add_argument("--project", help="target project name (with --dataset)")
     p.add_argument("--dataset", help="target dataset name")
-    p.add_argument("--dataset-id", type=int, help="target dataset id")
+    p.add_argument("--dataset-id", type=ID, help="target dataset id")
     p.add_argument("--screen", help="target screen name")
-    p.add_argument("--screen-id", type=int, help="target screen id")
+    p.add_argument("--screen-id", type=ID, help="target screen id")
     p.add_argument("--name", help="image name")
     p.add_argument("--description", help="image description")
     p.add_argument("--annotation", action="append", default=[], metavar="KEY=VALUE",
@@ -134,25 +154,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", action="append", choices=[str(s) for s in JobState], help="filter (repeatable)")
     p.add_argument("--owner")
     p.add_argument("--source", help="exact source, or a prefix ending with * (e.g. 'watch:*')")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=COUNT, default=20)
     p.add_argument("--cursor", help="next page (printed after a full page)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs_list)
     p = jsub.add_parser("show", help="show one job")
-    p.add_argument("id", type=int)
+    p.add_argument("id", type=ID)
     p.add_argument("--follow", "-f", action="store_true",
                    help="draw live progress until the job ends (waits for a job about to appear)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs_show)
     p = jsub.add_parser("log", help="print a job's log")
-    p.add_argument("id", type=int)
+    p.add_argument("id", type=ID)
     p.set_defaults(func=cmd_jobs_log)
     p = jsub.add_parser("retry", help="queue a failed or cancelled job again")
-    p.add_argument("id", type=int)
+    p.add_argument("id", type=ID)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs_retry)
     p = jsub.add_parser("cancel", help="cancel a queued, waiting or running job")
-    p.add_argument("id", type=int)
+    p.add_argument("id", type=ID)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs_cancel)
     jobs.set_defaults(func=lambda a: (jobs.print_help(), 2)[1])
@@ -169,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG)
     p.add_argument("--watch", help="only this watch folder (its name)")
     p.add_argument("--owner", help="only this owner")
-    p.add_argument("--limit", type=int, default=500)
+    p.add_argument("--limit", type=COUNT, default=500)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_pending)
 
@@ -200,11 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     msub = mail.add_subparsers(title="mail commands", metavar="ACTION")
     p = msub.add_parser("list", help="list outbox mails, newest first")
     p.add_argument("--state", choices=["pending", "sending", "sent", "failed"])
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=COUNT, default=20)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_mail_list)
     p = msub.add_parser("resend", help="queue a failed or sent mail again")
-    p.add_argument("id", type=int)
+    p.add_argument("id", type=ID)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_mail_resend)
     mail.set_defaults(func=lambda a: (mail.print_help(), 2)[1])
@@ -212,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     events = sub.add_parser("events", help="events out: list them, see and re-enable sinks", epilog=EPILOG)
     esub = events.add_subparsers(dest="events_command", metavar="SUBCOMMAND")
     p = esub.add_parser("list", help="print events (CloudEvents JSON lines) after an id, oldest first")
-    p.add_argument("--after", type=int, default=0, help="only events with a larger id (default 0)")
-    p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    p.add_argument("--after", type=EVENT_ID, default=0, help="only events with a larger id (default 0)")
+    p.add_argument("--limit", type=COUNT, default=50, help="at most this many (default 50)")
     p.set_defaults(func=cmd_events_list)
     p = esub.add_parser("sinks", help="each webhook / MQTT sink: position, failures, disabled")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -727,7 +747,13 @@ def cmd_events_list(args) -> int:
     from .events.cloudevents import envelope
 
     config = load_config(args)
-    for event in open_store(config).events_after(args.after, limit=args.limit):
+    store = open_store(config)
+    newest = store.last_event_id()
+    if args.after > newest:
+        print(f"watchfolder: error: --after {args.after} is past the newest event id of this store ({newest}); "
+              "was the store replaced or restored? start again from --after 0", file=sys.stderr)
+        return 1
+    for event in store.events_after(args.after, limit=args.limit):
         print(json.dumps(envelope(event, config.events.source), ensure_ascii=False))
     return 0
 

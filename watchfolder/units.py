@@ -6,6 +6,8 @@ IEC 80000-13: 1 KiB = 1024 bytes, 1 MiB = 1024 KiB, … The dashboard's
 
 from __future__ import annotations
 
+import re
+
 UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
@@ -30,3 +32,20 @@ def format_duration(seconds: float) -> str:
     if seconds < 2 * 86400:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} d"
+
+# SQLite integers, PostgreSQL bigint and OMERO ids (Java long) are signed 64-bit.
+INT64_MAX = 2**63 - 1
+_DIGITS = re.compile(r"[0-9]{1,19}")
+
+
+def whole_number(text: str, low: int = 0, high: int = INT64_MAX) -> int | None:
+    """An ASCII whole number in ``[low, high]`` read from ``text``, or None when it is not one.
+
+    Only ASCII digits count (``'²'.isdigit()`` is true, ``int('²')`` fails); at most
+    19 of them, so nothing past a signed 64-bit integer reaches a store.
+    """
+    text = text.strip()
+    if not _DIGITS.fullmatch(text):
+        return None
+    number = int(text)
+    return number if low <= number <= high else None

@@ -626,7 +626,11 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     def last_event_id(self) -> int:
-        """The newest event's id (0 when there is none)."""
+        """The highest event id given out so far (0 when none): pruning old events never lowers it.
+
+        A reader whose position is past it is reading another store (restored from a
+        backup, or replaced): ``GET /api/v1/events`` answers 409 to such a position.
+        """
 
     @abc.abstractmethod
     def sink_claim(self, name: str, holder: str, *, hold: float, now: float | None = None) -> dict[str, Any] | None:

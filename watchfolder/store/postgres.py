@@ -68,6 +68,7 @@ from .rows import (
     job_from_row,
     mail_from_row,
     new_job_columns,
+    page_cursor,
     pending_from_row,
 )
 from .sqlite import JOB_EVENT_PREFIX, WATCHER_HEALTH_EVENT, watcher_event_data
@@ -641,10 +642,8 @@ class PostgresStore(FileLogs, JobStore):
             where.append("created_at < %s")
             args.append(until)
         if cursor:
-            try:
-                args.append(int(cursor))
-            except ValueError:
-                raise StoreError(f"invalid cursor {cursor!r}; pass the next_cursor of the previous page") from None
+            where.append("id < %s")
+            args.append(page_cursor(cursor))
             where.append("id < %s")
         limit = max(1, min(int(limit), 1000))
         sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
@@ -1259,7 +1258,11 @@ class PostgresStore(FileLogs, JobStore):
 
     def last_event_id(self) -> int:
         with self._tx() as conn:
-            return conn.execute("SELECT coalesce(max(id), 0) AS id FROM events").fetchone()["id"]
+            # The identity sequence remembers ids of pruned rows too (NULL before the first event).
+            return conn.execute(
+                "SELECT greatest(coalesce(pg_sequence_last_value(pg_get_serial_sequence('events', 'id')), 0),"
+                " coalesce((SELECT max(id) FROM events), 0)) AS id"
+            ).fetchone()["id"]
 
     def sink_claim(self, name: str, holder: str, *, hold: float, now: float | None = None) -> dict[str, Any] | None:
         now = _now(now)

@@ -16,12 +16,25 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..errors import StoreError
 from ..filemodes import open_private_append
 from ..job import ErrorKind, FileEntry, HistoryEntry, Job, JobError, JobSpec, JobState, Progress, printable
+from ..units import whole_number
 from .base import OutboxMail, PendingEntry
 
 #: Every transition into a finished state: watched jobs then await their post-actions.
 FINISHED_FOLLOWUP = "followup = CASE WHEN source LIKE 'watch:%' THEN 'pending' END"
+
+
+def page_cursor(cursor: str) -> int:
+    """The job id a ``list_jobs`` cursor (an earlier page's ``next_cursor``) stands for.
+
+    Raises StoreError naming the fix for anything else (not digits, past 64 bits).
+    """
+    number = whole_number(str(cursor))
+    if number is None:
+        raise StoreError(f"invalid cursor {cursor!r}; pass the next_cursor of the previous page")
+    return number
 
 
 def job_from_row(

@@ -56,6 +56,7 @@ from .rows import (
     job_from_row,
     mail_from_row,
     new_job_columns,
+    page_cursor,
     pending_from_row,
 )
 
@@ -553,11 +554,8 @@ class SQLiteStore(FileLogs, JobStore):
             where.append("created_at < ?")
             args.append(until)
         if cursor:
-            try:
-                where.append("id < ?")
-                args.append(int(cursor))
-            except ValueError:
-                raise StoreError(f"invalid cursor {cursor!r}; pass the next_cursor of the previous page") from None
+            where.append("id < ?")
+            args.append(page_cursor(cursor))
         limit = max(1, min(int(limit), 1000))
         sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
         rows = self._conn().execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit + 1)).fetchall()
@@ -1390,9 +1388,12 @@ class SQLiteStore(FileLogs, JobStore):
         ]
 
     def last_event_id(self) -> int:
-        """The newest event's id (0 when there is none)."""
-        row = self._conn().execute("SELECT max(id) AS id FROM events").fetchone()
-        return row["id"] or 0
+        # AUTOINCREMENT keeps the highest id ever used in sqlite_sequence, pruned rows included.
+        row = self._conn().execute(
+            "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0),"
+            " coalesce((SELECT max(id) FROM events), 0)) AS id"
+        ).fetchone()
+        return row["id"]
 
     def _sink(self, row: sqlite3.Row) -> dict[str, Any]:
         return {k: row[k] for k in row.keys()}

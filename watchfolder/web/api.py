@@ -273,6 +273,11 @@ class Api:
         problems += [problem(k, "unknown parameter; use after and limit") for k in unknown]
         if problems:
             raise invalid(problems)
+        newest = self.store.last_event_id()
+        if after > newest:
+            raise ApiError(409, f"after={after} is past the newest event id of this store ({newest}): the store was "
+                                "replaced or restored from a backup; start again with after=0 and de-duplicate "
+                                "on (source, id)")
         source = self.config.events.source
         out: list[dict[str, Any]] = []
         position = after

@@ -9,16 +9,14 @@ the WHATWG URL standard percent-encode UTF-8), any ``Content-Type``.
 
 from __future__ import annotations
 
-import re
 import urllib.parse
 
 import bottle
 
+from ..units import INT64_MAX
+from ..units import whole_number as _whole
 from .http import ApiError, invalid, problem
 
-# SQLite integers and OMERO ids (Java long) are signed 64-bit.
-INT64_MAX = 2**63 - 1
-_DIGITS = re.compile(r"[0-9]{1,19}")
 JSON_TYPES = ("application/json",)
 
 
@@ -40,10 +38,9 @@ def query(environ: dict) -> bottle.MultiDict:
 
 def positive_id(text: str) -> int | None:
     """A positive 64-bit id from a path segment, or None when it cannot name anything."""
-    if not _DIGITS.fullmatch(text):
+    if text != text.strip():
         return None
-    value = int(text)
-    return value if 0 < value <= INT64_MAX else None
+    return _whole(text, 1, INT64_MAX)
 
 
 def job_id(text: str) -> int:
@@ -65,10 +62,9 @@ def cursor(value: str | None, field: str = "cursor") -> str | None:
 
 def whole_number(value: str, field: str, low: int, high: int) -> int:
     """An ASCII whole number in ``[low, high]``; 422 naming ``field`` otherwise."""
-    if _DIGITS.fullmatch(value.strip()):
-        number = int(value)
-        if low <= number <= high:
-            return number
+    number = _whole(value, low, high)
+    if number is not None:
+        return number
     raise invalid([problem(field, f"must be a whole number from {low} to {high}, got {value!r}")])
 
 
