@@ -33,6 +33,7 @@ def format_duration(seconds: float) -> str:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} d"
 
+
 # SQLite integers, PostgreSQL bigint and OMERO ids (Java long) are signed 64-bit.
 INT64_MAX = 2**63 - 1
 _DIGITS = re.compile(r"[0-9]{1,19}")

@@ -644,7 +644,6 @@ class PostgresStore(FileLogs, JobStore):
         if cursor:
             where.append("id < %s")
             args.append(page_cursor(cursor))
-            where.append("id < %s")
         limit = max(1, min(int(limit), 1000))
         sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
         with self._tx() as conn:
