@@ -70,6 +70,20 @@ def _kill(proc: subprocess.Popen) -> float:
     return at
 
 
+def _running_on(store: PostgresStore, process: str, *, deadline: float) -> bool:
+    """Whether ``process`` holds a running job within ``deadline`` seconds (polled)."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            running = store.list_jobs(states=["running"], limit=100)[0]
+        except Exception:  # the database may be restarting
+            running = []
+        if any((job.worker or "").startswith(process + ":") for job in running):
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def _stop(procs) -> None:
     procs = list(procs)
     for proc in procs:
@@ -102,6 +116,7 @@ def test_workers_on_three_hosts_killed_and_the_database_restarted(pg_server, tmp
     for host in ("host-a", "host-b", "host-c"):
         launch(host)
     restarted = False
+    expiring = False  # a kill has landed on a process holding a running job
     try:
         for kill in range(KILLS):
             target = (kill + 1) * JOBS // (KILLS + 2)
@@ -109,6 +124,9 @@ def test_workers_on_three_hosts_killed_and_the_database_restarted(pg_server, tmp
                        message=f"{target} jobs done before kill {kill + 1}")
             host = ("host-a", "host-b", "host-c")[kill % WORKERS]
             name, proc = procs[host]
+            if not expiring:  # until one kill has landed on a running job, aim at one (a loaded machine's
+                # workers spend much of their time between jobs, and the drill must exercise an expiry)
+                expiring = _running_on(store, name, deadline=10)
             killed_at[name] = _kill(proc)
             launch(host)
             if not restarted and kill + 1 >= KILLS // 2:
