@@ -75,6 +75,13 @@ def test_the_other_watcher_takes_over_when_the_holder_dies(tmp_path, shared_stor
         assert held["folder"] == "drop" and held["holder"] == "host-a" and not held["expired"]
         names = {w["name"]: w for w in status["watchers"]}
         assert names["drop"]["health"] == "ok" and names["drop@host-b"]["health"] == "standby"
+        # Per host: the folders its watchers hold and those they stand by for, and which process does which.
+        (host,) = status["hosts"]  # both 'hosts' are processes of this machine
+        assert host["folders"] == ["drop"] and host["standby"] == ["drop"], host
+        assert host["watchers"] == [
+            {"holder": "host-a", "pid": held["pid"], "holds": ["drop"], "standby": []},
+            {"holder": "host-b", "pid": names["drop@host-b"]["pid"], "holds": [], "standby": ["drop"]},
+        ]
 
         _kill(a)
         for i in range(3):

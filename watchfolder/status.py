@@ -76,6 +76,8 @@ def watcher_view(component: dict[str, Any], *, unhealthy_after: float, now: floa
         "pid": component.get("pid"),
         "path": status.get("path"),
         "mode": status.get("mode"),
+        "folder": status.get("folder"),
+        "holder": status.get("holder"),
         "health": state,
         "healthy": healthy,
         "problem": problem,
@@ -112,12 +114,28 @@ def folder_view(store, *, now: float) -> list[dict[str, Any]]:
     ]
 
 
-def hosts_view(workers: list[dict[str, Any]], folders: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per host: how many workers (and how many busy), and the watch folders its watchers hold."""
+def hosts_view(workers: list[dict[str, Any]], folders: list[dict[str, Any]],
+               watchers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per host: how many workers (and how many busy), the watch folders its watchers hold
+    (``folders``) and those they stand by for (``standby``), and per watcher process
+    (``watchers``: holder name, pid) which it holds and which it stands by for.
+
+    ``folders`` is :func:`folder_view` (live leases only count); ``watchers`` the
+    :func:`watcher_view` rows, of which the healthy standby ones count.
+    """
     hosts: dict[str, dict[str, Any]] = {}
 
     def entry(host: str) -> dict[str, Any]:
-        return hosts.setdefault(host, {"host": host, "workers": 0, "busy": 0, "folders": []})
+        return hosts.setdefault(host, {"host": host, "workers": 0, "busy": 0, "folders": [], "standby": [],
+                                       "watchers": []})
+
+    def watcher(host: str, holder: str, pid: Any) -> dict[str, Any]:
+        rows = entry(host)["watchers"]
+        for row in rows:
+            if row["holder"] == holder:
+                return row
+        rows.append({"holder": holder, "pid": pid, "holds": [], "standby": []})
+        return rows[-1]
 
     for w in workers:
         e = entry(str(w.get("host") or "?"))
@@ -126,6 +144,16 @@ def hosts_view(workers: list[dict[str, Any]], folders: list[dict[str, Any]]) -> 
     for f in folders:
         if not f["expired"]:
             entry(str(f["host"]))["folders"].append(f["folder"])
+            watcher(str(f["host"]), f["holder"], f.get("pid"))["holds"].append(f["folder"])
+    for w in watchers:
+        if w.get("health") == "standby" and w.get("healthy") and w.get("folder"):
+            host = str(w.get("host") or "?")
+            entry(host)["standby"].append(w["folder"])
+            watcher(host, str(w.get("holder") or w.get("name")), w.get("pid"))["standby"].append(w["folder"])
+    for e in hosts.values():
+        e["folders"].sort()
+        e["standby"].sort()
+        e["watchers"].sort(key=lambda row: row["holder"])
     return sorted(hosts.values(), key=lambda e: e["host"])
 
 
@@ -300,7 +328,7 @@ def collect_status(config, store, importer=None, *, now: float | None = None) ->
         "disk": disk,
         "store": store_view(store),
         "folders": folders,
-        "hosts": hosts_view(workers, folders),
+        "hosts": hosts_view(workers, folders, watchers),
     }
 
 

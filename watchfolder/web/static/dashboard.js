@@ -248,10 +248,11 @@ function render(status, running, failed, pending) {
     el("td", {}, w.current_job == null ? "–" : w.current_job),
     el("td", {}, age(w.heartbeat_age) + (w.healthy ? "" : " – " + w.problem)))), "No worker reports.", 5);
 
-  // Several hosts: each host's workers and the watch folders its watchers hold.
+  // Several hosts: each host's workers, the watch folders its watchers hold and those they stand by for.
   fill($("#hosts tbody"), (status.hosts || []).map((h) => el("tr", {},
     el("td", {}, h.host), el("td", {}, `${h.workers} (${h.busy} busy)`),
-    el("td", {}, h.folders.length ? h.folders.join(", ") : "–"))), "No host reports.", 3);
+    el("td", {}, h.folders.length ? h.folders.join(", ") : "–"),
+    el("td", {}, (h.standby || []).length ? h.standby.join(", ") : "–"))), "No host reports.", 4);
   const store = status.store || {};
   $("#store").textContent = store.backend ? `Job store: ${store.backend} ${store.location || ""} (schema ${store.schema})` : "";
 
