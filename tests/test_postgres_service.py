@@ -203,3 +203,59 @@ def test_an_outage_reminds_with_backoff_and_a_late_success_of_an_old_call_ends_n
         ("WARNING", "still, after 7 min: PostgreSQL at db is unreachable (430)"),
         ("INFO", "store db reachable again after 8 min"),
     ]
+
+
+def _get(url: str, token: str | None = None):
+    """(status, headers, JSON body) of a GET."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.headers, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, json.loads(exc.read())
+
+
+def test_serve_listens_at_once_and_answers_503_until_the_database_is_reachable(own_server, tmp_path):
+    # Before: serve did not listen at all while waiting for the database.
+    import re
+
+    from helpers import wait_until
+
+    from watchfolder.web.auth import new_token
+
+    url = own_server.create_database()
+    own_server.stop("fast")
+    token, snippet = new_token("admin", "admin")
+    config = _config(tmp_path, url, server={"enabled": True, "listen": "127.0.0.1:0",
+                                            "tokens": yaml.safe_load(snippet)})
+    service = _Service(config, "serve")
+    try:
+        found = wait_until(lambda: service.matching("web server listening on ")
+                           or service.proc.poll() is not None and pytest.fail("\n".join(service.lines)),
+                           60, interval=0.1, message="serve listening before its database answers")
+        base = re.search(r"listening on (http://\S+);", found[0]).group(1)
+        status, headers, body = _get(f"{base}/api/v1/health")
+        assert status == 503 and headers["Retry-After"] == "5"
+        assert body["checks"]["store"]["ok"] is False
+        assert f"PostgreSQL at {url} is unreachable" in body["checks"]["store"]["detail"]
+        for route in ("/api/v1/jobs", "/api/v1/status"):
+            status, headers, body = _get(base + route, token)
+            assert status == 503 and headers["Retry-After"] == "5", (route, body)
+            assert set(body) == {"error", "detail"}  # the API's error shape
+            assert body["error"].startswith("the job store is not reachable yet: PostgreSQL at ")
+        assert _get(f"{base}/api/v1/jobs")[0] == 401  # no token: still refused first
+        assert _get(f"{base}/api/v1/openapi.yaml".replace("openapi.yaml", "whoami"), token)[0] == 200
+
+        own_server.start()
+        wait_until(lambda: _get(f"{base}/api/v1/health")[0] == 200, 60, interval=0.2,
+                   message="/health fine once the database answers")
+        status, _, body = _get(f"{base}/api/v1/jobs", token)
+        assert status == 200 and body["jobs"] == []
+        assert service.proc.poll() is None
+    finally:
+        service.stop()
+    assert service.proc.returncode == 0, "\n".join(service.lines)

@@ -23,7 +23,7 @@ import yaml
 
 from . import __version__
 from . import config as configmod
-from .errors import AcquisitionError, JobNotFound, WatchfolderError
+from .errors import AcquisitionError, JobNotFound, StoreUnavailable, WatchfolderError
 from .job import FINISHED_STATES, Job, JobState, Target, printable
 from .units import INT64_MAX, format_size, whole_number
 
@@ -300,7 +300,12 @@ def _run_service(args, parts, *, banner: bool = False, burst: bool = False,
     config = load_config(args, overrides)
     stop = _stop_on_signals()
     service = Service(config, parts, burst=burst, name=getattr(args, "name", None), stop=stop)
-    service.start()
+    try:
+        service.start()
+    except StoreUnavailable:
+        if stop.is_set():  # stopped (Ctrl-C, SIGTERM) while waiting for the store: nothing ran yet
+            return 0
+        raise
     if banner:
         print(_banner(config, service), flush=True)
     if burst:

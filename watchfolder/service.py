@@ -21,11 +21,12 @@ from pathlib import Path
 from . import defaults as D
 from .backpressure import TargetGate
 from .config import Config, TokenConfig
-from .errors import StoreUnavailable, WatchfolderError
+from .errors import StoreError, StoreRefused, StoreUnavailable, WatchfolderError
 from .importers import create_importer
 from .mail.outbox import OutboxSender
 from .store import JobStore
 from .store import open_store as _open_store
+from .store.waiting import WaitingStore
 from .worker import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -55,22 +56,37 @@ def open_store(config: Config, notifier=None, *, service: bool = False) -> JobSt
     return _open_store(config, composer=notifier.compose if notifier else None, service=service)
 
 
-def open_store_waiting(config: Config, notifier, stop: threading.Event) -> JobStore:
+def open_store_waiting(config: Config, notifier, stop: threading.Event, *, waiting: WaitingStore | None = None
+                       ) -> JobStore:
     """The job store for a long-running service: while it cannot be reached, wait and retry with backoff.
 
     A host started before its database server (a reboot of both) then comes up
     on its own. Short commands use :func:`open_store` and fail at once instead.
-    Raises :class:`StoreUnavailable` only when ``stop`` is set meanwhile.
+    Raises :class:`StoreUnavailable` only when ``stop`` is set meanwhile, and
+    :class:`StoreRefused` (a wrong database, role or password) at once, unless
+    ``waiting`` (the stand-in a listening web server answers from) is given:
+    then a refusal is logged (once per reason) and tried again like an outage,
+    and each attempt's error goes to ``waiting.set_reason``.
     """
     delays = iter(D.RECONNECT_BACKOFF)
+    refused = None
     while True:
         try:
             return open_store(config, notifier, service=True)
         except StoreUnavailable as exc:  # the store's outage log says it, once (store/outage.py)
-            delay = next(delays, D.RECONNECT_BACKOFF[-1])
-            log.debug("%s; trying again in %g s", exc, delay)
-            if stop.wait(delay):
+            error: StoreError = exc
+            log.debug("%s; trying again", exc)
+        except StoreRefused as exc:
+            if waiting is None:
                 raise
+            error = exc
+            if str(exc) != refused:
+                log.error("%s (the web server answers 503 until it is fixed; trying again)", exc)
+                refused = str(exc)
+        if waiting is not None:
+            waiting.set_reason(error)
+        if stop.wait(next(delays, D.RECONNECT_BACKOFF[-1])):
+            raise StoreUnavailable(f"stopped while waiting for the store: {error}")
 class DataDirLock:
     """The OS lock that lets one ``run``/``watch`` use a data directory at a time.
 
@@ -130,7 +146,17 @@ class Service:
             if watch.path.is_relative_to(config.data_dir):
                 watch.path.mkdir(parents=True, exist_ok=True)
         self.notifier = make_notifier(config)
-        self.store = open_store_waiting(config, self.notifier, stop or threading.Event())
+        self._stop = stop or threading.Event()
+        self.store: JobStore | WaitingStore
+        if self.parts.server:
+            # The web server listens at once and answers 503 until the store opens (in start()).
+            # A refusal (wrong database, role, password) still stops here.
+            try:
+                self.store = open_store(config, self.notifier, service=True)
+            except StoreUnavailable as exc:
+                self.store = WaitingStore(config.store.backend, config.store.display_url, exc)
+        else:
+            self.store = open_store_waiting(config, self.notifier, self._stop)
         self.importer = create_importer(config) if (self.parts.workers or self.parts.server) else None
         self.pool: WorkerPool | None = None
         self.gate: TargetGate | None = None
@@ -153,6 +179,14 @@ class Service:
 
     def _start(self) -> None:
         config = self.config
+        waiting = self.store if isinstance(self.store, WaitingStore) else None
+        if waiting is not None:
+            # The store is not reachable yet: listen now (store-backed routes answer 503),
+            # then wait for it and start the rest as usual.
+            self._start_server(waiting)
+            log.info("web server listening on %s; it answers 503 until the store %s is reachable",
+                     self.server.url, waiting.location)
+            self.store = open_store_waiting(config, self.notifier, self._stop, waiting=waiting)
         if self.parts.watch and config.store.backend == "sqlite":
             # Before anything starts: a second watcher would act on the same drops. (With
             # PostgreSQL, watchers on several hosts share folders through folder leases.)
@@ -164,13 +198,8 @@ class Service:
             self._make_dispatcher()
         # The server first: a port in use is the likeliest start-up failure, and
         # nothing else should have started when it happens.
-        if self.parts.server:
-            from .web.app import create_app
-            from .web.server import Server
-
-            served = self._with_run_token(config)
-            self.server = Server(served, create_app(served, self.store, self.importer))
-            self.server.start()
+        if self.parts.server and self.server is None:
+            self._start_server(self.store)
         if self.parts.mail and config.notify.transport != "none":
             from .mail.transports import create_transport
 
@@ -213,6 +242,17 @@ class Service:
             self.pool.start(burst=self.burst)
         if self.importer is not None:
             self.store.set_component("importer", self.importer.name, self.importer.health())
+        if waiting is not None:
+            waiting.attach(self.store)  # after the sinks are registered: the API may queue jobs from now on
+            log.info("store %s reachable: the web server serves everything", waiting.location)
+
+    def _start_server(self, store) -> None:
+        from .web.app import create_app
+        from .web.server import Server
+
+        served = self._with_run_token(self.config)
+        self.server = Server(served, create_app(served, store, self.importer))
+        self.server.start()
 
     def _make_dispatcher(self) -> None:
         """The event dispatcher (delivers the event outbox to the sinks and prunes it), its sinks registered."""

@@ -38,7 +38,17 @@ from ..watch.acquisition import from_path
 from ..watch.explain import pending_view
 from . import params
 from .auth import Principal, TokenVerifier, resolve_roots, resolve_under_roots
-from .http import API, ApiError, BodyError, api_errors, invalid, json_response, problem, read_json_body
+from .http import (
+    API,
+    RETRY_AFTER_SECONDS,
+    ApiError,
+    BodyError,
+    api_errors,
+    invalid,
+    json_response,
+    problem,
+    read_json_body,
+)
 from .metrics import make_registry
 
 log = logging.getLogger(__name__)
@@ -568,7 +578,9 @@ def install(app: bottle.Bottle, api: Api) -> None:
     @app.get(f"{API}/health")
     def get_health():
         ok, data = health(config, store)
-        return json_response(data, 200 if ok else 503)
+        # The store down (or not reachable yet) is worth asking again soon; a stuck worker is not.
+        retry = None if ok or data["checks"]["store"]["ok"] else {"Retry-After": RETRY_AFTER_SECONDS}
+        return json_response(data, 200 if ok else 503, retry)
 
 
 __all__ = ["Api", "install", "parse_job_request"]

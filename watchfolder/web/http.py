@@ -122,6 +122,10 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
     return response
 
 
+#: What a 503 for an unreachable store says in ``Retry-After`` (seconds, RFC 9110 §10.2.3).
+RETRY_AFTER_SECONDS = "5"
+
+
 def error_response(status: int, error: str, detail: Any = None, headers: dict[str, str] | None = None):
     return json_response({"error": error, "detail": detail}, status, headers)
 
@@ -142,7 +146,7 @@ def api_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
         except InvalidTransition as exc:
             return error_response(409, str(exc))
         except StoreUnavailable as exc:
-            return error_response(503, str(exc), None, {"Retry-After": "5"})
+            return error_response(503, str(exc), None, {"Retry-After": RETRY_AFTER_SECONDS})
         except StoreError as exc:
             return error_response(422, str(exc))
 
