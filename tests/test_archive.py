@@ -588,3 +588,25 @@ def test_health(archive_root, tmp_path):
     health = ArchiveImporter(root=blocker / "archive").health()
     assert health["ok"] is False
     assert health["error"] == f"cannot create {blocker / 'archive'}: Not a directory"
+
+
+def test_unnamed_copies_are_probed_once_per_volume_and_a_failed_probe_is_tried_again(tmp_path, monkeypatch):
+    # The probe writes to the folder (a link and an unlink): once per volume and process,
+    # not per job. A failed probe (a full disk, say) is not remembered as "unsupported".
+    monkeypatch.setattr(archive_module, "_ANONYMOUS_DEVICES", set())
+    answers = iter([False, True])
+    probes = []
+
+    def probe(folder):
+        probes.append(folder)
+        return next(answers)
+
+    monkeypatch.setattr(archive_module, "_probe_anonymous", probe)
+    if not archive_module._O_TMPFILE or archive_module._PROC_FD is None:
+        pytest.skip("no O_TMPFILE on this platform")
+    folders = [tmp_path / f"acq-{i}" for i in range(4)]
+    for folder in folders:
+        folder.mkdir()
+    assert archive_module._anonymous_files_work(folders[0]) is False
+    assert [archive_module._anonymous_files_work(f) for f in folders[1:]] == [True, True, True]
+    assert probes == folders[:2]

@@ -266,3 +266,34 @@ def test_polling_rechecks_a_bounded_number_of_pending_acquisitions_per_tick(stor
     w.loop(now=t0 + 62)
     queued = {j.spec.target.dataset for j in jobs_of(store)}
     assert "ds007" not in queued and len(queued) == 99
+
+
+def test_a_scan_does_not_lstat_again_the_folders_it_walked_and_still_refuses_links(store, make_config, drop,
+                                                                                  monkeypatch):
+    # The scan reaches each acquisition entry by entry, each seen not to be a link: checking
+    # every component again with lstat cost two system calls per new acquisition (issue 13).
+    from watchfolder.watch import detector as detector_module
+
+    w = polling_watcher(store, make_config, drop, detection="layout", layout="{owner}/{dataset}/",
+                        target={"project": "P"})
+    for i in range(20):
+        folder = drop / "jdoe" / f"d{i:02d}"
+        folder.mkdir(parents=True)
+        (folder / "a.tif").write_bytes(b"1")
+    elsewhere = drop.parent / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "b.tif").write_bytes(b"2")
+    os.symlink(elsewhere, drop / "jdoe" / "linked")
+    calls = []
+    real_lstat = os.lstat
+
+    def counting_lstat(path, *a, **k):
+        calls.append(path)
+        return real_lstat(path, *a, **k)
+
+    monkeypatch.setattr(detector_module.os, "lstat", counting_lstat)
+    w.loop(now=T0)
+    assert w.status()["pending"] == 20
+    assert len(calls) < 20, calls
+    skipped = w.detector.skipped
+    assert list(skipped) == ["jdoe/linked"] and skipped["jdoe/linked"][1] == "symlink"

@@ -82,6 +82,33 @@ def test_worker_records_failures_by_kind(store, make_spec, outcome, state, kind)
         assert "Traceback" in store.read_log(job.id)
 
 
+def test_a_short_job_writes_no_progress_of_its_own_and_a_long_one_does(store, make_spec, tmp_path, monkeypatch):
+    # The claim has just renewed the lease: a progress write in the job's first interval
+    # was one more write transaction per job (issue 18: per-job overhead).
+    writes = []
+    real = store.report_progress
+
+    def counting(job_id, worker, progress, **kw):
+        writes.append(progress.phase if progress else None)
+        return real(job_id, worker, progress, **kw)
+
+    monkeypatch.setattr(store, "report_progress", counting)
+    worker = Worker(store, ArchiveImporter(root=tmp_path / "archive"), name="w1")
+    store.enqueue(make_spec())
+    done = worker.loop()
+    assert done.state == JobState.SUCCEEDED and writes == []
+    assert done.progress.phase == "archived"  # the finishing write records the last progress
+    importer = ScriptedImporter()
+    long = Worker(store, importer, name="w2", heartbeat_seconds=60)
+    store.enqueue(make_spec())
+    thread = threading.Thread(target=long.loop)
+    thread.start()
+    assert importer.started.wait(10)
+    wait_until(lambda: "working" in writes, timeout=10)
+    importer.release.set()
+    thread.join(10)
+
+
 def test_cancel_reaches_a_running_job(store, make_spec):
     importer = ScriptedImporter()
     worker = Worker(store, importer, name="w", heartbeat_seconds=0.05)

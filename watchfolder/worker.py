@@ -70,7 +70,9 @@ class JobContext(ImportContext):
         self.current = Progress(**job.progress.to_dict())
         self.cancel_requested = False
         self.lease_lost: str | None = None
-        self._last_write = 0.0
+        # The claim has just renewed the lease: the first progress write is due one interval
+        # from now (a job shorter than that finishes without a progress write of its own).
+        self._last_write = time.monotonic()
         self._lock = threading.Lock()
 
     @property

@@ -158,11 +158,33 @@ def _open_proc_fd() -> int | None:
 _PROC_FD = _open_proc_fd() if _O_TMPFILE else None
 
 
+#: Filesystems (``st_dev``) where O_TMPFILE files were seen to work: a property of the volume,
+#: probed once per process instead of with two directory writes per job. A failed probe is not
+#: remembered (it may be a full disk); where O_TMPFILE is unsupported it fails without writing.
+_ANONYMOUS_DEVICES: set[int] = set()
+
+
 def _anonymous_files_work(folder: str | os.PathLike) -> bool:
-    """True when an ``O_TMPFILE`` file can be made in ``folder`` and linked to a name there."""
+    """True when an ``O_TMPFILE`` file can be made in ``folder`` and linked to a name there.
+
+    Probed once per filesystem and process; probes left in ``folder`` by a killed process
+    are swept on every call (a listing, no write)."""
     if not _O_TMPFILE or _PROC_FD is None:
         return False
     _sweep_probes(folder)
+    try:
+        device = os.stat(folder).st_dev
+    except OSError:
+        return False
+    if device in _ANONYMOUS_DEVICES:
+        return True
+    if not _probe_anonymous(folder):
+        return False
+    _ANONYMOUS_DEVICES.add(device)
+    return True
+
+
+def _probe_anonymous(folder: str | os.PathLike) -> bool:
     probe = os.path.join(folder, f".wf-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         fd = os.open(folder, os.O_RDWR | _O_TMPFILE | _O_CLOEXEC, 0o600)

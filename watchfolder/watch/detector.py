@@ -903,12 +903,14 @@ class Detector:
 
     # -- what is never an acquisition ---------------------------------------
 
-    def refusal(self, rel: str) -> tuple[str, str] | None:
+    def refusal(self, rel: str, *, walked: bool = False) -> tuple[str, str] | None:
         """``(kind, reason)`` when ``rel`` may not be (or lead to) an acquisition, else None.
 
         One rule for events, polling and scans: no component of the path may be an
         excluded name, and none may be a symbolic link (a link is never followed into
         an acquisition: ``latest -> plate``, ``reference -> /elsewhere``, ``loop -> .``).
+        ``walked``: a scan reached the folder ``rel`` from the root entry by entry, each
+        seen not to be a link (its ``DirEntry``), so the components are not looked at again.
         """
         try:
             rel.encode("utf-8")
@@ -923,6 +925,8 @@ class Detector:
                 f"ignored: matches exclude pattern {pattern} of watch folder {self.watch.name!r}; "
                 "rename it (e.g. when the copy is finished) to have it imported"
             )
+        if walked:
+            return None
         current = self.root
         for part in rel.split("/"):
             current = os.path.join(current, part)
@@ -951,9 +955,9 @@ class Detector:
         self.skipped[rel] = (now, kind, reason)
         log.info("watch folder %s: %s not watched: %s", self.watch.name, printable(rel), reason)
 
-    def admit(self, rel: str, now: float) -> bool:
+    def admit(self, rel: str, now: float, *, walked: bool = False) -> bool:
         """True when ``rel`` may become a candidate; otherwise note why and return False."""
-        refused = self.refusal(rel)
+        refused = self.refusal(rel, walked=walked)
         if refused is None:
             return True
         self.skip(rel, *refused, now)
@@ -961,14 +965,16 @@ class Detector:
 
     # -- reports from observers -------------------------------------------
 
-    def observe(self, rel: str, now: float, *, since: float | None = None, snap: Snapshot | None = None) -> Snapshot | None:
+    def observe(self, rel: str, now: float, *, since: float | None = None, snap: Snapshot | None = None,
+                walked: bool = False) -> Snapshot | None:
         """Look at a candidate now (snapshot it) and restart its quiet period if it changed.
 
         ``since``: when the observer last looked without seeing this candidate (a
         poll tick), so an mtime in between can date the change; None at startup.
+        ``walked``: see :meth:`refusal`.
         """
         cand = self.known.get(rel)
-        if cand is None and not self.admit(rel, now):
+        if cand is None and not self.admit(rel, now, walked=walked):
             return None
         if snap is None:
             snap = self.rule.snapshot(self.root, rel)

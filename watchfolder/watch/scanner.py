@@ -104,7 +104,9 @@ class Scanner:
             stats.folders += 1
             names = {e.name for e in entries}
             if rel and (rel in known and rule.unit == "folder" or rule.folder_is_candidate(rel, names)):
-                snap = detector.observe(rel, now, since=since, snap=rule.snapshot(self.root, rel, entries))
+                # Reached entry by entry from rel_start (admitted above), none of them a link.
+                snap = detector.observe(rel, now, since=since, snap=rule.snapshot(self.root, rel, entries),
+                                        walked=True)
                 stats.candidates += 1
                 if snap is not None and self.index:
                     for sub, mtime in snap.dirs:
