@@ -359,6 +359,23 @@ def test_outbox_claim_send_fail_and_resend(store, make_spec):
     assert store.outbox_claim(now=T0 + 10_000) == []
 
 
+def test_outbox_dismiss_takes_a_failed_mail_off_the_backlog_and_keeps_it(store, make_spec):
+    job, _ = store.enqueue(make_spec(), now=T0)
+    store.claim("w", now=T0)
+    store.succeed(job.id, "w", {}, now=T0, mails=mail_for)
+    (mail,) = store.outbox_claim(now=T0)
+    assert store.outbox_dismiss(mail.id) is None  # sending, not failed: nothing to dismiss
+    store.outbox_failed(mail.id, "550 no such user", permanent=True, now=T0 + 1)
+    dismissed = store.outbox_dismiss(mail.id)
+    assert dismissed.state == "dismissed" and dismissed.last_error == "550 no such user"
+    assert store.outbox_dismiss(mail.id) is None  # once
+    assert store.outbox_dismiss(999_999) is None
+    assert store.outbox_list(state="failed") == [] and store.outbox_counts()["failed"] == 0
+    assert [m.raw for m in store.outbox_list(state="dismissed")] == [mail.raw]
+    assert store.outbox_claim(now=T0 + 10_000) == []  # never sent by itself
+    assert store.outbox_resend(mail.id).state == "pending"  # the admin can still send it
+
+
 def test_data_survives_reopening_the_store(make_store, make_spec):
     first = make_store()
     job, _ = first.enqueue(make_spec())

@@ -1,4 +1,4 @@
-"""GET /api/v1/pending (owner-scoped) and the seed's GET /ome/failed/mail, over real HTTP."""
+"""GET /api/v1/pending (owner-scoped) and the seed's GET|DELETE /ome/failed/mail, over real HTTP."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import time
 from email.message import EmailMessage
 
 import pytest
-from api_support import start_service, stop_service
+from api_support import TOKEN_SPECS, acquisition, start_service, stop_service
 
+from watchfolder.status import collect_status
 from watchfolder.store import Mail, PendingEntry
 
 
@@ -80,3 +81,59 @@ def test_seed_failed_mail_lists_and_shows_undeliverable_mails(svc):
     assert admin.get(f"/ome/failed/mail/{second}").status == 404  # sent, not failed
     assert svc.client("reader").get("/ome/failed/mail").status == 403
     assert svc.client().get("/ome/failed/mail").status == 401
+
+
+def _failed_mail(store, job_id, to):
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "watchfolder@example.org", to, f"Import failed ({to})"
+    msg.set_content("it failed")
+    store.outbox_add([Mail("job_failed", (to,), msg)], job_id=job_id)
+    (mail,) = [m for m in store.outbox_claim(limit=100) if m.recipients == (to,)]
+    return store.outbox_failed(mail.id, f"550 5.1.1 <{to}>: user unknown", permanent=True).id
+
+
+def _job_of(svc, name, owner):
+    r = svc.client("admin").post("/api/v1/jobs", {"path": str(acquisition(svc.roots["drop"], name, owner=owner))})
+    assert r.status == 202, r.text
+    return r.json["id"]
+
+
+def test_seed_failed_mail_delete_dismisses_within_the_tokens_owners(tmp_path):
+    svc = start_service(tmp_path, token_specs={**TOKEN_SPECS, "jdoe-admin": ("admin", ("jdoe",), ())})
+    try:
+        jdoe_mail = _failed_mail(svc.store, _job_of(svc, "j1", "jdoe"), "jdoe@example.org")
+        alice_mail = _failed_mail(svc.store, _job_of(svc, "a1", "alice"), "alice@example.org")
+        alert = _failed_mail(svc.store, None, "admin@example.org")  # a watcher alert: no job, no owner
+        admin, jdoe_admin = svc.client("admin"), svc.client("jdoe-admin")
+        assert "outbox: 3 mail(s) could not be sent" in collect_status(svc.config, svc.store)["problems"]
+
+        # A token limited to jdoe sees, reads and drops jdoe's mail only.
+        assert jdoe_admin.get("/ome/failed/mail").json == [f"/ome/failed/mail/{jdoe_mail}"]
+        assert jdoe_admin.get(f"/ome/failed/mail/{alice_mail}").status == 404
+        assert jdoe_admin.get(f"/ome/failed/mail/{alert}").status == 404
+        assert jdoe_admin.delete(f"/ome/failed/mail/{alice_mail}").status == 204  # answers the same...
+        assert jdoe_admin.delete(f"/ome/failed/mail/{alert}").status == 204
+        assert {m.id for m in svc.store.outbox_list(state="failed")} == {jdoe_mail, alice_mail, alert}  # ...but no
+        assert jdoe_admin.delete(f"/ome/failed/mail/{jdoe_mail}").status == 204
+        assert jdoe_admin.get(f"/ome/failed/mail/{jdoe_mail}").status == 404
+        assert jdoe_admin.get("/ome/failed/mail").json == []
+
+        # Neither read tokens nor anonymous callers drop anything; bad ids are a 204 with nothing done.
+        assert svc.client("reader").delete(f"/ome/failed/mail/{alice_mail}").status == 403
+        assert svc.client("lab-reader").delete(f"/ome/failed/mail/{alice_mail}").status == 403
+        assert svc.client().delete(f"/ome/failed/mail/{alice_mail}").status == 401
+        for bad in ("0", "-1", "9223372036854775808", "1" * 30, "x", "%C2%B2"):
+            assert admin.delete(f"/ome/failed/mail/{bad}").status == 204
+        assert admin.get("/ome/failed/mail").json == [f"/ome/failed/mail/{alert}", f"/ome/failed/mail/{alice_mail}"]
+
+        # The unlimited admin drops the rest; the mails stay in the outbox as dismissed, off the problems.
+        assert admin.delete(f"/ome/failed/mail/{alice_mail}").status == 204
+        assert admin.delete(f"/ome/failed/mail/{alert}").status == 204
+        assert admin.get("/ome/failed/mail").json == []
+        assert not any(p.startswith("outbox:") for p in collect_status(svc.config, svc.store)["problems"])
+        kept = svc.store.outbox_list(state="dismissed")
+        assert sorted(m.id for m in kept) == sorted([jdoe_mail, alice_mail, alert])
+        assert all(m.last_error.startswith("550 5.1.1") for m in kept)
+        assert svc.store.outbox_resend(alice_mail).state == "pending"  # `watchfolder mail resend` still works
+    finally:
+        stop_service(svc)

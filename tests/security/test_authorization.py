@@ -6,9 +6,12 @@ entry here fails ``test_every_route_is_covered``.
 
 from __future__ import annotations
 
+from email.message import EmailMessage
+
 import pytest
 from api_support import TOKEN_SPECS, acquisition, start_service, stop_service
 
+from watchfolder.store.base import Mail
 from watchfolder.web.app import create_app
 from watchfolder.web.seed import import_id
 
@@ -20,7 +23,7 @@ TOKENS = {
 OWNER_LIMITED = ("jdoe-admin", "jdoe-reader", "jdoe-only", "lab-reader")  # none of them may see alice
 KINDS = [None, *TOKENS]
 
-# rule -> (method, path with {id} for alice's failed job, per-job?)
+# rule -> path, with {id} for alice's failed job and {mail} for the failed mail about it (None: not per owner)
 ROUTES = {
     ("POST", "/api/v1/jobs"): None,  # submitting: covered by the owner checks of the submit tests
     ("GET", "/api/v1/jobs"): "/api/v1/jobs?limit=500",
@@ -44,8 +47,9 @@ ROUTES = {
     ("GET", "/ome/failed/import"): "/ome/failed/import",
     ("GET", "/ome/failed/import/<ident>"): "/ome/failed/import/{id}",
     ("DELETE", "/ome/failed/import/<ident>"): "/ome/failed/import/{id}",
-    ("GET", "/ome/failed/mail"): None,  # admin only, mails not jobs: tests/test_api_pending.py
-    ("GET", "/ome/failed/mail/<ident>"): None,
+    ("GET", "/ome/failed/mail"): "/ome/failed/mail",
+    ("GET", "/ome/failed/mail/<ident>"): "/ome/failed/mail/{mail}",
+    ("DELETE", "/ome/failed/mail/<ident>"): "/ome/failed/mail/{mail}",
 }
 
 
@@ -61,6 +65,14 @@ def svc(tmp_path_factory):
         "failed on purpose for the authorisation test",
     )
     service.alice = job
+    # A mail about alice's job that could not be delivered (the owner-limited admins must not reach it).
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "wf@example.org", "alice@example.org", "alice's import failed"
+    msg.set_content("failed")
+    service.store.outbox_add([Mail("job_failed", ("alice@example.org",), msg)], job_id=job.id)
+    (mail,) = [m for m in service.store.outbox_claim(limit=100) if m.subject == "alice's import failed"]
+    service.store.outbox_failed(mail.id, "550 5.1.1 user unknown", permanent=True)
+    service.alice_mail = mail.id
     yield service
     stop_service(service)
 
@@ -81,17 +93,21 @@ CASES = [(kind, method, rule) for (method, rule), path in ROUTES.items() if path
 def test_owner_limited_tokens_never_reach_another_owners_job(svc, kind, method, rule):
     alice = svc.alice
     template = ROUTES[(method, rule)]
-    per_job = "{id}" in template
+    per_job = "{id}" in template or "{mail}" in template
     limited = kind is None or kind in OWNER_LIMITED
-    r = (svc.client(kind) if kind else svc.client()).request(method, template.format(id=alice.id))
+    path = template.format(id=alice.id, mail=svc.alice_mail)
+    r = (svc.client(kind) if kind else svc.client()).request(method, path)
     listed = r.status < 300 and (f'"id":{alice.id},' in r.text or f'"job_id":{alice.id},' in r.text
-                                 or f'/ome/failed/import/{import_id(alice)}"' in r.text)
+                                 or f'/ome/failed/import/{import_id(alice)}"' in r.text
+                                 or f'/ome/failed/mail/{svc.alice_mail}"' in r.text)
     if limited:
         if per_job:
             assert r.status in (401, 403, 404) or (method == "DELETE" and r.status == 204), (kind, r.status)
         assert not listed, f"{kind} sees alice's job on {method} {template}"
         assert svc.store.get(alice.id).dismissed_at is None, f"{kind} dismissed alice's failed job"
         assert svc.store.get(alice.id).state.value == "failed", f"{kind} changed alice's job"
+        assert [m.id for m in svc.store.outbox_list(state="failed")] == [svc.alice_mail], \
+            f"{kind} dismissed alice's failed mail"
     elif kind == "admin":
         # The positive control: the unlimited admin does reach it, so the checks above can fail.
         assert r.status == 200 and (per_job or listed), r.text[:300]

@@ -485,7 +485,13 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     def outbox_resend(self, mail_id: int, *, now: float | None = None) -> OutboxMail:
-        """Queue a failed (or sent) mail again, with a fresh attempt budget."""
+        """Queue a failed, dismissed or sent mail again, with a fresh attempt budget."""
+
+    @abc.abstractmethod
+    def outbox_dismiss(self, mail_id: int) -> OutboxMail | None:
+        """An admin has read a failed mail: it becomes ``dismissed`` and leaves the failed backlog (and the
+        status problems); the row, its message and last error stay (``outbox_resend`` still sends it).
+        Returns the mail, or None when ``mail_id`` is not a failed mail."""
 
     @abc.abstractmethod
     def outbox_hold(self, mail_ids: Iterable[int], *, until: float, now: float | None = None) -> int:
@@ -494,7 +500,7 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     def outbox_list(self, *, state: str | None = None, limit: int = 50) -> list[OutboxMail]:
-        """Outbox mails newest first, optionally in one ``state`` (pending, sending, sent, failed)."""
+        """Outbox mails newest first, optionally in one ``state`` (pending, sending, sent, failed, dismissed)."""
 
     @abc.abstractmethod
     def outbox_counts(self) -> dict[str, int]:

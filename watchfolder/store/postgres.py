@@ -1454,6 +1454,13 @@ class PostgresStore(FileLogs, JobStore):
             ).fetchone()
         return mail_from_row(row)
 
+    def outbox_dismiss(self, mail_id: int) -> OutboxMail | None:
+        with self._tx() as conn:
+            row = conn.execute(
+                "UPDATE outbox SET state = 'dismissed' WHERE id = %s AND state = 'failed' RETURNING *", (mail_id,)
+            ).fetchone()
+        return None if row is None else mail_from_row(row)
+
     def outbox_hold(self, mail_ids: Iterable[int], *, until: float, now: float | None = None) -> int:
         ids = [int(i) for i in mail_ids]
         if not ids:
@@ -1470,11 +1477,11 @@ class PostgresStore(FileLogs, JobStore):
         with self._tx() as conn:
             row = conn.execute(
                 "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = %s, sent_at = NULL"
-                " WHERE id = %s AND state IN ('failed', 'sent') RETURNING *",
+                " WHERE id = %s AND state IN ('failed', 'dismissed', 'sent') RETURNING *",
                 (_now(now), mail_id),
             ).fetchone()
         if row is None:
-            raise StoreError(f"mail {mail_id} does not exist or is not failed or sent; nothing to resend")
+            raise StoreError(f"mail {mail_id} does not exist or is not failed, dismissed or sent; nothing to resend")
         return mail_from_row(row)
 
     def outbox_list(self, *, state: str | None = None, limit: int = 50) -> list[OutboxMail]:

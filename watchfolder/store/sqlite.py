@@ -148,7 +148,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     recipients      TEXT NOT NULL,   -- JSON list
     subject         TEXT NOT NULL,
     raw             BLOB NOT NULL,
-    state           TEXT NOT NULL,   -- pending | sending | sent | failed
+    state           TEXT NOT NULL,   -- pending | sending | sent | failed | dismissed
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL,
     claimed_until   REAL,
@@ -1538,12 +1538,18 @@ class SQLiteStore(FileLogs, JobStore):
         """Queue a failed (or sent) mail again, with a fresh attempt budget."""
         row = self._conn().execute(
             "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?, sent_at = NULL"
-            " WHERE id = ? AND state IN ('failed', 'sent') RETURNING *",
+            " WHERE id = ? AND state IN ('failed', 'dismissed', 'sent') RETURNING *",
             (_now(now), mail_id),
         ).fetchone()
         if row is None:
-            raise StoreError(f"mail {mail_id} does not exist or is not failed or sent; nothing to resend")
+            raise StoreError(f"mail {mail_id} does not exist or is not failed, dismissed or sent; nothing to resend")
         return self._mail(row)
+
+    def outbox_dismiss(self, mail_id: int) -> OutboxMail | None:
+        row = self._conn().execute(
+            "UPDATE outbox SET state = 'dismissed' WHERE id = ? AND state = 'failed' RETURNING *", (mail_id,)
+        ).fetchone()
+        return None if row is None else self._mail(row)
 
     def outbox_hold(self, mail_ids: Iterable[int], *, until: float, now: float | None = None) -> int:
         """Claimed mails back to ``pending`` until ``until``, their claim not counted (see :class:`JobStore`)."""

@@ -246,6 +246,18 @@ class Api:
             return True
         return principal.can("read_own") and job.source == principal.source
 
+    def mail_visible(self, principal: Principal, mail) -> bool:
+        """An outbox mail as its job is visible; a mail of no job (watcher alerts, admin digests) only to
+        tokens limited to no owner."""
+        if not principal.owners:
+            return principal.can("read")
+        if mail.job_id is None:
+            return False
+        try:
+            return self.visible(principal, self.store.get(mail.job_id))
+        except JobNotFound:
+            return False
+
     def visible_job(self, principal: Principal, job_id: int) -> Job:
         try:
             job = self.store.get(job_id)

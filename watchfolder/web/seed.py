@@ -4,8 +4,8 @@ Its clients POST a JSON array to ``/ome/import`` and get ``[{statusUri, targetUr
 back with 200, then read ``GET /ome/import/{id}`` as a plain-text log. Admins list
 ``GET /ome/failed/import`` and read or drop ``GET|DELETE /ome/failed/import/{id}``,
 and list the mails that could not be delivered with ``GET /ome/failed/mail`` (each
-read as text with ``GET /ome/failed/mail/{id}``; ``watchfolder mail resend ID``
-queues one again).
+read as text with ``GET /ome/failed/mail/{id}`` and dropped from the list with
+``DELETE``; ``watchfolder mail resend ID`` queues one again).
 Validation errors answer 400 ``{"reason": "..."}``, one line per problem, as the
 seed did; nothing is queued unless every request in the array is valid.
 
@@ -25,7 +25,9 @@ Also stricter than the seed, deliberately:
 The ``statusUri`` id is a random UUID (the job's idempotency key is
 ``ome-import:<uuid>``), so logs cannot be enumerated by counting job ids. The
 failed-import routes need an admin token and show only the jobs that token may
-see (its owners), through the API's one authorisation helper (``Api.visible``).
+see (its owners), through the API's one authorisation helper (``Api.visible``);
+the failed-mail routes show a token limited to owners only the mails of those
+owners' jobs (``Api.mail_visible``).
 
 Since this route takes no token, it is also bounded: only ``application/json``
 bodies (a web page cannot post JSON across origins without the browser asking
@@ -37,6 +39,7 @@ refusal is logged for the admin.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -306,6 +309,18 @@ def install(app: bottle.Bottle, api) -> None:
             return error_response(exc.status, str(exc), None, headers)
         return principal
 
+    def admin_only(handler):
+        """A route for admin tokens: the handler gets the principal first, others get the error."""
+
+        @functools.wraps(handler)
+        def route(*args, **kwargs):
+            principal = admin()
+            if isinstance(principal, bottle.HTTPResponse):
+                return principal
+            return handler(principal, *args, **kwargs)
+
+        return route
+
     def refuse(reason: str, status: int = 400, headers: dict[str, str] | None = None) -> bottle.HTTPResponse:
         log.warning("POST %s from %s refused (%d): %s", IMPORT_PATH, bottle.request.remote_addr or "?", status,
                     reason.splitlines()[0] if reason else "")
@@ -390,10 +405,8 @@ def install(app: bottle.Bottle, api) -> None:
         return _text(store.read_log(job.id))
 
     @app.get(FAILED_PATH)
-    def list_failed():
-        principal = admin()
-        if isinstance(principal, bottle.HTTPResponse):
-            return principal
+    @admin_only
+    def list_failed(principal):
         paths: list[str] = []
         cursor = None
         while True:
@@ -410,38 +423,48 @@ def install(app: bottle.Bottle, api) -> None:
         return job if api.visible(principal, job) else None
 
     @app.get(FAILED_PATH + "/<ident>")
-    def get_failed(ident: str):
-        principal = admin()
-        if isinstance(principal, bottle.HTTPResponse):
-            return principal
+    @admin_only
+    def get_failed(principal, ident: str):
         job = failed_job(principal, ident)
         if job is None:
             return _text(f"no failed import {ident}\n", 404)
         return _text(store.read_log(job.id))
 
+    def failed_mails(principal) -> list:
+        return [m for m in store.outbox_list(state="failed", limit=FAILED_MAIL_LIMIT)
+                if api.mail_visible(principal, m)]
+
+    def failed_mail(principal, ident: str):
+        mail_id = params.positive_id(ident)
+        if mail_id is None:
+            return None
+        return next((m for m in failed_mails(principal) if m.id == mail_id), None)
+
     @app.get(FAILED_MAIL_PATH)
-    def list_failed_mail():
-        principal = admin()
-        if isinstance(principal, bottle.HTTPResponse):
-            return principal
-        return _json_list([f"{FAILED_MAIL_PATH}/{m.id}" for m in store.outbox_list(state="failed",
-                                                                                  limit=FAILED_MAIL_LIMIT)])
+    @admin_only
+    def list_failed_mail(principal):
+        return _json_list([f"{FAILED_MAIL_PATH}/{m.id}" for m in failed_mails(principal)])
 
     @app.get(FAILED_MAIL_PATH + "/<ident>")
-    def get_failed_mail(ident: str):
-        principal = admin()
-        if isinstance(principal, bottle.HTTPResponse):
-            return principal
-        for mail in store.outbox_list(state="failed", limit=FAILED_MAIL_LIMIT):
-            if ident.isdigit() and mail.id == int(ident):
-                return _text(_failed_mail_text(mail))
-        return _text(f"no failed mail {ident}\n", 404)
+    @admin_only
+    def get_failed_mail(principal, ident: str):
+        mail = failed_mail(principal, ident)
+        if mail is None:
+            return _text(f"no failed mail {ident}\n", 404)
+        return _text(_failed_mail_text(mail))
+
+    @app.delete(FAILED_MAIL_PATH + "/<ident>")
+    @admin_only
+    def delete_failed_mail(principal, ident: str):
+        mail = failed_mail(principal, ident)
+        if mail is not None and store.outbox_dismiss(mail.id) is not None:
+            log.info("failed mail %d (%s) dismissed by %s", mail.id, mail.kind, principal.source)
+        # Nothing to drop (or not this token's to see) answers the same, as for failed imports.
+        return bottle.HTTPResponse(status=204)
 
     @app.delete(FAILED_PATH + "/<ident>")
-    def delete_failed(ident: str):
-        principal = admin()
-        if isinstance(principal, bottle.HTTPResponse):
-            return principal
+    @admin_only
+    def delete_failed(principal, ident: str):
         job = failed_job(principal, ident)
         if job is not None:  # nothing to drop (or not this token's to see) answers the same
             store.dismiss(job.id, by=principal.source)
