@@ -191,6 +191,8 @@ class ServerConfig:
     idle_timeout: float = D.SERVER_IDLE_TIMEOUT
     seed_max_items: int = D.SEED_MAX_ITEMS
     seed_rate_per_minute: int = D.SEED_RATE_PER_MINUTE
+    seed_session_timeout: float = D.SEED_SESSION_TIMEOUT
+    seed_session_cache: float = D.SEED_SESSION_CACHE_SECONDS
 
     @property
     def host(self) -> str:
@@ -659,7 +661,8 @@ def _notify(r: _Reader, raw: dict, data_dir: Path) -> NotifyConfig:
 def _server(r: _Reader, raw: dict) -> ServerConfig:
     w = "server"
     r.unknown(raw, {"enabled", "listen", "threads", "max_body_bytes", "allowed_roots", "tokens", "public_url",
-                    "connection_limit", "idle_timeout", "seed_max_items", "seed_rate_per_minute"}, w)
+                    "connection_limit", "idle_timeout", "seed_max_items", "seed_rate_per_minute",
+                    "seed_session_timeout", "seed_session_cache"}, w)
     tokens = []
     raw_tokens = raw.get("tokens") or []
     if not isinstance(raw_tokens, list):
@@ -699,6 +702,8 @@ def _server(r: _Reader, raw: dict) -> ServerConfig:
         idle_timeout=r.get(raw, "idle_timeout", w, positive_seconds, D.SERVER_IDLE_TIMEOUT),
         seed_max_items=r.get(raw, "seed_max_items", w, positive_int, D.SEED_MAX_ITEMS),
         seed_rate_per_minute=r.get(raw, "seed_rate_per_minute", w, positive_int, D.SEED_RATE_PER_MINUTE),
+        seed_session_timeout=r.get(raw, "seed_session_timeout", w, positive_seconds, D.SEED_SESSION_TIMEOUT),
+        seed_session_cache=r.get(raw, "seed_session_cache", w, seconds, D.SEED_SESSION_CACHE_SECONDS),
     )
 
 

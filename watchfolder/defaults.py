@@ -71,6 +71,10 @@ SERVER_IDLE_TIMEOUT = 30.0
 # /ome/import (no bearer token): items per request, and requests per minute per client address.
 SEED_MAX_ITEMS = 100
 SEED_RATE_PER_MINUTE = 60
+# Its session check (one long-lived OMERO child): the longest one check may take before the
+# child is deemed hung (killed, 503), and how long a key OMERO accepted is not asked again.
+SEED_SESSION_TIMEOUT = 10.0
+SEED_SESSION_CACHE_SECONDS = 30.0
 
 WATCH_MODE = "auto"
 WATCH_DETECTION = "manifest"

@@ -44,11 +44,11 @@ def test_a_key_omero_rejects_queues_nothing_and_sends_no_mail(svc, caplog):
     caplog.set_level(logging.WARNING, logger="watchfolder.web.seed")
     forged = "11111111-2222-3333-4444-555555555555"
     r = svc.client().post("/ome/import", [item(folder), item(folder, sessionKey=forged)])
-    assert r.status == 400 and "rejected the session key" in r.json["reason"]
+    assert r.status == 403 and "rejected the session key" in r.json["reason"]
     assert forged not in r.text
     assert queued(svc) == 0
     assert svc.store.outbox_claim(limit=100) == []
-    assert "refused (400)" in caplog.text and forged not in caplog.text
+    assert "refused (403)" in caplog.text and forged not in caplog.text
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",

@@ -29,6 +29,7 @@ from ..errors import JobInterrupt, PermanentImportError, TransientImportError
 from ..job import Job
 from . import register
 from .base import ImportContext, Importer
+from .omero_sessions import SessionChecker
 
 CHILD = Path(__file__).resolve().parent.parent / "omero_child" / "child.py"
 PROTOCOL = 1
@@ -49,6 +50,7 @@ class OmeroImporter(Importer):
         self._probe: tuple[float, dict[str, Any]] | None = None
         self._lock = threading.Lock()
         self._children: dict[int, subprocess.Popen] = {}
+        self._sessions: SessionChecker | None = None
 
     # -- interpreter ---------------------------------------------------------
 
@@ -112,32 +114,24 @@ class OmeroImporter(Importer):
     # -- whose session is this? ---------------------------------------------------
 
     def session_info(self, session_key: str) -> dict[str, Any]:
-        """Join ``session_key`` on the configured server in a child: ``{"user", "email", "group"}``.
+        """Join ``session_key`` on the configured server: ``{"user", "email", "group"}``.
 
-        Raises PermanentImportError when OMERO rejects the key (or no omero-py is
-        configured), TransientImportError when OMERO cannot be reached or does not
-        answer within ``importer.omero.connect_timeout`` (+10 s to start the child).
-        The key travels on the child's stdin only.
+        Asked of one long-lived child (:class:`~.omero_sessions.SessionChecker`,
+        started on the first call), and remembered for ``server.seed_session_cache``
+        seconds once OMERO accepted it. Raises PermanentImportError when OMERO
+        rejects the key (``config_error`` when no omero-py is configured),
+        TransientImportError when OMERO cannot be reached or no answer came within
+        ``server.seed_session_timeout`` seconds. The key travels on the child's stdin only.
         """
-        o = self.omero
-        request = {"host": o.host, "port": o.port, "session_key": session_key,
-                   "connect_timeout": o.connect_timeout}
-        python = self.python()
-        try:
-            out = subprocess.run(
-                [python, str(CHILD), "--session-info"], input=json.dumps(request), capture_output=True,
-                text=True, timeout=float(o.connect_timeout) + 10, cwd=str(CHILD.parent),
-            )
-            answer = json.loads(out.stdout.strip().splitlines()[-1])
-        except subprocess.TimeoutExpired:
-            raise TransientImportError(f"OMERO at {o.host}:{o.port} did not answer within "
-                                       f"{o.connect_timeout:g} s") from None
-        except (OSError, ValueError, IndexError) as exc:
-            raise TransientImportError(f"cannot run the OMERO child to check a session: {exc}") from None
-        if "error" in answer:
-            cls = TransientImportError if answer.get("transient") else PermanentImportError
-            raise cls(str(answer["error"]).replace(session_key, "<session key>"))
-        return answer
+        with self._lock:
+            if self._sessions is None:
+                server = self.config.server
+                self._sessions = SessionChecker(
+                    self.python, self.omero.host, self.omero.port, connect_timeout=self.omero.connect_timeout,
+                    timeout=server.seed_session_timeout, cache_ttl=server.seed_session_cache,
+                )
+            sessions = self._sessions
+        return sessions.check(session_key)
 
     # -- running a job -------------------------------------------------------
 
@@ -321,6 +315,9 @@ class OmeroImporter(Importer):
         """Kill children still running (the service is stopping; their jobs get retried)."""
         with self._lock:
             children = list(self._children.values())
+            sessions, self._sessions = self._sessions, None
+        if sessions is not None:
+            sessions.close()
         for proc in children:
             _kill(proc)
 

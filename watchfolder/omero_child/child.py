@@ -4,6 +4,7 @@ Run by file path with an interpreter that has omero-py (Python 3.10 works)::
 
     python child.py            # reads one request (JSON) on stdin
     python child.py --probe    # prints {"omero_py": version, ...} and exits
+    python child.py --session-server   # answers session checks, one JSON line each way
 
 It imports only the standard library at module level and omero-py inside
 functions, never the watchfolder package, so it runs in an environment that
@@ -446,6 +447,67 @@ def session_info(req):
         raise classify(exc, where) from None
     finally:
         _close(client)
+
+
+def session_server(stdin, out, workers=4):
+    """``--session-server``: answer session checks for as long as stdin stays open.
+
+    The first line on stdin is ``{"host", "port", "connect_timeout"}``; this
+    answers ``{"ready": true}`` once omero-py is imported (or ``{"ready": false,
+    "error": ...}`` and exits 1). Each further line is ``{"id": n, "session_key": k}``
+    and gets one line ``{"id": n, "user", "email", "group"}`` or ``{"id": n,
+    "error", "transient", "config_error"}``, in the order they finish: up to
+    ``workers`` checks run at once (each its own client). End of stdin (the
+    service closed the pipe or died) ends the process at once, whatever is running.
+    """
+    import queue
+    import threading
+
+    write_lock = threading.Lock()
+
+    def send(answer):
+        with write_lock:
+            out.write(json.dumps(answer) + "\n")
+            out.flush()
+
+    try:
+        config = json.loads(stdin.readline())
+        import omero  # noqa: F401
+        import omero.clients  # noqa: F401
+    except (ValueError, ImportError) as exc:
+        send({"ready": False, "error": f"{sys.executable} cannot run session checks ({type(exc).__name__}: {exc}); "
+                                       "set importer.omero.python to an interpreter that has omero-py"})
+        return 1
+    base = {"host": config["host"], "port": int(config["port"]),
+            "connect_timeout": float(config.get("connect_timeout") or 30)}
+    requests = queue.Queue()
+
+    def work():
+        while True:
+            req = requests.get()
+            try:
+                answer = session_info(dict(base, session_key=req["session_key"]))
+            except BaseException as exc:  # noqa: BLE001 - every failure goes back classified
+                failure = classify(exc)
+                answer = {"error": failure.message, "transient": failure.transient,
+                          "config_error": failure.config_error}
+            answer["id"] = req["id"]
+            del req
+            send(answer)
+
+    for _ in range(max(1, workers)):
+        threading.Thread(target=work, name="session-check", daemon=True).start()
+    send({"ready": True})
+    for line in stdin:
+        try:
+            req = json.loads(line)
+            requests.put({"id": int(req["id"]), "session_key": str(req["session_key"])})
+        except (ValueError, KeyError, TypeError) as exc:
+            send({"id": None, "error": f"bad request line ({type(exc).__name__})", "transient": False,
+                  "config_error": True})
+    # The service is gone or done: checks still running in Ice threads are abandoned.
+    out.flush()
+    os._exit(0)
 
 
 class Importer:
@@ -1328,6 +1390,13 @@ def main(argv=None):
     if argv[:1] == ["--ping"]:
         logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
         return ping(sys.stdin, sys.stdout)
+    if argv[:1] == ["--session-server"]:
+        # Long-lived: session checks over stdin/stdout, one JSON line each way (see session_server).
+        out = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+        logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+        return session_server(sys.stdin, out)
     if argv[:1] == ["--session-info"]:
         # One JSON request on stdin ({host, port, session_key, connect_timeout}); one JSON line out:
         # {"user", "email", "group"} or {"error", "transient"}. Exit status 0 or 1.

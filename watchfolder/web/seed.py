@@ -11,9 +11,11 @@ seed did; nothing is queued unless every request in the array is valid.
 
 As in the seed, ``/ome/import`` takes no bearer token: the OMERO session key is
 the credential and the job runs in that session. Before anything is queued,
-each distinct key is joined in OMERO (a child process reads the session's event
-context, in well under a second against a nearby server); a key OMERO rejects
-answers 400 and nothing is queued. The job's owner, group and mail address are
+each distinct key is joined in OMERO by one long-lived child process
+(:mod:`watchfolder.importers.omero_sessions`: one JSON line each way, a key
+OMERO accepted remembered for ``server.seed_session_cache`` seconds); a key
+OMERO rejects answers 403 and nothing is queued; OMERO (or the child) not
+answering within ``server.seed_session_timeout`` answers 503. The job's owner, group and mail address are
 the session's, not the body's (``experimenterEmail`` is checked for shape only).
 Also stricter than the seed, deliberately:
 
@@ -67,7 +69,7 @@ FAILED_MAIL_PATH = "/ome/failed/mail"
 #: Failed mails looked at by the failed-mail routes (newest first); mails fail rarely.
 FAILED_MAIL_LIMIT = 10_000
 KEY_PREFIX = "ome-import:"
-# Different session keys in one request: each is checked with OMERO in a child process.
+# Different session keys in one request: each is checked with OMERO (one round trip each).
 MAX_SESSIONS = 4
 SOURCE_PREFIX = "seed:"
 
@@ -384,7 +386,7 @@ def install(app: bottle.Bottle, api) -> None:
                         return refuse(f"cannot check the session key with OMERO now ({exc.message}); "
                                       "nothing was queued: try again later", 503)
                     return refuse(f"request for {uri}: sessionKey: {exc.message}; nothing was queued: log in "
-                                  "to OMERO again and send a fresh session key")
+                                  "to OMERO again and send a fresh session key", 403)
             who = owners[key]
             specs[index] = (dataclasses.replace(spec, owner=who["user"], email=who.get("email") or None,
                                                 group=who.get("group") or None,
