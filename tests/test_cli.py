@@ -509,7 +509,7 @@ def test_mail_list_and_resend(cfg_path, jobstore, make_spec, capsys):
     assert "job_failed" in lines[1] and "jdoe@example.org" in lines[1]
 
     assert run_cli(cfg_path, "mail", "resend", "1") == 1
-    assert "mail 1 does not exist or is not failed or sent" in capsys.readouterr().err
+    assert "mail 1 does not exist or is not failed, dismissed or sent" in capsys.readouterr().err
 
     (mail, *_) = jobstore.outbox_claim(limit=1)
     jobstore.outbox_failed(mail.id, "550 no such user", permanent=True)
