@@ -237,7 +237,7 @@ def test_seed_api_end_to_end_into_the_double(seed_service, double):
             "omeroPort": str(double.port)}
     # A key OMERO rejects is refused before anything is queued (issue 10); the good one is queued.
     r = client.post("/ome/import", [dict(base, sessionKey=rejected_key)])
-    assert r.status == 400 and "rejected the session key" in r.json["reason"] and rejected_key not in r.text
+    assert r.status == 403 and "rejected the session key" in r.json["reason"] and rejected_key not in r.text
     r = client.post("/ome/import", [
         dict(base, sessionKey=key, textAnnotations=[[NOTES, "stained with DAPI"]], annotationIds=[tag]),
     ])
