@@ -156,6 +156,16 @@ def test_a_killed_child_is_replaced_by_the_next_check(checker, double):
     assert c.pid not in (None, first) and c.stats["started"] == 2
 
 
+def test_a_key_that_crashes_the_child_is_a_transient_failure_and_the_next_check_works(checker, double):
+    """omero-py's Ice dies of SIGSEGV marshalling an unpaired surrogate: the check is sent to a fresh
+    child once, then fails as transient (the HTTP layer refuses such keys before they get here)."""
+    c = checker(cache_ttl=0)
+    with pytest.raises(TransientImportError, match="the session checker exited"):
+        c.check("\ud800")
+    assert c.stats["started"] == 2
+    assert c.check(double.session("jdoe", "lab"))["user"] == "jdoe"
+
+
 def test_a_hung_child_times_out_as_transient_and_is_replaced(checker, double):
     c = checker(cache_ttl=0, timeout=2)
     key = double.session("jdoe", "lab")
@@ -198,6 +208,9 @@ def test_the_seed_route_survives_a_killed_and_a_hung_checker(served, double, cap
     forged = str(uuid.uuid4())
     r = post(forged)
     assert r.status == 403 and set(r.json) == {"reason"} and "rejected the session key" in r.json["reason"]
+    for odd in ("x" * 10_000, "a\nb\x00c", "é"):  # a long key, control characters, not ASCII
+        r = post(odd)
+        assert r.status == 403 and set(r.json) == {"reason"}, (odd[:20], r.status, r.text[:200])
 
     pid = _checker_pid(caplog)
     os.kill(pid, signal.SIGKILL)

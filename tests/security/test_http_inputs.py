@@ -75,6 +75,24 @@ def test_deeply_nested_json_is_400(svc, nested):
     assert r.status == 400 and "nested" in r.json["error"]
 
 
+@pytest.mark.parametrize("escape", ["\\ud800", "\\uDC00", "x\\udbff", "\\ude00\\ud83d"])
+def test_unpaired_surrogates_in_json_strings_are_400(svc, escape):
+    """Not text, and Ice crashes on them (the OMERO child died of SIGSEGV on a sessionKey of "\\ud800")."""
+    folder = acquisition(svc.roots["drop"], "surrogate")
+    body = '{"path": "%s", "name": "a%sb"}' % (folder, escape)
+    r = svc.client("portal").post("/api/v1/jobs", raw=body.encode(), headers={"Content-Type": "application/json"})
+    assert r.status == 400 and "unpaired UTF-16 surrogate" in r.json["error"], r.text
+    assert r.json["detail"]["message"] == "unpaired surrogate"  # /ome/import: tests/security/test_seed_abuse.py
+
+
+def test_a_surrogate_pair_is_text(svc):
+    folder = acquisition(svc.roots["drop"], "pair")
+    body = '{"path": "%s", "name": "smile \\ud83d\\ude00"}' % folder
+    r = svc.client("portal").post("/api/v1/jobs", raw=body.encode(), headers={"Content-Type": "application/json"})
+    assert r.status == 202, r.text
+    assert svc.store.get(r.json["id"]).spec.name == "smile \U0001F600"
+
+
 def test_an_authorization_header_that_is_not_utf8_is_401(svc):
     answer = raw_request(svc.server.port, b"GET /api/v1/whoami HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                                           b"Authorization: Bearer \xff\xfe\r\n\r\n")

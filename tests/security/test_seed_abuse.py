@@ -51,6 +51,15 @@ def test_a_key_omero_rejects_queues_nothing_and_sends_no_mail(svc, caplog):
     assert "refused (403)" in caplog.text and forged not in caplog.text
 
 
+def test_a_session_key_that_is_not_text_is_400_and_never_reaches_omero(svc):
+    """An unpaired surrogate escape (\\ud800) crashed omero-py's Ice (SIGSEGV) in the session child."""
+    folder = acquisition(svc.roots["drop"], "jdoe/a", manifest=False)
+    body = json.dumps([item(folder)]).replace(SESSION, "\\ud800")
+    r = svc.client().post("/ome/import", raw=body.encode(), headers={"Content-Type": "application/json"})
+    assert r.status == 400 and "unpaired UTF-16 surrogate" in r.json["reason"], r.text
+    assert queued(svc) == 0 and svc.sessions.asked == []
+
+
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
                                           "multipart/form-data; boundary=x"])
 def test_only_json_bodies_are_accepted(svc, content_type):

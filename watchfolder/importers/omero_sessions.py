@@ -120,7 +120,7 @@ class SessionChecker:
         cannot be reached, or no answer came within ``timeout`` seconds.
         """
         now = time.monotonic() if now is None else now
-        digest = hmac.new(self._secret, session_key.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
+        digest = hmac.new(self._secret, session_key.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
         with self._lock:
             hit = self._cache.get(digest)
             if hit is not None:
@@ -130,9 +130,13 @@ class SessionChecker:
                     return dict(hit[1])
                 del self._cache[digest]
         try:
-            answer = self._ask(session_key)
-        except _ChildGone:
-            answer = self._ask(session_key)  # once more, on a fresh child
+            try:
+                answer = self._ask(session_key)
+            except _ChildGone:
+                answer = self._ask(session_key)  # once more, on a fresh child
+        except _ChildGone as exc:
+            log.warning("the OMERO session checker exited twice during one check (%s)", exc)
+            raise TransientImportError(f"the OMERO session check failed: {exc}") from None
         if "error" in answer:
             message = str(answer["error"]).replace(session_key, "<session key>")
             if answer.get("transient"):

@@ -85,7 +85,7 @@ def read_json_body(environ: dict, limit: int) -> Any:
     if _nesting(raw) > MAX_JSON_DEPTH:
         raise too_deep
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BodyError(
             400,
@@ -94,6 +94,28 @@ def read_json_body(environ: dict, limit: int) -> Any:
         ) from None
     except RecursionError:  # only if the scan above missed a level; never a 500
         raise too_deep from None
+    # JSON may escape half of a UTF-16 pair (\ud800) alone: not text, and omero-py's Ice
+    # crashes (SIGSEGV) marshalling such a string. Refused here, for every route.
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(value):
+        line, column = line_column(raw, _SURROGATE_ESCAPE.search(raw).start())
+        raise BodyError(
+            400,
+            f"a JSON string holds an unpaired UTF-16 surrogate escape (near line {line}, column {column}), "
+            "which is not text; send valid Unicode",
+            {"line": line, "column": column, "message": "unpaired surrogate"},
+        )
+    return value
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 _STRUCTURE = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
