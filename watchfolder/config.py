@@ -24,6 +24,7 @@ import yaml
 
 from . import defaults as D
 from .errors import ConfigError
+from .filemodes import group_problem
 from .job import RetryPolicy, Target
 
 _MISSING = object()
@@ -292,6 +293,8 @@ class Config:
     server: ServerConfig
     watch: tuple[WatchConfig, ...]
     events: EventsConfig = field(default_factory=EventsConfig)
+    # The database, its -wal/-shm, job logs and the mail outbox: 0600, or 0640 with this group.
+    file_group: str | None = None
 
     @property
     def logs_dir(self) -> Path:
@@ -961,7 +964,8 @@ def _watch(r: _Reader, raw: Any, data_dir: Path) -> tuple[WatchConfig, ...]:
     return tuple(out)
 
 
-TOP_KEYS = {"data_dir", "log_level", "store", "workers", "retry", "importer", "notify", "server", "watch", "events"}
+TOP_KEYS = {"data_dir", "file_group", "log_level", "store", "workers", "retry", "importer", "notify", "server", "watch",
+            "events"}
 
 
 def apply_env_overrides(raw: dict, environ: dict[str, str]) -> dict:
@@ -1006,6 +1010,9 @@ def parse(raw: Any, *, path: Path | None = None, environ: dict[str, str] | None 
     r = _Reader(base_dir.resolve(), env)
     r.unknown(raw, TOP_KEYS, "")
     data_dir = r.get(raw, "data_dir", "", r.path, r.path(D.DATA_DIR))
+    file_group = r.get(raw, "file_group", "", text, None)
+    if file_group and (problem := group_problem(file_group)):
+        r.problem("file_group", problem)
     server = _server(r, r.section(raw, "server", ""))
     config = Config(
         path=path,
@@ -1019,6 +1026,7 @@ def parse(raw: Any, *, path: Path | None = None, environ: dict[str, str] | None 
         server=server,
         watch=_watch(r, raw.get("watch"), data_dir),
         events=_events(r, r.section(raw, "events", ""), server),
+        file_group=file_group,
     )
     if config.notify.transport == "smtp" and not config.notify.smtp.host:
         r.problem("notify.smtp.host", "required when notify.transport is smtp")

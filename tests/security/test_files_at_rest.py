@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import grp
+import json
 import os
+import shutil
 import stat
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from watchfolder.errors import PermanentImportError
+from watchfolder.errors import ConfigError, PermanentImportError
+from watchfolder.filemodes import FileModeError, FileModes
 from watchfolder.importers.archive import ArchiveImporter
-from watchfolder.mail.transports import FolderTransport
-from watchfolder.store import SQLiteStore
+from watchfolder.mail.transports import FolderTransport, create_transport
+from watchfolder.store import SQLiteStore, open_store
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET_KEY = "c0ffee00-session-key-that-must-not-stay-on-disk"
@@ -112,3 +119,131 @@ def test_outbox_mails_are_private(tmp_path, wide_umask):
 @pytest.mark.parametrize("unit", sorted((REPO / "examples" / "deploy").glob("*.service")), ids=lambda p: p.name)
 def test_example_units_set_a_umask(unit):
     assert "\nUMask=0027\n" in unit.read_text(encoding="utf-8")
+
+
+# -- file_group: 0640 with a group the admin chooses ------------------------------
+
+GROUP = "wf-test-admins"
+
+
+@pytest.fixture(scope="module")
+def admin_group():
+    """A real group for the files (created with groupadd when missing, removed afterwards)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: giving files to a group the test user is not in, and groupadd, take root")
+    if shutil.which("groupadd") is None:
+        pytest.skip("needs groupadd (Debian's passwd package) to create a test group")
+    created = False
+    try:
+        grp.getgrnam(GROUP)
+    except KeyError:
+        subprocess.run(["groupadd", "--system", GROUP], check=True, capture_output=True)
+        created = True
+    yield GROUP, grp.getgrnam(GROUP).gr_gid
+    if created:
+        subprocess.run(["groupdel", GROUP], check=False, capture_output=True)
+
+
+@pytest.fixture
+def narrow_umask():
+    old = os.umask(0o077)  # the strictest umask: the group bits must still be set by the code
+    yield
+    os.umask(old)
+
+
+def owner_mode_group(path) -> tuple[int, int]:
+    st = os.stat(path)
+    return stat.S_IMODE(st.st_mode), st.st_gid
+
+
+def test_file_group_gives_database_wal_shm_logs_and_outbox_0640_to_the_group(make_config, make_spec, admin_group,
+                                                                             narrow_umask, tmp_path):
+    name, gid = admin_group
+    config = make_config(file_group=name, notify={"transport": "folder", "outbox_dir": str(tmp_path / "outbox")})
+    assert config.file_group == name
+    store = open_store(config)
+    try:
+        job, _ = store.enqueue(make_spec())
+        store.log(job.id, "hello")
+        create_transport(config).send(b"Subject: hi\r\nMessage-ID: <1@x>\r\n\r\nbody\r\n", "a@x", ("b@x",))
+        (mail,) = (tmp_path / "outbox").iterdir()
+        db = Path(config.store.path)
+        files = [db, Path(f"{db}-wal"), Path(f"{db}-shm"), store.log_path(job.id), mail]
+        assert {str(f): owner_mode_group(f) for f in files} == {str(f): (0o640, gid) for f in files}
+        for folder in (db.parent, config.logs_dir, tmp_path / "outbox"):
+            assert owner_mode_group(folder) == (0o750, gid), folder
+    finally:
+        store.close()
+
+
+def test_setting_and_unsetting_file_group_fixes_an_existing_database(admin_group, wide_umask, tmp_path):
+    name, gid = admin_group
+    path = tmp_path / "watchfolder.db"
+    SQLiteStore(path).close()
+    assert owner_mode_group(path) == (0o600, os.getegid())
+    SQLiteStore(path, files=FileModes.for_group(name)).close()
+    assert owner_mode_group(path) == (0o640, gid)
+    SQLiteStore(path).close()  # file_group removed again: the group loses read access
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_a_group_that_does_not_exist_is_refused_at_start(make_config):
+    with pytest.raises(ConfigError) as info:
+        make_config(file_group="wf-no-such-group-here")
+    assert "file_group: there is no group 'wf-no-such-group-here' on this host; create it (groupadd " \
+        "wf-no-such-group-here)" in str(info.value)
+    with pytest.raises(FileModeError, match="no group"):
+        FileModes.for_group("wf-no-such-group-here")
+
+
+def test_check_config_refuses_a_missing_group_in_one_line(tmp_path):
+    cfg = tmp_path / "watchfolder.yaml"
+    cfg.write_text(f"data_dir: {tmp_path / 'data'}\nfile_group: wf-no-such-group-here\n", encoding="utf-8")
+    out = subprocess.run([sys.executable, "-m", "watchfolder", "--config", str(cfg), "check-config"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "file_group: there is no group 'wf-no-such-group-here'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_service_user_outside_the_group_is_refused(admin_group, request):
+    """A non-root process may not give files to a group it is not in (chown(2)): said before and when it happens."""
+    name, gid = admin_group
+    nobody = 65534
+    # pytest's tmp_path is under a 0700 folder of root's: the unprivileged child needs one it can reach.
+    reachable = Path(tempfile.mkdtemp(prefix="wf-file-group-"))
+    request.addfinalizer(lambda: shutil.rmtree(reachable, ignore_errors=True))
+    os.chmod(reachable, 0o711)
+    target = reachable / "owned-by-nobody.db"
+    target.write_bytes(b"")
+    os.chown(target, nobody, nobody)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a real unprivileged process, refused by the kernel
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(nobody)
+            os.setuid(nobody)
+            answer = {"problem": None, "error": None}
+            try:
+                FileModes.for_group(name)
+            except FileModeError as exc:
+                answer["problem"] = str(exc)
+            try:
+                FileModes(name, gid).secure_file(target)
+            except FileModeError as exc:
+                answer["error"] = str(exc)
+            os.write(write, json.dumps(answer).encode())
+        except BaseException as exc:  # said to the parent, which fails with it
+            os.write(write, json.dumps({"crashed": repr(exc)}).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as fh:
+        answer = json.loads(fh.read() or "{}")
+    os.waitpid(pid, 0)
+    assert "crashed" not in answer, answer
+    assert "is not a member of group 'wf-test-admins'" in answer["problem"]
+    assert "usermod -aG wf-test-admins" in answer["problem"] and "unset file_group" in answer["problem"]
+    assert answer["error"].startswith(f"cannot give {target} to group 'wf-test-admins' (file_group)")
+    assert owner_mode_group(target)[1] == nobody  # nothing changed

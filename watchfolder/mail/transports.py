@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import defaults as D
+from ..filemodes import PRIVATE, FileModes
 from ..store.base import process_exists
 from .message import MailError, Transport
 
@@ -52,8 +53,9 @@ class FolderTransport(Transport):
 
     name = "folder"
 
-    def __init__(self, outbox_dir: Path | str):
+    def __init__(self, outbox_dir: Path | str, files: FileModes = PRIVATE):
         self.outbox_dir = Path(outbox_dir)
+        self.files = files
 
     def file_name(self, raw: bytes) -> str:
         """The file a mail is written to (stable for the same Message-ID and Date)."""
@@ -93,13 +95,13 @@ class FolderTransport(Transport):
         target = self.outbox_dir / self.file_name(raw)
         tmp_name = None
         try:
-            self.outbox_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # mails hold names and paths
+            self.files.make_dir(self.outbox_dir)  # mails hold names and paths: 0700 (0750 with file_group)
             fd, tmp_name = tempfile.mkstemp(prefix=f".{os.getpid()}-", suffix=".eml.tmp", dir=self.outbox_dir)
             with os.fdopen(fd, "wb") as fh:
+                self.files.secure_fd(fh.fileno(), tmp_name)  # mkstemp's 0600, or 0640 with file_group
                 fh.write(raw)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.chmod(tmp_name, 0o600)  # mails name people and their data: the service user only
             os.replace(tmp_name, target)
             tmp_name = None
             _fsync_dir(self.outbox_dir)
@@ -345,7 +347,7 @@ def create_transport(config: Any) -> Transport | None:
     """The transport named by ``notify.transport``; ``None`` for ``none`` (mails stay in the outbox)."""
     notify = config.notify
     if notify.transport == "folder":
-        return FolderTransport(notify.outbox_dir)
+        return FolderTransport(notify.outbox_dir, FileModes.for_group(config.file_group))
     if notify.transport == "smtp":
         return SmtpTransport(notify.smtp)
     if notify.transport == "none":

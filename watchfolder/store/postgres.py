@@ -55,6 +55,7 @@ from ..errors import (
     StoreRefused,
     StoreUnavailable,
 )
+from ..filemodes import PRIVATE, FileModes
 from ..job import ErrorKind, FileEntry, HistoryEntry, Job, JobSpec, JobState, Progress, RetryPolicy
 from .base import JobStore, Mail, MailComposer, OutboxMail, PendingEntry
 from .outage import Outage, outage_for
@@ -378,6 +379,7 @@ class PostgresStore(FileLogs, JobStore):
         connect_timeout: float = D.PG_CONNECT_TIMEOUT_SECONDS,
         application_name: str = "watchfolder",
         log_outages: bool = True,
+        files: FileModes = PRIVATE,
     ):
         if psycopg is None:
             raise StoreError(
@@ -390,6 +392,7 @@ class PostgresStore(FileLogs, JobStore):
         self.retry_policy = retry or RetryPolicy(D.RETRY_MAX_ATTEMPTS, D.RETRY_BACKOFF)
         self.mail_retry = mail_retry or RetryPolicy(D.MAIL_MAX_ATTEMPTS, D.MAIL_BACKOFF)
         self.logs_dir = Path(logs_dir)
+        self.files = files
         self.composer = composer
         self.sender = sender
         self.connect_timeout = connect_timeout
@@ -399,7 +402,7 @@ class PostgresStore(FileLogs, JobStore):
         }
         if password is not None:
             self._connect_kwargs["password"] = password
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        files.make_dir(self.logs_dir)
         self._returned: dict[int, float] = {}  # id(connection) -> when it went back to the pool
         # Outages are logged once per process (store/outage.py); a short command only reports its error.
         self._outage = outage_for(self.location, log) if log_outages else Outage(self.location, _SILENT)
@@ -444,6 +447,7 @@ class PostgresStore(FileLogs, JobStore):
             composer=composer,
             sender=config.notify.sender,
             log_outages=log_outages,
+            files=FileModes.for_group(config.file_group),
         )
 
     # -- connections -------------------------------------------------------

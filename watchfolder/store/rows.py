@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError
-from ..filemodes import open_private_append
+from ..filemodes import PRIVATE, FileModes
 from ..job import ErrorKind, FileEntry, HistoryEntry, Job, JobError, JobSpec, JobState, Progress, printable
 from ..units import whole_number
 from .base import OutboxMail, PendingEntry
@@ -157,6 +157,7 @@ class FileLogs:
     """
 
     logs_dir: Path
+    files: FileModes = PRIVATE
 
     def log_path(self, job_id: int) -> Path:
         return self.logs_dir / f"{job_id}.log"
@@ -170,7 +171,7 @@ class FileLogs:
         """
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() if now is None else now))
         lines = str(message).split("\n")
-        with open_private_append(self.log_path(job_id), errors="backslashreplace") as fh:  # 0600
+        with self.files.open_append(self.log_path(job_id), errors="backslashreplace") as fh:  # 0600 or 0640
             for i, line in enumerate(lines):
                 fh.write(f"{stamp}Z {'  ' if i else ''}{printable(line)}\n")
 

@@ -35,7 +35,7 @@ from litequeue import LiteQueue
 
 from .. import defaults as D
 from ..errors import ImportFailure, InvalidTransition, JobNotFound, LeaseLost, StoreError
-from ..filemodes import private_file
+from ..filemodes import PRIVATE, FileModes
 from ..job import (
     FINISHED_STATES,
     ErrorKind,
@@ -323,8 +323,10 @@ class SQLiteStore(FileLogs, JobStore):
         mail_retry: RetryPolicy | None = None,
         composer: MailComposer | None = None,
         sender: str = D.MAIL_FROM,
+        files: FileModes = PRIVATE,
     ):
         self.path = Path(path)
+        self.files = files
         if synchronous not in ("full", "normal"):
             raise StoreError(f"synchronous must be 'full' or 'normal', got {synchronous!r}")
         self.synchronous = synchronous
@@ -342,14 +344,14 @@ class SQLiteStore(FileLogs, JobStore):
         self._schema_ready = False
         self._identity: tuple[int, int] | None = None
         self.broken: str | None = None
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.logs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        files.make_dir(self.path.parent)
+        files.make_dir(self.logs_dir)
         if not self.path.exists():
             self._refuse_a_new_database_over_old_logs()
-        # Pending jobs hold OMERO session keys: the database (and the -wal and -shm
-        # files SQLite creates with the database's mode) is the service user's only.
+        # Pending jobs hold OMERO session keys: the database is the service user's only
+        # (or its file_group's, read-only); SQLite gives the -wal and -shm files its mode.
         for path in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
-            private_file(path, create=path == self.path)
+            files.secure_file(path, create=path == self.path)
         self._conn()  # create the schema now, so errors show at start
 
     @classmethod
@@ -364,6 +366,7 @@ class SQLiteStore(FileLogs, JobStore):
             mail_retry=config.notify.retry,
             composer=composer,
             sender=config.notify.sender,
+            files=FileModes.for_group(config.file_group),
         )
 
     # -- connections -------------------------------------------------------
@@ -393,6 +396,10 @@ class SQLiteStore(FileLogs, JobStore):
                 self._create_schema(conn)
                 self._schema_ready = True
             self._connections.append(conn)
+        if self.files.gid is not None:
+            # SQLite made the -wal/-shm (with the first connection) in the creating process's group.
+            for path in (f"{self.path}-wal", f"{self.path}-shm"):
+                self.files.secure_file(path)
         self._local.conn = conn
         self._local.queue = queue
         if self._identity is None:
