@@ -17,6 +17,7 @@ and :class:`FileModeError` names the file and the fix when the system refuses.
 from __future__ import annotations
 
 import grp
+import logging
 import os
 import pwd
 import stat
@@ -30,6 +31,8 @@ PRIVATE_DIR = 0o700
 GROUP_FILE = 0o640
 GROUP_DIR = 0o750
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+log = logging.getLogger(__name__)
 
 
 class FileModeError(WatchfolderError):
@@ -138,12 +141,16 @@ class FileModes:
                 raise
         return open(fd, "a", encoding="utf-8", errors=errors)
 
-    def make_dir(self, path: str | os.PathLike) -> None:
+    def make_dir(self, path: str | os.PathLike, *, own: bool = True) -> None:
         """Create the folder ``path`` (and missing parents) with these modes.
 
-        With a group, the folder and the parents made here are given to it (the
-        group must reach the files inside), also when the folder already exists;
-        without one, an existing folder is left as it is.
+        With a group, the folders made here are given to it (the group must
+        reach the files inside), and so is ``path`` when it already exists and
+        ``own`` says it holds only the service's files (logs, outbox). A folder
+        that may hold more (the data_dir, which systemd's ``StateDirectory=``
+        owns: it chowns everything below again, recursively, when it finds the
+        folder's group changed) is left as it is; a warning says when the group
+        cannot pass through it. Without a group, an existing folder is left as it is.
         """
         path = Path(path)
         missing = []
@@ -154,12 +161,18 @@ class FileModes:
         path.mkdir(parents=True, exist_ok=True, mode=self.dir_mode)
         if self.gid is None:
             return  # mkdir made it dir_mode (the umask can only narrow it)
-        for folder in dict.fromkeys([path, *missing]):
+        for folder in dict.fromkeys([path, *missing] if own else missing):
             fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
             try:
                 self.secure_fd(fd, folder)
             finally:
                 os.close(fd)
+        if path not in missing and not own:
+            st = os.stat(path)
+            if not (st.st_mode & 0o001 or (st.st_gid == self.gid and st.st_mode & 0o010)):
+                log.warning("file_group: members of %s cannot pass through %s (mode %04o, group %d): give the "
+                            "folder o+x, or g+x with that group, for them to read the files in it", self.group,
+                            path, stat.S_IMODE(st.st_mode), st.st_gid)
 
 
 #: The default: everything the service's user's only.

@@ -187,6 +187,26 @@ def test_setting_and_unsetting_file_group_fixes_an_existing_database(admin_group
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
 
+def test_an_existing_data_dir_keeps_its_group_and_a_closed_one_is_warned_about(admin_group, tmp_path, caplog):
+    """The data_dir may be systemd's StateDirectory: a changed group there makes systemd chown the whole
+    tree (archive included) back on the next start. So only the folders of our own files change."""
+    name, gid = admin_group
+    data = tmp_path / "state"
+    data.mkdir(mode=0o700)
+    os.chmod(data, 0o700)
+    before = owner_mode_group(data)
+    store = SQLiteStore(data / "watchfolder.db", files=FileModes.for_group(name))
+    store.close()
+    assert owner_mode_group(data) == before
+    assert owner_mode_group(data / "watchfolder.db") == (0o640, gid)
+    assert owner_mode_group(data / "logs") == (0o750, gid)  # ours alone: given to the group
+    assert f"members of {name} cannot pass through {data}" in caplog.text
+    caplog.clear()
+    os.chmod(data, 0o755)
+    SQLiteStore(data / "watchfolder.db", files=FileModes.for_group(name)).close()
+    assert "cannot pass through" not in caplog.text
+
+
 def test_a_group_that_does_not_exist_is_refused_at_start(make_config):
     with pytest.raises(ConfigError) as info:
         make_config(file_group="wf-no-such-group-here")

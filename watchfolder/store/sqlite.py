@@ -344,7 +344,7 @@ class SQLiteStore(FileLogs, JobStore):
         self._schema_ready = False
         self._identity: tuple[int, int] | None = None
         self.broken: str | None = None
-        files.make_dir(self.path.parent)
+        files.make_dir(self.path.parent, own=False)  # usually the data_dir: it holds the archive too
         files.make_dir(self.logs_dir)
         if not self.path.exists():
             self._refuse_a_new_database_over_old_logs()
