@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import time
 import uuid
 
@@ -143,6 +144,22 @@ def test_a_rejected_key_is_not_cached(checker, double):
             c.check(forged)
         assert forged not in str(info.value)
     assert c.stats["asked"] == 2 and c.stats["cached"] == 0 and not c._cache
+
+
+def test_an_unreachable_omero_is_a_transient_answer_not_a_hung_child(omero_python):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    c = SessionChecker(lambda: omero_python, "127.0.0.1", port, connect_timeout=5, timeout=10)
+    try:
+        with pytest.raises(TransientImportError, match="cannot reach the OMERO server"):
+            c.check(str(uuid.uuid4()))
+        pid = c.pid
+        with pytest.raises(TransientImportError, match="cannot reach the OMERO server"):
+            c.check(str(uuid.uuid4()))
+        assert c.pid == pid and c.stats["started"] == 1  # an answer, not a reason to restart
+    finally:
+        c.close()
 
 
 def test_a_killed_child_is_replaced_by_the_next_check(checker, double):
