@@ -144,6 +144,9 @@ def test_a_rejected_key_is_not_cached(checker, double):
             c.check(forged)
         assert forged not in str(info.value)
     assert c.stats["asked"] == 2 and c.stats["cached"] == 0 and not c._cache
+    with pytest.raises(PermanentImportError, match="not an OMERO session key"):
+        c.check("k" * 100_000)  # refused without a (large) write to the child
+    assert c.stats["asked"] == 2
 
 
 def test_an_unreachable_omero_is_a_transient_answer_not_a_hung_child(omero_python):

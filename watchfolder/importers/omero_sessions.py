@@ -49,6 +49,8 @@ CHILD_WORKERS = 4
 START_GRACE = 10.0
 #: Positive answers remembered at most (least recently used go first).
 CACHE_SIZE = 1024
+#: OMERO's session keys are UUIDs (36 characters): anything much longer is refused without asking.
+MAX_KEY_CHARS = 512
 # OMERO session keys are UUIDs: whatever the child prints on stderr is logged with them masked.
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
@@ -75,6 +77,9 @@ class _Child:
         self.proc = proc
         self.started = time.monotonic()
         self.pending: dict[int, _Slot] = {}
+        # Writes to its stdin, one line at a time; not under the checker's lock, so a child that
+        # stopped reading blocks only the writers, and the deadline of a waiting check still kills it.
+        self.write_lock = threading.Lock()
         self.ready = False
         self.failure: str | None = None  # the child's own refusal to start (no omero-py)
 
@@ -120,6 +125,9 @@ class SessionChecker:
         cannot be reached, or no answer came within ``timeout`` seconds.
         """
         now = time.monotonic() if now is None else now
+        if len(session_key) > MAX_KEY_CHARS:
+            raise PermanentImportError(f"not an OMERO session key ({len(session_key)} characters; OMERO's "
+                                       "are 36)")
         digest = hmac.new(self._secret, session_key.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
         with self._lock:
             hit = self._cache.get(digest)
@@ -184,13 +192,15 @@ class SessionChecker:
             ident = self._ids
             child.pending[ident] = slot
             self.stats["asked"] += 1
-            try:
+        try:
+            with child.write_lock:
                 child.proc.stdin.write(json.dumps({"id": ident, "session_key": session_key}) + "\n")
                 child.proc.stdin.flush()
-            except (OSError, ValueError):  # the child is gone (EPIPE) or its pipe closed
+        except (OSError, ValueError):  # the child is gone (EPIPE) or its pipe closed
+            with self._lock:
                 child.pending.pop(ident, None)
-                self._drop(child)
-                raise _ChildGone() from None
+            self._drop(child)
+            raise _ChildGone() from None
         deadline = self.timeout + (0.0 if child.ready else START_GRACE)
         if not slot.event.wait(deadline):
             with self._lock:
