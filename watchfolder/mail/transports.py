@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import defaults as D
-from ..filemodes import PRIVATE, FileModes
+from ..filemodes import PRIVATE, FileModeError, FileModes
 from ..store.base import process_exists
 from .message import MailError, Transport
 
@@ -105,6 +105,8 @@ class FolderTransport(Transport):
             os.replace(tmp_name, target)
             tmp_name = None
             _fsync_dir(self.outbox_dir)
+        except FileModeError as exc:
+            raise MailError(f"cannot write mail to {target}: {exc}") from None
         except OSError as exc:
             raise MailError(
                 f"cannot write mail to {target}: {exc.strerror or exc}; "
