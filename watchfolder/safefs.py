@@ -33,7 +33,7 @@ try:
 except ImportError:  # loaded by file path, outside the package (the OMERO child)
     _Base = Exception
 
-__all__ = ["UnsafePath", "SourceTree", "open_source", "allowed_root_for", "same_file"]
+__all__ = ["UnsafePath", "SourceTree", "open_source", "read_file", "allowed_root_for", "same_file"]
 
 # As Linux's own limit on symlinks followed while resolving one path.
 MAX_SYMLINKS = 40
@@ -269,6 +269,63 @@ def open_source(allowed_root: str, root: str, rel: str) -> tuple[int, os.stat_re
         raise UnsafePath(os.path.join(root, rel), exc.reason) from None
     with tree:
         return tree.open(rel)
+
+
+def read_file(path: str | os.PathLike, limit: int, *, within: str | None = None, what: str = "file") -> bytes:
+    """The bytes of a small file the service reads back (a manifest, sidecar, receipt, record).
+
+    By the data files' rule: the file itself is opened with ``O_NOFOLLOW`` and must be
+    a regular file; a symlink is refused, never read, wherever it points (even inside
+    the folder: a descriptor is the instrument's own file, not a link to one). With
+    ``within`` (a watch folder, an allowed root), every folder from there down to the
+    file's is walked as :class:`SourceTree` does, refusing a symlinked folder, and a
+    path outside ``within`` is refused. At most ``limit + 1`` bytes are read (one more
+    than allowed tells the caller "too big"). ``what`` names the file in the reason:
+    "manifest is a symbolic link; replace it with the file itself".
+
+    Raises :class:`UnsafePath` (refused) or ``OSError`` (missing, permissions).
+    """
+    path = os.path.abspath(os.fspath(path))
+    folder, name = os.path.split(path)
+    if within is not None:
+        try:
+            tree = SourceTree(os.path.abspath(within), folder)
+        except UnsafePath as exc:
+            raise UnsafePath(path, exc.reason) from None
+        dir_fd, tree._root_fd = tree._root_fd, -1
+    else:
+        dir_fd = os.open(folder, (_PATH or os.O_RDONLY) | os.O_DIRECTORY | _CLOEXEC)
+    try:
+        try:
+            fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EMLINK):
+                raise UnsafePath(path, f"{what} is a symbolic link; replace it with the file itself") from None
+            raise
+    finally:
+        os.close(dir_fd)
+    try:
+        is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+        fd, st = SourceTree._regular(fd, path)  # closes fd when it refuses
+    except UnsafePath:
+        kind = "a folder, not a file" if is_dir else "not a regular file (a FIFO, socket or device)"
+        raise UnsafePath(path, f"{what} is {kind}") from None
+    try:
+        chunks: list[bytes] = []
+        got = 0
+        ask = min(st.st_size, limit) + 1
+        while got <= limit:
+            chunk = os.read(fd, min(ask, limit + 1 - got))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+            if len(chunk) < ask:
+                break  # a short read of a regular file is its end
+            ask = 65536  # it grew meanwhile: read on, up to the limit
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def same_file(a: os.stat_result, b: os.stat_result) -> bool:

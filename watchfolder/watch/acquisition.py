@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import defaults as D
+from .. import safefs
 from ..errors import AcquisitionError
 from ..job import FileEntry, JobSpec, Target
 
@@ -87,18 +88,22 @@ def line_column(data: bytes, offset: int) -> tuple[int, int]:
     return line, offset - (data.rfind(b"\n", 0, offset) + 1) + 1
 
 
-def load_json(path: Path) -> tuple[Any, bytes, list[str]]:
+def load_json(path: Path, *, what: str = "manifest or sidecar", within: str | None = None
+              ) -> tuple[Any, bytes, list[str]]:
     """Read a JSON file (UTF-8, BOM tolerated): ``(value, raw bytes, warnings)``.
 
-    Raises :class:`AcquisitionError` naming the line and column of a syntax error.
+    Opened by :func:`watchfolder.safefs.read_file`'s rule: a symlink (``what`` names
+    the file in the reason: "manifest is a symbolic link; …"), a FIFO or a folder is
+    refused unread; with ``within``, a symlinked folder below it too. Raises
+    :class:`AcquisitionError` for that, and naming the line and column of a syntax error.
     """
     path = path if isinstance(path, Path) else Path(path)
     try:
-        raw = _read_limited(path, MAX_DESCRIPTOR_BYTES)
+        raw = safefs.read_file(path, MAX_DESCRIPTOR_BYTES, within=within, what=what)
+    except safefs.UnsafePath as exc:
+        raise AcquisitionError(str(exc)) from None
     except FileNotFoundError:
         raise AcquisitionError(f"{path}: does not exist") from None
-    except IsADirectoryError:
-        raise AcquisitionError(f"{path}: is a folder, not a JSON file") from None
     except OSError as exc:
         raise AcquisitionError(f"{path}: cannot read it ({exc.strerror}); check its permissions") from None
     if len(raw) > MAX_DESCRIPTOR_BYTES:
@@ -134,44 +139,14 @@ def load_json(path: Path) -> tuple[Any, bytes, list[str]]:
     return value, raw, warnings
 
 
-def _read_limited(path: str | os.PathLike, limit: int) -> bytes:
-    """The file's bytes, at most ``limit + 1`` of them (one more than allowed tells "too big").
-
-    Plain ``os`` calls, as few as possible: the API reads a manifest per request, and
-    each system call lets another thread take the GIL. Not ``read(limit + 1)`` at
-    once either, which allocates the whole limit on every call.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
-        regular = stat.S_ISREG(st.st_mode)
-        chunks: list[bytes] = []
-        got = 0
-        ask = min(st.st_size, limit) + 1 if regular else 65536
-        while got <= limit:
-            chunk = os.read(fd, min(ask, limit + 1 - got))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            got += len(chunk)
-            if regular and len(chunk) < ask:
-                break  # a short read of a regular file is its end
-            ask = 65536  # it grew meanwhile (or is not a regular file): read on, up to the limit
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def read_descriptor(path: Path) -> Descriptor:
-    """Read and validate a manifest or sidecar.
+def read_descriptor(path: Path, *, what: str = "manifest or sidecar", within: str | None = None) -> Descriptor:
+    """Read and validate a manifest or sidecar (``what``), opened as :func:`load_json` does.
 
     Raises :class:`NotADescriptor` for JSON without any contract key, and
     :class:`AcquisitionError` for anything unreadable or invalid.
     """
     path = path if isinstance(path, Path) else Path(path)
-    value, raw, warnings = load_json(path)
+    value, raw, warnings = load_json(path, what=what, within=within)
     if not is_descriptor(value):
         what = "a JSON object" if isinstance(value, dict) else f"JSON {type(value).__name__}"
         raise NotADescriptor(
@@ -762,11 +737,10 @@ def from_path(
         root: Path | str = real
         unit = "folder"
         manifest = os.path.join(real, manifest_name)
-        manifest_st = _stat(manifest)
-        if manifest_st is not None and stat.S_ISREG(manifest_st.st_mode):
+        if os.path.lexists(manifest):  # a symlink too: refused with its reason, never read nor ignored
             descriptor_file = Path(manifest)
             descriptor_rel = manifest_name
-            descriptor = read_descriptor(descriptor_file)
+            descriptor = read_descriptor(descriptor_file, what="manifest")
         if descriptor is not None and descriptor.files is not None:
             check = check_listed(real, descriptor.files)
             if check.missing:
@@ -784,7 +758,7 @@ def from_path(
                 # A folder holding one described data file: its sidecar speaks for the folder.
                 descriptor_rel = next(iter(sidecars))
                 descriptor_file = root / descriptor_rel
-                descriptor = read_descriptor(descriptor_file)
+                descriptor = read_descriptor(descriptor_file, what="sidecar")
             skip = {manifest_name} | sidecars
             files = tuple(
                 FileEntry(rel, st.st_size)
@@ -799,15 +773,15 @@ def from_path(
         if data_from_sidecar is not None and data_from_sidecar.is_file():
             # The sidecar itself was named; it describes its data file.
             try:
-                descriptor = read_descriptor(resolved_file)
+                descriptor = read_descriptor(resolved_file, what="sidecar")
                 descriptor_file, data = resolved_file, data_from_sidecar
             except NotADescriptor:
                 pass
         if descriptor is None:
             candidate = resolved_file.with_name(resolved_file.name + sidecar_suffix)
-            if candidate.is_file():
+            if os.path.lexists(candidate):
                 try:
-                    descriptor = read_descriptor(candidate)
+                    descriptor = read_descriptor(candidate, what="sidecar")
                     descriptor_file = candidate
                 except NotADescriptor:
                     pass

@@ -345,11 +345,11 @@ class ManifestRule(Rule):
         manifest = folder / self.watch.manifest_name
         if not folder.is_dir():
             return Outcome("gone", rel)
-        if not manifest.is_file():
+        if not os.path.lexists(manifest):  # a symlink is rejected below with its reason, never read
             return Outcome("gone", rel, reason=f"{self.watch.manifest_name} was removed")
         base = _base_spec(self.watch, folder, rel)
         try:
-            descriptor = acq.read_descriptor(manifest)
+            descriptor = acq.read_descriptor(manifest, what="manifest", within=root)
         except acq.NotADescriptor as exc:
             return Outcome("reject", rel, spec=base, reason=f"{exc}; a manifest must name at least the owner")
         except AcquisitionError as exc:
@@ -428,11 +428,11 @@ class SidecarRule(Rule):
     def build(self, root: str, rel: str, now: float) -> Outcome:
         data = Path(root, rel)
         sidecar = Path(str(data) + self.watch.sidecar_suffix)
-        if not sidecar.is_file():
+        if not os.path.lexists(sidecar):  # a symlink is rejected below with its reason, never read
             return Outcome("gone", rel)
         base = _base_spec(self.watch, data.parent, rel, files=(FileEntry(data.name),))
         try:
-            descriptor = acq.read_descriptor(sidecar)
+            descriptor = acq.read_descriptor(sidecar, what="sidecar", within=root)
         except acq.NotADescriptor as exc:
             return Outcome("ignore", rel, reason=str(exc))
         except AcquisitionError as exc:
@@ -641,7 +641,7 @@ def _salvaged(spec: JobSpec, path: Path) -> JobSpec:
     read "(unknown owner)": the owner named in the file still hears about it.
     """
     try:
-        value, _raw, _warnings = acq.load_json(path)
+        value, _raw, _warnings = acq.load_json(path, within=spec.root)
     except AcquisitionError:
         return spec
     if not isinstance(value, dict):

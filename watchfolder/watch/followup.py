@@ -18,8 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import safefs
 from ..config import WatchAction, WatchConfig
 from ..job import Job, JobState
+from .acquisition import MAX_DESCRIPTOR_BYTES
 from .detector import ERROR_SUFFIX, RECEIPT_SUFFIX, acquisition_key
 
 
@@ -158,7 +160,7 @@ class PostActions:
         marker = folder / ".watchfolder-moves" / f"{job.id}.json"
         resumed = marker.exists()
         if resumed:
-            dest_main = Path(json.loads(marker.read_text(encoding="utf-8"))["destination"])
+            dest_main = Path(json.loads(safefs.read_file(marker, 65536, what="move record"))["destination"])
         else:
             dest_main = _unique(folder / rel if rel else folder / paths[0].name)
             marker.parent.mkdir(parents=True, exist_ok=True)
@@ -221,8 +223,10 @@ class PostActions:
         digest = ""
         if spec.extra.get("descriptor"):
             try:
-                digest = hashlib.sha256(Path(spec.root, spec.extra["descriptor"]).read_bytes()).hexdigest()
-            except OSError:
+                raw = safefs.read_file(Path(spec.root, spec.extra["descriptor"]), MAX_DESCRIPTOR_BYTES,
+                                       within=spec.root, what="manifest")
+                digest = hashlib.sha256(raw).hexdigest()
+            except (OSError, safefs.UnsafePath):
                 return f"{spec.extra['descriptor']} is gone"
         key = acquisition_key(self.watch.name, spec.extra.get("acquisition") or "", digest, found)
         if key != job.idempotency_key:

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import defaults as D
+from .. import safefs
 from ..config import Config, WatchConfig
 from ..job import JobState, printable
 from .detector import RECEIPT_SUFFIX, Detector, Outcome
@@ -45,6 +46,8 @@ from .mounts import mount_of
 from .scanner import Scanner
 
 log = logging.getLogger(__name__)
+
+RECEIPT_MAX_BYTES = 1024 * 1024  # a receipt is a few hundred bytes; anything bigger is not ours
 
 RESTART_BACKOFF = (1.0, 2.0, 5.0, 15.0, 30.0, 60.0)
 HEALTH_INTERVAL = 1.0
@@ -769,9 +772,9 @@ class Watcher:
         if job_id is None:
             receipt = os.path.join(self.root, outcome.rel + RECEIPT_SUFFIX)
             try:
-                with open(receipt, encoding="utf-8") as fh:
-                    job_id = json.load(fh).get("job_id")
-            except (OSError, ValueError, AttributeError):
+                job_id = json.loads(safefs.read_file(receipt, RECEIPT_MAX_BYTES, within=self.root,
+                                                     what="receipt")).get("job_id")
+            except (OSError, ValueError, AttributeError, safefs.UnsafePath):
                 return None
         if not isinstance(job_id, int):
             return None
