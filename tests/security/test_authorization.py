@@ -65,16 +65,29 @@ def svc(tmp_path_factory):
         "failed on purpose for the authorisation test",
     )
     service.alice = job
-    # A mail about alice's job that could not be delivered (the owner-limited admins must not reach it).
-    msg = EmailMessage()
-    msg["From"], msg["To"], msg["Subject"] = "wf@example.org", "alice@example.org", "alice's import failed"
-    msg.set_content("failed")
-    service.store.outbox_add([Mail("job_failed", ("alice@example.org",), msg)], job_id=job.id)
-    (mail,) = [m for m in service.store.outbox_claim(limit=100) if m.subject == "alice's import failed"]
-    service.store.outbox_failed(mail.id, "550 5.1.1 user unknown", permanent=True)
-    service.alice_mail = mail.id
+    service.mails = {
+        "alice": failed_mail(service.store, "alice@example.org", job.id),
+        "digest": failed_mail(service.store, "admin@example.org", None),
+    }
+    jdoe = acquisition(service.roots["drop"], "jdoe-1", owner="jdoe")
+    r = service.client("portal").post("/api/v1/jobs", {"path": str(jdoe)})
+    assert r.status == 202
+    service.mails["jdoe"] = failed_mail(service.store, "jdoe@example.org", r.json["id"])
+    service.alice_mail = service.mails["alice"]
     yield service
     stop_service(service)
+
+
+def failed_mail(store, to: str, job_id: int | None) -> int:
+    """A mail the SMTP server refused for good (a failed outbox mail) of ``job_id``; its id."""
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "watchfolder@example.org", to, f"mail to {to}"
+    msg.set_content("body")
+    store.outbox_add([Mail("job_succeeded", (to,), msg)], job_id=job_id)
+    mail_id = max(m.id for m in store.outbox_list())
+    assert mail_id in {m.id for m in store.outbox_claim(limit=100)}
+    store.outbox_failed(mail_id, f"550 5.1.1 <{to}>: user unknown", permanent=True)
+    return mail_id
 
 
 def test_every_route_is_covered(svc):
@@ -95,19 +108,30 @@ def test_owner_limited_tokens_never_reach_another_owners_job(svc, kind, method, 
     template = ROUTES[(method, rule)]
     per_job = "{id}" in template or "{mail}" in template
     limited = kind is None or kind in OWNER_LIMITED
-    path = template.format(id=alice.id, mail=svc.alice_mail)
-    r = (svc.client(kind) if kind else svc.client()).request(method, path)
+    mail = svc.mails["alice"]
+    r = (svc.client(kind) if kind else svc.client()).request(method, template.format(id=alice.id, mail=mail))
     listed = r.status < 300 and (f'"id":{alice.id},' in r.text or f'"job_id":{alice.id},' in r.text
                                  or f'/ome/failed/import/{import_id(alice)}"' in r.text
-                                 or f'/ome/failed/mail/{svc.alice_mail}"' in r.text)
+                                 or f'/ome/failed/mail/{mail}"' in r.text or "alice@example.org" in r.text)
     if limited:
         if per_job:
             assert r.status in (401, 403, 404) or (method == "DELETE" and r.status == 204), (kind, r.status)
         assert not listed, f"{kind} sees alice's job on {method} {template}"
         assert svc.store.get(alice.id).dismissed_at is None, f"{kind} dismissed alice's failed job"
         assert svc.store.get(alice.id).state.value == "failed", f"{kind} changed alice's job"
-        assert [m.id for m in svc.store.outbox_list(state="failed")] == [svc.alice_mail], \
+        assert svc.alice_mail in [m.id for m in svc.store.outbox_list(state="failed")], \
             f"{kind} dismissed alice's failed mail"
     elif kind == "admin":
         # The positive control: the unlimited admin does reach it, so the checks above can fail.
         assert r.status == 200 and (per_job or listed), r.text[:300]
+
+
+def test_failed_mails_of_no_job_only_for_unlimited_admins_and_own_mails_for_limited_ones(svc):
+    mails = svc.mails
+    everything = svc.client("admin").get("/ome/failed/mail").json
+    assert set(everything) >= {f"/ome/failed/mail/{m}" for m in mails.values()}
+    limited = svc.client("jdoe-admin")
+    assert limited.get("/ome/failed/mail").json == [f"/ome/failed/mail/{mails['jdoe']}"]
+    assert limited.get(f"/ome/failed/mail/{mails['jdoe']}").status == 200
+    assert limited.get(f"/ome/failed/mail/{mails['digest']}").status == 404
+    assert svc.client("admin").get(f"/ome/failed/mail/{mails['digest']}").status == 200

@@ -240,11 +240,7 @@ class Api:
         return f"{base}{API}/jobs/{job_id}"
 
     def visible(self, principal: Principal, job: Job) -> bool:
-        if not principal.may_see_owner(job.owner):
-            return False
-        if principal.can("read"):
-            return True
-        return principal.can("read_own") and job.source == principal.source
+        return principal.may_read(job.owner, job.source)
 
     def mail_visible(self, principal: Principal, mail) -> bool:
         """An outbox mail as its job is visible; a mail of no job (watcher alerts, admin digests) only to

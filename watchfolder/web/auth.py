@@ -91,8 +91,22 @@ class Principal:
                 f"use a token with role {' or '.join(needed)}"
             )
 
-    def may_see_owner(self, owner: str) -> bool:
-        return not self.owners or owner in self.owners
+    def may_see_owner(self, owner: str | None) -> bool:
+        """True unless the token is limited to owners and ``owner`` is not one (None: no owner)."""
+        return not self.owners or (owner is not None and owner in self.owners)
+
+    def may_read(self, owner: str | None, source: str | None = None) -> bool:
+        """The one read rule of every route that shows a job or what belongs to one (its log, its mails).
+
+        ``owner``: the job's owner (None for what belongs to no job, e.g. an admin
+        digest mail: only tokens limited to no owner see it). ``source``: the job's
+        source; a token with ``read_own`` only (submit role) sees its own jobs.
+        """
+        if not self.may_see_owner(owner):
+            return False
+        if self.can("read"):
+            return True
+        return self.can("read_own") and source is not None and source == self.source
 
     def check_owner(self, owner: str) -> None:
         """Raise :class:`Forbidden` when the token is limited to other owners."""
