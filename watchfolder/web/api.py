@@ -83,6 +83,8 @@ def parse_job_request(body: Any) -> tuple[dict[str, Any], list[dict[str, str]]]:
         problems.append(problem("path", "required: the absolute path of the acquisition on this server"))
     elif not isinstance(path, str) or not path.strip():
         problems.append(problem("path", f"must be a non-empty string, got {path!r}"))
+    elif (bad := params.path_problem(path)) is not None:
+        problems.append(problem("path", bad))
     elif not os.path.isabs(path):
         problems.append(problem("path", f"must be absolute (start with /), got {path!r}"))
     else:

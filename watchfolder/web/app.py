@@ -48,11 +48,18 @@ def create_app(config, store, importer=None, session_checker=None) -> bottle.Bot
 
     def default_error(err: bottle.HTTPError) -> str:
         bottle.response.content_type = JSON_TYPE
+        # The seed's routes keep the seed's error shape, {"reason": ...}, whatever went wrong.
+        seed_shape = bottle.request.path.startswith(seed.SEED_PREFIX)
         if err.status_code >= 500:
             log.error("unhandled error on %s %s: %s", bottle.request.method, bottle.request.path, err.exception)
             if err.traceback:
                 log.error("%s", err.traceback)
+            if seed_shape:
+                return json.dumps({"reason": "internal server error; see the server log"})
             return json.dumps({"error": "internal server error; see the server log", "detail": None})
+        if seed_shape:
+            return seed.default_error(err.status_code, bottle.request.method, bottle.request.path,
+                                      err.headers.get("Allow", ""))
         if err.status_code == 404:
             message = f"no such endpoint: {bottle.request.method} {bottle.request.path}; see {API}/openapi.yaml"
         elif err.status_code == 405:

@@ -8,6 +8,7 @@ exception to.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import bottle
 
 from ..errors import InvalidTransition, JobNotFound, StoreError, StoreUnavailable
+from ..units import INT64_MAX
 from ..watch.acquisition import line_column
 from .auth import AuthError
 
@@ -85,13 +87,7 @@ def read_json_body(environ: dict, limit: int) -> Any:
     if _nesting(raw) > MAX_JSON_DEPTH:
         raise too_deep
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BodyError(
-            400,
-            f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
-            {"line": exc.lineno, "column": exc.colno, "message": exc.msg},
-        ) from None
+        value = parse_json(text)
     except RecursionError:  # only if the scan above missed a level; never a 500
         raise too_deep from None
     # JSON may escape half of a UTF-16 pair (\ud800) alone: not text, and omero-py's Ice
@@ -116,6 +112,66 @@ def _has_lone_surrogate(value: Any) -> bool:
     except UnicodeEncodeError:
         return True
     return False
+
+
+class _OutOfRange:
+    """A number no field here can hold, kept as its text until its place in the document is known."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text if len(text) <= 40 else f"{text[:20]}…({len(text)} characters)"
+
+
+def _int(text: str) -> int | _OutOfRange:
+    # The digit count first: int() of 100,000 digits is slow, and past 4,300 Python refuses it.
+    if len(text) > 20:
+        return _OutOfRange(text)
+    value = int(text)
+    return value if -INT64_MAX - 1 <= value <= INT64_MAX else _OutOfRange(text)
+
+
+def _float(text: str) -> float | _OutOfRange:
+    value = float(text)
+    return value if math.isfinite(value) else _OutOfRange(text)
+
+
+def parse_json(text: str) -> Any:
+    """Parse a request's JSON; numbers past signed 64 bits and non-finite ones are refused.
+
+    Raises :class:`BodyError`: 400 for a syntax error (``detail``: line, column), 422
+    for out-of-range numbers, naming each one's place (``annotations.x``,
+    ``target.dataset_id``, ``[0].annotationIds[2]``) in ``detail`` as problems. Every
+    id and count of the API and of OMERO is a signed 64-bit integer (SQLite INTEGER,
+    Java long); ``NaN``/``Infinity`` are not JSON at all (RFC 8259, section 6).
+    """
+    try:
+        value = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_OutOfRange)
+    except json.JSONDecodeError as exc:
+        raise BodyError(
+            400,
+            f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
+            {"line": exc.lineno, "column": exc.colno, "message": exc.msg},
+        ) from None
+    bad: list[dict[str, str]] = []
+    _find_out_of_range(value, "", bad)
+    if bad:
+        fields = ", ".join(p["field"] for p in bad[:10])
+        raise BodyError(422, f"number(s) out of range at {fields}: whole numbers must fit in 64 bits "
+                             f"(at most {INT64_MAX}) and numbers must be finite", bad)
+    return value
+
+
+def _find_out_of_range(value: Any, where: str, bad: list[dict[str, str]]) -> None:
+    if isinstance(value, _OutOfRange):
+        bad.append(problem(where or "(body)", f"number {value.text} is out of range: whole numbers must be "
+                                              f"from {-INT64_MAX - 1} to {INT64_MAX}, and numbers finite"))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _find_out_of_range(item, f"{where}.{key}" if where else str(key), bad)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _find_out_of_range(item, f"{where}[{i}]", bad)
 
 
 _STRUCTURE = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')

@@ -9,6 +9,7 @@ the WHATWG URL standard percent-encode UTF-8), any ``Content-Type``.
 
 from __future__ import annotations
 
+import os
 import urllib.parse
 
 import bottle
@@ -17,6 +18,9 @@ from ..units import INT64_MAX
 from ..units import whole_number as _whole
 from .http import ApiError, invalid, problem
 
+# Linux's limits (limits.h): a whole path, and one name in it, in bytes.
+PATH_MAX = 4096
+NAME_MAX = 255
 JSON_TYPES = ("application/json",)
 
 
@@ -68,6 +72,30 @@ def whole_number(value: str, field: str, low: int, high: int) -> int:
     raise invalid([problem(field, f"must be a whole number from {low} to {high}, got {value!r}")])
 
 
+def path_problem(path: str) -> str | None:
+    """What makes ``path`` unusable as a file name here, or None; checked before any filesystem call.
+
+    A path must be UTF-8 text (JSON can carry lone surrogates such as ``\\ud800``,
+    which no file name holds), without NUL, shorter than ``PATH_MAX`` bytes, and no
+    name in it longer than ``NAME_MAX`` bytes (Linux's limits; the kernel answers
+    ENAMETOOLONG past them).
+    """
+    if "\x00" in path:
+        return "contains a NUL character, which no file name holds"
+    try:
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"is not valid Unicode text (a lone surrogate {path[exc.start]!r} at character {exc.start}); "
+                "send the path as UTF-8")
+    if len(encoded) >= PATH_MAX:
+        return f"is {len(encoded)} bytes long; paths are at most {PATH_MAX - 1} bytes (PATH_MAX is {PATH_MAX})"
+    for name in encoded.split(b"/"):
+        if len(name) > NAME_MAX:
+            shown = os.fsdecode(name[:40]) + "…"
+            return f"has a name of {len(name)} bytes ({shown!r}); names are at most {NAME_MAX} bytes (NAME_MAX)"
+    return None
+
+
 def media_type(environ: dict) -> str:
     """The request's media type, lower case, without parameters ('' when none)."""
     return (environ.get("CONTENT_TYPE") or "").split(";", 1)[0].strip().lower()
@@ -86,5 +114,5 @@ def require_json(environ: dict) -> None:
         raise ApiError(415, f"the body must be sent as Content-Type: application/json, got {shown}")
 
 
-__all__ = ["INT64_MAX", "query", "positive_id", "job_id", "cursor", "whole_number", "media_type",
+__all__ = ["INT64_MAX", "PATH_MAX", "NAME_MAX", "path_problem", "query", "positive_id", "job_id", "cursor", "whole_number", "media_type",
            "require_json"]

@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 IMPORT_PATH = "/ome/import"
 FAILED_PATH = "/ome/failed/import"
 FAILED_MAIL_PATH = "/ome/failed/mail"
+SEED_PREFIX = "/ome/"
 #: Failed mails looked at by the failed-mail routes (newest first); mails fail rarely.
 FAILED_MAIL_LIMIT = 10_000
 KEY_PREFIX = "ome-import:"
@@ -124,9 +125,16 @@ def target_path(uri: str) -> str:
                 f"file URI {uri!r} names host {parsed.netloc!r}; only files on this server can be imported "
                 "(use file:///path or a plain path)"
             )
-        path = urllib.parse.unquote(parsed.path)
+        try:
+            path = urllib.parse.unquote(parsed.path, errors="strict")
+        except UnicodeDecodeError:
+            raise ValueError(f"file URI {uri[:200]!r} does not percent-encode UTF-8; encode the path as UTF-8 "
+                             "(RFC 8089)") from None
     else:
         path = uri
+    bad = params.path_problem(path)
+    if bad is not None:
+        raise ValueError(f"the path {bad}")
     if not path.startswith("/"):
         raise ValueError(f"{uri!r} is not an absolute path or a file: URI")
     return path
@@ -350,8 +358,8 @@ def install(app: bottle.Bottle, api) -> None:
             body = read_json_body(bottle.request.environ, api.max_body)
         except ApiError as exc:
             return refuse(exc.error, exc.status)
-        except BodyError as exc:
-            return refuse(exc.message, exc.status)
+        except BodyError as exc:  # the seed answered every bad value with 400
+            return refuse(exc.message, 400 if exc.status == 422 else exc.status)
         if body is None:
             return _json_list([])
         if not isinstance(body, list):
@@ -471,6 +479,27 @@ def install(app: bottle.Bottle, api) -> None:
         if job is not None:  # nothing to drop (or not this token's to see) answers the same
             store.dismiss(job.id, by=principal.source)
         return bottle.HTTPResponse(status=204)
+
+
+def default_error(status: int, method: str, path: str, allow: str = "") -> str:
+    """The body of an answer no seed route gave (no such route, wrong method), in the seed's shape.
+
+    Sets the content type: ``text/plain`` for a ``GET`` under the routes that answer
+    text (``/ome/import/…``, ``/ome/failed/…``: an id with a ``/`` in it, such as
+    ``%2Fome%2Ffailed%2Fimport%2F5``, names no route), ``{"reason": …}`` otherwise.
+    """
+    if status == 404 and method == "GET" and path.startswith((IMPORT_PATH + "/", FAILED_PATH + "/",
+                                                               FAILED_MAIL_PATH + "/")):
+        bottle.response.content_type = "text/plain; charset=utf-8"
+        return f"no such import or failed item: {path}\n"
+    bottle.response.content_type = "application/json"
+    if status == 404:
+        reason = f"no such seed route: {method} {path}; the seed routes are under {SEED_PREFIX}"
+    elif status == 405:
+        reason = f"method {method} not allowed on {path}; allowed: {allow}"
+    else:
+        reason = f"request refused ({status})"
+    return json.dumps({"reason": reason})
 
 
 def _failed_mail_text(mail) -> str:
