@@ -130,7 +130,7 @@ def test_empty_optional_texts_are_accepted_as_not_given(svc):
 def test_a_dataset_id_past_64_bits_is_422(svc):
     folder = acquisition(svc.roots["drop"], "bigid")
     r = svc.client("portal").post("/api/v1/jobs", {"path": str(folder), "target": {"dataset_id": 2**63}})
-    assert r.status == 422 and r.json["detail"][0]["field"] == "target"
+    assert r.status == 422 and r.json["detail"][0]["field"] == "target.dataset_id"
 
 
 @pytest.mark.parametrize("extra", [1, 10_000_000])
