@@ -194,6 +194,8 @@ class ServerConfig:
     seed_rate_per_minute: int = D.SEED_RATE_PER_MINUTE
     seed_session_timeout: float = D.SEED_SESSION_TIMEOUT
     seed_session_cache: float = D.SEED_SESSION_CACHE_SECONDS
+    # Files with several hard links in API and seed submissions (see WatchConfig.allow_hard_links).
+    allow_hard_links: bool = False
 
     @property
     def host(self) -> str:
@@ -276,6 +278,9 @@ class WatchConfig:
     target: Target | None = None
     allowed_owners: tuple[str, ...] = ()
     check_os_owner: bool = False
+    # A file with several hard links may be another name for a file outside the drop folder
+    # (ln /etc/shadow acq/x): refused unless the admin allows it here.
+    allow_hard_links: bool = False
     on_success: WatchAction = WatchAction("keep")
     on_failure: WatchAction = WatchAction("keep")
 
@@ -665,7 +670,7 @@ def _server(r: _Reader, raw: dict) -> ServerConfig:
     w = "server"
     r.unknown(raw, {"enabled", "listen", "threads", "max_body_bytes", "allowed_roots", "tokens", "public_url",
                     "connection_limit", "idle_timeout", "seed_max_items", "seed_rate_per_minute",
-                    "seed_session_timeout", "seed_session_cache"}, w)
+                    "seed_session_timeout", "seed_session_cache", "allow_hard_links"}, w)
     tokens = []
     raw_tokens = raw.get("tokens") or []
     if not isinstance(raw_tokens, list):
@@ -707,6 +712,7 @@ def _server(r: _Reader, raw: dict) -> ServerConfig:
         seed_rate_per_minute=r.get(raw, "seed_rate_per_minute", w, positive_int, D.SEED_RATE_PER_MINUTE),
         seed_session_timeout=r.get(raw, "seed_session_timeout", w, positive_seconds, D.SEED_SESSION_TIMEOUT),
         seed_session_cache=r.get(raw, "seed_session_cache", w, seconds, D.SEED_SESSION_CACHE_SECONDS),
+        allow_hard_links=r.get(raw, "allow_hard_links", w, boolean, False),
     )
 
 
@@ -890,7 +896,7 @@ def _watch_target(raw: Any, layout: str | None, where: str) -> Target:
 WATCH_KEYS = {
     "name", "path", "mode", "poll_interval", "rescan_interval", "detection", "manifest_name",
     "sidecar_suffix", "layout", "quiet_period", "missing_timeout", "include", "exclude", "owner",
-    "group", "email", "target", "allowed_owners", "check_os_owner", "on_success", "on_failure",
+    "group", "email", "target", "allowed_owners", "check_os_owner", "allow_hard_links", "on_success", "on_failure",
     "sidecars", "deduplicate",
 }
 
@@ -957,6 +963,7 @@ def _watch(r: _Reader, raw: Any, data_dir: Path) -> tuple[WatchConfig, ...]:
                 target=target,
                 allowed_owners=r.get(item, "allowed_owners", w, text_list, ()),
                 check_os_owner=r.get(item, "check_os_owner", w, boolean, False),
+                allow_hard_links=r.get(item, "allow_hard_links", w, boolean, False),
                 on_success=_action(r, item.get("on_success"), w + ".on_success", ("keep", "move", "delete")),
                 on_failure=_action(r, item.get("on_failure"), w + ".on_failure", ("keep", "move")),
             )

@@ -149,6 +149,10 @@ class FileEntry:
         return cls(path=data["path"], size=data.get("size"), sha256=data.get("sha256"))
 
 
+#: Where a job spec's ``extra`` keeps each file's identity when queued, in ``files`` order.
+IDENTITY_KEY = "file_identity"
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """Everything needed to queue one acquisition; the input of ``JobStore.enqueue``.
@@ -191,6 +195,16 @@ class JobSpec:
         }
         digest.update(json.dumps(content, sort_keys=True).encode())
         return "sha256:" + digest.hexdigest()
+
+    def file_identities(self) -> dict[str, tuple[int, ...]]:
+        """Each file's identity when queued (``safefs.identity``: device, inode, size, mtime), by path.
+
+        Empty for jobs queued before identities were recorded.
+        """
+        ids = self.extra.get(IDENTITY_KEY)
+        if not isinstance(ids, list) or len(ids) != len(self.files):
+            return {}
+        return {entry.path: tuple(ident) for entry, ident in zip(self.files, ids, strict=True)}
 
     def total_bytes(self) -> int:
         return sum(f.size or 0 for f in self.files)

@@ -33,7 +33,7 @@ try:
 except ImportError:  # loaded by file path, outside the package (the OMERO child)
     _Base = Exception
 
-__all__ = ["UnsafePath", "SourceTree", "open_source", "read_file", "allowed_root_for", "same_file"]
+__all__ = ["UnsafePath", "SourceTree", "open_source", "read_file", "allowed_root_for", "same_file", "identity"]
 
 # As Linux's own limit on symlinks followed while resolving one path.
 MAX_SYMLINKS = 40
@@ -116,8 +116,10 @@ class SourceTree:
 
     CACHED_FOLDERS = 8
 
-    def __init__(self, allowed_root: str, root: str):
+    def __init__(self, allowed_root: str, root: str, expected: dict | None = None):
         self.root = root
+        #: Each file's identity when queued (relative path -> :func:`identity`), checked by :meth:`open`.
+        self.expected = dict(expected or {})
         if not os.path.isabs(allowed_root) or not os.path.isabs(root):
             raise UnsafePath(root, "the acquisition folder and its allowed root must be absolute paths")
         if not _within(root, allowed_root):
@@ -156,13 +158,27 @@ class SourceTree:
             os.close(self._root_fd)
             self._root_fd = -1
 
-    def open(self, rel: str) -> tuple[int, os.stat_result]:
+    def open(self, rel: str, expect: list[int] | tuple[int, ...] | None = None) -> tuple[int, os.stat_result]:
         """Open ``root/rel`` for reading: ``(fd, fstat)``; the caller closes ``fd``.
 
         ``rel`` may pass through symlinks that stay inside the acquisition folder.
-        Raises :class:`UnsafePath` (refused: permanent) or ``OSError`` (missing
-        file, permissions, I/O error).
+        ``expect`` (default: ``expected[rel]``): the file's :func:`identity` when the job was queued; the opened
+        file must still be that file (same device, inode, size and mtime), so a name
+        pointed at another file since (a hard link to ``/etc/shadow``, a copy, a
+        rewrite) is refused. Raises :class:`UnsafePath` (refused: permanent) or
+        ``OSError`` (missing file, permissions, I/O error).
         """
+        fd, st = self._open(rel)
+        if expect is None:
+            expect = self.expected.get(rel)
+        if expect is not None and identity(st) != tuple(expect):
+            os.close(fd)
+            raise UnsafePath(os.path.join(self.root, rel),
+                             "changed after it was queued (its name now leads to another file, or the file was "
+                             "rewritten); submit the acquisition again if the change is intended")
+        return fd, st
+
+    def _open(self, rel: str) -> tuple[int, os.stat_result]:
         shown = os.path.join(self.root, rel)
         if os.path.isabs(rel) or not rel:
             raise UnsafePath(shown, "a listed path must be relative to the acquisition folder")
@@ -258,7 +274,7 @@ class SourceTree:
                 os.close(fd)
 
 
-def open_source(allowed_root: str, root: str, rel: str) -> tuple[int, os.stat_result]:
+def open_source(allowed_root: str, root: str, rel: str, expect=None) -> tuple[int, os.stat_result]:
     """Open ``root/rel`` for reading once; ``(fd, fstat)``, the caller closes ``fd``.
 
     See :class:`SourceTree` (use it to open many files of one acquisition).
@@ -268,7 +284,7 @@ def open_source(allowed_root: str, root: str, rel: str) -> tuple[int, os.stat_re
     except UnsafePath as exc:
         raise UnsafePath(os.path.join(root, rel), exc.reason) from None
     with tree:
-        return tree.open(rel)
+        return tree.open(rel, expect)
 
 
 def read_file(path: str | os.PathLike, limit: int, *, within: str | None = None, what: str = "file") -> bytes:
@@ -326,6 +342,11 @@ def read_file(path: str | os.PathLike, limit: int, *, within: str | None = None,
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What names one file's content: ``(st_dev, st_ino, st_size, st_mtime_ns)``, recorded when a job is queued."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def same_file(a: os.stat_result, b: os.stat_result) -> bool:

@@ -346,20 +346,21 @@ class ArchiveImporter(Importer):
         """The acquisition folder, opened under the job's allowed root (PermanentImportError if refused)."""
         try:
             allowed = safefs.allowed_root_for(job.spec.source, job.spec.root, self.config)
-            return safefs.SourceTree(allowed, os.fspath(job.spec.root))
+            return safefs.SourceTree(allowed, os.fspath(job.spec.root), job.spec.file_identities())
         except safefs.UnsafePath as exc:
             raise PermanentImportError(str(exc)) from None
         except OSError as exc:
             raise classify_os_error(exc, job.spec.root, "read") from None
 
     @staticmethod
-    def _open_source(tree: safefs.SourceTree, entry) -> tuple[int, os.stat_result]:
-        """Open a listed file through ``tree``: ``(fd, fstat)``; the size must be the one queued.
+    def _open_source(tree: safefs.SourceTree, entry, expect=None) -> tuple[int, os.stat_result]:
+        """Open a listed file through ``tree``: ``(fd, fstat)``; the size (and ``expect``, the identity
+        recorded when queued) must be the one queued.
 
-        Raises PermanentImportError when the path is refused or the size changed; OSError as ``open``.
+        Raises PermanentImportError when the path is refused or the file changed; OSError as ``open``.
         """
         try:
-            fd, st = tree.open(entry.path)
+            fd, st = tree.open(entry.path, expect)
         except safefs.UnsafePath as exc:
             raise PermanentImportError(str(exc)) from None
         if entry.size is not None and st.st_size != entry.size:

@@ -167,6 +167,8 @@ class OmeroImporter(Importer):
             # What the child may read under (watchfolder.safefs); a refusal fails the job.
             "allowed_root": safefs.allowed_root_for(spec.source, spec.root, self.config),
             "files": [f.path for f in spec.files],
+            # Each file's identity when queued: the child opens only that very file (safefs).
+            "identities": {rel: list(ident) for rel, ident in spec.file_identities().items()},
             "filesets": [list(fs) for fs in spec.filesets],
             "name": spec.name,
             "description": spec.description,

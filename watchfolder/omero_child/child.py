@@ -143,7 +143,8 @@ def open_source(req, rel):
     """
     safefs = _safefs()
     try:
-        fd, st = safefs.open_source(req.get("allowed_root") or "/", req["root"], rel)
+        fd, st = safefs.open_source(req.get("allowed_root") or "/", req["root"], rel,
+                                    (req.get("identities") or {}).get(rel))
     except safefs.UnsafePath as exc:
         raise Failure(str(exc)) from None
     return os.fdopen(fd, "rb"), st.st_size

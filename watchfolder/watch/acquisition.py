@@ -29,7 +29,7 @@ from typing import Any
 from .. import defaults as D
 from .. import safefs
 from ..errors import AcquisitionError
-from ..job import FileEntry, JobSpec, Target
+from ..job import IDENTITY_KEY, FileEntry, JobSpec, Target
 
 CONTRACT_KEYS = (
     "owner", "group", "email", "target", "name", "description", "annotations", "files", "filesets",
@@ -672,6 +672,27 @@ def _plain_below(root: str, rel: str, lst: os.stat_result) -> bool:
     return True
 
 
+def record_identity(extra: dict[str, Any], found: Iterable[tuple[FileEntry, os.stat_result]], *,
+                    allow_hard_links: bool, switch: str) -> dict[str, Any]:
+    """``extra`` plus each file's :func:`watchfolder.safefs.identity`, which the worker's opener checks.
+
+    ``found``: the files in the job's order with the ``stat`` taken when they were
+    checked. A file with more than one hard link is the same file under another
+    name, perhaps outside the drop folder (``ln /etc/shadow shadow``): refused with
+    :class:`AcquisitionError` unless ``allow_hard_links`` (the config switch ``switch``).
+    """
+    ids = []
+    for entry, st in found:
+        if st.st_nlink > 1 and not allow_hard_links:
+            raise AcquisitionError(
+                f"{entry.path}: has {st.st_nlink} hard links (the same file under another name, perhaps outside "
+                f"the drop folder); copy the file into the acquisition instead of linking it, or ask the admin "
+                f"to set {switch}: true"
+            )
+        ids.append(list(safefs.identity(st)))
+    return {**extra, IDENTITY_KEY: ids}
+
+
 def sidecar_data_path(sidecar: Path, suffix: str = D.SIDECAR_SUFFIX) -> Path | None:
     """The data file a sidecar describes (``a.czi.json`` → ``a.czi``), or None if the name does not fit."""
     name = sidecar.name
@@ -701,6 +722,8 @@ def from_path(
     exclude: Iterable[str] = D.EXCLUDE_PATTERNS,
     include: Iterable[str] = (),
     resolved: bool = False,
+    allow_hard_links: bool = True,
+    hard_links_switch: str = "server.allow_hard_links",
 ) -> JobSpec:
     """Build a :class:`JobSpec` for a local acquisition named on the command line or by the API.
 
@@ -710,7 +733,9 @@ def from_path(
     ``owner`` and ``target`` must be known in the end. Descriptor warnings are
     returned in ``spec.extra["warnings"]`` for the job log. ``resolved=True`` says
     ``path`` is already ``os.path.realpath``'s answer (the API resolved it to check
-    its roots), so it is not resolved again.
+    its roots), so it is not resolved again. Each file's identity is recorded
+    (:func:`record_identity`); a file with several hard links is refused unless
+    ``allow_hard_links`` (config switch ``hard_links_switch``, named in the reason).
     """
     if resolved:
         real = os.fspath(path)
@@ -750,7 +775,8 @@ def from_path(
                     + (" …" if len(check.missing) > 20 else "")
                     + ". Wait until the copy finishes, or fix the manifest"
                 )
-            files = tuple(entry for entry, _ in check.present)
+            found = list(check.present)
+            files = tuple(entry for entry, _ in found)
         else:
             root = Path(real)
             sidecars = _sidecars_under(root, sidecar_suffix, exclude)
@@ -760,10 +786,11 @@ def from_path(
                 descriptor_file = root / descriptor_rel
                 descriptor = read_descriptor(descriptor_file, what="sidecar")
             skip = {manifest_name} | sidecars
-            files = tuple(
-                FileEntry(rel, st.st_size)
+            found = [
+                (FileEntry(rel, st.st_size), st)
                 for rel, st in walk_files(root, exclude=exclude, include=include, skip=skip)
-            )
+            ]
+            files = tuple(entry for entry, _ in found)
             if not files:
                 raise AcquisitionError(f"{root}: no files to import (empty folder, or every file is excluded)")
     elif st is not None and stat.S_ISREG(st.st_mode):
@@ -795,6 +822,7 @@ def from_path(
         if descriptor is not None and descriptor.files is not None:
             sha = _sidecar_checksum(descriptor, data.name, st.st_size)
         files = (FileEntry(data.name, st.st_size, sha),)
+        found = [(files[0], st)]
     else:
         raise AcquisitionError(f"{given}: is neither a regular file nor a folder")
 
@@ -814,7 +842,11 @@ def from_path(
     filesets = d.filesets
     if filesets and descriptor_file is not None and descriptor_file.name != manifest_name:
         filesets = ()  # a sidecar describes one file; filesets there make no sense
-    extra: dict[str, Any] = {"unit": unit}
+    try:
+        extra: dict[str, Any] = record_identity({"unit": unit}, found, allow_hard_links=allow_hard_links,
+                                                switch=hard_links_switch)
+    except AcquisitionError as exc:
+        raise AcquisitionError(f"{root}/{exc}") from None
     if d.warnings:
         extra["warnings"] = list(d.warnings)
     if descriptor_file is not None:

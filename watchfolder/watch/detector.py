@@ -840,6 +840,12 @@ def _finish(
         problem = _os_owner_problem(spec.owner, found)
         if problem:
             return Outcome("reject", rel, spec=spec, reason=problem)
+    try:
+        spec = dataclasses.replace(spec, extra=acq.record_identity(
+            spec.extra, found, allow_hard_links=watch.allow_hard_links,
+            switch=f"allow_hard_links on watch folder {watch.name!r}"))
+    except AcquisitionError as exc:
+        return Outcome("reject", rel, spec=spec, reason=str(exc))
     return Outcome("enqueue", rel, spec=spec, warnings=warnings, proven=proven)
 
 

@@ -349,6 +349,7 @@ class Api:
                     f"{principal.source}:{fields['idempotency_key']}" if "idempotency_key" in fields else None
                 ),
                 resolved=True,  # check_paths resolved it
+                allow_hard_links=self.config.server.allow_hard_links,
             )
         except AcquisitionError as exc:
             message = str(exc)

@@ -221,6 +221,7 @@ def build_spec(config, item: Any, where: str, errors: list[str]) -> JobSpec | No
                 name=name,
                 description=description,
                 idempotency_key=KEY_PREFIX + str(uuid.uuid4()),
+                allow_hard_links=config.server.allow_hard_links,
             )
             for entry in spec.files:
                 resolve_under_roots(f"{spec.root}/{entry.path}", config.server.allowed_roots)
