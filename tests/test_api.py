@@ -163,8 +163,9 @@ def test_owner_limits(svc):
     assert r.status == 403 and "'asmith'" in r.json["error"]
     r = submit(limited, asmith, owner="asmith")
     assert r.status == 403
-    assert submit(limited, asmith, owner="jdoe").status == 202  # the request overrides the manifest
-    assert svc.store.counts()["queued"] == 1
+    r = submit(limited, asmith, owner="jdoe")  # may not reassign asmith's described data (issue 10, I)
+    assert r.status == 422 and r.json["detail"][0]["field"] == "owner"
+    assert svc.store.counts().get("queued", 0) == 0
 
 
 def test_read_token_limited_to_owners_pages_through_other_owners(svc):

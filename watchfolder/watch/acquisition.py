@@ -724,6 +724,7 @@ def from_path(
     resolved: bool = False,
     allow_hard_links: bool = True,
     hard_links_switch: str = "server.allow_hard_links",
+    owner_may_override: bool = True,
 ) -> JobSpec:
     """Build a :class:`JobSpec` for a local acquisition named on the command line or by the API.
 
@@ -736,6 +737,10 @@ def from_path(
     its roots), so it is not resolved again. Each file's identity is recorded
     (:func:`record_identity`); a file with several hard links is refused unless
     ``allow_hard_links`` (config switch ``hard_links_switch``, named in the reason).
+    ``owner_may_override=False`` (HTTP clients): an ``owner`` other than the
+    descriptor's is refused (:class:`AcquisitionError` naming both), so a client
+    cannot import someone's described data as another owner's; the command line,
+    run by an admin, may reassign it.
     """
     if resolved:
         real = os.fspath(path)
@@ -828,6 +833,11 @@ def from_path(
 
     d = descriptor or Descriptor()
     where = f"in {descriptor_file.name}" if descriptor_file else "in a manifest or sidecar"
+    if owner and d.owner and owner != d.owner and not owner_may_override:
+        raise AcquisitionError(
+            f"{given}: owner {owner!r} contradicts the owner {d.owner!r} named {where}; leave \"owner\" out "
+            f"(the data is {d.owner!r}'s), or have {d.owner!r} fix the {descriptor_file.name if descriptor_file else 'descriptor'}"
+        )
     final_owner = owner or d.owner
     final_target = target or d.target
     if not final_owner:
@@ -849,6 +859,8 @@ def from_path(
         raise AcquisitionError(f"{root}/{exc}") from None
     if d.warnings:
         extra["warnings"] = list(d.warnings)
+    if d.owner:
+        extra["descriptor_owner"] = d.owner
     if descriptor_file is not None:
         extra["descriptor"] = descriptor_rel
         extra["descriptor_sha256"] = d.raw_bytes_sha256

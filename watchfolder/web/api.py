@@ -350,10 +350,11 @@ class Api:
                 ),
                 resolved=True,  # check_paths resolved it
                 allow_hard_links=self.config.server.allow_hard_links,
+                owner_may_override=False,  # a client may not reassign described data (issue 10, finding I)
             )
         except AcquisitionError as exc:
             message = str(exc)
-            field = "owner" if ": no owner;" in message else "target" if ": no target;" in message else "path"
+            field = "owner" if (": no owner;" in message or " contradicts the owner " in message) else "target" if ": no target;" in message else "path"
             raise invalid([problem(field, message)]) from None
         principal.check_owner(spec.owner)
         # No per-file check needed: from_path refuses files that resolve outside the

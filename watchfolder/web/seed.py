@@ -397,6 +397,11 @@ def install(app: bottle.Bottle, api) -> None:
                     return refuse(f"request for {uri}: sessionKey: {exc.message}; nothing was queued: log in "
                                   "to OMERO again and send a fresh session key", 403)
             who = owners[key]
+            described = spec.extra.get("descriptor_owner")
+            if described and described != who["user"]:  # someone else's described data (issue 10, finding I)
+                return refuse(f"request for {uri}: targetUri: the acquisition's manifest or sidecar names owner "
+                              f"{described!r}, but the session is {who['user']!r}'s; nothing was queued: import "
+                              "your own data, or have the owner fix the manifest")
             specs[index] = (dataclasses.replace(spec, owner=who["user"], email=who.get("email") or None,
                                                 group=who.get("group") or None,
                                                 source=SOURCE_PREFIX + who["user"]), uri)
