@@ -547,7 +547,7 @@ def install(app: bottle.Bottle, api: Api) -> None:
     def get_throughput():
         principal = api.principal()
         principal.require("status", "read the throughput")
-        raw = params.query(bottle.request.environ).get("hours") or "24"
+        raw = params.query(bottle.request.environ).get("hours", "24")  # empty is refused, as the enum says
         if raw not in ("24", "168"):
             raise invalid([problem("hours", f"must be 24 (a day) or 168 (a week), got {raw!r}")])
         return json_response(throughput(store, float(raw)))

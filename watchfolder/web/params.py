@@ -57,8 +57,10 @@ def job_id(text: str) -> int:
 
 def cursor(value: str | None, field: str = "cursor") -> str | None:
     """A page cursor (the ``next_cursor`` of an earlier page) or None; a problem dict is raised as 422."""
-    if value is None or value == "":
+    if value is None:
         return None
+    if value == "":  # as every other filter: leave it out to start at the first page
+        raise invalid([problem(field, "must not be empty; leave the parameter out for the first page")])
     if positive_id(value) is None and value != "0":
         raise invalid([problem(field, f"must be the next_cursor of a previous page, got {value!r}")])
     return value
