@@ -190,6 +190,8 @@ class ServerConfig:
     public_url: str | None = None
     connection_limit: int = D.SERVER_CONNECTION_LIMIT
     idle_timeout: float = D.SERVER_IDLE_TIMEOUT
+    header_timeout: float = D.SERVER_HEADER_TIMEOUT
+    connections_per_client: int = D.SERVER_CONNECTIONS_PER_CLIENT  # 0: no cap
     seed_max_items: int = D.SEED_MAX_ITEMS
     seed_rate_per_minute: int = D.SEED_RATE_PER_MINUTE
     seed_session_timeout: float = D.SEED_SESSION_TIMEOUT
@@ -670,7 +672,8 @@ def _server(r: _Reader, raw: dict) -> ServerConfig:
     w = "server"
     r.unknown(raw, {"enabled", "listen", "threads", "max_body_bytes", "allowed_roots", "tokens", "public_url",
                     "connection_limit", "idle_timeout", "seed_max_items", "seed_rate_per_minute",
-                    "seed_session_timeout", "seed_session_cache", "allow_hard_links"}, w)
+                    "seed_session_timeout", "seed_session_cache", "allow_hard_links", "header_timeout",
+                    "connections_per_client"}, w)
     tokens = []
     raw_tokens = raw.get("tokens") or []
     if not isinstance(raw_tokens, list):
@@ -708,6 +711,9 @@ def _server(r: _Reader, raw: dict) -> ServerConfig:
         public_url=r.get(raw, "public_url", w, text, None),
         connection_limit=r.get(raw, "connection_limit", w, positive_int, D.SERVER_CONNECTION_LIMIT),
         idle_timeout=r.get(raw, "idle_timeout", w, positive_seconds, D.SERVER_IDLE_TIMEOUT),
+        header_timeout=r.get(raw, "header_timeout", w, positive_seconds, D.SERVER_HEADER_TIMEOUT),
+        connections_per_client=r.get(raw, "connections_per_client", w, non_negative_int,
+                                     D.SERVER_CONNECTIONS_PER_CLIENT),
         seed_max_items=r.get(raw, "seed_max_items", w, positive_int, D.SEED_MAX_ITEMS),
         seed_rate_per_minute=r.get(raw, "seed_rate_per_minute", w, positive_int, D.SEED_RATE_PER_MINUTE),
         seed_session_timeout=r.get(raw, "seed_session_timeout", w, positive_seconds, D.SEED_SESSION_TIMEOUT),

@@ -68,6 +68,11 @@ MAX_BODY_BYTES = 1024 * 1024
 # every request); a connection silent this long is closed.
 SERVER_CONNECTION_LIMIT = 1000
 SERVER_IDLE_TIMEOUT = 30.0
+# A client must send a request's complete headers within this many seconds of starting it
+# (slowloris: a header line every few seconds would otherwise hold a connection forever).
+SERVER_HEADER_TIMEOUT = 15.0
+# Connections one client address may hold; past it, its oldest one still sending headers is closed.
+SERVER_CONNECTIONS_PER_CLIENT = 100
 # /ome/import (no bearer token): items per request, and requests per minute per client address.
 SEED_MAX_ITEMS = 100
 SEED_RATE_PER_MINUTE = 60

@@ -12,10 +12,11 @@ import json
 import logging
 import resource
 import threading
+import time
 
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
-from waitress.server import create_server
+from waitress.server import BaseWSGIServer, create_server
 from waitress.task import ErrorTask
 
 from ..errors import ConfigError
@@ -45,7 +46,91 @@ class JsonErrorTask(ErrorTask):
 
 
 class JsonErrorChannel(HTTPChannel):
+    """waitress's channel, with its refusals in JSON and two guards against slow clients.
+
+    - A request's headers must be complete ``header_timeout`` seconds after its first
+      byte (after the connection opened, for the first one): waitress's idle timeout
+      restarts on every byte, so one header line every few seconds (slowloris) would
+      hold the connection for ever. :func:`_close_slow_headers` closes those.
+    - One client address holds at most ``connections_per_client`` connections: a new
+      one past the cap closes that address's connection that has waited longest for
+      its headers (a slow client's), so a quick request from the same address (a
+      health check behind the same NAT) is still served; when none is waiting, the
+      new one is refused.
+    """
+
     error_task_class = JsonErrorTask
+    #: When the request being received started (time.monotonic()), None between requests.
+    header_started: float | None = None
+
+    def __init__(self, server, sock, addr, adj, map=None):
+        super().__init__(server, sock, addr, adj, map=map)
+        self.header_started = time.monotonic()
+        guard = getattr(server, "watchfolder_guard", None)
+        if guard is not None:
+            guard.admit(self)
+
+    def received(self, data):
+        if self.header_started is None and self.request is None and data:
+            self.header_started = time.monotonic()
+        result = super().received(data)
+        request = self.request
+        if request is None or request.headers_finished:
+            self.header_started = None  # headers complete: the body and what follows are the idle timeout's
+        elif self.header_started is None:
+            self.header_started = time.monotonic()
+        return result
+
+
+class SlowClientGuard:
+    """The per-address cap and the header deadline of one waitress server (see :class:`JsonErrorChannel`)."""
+
+    def __init__(self, server, header_timeout: float, per_client: int) -> None:
+        self.server = server
+        self.header_timeout = header_timeout
+        self.per_client = per_client
+        self._warned: dict[str, float] = {}
+        original = server.maintenance
+
+        def maintenance(now: float) -> None:
+            original(now)
+            self.close_slow_headers(time.monotonic())
+
+        server.maintenance = maintenance  # waitress calls it every cleanup_interval from its loop
+
+    def _warn(self, address: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self._warned.get(address, -1e9) >= 60:  # once a minute per address in the log
+            self._warned[address] = now
+            if len(self._warned) > 10_000:
+                self._warned.clear()
+            log.warning("HTTP client %s: %s", address, message)
+
+    def admit(self, channel: JsonErrorChannel) -> None:
+        if not self.per_client:
+            return
+        address = _host(channel.addr)
+        mine = [c for c in list(self.server.active_channels.values()) if _host(c.addr) == address]
+        if len(mine) <= self.per_client:
+            return
+        waiting = [c for c in mine if c is not channel and c.header_started is not None and not c.requests]
+        victim = min(waiting, key=lambda c: c.header_started) if waiting else channel
+        self._warn(address, f"more than {self.per_client} connections (server.connections_per_client); closing "
+                            + ("its slowest one still sending headers" if waiting else "the new one"))
+        victim.handle_close()
+
+    def close_slow_headers(self, now: float) -> None:
+        cutoff = now - self.header_timeout
+        for channel in list(self.server.active_channels.values()):
+            started = getattr(channel, "header_started", None)
+            if started is not None and started < cutoff and not channel.requests:
+                self._warn(_host(channel.addr), f"request headers not complete after {self.header_timeout:g} s "
+                                                "(server.header_timeout); connection closed")
+                channel.handle_close()
+
+
+def _host(addr) -> str:
+    return str(addr[0]) if isinstance(addr, (tuple, list)) and addr else str(addr)
 
 
 def _raise_open_files_limit(wanted: int) -> None:
@@ -58,6 +143,13 @@ def _raise_open_files_limit(wanted: int) -> None:
         except (ValueError, OSError) as exc:
             log.warning("cannot raise the open files limit to %d (%s); server.connection_limit may not be "
                         "reached", target, exc)
+
+
+def _listeners(server, channel_map: dict) -> list:
+    """The waitress servers that accept connections: ``server`` itself, or each of a MultiSocketServer's."""
+    if isinstance(server, BaseWSGIServer):
+        return [server]
+    return [d for d in channel_map.values() if isinstance(d, BaseWSGIServer)]
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -97,11 +189,16 @@ class Server:
                 # default keeps 100 connections, each for 120 s of silence).
                 connection_limit=server.connection_limit,
                 channel_timeout=server.idle_timeout,
-                cleanup_interval=max(1, min(30, int(server.idle_timeout / 2))),
+                # The header deadline is checked at each cleanup, so often enough to keep it.
+                cleanup_interval=max(1, min(30, int(server.idle_timeout / 2), int(server.header_timeout / 3))),
                 # select() cannot watch descriptors past 1024.
                 asyncore_use_poll=True,
             )
             self._server.channel_class = JsonErrorChannel
+            for listener in _listeners(self._server, self._map):
+                listener.channel_class = JsonErrorChannel
+                listener.watchfolder_guard = SlowClientGuard(listener, server.header_timeout,
+                                                             server.connections_per_client)
         except OSError as exc:
             raise ConfigError(
                 f"server.listen: cannot listen on {self.host}:{requested_port} ({exc.strerror or exc}); "
