@@ -290,7 +290,8 @@ def open_source(allowed_root: str, root: str, rel: str, expect=None) -> tuple[in
         return tree.open(rel, expect)
 
 
-def read_file(path: str | os.PathLike, limit: int, *, within: str | None = None, what: str = "file") -> bytes:
+def read_file(path: str | os.PathLike, limit: int, *, within: str | None = None, what: str = "file",
+              allow_hard_links: bool = False) -> bytes:
     """The bytes of a small file the service reads back (a manifest, sidecar, receipt, record).
 
     By the data files' rule: the file itself is opened with ``O_NOFOLLOW`` and must be
@@ -300,7 +301,9 @@ def read_file(path: str | os.PathLike, limit: int, *, within: str | None = None,
     file's is walked as :class:`SourceTree` does, refusing a symlinked folder, and a
     path outside ``within`` is refused. At most ``limit + 1`` bytes are read (one more
     than allowed tells the caller "too big"). ``what`` names the file in the reason:
-    "manifest is a symbolic link; replace it with the file itself".
+    "manifest is a symbolic link; replace it with the file itself". A file with
+    several hard links (another name for a file that may live anywhere on the same
+    filesystem) is refused too, unless ``allow_hard_links``.
 
     Raises :class:`UnsafePath` (refused) or ``OSError`` (missing, permissions).
     """
@@ -329,6 +332,10 @@ def read_file(path: str | os.PathLike, limit: int, *, within: str | None = None,
     except UnsafePath:
         kind = "a folder, not a file" if is_dir else "not a regular file (a FIFO, socket or device)"
         raise UnsafePath(path, f"{what} is {kind}") from None
+    if st.st_nlink > 1 and not allow_hard_links:
+        os.close(fd)
+        raise UnsafePath(path, f"{what} has {st.st_nlink} hard links (the same file under another name, perhaps "
+                               "outside the drop folder); replace it with a copy of the file")
     try:
         chunks: list[bytes] = []
         got = 0

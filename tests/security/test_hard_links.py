@@ -116,3 +116,17 @@ def test_the_opener_checks_the_identity(tmp_path):
         os.utime(f, ns=(0, 1))  # rewritten in place: same inode, another mtime
         with pytest.raises(safefs.UnsafePath, match="changed after it was queued"):
             tree.open("a.tif")
+
+
+def test_a_manifest_hard_linked_to_an_outside_file_is_rejected_unread(tmp_path, make_config):
+    drop, _config, rule = drop_setup(tmp_path, make_config)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "secret.json").write_text('{"owner": "mallory", "target": {"dataset": "Stolen"}}')
+    acq = drop / "acq"
+    acq.mkdir()
+    (acq / "a.tif").write_bytes(b"a")
+    os.link(outside / "secret.json", acq / "watchfolder.json")
+    outcome = rule.build(str(drop), "acq", now=0.0)
+    assert outcome.kind == "reject" and "manifest has 2 hard links" in outcome.reason, outcome
+    assert "Stolen" not in outcome.reason and (outcome.spec is None or outcome.spec.owner != "mallory")

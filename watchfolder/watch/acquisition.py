@@ -88,8 +88,8 @@ def line_column(data: bytes, offset: int) -> tuple[int, int]:
     return line, offset - (data.rfind(b"\n", 0, offset) + 1) + 1
 
 
-def load_json(path: Path, *, what: str = "manifest or sidecar", within: str | None = None
-              ) -> tuple[Any, bytes, list[str]]:
+def load_json(path: Path, *, what: str = "manifest or sidecar", within: str | None = None,
+              allow_hard_links: bool = False) -> tuple[Any, bytes, list[str]]:
     """Read a JSON file (UTF-8, BOM tolerated): ``(value, raw bytes, warnings)``.
 
     Opened by :func:`watchfolder.safefs.read_file`'s rule: a symlink (``what`` names
@@ -99,7 +99,8 @@ def load_json(path: Path, *, what: str = "manifest or sidecar", within: str | No
     """
     path = path if isinstance(path, Path) else Path(path)
     try:
-        raw = safefs.read_file(path, MAX_DESCRIPTOR_BYTES, within=within, what=what)
+        raw = safefs.read_file(path, MAX_DESCRIPTOR_BYTES, within=within, what=what,
+                               allow_hard_links=allow_hard_links)
     except safefs.UnsafePath as exc:
         raise AcquisitionError(str(exc)) from None
     except FileNotFoundError:
@@ -139,14 +140,15 @@ def load_json(path: Path, *, what: str = "manifest or sidecar", within: str | No
     return value, raw, warnings
 
 
-def read_descriptor(path: Path, *, what: str = "manifest or sidecar", within: str | None = None) -> Descriptor:
+def read_descriptor(path: Path, *, what: str = "manifest or sidecar", within: str | None = None,
+                    allow_hard_links: bool = False) -> Descriptor:
     """Read and validate a manifest or sidecar (``what``), opened as :func:`load_json` does.
 
     Raises :class:`NotADescriptor` for JSON without any contract key, and
     :class:`AcquisitionError` for anything unreadable or invalid.
     """
     path = path if isinstance(path, Path) else Path(path)
-    value, raw, warnings = load_json(path, what=what, within=within)
+    value, raw, warnings = load_json(path, what=what, within=within, allow_hard_links=allow_hard_links)
     if not is_descriptor(value):
         what = "a JSON object" if isinstance(value, dict) else f"JSON {type(value).__name__}"
         raise NotADescriptor(
@@ -770,7 +772,7 @@ def from_path(
         if os.path.lexists(manifest):  # a symlink too: refused with its reason, never read nor ignored
             descriptor_file = Path(manifest)
             descriptor_rel = manifest_name
-            descriptor = read_descriptor(descriptor_file, what="manifest")
+            descriptor = read_descriptor(descriptor_file, what="manifest", allow_hard_links=allow_hard_links)
         if descriptor is not None and descriptor.files is not None:
             check = check_listed(real, descriptor.files)
             if check.missing:
@@ -784,12 +786,12 @@ def from_path(
             files = tuple(entry for entry, _ in found)
         else:
             root = Path(real)
-            sidecars = _sidecars_under(root, sidecar_suffix, exclude)
+            sidecars = _sidecars_under(root, sidecar_suffix, exclude, allow_hard_links)
             if descriptor is None and len(sidecars) == 1:
                 # A folder holding one described data file: its sidecar speaks for the folder.
                 descriptor_rel = next(iter(sidecars))
                 descriptor_file = root / descriptor_rel
-                descriptor = read_descriptor(descriptor_file, what="sidecar")
+                descriptor = read_descriptor(descriptor_file, what="sidecar", allow_hard_links=allow_hard_links)
             skip = {manifest_name} | sidecars
             found = [
                 (FileEntry(rel, st.st_size), st)
@@ -805,7 +807,7 @@ def from_path(
         if data_from_sidecar is not None and data_from_sidecar.is_file():
             # The sidecar itself was named; it describes its data file.
             try:
-                descriptor = read_descriptor(resolved_file, what="sidecar")
+                descriptor = read_descriptor(resolved_file, what="sidecar", allow_hard_links=allow_hard_links)
                 descriptor_file, data = resolved_file, data_from_sidecar
             except NotADescriptor:
                 pass
@@ -813,7 +815,7 @@ def from_path(
             candidate = resolved_file.with_name(resolved_file.name + sidecar_suffix)
             if os.path.lexists(candidate):
                 try:
-                    descriptor = read_descriptor(candidate, what="sidecar")
+                    descriptor = read_descriptor(candidate, what="sidecar", allow_hard_links=allow_hard_links)
                     descriptor_file = candidate
                 except NotADescriptor:
                     pass
@@ -925,7 +927,7 @@ def _filesets_on_disk(
     return tuple(out)
 
 
-def _sidecars_under(root: Path, suffix: str, exclude: tuple[str, ...]) -> set[str]:
+def _sidecars_under(root: Path, suffix: str, exclude: tuple[str, ...], allow_hard_links: bool = False) -> set[str]:
     """Relative paths of sidecar descriptors in a plain folder (data files keep their JSON if not descriptors)."""
     found = set()
     for rel, _st in walk_files(root, exclude=exclude, include=("*" + suffix,)):
@@ -934,7 +936,7 @@ def _sidecars_under(root: Path, suffix: str, exclude: tuple[str, ...]) -> set[st
         if data is None or not data.exists():
             continue
         try:
-            value, _raw, _w = load_json(full)
+            value, _raw, _w = load_json(full, allow_hard_links=allow_hard_links)
         except AcquisitionError:
             continue
         if is_descriptor(value):

@@ -349,7 +349,8 @@ class ManifestRule(Rule):
             return Outcome("gone", rel, reason=f"{self.watch.manifest_name} was removed")
         base = _base_spec(self.watch, folder, rel)
         try:
-            descriptor = acq.read_descriptor(manifest, what="manifest", within=root)
+            descriptor = acq.read_descriptor(manifest, what="manifest", within=root,
+                                             allow_hard_links=self.watch.allow_hard_links)
         except acq.NotADescriptor as exc:
             return Outcome("reject", rel, spec=base, reason=f"{exc}; a manifest must name at least the owner")
         except AcquisitionError as exc:
@@ -432,7 +433,8 @@ class SidecarRule(Rule):
             return Outcome("gone", rel)
         base = _base_spec(self.watch, data.parent, rel, files=(FileEntry(data.name),))
         try:
-            descriptor = acq.read_descriptor(sidecar, what="sidecar", within=root)
+            descriptor = acq.read_descriptor(sidecar, what="sidecar", within=root,
+                                             allow_hard_links=self.watch.allow_hard_links)
         except acq.NotADescriptor as exc:
             return Outcome("ignore", rel, reason=str(exc))
         except AcquisitionError as exc:

@@ -224,7 +224,8 @@ class PostActions:
         if spec.extra.get("descriptor"):
             try:
                 raw = safefs.read_file(Path(spec.root, spec.extra["descriptor"]), MAX_DESCRIPTOR_BYTES,
-                                       within=spec.root, what="manifest")
+                                       within=spec.root, what="manifest",
+                                       allow_hard_links=self.watch.allow_hard_links)
                 digest = hashlib.sha256(raw).hexdigest()
             except (OSError, safefs.UnsafePath):
                 return f"{spec.extra['descriptor']} is gone"
