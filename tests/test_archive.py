@@ -43,7 +43,7 @@ class RecordingContext(JobContext):
         super().progress(phase, bytes_done, bytes_total, files_done, files_total)
 
     def log(self, message):
-        self.messages.extend(message.splitlines())
+        self.messages.extend([message] if isinstance(message, str) else message)
         super().log(message)
 
 

@@ -482,14 +482,16 @@ def test_jobs_cancel(cfg_path, jobstore, make_spec, capsys):
 
 def test_jobs_log(cfg_path, jobstore, make_spec, capsys):
     job, _ = jobstore.enqueue(make_spec())
-    jobstore.log(job.id, "first line\nsecond line")
+    jobstore.log(job.id, "first line\nstill the first")
+    jobstore.log(job.id, ["second line", "third line"])
     assert run_cli(cfg_path, "jobs", "cancel", str(job.id)) == 0
     capsys.readouterr()
     assert run_cli(cfg_path, "jobs", "log", str(job.id)) == 0
     lines = capsys.readouterr().out.splitlines()
-    # A message's later lines are indented: they cannot pass for entries of their own.
-    assert [line.split(" ", 1)[1] for line in lines[:2]] == ["first line", "  second line"]
-    assert lines[2].split(" ", 1)[1].startswith("cancelled by cli:")
+    # A newline inside a message is escaped (a name cannot break a line); a sequence is one line each.
+    assert [line.split(" ", 1)[1] for line in lines[:3]] == ["first line\\nstill the first", "second line",
+                                                            "third line"]
+    assert lines[3].split(" ", 1)[1].startswith("cancelled by cli:")
     assert run_cli(cfg_path, "jobs", "log", "42") == 1
     assert capsys.readouterr().err == "watchfolder: error: no job with id 42\n"
 

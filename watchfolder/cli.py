@@ -265,14 +265,25 @@ def load_config(args, overrides: dict[str, str] | None = None) -> configmod.Conf
     config = configmod.load(args.config, environ=environ)
     _STATE["db"] = str(config.store.path)
     _STATE["data_dir"] = str(config.data_dir)
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(_OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=config.log_level.upper(), handlers=[handler])
     from .store.outage import OutageNoise
 
     OutageNoise.install()  # a store outage is said once, by the store (store/outage.py)
     return config
+
+
+class _OneLineFormatter(logging.Formatter):
+    """Each service log record on one line: control characters in the message escaped (:func:`printable`).
+
+    Paths and names reach the service log (the journal) from many places; a newline in a
+    folder name must not start a line that reads like another record. A traceback
+    appended to a record keeps its own lines.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        return printable(super().formatMessage(record))
 
 
 def open_store(config):
@@ -434,12 +445,13 @@ def cmd_submit(args) -> int:
     if created:
         for warning in spec.extra.get("warnings", ()):
             store.log(job.id, f"warning: {warning}")
-            print(f"warning: {warning}", file=sys.stderr)
+            print(printable(f"warning: {warning}"), file=sys.stderr)
     if args.json:
         print(json.dumps(job.to_dict(), indent=2))
     else:
         word = "queued" if created else "already known"
-        print(f"job {job.id} {word}: {len(spec.files)} file(s) of {spec.owner} → {spec.target.label} [{job.state}]")
+        print(printable(f"job {job.id} {word}: {len(spec.files)} file(s) of {spec.owner} → {spec.target.label} "
+                        f"[{job.state}]"))
     if args.wait:
         job = _follow(store, job.id)
         return 0 if job.state == JobState.SUCCEEDED else 1
@@ -467,10 +479,10 @@ def cmd_jobs_list(args) -> int:
         return 0
     print(f"{'ID':>6}  {'STATE':<10} {'OWNER':<12} {'CREATED':<19}  {'SOURCE':<22} TARGET")
     for job in jobs:
-        print(
-            f"{job.id:>6}  {str(job.state):<10} {job.owner[:12]:<12} {_when(job.created_at):<19}  "
-            f"{job.source[:22]:<22} {job.spec.target.label}"
-        )
+        print(printable(
+            f"{job.id:>6}  {str(job.state):<10} {printable(job.owner)[:12]:<12} {_when(job.created_at):<19}  "
+            f"{printable(job.source)[:22]:<22} {job.spec.target.label}"
+        ))
     if cursor:
         print(f"more: watchfolder jobs list --cursor {cursor}")
     return 0
@@ -499,7 +511,7 @@ def _describe(job: Job) -> str:
         for h in job.history:
             lines.append(f"    {_when(h.at)}  {str(h.state):<10} {h.message}")
     lines.append(f"  log:      {job.log_path}")
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 def _bar(job: Job, width: int = 30) -> str:
@@ -536,7 +548,7 @@ def _follow(store, job_id: int, out=None) -> Job:
             if tty:
                 out.write("\n")
             if job.error:
-                out.write(f"error: {job.error.message}\n")
+                out.write(printable(f"error: {job.error.message}") + "\n")
             return job
         time.sleep(0.3)  # polling the store for display, not synchronisation
 
@@ -733,8 +745,8 @@ def cmd_mail_list(args) -> int:
         print("no mails")
     for m in mails:
         error = f"  ({m.last_error})" if m.last_error else ""
-        print(f"{m.id:>6}  {m.state:<8} {_when(m.created_at)}  job {m.job_id or '-':>5}  {m.kind:<18} "
-              f"{', '.join(m.recipients)}  {m.subject}{error}")
+        print(printable(f"{m.id:>6}  {m.state:<8} {_when(m.created_at)}  job {m.job_id or '-':>5}  {m.kind:<18} "
+                        f"{', '.join(m.recipients)}  {m.subject}{error}"))
     return 0
 
 

@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import defaults as D
@@ -79,7 +79,7 @@ class JobContext(ImportContext):
     def log_path(self) -> str:
         return str(self.store.log_path(self.job.id))
 
-    def log(self, message: str) -> None:
+    def log(self, message: str | Sequence[str]) -> None:
         self.store.log(self.job.id, message)
 
     def progress(
@@ -249,7 +249,8 @@ class Worker:
                 failure = exc
                 return self.clean_up(self._settle(lambda: self.store.fail(job.id, self.name, failure, now=now)))
             except Exception as exc:  # a bug or an unexpected OS error: keep the job, retry later
-                self.store.log(job.id, "unexpected error:\n" + traceback.format_exc())
+                self.store.log(job.id, ["unexpected error:",
+                                        *("  " + line for line in traceback.format_exc().rstrip().split("\n"))])
                 log.exception("job %s: unexpected error", job.id)
                 failure = TransientImportError(f"internal error: {type(exc).__name__}: {exc}")
                 return self.clean_up(self._settle(lambda: self.store.fail(job.id, self.name, failure, now=now)))

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 
 import pytest
 from drops import MODES, manifest, succeeded, tree
+from helpers import wait_until
+
+from watchfolder import cli
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -19,6 +24,38 @@ def test_a_newline_in_a_file_name_forges_no_log_line_and_no_mail_line(field, mod
     assert "\\n" in log
     for mail in field.mails():
         assert "\n2026-12-01 00:00:00 job 1 succeeded" not in mail.replace("\r\n", "\n")
+
+
+def _only_escaped(text: str, name: str) -> bool:
+    """``name`` (holding a newline) shows in ``text`` only escaped, and at least once."""
+    escaped = name.replace("\n", "\\n")
+    tail = name.split("\n")[-1]
+    return escaped in text and text.count(tail) == text.count(escaped)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_newline_in_a_folder_name_stays_on_its_line_in_log_mail_and_cli(field, mode, monkeypatch, capsys):
+    field.start(mode, detection="layout", layout="{owner}/{dataset}/")
+    name = "day\nforged"
+    tree(field.drop / "jdoe" / name, {"a.tif": b"x" * 10})
+    [job] = field.settled(1)
+    log = wait_until(lambda: t if "receipt" in (t := field.store.read_log(job.id)) else None, 10,
+                     message="the receipt line")
+    stamped = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \S")
+    assert all(stamped.match(line) for line in log.splitlines()), log  # no continuation lines
+    assert _only_escaped(log, name), log  # the destination and the receipt lines
+    [mail] = wait_until(field.mails, 10, message="the success mail")
+    where = next(line for line in mail.splitlines() if line.startswith("Where:"))
+    assert _only_escaped(where, name) and where.endswith('(dataset "day\\nforged")'), mail
+    assert _only_escaped(mail, name), mail
+    monkeypatch.setattr(cli, "load_config", lambda args, overrides=None: field.service.config)
+    assert cli.main(["jobs", "list"]) == 0
+    assert cli.main(["jobs", "show", str(job.id)]) == 0
+    out = capsys.readouterr().out
+    assert _only_escaped(out, name), out
+    # The service log (the journal): one record, one line.
+    record = logging.LogRecord("watchfolder.watch", logging.INFO, __file__, 1, "queued %s", (name,), None)
+    assert cli._OneLineFormatter("%(levelname)s %(message)s").format(record) == "INFO queued day\\nforged"
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -295,7 +295,7 @@ class RecordingContext(ImportContext):
 
     def log(self, message):
         with open(self._log_path, "a") as f:
-            f.write(message + "\n")
+            f.write("".join(line + "\n" for line in ([message] if isinstance(message, str) else message)))
 
     @property
     def log_path(self):

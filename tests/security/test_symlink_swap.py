@@ -166,7 +166,7 @@ class SwapContext(ImportContext):
             self.swapped.set()
 
     def log(self, message):
-        self.lines.append(message)
+        self.lines.extend([message] if isinstance(message, str) else message)
 
     @property
     def log_path(self):

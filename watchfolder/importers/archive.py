@@ -60,7 +60,7 @@ from typing import Any
 from .. import defaults as D
 from .. import safefs
 from ..errors import PermanentImportError, TransientImportError, classify_os_error
-from ..job import Job, printable
+from ..job import Job
 from ..store.base import process_exists
 from ..units import format_size
 from . import register
@@ -524,7 +524,7 @@ class ArchiveImporter(Importer):
             done_bytes += size
             reused_count += reused
             copied.append({"path": entry.path, "size": size, "sha256": digest})
-            lines.append(f"{'already archived' if reused else 'archived'} {printable(entry.path)} sha256={digest}")
+            lines.append(f"{'already archived' if reused else 'archived'} {entry.path} sha256={digest}")
             if index % PROGRESS_EVERY_FILES == 0 or size >= self.chunk_bytes:
                 # Every few files (the context throttles the store writes; this bounds the calls).
                 ctx.progress("copying", done_bytes, total, index + 1, count)
@@ -532,7 +532,7 @@ class ArchiveImporter(Importer):
         how = self._make_durable(ctx, dest_root, copied, folders)
         # Only now is anything reported archived: every line below is on stable storage.
         if lines:
-            ctx.log("\n".join(lines))
+            ctx.log(lines)
         ctx.log(f"{count} file(s) durable ({how}); {reused_count} were already archived by an earlier attempt")
         ctx.progress("archived", done_bytes, total, count, count)
         return {"destination": str(dest_root), "files": copied, "bytes": total}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from typing import Any
 
 from ..job import Job
@@ -30,8 +31,11 @@ class ImportContext(abc.ABC):
     ) -> None: ...
 
     @abc.abstractmethod
-    def log(self, message: str) -> None:
-        """Append a line to the job's log (never put secrets here)."""
+    def log(self, message: str | Sequence[str]) -> None:
+        """Append a line to the job's log, or one line per item of a sequence (never put secrets here).
+
+        Control characters in names are escaped by the log itself (a newline shows as ``\\n``).
+        """
 
     @property
     @abc.abstractmethod

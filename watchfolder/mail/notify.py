@@ -207,7 +207,7 @@ class Notifier:
             "owner": spec.owner or "(unknown owner)",
             "group": spec.group or "default",
             "acquisition": _acquisition_name(job),
-            "folder": printable(spec.root),
+            "folder": spec.root,
             "source": spec.source,
             "target": spec.target.label or "(none)",
             "state": str(job.state),
@@ -220,7 +220,7 @@ class Notifier:
             "total_size": _size(total),
             "files": _with_left_out(_files_block(sizes), spec.extra.get("left_out")),
             "about": _about_block(spec.description, spec.annotations),
-            "note": _Block(note + "\n\n", f'<p style="background: #fff3cd; padding: 0.5em;">{_esc(note)}</p>\n')
+            "note": _Block(_lines(note) + "\n\n", f'<p style="background: #fff3cd; padding: 0.5em;">{_esc(note)}</p>\n')
             if note
             else _Block("", ""),
         }
@@ -265,7 +265,7 @@ class Notifier:
         label = job.spec.target.label or "(no target)"
         if "destination" in result:
             dest = str(result["destination"])
-            return _Block(f"{dest} ({label})", f"<code>{_esc(dest)}</code> ({_esc(label)})")
+            return _Block(_lines(f"{dest} ({label})"), f"<code>{_esc(dest)}</code> ({_esc(label)})")
         link = None
         if self.web_url:
             for key, kind in (("dataset_id", "dataset"), ("screen_id", "screen")):
@@ -273,8 +273,8 @@ class Notifier:
                     link = f"{self.web_url}/webclient/?show={kind}-{result[key]}"
                     break
         if link:
-            return _Block(f"{label} in OMERO, {link}", f'<a href="{_esc(link)}">{_esc(label)}</a> in OMERO')
-        return _Block(f"{label} in OMERO" if "image_ids" in result else label, _esc(label))
+            return _Block(_lines(f"{label} in OMERO, {link}"), f'<a href="{_esc(link)}">{_esc(label)}</a> in OMERO')
+        return _Block(_lines(f"{label} in OMERO" if "image_ids" in result else label), _esc(label))
 
     def _images_block(self, images: list[int]) -> _Block:
         if not images:
@@ -292,7 +292,7 @@ class Notifier:
         if not self.public_url:
             return _Block("", "")
         url = f"{self.public_url}/api/v1/jobs/{job.id}"
-        return _Block(f"Details:     {url}\n", f'<p>Details: <a href="{_esc(url)}">{_esc(url)}</a></p>\n')
+        return _Block(_lines(f"Details:     {url}") + "\n", f'<p>Details: <a href="{_esc(url)}">{_esc(url)}</a></p>\n')
 
     def _advice(self, job: Job) -> str:
         error = job.error
@@ -388,14 +388,14 @@ class Notifier:
         for reason, ids in sorted(groups.items(), key=lambda g: -len(g[1])):
             shown = ", ".join(str(i) for i in ids[:MAX_LISTED] if i is not None)
             more = f" and {len(ids) - MAX_LISTED} more" if len(ids) > MAX_LISTED else ""
-            text.append(f"{len(ids)} x {reason}\n    jobs {shown}{more}\n")
+            text += [f"{len(ids)} x {reason}", f"    jobs {shown}{more}", ""]
             rich.append(f"<li><b>{len(ids)} ×</b> {_esc(reason)}<br><small>jobs {_esc(shown + more)}</small></li>")
         minutes = self.notify.admin_digest_minutes
         values = {
             "count": str(len(failures)),
             "minutes": f"{minutes:g}",
             "threshold": str(self.notify.admin_digest_after),
-            "failures": _Block("\n".join(text) + "\n", "<ul>\n" + "\n".join(rich) + "\n</ul>\n"),
+            "failures": _Block(_lines(*text) + "\n", "<ul>\n" + "\n".join(rich) + "\n</ul>\n"),
             "contact": self.contact,
         }
         ids = ",".join(str(i) for i, _ in failures)
@@ -416,7 +416,9 @@ class Notifier:
         job_id: int | None = None,
     ) -> Mail:
         templates = self.templates[kind]
-        plain = {k: v.text if isinstance(v, _Block) else str(v) for k, v in values.items()}
+        # Every value is escaped (a name holding a newline cannot break a line: "Where:", the
+        # subject, a header); blocks are made of lines escaped by _lines when they were built.
+        plain = {k: v.text if isinstance(v, _Block) else printable(str(v)) for k, v in values.items()}
         subject = _one_line(templates.subject.substitute(plain), 200)
         plain["subject"] = subject
         rich = {k: v.html if isinstance(v, _Block) else _esc(str(v)) for k, v in values.items()}
@@ -543,8 +545,16 @@ def _status_block(status: dict) -> _Block:
         f"<td>{_esc(_show(value))}</td></tr>\n"
         for key, value in sorted(status.items())
     )
-    return _Block("\n".join(lines) + "\n" if lines else "  (empty)\n",
+    return _Block(_lines(*lines) + "\n" if lines else "  (empty)\n",
                   f'<table style="border-collapse: collapse;">\n{rows}</table>')
+
+
+def _lines(*lines: str) -> str:
+    """Text lines of a mail, joined: control characters inside each escaped (:func:`printable`).
+
+    Every text block is built through here, so a name holding a newline stays on its line.
+    """
+    return "\n".join(printable(line) for line in lines)
 
 
 def _esc(value: str) -> str:
@@ -606,7 +616,7 @@ def _list_block(title: str, rows: list[tuple[str, str]], total: int) -> _Block:
         lines.append(f"  … {more}")
         items.append(f"<li>… {more}</li>")
     return _Block(
-        f"{title}:\n" + "\n".join(lines) + "\n\n",
+        f"{title}:\n" + _lines(*lines) + "\n\n",
         f"<p>{title}:</p>\n<ul>\n" + "\n".join(items) + "\n</ul>\n",
     )
 
@@ -615,7 +625,7 @@ def _about_block(description: str | None, annotations: dict[str, str] | None) ->
     """The acquisition's own description and annotations, repeated so the owner recognises it."""
     text, rich = [], []
     if description:
-        text.append("Description: " + _one_line(description, 2000))
+        text.append(_lines("Description: " + _one_line(description, 2000)))
         rich.append(f"<p>Description: {_esc(description)}</p>")
     if annotations:
         rows = [(f"{k}: {_one_line(str(v), 500)}", f"<b>{_esc(k)}</b>: {_esc(str(v))}")
@@ -646,8 +656,7 @@ def _log_tail(path: str | None) -> _Block:
             if size > LOG_TAIL_BYTES and lines:
                 lines = lines[1:]  # the first line read is probably cut
             text = "\n".join(lines[-LOG_TAIL_LINES:]) if lines else "(the log is empty)"
-    indented = "\n".join("  " + line for line in text.splitlines())
-    return _Block(indented + "\n", f'<pre style="background: #f4f4f4; padding: 0.5em;">{_esc(text)}</pre>')
+    return _Block(_lines(*("  " + line for line in text.splitlines())) + "\n", f'<pre style="background: #f4f4f4; padding: 0.5em;">{_esc(text)}</pre>')
 
 
 def _cancelled_by(job: Job) -> str:

@@ -23,7 +23,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from email.headerregistry import HeaderRegistry
 from email.message import EmailMessage
@@ -301,8 +301,12 @@ class JobStore(abc.ABC):
         """Where job ``job_id``'s log lives (a file; it may not exist yet)."""
 
     @abc.abstractmethod
-    def log(self, job_id: int, message: str, *, now: float | None = None) -> None:
-        """Append a line to the job's log file."""
+    def log(self, job_id: int, message: str | Sequence[str], *, now: float | None = None) -> None:
+        """Append to the job's log file: a ``str`` is one line, a sequence one line per item.
+
+        Control characters (a newline included) are escaped in every line
+        (:func:`~watchfolder.job.printable`), so no name can break or forge a line.
+        """
 
     @abc.abstractmethod
     def read_log(self, job_id: int) -> str:

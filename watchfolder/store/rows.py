@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,18 +162,19 @@ class FileLogs:
     def log_path(self, job_id: int) -> Path:
         return self.logs_dir / f"{job_id}.log"
 
-    def log(self, job_id: int, message: str, *, now: float | None = None) -> None:
-        """Append a line to the job's log file.
+    def log(self, job_id: int, message: str | Sequence[str], *, now: float | None = None) -> None:
+        """Append to the job's log file: a ``str`` is one line, a sequence of strings one line each.
 
-        Control characters are escaped (:func:`~watchfolder.job.printable`); the lines
-        of a multi-line message (a traceback) after the first are indented, so no text
-        in a message, such as a file name holding a newline, can pass for a log entry.
+        Every line is escaped with :func:`~watchfolder.job.printable` -- a newline or
+        another control character inside a message (a file or folder name holding one)
+        shows as ``\\n`` and never breaks the line, so nothing in a name can pass for a
+        log entry. A message that is meant to span lines (a traceback, the files archived)
+        is given as its lines.
         """
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() if now is None else now))
-        lines = str(message).split("\n")
+        lines = [message] if isinstance(message, str) else list(message)
         with self.files.open_append(self.log_path(job_id), errors="backslashreplace") as fh:  # 0600 or 0640
-            for i, line in enumerate(lines):
-                fh.write(f"{stamp}Z {'  ' if i else ''}{printable(line)}\n")
+            fh.write("".join(f"{stamp}Z {printable(str(line))}\n" for line in lines))
 
     def _read_log_file(self, job_id: int) -> str:
         try:

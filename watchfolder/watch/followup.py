@@ -20,7 +20,7 @@ from typing import Any
 
 from .. import safefs
 from ..config import WatchAction, WatchConfig
-from ..job import Job, JobState
+from ..job import Job, JobState, printable
 from .acquisition import MAX_DESCRIPTOR_BYTES
 from .detector import ERROR_SUFFIX, RECEIPT_SUFFIX, acquisition_key
 
@@ -114,7 +114,7 @@ def error_report(job: Job, *, moved: bool = False) -> str:
         f"Target: {spec.target.label or '(none)'}",
         f"Files: {len(spec.files)}",
     ]
-    return "\n".join(lines) + "\n"
+    return "".join(printable(line) + "\n" for line in lines)  # a name cannot break a line
 
 
 class PostActions:
