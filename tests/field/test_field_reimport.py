@@ -77,3 +77,24 @@ def test_the_same_folder_removed_and_dropped_again_with_new_content_is_a_new_job
     os.rename(tmp_path / "again", field.drop / "acq")
     first, second = field.settled(2)
     assert second.state.value == "succeeded", second.error
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rewrite", [b"B" * 1000, b"longer now " * 200], ids=["same-size", "other-size"])
+def test_a_kept_file_rewritten_so_the_manifest_no_longer_matches_is_noted_not_failed(field, mode, rewrite):
+    # The only listed file rewritten after the import: nothing of the imported files is left
+    # unchanged, but the manifest is the very one imported -- the same acquisition, changed.
+    field.start(mode, missing_timeout=1.0)
+    manifest(field.drop / "acq", {"a.tif": b"a" * 1000})
+    [job] = field.settled(1)
+    assert job.state.value == "succeeded", job.error
+    wait_until((field.drop / "acq.watchfolder-receipt.json").exists, 10, message="the receipt")
+    mails = len(wait_until(field.mails, 10, message="the success mail"))
+    (field.drop / "acq" / "a.tif").write_bytes(rewrite)
+    wait_until(lambda: "changed after this import" in field.store.read_log(job.id), 10,
+               message="the change noted in the importing job's log")
+    field.quiet_for(2.5)  # past the missing timeout: a size that never matches again is no failure either
+    jobs = field.jobs()
+    assert [j.id for j in jobs] == [job.id], [(j.id, j.state.value, j.error) for j in jobs]
+    assert len(field.mails()) == mails
+    assert not field.reported("acq"), field.reported("acq")  # not pending, not failed

@@ -35,7 +35,7 @@ import re
 import stat
 import time
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,8 +240,9 @@ class Outcome:
     """What to do about a candidate that has been quiet.
 
     ``kind``: ``enqueue`` (spec), ``reject`` (spec + reason), ``wait`` (reason; not
-    complete yet), ``ignore`` (note; e.g. a JSON that is data, not a sidecar), or
-    ``gone`` (the acquisition disappeared).
+    complete yet), ``ignore`` (note; e.g. a JSON that is data, not a sidecar),
+    ``gone`` (the acquisition disappeared), or ``changed`` (a ``wait`` of an
+    acquisition imported before: changed in place after its import, to be noted).
     """
 
     kind: str
@@ -803,6 +804,12 @@ def _finish(
             "dir": [st.st_dev, st.st_ino],
             "files": [[e.path, f.st_ino, f.st_mtime_ns] for e, f in sorted(found, key=lambda x: x[0].path)[:16]],
         }
+        if descriptor.path is not None:
+            # The manifest or sidecar itself: when every imported file was rewritten, the very
+            # descriptor that was imported still says this is the same acquisition, changed.
+            ds = os.stat(descriptor.path)
+            extra["identity"]["descriptor"] = [os.path.relpath(descriptor.path, base.root), ds.st_ino,
+                                               ds.st_mtime_ns]
     except OSError:
         pass
     if left_out:
@@ -908,6 +915,9 @@ class Detector:
         # Paths seen and deliberately not watched as acquisitions (excluded names,
         # symbolic links, paths the service cannot read): rel -> (first seen, kind, reason).
         self.skipped: dict[str, tuple[float, str, str]] = {}
+        # Set by the watcher: the job that already imported this acquisition (changed in place
+        # since), or None. An incomplete-looking acquisition that was imported is not waited for.
+        self.imported_as: Callable[[Outcome], Any] | None = None
 
     # -- what is never an acquisition ---------------------------------------
 
@@ -1172,6 +1182,12 @@ class Detector:
             elif outcome.kind == "ignore":
                 cand.done_digest = snap.digest
                 self.pending.discard(rel)
+                out.append(outcome)
+            elif outcome.kind == "wait" and self.imported_as is not None and self.imported_as(outcome) is not None:
+                # Imported before and changed in place since (a file rewritten to another size):
+                # not waited for, not failed after missing_timeout; the watcher notes the change.
+                outcome.kind = "changed"
+                cand.waiting = ""
                 out.append(outcome)
             elif outcome.kind == "wait":
                 if outcome.spec is not None:

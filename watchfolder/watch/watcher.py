@@ -39,7 +39,7 @@ from typing import Any
 from .. import defaults as D
 from .. import safefs
 from ..config import Config, WatchConfig
-from ..job import JobState, printable
+from ..job import JobState
 from .detector import RECEIPT_SUFFIX, Detector, Outcome
 from .followup import PostActions
 from .mounts import mount_of
@@ -389,6 +389,7 @@ class Watcher:
                         exc_info=True)
             remembered = None
         self.detector = Detector(self.watch, self.root, trust_events=(mode == "events"), remembered=remembered)
+        self.detector.imported_as = self._imported_already
         self._pending_signature = None
         # The folder mtime index serves polling, and in events mode the catch-up after an overflow.
         self.scanner = Scanner(self.detector, self.root, index=True, skip=skip)
@@ -728,10 +729,11 @@ class Watcher:
     def _changed_after_import(self, outcome: Outcome, earlier: Any, now: float) -> None:
         # Changed in place after its import (a viewer, the OS or a user added or rewrote a
         # file): never imported again. Noted against the job that imported it.
-        self.store.log(earlier.id, f"{printable(outcome.rel)} changed after this import; not imported "
+        now_reads = f" (now: {outcome.reason})" if outcome.reason else ""
+        self.store.log(earlier.id, f"{outcome.rel} changed after this import{now_reads}; not imported "
                        "again (to import new data, drop it as a new acquisition)", now=now)
         log.info("watch folder %s: %s changed after its import as job %d; ignored",
-                 self.name, printable(outcome.rel), earlier.id)
+                 self.name, outcome.rel, earlier.id)
         self.detector.settle(outcome, True, now)
 
     def _apply(self, outcome: Outcome, now: float) -> None:
@@ -739,9 +741,11 @@ class Watcher:
         detector = self.detector
         assert detector is not None
         try:
-            earlier = self._imported_already(outcome) if outcome.kind == "reject" else None
+            earlier = self._imported_already(outcome) if outcome.kind in ("reject", "changed") else None
             if earlier is not None:
                 self._changed_after_import(outcome, earlier, now)
+            elif outcome.kind == "changed":  # no longer so (removed meanwhile): look again
+                detector.settle(outcome, False, now, retry_after=self.watch.quiet_period)
             elif outcome.kind == "reject":
                 # Marked so that a retry reads the acquisition from disk again (watch.redetect).
                 spec = dataclasses.replace(outcome.spec, extra={**outcome.spec.extra, "rejected": True})
@@ -764,8 +768,9 @@ class Watcher:
 
         Known from the candidate (this run) or from the receipt beside the acquisition
         (after a restart). "This very acquisition": the same folder (device and inode)
-        still holding at least one of the files that job imported, unchanged (inode and
-        mtime). A folder removed and dropped again holds new files: a new job.
+        still holding the manifest or sidecar that job imported, or at least one of the
+        files it imported, unchanged (inode and mtime). A folder removed and dropped
+        again holds a new descriptor and new files: a new job.
         """
         cand = self.detector.known.get(outcome.rel) if self.detector else None
         job_id = cand.job_id if cand is not None else None
@@ -793,7 +798,8 @@ class Watcher:
         if [st.st_dev, st.st_ino] != identity.get("dir"):
             return None
         base = job.spec.root
-        for path, ino, mtime_ns in identity["files"]:
+        kept = [identity["descriptor"]] if identity.get("descriptor") else []
+        for path, ino, mtime_ns in [*kept, *identity["files"]]:
             try:
                 fst = os.stat(os.path.join(base, path))
             except OSError:
