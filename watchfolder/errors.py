@@ -189,3 +189,15 @@ def classify_os_error(exc: OSError, path: object, action: str) -> ImportFailure:
     # toward pausing the target (watchfolder.backpressure) instead of burning attempts.
     return TransientImportError(message + "; the job is retried automatically",
                                 unavailable=exc.errno in (_errno.ENOSPC, _errno.EDQUOT))
+
+
+def source_vanished(path: object) -> PermanentImportError:
+    """A listed source file that disappeared while its job ran: the acquisition was changed
+    during import. Permanent -- the job's list no longer matches the acquisition, so no
+    retry of it can succeed; a watch folder sees the change and imports the acquisition
+    again once it is complete (one job at a time per acquisition). Returns the exception.
+    """
+    return PermanentImportError(
+        f"file {path} disappeared while importing; the acquisition was changed during import "
+        "(a watch folder imports it again once it is complete; otherwise submit it again)"
+    )

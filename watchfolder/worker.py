@@ -247,6 +247,10 @@ class Worker:
                     return self._settle(lambda: self.store.release(job.id, self.name, now=now, reason=reason))
                 self.store.log(job.id, f"attempt {job.attempts} failed ({kind}): {exc.message}")
                 failure = exc
+                if not exc.transient or job.attempts >= job.max_attempts:
+                    # Ending for good: remove what it wrote *before* the end is recorded, so a job queued
+                    # once this one has ended (the changed acquisition again) never meets its files.
+                    self.clean_up(job, ending=True)
                 return self.clean_up(self._settle(lambda: self.store.fail(job.id, self.name, failure, now=now)))
             except Exception as exc:  # a bug or an unexpected OS error: keep the job, retry later
                 self.store.log(job.id, ["unexpected error:",
@@ -306,10 +310,11 @@ class Worker:
 
     # -- what unsuccessful jobs wrote -------------------------------------------
 
-    def clean_up(self, job: Job) -> Job:
+    def clean_up(self, job: Job, *, ending: bool = False) -> Job:
         """A job that ended without success (cancelled, failed for good) leaves nothing in the
-        target: the importer removes what it wrote (issue 11). Returns ``job``."""
-        if job.state not in (JobState.CANCELLED, JobState.FAILED) or job.id in self._cleaned:
+        target: the importer removes what it wrote (issue 11). ``ending``: the job still runs
+        here and is about to fail for good. Returns ``job``."""
+        if (not ending and job.state not in (JobState.CANCELLED, JobState.FAILED)) or job.id in self._cleaned:
             return job
         self._cleaned[job.id] = None
         if len(self._cleaned) > 10_000:

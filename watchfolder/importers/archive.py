@@ -59,7 +59,7 @@ from typing import Any
 
 from .. import defaults as D
 from .. import safefs
-from ..errors import PermanentImportError, TransientImportError, classify_os_error
+from ..errors import PermanentImportError, TransientImportError, classify_os_error, source_vanished
 from ..job import Job
 from ..store.base import process_exists
 from ..units import format_size
@@ -470,7 +470,10 @@ class ArchiveImporter(Importer):
             os.close(fd)
 
     def _hash_source(self, tree: safefs.SourceTree, entry, buf: bytearray) -> str:
-        fd, _ = self._open_source(tree, entry)
+        try:
+            fd, _ = self._open_source(tree, entry)
+        except (FileNotFoundError, NotADirectoryError):
+            raise source_vanished(entry.path) from None
         try:
             return self._hash_fd(fd, buf)
         finally:
@@ -627,6 +630,8 @@ class ArchiveImporter(Importer):
         try:
             try:
                 fin, before = self._open_source(*source)
+            except (FileNotFoundError, NotADirectoryError):
+                raise source_vanished(source[1].path) from None
             except OSError as exc:
                 raise classify_os_error(exc, src, "read") from None
             # Identity first: a retry whose file is already archived reads instead of

@@ -260,6 +260,7 @@ class Watcher:
         self.root_id: tuple[int, int] | None = None
         self.source_obj: Any = None
         self.detector: Detector | None = None
+        self._unfinished_at_start: dict[str, int] = {}
         self.scanner: Scanner | None = None
         self.post = PostActions(watch, self.root)
         self.rescan_requested = False
@@ -390,6 +391,7 @@ class Watcher:
             remembered = None
         self.detector = Detector(self.watch, self.root, trust_events=(mode == "events"), remembered=remembered)
         self.detector.imported_as = self._imported_already
+        self._unfinished_at_start = self._unfinished_jobs()
         self._pending_signature = None
         # The folder mtime index serves polling, and in events mode the catch-up after an overflow.
         self.scanner = Scanner(self.detector, self.root, index=True, skip=skip)
@@ -693,6 +695,8 @@ class Watcher:
         fresh = []
         for outcome in outcomes:
             try:
+                if self._held(outcome, now):
+                    continue
                 earlier = self._imported_already(outcome)
                 if earlier is not None:
                     self._changed_after_import(outcome, earlier, now)
@@ -746,6 +750,8 @@ class Watcher:
                 self._changed_after_import(outcome, earlier, now)
             elif outcome.kind == "changed":  # no longer so (removed meanwhile): look again
                 detector.settle(outcome, False, now, retry_after=self.watch.quiet_period)
+            elif outcome.kind == "reject" and self._held(outcome, now):
+                pass
             elif outcome.kind == "reject":
                 # Marked so that a retry reads the acquisition from disk again (watch.redetect).
                 spec = dataclasses.replace(outcome.spec, extra={**outcome.spec.extra, "rejected": True})
@@ -762,6 +768,55 @@ class Watcher:
             log.exception("watch folder %s: could not record %s", self.name, outcome.rel)
             self.error = f"could not record {outcome.rel} in the job store: {exc}"
             detector.settle(outcome, False, now, retry_after=STORE_RETRY_SECONDS)
+
+    def _unfinished_jobs(self) -> dict[str, int]:
+        """Acquisition (relative path) -> id of its unfinished job, from the store (at start)."""
+        unfinished = [JobState.QUEUED.value, JobState.RUNNING.value, JobState.RETRY_WAIT.value]
+        try:
+            jobs, _ = self.store.list_jobs(states=unfinished, source=f"watch:{self.name}", limit=100_000)
+        except Exception:  # the store is busy: the candidates' own job ids still hold this run's jobs
+            log.warning("watch folder %s: cannot read its unfinished jobs from the store", self.name, exc_info=True)
+            return {}
+        out: dict[str, int] = {}
+        for job in reversed(jobs):  # newest last: it wins
+            rel = job.spec.extra.get("acquisition")
+            if isinstance(rel, str) and job.spec.extra.get("watch") == self.name:
+                out[rel] = job.id
+        return out
+
+    def _held(self, outcome: Outcome, now: float) -> bool:
+        """Hold a new job for an acquisition while an earlier job of it has started and not ended.
+
+        The acquisition changed while its job runs (files deleted or added; or the job
+        waits for a retry): queueing the changed one now would import it twice, in two folders.
+        The running job finds the change (a file that disappeared fails it for good,
+        and removes what it wrote); once it has ended, the changed acquisition is
+        looked at again -- imported if that job failed, noted if it succeeded.
+        """
+        detector = self.detector
+        assert detector is not None
+        cand = detector.known.get(outcome.rel)
+        job_id = cand.job_id if cand is not None and cand.job_id is not None \
+            else self._unfinished_at_start.get(outcome.rel)
+        if job_id is None or outcome.spec is None:
+            return False
+        try:
+            job = self.store.get(job_id)
+        except Exception:  # JobNotFound (another database): nothing to wait for
+            return False
+        if job.state.finished or job.idempotency_key == outcome.spec.idempotency_key:
+            self._unfinished_at_start.pop(outcome.rel, None)
+            return False
+        if job.state == JobState.QUEUED and job.attempts == 0:
+            # Not started: it has written nothing, and when it starts it finds the files it lists
+            # missing or changed (failing before it copies anything), so the new job may go ahead.
+            return False
+        detector.settle(outcome, False, now, retry_after=max(self.watch.quiet_period, 1.0))
+        if cand is not None:
+            cand.waiting_kind = "waiting"
+            cand.waiting = (f"changed while job {job.id} for it is {job.state}: looked at again once that job "
+                            "has ended (no second job is queued meanwhile)")
+        return True
 
     def _imported_already(self, outcome: Outcome) -> Any:
         """The succeeded job that imported this very acquisition before it changed in place, or None.

@@ -1,0 +1,60 @@
+"""An acquisition changed while its job runs: one job imports it, into one archive folder.
+
+A source file deleted while the job copies is the acquisition changing under the job:
+the job fails for good with the reason and removes what it wrote; the watcher queues
+no second job while the first is unfinished, and imports the changed acquisition once
+the first has ended. Never two archive folders for one acquisition.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from drops import MODES, succeeded, tree
+from helpers import wait_until
+
+from watchfolder.importers import archive
+
+
+@pytest.fixture
+def paused_copy(monkeypatch):
+    """The first copied file of the run holds its job until ``go`` is set (a slow copy, made certain)."""
+    held, go = threading.Event(), threading.Event()
+    real = archive.ArchiveImporter._copy_one
+
+    def copy_one(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if not go.is_set():
+            held.set()
+            go.wait(20)
+        return out
+
+    monkeypatch.setattr(archive.ArchiveImporter, "_copy_one", copy_one)
+    yield held, go
+    go.set()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_file_deleted_while_its_job_runs_gives_one_import_in_one_folder(field, mode, paused_copy):
+    held, go = paused_copy
+    field.start(mode, detection="layout", layout="{owner}/{dataset}/")
+    files = {f"{n}.tif": n.encode() * 100 for n in "abcd"}
+    tree(field.drop / "jdoe" / "del", files)
+    assert held.wait(20), "the job started copying"
+    (field.drop / "jdoe" / "del" / "d.tif").unlink()  # not copied yet
+    # The watcher sees the change while job 1 runs: it says so instead of queueing a second job.
+    wait_until(lambda: len(field.jobs()) > 1 or field.reported("changed while job"), 20,
+               message="the watcher's answer to the change")
+    go.set()
+    jobs = wait_until(lambda: j if succeeded(j := field.jobs()) and all(x.state.finished for x in j) else None,
+                      30, message="every job finished, one succeeded")
+    first, *rest = jobs
+    assert first.state.value == "failed", (first.state, first.error)
+    assert "d.tif disappeared while importing; the acquisition was changed during import" in first.error.message
+    assert [j.state.value for j in rest] == ["succeeded"], [(j.id, j.state.value, j.error) for j in jobs]
+    [done] = rest
+    assert sorted(f.path for f in done.spec.files) == ["a.tif", "b.tif", "c.tif"]
+    # One archive folder, holding exactly the succeeded job's files (the first job's copies removed).
+    assert field.archived() == [f"jdoe/_no_project/del/del/{n}.tif" for n in "abc"], field.archived()
+    assert "removed 3 file(s) this job had written" in field.store.read_log(first.id)  # a, b, c: before d
