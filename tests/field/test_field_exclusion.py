@@ -72,3 +72,18 @@ def test_ome_zarr_in_a_manifest_without_a_file_list(field, tmp_path):
     assert job.state.value == "succeeded", job.error
     files = [f.path for f in job.spec.files]
     assert "plate.ome.zarr/.zattrs" in files and "plate.ome.zarr/A/1/0/0/.zarray" in files, files
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_dot_folder_inside_a_zarr_written_in_place_is_imported_not_listed_as_excluded(field, mode):
+    # Written in place while the service runs (events see each folder made): a container is
+    # never filtered inside, so nothing in it is an "excluded" pending entry, in either mode.
+    field.start(mode, detection="layout", layout="{owner}/{dataset}/")
+    plates = field.drop / "jdoe" / "plates"
+    zarr_plate(plates / "plate.ome.zarr")
+    tree(plates / "plate.ome.zarr" / "A" / ".tiles", {"t0": b"tile " * 10})
+    [job] = field.settled(1)
+    assert job.state.value == "succeeded", job.error
+    assert "plate.ome.zarr/A/.tiles/t0" in [f.path for f in job.spec.files]
+    field.quiet_for(0.5)
+    assert not [e for e in field.pending() if "zarr" in e["path"]], field.pending()

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 from drops import MODES, manifest, succeeded, tree
+from helpers import wait_until
 
 LAYOUT = {"detection": "layout", "layout": "{owner}/{dataset}/", "target": {"project": "Atlas"}}
 
@@ -56,3 +57,34 @@ def test_a_loop_link_inside_an_acquisition_is_not_a_second_job(field, tmp_path, 
     assert len(jobs) == 1, [j.spec.root for j in jobs]
     assert jobs[0].state.value == "succeeded"
     assert field.archived() and all("loop" not in a for a in field.archived())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_links_and_excluded_folders_made_while_running_are_reported_at_once(field, tmp_path, mode):
+    # Made in place while the service runs (not moved in, not present at start): events
+    # mode must record the same refusals as polling, without waiting for a restart.
+    field.start(mode, **LAYOUT)
+    jdoe = tree(field.drop / "jdoe" / "2026-11-28_plate", {"A1.tif": b"plate " * 100}).parent
+    [job] = field.settled(1)
+    tree(tmp_path / "elsewhere", {"secret.tif": b"not yours " * 100})
+    os.symlink("2026-11-28_plate", jdoe / "latest")
+    os.symlink(tmp_path / "elsewhere", jdoe / "reference")
+    os.symlink(jdoe, field.drop / "jdoe-link")
+    (jdoe / "scan.tmp").mkdir()
+    (jdoe / "scan.tmp" / "a.tif").write_bytes(b"still copying")
+    (field.drop / ".incoming").mkdir()
+    wanted = {"jdoe/latest": "symlink", "jdoe/reference": "symlink", "jdoe-link": "symlink",
+              "jdoe/scan.tmp": "excluded", ".incoming": "excluded"}
+
+    def listed():
+        entries = {e["path"]: e for e in field.pending()}
+        return entries if all(entries.get(p, {}).get("kind") == k for p, k in wanted.items()) else None
+
+    try:
+        entries = wait_until(listed, 5, message=f"{sorted(wanted)} listed as pending with their reasons")
+    except AssertionError:
+        raise AssertionError([(e["path"], e.get("kind")) for e in field.pending()]) from None
+    assert "never followed" in entries["jdoe/latest"]["waiting"]
+    assert "exclude pattern" in entries["jdoe/scan.tmp"]["waiting"]
+    field.quiet_for(1.0)
+    assert [j.id for j in field.jobs()] == [job.id]

@@ -124,9 +124,13 @@ class Patterns:
 
         The one decision for where an acquisition may be: the start-up scan, polling
         and events all ask it, so a folder moved in as ``acq1.tmp/`` or
-        ``.incoming/acq2/`` is never an acquisition until it is renamed.
+        ``.incoming/acq2/`` is never an acquisition until it is renamed. Inside a known
+        container format (``plate.ome.zarr/``) nothing is excluded: only the components
+        up to the container count (:func:`~watchfolder.watch.acquisition.container_depth`).
         """
-        for part in relpath.split("/"):
+        parts = relpath.split("/")
+        depth = acq.container_depth(parts)
+        for part in parts if depth is None else parts[:depth]:
             if not part:
                 continue
             if is_own_file(part):
@@ -136,6 +140,12 @@ class Patterns:
             if self._regex and self._regex.match(part):
                 return next((p for p in self.exclude if fnmatch.fnmatchcase(part, p)), "exclude")
         return None
+
+    def parent_excluded(self, relpath: str) -> bool:
+        """True when a folder above ``relpath`` is excluded (never entered), up to a known container."""
+        parts = relpath.split("/")[:-1]
+        depth = acq.container_depth(parts + [""])
+        return any(self.name_excluded(part) for part in (parts if depth is None else parts[:depth]))
 
     def file_excluded(self, relpath: str) -> bool:
         """True when a file (relative path) is not part of acquisitions."""

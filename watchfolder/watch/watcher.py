@@ -667,16 +667,30 @@ class Watcher:
                 if not path.startswith(prefix):
                     continue
                 rel = path[len(prefix):]
-                if any(detector.patterns.name_excluded(part) for part in rel.split("/")[:-1]):
-                    continue
                 removed = event_type == "deleted" or not arrived
-                if is_dir and removed:
-                    detector.forget_below(rel)
+                cand = rule.candidate_for(rel, detector.known, is_dir)
+                if cand is not None and cand in detector.known:
+                    # Inside (or at) an acquisition already known: its own look decides what is
+                    # in it (a known container is never filtered inside), as polling does.
+                    if is_dir and removed and rel == cand:
+                        detector.forget_below(rel)  # the acquisition itself went away
+                    else:
+                        detector.touch(cand, now)
+                    continue
+                # Outside every known acquisition: the scanner's rule, as polling and scans apply it.
+                if detector.patterns.parent_excluded(rel):
+                    continue  # below an excluded folder: never entered (the folder itself is noted)
+                if removed:
+                    detector.forget_below(rel)  # candidates and notes of skipped paths there
                 elif is_dir and event_type in ("created", "moved"):
                     # Entries inside a folder that arrives whole produce no events of their own.
                     scanner.scan_subtree(rel, now, since=None)
-                cand = rule.candidate_for(rel, detector.known, is_dir)
-                if cand is not None and (cand in detector.known or not removed):
+                elif os.path.islink(path):
+                    # A link made in place (inotify does not mark it a folder): noted with the reason, never
+                    # followed -- what the scan of its folder would note.
+                    detector.admit(rel, now)
+                    continue
+                if cand is not None and not removed:
                     detector.touch(cand, now)
 
     # -- applying outcomes ----------------------------------------------------
