@@ -234,6 +234,20 @@ def test_release_returns_the_job_without_counting_the_attempt(store, make_spec):
     assert store.claim("w2").id == job.id
 
 
+def test_release_with_a_delay_waits_uncounted_until_then(store, make_spec):
+    job, _ = store.enqueue(make_spec())
+    store.claim("w", now=1000.0)
+    released = store.release(job.id, "w", now=1000.0, reason="waiting for job 1", delay=5.0)
+    assert released.state == JobState.RETRY_WAIT and released.attempts == 0 and released.error is None
+    assert released.next_attempt_at == 1005.0
+    assert "waiting for job 1" in released.history[-1].message
+    store.maintain(now=1004.0)
+    assert store.claim("w2", now=1004.0) is None
+    store.maintain(now=1005.0)
+    again = store.claim("w2", now=1005.0)
+    assert again.id == job.id and again.attempts == 1
+
+
 def test_mail_composer_failure_rolls_back_the_whole_transition(store, make_spec):
     job, _ = store.enqueue(make_spec())
     store.claim("w")

@@ -124,3 +124,7 @@ MQTT_TOPIC_PREFIX = "watchfolder"
 # ADMIN_DIGEST_AFTER permanent failures arrive within ADMIN_DIGEST_MINUTES.
 ADMIN_DIGEST_AFTER = 10
 ADMIN_DIGEST_MINUTES = 10.0
+
+#: Seconds a job waits (``retry_wait``, attempt not counted) before looking again when an
+#: earlier job with the same content is still queued or running (watch.dedup).
+DUPLICATE_WAIT_SECONDS = 2.0

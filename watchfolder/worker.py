@@ -217,6 +217,14 @@ class Worker:
             try:
                 job = ctx.job = self._prepare(job, ctx, now)
                 earlier = self.duplicate_of(job) if self.duplicate_of is not None else None
+                if earlier is not None and not earlier.state.finished:
+                    # The same content is being imported by an earlier job: decide once it has ended
+                    # (its duplicate if it succeeds, imported if it fails) -- never both at once.
+                    reason = (f"the same files are being imported by job {earlier.id} ({earlier.state}); "
+                              "waiting for it to end")
+                    self.store.log(job.id, reason)
+                    return self._settle(lambda: self.store.release(job.id, self.name, now=now, reason=reason,
+                                                                   delay=D.DUPLICATE_WAIT_SECONDS))
                 if earlier is not None:
                     self.store.log(job.id, f"already imported as job {earlier.id} (the same {len(job.spec.files)} "
                                            "file(s): names, sizes and SHA-256): not imported again")

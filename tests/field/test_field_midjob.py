@@ -8,31 +8,9 @@ the first has ended. Never two archive folders for one acquisition.
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 from drops import MODES, succeeded, tree
 from helpers import wait_until
-
-from watchfolder.importers import archive
-
-
-@pytest.fixture
-def paused_copy(monkeypatch):
-    """The first copied file of the run holds its job until ``go`` is set (a slow copy, made certain)."""
-    held, go = threading.Event(), threading.Event()
-    real = archive.ArchiveImporter._copy_one
-
-    def copy_one(self, *args, **kwargs):
-        out = real(self, *args, **kwargs)
-        if not go.is_set():
-            held.set()
-            go.wait(20)
-        return out
-
-    monkeypatch.setattr(archive.ArchiveImporter, "_copy_one", copy_one)
-    yield held, go
-    go.set()
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -98,3 +98,23 @@ def test_a_kept_file_rewritten_so_the_manifest_no_longer_matches_is_noted_not_fa
     assert [j.id for j in jobs] == [job.id], [(j.id, j.state.value, j.error) for j in jobs]
     assert len(field.mails()) == mails
     assert not field.reported("acq"), field.reported("acq")  # not pending, not failed
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_identical_copy_dropped_while_the_first_is_importing_is_not_imported_twice(field, tmp_path, mode,
+                                                                                      paused_copy):
+    held, go = paused_copy
+    field.start(mode)
+    manifest(field.drop / "slide3", {"a.tif": b"a" * 1000, "b.tif": b"b" * 1000})
+    assert held.wait(20), "the first job started copying"
+    shutil.copytree(field.drop / "slide3", tmp_path / "copy")
+    os.rename(tmp_path / "copy", field.drop / "slide3 copy")
+    # The second job is claimed while the first is still importing (a free worker takes it).
+    wait_until(lambda: len(jobs := field.jobs()) == 2
+               and any(h.state.value == "running" for h in field.store.get(jobs[1].id).history), 20,
+               message="the second job claimed while the first runs")
+    go.set()
+    first, second = field.settled(2)
+    assert (first.state.value, second.state.value) == ("succeeded", "succeeded"), (first.error, second.error)
+    assert f"already imported as job {first.id}" in field.store.read_log(second.id)
+    assert len(field.archived()) == 2, field.archived()  # the first job's two files, once

@@ -280,7 +280,12 @@ class JobStore(abc.ABC):
         from its own tables where it can, without building every job (a burst of 200
         acquisitions compared 200 × 200 jobs).
         """
-        jobs, _ = self.list_jobs(states=[JobState.SUCCEEDED], owner=spec.owner, limit=recent)
+        return self.recent_like(spec, recent=recent, states=(JobState.SUCCEEDED.value,))
+
+    def recent_like(self, spec: JobSpec, *, recent: int, states: Iterable[str]) -> list[Job]:
+        """:meth:`recent_successes_like` for jobs in ``states`` (content de-duplication also
+        waits for an identical job still queued or running)."""
+        jobs, _ = self.list_jobs(states=list(states), owner=spec.owner, limit=recent)
         return [j for j in jobs if same_target(j.spec, spec) and len(j.spec.files) == len(spec.files)
                 and j.spec.total_bytes() == spec.total_bytes()]
 
@@ -401,8 +406,13 @@ class JobStore(abc.ABC):
         """The worker stopped a running job whose cancel was requested."""
 
     @abc.abstractmethod
-    def release(self, job_id: int, worker: str, *, now: float | None = None, reason: str = "") -> Job:
-        """Give a running job back to the queue (worker shutting down). The attempt is not counted."""
+    def release(self, job_id: int, worker: str, *, now: float | None = None, reason: str = "",
+                delay: float = 0.0) -> Job:
+        """Give a running job back to the queue (worker shutting down). The attempt is not counted.
+
+        ``delay`` (seconds): the job waits in ``retry_wait`` until then (as after a failed
+        attempt, but uncounted and without an error) instead of being queued at once.
+        """
 
     @abc.abstractmethod
     def maintain(self, *, now: float | None = None) -> dict[str, int]:

@@ -1114,13 +1114,24 @@ class PostgresStore(FileLogs, JobStore):
                 (now, now), now, mails, "cancelled while running",
             )
 
-    def release(self, job_id: int, worker: str, *, now: float | None = None, reason: str = "") -> Job:
+    def release(self, job_id: int, worker: str, *, now: float | None = None, reason: str = "",
+                delay: float = 0.0) -> Job:
         now = _now(now)
         with self._tx() as conn:
             row = self._running(conn, job_id, worker)
-            self._requeue(conn, job_id, now, f"released by {worker}: {reason or 'stopping'}",
-                          attempts=max(row["attempts"] - 1, 0))
-        self.notify_work()
+            message = f"released by {worker}: {reason or 'stopping'}"
+            if delay > 0:
+                conn.execute(
+                    "UPDATE jobs SET state = 'retry_wait', next_attempt_at = %s, updated_at = %s, worker = NULL,"
+                    " lease_expires_at = NULL, attempts = %s WHERE id = %s",
+                    (now + delay, now, max(row["attempts"] - 1, 0), job_id),
+                )
+                self._add_history(conn, job_id, JobState.RETRY_WAIT, f"{message}; looked at again in {delay:g} s",
+                                  now)
+            else:
+                self._requeue(conn, job_id, now, message, attempts=max(row["attempts"] - 1, 0))
+        if delay <= 0:
+            self.notify_work()
         return self.get(job_id)
 
     def maintain(self, *, now: float | None = None) -> dict[str, int]:

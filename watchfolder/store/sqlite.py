@@ -570,12 +570,13 @@ class SQLiteStore(FileLogs, JobStore):
         next_cursor = str(jobs[-1].id) if len(rows) > limit else None
         return jobs, next_cursor
 
-    def recent_successes_like(self, spec: JobSpec, *, recent: int) -> list[Job]:
+    def recent_like(self, spec: JobSpec, *, recent: int, states: Iterable[str]) -> list[Job]:
         # Target, group and the files' count and bytes compared in SQL (the files from job_files,
         # or for a schema-1 row from the spec's own list): only the rows that match are built.
         count, total, target = len(spec.files), spec.total_bytes(), spec.target
+        states = [str(JobState(s)) for s in states]
         rows = self._conn().execute(
-            "SELECT j.* FROM (SELECT * FROM jobs WHERE owner = ? AND state = 'succeeded'"
+            f"SELECT j.* FROM (SELECT * FROM jobs WHERE owner = ? AND state IN ({','.join('?' * len(states))})"
             " ORDER BY id DESC LIMIT ?) AS j WHERE json_extract(j.spec, '$.target.project') IS ?"
             " AND json_extract(j.spec, '$.target.dataset') IS ? AND json_extract(j.spec, '$.target.dataset_id') IS ?"
             " AND json_extract(j.spec, '$.target.screen') IS ? AND json_extract(j.spec, '$.target.screen_id') IS ?"
@@ -584,7 +585,7 @@ class SQLiteStore(FileLogs, JobStore):
             " THEN (SELECT count(*) = ? AND coalesce(sum(size), 0) = ? FROM job_files f WHERE f.job_id = j.id)"
             " ELSE (SELECT count(*) = ? AND coalesce(sum(json_extract(value, '$.size')), 0) = ?"
             " FROM json_each(j.spec, '$.files')) END ORDER BY j.id DESC",
-            (spec.owner, max(1, min(int(recent), 1000)), target.project, target.dataset, target.dataset_id,
+            (spec.owner, *states, max(1, min(int(recent), 1000)), target.project, target.dataset, target.dataset_id,
              target.screen, target.screen_id, spec.group or None, count, total, count, total),
         ).fetchall()
         jobs = [self._job(r) for r in rows]
@@ -1090,15 +1091,29 @@ class SQLiteStore(FileLogs, JobStore):
             )
             return self._finish(conn, row, now, mails, "cancelled while running")
 
-    def release(self, job_id: int, worker: str, *, now: float | None = None, reason: str = "") -> Job:
-        """Give a running job back to the queue (worker shutting down). The attempt is not counted."""
+    def release(self, job_id: int, worker: str, *, now: float | None = None, reason: str = "",
+                delay: float = 0.0) -> Job:
+        """Give a running job back to the queue (worker shutting down). The attempt is not counted.
+
+        ``delay`` (seconds): back in ``retry_wait`` until then instead of queued at once.
+        """
         now = _now(now)
         conn = self._conn()
         with _transaction(conn):
             row = self._running(conn, job_id, worker)
-            self._requeue(conn, job_id, now, f"released by {worker}: {reason or 'stopping'}",
-                          attempts=max(row["attempts"] - 1, 0))
-        self.notify_work()
+            message = f"released by {worker}: {reason or 'stopping'}"
+            if delay > 0:
+                conn.execute(
+                    "UPDATE jobs SET state = 'retry_wait', next_attempt_at = ?, updated_at = ?, worker = NULL,"
+                    " lease_expires_at = NULL, attempts = ? WHERE id = ?",
+                    (now + delay, now, max(row["attempts"] - 1, 0), job_id),
+                )
+                self._add_history(conn, job_id, JobState.RETRY_WAIT, f"{message}; looked at again in {delay:g} s",
+                                  now)
+            else:
+                self._requeue(conn, job_id, now, message, attempts=max(row["attempts"] - 1, 0))
+        if delay <= 0:
+            self.notify_work()
         return self.get(job_id)
 
     def maintain(self, *, now: float | None = None) -> dict[str, int]:

@@ -5,6 +5,8 @@ whose files — relative paths, sizes and SHA-256 — are exactly those of an
 earlier *succeeded* job of the same owner, into the same target, is a
 duplicate. It ends ``succeeded`` with ``result.duplicate_of`` = that job's id
 and a short mail, and nothing is imported twice (with OMERO: no image twice).
+While such an earlier job is still queued, running or waiting for a retry, the
+later one waits for it (released, its attempt not counted) and decides then.
 
 Checksums come from the manifest when it lists them, otherwise they are
 computed, but only when a candidate earlier job already matches on paths and
@@ -23,9 +25,11 @@ import unicodedata
 from typing import Any
 
 from ..config import Config
-from ..job import Job
+from ..job import Job, JobState
 
 RECENT_JOBS = 200
+RECENT_UNFINISHED = 20
+UNFINISHED = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.RETRY_WAIT.value)
 
 
 def _shape(job: Job) -> list[tuple[str, int | None]]:
@@ -52,7 +56,14 @@ def _sha256(path: str) -> str:
 
 
 def find_duplicate(job: Job, *, config: Config, store: Any) -> Job | None:
-    """The earlier succeeded job with exactly this job's content (owner, target, files), or None."""
+    """The earlier job with exactly this job's content (owner, target, files), or None.
+
+    A succeeded one makes this job a duplicate. An unfinished one (queued, running,
+    waiting for a retry; an older job, so two identical jobs never wait on each other)
+    is returned too: the caller waits for it to end before deciding -- if it succeeds
+    this job is its duplicate, if it fails this job imports. Its checksums come from
+    its manifest, or are computed from its source files.
+    """
     spec = job.spec
     watch_name = spec.extra.get("watch")
     if not watch_name or not spec.files:
@@ -63,8 +74,12 @@ def find_duplicate(job: Job, *, config: Config, store: Any) -> Job | None:
     shape = _shape(job)
     total = spec.total_bytes()
     earlier = store.recent_successes_like(spec, recent=RECENT_JOBS)
+    # Older identical jobs still queued or running: the newest few of the same shape (in a burst of
+    # same-shaped acquisitions each such comparison may read a file of the other job).
+    unfinished = [j for j in store.recent_like(spec, recent=RECENT_JOBS, states=UNFINISHED)
+                  if j.id < job.id][:RECENT_UNFINISHED]
     mine: dict[str, str] | None = None
-    for other in earlier:
+    for other in [*earlier, *unfinished]:
         if other.id == job.id or other.spec.target != spec.target or (other.spec.group or None) != (spec.group or None):
             continue
         if len(other.spec.files) != len(spec.files) or other.spec.total_bytes() != total:
@@ -72,7 +87,7 @@ def find_duplicate(job: Job, *, config: Config, store: Any) -> Job | None:
         if (other.result or {}).get("duplicate_of") or _shape(other) != shape:
             continue
         theirs = _known_digests(other)
-        if theirs is None:
+        if theirs is None and other.state.finished:
             continue
         if mine is None:
             mine = {}
@@ -81,6 +96,21 @@ def find_duplicate(job: Job, *, config: Config, store: Any) -> Job | None:
                     mine[unicodedata.normalize("NFC", f.path)] = f.sha256 or _sha256(os.path.join(spec.root, f.path))
             except OSError:
                 return None  # unreadable now: the import says why
-        if mine == theirs:
+        if theirs is None:  # not finished, no checksums listed: read its files, stopping at the first difference
+            if _same_files(other, mine):
+                return other
+        elif mine == theirs:
             return other
     return None
+
+
+def _same_files(other: Job, mine: dict[str, str]) -> bool:
+    """True when each of ``other``'s source files has the SHA-256 in ``mine`` (read one by one)."""
+    for f in other.spec.files:
+        try:
+            digest = f.sha256 or _sha256(os.path.join(other.spec.root, f.path))
+        except OSError:
+            return False  # its files are gone: it fails, and this job imports
+        if digest != mine.get(unicodedata.normalize("NFC", f.path)):
+            return False
+    return True
