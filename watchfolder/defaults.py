@@ -126,5 +126,7 @@ ADMIN_DIGEST_AFTER = 10
 ADMIN_DIGEST_MINUTES = 10.0
 
 #: Seconds a job waits (``retry_wait``, attempt not counted) before looking again when an
-#: earlier job with the same content is still queued or running (watch.dedup).
+#: earlier job with the same content is still queued or running (watch.dedup): at first,
+#: then a quarter of the time it has waited so far, at most DUPLICATE_WAIT_MAX.
 DUPLICATE_WAIT_SECONDS = 2.0
+DUPLICATE_WAIT_MAX = 60.0

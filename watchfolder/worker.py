@@ -223,8 +223,13 @@ class Worker:
                     reason = (f"the same files are being imported by job {earlier.id} ({earlier.state}); "
                               "waiting for it to end")
                     self.store.log(job.id, reason)
+                    # Looked at again soon, then less often the longer it waits (a long import upstream).
+                    clock = time.time() if now is None else now
+                    delay = min(max(D.DUPLICATE_WAIT_SECONDS, (clock - job.created_at) / 4), D.DUPLICATE_WAIT_MAX)
+                    if earlier.state == JobState.RETRY_WAIT and earlier.next_attempt_at:
+                        delay = max(delay, earlier.next_attempt_at - clock)
                     return self._settle(lambda: self.store.release(job.id, self.name, now=now, reason=reason,
-                                                                   delay=D.DUPLICATE_WAIT_SECONDS))
+                                                                   delay=delay))
                 if earlier is not None:
                     self.store.log(job.id, f"already imported as job {earlier.id} (the same {len(job.spec.files)} "
                                            "file(s): names, sizes and SHA-256): not imported again")
