@@ -787,7 +787,7 @@ class Watcher:
         """Acquisition (relative path) -> id of its unfinished job, from the store (at start)."""
         unfinished = [JobState.QUEUED.value, JobState.RUNNING.value, JobState.RETRY_WAIT.value]
         try:
-            jobs, _ = self.store.list_jobs(states=unfinished, source=f"watch:{self.name}", limit=100_000)
+            jobs, _ = self.store.list_jobs(states=unfinished, source=f"watch:{self.name}", limit=1000)
         except Exception:  # the store is busy: the candidates' own job ids still hold this run's jobs
             log.warning("watch folder %s: cannot read its unfinished jobs from the store", self.name, exc_info=True)
             return {}
@@ -821,7 +821,7 @@ class Watcher:
         if job.state.finished or job.idempotency_key == outcome.spec.idempotency_key:
             self._unfinished_at_start.pop(outcome.rel, None)
             return False
-        if job.state == JobState.QUEUED and job.attempts == 0:
+        if job.state == JobState.QUEUED and job.started_at is None:
             # Not started: it has written nothing, and when it starts it finds the files it lists
             # missing or changed (failing before it copies anything), so the new job may go ahead.
             return False
