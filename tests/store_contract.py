@@ -450,6 +450,8 @@ def test_recent_successes_like_are_the_owners_succeeded_jobs_of_that_shape(store
     # Only the owner's `recent` newest successes are looked at.
     assert [j.id for j in store.recent_successes_like(probe, recent=3)] == [ids["match-2"]]
     assert store.recent_successes_like(make_spec(files={"c.tif": b"z" * 151}), recent=200) == []
+    # The same question about jobs in other states (de-duplication waits for an unfinished one).
+    assert [j.id for j in store.recent_like(probe, recent=200, states=["queued", "running"])] == [ids["not-finished"]]
 
 
 def test_enqueue_answers_the_job_as_stored_and_duplicates_use_no_ids(store, make_spec):
