@@ -667,6 +667,10 @@ class Watcher:
                 if not path.startswith(prefix):
                     continue
                 rel = path[len(prefix):]
+                if detector.patterns.parent_excluded(rel):
+                    # Below an excluded folder (up to a known container): never entered, not part of an
+                    # acquisition (a viewer's cache writing on must not restart its quiet period).
+                    continue
                 removed = event_type == "deleted" or not arrived
                 cand = rule.candidate_for(rel, detector.known, is_dir)
                 if cand is not None and cand in detector.known:
@@ -678,8 +682,6 @@ class Watcher:
                         detector.touch(cand, now)
                     continue
                 # Outside every known acquisition: the scanner's rule, as polling and scans apply it.
-                if detector.patterns.parent_excluded(rel):
-                    continue  # below an excluded folder: never entered (the folder itself is noted)
                 if removed:
                     detector.forget_below(rel)  # candidates and notes of skipped paths there
                 elif is_dir and event_type in ("created", "moved"):
