@@ -262,8 +262,15 @@ class Worker:
                 failure = exc
                 if not exc.transient or job.attempts >= job.max_attempts:
                     # Ending for good: remove what it wrote *before* the end is recorded, so a job queued
-                    # once this one has ended (the changed acquisition again) never meets its files.
-                    self.clean_up(job, ending=True)
+                    # once this one has ended (the changed acquisition again) never meets its files --
+                    # only while this worker still holds the job (raises LeaseLost otherwise: a worker
+                    # that took it over may be writing those files).
+                    try:
+                        self.store.report_progress(job.id, self.name, None, now=now)
+                    except StoreUnavailable:
+                        pass  # cleaned up after the end is recorded, as always
+                    else:
+                        self.clean_up(job, ending=True)
                 return self.clean_up(self._settle(lambda: self.store.fail(job.id, self.name, failure, now=now)))
             except Exception as exc:  # a bug or an unexpected OS error: keep the job, retry later
                 self.store.log(job.id, ["unexpected error:",
