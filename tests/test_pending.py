@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -233,4 +234,56 @@ def test_a_restart_keeps_the_first_sighting_and_the_missing_timeout_clock(make_c
     assert job.state == JobState.FAILED and "waiting for 1 of 1 files (missing: later.tif)" in job.error.message
     second.loop(now=T0 + 103)
     assert store.pending_list(watch="w") == []
+    store.close()
+
+
+def test_a_name_that_is_not_utf8_is_listed_escaped_and_never_blocks_the_others(make_config, tmp_path, caplog):
+    store = open_store(make_config())
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    bad = bytes(drop) + b"/bad\xff\xfename"
+    os.makedirs(bad)
+    with open(bad + b"/watchfolder.json", "w") as fh:
+        fh.write(json.dumps({"owner": "jdoe", "files": [{"path": "a.tif"}]}))
+    cfg = make_config(watch=[{"name": "w", "path": str(drop), "mode": "polling", "quiet_period": 10,
+                              "poll_interval": 1, "missing_timeout": 100, "rescan_interval": 1000}])
+    first = Watcher(cfg.watch[0], store)
+    first.loop(now=T0)
+    _manifest(drop / "acq", {}, {"later.tif": 3})
+    first.loop(now=T0 + 1)
+    first.loop(now=T0 + 12)
+    listed = {e.path: e for e in store.pending_list(watch="w")}
+    assert set(listed) == {"bad\\udcff\\udcfename", "acq"}
+    assert listed["bad\\udcff\\udcfename"].kind == "unreadable"
+    assert "is not valid UTF-8" in listed["bad\\udcff\\udcfename"].reason
+    assert listed["acq"].reason == "waiting for 1 of 1 files (missing: later.tif)"
+    status_paths = {p["path"] for p in first.status()["pending_acquisitions"]}
+    assert status_paths == {"bad\\udcff\\udcfename", "acq"}
+    first.stop()
+
+    # A restart keeps both first sightings (the clock of missing_timeout goes on).
+    second = Watcher(cfg.watch[0], store)
+    second.loop(now=T0 + 60)
+    assert {e.path: e.first_seen for e in store.pending_list(watch="w")} == {
+        "bad\\udcff\\udcfename": T0, "acq": T0 + 1}
+
+    # A store that refuses the list says so in the log, once, and the next step records it.
+    real = store.pending_sync
+    calls = []
+
+    def refuse(*args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("disk I/O error")
+        return real(*args, **kw)
+
+    store.pending_sync = refuse
+    (drop / "acq" / "later.tif").write_bytes(b"ab")
+    with caplog.at_level("WARNING", logger="watchfolder"):
+        second.loop(now=T0 + 62)
+        second.loop(now=T0 + 75)
+    assert "cannot record its 2 pending acquisitions in the store (RuntimeError: disk I/O error)" in caplog.text
+    assert len(calls) >= 2
+    assert {e.path for e in store.pending_list(watch="w")} == {"bad\\udcff\\udcfename", "acq"}
+    second.stop()
     store.close()

@@ -25,10 +25,24 @@ def printable(text: str) -> str:
     """
     if text.isprintable():
         return text
-    out = text.translate(_CONTROL)
-    if any(0xD800 <= ord(c) <= 0xDFFF for c in out):
-        out = "".join(f"\\u{ord(c):04x}" if 0xD800 <= ord(c) <= 0xDFFF else c for c in out)
-    return out
+    return storable(text.translate(_CONTROL))
+
+
+def storable(text: str) -> str:
+    """``text`` made representable in UTF-8: surrogate escapes become ``\\udcff``-style text.
+
+    ``os.fsdecode`` turns a name that is not valid UTF-8 (written by a system using
+    another character set) into a ``str`` holding lone surrogates, which no database,
+    JSON document or mail can carry: SQLite refuses the whole statement. Every name
+    that crosses into the store, the API or a mail passes through here (or through
+    :func:`printable`, which also escapes control characters). Valid text is
+    returned unchanged.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join(f"\\u{ord(c):04x}" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
+    return text
 
 
 class JobState(str, Enum):

@@ -32,7 +32,7 @@ from typing import Any
 
 from .. import defaults as D
 from ..errors import ImportFailure
-from ..job import Job, JobSpec, JobState, Progress
+from ..job import Job, JobSpec, JobState, Progress, storable
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,8 @@ class PendingEntry:
     ends (None when not counting), all epoch seconds. ``digest`` is the
     watcher's opaque snapshot of the acquisition (hex) at ``last_change``: a
     restarted watcher that finds the same digest knows nothing changed while it
-    was down. ``owner`` is the owner named so far, or None.
+    was down. ``owner`` is the owner named so far, or None. Names that are not
+    valid UTF-8 are stored escaped (:func:`watchfolder.job.storable`).
     """
 
     watch: str
@@ -200,6 +201,14 @@ class PendingEntry:
     owner: str | None = None
     digest: str | None = None
     updated_at: float | None = None
+
+    def __post_init__(self) -> None:
+        # Names come from the filesystem and may not be valid UTF-8: made representable
+        # here, once, so no store refuses the whole list for one of them.
+        for name in ("watch", "path", "kind", "reason", "owner"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, storable(value))
 
     def to_dict(self) -> dict:
         return {

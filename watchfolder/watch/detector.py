@@ -42,7 +42,7 @@ from typing import Any
 
 from ..config import WatchConfig
 from ..errors import AcquisitionError, classify_os_error
-from ..job import FileEntry, JobSpec, Target, printable
+from ..job import FileEntry, JobSpec, Target, printable, storable
 from ..store.base import PendingEntry
 from . import acquisition as acq
 
@@ -943,7 +943,7 @@ class Detector:
         try:
             rel.encode("utf-8")
         except UnicodeEncodeError:
-            return "name", (
+            return "unreadable", (
                 f"the name {printable(rel)} is not valid UTF-8 (written by a system using another character set); "
                 "rename it (the job store, mails and OMERO need UTF-8 names)"
             )
@@ -980,7 +980,8 @@ class Detector:
         """Note a path that is not watched as an acquisition, with why (listed as pending)."""
         if rel in self.skipped or len(self.skipped) >= MAX_SKIPPED:
             return
-        self.skipped[rel] = (now, kind, reason)
+        old = self.remembered.pop(storable(rel), None)  # seen before a restart: first sighting kept
+        self.skipped[rel] = (min(now, old.first_seen) if old is not None else now, kind, reason)
         log.info("watch folder %s: %s not watched: %s", self.watch.name, printable(rel), reason)
 
     def admit(self, rel: str, now: float, *, walked: bool = False) -> bool:
@@ -1281,7 +1282,8 @@ class Detector:
         out = []
         for rel in sorted(self.pending)[:limit]:
             c = self.known[rel]
-            out.append({"path": rel, "since": c.first_seen, "last_change": c.last_change, "waiting": c.waiting})
+            out.append({"path": storable(rel), "since": c.first_seen, "last_change": c.last_change,
+                        "waiting": c.waiting})
         for rel, (seen, kind, reason) in sorted(self.skipped.items())[: max(0, limit - len(out))]:
-            out.append({"path": rel, "since": seen, "last_change": seen, "waiting": reason, "kind": kind})
+            out.append({"path": storable(rel), "since": seen, "last_change": seen, "waiting": reason, "kind": kind})
         return out

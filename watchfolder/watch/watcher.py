@@ -278,6 +278,7 @@ class Watcher:
         self.next_status = 0.0
         self.next_followup = 0.0
         self._pending_signature: Any = None
+        self._pending_error: str | None = None
         self.counters = {"events": 0, "rescans": 0, "polls": 0, "queued": 0, "rejected": 0, "ignored": 0,
                          "restarts": 0, "overflows": 0, "catchups": 0, "post_actions": 0}
         self._status: dict[str, Any] = self._build_status()
@@ -913,9 +914,16 @@ class Watcher:
             return
         try:
             self.store.pending_sync(self.name, entries, now=now)
-        except Exception:  # best effort like the status; the next step tries again
-            log.debug("recording the pending acquisitions of %s failed", self.name, exc_info=True)
+        except Exception as exc:  # the next step tries again; said once per different error
+            message = f"{type(exc).__name__}: {exc}"
+            if message != self._pending_error:
+                self._pending_error = message
+                log.warning("watch folder %s: cannot record its %d pending acquisitions in the store (%s); "
+                            "trying again", self.name, len(entries), message)
             return
+        if self._pending_error:
+            log.info("watch folder %s: pending acquisitions recorded again", self.name)
+        self._pending_error = None
         self._pending_signature = signature
 
     def _publish(self, now: float, *, force: bool = False) -> None:
