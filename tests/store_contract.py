@@ -318,6 +318,11 @@ def test_counts_oldest_and_components(store, make_spec):
         "queued": 2, "running": 0, "retry_wait": 0, "succeeded": 0, "failed": 0, "cancelled": 0,
     }
     assert store.oldest_queued_at() == T0
+    store.enqueue(make_spec(owner="alice"), now=T0 - 5)
+    assert store.counts(owners=["jdoe"])["queued"] == 2 and store.counts(owners=["alice", "x"])["queued"] == 1
+    assert store.counts(owners=[])["queued"] == 0
+    assert (store.oldest_queued_at(owners=["jdoe"]), store.oldest_queued_at()) == (T0, T0 - 5)
+    assert store.oldest_queued_at(owners=["nobody"]) is None
     store.set_component("worker", "w1", {"state": "idle"}, now=T0)
     store.set_component("worker", "w1", {"state": "busy"}, now=T0 + 1)
     (component,) = store.components("worker")
@@ -727,6 +732,8 @@ def test_throughput_buckets_succeeded_jobs_and_bytes(store, make_spec):
     assert [b["start"] for b in buckets] == [T0, T0 + 3600, T0 + 7200, T0 + 10800]
     assert [(b["jobs"], b["bytes"]) for b in buckets] == [(2, 300), (1, 300), (0, 0), (0, 0)]
     assert store.throughput(since=T0 + 4000, bucket=600, now=T0 + 4000)[0]["jobs"] == 0
+    assert sum(b["jobs"] for b in store.throughput(since=T0, bucket=3600, now=T0 + 3 * 3600, owners=["jdoe"])) == 3
+    assert sum(b["jobs"] for b in store.throughput(since=T0, bucket=3600, now=T0 + 3 * 3600, owners=["al"])) == 0
 
 
 def test_outbox_hold_gives_claimed_mails_back_without_counting_the_attempt(store, make_spec):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -255,13 +256,17 @@ def disks(config) -> list[dict[str, Any]]:
     return [disk_view(label, path) for label, path in entries]
 
 
-def collect_status(config, store, importer=None, *, now: float | None = None) -> dict[str, Any]:
-    """The admin view as plain data (JSON-able); ``healthy`` sums it up and ``problems`` says why not."""
+def collect_status(config, store, importer=None, *, now: float | None = None,
+                   owners: Sequence[str] | None = None) -> dict[str, Any]:
+    """The admin view as plain data (JSON-able); ``healthy`` sums it up and ``problems`` says why not.
+
+    ``owners``: the queue counts cover only their jobs (a token limited to owners).
+    """
     now = time.time() if now is None else now
     problems: list[str] = []
     store.prune_workers(now=now)  # dead processes' rows, so health recovers with no worker running
-    counts = store.counts()
-    oldest = store.oldest_queued_at()
+    counts = store.counts(owners=owners)
+    oldest = store.oldest_queued_at(owners=owners)
     workers = [
         worker_view(c, heartbeat_seconds=config.workers.heartbeat_seconds, now=now)
         for c in store.components("worker")

@@ -135,3 +135,43 @@ def test_failed_mails_of_no_job_only_for_unlimited_admins_and_own_mails_for_limi
     assert limited.get(f"/ome/failed/mail/{mails['jdoe']}").status == 200
     assert limited.get(f"/ome/failed/mail/{mails['digest']}").status == 404
     assert svc.client("admin").get(f"/ome/failed/mail/{mails['digest']}").status == 200
+
+
+def test_counts_charts_and_pending_of_the_status_view_are_scoped_to_the_tokens_owners(tmp_path):
+    """GET /status and /throughput: an owner-limited token counts and lists its owners' only (finding 2)."""
+    from watchfolder.store.base import PendingEntry
+    service = start_service(tmp_path, token_specs=TOKENS)
+    try:
+        store = service.store
+        for owner in ("alice", "alice", "jdoe"):
+            folder = acquisition(service.roots["drop"], f"{owner}-{len(store.list_jobs()[0])}", owner=owner)
+            assert service.client("admin").post("/api/v1/jobs", {"path": str(folder)}).status == 202
+        job = store.claim("w1")  # alice's first: running, then succeeded
+        assert job.owner == "alice"
+        store.succeed(job.id, "w1", {"archive_path": "/x"})
+        store.set_component("worker", "w1", {"state": "busy", "job_id": store.list_jobs()[0][1].id})
+        pending = [{"path": "a-acq", "since": 1.0, "last_change": 1.0, "waiting": "waiting", "owner": "alice"},
+                   {"path": "nobody", "since": 1.0, "last_change": 1.0, "waiting": "excluded", "owner": None},
+                   {"path": "j-acq", "since": 1.0, "last_change": 1.0, "waiting": "waiting", "owner": "jdoe"}]
+        store.set_component("watcher", "drop", {"health": "ok", "pending": 3, "pending_acquisitions": pending})
+        store.pending_sync("drop", [PendingEntry("drop", p["path"], "waiting", "w", 1.0, 1.0, owner=p["owner"])
+                                    for p in pending])
+
+        def view(kind):
+            status = service.client(kind).get("/api/v1/status")
+            chart = service.client(kind).get("/api/v1/throughput?hours=24")
+            assert status.status == 200 and chart.status == 200, (kind, status.text, chart.text)
+            (watcher,) = status.json["watchers"]
+            return (status.json["queue"]["counts"], [p["path"] for p in watcher["pending_acquisitions"]],
+                    watcher["pending"], sum(b["jobs"] for b in chart.json["buckets"]),
+                    [w["current_job"] for w in status.json["workers"]])
+
+        counts, paths, n, done, current = view("admin")  # the positive control: everything
+        assert (counts["queued"], counts["succeeded"], paths, n, done) == (2, 1, ["a-acq", "nobody", "j-acq"], 3, 1)
+        assert current == [store.list_jobs()[0][1].id]
+        for kind in ("jdoe-admin", "jdoe-reader", "lab-reader"):
+            counts, paths, n, done, current = view(kind)
+            assert (counts["queued"], counts["succeeded"], paths, n, done) == (1, 0, ["j-acq"], 1, 0), kind
+            assert current == [None], kind  # the worker imports one of alice's
+    finally:
+        stop_service(service)

@@ -299,12 +299,12 @@ class JobStore(abc.ABC):
                 and j.spec.total_bytes() == spec.total_bytes()]
 
     @abc.abstractmethod
-    def counts(self) -> dict[str, int]:
-        """Number of jobs in each state (every state present)."""
+    def counts(self, *, owners: Sequence[str] | None = None) -> dict[str, int]:
+        """Number of jobs in each state (every state present); ``owners``: only theirs."""
 
     @abc.abstractmethod
-    def oldest_queued_at(self) -> float | None:
-        """Creation time (epoch seconds) of the oldest queued job, or None when none is queued."""
+    def oldest_queued_at(self, *, owners: Sequence[str] | None = None) -> float | None:
+        """Creation time (epoch seconds) of the oldest queued job (of ``owners``), or None when none is queued."""
 
     @abc.abstractmethod
     def totals(self) -> dict[str, float]:
@@ -546,8 +546,9 @@ class JobStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    def throughput(self, *, since: float, bucket: float, now: float | None = None) -> list[dict[str, float]]:
-        """Succeeded jobs per time bucket, for the dashboard's chart.
+    def throughput(self, *, since: float, bucket: float, now: float | None = None,
+                   owners: Sequence[str] | None = None) -> list[dict[str, float]]:
+        """Succeeded jobs (of ``owners``, or everyone's) per time bucket, for the dashboard's chart.
 
         Buckets of ``bucket`` seconds from ``since`` up to ``now``, oldest first,
         empty ones included: ``[{"start": epoch seconds, "jobs": n, "bytes": b}]``

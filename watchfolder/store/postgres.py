@@ -39,7 +39,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,7 @@ from .rows import (
     job_from_row,
     mail_from_row,
     new_job_columns,
+    owners_clause,
     page_cursor,
     pending_from_row,
 )
@@ -655,17 +656,19 @@ class PostgresStore(FileLogs, JobStore):
         jobs = self._jobs(rows[:limit])
         return jobs, (str(jobs[-1].id) if len(rows) > limit else None)
 
-    def counts(self) -> dict[str, int]:
+    def counts(self, *, owners: Sequence[str] | None = None) -> dict[str, int]:
         counts = {str(s): 0 for s in JobState}
+        where, args = owners_clause(owners, "%s")
         with self._tx() as conn:
-            for row in conn.execute("SELECT state, count(*) AS n FROM jobs GROUP BY state"):
+            for row in conn.execute(f"SELECT state, count(*) AS n FROM jobs WHERE {where} GROUP BY state", args):
                 counts[row["state"]] = row["n"]
         return counts
 
-    def oldest_queued_at(self) -> float | None:
+    def oldest_queued_at(self, *, owners: Sequence[str] | None = None) -> float | None:
+        where, args = owners_clause(owners, "%s")
         with self._tx() as conn:
             return conn.execute(
-                "SELECT min(created_at) AS t FROM jobs WHERE state IN ('queued', 'retry_wait')"
+                f"SELECT min(created_at) AS t FROM jobs WHERE state IN ('queued', 'retry_wait') AND {where}", args
             ).fetchone()["t"]
 
     def totals(self) -> dict[str, float]:
@@ -677,18 +680,21 @@ class PostgresStore(FileLogs, JobStore):
             ).fetchone()
         return {"succeeded": row["n"], "seconds": float(row["seconds"]), "bytes": int(row["bytes"])}
 
-    def throughput(self, *, since: float, bucket: float, now: float | None = None) -> list[dict[str, float]]:
+    def throughput(self, *, since: float, bucket: float, now: float | None = None,
+                   owners: Sequence[str] | None = None) -> list[dict[str, float]]:
         now = _now(now)
         if bucket <= 0:
             raise StoreError(f"bucket must be a positive number of seconds, got {bucket!r}")
         count = max(1, int((now - since) // bucket) + 1)
         out = [{"start": since + i * bucket, "jobs": 0, "bytes": 0} for i in range(count)]
+        where, args = owners_clause(owners, "%s")
         with self._tx() as conn:
             rows = conn.execute(
                 "SELECT floor((finished_at - %s) / %s)::bigint AS i, count(*) AS n,"
                 " coalesce(sum((progress::jsonb ->> 'bytes_done')::numeric), 0) AS bytes"
-                " FROM jobs WHERE state = 'succeeded' AND finished_at >= %s AND finished_at <= %s GROUP BY 1",
-                (since, bucket, since, now),
+                " FROM jobs WHERE state = 'succeeded' AND finished_at >= %s AND finished_at <= %s"
+                f" AND {where} GROUP BY 1",
+                (since, bucket, since, now, *args),
             ).fetchall()
         for r in rows:
             if 0 <= r["i"] < count:

@@ -181,3 +181,12 @@ class FileLogs:
             return self.log_path(job_id).read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
             return ""
+
+
+def owners_clause(owners: Sequence[str] | None, mark: str = "?") -> tuple[str, tuple[str, ...]]:
+    """SQL condition limiting jobs to ``owners`` (None: everyone's; empty: nobody's)."""
+    if owners is None:
+        return "1 = 1", ()
+    if not owners:
+        return "1 = 0", ()
+    return f"owner IN ({', '.join(mark for _ in owners)})", tuple(owners)

@@ -27,7 +27,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ from .rows import (
     job_from_row,
     mail_from_row,
     new_job_columns,
+    owners_clause,
     page_cursor,
     pending_from_row,
 )
@@ -300,6 +301,8 @@ def explain_database_error(exc: sqlite3.Error, path: os.PathLike | str) -> str:
 
 def _now(now: float | None) -> float:
     return time.time() if now is None else now
+
+
 
 
 class SQLiteStore(FileLogs, JobStore):
@@ -591,16 +594,18 @@ class SQLiteStore(FileLogs, JobStore):
         jobs = [self._job(r) for r in rows]
         return [j for j in jobs if same_target(j.spec, spec)]
 
-    def counts(self) -> dict[str, int]:
-        """Number of jobs in each state (every state present)."""
+    def counts(self, *, owners: Sequence[str] | None = None) -> dict[str, int]:
+        """Number of jobs in each state (every state present); ``owners``: only theirs."""
         counts = {str(s): 0 for s in JobState}
-        for row in self._conn().execute("SELECT state, count(*) AS n FROM jobs GROUP BY state"):
+        where, args = owners_clause(owners)
+        for row in self._conn().execute(f"SELECT state, count(*) AS n FROM jobs WHERE {where} GROUP BY state", args):
             counts[row["state"]] = row["n"]
         return counts
 
-    def oldest_queued_at(self) -> float | None:
+    def oldest_queued_at(self, *, owners: Sequence[str] | None = None) -> float | None:
+        where, args = owners_clause(owners)
         row = self._conn().execute(
-            "SELECT min(created_at) AS t FROM jobs WHERE state IN ('queued', 'retry_wait')"
+            f"SELECT min(created_at) AS t FROM jobs WHERE state IN ('queued', 'retry_wait') AND {where}", args
         ).fetchone()
         return row["t"]
 
@@ -1323,18 +1328,20 @@ class SQLiteStore(FileLogs, JobStore):
                 rows,
             )
 
-    def throughput(self, *, since: float, bucket: float, now: float | None = None) -> list[dict[str, float]]:
+    def throughput(self, *, since: float, bucket: float, now: float | None = None,
+                   owners: Sequence[str] | None = None) -> list[dict[str, float]]:
         """Succeeded jobs and bytes per ``bucket`` seconds since ``since`` (see :class:`JobStore`)."""
         now = _now(now)
         if bucket <= 0:
             raise StoreError(f"bucket must be a positive number of seconds, got {bucket!r}")
         count = max(1, int((now - since) // bucket) + 1)
         out = [{"start": since + i * bucket, "jobs": 0, "bytes": 0} for i in range(count)]
+        where, args = owners_clause(owners)
         rows = self._conn().execute(
             "SELECT CAST((finished_at - ?) / ? AS INTEGER) AS i, count(*) AS n,"
             " coalesce(sum(json_extract(progress, '$.bytes_done')), 0) AS bytes"
-            " FROM jobs WHERE state = 'succeeded' AND finished_at >= ? AND finished_at <= ? GROUP BY i",
-            (since, bucket, since, now),
+            f" FROM jobs WHERE state = 'succeeded' AND finished_at >= ? AND finished_at <= ? AND {where} GROUP BY i",
+            (since, bucket, since, now, *args),
         ).fetchall()
         for r in rows:
             if 0 <= r["i"] < count:

@@ -1283,7 +1283,8 @@ class Detector:
         for rel in sorted(self.pending)[:limit]:
             c = self.known[rel]
             out.append({"path": storable(rel), "since": c.first_seen, "last_change": c.last_change,
-                        "waiting": c.waiting})
+                        "waiting": c.waiting, "owner": c.owner})
         for rel, (seen, kind, reason) in sorted(self.skipped.items())[: max(0, limit - len(out))]:
-            out.append({"path": storable(rel), "since": seen, "last_change": seen, "waiting": reason, "kind": kind})
+            out.append({"path": storable(rel), "since": seen, "last_change": seen, "waiting": reason, "kind": kind,
+                        "owner": None})
         return out

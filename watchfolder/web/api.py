@@ -24,6 +24,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -450,13 +451,31 @@ class Api:
             principal.require("read_own", "list pending acquisitions")
         owner = query.get("owner") or None
         # A watcher may not know an acquisition's owner yet: only unrestricted readers see those.
-        unrestricted = principal.can("read") and not principal.owners
-        if not unrestricted and owner is None and len(principal.owners) == 1:
+        if owner is None and len(principal.owners) == 1:
             owner = principal.owners[0]
         entries = self.store.pending_list(watch=query.get("watch") or None, owner=owner, limit=limit)
-        if not unrestricted:
-            entries = [e for e in entries if e.owner is not None and e.owner in principal.owners]
-        return {"pending": pending_view(entries)}
+        return {"pending": pending_view([e for e in entries if principal.may_see_pending(e.owner)])}
+
+    def status(self, principal: Principal) -> dict[str, Any]:
+        """``GET /status``: the admin view; a token limited to owners gets their counts and pending only."""
+        principal.require("status", "read the status view")
+        view = collect_status(self.config, self.store, self.importer, owners=principal.owner_scope)
+        if principal.owner_scope is None:
+            return view
+        for watcher in view["watchers"]:
+            shown = [p for p in watcher["pending_acquisitions"] if principal.may_see_pending(p.get("owner"))]
+            watcher["pending_acquisitions"] = shown
+            watcher["pending"] = len(shown)
+        for worker in view["workers"]:
+            job_id = worker.get("current_job")
+            if job_id is not None:
+                try:
+                    job = self.store.get(job_id)
+                except JobNotFound:
+                    job = None
+                if job is None or not self.visible(principal, job):
+                    worker["current_job"] = None
+        return view
 
     def _page(self, principal, filters, limit, cursor, post_filter, match=None) -> tuple[list[Job], str | None]:
         if not post_filter:
@@ -481,17 +500,18 @@ def _searchable(job: Job) -> str:
     return "\n".join(parts).casefold()
 
 
-def throughput(store, hours: float, now: float | None = None) -> dict[str, Any]:
-    """Acquisitions and bytes per hour (per 6 hours beyond two days) over the last ``hours``."""
+def throughput(store, hours: float, now: float | None = None, owners: Sequence[str] | None = None) -> dict[str, Any]:
+    """Acquisitions and bytes per hour (per 6 hours beyond two days) over the last ``hours`` (of ``owners``)."""
     now = time.time() if now is None else now
     bucket = 3600.0 if hours <= 48 else 6 * 3600.0
     since = (now // bucket + 1) * bucket - hours * 3600.0
-    return {"since": since, "bucket": bucket, "buckets": store.throughput(since=since, bucket=bucket, now=now)}
+    return {"since": since, "bucket": bucket,
+            "buckets": store.throughput(since=since, bucket=bucket, now=now, owners=owners)}
 
 
 def install(app: bottle.Bottle, api: Api) -> None:
     """Mount the ``/api/v1`` routes (jobs, status, whoami, health) on ``app``."""
-    config, store, importer = api.config, api.store, api.importer
+    config, store = api.config, api.store
 
     @app.post(f"{API}/jobs")
     @api_errors
@@ -550,7 +570,7 @@ def install(app: bottle.Bottle, api: Api) -> None:
         raw = params.query(bottle.request.environ).get("hours", "24")  # empty is refused, as the enum says
         if raw not in ("24", "168"):
             raise invalid([problem("hours", f"must be 24 (a day) or 168 (a week), got {raw!r}")])
-        return json_response(throughput(store, float(raw)))
+        return json_response(throughput(store, float(raw), owners=principal.owner_scope))
 
     @app.post(f"{API}/jobs/<ident>/cancel")
     @api_errors
@@ -575,9 +595,7 @@ def install(app: bottle.Bottle, api: Api) -> None:
     @app.get(f"{API}/status")
     @api_errors
     def get_status():
-        principal = api.principal()
-        principal.require("status", "read the status view")
-        return json_response(collect_status(config, store, importer))
+        return json_response(api.status(api.principal()))
 
     @app.get(f"{API}/whoami")
     @api_errors

@@ -108,6 +108,18 @@ class Principal:
             return True
         return self.can("read_own") and source is not None and source == self.source
 
+    @property
+    def owner_scope(self) -> tuple[str, ...] | None:
+        """The owners whose jobs this token's counts and charts cover; None: everyone's."""
+        return self.owners or None
+
+    def may_see_pending(self, owner: str | None) -> bool:
+        """A pending acquisition (its owner may not be known yet): unlimited readers see all,
+        others only those of their owners (never one with no owner)."""
+        if self.can("read") and not self.owners:
+            return True
+        return owner is not None and owner in self.owners
+
     def check_owner(self, owner: str) -> None:
         """Raise :class:`Forbidden` when the token is limited to other owners."""
         if not self.may_see_owner(owner):
