@@ -369,6 +369,14 @@ class Job:
     def source(self) -> str:
         return self.spec.source
 
+    @property
+    def cause_in_files(self) -> bool:
+        """Failed because of its files or their descriptor (rejected at detection, and failed again
+        when a retry read them from disk): retrying the same files fails the same way. Changed
+        files make a new job. The mark is the spec's ``extra["rejected"]``, which only a retry
+        that finds the acquisition importable clears (:func:`watchfolder.watch.redetect.redetect`)."""
+        return self.state == JobState.FAILED and bool(self.spec.extra.get("rejected"))
+
     def to_dict(self, *, history: bool = True) -> dict[str, Any]:
         """Public representation (API, CLI). Never contains the session key."""
         spec = self.spec
@@ -402,6 +410,7 @@ class Job:
             "result": self.result,
             "error": self.error.to_dict() if self.error else None,
             "dismissed_at": self.dismissed_at,
+            "cause_in_files": self.cause_in_files,
         }
         if history:
             data["history"] = [h.to_dict() for h in self.history]

@@ -90,10 +90,11 @@ function actionButton(label, action, job) {
   return button;
 }
 
-// A job rejected when it was detected (never attempted) failed because of its files or
-// its descriptor: retrying the same files fails the same way. Changed files make a new job.
+// A job rejected when it was detected failed because of its files or its descriptor:
+// retrying the same files fails the same way (also after a retry that failed again).
+// Changed files make a new job. The server says so (cause_in_files).
 function causeInFiles(job) {
-  return job.state === "failed" && job.attempts === 0 && job.source.startsWith("watch:");
+  return Boolean(job.cause_in_files);
 }
 
 function actionsFor(job) {
