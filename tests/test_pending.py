@@ -287,3 +287,145 @@ def test_a_name_that_is_not_utf8_is_listed_escaped_and_never_blocks_the_others(m
     assert {e.path for e in store.pending_list(watch="w")} == {"bad\\udcff\\udcfename", "acq"}
     second.stop()
     store.close()
+
+
+def test_no_retry_for_a_cause_in_the_files_survives_a_retry_that_fails_again(watchers, store, config, drops):
+    """Finding 7: a checksum failure retried unchanged fails again and still says 'no retry'."""
+    import functools
+
+    from watchfolder.importers import create_importer
+    from watchfolder.watch.redetect import redetect
+    from watchfolder.worker import Worker
+
+    folder = drops["manifest"] / "badsum"
+    folder.mkdir()
+    (folder / "a.tif").write_bytes(b"corrupt!")
+    (folder / "watchfolder.json").write_text(json.dumps({"owner": "jdoe", "target": TARGET, "files": [
+        {"path": "a.tif", "size": 8, "sha256": hashlib.sha256(b"original").hexdigest()}]}))
+    (job,) = wait_until(lambda: jobs_of(store), 15, message="the checksum failure")
+    assert job.state == JobState.FAILED and job.to_dict()["cause_in_files"] is True
+    store.retry(job.id, by="api:admin")
+    worker = Worker(store, create_importer(config), name="w1", redetect=functools.partial(redetect, config=config))
+    worker.loop()
+    again = store.get(job.id)
+    assert again.state == JobState.FAILED and again.attempts >= 1
+    assert "checksum of a.tif does not match" in again.error.message
+    assert again.to_dict()["cause_in_files"] is True
+    # Fixed on disk, a retry imports it, and the mark is gone with the cause.
+    (folder / "a.tif").write_bytes(b"original")
+    store.retry(job.id, by="api:admin")
+    worker.loop()
+    fixed = store.get(job.id)
+    assert fixed.state == JobState.SUCCEEDED and fixed.to_dict()["cause_in_files"] is False
+
+
+def test_a_sidecars_data_file_gone_within_the_quiet_period_fails_after_it(make_config, tmp_path):
+    """Finding 8: data file and sidecar arrive, the data file is removed 4 s later (quiet period 8 s):
+    the sidecar's data file was there, waiting cannot bring it back, so it fails after the quiet period."""
+    store = open_store(make_config())
+    drop = tmp_path / "side"
+    drop.mkdir()
+    cfg = make_config(watch=[{"name": "side", "path": str(drop), "mode": "events", "detection": "sidecar",
+                              "quiet_period": 8, "missing_timeout": 3600}])
+    watcher = Watcher(cfg.watch[0], store)
+    watcher.loop(now=T0)
+    (drop / "gone2.czi").write_text("data\n")
+    (drop / "gone2.czi.json").write_text(json.dumps({"owner": "jdoe", "target": {"dataset": "G"}}))
+
+    def seen(now):
+        watcher.loop(now=now)
+        return "gone2.czi" in watcher.detector.known or None
+    wait_until(lambda: seen(T0 + 1), 10, message="the pair seen by events")
+    before = watcher.counters["events"]
+    (drop / "gone2.czi").unlink()
+
+    def removal_seen():
+        watcher.loop(now=T0 + 4)
+        return watcher.counters["events"] > before
+    wait_until(removal_seen, 10, message="the removal seen")
+    watcher.loop(now=T0 + 30)
+    (job,) = jobs_of(store)
+    assert job.state == JobState.FAILED
+    assert job.error.message.startswith("sidecar names data file gone2.czi, which is missing (it was there")
+    assert job.owner == "jdoe"
+    assert store.pending_list(watch="side") == []
+    watcher.stop()
+    store.close()
+
+
+def test_a_failed_acquisition_stays_accounted_for_across_a_restart(make_config, tmp_path):
+    """Finding 3: failed on missing_timeout, then a restart: not pending again, not counted, explain names the job."""
+    store = open_store(make_config())
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    cfg = make_config(watch=[{"name": "w", "path": str(drop), "mode": "polling", "quiet_period": 10,
+                              "poll_interval": 1, "missing_timeout": 100, "rescan_interval": 1000}])
+    first = Watcher(cfg.watch[0], store)
+    first.loop(now=T0)
+    _manifest(drop / "acq", {}, {"later.tif": 3})
+    for t in (1, 12, 102, 103, 200):
+        first.loop(now=T0 + t)
+    (job,) = jobs_of(store)
+    assert job.state == JobState.FAILED
+    wait_until(lambda: (drop / "acq.watchfolder-error.txt").exists() or first.loop(now=T0 + 210), 10,
+               message="the error report beside the acquisition")
+    first.stop()
+
+    second = Watcher(cfg.watch[0], store)
+    for t in (300, 301, 320, 420, 520):
+        second.loop(now=T0 + t)
+        assert store.pending_list(watch="w") == [], t
+        assert second.status()["pending"] == 0 and second.status()["pending_acquisitions"] == []
+    assert [j.id for j in jobs_of(store)] == [job.id]
+    got = explain(cfg, store, str(drop / "acq"))
+    assert (got.verdict, got.job_id) == ("job", job.id)
+    assert got.reason.startswith(f"became job {job.id}, failed: incomplete after 100 s")
+    second.stop()
+
+    # Without the error report (removed by a user) it is looked at once, then accounted for too.
+    (drop / "acq.watchfolder-error.txt").unlink()
+    third = Watcher(cfg.watch[0], store)
+    for t in (600, 601, 620, 640):
+        third.loop(now=T0 + t)
+    assert store.pending_list(watch="w") == [] and [j.id for j in jobs_of(store)] == [job.id]
+    third.stop()
+    store.close()
+
+
+def test_a_restart_writes_no_change_note_and_lists_no_imported_acquisition(make_config, tmp_path):
+    """Finding 6: an imported, kept acquisition is neither 'changed after this import' nor pending after a start."""
+    store = open_store(make_config())
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    cfg = make_config(watch=[{"name": "w", "path": str(drop), "mode": "polling", "quiet_period": 10,
+                              "poll_interval": 1, "missing_timeout": 100, "rescan_interval": 1000}])
+    _manifest(drop / "acq", {"a.tif": b"abc"}, {"a.tif": 3})
+    first = Watcher(cfg.watch[0], store)
+    for t in (0, 1, 12, 13):
+        first.loop(now=T0 + t)
+    (job,) = jobs_of(store)
+    assert store.claim("w1", now=T0 + 14).id == job.id
+    store.succeed(job.id, "w1", {"archive_path": "/x"}, now=T0 + 15)
+    wait_until(lambda: (drop / "acq.watchfolder-receipt.json").exists() or first.loop(now=T0 + 20), 10,
+               message="the receipt beside the acquisition")
+    first.stop()
+
+    for start in (100, 200, 300):  # three restarts
+        again = Watcher(cfg.watch[0], store)
+        for t in (0, 1, 12, 13, 30):
+            again.loop(now=T0 + start + t)
+            assert store.pending_list(watch="w") == [], (start, t)
+            assert again.status()["pending"] == 0
+        again.stop()
+    assert "changed after this import" not in store.read_log(job.id)
+    assert [j.id for j in jobs_of(store)] == [job.id]
+
+    # A real change (a viewer's cache file) is still noted, once, and not imported again.
+    (drop / "acq" / "thumbs.db").write_bytes(b"cache")
+    last = Watcher(cfg.watch[0], store)
+    for t in (0, 1, 12, 13, 30):
+        last.loop(now=T0 + 400 + t)
+    last.stop()
+    assert store.read_log(job.id).count("changed after this import") == 1
+    assert [j.id for j in jobs_of(store)] == [job.id]
+    store.close()

@@ -282,6 +282,9 @@ class Candidate:
     proof_at: float | None = None  # when to try proving completeness before the quiet period ends
     proof_after: float = 0.0  # no proof attempt before (backoff after failed ones)
     proof_backoff: float = 0.0
+    # Found at start with a receipt or error report beside it and not pending before: handled
+    # by an earlier run. Not listed as pending until its first look says otherwise.
+    handled_before: bool = False
 
     @property
     def pending(self) -> bool:
@@ -321,6 +324,11 @@ class Rule:
 
     def snapshot(self, root: str, rel: str, entries: list[os.DirEntry] | None = None) -> Snapshot | None:
         return snapshot_folder(os.path.join(root, rel), self.patterns, rel, entries=entries)
+
+    def present(self, root: str, rel: str) -> int | None:
+        """How many of a one-file acquisition's files (data file, sidecar) are there now, by two
+        ``lstat`` calls; None for folder acquisitions (too costly to count on every event)."""
+        return None
 
     def build(self, root: str, rel: str, now: float) -> Outcome:
         raise NotImplementedError
@@ -436,6 +444,10 @@ class SidecarRule(Rule):
     def snapshot(self, root: str, rel: str, entries: list[os.DirEntry] | None = None) -> Snapshot | None:
         data = os.path.join(root, rel)
         return snapshot_files((data, data + self.watch.sidecar_suffix))
+
+    def present(self, root: str, rel: str) -> int | None:
+        data = os.path.join(root, rel)
+        return os.path.lexists(data) + os.path.lexists(data + self.watch.sidecar_suffix)
 
     def build(self, root: str, rel: str, now: float) -> Outcome:
         data = Path(root, rel)
@@ -613,6 +625,9 @@ class DescriptorRule(ManifestRule):
         if self._is_file_candidate(root, rel):
             return self.sidecar.snapshot(root, rel)
         return super().snapshot(root, rel, entries)
+
+    def present(self, root: str, rel: str) -> int | None:
+        return self.sidecar.present(root, rel) if self._is_file_candidate(root, rel) else None
 
     def build(self, root: str, rel: str, now: float) -> Outcome:
         if not self._is_file_candidate(root, rel):
@@ -911,8 +926,12 @@ class Detector:
     def __init__(
         self, watch: WatchConfig, root: str, *, trust_events: bool = False,
         remembered: dict[str, PendingEntry] | None = None,
+        finished: Callable[[JobSpec], Any] | None = None,
     ):
         self.watch = watch
+        # The finished job recorded for an acquisition as it is now (its spec's key), or None:
+        # an incomplete acquisition that already failed (missing_timeout) is not pending again.
+        self.finished = finished
         # What the store remembers of pending candidates from before a restart.
         self.remembered: dict[str, PendingEntry] = dict(remembered or {})
         self.root = root
@@ -1020,6 +1039,8 @@ class Detector:
                 cand.first_seen = min(now, old.first_seen)
                 if old.digest == snap.digest.hex():
                     cand.last_change = min(last, old.last_change)
+            else:
+                cand.handled_before = self._has_marker(rel)
             cand.next_check = cand.last_change + self.watch.quiet_period
             cand.seen_generation = self.generation
             cand.peak_files = snap.files
@@ -1044,6 +1065,11 @@ class Detector:
         cand.observed_at = now
         return snap
 
+    def _has_marker(self, rel: str) -> bool:
+        """A receipt or an error report beside the acquisition: an earlier run finished a job for it."""
+        full = os.path.join(self.root, rel)
+        return os.path.lexists(full + RECEIPT_SUFFIX) or os.path.lexists(full + ERROR_SUFFIX)
+
     def touch(self, rel: str, now: float) -> None:
         """An event says the candidate changed: restart its quiet period (looked at when quiet)."""
         cand = self.known.get(rel)
@@ -1054,9 +1080,16 @@ class Detector:
             first = min(now, old.first_seen) if old is not None else now
             cand = Candidate(rel, first_seen=first, last_change=now, seen_generation=self.generation)
             self.known[rel] = cand
+        if cand.peak_files < 2:
+            # A sidecar's data file that comes and goes within the quiet period was there: waiting
+            # will not bring it back (the look at the end of the quiet period sees only the sidecar).
+            present = self.rule.present(self.root, rel)
+            if present is not None:
+                cand.peak_files = max(cand.peak_files, present)
         self._changed(cand, None, now)
 
     def _changed(self, cand: Candidate, digest: bytes | None, now: float) -> None:
+        cand.handled_before = False
         cand.waiting = cand.waiting_kind = ""  # looked at again once quiet
         cand.last_change = now
         cand.digest = digest
@@ -1176,6 +1209,7 @@ class Detector:
             if snap.digest == cand.done_digest:
                 self.pending.discard(rel)
                 continue
+            cand.handled_before = False  # looked at: listed from now on if it stays pending
             try:
                 outcome = self.rule.build(self.root, rel, now)
             except OSError as exc:
@@ -1203,6 +1237,12 @@ class Detector:
             elif outcome.kind == "wait":
                 if outcome.spec is not None:
                     cand.owner = outcome.spec.owner or None
+                job = self.finished(outcome.spec) if self.finished and outcome.spec is not None else None
+                if job is not None:
+                    # Already failed as it is (e.g. on missing_timeout before a restart): accounted for.
+                    cand.done_digest, cand.job_id, cand.handled_before = snap.digest, job.id, False
+                    self.pending.discard(rel)
+                    continue
                 if now - cand.last_change >= self.watch.missing_timeout:
                     outcome.kind = "reject"
                     outcome.reason = (
@@ -1261,7 +1301,7 @@ class Detector:
         out = []
         for rel in sorted(self.pending):
             c = self.known.get(rel)
-            if c is None:
+            if c is None or c.handled_before:
                 continue
             if c.waiting and now >= c.last_change + self.watch.quiet_period:
                 kind, reason, until = c.waiting_kind or "waiting", c.waiting, None
@@ -1278,9 +1318,13 @@ class Detector:
                                     last_change=seen))
         return out
 
+    def pending_count(self) -> int:
+        """Pending candidates as listed (those handled before a restart not counted until looked at)."""
+        return sum(1 for r in self.pending if not self.known[r].handled_before)
+
     def pending_list(self, limit: int = 20) -> list[dict[str, Any]]:
         out = []
-        for rel in sorted(self.pending)[:limit]:
+        for rel in sorted(r for r in self.pending if not self.known[r].handled_before)[:limit]:
             c = self.known[rel]
             out.append({"path": storable(rel), "since": c.first_seen, "last_change": c.last_change,
                         "waiting": c.waiting, "owner": c.owner})

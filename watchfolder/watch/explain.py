@@ -174,7 +174,9 @@ def _explain_acquisition(
     rule = make_rule(watch, Patterns(watch.include, watch.exclude))
     outcome = rule.build(root, acq_rel, now)
     out = Explanation(full, "pending", "", watch.name, acq_rel, pending=pending)
-    if outcome.spec is not None and outcome.kind in ("enqueue", "reject") and store is not None:
+    # The watcher's rule: a job recorded for the acquisition as it is now (a "wait" one that
+    # failed on missing_timeout included) is what became of it.
+    if outcome.spec is not None and outcome.kind in ("enqueue", "reject", "wait") and store is not None:
         job = store.find(outcome.spec.key())
         if job is not None:
             out.verdict, out.job_id, out.job_state = "job", job.id, str(job.state)

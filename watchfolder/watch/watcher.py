@@ -390,7 +390,8 @@ class Watcher:
             log.warning("watch folder %s: cannot read its pending acquisitions from the store", self.name,
                         exc_info=True)
             remembered = None
-        self.detector = Detector(self.watch, self.root, trust_events=(mode == "events"), remembered=remembered)
+        self.detector = Detector(self.watch, self.root, trust_events=(mode == "events"), remembered=remembered,
+                                 finished=self._finished_job)
         self.detector.imported_as = self._imported_already
         self._unfinished_at_start = self._unfinished_jobs()
         self._pending_signature = None
@@ -727,6 +728,8 @@ class Watcher:
         if not fresh:
             return
         outcomes = fresh
+        for outcome in outcomes:
+            self._remember_snapshot(outcome)
         note = f"detected in watch folder {self.name}"
         try:
             answers = self.store.enqueue_many([(o.spec, note) for o in outcomes], now=now)
@@ -747,7 +750,44 @@ class Watcher:
                 log.info("watch folder %s: queued job %d for %s", self.name, job.id, outcome.rel)
             detector.settle(outcome, True, now)
 
+    def _finished_job(self, spec: Any) -> Any:
+        """The finished job recorded for this acquisition as it is now (same key), or None."""
+        try:
+            job = self.store.find(spec.key())
+        except Exception:  # the store busy: looked at again later
+            return None
+        return job if job is not None and job.state.finished else None
+
+    def _remember_snapshot(self, outcome: Outcome) -> None:
+        """Record in the job the detector's digest of the acquisition as queued (every name, size
+        and mtime_ns under it), so a later run can tell "unchanged" from "changed after the import"."""
+        cand = self.detector.known.get(outcome.rel) if self.detector else None
+        if outcome.spec is not None and cand is not None and cand.digest is not None:
+            outcome.spec = dataclasses.replace(outcome.spec, extra={**outcome.spec.extra,
+                                                                    "snapshot": cand.digest.hex()})
+
+    def _unchanged(self, outcome: Outcome, earlier: Any) -> bool:
+        """The acquisition is exactly what ``earlier`` imported — a restart's look, not a change:
+        the same inodes and mtime_ns of its files, and the same snapshot (every name, size and
+        mtime_ns under it; jobs queued before snapshots were recorded: the same key)."""
+        cand = self.detector.known.get(outcome.rel) if self.detector else None
+        if outcome.spec is None or cand is None or cand.digest is None:
+            return False
+        if (outcome.spec.extra.get("identity") or {}).get("files") != (earlier.spec.extra.get("identity") or {}).get(
+                "files"):
+            return False
+        recorded = earlier.spec.extra.get("snapshot")
+        if recorded is not None:
+            return recorded == cand.digest.hex()
+        return outcome.spec.key() == earlier.idempotency_key
+
     def _changed_after_import(self, outcome: Outcome, earlier: Any, now: float) -> None:
+        if self._unchanged(outcome, earlier):
+            cand = self.detector.known.get(outcome.rel) if self.detector else None
+            if cand is not None:
+                cand.job_id = earlier.id
+            self.detector.settle(outcome, True, now)
+            return
         # Changed in place after its import (a viewer, the OS or a user added or rewrote a
         # file): never imported again. Noted against the job that imported it.
         now_reads = f" (now: {outcome.reason})" if outcome.reason else ""
@@ -771,6 +811,7 @@ class Watcher:
                 pass
             elif outcome.kind == "reject":
                 # Marked so that a retry reads the acquisition from disk again (watch.redetect).
+                self._remember_snapshot(outcome)
                 spec = dataclasses.replace(outcome.spec, extra={**outcome.spec.extra, "rejected": True})
                 job, created = self.store.reject(spec, outcome.reason, now=now)
                 if created:
@@ -956,7 +997,7 @@ class Watcher:
             "last_scan": self.last_scan,
             "last_scan_seconds": self.last_scan_seconds,
             "last_catchup_seconds": self.last_catchup_seconds,
-            "pending": len(detector.pending) if detector else 0,
+            "pending": detector.pending_count() if detector else 0,
             "pending_acquisitions": detector.pending_list() if detector else [],
             "known": len(detector.known) if detector else 0,
             "rescans": self.counters["rescans"],
