@@ -50,7 +50,7 @@ def config(tmp_path, drops, clean_env):
         "importer": {"kind": "archive", "archive": {"root": str(tmp_path / "archive")}},
         "notify": {"transport": "folder", "admin_email": "admin@example.org"},
         "watch": [
-            _watch("manifest", drops["manifest"]),
+            _watch("manifest", drops["manifest"], sidecars=False),
             _watch("sidecar", drops["sidecar"], detection="sidecar"),
             _watch("slow", drops["slow"], quiet_period=3600),
         ],
@@ -133,14 +133,20 @@ def test_each_pending_reason_from_a_real_drop_in_the_store_pending_and_explain(
         "plate1/d.tif": ("pending", "part of acquisition plate1: waiting for 2 of 5 files (missing: a.tif, b/c.tif)"),
         "short": ("pending", "size of x.tif is 1,000 bytes, manifest says 4,096"),
         "scan.tmp": ("ignored", "ignored: matches exclude pattern *.tmp"),
-        "loose.czi": ("not_acquisition", "not an acquisition here: this folder watches for watchfolder.json manifests"),
+        "loose.czi": ("not_acquisition", "not an acquisition here: loose.czi + loose.czi.json is a sidecar pair, but "
+                      "watch folder 'manifest' takes watchfolder.json manifests only (sidecars: false); set sidecars: "
+                      "true on the watch folder"),
+        "loose.czi.json": ("not_acquisition", "not an acquisition here: this folder watches for watchfolder.json "
+                           "manifests"),
     }
     for rel, (verdict, reason) in answers.items():
         got = explain(config, store, str(drops["manifest"] / rel))
         assert (got.verdict, got.watch) == (verdict, "manifest"), got
         assert got.reason.startswith(reason), got.reason
-    loose = explain(config, store, str(drops["manifest"] / "loose.czi"))
-    assert "loose.czi.json beside it looks like a sidecar" in loose.details[0]
+    # The pair is listed as pending with the same words and fix (finding 9).
+    stray = _pending_reason(store, "manifest", "loose.czi", r"^not an acquisition here: loose\.czi \+ loose\.czi\.json "
+                            r"is a sidecar pair, .*sidecars: false\); set sidecars: true")
+    assert stray.kind == "not_acquisition"
     got = explain(config, store, str(drops["sidecar"] / "d.czi.json"))
     assert got.reason == "part of acquisition d.czi: sidecar names data file d.czi, which is missing"
     got = explain(config, store, str(drops["slow"] / "live" / "a.tif"))
@@ -428,4 +434,34 @@ def test_a_restart_writes_no_change_note_and_lists_no_imported_acquisition(make_
     last.stop()
     assert store.read_log(job.id).count("changed after this import") == 1
     assert [j.id for j in jobs_of(store)] == [job.id]
+    store.close()
+
+
+def test_explain_follows_the_watchers_rule_for_sidecar_pairs_in_a_manifest_folder(make_config, tmp_path):
+    """Finding 4: with sidecars: true (the default) explain names the pair's job or its pending reason."""
+    store = open_store(make_config())
+    drop = tmp_path / "drop"
+    (drop / "m2").mkdir(parents=True)
+    (drop / "single").mkdir()
+    cfg = make_config(watch=[{"name": "w", "path": str(drop), "mode": "polling", "quiet_period": 10,
+                              "poll_interval": 1, "missing_timeout": 600, "rescan_interval": 1000}])
+    (drop / "m2" / "ok.czi").write_bytes(b"pixels")
+    (drop / "m2" / "ok.czi.json").write_text(json.dumps({"owner": "jdoe", "target": TARGET}))
+    (drop / "single" / "d.czi.json").write_text(json.dumps({"owner": "jdoe", "target": TARGET}))
+    watcher = Watcher(cfg.watch[0], store)
+    for t in (0, 1, 12, 13, 25):
+        watcher.loop(now=T0 + t)
+    (job,) = jobs_of(store)
+    assert job.spec.extra["acquisition"] == "m2/ok.czi"
+    assert [e.path for e in store.pending_list(watch="w")] == ["single/d.czi"]
+    for rel in ("m2/ok.czi", "m2/ok.czi.json"):
+        got = explain(cfg, store, str(drop / rel))
+        assert (got.verdict, got.job_id) == ("job", job.id), (rel, got)
+    for rel in ("single/d.czi.json",):
+        got = explain(cfg, store, str(drop / rel))
+        assert got.verdict == "pending", (rel, got)
+        assert got.reason.endswith("sidecar names data file d.czi, which is missing"), got.reason
+    got = explain(cfg, store, str(drop / "m2"))
+    assert got.verdict == "not_acquisition" and "and sidecar pairs" in got.reason
+    watcher.stop()
     store.close()

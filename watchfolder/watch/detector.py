@@ -314,6 +314,10 @@ class Rule:
         """Acquisitions that are files in this folder (sidecar mode)."""
         return []
 
+    def stray_sidecars(self, root: str, rel_dir: str, names: set[str]) -> list[tuple[str, str]]:
+        """Pairs in this folder that look like acquisitions this rule does not take, with why."""
+        return []
+
     def descend(self, rel_dir: str) -> bool:
         """Can acquisitions be found below this folder?"""
         return True
@@ -325,6 +329,10 @@ class Rule:
     def snapshot(self, root: str, rel: str, entries: list[os.DirEntry] | None = None) -> Snapshot | None:
         return snapshot_folder(os.path.join(root, rel), self.patterns, rel, entries=entries)
 
+    def acquisition_of(self, root: str, rel: str, is_dir: bool) -> str | None:
+        """The acquisition any path ``rel`` belongs to under this rule, looking at the disk (explain)."""
+        return self.candidate_for(rel, {}, True) if rel else None
+
     def present(self, root: str, rel: str) -> int | None:
         """How many of a one-file acquisition's files (data file, sidecar) are there now, by two
         ``lstat`` calls; None for folder acquisitions (too costly to count on every event)."""
@@ -332,6 +340,13 @@ class Rule:
 
     def build(self, root: str, rel: str, now: float) -> Outcome:
         raise NotImplementedError
+
+
+def stray_sidecar_reason(watch: WatchConfig, data: str) -> str:
+    """Why a sidecar pair in a manifests-only watch folder is not imported, and the fix."""
+    return (f"not an acquisition here: {data} + {data}{watch.sidecar_suffix} is a sidecar pair, but watch folder "
+            f"{watch.name!r} takes {watch.manifest_name} manifests only (sidecars: false); set sidecars: true "
+            f"on the watch folder, or put the data in a folder with a {watch.manifest_name} manifest")
 
 
 def _ancestor_candidate(rel_path: str, known: dict[str, Candidate]) -> str | None:
@@ -356,6 +371,39 @@ class ManifestRule(Rule):
         head, _, name = rel_path.rpartition("/")
         if name == self.watch.manifest_name and head and not is_dir:
             return head
+        return None
+
+    def stray_sidecars(self, root: str, rel_dir: str, names: set[str]) -> list[tuple[str, str]]:
+        """Sidecar pairs in a manifests-only folder (``sidecars: false``): ``(data rel, reason)``.
+
+        Not imported, but never ignored without a trace: listed as pending with the fix.
+        A JSON file with none of the contract's keys is the instrument's data, not a sidecar.
+        """
+        if self.watch.sidecars:
+            return []
+        suffix = self.watch.sidecar_suffix
+        out = []
+        for name in names:
+            if not name.endswith(suffix) or len(name) <= len(suffix) or is_own_file(name):
+                continue
+            data = name[: -len(suffix)]
+            if data not in names or self.patterns.name_excluded(data):
+                continue
+            try:
+                acq.read_descriptor(Path(root, rel_dir, name))
+            except acq.NotADescriptor:
+                continue
+            except (AcquisitionError, OSError):
+                pass  # invalid, yet meant as a sidecar
+            out.append((f"{rel_dir}/{data}" if rel_dir else data, stray_sidecar_reason(self.watch, data)))
+        return out
+
+    def acquisition_of(self, root: str, rel: str, is_dir: bool) -> str | None:
+        head = rel if is_dir else rel.rpartition("/")[0]
+        while head:
+            if os.path.isfile(os.path.join(root, head, self.watch.manifest_name)):
+                return head
+            head = head.rpartition("/")[0]
         return None
 
     def build(self, root: str, rel: str, now: float) -> Outcome:
@@ -448,6 +496,14 @@ class SidecarRule(Rule):
     def present(self, root: str, rel: str) -> int | None:
         data = os.path.join(root, rel)
         return os.path.lexists(data) + os.path.lexists(data + self.watch.sidecar_suffix)
+
+    def acquisition_of(self, root: str, rel: str, is_dir: bool) -> str | None:
+        suffix = self.watch.sidecar_suffix
+        if is_dir or not rel:
+            return None
+        if rel.endswith(suffix) and len(rel.rpartition("/")[2]) > len(suffix):
+            return rel[: -len(suffix)]
+        return rel if os.path.lexists(os.path.join(root, rel + suffix)) else None
 
     def build(self, root: str, rel: str, now: float) -> Outcome:
         data = Path(root, rel)
@@ -628,6 +684,10 @@ class DescriptorRule(ManifestRule):
 
     def present(self, root: str, rel: str) -> int | None:
         return self.sidecar.present(root, rel) if self._is_file_candidate(root, rel) else None
+
+    def acquisition_of(self, root: str, rel: str, is_dir: bool) -> str | None:
+        # As the watcher: a pair inside a manifest folder is part of it; elsewhere a sidecar pair.
+        return super().acquisition_of(root, rel, is_dir) or self.sidecar.acquisition_of(root, rel, is_dir)
 
     def build(self, root: str, rel: str, now: float) -> Outcome:
         if not self._is_file_candidate(root, rel):

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..config import Config, WatchConfig
 from ..store.base import JobStore, PendingEntry
-from .detector import Detector, Patterns, is_own_file, make_rule, pending_reason
+from .detector import Detector, Patterns, is_own_file, make_rule, pending_reason, stray_sidecar_reason
 
 
 @dataclass
@@ -81,6 +81,9 @@ def _watch_for(config: Config, path: str) -> tuple[WatchConfig, str, str] | None
 
 
 def _looks_for(watch: WatchConfig) -> str:
+    if watch.detection == "manifest" and watch.sidecars:
+        return (f"this folder watches for {watch.manifest_name} manifests (a folder with {watch.manifest_name} in "
+                f"it) and sidecar pairs (cells_01.czi with cells_01.czi{watch.sidecar_suffix})")
     if watch.detection == "manifest":
         return f"this folder watches for {watch.manifest_name} manifests (a folder with {watch.manifest_name} in it)"
     if watch.detection == "sidecar":
@@ -90,30 +93,18 @@ def _looks_for(watch: WatchConfig) -> str:
 
 
 def _acquisition_of(watch: WatchConfig, root: str, rel: str, is_dir: bool) -> str | None:
-    """The acquisition (relative path) ``rel`` belongs to under ``watch``'s rule, looking at the disk."""
-    rule = make_rule(watch, Patterns(watch.include, watch.exclude))
-    if watch.detection == "manifest":
-        head = rel if is_dir else rel.rpartition("/")[0]
-        while head:
-            if os.path.isfile(os.path.join(root, head, watch.manifest_name)):
-                return head
-            head = head.rpartition("/")[0]
-        return None
-    if watch.detection == "sidecar":
-        suffix = watch.sidecar_suffix
-        if is_dir:
-            return None
-        if rel.endswith(suffix) and len(rel.rpartition("/")[2]) > len(suffix):
-            return rel[: -len(suffix)]
-        return rel if os.path.lexists(os.path.join(root, rel + suffix)) else None
-    return rule.candidate_for(rel, {}, True) if rel else None
+    """The acquisition (relative path) ``rel`` belongs to, by the watcher's own rule."""
+    return make_rule(watch, Patterns(watch.include, watch.exclude)).acquisition_of(root, rel, is_dir)
 
 
 def _not_acquisition(watch: WatchConfig, root: str, rel: str, is_dir: bool) -> Explanation:
     reason = f"not an acquisition here: {_looks_for(watch)}"
     details = []
     full = os.path.join(root, rel)
-    if watch.detection != "sidecar" and not is_dir and os.path.isfile(full + watch.sidecar_suffix):
+    if watch.detection == "manifest" and not watch.sidecars and not is_dir and os.path.isfile(full + watch.sidecar_suffix):
+        # The watcher's words (it lists the pair as pending with them).
+        reason = stray_sidecar_reason(watch, os.path.basename(full))
+    elif watch.detection != "sidecar" and not is_dir and os.path.isfile(full + watch.sidecar_suffix):
         details.append(f"{os.path.basename(full)}{watch.sidecar_suffix} beside it looks like a sidecar, but "
                        f"watch folder {watch.name!r} detects {watch.detection}s; use a sidecar watch folder, "
                        f"or put the data in a folder with a {watch.manifest_name} manifest")

@@ -120,6 +120,8 @@ class Scanner:
             for data_rel in rule.file_candidates(rel, names):
                 detector.observe(data_rel, now, since=since)
                 stats.candidates += 1
+            for data_rel, reason in rule.stray_sidecars(self.root, rel, names):
+                detector.skip(data_rel, "not_acquisition", reason, now)
             if not rule.descend(rel):
                 continue
             for entry in entries:

@@ -696,6 +696,18 @@ class Watcher:
                     continue
                 if cand is not None and not removed:
                     detector.touch(cand, now)
+                elif cand is None and not removed and not is_dir:
+                    self._note_stray(rel, now)
+
+    def _note_stray(self, rel: str, now: float) -> None:
+        """A file that is no candidate: a sidecar pair this rule does not take is listed at once."""
+        detector = self.detector
+        head, _, name = rel.rpartition("/")
+        suffix = self.watch.sidecar_suffix
+        partner = name[: -len(suffix)] if name.endswith(suffix) else name + suffix
+        names = {n for n in (name, partner) if os.path.lexists(os.path.join(self.root, head, n))}
+        for data_rel, reason in detector.rule.stray_sidecars(self.root, head, names):
+            detector.skip(data_rel, "not_acquisition", reason, now)
 
     # -- applying outcomes ----------------------------------------------------
 
