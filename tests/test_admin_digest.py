@@ -84,3 +84,44 @@ def test_a_burst_of_failures_gives_the_admin_one_digest_per_period(tmp_path, smt
     finally:
         transport.close()
         store.close()
+
+
+def test_owner_mails_redirected_to_the_admin_join_the_digest_and_advise_what_is_true(tmp_path, smtp_server, make_spec):
+    """Finding 5: failures with no owner: the admin gets the digest only, not one redirected mail each."""
+    recorder, port = smtp_server
+    config = wconfig.parse({
+        "data_dir": str(tmp_path / "data"), "importer": {"kind": "archive"},
+        "notify": {"transport": "smtp", "from": "wf@example.org", "admin_email": "admin@example.org",
+                   "default_domain": "example.org", "admin_digest_after": 3, "admin_digest_minutes": 10,
+                   "smtp": {"host": "127.0.0.1", "port": port}},
+    }, path=tmp_path / "watchfolder.yaml", environ={})
+    notifier = Notifier(config)
+    store = SQLiteStore(tmp_path / "db.sqlite", retry=RetryPolicy(3, (10.0,)), composer=notifier.compose)
+    transport = SmtpTransport(SmtpConfig(host="127.0.0.1", port=port, timeout=10.0))
+    sender = OutboxSender(store, transport, notifier=notifier)
+    try:
+        # One alone (below the threshold): the redirected mail says what is true for this config.
+        store.reject(dataclasses.replace(make_spec(), owner="", email=None, idempotency_key="one"),
+                     "watchfolder.json: invalid JSON at line 1, column 2", now=T0)
+        while sender.loop(now=T0):
+            pass
+        recorder.wait_for(2)
+        texts = [r.text() for r in recorder.received]
+        redirected = [t for t in texts if "meant for the owner" in t]
+        assert len(redirected) == 1 and "the acquisition names none" in redirected[0]
+        assert "set notify.default_domain" not in redirected[0]
+        # Six more in one burst: the admin gets one digest, with each failure once.
+        for i in range(6):
+            store.reject(dataclasses.replace(make_spec(), owner="", email=None, idempotency_key=f"bj{i}"),
+                         "watchfolder.json: invalid JSON at line 1, column 2", now=T0 + 30)
+        while sender.loop(now=T0 + 31):
+            pass
+        recorder.wait_for(3)
+        assert len(recorder.received) == 3, [r.message["Subject"] for r in recorder.received]
+        digest = recorder.received[-1]
+        assert digest.message["Subject"] == "[watchfolder] 6 imports failed in the last 10 min"
+        assert "6 x watchfolder.json: invalid JSON at line 1, column 2" in digest.text()
+        assert {m.state for m in store.outbox_list(limit=100)} == {"sent"}
+    finally:
+        transport.close()
+        store.close()

@@ -46,6 +46,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from email.message import EmailMessage
+from email.parser import BytesHeaderParser
 from email.utils import formataddr, formatdate
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,21 @@ class _Templates:
     html: string.Template
 
 
+#: Set on an owner's mail sent to the admin because the owner has no address (see
+#: :func:`admin_bound`): the admin digest takes it like an admin failure mail.
+REDIRECT_HEADER = "X-Watchfolder-Redirected"
+
+
+def admin_bound(mail: Any) -> bool:
+    """An outbox mail that tells the admin about a failure: ``admin_failure``, or an owner's
+    failure mail redirected to the admin (unknown owner or no address)."""
+    if mail.kind == "admin_failure":
+        return True
+    if mail.kind != "job_failed":
+        return False
+    return BytesHeaderParser().parsebytes(mail.raw).get(REDIRECT_HEADER) == "admin"
+
+
 class Notifier:
     """Composes the mails of finished jobs and of unhealthy watchers (see the module doc)."""
 
@@ -162,12 +178,20 @@ class Notifier:
         if self.notify.default_domain and re.fullmatch(r"[A-Za-z0-9._%+-]+", job.spec.owner or ""):
             return (f"{job.spec.owner}@{self.notify.default_domain}",), ""
         if self.notify.admin_email:
-            note = (
-                f"This mail was meant for the owner {job.spec.owner or '(unknown)'}, who has no known "
-                f"email address: it is sent to you, the admin, instead. Please forward it. To reach "
-                f"owners directly, give an email in the sidecar or manifest, set it in OMERO, or set "
-                f"notify.default_domain."
-            )
+            owner = job.spec.owner
+            if not owner:
+                note = ("This mail was meant for the owner, but the acquisition names none: it is sent to you, "
+                        "the admin, instead. Nobody else can be told until its sidecar or manifest gives an "
+                        "\"owner\" (or the watch folder sets one).")
+            elif self.notify.default_domain:
+                note = (f"This mail was meant for the owner {owner}, who has no known email address: it is sent "
+                        f"to you, the admin, instead. Please forward it. {owner!r} cannot be a mailbox name at "
+                        f"notify.default_domain ({self.notify.default_domain}); give an email in the sidecar or "
+                        f"manifest, or set it in OMERO.")
+            else:
+                note = (f"This mail was meant for the owner {owner}, who has no known email address: it is sent "
+                        f"to you, the admin, instead. Please forward it. To reach owners directly, give an email "
+                        f"in the sidecar or manifest, set it in OMERO, or set notify.default_domain.")
             return (self.notify.admin_email,), note
         return (), ""
 
@@ -195,7 +219,9 @@ class Notifier:
         stamp = job.finished_at if job.finished_at is not None else time.time()
         digest = hashlib.sha256(job.idempotency_key.encode()).hexdigest()[:12]
         message_id = f"<watchfolder.job{job.id}.{kind}.{int(stamp * 1000)}.{digest}@{self.domain}>"
-        return self._mail(kind, recipients, values, message_id, stamp, job_id=job.id)
+        # An owner's failure mail that goes to the admin is an admin failure mail too (the digest takes it).
+        for_admin = kind == "job_failed" and bool(note) and recipients == (self.notify.admin_email,)
+        return self._mail(kind, recipients, values, message_id, stamp, job_id=job.id, for_admin=for_admin)
 
     def _job_values(self, kind: str, job: Job, owner_to: tuple[str, ...], note: str) -> dict[str, Any]:
         spec = job.spec
@@ -414,6 +440,7 @@ class Notifier:
         stamp: float,
         *,
         job_id: int | None = None,
+        for_admin: bool = False,
     ) -> Mail:
         templates = self.templates[kind]
         # Every value is escaped (a name holding a newline cannot break a line: "Where:", the
@@ -434,6 +461,8 @@ class Notifier:
         msg["X-Watchfolder-Kind"] = kind
         if job_id is not None:
             msg["X-Watchfolder-Job"] = str(job_id)
+        if for_admin:
+            msg[REDIRECT_HEADER] = "admin"
         if _is_address(self.notify.contact):
             msg["Reply-To"] = self.notify.contact
         # Quoted-printable keeps the body 7-bit, so servers without 8BITMIME take it too.

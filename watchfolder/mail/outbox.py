@@ -23,6 +23,7 @@ from .. import defaults as D
 from ..errors import JobNotFound
 from ..store import JobStore
 from .message import MailError, Transport
+from .notify import admin_bound
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class OutboxSender:
         sent = 0
         mails = self.store.outbox_claim(now=now, limit=self.batch, hold=self.hold)
         claimed = len(mails)
-        if self.notifier is not None and any(m.kind == "admin_failure" for m in mails):
+        if self.notifier is not None and any(admin_bound(m) for m in mails):
             mails = self._digest(mails, time.time() if now is None else now)
         for mail in mails:
             try:
@@ -84,27 +85,33 @@ class OutboxSender:
         notify = self.notifier.notify
         window = notify.admin_digest_minutes * 60.0
         recent = [m for m in self.store.outbox_list(limit=100_000) if m.created_at >= now - window]
-        admin = [m for m in mails if m.kind == "admin_failure"]
-        # Held mails come back after the window: they count even though they are older.
-        burst = max(len(admin), sum(1 for m in recent if m.kind == "admin_failure"))
+        # Owner mails redirected to the admin (no owner, no address) go with the admin's own.
+        admin = [m for m in mails if admin_bound(m)]
+        # Held mails come back after the window: they count even though they are older. One
+        # failure counts once, however many of its mails reach the admin.
+        burst = max(len(_jobs_of(admin)), len(_jobs_of(m for m in recent if admin_bound(m))))
         if burst <= notify.admin_digest_after:
             return mails
-        rest = [m for m in mails if m.kind != "admin_failure"]
+        rest = [m for m in mails if not admin_bound(m)]
         digests = [m.created_at for m in recent if m.kind == "admin_digest"]
         if digests:
             self.store.outbox_hold([m.id for m in admin], until=max(digests) + window, now=now)
             return rest
         # Everything due joins this digest (held ones included), not only this batch.
         for more in self.store.outbox_claim(now=now, limit=100_000, hold=self.hold):
-            (admin if more.kind == "admin_failure" else rest).append(more)
-        digest = self.notifier.compose_admin_digest([self._failure(m) for m in admin], now=now)
+            (admin if admin_bound(more) else rest).append(more)
+        failures = {}
+        for m in admin:  # one line per failed job, whichever of its mails
+            job_id, reason = self._failure(m)
+            failures.setdefault(job_id if job_id is not None else -m.id, (job_id, reason))
+        digest = self.notifier.compose_admin_digest(list(failures.values()), now=now)
         if digest is not None:
             self.store.outbox_add([digest], now=now)
         for m in admin:  # delivered inside the digest
             self.store.outbox_sent(m.id, now=now)
         rest += self.store.outbox_claim(now=now, limit=self.batch, hold=self.hold)  # the digest itself goes out now
         log.warning("%d permanent failures in %g min: one digest mail to the admin instead of single mails",
-                    len(admin), notify.admin_digest_minutes)
+                    len(failures), notify.admin_digest_minutes)
         return rest
 
     def _failure(self, mail) -> tuple[int | None, str]:
@@ -153,3 +160,8 @@ class OutboxSender:
                 log.exception("outbox sender loop failed")
                 stop.wait(self.poll_interval)
         self.transport.close()
+
+
+def _jobs_of(mails) -> set:
+    """The failed jobs a set of admin-bound mails are about (a mail without a job counts alone)."""
+    return {m.job_id if m.job_id is not None else ("mail", m.id) for m in mails}
