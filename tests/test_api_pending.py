@@ -41,7 +41,15 @@ def test_pending_is_owner_scoped_and_reasons_are_current(svc):
     # A "writing" entry is described as of the request, from its times.
     assert items[1]["reason"].startswith("still being written: last change 30 s ago, quiet until ")
     assert [i["path"] for i in svc.client("reader").get("/api/v1/pending?owner=bob").json["pending"]] == ["bob/x"]
-    assert [i["watch"] for i in svc.client("reader").get("/api/v1/pending?watch=other").json["pending"]] == []
+    # A watch folder no one knows is an error naming those there are; an empty filter too (as /jobs?owner=).
+    svc.store.set_component("watcher", "drop", {"health": "ok"})
+    assert len(svc.client("reader").get("/api/v1/pending?watch=drop").json["pending"]) == 4
+    nosuch = svc.client("reader").get("/api/v1/pending?watch=nosuch")
+    assert nosuch.status == 422 and nosuch.json["detail"] == [
+        {"field": "watch", "message": "unknown watch folder 'nosuch'; known: drop"}]
+    for query in ("owner=", "watch="):
+        assert svc.client("reader").get(f"/api/v1/pending?{query}").status == 422, query
+    assert svc.client("reader").get("/api/v1/jobs?owner=").status == 422
 
     # Tokens limited to owners see only those owners' entries, never one whose owner is unknown.
     lab = svc.client("lab-reader").get("/api/v1/pending").json["pending"]

@@ -553,6 +553,11 @@ def test_status_text_is_yaml(cfg_path, capsys):
     assert run_cli(cfg_path, "status") == 0
     status = yaml.safe_load(capsys.readouterr().out)
     assert status["queue"]["counts"]["queued"] == 0
+    # For people: local times, IEC sizes and percentages, not epoch floats and raw bytes (--json has those).
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", status["generated_at"])
+    disk = status["disk"][0]
+    assert re.fullmatch(r"[\d.]+ (B|KiB|MiB|GiB|TiB|PiB)", disk["free"]), disk
+    assert disk["free_fraction"].endswith(" %")
 
 
 def test_token_new_prints_token_and_a_snippet_that_validates(tmp_path, capsys):

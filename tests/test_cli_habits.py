@@ -150,3 +150,24 @@ def test_events_list_past_the_newest_event_says_the_store_changed(cfg_path, tmp_
     assert out.returncode == 0 and out.stdout == "", out
     out = sub("events", "list", "--after", str(newest + 1), "-c", str(cfg_path), cwd=tmp_path)
     assert out.returncode == 1 and "past the newest event id" in out.stderr and "--after 0" in out.stderr
+
+
+def test_pending_names_the_known_watch_folders_and_job_id_zero_is_refused(tmp_path, make_config):
+    """Finding 10: `pending --watch nosuch` and `jobs show 0 --follow` answer at once with what to do."""
+    import subprocess
+    import sys
+
+    import yaml
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "importer": {"kind": "archive"},
+                                   "watch": [{"name": "lsm980", "path": str(drop)}]}))
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "watchfolder", *args, "--config", str(cfg)],
+                              capture_output=True, text=True, timeout=60)
+    out = run("pending", "--watch", "nosuch")
+    assert out.returncode == 2 and "unknown watch folder 'nosuch'; known: lsm980" in out.stderr
+    out = run("jobs", "show", "0", "--follow")
+    assert out.returncode == 2 and "'0' is not an id from 1" in out.stderr

@@ -140,7 +140,9 @@ def test_views_render_with_data_buttons_act_and_screenshots_are_written(browser,
                        progress=Progress("done", 3 * 1024 * 1024, 3 * 1024 * 1024, 1, 1))
     failed = [_finish(store, _spec(site, f"jdoe/bad{i}"), error=PermanentImportError(
         f"scan_{i}.xyz: no reader accepts this file; export it as OME-TIFF")) for i in range(3)]
-    rejected, _ = store.reject(dataclasses.replace(_spec(site, "jdoe/corrupt"), source="watch:lsm980"),
+    corrupt = _spec(site, "jdoe/corrupt")  # as the watcher rejects: marked so that a retry reads it again
+    rejected, _ = store.reject(dataclasses.replace(corrupt, source="watch:lsm980",
+                                                   extra={**corrupt.extra, "rejected": True}),
                                "checksum of a.tif does not match the manifest: the size is right but the content "
                                "differs, so waiting will not help")
     for i in range(26):  # more than a page of the job list
@@ -166,6 +168,8 @@ def test_views_render_with_data_buttons_act_and_screenshots_are_written(browser,
     short = browser.find_element(By.CSS_SELECTOR, "#pending tr[data-path='short']")
     assert "size of x.tif is 1,000 bytes, manifest says 4,096" in short.text
     assert "2 not queued yet" in browser.find_element(By.CSS_SELECTOR, "#pending [data-watch='lsm980'] h3").text
+    # The queue panel does not say "Nothing waiting." beside them.
+    wait.until(lambda d: "2 acquisitions not queued yet" in d.find_element(By.ID, "oldest").text)
     group = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#failure-groups tr[data-count='3']"))
     assert "no reader accepts this file" in group.text
     assert len(browser.find_elements(By.CSS_SELECTOR, "#failure-groups tbody tr")) == 2
@@ -211,6 +215,9 @@ def test_views_render_with_data_buttons_act_and_screenshots_are_written(browser,
     # Buttons: a job rejected at detection offers no Retry (the cause is in its files), Dismiss acts.
     _go(browser, wait, f"#/jobs/{rejected.id}", lambda d: d.find_element(By.ID, "job-title").text.startswith(f"Job {rejected.id}"))
     actions = browser.find_element(By.ID, "job-actions")
+    # Rejected: nothing was copied, nothing imported (not "Not finished." and "0% 0 B of 0 B").
+    assert browser.find_element(By.ID, "job-result").text == "Not imported: see the reason above."
+    assert browser.find_element(By.ID, "job-progress").text == "Nothing was copied."
     assert actions.find_elements(By.CSS_SELECTOR, "button.retry") == []
     assert "the cause is in the files" in actions.text
     actions.find_element(By.CSS_SELECTOR, "button.dismiss").click()

@@ -632,3 +632,18 @@ def test_long_subjects_fold_without_doubled_spaces(tmp_path, smtp, name, email_a
         assert str(make_header(decode_header(legacy["Subject"]))) == expected
     header_block = got.raw.split(b"\r\n\r\n", 1)[0]
     assert all(len(line) <= 998 for line in header_block.split(b"\r\n"))
+
+
+def test_the_admin_digest_groups_alike_reasons_as_the_dashboard_and_escapes_names(tmp_path):
+    """Finding 10: reasons naming other files are one digest line; a newline in a name stays in its line."""
+    digest = Notifier(make_config(tmp_path)).compose_admin_digest([
+        (1, "scan_1.xyz: no reader accepts this file"),
+        (2, "scan_22.xyz: no reader accepts this file"),
+        (3, "acq\nforged line.czi: no reader accepts this file"),
+        (4, "unknown owner 'x'"),
+    ], now=1_795_000_000.0)
+    text = digest.message.get_body(("plain",)).get_content()
+    assert "2 x scan_1.xyz: no reader accepts this file (and alike)\n    jobs 1, 2\n" in text
+    assert "1 x acq\\nforged line.czi: no reader accepts this file\n    jobs 3\n" in text
+    assert "1 x unknown owner 'x'\n    jobs 4\n" in text
+    assert not any(line.startswith("forged") for line in text.splitlines())

@@ -198,6 +198,17 @@ def test_failures_that_waiting_cannot_fix_fail_after_the_quiet_period(watchers, 
     assert job.state == JobState.FAILED
     assert job.error.message.startswith("checksum of a.tif does not match the manifest: the size is right")
 
+    # A file larger than the manifest says: waiting cannot shrink it (finding 10).
+    big = drops["manifest"] / "big"
+    big.mkdir()
+    (big / "x.tif").write_bytes(b"x" * 5000)
+    (big / "watchfolder.json").write_text(json.dumps({"owner": "jdoe", "target": TARGET, "files": [
+        {"path": "x.tif", "size": 4096}]}))
+    failed_big = wait_until(lambda: [j for j in jobs_of(store) if j.spec.extra.get("acquisition") == "big"], 15,
+                            message="the oversize failure")
+    assert failed_big[0].state == JobState.FAILED
+    assert failed_big[0].error.message.startswith("x.tif is 5,000 bytes, the manifest says 4,096: larger than listed")
+
     # A sidecar whose data file was there and is gone after the quiet period.
     data = drops["sidecar"] / "cells.czi"
     sidecar = drops["sidecar"] / "cells.czi.json"
@@ -224,7 +235,7 @@ def test_a_restart_keeps_the_first_sighting_and_the_missing_timeout_clock(make_c
     first.loop(now=T0 + 1)
     first.loop(now=T0 + 12)
     (entry,) = store.pending_list(watch="w")
-    assert (entry.first_seen, entry.reason) == (T0 + 1, "waiting for 1 of 1 files (missing: later.tif)")
+    assert (entry.first_seen, entry.reason) == (T0 + 1, "waiting for 1 of 1 file (missing: later.tif)")
     first.stop()
 
     # The service restarts 50 s later: the acquisition was first seen at T0 + 1, not now.
@@ -237,7 +248,7 @@ def test_a_restart_keeps_the_first_sighting_and_the_missing_timeout_clock(make_c
     # missing_timeout (100 s) counts from before the restart: it fails at T0 + 101, not T0 + 160.
     second.loop(now=T0 + 102)
     (job,) = jobs_of(store)
-    assert job.state == JobState.FAILED and "waiting for 1 of 1 files (missing: later.tif)" in job.error.message
+    assert job.state == JobState.FAILED and "waiting for 1 of 1 file (missing: later.tif)" in job.error.message
     second.loop(now=T0 + 103)
     assert store.pending_list(watch="w") == []
     store.close()
@@ -262,7 +273,7 @@ def test_a_name_that_is_not_utf8_is_listed_escaped_and_never_blocks_the_others(m
     assert set(listed) == {"bad\\udcff\\udcfename", "acq"}
     assert listed["bad\\udcff\\udcfename"].kind == "unreadable"
     assert "is not valid UTF-8" in listed["bad\\udcff\\udcfename"].reason
-    assert listed["acq"].reason == "waiting for 1 of 1 files (missing: later.tif)"
+    assert listed["acq"].reason == "waiting for 1 of 1 file (missing: later.tif)"
     status_paths = {p["path"] for p in first.status()["pending_acquisitions"]}
     assert status_paths == {"bad\\udcff\\udcfename", "acq"}
     first.stop()

@@ -85,14 +85,14 @@ def test_missing_files_timeout_with_injected_clock(store, make_config, drop):
     w.loop(now=T0 + 1)
     w.loop(now=T0 + 12)
     pending = w.status()["pending_acquisitions"]
-    assert pending and pending[0]["waiting"] == "waiting for 1 of 1 files (missing: later.tif)"
+    assert pending and pending[0]["waiting"] == "waiting for 1 of 1 file (missing: later.tif)"
     w.loop(now=T0 + 60)
     assert jobs_of(store) == []
     w.loop(now=T0 + 102)
     (job,) = jobs_of(store)
     assert job.state == JobState.FAILED
     assert "incomplete after 100 s without change" in job.error.message
-    assert "waiting for 1 of 1 files (missing: later.tif)" in job.error.message
+    assert "waiting for 1 of 1 file (missing: later.tif)" in job.error.message
     assert (folder / "watchfolder.json").exists()
 
 

@@ -599,8 +599,35 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(status, indent=2, default=str))
     else:
-        print(yaml.safe_dump(json.loads(json.dumps(status, default=str)), sort_keys=False, allow_unicode=True))
+        shown = _human(json.loads(json.dumps(status, default=str)))
+        print(yaml.safe_dump(shown, sort_keys=False, allow_unicode=True))
     return 0 if status.get("healthy", True) else 1
+
+
+_SIZE_KEYS = frozenset({"total", "used", "free", "bytes", "bytes_done", "bytes_total"})
+_TIME_KEYS = frozenset({"since"})
+
+
+def _human(value: object, key: str = "") -> object:
+    """The status view for people (``--json`` keeps the raw numbers): times as local ISO
+    times, ages and durations in words, sizes in IEC units, fractions as percentages."""
+    if isinstance(value, dict):
+        return {k: _human(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_human(v, key) for v in value]
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return value
+    from .units import format_duration, format_size
+
+    if key.endswith("_at") or key in _TIME_KEYS:
+        return _when(value)
+    if key.endswith(("_age", "_seconds", "_for")) or key in ("retry_every", "paused_for"):
+        return format_duration(value)
+    if key in _SIZE_KEYS:
+        return format_size(value)
+    if key.endswith("_fraction"):
+        return f"{100 * value:.1f} %"
+    return value
 
 
 def cmd_store_migrate(args) -> int:
@@ -700,6 +727,11 @@ def cmd_pending(args) -> int:
     from .watch.explain import pending_view
 
     config = load_config(args)
+    known = [w.name for w in config.watch]
+    if args.watch is not None and args.watch not in known:
+        print(f"watchfolder: error: unknown watch folder {args.watch!r}; known: {', '.join(known) or 'none configured'}",
+              file=sys.stderr)
+        return 2
     store = open_store(config)
     entries = pending_view(store.pending_list(watch=args.watch, owner=args.owner, limit=args.limit))
     if args.json:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -322,7 +323,19 @@ class JobError:
     config_error: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": str(self.kind), "message": self.message, "config_error": self.config_error}
+        return {"kind": str(self.kind), "message": self.message, "config_error": self.config_error,
+                "group": reason_group(self.message)}
+
+
+_NAMED = re.compile(r"\S*[/\\]\S*|\S+\.[A-Za-z0-9]{2,5}\b")
+
+
+def reason_group(message: str | None) -> str:
+    """What alike failures share: the reason's words, with paths, file names and numbers
+    replaced (``checksum of … does not match the manifest``). The dashboard's "failures by
+    reason" and the admin digest group on it."""
+    text = _NAMED.sub("…", message or "(no reason)")
+    return re.sub(r"[0-9]+", "N", text)[:90]
 
 
 @dataclass

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..job import Job, JobState, printable
+from ..job import Job, JobState, printable, reason_group
 from ..store.base import MAIL_POLICY
 from ..units import format_size
 from .message import Mail
@@ -407,11 +407,16 @@ class Notifier:
         if not self.notify.admin_email or not failures:
             return None
         now = time.time() if now is None else now
+        # Grouped as the dashboard's "failures by reason": alike reasons naming other files are one line.
         groups: dict[str, list[int | None]] = {}
+        examples: dict[str, str] = {}
         for job_id, reason in failures:
-            groups.setdefault(reason, []).append(job_id)
+            key = reason_group(reason)
+            groups.setdefault(key, []).append(job_id)
+            examples.setdefault(key, printable(reason))  # a newline in a name must not break the line
         text, rich = [], []
-        for reason, ids in sorted(groups.items(), key=lambda g: -len(g[1])):
+        for key, ids in sorted(groups.items(), key=lambda g: -len(g[1])):
+            reason = examples[key] + (" (and alike)" if len({*ids}) > 1 and _alike(failures, key) else "")
             shown = ", ".join(str(i) for i in ids[:MAX_LISTED] if i is not None)
             more = f" and {len(ids) - MAX_LISTED} more" if len(ids) > MAX_LISTED else ""
             text += [f"{len(ids)} x {reason}", f"    jobs {shown}{more}", ""]
@@ -737,3 +742,8 @@ def _show(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ", ".join(_show(v) for v in value) or "(none)"
     return str(value)
+
+
+def _alike(failures: list[tuple[int | None, str]], key: str) -> bool:
+    """More than one wording of a reason in one digest group."""
+    return len({r for _, r in failures if reason_group(r) == key}) > 1

@@ -426,6 +426,9 @@ class ManifestRule(Rule):
         try:
             if descriptor.files is not None:
                 check = acq.check_listed(folder, descriptor.files)
+                too_big = oversize_reason(check.sizes, "manifest")
+                if too_big:
+                    return Outcome("reject", rel, spec=base, reason=too_big)
                 if check.missing:
                     why, reason = listed_reason(check, len(descriptor.files), "manifest")
                     return Outcome("wait", rel, spec=base, reason=reason, why=why)
@@ -536,6 +539,9 @@ class SidecarRule(Rule):
         proven = False
         for listed in descriptor.files or ():
             if unicodedata.normalize("NFC", listed.path) == unicodedata.normalize("NFC", data.name):
+                if listed.size is not None and listed.size < st.st_size:
+                    return Outcome("reject", rel, spec=base,
+                                   reason=oversize_reason([(data.name, st.st_size, listed.size)], "sidecar"))
                 if listed.size is not None and listed.size != st.st_size:
                     return Outcome("wait", rel, spec=base, why="size",
                                    reason=size_reason(data.name, st.st_size, listed.size, "sidecar"))
@@ -815,11 +821,24 @@ def size_reason(path: str, found: int, listed: int, where: str) -> str:
     return f"size of {path} is {found:,} bytes, {where} says {listed:,}"
 
 
+def oversize_reason(sizes: list[tuple[str, int, int]], where: str) -> str | None:
+    """Why listed files larger than the descriptor says fail at once (a file does not shrink
+    by waiting), or None when none is larger."""
+    over = [(p, found, listed) for p, found, listed in sizes if found > listed]
+    if not over:
+        return None
+    shown = "; ".join(f"{printable(p)} is {found:,} bytes, the {where} says {listed:,}" for p, found, listed in over[:5])
+    more = f" (and {len(over) - 5} more)" if len(over) > 5 else ""
+    return (f"{shown}{more}: larger than listed, so waiting will not help; copy the file(s) again from the "
+            f"instrument, or fix the size in the {where}")
+
+
 def listed_reason(check: acq.ListedCheck, total: int, where: str) -> tuple[str, str]:
     """(pending kind, reason) for listed files not all there with their sizes."""
     parts = []
     if check.absent:
-        parts.append(f"waiting for {len(check.absent)} of {total} files (missing: {_names(check.absent)})")
+        parts.append(f"waiting for {len(check.absent)} of {total} {'file' if total == 1 else 'files'} "
+                     f"(missing: {_names(check.absent)})")
     parts += [size_reason(p, found, listed, where) for p, found, listed in check.sizes[:5]]
     if len(check.sizes) > 5:
         parts.append(f"{len(check.sizes) - 5} more files of the wrong size")
@@ -1305,9 +1324,11 @@ class Detector:
                     continue
                 if now - cand.last_change >= self.watch.missing_timeout:
                     outcome.kind = "reject"
+                    fix = ("copy the files again from the instrument (their sizes differ from the descriptor's), "
+                           "or fix the sizes in the descriptor") if outcome.why == "size" else (
+                        "copy the missing files and drop the acquisition again, or fix the descriptor")
                     outcome.reason = (
-                        f"incomplete after {self.watch.missing_timeout:g} s without change: {outcome.reason}; "
-                        "copy the missing files and drop the acquisition again, or fix the descriptor"
+                        f"incomplete after {self.watch.missing_timeout:g} s without change: {outcome.reason}; {fix}"
                     )
                     out.append(outcome)
                 else:

@@ -402,9 +402,7 @@ class Api:
                 parsed[key] = parse(query.get(key))
             except ApiError as exc:
                 problems += exc.detail
-        for key in ("owner", "source"):
-            if any(not v for v in query.getall(key)):
-                problems.append(problem(key, "must not be empty; leave the parameter out to not filter"))
+        problems += params.filter_problems(query, ("owner", "source"))
         if problems:
             raise invalid(problems)
         limit = parsed.get("limit", limit)
@@ -440,11 +438,14 @@ class Api:
         limit = 500
         if query.get("limit") is not None:
             try:
-                limit = int(query.get("limit"))
-                if not 1 <= limit <= 10_000:
-                    raise ValueError
-            except ValueError:
-                problems.append(problem("limit", f"must be a whole number from 1 to 10000, got {query.get('limit')!r}"))
+                limit = params.whole_number(query.get("limit"), "limit", 1, 10_000)
+            except ApiError as exc:
+                problems += exc.detail
+        problems += params.filter_problems(query, ("watch", "owner"))
+        if query.get("watch"):
+            # This host's watch folders and those any watcher sharing the store reports.
+            known = {w.name for w in self.config.watch} | {c["name"] for c in self.store.components("watcher")}
+            problems += params.one_of(query.get("watch"), "watch", sorted(known), "watch folder")
         if problems:
             raise invalid(problems)
         if not principal.can("read"):

@@ -98,6 +98,19 @@ def path_problem(path: str) -> str | None:
     return None
 
 
+def filter_problems(query: bottle.MultiDict, keys: tuple[str, ...]) -> list[dict[str, str]]:
+    """Problems for filters given empty (``?owner=``): leaving a filter out is how not to filter."""
+    return [problem(key, "must not be empty; leave the parameter out to not filter")
+            for key in keys if any(not v for v in query.getall(key))]
+
+
+def one_of(value: str | None, field: str, known: list[str], what: str) -> list[dict[str, str]]:
+    """A problem when ``value`` is given and is none of ``known`` (e.g. an unknown watch folder)."""
+    if value is None or value == "" or value in known:
+        return []
+    return [problem(field, f"unknown {what} {value!r}; known: {', '.join(known) or 'none configured'}")]
+
+
 def media_type(environ: dict) -> str:
     """The request's media type, lower case, without parameters ('' when none)."""
     return (environ.get("CONTENT_TYPE") or "").split(";", 1)[0].strip().lower()
@@ -116,5 +129,5 @@ def require_json(environ: dict) -> None:
         raise ApiError(415, f"the body must be sent as Content-Type: application/json, got {shown}")
 
 
-__all__ = ["INT64_MAX", "PATH_MAX", "NAME_MAX", "path_problem", "query", "positive_id", "job_id", "cursor", "whole_number", "media_type",
-           "require_json"]
+__all__ = ["INT64_MAX", "PATH_MAX", "NAME_MAX", "path_problem", "query", "positive_id", "job_id", "cursor",
+           "whole_number", "filter_problems", "one_of", "media_type", "require_json"]

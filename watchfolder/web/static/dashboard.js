@@ -78,6 +78,8 @@ function fill(tbody, rows, empty, columns) {
 function actionButton(label, action, job) {
   const button = el("button", { type: "button", class: action, "data-job-id": job.id }, label);
   button.addEventListener("click", async () => {
+    // Cancelling stops an import in progress: asked first (retry and dismiss are undone easily).
+    if (action === "cancel" && !window.confirm(`Cancel job ${job.id}? A running import is stopped.`)) return;
     button.disabled = true;
     try {
       await api("POST", `jobs/${job.id}/${action}`);
@@ -114,7 +116,8 @@ function jobLink(job) {
   return el("a", { href: `#/jobs/${job.id}` }, String(job.id));
 }
 
-// Failures with the same cause read alike but name other files and numbers: group on the words.
+// Failures with the same cause read alike but name other files and numbers: group on the words
+// (the server's error.group, the admin digest's grouping; this is the same rule for old answers).
 function reasonKey(message) {
   return (message || "(no reason)")
     .replace(/\S*[\/\\]\S*|\S+\.[A-Za-z0-9]{2,5}\b/g, "…")
@@ -200,8 +203,11 @@ function render(status, running, failed, pending) {
   for (const [state, n] of Object.entries(status.queue.counts)) {
     counts.append(el("dt", {}, state), el("dd", { "data-state": state }, n));
   }
-  $("#oldest").textContent = status.queue.oldest_queued_age == null
-    ? "Nothing waiting." : "Oldest waiting job: " + age(status.queue.oldest_queued_age);
+  // "Queue" is about jobs; acquisitions not queued yet are the pending panel's.
+  const notQueued = (status.watchers || []).reduce((n, w) => n + (w.pending || 0), 0);
+  $("#oldest").textContent = (status.queue.oldest_queued_age == null
+    ? "No job waiting." : "Oldest waiting job: " + age(status.queue.oldest_queued_age)) +
+    (notQueued ? ` ${notQueued} acquisition${notQueued === 1 ? "" : "s"} not queued yet (see Pending).` : "");
 
   fill($("#running tbody"), running.map((job) => {
     const pct = percent(job.progress);
@@ -223,7 +229,7 @@ function render(status, running, failed, pending) {
 
   const groups = new Map();
   for (const job of failed) {
-    const key = reasonKey(job.error && job.error.message);
+    const key = job.error && job.error.group ? job.error.group : reasonKey(job.error && job.error.message);
     const g = groups.get(key) || { key, jobs: [], example: job.error ? job.error.message : "" };
     g.jobs.push(job);
     groups.set(key, g);
@@ -341,9 +347,16 @@ async function refreshJob(id) {
   const pct = percent(job.progress);
   const bar = el("div", { class: "bar" }, el("div", { class: "fill" }));
   bar.firstChild.style.width = pct + "%";
-  $("#job-progress").replaceChildren(bar, el("span", { class: "pct" }, `${pct}% ${job.progress.phase || ""}`),
-    el("small", {}, ` ${bytes(job.progress.bytes_done)} of ${bytes(job.progress.bytes_total)}, ` +
-      `${job.progress.files_done} of ${job.progress.files_total} files`));
+  if (!job.progress.bytes_done && !job.progress.files_done && !["running", "succeeded"].includes(job.state)) {
+    // Nothing was copied (rejected at detection, failed before the import began): no 0 % bar.
+    $("#job-progress").replaceChildren(el("span", { class: "empty" },
+      job.state === "queued" || job.state === "retry_wait" ? "Not started." : "Nothing was copied."));
+  } else {
+    const files = job.progress.files_total;
+    $("#job-progress").replaceChildren(bar, el("span", { class: "pct" }, `${pct}% ${job.progress.phase || ""}`),
+      el("small", {}, ` ${bytes(job.progress.bytes_done)} of ${bytes(job.progress.bytes_total)}, ` +
+        `${job.progress.files_done} of ${files} ${files === 1 ? "file" : "files"}`));
+  }
   $("#job-result").replaceChildren(resultView(job, status.importer.web_url));
   fill($("#job-history tbody"), (job.history || []).map((h) => el("tr", {},
     el("td", {}, stamp(h.at)), el("td", {}, h.state), el("td", {}, h.message))), "No history.", 3);
@@ -355,7 +368,11 @@ async function refreshJob(id) {
 
 function resultView(job, webUrl) {
   const r = job.result;
-  if (!r) return el("p", { class: "empty" }, job.state === "succeeded" ? "No result recorded." : "Not finished.");
+  if (!r) {
+    const why = { succeeded: "No result recorded.", failed: "Not imported: see the reason above.",
+      cancelled: "Not imported: cancelled." }[job.state] || "Not finished.";
+    return el("p", { class: "empty" }, why);
+  }
   const out = el("div", {});
   if (r.destination) out.append(el("p", { class: "archive" }, "Archived in ", el("code", {}, r.destination)));
   const images = Array.isArray(r.image_ids) ? r.image_ids : [];
