@@ -97,6 +97,16 @@ def _pending_reason(store, watch, path, pattern):
     return wait_until(find, 10, message=f"pending {watch}:{path} matching {pattern!r}")
 
 
+def _polling_site(make_config, tmp_path, **watch):
+    """A store and a polling watch folder "w" (quiet 10 s) driven with an injected clock."""
+    store = open_store(make_config())
+    drop = tmp_path / "drop"
+    drop.mkdir(exist_ok=True)
+    entry = {"name": "w", "path": str(drop), "mode": "polling", "quiet_period": 10, "poll_interval": 1,
+             "missing_timeout": 100, "rescan_interval": 1000, **watch}
+    return store, drop, make_config(watch=[entry])
+
+
 def cli(config_path, *args):
     return subprocess.run([sys.executable, "-m", "watchfolder", *args, "--config", str(config_path)],
                           capture_output=True, text=True, timeout=60)
@@ -224,11 +234,7 @@ def test_failures_that_waiting_cannot_fix_fail_after_the_quiet_period(watchers, 
 
 
 def test_a_restart_keeps_the_first_sighting_and_the_missing_timeout_clock(make_config, tmp_path):
-    store = open_store(make_config())
-    drop = tmp_path / "drop"
-    drop.mkdir()
-    cfg = make_config(watch=[{"name": "w", "path": str(drop), "mode": "polling", "quiet_period": 10,
-                              "poll_interval": 1, "missing_timeout": 100, "rescan_interval": 1000}])
+    store, drop, cfg = _polling_site(make_config, tmp_path)
     first = Watcher(cfg.watch[0], store)
     first.loop(now=T0)
     _manifest(drop / "acq", {}, {"later.tif": 3})
@@ -255,15 +261,11 @@ def test_a_restart_keeps_the_first_sighting_and_the_missing_timeout_clock(make_c
 
 
 def test_a_name_that_is_not_utf8_is_listed_escaped_and_never_blocks_the_others(make_config, tmp_path, caplog):
-    store = open_store(make_config())
-    drop = tmp_path / "drop"
-    drop.mkdir()
+    store, drop, cfg = _polling_site(make_config, tmp_path)
     bad = bytes(drop) + b"/bad\xff\xfename"
     os.makedirs(bad)
     with open(bad + b"/watchfolder.json", "w") as fh:
         fh.write(json.dumps({"owner": "jdoe", "files": [{"path": "a.tif"}]}))
-    cfg = make_config(watch=[{"name": "w", "path": str(drop), "mode": "polling", "quiet_period": 10,
-                              "poll_interval": 1, "missing_timeout": 100, "rescan_interval": 1000}])
     first = Watcher(cfg.watch[0], store)
     first.loop(now=T0)
     _manifest(drop / "acq", {}, {"later.tif": 3})
@@ -372,11 +374,7 @@ def test_a_sidecars_data_file_gone_within_the_quiet_period_fails_after_it(make_c
 
 def test_a_failed_acquisition_stays_accounted_for_across_a_restart(make_config, tmp_path):
     """Finding 3: failed on missing_timeout, then a restart: not pending again, not counted, explain names the job."""
-    store = open_store(make_config())
-    drop = tmp_path / "drop"
-    drop.mkdir()
-    cfg = make_config(watch=[{"name": "w", "path": str(drop), "mode": "polling", "quiet_period": 10,
-                              "poll_interval": 1, "missing_timeout": 100, "rescan_interval": 1000}])
+    store, drop, cfg = _polling_site(make_config, tmp_path)
     first = Watcher(cfg.watch[0], store)
     first.loop(now=T0)
     _manifest(drop / "acq", {}, {"later.tif": 3})
@@ -411,11 +409,7 @@ def test_a_failed_acquisition_stays_accounted_for_across_a_restart(make_config, 
 
 def test_a_restart_writes_no_change_note_and_lists_no_imported_acquisition(make_config, tmp_path):
     """Finding 6: an imported, kept acquisition is neither 'changed after this import' nor pending after a start."""
-    store = open_store(make_config())
-    drop = tmp_path / "drop"
-    drop.mkdir()
-    cfg = make_config(watch=[{"name": "w", "path": str(drop), "mode": "polling", "quiet_period": 10,
-                              "poll_interval": 1, "missing_timeout": 100, "rescan_interval": 1000}])
+    store, drop, cfg = _polling_site(make_config, tmp_path)
     _manifest(drop / "acq", {"a.tif": b"abc"}, {"a.tif": 3})
     first = Watcher(cfg.watch[0], store)
     for t in (0, 1, 12, 13):
@@ -450,12 +444,9 @@ def test_a_restart_writes_no_change_note_and_lists_no_imported_acquisition(make_
 
 def test_explain_follows_the_watchers_rule_for_sidecar_pairs_in_a_manifest_folder(make_config, tmp_path):
     """Finding 4: with sidecars: true (the default) explain names the pair's job or its pending reason."""
-    store = open_store(make_config())
-    drop = tmp_path / "drop"
-    (drop / "m2").mkdir(parents=True)
+    store, drop, cfg = _polling_site(make_config, tmp_path, missing_timeout=600)
+    (drop / "m2").mkdir()
     (drop / "single").mkdir()
-    cfg = make_config(watch=[{"name": "w", "path": str(drop), "mode": "polling", "quiet_period": 10,
-                              "poll_interval": 1, "missing_timeout": 600, "rescan_interval": 1000}])
     (drop / "m2" / "ok.czi").write_bytes(b"pixels")
     (drop / "m2" / "ok.czi.json").write_text(json.dumps({"owner": "jdoe", "target": TARGET}))
     (drop / "single" / "d.czi.json").write_text(json.dumps({"owner": "jdoe", "target": TARGET}))
