@@ -407,7 +407,8 @@ def test_retry_a_failed_job(svc):
     svc.store.claim("w1")
     svc.store.fail(job["id"], "w1", PermanentImportError("unsupported file format"))
     failed = admin.get(f"/api/v1/jobs/{job['id']}").json
-    assert failed["error"] == {"kind": "permanent", "message": "unsupported file format", "config_error": False}
+    assert failed["error"] == {"kind": "permanent", "message": "unsupported file format", "config_error": False,
+                               "group": "unsupported file format"}
     r = admin.post(f"/api/v1/jobs/{job['id']}/retry")
     assert (r.status, r.json["state"], r.json["error"], r.json["attempts"]) == (200, "queued", None, 0)
 
