@@ -95,9 +95,19 @@ Q_FILESET_IMAGES = "select i.id, i.fileset.id from Image i where i.fileset.id in
 Q_ANNOTATED_IMAGES = (
     "select l.parent.id from ImageAnnotationLink l where l.child.ns = :ns and l.parent.id in (:ids)"
 )
+# A job's attachments, found by their stable key (attachment_key) so a retry
+# reuses them instead of attaching every file again; and the links they have.
+Q_JOB_ATTACHMENTS = (
+    "select a from FileAnnotation a join fetch a.file where a.ns = :ns"
+    " and a.description in (:keys) and a.details.owner.id = :uid order by a.id"
+)
+Q_ANNOTATION_LINKS = {
+    kind: f"select l.parent.id, l.child.id from {kind}AnnotationLink l where l.child.id in (:ids)"
+    for kind in ("Dataset", "Screen", "Image")
+}
 QUERIES = (
     Q_PROJECT, Q_DATASET_IN_PROJECT, Q_DATASET, Q_SCREEN, Q_JOB_FILESETS, Q_FILESET_IMAGES,
-    Q_ANNOTATED_IMAGES,
+    Q_ANNOTATED_IMAGES, Q_JOB_ATTACHMENTS, *Q_ANNOTATION_LINKS.values(),
 )
 
 
@@ -351,6 +361,14 @@ def session_key_reason(exc, key):
     """OMERO's reason for refusing a session key, without the key (a secret)."""
     reason = getattr(exc, "reason", None) or getattr(exc, "message", None) or type(exc).__name__
     return str(reason).replace(key, "<session key>") if key else str(reason)
+
+
+def attachment_key(req, rel):
+    """The FileAnnotation description that names one attached file of one job, the same on
+    every attempt (job id, idempotency key, relative path): a retry finds its earlier
+    attempt's attachments by it (Q_JOB_ATTACHMENTS) and reuses them."""
+    key = req.get("job_key")
+    return f"{rel}, attached by watchfolder job {req.get('job_id')}" + (f" [{key}]" if key else "")
 
 
 def text_annotation_pairs(value):
@@ -648,7 +666,7 @@ class Importer:
         params = omero.sys.ParametersI()
         for key, value in values.items():
             if isinstance(value, (list, tuple)):
-                params.add(key, rlist([rlong(v) for v in value]))
+                params.add(key, rlist([rstring(v) if isinstance(v, str) else rlong(v) for v in value]))
             elif isinstance(value, int):
                 params.add(key, rlong(value))
             else:
@@ -1165,7 +1183,14 @@ class Importer:
     def attach(self, kind, target_id, image_ids, figures):
         """Upload each non-image file as a FileAnnotation (OriginalFile + link) on the target
         container, or on every imported image when there is none; returns
-        [{"file", "annotation_id", "original_file_id"}]."""
+        [{"file", "annotation_id", "original_file_id", "sha1", "reused"}].
+
+        Retries never duplicate: each annotation carries :func:`attachment_key` as its
+        description and is saved right after its OriginalFile, before the upload. A retry
+        finds the earlier attempt's annotations by that key; one whose file the server
+        holds with the same SHA-1 is reused as it is, one cut mid-upload is uploaded again
+        into the same OriginalFile, and only the links still missing are made.
+        """
         import omero.model
         from omero.rtypes import rlong, rstring
 
@@ -1173,44 +1198,70 @@ class Importer:
             return []
         sf = self.client.getSession()
         update = sf.getUpdateService()
+        keys = {attachment_key(self.req, rel): rel for rel in self.not_images}
+        earlier = {}
+        for ann in self.find_all(Q_JOB_ATTACHMENTS, ns=self.req["namespace"], keys=list(keys),
+                                 uid=self.ec.userId):
+            rel = keys.get(ann.getDescription().getValue())
+            if rel is not None and rel not in earlier:  # the oldest one of a key wins
+                ofile = ann.getFile()
+                earlier[rel] = (ann.getId().getValue(), ofile.getId().getValue(),
+                                ofile.getHash().getValue() if ofile.getHash() is not None else None)
+        parents = ([(kind, target_id)] if kind else [("Image", i) for i in image_ids])
+        linked = set()
+        if earlier:
+            ids = [aid for aid, _, _ in earlier.values()]
+            for pkind in {p for p, _ in parents}:
+                linked |= {(pkind, pid, aid) for pid, aid in self.projection(Q_ANNOTATION_LINKS[pkind], ids=ids)}
+            log.info("%d attachment(s) of an earlier attempt found; reusing them", len(earlier))
         done = []
         for rel in self.not_images:
             path = os.path.join(self.root, rel)
-            ofile = omero.model.OriginalFileI()
-            ofile.setName(rstring(os.path.basename(rel)))
-            ofile.setPath(rstring(os.path.dirname(os.path.abspath(path)) + "/"))
-            ofile.setSize(rlong(os.path.getsize(path)))
-            ofile.setMimetype(rstring("application/octet-stream"))
-            ofile = update.saveAndReturnObject(ofile)
-            rfs = sf.createRawFileStore()
-            try:
-                rfs.setFileId(ofile.getId().getValue())
-                sha1 = self._upload(rfs, path, figures, close=False)
-                rfs.save()
-                figures["files_done"] += 1
-            finally:
+            opener = lambda r: open_source(self.req, r)[0]  # noqa: E731
+            reused = False
+            if rel in earlier:
+                aid, fid, server_sha1 = earlier[rel]
+                sha1 = _sha1_of(rel, self.block, opener)
+                reused = server_sha1 == sha1
+            else:
+                ofile = omero.model.OriginalFileI()
+                ofile.setName(rstring(os.path.basename(rel)))
+                ofile.setPath(rstring(os.path.dirname(os.path.abspath(path)) + "/"))
+                ofile.setSize(rlong(os.path.getsize(path)))
+                ofile.setMimetype(rstring("application/octet-stream"))
+                fid = update.saveAndReturnObject(ofile).getId().getValue()
+                ann = omero.model.FileAnnotationI()
+                ann.setNs(rstring(self.req["namespace"]))
+                ann.setDescription(rstring(attachment_key(self.req, rel)))
+                ann.setFile(omero.model.OriginalFileI(fid, False))
+                aid = update.saveAndReturnObject(ann).getId().getValue()
+            if reused:
+                figures["bytes_done"] += os.path.getsize(path)
+            else:
+                rfs = sf.createRawFileStore()
                 try:
-                    rfs.close()
-                except Exception as exc:  # noqa: BLE001
-                    log.warning("closing an attachment upload: %s", type(exc).__name__)
-            ann = omero.model.FileAnnotationI()
-            ann.setNs(rstring(self.req["namespace"]))
-            ann.setDescription(rstring(f"{rel} (sha1 {sha1}), attached by watchfolder job {self.req.get('job_id')}"))
-            ann.setFile(omero.model.OriginalFileI(ofile.getId().getValue(), False))
-            ann = update.saveAndReturnObject(ann)
-            aid = ann.getId().getValue()
+                    rfs.setFileId(fid)
+                    sha1 = self._upload(rfs, path, figures, close=False)
+                    rfs.save()
+                finally:
+                    try:
+                        rfs.close()
+                    except Exception as exc:  # noqa: BLE001
+                        log.warning("closing an attachment upload: %s", type(exc).__name__)
+            figures["files_done"] += 1
             links = []
-            parents = ([(kind, target_id)] if kind else [("Image", i) for i in image_ids])
             for pkind, pid in parents:
+                if (pkind, pid, aid) in linked:
+                    continue
                 link = getattr(omero.model, f"{pkind}AnnotationLinkI")()
                 link.setParent(getattr(omero.model, f"{pkind}I")(pid, False))
                 link.setChild(omero.model.FileAnnotationI(aid, False))
                 links.append(link)
             if links:
                 update.saveAndReturnArray(links)
-            done.append({"file": rel, "annotation_id": aid, "original_file_id": ofile.getId().getValue(),
-                         "sha1": sha1})
-            log.info("attached %s as file annotation %d", rel, aid)
+            done.append({"file": rel, "annotation_id": aid, "original_file_id": fid, "sha1": sha1,
+                         "reused": reused})
+            log.info("%s %s as file annotation %d", "reused" if reused else "attached", rel, aid)
         return done
 
     def cleanup_unfinished(self):

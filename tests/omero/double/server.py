@@ -320,6 +320,16 @@ def annotation(rec, session):
         obj.setNs(rstring(rec["ns"]))
     if rec["kind"] in ("comment", "tag"):
         obj.setTextValue(rstring(rec.get("text") or ""))
+    if rec["kind"] == "file":
+        if rec.get("description") is not None:
+            obj.setDescription(rstring(rec["description"]))
+        ofile = WORLD.original_files[rec["file"]]
+        loaded = omero.model.OriginalFileI(ofile["id"], True)
+        loaded.setName(rstring(ofile["name"]))
+        loaded.setSize(rlong(ofile["size"]))
+        if ofile.get("hash") is not None:
+            loaded.setHash(rstring(ofile["hash"]))
+        obj.setFile(loaded)
     return details(obj, rec["owner"], rec["group"], can_link_annotation(rec, session))
 
 
@@ -647,6 +657,9 @@ MODEL_LINKS = {
     ("UploadJob", "versionInfo"): "NamedValue", ("MetadataImportJob", "versionInfo"): "NamedValue",
     ("Image", "fileset"): "Fileset",
     ("ImageAnnotationLink", "parent"): "Image", ("ImageAnnotationLink", "child"): "Annotation",
+    ("DatasetAnnotationLink", "parent"): "Dataset", ("DatasetAnnotationLink", "child"): "Annotation",
+    ("ScreenAnnotationLink", "parent"): "Screen", ("ScreenAnnotationLink", "child"): "Annotation",
+    ("FileAnnotation", "file"): "OriginalFile",
     ("ProjectDatasetLink", "parent"): "Project", ("ProjectDatasetLink", "child"): "Dataset",
     ("Details", "owner"): "Experimenter", ("Details", "group"): "ExperimenterGroup",
 }
@@ -773,6 +786,10 @@ class QueryI(omero.api.IQuery):
         WORLD.counters["queries"] += 1
         check_hql(query)
         with WORLD.lock:
+            if query == C.Q_JOB_ATTACHMENTS:
+                recs = [a for a in WORLD.annotations.values() if a["kind"] == "file" and a["ns"] == p["ns"]
+                        and a.get("description") in p["keys"] and a["owner"] == p["uid"] and visible(a, s)]
+                return [annotation(a, s) for a in sorted(recs, key=lambda a: a["id"])]
             if query in (C.Q_PROJECT, C.Q_DATASET, C.Q_SCREEN):
                 kind = {C.Q_PROJECT: "project", C.Q_DATASET: "dataset", C.Q_SCREEN: "screen"}[query]
                 table = {"project": WORLD.projects, "dataset": WORLD.datasets, "screen": WORLD.screens}[kind]
@@ -811,6 +828,14 @@ class QueryI(omero.api.IQuery):
             if query == C.Q_FILESET_IMAGES:
                 rows = [(i["id"], i["fileset"]) for i in WORLD.images.values()
                         if i["fileset"] in p["ids"] and visible(i, s)]
+                return [[rlong(a), rlong(b)] for a, b in sorted(rows)]
+            if query in C.Q_ANNOTATION_LINKS.values():
+                kind = next(k for k, q in C.Q_ANNOTATION_LINKS.items() if q == query).lower()
+                if kind == "image":
+                    rows = {(i, a["id"]) for a in WORLD.annotations.values() if a["id"] in p["ids"]
+                            and visible(a, s) for i in a["images"]}
+                else:
+                    rows = {(pid, aid) for k, pid, aid in WORLD.container_links if k == kind and aid in p["ids"]}
                 return [[rlong(a), rlong(b)] for a, b in sorted(rows)]
             if query == C.Q_ANNOTATED_IMAGES:
                 rows = {i for a in WORLD.annotations.values() if a["ns"] == p["ns"] and visible(a, s)
@@ -868,6 +893,9 @@ class UpdateI(omero.api.IUpdate):
                     raise omero.ValidationException(None, None, f"no {kind} {pid} or annotation {aid}")
                 if parent["group"] != s["group"] or ann["group"] != s["group"]:
                     raise omero.SecurityViolation(None, None, "cannot link objects of another group")
+                if [kind, pid, aid] in WORLD.container_links:
+                    # OMERO's unique (parent, child, owner) constraint on annotation links.
+                    raise omero.ValidationException(None, None, f"{kind} {pid} is already linked to annotation {aid}")
                 WORLD.container_links.append([kind, pid, aid])
                 return type(obj)(WORLD.new_id(), False)
             if isinstance(obj, omero.model.OriginalFileI):
@@ -1225,7 +1253,18 @@ class RawFileStoreI(omero.api.RawFileStore):
         session_of(current)
         with WORLD.lock:
             rec = self.record
-            rec["hash"] = rec["sha1"].hexdigest()
+            # As RawFileBean.save: the hash and size of the file as it is on disk now (a
+            # rewrite of an upload cut short included).
+            path = rec.get("path")
+            if path and os.path.exists(path):
+                digest = hashlib.sha1()
+                with open(path, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(chunk)
+                rec["hash"] = digest.hexdigest()
+                rec["size"] = os.path.getsize(path)
+            else:
+                rec["hash"] = rec["sha1"].hexdigest()
             out = omero.model.OriginalFileI(rec["id"], True)
             out.setSize(rlong(rec["size"]))
             out.setHash(rstring(rec["hash"]))
