@@ -43,3 +43,15 @@ def test_success_mail_links_each_imported_image_in_omero_web(store, omero_config
     assert "Description: Hippocampus CA1, mouse 7" in text and "objective: 63x/1.4 oil" in text
     html = message.get_body(("html",)).get_content()
     assert f'<a href="https://omero.example.org/webclient/?show=image-{images[0]}">' in html
+
+
+def test_owner_mail_goes_to_the_owners_email_from_omero(store, importer, make_spec, double):
+    # Outside tester, finding 4: with no email in the job, every owner mail went to the
+    # admin ("has no known email address") although OMERO has jdoe's address.
+    job = run_job(store, importer, make_spec({"a.fake": b""}, group="lab", email=None))
+    assert job.state is JobState.SUCCEEDED, job.error
+
+    (mail,) = Notifier(importer.config).compose(job)
+    assert mail.recipients == ("jdoe@example.org",)
+    assert job.result["owner_email"] == "jdoe@example.org"
+    assert "no known email address" not in mail.message.get_body(("plain",)).get_content()

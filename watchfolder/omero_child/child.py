@@ -536,6 +536,7 @@ class Importer:
         self.req = req
         self.emit = emit
         self.admin = None
+        self.owner_email = None  # the owner's address as OMERO has it (set by connect)
         self.client = None
         self.host = req.get("omero_host") or req["host"]
         self.port = int(req.get("omero_port") or req["port"])
@@ -600,7 +601,8 @@ class Importer:
                     f"OMERO has no user {owner!r}: check the owner's OMERO user name in the "
                     "sidecar or manifest (or ask the facility to create the account)"
                 ) from None
-            email = email or unwrap(exp.getEmail()) or None
+            self.owner_email = unwrap(exp.getEmail()) or None
+            email = email or self.owner_email
             member_of = set(admin_svc.getMemberOfGroupIds(exp))
             group = req.get("group")
             if group:
@@ -639,9 +641,10 @@ class Importer:
             self.client = plain
         sf = self.client.getSession()
         self.ec = sf.getAdminService().getEventContext()
-        if not email and self.admin is None:
+        if self.admin is None:
             exp = sf.getAdminService().getExperimenter(self.ec.userId)
-            email = unwrap(exp.getEmail()) or None
+            self.owner_email = unwrap(exp.getEmail()) or None
+            email = email or self.owner_email
         self.email = email
         log.info("session for %s in group %s (sudo=%s)", self.ec.userName, self.ec.groupName,
                  self.admin is not None)
@@ -1365,6 +1368,9 @@ class Importer:
             "owner": self.ec.userName,
             "group": self.ec.groupName,
             "email": self.email,
+            # The owner's address as OMERO has it: the mails' recipient when the job
+            # names none (watchfolder.mail.notify reads this key).
+            "owner_email": self.owner_email,
             "sudo": self.admin is not None,
             "server": f"{self.host}:{self.port}",
             "bytes": figures["bytes_total"],
