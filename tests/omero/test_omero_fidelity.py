@@ -247,3 +247,19 @@ def test_a_retry_during_the_attachment_step_reuses_the_attachments(store, import
     assert len(files) == len(notes)  # the note cut mid-upload was uploaded again into its own file
     assert any(a["reused"] for a in job.result["attachments"])
     assert sorted(a["file"] for a in job.result["attachments"]) == sorted(notes)
+
+
+@pytest.mark.parametrize("bioformats_in_child", [True, False], ids=["before-upload", "suffix-rules"])
+def test_a_plate_is_refused_for_a_dataset_target(store, omero_config, make_spec, double, bioformats,
+                                                 bioformats_in_child):
+    # Outside tester, finding 2 (the mirror of case 3): a plate "into dataset D" ended
+    # succeeded, with the plate in no screen and its images in no dataset.
+    importer = create_importer(omero_config(bioformats=bioformats_in_child))
+    job = run_job(store, importer, make_spec({PLATE: b""}, group="lab",
+                                             target=Target(project="P", dataset="plateds")))
+
+    assert job.state is JobState.FAILED and job.error.kind == "permanent", job.error
+    assert PLATE in job.error.message and "--screen" in job.error.message
+    assert double.live_filesets() == [] and double.state()["plates"] == []
+    if bioformats_in_child:
+        assert double.state()["filesets"] == []  # refused before anything was uploaded

@@ -371,6 +371,15 @@ def attachment_key(req, rel):
     return f"{rel}, attached by watchfolder job {req.get('job_id')}" + (f" [{key}]" if key else "")
 
 
+def plate_into_dataset_message(mains, found, done):
+    """Why a plate fileset is refused for a Dataset target (``done``: what became of it), and the fix."""
+    return (
+        f"{', '.join(mains[:5])}{' ...' if len(mains) > 5 else ''} {'is a plate' if len(mains) == 1 else 'are plates'}"
+        f" ({found}), and OMERO puts a plate into a screen, never into a dataset (it would be orphaned). "
+        f"{done}. A plate goes into a screen: submit it with --screen NAME (target.screen in a sidecar or manifest)"
+    )
+
+
 def text_annotation_pairs(value):
     """The request's ``text_annotations`` as a list of (namespace, text); raises ``Failure`` on bad input."""
     pairs = []
@@ -935,6 +944,10 @@ class Importer:
                 f"{', '.join(rels[:3])} is not a plate (OMERO found no plate in it), and a screen "
                 "takes only plates; it was removed again. Import it into a dataset instead"
             )
+        if kind == "Dataset" and plate_ids:
+            # The mirror (without Bio-Formats, which refuses this before upload).
+            self.delete_filesets([fileset_id] if fileset_id is not None else [])
+            raise Failure(plate_into_dataset_message(rels[:1], "OMERO found a plate", "It was removed again"))
         return fileset_id, sorted(set(image_ids)), hashes
 
     def _upload(self, rfs, path, figures, close=True):
@@ -1163,6 +1176,12 @@ class Importer:
                     f"{' ...' if len(not_plates) > 5 else ''} {'is' if len(not_plates) == 1 else 'are'} "
                     "not a plate (Bio-Formats found no plate); import them into a dataset instead"
                 )
+        if "dataset" in target or "dataset_id" in target:
+            plates = [g["files"][0] for g in info if g["plates"]]
+            if plates:
+                # The mirror of the screen rule: OMERO puts a plate's images in no dataset,
+                # so the plate would be orphaned while the job said "dataset D".
+                raise Failure(plate_into_dataset_message(plates, "Bio-Formats found a plate", "Nothing was uploaded"))
         if unknown:
             log.info("not images (%s): %s", policy, ", ".join(unknown))
         self.not_images = unknown if policy == "attach" else {}
