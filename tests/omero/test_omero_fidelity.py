@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import pytest
 from conftest import run_job
@@ -263,3 +264,50 @@ def test_a_plate_is_refused_for_a_dataset_target(store, omero_config, make_spec,
     assert double.live_filesets() == [] and double.state()["plates"] == []
     if bioformats_in_child:
         assert double.state()["filesets"] == []  # refused before anything was uploaded
+
+
+@pytest.mark.parametrize("part", ["fifo", "symlink-out"])
+def test_bioformats_sees_only_the_jobs_files(store, importer, make_spec, double, converted, tmp_path, part):
+    # Outside tester, finding 5: the part a multi-file OME-TIFF names, when it is not
+    # among the job's files, was opened anyway: a FIFO hung the child until the idle
+    # timeout ("will try again"), a symlink out of the acquisition was parsed. Bio-Formats
+    # now reads a private mirror of the checked files: the part is absent, and the job
+    # fails before upload naming it.
+    files = {p.name: p.read_bytes() for p in converted["multi"] if p.name != "out_Z1.ome.tiff"}
+    spec = make_spec(files, group="lab")
+    needed = Path(spec.root) / "out_Z1.ome.tiff"
+    if part == "fifo":
+        os.mkfifo(needed)
+    else:
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        (outside / needed.name).write_bytes((converted["multi"][1]).read_bytes())
+        needed.symlink_to(outside / needed.name)
+    job = run_job(store, importer, spec)
+
+    assert job.state is JobState.FAILED and job.error.kind == "permanent", job.error
+    assert "out_Z0.ome.tiff needs out_Z1.ome.tiff" in job.error.message
+    assert "not among the job's files" in job.error.message
+    assert double.state()["filesets"] == []
+
+
+def test_checked_files_are_the_ones_read_after_a_swap(child_module, tmp_path):
+    # The security tester's variant: after the check, a file swapped for a symlink to an
+    # outside file. Bio-Formats' mirror and the upload still read the checked inode.
+    root = tmp_path / "acq"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.tif").write_bytes(b"checked")
+    (tmp_path / "outside.tif").write_bytes(b"outside")
+    checked = child_module.CheckedFiles({"root": str(root), "allowed_root": str(tmp_path)}, ["sub/a.tif"])
+    try:
+        (root / "sub" / "a.tif").unlink()
+        (root / "sub" / "a.tif").symlink_to(tmp_path / "outside.tif")
+        mirror = Path(checked.mirror())
+        assert (mirror / "sub" / "a.tif").read_bytes() == b"checked"
+        assert sorted(p.name for p in mirror.rglob("*")) == ["a.tif", "sub"]
+        assert oct(mirror.stat().st_mode & 0o777) == "0o700"
+        with checked.open("sub/a.tif") as f:
+            assert f.read() == b"checked"
+    finally:
+        checked.close()
+    assert not mirror.exists()

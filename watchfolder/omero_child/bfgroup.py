@@ -18,6 +18,8 @@ import os
 import sys
 
 JAR_NAME = "bioformats_package.jar"
+# A refusal of a file whose dataset needs a file that is not among the job's files.
+MISSING = "needs a file that is not among the job's files: "
 
 
 def default_jar():
@@ -49,11 +51,14 @@ class Reading:
 
     ``used_files``: absolute paths of the whole dataset the file belongs to;
     ``series``: number of images; ``plates``: number of HCS plates;
-    ``image_names``: one name per series (may be empty strings).
+    ``image_names``: one name per series (may be empty strings); ``missing``: files the
+    dataset needs that are absent from (or outside) the folder read, relative to it.
     """
 
-    def __init__(self, path, fmt=None, used_files=(), series=0, plates=0, image_names=(), error=None):
+    def __init__(self, path, fmt=None, used_files=(), series=0, plates=0, image_names=(), error=None,
+                 missing=()):
         self.path = path
+        self.missing = list(missing)  # files the dataset needs that are not there (relative to root)
         self.format = fmt
         self.used_files = list(used_files)
         self.series = series
@@ -94,9 +99,16 @@ class BioFormats:
 
         return str(FormatTools.VERSION)
 
-    def read(self, path):
+    def read(self, path, root=None):
         """Open ``path`` with ``ImageReader`` (as OMERO does) and close it again; never raises
-        for a file Bio-Formats refuses: the ``Reading`` carries Bio-Formats' reason."""
+        for a file Bio-Formats refuses: the ``Reading`` carries Bio-Formats' reason.
+
+        With ``root`` (the folder of the job's files), a dataset that needs a file absent
+        from it — Bio-Formats' "Missing file", a ``FileNotFoundException``, or a used
+        file outside ``root`` — is refused with :data:`MISSING` and ``missing`` set.
+        """
+        import re
+
         import jpype
         from loci.formats import ImageReader, MetadataTools
 
@@ -104,6 +116,11 @@ class BioFormats:
         meta = MetadataTools.createOMEXMLMetadata()
         reader.setMetadataStore(meta)
         path = os.path.abspath(path)
+        root = os.path.abspath(root) if root else None
+
+        def shown(p):
+            return os.path.relpath(os.path.normpath(p), root) if root else os.path.basename(p)
+
         try:
             reader.setId(path)
             series = int(reader.getSeriesCount())
@@ -113,10 +130,24 @@ class BioFormats:
                     names.append(str(meta.getImageName(i) or ""))
                 except jpype.JException:
                     names.append("")
-            return Reading(path, str(reader.getFormat()), [str(f) for f in reader.getUsedFiles()],
-                           series, int(meta.getPlateCount()), names)
+            used = [str(f) for f in reader.getUsedFiles()]
+            outside = [shown(f) for f in used if root and not _within(os.path.normpath(f), root)]
+            if outside:
+                return Reading(path, error=MISSING + ", ".join(outside), missing=outside)
+            return Reading(path, str(reader.getFormat()), used, series, int(meta.getPlateCount()), names)
         except jpype.JException as exc:
-            return Reading(path, error=_java_reason(exc, path))
+            reason = _java_reason(exc, path)
+            missing = []
+            if root:
+                found = re.search(r"Missing file (.+?) associated with UUID", reason)
+                if found:
+                    missing = [found.group(1)]
+                elif reason.startswith("FileNotFoundException"):
+                    target = re.match(r"FileNotFoundException: (.+?)(?: \(No such file or directory\))?$", reason)
+                    missing = [shown(target.group(1)) if target else reason]
+            if missing:
+                return Reading(path, error=MISSING + ", ".join(missing), missing=missing)
+            return Reading(path, error=reason)
         finally:
             try:
                 reader.close()
@@ -129,9 +160,9 @@ class BioFormats:
         Returns ``(filesets, not_images)``: ``filesets`` is a list of dicts
         ``{"files": [rel, ...] (the file read first), "format", "series", "plates",
         "image_names"}``; ``not_images`` is ``{rel: Bio-Formats' reason}`` for
-        files no reader accepts and no fileset uses. A dataset's used files
-        outside ``files`` are ignored (the acquisition's file list decides what
-        is uploaded). When two readers claim a file, the one that claims more
+        files no reader accepts and no fileset uses, or (:data:`MISSING`) whose
+        dataset needs a file outside ``root`` or absent from it. ``root`` should
+        hold exactly the job's files (the child's private mirror). When two readers claim a file, the one that claims more
         files wins, as in ``ImportCandidates``. ``progress(files_examined)`` is
         called after each file read (a long folder must not look hung).
         """
@@ -146,7 +177,7 @@ class BioFormats:
                 progress(n)
             if rel in owner:
                 continue
-            reading = self.read(os.path.join(root, rel))
+            reading = self.read(os.path.join(root, rel), root)
             if reading.error:
                 refused[rel] = reading.error
                 continue
@@ -170,6 +201,10 @@ class BioFormats:
                 refused.pop(u, None)
         filesets = [g for g in groups if g is not None]
         return filesets, {rel: why for rel, why in sorted(refused.items()) if rel not in owner}
+
+
+def _within(path, root):
+    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 def _java_reason(exc, path):

@@ -162,6 +162,103 @@ def open_source(req, rel):
 
 # Multi-file formats: (suffix of the main file, function(stem) -> how to
 # recognise its companions). Paths are relative, '/'-separated.
+class CheckedFiles:
+    """The job's files, each opened once through the safe opener (``watchfolder/safefs.py``:
+    contained, no symlink out, regular files only) and kept open, so that Bio-Formats and
+    the upload read exactly the inodes that were checked, whatever is swapped in later.
+
+    :meth:`mirror` builds a private folder (mode 0700) whose entries, named like the
+    relative paths, are symlinks to ``/proc/self/fd/N``: Bio-Formats, given only that
+    folder, sees the job's files and nothing else — a companion's ``../../outside``
+    or an excluded dot-file or FIFO next to the data is simply absent. The soft
+    ``RLIMIT_NOFILE`` is raised to the hard one; past it (minus a margin) files are not
+    kept open: they are mirrored by their real path and reopened and compared
+    (device, inode, size, mtime) when read. Raises :class:`Failure` for a missing or
+    refused file.
+    """
+
+    MARGIN = 256  # descriptors left for Ice, the JVM and the rest
+
+    def __init__(self, req, files):
+        import resource
+
+        safefs = _safefs()
+        self.req = req
+        self.fds, self.stats = {}, {}
+        self.folder = None
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+                soft = hard
+            except (ValueError, OSError):
+                pass
+        budget = max(0, (soft if soft != resource.RLIM_INFINITY else 1 << 20) - self.MARGIN)
+        try:
+            tree = safefs.SourceTree(req.get("allowed_root") or "/", req["root"])
+        except safefs.UnsafePath as exc:
+            raise Failure(str(exc)) from None
+        try:
+            for rel in files:
+                try:
+                    fd, st = tree.open(rel)
+                except safefs.UnsafePath as exc:
+                    raise Failure(str(exc)) from None
+                except OSError as exc:
+                    raise Failure(
+                        f"{rel!r} is missing from {req['root']} ({exc.strerror}); put the file back "
+                        "or remove it from the acquisition's files"
+                    ) from None
+                self.stats[rel] = st
+                if len(self.fds) < budget:
+                    self.fds[rel] = fd
+                else:
+                    os.close(fd)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            tree.close()
+
+    def size(self, rel):
+        return self.stats[rel].st_size
+
+    def open(self, rel):
+        """A binary file of its own (own offset) on the checked inode of ``rel``."""
+        fd = self.fds.get(rel)
+        if fd is not None:
+            return open(f"/proc/self/fd/{fd}", "rb")
+        f, _ = open_source(self.req, rel)
+        if not _safefs().same_file(os.fstat(f.fileno()), self.stats[rel]):
+            f.close()
+            raise Failure(f"{rel} changed after it was checked (replaced or rewritten); submit the job again "
+                          "once the acquisition is complete")
+        return f
+
+    def mirror(self):
+        """The private folder Bio-Formats reads (made once): see the class docstring."""
+        import tempfile
+
+        if self.folder is None:
+            self.folder = tempfile.mkdtemp(prefix="watchfolder-bf-")  # mode 0700
+            for rel in self.stats:
+                where = os.path.join(self.folder, rel)
+                os.makedirs(os.path.dirname(where), mode=0o700, exist_ok=True)
+                fd = self.fds.get(rel)
+                os.symlink(f"/proc/self/fd/{fd}" if fd is not None else os.path.join(self.req["root"], rel), where)
+        return self.folder
+
+    def close(self):
+        import shutil
+
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+
 def _companion_dir(name_of_dir):
     def match(main, other):
         folder = os.path.dirname(main)
@@ -559,6 +656,7 @@ class Importer:
         self.lifetime_ms = None
         self.bf = None
         self.bf_reason = None
+        self.checked = None  # CheckedFiles, from run()
         self.not_images = {}
         self.ignored = []
         self.fileset_info = None
@@ -661,6 +759,8 @@ class Importer:
     def close(self):
         """End the job's sessions: the owner's (sudo) session is closed on the server, not
         left to time out (joining it took one reference, creating it another)."""
+        if self.checked is not None:
+            self.checked.close()
         _close(self.client)
         if self.admin is not None and self.sudo_session is not None:
             try:
@@ -969,7 +1069,7 @@ class Importer:
             # uploader writes zero bytes first); without it an empty file never
             # exists on the server and verifyUpload fails.
             rfs.write(b"", 0, 0)
-            with open_source(self.req, os.path.relpath(path, self.root))[0] as f:
+            with self.checked.open(os.path.relpath(path, self.root)) as f:
                 while True:
                     block = f.read(self.block)
                     if not block:
@@ -1116,7 +1216,7 @@ class Importer:
         group_filesets(files, given)
         self.bf_reason = None
         if req.get("bioformats", True):
-            from bfgroup import BioFormats, why_unavailable
+            from bfgroup import MISSING, BioFormats, why_unavailable
 
             self.bf_reason = why_unavailable(req.get("bioformats_jar"))
             if self.bf_reason is None:
@@ -1136,19 +1236,34 @@ class Importer:
             return group_filesets(files, given)
         claimed = {p for g in given for p in g}
         started = time.monotonic()
+        # Bio-Formats reads the job's checked files only, through a private mirror.
+        mirror = self.checked.mirror()
         found, refused = self.bf.group(
-            self.root, [f for f in files if f not in claimed],
+            mirror, [f for f in files if f not in claimed],
             progress=lambda n: self.emit.progress("grouping", files_done=n))
         info = []
         for g in given:
             # The manifest's grouping wins; Bio-Formats still reads its main file.
-            reading = self.bf.read(os.path.join(self.root, g[0]))
+            reading = self.bf.read(os.path.join(mirror, g[0]), mirror)
+            if reading.error and reading.missing:
+                refused[g[0]] = reading.error
+                continue
             if reading.error:
                 refused_given = {g[0]: reading.error}
                 raise Failure(self._corrupt_message(refused_given, given=True))
             info.append({"files": g, "format": reading.format, "series": reading.series,
                          "plates": reading.plates})
         info += found
+        missing = {rel: why[len(MISSING):] for rel, why in refused.items() if why.startswith(MISSING)}
+        if missing:
+            raise Failure(
+                "; ".join(f"{rel} needs {needs}" for rel, needs in list(missing.items())[:5])
+                + (" ..." if len(missing) > 5 else "")
+                + f", which {'is' if sum(len(v.split(', ')) for v in missing.values()) == 1 else 'are'} not among "
+                "the job's files: excluded (a dot-file, or a name the watcher skips), not a regular file, or "
+                "outside the acquisition folder. Nothing was uploaded. Put the file into the acquisition under "
+                "a name that is not excluded, or remove the file that needs it"
+            )
         corrupt = {rel: why for rel, why in refused.items() if not why.startswith("UnknownFormatException")}
         if corrupt:
             raise Failure(self._corrupt_message(corrupt))
@@ -1239,17 +1354,16 @@ class Importer:
         done = []
         for rel in self.not_images:
             path = os.path.join(self.root, rel)
-            opener = lambda r: open_source(self.req, r)[0]  # noqa: E731
             reused = False
             if rel in earlier:
                 aid, fid, server_sha1 = earlier[rel]
-                sha1 = _sha1_of(rel, self.block, opener)
+                sha1 = _sha1_of(rel, self.block, self.checked.open)
                 reused = server_sha1 == sha1
             else:
                 ofile = omero.model.OriginalFileI()
                 ofile.setName(rstring(os.path.basename(rel)))
                 ofile.setPath(rstring(os.path.dirname(os.path.abspath(path)) + "/"))
-                ofile.setSize(rlong(os.path.getsize(path)))
+                ofile.setSize(rlong(self.checked.size(rel)))
                 ofile.setMimetype(rstring("application/octet-stream"))
                 fid = update.saveAndReturnObject(ofile).getId().getValue()
                 ann = omero.model.FileAnnotationI()
@@ -1258,7 +1372,7 @@ class Importer:
                 ann.setFile(omero.model.OriginalFileI(fid, False))
                 aid = update.saveAndReturnObject(ann).getId().getValue()
             if reused:
-                figures["bytes_done"] += os.path.getsize(path)
+                figures["bytes_done"] += self.checked.size(rel)
             else:
                 rfs = sf.createRawFileStore()
                 try:
@@ -1300,16 +1414,8 @@ class Importer:
         files = [str(f) for f in req["files"]]
         self.text_pairs = text_annotation_pairs(req.get("text_annotations"))
         annotation_id_list(req.get("annotation_ids"))  # bad ids fail before connecting
-        sizes = {}
-        for rel in files:
-            try:
-                f, sizes[rel] = open_source(req, rel)
-                f.close()
-            except OSError as exc:
-                raise Failure(
-                    f"{rel!r} is missing from {self.root} ({exc.strerror}); put the file back "
-                    "or remove it from the acquisition's files"
-                ) from None
+        self.checked = CheckedFiles(req, files)
+        sizes = {rel: self.checked.size(rel) for rel in files}
         self.emit.progress("grouping", force=True, bytes_done=0, bytes_total=sum(sizes.values()),
                            files_done=0, files_total=len(files))
         plan = self.plan(files)
@@ -1340,7 +1446,7 @@ class Importer:
             if keys in done:
                 fs_id, images = done[keys]
                 log.info("fileset %d (%s) was imported by an earlier attempt; reusing it", fs_id, rels[0])
-                hashes = [_sha1_of(r, self.block, lambda rel: open_source(req, rel)[0]) for r in rels]
+                hashes = [_sha1_of(r, self.block, self.checked.open) for r in rels]
                 figures["bytes_done"] += sum(sizes[r] for r in rels)
                 figures["files_done"] += len(rels)
                 annotated = {row[0] for row in self.projection(Q_ANNOTATED_IMAGES, ns=req["namespace"], ids=images)}
