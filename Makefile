@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 CONFIG ?= config/demo.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-deps omero-env lint bench faults clean
+.PHONY: install run test test-deps omero-env omero-double lint bench faults clean
 
 # The service's own environment (Python 3.11+), with the test tools.
 $(VENV)/.installed: pyproject.toml
@@ -26,6 +26,11 @@ run: install
 # OMERO tests skip with the reason, it does not stop the other tests.
 omero-env:
 	scripts/omero-env || echo "make: no OMERO environment (see above); the OMERO tests will skip"
+
+# The OMERO server double, by hand: prints its ports, the admin's password and a
+# config snippet, and serves until Ctrl-C (README: "Trying the OMERO path without a server").
+omero-double: omero-env
+	$(PYTHON) scripts/omero-double
 
 # What the tests need outside Python: a headless Chromium for the dashboard test,
 # PostgreSQL server binaries for the PostgreSQL store tests.

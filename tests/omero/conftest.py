@@ -201,11 +201,22 @@ def image_converter(jar: Path, source: Path, pattern: str) -> list[Path]:
 @pytest.fixture(scope="session")
 def converted(bioformats, tmp_path_factory) -> dict[str, list[Path]]:
     """Test images made once per session from Bio-Formats' synthetic .fake files:
-    ``multi``: a multi-file OME-TIFF (three planes, three files, one OME-XML)."""
+    ``multi``: a multi-file OME-TIFF (three planes, three files, one OME-XML);
+    ``tile``: a single-file OME-TIFF of two 256 x 256 planes."""
     folder = tmp_path_factory.mktemp("ome-tiff")
     fake = folder / "multi&sizeZ=3&sizeX=64&sizeY=64.fake"
     fake.touch()
-    return {"multi": image_converter(bioformats, fake, "out_Z%z.ome.tiff")}
+    tile_folder = tmp_path_factory.mktemp("tile")
+    tile = tile_folder / "tile&sizeZ=2&sizeX=256&sizeY=256.fake"
+    tile.touch()
+    return {"multi": image_converter(bioformats, fake, "out_Z%z.ome.tiff"),
+            "tile": image_converter(bioformats, tile, "tile.ome.tiff")}
+
+
+def truncated_tiff(good: bytes) -> bytes:
+    """What an interrupted copy leaves: a TIFF header and the start of its IFD, then junk
+    (Bio-Formats' setId accepts it; reading a plane fails)."""
+    return good[:300] + b"II*\x00garbage"
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import ADMIN_PASSWORD
+from conftest import ADMIN_PASSWORD, truncated_tiff
 from helpers import wait_until
 
 pytestmark = pytest.mark.omero
@@ -214,6 +214,20 @@ out(broken=finish(c, start_import(c, ["broken.tif"])[1]),
     assert all(n.startswith("stage&series=2.fake [") for n in seen["series"]["names"])
 
 
+def test_the_server_reads_every_plane_at_import(omero_python, double, tmp_path, converted):
+    # As ManagedImportRequestI.pixelData: each plane is read for min/max and the checksum,
+    # so a TIFF cut off after its header (which setId accepts) fails the import.
+    good = converted["tile"][0].read_bytes()
+    (tmp_path / "good.tif").write_bytes(good)
+    (tmp_path / "bad.tif").write_bytes(truncated_tiff(good))
+    seen = run(omero_python, double, '''
+c = login("jdoe", "jdoe-pw")
+out(good=finish(c, start_import(c, ["good.tif"])[1]), bad=finish(c, start_import(c, ["bad.tif"])[1]))
+''', tmp_path)
+    assert len(seen["good"]["images"]) == 1
+    assert seen["bad"]["err"] and "bad.tif" in seen["bad"]["message"] and "pixel data" in seen["bad"]["message"]
+
+
 def test_only_plates_are_linked_to_a_screen(omero_python, double, tmp_path, bioformats):
     # The import links a plate to a Screen target; a non-plate image stays orphaned.
     (tmp_path / "cells.fake").write_bytes(b"")
@@ -324,3 +338,15 @@ out(refused=refused, done=done)
     state = double.state()
     assert state["filesets"][0]["state"] == "deleted" and state["images"] == []
     assert not os.path.exists(path)
+
+
+def test_faults_refuses_an_unknown_switch(double):
+    # A misspelt switch ("import_eror") would otherwise change nothing, silently.
+    import urllib.error
+
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        double.faults(import_eror="boom")
+    assert refused.value.code == 400
+    answer = json.loads(refused.value.read())
+    assert "import_eror" in answer["error"] and "import_error" in answer["known"]
+    assert double.state()["faults"] == {}

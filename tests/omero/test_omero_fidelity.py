@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import run_job
+from conftest import run_job, truncated_tiff
 
 from watchfolder.importers import create_importer
 from watchfolder.job import JobState, Target
@@ -311,3 +311,17 @@ def test_checked_files_are_the_ones_read_after_a_swap(child_module, tmp_path):
     finally:
         checked.close()
     assert not mirror.exists()
+
+
+def test_a_truncated_tiff_fails_before_upload(store, importer, make_spec, double, converted):
+    # Outside tester, finding 3: a cut-off TIFF passed the pre-check (Bio-Formats' setId
+    # reads the header only) and was imported. OMERO's server reads every plane at import
+    # (ManagedImportRequestI.pixelData), so the child now reads some before upload.
+    good = converted["tile"][0].read_bytes()
+    job = run_job(store, importer, make_spec({"good.tif": good, "bad.tif": truncated_tiff(good)}, group="lab"))
+
+    assert job.state is JobState.FAILED and job.error.kind == "permanent", job.error
+    assert "bad.tif" in job.error.message and "pixel data" in job.error.message
+    assert "good.tif" not in job.error.message
+    state = double.state()
+    assert state["filesets"] == [] and state["counters"]["bytes_written"] == 0

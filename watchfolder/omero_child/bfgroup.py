@@ -20,6 +20,14 @@ import sys
 JAR_NAME = "bioformats_package.jar"
 # A refusal of a file whose dataset needs a file that is not among the job's files.
 MISSING = "needs a file that is not among the job's files: "
+# OMERO's server reads the pixel data of every plane of every series whose planes are
+# at most this large (omero.pixeldata.max_plane_width x max_plane_height, 3192 x 3192
+# by default): ManagedImportRequestI.pixelData -> parseData, for the min/max and the
+# checksum; larger (pyramid) series it leaves to the pixel-data service.
+MAX_PLANE = 3192 * 3192
+# The child's check reads a tile of at most this side from the first and the last
+# plane of each such series: a cut-off file fails there (its end is what is missing).
+CHECK_TILE = 1024
 
 
 def default_jar():
@@ -99,13 +107,19 @@ class BioFormats:
 
         return str(FormatTools.VERSION)
 
-    def read(self, path, root=None):
+    def read(self, path, root=None, pixels=None):
         """Open ``path`` with ``ImageReader`` (as OMERO does) and close it again; never raises
         for a file Bio-Formats refuses: the ``Reading`` carries Bio-Formats' reason.
 
         With ``root`` (the folder of the job's files), a dataset that needs a file absent
         from it — Bio-Formats' "Missing file", a ``FileNotFoundException``, or a used
         file outside ``root`` — is refused with :data:`MISSING` and ``missing`` set.
+
+        ``pixels``: None reads metadata only; ``"check"`` also reads a tile (at most
+        :data:`CHECK_TILE` square) of the first and the last plane of every series whose
+        planes OMERO reads (:data:`MAX_PLANE`) — the child's bounded pre-check, two tile
+        reads per series; ``"all"`` reads every such plane whole, as OMERO's server does
+        (the test double). A plane that cannot be read refuses the file, naming it.
         """
         import re
 
@@ -134,6 +148,10 @@ class BioFormats:
             outside = [shown(f) for f in used if root and not _within(os.path.normpath(f), root)]
             if outside:
                 return Reading(path, error=MISSING + ", ".join(outside), missing=outside)
+            if pixels:
+                problem = _read_planes(reader, series, pixels == "all", path)
+                if problem:
+                    return Reading(path, error=problem)
             return Reading(path, str(reader.getFormat()), used, series, int(meta.getPlateCount()), names)
         except jpype.JException as exc:
             reason = _java_reason(exc, path)
@@ -154,7 +172,7 @@ class BioFormats:
             except jpype.JException:
                 pass
 
-    def group(self, root, files, progress=None):
+    def group(self, root, files, progress=None, pixels=None):
         """Split ``files`` (paths relative to ``root``) into filesets as ``ImportCandidates`` does.
 
         Returns ``(filesets, not_images)``: ``filesets`` is a list of dicts
@@ -165,6 +183,7 @@ class BioFormats:
         hold exactly the job's files (the child's private mirror). When two readers claim a file, the one that claims more
         files wins, as in ``ImportCandidates``. ``progress(files_examined)`` is
         called after each file read (a long folder must not look hung).
+        ``pixels``: as for :meth:`read`, for the file read first of each fileset.
         """
         files = [str(f) for f in files]
         root = os.path.abspath(root)
@@ -177,7 +196,7 @@ class BioFormats:
                 progress(n)
             if rel in owner:
                 continue
-            reading = self.read(os.path.join(root, rel), root)
+            reading = self.read(os.path.join(root, rel), root, pixels)
             if reading.error:
                 refused[rel] = reading.error
                 continue
@@ -201,6 +220,28 @@ class BioFormats:
                 refused.pop(u, None)
         filesets = [g for g in groups if g is not None]
         return filesets, {rel: why for rel, why in sorted(refused.items()) if rel not in owner}
+
+
+def _read_planes(reader, series, every, path):
+    """None when the planes read fine; else the reason, naming series and plane."""
+    import jpype
+
+    for i in range(series):
+        reader.setSeries(i)
+        width, height, count = int(reader.getSizeX()), int(reader.getSizeY()), int(reader.getImageCount())
+        if width * height > MAX_PLANE:
+            continue  # OMERO does not read these planes at import either
+        planes = range(count) if every else sorted({0, count - 1})
+        for plane in planes:
+            w, h = (width, height) if every else (min(width, CHECK_TILE), min(height, CHECK_TILE))
+            x, y = (0, 0) if every or plane == 0 else (width - w, height - h)
+            try:
+                reader.openBytes(plane, x, y, w, h)
+            except jpype.JException as exc:
+                where = f"series {i}, " if series > 1 else ""
+                return f"cannot read its pixel data ({where}plane {plane} of {count}): {_java_reason(exc, path)}"
+    reader.setSeries(0)
+    return None
 
 
 def _within(path, root):

@@ -1239,12 +1239,12 @@ class Importer:
         # Bio-Formats reads the job's checked files only, through a private mirror.
         mirror = self.checked.mirror()
         found, refused = self.bf.group(
-            mirror, [f for f in files if f not in claimed],
+            mirror, [f for f in files if f not in claimed], pixels="check",
             progress=lambda n: self.emit.progress("grouping", files_done=n))
         info = []
         for g in given:
             # The manifest's grouping wins; Bio-Formats still reads its main file.
-            reading = self.bf.read(os.path.join(mirror, g[0]), mirror)
+            reading = self.bf.read(os.path.join(mirror, g[0]), mirror, pixels="check")
             if reading.error and reading.missing:
                 refused[g[0]] = reading.error
                 continue

@@ -1,6 +1,8 @@
 """An OMERO server double: real Ice on 127.0.0.1, built on omero-py's skeletons.
 
-Run with the omero-py interpreter (``.venv-omero/bin/python server.py``). It
+By hand: ``make omero-double`` (scripts/omero-double seeds an admin and a user and
+prints ports and password). Run with the omero-py interpreter
+(``.venv-omero/bin/python server.py [WORKDIR]``). It
 prints one JSON line ``{"port": ICE_PORT, "control": HTTP_PORT}`` when ready
 and serves until its stdin closes or it gets SIGTERM.
 
@@ -34,7 +36,7 @@ Control channel (HTTP on 127.0.0.1, JSON):
     POST /session/close    {"uuid"}: that session ends (logged out, or timed out)
     POST /annotations      {"owner", "group", "kind": "tag"|"comment"|"map", "ns"?, "text"?}
                            -> {"id"}: an annotation that exists before the import
-    POST /faults           merge switches; null clears one:
+    POST /faults           merge switches (an unknown one: 400 naming the known ones); null clears one:
                            down (bool: listener closed, connections refused),
                            slow (seconds added to every upload write and login),
                            drop_after_bytes (int: drop the connection once that many
@@ -1059,7 +1061,8 @@ class ServerBioFormats:
         if bf is None:
             return None
         with self.lock:
-            return bf.read(path)
+            # Every plane of every series, as ManagedImportRequestI.pixelData reads them.
+            return bf.read(path, pixels="all")
 
 
 SERVER_BF = ServerBioFormats()
@@ -1415,6 +1418,11 @@ class Double:
 DOUBLE = None
 
 
+# The switches POST /faults takes (see the module docstring).
+FAULTS = ("down", "slow", "drop_after_bytes", "import_error", "import_delay", "session_defaults",
+          "hold_first_write")
+
+
 class Control(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
@@ -1472,6 +1480,10 @@ class Control(BaseHTTPRequestHandler):
                 WORLD.sessions[body["uuid"]]["closed"] = True
             return self._answer({"ok": True})
         if self.path == "/faults":
+            unknown = sorted(set(body) - set(FAULTS))
+            if unknown:
+                # A misspelt switch would otherwise do nothing, silently.
+                return self._answer({"error": f"unknown fault(s) {unknown}", "known": sorted(FAULTS)}, 400)
             with WORLD.lock:
                 for k, v in body.items():
                     if v is None:
