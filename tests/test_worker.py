@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from helpers import wait_until
 from watchfolder.errors import PermanentImportError, TransientImportError
 from watchfolder.importers.archive import ArchiveImporter
 from watchfolder.importers.base import Importer
-from watchfolder.job import JobState
+from watchfolder.job import JobState, RetryPolicy
 from watchfolder.worker import Worker, WorkerPool
 
 T0 = 1_800_000_000.0
@@ -567,4 +568,110 @@ def test_an_orphan_cancelled_from_the_cli_is_cleaned_up_on_the_maintain_tick(tmp
     Worker(store, importer, name="w", maintain_interval=0).loop()
     assert not archive.exists() or [p for p in archive.rglob("*") if p.is_file()] == []
     assert "removed 2 file(s)" in store.read_log(job.id)
+    store.close()
+
+
+# -- a store fault is never the job's fault (issue 11, follow-up A) ------------------
+
+LOCKER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.read()
+conn.execute("COMMIT")
+"""
+
+
+def _lock_database(db: Path) -> subprocess.Popen:
+    """Another process holding the database's write lock (``BEGIN EXCLUSIVE``) until its stdin closes."""
+    proc = subprocess.Popen([sys.executable, "-c", LOCKER, str(db)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def _unlock(proc: subprocess.Popen) -> None:
+    proc.stdin.close()
+    assert proc.wait(30) == 0
+
+
+class LockingImporter(Importer):
+    """Has the database locked by another process mid-import, then reports progress and logs."""
+
+    name = "locking"
+
+    def __init__(self, db: Path):
+        self.db = db
+        self.locker: subprocess.Popen | None = None
+        self.returned = threading.Event()
+
+    def run(self, job, ctx):
+        self.locker = _lock_database(self.db)
+        for step in range(5):
+            ctx.progress("copying", (step + 1) * 10, 50, step + 1, 5)
+            ctx.log(f"copied file {step + 1} of 5")
+        self.returned.set()
+        return {"files": [], "bytes": 50}
+
+
+def test_a_store_locked_during_an_import_is_waited_out_and_costs_no_attempt(tmp_path, make_spec, caplog):
+    from watchfolder.store import SQLiteStore
+
+    db = tmp_path / "data" / "watchfolder.db"
+    # One attempt only: before the fix a "database is locked" on a progress write failed the job for good.
+    store = SQLiteStore(db, busy_timeout=0.05, retry=RetryPolicy(1, (0.1,)))
+    importer = LockingImporter(db)
+    worker = Worker(store, importer, name="w", heartbeat_seconds=0.1, maintain_interval=3600)
+    job, _ = store.enqueue(make_spec())
+    thread = threading.Thread(target=worker.run, args=(threading.Event(),), kwargs={"max_jobs": 1})
+    thread.start()
+    try:
+        assert importer.returned.wait(30)
+        # The finishing write meets the lock and waits it out (with backoff) instead of failing the job.
+        wait_until(lambda: "the job store failed" in caplog.text and "trying again" in caplog.text, timeout=30)
+    finally:
+        if importer.locker is not None:
+            _unlock(importer.locker)
+    thread.join(30)
+    assert not thread.is_alive()
+    done = store.get(job.id)
+    assert done.state == JobState.SUCCEEDED, done.history[-1]
+    assert done.attempts == 1 and not done.error
+    assert done.progress.bytes_done == 50  # the latest progress, saved with the outcome
+    text = store.read_log(job.id)
+    assert "unexpected error" not in text and "OperationalError" not in text
+    assert all(f"copied file {n} of 5" in text for n in range(1, 6))
+    assert "unexpected error" not in caplog.text
+    store.close()
+
+
+def test_a_store_fault_before_the_import_releases_the_job_without_using_an_attempt(tmp_path, make_spec, caplog):
+    from watchfolder.store import SQLiteStore
+
+    db = tmp_path / "data" / "watchfolder.db"
+    store = SQLiteStore(db, busy_timeout=0.05, retry=RetryPolicy(1, (0.1,)))
+    spec = make_spec()
+    locker = None
+
+    def redetect(job):  # reading the acquisition again; meanwhile another process locks the database
+        nonlocal locker
+        locker = _lock_database(db)
+        return spec
+
+    worker = Worker(store, ScriptedImporter(), name="w", redetect=redetect, maintain_interval=3600)
+    job, _ = store.enqueue(dataclasses.replace(spec, files=()))  # re-read from disk before the import
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(job=worker.process(store.claim("w"))))
+    thread.start()
+    try:
+        wait_until(lambda: "the job store failed" in caplog.text, timeout=30)
+    finally:
+        if locker is not None:
+            _unlock(locker)
+    thread.join(30)
+    released = store.get(job.id)
+    assert released.state == JobState.QUEUED and released.attempts == 0, released.history[-1]
+    assert "attempt not counted" in store.read_log(job.id)
+    assert "unexpected error" not in caplog.text
     store.close()

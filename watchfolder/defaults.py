@@ -36,6 +36,8 @@ HEARTBEAT_SECONDS = 5.0
 WORKER_PRUNE_SECONDS = 600.0
 SHUTDOWN_GRACE_SECONDS = 30.0
 PROGRESS_MIN_INTERVAL = 0.5
+# Job log lines kept in memory while the data disk refuses them (full, I/O error); the oldest go first.
+LOG_BACKLOG_LINES = 1000
 
 RETRY_MAX_ATTEMPTS = 5
 RETRY_BACKOFF = (30.0, 120.0, 600.0, 1800.0)

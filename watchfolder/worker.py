@@ -45,6 +45,12 @@ STOP_CHECK_SECONDS = 0.2
 JOB_PROGRESS_EVENT = "org.watchfolder.job.progress"
 
 
+def _fault_level(exc: BaseException | None) -> int:
+    """The level a worker logs a store fault at: DEBUG for a server outage (the store reports
+    it once per process, store.outage), WARNING for the rest (SQLite locked, disk full)."""
+    return logging.DEBUG if isinstance(exc, StoreUnavailable) else logging.WARNING
+
+
 class JobContext(ImportContext):
     """The running job's link to the store: progress, lease, cancel and stop checks."""
 
@@ -74,13 +80,36 @@ class JobContext(ImportContext):
         # from now (a job shorter than that finishes without a progress write of its own).
         self._last_write = time.monotonic()
         self._lock = threading.Lock()
+        self._unsaved = False  # the last progress write failed: the next one goes out at once
+        self._store_failing = False  # a store fault is being waited out (logged once per streak)
+        self._log_backlog: list[tuple[float, str]] = []  # log lines the data disk refused, kept in order
+        self._log_lock = threading.Lock()
 
     @property
     def log_path(self) -> str:
         return str(self.store.log_path(self.job.id))
 
     def log(self, message: str | Sequence[str]) -> None:
-        self.store.log(self.job.id, message)
+        """Append to the job's log, best effort: a line the data disk refuses (full, I/O error)
+        is kept in memory and written, with its own time, before the next line that goes through."""
+        with self._log_lock:
+            self._log_backlog.append((time.time(), message))
+            del self._log_backlog[:-D.LOG_BACKLOG_LINES]
+            try:
+                while self._log_backlog:
+                    stamp, line = self._log_backlog[0]
+                    self.store.log(self.job.id, line, now=stamp)
+                    self._log_backlog.pop(0)
+            except Exception as exc:
+                if not self.store.is_fault(exc):
+                    raise
+                self._store_fault(exc, "could not write its log")
+
+    def _store_fault(self, exc: BaseException, what: str) -> None:
+        """Log a store fault once per streak; the job goes on (its attempt is kept)."""
+        if not self._store_failing:
+            log.log(_fault_level(exc), "job %s: %s (%s); the job goes on and tries again", self.job.id, what, exc)
+        self._store_failing = True
 
     def progress(
         self,
@@ -93,7 +122,7 @@ class JobContext(ImportContext):
         with self._lock:
             self.current = Progress(phase, bytes_done, bytes_total, files_done, files_total)
         now = time.monotonic()
-        if now - self._last_write >= self.min_interval:
+        if self._unsaved or now - self._last_write >= self.min_interval:
             self._last_write = now
             self._write(self.current)
         if self.milestones and bytes_total > 0 and bytes_total >= self.milestone_min_bytes:
@@ -115,15 +144,24 @@ class JobContext(ImportContext):
             log.exception("job %s: could not record a progress event", self.job.id)
 
     def _write(self, progress: Progress | None) -> None:
+        # Progress is best effort and coalesced: a write the store refuses (locked,
+        # disk full, server down) is not retried as such; the next one carries the
+        # latest progress, and the heartbeat keeps renewing the lease meanwhile.
         try:
             if self.store.report_progress(self.job.id, self.worker, progress):
                 self.cancel_requested = True
         except LeaseLost as exc:
             self.lease_lost = str(exc)
-        except StoreUnavailable as exc:
-            # Progress is best effort and the lease outlives a short outage; the
-            # next heartbeat after the store is back renews it. (The store logs the outage.)
-            log.debug("job %s: could not renew its lease: %s", self.job.id, exc)
+        except Exception as exc:
+            if not self.store.is_fault(exc):
+                raise
+            self._unsaved = True
+            self._store_fault(exc, "could not save its progress or renew its lease")
+            return
+        self._unsaved = False
+        if self._store_failing:
+            self._store_failing = False
+            log.info("job %s: the store answers again", self.job.id)
 
     def heartbeat(self) -> None:
         """Renew the lease (and save the latest progress); called by the heartbeat thread."""
@@ -210,7 +248,7 @@ class Worker:
         ctx = JobContext(self.store, job, self.name, self.hard_stop, milestones=self.milestones,
                          milestone_min_bytes=self.milestone_min_bytes)
         self.current = ctx
-        self.store.log(job.id, f"attempt {job.attempts} of {job.max_attempts} started on {self.name}")
+        ctx.log(f"attempt {job.attempts} of {job.max_attempts} started on {self.name}")
         # Worker status is published by the heartbeat, not per job: a write per job
         # would cost as much as the job itself on the no-op path.
         try:
@@ -231,20 +269,22 @@ class Worker:
                     return self._settle(lambda: self.store.release(job.id, self.name, now=now, reason=reason,
                                                                    delay=delay))
                 if earlier is not None:
-                    self.store.log(job.id, f"already imported as job {earlier.id} (the same {len(job.spec.files)} "
-                                           "file(s): names, sizes and SHA-256): not imported again")
+                    ctx.log(f"already imported as job {earlier.id} (the same {len(job.spec.files)} "
+                            "file(s): names, sizes and SHA-256): not imported again")
                     result = {"duplicate_of": earlier.id, "files": [], "bytes": 0}
                     for key in ("destination", "image_ids", "fileset_ids", "dataset_id", "screen_id"):
                         if key in (earlier.result or {}):
                             result[key] = earlier.result[key]
-                    return self.store.succeed(job.id, self.name, result, now=now, progress=ctx.current)
+                    return self._settle(
+                        lambda: self.store.succeed(job.id, self.name, result, now=now, progress=ctx.current)
+                    )
                 result = self.importer.run(job, ctx)
                 ctx.checkpoint()  # a cancel that came in at the very end still counts
             except JobCancelled:
-                self.store.log(job.id, "cancelled while running; stopped")
+                ctx.log("cancelled while running; stopped")
                 return self.clean_up(self._settle(lambda: self.store.cancelled(job.id, self.name, now=now)))
             except ShuttingDown:
-                self.store.log(job.id, "worker stopping: job released to the queue")
+                ctx.log("worker stopping: job released to the queue")
                 return self._settle(
                     lambda: self.store.release(job.id, self.name, now=now, reason="worker shutting down")
                 )
@@ -256,9 +296,9 @@ class Worker:
                 kind = "transient" if exc.transient else "permanent"
                 if self.gate is not None and self.gate.failed(exc):
                     reason = f"target {self.gate.target} paused ({exc.message}); attempt not counted"
-                    self.store.log(job.id, f"attempt {job.attempts}: {reason}")
+                    ctx.log(f"attempt {job.attempts}: {reason}")
                     return self._settle(lambda: self.store.release(job.id, self.name, now=now, reason=reason))
-                self.store.log(job.id, f"attempt {job.attempts} failed ({kind}): {exc.message}")
+                ctx.log(f"attempt {job.attempts} failed ({kind}): {exc.message}")
                 failure = exc
                 if not exc.transient or job.attempts >= job.max_attempts:
                     # Ending for good: remove what it wrote *before* the end is recorded, so a job queued
@@ -272,15 +312,22 @@ class Worker:
                     else:
                         self.clean_up(job, ending=True)
                 return self.clean_up(self._settle(lambda: self.store.fail(job.id, self.name, failure, now=now)))
-            except Exception as exc:  # a bug or an unexpected OS error: keep the job, retry later
-                self.store.log(job.id, ["unexpected error:",
-                                        *("  " + line for line in traceback.format_exc().rstrip().split("\n"))])
+            except Exception as exc:
+                if self.store.is_fault(exc):
+                    # The store failed (locked, disk full, server down), not the job: it keeps its
+                    # attempt and goes back to the queue once the store answers.
+                    reason = f"the job store failed ({type(exc).__name__}: {exc}); attempt not counted"
+                    log.warning("job %s: %s", job.id, reason)
+                    ctx.log(f"attempt {job.attempts}: {reason}")
+                    return self._settle(lambda: self.store.release(job.id, self.name, now=now, reason=reason))
+                # a bug or an unexpected OS error: keep the job, retry later
+                ctx.log(["unexpected error:", *("  " + line for line in traceback.format_exc().rstrip().split("\n"))])
                 log.exception("job %s: unexpected error", job.id)
                 failure = TransientImportError(f"internal error: {type(exc).__name__}: {exc}")
                 return self.clean_up(self._settle(lambda: self.store.fail(job.id, self.name, failure, now=now)))
             if self.gate is not None:
                 self.gate.succeeded()
-            self.store.log(job.id, "succeeded")
+            ctx.log("succeeded")
             return self._settle(
                 lambda: self.store.succeed(job.id, self.name, result, now=now, progress=ctx.current)
             )
@@ -309,7 +356,8 @@ class Worker:
         return job
 
     def _settle(self, write):
-        """Run a job's finishing write, waiting out a store outage (server restart, network).
+        """Run a job's finishing write, waiting out a store fault (server restart, network,
+        a database locked past ``busy_timeout``, a full data disk: :meth:`JobStore.is_fault`).
 
         The outcome of work already done is not thrown away: the write is tried
         again with backoff while the heartbeat keeps renewing the lease. If the
@@ -321,11 +369,12 @@ class Worker:
         while True:
             try:
                 return write()
-            except StoreUnavailable as exc:
-                if self.hard_stop.is_set():
+            except Exception as exc:
+                if not self.store.is_fault(exc) or self.hard_stop.is_set():
                     raise
                 delay = next(delays, D.RECONNECT_BACKOFF[-1])
-                log.debug("worker %s: %s; trying again in %g s", self.name, exc, delay)  # the store logs the outage
+                log.log(_fault_level(exc), "worker %s: the job store failed (%s); trying again in %g s",
+                        self.name, exc, delay)
                 self.hard_stop.wait(delay)
 
     # -- what unsuccessful jobs wrote -------------------------------------------
@@ -440,18 +489,20 @@ class Worker:
                 seen = self.store.work_generation()
                 try:
                     job = self.loop()
-                except StoreUnavailable as exc:  # server down or restarting: wait, reconnect with backoff
+                except Exception as exc:
+                    if not self.store.is_fault(exc):  # store broken (corrupt, deleted) or a bug
+                        if str(exc) != last_error:  # once per kind, not every poll
+                            log.exception("worker %s: loop failed; not claiming until the store works",
+                                          self.name)
+                        last_error = str(exc)
+                        stop.wait(self.poll_interval)
+                        continue
+                    # server down or restarting, database locked, disk full: wait with backoff
                     if outage is None:
                         outage = iter(D.RECONNECT_BACKOFF)
                     delay = next(outage, D.RECONNECT_BACKOFF[-1])
                     log.debug("worker %s: %s; trying again in %g s", self.name, exc, delay)  # the store logs it
                     stop.wait(delay)
-                    continue
-                except Exception as exc:  # store busy or broken: claim nothing, keep the worker alive
-                    if str(exc) != last_error:  # once per kind, not every poll
-                        log.exception("worker %s: loop failed; not claiming until the store works", self.name)
-                    last_error = str(exc)
-                    stop.wait(self.poll_interval)
                     continue
                 last_error = None
                 outage = None

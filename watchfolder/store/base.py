@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import email.policy
+import errno
 import logging
 import os
 import socket
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import defaults as D
-from ..errors import ImportFailure
+from ..errors import ImportFailure, StoreUnavailable
 from ..job import Job, JobSpec, JobState, Progress, storable
 
 log = logging.getLogger(__name__)
@@ -565,6 +566,19 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     def ping(self) -> bool:
         """True when the database answers."""
+
+    def is_fault(self, exc: BaseException) -> bool:
+        """True when ``exc`` is the store failing now (unreachable, locked past its timeout,
+        disk full, I/O error), not a fault of the job or the caller: worth waiting out.
+
+        A store fault is never a job's fault (issue 11): a worker keeps the job's
+        attempt, retries its finishing write and makes progress and log writes best
+        effort. A job's log is a file beside the database, so the same OS errors
+        of the data disk (no space, quota, I/O) count too.
+        """
+        if isinstance(exc, StoreUnavailable):
+            return True
+        return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO)
 
     # -- watch folder leases (several watchers, one holder per folder) -------
 

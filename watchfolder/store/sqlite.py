@@ -281,6 +281,10 @@ _DB_ERRORS: dict[str, tuple[str, str]] = {
 }
 
 
+# Result codes of a store failing now rather than of a bad request: waited out by workers.
+_STORE_FAULT_CODES = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR")
+
+
 def explain_database_error(exc: sqlite3.Error, path: os.PathLike | str) -> str:
     """One line for an admin: the database file, the problem, and the fix (by SQLite result code)."""
     code = getattr(exc, "sqlite_errorname", None) or ""
@@ -1609,6 +1613,16 @@ class SQLiteStore(FileLogs, JobStore):
         return row["t"]
 
     # -- health --------------------------------------------------------------
+
+    def is_fault(self, exc: BaseException) -> bool:
+        """Also SQLite's own: locked past ``busy_timeout``, disk full, I/O error (by result code)."""
+        if isinstance(exc, sqlite3.OperationalError):
+            code = getattr(exc, "sqlite_errorname", "") or ""
+            if code.startswith(_STORE_FAULT_CODES):
+                return True
+            text = str(exc)
+            return "database is locked" in text or "disk is full" in text or "disk I/O error" in text
+        return super().is_fault(exc)
 
     def ping(self) -> bool:
         """True when the database answers."""
