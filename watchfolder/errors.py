@@ -43,6 +43,11 @@ class StoreRefused(StoreError):
     """
 
 
+class StoreBroken(StoreError):
+    """The store's database is gone, replaced, emptied or corrupt under this process: every
+    operation refuses until an admin restores it (said once, in a CRITICAL log line)."""
+
+
 class JobNotFound(StoreError):
     def __init__(self, job_id: int):
         self.job_id = job_id

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import sqlite3
+import urllib.error
+import urllib.request
 
 import pytest
-from drills import cli, fill, kill9, report, start, wait_for, write_config
+from drills import cli, fill, kill9, report, rows, start, stop, wait_for, write_config
+from helpers import write_manifest
 
 from watchfolder.errors import StoreError
 from watchfolder.store import SQLiteStore
@@ -136,3 +142,133 @@ def test_two_runs_on_one_data_dir(tmp_path):
     finally:
         kill9(third)
     report("two runs on one data dir", second_run_exit=second.returncode, lock_after_kill9="released")
+
+
+def _drop(drop, name: str) -> None:
+    write_manifest(drop / name, {"img_1.tif": name.encode() * 1000, "img_2.tif": b"pixels" * 500},
+                   target={"project": "Drills", "dataset": name})
+
+
+def _succeeded(db) -> int:
+    try:
+        return rows(db, "SELECT count(*) AS n FROM jobs WHERE state = 'succeeded'")[0]["n"]
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+
+
+def _tables(db) -> list:
+    try:
+        return rows(db, "SELECT name FROM sqlite_master")
+    except sqlite3.DatabaseError:
+        return []
+
+
+def _health(port: int) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/health", timeout=5) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+    except OSError:
+        return 0, {}
+
+
+def test_database_emptied_while_running_is_one_critical_line_and_refused_after(tmp_path):
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = write_config(tmp_path, watch=[{"name": "drop", "path": str(drop), "quiet_period": 0.3,
+                                            "poll_interval": 0.2, "mode": "polling"}],
+                          server={"enabled": True, "listen": f"127.0.0.1:{port}"})
+    db = tmp_path / "data" / "watchfolder.db"
+    output = tmp_path / "run.log"
+    proc = start(config, "run", log=output)
+    try:
+        for name in ("a1", "a2", "a3"):
+            _drop(drop, name)
+        wait_for(lambda: _succeeded(db) == 3 and len(list(drop.glob("*.watchfolder-receipt.json"))) == 3,
+                 60, "three acquisitions imported")
+        wait_for(lambda: _health(port)[0] == 200, 30, "health ok")
+        os.truncate(db, 0)  # `: > watchfolder.db` under the running service
+        _drop(drop, "a4")
+
+        def unhealthy():
+            code, body = _health(port)
+            detail = (body.get("checks") or {}).get("store", {}).get("detail") or ""
+            return code == 503 and f"the job database {db} is empty (0 bytes)" in detail
+
+        wait_for(unhealthy, 30, "health 503 naming the broken database")
+        wait_for(lambda: output.read_text().count("heartbeat failed") >= 2, 30, "the workers meet the broken store")
+        assert db.stat().st_size == 0  # nothing created a new database in its place
+    finally:
+        stop(proc)
+    text = output.read_text()
+    critical = [line for line in text.splitlines() if "CRITICAL" in line]
+    assert len(critical) == 1, critical
+    assert f"the job database {db} is empty (0 bytes)" in critical[0]
+    assert "restore the database from the backup" in critical[0]
+    assert "Traceback" not in text, text[-3000:]
+    # At rest, every command refuses the file: emptied (like a missing one, as logs/ shows a database
+    # existed) or, when the stopping process's last WAL checkpoint wrote pages into it, corrupt.
+    for command in (("jobs", "list"), ("status",)):
+        done = cli(config, *command)
+        assert done.returncode == 1
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1, done.stderr
+        assert str(db) in lines[0] and ("is empty (0 bytes), but" in lines[0] or "corrupt" in lines[0])
+        assert "backup" in lines[0]
+    assert "jobs" not in {r["name"] for r in _tables(db)}  # no fresh database was made
+    report("database emptied", critical_lines=len(critical), tracebacks=0, new_database="refused")
+
+
+def _owner_mails(outbox) -> list:
+    """The outcome mails (the drills' owner has no address of their own: they go to the admin)."""
+    return list(outbox.glob("*.eml"))
+
+
+def test_a_restored_backup_honours_receipts_and_never_reuses_a_log(tmp_path):
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    config = write_config(tmp_path, watch=[{"name": "drop", "path": str(drop), "quiet_period": 0.3,
+                                            "poll_interval": 0.2, "mode": "polling"}])
+    db = tmp_path / "data" / "watchfolder.db"
+    logs = tmp_path / "data" / "logs"
+    outbox = tmp_path / "data" / "outbox"
+    output = tmp_path / "run.log"
+
+    def run_until(names: list[str], done: int) -> None:
+        proc = start(config, "run", log=output)
+        try:
+            for name in names:
+                _drop(drop, name)
+            wait_for(lambda: len(list(drop.glob("*.watchfolder-receipt.json"))) == done
+                     and len(_owner_mails(outbox)) >= min(done, 5), 60, f"{done} acquisitions imported and mailed")
+        finally:
+            stop(proc)
+
+    run_until(["a1", "a2"], 2)
+    backup = tmp_path / "backup.db"  # the nightly backup (sqlite3 .backup)
+    source, target = sqlite3.connect(db), sqlite3.connect(backup)
+    source.backup(target)
+    source.close()
+    target.close()
+    run_until(["a3", "a4"], 4)
+    # The README's restore: stop, move the database and its -wal/-shm aside, put the backup in place.
+    for suffix in ("", "-wal", "-shm"):
+        db.with_name(db.name + suffix).unlink(missing_ok=True)
+    backup.replace(db)
+    run_until(["a5"], 5)
+    jobs = rows(db, "SELECT id, json_extract(spec, '$.extra.acquisition') AS acq FROM jobs ORDER BY id")
+    by_acq = {r["acq"]: r["id"] for r in jobs}
+    # a3 and a4 have receipts: honoured, not imported again; a5 starts past the highest log (4.log).
+    assert sorted(by_acq) == ["a1", "a2", "a5"], by_acq
+    assert by_acq["a5"] == 5
+    for job_id in (3, 4):
+        text = (logs / f"{job_id}.log").read_text()
+        assert text.count("attempt 1 of") == 1, text  # no other job appended to it
+        assert "according to its receipt" in text and "not imported again" in text
+    assert len(_owner_mails(outbox)) == 5  # each owner mailed once
+    assert output.read_text().count("according to its receipt") == 2
+    report("backup restored", jobs_after=len(jobs), reimported=0, owner_mails=5, shared_logs=0)

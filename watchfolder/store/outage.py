@@ -91,7 +91,8 @@ class OutageNoise(logging.Filter):
 
     Drops (or, when the root logger is at DEBUG, shows as DEBUG) a record whose
     exception is a :class:`~watchfolder.errors.StoreUnavailable` (a loop that
-    retries), and psycopg's own warnings about lost or failed connections.
+    retries) or a :class:`~watchfolder.errors.StoreBroken` (the store said so once,
+    CRITICAL), and psycopg's own warnings about lost or failed connections.
     Installed on the root handlers by the command line (``install``).
     """
 
@@ -113,11 +114,11 @@ class OutageNoise(logging.Filter):
         if record.name.startswith("psycopg"):
             return str(record.msg).startswith(self.PSYCOPG_NOISE)
         if record.exc_info and record.exc_info[1] is not None:
-            from ..errors import StoreUnavailable
+            from ..errors import StoreBroken, StoreUnavailable
 
             exc: BaseException | None = record.exc_info[1]
             while exc is not None:
-                if isinstance(exc, StoreUnavailable):
+                if isinstance(exc, (StoreUnavailable, StoreBroken)):
                     return True
                 exc = exc.__cause__ or exc.__context__
         return False

@@ -27,14 +27,14 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from litequeue import LiteQueue
 
 from .. import defaults as D
-from ..errors import ImportFailure, InvalidTransition, JobNotFound, LeaseLost, StoreError
+from ..errors import ImportFailure, InvalidTransition, JobNotFound, LeaseLost, StoreBroken, StoreError
 from ..filemodes import PRIVATE, FileModes
 from ..job import (
     FINISHED_STATES,
@@ -303,6 +303,57 @@ def explain_database_error(exc: sqlite3.Error, path: os.PathLike | str) -> str:
 
 
 
+def _file_problem(path: Path) -> str | None:
+    """What is wrong with the database file at ``path`` as a file: "is missing" or "is empty
+    (0 bytes)" (which SQLite would take for a new database); None otherwise.
+
+    Only ``stat``: opening and closing the file in a process that has it open through
+    SQLite would drop that process's POSIX locks on it (fcntl semantics) and let
+    writers corrupt it. A foreign file is refused by SQLite itself (SQLITE_NOTADB).
+    """
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        return "is missing"
+    except OSError:
+        return None  # unreadable: SQLite says why (SQLITE_CANTOPEN, SQLITE_IOERR)
+    return "is empty (0 bytes)" if size == 0 else None
+
+
+class _Connection(sqlite3.Connection):
+    """A connection that reports a corrupt or foreign file to its store the first time it meets one."""
+
+    on_corrupt: Callable[[sqlite3.DatabaseError], None] | None = None
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        try:
+            return super().execute(sql, parameters)
+        except sqlite3.DatabaseError as exc:
+            self._check(exc)
+            raise
+
+    def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
+        try:
+            return super().executemany(sql, parameters)
+        except sqlite3.DatabaseError as exc:
+            self._check(exc)
+            raise
+
+    def _check(self, exc: sqlite3.DatabaseError) -> None:
+        """Corruption met after the store opened: :class:`StoreBroken` (a CLI opening a bad file
+        keeps SQLite's error, which names the result code, for its one line)."""
+        if self.on_corrupt is not None and _is_corrupt(exc):
+            broken = self.on_corrupt(exc)
+            if broken:
+                raise StoreBroken(broken) from exc
+
+
+def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
+    code = getattr(exc, "sqlite_errorname", "") or ""
+    text = str(exc)
+    return code.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or "malformed" in text or "not a database" in text
+
+
 def _now(now: float | None) -> float:
     return time.time() if now is None else now
 
@@ -353,8 +404,7 @@ class SQLiteStore(FileLogs, JobStore):
         self.broken: str | None = None
         files.make_dir(self.path.parent, own=False)  # usually the data_dir: it holds the archive too
         files.make_dir(self.logs_dir)
-        if not self.path.exists():
-            self._refuse_a_new_database_over_old_logs()
+        self._refuse_a_new_database_over_old_logs()
         # Pending jobs hold OMERO session keys: the database is the service user's only
         # (or its file_group's, read-only); SQLite gives the -wal and -shm files its mode.
         for path in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
@@ -380,13 +430,14 @@ class SQLiteStore(FileLogs, JobStore):
 
     def _conn(self) -> sqlite3.Connection:
         if self.broken:
-            raise StoreError(self.broken)
+            raise StoreBroken(self.broken)
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             return conn
-        if self._identity is None and not self.path.exists():
+        if self._identity is None:
             self._refuse_a_new_database_over_old_logs()
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, factory=_Connection)
+        conn.on_corrupt = self._corrupt
         # LiteQueue switches the connection to autocommit and WAL; our own
         # transactions are explicit BEGIN IMMEDIATE … COMMIT around it.
         queue = LiteQueue(conn, queue_name=QUEUE_TABLE)
@@ -416,14 +467,49 @@ class SQLiteStore(FileLogs, JobStore):
 
     def _refuse_a_new_database_over_old_logs(self) -> None:
         # Job ids restart at 1 in a new database: job 7's log would be another
-        # job's, and the drop folders' acquisitions would be imported again.
+        # job's, and the drop folders' acquisitions would be imported again. SQLite
+        # takes an empty (0-byte) file for a new database, so that counts as missing.
+        problem = _file_problem(self.path)
+        if problem is None:
+            return  # a database, or a foreign file SQLite itself refuses (SQLITE_NOTADB) with the fix
         logs = next(iter(self.logs_dir.glob("*.log")), None) if self.logs_dir.is_dir() else None
         if logs is not None:
-            raise StoreError(
-                f"the job database {self.path} is missing, but {self.logs_dir} holds logs of earlier jobs: "
-                "it was deleted or moved. Restore it from the backup; to start afresh on purpose, "
-                "move the logs folder away as well"
+            message = (
+                f"the job database {self.path} {problem}, but {self.logs_dir} holds logs of earlier jobs: "
+                "it was deleted, moved or emptied. Restore it from the backup (README: Restoring the job "
+                "database); to start afresh on purpose, move the logs folder away as well"
             )
+            raise StoreError(message)  # the command's one error line (or the service's, at start)
+
+    def _corrupt(self, exc: sqlite3.DatabaseError) -> str | None:
+        """An operation found the file corrupt or not a database: once the store is open, it
+        refuses every operation from now on (``StoreBroken``), with one CRITICAL line, and
+        health says why. Returns the reason (None while opening: the caller's error says it)."""
+        if self._identity is None:
+            return None
+        if self.broken:
+            return self.broken
+        problem = _file_problem(self.path) or "is corrupt"
+        self.broken = (
+            f"the job database {self.path} {problem} ({exc}): database file is not a database / corrupt; "
+            "stop every watchfolder process, move the file and its -wal/-shm aside and restore the last "
+            "backup (README: Restoring the job database); this process records nothing more"
+        )
+        log.critical(self.broken)
+        return self.broken
+
+    def _highest_log_id(self) -> int:
+        """The highest job id with a log file in ``logs_dir`` (0 if none)."""
+        top = 0
+        try:
+            with os.scandir(self.logs_dir) as entries:
+                for entry in entries:
+                    stem, dot, ext = entry.name.partition(".")
+                    if ext == "log" and stem.isdigit():
+                        top = max(top, int(stem))
+        except OSError:
+            pass
+        return top
 
     def check_file(self) -> str | None:
         """Check that ``store.path`` is still the file this store opened (same device and inode).
@@ -439,6 +525,7 @@ class SQLiteStore(FileLogs, JobStore):
         try:
             st = os.stat(self.path)
             problem = None if (st.st_dev, st.st_ino) == self._identity else "was replaced by another file"
+            problem = problem or _file_problem(self.path)
         except FileNotFoundError:
             problem = "was deleted"
         except OSError as exc:
@@ -463,6 +550,17 @@ class SQLiteStore(FileLogs, JobStore):
                     f"{self.path} was written by a newer watchfolder (schema {current}, this one knows "
                     f"{SCHEMA_VERSION}); upgrade watchfolder"
                 )
+            # Job ids start past the highest log file (a database restored from a backup
+            # older than the logs): a new job never appends to another job's log.
+            top = self._highest_log_id()
+            if top:
+                row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'jobs'").fetchone()
+                if row is None:
+                    conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('jobs', ?)", (top,))
+                elif row[0] < top:
+                    log.warning("store %s: job ids continue at %d, past the logs of jobs this database does "
+                                "not know (restored from a backup?)", self.path, top + 1)
+                    conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'jobs'", (top,))
             for version, what, sql in MIGRATIONS:
                 if version <= current:
                     continue
@@ -1134,7 +1232,7 @@ class SQLiteStore(FileLogs, JobStore):
         """
         now = _now(now)
         if self.check_file():
-            raise StoreError(self.broken)
+            raise StoreBroken(self.broken)
         conn = self._conn()
         if str(self.path) in _WAL_RECLAIM:
             _reclaim_wal(conn, str(self.path))
@@ -1246,7 +1344,7 @@ class SQLiteStore(FileLogs, JobStore):
         event, in the same transaction.
         """
         if self.check_file():  # components publish on a clock: the health tick of watch-only processes
-            raise StoreError(self.broken)
+            raise StoreBroken(self.broken)
         now = _now(now)
         upsert = (
             "INSERT INTO components (kind, name, host, pid, status, updated_at) VALUES (?, ?, ?, ?, ?, ?)"

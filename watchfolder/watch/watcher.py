@@ -39,7 +39,8 @@ from typing import Any
 from .. import defaults as D
 from .. import safefs
 from ..config import Config, WatchConfig
-from ..job import JobState
+from ..errors import JobNotFound
+from ..job import JobState, printable
 from .detector import RECEIPT_SUFFIX, Detector, Outcome
 from .followup import PostActions
 from .mounts import mount_of
@@ -63,6 +64,13 @@ IGNORED_EVENTS = frozenset({"opened", "closed_no_write"})
 OVERFLOW_CATCHUP_MIN = 1.0
 OVERFLOW_LIMIT = 5
 OVERFLOW_WINDOW = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportedPerReceipt:
+    """An acquisition imported by job ``id`` according to its receipt; the store has no such job."""
+
+    id: int
 
 
 class WatchLimitError(OSError):
@@ -793,7 +801,34 @@ class Watcher:
             return recorded == cand.digest.hex()
         return outcome.spec.key() == earlier.idempotency_key
 
+    def _receipt_only(self, outcome: Outcome, receipt: Any) -> ImportedPerReceipt | None:
+        """The acquisition's receipt says it was imported by a job this database does not hold
+        (restored from a backup older than that import): honoured when the receipt names this
+        watch folder and acquisition, a success, the same file count and bytes, and the
+        acquisition has not changed since (its inode's ctime is not after the import)."""
+        if not isinstance(receipt, dict) or receipt.get("state") != str(JobState.SUCCEEDED):
+            return None
+        spec = outcome.spec
+        if (receipt.get("watch") != self.name or receipt.get("acquisition") != outcome.rel or spec is None
+                or receipt.get("files") != len(spec.files) or receipt.get("bytes") != spec.total_bytes()):
+            return None
+        finished = receipt.get("finished_at")
+        try:
+            changed = os.stat(os.path.join(self.root, outcome.rel)).st_ctime
+        except OSError:
+            return None
+        if not isinstance(finished, (int, float)) or changed > finished + 1:
+            return None
+        return ImportedPerReceipt(receipt["job_id"])
+
     def _changed_after_import(self, outcome: Outcome, earlier: Any, now: float) -> None:
+        if isinstance(earlier, ImportedPerReceipt):
+            note = (f"{printable(outcome.rel)} was imported by job {earlier.id} according to its receipt, but the job "
+                    "database does not know that job (restored from a backup older than the import?): not "
+                    f"imported again (delete {printable(outcome.rel + RECEIPT_SUFFIX)} to import it again)")
+            log.warning("watch folder %s: %s", self.name, note)
+            self.detector.settle(outcome, True, now)
+            return
         if self._unchanged(outcome, earlier):
             cand = self.detector.known.get(outcome.rel) if self.detector else None
             if cand is not None:
@@ -899,18 +934,21 @@ class Watcher:
         """
         cand = self.detector.known.get(outcome.rel) if self.detector else None
         job_id = cand.job_id if cand is not None else None
+        receipt: Any = None
         if job_id is None:
-            receipt = os.path.join(self.root, outcome.rel + RECEIPT_SUFFIX)
+            path = os.path.join(self.root, outcome.rel + RECEIPT_SUFFIX)
             try:
-                job_id = json.loads(safefs.read_file(receipt, RECEIPT_MAX_BYTES, within=self.root,
-                                                     what="receipt")).get("job_id")
+                receipt = json.loads(safefs.read_file(path, RECEIPT_MAX_BYTES, within=self.root, what="receipt"))
+                job_id = receipt.get("job_id")
             except (OSError, ValueError, AttributeError, safefs.UnsafePath):
                 return None
         if not isinstance(job_id, int):
             return None
         try:
             job = self.store.get(job_id)
-        except Exception:  # JobNotFound (another database), store busy: treat as new
+        except JobNotFound:
+            return self._receipt_only(outcome, receipt)
+        except Exception:  # store busy: treat as new
             return None
         identity = job.spec.extra.get("identity") or {}
         if (job.state != JobState.SUCCEEDED or job.spec.extra.get("watch") != self.name
