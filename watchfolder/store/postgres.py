@@ -19,8 +19,10 @@ and the same semantics as the SQLite store; the contract tests
   checked before use, so a server restart costs at most a failed call or two
   once it is back. A call that cannot reach the server raises
   :class:`~watchfolder.errors.StoreUnavailable`, and workers and watchers wait
-  and try again with backoff. Transactions run in pipeline mode (two or three
-  round trips per transition).
+  and try again with backoff. A claim is one statement in its own transaction
+  (one round trip); a finish one statement plus its mails and the COMMIT,
+  pipelined (three network reads measured, one statement alone without mail);
+  other transactions run in pipeline mode, the COMMIT queued with the closing Sync.
 - **Job logs** are files in ``logs_dir`` (:class:`~watchfolder.store.rows.FileLogs`):
   with several hosts, a shared folder mounted at the same path everywhere.
 - **Times** are epoch seconds from the calling host's clock: hosts keep their
@@ -510,22 +512,33 @@ class PostgresStore(FileLogs, JobStore):
             psycopg_pool.ConnectionPool.check_connection(conn)
 
     @contextmanager
-    def _tx(self, *, pipeline: bool = True) -> Iterator[Any]:
+    def _tx(self, *, pipeline: bool = True, single: bool = False) -> Iterator[Any]:
         """A pooled connection inside one transaction: committed at the end, rolled back on any exception.
 
         In pipeline mode: statements whose results are not read yet travel together
         with the next one that is read (and the COMMIT with the last), so a transition
-        costs two or three round trips, not one per statement.
+        costs two or three round trips, not one per statement. ``single``: the caller
+        runs one statement, its own transaction (autocommit): one round trip, no
+        BEGIN/COMMIT/Sync exchange around it.
         """
         started = time.monotonic()
         try:
             with self._connection() as conn:
-                if not pipeline:  # e.g. scripts of several statements (the schema)
+                if single:
+                    conn.autocommit = True
+                    try:
+                        yield conn
+                    finally:
+                        if not conn.closed:
+                            conn.autocommit = False
+                elif not pipeline:  # e.g. scripts of several statements (the schema)
                     yield conn
                 else:
                     with conn.pipeline():
                         yield conn
-                        conn.commit()
+                        # Queued, not committed at once: it travels with the pipeline's closing Sync
+                        # (conn.commit() would sync, then the exit would sync again: a round trip more).
+                        conn.execute("COMMIT")
         except StoreUnavailable as exc:
             self._outage.down(str(exc))
             raise
@@ -743,31 +756,41 @@ class PostgresStore(FileLogs, JobStore):
         self, conn, job_id: int, worker: str, assignments: str, params: tuple, now: float,
         mails: MailComposer | None, message: str,
     ) -> Job:
-        """Finish the job ``worker`` runs, as :meth:`_update_running` then :meth:`_finish`, in two round trips.
+        """Finish the job ``worker`` runs, as :meth:`_update_running` then :meth:`_finish`.
 
-        The update and its history entry are one statement; it, the history and the
-        files are sent together (pipeline) and read back at once; the mails then go
-        with the COMMIT.
+        One statement: the events lock (an InitPlan, before the event gets its id), the
+        update, its history entry and event, and the job back with its history and
+        files; the mails then go with the COMMIT: two round trips (one when no mail).
         """
-        updated = conn.execute(
+        row = conn.execute(
             f"WITH upd AS (UPDATE jobs SET {assignments} WHERE id = %s AND state = 'running' AND worker = %s"
-            " RETURNING *), entry AS (INSERT INTO job_history (job_id, at, state, message)"
-            " SELECT id, %s, state, %s FROM upd) SELECT * FROM upd",
-            (*params, job_id, worker, now, message),
-        )
-        self._job_event(conn, job_id, message, now)  # none when the update did not happen
-        history = conn.execute("SELECT at, state, message FROM job_history WHERE job_id = %s ORDER BY id", (job_id,))
-        files = conn.execute(FILES_OF_JOBS, ([job_id],))
-        row = updated.fetchone()
+            " AND (SELECT count(pg_advisory_xact_lock(%s))) = 1 RETURNING *),"
+            " entry AS (INSERT INTO job_history (job_id, at, state, message)"
+            " SELECT id, %s, state, %s FROM upd RETURNING id, at, state, message),"
+            " event AS (INSERT INTO events (at, type, subject, job_id, owner, data)"
+            f" SELECT %s, {JOB_EVENT_PREFIX!r} || j.state, 'job/' || j.id, j.id, j.owner,"
+            f" {_job_event_data('%s::text')} FROM upd j)"
+            " SELECT upd.*, (SELECT json_agg(json_build_array(h.at, h.state, h.message) ORDER BY h.id) FROM"
+            " (SELECT id, at, state, message FROM job_history WHERE job_id = upd.id"
+            " UNION ALL SELECT id, at, state, message FROM entry) h) AS history_json,"
+            " (SELECT coalesce(json_agg(json_build_array(f.path, f.size, f.sha256) ORDER BY f.seq), '[]')"
+            " FROM job_files f WHERE f.job_id = upd.id) AS files_json FROM upd",
+            (*params, job_id, worker, EVENTS_LOCK, now, message, now, message),
+        ).fetchone()
         if row is None:
             self._running(conn, job_id, worker)  # says why: JobNotFound or LeaseLost
             raise StoreError(f"job {job_id} could not be updated")
-        job = job_from_row(row, self.log_path(job_id), history_from_rows(history.fetchall()),
-                           files=tuple(FileEntry(f["path"], f["size"], f["sha256"]) for f in files.fetchall()))
+        history = [HistoryEntry(at, JobState(state), text) for at, state, text in row.pop("history_json")]
+        files = tuple(FileEntry(path, size, sha256) for path, size, sha256 in row.pop("files_json"))
+        job = job_from_row(row, self.log_path(job_id), history, files=files)
         composer = mails if mails is not None else self.composer
         if composer is not None:
             self._outbox_insert(conn, composer(job), job.id, now)
         return job
+
+    def _no_mail(self, mails: MailComposer | None) -> bool:
+        """Whether a finishing transition writes no mail (then it is one statement: see :meth:`_finish_running`)."""
+        return mails is None and self.composer is None
 
     def _requeue(self, conn, job_id: int, now: float, message: str, **columns: Any) -> None:
         """Queue a job again at the back of the line (inside the caller's transaction), and wake a worker."""
@@ -986,13 +1009,15 @@ class PostgresStore(FileLogs, JobStore):
 
     def claim(self, worker: str, *, now: float | None = None) -> Job | None:
         now = _now(now)
-        with self._tx() as conn:
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (EVENTS_LOCK,))
-            # One statement: pick the oldest queued job no other claim holds, mark it
+        with self._tx(single=True) as conn:
+            # One statement, its own transaction, one round trip: take the events lock
+            # (an InitPlan, run before the first row is looked at, so before the event
+            # gets its id), pick the oldest queued job no other claim holds, mark it
             # running under this worker's lease, write its history entry and its
             # event, read its files.
             cur = conn.execute(
-                "WITH next AS (SELECT id FROM jobs WHERE state = 'queued' ORDER BY message_id"
+                "WITH next AS (SELECT id FROM jobs WHERE state = 'queued'"
+                " AND (SELECT count(pg_advisory_xact_lock(%(lock)s))) = 1 ORDER BY message_id"
                 " LIMIT 1 FOR UPDATE SKIP LOCKED),"
                 " claimed AS (UPDATE jobs SET state = 'running', worker = %(w)s, attempts = attempts + 1,"
                 " message_id = NULL, lease_expires_at = %(lease)s, started_at = coalesce(started_at, %(now)s),"
@@ -1004,9 +1029,8 @@ class PostgresStore(FileLogs, JobStore):
                 f" {CLAIM_EVENT_DATA} FROM claimed j)"
                 " SELECT claimed.*, (SELECT coalesce(json_agg(json_build_array(f.path, f.size, f.sha256)"
                 " ORDER BY f.seq), '[]') FROM job_files f WHERE f.job_id = claimed.id) AS files_json FROM claimed",
-                {"w": worker, "lease": now + self.lease_seconds, "now": now},
+                {"w": worker, "lease": now + self.lease_seconds, "now": now, "lock": EVENTS_LOCK},
             )
-            conn.commit()  # sent with the statement: one round trip for the whole claim
             row = cur.fetchone()
         if row is None:
             return None
@@ -1061,7 +1085,7 @@ class PostgresStore(FileLogs, JobStore):
         progress: Progress | None = None,
     ) -> Job:
         now = _now(now)
-        with self._tx() as conn:
+        with self._tx(single=self._no_mail(mails)) as conn:
             return self._finish_running(
                 conn, job_id, worker,
                 "state = 'succeeded', result = %s, finished_at = %s, updated_at = %s,"
@@ -1112,7 +1136,7 @@ class PostgresStore(FileLogs, JobStore):
         self, job_id: int, worker: str, *, now: float | None = None, mails: MailComposer | None = None
     ) -> Job:
         now = _now(now)
-        with self._tx() as conn:
+        with self._tx(single=self._no_mail(mails)) as conn:
             return self._finish_running(
                 conn, job_id, worker,
                 "state = 'cancelled', finished_at = %s, updated_at = %s, lease_expires_at = NULL,"
@@ -1425,13 +1449,12 @@ class PostgresStore(FileLogs, JobStore):
              mail.as_bytes(), now, now)
             for mail in mails
         ]
-        if rows:
-            with conn.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO outbox (job_id, kind, sender, recipients, subject, raw, state, next_attempt_at,"
-                    " created_at) VALUES (%s, %s, %s, %s, %s, %s, 'pending', %s, %s)",
-                    rows,
-                )
+        for row in rows:  # queued in the pipeline (executemany would exchange them at once: a round trip)
+            conn.execute(
+                "INSERT INTO outbox (job_id, kind, sender, recipients, subject, raw, state, next_attempt_at,"
+                " created_at) VALUES (%s, %s, %s, %s, %s, %s, 'pending', %s, %s)",
+                row,
+            )
 
     def outbox_add(self, mails: Iterable[Mail], *, job_id: int | None = None, now: float | None = None) -> None:
         with self._tx() as conn:
