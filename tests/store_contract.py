@@ -26,7 +26,7 @@ from watchfolder.errors import (
     StoreError,
     TransientImportError,
 )
-from watchfolder.job import JobState, Progress
+from watchfolder.job import JobState, Progress, reason_group
 from watchfolder.store import Mail
 
 T0 = 1_800_000_000.0
@@ -139,7 +139,8 @@ def test_permanent_failure_fails_at_once(store, make_spec):
     store.claim("w")
     failed = store.fail(job.id, "w", PermanentImportError("unsupported file", config_error=True))
     assert failed.state == JobState.FAILED and failed.attempts == 1
-    assert failed.error.to_dict() == {"kind": "permanent", "message": "unsupported file", "config_error": True}
+    assert failed.error.to_dict() == {"kind": "permanent", "message": "unsupported file", "config_error": True,
+                                      "group": reason_group("unsupported file")}
 
 
 def test_cancel_queued_and_waiting_jobs_at_once(store, make_spec):
