@@ -826,6 +826,8 @@ class Watcher:
             note = (f"{printable(outcome.rel)} was imported by job {earlier.id} according to its receipt, but the job "
                     "database does not know that job (restored from a backup older than the import?): not "
                     f"imported again (delete {printable(outcome.rel + RECEIPT_SUFFIX)} to import it again)")
+            # Its log is that job's own: new jobs get ids past the highest log (SQLiteStore).
+            self.store.log(earlier.id, note, now=now)
             log.warning("watch folder %s: %s", self.name, note)
             self.detector.settle(outcome, True, now)
             return
