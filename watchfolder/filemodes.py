@@ -84,12 +84,13 @@ class FileModes:
     def dir_mode(self) -> int:
         return PRIVATE_DIR if self.gid is None else GROUP_DIR
 
-    def secure_fd(self, fd: int, path: str | os.PathLike) -> None:
+    def secure_fd(self, fd: int, path: str | os.PathLike, *, exact: bool = False) -> None:
         """Bring the open file or folder ``fd`` (named ``path`` in errors) to these modes.
 
         Private: narrowed to its owner only when it is wider (never widened).
         With a group: given to the group, a file exactly 0640, a folder readable
-        and searchable by the group (its bits for others untouched).
+        and searchable by the group (its bits for others untouched, unless
+        ``exact``: a folder holding only the service's files is made 0750).
         """
         st = os.fstat(fd)
         current = stat.S_IMODE(st.st_mode)
@@ -102,7 +103,10 @@ class FileModes:
             if st.st_gid != self.gid:
                 os.fchown(fd, -1, self.gid)
             # A folder may hold more than our files (data_dir): its bits for others stay as they are.
-            wanted = (current & ~0o020 | 0o050) & 0o7777 if folder else GROUP_FILE
+            if not folder or exact:
+                wanted = GROUP_DIR if folder else GROUP_FILE
+            else:
+                wanted = (current & ~0o020 | 0o050) & 0o7777
             if current != wanted:
                 os.fchmod(fd, wanted)
         except PermissionError:
@@ -144,13 +148,16 @@ class FileModes:
     def make_dir(self, path: str | os.PathLike, *, own: bool = True) -> None:
         """Create the folder ``path`` (and missing parents) with these modes.
 
-        With a group, the folders made here are given to it (the group must
-        reach the files inside), and so is ``path`` when it already exists and
-        ``own`` says it holds only the service's files (logs, outbox). A folder
-        that may hold more (the data_dir, which systemd's ``StateDirectory=``
-        owns: it chowns everything below again, recursively, when it finds the
-        folder's group changed) is left as it is; a warning says when the group
-        cannot pass through it. Without a group, an existing folder is left as it is.
+        When ``own`` says it holds only the service's files (logs, outbox),
+        ``path`` is brought to ``dir_mode`` also when it already exists: an
+        older folder left 0755 (made before these rules, or by hand) is
+        narrowed to 0700 — 0750 and given to the group with one. With a group,
+        the parents made here are given to it too (the group must reach the
+        files inside). A folder that may hold more (the data_dir, which
+        systemd's ``StateDirectory=`` owns: it chowns everything below again,
+        recursively, when it finds the folder's group changed) is left as it
+        is; a warning says when the group cannot pass through it. Raises
+        FileModeError when the system refuses (the folder is someone else's).
         """
         path = Path(path)
         missing = []
@@ -159,12 +166,15 @@ class FileModes:
             missing.append(probe)
             probe = probe.parent
         path.mkdir(parents=True, exist_ok=True, mode=self.dir_mode)
-        if self.gid is None:
-            return  # mkdir made it dir_mode (the umask can only narrow it)
-        for folder in dict.fromkeys([path, *missing] if own else missing):
+        if self.gid is None and not own:
+            return  # mkdir made the missing ones dir_mode (the umask can only narrow it)
+        folders = [path] if own else []
+        if self.gid is not None:
+            folders += missing
+        for folder in dict.fromkeys(folders):
             fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
             try:
-                self.secure_fd(fd, folder)
+                self.secure_fd(fd, folder, exact=folder == path and own)
             finally:
                 os.close(fd)
         if path not in missing and not own:

@@ -56,6 +56,19 @@ def test_an_existing_wide_database_is_narrowed_at_start(tmp_path, wide_umask):
     assert mode(path) == 0o600
 
 
+def test_existing_wide_logs_and_outbox_folders_are_narrowed_at_start(tmp_path, wide_umask):
+    """Folders made 0755 before these rules (or by hand) are narrowed when the service starts, as new ones are."""
+    logs, outbox = tmp_path / "db" / "logs", tmp_path / "outbox"
+    for folder in (logs, outbox):
+        folder.mkdir(parents=True)
+        os.chmod(folder, 0o755)
+    os.chmod(tmp_path / "db", 0o755)
+    SQLiteStore(tmp_path / "db" / "watchfolder.db").close()
+    FolderTransport(outbox).sweep()  # what the mail sender does at start
+    assert (mode(logs), mode(outbox)) == (0o700, 0o700)
+    assert mode(tmp_path / "db") == 0o755  # the data_dir may hold more than ours: left as it is
+
+
 def test_an_erased_session_key_leaves_no_copy_in_the_database_or_wal(tmp_path, make_spec):
     store = SQLiteStore(tmp_path / "watchfolder.db")
     try:
@@ -174,6 +187,19 @@ def test_file_group_gives_database_wal_shm_logs_and_outbox_0640_to_the_group(mak
             assert owner_mode_group(folder) == (0o750, gid), folder
     finally:
         store.close()
+
+
+def test_file_group_brings_existing_wide_logs_and_outbox_folders_to_0750(make_config, admin_group, wide_umask,
+                                                                          tmp_path):
+    name, gid = admin_group
+    config = make_config(file_group=name, notify={"transport": "folder", "outbox_dir": str(tmp_path / "outbox")})
+    for folder in (Path(config.logs_dir), tmp_path / "outbox"):
+        folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(folder, 0o755)
+    open_store(config).close()
+    create_transport(config).sweep()
+    for folder in (Path(config.logs_dir), tmp_path / "outbox"):
+        assert owner_mode_group(folder) == (0o750, gid), folder
 
 
 def test_setting_and_unsetting_file_group_fixes_an_existing_database(admin_group, wide_umask, tmp_path):

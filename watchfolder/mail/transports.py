@@ -73,8 +73,14 @@ class FolderTransport(Transport):
     def sweep(self, older_than: float = D.OUTBOX_TEMP_MAX_AGE, *, now: float | None = None) -> list[Path]:
         """Delete the ``.<pid>-*.eml.tmp`` files a sender killed while writing left: at once when
         that process no longer runs on this host, else once older than ``older_than`` seconds
-        (a write takes milliseconds). Returns what was deleted."""
+        (a write takes milliseconds). Returns what was deleted. First brings an existing outbox
+        folder to the mode of :meth:`FileModes.make_dir` (the sender sweeps at start)."""
         now = time.time() if now is None else now
+        if self.outbox_dir.is_dir():  # at start: a folder made wider before (0755) is brought to its mode
+            try:
+                self.files.make_dir(self.outbox_dir)
+            except FileModeError as exc:
+                log.warning("outbox %s: %s", self.outbox_dir, exc)
         removed = []
         for tmp in self.outbox_dir.glob(".*.eml.tmp"):
             writer = tmp.name[1:].split("-", 1)[0]  # named .<pid>-…: a writer gone on this host is known at once
