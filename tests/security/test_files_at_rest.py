@@ -86,6 +86,36 @@ def test_an_erased_session_key_leaves_no_copy_in_the_database_or_wal(tmp_path, m
         store.close()
 
 
+def test_a_burst_leaves_no_session_key_on_disk_while_serve_holds_the_database(tmp_path, make_spec):
+    """`serve` keeps its connection open (so the WAL outlives `work --burst`), and the burst exits before
+    its housekeeping truncates the WAL: the key is wiped when the job's end is recorded."""
+    import yaml
+
+    from watchfolder import config as configmod
+    from watchfolder.service import open_store as open_service_store
+
+    raw = {"data_dir": str(tmp_path / "data"), "workers": {"count": 1, "poll_interval": 0.05},
+           "importer": {"kind": "noop"}, "server": {"enabled": False}}
+    path = tmp_path / "watchfolder.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    config = configmod.load(path, environ={})
+    serving = open_service_store(config)  # stands for `serve`: open before, during and after the burst
+    try:
+        job, _ = serving.enqueue(dataclasses.replace(make_spec(), session_key=SECRET_KEY))
+        db = Path(config.store.path)
+        assert SECRET_KEY.encode() in Path(f"{db}-wal").read_bytes()  # on disk while the job waits
+        done = subprocess.run([sys.executable, "-m", "watchfolder", "--config", str(path), "work", "--burst"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert serving.get(job.id).state == "succeeded"
+        for suffix in ("", "-wal", "-shm"):
+            file = Path(f"{db}{suffix}")
+            if file.exists():
+                assert SECRET_KEY.encode() not in file.read_bytes(), f"the key is still in {file.name}"
+    finally:
+        serving.close()
+
+
 @pytest.mark.parametrize(("source_mode", "file_mode", "expected"), [
     (0o600, None, 0o600),   # never wider than the source (the umask alone would give 0644)
     (0o640, None, 0o640),

@@ -64,6 +64,8 @@ from .rows import (
 log = logging.getLogger(__name__)
 
 QUEUE_TABLE = "dispatch"
+#: Milliseconds a job's end waits for readers to wipe its erased session key from the WAL.
+WIPE_WAIT_MS = 1000
 
 #: CloudEvents ``type`` of a job event: this prefix and the job's new state.
 JOB_EVENT_PREFIX = "org.watchfolder.job."
@@ -399,6 +401,8 @@ class SQLiteStore(FileLogs, JobStore):
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self._last_prune = 0.0
+        # A finished job's session key was erased but a copy may still be in the WAL (a reader was in the way).
+        self._wipe_due = False
         self._schema_ready = False
         self._identity: tuple[int, int] | None = None
         self.broken: str | None = None
@@ -580,7 +584,15 @@ class SQLiteStore(FileLogs, JobStore):
         return self._local.queue
 
     def close(self) -> None:
-        """Close every connection this store opened (call once no thread uses it)."""
+        """Close every connection this store opened (call once no thread uses it).
+
+        A wipe of an erased session key that a reader was in the way of is tried once more first.
+        """
+        if self._wipe_due and not self.broken:
+            try:
+                self._wipe_erased(self._conn())
+            except (sqlite3.Error, StoreError):
+                pass
         with self._connections_lock:
             for conn in self._connections:
                 try:
@@ -752,13 +764,19 @@ class SQLiteStore(FileLogs, JobStore):
         mails: MailComposer | None,
         message: str,
         prepared: _Prepared | None = None,
+        *,
+        erased: bool = False,
     ) -> Job:
         """Common tail of every transition into a finished state (inside the transaction).
 
         ``prepared``: the mails composed before the transaction for the job as it was
         expected to end (:meth:`_prepare`); used when the job did end exactly so (same
         row, no history entry since), else the composer runs here as it always did.
+        ``erased``: the transition erased the job's session key; the caller runs
+        :meth:`_wipe_erased` once the transaction committed.
         """
+        if erased:
+            self._wipe_due = True
         self._add_history(conn, row["id"], row["state"], message, now)
         if prepared is not None and prepared.matches(conn, row):
             job = prepared.job
@@ -931,13 +949,15 @@ class SQLiteStore(FileLogs, JobStore):
                 )
                 self._add_history(conn, job_id, state, f"cancel requested{who}", now, event=False)
             else:
+                erased = row["session_key"] is not None
                 row = conn.execute(
                     "UPDATE jobs SET state = 'cancelled', finished_at = ?, updated_at = ?, session_key = NULL,"
                     f" next_attempt_at = NULL, {FINISHED_FOLLOWUP}"
                     " WHERE id = ? RETURNING *",
                     (now, now, job_id),
                 ).fetchone()
-                self._finish(conn, row, now, mails, f"cancelled{who}")
+                self._finish(conn, row, now, mails, f"cancelled{who}", erased=erased)
+        self._wipe_erased(conn)
         running = state == JobState.RUNNING and not orphan
         self.log(job_id, f"cancel requested{who}" if running else f"cancelled{who}", now=now)
         return self.get(job_id)
@@ -1130,6 +1150,7 @@ class SQLiteStore(FileLogs, JobStore):
         if prepared is not None:  # FINISHED_FOLLOWUP, as SQL computes it
             prepared.data["followup"] = "pending" if prepared.data["source"].startswith("watch:") else None
         with _transaction(conn):
+            erased = self._holds_key(conn, job_id)
             row = self._update_running(
                 conn, job_id, worker,
                 "state = 'succeeded', result = ?, finished_at = ?, updated_at = ?,"
@@ -1138,7 +1159,9 @@ class SQLiteStore(FileLogs, JobStore):
                 f" {FINISHED_FOLLOWUP}",
                 (result_json, now, now, progress_json),
             )
-            return self._finish(conn, row, now, mails, "succeeded", prepared)
+            job = self._finish(conn, row, now, mails, "succeeded", prepared, erased=erased)
+        self._wipe_erased(conn)
+        return job
 
     def fail(
         self,
@@ -1181,7 +1204,10 @@ class SQLiteStore(FileLogs, JobStore):
                 (now, now, str(kind), message,
                  int(failure.config_error), job_id),
             ).fetchone()
-            return self._finish(conn, row, now, mails, f"failed ({kind}): {message}")
+            job = self._finish(conn, row, now, mails, f"failed ({kind}): {message}",
+                               erased=current["session_key"] is not None)
+        self._wipe_erased(conn)
+        return job
 
     def cancelled(
         self, job_id: int, worker: str, *, now: float | None = None, mails: MailComposer | None = None
@@ -1190,13 +1216,16 @@ class SQLiteStore(FileLogs, JobStore):
         now = _now(now)
         conn = self._conn()
         with _transaction(conn):
+            erased = self._holds_key(conn, job_id)
             row = self._update_running(
                 conn, job_id, worker,
                 "state = 'cancelled', finished_at = ?, updated_at = ?, lease_expires_at = NULL,"
                 f" session_key = NULL, {FINISHED_FOLLOWUP}",
                 (now, now),
             )
-            return self._finish(conn, row, now, mails, "cancelled while running")
+            job = self._finish(conn, row, now, mails, "cancelled while running", erased=erased)
+        self._wipe_erased(conn)
+        return job
 
     def release(self, job_id: int, worker: str, *, now: float | None = None, reason: str = "",
                 delay: float = 0.0) -> Job:
@@ -1252,7 +1281,7 @@ class SQLiteStore(FileLogs, JobStore):
                         f" {FINISHED_FOLLOWUP} WHERE id = ? RETURNING *",
                         (now, now, message, row["id"]),
                     ).fetchone()
-                    self._finish(conn, done, now, None, message)
+                    self._finish(conn, done, now, None, message, erased=row["session_key"] is not None)
                 else:
                     self._requeue(conn, row["id"], now, note + "; queued again")
             due = conn.execute(
@@ -1265,6 +1294,7 @@ class SQLiteStore(FileLogs, JobStore):
             conn.execute(
                 "UPDATE outbox SET state = 'pending' WHERE state = 'sending' AND claimed_until < ?", (now,)
             )
+        self._wipe_erased(conn)  # keys of jobs that expired here, or a wipe a reader was in the way of
         if stats["expired"] or stats["due"]:
             self.notify_work()
         if now - self._last_prune > D.PRUNE_SECONDS:
@@ -1273,6 +1303,40 @@ class SQLiteStore(FileLogs, JobStore):
             self._truncate_wal(conn)
             stats["workers_pruned"] = len(self.prune_workers(now=now))
         return stats
+
+    @staticmethod
+    def _holds_key(conn: sqlite3.Connection, job_id: int) -> bool:
+        """Whether the job still holds a session key (read inside the transaction that ends it)."""
+        row = conn.execute("SELECT session_key IS NOT NULL FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return bool(row and row[0])
+
+    def _wipe_erased(self, conn: sqlite3.Connection) -> None:
+        """After a job's end erased its session key: leave no copy of it on disk, now.
+
+        ``secure_delete`` zeroes the key in the page the transaction wrote, but
+        older versions of that page stay in the WAL, and in the database file when
+        a checkpoint had copied one there, until the next TRUNCATE checkpoint. The
+        housekeeping round made one every few seconds; a ``work --burst`` beside
+        ``serve`` (whose open connection keeps the WAL when the burst exits) left
+        the key on disk until the next burst. So the job's end makes it, waiting up
+        to ``WIPE_WAIT_MS`` for readers; when one is still in the way, the next
+        :meth:`maintain` (or :meth:`close`) tries again.
+        """
+        if not self._wipe_due:
+            return
+        (timeout,) = conn.execute("PRAGMA busy_timeout").fetchone()
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {WIPE_WAIT_MS}")
+            busy, _frames, _done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.OperationalError as exc:
+            log.debug("wiping an erased session key from the WAL waits: %s", exc)
+            return
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(timeout)}")
+        if busy:
+            log.debug("wiping an erased session key from the WAL waits for a reader")
+            return
+        self._wipe_due = False
 
     @staticmethod
     def _truncate_wal(conn: sqlite3.Connection) -> None:
