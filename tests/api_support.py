@@ -192,6 +192,7 @@ class Service:
     server: Server
     tokens: dict[str, str]
     roots: dict[str, Path]
+    app: Any = None
 
     def client(self, token_name: str | None = None) -> Client:
         return Client(self.server.url, self.tokens[token_name] if token_name else None)
@@ -242,7 +243,7 @@ def start_service(tmp_path: Path, *, session_checker: Any = None, **kw: Any) -> 
     app = create_app(config, store, session_checker=session_checker)
     server = Server(config, app)
     server.start()
-    return Service(config, store, server, tokens, roots)
+    return Service(config, store, server, tokens, roots, app)
 
 
 def stop_service(service: Service) -> None:

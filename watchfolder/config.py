@@ -198,6 +198,13 @@ class ServerConfig:
     seed_session_cache: float = D.SEED_SESSION_CACHE_SECONDS
     # Files with several hard links in API and seed submissions (see WatchConfig.allow_hard_links).
     allow_hard_links: bool = False
+    seed_session_checks: int | None = D.SEED_SESSION_CHECKS
+    seed_session_pause: float = D.SEED_SESSION_PAUSE
+
+    @property
+    def session_checks(self) -> int:
+        """Seed session checks let run at once: ``seed_session_checks``, by default half the threads (>= 1)."""
+        return self.seed_session_checks or max(1, self.threads // 2)
 
     @property
     def host(self) -> str:
@@ -672,8 +679,8 @@ def _server(r: _Reader, raw: dict) -> ServerConfig:
     w = "server"
     r.unknown(raw, {"enabled", "listen", "threads", "max_body_bytes", "allowed_roots", "tokens", "public_url",
                     "connection_limit", "idle_timeout", "seed_max_items", "seed_rate_per_minute",
-                    "seed_session_timeout", "seed_session_cache", "allow_hard_links", "header_timeout",
-                    "connections_per_client"}, w)
+                    "seed_session_timeout", "seed_session_cache", "seed_session_checks", "seed_session_pause",
+                    "allow_hard_links", "header_timeout", "connections_per_client"}, w)
     tokens = []
     raw_tokens = raw.get("tokens") or []
     if not isinstance(raw_tokens, list):
@@ -701,10 +708,16 @@ def _server(r: _Reader, raw: dict) -> ServerConfig:
                 roots=tuple(r.path(p) for p in r.get(t, "roots", tw, text_list, ())),
             )
         )
+    threads = r.get(raw, "threads", w, positive_int, D.SERVER_THREADS)
+    checks = r.get(raw, "seed_session_checks", w, positive_int, D.SEED_SESSION_CHECKS)
+    if checks is not None and checks >= threads:
+        r.problem("server.seed_session_checks",
+                  f"{checks} is not below server.threads ({threads}): session checks waiting for a slow OMERO "
+                  "would hold every server thread, /health included; lower it or raise server.threads")
     return ServerConfig(
         enabled=r.get(raw, "enabled", w, boolean, True),
         listen=r.get(raw, "listen", w, listen, D.LISTEN),
-        threads=r.get(raw, "threads", w, positive_int, D.SERVER_THREADS),
+        threads=threads,
         max_body_bytes=r.get(raw, "max_body_bytes", w, positive_int, D.MAX_BODY_BYTES),
         allowed_roots=tuple(r.path(p) for p in r.get(raw, "allowed_roots", w, text_list, ())),
         tokens=tuple(tokens),
@@ -719,6 +732,8 @@ def _server(r: _Reader, raw: dict) -> ServerConfig:
         seed_session_timeout=r.get(raw, "seed_session_timeout", w, positive_seconds, D.SEED_SESSION_TIMEOUT),
         seed_session_cache=r.get(raw, "seed_session_cache", w, seconds, D.SEED_SESSION_CACHE_SECONDS),
         allow_hard_links=r.get(raw, "allow_hard_links", w, boolean, False),
+        seed_session_checks=checks,
+        seed_session_pause=r.get(raw, "seed_session_pause", w, positive_seconds, D.SEED_SESSION_PAUSE),
     )
 
 

@@ -82,6 +82,13 @@ SEED_RATE_PER_MINUTE = 60
 # child is deemed hung (killed, 503), and how long a key OMERO accepted is not asked again.
 SEED_SESSION_TIMEOUT = 10.0
 SEED_SESSION_CACHE_SECONDS = 30.0
+# Checks waiting for OMERO at once (more answer 503 at once): server.threads // 2, at least 1,
+# so the other threads keep serving /health and the API however slow OMERO is.
+SEED_SESSION_CHECKS = None
+# That many checks in a row OMERO did not answer open the breaker: every check answers 503 at once
+# for this many seconds, then one probes.
+SEED_BREAKER_FAILURES = 3
+SEED_SESSION_PAUSE = 30.0
 
 WATCH_MODE = "auto"
 WATCH_DETECTION = "manifest"

@@ -216,6 +216,7 @@ class Api:
         self.store = store
         self.importer = importer
         self.session_checker = None  # set by create_app; see seed.install
+        self.session_gate = None  # the seed route's CheckGate (web/gate.py), set by seed.install
         self.verifier = TokenVerifier(config.server.tokens)
         self.max_body = config.server.max_body_bytes
         self.registry = make_registry(config, store)

@@ -34,7 +34,11 @@ owners' jobs (``Api.mail_visible``).
 Since this route takes no token, it is also bounded: only ``application/json``
 bodies (a web page cannot post JSON across origins without the browser asking
 first, so no CSRF), at most ``server.seed_max_items`` items (413) and
-``server.seed_rate_per_minute`` requests per client address (429). Every
+``server.seed_rate_per_minute`` requests per client address (429). Its session
+checks hold a server thread while OMERO thinks, so they go through a
+:class:`~.gate.CheckGate`: at most ``server.seed_session_checks`` at once, and
+a breaker that answers 503 at once for ``server.seed_session_pause`` seconds
+after OMERO failed several in a row; every 503 carries ``Retry-After``. Every
 refusal is logged for the admin.
 """
 
@@ -59,6 +63,7 @@ from ..job import Job, JobSpec, JobState, Target
 from ..watch.acquisition import from_path
 from . import params
 from .auth import AuthError, Forbidden, resolve_under_roots
+from .gate import CheckGate, GateClosed
 from .http import ApiError, BodyError, error_response, read_json_body
 
 log = logging.getLogger(__name__)
@@ -294,6 +299,10 @@ def install(app: bottle.Bottle, api) -> None:
     config, store = api.config, api.store
     limiter = RateLimiter(config.server.seed_rate_per_minute)
     checker: list = []
+    # Checks hold a server thread while OMERO thinks: a few at once, and none while OMERO fails.
+    gate = CheckGate(config.server.session_checks, failures=D.SEED_BREAKER_FAILURES,
+                     pause=config.server.seed_session_pause)
+    api.session_gate = gate
 
     def session_owner(key: str) -> dict[str, Any]:
         """Whose session ``key`` is, asked of OMERO (ImportFailure when rejected or unreachable)."""
@@ -307,7 +316,7 @@ def install(app: bottle.Bottle, api) -> None:
 
                     importer = create_importer(config)
                 checker.append(importer.session_info)
-        return checker[0](key)
+        return gate.run(checker[0], key)
     max_items = config.server.seed_max_items
 
     def admin() -> Any:
@@ -390,10 +399,16 @@ def install(app: bottle.Bottle, api) -> None:
             if key not in owners:
                 try:
                     owners[key] = session_owner(key)
+                except GateClosed as exc:  # refused at once: OMERO is not asked
+                    return refuse(f"cannot check the session key with OMERO now: {exc.reason}; nothing was "
+                                  f"queued: try again later (in {exc.retry_after} s)", 503,
+                                  {"Retry-After": str(exc.retry_after)})
                 except ImportFailure as exc:
                     if exc.transient or exc.config_error:  # not the client's fault
+                        retry = gate.retry_after()
                         return refuse(f"cannot check the session key with OMERO now ({exc.message}); "
-                                      "nothing was queued: try again later", 503)
+                                      f"nothing was queued: try again later (in {retry} s)", 503,
+                                      {"Retry-After": str(retry)})
                     return refuse(f"request for {uri}: sessionKey: {exc.message}; nothing was queued: log in "
                                   "to OMERO again and send a fresh session key", 403)
             who = owners[key]
