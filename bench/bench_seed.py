@@ -20,7 +20,12 @@ prints p50/p99 of each in milliseconds and the ratios:
 - same key: one key repeated (answered from the cache of accepted keys);
 - new key, ``--clients`` at once: as many client threads each sending new keys;
 - per-key child (the previous design, for comparison): ``child.py --session-info``
-  started for each key, ``--old`` times.
+  started for each key, ``--old`` times;
+- health while OMERO hangs: ``GET /api/v1/health`` on a third server whose OMERO
+  is a port that accepts and never answers, idle and then while ``--flood``
+  client threads post new keys to ``/ome/import`` without pause (issue 10, D:
+  it took 29 s before the checks were bounded); with the counts of answers,
+  checks run at once (at most ``server.seed_session_checks``) and refusals.
 
 Target: new-key p99 well under a second (the issue: 0.7 s idle, 3-5 s under
 load with a child per key). Nothing is asserted.
@@ -29,17 +34,20 @@ load with a child per key). Nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import http.client
 import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,11 +104,81 @@ class Poster:
         return elapsed
 
 
+def hanging_omero(config, store, body: dict, args) -> dict:
+    """GET /api/v1/health idle and while clients post to /ome/import of an OMERO that never answers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(512)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    port = listener.getsockname()[1]
+    omero = dataclasses.replace(config.importer.omero, port=port)
+    config = dataclasses.replace(config, importer=dataclasses.replace(config.importer, omero=omero))
+    importer = create_importer(config)
+    app = create_app(config, store, importer)
+    server = Server(config, app)
+    server.start()
+    host, http_port = server.url.split("//", 1)[1].rsplit(":", 1)
+    stop = threading.Event()
+    answers: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def health(n: int) -> list[float]:
+        conn = http.client.HTTPConnection(host, int(http_port), timeout=120)
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            conn.request("GET", "/api/v1/health")
+            conn.getresponse().read()
+            times.append(time.perf_counter() - start)
+        conn.close()
+        return times
+
+    def flood() -> None:
+        conn = http.client.HTTPConnection(host, int(http_port), timeout=120)
+        item = dict(body, omeroPort=port)
+        while not stop.is_set():
+            data = json.dumps([dict(item, sessionKey=str(uuid.uuid4()))]).encode()
+            conn.request("POST", "/ome/import", data, {"Content-Type": "application/json"})
+            answer = conn.getresponse()
+            answer.read()
+            with lock:
+                answers[answer.status] = answers.get(answer.status, 0) + 1
+        conn.close()
+
+    try:
+        idle = health(args.requests)
+        threads = [threading.Thread(target=flood, daemon=True) for _ in range(args.flood)]
+        for t in threads:
+            t.start()
+        flooded = health(args.requests)
+        stop.set()
+        for t in threads:
+            t.join(120)
+        gate = dict(app.config["watchfolder.api"].session_gate.stats)
+    finally:
+        server.stop()
+        importer.close()
+        listener.close()
+        for conn in held:
+            conn.close()
+    return {"idle": idle, "flooded": flooded, "answers": dict(sorted(answers.items())), "gate": gate}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200, help="requests per side and case (default 200)")
     parser.add_argument("--clients", type=int, default=4, help="client threads of the concurrent case (default 4)")
     parser.add_argument("--old", type=int, default=8, help="checks with a child per key (default 8)")
+    parser.add_argument("--flood", type=int, default=16, help="client threads posting to a hanging OMERO (default 16)")
     args = parser.parse_args()
     python = omero_python()
     if python is None:
@@ -193,6 +271,7 @@ def main() -> int:
             if '"user"' not in out.stdout:
                 raise SystemExit(f"bench_seed: the per-key child failed: {out.stdout[-300:]} {out.stderr[-300:]}")
 
+        hang = hanging_omero(config, store, body, args)
         sessions = importer._sessions
         print(f"POST /ome/import, one item, keep-alive, {args.requests} interleaved rounds; server double over "
               f"loopback; children started {sessions.stats['started']}, checks asked {sessions.stats['asked']}, "
@@ -206,6 +285,11 @@ def main() -> int:
         print(row("per-key child (previous design)", old, base))
         print(f"target: checked new-key p99 well under 1000 ms; now {pct(fresh, 99) * 1000:.0f} ms "
               f"({args.clients} clients: {pct(loaded, 99) * 1000:.0f} ms)")
+        print(row("health, OMERO hanging, idle", hang["idle"]))
+        print(row(f"health, {args.flood} clients posting", hang["flooded"], hang["idle"]))
+        print(f"  while flooded: /ome/import answers {hang['answers']}; checks run {hang['gate']['run']} "
+              f"(at most {hang['gate']['peak']} at once), refused as busy {hang['gate']['busy']}, by the "
+              f"breaker {hang['gate']['open']}")
         return 0
     finally:
         for server in servers:
