@@ -250,7 +250,8 @@ def test_file_changing_during_the_copy_is_transient(make_spec, start, archive_ro
     job, ctx = start(spec, on_progress=append_once)
     with pytest.raises(TransientImportError) as info:
         ArchiveImporter(root=archive_root, chunk_bytes=100).run(job, ctx)
-    assert str(info.value) == f"{source} changed while it was being copied; will try again"
+    assert str(info.value).startswith(f"{source} changed while it was being copied; it is still being written")
+    assert "try again" not in str(info.value)  # the job's state says whether it is retried
     assert [p for p in files_under(archive_root) if p.endswith("growing.tif") or p.endswith(".part")] == []
 
 
@@ -441,7 +442,7 @@ def test_a_failed_flush_is_transient_and_reports_nothing_archived(make_spec, sta
         ArchiveImporter(root=archive_root).run(job, ctx)
     dest = archive_root / "jdoe" / "Brain atlas" / "slide 3" / Path(job.spec.root).name
     assert str(info.value).startswith(f"cannot flush to disk {dest}: ")
-    assert "the job is retried automatically" in str(info.value)
+    assert "retried" not in str(info.value)  # the job's state says whether it is
     assert not [m for m in ctx.messages if m.startswith("archived") or "durable" in m]
 
 
@@ -544,15 +545,20 @@ def tiny_volume(tmp_path):
         subprocess.run(["umount", str(mount_point)], check=True)
 
 
+class _Unforeseen(ArchiveImporter):
+    """Another writer fills the volume after the pre-check: the copy itself meets ENOSPC."""
+
+    def space_reason(self, need_bytes):
+        return None
+
+
 def test_disk_full_is_transient_and_leaves_no_partial_file(make_spec, start, tiny_volume):
     job, ctx = start(make_spec({"small.tif": b"s" * 1000, "huge.tif": os.urandom(256 * 1024)}))
     with pytest.raises(TransientImportError) as info:
-        ArchiveImporter(root=tiny_volume).run(job, ctx)
+        _Unforeseen(root=tiny_volume).run(job, ctx)
     dest = tiny_volume / "jdoe" / "Brain atlas" / "slide 3" / Path(job.spec.root).name
-    assert str(info.value) == (
-        f"cannot write {dest / 'huge.tif'}: no space left on the device; "
-        "free space there; the job is retried automatically"
-    )
+    assert str(info.value) == f"cannot write {dest / 'huge.tif'}: no space left on the device; free space there"
+    assert info.value.full  # a target condition: the target pauses, the job keeps its attempt
     assert [p for p in files_under(tiny_volume) if p.endswith(".part") or "huge" in p] == []
     # The space the failed copy took is free again.
     stat = os.statvfs(tiny_volume)
@@ -610,3 +616,54 @@ def test_unnamed_copies_are_probed_once_per_volume_and_a_failed_probe_is_tried_a
     assert archive_module._anonymous_files_work(folders[0]) is False
     assert [archive_module._anonymous_files_work(f) for f in folders[1:]] == [True, True, True]
     assert probes == folders[:2]
+
+
+def test_a_job_that_does_not_fit_is_held_before_copying(make_spec, start, tiny_volume):
+    # Follow-up D: the job's bytes are checked against the free space before any copy.
+    (tiny_volume / "filler").write_bytes(b"\0" * (40 * 1024))
+    job, ctx = start(make_spec({"a.tif": os.urandom(10 * 1024), "b.tif": os.urandom(10 * 1024)}))
+    with pytest.raises(TransientImportError) as info:
+        ArchiveImporter(root=tiny_volume, min_free_bytes=10 * 1024).run(job, ctx)
+    assert info.value.full and info.value.need_bytes == 20 * 1024
+    assert str(info.value).startswith(f"no space left for the job on the archive volume ({tiny_volume}): ")
+    assert "the job needs 20.0 KiB plus importer.archive.min_free_bytes (10.0 KiB); free space there" in str(info.value)
+    assert [p for p in files_under(tiny_volume) if "filler" not in p] == []  # nothing copied
+    (tiny_volume / "filler").unlink()
+    # Larger than the whole volume: no amount of waiting helps.
+    job, ctx = start(make_spec({"big.tif": os.urandom(100 * 1024)}))
+    with pytest.raises(PermanentImportError, match="does not fit on the archive volume"):
+        ArchiveImporter(root=tiny_volume).run(job, ctx)
+
+
+@pytest.mark.parametrize("importer", [ArchiveImporter, _Unforeseen], ids=["checked before copying", "full mid-copy"])
+def test_a_full_volume_pauses_the_target_and_burns_no_attempt(importer, store, make_spec, tiny_volume):
+    # Follow-up D: a volume that fills (min_free_bytes 0, so the pre-check never holds it) used
+    # to fail the job for good after its attempts; now the target pauses, the job waits queued.
+    from watchfolder.backpressure import TargetGate
+    from watchfolder.worker import Worker
+
+    filler = tiny_volume / "filler"
+    filler.write_bytes(b"\0" * (48 * 1024))
+    job = store.enqueue(make_spec({"a.tif": os.urandom(12 * 1024), "b.tif": os.urandom(12 * 1024)}))[0]
+    gate = TargetGate(importer(root=tiny_volume), after_failures=3, probe_interval=0, alert_after=3600,
+                      store=store)
+    worker = Worker(store, gate.importer, name="w", gate=gate)
+    for _ in range(3 * job.max_attempts):
+        worker.loop()
+        job = store.get(job.id)
+        assert job.state == JobState.QUEUED and job.attempts == 0, job.history[-1]
+    assert "attempt not counted" in job.history[-1].message
+    assert [p for p in files_under(tiny_volume) if p.endswith(".part")] == []
+    if importer is ArchiveImporter:  # held before copying: nothing written, the whole job is needed
+        assert [p for p in files_under(tiny_volume) if p != "filler"] == []
+        assert gate.paused and gate.need_bytes == 24 * 1024
+        assert store.components("target")[0]["status"]["need_bytes"] == 24 * 1024
+    else:  # a.tif was placed before b.tif met the full disk: it stays, the rest is what is needed
+        assert gate.pauses >= 1 and gate.need_bytes == 12 * 1024
+    filler.unlink()  # the admin frees space: the next probe resumes the target, the job runs once
+    for _ in range(3):
+        if worker.loop() is not None:
+            break
+    job = store.get(job.id)
+    assert job.state == JobState.SUCCEEDED and job.attempts == 1
+    assert not gate.paused and gate.status()["need_bytes"] is None

@@ -86,6 +86,7 @@ class TargetGate:
         self._next_probe = 0.0
         self._next_precheck = 0.0
         self._next_publish = 0.0
+        self.need_bytes: int | None = None  # paused for space: resume once this many bytes fit
 
     @classmethod
     def from_config(cls, config, importer, store=None, alert=None) -> TargetGate:
@@ -122,8 +123,13 @@ class TargetGate:
         with self._lock:
             self.failures = 0
 
-    def failed(self, failure: ImportFailure) -> bool:
+    def failed(self, failure: ImportFailure, *, job_bytes: int = 0) -> bool:
         """Record a failed job; True when it must go back to the queue with its attempt not counted.
+
+        A target out of space (:attr:`ImportFailure.full`: ENOSPC, EDQUOT, or too little
+        free for the job, ``job_bytes`` or the failure's own ``need_bytes``) pauses at once,
+        without a probe: the job goes back to the queue, and the target resumes once
+        :meth:`Importer.space_reason` says that much fits again.
 
         A failure that says the target is unavailable is checked at once with a
         probe: when the target does not answer, this is an outage, not the job's
@@ -138,6 +144,16 @@ class TargetGate:
             return False
         with self._lock:
             self.failures += 1
+            if failure.full:
+                need = failure.need_bytes if failure.need_bytes is not None else job_bytes
+                self.need_bytes = max(self.need_bytes or 0, need)
+                if self.paused_since is None:
+                    self._pause(failure.message)
+                    self._next_probe = self.clock()  # space freed meanwhile: the next tick finds it
+        if failure.full:
+            self.publish()
+            return True
+        with self._lock:
             if self.paused_since is not None:
                 return True
         with self._probe_lock:  # one probe at a time; a thread that waited uses the fresh state
@@ -197,7 +213,10 @@ class TargetGate:
             self._alert(resumed=False)
 
     def _probe(self, now: float) -> None:
+        need = self.need_bytes
         reason = self._safely(self.importer.probe)
+        if reason is None and need is not None:
+            reason = self._safely(lambda: self.importer.space_reason(need))
         self.last_probe_at = self.clock()
         self.last_probe = reason or "ok"
         with self._lock:
@@ -207,6 +226,7 @@ class TargetGate:
                 since, alerted = self.paused_since, self.alerted
                 self.paused_since = None
                 self.failures = 0
+                self.need_bytes = None
                 self._next_precheck = 0.0
             elif reason:
                 self.reason = reason
@@ -247,6 +267,7 @@ class TargetGate:
             "last_probe_at": self.last_probe_at,
             "last_probe": self.last_probe,
             "consecutive_failures": self.failures,
+            "need_bytes": self.need_bytes if self.paused else None,
             "running": self.running,
             "max_concurrent": self.max_concurrent,
             "peak": self.peak,

@@ -67,9 +67,15 @@ class ImportFailure(WatchfolderError):
 
     transient = False
 
-    def __init__(self, message: str, *, config_error: bool = False, unavailable: bool = False):
+    def __init__(self, message: str, *, config_error: bool = False, unavailable: bool = False,
+                 full: bool = False, need_bytes: int | None = None):
         super().__init__(message)
         self.message = message
+        # The target is out of space (ENOSPC, EDQUOT, or too little free for the job):
+        # a target condition, never the job's; the target pauses until the job fits.
+        self.full = full
+        self.need_bytes = need_bytes  # what must fit before the job can run (None: the job's size)
+        unavailable = unavailable or full
         # A permanent failure caused by the service's configuration (e.g. wrong
         # OMERO admin password) rather than by the acquisition: the admin must act.
         self.config_error = config_error
@@ -184,16 +190,16 @@ def describe_os_error(exc: OSError, path: object, action: str) -> tuple[bool, st
 def classify_os_error(exc: OSError, path: object, action: str) -> ImportFailure:
     """Turn an ``OSError`` met while ``action`` ("create archive folder", "read") on
     ``path`` into a :class:`PermanentImportError` or :class:`TransientImportError`
-    (rule: :func:`describe_os_error`; a transient one says the job is retried).
+    (rule: :func:`describe_os_error`). The message says what is wrong and the fix, not
+    whether the job is retried: the job's state says that (a last attempt is not).
     Returns the exception (the caller raises it, ``from None``).
     """
     permanent, message = describe_os_error(exc, path, action)
     if permanent:
         return PermanentImportError(message)
-    # A full volume is the target being unavailable, not this job's fault: it counts
-    # toward pausing the target (watchfolder.backpressure) instead of burning attempts.
-    return TransientImportError(message + "; the job is retried automatically",
-                                unavailable=exc.errno in (_errno.ENOSPC, _errno.EDQUOT))
+    # A full volume is the target's condition, not this job's fault: the target pauses
+    # (watchfolder.backpressure) and the job goes back to the queue, its attempt kept.
+    return TransientImportError(message, full=exc.errno in (_errno.ENOSPC, _errno.EDQUOT))
 
 
 def source_vanished(path: object) -> PermanentImportError:

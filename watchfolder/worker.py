@@ -294,7 +294,7 @@ class Worker:
                 return self.store.get(job.id)
             except ImportFailure as exc:
                 kind = "transient" if exc.transient else "permanent"
-                if self.gate is not None and self.gate.failed(exc):
+                if self.gate is not None and self.gate.failed(exc, job_bytes=job.spec.total_bytes()):
                     reason = f"target {self.gate.target} paused ({exc.message}); attempt not counted"
                     ctx.log(f"attempt {job.attempts}: {reason}")
                     return self._settle(lambda: self.store.release(job.id, self.name, now=now, reason=reason))

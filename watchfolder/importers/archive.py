@@ -278,7 +278,8 @@ class ArchiveImporter(Importer):
     """
 
     def __init__(self, config=None, *, root: Path | None = None, layout: str | None = None,
-                 chunk_bytes: int = D.COPY_CHUNK_BYTES, sync: str = "auto", anonymous_temp: bool = True):
+                 chunk_bytes: int = D.COPY_CHUNK_BYTES, sync: str = "auto", anonymous_temp: bool = True,
+                 min_free_bytes: int | None = None):
         archive = config.importer.archive if config is not None else None
         self.config = config
         self.file_mode = archive.file_mode if archive is not None else None
@@ -288,7 +289,8 @@ class ArchiveImporter(Importer):
         if sync not in ("auto", "fsync"):
             raise ValueError(f"sync must be 'auto' or 'fsync', got {sync!r}")
         self.sync = sync
-        self.min_free_bytes = archive.min_free_bytes if archive is not None else 0
+        self.min_free_bytes = (min_free_bytes if min_free_bytes is not None
+                               else archive.min_free_bytes if archive is not None else 0)
         self.anonymous_temp = anonymous_temp
 
     def health(self) -> dict[str, Any]:
@@ -308,17 +310,66 @@ class ArchiveImporter(Importer):
         """Below ``importer.archive.min_free_bytes`` free on the archive volume, hold its jobs."""
         if not self.min_free_bytes:
             return None
+        return self.space_reason(0)
+
+    def _volume(self) -> Path:
         probe = self.root
         while not probe.exists() and probe.parent != probe:
             probe = probe.parent
+        return probe
+
+    def space_reason(self, need_bytes: int) -> str | None:
+        """Why ``need_bytes`` cannot be archived now: the volume's free space (statvfs, as an
+        unprivileged user may use it) is under ``need_bytes + importer.archive.min_free_bytes``."""
+        probe = self._volume()
         try:
             free = shutil.disk_usage(probe).free
         except OSError as exc:
             return f"cannot read the free space of {probe}: {exc.strerror}"
-        if free < self.min_free_bytes:
-            return (f"the archive volume ({probe}) has {format_size(free)} free, less than importer.archive."
-                    f"min_free_bytes ({format_size(self.min_free_bytes)}); free space there or move the archive root")
-        return None
+        if free >= need_bytes + self.min_free_bytes:
+            return None
+        if need_bytes:
+            reserve = (f" plus importer.archive.min_free_bytes ({format_size(self.min_free_bytes)})"
+                       if self.min_free_bytes else "")
+            return (f"no space left for the job on the archive volume ({probe}): {format_size(free)} free, the job "
+                    f"needs {format_size(need_bytes)}{reserve}; free space there")
+        return (f"the archive volume ({probe}) has {format_size(free)} free, less than importer.archive."
+                f"min_free_bytes ({format_size(self.min_free_bytes)}); free space there or move the archive root")
+
+    def _check_space(self, job: Job, dest_root: Path, sources: list) -> None:
+        """Before copying: the bytes still to write (files not yet at ``dest_root`` with their
+        size) must fit with ``min_free_bytes`` to spare, or the target pauses (the job keeps
+        its attempt); a job larger than the whole volume fails for good."""
+        need = self._remaining(dest_root, sources)
+        if not need:
+            return
+        reason = self.space_reason(need)
+        if reason is None:
+            return
+        try:
+            total = shutil.disk_usage(self._volume()).total
+        except OSError:
+            total = None
+        if total is not None and need + self.min_free_bytes > total:
+            raise PermanentImportError(
+                f"the acquisition ({format_size(need)}) does not fit on the archive volume ({self._volume()}, "
+                f"{format_size(total)} in all, min_free_bytes {format_size(self.min_free_bytes)}); "
+                "archive it to a larger volume"
+            )
+        raise TransientImportError(reason, full=True, need_bytes=need)
+
+    @staticmethod
+    def _remaining(folder: Path, sources: list) -> int:
+        """Bytes still to write into ``folder``: the files not there yet with their size."""
+        need = 0
+        for entry, _src, size in sources:
+            try:
+                if os.lstat(os.path.join(folder, entry.path)).st_size == size:
+                    continue
+            except OSError:
+                pass
+            need += size
+        return need
 
     def destination(self, job: Job) -> Path:
         t = job.spec.target
@@ -406,6 +457,7 @@ class ArchiveImporter(Importer):
     def _run(self, job: Job, ctx: ImportContext, tree: safefs.SourceTree) -> dict[str, Any]:
         sources = self._sources(job, tree)
         dest_root = self.destination(job)
+        self._check_space(job, dest_root, sources)
         buf = bytearray(self.chunk_bytes)
         for n in itertools.count(1):
             if n > MAX_COLLISION_SUFFIX:
@@ -421,6 +473,12 @@ class ArchiveImporter(Importer):
             placed: list[str] = []
             try:
                 result = self._copy_all(job, ctx, candidate, sources, buf, placed, tree)
+            except TransientImportError as exc:
+                if exc.full and exc.need_bytes is None:
+                    # The volume filled mid-copy: what is placed stays for the next attempt
+                    # (identity-checked), so the target resumes once the rest fits.
+                    exc.need_bytes = self._remaining(candidate, sources)
+                raise
             except _Occupied as exc:
                 ctx.log(f"{exc}: another job took {candidate}; trying the next folder")
                 for path in [*placed, os.path.join(candidate, _ledger_name(job.id))]:
@@ -653,7 +711,8 @@ class ArchiveImporter(Importer):
                     ctx.progress("copying", done_before + done, total, index, count)
             after = os.fstat(fin)
             if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or done != after.st_size:
-                raise TransientImportError(f"{src} changed while it was being copied; will try again")
+                raise TransientImportError(f"{src} changed while it was being copied; it is still being written, "
+                                            "or something else writes to the drop folder")
             digest = source_hash.hexdigest()
             if expected and digest != expected.lower():
                 raise PermanentImportError(

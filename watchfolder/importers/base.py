@@ -77,6 +77,11 @@ class Importer(abc.ABC):
         """
         return None
 
+    def space_reason(self, need_bytes: int) -> str | None:
+        """Why ``need_bytes`` more cannot be written to the target now (too little free space),
+        or None. Importers that do not write to a volume of their own keep this default."""
+        return None
+
     def probe(self) -> str | None:
         """Is the target back? None when it is, else why not. Called while paused, every
         ``importer.pause.probe_interval`` seconds; may take a few seconds."""

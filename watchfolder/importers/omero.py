@@ -238,8 +238,8 @@ class OmeroImporter(Importer):
                     _kill(proc)
                     ctx.log(f"omero: child sent nothing for {idle:g} s; killed it")
                     raise TransientImportError(
-                        f"the OMERO import stalled: no progress for {idle:g} s "
-                        "(server unresponsive?); will try again"
+                        f"the OMERO import stalled: no progress for {idle:g} s (server unresponsive?); "
+                        "check the OMERO server, or raise importer.omero.idle_timeout if it is only slow"
                     ) from None
                 ctx.checkpoint()
                 continue
