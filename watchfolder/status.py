@@ -265,6 +265,9 @@ def collect_status(config, store, importer=None, *, now: float | None = None,
     now = time.time() if now is None else now
     problems: list[str] = []
     store.prune_workers(now=now)  # dead processes' rows, so health recovers with no worker running
+    space = _space_problem(store)
+    if space:
+        problems.append(space)
     counts = store.counts(owners=owners)
     oldest = store.oldest_queued_at(owners=owners)
     workers = [
@@ -337,8 +340,18 @@ def collect_status(config, store, importer=None, *, now: float | None = None,
     }
 
 
+def _space_problem(store) -> str | None:
+    """The data disk full, as the store tells it (store/space.py), or None."""
+    check = getattr(store, "space_problem", None)
+    try:
+        return check() if check is not None else None
+    except Exception as exc:  # informative: a failed check must not break status or health
+        return f"cannot check the data disk's free space: {exc}"
+
+
 def health(config, store, *, now: float | None = None) -> tuple[bool, dict[str, Any]]:
-    """The load balancer's view: the store answers and no live worker missed its heartbeats."""
+    """The load balancer's view: the store answers, its disk is not full, and no live worker
+    missed its heartbeats."""
     now = time.time() if now is None else now
     checks: dict[str, Any] = {}
     try:
@@ -352,6 +365,9 @@ def health(config, store, *, now: float | None = None) -> tuple[bool, dict[str, 
     except Exception as exc:  # a broken store must yield 503, not 500
         store_ok = False
         checks["store"] = {"ok": False, "detail": f"the database does not answer: {exc}"}
+    space = _space_problem(store) if store_ok else None
+    if space:  # it answers reads, but takes no write: nothing can be recorded
+        checks["store"] = {"ok": False, "detail": space}
     workers_ok = True
     detail: list[str] = []
     if store_ok:
@@ -362,7 +378,7 @@ def health(config, store, *, now: float | None = None) -> tuple[bool, dict[str, 
                 workers_ok = False
                 detail.append(f"{w['name']}: {w['problem']}")
     checks["workers"] = {"ok": workers_ok, "detail": "; ".join(detail) or None}
-    ok = store_ok and workers_ok
+    ok = store_ok and not space and workers_ok
     return ok, {"status": "ok" if ok else "unhealthy", "checks": checks}
 
 

@@ -37,6 +37,7 @@ from .errors import (
 from .importers.base import ImportContext, Importer
 from .job import Job, JobSpec, JobState, Progress
 from .store import JobStore
+from .store.space import is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,10 @@ JOB_PROGRESS_EVENT = "org.watchfolder.job.progress"
 
 
 def _fault_level(exc: BaseException | None) -> int:
-    """The level a worker logs a store fault at: DEBUG for a server outage (the store reports
-    it once per process, store.outage), WARNING for the rest (SQLite locked, disk full)."""
-    return logging.DEBUG if isinstance(exc, StoreUnavailable) else logging.WARNING
+    """The level a worker logs a store fault at: DEBUG for a server outage or a full data disk
+    (the store reports those once per process: store.outage, store.space), WARNING for the
+    rest (SQLite locked past busy_timeout, I/O error)."""
+    return logging.DEBUG if isinstance(exc, StoreUnavailable) or is_disk_full(exc) else logging.WARNING
 
 
 class JobContext(ImportContext):
@@ -82,6 +84,7 @@ class JobContext(ImportContext):
         self._lock = threading.Lock()
         self._unsaved = False  # the last progress write failed: the next one goes out at once
         self._store_failing = False  # a store fault is being waited out (logged once per streak)
+        self._store_failing_level = logging.WARNING
         self._log_backlog: list[tuple[float, str]] = []  # log lines the data disk refused, kept in order
         self._log_lock = threading.Lock()
 
@@ -108,7 +111,9 @@ class JobContext(ImportContext):
     def _store_fault(self, exc: BaseException, what: str) -> None:
         """Log a store fault once per streak; the job goes on (its attempt is kept)."""
         if not self._store_failing:
-            log.log(_fault_level(exc), "job %s: %s (%s); the job goes on and tries again", self.job.id, what, exc)
+            self._store_failing_level = _fault_level(exc)
+            log.log(self._store_failing_level, "job %s: %s (%s); the job goes on and tries again",
+                    self.job.id, what, exc)
         self._store_failing = True
 
     def progress(
@@ -161,7 +166,7 @@ class JobContext(ImportContext):
         self._unsaved = False
         if self._store_failing:
             self._store_failing = False
-            log.info("job %s: the store answers again", self.job.id)
+            log.log(min(self._store_failing_level, logging.INFO), "job %s: the store answers again", self.job.id)
 
     def heartbeat(self) -> None:
         """Renew the lease (and save the latest progress); called by the heartbeat thread."""
@@ -317,7 +322,7 @@ class Worker:
                     # The store failed (locked, disk full, server down), not the job: it keeps its
                     # attempt and goes back to the queue once the store answers.
                     reason = f"the job store failed ({type(exc).__name__}: {exc}); attempt not counted"
-                    log.warning("job %s: %s", job.id, reason)
+                    log.log(_fault_level(exc), "job %s: %s", job.id, reason)
                     ctx.log(f"attempt {job.attempts}: {reason}")
                     return self._settle(lambda: self.store.release(job.id, self.name, now=now, reason=reason))
                 # a bug or an unexpected OS error: keep the job, retry later
@@ -431,7 +436,7 @@ class Worker:
         # server-side import may say nothing for an hour). A store error (database
         # locked past busy_timeout, disk full) must not end the thread: it is logged
         # once per streak and the next beat tries again.
-        failing = False
+        failing: int | None = None  # the level the current streak of failures was logged at
         while not self._beat_stop.wait(self.heartbeat_seconds):
             try:
                 ctx = self.current
@@ -439,14 +444,14 @@ class Worker:
                     ctx.heartbeat()
                 self._publish(raise_errors=True)
             except Exception as exc:
-                if not failing:
-                    log.warning("worker %s: heartbeat failed (%s); retrying every %g s",
-                                self.name, exc, self.heartbeat_seconds)
-                failing = True
+                if failing is None:
+                    failing = _fault_level(exc)
+                    log.log(failing, "worker %s: heartbeat failed (%s); retrying every %g s",
+                            self.name, exc, self.heartbeat_seconds)
                 continue
-            if failing:
-                log.warning("worker %s: heartbeat works again", self.name)
-            failing = False
+            if failing is not None:
+                log.log(failing, "worker %s: heartbeat works again", self.name)
+            failing = None
 
     def start_heartbeat(self) -> None:
         self._publish()

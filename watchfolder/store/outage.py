@@ -91,8 +91,9 @@ class OutageNoise(logging.Filter):
 
     Drops (or, when the root logger is at DEBUG, shows as DEBUG) a record whose
     exception is a :class:`~watchfolder.errors.StoreUnavailable` (a loop that
-    retries) or a :class:`~watchfolder.errors.StoreBroken` (the store said so once,
-    CRITICAL), and psycopg's own warnings about lost or failed connections.
+    retries), a :class:`~watchfolder.errors.StoreBroken` (the store said so once,
+    CRITICAL) or SQLite's disk full (said once by store/space.py), and psycopg's
+    own warnings about lost or failed connections.
     Installed on the root handlers by the command line (``install``).
     """
 
@@ -114,11 +115,16 @@ class OutageNoise(logging.Filter):
         if record.name.startswith("psycopg"):
             return str(record.msg).startswith(self.PSYCOPG_NOISE)
         if record.exc_info and record.exc_info[1] is not None:
+            import sqlite3
+
             from ..errors import StoreBroken, StoreUnavailable
+            from .space import is_disk_full
 
             exc: BaseException | None = record.exc_info[1]
             while exc is not None:
                 if isinstance(exc, (StoreUnavailable, StoreBroken)):
+                    return True
+                if isinstance(exc, sqlite3.Error) and is_disk_full(exc):
                     return True
                 exc = exc.__cause__ or exc.__context__
         return False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from ..filemodes import PRIVATE, FileModes
 from ..job import ErrorKind, FileEntry, HistoryEntry, Job, JobError, JobSpec, JobState, Progress, printable
 from ..units import whole_number
 from .base import OutboxMail, PendingEntry
+from .space import DiskFull, is_disk_full
 
 #: Every transition into a finished state: watched jobs then await their post-actions.
 FINISHED_FOLLOWUP = "followup = CASE WHEN source LIKE 'watch:%' THEN 'pending' END"
@@ -162,6 +164,22 @@ class FileLogs:
     def log_path(self, job_id: int) -> Path:
         return self.logs_dir / f"{job_id}.log"
 
+    @property
+    def disk_full(self) -> DiskFull:
+        """The data disk's space, as this process tells it (store/space.py): the logs' folder here;
+        a store with files of its own there (SQLite) names them instead."""
+        disk = self.__dict__.get("_disk_full")
+        if disk is None:
+            disk = self.__dict__.setdefault("_disk_full", DiskFull(
+                f"job logs {self.logs_dir}", self.logs_dir,
+                "free space on that filesystem (old job logs can be compressed or moved away)",
+                logging.getLogger(type(self).__module__)))
+        return disk
+
+    def space_problem(self) -> str | None:
+        """The data disk full (one line naming the file, the problem and the fix), or None."""
+        return self.disk_full.problem()
+
     def log(self, job_id: int, message: str | Sequence[str], *, now: float | None = None) -> None:
         """Append to the job's log file: a ``str`` is one line, a sequence of strings one line each.
 
@@ -173,8 +191,13 @@ class FileLogs:
         """
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() if now is None else now))
         lines = [message] if isinstance(message, str) else list(message)
-        with self.files.open_append(self.log_path(job_id), errors="backslashreplace") as fh:  # 0600 or 0640
-            fh.write("".join(f"{stamp}Z {printable(str(line))}\n" for line in lines))
+        try:
+            with self.files.open_append(self.log_path(job_id), errors="backslashreplace") as fh:  # 0600 or 0640
+                fh.write("".join(f"{stamp}Z {printable(str(line))}\n" for line in lines))
+        except OSError as exc:
+            if is_disk_full(exc):
+                self.disk_full.failed(f"cannot write {self.log_path(job_id)}: {exc.strerror}")
+            raise
 
     def _read_log_file(self, job_id: int) -> str:
         try:

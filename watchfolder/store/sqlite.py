@@ -60,6 +60,7 @@ from .rows import (
     page_cursor,
     pending_from_row,
 )
+from .space import DiskFull, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +250,7 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 _DB_ERRORS: dict[str, tuple[str, str]] = {
     "SQLITE_FULL": (
         "the disk holding the job database is full",
-        "free space on that filesystem (old job logs are in the logs folder beside it), then start again",
+        "free space on that filesystem (old job logs are in the logs folder beside it)",
     ),
     "SQLITE_CORRUPT": (
         "the job database is corrupt",
@@ -326,6 +327,7 @@ class _Connection(sqlite3.Connection):
     """A connection that reports a corrupt or foreign file to its store the first time it meets one."""
 
     on_corrupt: Callable[[sqlite3.DatabaseError], None] | None = None
+    on_full: Callable[[sqlite3.DatabaseError], None] | None = None
 
     def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
         try:
@@ -348,6 +350,8 @@ class _Connection(sqlite3.Connection):
             broken = self.on_corrupt(exc)
             if broken:
                 raise StoreBroken(broken) from exc
+        if self.on_full is not None and is_disk_full(exc):
+            self.on_full(exc)
 
 
 def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
@@ -406,6 +410,10 @@ class SQLiteStore(FileLogs, JobStore):
         self._schema_ready = False
         self._identity: tuple[int, int] | None = None
         self.broken: str | None = None
+        # Said once per process, for the database and the job logs (store/space.py).
+        self.__dict__["_disk_full"] = DiskFull(
+            f"job database {self.path}", self.path.parent,
+            f"free space on that filesystem (old job logs are in {self.logs_dir})", log)
         files.make_dir(self.path.parent, own=False)  # usually the data_dir: it holds the archive too
         files.make_dir(self.logs_dir)
         self._refuse_a_new_database_over_old_logs()
@@ -442,6 +450,7 @@ class SQLiteStore(FileLogs, JobStore):
             self._refuse_a_new_database_over_old_logs()
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, factory=_Connection)
         conn.on_corrupt = self._corrupt
+        conn.on_full = self._full
         # LiteQueue switches the connection to autocommit and WAL; our own
         # transactions are explicit BEGIN IMMEDIATE … COMMIT around it.
         queue = LiteQueue(conn, queue_name=QUEUE_TABLE)
@@ -501,6 +510,12 @@ class SQLiteStore(FileLogs, JobStore):
         )
         log.critical(self.broken)
         return self.broken
+
+    def _full(self, exc: sqlite3.DatabaseError) -> None:
+        """A write was refused for space: said once by :attr:`disk_full` (not while opening:
+        the command's one error line says it)."""
+        if self._identity is not None:
+            self.disk_full.failed(exc)
 
     def _highest_log_id(self) -> int:
         """The highest job id with a log file in ``logs_dir`` (0 if none)."""
@@ -1265,6 +1280,8 @@ class SQLiteStore(FileLogs, JobStore):
         conn = self._conn()
         if str(self.path) in _WAL_RECLAIM:
             _reclaim_wal(conn, str(self.path))
+        if self.disk_full.since is not None:
+            self.disk_full.problem()  # ends the condition (one INFO line) once space is back
         stats = {"expired": 0, "due": 0}
         with _transaction(conn):
             expired = conn.execute(
@@ -1875,13 +1892,15 @@ def _reclaim_wal(conn: sqlite3.Connection, path: str) -> bool:
     try:
         busy, log_frames, done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
     except sqlite3.Error as error:
-        log.warning("job database %s is full; the WAL checkpoint waits for free space (%s)", path, error)
+        # The store said the disk is full once (store/space.py); this is retried every tick.
+        log.debug("job database %s is full; the WAL checkpoint waits for free space (%s)", path, error)
         return False
     if busy:
         return False  # a reader holds an old snapshot: next tick
     _WAL_RECLAIM.discard(path)
-    log.warning("job database %s: write-ahead log checkpointed and truncated after a disk-full error "
-                "(%s frames)", path, log_frames)
+    log.log(logging.INFO if log_frames else logging.DEBUG,
+            "job database %s: write-ahead log checkpointed and truncated after a disk-full error (%s frames)",
+            path, log_frames)
     return True
 
 

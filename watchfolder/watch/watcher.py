@@ -41,6 +41,7 @@ from .. import safefs
 from ..config import Config, WatchConfig
 from ..errors import JobNotFound
 from ..job import JobState, printable
+from ..store.space import is_disk_full
 from .detector import RECEIPT_SUFFIX, Detector, Outcome
 from .followup import PostActions
 from .mounts import mount_of
@@ -261,6 +262,8 @@ class Watcher:
         self.active = False
         self.health = "starting"
         self.error: str | None = None
+        self._store_error = False  # self.error is a store failure, cleared by the next step that goes through
+        self._store_failed_now = False
         self.warning: str | None = None
         self.unhealthy_since: float | None = None
         self.restart_attempt = 0
@@ -331,8 +334,12 @@ class Watcher:
             try:
                 delay = self.loop()
             except Exception as exc:  # keep watching; the status shows what broke
-                log.exception("watch folder %s: step failed", self.name)
-                self.error = f"internal error: {exc}"
+                if self.store.is_fault(exc):  # locked, disk full, server down: said by the store, waited out
+                    log.debug("watch folder %s: step failed", self.name, exc_info=True)
+                    self._store_failed("the job store failed", exc)
+                else:
+                    log.exception("watch folder %s: step failed", self.name)
+                    self.error = f"internal error: {exc}"
                 delay = 1.0
             self.wake.wait(max(0.0, delay))
             self.wake.clear()
@@ -470,6 +477,7 @@ class Watcher:
         Returns the number of seconds until something is due.
         """
         now = self.clock() if now is None else now
+        self._store_failed_now = False
         if not self._hold(now):
             self._publish(now)
             return max(0.0, self.next_lease - now)
@@ -510,8 +518,21 @@ class Watcher:
         if now >= self.next_followup:
             self.next_followup = now + self.followup_interval
             self._followups(now)
+        if self._store_error and not self._store_failed_now:  # the store answered this whole step
+            self._store_error = False
+            self.error = None
         self._publish(now)
         return self._next_delay(now)
+
+    def _store_failed(self, what: str, exc: BaseException) -> None:
+        """A store operation failed (tried again later): the status says what and why, in the
+        store's own words for a full data disk (file, problem, fix), until a step goes through."""
+        problem = None
+        if is_disk_full(exc):
+            check = getattr(self.store, "space_problem", None)
+            problem = check() if check is not None else None
+        self.error = f"{what}: {problem or exc}"
+        self._store_error = self._store_failed_now = True
 
     # -- the folder's lease (several watchers, one holder) --------------------
 
@@ -536,7 +557,7 @@ class Watcher:
                 held = self.store.hold_folder(self.name, self.holder, ttl=self.lease_seconds, now=now)
         except Exception as exc:  # store unreachable: carry on as we were; retry soon
             self.next_lease = now + min(1.0, self.lease_seconds / 3)
-            self.error = f"cannot renew the folder's lease in the job store: {exc}"
+            self._store_failed("cannot renew the folder's lease in the job store", exc)
             return self.holding
         self.next_lease = now + self.lease_seconds / 3
         if held and not self.holding:
@@ -741,7 +762,7 @@ class Watcher:
                     continue
             except Exception as exc:  # the store or the log failing: try again later
                 log.exception("watch folder %s: could not record %s", self.name, outcome.rel)
-                self.error = f"could not record {outcome.rel} in the job store: {exc}"
+                self._store_failed(f"could not record {outcome.rel} in the job store", exc)
                 detector.settle(outcome, False, now, retry_after=STORE_RETRY_SECONDS)
                 continue
             fresh.append(outcome)
@@ -755,7 +776,8 @@ class Watcher:
             answers = self.store.enqueue_many([(o.spec, note) for o in outcomes], now=now)
         except Exception as exc:  # store busy or failing: try again, never drop the acquisition
             log.exception("watch folder %s: could not record %d acquisition(s)", self.name, len(outcomes))
-            self.error = f"could not record {outcomes[0].rel} and {len(outcomes) - 1} more in the job store: {exc}"
+            self._store_failed(f"could not record {outcomes[0].rel} and {len(outcomes) - 1} more in the job store",
+                               exc)
             for outcome in outcomes:
                 detector.settle(outcome, False, now, retry_after=STORE_RETRY_SECONDS)
             return
@@ -873,7 +895,7 @@ class Watcher:
                 log.debug("watch folder %s: ignored %s: %s", self.name, outcome.rel, outcome.reason)
         except Exception as exc:  # store busy or failing: try again, never drop the acquisition
             log.exception("watch folder %s: could not record %s", self.name, outcome.rel)
-            self.error = f"could not record {outcome.rel} in the job store: {exc}"
+            self._store_failed(f"could not record {outcome.rel} in the job store", exc)
             detector.settle(outcome, False, now, retry_after=STORE_RETRY_SECONDS)
 
     def _unfinished_jobs(self) -> dict[str, int]:
@@ -977,7 +999,7 @@ class Watcher:
         try:
             jobs = self.store.followups(self.source, limit=100)
         except Exception as exc:
-            self.error = f"cannot read finished jobs from the store: {exc}"
+            self._store_failed("cannot read finished jobs from the store", exc)
             return
         for job in jobs:
             try:
@@ -987,7 +1009,13 @@ class Watcher:
                 self.warning = f"job {job.id}: {note}"
                 log.warning("watch folder %s: job %d: %s", self.name, job.id, note)
             self.counters["post_actions"] += 1
-            self.store.followup_done(job.id, note, now=now)
+            try:
+                self.store.followup_done(job.id, note, now=now)
+            except Exception as exc:  # the store failing (disk full, locked): applied again next time, idempotent
+                log.debug("watch folder %s: job %d: recording its post-action failed", self.name, job.id,
+                          exc_info=True)
+                self._store_failed("cannot record the post-actions of finished jobs in the job store", exc)
+                return
 
     # -- status ---------------------------------------------------------------
 

@@ -1,0 +1,179 @@
+"""Disk full under a running service: the data directory, the archive volume (issue 11 follow-up C, D).
+
+What `status`, `/api/v1/health`, the job logs, the mails and the service log say
+while full and after space is freed: each names the file or volume, the problem
+(no space left) and the fix, once; health is 503 with that reason while the data
+directory is full and recovers by itself; no job loses an attempt, none is lost.
+"""
+
+from __future__ import annotations
+
+import email
+import json
+import os
+import socket
+import sqlite3
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+from drills import cli, fill, report, rows, start, stop, wait_for, write_config
+from helpers import write_manifest
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _health(port: int) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/health", timeout=5) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+    except OSError:
+        return 0, {}
+
+
+def _drop(drop: Path, name: str, size: int) -> None:
+    write_manifest(drop / name, {"img.tif": os.urandom(size)}, target={"project": "Drills", "dataset": name})
+
+
+def _jobs(db: Path) -> list[sqlite3.Row]:
+    try:
+        return rows(db, "SELECT id, state, attempts FROM jobs ORDER BY id")
+    except sqlite3.OperationalError:  # not created yet
+        return []
+
+
+def _status(config: Path) -> tuple[int, dict]:
+    done = cli(config, "status")
+    assert "Traceback" not in done.stderr, done.stderr
+    return done.returncode, yaml.safe_load(done.stdout) or {}
+
+
+def _service(tmp_path: Path, **sections) -> tuple[Path, Path, int]:
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    port = _port()
+    config = write_config(tmp_path, watch=[{"name": "drop", "path": str(drop), "quiet_period": 0.3,
+                                            "poll_interval": 0.2, "mode": "polling"}],
+                          server={"enabled": True, "listen": f"127.0.0.1:{port}"}, **sections)
+    return config, drop, port
+
+
+def _warnings(text: str) -> list[str]:
+    return [line for line in text.splitlines() if " WARNING " in line or " ERROR " in line or " CRITICAL " in line]
+
+
+def test_data_dir_full_while_running(tmp_path, tmpfs):
+    volume = tmpfs("data-volume", 3 * 1024 * 1024)
+    data = volume / "data"
+    config, drop, port = _service(tmp_path, data_dir=str(data))
+    db = data / "watchfolder.db"
+    output = tmp_path / "run.log"
+    proc = start(config, "run", log=output)
+    try:
+        _drop(drop, "a1", 2000)
+        wait_for(lambda: [j["state"] for j in _jobs(db)] == ["succeeded"], 60, "the first job imported")
+        wait_for(lambda: _health(port)[0] == 200, 30, "health ok")
+        filler = fill(volume)
+        for name in ("a2", "a3", "a4"):
+            _drop(drop, name, 2000)
+
+        def full_said():
+            code, body = _health(port)
+            detail = (body.get("checks") or {}).get("store", {}).get("detail") or ""
+            return code == 503 and detail.startswith(f"job database {db}: no space left on the disk holding it")
+
+        wait_for(full_said, 60, "health 503 naming the full data disk")
+        wait_for(lambda: "no space left on the disk holding it" in output.read_text(), 60, "the service log says it")
+        detail = _health(port)[1]["checks"]["store"]["detail"]
+        assert f"({data}, " in detail and "free space on that filesystem" in detail
+        assert "carries on by itself" in detail
+        code, status = _status(config)
+        assert code == 1 and status["problems"][0].startswith(detail.split(" free)")[0].rsplit(",", 1)[0])
+        listed = cli(config, "jobs", "list")  # reads still work
+        assert listed.returncode == 0 and "Traceback" not in listed.stderr
+
+        filler.unlink()  # the admin frees space: everything carries on by itself
+        wait_for(lambda: _health(port)[0] == 200, 60, "health recovers by itself")
+        wait_for(lambda: [j["state"] for j in _jobs(db)] == ["succeeded"] * 4, 60, "every job imported")
+        code, status = _status(config)
+        assert code == 0 and status["problems"] == [], status["problems"]
+        assert all(w["problem"] is None for w in status["watchers"])
+        wait_for(lambda: len(list((data / "outbox").glob("*.eml"))) == 4, 60, "one mail per job")
+    finally:
+        stop(proc)
+    text = output.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    warnings = _warnings(text)
+    full = [line for line in warnings if "full" in line or "no space" in line]
+    assert len(full) == 1, "\n".join(warnings)  # said once: no flood from the other threads
+    assert f"job database {db}: no space left on the disk holding it" in full[0]
+    assert "space is back" in text
+    assert all(j["attempts"] == 1 for j in _jobs(db))  # no attempt burnt, none lost
+    for log in (data / "logs").glob("*.log"):
+        assert "failed" not in log.read_text(), log.read_text()
+    report("data dir full while running", jobs=4, succeeded=4, warnings=len(full), health_503="yes",
+           recovered="yes", tracebacks=0)
+
+
+def test_archive_volume_full_while_running(tmp_path, tmpfs):
+    volume = tmpfs("archive-volume", 3 * 1024 * 1024)
+    root = volume / "archive"
+    # min_free_bytes 0: nothing holds the target before the volume is full (follow-up D).
+    config, drop, port = _service(
+        tmp_path,
+        importer={"kind": "archive", "archive": {"root": str(root), "min_free_bytes": 0},
+                  "pause": {"probe_interval": 0.5, "alert_after": 1}},
+    )
+    db = tmp_path / "data" / "watchfolder.db"
+    output = tmp_path / "run.log"
+    proc = start(config, "run", log=output)
+    try:
+        _drop(drop, "a1", 2000)
+        wait_for(lambda: [j["state"] for j in _jobs(db)] == ["succeeded"], 60, "the first job imported")
+        filler = fill(volume)
+        for name in ("a2", "a3", "a4"):
+            _drop(drop, name, 200_000)
+
+        def paused():
+            targets = ((_status(config)[1].get("importer") or {}).get("targets")) or []
+            return targets and targets[0]["paused"] and targets[0]["need_bytes"] == 200_000 and targets[0]
+
+        target = wait_for(paused, 60, "the archive target paused for space")
+        assert target["reason"].startswith(f"no space left for the job on the archive volume ({root}): 0 B free")
+        assert target["reason"].endswith("; free space there")
+        code, status = _status(config)
+        assert code == 1 and any(p.startswith("importer target archive:") and "no space left" in p
+                                 for p in status["problems"])
+        assert _health(port)[0] == 200  # the service itself is fine: the jobs wait, queued
+        wait_for(lambda: len(_admin_mails(tmp_path, "paused")) == 1, 60, "the admin told once")
+        filler.unlink()
+        wait_for(lambda: [j["state"] for j in _jobs(db)] == ["succeeded"] * 4, 60, "every job imported")
+        wait_for(lambda: len(_admin_mails(tmp_path, "resumed")) == 1, 60, "the admin told it resumed")
+    finally:
+        stop(proc)
+    text = output.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    warnings = _warnings(text)
+    assert len(warnings) == 2 and "watching" in warnings[0] and "paused: no space left" in warnings[1], warnings
+    assert "resumed after" in text
+    assert all(j["attempts"] == 1 for j in _jobs(db))  # the full volume burnt no attempt
+    logs = "".join((tmp_path / "data" / "logs" / f"{j['id']}.log").read_text() for j in _jobs(db)[1:])
+    assert "attempt not counted" in logs and "failed" not in logs
+    report("archive volume full while running", jobs=4, succeeded=4, attempts_burnt=0, admin_mails=2,
+           tracebacks=0)
+
+
+def _admin_mails(tmp_path: Path, word: str) -> list[str]:
+    subjects = []
+    for path in (tmp_path / "data" / "outbox").glob("*.eml"):
+        subject = email.message_from_bytes(path.read_bytes())["Subject"] or ""
+        if subject.startswith("[watchfolder] Imports to archive:") and subject.endswith(word):
+            subjects.append(subject)
+    return subjects

@@ -1,0 +1,64 @@
+"""The data disk full, as a process says it (watchfolder/store/space.py): once, with the fix, and its end."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import sqlite3
+import sys
+
+from watchfolder.store.outage import OutageNoise
+from watchfolder.store.space import QUIET_SECONDS, DiskFull, is_disk_full
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_refused_write_is_said_once_with_reminders_and_its_end(tmp_path, caplog):
+    clock = Clock()
+    disk = DiskFull("job database /srv/wf.db", tmp_path, "free space there", logging.getLogger("t"), clock=clock)
+    assert disk.problem() is None  # plenty of room on the test's disk
+    caplog.set_level(logging.INFO, logger="t")
+    for _ in range(50):  # every thread meets it, every retry
+        disk.failed(OSError(errno.ENOSPC, "No space left on device"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    # The test's disk has room: the writes were refused by a quota (the drills fill a real disk).
+    assert warnings[0].startswith(f"job database /srv/wf.db: writes refused for space on the disk holding it "
+                                  f"({tmp_path}, ")
+    assert "; free space there; the service waits and carries on by itself" in warnings[0]
+    # A quota refuses writes while the disk has room: full as long as writes are refused.
+    assert disk.problem().startswith("job database /srv/wf.db: writes refused for space")
+    clock.now += 61
+    disk.failed("again")
+    assert [r.getMessage() for r in caplog.records][-1].startswith("still, after 61 s: job database /srv/wf.db: ")
+    clock.now += QUIET_SECONDS + 1  # no refused write since, and room on the disk: over, said once
+    assert disk.problem() is None and disk.problem() is None
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len(infos) == 1 and infos[0].startswith("job database /srv/wf.db: space is back (")
+
+
+def test_what_counts_as_disk_full():
+    full = sqlite3.OperationalError("database or disk is full")
+    assert is_disk_full(full) and is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert not is_disk_full(sqlite3.OperationalError("database is locked"))
+    assert not is_disk_full(OSError(errno.EIO, "Input/output error")) and not is_disk_full(None)
+
+
+def test_the_other_threads_tracebacks_of_a_full_database_are_dropped():
+    def record(exc):
+        try:
+            raise exc
+        except Exception:
+            info = sys.exc_info()
+        return logging.LogRecord("watchfolder.mail.outbox", logging.ERROR, __file__, 1, "outbox sender loop failed",
+                                 None, info)
+
+    noise = OutageNoise()
+    assert noise.filter(record(sqlite3.OperationalError("database or disk is full"))) is False
+    assert noise.filter(record(sqlite3.OperationalError("no such table: jobs"))) is True

@@ -1,0 +1,119 @@
+"""The data disk out of space, as one process tells it: once, naming the file and the fix.
+
+When the filesystem holding the job database (or the job logs beside it) is
+full, every thread of a process meets it at once: workers, heartbeats, the
+watchers, the outbox sender, the event dispatcher. Each used to log it in its
+own words on every retry (a traceback a second per thread). Now the store
+reports it here: one WARNING when a write first fails for space, naming the
+file, the problem and the fix, reminders with backoff while it lasts, and one
+INFO line when space is back; the other parts log it at DEBUG
+(:func:`is_disk_full`, :class:`~watchfolder.store.outage.OutageNoise`).
+
+:meth:`DiskFull.problem` is what health and status show: the filesystem has
+less than :data:`FULL_BELOW` free (what any process sees, ``status`` included),
+or a write of this process was refused for space less than :data:`QUIET_SECONDS`
+ago (a quota, which free space does not show). It ends by itself once space is
+freed: nothing to restart.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import shutil
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from ..units import format_duration, format_size
+from .outage import REMINDERS
+
+#: Free bytes under which the data disk counts as full (a margin: SQLite grows its WAL and
+#: database in pages, a checkpoint needs room for both, and a full disk frees a little at times).
+FULL_BELOW = 1024 * 1024
+#: Seconds without a refused write (and space above FULL_BELOW) that end a disk-full condition.
+QUIET_SECONDS = 5.0
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """True for a write refused for lack of space: SQLite's SQLITE_FULL, or ENOSPC/EDQUOT."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorname", "") or ""
+        return code.startswith("SQLITE_FULL") or "disk is full" in str(exc)
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull:
+    """Whether the data disk holding ``folder`` is full, for one store of one process. Thread-safe.
+
+    ``what`` names the store's files for the admin ("job database /srv/wf/watchfolder.db");
+    ``fix`` says what to free. ``failed(error)`` on each write refused for space;
+    ``problem()`` for health and status (None when fine).
+    """
+
+    def __init__(self, what: str, folder: Path, fix: str, logger: logging.Logger, *, clock=time.monotonic):
+        self.what = what
+        self.folder = Path(folder)
+        self.fix = fix
+        self.log = logger
+        self.clock = clock
+        self.since: float | None = None
+        self._last_failure = 0.0
+        self._next_reminder = 0.0
+        self._reminders = 0
+        self._lock = threading.Lock()
+
+    def _free(self) -> int | None:
+        try:
+            return shutil.disk_usage(self.folder).free
+        except OSError:
+            return None
+
+    def _message(self, free: int | None) -> str:
+        if free is not None and free >= FULL_BELOW:  # the filesystem has room: a quota refuses the writes
+            problem = f"writes refused for space on the disk holding it ({self.folder}, {format_size(free)} free: " \
+                      "over a quota?)"
+        else:
+            room = f"{format_size(free)} free" if free is not None else "free space unknown"
+            problem = f"no space left on the disk holding it ({self.folder}, {room})"
+        return (f"{self.what}: {problem}; {self.fix}; "
+                "the service waits and carries on by itself once there is space (nothing is lost)")
+
+    def failed(self, error: BaseException | str) -> None:
+        """A write was refused for lack of space: the first logs a WARNING, later ones a reminder when due."""
+        now = self.clock()
+        with self._lock:
+            self._last_failure = now
+            if self.since is None:
+                self.since = now
+                self._reminders = 0
+                self._next_reminder = now + REMINDERS[0]
+                self.log.warning("%s (%s)", self._message(self._free()), error)
+            elif now >= self._next_reminder:
+                self._reminders += 1
+                self._next_reminder = now + REMINDERS[min(self._reminders, len(REMINDERS) - 1)]
+                self.log.warning("still, after %s: %s", format_duration(now - self.since), self._message(self._free()))
+
+    def problem(self) -> str | None:
+        """The one-line problem while the disk is full (see the module doc); None otherwise.
+        Ends a condition this process met, with one INFO line, once space is back."""
+        free = self._free()
+        if free is not None and free < FULL_BELOW:
+            return self._message(free)
+        if self.since is None:
+            return None
+        with self._lock:
+            if self.since is None:
+                return None
+            now = self.clock()
+            if free is None or now - self._last_failure < QUIET_SECONDS:
+                return self._message(free)
+            lasted = now - self.since
+            self.since = None
+        self.log.info("%s: space is back (%s free) after %s full; writing again", self.what, format_size(free),
+                      format_duration(lasted))
+        return None
+
+
+__all__ = ["DiskFull", "FULL_BELOW", "QUIET_SECONDS", "is_disk_full"]
