@@ -9,6 +9,7 @@ injected (``now=``) everywhere.
 from __future__ import annotations
 
 import email.policy
+import logging
 import re
 import threading
 from email.parser import BytesParser
@@ -149,6 +150,22 @@ def test_folder_transport_unwritable_is_a_transient_mail_error(mailstore, make_s
 
 
 # -- failures, backoff, resend --------------------------------------------------------------------
+
+
+def test_an_outage_is_logged_once_and_its_end_once(mailstore, make_spec, caplog):
+    # Issue 11 follow-up C: a full disk (or a server down) fails every mail on every retry; one
+    # WARNING says it, the rest go to DEBUG, and the first mail that goes out says it is over.
+    for _ in range(3):
+        finish(mailstore, make_spec())
+    transport = ScriptedTransport(*[MailError("cannot write mail to /x: no space left on the device")] * 6)
+    sender = OutboxSender(mailstore, transport)
+    caplog.set_level(logging.DEBUG, logger="watchfolder.mail.outbox")
+    assert sender.loop(now=T0) == 0 and sender.loop(now=T0 + 10) == 0  # 3 mails, twice
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "no space left on the device (pending; further failures" in warnings[0]
+    assert sender.loop(now=T0 + 70) == 3
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert infos == ["mail delivery works again after 6 failed attempt(s)"]
 
 
 def test_transient_failure_retries_later(mailstore, make_spec):

@@ -112,13 +112,19 @@ def test_data_dir_full_while_running(tmp_path, tmpfs):
     assert "Traceback" not in text, text[-3000:]
     warnings = _warnings(text)
     full = [line for line in warnings if "full" in line or "no space" in line]
-    assert len(full) == 1, "\n".join(warnings)  # said once: no flood from the other threads
-    assert f"job database {db}: no space left on the disk holding it" in full[0]
+    said = [line for line in full if " watchfolder.store.sqlite: " in line]
+    # Said once by the store; the mail sender, when a mail file met the full disk first, once too.
+    assert len(said) == 1, "\n".join(warnings)
+    assert f"job database {db}: no space left on the disk holding it" in said[0]
+    mails = [line for line in full if " watchfolder.mail.outbox: " in line]
+    assert len(mails) <= 1 and len(full) == len(said) + len(mails), "\n".join(warnings)
+    assert all("no space left on the device; free space there (notify.outbox_dir)" in line for line in mails)
     assert "space is back" in text
     assert all(j["attempts"] == 1 for j in _jobs(db))  # no attempt burnt, none lost
     for log in (data / "logs").glob("*.log"):
         assert "failed" not in log.read_text(), log.read_text()
-    report("data dir full while running", jobs=4, succeeded=4, warnings=len(full), health_503="yes",
+    report("data dir full while running", jobs=4, succeeded=4, warnings=len(said), mail_warnings=len(mails),
+           health_503="yes",
            recovered="yes", tracebacks=0)
 
 
@@ -177,3 +183,24 @@ def _admin_mails(tmp_path: Path, word: str) -> list[str]:
         if subject.startswith("[watchfolder] Imports to archive:") and subject.endswith(word):
             subjects.append(subject)
     return subjects
+
+
+def test_a_mail_folder_on_a_full_disk_says_so_not_permissions(tmpfs):
+    from watchfolder.mail.message import MailError
+    from watchfolder.mail.transports import FolderTransport
+
+    volume = tmpfs("mail-volume", 256 * 1024)
+    fill(volume)
+    transport = FolderTransport(volume)
+    raw = b"Message-ID: <1@x>\r\nDate: Tue, 01 Dec 2026 10:00:00 +0000\r\nSubject: s\r\n\r\n" + b"x" * 65536
+    try:
+        transport.send(raw, "wf@example.org", ("admin@example.org",))
+    except MailError as exc:
+        failure = exc
+    else:
+        raise AssertionError("a mail was written to a full disk")
+    assert not failure.permanent
+    assert str(failure).startswith(f"cannot write mail to {volume / transport.file_name(raw)}: no space left on the "
+                                   "device; free space there (notify.outbox_dir); the mail waits in the outbox")
+    assert "writable" not in str(failure)
+    assert list(volume.glob(".*.eml.tmp")) == []

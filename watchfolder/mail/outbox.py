@@ -49,6 +49,10 @@ class OutboxSender:
         self.batch = max(1, min(batch, int(self.hold / (2 * timeout))))
         self.sweep_interval = sweep_interval
         self._next_sweep = 0.0
+        # Transient delivery failures since the last success: the first is a WARNING, the
+        # rest DEBUG (a server down or a full disk fails every mail, every retry), and the
+        # next success says how many there were.
+        self._failing = 0
 
     def loop(self, now: float | None = None) -> int:
         """Send one batch of the mails that are due; returns how many the server accepted."""
@@ -66,13 +70,20 @@ class OutboxSender:
                 self.transport.send(mail.raw, mail.sender, mail.recipients)
             except MailError as exc:
                 state = self.store.outbox_failed(mail.id, str(exc), permanent=exc.permanent, now=now)
-                log.warning("mail %s to %s: %s (%s)", mail.id, ", ".join(mail.recipients), exc, state.state)
+                level = logging.WARNING if exc.permanent or not self._failing else logging.DEBUG
+                if not exc.permanent:
+                    self._failing += 1
+                log.log(level, "mail %s to %s: %s (%s%s)", mail.id, ", ".join(mail.recipients), exc, state.state,
+                        "" if exc.permanent else "; further failures like it are not logged until a mail goes out")
             except Exception as exc:  # a bug in a transport must not lose the mail
                 log.exception("mail %s: unexpected error", mail.id)
                 self.store.outbox_failed(mail.id, f"{type(exc).__name__}: {exc}", permanent=False, now=now)
             else:
                 self.store.outbox_sent(mail.id, now=now)
                 sent += 1
+                if self._failing:
+                    log.info("mail delivery works again after %d failed attempt(s)", self._failing)
+                    self._failing = 0
         return claimed, sent
 
     def _digest(self, mails: list, now: float) -> list:

@@ -37,7 +37,9 @@ from typing import Any
 
 from .. import defaults as D
 from ..filemodes import PRIVATE, FileModeError, FileModes
+from ..errors import describe_os_error
 from ..store.base import process_exists
+from ..store.space import is_disk_full
 from .message import MailError, Transport
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,9 @@ class FolderTransport(Transport):
         except FileModeError as exc:
             raise MailError(f"cannot write mail to {target}: {exc}") from None
         except OSError as exc:
+            if is_disk_full(exc):  # not a permission problem: say so (the mail waits in the outbox)
+                raise MailError(describe_os_error(exc, target, "write mail to")[1]
+                                + " (notify.outbox_dir); the mail waits in the outbox until it can be written") from None
             raise MailError(
                 f"cannot write mail to {target}: {exc.strerror or exc}; "
                 f"check that notify.outbox_dir ({self.outbox_dir}) is writable"
