@@ -249,7 +249,7 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 # SQLite primary result codes (https://www.sqlite.org/rescode.html) -> (problem, fix).
 _DB_ERRORS: dict[str, tuple[str, str]] = {
     "SQLITE_FULL": (
-        "the disk holding the job database is full",
+        "no space left on the disk holding the job database",
         "free space on that filesystem (old job logs are in the logs folder beside it)",
     ),
     "SQLITE_CORRUPT": (
