@@ -225,6 +225,9 @@ def test_lease_expiring_on_the_last_attempt_fails_the_job(store, make_spec):
         store.maintain(now=now)
     final = store.get(job.id)
     assert final.state == JobState.FAILED and "gave up after 3 attempts" in final.error.message
+    # Follow-up E: workers that died are not the files' fault; the owner's mail must not say
+    # "importing the same files again would fail the same way".
+    assert final.error.kind == "transient"
 
 
 def test_release_returns_the_job_without_counting_the_attempt(store, make_spec):

@@ -233,6 +233,17 @@ def test_failure_advice_fits_the_cause(tmp_path, error, attempts, source, advice
     assert advice in " ".join(text.split())
 
 
+def test_the_admin_mail_of_a_job_that_ran_out_of_attempts_does_not_call_it_permanent(tmp_path):
+    # Follow-up E: "failed permanently" beside "(transient)" contradicted itself; the job's
+    # state (failed) is what says it is not tried again.
+    job = make_job(JobState.FAILED, error=JobError(ErrorKind.TRANSIENT, "gave up after 5 attempts: timeout"),
+                   attempts=5)
+    admin = Notifier(make_config(tmp_path)).compose(job)[1]
+    text = admin.message.get_body(("plain",)).get_content()
+    assert f"Job {job.id} failed; it is not tried again automatically." in text
+    assert "permanently" not in text and "(transient)" in text
+
+
 def test_config_error_is_flagged_for_the_admin(tmp_path):
     job = make_job(JobState.FAILED, error=JobError(ErrorKind.PERMANENT, "bad admin password", config_error=True))
     admin = Notifier(make_config(tmp_path)).compose(job)[1]

@@ -1177,10 +1177,11 @@ class PostgresStore(FileLogs, JobStore):
                 stats["expired"] += 1
                 note = f"lease of {row['worker']} expired (worker stopped or stalled)"
                 if row["attempts"] >= row["max_attempts"]:
+                    # Transient like any attempt that ran out: a crash or a stall is not the files' fault.
                     message = f"gave up after {row['attempts']} attempts; the last one ended when its {note}"
                     done = conn.execute(
                         "UPDATE jobs SET state = 'failed', finished_at = %s, updated_at = %s, lease_expires_at = NULL,"
-                        " session_key = NULL, error_kind = 'permanent', error_message = %s,"
+                        " session_key = NULL, error_kind = 'transient', error_message = %s,"
                         f" {FINISHED_FOLLOWUP} WHERE id = %s RETURNING *",
                         (now, now, message, row["id"]),
                     ).fetchone()

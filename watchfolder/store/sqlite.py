@@ -1291,10 +1291,11 @@ class SQLiteStore(FileLogs, JobStore):
                 stats["expired"] += 1
                 note = f"lease of {row['worker']} expired (worker stopped or stalled)"
                 if row["attempts"] >= row["max_attempts"]:
+                    # Transient like any attempt that ran out: a crash or a stall is not the files' fault.
                     message = f"gave up after {row['attempts']} attempts; the last one ended when its {note}"
                     done = conn.execute(
                         "UPDATE jobs SET state = 'failed', finished_at = ?, updated_at = ?, lease_expires_at = NULL,"
-                        " session_key = NULL, error_kind = 'permanent', error_message = ?,"
+                        " session_key = NULL, error_kind = 'transient', error_message = ?,"
                         f" {FINISHED_FOLLOWUP} WHERE id = ? RETURNING *",
                         (now, now, message, row["id"]),
                     ).fetchone()
