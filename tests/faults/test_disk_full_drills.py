@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import yaml
-from drills import cli, fill, report, rows, start, stop, wait_for, write_config
+from drills import cli, fill, kill9, report, rows, start, stop, wait_for, write_config
 from helpers import write_manifest
 
 
@@ -126,6 +126,24 @@ def test_data_dir_full_while_running(tmp_path, tmpfs):
     report("data dir full while running", jobs=4, succeeded=4, warnings=len(said), mail_warnings=len(mails),
            health_503="yes",
            recovered="yes", tracebacks=0)
+
+
+def test_status_on_a_full_data_disk_with_a_dead_workers_row(tmp_path, tmpfs):
+    # Forgetting the dead worker is a write the full disk refuses: `status` used to end on
+    # that one error (and a warning saying the service waits) instead of showing the status.
+    volume = tmpfs("data-volume", 2 * 1024 * 1024)
+    config = write_config(tmp_path, data_dir=str(volume / "data"))
+    worker = start(config, "work")
+    db = volume / "data" / "watchfolder.db"
+    wait_for(lambda: db.exists() and rows(db, "SELECT count(*) AS n FROM components WHERE kind = 'worker'")[0]["n"],
+             30, "the worker's row")
+    kill9(worker)
+    fill(volume)
+    done = cli(config, "status")
+    assert done.returncode == 1 and done.stderr == "", done.stderr
+    problems = yaml.safe_load(done.stdout)["problems"]
+    assert problems[0].startswith(f"job database {db}: no space left on the disk holding it ({volume / 'data'}, ")
+    report("status on a full data disk", exit=done.returncode, stderr_lines=0)
 
 
 def test_archive_volume_full_while_running(tmp_path, tmpfs):

@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import defaults as D
-from ..filemodes import PRIVATE, FileModeError, FileModes
 from ..errors import describe_os_error
+from ..filemodes import PRIVATE, FileModeError, FileModes
 from ..store.base import process_exists
 from ..store.space import is_disk_full
 from .message import MailError, Transport

@@ -20,7 +20,7 @@ def open_store(config, composer: MailComposer | None = None, *, service: bool = 
 
     ``composer`` builds the mails of a job that just finished; ``service``: a
     long-running process, which logs the store's outages (``store/outage.py``)
-    where a short command only reports its error. Raises
+    and a full data disk (``store/space.py``) where a short command only reports its error. Raises
     :class:`~watchfolder.errors.StoreError` when the store cannot be opened
     (:class:`~watchfolder.errors.StoreRefused`: a configuration error;
     :class:`~watchfolder.errors.StoreUnavailable`: try again later).
@@ -29,4 +29,4 @@ def open_store(config, composer: MailComposer | None = None, *, service: bool = 
         from .postgres import PostgresStore
 
         return PostgresStore.from_config(config, composer=composer, log_outages=service)
-    return SQLiteStore.from_config(config, composer=composer)
+    return SQLiteStore.from_config(config, composer=composer, log_faults=service)

@@ -480,7 +480,13 @@ class JobStore(abc.ABC):
             age = now - row["updated_at"] if row.get("updated_at") is not None else 0.0
             gone = row.get("host") == here and row.get("pid") and not process_exists(int(row["pid"]))
             if gone or age > bound:
-                self.remove_component("worker", row["name"])
+                try:
+                    self.remove_component("worker", row["name"])
+                except Exception as exc:  # the store failing (disk full, locked): status and health go on
+                    if not self.is_fault(exc):
+                        raise
+                    log.debug("could not forget worker %s: %s", row["name"], exc)
+                    continue
                 log.warning(
                     "forgot worker %s (pid %s on %s): %s", row["name"], row.get("pid"), row.get("host"),
                     "its process is gone" if gone else f"no heartbeat for {age:.0f} s; its process is gone",

@@ -409,6 +409,7 @@ class PostgresStore(FileLogs, JobStore):
         self._returned: dict[int, float] = {}  # id(connection) -> when it went back to the pool
         # Outages are logged once per process (store/outage.py); a short command only reports its error.
         self._outage = outage_for(self.location, log) if log_outages else Outage(self.location, _SILENT)
+        self.log_faults = log_outages  # the job logs' disk full, likewise (store/space.py)
         # (monotonic time, exception) of the pool's latest failed connection attempt.
         self._connect_failure: tuple[float, BaseException] | None = None
         self.pool = psycopg_pool.ConnectionPool(

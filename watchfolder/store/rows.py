@@ -160,6 +160,7 @@ class FileLogs:
 
     logs_dir: Path
     files: FileModes = PRIVATE
+    log_faults = True  # a service logs a full disk once (store/space.py); a short command's error says it
 
     def log_path(self, job_id: int) -> Path:
         return self.logs_dir / f"{job_id}.log"
@@ -173,7 +174,7 @@ class FileLogs:
             disk = self.__dict__.setdefault("_disk_full", DiskFull(
                 f"job logs {self.logs_dir}", self.logs_dir,
                 "free space on that filesystem (old job logs can be compressed or moved away)",
-                logging.getLogger(type(self).__module__)))
+                logging.getLogger(type(self).__module__) if self.log_faults else None))
         return disk
 
     def space_problem(self) -> str | None:

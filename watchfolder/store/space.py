@@ -48,11 +48,12 @@ class DiskFull:
     """Whether the data disk holding ``folder`` is full, for one store of one process. Thread-safe.
 
     ``what`` names the store's files for the admin ("job database /srv/wf/watchfolder.db");
-    ``fix`` says what to free. ``failed(error)`` on each write refused for space;
-    ``problem()`` for health and status (None when fine).
+    ``fix`` says what to free; ``logger`` None for a short command (its one error line
+    says it). ``failed(error)`` on each write refused for space; ``problem()`` for
+    health and status (None when fine).
     """
 
-    def __init__(self, what: str, folder: Path, fix: str, logger: logging.Logger, *, clock=time.monotonic):
+    def __init__(self, what: str, folder: Path, fix: str, logger: logging.Logger | None, *, clock=time.monotonic):
         self.what = what
         self.folder = Path(folder)
         self.fix = fix
@@ -89,11 +90,14 @@ class DiskFull:
                 self.since = now
                 self._reminders = 0
                 self._next_reminder = now + REMINDERS[0]
-                self.log.warning("%s (%s)", self._message(self._free()), error)
+                if self.log is not None:
+                    self.log.warning("%s (%s)", self._message(self._free()), error)
             elif now >= self._next_reminder:
                 self._reminders += 1
                 self._next_reminder = now + REMINDERS[min(self._reminders, len(REMINDERS) - 1)]
-                self.log.warning("still, after %s: %s", format_duration(now - self.since), self._message(self._free()))
+                if self.log is not None:
+                    self.log.warning("still, after %s: %s", format_duration(now - self.since),
+                                     self._message(self._free()))
 
     def problem(self) -> str | None:
         """The one-line problem while the disk is full (see the module doc); None otherwise.
@@ -111,8 +115,9 @@ class DiskFull:
                 return self._message(free)
             lasted = now - self.since
             self.since = None
-        self.log.info("%s: space is back (%s free) after %s full; writing again", self.what, format_size(free),
-                      format_duration(lasted))
+        if self.log is not None:
+            self.log.info("%s: space is back (%s free) after %s full; writing again", self.what,
+                          format_size(free), format_duration(lasted))
         return None
 
 

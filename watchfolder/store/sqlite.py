@@ -388,9 +388,11 @@ class SQLiteStore(FileLogs, JobStore):
         composer: MailComposer | None = None,
         sender: str = D.MAIL_FROM,
         files: FileModes = PRIVATE,
+        log_faults: bool = True,
     ):
         self.path = Path(path)
         self.files = files
+        self.log_faults = log_faults
         if synchronous not in ("full", "normal"):
             raise StoreError(f"synchronous must be 'full' or 'normal', got {synchronous!r}")
         self.synchronous = synchronous
@@ -413,7 +415,7 @@ class SQLiteStore(FileLogs, JobStore):
         # Said once per process, for the database and the job logs (store/space.py).
         self.__dict__["_disk_full"] = DiskFull(
             f"job database {self.path}", self.path.parent,
-            f"free space on that filesystem (old job logs are in {self.logs_dir})", log)
+            f"free space on that filesystem (old job logs are in {self.logs_dir})", log if log_faults else None)
         files.make_dir(self.path.parent, own=False)  # usually the data_dir: it holds the archive too
         files.make_dir(self.logs_dir)
         self._refuse_a_new_database_over_old_logs()
@@ -424,7 +426,7 @@ class SQLiteStore(FileLogs, JobStore):
         self._conn()  # create the schema now, so errors show at start
 
     @classmethod
-    def from_config(cls, config, composer: MailComposer | None = None) -> SQLiteStore:
+    def from_config(cls, config, composer: MailComposer | None = None, *, log_faults: bool = True) -> SQLiteStore:
         return cls(
             config.store.path,
             synchronous=config.store.synchronous,
@@ -436,6 +438,7 @@ class SQLiteStore(FileLogs, JobStore):
             composer=composer,
             sender=config.notify.sender,
             files=FileModes.for_group(config.file_group),
+            log_faults=log_faults,
         )
 
     # -- connections -------------------------------------------------------
