@@ -4,6 +4,7 @@ is checked against api/openapi.yaml by the client (api_support.Client)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -472,6 +473,49 @@ def test_health_is_503_when_the_store_is_gone(svc):
     assert r.status == 503
     assert r.json["status"] == "unhealthy" and r.json["checks"]["store"]["ok"] is False
     assert "watchfolder_store_up 0.0" in svc.client().get("/metrics").text
+
+
+def test_a_full_data_disk_is_503_with_the_reason_not_500(tmp_path):
+    # Issue 11 follow-up C: a submission the full disk refuses was a 500 "see the server log".
+    import subprocess
+
+    data = tmp_path / "data"
+    data.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(data)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    svc = start_service(tmp_path)
+    try:
+        portal, anonymous = svc.client("portal"), svc.client()
+        filler = data / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        for size in (65536, 4096, 1):  # to the last byte
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                continue
+        os.close(fd)
+        statuses = []
+        for n in range(200):  # the first ones may fit in the WAL's free pages
+            r = submit(portal, acquisition(svc.roots["drop"], f"jdoe/full-{n}"), email="jdoe@example.org")
+            statuses.append(r.status)
+            if r.status != 202:
+                break
+        assert statuses[-1] == 503 and set(statuses[:-1]) <= {202}, statuses
+        assert r.headers["retry-after"] and "no space left on the disk holding it" in r.json["error"]
+        health = anonymous.get("/api/v1/health")
+        assert health.status == 503
+        assert health.json["checks"]["store"]["detail"].startswith(
+            f"job database {svc.store.path}: no space left on the disk holding it ({data}, ")
+        filler.unlink()
+        r = submit(portal, acquisition(svc.roots["drop"], "jdoe/after"), email="jdoe@example.org")
+        assert r.status == 202
+        assert anonymous.get("/api/v1/health").status == 200
+    finally:
+        stop_service(svc)
+        subprocess.run(["umount", "-l", str(data)], check=False)
 
 
 def test_metrics(svc):

@@ -62,3 +62,16 @@ def test_the_other_threads_tracebacks_of_a_full_database_are_dropped():
     noise = OutageNoise()
     assert noise.filter(record(sqlite3.OperationalError("database or disk is full"))) is False
     assert noise.filter(record(sqlite3.OperationalError("no such table: jobs"))) is True
+
+
+def test_a_write_that_goes_through_ends_it_at_once(tmp_path, caplog):
+    clock = Clock()
+    disk = DiskFull("job database /srv/wf.db", tmp_path, "free space there", logging.getLogger("t"), clock=clock)
+    disk.failed("refused")
+    disk.wrote()  # at the same instant: a write begun before the refusal proves nothing
+    assert disk.problem() is not None
+    clock.now += 1
+    disk.wrote()
+    caplog.set_level(logging.INFO, logger="t")
+    assert disk.problem() is None
+    assert [r.getMessage() for r in caplog.records][-1].startswith("job database /srv/wf.db: space is back")

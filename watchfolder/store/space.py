@@ -12,8 +12,8 @@ INFO line when space is back; the other parts log it at DEBUG
 :meth:`DiskFull.problem` is what health and status show: the filesystem has
 less than :data:`FULL_BELOW` free (what any process sees, ``status`` included),
 or a write of this process was refused for space less than :data:`QUIET_SECONDS`
-ago (a quota, which free space does not show). It ends by itself once space is
-freed: nothing to restart.
+ago and none went through since (a quota, which free space does not show). It
+ends by itself once space is freed: nothing to restart.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ class DiskFull:
         self.clock = clock
         self.since: float | None = None
         self._last_failure = 0.0
+        self._last_write = 0.0
         self._next_reminder = 0.0
         self._reminders = 0
         self._lock = threading.Lock()
@@ -99,6 +100,11 @@ class DiskFull:
                     self.log.warning("still, after %s: %s", format_duration(now - self.since),
                                      self._message(self._free()))
 
+    def wrote(self) -> None:
+        """A write went through (one attribute read when nothing is wrong)."""
+        if self.since is not None:
+            self._last_write = self.clock()
+
     def problem(self) -> str | None:
         """The one-line problem while the disk is full (see the module doc); None otherwise.
         Ends a condition this process met, with one INFO line, once space is back."""
@@ -111,7 +117,8 @@ class DiskFull:
             if self.since is None:
                 return None
             now = self.clock()
-            if free is None or now - self._last_failure < QUIET_SECONDS:
+            refused = now - self._last_failure < QUIET_SECONDS and self._last_write <= self._last_failure
+            if free is None or refused:
                 return self._message(free)
             lasted = now - self.since
             self.since = None

@@ -328,6 +328,7 @@ class _Connection(sqlite3.Connection):
 
     on_corrupt: Callable[[sqlite3.DatabaseError], None] | None = None
     on_full: Callable[[sqlite3.DatabaseError], None] | None = None
+    on_written: Callable[[], None] | None = None
 
     def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
         try:
@@ -454,6 +455,7 @@ class SQLiteStore(FileLogs, JobStore):
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, factory=_Connection)
         conn.on_corrupt = self._corrupt
         conn.on_full = self._full
+        conn.on_written = self.disk_full.wrote
         # LiteQueue switches the connection to autocommit and WAL; our own
         # transactions are explicit BEGIN IMMEDIATE … COMMIT around it.
         queue = LiteQueue(conn, queue_name=QUEUE_TABLE)
@@ -1839,13 +1841,15 @@ class _Prepared:
 class _transaction:
     """``BEGIN IMMEDIATE`` … ``COMMIT`` on an autocommit connection; rollback on any exception."""
 
-    __slots__ = ("conn",)
+    __slots__ = ("conn", "changes")
 
     def __init__(self, conn: sqlite3.Connection):
         self.conn = conn
+        self.changes = 0
 
     def __enter__(self):
         self.conn.execute("BEGIN IMMEDIATE")
+        self.changes = self.conn.total_changes
         return self.conn
 
     def __exit__(self, exc_type, exc, tb):
@@ -1855,6 +1859,9 @@ class _transaction:
             except sqlite3.OperationalError as error:
                 _after_write_error(self.conn, error)
                 raise
+            written = getattr(self.conn, "on_written", None)
+            if written is not None and self.conn.total_changes != self.changes:
+                written()  # a write went through: a disk-full condition may end (store/space.py)
             return False
         try:
             self.conn.execute("ROLLBACK")

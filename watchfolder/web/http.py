@@ -16,6 +16,7 @@ from typing import Any
 import bottle
 
 from ..errors import InvalidTransition, JobNotFound, StoreError, StoreUnavailable
+from ..store.space import is_disk_full
 from ..units import INT64_MAX
 from ..watch.acquisition import line_column
 from .auth import AuthError
@@ -227,6 +228,14 @@ def api_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
             return error_response(503, str(exc), None, {"Retry-After": RETRY_AFTER_SECONDS})
         except StoreError as exc:
             return error_response(422, str(exc))
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            # The data disk is full (said once in the log, and by status and health): not the
+            # client's fault and not a server bug, so 503 rather than 500; nothing was recorded.
+            return error_response(503, "the job store cannot record anything now: no space left on the disk "
+                                  "holding it (the admin must free space); nothing was recorded, try again later",
+                                  None, {"Retry-After": RETRY_AFTER_SECONDS})
 
     wrapper.__name__ = handler.__name__
     wrapper.__doc__ = handler.__doc__
