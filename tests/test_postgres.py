@@ -248,3 +248,175 @@ def test_store_migrate_command_copies_into_postgresql_and_can_run_again(pg_url, 
     assert "--to carries a password" in capsys.readouterr().err
     assert cli.main(["--config", str(cfg), "store", "migrate", "--to", "mysql://db/x"]) == 1
     assert "--to must be a postgresql://" in capsys.readouterr().err
+
+
+class ExchangeCounter:
+    """A TCP proxy in front of the server that counts network exchanges: how many times the
+    server answered after the client had sent something (the client waited once for each).
+
+    Pipelined statements sent together, and answered together, count once.
+    """
+
+    def __init__(self, port: int):
+        import socket
+
+        self.port = port
+        self.exchanges = 0
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url_port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.exchanges = 0
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.port))
+            last = {"from": None}
+            for src, dst, side in ((client, server, "client"), (server, client, "server")):
+                threading.Thread(target=self._pipe, args=(src, dst, side, last), daemon=True).start()
+
+    def _pipe(self, src, dst, side: str, last: dict) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                for s in (src, dst):
+                    s.close()
+                return
+            with self._lock:
+                if side == "server" and last["from"] == "client":
+                    self.exchanges += 1
+                last["from"] = side
+            dst.sendall(data)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def _one_mail(job):
+    from watchfolder.store.base import Mail
+
+    return [Mail("job_succeeded", ("jdoe@example.org",), _message(job))]
+
+
+def _message(job):
+    from email.message import EmailMessage
+
+    msg = EmailMessage()
+    msg["From"] = "watchfolder@example.org"
+    msg["Subject"] = f"job {job.id} {job.state}"
+    msg.set_content("done")
+    return msg
+
+
+def test_a_job_cycle_costs_one_network_exchange_per_result_read(pg_server, pg_url, tmp_path, make_spec,
+                                                                 monkeypatch):
+    """Claim: one exchange. Succeed with its mail: two (the finish returns the job the mail is
+    composed from; the mail, the COMMIT and the Sync go together). Without mail, and a progress
+    write: one. psycopg's own BEGIN in pipeline mode was synced apart (an exchange more per
+    transaction): transactions open with an explicit BEGIN instead."""
+    from watchfolder.store import postgres
+
+    monkeypatch.setattr(postgres, "IDLE_CHECK_SECONDS", 3600.0)  # no check of an idle connection in the count
+    proxy = ExchangeCounter(pg_server.port)
+    url = pg_url.replace(f":{pg_server.port}/", f":{proxy.url_port}/")
+    store = PostgresStore(url, logs_dir=tmp_path / "logs", composer=_one_mail, **OPTIONS)
+    try:
+        first, _ = store.enqueue(make_spec(), now=T0)
+        second, _ = store.enqueue(make_spec(), now=T0)
+        costs = {}
+        for name, call in [
+            ("claim", lambda: store.claim("w", now=T0)),
+            ("progress", lambda: store.report_progress(first.id, "w", now=T0 + 1)),
+            ("succeed with mail", lambda: store.succeed(first.id, "w", {"files": []}, now=T0 + 2)),
+            ("claim again", lambda: store.claim("w", now=T0 + 3)),
+            ("succeed without mail", lambda: store.succeed(second.id, "w", {"files": []}, now=T0 + 4)),
+        ]:
+            store.composer = _one_mail if name != "succeed without mail" else None
+            proxy.reset()
+            call()
+            costs[name] = proxy.exchanges
+        assert costs == {"claim": 1, "progress": 1, "succeed with mail": 2, "claim again": 1,
+                         "succeed without mail": 1}
+        assert store.get(first.id).state == JobState.SUCCEEDED
+        assert [m.job_id for m in store.outbox_list()] == [first.id]
+    finally:
+        store.close()
+        proxy.close()
+
+
+def test_one_thread_in_turn_uses_one_connection_and_never_waits_for_the_pool(pg, make_spec):
+    """A connection goes back to the pool in the caller's thread: with a reset callback the pool
+    hands it to a worker thread, and the next call waited for that thread (and the pool grew)."""
+    store = pg()
+    job, _ = store.enqueue(make_spec(), now=T0)
+    store.get(job.id)
+    size = store.pool.pop_stats()["pool_size"]
+    for _ in range(100):
+        store.get(job.id)
+        store.counts()
+    stats = store.pool.get_stats()
+    assert stats.get("requests_queued", 0) == 0
+    assert stats["pool_size"] == size
+
+
+def test_a_transaction_that_raises_midway_leaves_nothing_and_the_connection_clean(pg, make_spec):
+    """Transactions open with an explicit BEGIN on autocommit connections: an exception from
+    Python or from the server between BEGIN and COMMIT rolls everything back."""
+    store = pg()
+    job, _ = store.enqueue(make_spec(), now=T0)
+    with pytest.raises(RuntimeError):
+        with store._tx() as conn:
+            conn.execute("UPDATE jobs SET owner = 'someone else' WHERE id = %s", (job.id,))
+            conn.execute("SELECT 1").fetchone()
+            raise RuntimeError("stop here")
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        with store._tx() as conn:
+            conn.execute("UPDATE jobs SET owner = 'someone else' WHERE id = %s", (job.id,))
+            conn.execute("INSERT INTO meta VALUES ('schema_version', 'x')")
+            conn.execute("SELECT 1").fetchone()
+    assert store.get(job.id).owner == "jdoe"
+    for conn in list(store.pool._pool):
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert store.claim("w", now=T0).id == job.id
+
+
+def test_mails_are_composed_without_holding_the_events_lock(pg, pg_url, make_spec):
+    """Every claim and finish of every host takes the events lock: a finish that held it
+    while composing its mails (milliseconds of Python) held them all. The event is written
+    last, just before the COMMIT, for succeed, fail and cancel alike."""
+    from watchfolder.store.postgres import EVENTS_LOCK
+
+    free: list[tuple[str, bool]] = []
+
+    def composer(job):
+        with psycopg.connect(pg_url) as other:  # another host, inside its own transaction
+            free.append((str(job.state), other.execute("SELECT pg_try_advisory_xact_lock(%s)",
+                                                        (EVENTS_LOCK,)).fetchone()[0]))
+        return _one_mail(job)
+
+    store = pg(composer=composer)
+    ok, _ = store.enqueue(make_spec(), now=T0)
+    bad, _ = store.enqueue(make_spec(), now=T0)
+    waiting, _ = store.enqueue(make_spec(), now=T0)
+    store.claim("w", now=T0)
+    store.claim("w", now=T0)
+    store.succeed(ok.id, "w", {"files": []}, now=T0 + 1)
+    store.fail(bad.id, "w", PermanentImportError("broken"), now=T0 + 1)
+    store.cancel(waiting.id, now=T0 + 1)
+    assert free == [("succeeded", True), ("failed", True), ("cancelled", True)]
+    events = [e for e in store.events_after(0, limit=100) if e["job_id"] in (ok.id, bad.id, waiting.id)]
+    assert [e["type"].rsplit(".", 1)[1] for e in events][-3:] == ["succeeded", "failed", "cancelled"]
+    assert [e["data"]["state"] for e in events][-3:] == ["succeeded", "failed", "cancelled"]
+    assert len(store.outbox_list()) == 3

@@ -19,10 +19,14 @@ and the same semantics as the SQLite store; the contract tests
   checked before use, so a server restart costs at most a failed call or two
   once it is back. A call that cannot reach the server raises
   :class:`~watchfolder.errors.StoreUnavailable`, and workers and watchers wait
-  and try again with backoff. A claim is one statement in its own transaction
-  (one round trip); a finish one statement plus its mails and the COMMIT,
-  pipelined (three network reads measured, one statement alone without mail);
-  other transactions run in pipeline mode, the COMMIT queued with the closing Sync.
+  and try again with backoff. A connection goes back to the pool in the
+  caller's thread (no reset callback, which would hand it to a pool thread and
+  make the next call wait for that thread). A claim or a progress write is one
+  statement in its own transaction (one round trip); a finish one statement,
+  then its mails and the COMMIT with the closing Sync (two round trips, one
+  without mail: ``tests/test_postgres.py`` counts them). Other transactions run
+  in pipeline mode on autocommit connections, opened with an explicit BEGIN
+  (psycopg's implicit one is synced apart, a round trip of its own).
 - **Job logs** are files in ``logs_dir`` (:class:`~watchfolder.store.rows.FileLogs`):
   with several hosts, a shared folder mounted at the same path everywhere.
 - **Times** are epoch seconds from the calling host's clock: hosts keep their
@@ -417,9 +421,11 @@ class PostgresStore(FileLogs, JobStore):
             connection_class=self._connection_class(),
             min_size=1,
             max_size=max(1, pool_max),
-            kwargs={**self._connect_kwargs, "row_factory": dict_row},
+            kwargs={**self._connect_kwargs, "row_factory": dict_row, "autocommit": True},
+            # No reset callback: with one, the pool hands each returned connection to a
+            # worker thread, and the next request waits for that thread (a thread switch
+            # or two per transaction); _connection stamps the return itself.
             check=self._check_idle,
-            reset=self._stamp,
             timeout=connect_timeout,
             reconnect_timeout=0,  # never give up reconnecting: the server may be down for long
             name="watchfolder",
@@ -497,10 +503,8 @@ class PostgresStore(FileLogs, JobStore):
             with conn:
                 yield conn
         finally:
+            self._returned[id(conn)] = time.monotonic()
             self.pool.putconn(conn)
-
-    def _stamp(self, conn) -> None:
-        self._returned[id(conn)] = time.monotonic()
 
     def _check_idle(self, conn) -> None:
         """Check a connection idle for a while before handing it out (the server may have restarted).
@@ -516,30 +520,30 @@ class PostgresStore(FileLogs, JobStore):
     def _tx(self, *, pipeline: bool = True, single: bool = False) -> Iterator[Any]:
         """A pooled connection inside one transaction: committed at the end, rolled back on any exception.
 
-        In pipeline mode: statements whose results are not read yet travel together
-        with the next one that is read (and the COMMIT with the last), so a transition
-        costs two or three round trips, not one per statement. ``single``: the caller
-        runs one statement, its own transaction (autocommit): one round trip, no
-        BEGIN/COMMIT/Sync exchange around it.
+        Pooled connections are in autocommit mode and transactions are opened with
+        an explicit ``BEGIN``: psycopg's implicit one, in pipeline mode, is followed
+        by a Sync of its own, a round trip before the first statement. In pipeline
+        mode (the default) BEGIN, the statements whose results are not read yet and
+        the COMMIT travel together with the next statement that is read or with the
+        pipeline's closing Sync, so a transition costs one round trip per result it
+        reads before its end, plus one. ``single``: the caller runs one statement,
+        its own transaction (autocommit): one round trip. ``pipeline=False``: a
+        plain transaction, one round trip per statement (scripts, COPY). On any
+        exception the transaction is rolled back (``with conn`` of psycopg).
         """
         started = time.monotonic()
         try:
             with self._connection() as conn:
                 if single:
-                    conn.autocommit = True
-                    try:
-                        yield conn
-                    finally:
-                        if not conn.closed:
-                            conn.autocommit = False
-                elif not pipeline:  # e.g. scripts of several statements (the schema)
                     yield conn
+                elif not pipeline:  # e.g. scripts of several statements (the schema)
+                    with conn.transaction():
+                        yield conn
                 else:
                     with conn.pipeline():
+                        conn.execute("BEGIN")
                         yield conn
-                        # Queued, not committed at once: it travels with the pipeline's closing Sync
-                        # (conn.commit() would sync, then the exit would sync again: a round trip more).
-                        conn.execute("COMMIT")
+                        conn.execute("COMMIT")  # sent with the pipeline's closing Sync
         except StoreUnavailable as exc:
             self._outage.down(str(exc))
             raise
@@ -741,16 +745,23 @@ class PostgresStore(FileLogs, JobStore):
 
     @staticmethod
     def _job_event(conn, job_id: int, message: str, now: float) -> None:
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (EVENTS_LOCK,))
-        conn.execute(JOB_EVENT_INSERT, {"at": now, "job": job_id, "message": message})
+        """The job's event, under the events lock (taken by an InitPlan, before the event gets its id),
+        held until the transaction ends: write it last, just before the COMMIT."""
+        conn.execute(JOB_EVENT_INSERT + " AND (SELECT count(pg_advisory_xact_lock(%(lock)s))) = 1",
+                     {"at": now, "job": job_id, "message": message, "lock": EVENTS_LOCK})
 
     def _finish(self, conn, row: dict, now: float, mails: MailComposer | None, message: str) -> Job:
-        """Common tail of every transition into a finished state (inside the transaction)."""
-        self._add_history(conn, row["id"], row["state"], message, now)
+        """Common tail of every transition into a finished state (inside the transaction).
+
+        The event goes last, after the mails are composed: the events lock it takes is
+        held until the commit, and every claim and finish of every host waits for it.
+        """
+        self._add_history(conn, row["id"], row["state"], message, now, event=False)
         job = self._job(row, self._history(conn, row["id"]), conn)
         composer = mails if mails is not None else self.composer
         if composer is not None:
             self._outbox_insert(conn, composer(job), job.id, now)
+        self._job_event(conn, row["id"], message, now)
         return job
 
     def _finish_running(
@@ -759,24 +770,37 @@ class PostgresStore(FileLogs, JobStore):
     ) -> Job:
         """Finish the job ``worker`` runs, as :meth:`_update_running` then :meth:`_finish`.
 
-        One statement: the events lock (an InitPlan, before the event gets its id), the
-        update, its history entry and event, and the job back with its history and
-        files; the mails then go with the COMMIT: two round trips (one when no mail).
+        One statement: the update, its history entry, and the job back with its history
+        and files. Without mail (the caller runs it alone, autocommit) the statement
+        also takes the events lock (an InitPlan, before the event gets its id) and writes
+        the event: one round trip. With mails, they are composed from the job it returns,
+        then the outbox rows, the event (the events lock taken only now, so no other
+        host's claim or finish waits for a composition) and the COMMIT go together with
+        the closing Sync: two round trips.
         """
+        composer = mails if mails is not None else self.composer
+        with_event = composer is None
+        lock = " AND (SELECT count(pg_advisory_xact_lock(%s))) = 1" if with_event else ""
+        ctes = [
+            f"upd AS (UPDATE jobs SET {assignments} WHERE id = %s AND state = 'running' AND worker = %s{lock}"
+            " RETURNING *)",
+            "entry AS (INSERT INTO job_history (job_id, at, state, message)"
+            " SELECT id, %s, state, %s FROM upd RETURNING id, at, state, message)",
+        ]
+        args = [*params, job_id, worker, *([EVENTS_LOCK] if with_event else []), now, message]
+        if with_event:
+            ctes.append("event AS (INSERT INTO events (at, type, subject, job_id, owner, data)"
+                        f" SELECT %s, {JOB_EVENT_PREFIX!r} || j.state, 'job/' || j.id, j.id, j.owner,"
+                        f" {_job_event_data('%s::text')} FROM upd j)")
+            args += [now, message]
         row = conn.execute(
-            f"WITH upd AS (UPDATE jobs SET {assignments} WHERE id = %s AND state = 'running' AND worker = %s"
-            " AND (SELECT count(pg_advisory_xact_lock(%s))) = 1 RETURNING *),"
-            " entry AS (INSERT INTO job_history (job_id, at, state, message)"
-            " SELECT id, %s, state, %s FROM upd RETURNING id, at, state, message),"
-            " event AS (INSERT INTO events (at, type, subject, job_id, owner, data)"
-            f" SELECT %s, {JOB_EVENT_PREFIX!r} || j.state, 'job/' || j.id, j.id, j.owner,"
-            f" {_job_event_data('%s::text')} FROM upd j)"
+            f"WITH {', '.join(ctes)}"
             " SELECT upd.*, (SELECT json_agg(json_build_array(h.at, h.state, h.message) ORDER BY h.id) FROM"
             " (SELECT id, at, state, message FROM job_history WHERE job_id = upd.id"
             " UNION ALL SELECT id, at, state, message FROM entry) h) AS history_json,"
             " (SELECT coalesce(json_agg(json_build_array(f.path, f.size, f.sha256) ORDER BY f.seq), '[]')"
             " FROM job_files f WHERE f.job_id = upd.id) AS files_json FROM upd",
-            (*params, job_id, worker, EVENTS_LOCK, now, message, now, message),
+            args,
         ).fetchone()
         if row is None:
             self._running(conn, job_id, worker)  # says why: JobNotFound or LeaseLost
@@ -784,9 +808,9 @@ class PostgresStore(FileLogs, JobStore):
         history = [HistoryEntry(at, JobState(state), text) for at, state, text in row.pop("history_json")]
         files = tuple(FileEntry(path, size, sha256) for path, size, sha256 in row.pop("files_json"))
         job = job_from_row(row, self.log_path(job_id), history, files=files)
-        composer = mails if mails is not None else self.composer
         if composer is not None:
             self._outbox_insert(conn, composer(job), job.id, now)
+            self._job_event(conn, job_id, message, now)
         return job
 
     def _no_mail(self, mails: MailComposer | None) -> bool:
@@ -1058,7 +1082,7 @@ class PostgresStore(FileLogs, JobStore):
         self, job_id: int, worker: str, progress: Progress | None = None, *, now: float | None = None
     ) -> bool:
         now = _now(now)
-        with self._tx() as conn:
+        with self._tx(single=True) as conn:  # one statement: its own transaction, one round trip
             if progress is None:
                 row = conn.execute(
                     "UPDATE jobs SET lease_expires_at = %s WHERE id = %s AND state = 'running' AND worker = %s"
