@@ -139,3 +139,7 @@ ADMIN_DIGEST_MINUTES = 10.0
 #: then a quarter of the time it has waited so far, at most DUPLICATE_WAIT_MAX.
 DUPLICATE_WAIT_SECONDS = 2.0
 DUPLICATE_WAIT_MAX = 60.0
+
+# A lasting problem (store outage, data disk full) is logged when it starts, then
+# reminded after these many seconds, the last repeated (store/outage.py, store/space.py).
+PROBLEM_REMINDERS = (60.0, 120.0, 240.0, 480.0, 900.0)

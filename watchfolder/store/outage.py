@@ -12,10 +12,11 @@ import logging
 import threading
 import time
 
+from .. import defaults as D
 from ..units import format_duration
 
 #: Seconds between "still unreachable" reminders while an outage lasts: doubling, then every 15 min.
-REMINDERS = (60.0, 120.0, 240.0, 480.0, 900.0)
+REMINDERS = D.PROBLEM_REMINDERS
 
 
 class Outage:

@@ -26,8 +26,10 @@ import threading
 import time
 from pathlib import Path
 
+from .. import defaults as D
 from ..units import format_duration, format_size
-from .outage import REMINDERS
+
+REMINDERS = D.PROBLEM_REMINDERS
 
 #: Free bytes under which the data disk counts as full (a margin: SQLite grows its WAL and
 #: database in pages, a checkpoint needs room for both, and a full disk frees a little at times).
