@@ -259,46 +259,20 @@ class CheckedFiles:
             self.folder = None
 
 
-def _companion_dir(name_of_dir):
-    def match(main, other):
-        folder = os.path.dirname(main)
-        prefix = (folder + "/" if folder else "") + name_of_dir(main) + "/"
-        return other.startswith(prefix)
+def _multifile():
+    """The service's ``multifile`` module (the suffix rules' one home), loaded by file path."""
+    import importlib.util
 
-    return match
-
-
-def _same_stem(*suffixes):
-    def match(main, other):
-        stem = main.rsplit(".", 1)[0]
-        return any(other.lower() == (stem + s).lower() for s in suffixes)
-
-    return match
+    where = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "multifile.py")
+    spec = importlib.util.spec_from_file_location("watchfolder_multifile", where)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _stem(path):
-    return os.path.basename(path).rsplit(".", 1)[0]
-
-
-MULTI_FILE_RULES = (
-    # Olympus cellSens: scan.vsi + _scan_/stackN/*.ets
-    (".vsi", _companion_dir(lambda main: "_" + _stem(main) + "_")),
-    # 3DHISTECH MIRAX: slide.mrxs + slide/*.dat, Slidedat.ini
-    (".mrxs", _companion_dir(_stem)),
-    # Image Cytometry Standard v1: x.ics + x.ids
-    (".ics", _same_stem(".ids")),
-    # Analyze 7.5: x.hdr + x.img
-    (".hdr", _same_stem(".img")),
-    # MetaImage: x.mhd + x.raw / x.zraw
-    (".mhd", _same_stem(".raw", ".zraw")),
-    # DeltaVision: x.dv + x.dv.log
-    (".dv", lambda main, other: other.lower() == main.lower() + ".log"),
-)
-MULTI_FILE_RULES_DOC = (
-    "<stem>.vsi takes every file under _<stem>_/ beside it; <stem>.mrxs takes every file under "
-    "<stem>/; <stem>.ics takes <stem>.ids; <stem>.hdr takes <stem>.img; <stem>.mhd takes "
-    "<stem>.raw or .zraw; <name>.dv takes <name>.dv.log; any other file is a fileset of its own"
-)
+_MULTIFILE = _multifile()
+MULTI_FILE_RULES = _MULTIFILE.MULTI_FILE_RULES
+MULTI_FILE_RULES_DOC = _MULTIFILE.MULTI_FILE_RULES_DOC
 
 
 def group_filesets(files, filesets=()):

@@ -463,7 +463,18 @@ def walk_files(
                     continue
                 _check_name(rel, root)
                 yield rel, st
+            elif left_out is not None:
+                # A FIFO, a socket, a device: nothing to copy, yet never dropped without a word.
+                left_out.append(f"{rel} (not a regular file: {_special_kind(st.st_mode)})")
         stack.extend(reversed(subdirs))
+
+
+def _special_kind(mode: int) -> str:
+    for test, word in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return word
+    return "a special file"
 
 
 def _own_marker(name: str) -> bool:

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import multifile
 from ..config import WatchConfig
 from ..errors import AcquisitionError, classify_os_error
 from ..job import FileEntry, JobSpec, Target, printable, storable
@@ -480,10 +481,11 @@ class SidecarRule(Rule):
         return out
 
     def candidate_for(self, rel_path: str, known: dict[str, Candidate], is_dir: bool) -> str | None:
-        if is_dir:
-            return None
-        if rel_path in known:
+        if rel_path in known and not is_dir:
             return rel_path
+        main = self._main_of(rel_path, is_dir, lambda m: m in known)
+        if main is not None or is_dir:
+            return main
         suffix = self.watch.sidecar_suffix
         name = rel_path.rpartition("/")[2]
         if name.endswith(suffix) and len(name) > len(suffix) and not is_own_file(name):
@@ -492,9 +494,78 @@ class SidecarRule(Rule):
                 return data
         return None
 
+    def _main_of(self, rel: str, is_dir: bool, exists: Callable[[str], bool]) -> str | None:
+        """The multi-file main file ``rel`` is a companion of (``img.ids`` -> ``img.ics``), by
+        :mod:`watchfolder.multifile`'s rules, when ``exists`` says that main file is a pair."""
+        probe = rel + "/" if is_dir else rel
+        for main in multifile.mains_of(rel + "/-" if is_dir else rel):
+            if multifile.is_companion(main, probe) and exists(main):
+                return main
+        return None
+
+    def companions(self, root: str, rel: str) -> tuple[list[tuple[FileEntry, os.stat_result]], list[str], list[str]]:
+        """The files a multi-file format's main file ``rel`` needs beside it (``scan.vsi``: every file
+        under ``_scan_/``; ``x.ics``: ``x.ids``), by :mod:`watchfolder.multifile`'s rules, with paths
+        relative to the data file's folder; ``(found, folders, left_out)``. Patterns do not apply
+        inside a format's own companion folder (as inside a container). Raises ``AcquisitionError``
+        (a link out of the folder) and ``OSError`` (the folder cannot be listed).
+        """
+        head, _, name = rel.rpartition("/")
+        if multifile.rule_of(name) is None:
+            return [], [], []
+        folder = os.path.join(root, head) if head else root
+        found: list[tuple[FileEntry, os.stat_result]] = []
+        folders: list[str] = []
+        left_out: list[str] = []
+        suffix = self.watch.sidecar_suffix
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            if entry.name in (name, name + suffix) or is_own_file(entry.name):
+                continue
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                continue
+            if is_dir and multifile.is_companion(name, entry.name + "/"):
+                folders.append(entry.name)
+                inside: list[str] = []
+                for sub, st in acq.walk_files(Path(entry.path), exclude=(), left_out=inside):
+                    found.append((FileEntry(f"{entry.name}/{sub}", st.st_size), st))
+                left_out += [f"{entry.name}/{x}" for x in inside]
+            elif not is_dir and multifile.is_companion(name, entry.name):
+                if self.patterns.name_excluded(entry.name) or entry.is_symlink():
+                    left_out.append(f"{entry.name} (" + ("a symbolic link, not followed)" if entry.is_symlink()
+                                                         else "excluded)"))
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode):
+                    found.append((FileEntry(entry.name, st.st_size), st))
+        return found, folders, left_out
+
     def snapshot(self, root: str, rel: str, entries: list[os.DirEntry] | None = None) -> Snapshot | None:
         data = os.path.join(root, rel)
-        return snapshot_files((data, data + self.watch.sidecar_suffix))
+        snap = snapshot_files((data, data + self.watch.sidecar_suffix))
+        if snap is None or multifile.rule_of(rel.rpartition("/")[2]) is None:
+            return snap
+        # A multi-file format: its companions' changes are the pair's changes (quiet period included).
+        try:
+            found, folders, _ = self.companions(root, rel)
+        except (OSError, AcquisitionError):
+            return snap
+        digest = hashlib.blake2b(snap.digest, digest_size=16)
+        max_mtime, dirs = snap.max_mtime, []
+        head = rel.rpartition("/")[0]
+        for sub in folders:
+            part = snapshot_folder(os.path.join(root, head, sub), Patterns((), ()), f"{head}/{sub}" if head else sub)
+            if part is not None:
+                digest.update(part.digest)
+                max_mtime, dirs = max(max_mtime, part.max_mtime), dirs + list(part.dirs)
+        for entry, st in found:
+            if "/" not in entry.path:
+                digest.update(b"F%s\0%d\0%d\n" % (_enc(entry.path), st.st_size, st.st_mtime_ns))
+                max_mtime = max(max_mtime, st.st_mtime_ns / 1e9)
+        return Snapshot(digest.digest(), max_mtime, tuple(dirs), snap.files + len(found))
 
     def present(self, root: str, rel: str) -> int | None:
         data = os.path.join(root, rel)
@@ -502,11 +573,16 @@ class SidecarRule(Rule):
 
     def acquisition_of(self, root: str, rel: str, is_dir: bool) -> str | None:
         suffix = self.watch.sidecar_suffix
-        if is_dir or not rel:
+        if not rel:
             return None
+        if is_dir:
+            return self._main_of(rel, is_dir, lambda m: os.path.lexists(os.path.join(root, m + suffix)))
         if rel.endswith(suffix) and len(rel.rpartition("/")[2]) > len(suffix):
             return rel[: -len(suffix)]
-        return rel if os.path.lexists(os.path.join(root, rel + suffix)) else None
+        if os.path.lexists(os.path.join(root, rel + suffix)):
+            return rel
+        # A multi-file format's companion (img.ids, _slide_/stack1/f.ets): part of its main file's pair.
+        return self._main_of(rel, is_dir, lambda m: os.path.lexists(os.path.join(root, m + suffix)))
 
     def build(self, root: str, rel: str, now: float) -> Outcome:
         data = Path(root, rel)
@@ -553,9 +629,18 @@ class SidecarRule(Rule):
         if bad:
             return Outcome("wait", rel, spec=base, why="checksum",
                            reason=checksum_reason(bad, "sidecar").split(":")[0] + " yet")
+        try:
+            companions, folders, left_out = self.companions(root, rel)
+        except AcquisitionError as exc:
+            return Outcome("reject", rel, spec=base, reason=str(exc))
+        needed = multifile.needs(str(data.parent), data.name)
+        if needed and not companions:
+            return Outcome("wait", rel, spec=base, why="waiting",
+                           reason=f"waiting for the companion files of {data.name}: it cannot be read without "
+                                  f"{needed}; copy them beside it (the acquisition is imported with them)")
         descriptor = dataclasses.replace(descriptor, filesets=())
-        return _finish(self.watch, base, descriptor, [(entry, st)], rel, "file", warnings=list(descriptor.warnings),
-                       proven=proven)
+        return _finish(self.watch, base, descriptor, [(entry, st), *companions], rel, "file",
+                       warnings=list(descriptor.warnings), proven=proven and not companions, left_out=left_out)
 
 
 class LayoutRule(Rule):

@@ -186,6 +186,9 @@ class Scanner:
                     for sub, mtime in snap.dirs:
                         self._index(self._abs(sub), mtime, now)
                 continue
+            if cand is not None and cand in detector.known:
+                # A companion folder of a multi-file format's sidecar pair (_scan_/ of scan.vsi) changed.
+                detector.observe(cand, now, since=since)
             try:
                 self._index(path, stat(path).st_mtime_ns, now)
             except FileNotFoundError:
