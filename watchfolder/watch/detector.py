@@ -323,6 +323,17 @@ class Rule:
         """Can acquisitions be found below this folder?"""
         return True
 
+    def strays(self, root: str, rel_dir: str, entries: list[os.DirEntry]) -> list[tuple[str, str, str]]:
+        """Data in a listed folder that sits where this rule expects an acquisition (or inside its
+        structure) and that it will not import: ``(rel, pending kind, reason with the fix)``, each
+        listed as pending once when seen (see :meth:`misplaced`)."""
+        return []
+
+    def misplaced(self, root: str, rel: str, is_dir: bool) -> tuple[str, str, str] | None:
+        """The note :meth:`strays` makes for ``rel`` (``rel`` itself or the folder it is part of),
+        looked up on the disk for one path (``explain``, an event); None when there is none."""
+        return None
+
     def candidate_for(self, rel_path: str, known: dict[str, Candidate], is_dir: bool) -> str | None:
         """The acquisition a changed path belongs to (known or about to be), or None."""
         raise NotImplementedError
@@ -469,10 +480,36 @@ class SidecarRule(Rule):
 
     unit = "file"
 
+    def _manifest_here(self, name: str) -> bool:
+        # A manifest in a sidecar-only watch folder is a manifest, never the sidecar of a file "watchfolder".
+        return self.watch.detection == "sidecar" and name == self.watch.manifest_name
+
+    def _manifest_folder_reason(self, rel_dir: str) -> str:
+        where = rel_dir + "/" if rel_dir else "the watch folder itself"
+        return (f"not an acquisition here: {where} holds a {self.watch.manifest_name} manifest, but watch folder "
+                f"{self.watch.name!r} takes sidecar pairs only (detection: sidecar), so the manifest is not read; "
+                f"drop the folder into a manifest watch folder, or give each data file a "
+                f"<file>{self.watch.sidecar_suffix} sidecar")
+
+    def strays(self, root: str, rel_dir: str, entries: list[os.DirEntry]) -> list[tuple[str, str, str]]:
+        if not any(self._manifest_here(e.name) for e in entries):
+            return []
+        rel = rel_dir or self.watch.manifest_name
+        return [(rel, "not_acquisition", self._manifest_folder_reason(rel_dir))]
+
+    def misplaced(self, root: str, rel: str, is_dir: bool) -> tuple[str, str, str] | None:
+        folder = rel if is_dir else rel.rpartition("/")[0]
+        if self.watch.detection != "sidecar" or not os.path.isfile(
+                os.path.join(root, folder, self.watch.manifest_name)):
+            return None
+        return (folder or self.watch.manifest_name, "not_acquisition", self._manifest_folder_reason(folder))
+
     def file_candidates(self, rel_dir: str, names: set[str]) -> list[str]:
         suffix = self.watch.sidecar_suffix
         out = []
         for name in names:
+            if self._manifest_here(name):
+                continue
             if name.endswith(suffix) and len(name) > len(suffix) and not is_own_file(name):
                 data = name[: -len(suffix)]
                 if self.patterns.name_excluded(data):
@@ -488,7 +525,8 @@ class SidecarRule(Rule):
             return main
         suffix = self.watch.sidecar_suffix
         name = rel_path.rpartition("/")[2]
-        if name.endswith(suffix) and len(name) > len(suffix) and not is_own_file(name):
+        if name.endswith(suffix) and len(name) > len(suffix) and not is_own_file(name) \
+                and not self._manifest_here(name):
             data = rel_path[: -len(suffix)]
             if not self.patterns.name_excluded(data.rpartition("/")[2]):
                 return data
@@ -573,7 +611,7 @@ class SidecarRule(Rule):
 
     def acquisition_of(self, root: str, rel: str, is_dir: bool) -> str | None:
         suffix = self.watch.sidecar_suffix
-        if not rel:
+        if not rel or self._manifest_here(rel.rpartition("/")[2]):
             return None
         if is_dir:
             return self._main_of(rel, is_dir, lambda m: os.path.lexists(os.path.join(root, m + suffix)))
@@ -593,8 +631,12 @@ class SidecarRule(Rule):
         try:
             descriptor = acq.read_descriptor(sidecar, what="sidecar", within=root,
                                              allow_hard_links=self.watch.allow_hard_links)
-        except acq.NotADescriptor as exc:
-            return Outcome("ignore", rel, reason=str(exc))
+        except acq.NotADescriptor:
+            return Outcome("ignore", rel, reason=(
+                f"not an acquisition: {sidecar.name} beside {data.name} has none of the keys "
+                f"{', '.join(acq.CONTRACT_KEYS)}, so it is the instrument's data, not a sidecar, and "
+                f"{data.name} is not imported; to import the pair, write at least \"owner\" and \"target\" "
+                f"into {sidecar.name}"))
         except AcquisitionError as exc:
             return Outcome("reject", rel, spec=_salvaged(base, sidecar), reason=str(exc))
         base = _apply_descriptor(base, descriptor)
@@ -681,6 +723,56 @@ class LayoutRule(Rule):
 
     def descend(self, rel_dir: str) -> bool:
         return (rel_dir.count("/") + 1 if rel_dir else 0) < self.depth
+
+    def _where(self, rel_dir: str, name: str = "") -> str:
+        """``rel_dir`` completed to an acquisition folder with the layout's placeholders, plus ``name``."""
+        have = rel_dir.split("/") if rel_dir else []
+        parts = [p for p in (self.watch.layout or "").strip("/").split("/") if p]
+        return "/".join([*have, *parts[len(have):], *([name] if name else [])])
+
+    def _manifest_reason(self, rel_dir: str) -> str:
+        up = rel_dir.rpartition("/")[0]
+        return (f"misplaced: {rel_dir}/ holds a {self.watch.manifest_name} manifest, but watch folder "
+                f"{self.watch.name!r} takes folders by their place in the layout {self.watch.layout} (no manifest "
+                f"is read) and {rel_dir}/ is not that deep; move it to {self._where(up, '')}/ "
+                f"(owner and dataset from the path), or drop it into a manifest watch folder")
+
+    def _file_reason(self, rel: str) -> str:
+        head, _, name = rel.rpartition("/")
+        return (f"misplaced: {rel} is a file where the layout {self.watch.layout} of watch folder "
+                f"{self.watch.name!r} expects folders (an acquisition is a folder {self.depth} level(s) deep); "
+                f"move it into one, e.g. {self._where(head, name)}")
+
+    def strays(self, root: str, rel_dir: str, entries: list[os.DirEntry]) -> list[tuple[str, str, str]]:
+        if not self.descend(rel_dir):
+            return []
+        if rel_dir and any(e.name == self.watch.manifest_name for e in entries):
+            return [(rel_dir, "misplaced", self._manifest_reason(rel_dir))]
+        out = []
+        for entry in entries:
+            if is_own_file(entry.name) or self.patterns.name_excluded(entry.name):
+                continue
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+            except OSError:
+                continue
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            out.append((rel, "misplaced", self._file_reason(rel)))
+        return out
+
+    def misplaced(self, root: str, rel: str, is_dir: bool) -> tuple[str, str, str] | None:
+        head = rel if is_dir else rel.rpartition("/")[0]
+        if not self.descend(head) or is_own_file(rel.rpartition("/")[2]):
+            return None
+        if head and os.path.isfile(os.path.join(root, head, self.watch.manifest_name)):
+            return head, "misplaced", self._manifest_reason(head)
+        if is_dir or self.patterns.name_excluded(rel.rpartition("/")[2]):
+            return None
+        return rel, "misplaced", self._file_reason(rel)
+
+    def acquisition_of(self, root: str, rel: str, is_dir: bool) -> str | None:
+        return self.candidate_for(rel, {}, is_dir) if rel else None
 
     def candidate_for(self, rel_path: str, known: dict[str, Candidate], is_dir: bool) -> str | None:
         parts = rel_path.split("/")
@@ -1288,6 +1380,14 @@ class Detector:
     def forget(self, rel: str) -> None:
         self.known.pop(rel, None)
         self.pending.discard(rel)
+        self.skipped.pop(rel, None)
+
+    def prune_notes(self, rel_dir: str, names: set[str]) -> None:
+        """A folder was listed: drop the notes of its entries that are no longer there."""
+        prefix = rel_dir + "/" if rel_dir else ""
+        for rel in [r for r in self.skipped if r.startswith(prefix) and "/" not in r[len(prefix):]]:
+            if rel[len(prefix):] not in names:
+                del self.skipped[rel]
 
     def forget_below(self, rel_dir: str) -> None:
         """A folder went away: drop every candidate in it (and every note of a skipped path)."""
@@ -1374,6 +1474,7 @@ class Detector:
                 self.pending.discard(rel)
                 continue
             cand.handled_before = False  # looked at: listed from now on if it stays pending
+            self.skipped.pop(rel, None)  # a note made at an earlier look ("ignore") is looked at anew
             try:
                 outcome = self.rule.build(self.root, rel, now)
             except OSError as exc:
@@ -1391,6 +1492,8 @@ class Detector:
             elif outcome.kind == "ignore":
                 cand.done_digest = snap.digest
                 self.pending.discard(rel)
+                # Not imported, never silently: listed once (not looked at again until it changes).
+                self.skip(rel, "not_acquisition", outcome.reason, now)
                 out.append(outcome)
             elif outcome.kind == "wait" and self.imported_as is not None and self.imported_as(outcome) is not None:
                 # Imported before and changed in place since (a file rewritten to another size):

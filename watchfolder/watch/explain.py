@@ -101,6 +101,13 @@ def _not_acquisition(watch: WatchConfig, root: str, rel: str, is_dir: bool) -> E
     reason = f"not an acquisition here: {_looks_for(watch)}"
     details = []
     full = os.path.join(root, rel)
+    found = make_rule(watch, Patterns(watch.include, watch.exclude)).misplaced(root, rel, is_dir)
+    if found is not None:
+        # The watcher's words: it lists the same note as pending (kind misplaced or not_acquisition).
+        noted, kind, why = found
+        part = "" if noted == rel else f"part of {noted}: "
+        return Explanation(full, "not_acquisition", part + why, watch.name, None,
+                           details=[f"listed as pending ({kind})"])
     if watch.detection == "manifest" and not watch.sidecars and not is_dir and os.path.isfile(full + watch.sidecar_suffix):
         # The watcher's words (it lists the pair as pending with them).
         reason = stray_sidecar_reason(watch, os.path.basename(full))

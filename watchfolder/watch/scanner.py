@@ -122,6 +122,10 @@ class Scanner:
                 stats.candidates += 1
             for data_rel, reason in rule.stray_sidecars(self.root, rel, names):
                 detector.skip(data_rel, "not_acquisition", reason, now)
+            if only_new:  # a poll re-lists a changed folder (a full scan starts with no notes)
+                detector.prune_notes(rel, names)
+            for stray_rel, kind, reason in rule.strays(self.root, rel, entries):
+                detector.skip(stray_rel, kind, reason, now)
             if not rule.descend(rel):
                 continue
             for entry in entries:

@@ -737,6 +737,10 @@ class Watcher:
         names = {n for n in (name, partner) if os.path.lexists(os.path.join(self.root, head, n))}
         for data_rel, reason in detector.rule.stray_sidecars(self.root, head, names):
             detector.skip(data_rel, "not_acquisition", reason, now)
+        # Data where an acquisition is expected (a loose file in a layout, a manifest in a sidecar folder).
+        found = detector.rule.misplaced(self.root, rel, False)
+        if found is not None:
+            detector.skip(*found, now)
 
     # -- applying outcomes ----------------------------------------------------
 
