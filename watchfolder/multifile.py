@@ -106,8 +106,9 @@ def is_companion(main: str, other: str) -> bool:
 def needs(folder: str, name: str) -> str | None:
     """What main file ``name`` in ``folder`` cannot be read without, in words; None: nothing.
 
-    An ICS version 2 file and a MetaImage with ``ElementDataFile = LOCAL`` keep their
-    pixels themselves (their headers say so, read from the first 4 KiB).
+    An ICS version 2 file keeps its pixels itself; a MetaImage needs only the
+    ``<stem>.raw`` / ``.zraw`` its ``ElementDataFile`` names (``LOCAL``: none). Headers
+    are read from their first 4 KiB.
     """
     rule = rule_of(name)
     if rule is None or rule[0] not in _NEEDED:
@@ -120,7 +121,11 @@ def needs(folder: str, name: str) -> str | None:
             head = ""
         if rule[0] == ".ics" and "ics_version" in head and "2.0" in head.split("ics_version", 1)[1][:16]:
             return None
-        if rule[0] == ".mhd" and "elementdatafile" in head and \
-                head.split("elementdatafile", 1)[1].split("\n", 1)[0].strip(" =\t\r") == "local":
-            return None
+        if rule[0] == ".mhd":
+            # Needed only when the header names <stem>.raw / .zraw (LOCAL: pixels inside; another
+            # name: not a companion the rule can find, so nothing to wait for).
+            value = head.split("elementdatafile", 1)[1].split("\n", 1)[0].strip(" =\t\r") \
+                if "elementdatafile" in head else ""
+            if value not in (_stem(name).lower() + ".raw", _stem(name).lower() + ".zraw"):
+                return None
     return _NEEDED[rule[0]].format(stem=_stem(name))

@@ -56,13 +56,18 @@ def test_an_ics_pair_written_in_place_waits_for_its_ids_and_then_takes_it(field,
     assert got.acquisition == "img.ics" and got.verdict == "job", (got.verdict, got.reason)
 
 
-def test_an_ics_version_2_and_a_dv_without_log_need_nothing_beside_them(field):
+def test_formats_that_keep_their_pixels_need_nothing_beside_them(field):
     field.start("events", detection="sidecar")
     pair(field.drop, "one.ics", b"ics_version\t2.0\nfilename\tone\n")
     pair(field.drop, "two.dv", b"dv " * 100)
-    jobs = field.settled(2)
+    pair(field.drop, "three.mhd", b"ObjectType = Image\nElementDataFile = LOCAL\n")
+    jobs = field.settled(3)
     assert all(j.state.value == "succeeded" for j in jobs), [j.error for j in jobs]
-    assert sorted(f for j in jobs for f in files_of(j)) == ["one.ics", "two.dv"]
+    assert sorted(f for j in jobs for f in files_of(j)) == ["one.ics", "three.mhd", "two.dv"]
+    # A header that names its <stem>.raw waits for it.
+    pair(field.drop, "four.mhd", b"ObjectType = Image\nElementDataFile = four.raw\n")
+    wait_until(lambda: any("four.raw" in json.dumps(p) for p in field.pending()), 10,
+               message="four.mhd listed as waiting for four.raw")
 
 
 @pytest.mark.parametrize("mode", MODES)
