@@ -173,3 +173,14 @@ def test_an_excluded_folder_renamed_and_imported_is_no_longer_listed(field, tmp_
     [job] = field.settled(1)
     assert job.state.value == "succeeded", job.error
     wait_until(lambda: noted(field, "a2.tmp") is None, 10, message="a2.tmp no longer listed")
+
+
+def test_a_non_sidecar_json_stays_listed_across_full_rescans(field):
+    field.start("events", detection="sidecar", rescan_interval=0.2)
+    tree(field.drop, {"c4.czi": b"c" * 100})
+    (field.drop / "c4.czi.json").write_text(json.dumps({"exposure": 12}), encoding="utf-8")
+    wait_until(lambda: (noted(field, "c4.czi") or ("",))[0] == "not_acquisition", 10, message="c4.czi listed")
+    rescans = field.watcher_status()["counters"]["rescans"]
+    field.quiet_for(1.0)  # several full rescans
+    assert field.watcher_status()["counters"]["rescans"] > rescans
+    assert noted(field, "c4.czi") is not None and field.jobs() == []

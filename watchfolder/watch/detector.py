@@ -1399,7 +1399,9 @@ class Detector:
 
     def begin_scan(self) -> None:
         self.generation += 1
-        self.skipped.clear()  # the scan notes again what is still there
+        # The scan notes again what is still there; a candidate's own note (a JSON that is data, not a
+        # sidecar) stays: it is not looked at again until it changes, and goes when it is forgotten.
+        self.skipped = {r: v for r, v in self.skipped.items() if r in self.known}
 
     def end_scan(self) -> None:
         """After a full rescan: forget candidates that were not seen (gone)."""
