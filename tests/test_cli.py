@@ -583,3 +583,18 @@ def test_token_new_prints_token_and_a_snippet_that_validates(tmp_path, capsys):
 def test_token_new_rejects_bad_name(capsys):
     assert cli.main(["token", "new", "--name", "bad name", "--role", "read"]) == 1
     assert "token name 'bad name' is not valid" in capsys.readouterr().err
+
+
+def test_commands_work_while_a_watch_folder_is_missing(cfg_path, tmp_path, capsys):
+    # Outside report b12 item 6: a watch folder moved away (or its share unmounted) made every
+    # command exit 1 "invalid configuration"; the service waits for the folder, so must the CLI.
+    gone = tmp_path / "scope-drop"
+    cfg_path.write_text(cfg_path.read_text(encoding="utf-8") + f"watch: [{{name: scope, path: '{gone}'}}]\n",
+                        encoding="utf-8")
+    for args in (("status",), ("jobs", "list"), ("pending",)):
+        assert run_cli(cfg_path, *args) == 0, args
+    capsys.readouterr()
+    assert run_cli(cfg_path, "check-config") == 0
+    err = capsys.readouterr().err
+    assert f"warning: watch folder scope: {gone} does not exist now" in err
+    assert "the service waits for it to come back" in err

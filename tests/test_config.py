@@ -190,11 +190,15 @@ def test_watch_path_missing(tmp_path, drop):
     assert problems_of(raw, tmp_path) == ["watch[0].path: missing; name the drop folder to watch"]
 
 
-def test_watch_path_does_not_exist(tmp_path):
+def test_watch_path_that_does_not_exist_is_not_a_config_error(tmp_path):
+    # A share not mounted yet, a folder moved away for a while: the watcher waits for it,
+    # and every command (status, jobs, pending) keeps working (outside report b12 item 6).
     missing = tmp_path / "nowhere"
-    raw = base(tmp_path, watch=[{"path": str(missing)}])
-    assert problems_of(raw, tmp_path) == [
-        f"watch[0].path: {missing} does not exist or is not a folder; create it or fix the path"
+    config = configmod.parse(base(tmp_path, watch=[{"path": str(missing)}]), path=tmp_path / "w.yaml", environ={})
+    assert config.watch[0].path == missing
+    assert configmod.missing_watch_paths(config) == [
+        f"watch folder nowhere: {missing} does not exist now (removed, or its share is not mounted); "
+        "the service waits for it to come back; create it or fix the path if it is a typo"
     ]
 
 
@@ -202,9 +206,48 @@ def test_watch_path_is_a_file(tmp_path):
     file = tmp_path / "not-a-folder"
     file.write_text("x")
     raw = base(tmp_path, watch=[{"path": str(file)}])
+    assert problems_of(raw, tmp_path) == [f"watch[0].path: {file} is not a folder; fix the path"]
+
+
+def test_watch_folder_inside_another_is_refused_with_the_fix(tmp_path):
+    # Outside report b12 item 10: `del` (delete on success) on drop, `nested` (keep) on
+    # drop/inner gave one acquisition two jobs, two mails, and deleted the kept data.
+    outer = tmp_path / "drop"
+    inner = outer / "inner"
+    inner.mkdir(parents=True)
+    raw = base(tmp_path, watch=[{"name": "del", "path": str(outer)}, {"name": "nested", "path": str(inner)}])
     assert problems_of(raw, tmp_path) == [
-        f"watch[0].path: {file} does not exist or is not a folder; create it or fix the path"
+        f"watch[1].path: {inner} and watch[0].path ({outer}) overlap: watch[1] is inside watch[0], so both "
+        "would import its acquisitions; give them folders side by side (not one inside the other), or remove one entry"
     ]
+    # The other order, and the inner one not created yet, are the same mistake.
+    raw = base(tmp_path, watch=[{"name": "n", "path": str(outer / "later")}, {"name": "d", "path": str(outer)}])
+    assert problems_of(raw, tmp_path) == [
+        f"watch[1].path: {outer} and watch[0].path ({outer / 'later'}) overlap: watch[0] is inside watch[1], so "
+        "both would import its acquisitions; give them folders side by side (not one inside the other), "
+        "or remove one entry"
+    ]
+
+
+def test_same_watch_folder_twice_through_a_symlink_is_refused(tmp_path):
+    real = tmp_path / "drop"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    raw = base(tmp_path, watch=[{"name": "a", "path": str(real)}, {"name": "b", "path": str(link)}])
+    assert problems_of(raw, tmp_path) == [
+        f"watch[1].path: {link} is the same folder as watch[0].path ({real}); "
+        "watch each folder once: remove one of the two entries"
+    ]
+
+
+def test_watch_folders_side_by_side_are_fine(tmp_path):
+    (tmp_path / "drop").mkdir()
+    (tmp_path / "drop-2").mkdir()  # a shared name prefix is not nesting
+    raw = base(tmp_path, watch=[{"name": "a", "path": str(tmp_path / "drop")},
+                                {"name": "b", "path": str(tmp_path / "drop-2")}])
+    config = configmod.parse(raw, path=tmp_path / "w.yaml", environ={})
+    assert [w.name for w in config.watch] == ["a", "b"]
 
 
 def test_watch_path_under_data_dir_may_be_created_at_start(tmp_path):
@@ -287,6 +330,7 @@ def test_all_problems_reported_at_once(tmp_path, drop):
         "server.tokens[0].hash",
         "server.listen",
         "watch[0].on_success.folder",
+        "watch[1].path",  # the same folder twice
         "watch[1].name",
     ])
     # The exception's text lists every problem, one per line, for the command line.

@@ -676,6 +676,8 @@ def cmd_check_config(args) -> int:
         print(json.dumps(configmod.to_dict(config), indent=2, default=str))
         return 0
     store_line = _check_store_connection(config) if config.store.backend == "postgresql" else None
+    for line in configmod.missing_watch_paths(config):
+        print(f"watchfolder: warning: {line}", file=sys.stderr)
     print(f"# {config.path}: valid")
     if store_line:
         print(store_line)

@@ -942,9 +942,12 @@ def _watch(r: _Reader, raw: Any, data_dir: Path) -> tuple[WatchConfig, ...]:
         path = r.get(item, "path", w, r.path, None)
         if path is None:
             continue
-        # Drop folders inside data_dir are created at start (the demo needs nothing prepared).
-        if not path.is_dir() and not (path.is_relative_to(data_dir) and not path.exists()):
-            r.problem(w + ".path", f"{path} does not exist or is not a folder; create it or fix the path")
+        # A missing drop folder is not a config problem: a share may be unmounted or the folder
+        # moved away for a while, and the watcher waits for it to come back (the other watch
+        # folders and every command go on; `check-config` warns, see missing_watch_paths).
+        # Something else in its place is a mistake in the config.
+        if path.exists() and not path.is_dir():
+            r.problem(w + ".path", f"{path} is not a folder; fix the path")
         name = r.get(item, "name", w, text, path.name or str(path))
         if name in names:
             r.problem(w + ".name", f"duplicate watch name {name!r}; give each watch folder its own name")
@@ -961,6 +964,7 @@ def _watch(r: _Reader, raw: Any, data_dir: Path) -> tuple[WatchConfig, ...]:
                 target = _watch_target(item["target"], layout if detection == "layout" else None, w + ".target")
             except Exception as exc:  # AcquisitionError has the path already
                 r.problems.append(str(exc))
+        _refuse_overlap(r, w, path, [(f"watch[{j}]", o.path) for j, o in enumerate(out)])
         out.append(
             WatchConfig(
                 name=name,
@@ -990,6 +994,47 @@ def _watch(r: _Reader, raw: Any, data_dir: Path) -> tuple[WatchConfig, ...]:
             )
         )
     return tuple(out)
+
+
+def _real(path: Path) -> Path:
+    """``path`` with its symlinks resolved as far as it exists (a missing tail stays as written)."""
+    return Path(os.path.realpath(os.path.abspath(path)))
+
+
+def _refuse_overlap(r: _Reader, where: str, path: Path, earlier: list[tuple[str, Path]]) -> None:
+    """One watch folder inside another (or the same folder twice) is refused.
+
+    Both watchers would see the inner folder's acquisitions: two jobs, two mails, and
+    one folder's post-action (delete, move) acting on the other's data. Excluding the
+    inner folder from the outer one silently would hide a config that says two things
+    about the same files, so the config check names both and the fix instead
+    (issue 12, outside report item 10).
+    """
+    mine = _real(path)
+    for other_where, other in earlier:
+        theirs = _real(other)
+        if mine == theirs:
+            r.problem(where + ".path", f"{path} is the same folder as {other_where}.path ({other}); "
+                                       "watch each folder once: remove one of the two entries")
+        elif mine.is_relative_to(theirs) or theirs.is_relative_to(mine):
+            inner, outer = (where, other_where) if mine.is_relative_to(theirs) else (other_where, where)
+            r.problem(where + ".path", f"{path} and {other_where}.path ({other}) overlap: {inner} is inside "
+                                       f"{outer}, so both would import its acquisitions; give them folders "
+                                       "side by side (not one inside the other), or remove one entry")
+
+
+def missing_watch_paths(config: Config) -> list[str]:
+    """One warning line per configured watch folder that does not exist now.
+
+    Not a config error: the watcher waits for such a folder to come back (a share not
+    mounted yet, a folder moved away), and every other watch folder and command goes on.
+    """
+    return [
+        f"watch folder {w.name}: {w.path} does not exist now (removed, or its share is not mounted); "
+        "the service waits for it to come back; create it or fix the path if it is a typo"
+        for w in config.watch
+        if not w.path.exists() and not w.path.is_relative_to(config.data_dir)
+    ]
 
 
 TOP_KEYS = {"data_dir", "file_group", "log_level", "store", "workers", "retry", "importer", "notify", "server", "watch",
