@@ -38,14 +38,16 @@ class Field:
         self.outbox = tmp_path / "outbox"
         self.service: Service | None = None
 
-    def start(self, mode: str = "events", *, importer: dict | None = None, **watch: Any) -> Service:
+    def start(self, mode: str = "events", *, importer: dict | None = None, others: list[dict] | None = None,
+              **watch: Any) -> Service:
+        """Start the service on the drop folder (watch[0]); ``others``: more watch folders."""
         entry = {
             "name": "scope", "path": str(self.drop), "mode": mode, "quiet_period": QUIET,
             "poll_interval": 0.1, "missing_timeout": 600,
         }
         entry.update(watch)
         cfg = self.make_config(
-            watch=[entry],
+            watch=[entry, *(others or [])],
             importer={"kind": "archive", "archive": {"root": str(self.archive)}, **(importer or {})},
             workers={"count": 2, "poll_interval": 0.05},
             notify={"transport": "folder", "outbox_dir": str(self.outbox), "admin_email": "admin@example.org",

@@ -471,6 +471,8 @@ class ManifestRule(Rule):
                 proven = False
         except AcquisitionError as exc:
             return Outcome("reject", rel, spec=base, reason=str(exc))
+        except OSError as exc:  # a listed file unreadable: the owner still hears about it
+            raise _with_known(exc, dataclasses.replace(base, files=tuple(descriptor.files or ()))) from None
         return _finish(self.watch, base, descriptor, found, rel, "folder", warnings=list(descriptor.warnings),
                        proven=proven, left_out=left_out)
 
@@ -640,6 +642,12 @@ class SidecarRule(Rule):
         except AcquisitionError as exc:
             return Outcome("reject", rel, spec=_salvaged(base, sidecar), reason=str(exc))
         base = _apply_descriptor(base, descriptor)
+        try:
+            return self._build_data(root, rel, data, base, descriptor)
+        except OSError as exc:  # the data file unreadable: the owner the sidecar names still hears about it
+            raise _with_known(exc, base) from None
+
+    def _build_data(self, root: str, rel: str, data: Path, base: JobSpec, descriptor: acq.Descriptor) -> Outcome:
         if not os.path.lexists(data):
             return Outcome("wait", rel, spec=base, why="sidecar",
                            reason=f"sidecar names data file {data.name}, which is missing")
@@ -802,6 +810,8 @@ class LayoutRule(Rule):
             ]
         except AcquisitionError as exc:
             return Outcome("reject", rel, spec=base, reason=str(exc))
+        except OSError as exc:  # a subfolder unreadable: the owner from the path still hears about it
+            raise _with_known(exc, base) from None
         if not found:
             # An empty folder (or one holding only temp files) is not an acquisition yet.
             return Outcome("wait", rel, spec=base, why="empty", reason="waiting for files: the folder holds none yet")
@@ -903,6 +913,44 @@ def _base_spec(watch: WatchConfig, root: Path, rel: str, files: tuple[FileEntry,
         email=watch.email,
         extra={"watch": watch.name, "acquisition": rel, "detection": watch.detection},
     )
+
+
+def unreadable_folder(path: str) -> str | None:
+    """Why the folder ``path`` cannot be looked into (listed, and its entries examined), or None.
+
+    None too when it is gone or not a folder: its own look says so.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        return _os_reason(exc, path)
+    try:
+        with os.scandir(fd) as it:
+            for entry in it:
+                # Relative to the folder: a folder readable but not searchable (mode r--) fails
+                # here, an entry whose full path is past PATH_MAX does not (that is its own note).
+                os.stat(entry.name, dir_fd=fd, follow_symlinks=False)
+                break
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        return _os_reason(exc, path)
+    finally:
+        os.close(fd)
+    return None
+
+
+def _with_known(exc: OSError, spec: JobSpec) -> OSError:
+    """``exc`` carrying what was known when it happened (owner, target, listed files).
+
+    A descriptor was read, then a data file could not be: the rejection keeps the
+    descriptor's owner, e-mail, target and files, so the job shows them and the owner
+    is mailed (outside report b12 item 5), not the admin alone.
+    """
+    exc.watchfolder_spec = spec  # type: ignore[attr-defined]
+    return exc
 
 
 def _salvaged(spec: JobSpec, path: Path) -> JobSpec:
@@ -1543,7 +1591,7 @@ class Detector:
         if failure.transient:
             self._unreadable(cand, exc, now)
             return None
-        spec = _base_spec(self.watch, Path(self.root, cand.rel), cand.rel)
+        spec = getattr(exc, "watchfolder_spec", None) or _base_spec(self.watch, Path(self.root, cand.rel), cand.rel)
         return Outcome("reject", cand.rel, spec=spec, reason=failure.message)
 
     def _recheck(self, now: float, since: float | None) -> None:

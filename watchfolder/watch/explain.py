@@ -21,7 +21,16 @@ from typing import Any
 
 from ..config import Config, WatchConfig
 from ..store.base import JobStore, PendingEntry
-from .detector import Detector, Patterns, is_own_file, make_rule, pending_reason, stray_sidecar_reason
+from .detector import (
+    Detector,
+    Patterns,
+    _os_reason,
+    is_own_file,
+    make_rule,
+    pending_reason,
+    stray_sidecar_reason,
+    unreadable_folder,
+)
 
 
 @dataclass
@@ -149,6 +158,10 @@ def explain(config: Config, store: JobStore | None, path: str, *, now: float | N
         kind, reason = refused
         return Explanation(full, "unreadable" if kind == "unreadable" else "ignored", reason, watch.name)
     is_dir = os.path.isdir(full)
+    # A folder the service cannot look into: what the watcher lists as pending (kind unreadable).
+    unreadable = unreadable_folder(full) if is_dir else None
+    if unreadable is not None:
+        return Explanation(full, "unreadable", unreadable, watch.name)
     if watch.include and not is_dir and not any(
         fnmatch.fnmatchcase(rel.rpartition("/")[2], p) or fnmatch.fnmatchcase(rel, p) for p in watch.include
     ):
@@ -170,7 +183,11 @@ def _explain_acquisition(
             if entry.path == acq_rel:
                 pending = pending_view([entry], now)[0]
     rule = make_rule(watch, Patterns(watch.include, watch.exclude))
-    outcome = rule.build(root, acq_rel, now)
+    try:
+        outcome = rule.build(root, acq_rel, now)
+    except OSError as exc:  # a file or folder in it cannot be read: the watcher's words for it
+        where = getattr(exc, "filename", None) or os.path.join(root, acq_rel)
+        return Explanation(full, "unreadable", part + _os_reason(exc, where), watch.name, acq_rel, pending=pending)
     out = Explanation(full, "pending", "", watch.name, acq_rel, pending=pending)
     # The watcher's rule: a job recorded for the acquisition as it is now (a "wait" one that
     # failed on missing_timeout included) is what became of it.

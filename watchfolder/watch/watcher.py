@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 from collections import deque
@@ -42,7 +43,7 @@ from ..config import Config, WatchConfig
 from ..errors import JobNotFound
 from ..job import JobState, printable
 from ..store.space import is_disk_full
-from .detector import RECEIPT_SUFFIX, Detector, Outcome
+from .detector import RECEIPT_SUFFIX, Detector, Outcome, unreadable_folder
 from .followup import PostActions
 from .mounts import mount_of
 from .scanner import Scanner
@@ -56,6 +57,8 @@ HEALTH_INTERVAL = 1.0
 STATUS_INTERVAL = 2.0
 FOLLOWUP_INTERVAL = 1.0
 STORE_RETRY_SECONDS = 5.0
+# Folders noted unreadable are looked at again at most this often (at least every quiet period).
+UNREADABLE_RECHECK_SECONDS = 5.0
 # Events that say nothing changed: reading files (e.g. an in-place import) must
 # not restart quiet periods.
 IGNORED_EVENTS = frozenset({"opened", "closed_no_write"})
@@ -144,10 +147,12 @@ class EventSource:
 
     def start(self) -> None:
         from watchdog.events import (
+            DirAttribEvent,
             DirCreatedEvent,
             DirDeletedEvent,
             DirModifiedEvent,
             DirMovedEvent,
+            FileAttribEvent,
             FileClosedEvent,
             FileCreatedEvent,
             FileDeletedEvent,
@@ -172,6 +177,8 @@ class EventSource:
             observer.schedule(Handler(), self.root, recursive=True, event_filter=[
                 FileCreatedEvent, DirCreatedEvent, FileDeletedEvent, DirDeletedEvent, FileModifiedEvent,
                 DirModifiedEvent, FileMovedEvent, DirMovedEvent, FileClosedEvent,
+                # A permission change (chmod) or a `touch` of an existing file: nothing else says so.
+                FileAttribEvent, DirAttribEvent,
             ])
             observer.start()
         except OSError as exc:
@@ -288,6 +295,7 @@ class Watcher:
         self.next_health = 0.0
         self.next_status = 0.0
         self.next_followup = 0.0
+        self.next_unreadable_check = 0.0
         self._pending_signature: Any = None
         self._pending_error: str | None = None
         self.counters = {"events": 0, "rescans": 0, "polls": 0, "queued": 0, "rejected": 0, "ignored": 0,
@@ -496,6 +504,7 @@ class Watcher:
         self._drain_events(now)
         if not self.active:
             return max(0.0, min(self.next_restart - now, self.health_interval))
+        self._recheck_unreadable(now)
         if self.rescan_requested or now >= self.next_rescan:
             self._rescan(now)
             self.overflow_pending = False  # a full rescan saw everything
@@ -715,6 +724,8 @@ class Watcher:
                 # Outside every known acquisition: the scanner's rule, as polling and scans apply it.
                 if removed:
                     detector.forget_below(rel)  # candidates and notes of skipped paths there
+                elif is_dir and self._unreadable_dir(rel, now):
+                    continue  # noted with why at once; looked at again until it can be read
                 elif is_dir and event_type in ("created", "moved"):
                     # Entries inside a folder that arrives whole produce no events of their own.
                     scanner.scan_subtree(rel, now, since=None)
@@ -727,6 +738,68 @@ class Watcher:
                     detector.touch(cand, now)
                 elif cand is None and not removed and not is_dir:
                     self._note_stray(rel, now)
+
+    def _unreadable_dir(self, rel: str, now: float) -> bool:
+        """A folder outside every known acquisition that cannot be read (e.g. ``chmod 000`` in
+        place): noted against that path with why, True. One that became readable again after
+        such a note: looked at as new, False (issue 12 item 10; outside report b12 item 4)."""
+        detector = self.detector
+        assert detector is not None
+        reason = unreadable_folder(os.path.join(self.root, rel))
+        noted = detector.skipped.get(rel)
+        if reason is not None:
+            if noted is not None and noted[1] == "unreadable" and noted[2] != reason:
+                del detector.skipped[rel]  # another reason now
+            detector.skip(rel, "unreadable", reason, now)
+            return True
+        if noted is not None and noted[1] == "unreadable":
+            self._readable_again(rel, now)
+        return False
+
+    def _readable_again(self, rel: str, now: float) -> None:
+        """A folder noted unreadable can be read now: forget the note, look at it as at a new folder.
+
+        In events mode the kernel may have refused the folder a watch while it was unreadable
+        (watchdog skips EACCES silently): the event source is started anew, so changes inside
+        it are seen from now on.
+        """
+        detector, scanner = self.detector, self.scanner
+        assert detector is not None and scanner is not None
+        detector.skipped.pop(rel, None)
+        log.info("watch folder %s: %s can be read again", self.name, printable(rel))
+        if self.mode == "events" and self.source_obj is not None:
+            fresh = self.event_source_factory(self.root, self._sink)
+            try:
+                fresh.start()
+            except OSError as exc:  # the old one goes on; the periodic rescan is the safety net
+                log.warning("watch folder %s: could not restart its event observer: %s", self.name, exc)
+            else:
+                old, self.source_obj = self.source_obj, fresh
+                old.stop()  # after the new one started: no change falls between the two
+        scanner.scan_subtree(rel, now, since=None)
+
+    def _recheck_unreadable(self, now: float) -> None:
+        """Folders noted unreadable are looked at again every few seconds, in every mode:
+        a permission fix (``chmod``) changes no folder's modification time, so polling would
+        not see it, and in events mode the folder may have no watch of its own."""
+        if now < self.next_unreadable_check:
+            return
+        detector = self.detector
+        assert detector is not None
+        self.next_unreadable_check = now + max(1.0, min(self.watch.quiet_period, UNREADABLE_RECHECK_SECONDS))
+        for rel, (_first, kind, _reason) in list(detector.skipped.items()):
+            if kind != "unreadable":
+                continue
+            full = os.path.join(self.root, rel)
+            try:
+                st = os.lstat(full)
+            except (FileNotFoundError, NotADirectoryError):
+                detector.skipped.pop(rel, None)  # gone
+                continue
+            except OSError:  # still cannot be looked at (a path too long, its parent unreadable)
+                continue
+            if stat.S_ISDIR(st.st_mode) and unreadable_folder(full) is None:
+                self._readable_again(rel, now)
 
     def _note_stray(self, rel: str, now: float) -> None:
         """A file that is no candidate: a sidecar pair this rule does not take is listed at once."""
