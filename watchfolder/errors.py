@@ -9,6 +9,7 @@ them by accident.
 from __future__ import annotations
 
 import errno as _errno
+import os
 
 
 class WatchfolderError(Exception):
@@ -184,7 +185,30 @@ def describe_os_error(exc: OSError, path: object, action: str) -> tuple[bool, st
     errors are transient; an errno not listed is transient too.
     """
     permanent, problem, fix = _OS_ERRORS.get(exc.errno or 0, (False, exc.strerror or str(exc), ""))
+    if exc.errno == _errno.ENAMETOOLONG:
+        problem, fix = _name_too_long(path, action, problem, fix)
     return permanent, f"cannot {action} {path}: {problem}" + (f"; {fix}" if fix else "")
+
+
+# Linux's limits (linux/limits.h): a name of at most NAME_MAX bytes, a path of fewer than PATH_MAX.
+NAME_MAX = 255
+PATH_MAX = 4096
+
+
+def _name_too_long(path: object, action: str, problem: str, fix: str) -> tuple[str, str]:
+    """ENAMETOOLONG says which of two limits? A name past NAME_MAX, or a whole path past PATH_MAX
+    with every name within it (18 nested folders of 243 bytes): each has its own words and fix,
+    and reading something in a drop folder has nothing to do with the archive layout."""
+    raw = os.fsencode(str(path))
+    if raw and max(len(part) for part in raw.split(b"/")) <= NAME_MAX and len(raw) >= PATH_MAX:
+        problem = (f"the path is too long ({len(raw)} bytes; at most {PATH_MAX - 1} bytes for a whole path, "
+                   f"each folder or file name within {NAME_MAX})")
+        fix = ("move the data up, into fewer or shorter nested folders" if action == "read" else
+               "shorten the project, dataset or file names, or change importer.archive.layout "
+               "(or importer.archive.root) to nest less")
+    elif action == "read":
+        fix = "rename it shorter"
+    return problem, fix
 
 
 def classify_os_error(exc: OSError, path: object, action: str) -> ImportFailure:

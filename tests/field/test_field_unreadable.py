@@ -171,3 +171,49 @@ def test_watch_folder_missing_at_start_is_waited_for_and_the_others_go_on(field,
     assert [j.spec.extra["watch"] for j in jobs] == ["scope", "later"]
     assert all(j.state.value == "succeeded" for j in jobs), [j.error for j in jobs]
 
+
+def _deep_folder(top: Path, levels: int, name_bytes: int) -> str:
+    """``levels`` nested folders of ``name_bytes``-byte names under ``top`` (past PATH_MAX, made
+    folder by folder with directory descriptors); returns the path relative to ``top``."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    parts = []
+    try:
+        for i in range(levels):
+            name = f"{i:02d}" + "d" * (name_bytes - 2)
+            os.mkdir(name, dir_fd=fd)
+            nxt = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+            parts.append(name)
+        with open(os.open("a.tif", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as fh:
+            fh.write(b"x" * 10)
+    finally:
+        os.close(fd)
+    return "/".join(parts)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_path_longer_than_path_max_is_reported_once_with_its_own_reason(field, mode):
+    # b12 L6: 18 nested folders of 243 bytes were reported with the NAME_MAX reason ("at most
+    # 255 bytes per folder or file name ... change importer.archive.layout") and listed twice.
+    field.start(mode, quiet_period=QUIET)
+    deep = _deep_folder(field.drop, 18, 243)
+    manifest(field.drop / "ok", {"a.tif": b"a" * 10})
+    [job] = field.settled(1)
+    assert job.state.value == "succeeded", job.error  # the rest carries on
+
+    def too_long():
+        return [e for e in field.pending() if "too long" in e.get("waiting", "")]
+
+    found = wait_until(too_long, 15, message="the deep path listed")
+    assert len(found) == 1, [(e["path"].count("/"), e.get("kind"), e["waiting"][:60]) for e in found]
+    [entry] = found
+    assert deep.startswith(entry["path"])
+    assert "the path is too long" in entry["waiting"] and "at most 4095 bytes" in entry["waiting"]
+    assert "255 bytes per folder or file name" not in entry["waiting"]
+    assert "importer.archive.layout" not in entry["waiting"]
+    field.quiet_for(1.0)
+    assert len(too_long()) == 1, field.pending()
+    # What `watchfolder pending` shows (the store): once too.
+    stored = [p for p in field.store.pending_list() if "too long" in p.reason]
+    assert [p.kind for p in stored] == ["unreadable"], stored
