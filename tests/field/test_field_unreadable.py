@@ -217,3 +217,20 @@ def test_path_longer_than_path_max_is_reported_once_with_its_own_reason(field, m
     # What `watchfolder pending` shows (the store): once too.
     stored = [p for p in field.store.pending_list() if "too long" in p.reason]
     assert [p.kind for p in stored] == ["unreadable"], stored
+
+
+def test_a_name_it_cannot_handle_stays_noted_without_restarting_the_observer(field):
+    # Noted unreadable too, but no permission fix changes it: the recheck of unreadable
+    # folders leaves it noted (no "can be read again" every few seconds, no observer restart).
+    field.start("events", quiet_period=QUIET)
+    bad = os.path.join(os.fsencode(field.drop), b"bad\xfename")
+    os.mkdir(bad)
+    manifest(Path(os.fsdecode(bad)), {"a.tif": b"a" * 10})
+    wait_until(lambda: any("UTF-8" in e.get("waiting", "") for e in field.pending()), 15,
+               message="the name listed")
+    watcher = field.service.watch.watchers[0]
+    source = watcher.source_obj
+    field.quiet_for(2.5)  # several rechecks (at least every quiet period, 1 s at the least)
+    assert watcher.source_obj is source
+    assert [e for e in field.pending() if "UTF-8" in e.get("waiting", "")]
+    assert field.jobs() == []

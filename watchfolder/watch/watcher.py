@@ -296,6 +296,7 @@ class Watcher:
         self.next_status = 0.0
         self.next_followup = 0.0
         self.next_unreadable_check = 0.0
+        self._readable_due: list[str] = []  # folders readable again, looked at by _look_again
         self._pending_signature: Any = None
         self._pending_error: str | None = None
         self.counters = {"events": 0, "rescans": 0, "polls": 0, "queued": 0, "rejected": 0, "ignored": 0,
@@ -505,6 +506,7 @@ class Watcher:
         if not self.active:
             return max(0.0, min(self.next_restart - now, self.health_interval))
         self._recheck_unreadable(now)
+        self._look_again(now)
         if self.rescan_requested or now >= self.next_rescan:
             self._rescan(now)
             self.overflow_pending = False  # a full rescan saw everything
@@ -752,21 +754,32 @@ class Watcher:
                 del detector.skipped[rel]  # another reason now
             detector.skip(rel, "unreadable", reason, now)
             return True
-        if noted is not None and noted[1] == "unreadable":
-            self._readable_again(rel, now)
+        if noted is not None and noted[1] == "unreadable" and detector.refusal(rel) is None:
+            self._readable_again(rel)  # (not a name it cannot handle: that stays noted)
         return False
 
-    def _readable_again(self, rel: str, now: float) -> None:
-        """A folder noted unreadable can be read now: forget the note, look at it as at a new folder.
-
-        In events mode the kernel may have refused the folder a watch while it was unreadable
-        (watchdog skips EACCES silently): the event source is started anew, so changes inside
-        it are seen from now on.
-        """
-        detector, scanner = self.detector, self.scanner
-        assert detector is not None and scanner is not None
+    def _readable_again(self, rel: str) -> None:
+        """A folder noted unreadable can be read now: forget the note; looked at as a new folder
+        at the end of this step (:meth:`_look_again`)."""
+        detector = self.detector
+        assert detector is not None
         detector.skipped.pop(rel, None)
         log.info("watch folder %s: %s can be read again", self.name, printable(rel))
+        self._readable_due.append(rel)
+
+    def _look_again(self, now: float) -> None:
+        """Folders readable again: looked at as new folders.
+
+        In events mode the kernel may have refused such a folder a watch while it was
+        unreadable (watchdog skips EACCES silently): the event source is started anew first,
+        once for all of them (a `chmod -R` fixing many folders restarts it once), so changes
+        inside them are seen from then on.
+        """
+        if not self._readable_due:
+            return
+        due, self._readable_due = self._readable_due, []
+        scanner = self.scanner
+        assert scanner is not None
         if self.mode == "events" and self.source_obj is not None:
             fresh = self.event_source_factory(self.root, self._sink)
             try:
@@ -776,7 +789,8 @@ class Watcher:
             else:
                 old, self.source_obj = self.source_obj, fresh
                 old.stop()  # after the new one started: no change falls between the two
-        scanner.scan_subtree(rel, now, since=None)
+        for rel in due:
+            scanner.scan_subtree(rel, now, since=None)
 
     def _recheck_unreadable(self, now: float) -> None:
         """Folders noted unreadable are looked at again every few seconds, in every mode:
@@ -798,8 +812,9 @@ class Watcher:
                 continue
             except OSError:  # still cannot be looked at (a path too long, its parent unreadable)
                 continue
-            if stat.S_ISDIR(st.st_mode) and unreadable_folder(full) is None:
-                self._readable_again(rel, now)
+            # Not a name it cannot handle (not valid UTF-8, noted unreadable too): that stays.
+            if stat.S_ISDIR(st.st_mode) and unreadable_folder(full) is None and detector.refusal(rel) is None:
+                self._readable_again(rel)
 
     def _note_stray(self, rel: str, now: float) -> None:
         """A file that is no candidate: a sidecar pair this rule does not take is listed at once."""
