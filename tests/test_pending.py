@@ -16,6 +16,7 @@ from helpers import TARGET, wait_until
 from watchfolder import config as configmod
 from watchfolder.job import JobState
 from watchfolder.store import open_store
+from watchfolder.watch.detector import Detector
 from watchfolder.watch.explain import explain
 from watchfolder.watch.watcher import Watcher
 
@@ -466,4 +467,88 @@ def test_explain_follows_the_watchers_rule_for_sidecar_pairs_in_a_manifest_folde
     got = explain(cfg, store, str(drop / "m2"))
     assert got.verdict == "not_acquisition" and "and sidecar pairs" in got.reason
     watcher.stop()
+    store.close()
+
+
+def _owners(store, watch):
+    return {e.path: (e.kind, e.owner) for e in store.pending_list(watch=watch)}
+
+
+@pytest.mark.parametrize("mode", ["polling", "events"])
+def test_an_entry_carries_its_owner_as_soon_as_it_is_named_for_every_kind(make_config, tmp_path, mode, monkeypatch):
+    """Outside test finding 1: "still being written", excluded and held entries name their owner
+    (manifest, sidecar or layout path) before the quiet period ends, so owner-limited tokens see them."""
+    store = open_store(make_config())
+    roots = {n: tmp_path / n for n in ("drop", "side", "lay", "manonly")}
+    for root in roots.values():
+        root.mkdir()
+    common = {"mode": mode, "quiet_period": 30, "poll_interval": 1, "missing_timeout": 600,
+              "rescan_interval": 100000}
+    cfg = make_config(watch=[
+        {"name": "drop", "path": str(roots["drop"]), **common},
+        {"name": "side", "path": str(roots["side"]), "detection": "sidecar", **common},
+        {"name": "lay", "path": str(roots["lay"]), "detection": "layout", "layout": "{owner}/{dataset}", **common},
+        {"name": "manonly", "path": str(roots["manonly"]), "sidecars": False, **common},
+    ])
+    watchers = {w.name: Watcher(w, store) for w in cfg.watch}
+    reads = []
+    real_read = Detector._read_owner
+
+    def counting(self, path):  # the real read, counted
+        reads.append(os.path.relpath(path, self.root))
+        return real_read(self, path)
+    monkeypatch.setattr(Detector, "_read_owner", counting)
+    t = T0
+    for w in watchers.values():
+        w.loop(now=t)
+
+    # Being written: a manifest folder, a sidecar pair, a layout folder, a manifest folder's pair.
+    (roots["drop"] / "wr2").mkdir()
+    (roots["drop"] / "wr2" / "watchfolder.json").write_text(
+        json.dumps({"owner": "alice", "target": {"dataset": "W"}, "files": [{"path": "w.tif"}]}))
+    (roots["drop"] / "sc.czi.json").write_text(json.dumps({"owner": "alice", "target": {"dataset": "S"}}))
+    (roots["drop"] / "sc.czi").write_bytes(b"x")
+    (roots["side"] / "sz.czi.json").write_text(json.dumps({"owner": "bob", "target": {"dataset": "S"}}))
+    (roots["side"] / "sz.czi").write_bytes(b"x")
+    (roots["lay"] / "alice" / "ds2").mkdir(parents=True)
+    (roots["lay"] / "alice" / "ds2" / "a.tif").write_bytes(b"x")
+    # Excluded: a folder still named *.tmp whose manifest names its owner; a layout folder named *.tmp.
+    (roots["drop"] / "acq1.tmp").mkdir()
+    (roots["drop"] / "acq1.tmp" / "watchfolder.json").write_text(
+        json.dumps({"owner": "alice", "target": {"dataset": "T"}}))
+    (roots["lay"] / "alice" / "tmpdir.tmp").mkdir()
+    # Not an acquisition here: a sidecar pair in a manifests-only folder.
+    (roots["manonly"] / "cells.czi").write_bytes(b"x")
+    (roots["manonly"] / "cells.czi.json").write_text(json.dumps({"owner": "carol", "target": {"dataset": "C"}}))
+
+    want = {
+        "drop": {"wr2": ("writing", "alice"), "sc.czi": ("writing", "alice"), "acq1.tmp": ("excluded", "alice")},
+        "side": {"sz.czi": ("writing", "bob")},
+        "lay": {"alice/ds2": ("writing", "alice"), "alice/tmpdir.tmp": ("excluded", "alice")},
+        "manonly": {"cells.czi": ("not_acquisition", "carol")},
+    }
+
+    def step():
+        nonlocal t
+        t += 1
+        (roots["drop"] / "wr2" / "w.tif").open("ab").write(b"more")  # still being written, every tick
+        for w in watchers.values():
+            w.loop(now=t)
+        return all(_owners(store, n) == want[n] for n in want) or None
+    wait_until(step, 10, message="every entry listed with its owner")
+    assert t < T0 + 30  # well before the quiet period ends
+    # The manifest is not read again on every tick while a file in its folder is being written.
+    reads.clear()
+    for _ in range(5):
+        step()
+    assert _owners(store, "drop")["wr2"] == ("writing", "alice")
+    assert "wr2/watchfolder.json" not in reads
+    # A new owner in the manifest is seen at its next change (the descriptor changed: read again).
+    (roots["drop"] / "wr2" / "watchfolder.json").write_text(
+        json.dumps({"owner": "dave", "target": {"dataset": "W"}, "files": [{"path": "w.tif"}]}))
+    wait_until(lambda: (step(), _owners(store, "drop")["wr2"] == ("writing", "dave"))[1] or None, 10,
+               message="the new owner")
+    assert reads.count("wr2/watchfolder.json") >= 1 and t < T0 + 30
+    for w in watchers.values():
+        w.stop()
     store.close()

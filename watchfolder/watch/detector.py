@@ -277,6 +277,7 @@ class Candidate:
     job_id: int | None = None  # the job queued for it last
     waiting_kind: str = ""  # the pending kind of ``waiting`` (see :func:`pending_reason`)
     owner: str | None = None  # the owner named so far (from the last look at the descriptor)
+    owner_at: float | None = None  # ``last_change`` when the owner was last looked up
     next_check: float = 0.0
     seen_generation: int = 0
     peak_files: int = 0  # most files seen at once (sidecar: 2 once the data file was there)
@@ -352,6 +353,18 @@ class Rule:
 
     def build(self, root: str, rel: str, now: float) -> Outcome:
         raise NotImplementedError
+
+    def descriptor_path(self, root: str, rel: str) -> str | None:
+        """The manifest or sidecar that would describe ``rel`` (an acquisition or a skipped path),
+        whether or not it exists yet; None when the owner comes from elsewhere (the layout)."""
+        full = os.path.join(root, rel)
+        if os.path.isdir(full):
+            return os.path.join(full, self.watch.manifest_name)
+        return full + self.watch.sidecar_suffix
+
+    def path_owner(self, rel: str) -> str | None:
+        """The owner the path itself names (layout mode), else None."""
+        return None
 
 
 def stray_sidecar_reason(watch: WatchConfig, data: str) -> str:
@@ -728,6 +741,21 @@ class LayoutRule(Rule):
 
     def folder_is_candidate(self, rel_dir: str, names: set[str]) -> bool:
         return bool(rel_dir) and self.values(rel_dir) is not None
+
+    def descriptor_path(self, root: str, rel: str) -> str | None:
+        return None
+
+    def path_owner(self, rel: str) -> str | None:
+        """The owner named by the leading components of ``rel`` that match the layout (a path
+        at, below or above an acquisition's depth: ``alice/tmpdir.tmp`` names alice)."""
+        values: dict[str, str] = {}
+        for part, regex in zip(rel.split("/"), self.regexes, strict=False):
+            m = regex.fullmatch(part)
+            if not m:
+                break
+            values.update(m.groupdict())
+        owner = values.get("owner")
+        return unicodedata.normalize("NFC", owner) if owner else None
 
     def descend(self, rel_dir: str) -> bool:
         return (rel_dir.count("/") + 1 if rel_dir else 0) < self.depth
@@ -1248,6 +1276,10 @@ class Detector:
         # Paths seen and deliberately not watched as acquisitions (excluded names,
         # symbolic links, paths the service cannot read): rel -> (first seen, kind, reason).
         self.skipped: dict[str, tuple[float, str, str]] = {}
+        # The owner each candidate's or skipped path's descriptor names: rel -> (descriptor
+        # identity, owner), so a descriptor is read again only when it changed.
+        self._owners: dict[str, tuple[tuple[int, ...] | None, str | None]] = {}
+        self._skipped_owner: dict[str, tuple[float, str | None]] = {}  # rel -> (looked up at, owner)
         # Set by the watcher: the job that already imported this acquisition (changed in place
         # since), or None. An incomplete-looking acquisition that was imported is not waited for.
         self.imported_as: Callable[[Outcome], Any] | None = None
@@ -1306,6 +1338,42 @@ class Detector:
         old = self.remembered.pop(storable(rel), None)  # seen before a restart: first sighting kept
         self.skipped[rel] = (min(now, old.first_seen) if old is not None else now, kind, reason)
         log.info("watch folder %s: %s not watched: %s", self.watch.name, printable(rel), reason)
+
+    def owner_of(self, rel: str) -> str | None:
+        """The owner named so far for the acquisition (or skipped path) ``rel``, or None.
+
+        From the path in layout mode; otherwise from its manifest or sidecar, read by the
+        descriptors' own rule (:func:`acquisition.read_descriptor`: no symlink, size cap) and
+        only when it changed since the last read (device, inode, size and mtime_ns, by one
+        ``lstat``); the watch folder's ``owner`` when the descriptor names none. A descriptor
+        not there yet or not readable (half written) gives None until it changes.
+        """
+        named = self.rule.path_owner(rel)
+        if named:
+            return named
+        path = self.rule.descriptor_path(self.root, rel)
+        if path is None:
+            return self.watch.owner or None
+        try:
+            st = os.lstat(path)
+        except OSError:
+            self._owners.pop(rel, None)
+            return None
+        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = self._owners.get(rel)
+        if cached is not None and cached[0] == ident:
+            return cached[1]
+        owner = self._read_owner(path)
+        self._owners[rel] = (ident, owner)
+        return owner
+
+    def _read_owner(self, path: str) -> str | None:
+        """The owner a descriptor names (else the watch folder's), None when it cannot be read."""
+        try:
+            descriptor = acq.read_descriptor(Path(path), within=self.root, allow_hard_links=self.watch.allow_hard_links)
+        except (AcquisitionError, OSError):
+            return None
+        return descriptor.owner or self.watch.owner or None
 
     def admit(self, rel: str, now: float, *, walked: bool = False) -> bool:
         """True when ``rel`` may become a candidate; otherwise note why and return False."""
@@ -1429,6 +1497,7 @@ class Detector:
         self.known.pop(rel, None)
         self.pending.discard(rel)
         self.skipped.pop(rel, None)
+        self._owners.pop(rel, None)
 
     def prune_notes(self, rel_dir: str, names: set[str]) -> None:
         """A folder was listed: drop the notes of its entries that are no longer there."""
@@ -1436,6 +1505,7 @@ class Detector:
         for rel in [r for r in self.skipped if r.startswith(prefix) and "/" not in r[len(prefix):]]:
             if rel[len(prefix):] not in names:
                 del self.skipped[rel]
+                self._skipped_owner.pop(rel, None)
 
     def forget_below(self, rel_dir: str) -> None:
         """A folder went away: drop every candidate in it (and every note of a skipped path)."""
@@ -1444,12 +1514,16 @@ class Detector:
             self.forget(rel)
         for rel in [r for r in self.skipped if r == rel_dir or r.startswith(prefix)]:
             del self.skipped[rel]
+            self._skipped_owner.pop(rel, None)
+            self._owners.pop(rel, None)
 
     def begin_scan(self) -> None:
         self.generation += 1
         # The scan notes again what is still there; a candidate's own note (a JSON that is data, not a
         # sidecar) stays: it is not looked at again until it changes, and goes when it is forgotten.
         self.skipped = {r: v for r, v in self.skipped.items() if r in self.known}
+        self._skipped_owner = {r: v for r, v in self._skipped_owner.items() if r in self.skipped}
+        self._owners = {r: v for r, v in self._owners.items() if r in self.known}
 
     def end_scan(self) -> None:
         """After a full rescan: forget candidates that were not seen (gone)."""
@@ -1627,6 +1701,10 @@ class Detector:
             else:
                 kind, until = "writing", c.last_change + self.watch.quiet_period
                 reason = pending_reason(kind, "", c.last_change, until, now)
+            if c.owner_at != c.last_change:
+                # Looked up once per change of the acquisition (the descriptor is read again only
+                # when it changed itself): a file still being written costs one lstat per change.
+                c.owner, c.owner_at = self.owner_of(rel) or c.owner, c.last_change
             out.append(PendingEntry(
                 watch=self.watch.name, path=rel, kind=kind, reason=reason, first_seen=c.first_seen,
                 last_change=c.last_change, quiet_until=until, owner=c.owner,
@@ -1634,8 +1712,22 @@ class Detector:
             ))
         for rel, (seen, kind, reason) in sorted(self.skipped.items()):
             out.append(PendingEntry(watch=self.watch.name, path=rel, kind=kind, reason=reason, first_seen=seen,
-                                    last_change=seen))
+                                    last_change=seen, owner=self._owner_of_skipped(rel, kind, now)))
         return out
+
+    def _owner_of_skipped(self, rel: str, kind: str, now: float) -> str | None:
+        """The owner of a path not watched as an acquisition (an excluded ``acq1.tmp`` whose
+        manifest names one, a pair in a manifests-only folder), looked up at most once per
+        quiet period (nothing tells the detector when a skipped folder's descriptor changes).
+        A symbolic link or an unreadable path is never looked into."""
+        if kind not in ("excluded", "not_acquisition"):
+            return None
+        cached = self._skipped_owner.get(rel)
+        if cached is not None and now - cached[0] < max(self.watch.quiet_period, 1.0):
+            return cached[1]
+        owner = self.owner_of(rel)
+        self._skipped_owner[rel] = (now, owner)
+        return owner
 
     def pending_count(self) -> int:
         """Pending candidates as listed (those handled before a restart not counted until looked at)."""
@@ -1648,6 +1740,7 @@ class Detector:
             out.append({"path": storable(rel), "since": c.first_seen, "last_change": c.last_change,
                         "waiting": c.waiting, "owner": c.owner})
         for rel, (seen, kind, reason) in sorted(self.skipped.items())[: max(0, limit - len(out))]:
+            cached = self._skipped_owner.get(rel)
             out.append({"path": storable(rel), "since": seen, "last_change": seen, "waiting": reason, "kind": kind,
-                        "owner": None})
+                        "owner": cached[1] if cached is not None else None})
         return out
