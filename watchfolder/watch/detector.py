@@ -467,6 +467,8 @@ class ManifestRule(Rule):
                     return Outcome("wait", rel, spec=base, why="checksum",
                                    reason=checksum_reason(bad, "manifest").split(":")[0] + " yet")
                 proven = bool(found) and all(e.size is not None and e.sha256 for e in descriptor.files)
+                # What the list leaves out is not imported: said in the job log and the owner's mail.
+                left_out = acq.unlisted_files(folder, descriptor.files, skip={self.watch.manifest_name})
             else:
                 found = [
                     (FileEntry(r, st.st_size), st)

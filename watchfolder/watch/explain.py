@@ -16,11 +16,15 @@ from __future__ import annotations
 import fnmatch
 import os
 import time
+import unicodedata
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..config import Config, WatchConfig
+from ..errors import AcquisitionError
 from ..store.base import JobStore, PendingEntry
+from . import acquisition as acq
 from .detector import (
     Detector,
     Patterns,
@@ -40,7 +44,9 @@ class Explanation:
     ``outside`` (under no watch folder), ``not_found`` (no such path), ``watch_folder`` (the folder itself),
     ``ignored`` (excluded, a symlink, the service's own file), ``unreadable``, ``not_acquisition``,
     ``pending`` (not complete yet, or still being written), ``ready`` (complete,
-    queued once quiet), ``rejected`` (will fail or has failed at detection), or
+    queued once quiet), ``rejected`` (will fail or has failed at detection),
+    ``left_out`` (a file in a manifest acquisition's folder that its file list does not
+    name: not imported, with the job the acquisition became if any), or
     ``job`` (it became job ``job_id``, in ``job_state``).
     """
 
@@ -173,6 +179,27 @@ def explain(config: Config, store: JobStore | None, path: str, *, now: float | N
     return _explain_acquisition(watch, root, acq_rel, full, store, now)
 
 
+def _unlisted(watch: WatchConfig, root: str, acq_rel: str, full: str) -> str | None:
+    """Why the file ``full`` inside manifest acquisition ``acq_rel`` is not imported (its manifest
+    lists files, and not this one), or None: the watcher's rule (:func:`acquisition.unlisted_files`)."""
+    folder = os.path.join(root, acq_rel)
+    manifest = os.path.join(folder, watch.manifest_name)
+    if watch.detection != "manifest" or full == manifest or not os.path.isdir(folder) or os.path.isdir(full):
+        return None
+    try:
+        descriptor = acq.read_descriptor(Path(manifest), what="manifest", within=root,
+                                         allow_hard_links=watch.allow_hard_links)
+    except (AcquisitionError, OSError):
+        return None  # the acquisition's own explanation says what is wrong with the manifest
+    if descriptor.files is None:
+        return None
+    inner = os.path.relpath(full, folder).replace(os.sep, "/")
+    if unicodedata.normalize("NFC", inner) in {unicodedata.normalize("NFC", e.path) for e in descriptor.files}:
+        return None
+    return (f"{inner} is not listed in the manifest ({watch.manifest_name} lists {len(descriptor.files)} "
+            f"file(s))")
+
+
 def _explain_acquisition(
     watch: WatchConfig, root: str, acq_rel: str, full: str, store: JobStore | None, now: float
 ) -> Explanation:
@@ -189,6 +216,7 @@ def _explain_acquisition(
         where = getattr(exc, "filename", None) or os.path.join(root, acq_rel)
         return Explanation(full, "unreadable", part + _os_reason(exc, where), watch.name, acq_rel, pending=pending)
     out = Explanation(full, "pending", "", watch.name, acq_rel, pending=pending)
+    unlisted = _unlisted(watch, root, acq_rel, full)
     # The watcher's rule: a job recorded for the acquisition as it is now (a "wait" one that
     # failed on missing_timeout included) is what became of it.
     if outcome.spec is not None and outcome.kind in ("enqueue", "reject", "wait") and store is not None:
@@ -197,7 +225,16 @@ def _explain_acquisition(
             out.verdict, out.job_id, out.job_state = "job", job.id, str(job.state)
             why = f": {job.error.message}" if job.error else ""
             out.reason = f"{part}became job {job.id}, {job.state}{why}"
+            if unlisted is not None:
+                out.verdict = "left_out"
+                out.reason = (f"not part of the import: {unlisted}; acquisition {acq_rel} became job {job.id}, "
+                              f"{job.state}, without it (to import it, drop it as a new acquisition)")
             return out
+    if unlisted is not None:
+        out.verdict = "left_out"
+        out.reason = (f"not part of the import: {unlisted}; acquisition {acq_rel} is imported without it "
+                      f"(to import it too, add it to the manifest's \"files\" before the acquisition is queued)")
+        return out
     if outcome.kind == "gone":
         out.verdict, out.reason = "not_acquisition", f"{part}{outcome.reason or 'no longer an acquisition'}"
     elif outcome.kind == "ignore":
