@@ -552,3 +552,49 @@ def test_an_entry_carries_its_owner_as_soon_as_it_is_named_for_every_kind(make_c
     for w in watchers.values():
         w.stop()
     store.close()
+
+
+@pytest.mark.parametrize("mode", ["polling", "events"])
+def test_failed_sidecar_acquisitions_without_an_error_report_are_not_pending_after_a_restart(
+        make_config, tmp_path, mode):
+    """Outside test finding 4: a sidecar whose data file was removed, and one whose data file never
+    came, both failed (no error report: the data file is not there to write it beside). After a
+    restart, unchanged, they are not listed as "still being written" again, not for a moment."""
+    store = open_store(make_config())
+    drop = tmp_path / "side"
+    drop.mkdir()
+    entry = {"name": "side", "path": str(drop), "mode": "polling", "detection": "sidecar", "quiet_period": 10,
+             "poll_interval": 1, "missing_timeout": 100, "rescan_interval": 100000}
+    first = Watcher(make_config(watch=[entry]).watch[0], store)
+    first.loop(now=T0)
+    (drop / "never.czi.json").write_text(json.dumps({"owner": "jdoe", "target": TARGET}))
+    (drop / "gone.czi").write_bytes(b"pixels")
+    (drop / "gone.czi.json").write_text(json.dumps({"owner": "jdoe", "target": TARGET}))
+    first.loop(now=T0 + 1)
+    (drop / "gone.czi").unlink()
+    for t in (2, 3, 14, 15, 103, 104, 120):
+        first.loop(now=T0 + t)
+    jobs = jobs_of(store)
+    assert sorted(j.spec.extra["acquisition"] for j in jobs) == ["gone.czi", "never.czi"]
+    assert all(j.state == JobState.FAILED for j in jobs)
+    assert store.pending_list(watch="side") == []
+    first.stop()
+
+    second = Watcher(make_config(watch=[{**entry, "mode": mode}]).watch[0], store)
+    for t in (300, 301, 302, 305, 311, 312, 320, 420):
+        second.loop(now=T0 + t)
+        assert store.pending_list(watch="side") == [], t
+        assert second.status()["pending"] == 0, t
+    assert sorted(j.id for j in jobs_of(store)) == sorted(j.id for j in jobs)
+    second.stop()
+
+    # A real change is looked at again: the data file comes back, a new job imports the pair.
+    (drop / "gone.czi").write_bytes(b"pixels")
+    third = Watcher(make_config(watch=[{**entry, "mode": mode}]).watch[0], store)
+    third.loop(now=T0 + 500)
+    assert [e.path for e in store.pending_list(watch="side")] == ["gone.czi"]
+    for t in (501, 512, 513, 530):
+        third.loop(now=T0 + 500 + t)
+    assert len(jobs_of(store)) == 3
+    third.stop()
+    store.close()

@@ -284,8 +284,9 @@ class Candidate:
     proof_at: float | None = None  # when to try proving completeness before the quiet period ends
     proof_after: float = 0.0  # no proof attempt before (backoff after failed ones)
     proof_backoff: float = 0.0
-    # Found at start with a receipt or error report beside it and not pending before: handled
-    # by an earlier run. Not listed as pending until its first look says otherwise.
+    # Found at start with a receipt or error report beside it, or exactly as a finished job
+    # recorded it, and not pending before: handled by an earlier run. Not listed as pending
+    # until its first look says otherwise.
     handled_before: bool = False
 
     @property
@@ -1261,11 +1262,16 @@ class Detector:
         self, watch: WatchConfig, root: str, *, trust_events: bool = False,
         remembered: dict[str, PendingEntry] | None = None,
         finished: Callable[[JobSpec], Any] | None = None,
+        finished_snapshots: dict[str, set[str]] | None = None,
     ):
         self.watch = watch
         # The finished job recorded for an acquisition as it is now (its spec's key), or None:
         # an incomplete acquisition that already failed (missing_timeout) is not pending again.
         self.finished = finished
+        # Acquisition -> snapshots (hex) its finished jobs recorded, from the store at start: a
+        # candidate found at start exactly as a job left it was handled by an earlier run even
+        # when no receipt or error report is beside it (a sidecar whose data file is gone).
+        self.finished_snapshots: dict[str, set[str]] = dict(finished_snapshots or {})
         # What the store remembers of pending candidates from before a restart.
         self.remembered: dict[str, PendingEntry] = dict(remembered or {})
         self.root = root
@@ -1414,7 +1420,8 @@ class Detector:
                 if old.digest == snap.digest.hex():
                     cand.last_change = min(last, old.last_change)
             else:
-                cand.handled_before = self._has_marker(rel)
+                cand.handled_before = (snap.digest.hex() in self.finished_snapshots.get(rel, ())
+                                       or self._has_marker(rel))
             cand.next_check = cand.last_change + self.watch.quiet_period
             cand.seen_generation = self.generation
             cand.peak_files = snap.files

@@ -56,6 +56,10 @@ RESTART_BACKOFF = (1.0, 2.0, 5.0, 15.0, 30.0, 60.0)
 HEALTH_INTERVAL = 1.0
 STATUS_INTERVAL = 2.0
 FOLLOWUP_INTERVAL = 1.0
+# Failed jobs read at start to know which acquisitions an earlier run handled without a marker
+# beside them (newest first; succeeded ones leave a receipt): an older one is listed for one
+# quiet period, until its first look finds its job.
+FINISHED_AT_START = 1000
 STORE_RETRY_SECONDS = 5.0
 # Folders noted unreadable are looked at again at most this often (at least every quiet period).
 UNREADABLE_RECHECK_SECONDS = 5.0
@@ -415,7 +419,7 @@ class Watcher:
                         exc_info=True)
             remembered = None
         self.detector = Detector(self.watch, self.root, trust_events=(mode == "events"), remembered=remembered,
-                                 finished=self._finished_job)
+                                 finished=self._finished_job, finished_snapshots=self._finished_snapshots())
         self.detector.imported_as = self._imported_already
         self._unfinished_at_start = self._unfinished_jobs()
         self._pending_signature = None
@@ -989,6 +993,23 @@ class Watcher:
             log.exception("watch folder %s: could not record %s", self.name, outcome.rel)
             self._store_failed(f"could not record {outcome.rel} in the job store", exc)
             detector.settle(outcome, False, now, retry_after=STORE_RETRY_SECONDS)
+
+    def _finished_snapshots(self) -> dict[str, set[str]]:
+        """Acquisition (relative path) -> the snapshots its newest failed or cancelled jobs recorded
+        (at most :data:`FINISHED_AT_START` jobs of this watch folder, newest first), from the store
+        at start."""
+        states = [JobState.FAILED.value, JobState.CANCELLED.value]
+        try:
+            jobs, _ = self.store.list_jobs(states=states, source=f"watch:{self.name}", limit=FINISHED_AT_START)
+        except Exception:  # the store is busy: receipts and error reports still say what was handled
+            log.warning("watch folder %s: cannot read its finished jobs from the store", self.name, exc_info=True)
+            return {}
+        out: dict[str, set[str]] = {}
+        for job in jobs:
+            rel, snapshot = job.spec.extra.get("acquisition"), job.spec.extra.get("snapshot")
+            if isinstance(rel, str) and isinstance(snapshot, str) and job.spec.extra.get("watch") == self.name:
+                out.setdefault(rel, set()).add(snapshot)
+        return out
 
     def _unfinished_jobs(self) -> dict[str, int]:
         """Acquisition (relative path) -> id of its unfinished job, from the store (at start)."""
