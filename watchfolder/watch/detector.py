@@ -1314,7 +1314,7 @@ class Detector:
         if pattern is not None:
             return "excluded", (
                 f"ignored: matches exclude pattern {pattern} of watch folder {self.watch.name!r}; "
-                "rename it (e.g. when the copy is finished) to have it imported"
+                f"{self.rename_hint(rel)[0]}"
             )
         if walked:
             return None
@@ -1338,6 +1338,47 @@ class Detector:
                     "copy or move the data itself into the drop folder"
                 )
         return None
+
+    def rename_hint(self, rel: str) -> tuple[str, str | None]:
+        """What renaming the excluded name in ``rel`` would do: ``(advice, acquisition)``.
+
+        Renaming is suggested only where it would make the path imported: a folder that can
+        be (or hold) an acquisition, a file with its sidecar partner beside it, or a part of
+        an acquisition (``acquisition`` names it: one already imported is not imported again,
+        which only the job store knows; :func:`~watchfolder.watch.explain.explain` says so).
+        A file where files are never acquisitions (a layout folder's upper levels, a manifest
+        watch folder outside any manifest folder) is told why instead.
+        """
+        parts = rel.split("/")
+        depth = acq.container_depth(parts)
+        index = next((i for i, part in enumerate(parts if depth is None else parts[:depth])
+                      if part and self.patterns.name_excluded(part)), len(parts) - 1)
+        prefix, name = "/".join(parts[:index]), parts[index]
+        named = f"{prefix}/{name}" if prefix else name
+        rename = "rename it (e.g. when the copy is finished) to have it imported"
+        owner = self.rule.acquisition_of(self.root, prefix, True) if prefix else None
+        if owner is not None:
+            return f"it is part of acquisition {owner}: {rename} with it before that is queued", owner
+        try:
+            is_dir = stat.S_ISDIR(os.lstat(os.path.join(self.root, named)).st_mode)
+        except OSError:
+            is_dir = rel != named  # a folder above the path
+        if is_dir:
+            return rename, None
+        suffix = self.watch.sidecar_suffix
+        if self.watch.detection == "layout":
+            levels = len([p for p in (self.watch.layout or "").strip("/").split("/") if p])
+            return (f"renaming it would not import it: acquisitions here are folders {levels} level(s) deep "
+                    f"({self.watch.layout}), and a file outside them is never imported"), None
+        if self.watch.detection == "sidecar" or self.watch.sidecars:
+            full = os.path.join(self.root, named)
+            partner = full[: -len(suffix)] if name.endswith(suffix) and len(name) > len(suffix) else full + suffix
+            if os.path.lexists(partner):
+                return f"rename it and {os.path.basename(partner)} alike to have them imported", None
+            return (f"renaming it would not import it: a single file is imported only with a sidecar "
+                    f"({name}{suffix}) beside it, or inside a folder with a {self.watch.manifest_name} manifest"), None
+        return (f"renaming it would not import it: a file is imported only inside a folder with a "
+                f"{self.watch.manifest_name} manifest"), None
 
     def skip(self, rel: str, kind: str, reason: str, now: float) -> None:
         """Note a path that is not watched as an acquisition, with why (listed as pending)."""

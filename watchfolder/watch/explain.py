@@ -23,6 +23,7 @@ from typing import Any
 
 from ..config import Config, WatchConfig
 from ..errors import AcquisitionError
+from ..job import JobState
 from ..store.base import JobStore, PendingEntry
 from . import acquisition as acq
 from .detector import (
@@ -159,9 +160,12 @@ def explain(config: Config, store: JobStore | None, path: str, *, now: float | N
         return Explanation(full, "ignored", "written by watchfolder itself (a receipt or an error report)",
                            watch.name)
     # The watcher's own rule for excluded names, symbolic links and unreadable paths.
-    refused = Detector(watch, root).refusal(rel)
+    detector = Detector(watch, root)
+    refused = detector.refusal(rel)
     if refused is not None:
         kind, reason = refused
+        if kind == "excluded" and store is not None:
+            reason = _after_import(watch, root, detector, rel, reason, store, now)
         return Explanation(full, "unreadable" if kind == "unreadable" else "ignored", reason, watch.name)
     is_dir = os.path.isdir(full)
     # A folder the service cannot look into: what the watcher lists as pending (kind unreadable).
@@ -177,6 +181,25 @@ def explain(config: Config, store: JobStore | None, path: str, *, now: float | N
     if acq_rel is None:
         return _not_acquisition(watch, root, rel, is_dir)
     return _explain_acquisition(watch, root, acq_rel, full, store, now)
+
+
+def _after_import(watch: WatchConfig, root: str, detector: Detector, rel: str, reason: str, store: JobStore,
+                  now: float) -> str:
+    """An excluded name inside an acquisition already imported: renaming it would not import it
+    (a change after an import is not imported again), so that is said instead of "rename it"."""
+    hint, acq_rel = detector.rename_hint(rel)
+    if acq_rel is None:
+        return reason
+    try:
+        outcome = detector.rule.build(root, acq_rel, now)
+    except OSError:
+        return reason
+    job = store.find(outcome.spec.key()) if outcome.spec is not None else None
+    if job is None or job.state != JobState.SUCCEEDED:
+        return reason
+    return reason.replace(hint, f"renaming it would not import it: it is part of acquisition {acq_rel}, imported "
+                                f"as job {job.id}, and a change after an import is not imported again (drop it "
+                                "as a new acquisition to import it)")
 
 
 def _unlisted(watch: WatchConfig, root: str, acq_rel: str, full: str) -> str | None:
