@@ -147,8 +147,10 @@ def test_each_pending_reason_from_a_real_drop_in_the_store_pending_and_explain(
         "loose.czi": ("not_acquisition", "not an acquisition here: loose.czi + loose.czi.json is a sidecar pair, but "
                       "watch folder 'manifest' takes watchfolder.json manifests only (sidecars: false); set sidecars: "
                       "true on the watch folder"),
-        "loose.czi.json": ("not_acquisition", "not an acquisition here: this folder watches for watchfolder.json "
-                           "manifests"),
+        # The pair's descriptor: the same answer as its data file (outside test finding 10).
+        "loose.czi.json": ("not_acquisition", "not an acquisition here: loose.czi + loose.czi.json is a sidecar "
+                           "pair, but watch folder 'manifest' takes watchfolder.json manifests only (sidecars: false); "
+                           "set sidecars: true on the watch folder"),
     }
     for rel, (verdict, reason) in answers.items():
         got = explain(config, store, str(drops["manifest"] / rel))

@@ -3,6 +3,7 @@ would make the path imported, and answers for a sidecar pair's descriptor as for
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -57,3 +58,47 @@ def test_no_rename_advice_for_a_file_where_files_are_never_acquisitions_in_a_lay
     wait_until(lambda: field.reported("alice/ds.tmp"), 10, message="the excluded folder listed")
     [entry] = [e for e in field.store.pending_list() if e.path == "alice/ds.tmp"]
     assert entry.reason.endswith(RENAME) and entry.owner == "alice"
+
+
+def _same_answer(cfg, store, data):
+    a = explain(cfg, store, str(data))
+    b = explain(cfg, store, str(data) + ".json")
+    assert (b.verdict, b.reason, b.details, b.job_id) == (a.verdict, a.reason, a.details, a.job_id), (a, b)
+    assert b.path == str(data) + ".json"
+    return a
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_explain_answers_for_a_pairs_descriptor_as_for_its_data_file(field, mode):
+    field.start(mode, sidecars=False)
+    (field.drop / "cells.czi").write_bytes(b"pixels")
+    (field.drop / "cells.czi.json").write_text(json.dumps({"owner": "carol", "target": {"dataset": "C"}}))
+    wait_until(lambda: field.reported("cells.czi"), 10, message="the pair listed")
+    cfg = field.service.config
+    got = _same_answer(cfg, field.store, field.drop / "cells.czi")
+    assert got.verdict == "not_acquisition" and "set sidecars: true" in got.reason, got
+    [entry] = wait_until(lambda: [e for e in field.store.pending_list() if e.path == "cells.czi" and e.owner], 10,
+                         message="the pair listed with its owner")
+    assert entry.reason == got.reason and entry.owner == "carol"
+    # An excluded data file: its descriptor is not explained as a pair waiting to be imported.
+    (field.drop / "sub").mkdir()
+    (field.drop / "sub" / "scan.tmp").write_bytes(b"pixels")
+    (field.drop / "sub" / "scan.tmp.json").write_text(json.dumps({"owner": "carol", "target": {"dataset": "C"}}))
+    got = _same_answer(cfg, field.store, field.drop / "sub" / "scan.tmp")
+    assert got.verdict == "ignored" and "exclude pattern *.tmp" in got.reason, got
+    # Inside a manifest folder the descriptor is a file of the acquisition, not a pair's: not mapped.
+    manifest(field.drop / "m", {"x.czi": b"pixels", "x.czi.json": b'{"owner": "carol"}'})
+    [job] = field.settled(1)
+    for rel in ("m/x.czi", "m/x.czi.json"):
+        got = explain(cfg, field.store, str(field.drop / rel))
+        assert (got.verdict, got.job_id, got.path) == ("job", job.id, str(field.drop / rel)), got
+
+
+def test_explain_answers_for_a_pairs_descriptor_as_for_its_data_file_in_a_sidecar_folder(field):
+    field.start("events", detection="sidecar")
+    (field.drop / "scan.tmp").write_bytes(b"pixels")
+    (field.drop / "scan.tmp.json").write_text(json.dumps({"owner": "carol", "target": {"dataset": "C"}}))
+    cfg = field.service.config
+    got = _same_answer(cfg, field.store, field.drop / "scan.tmp")
+    assert got.verdict == "ignored" and got.reason.endswith("rename it and scan.tmp.json alike to have them "
+                                                            "imported"), got

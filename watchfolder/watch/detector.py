@@ -1382,7 +1382,10 @@ class Detector:
 
     def skip(self, rel: str, kind: str, reason: str, now: float) -> None:
         """Note a path that is not watched as an acquisition, with why (listed as pending)."""
-        if rel in self.skipped or len(self.skipped) >= MAX_SKIPPED:
+        if rel in self.skipped:
+            self._skipped_owner.pop(rel, None)  # seen again (an event): its owner is looked up again
+            return
+        if len(self.skipped) >= MAX_SKIPPED:
             return
         old = self.remembered.pop(storable(rel), None)  # seen before a restart: first sighting kept
         self.skipped[rel] = (min(now, old.first_seen) if old is not None else now, kind, reason)

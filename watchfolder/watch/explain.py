@@ -33,7 +33,6 @@ from .detector import (
     is_own_file,
     make_rule,
     pending_reason,
-    stray_sidecar_reason,
     unreadable_folder,
 )
 
@@ -113,6 +112,21 @@ def _acquisition_of(watch: WatchConfig, root: str, rel: str, is_dir: bool) -> st
     return make_rule(watch, Patterns(watch.include, watch.exclude)).acquisition_of(root, rel, is_dir)
 
 
+def _pair_data(watch: WatchConfig, root: str, rel: str) -> str | None:
+    """The data file of the sidecar pair whose descriptor is ``rel`` (``cells.czi`` for
+    ``cells.czi.json`` with ``cells.czi`` beside it), or None. Not inside a folder acquisition
+    (a manifest folder's or a layout folder's): there the descriptor is a file of its own."""
+    suffix = watch.sidecar_suffix
+    name = rel.rpartition("/")[2]
+    if not name.endswith(suffix) or len(name) <= len(suffix) or is_own_file(name):
+        return None
+    data = rel[: -len(suffix)]
+    full = os.path.join(root, data)
+    if not os.path.lexists(full) or os.path.isdir(full) or os.path.isdir(os.path.join(root, rel)):
+        return None
+    return data if _acquisition_of(watch, root, data, False) in (None, data) else None
+
+
 def _not_acquisition(watch: WatchConfig, root: str, rel: str, is_dir: bool) -> Explanation:
     reason = f"not an acquisition here: {_looks_for(watch)}"
     details = []
@@ -124,9 +138,12 @@ def _not_acquisition(watch: WatchConfig, root: str, rel: str, is_dir: bool) -> E
         part = "" if noted == rel else f"part of {noted}: "
         return Explanation(full, "not_acquisition", part + why, watch.name, None,
                            details=[f"listed as pending ({kind})"])
-    if watch.detection == "manifest" and not watch.sidecars and not is_dir and os.path.isfile(full + watch.sidecar_suffix):
-        # The watcher's words (it lists the pair as pending with them).
-        reason = stray_sidecar_reason(watch, os.path.basename(full))
+    suffix = watch.sidecar_suffix
+    head, _, data = rel.rpartition("/")
+    stray = make_rule(watch, Patterns(watch.include, watch.exclude)).stray_sidecars(root, head, {data, data + suffix})
+    if not is_dir and stray:
+        # The watcher's rule and words (it lists the pair as pending with them).
+        reason = stray[0][1]
     elif watch.detection != "sidecar" and not is_dir and os.path.isfile(full + watch.sidecar_suffix):
         details.append(f"{os.path.basename(full)}{watch.sidecar_suffix} beside it looks like a sidecar, but "
                        f"watch folder {watch.name!r} detects {watch.detection}s; use a sidecar watch folder, "
@@ -156,6 +173,12 @@ def explain(config: Config, store: JobStore | None, path: str, *, now: float | N
     if not os.path.lexists(full):
         return Explanation(full, "not_found", f"{full} does not exist (check the spelling, or it was moved "
                            "away or imported and deleted)", watch.name)
+    data_rel = _pair_data(watch, root, rel)
+    if data_rel is not None:
+        # The descriptor of a sidecar pair: the same answer as for its data file.
+        out = explain(config, store, os.path.join(root, data_rel), now=now)
+        out.path = full
+        return out
     if is_own_file(rel.rpartition("/")[2]):
         return Explanation(full, "ignored", "written by watchfolder itself (a receipt or an error report)",
                            watch.name)
