@@ -556,16 +556,17 @@ def test_an_entry_carries_its_owner_as_soon_as_it_is_named_for_every_kind(make_c
     store.close()
 
 
+@pytest.mark.parametrize("detection", ["sidecar", "manifest"])
 @pytest.mark.parametrize("mode", ["polling", "events"])
 def test_failed_sidecar_acquisitions_without_an_error_report_are_not_pending_after_a_restart(
-        make_config, tmp_path, mode):
+        make_config, tmp_path, mode, detection):
     """Outside test finding 4: a sidecar whose data file was removed, and one whose data file never
     came, both failed (no error report: the data file is not there to write it beside). After a
     restart, unchanged, they are not listed as "still being written" again, not for a moment."""
     store = open_store(make_config())
     drop = tmp_path / "side"
     drop.mkdir()
-    entry = {"name": "side", "path": str(drop), "mode": "polling", "detection": "sidecar", "quiet_period": 10,
+    entry = {"name": "side", "path": str(drop), "mode": "polling", "detection": detection, "quiet_period": 10,
              "poll_interval": 1, "missing_timeout": 100, "rescan_interval": 100000}
     first = Watcher(make_config(watch=[entry]).watch[0], store)
     first.loop(now=T0)
