@@ -145,3 +145,28 @@ def test_seed_failed_mail_delete_dismisses_within_the_tokens_owners(tmp_path):
         assert svc.store.outbox_resend(alice_mail).state == "pending"  # `watchfolder mail resend` still works
     finally:
         stop_service(svc)
+
+
+def test_an_owner_limited_token_sees_its_acquisition_while_it_is_still_being_written(svc, make_config, tmp_path):
+    """Outside test finding 1, over HTTP: a real drop still being written, seen by a real watcher,
+    is listed to the owner's token at once (its manifest names jdoe), not only after the quiet period."""
+    from watchfolder.watch.watcher import Watcher
+
+    drop = svc.roots["drop"]
+    watch = make_config(watch=[{"name": "drop", "path": str(drop), "mode": "polling", "quiet_period": 60,
+                                "poll_interval": 1, "rescan_interval": 100000}]).watch[0]
+    watcher = Watcher(watch, svc.store)
+    now = time.time()
+    watcher.loop(now=now)
+    folder = acquisition(drop, "wr2", owner="jdoe", files={"w.tif": b"x"})
+    (drop / "bob1").mkdir()
+    (drop / "bob1" / "watchfolder.json").write_text('{"owner": "bob", "target": {"dataset": "B"}}')
+    for t in range(1, 4):
+        (folder / "w.tif").open("ab").write(b"more")
+        watcher.loop(now=now + t)
+    kinds = {e.path: (e.kind, e.owner) for e in svc.store.pending_list(watch="drop")}
+    assert kinds == {"wr2": ("writing", "jdoe"), "bob1": ("writing", "bob")}
+    mine = svc.client("jdoe-only").get("/api/v1/pending").json["pending"]
+    assert [(i["path"], i["kind"], i["owner"]) for i in mine] == [("wr2", "writing", "jdoe")]
+    assert [i["path"] for i in svc.client("lab-reader").get("/api/v1/pending").json["pending"]] == ["wr2"]
+    watcher.stop()
