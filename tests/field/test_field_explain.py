@@ -55,6 +55,12 @@ def test_no_rename_advice_for_a_file_where_files_are_never_acquisitions_in_a_lay
         "2 level(s) deep" in got.reason, got.reason
     got = explain(cfg, field.store, str(field.drop / "alice" / "ds.tmp"))
     assert got.reason.endswith(RENAME), got.reason
+    # Inside an acquisition not queued yet (it holds no other file): renaming in time does help.
+    (field.drop / "alice" / "ds2").mkdir()
+    (field.drop / "alice" / "ds2" / "part.tmp").write_bytes(b"x")
+    got = explain(cfg, field.store, str(field.drop / "alice" / "ds2" / "part.tmp"))
+    assert got.reason.endswith("it is part of acquisition alice/ds2: rename it before that is queued to have it "
+                               "imported with it"), got.reason
     wait_until(lambda: field.reported("alice/ds.tmp"), 10, message="the excluded folder listed")
     [entry] = [e for e in field.store.pending_list() if e.path == "alice/ds.tmp"]
     assert entry.reason.endswith(RENAME) and entry.owner == "alice"

@@ -1356,9 +1356,10 @@ class Detector:
         prefix, name = "/".join(parts[:index]), parts[index]
         named = f"{prefix}/{name}" if prefix else name
         rename = "rename it (e.g. when the copy is finished) to have it imported"
-        owner = self.rule.acquisition_of(self.root, prefix, True) if prefix else None
-        if owner is not None:
-            return f"it is part of acquisition {owner}: {rename} with it before that is queued", owner
+        part_of = self.rule.acquisition_of(self.root, prefix, True) if prefix else None
+        if part_of is not None:
+            return (f"it is part of acquisition {part_of}: rename it before that is queued to have it imported "
+                    "with it"), part_of
         try:
             is_dir = stat.S_ISDIR(os.lstat(os.path.join(self.root, named)).st_mode)
         except OSError:
