@@ -125,3 +125,64 @@ def test_owner_mails_redirected_to_the_admin_join_the_digest_and_advise_what_is_
     finally:
         transport.close()
         store.close()
+
+
+# Finding 2 (issue 15 outside test): names with spaces, dashes, digits, several names or markup
+# split alike failures into groups. The reasons are the detector's own (listed_reason,
+# checksum_reason, size_reason), wrapped as the detector fails them after missing_timeout.
+_NAMES = ["Image 001.tif", "img002.tif", "Slide 3 - Region 1.czi", "a b/c d (2).tif",
+          "<b>x</b> y.ome.tiff", "run-7_ch 2.nd2", "data, final.czi"]
+
+
+def _incomplete(*absent):
+    from watchfolder.watch import acquisition as acq
+    from watchfolder.watch.detector import listed_reason
+    _, reason = listed_reason(acq.ListedCheck(present=[], missing=[f"{a} (missing)" for a in absent],
+                                              absent=list(absent)), 2 + len(absent), "manifest")
+    return (f"incomplete after 90 s without change: {reason}; "
+            "copy the missing files and drop the acquisition again, or fix the descriptor")
+
+
+def test_alike_reasons_group_together_whatever_the_names_in_them():
+    from watchfolder.job import reason_group
+    from watchfolder.watch.detector import checksum_reason, oversize_reason, size_reason
+    shapes = [
+        [_incomplete(n) for n in _NAMES] + [_incomplete(*_NAMES[:3]), _incomplete(*_NAMES, *"abcdefgh")],
+        [checksum_reason([n], "manifest") for n in _NAMES] + [checksum_reason(_NAMES, "manifest")],
+        [size_reason(n, 1000, 4096, "manifest") for n in _NAMES],
+        [oversize_reason([(n, 5000, 4096)], "manifest") for n in _NAMES]
+        + [oversize_reason([(n, 5000, 4096) for n in _NAMES], "manifest")],
+        [f"sidecar names data file {n}, which is missing" for n in _NAMES],
+    ]
+    groups = [{reason_group(r) for r in shape} for shape in shapes]
+    for shape, group in zip(shapes, groups, strict=True):
+        assert len(group) == 1, (shape[:3], group)
+    assert len(set().union(*groups)) == len(shapes)  # and the different reasons stay apart
+    assert "…" in groups[0].pop() and "Region" not in str(groups)
+
+
+def test_the_digest_counts_the_testers_three_incomplete_manifests_as_one_reason(tmp_path, smtp_server, make_spec):
+    recorder, port = smtp_server
+    config = wconfig.parse({
+        "data_dir": str(tmp_path / "data"), "importer": {"kind": "archive"},
+        "notify": {"transport": "smtp", "from": "wf@example.org", "admin_email": "admin@example.org",
+                   "admin_digest_after": 2, "admin_digest_minutes": 10, "smtp": {"host": "127.0.0.1", "port": port}},
+    }, path=tmp_path / "watchfolder.yaml", environ={})
+    notifier = Notifier(config)
+    store = SQLiteStore(tmp_path / "db.sqlite", retry=RetryPolicy(3, (10.0,)), composer=notifier.compose)
+    transport = SmtpTransport(SmtpConfig(host="127.0.0.1", port=port, timeout=10.0))
+    sender = OutboxSender(store, transport, notifier=notifier)
+    try:
+        jobs = [store.reject(dataclasses.replace(make_spec(), idempotency_key=f"m{i}", email=f"u{i}@example.org"),
+                             _incomplete(name), now=T0)[0].id
+                for i, name in enumerate(["Image 001.tif", "img002.tif", "Slide 3 - Region 1.czi"])]
+        assert len({store.get(j).to_dict()["error"]["group"] for j in jobs}) == 1
+        while sender.loop(now=T0 + 1):
+            pass
+        recorder.wait_for(4)
+        (digest,) = [r for r in recorder.received if r.rcpt_tos == ["admin@example.org"]]
+        assert "3 x incomplete after 90 s without change: waiting for 1 of 3 files (missing: Image 001.tif)" \
+            in digest.text()
+    finally:
+        transport.close()
+        store.close()

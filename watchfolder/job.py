@@ -329,12 +329,50 @@ class JobError:
 
 _NAMED = re.compile(r"\S*[/\\]\S*|\S+\.[A-Za-z0-9]{2,5}\b")
 
+# The places in the reasons watchfolder writes that hold a file name or a list of names
+# (watchfolder.watch.detector, watchfolder.importers.archive). Each is replaced as one unit,
+# so a name with spaces, dashes, digits, brackets or markup groups like any other name. The
+# name runs up to the words that follow it in the template, not up to the first space.
+_NAME_SLOTS = (
+    # "waiting for 2 of 5 files (missing: a.tif, Image 001.tif and 3 more)"
+    (re.compile(r"\(missing: .*?\)(?=;|:|,| and |$)"), "(missing: …)"),
+    # "checksum(s) of a.tif, b c.tif does/do not match the manifest"
+    (re.compile(r"\bchecksums? of .*? (does|do) not match\b"), "checksum of … does not match"),
+    # "size of Slide 3.czi is 1,000 bytes, manifest says 4,096"
+    (re.compile(r"\bsize of .*? is [0-9,]+ bytes\b"), "size of … is N bytes"),
+    # "Slide 3.czi is 5,000 bytes, the manifest says 4,096; b.tif is …" (one or several)
+    (re.compile(r"(^|: |; )[^;:]*? is [0-9,]+ bytes, the (\w+) says [0-9,]+"
+                r"(?:; [^;:]*? is [0-9,]+ bytes, the \w+ says [0-9,]+)*(?: \(and [0-9]+ more\))?"),
+     r"\1… is N bytes, the \2 says N"),
+    # "sidecar names data file Image 1.czi, which is missing"
+    (re.compile(r"\bdata file .*?, which is\b"), "data file …, which is"),
+    # "3 listed file(s) missing from /x y: a b.tif, c.tif …" (the list runs to the end)
+    (re.compile(r"\bmissing from .*$"), "missing from …"),
+    # "left out of the acquisition (2): a b.tif, ~$lock.tif"
+    (re.compile(r"\b(left out of the acquisition) \([0-9]+\): .*$"), r"\1: …"),
+    # "the name … is not valid UTF-8", "a symbolic link (to …)"
+    (re.compile(r"\bthe name .*? is not valid\b"), "the name … is not valid"),
+    (re.compile(r"\(to .*?\)(?=:|,|;|$)"), "(to …)"),
+    # quoted names anywhere: 'a b.tif', "a b.tif", `a b.tif`
+    (re.compile(r"'[^']*'|\"[^\"]*\"|`[^`]*`"), "…"),
+)
+
 
 def reason_group(message: str | None) -> str:
     """What alike failures share: the reason's words, with paths, file names and numbers
     replaced (``checksum of … does not match the manifest``). The dashboard's "failures by
-    reason" and the admin digest group on it."""
-    text = _NAMED.sub("…", message or "(no reason)")
+    reason" and the admin digest group on it.
+
+    Names are replaced as whole units where the reason's template says where a name or a list
+    of names stands (``(missing: …)``, ``size of … is N bytes``, ``data file …, which is``,
+    quoted names), so names with spaces, dashes, digits or markup (``Slide 3 - Region 1.czi``,
+    ``<b>x</b>.tif``) and lists of several names give the same group as one plain name. Any
+    other path or ``name.ext`` is replaced word by word, then digits become ``N``. The result
+    is at most 90 characters."""
+    text = message or "(no reason)"
+    for pattern, unit in _NAME_SLOTS:
+        text = pattern.sub(unit, text)
+    text = _NAMED.sub("…", text)
     return re.sub(r"[0-9]+", "N", text)[:90]
 
 
