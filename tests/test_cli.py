@@ -344,8 +344,58 @@ def test_jobs_list_text_with_next_page_hint(cfg_path, five_jobs, capsys):
     assert [line.split()[:3] for line in lines[1:4]] == [
         ["5", "queued", "bob"], ["4", "queued", "alice"], ["3", "queued", "jdoe"]
     ]
-    assert lines[4] == "more: watchfolder jobs list --cursor 3"
+    assert lines[4] == f"more: watchfolder --config {cfg_path.resolve()} jobs list --limit 3 --cursor 3"
     assert len(lines) == 5
+
+
+def test_the_next_page_hint_repeats_the_filters_and_config_and_pasted_gives_the_next_page(
+        tmp_path, jobstore, five_jobs, capsys, monkeypatch):
+    """Finding 7 (issue 15 outside test): the hint lost the filters and --config."""
+    import shlex
+    jobstore.cancel(2)
+    odd = tmp_path / "my conf's dir"
+    odd.mkdir()
+    cfg = odd / "wf.yaml"
+    cfg.write_text((tmp_path / "watchfolder.yaml").read_text().replace("data_dir: data", f"data_dir: {tmp_path / 'data'}"))
+    monkeypatch.delenv("WATCHFOLDER_CONFIG", raising=False)
+    argv = ["jobs", "list", "--config", str(cfg), "--state", "queued", "--state", "cancelled",
+            "--source", "api*", "--limit", "1"]
+    seen = []
+    while True:
+        assert cli.main(argv) == 0
+        lines = capsys.readouterr().out.splitlines()
+        seen += [int(line.split()[0]) for line in lines[1:] if not line.startswith("more:")]
+        if not lines[-1].startswith("more: "):
+            break
+        hint = shlex.split(lines[-1][len("more: "):])
+        assert hint[:3] == ["watchfolder", "--config", str(cfg.resolve())]
+        assert "'api*'" in lines[-1] and shlex.quote(str(cfg.resolve())) in lines[-1]
+        argv = hint[1:]
+    assert seen == [4, 2]  # every api job of those states, one page each, no other
+
+
+def test_mail_list_pages_like_jobs_list(cfg_path, jobstore, make_spec, capsys):
+    """Finding 7: `mail list` stopped at 20 rows with no hint and had no --cursor."""
+    import dataclasses
+    import shlex
+    for i in range(3):
+        jobstore.reject(dataclasses.replace(make_spec(owner="jdoe"), idempotency_key=f"r{i}"), "bad manifest")
+    total = [m.id for m in jobstore.outbox_list(limit=1000)]
+    assert len(total) >= 3
+    argv, seen = ["--config", str(cfg_path), "mail", "list", "--limit", "2"], []
+    while True:
+        assert cli.main(argv) == 0
+        lines = capsys.readouterr().out.splitlines()
+        seen += [int(line.split()[0]) for line in lines if not line.startswith("more:")]
+        if not lines[-1].startswith("more: "):
+            break
+        argv = shlex.split(lines[-1][len("more: "):])[1:]
+    assert seen == total
+    assert run_cli(cfg_path, "mail", "list", "--limit", "2", "--json") == 0
+    page = json.loads(capsys.readouterr().out)
+    assert [m["id"] for m in page["mails"]] == total[:2] and page["next_cursor"] == total[1]
+    assert run_cli(cfg_path, "mail", "list", "--cursor", str(total[1]), "--json", "--limit", "1000") == 0
+    assert [m["id"] for m in json.loads(capsys.readouterr().out)["mails"]] == total[2:]
 
 
 def test_jobs_list_empty_and_bad_cursor(cfg_path, capsys):

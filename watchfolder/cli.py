@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -221,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = msub.add_parser("list", help="list outbox mails, newest first")
     p.add_argument("--state", choices=["pending", "sending", "sent", "failed", "dismissed"])
     p.add_argument("--limit", type=COUNT, default=20)
+    p.add_argument("--cursor", type=ID, help="next page (printed after a full page)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_mail_list)
     p = msub.add_parser("resend", help="queue a failed, dismissed or sent mail again")
@@ -484,8 +486,26 @@ def cmd_jobs_list(args) -> int:
             f"{printable(job.source)[:22]:<22} {job.spec.target.label}"
         ))
     if cursor:
-        print(f"more: watchfolder jobs list --cursor {cursor}")
+        print(_more(args, config, "jobs list", [("--state", args.state), ("--owner", args.owner),
+                                                 ("--source", args.source), ("--limit", args.limit)], cursor))
     return 0
+
+
+def _more(args, config, command: str, options: list[tuple[str, Any]], cursor) -> str:
+    """The next-page hint: ``more: watchfolder [--config PATH] COMMAND OPTIONS --cursor C``, repeating
+    the filters and the config given (a list repeats its option), each value shell-quoted, so the
+    line pasted into a shell shows the next page of the same listing. The default ``--limit`` is
+    left out."""
+    words = ["watchfolder"]
+    if getattr(args, "config", None) and config.path:
+        words += ["--config", shlex.quote(str(Path(config.path).resolve()))]
+    words.append(command)
+    for option, value in options:
+        if value is None or (option == "--limit" and value == 20):
+            continue
+        for one in value if isinstance(value, list) else [value]:
+            words += [option, shlex.quote(str(one))]
+    return "more: " + " ".join([*words, "--cursor", shlex.quote(str(cursor))])
 
 
 def _describe(job: Job) -> str:
@@ -771,9 +791,12 @@ def cmd_explain(args) -> int:
 def cmd_mail_list(args) -> int:
     config = load_config(args)
     store = open_store(config)
-    mails = store.outbox_list(state=args.state, limit=args.limit)
+    # One more than the page tells whether there is a next page (as `jobs list`).
+    mails = store.outbox_list(state=args.state, limit=args.limit + 1, before=args.cursor)
+    cursor = mails[args.limit - 1].id if len(mails) > args.limit else None
+    mails = mails[:args.limit]
     if args.json:
-        print(json.dumps({"mails": [m.to_dict() for m in mails]}, indent=2))
+        print(json.dumps({"mails": [m.to_dict() for m in mails], "next_cursor": cursor}, indent=2))
         return 0
     if not mails:
         print("no mails")
@@ -781,6 +804,8 @@ def cmd_mail_list(args) -> int:
         error = f"  ({m.last_error})" if m.last_error else ""
         print(printable(f"{m.id:>6}  {m.state:<8} {_when(m.created_at)}  job {m.job_id or '-':>5}  {m.kind:<18} "
                         f"{', '.join(m.recipients)}  {m.subject}{error}"))
+    if cursor:
+        print(_more(args, config, "mail list", [("--state", args.state), ("--limit", args.limit)], cursor))
     return 0
 
 

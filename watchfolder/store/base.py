@@ -529,8 +529,9 @@ class JobStore(abc.ABC):
         as an attempt. Returns how many were held (the admin digest waits with them)."""
 
     @abc.abstractmethod
-    def outbox_list(self, *, state: str | None = None, limit: int = 50) -> list[OutboxMail]:
-        """Outbox mails newest first, optionally in one ``state`` (pending, sending, sent, failed, dismissed)."""
+    def outbox_list(self, *, state: str | None = None, limit: int = 50, before: int | None = None) -> list[OutboxMail]:
+        """Outbox mails newest first, optionally in one ``state`` (pending, sending, sent, failed, dismissed)
+        and only those with an id below ``before`` (the next page: the last id of the page before)."""
 
     @abc.abstractmethod
     def outbox_counts(self) -> dict[str, int]:

@@ -75,6 +75,7 @@ from .rows import (
     job_from_row,
     mail_from_row,
     new_job_columns,
+    outbox_where,
     owners_clause,
     page_cursor,
     pending_from_row,
@@ -1554,10 +1555,10 @@ class PostgresStore(FileLogs, JobStore):
             raise StoreError(f"mail {mail_id} does not exist or is not failed, dismissed or sent; nothing to resend")
         return mail_from_row(row)
 
-    def outbox_list(self, *, state: str | None = None, limit: int = 50) -> list[OutboxMail]:
-        sql = "SELECT * FROM outbox" + (" WHERE state = %s" if state else "") + " ORDER BY id DESC LIMIT %s"
+    def outbox_list(self, *, state: str | None = None, limit: int = 50, before: int | None = None) -> list[OutboxMail]:
+        where, params = outbox_where(state, before, "%s")
         with self._tx() as conn:
-            rows = conn.execute(sql, ((state, limit) if state else (limit,))).fetchall()
+            rows = conn.execute(f"SELECT * FROM outbox{where} ORDER BY id DESC LIMIT %s", (*params, limit)).fetchall()
         return [mail_from_row(r) for r in rows]
 
     def outbox_counts(self) -> dict[str, int]:

@@ -107,6 +107,19 @@ def new_job_columns(
     }
 
 
+def outbox_where(state: str | None, before: int | None, mark: str) -> tuple[str, tuple]:
+    """The ``WHERE`` of an outbox listing (``mark`` is the driver's placeholder): in ``state``
+    if given, ids below ``before`` if given (the next page of a newest-first listing)."""
+    terms, params = [], []
+    if state:
+        terms.append(f"state = {mark}")
+        params.append(state)
+    if before is not None:
+        terms.append(f"id < {mark}")
+        params.append(int(before))
+    return (" WHERE " + " AND ".join(terms) if terms else ""), tuple(params)
+
+
 def mail_from_row(row: Mapping[str, Any]) -> OutboxMail:
     """The :class:`OutboxMail` an ``outbox`` row holds (``recipients`` is a JSON list)."""
     return OutboxMail(

@@ -56,6 +56,7 @@ from .rows import (
     job_from_row,
     mail_from_row,
     new_job_columns,
+    outbox_where,
     owners_clause,
     page_cursor,
     pending_from_row,
@@ -1782,9 +1783,9 @@ class SQLiteStore(FileLogs, JobStore):
                 ).rowcount
         return held
 
-    def outbox_list(self, *, state: str | None = None, limit: int = 50) -> list[OutboxMail]:
-        sql = "SELECT * FROM outbox" + (" WHERE state = ?" if state else "") + " ORDER BY id DESC LIMIT ?"
-        rows = self._conn().execute(sql, ((state, limit) if state else (limit,))).fetchall()
+    def outbox_list(self, *, state: str | None = None, limit: int = 50, before: int | None = None) -> list[OutboxMail]:
+        where, params = outbox_where(state, before, "?")
+        rows = self._conn().execute(f"SELECT * FROM outbox{where} ORDER BY id DESC LIMIT ?", (*params, limit)).fetchall()
         return [self._mail(r) for r in rows]
 
     def outbox_counts(self) -> dict[str, int]:
