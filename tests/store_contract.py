@@ -753,3 +753,21 @@ def test_outbox_hold_gives_claimed_mails_back_without_counting_the_attempt(store
     assert store.outbox_hold([second.id], until=T0, now=T0) == 1
     store.outbox_sent(second.id, now=T0)
     assert store.outbox_hold([second.id], until=T0 + 1, now=T0) == 0  # only claimed mails
+
+
+def test_outbox_digest_marks_the_folded_mails_digested_with_its_id(store, make_spec):
+    """Issue 15 outside test, finding 6: folded admin mails are not 'sent'; only the digest goes out."""
+    job, _ = store.enqueue(make_spec(), now=T0)
+    store.outbox_add(mail_for(job), now=T0)
+    store.outbox_add(mail_for(job), now=T0)
+    first, second = store.outbox_claim(now=T0)
+    (digest_mail, *_) = mail_for(job)
+    digest_id = store.outbox_digest(digest_mail, [first.id, second.id], now=T0 + 1)
+    mails = {m.id: m for m in store.outbox_list()}
+    assert {(mails[i].state, mails[i].digest_id, mails[i].sent_at) for i in (first.id, second.id)} == \
+        {("digested", digest_id, None)}
+    assert (mails[digest_id].state, mails[digest_id].digest_id) == ("pending", None)
+    assert store.outbox_counts()["digested"] == 2
+    assert [m.id for m in store.outbox_claim(now=T0 + 1)] == [digest_id]  # the folded ones never go out
+    assert [m.id for m in store.outbox_list(state="digested", before=second.id)] == [first.id]
+    assert [m.id for m in store.outbox_list(limit=2, before=digest_id)] == [second.id, first.id]

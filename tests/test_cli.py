@@ -374,6 +374,33 @@ def test_the_next_page_hint_repeats_the_filters_and_config_and_pasted_gives_the_
     assert seen == [4, 2]  # every api job of those states, one page each, no other
 
 
+def test_mail_list_shows_a_mail_folded_into_a_digest_as_such(cfg_path, jobstore, make_spec, capsys):
+    """Finding 6 (issue 15 outside test): folded admin mails showed as `sent`."""
+    import dataclasses
+
+    from watchfolder.mail.outbox import OutboxSender
+    from watchfolder.mail.transports import FolderTransport
+    config = configmod.load(cfg_path, environ={})
+    config = dataclasses.replace(config, notify=dataclasses.replace(config.notify, admin_digest_after=1))
+    notifier = make_notifier(config)
+    for i in range(3):
+        jobstore.reject(dataclasses.replace(make_spec(owner="jdoe"), idempotency_key=f"d{i}"), "bad manifest",
+                        mails=notifier.compose)
+    sender = OutboxSender(jobstore, FolderTransport(config.data_dir / "outbox-test"), notifier=notifier)
+    while sender.loop():
+        pass
+    (digest,) = [m for m in jobstore.outbox_list(limit=100) if m.kind == "admin_digest"]
+    assert digest.state == "sent"
+    assert run_cli(cfg_path, "mail", "list", "--state", "digested") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all(f"(in digest {digest.id}, not sent on its own)" in line for line in lines)
+    assert all(line.split()[1] == "digested" for line in lines)
+    assert run_cli(cfg_path, "mail", "list", "--json", "--state", "digested") == 0
+    rows = json.loads(capsys.readouterr().out)["mails"]
+    assert {(m["kind"], m["state"], m["digest_id"], m["sent_at"]) for m in rows} == \
+        {("admin_failure", "digested", digest.id, None)}
+
+
 def test_mail_list_pages_like_jobs_list(cfg_path, jobstore, make_spec, capsys):
     """Finding 7: `mail list` stopped at 20 rows with no hint and had no --cursor."""
     import dataclasses
@@ -561,7 +588,7 @@ def test_mail_list_and_resend(cfg_path, jobstore, make_spec, capsys):
     assert "job_failed" in lines[1] and "jdoe@example.org" in lines[1]
 
     assert run_cli(cfg_path, "mail", "resend", "1") == 1
-    assert "mail 1 does not exist or is not failed, dismissed or sent" in capsys.readouterr().err
+    assert "mail 1 does not exist or is not failed, dismissed, digested or sent" in capsys.readouterr().err
 
     (mail, *_) = jobstore.outbox_claim(limit=1)
     jobstore.outbox_failed(mail.id, "550 no such user", permanent=True)

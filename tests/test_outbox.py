@@ -314,11 +314,11 @@ def test_resend_requeues_a_failed_mail(mailstore, make_spec):
     mail = single(mailstore)
     assert mail.state == "failed"
 
-    with pytest.raises(StoreError, match="not failed, dismissed or sent"):
+    with pytest.raises(StoreError, match="not failed, dismissed, digested or sent"):
         mailstore.outbox_resend(mail.id + 100)
     resent = mailstore.outbox_resend(mail.id, now=T0 + 500)
     assert (resent.state, resent.attempts, resent.next_attempt_at) == ("pending", 0, T0 + 500)
-    with pytest.raises(StoreError, match=f"mail {mail.id} does not exist or is not failed, dismissed or sent"):
+    with pytest.raises(StoreError, match=f"mail {mail.id} does not exist or is not failed, dismissed, digested or sent"):
         mailstore.outbox_resend(mail.id)  # pending already
 
     assert sender.loop(now=T0 + 500) == 1

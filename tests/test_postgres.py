@@ -91,7 +91,7 @@ def test_a_fresh_database_is_created_at_the_latest_schema_and_an_old_one_migrate
         conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
     with caplog.at_level(logging.INFO, logger="watchfolder.store.postgres"):
         store = PostgresStore(pg_url, logs_dir=tmp_path / "logs")
-    assert store.describe()["schema"] == SCHEMA_VERSION == 3
+    assert store.describe()["schema"] == SCHEMA_VERSION == 4
     steps = [r for r in caplog.records if "schema 1 -> 2: watch folder leases" in r.getMessage()]
     assert [r.levelname for r in steps] == ["INFO"], "a schema step is news, not a warning"
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

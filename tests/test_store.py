@@ -114,6 +114,33 @@ def test_rows_of_schema_1_with_files_in_the_spec_are_still_read(tmp_path, make_s
     reopened.close()
 
 
+def test_a_schema_3_file_gains_the_outbox_digest_id(tmp_path, make_spec):
+    """Schema 4: an admin mail folded into a digest names it (issue 15 outside test, finding 6)."""
+    from email.message import EmailMessage
+
+    from watchfolder.store.base import Mail
+    path = tmp_path / "old.db"
+    store = SQLiteStore(path)
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = "wf@example.org", "admin@example.org", "job failed"
+    store.outbox_add([Mail("admin_failure", ("admin@example.org",), message)], now=T0)
+    conn = store._conn()
+    conn.execute("ALTER TABLE outbox DROP COLUMN digest_id")
+    conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    store.close()
+    reopened = SQLiteStore(path)
+    (old,) = reopened.outbox_list()
+    assert old.state == "pending" and old.digest_id is None
+    (claimed,) = reopened.outbox_claim(now=T0)
+    digest = Mail("admin_digest", ("admin@example.org",), message)
+    digest_id = reopened.outbox_digest(digest, [claimed.id], now=T0)
+    mails = {m.id: m for m in reopened.outbox_list()}
+    assert (mails[old.id].state, mails[old.id].digest_id, mails[old.id].sent_at) == ("digested", digest_id, None)
+    assert mails[digest_id].state == "pending" and mails[digest_id].kind == "admin_digest"
+    assert reopened.outbox_resend(old.id).state == "pending"  # not lost: it can still go out on its own
+    reopened.close()
+
+
 def test_recent_successes_like_counts_the_files_of_schema_1_rows(tmp_path, make_spec):
     store = SQLiteStore(tmp_path / "jobs.db")
     spec = make_spec()

@@ -220,12 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     mail = sub.add_parser("mail", help="inspect and resend outbox mails", epilog=EPILOG)
     msub = mail.add_subparsers(title="mail commands", metavar="ACTION")
     p = msub.add_parser("list", help="list outbox mails, newest first")
-    p.add_argument("--state", choices=["pending", "sending", "sent", "failed", "dismissed"])
+    p.add_argument("--state", choices=["pending", "sending", "sent", "failed", "dismissed", "digested"],
+                   help="digested: an admin mail that went out inside digest mail N, not on its own")
     p.add_argument("--limit", type=COUNT, default=20)
     p.add_argument("--cursor", type=ID, help="next page (printed after a full page)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_mail_list)
-    p = msub.add_parser("resend", help="queue a failed, dismissed or sent mail again")
+    p = msub.add_parser("resend", help="queue a failed, dismissed, digested or sent mail again")
     p.add_argument("id", type=ID)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_mail_resend)
@@ -802,6 +803,8 @@ def cmd_mail_list(args) -> int:
         print("no mails")
     for m in mails:
         error = f"  ({m.last_error})" if m.last_error else ""
+        if m.state == "digested":
+            error += f"  (in digest {m.digest_id}, not sent on its own)"
         print(printable(f"{m.id:>6}  {m.state:<8} {_when(m.created_at)}  job {m.job_id or '-':>5}  {m.kind:<18} "
                         f"{', '.join(m.recipients)}  {m.subject}{error}"))
     if cursor:

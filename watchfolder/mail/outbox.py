@@ -116,10 +116,11 @@ class OutboxSender:
             job_id, reason = self._failure(m)
             failures.setdefault(job_id if job_id is not None else -m.id, (job_id, reason))
         digest = self.notifier.compose_admin_digest(list(failures.values()), now=now)
-        if digest is not None:
-            self.store.outbox_add([digest], now=now)
-        for m in admin:  # delivered inside the digest
-            self.store.outbox_sent(m.id, now=now)
+        if digest is not None:  # the single mails are 'digested' (in digest N), not sent
+            self.store.outbox_digest(digest, [m.id for m in admin], now=now)
+        else:
+            for m in admin:  # no admin address: nothing to send them to
+                self.store.outbox_sent(m.id, now=now)
         rest += self.store.outbox_claim(now=now, limit=self.batch, hold=self.hold)  # the digest itself goes out now
         log.warning("%d permanent failures in %g min: one digest mail to the admin instead of single mails",
                     len(failures), notify.admin_digest_minutes)

@@ -123,12 +123,13 @@ class OutboxMail:
     recipients: tuple[str, ...]
     subject: str
     raw: bytes
-    state: str  # pending | sending | sent | failed
+    state: str  # pending | sending | sent | failed | dismissed | digested
     attempts: int
     next_attempt_at: float | None
     last_error: str | None
     created_at: float
     sent_at: float | None
+    digest_id: int | None = None  # state digested: the id of the admin digest that stands for it
 
     def to_dict(self) -> dict:
         return {
@@ -143,6 +144,7 @@ class OutboxMail:
             "last_error": self.last_error,
             "created_at": self.created_at,
             "sent_at": self.sent_at,
+            "digest_id": self.digest_id,
         }
 
 
@@ -515,7 +517,7 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     def outbox_resend(self, mail_id: int, *, now: float | None = None) -> OutboxMail:
-        """Queue a failed, dismissed or sent mail again, with a fresh attempt budget."""
+        """Queue a failed, dismissed, digested or sent mail again, with a fresh attempt budget."""
 
     @abc.abstractmethod
     def outbox_dismiss(self, mail_id: int) -> OutboxMail | None:
@@ -529,8 +531,15 @@ class JobStore(abc.ABC):
         as an attempt. Returns how many were held (the admin digest waits with them)."""
 
     @abc.abstractmethod
+    def outbox_digest(self, digest: Mail, mail_ids: Iterable[int], *, now: float | None = None) -> int:
+        """Queue the admin ``digest`` and mark the mails it stands for (``mail_ids``, claimed)
+        ``digested`` with its id, in one transaction; returns the digest's id. A digested mail is
+        never sent on its own and is not counted as sent: only the digest goes out."""
+
+    @abc.abstractmethod
     def outbox_list(self, *, state: str | None = None, limit: int = 50, before: int | None = None) -> list[OutboxMail]:
-        """Outbox mails newest first, optionally in one ``state`` (pending, sending, sent, failed, dismissed)
+        """Outbox mails newest first, optionally in one ``state`` (pending, sending, sent, failed, dismissed,
+        digested)
         and only those with an id below ``before`` (the next page: the last id of the page before)."""
 
     @abc.abstractmethod

@@ -264,6 +264,9 @@ CREATE TABLE IF NOT EXISTS pending (
 );
 CREATE INDEX IF NOT EXISTS pending_first_seen ON pending(first_seen);
 """),
+    # An admin mail folded into a digest is 'digested' with the digest's id, never 'sent'.
+    (4, "outbox mails folded into an admin digest name it (outbox.digest_id)",
+     "ALTER TABLE outbox ADD COLUMN IF NOT EXISTS digest_id BIGINT"),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -1487,6 +1490,23 @@ class PostgresStore(FileLogs, JobStore):
         with self._tx() as conn:
             self._outbox_insert(conn, mails, job_id, _now(now))
 
+    def outbox_digest(self, digest: Mail, mail_ids: Iterable[int], *, now: float | None = None) -> int:
+        now = _now(now)
+        with self._tx() as conn:
+            digest_id = conn.execute(
+                "INSERT INTO outbox (job_id, kind, sender, recipients, subject, raw, state, next_attempt_at,"
+                " created_at) VALUES (NULL, %s, %s, %s, %s, %s, 'pending', %s, %s) RETURNING id",
+                (digest.kind, digest.sender or self.sender, json.dumps(list(digest.recipients)), digest.subject,
+                 digest.as_bytes(), now, now),
+            ).fetchone()["id"]
+            ids = [int(i) for i in mail_ids]
+            if ids:
+                conn.execute(
+                    "UPDATE outbox SET state = 'digested', digest_id = %s, sent_at = NULL, last_error = NULL,"
+                    " claimed_until = NULL WHERE id = ANY(%s)", (digest_id, ids),
+                )
+        return int(digest_id)
+
     def outbox_claim(self, *, now: float | None = None, limit: int = 10, hold: float = 300.0) -> list[OutboxMail]:
         now = _now(now)
         with self._tx() as conn:
@@ -1548,11 +1568,11 @@ class PostgresStore(FileLogs, JobStore):
         with self._tx() as conn:
             row = conn.execute(
                 "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = %s, sent_at = NULL"
-                " WHERE id = %s AND state IN ('failed', 'dismissed', 'sent') RETURNING *",
+                " WHERE id = %s AND state IN ('failed', 'dismissed', 'sent', 'digested') RETURNING *",
                 (_now(now), mail_id),
             ).fetchone()
         if row is None:
-            raise StoreError(f"mail {mail_id} does not exist or is not failed, dismissed or sent; nothing to resend")
+            raise StoreError(f"mail {mail_id} does not exist or is not failed, dismissed, digested or sent; nothing to resend")
         return mail_from_row(row)
 
     def outbox_list(self, *, state: str | None = None, limit: int = 50, before: int | None = None) -> list[OutboxMail]:

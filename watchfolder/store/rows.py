@@ -136,6 +136,7 @@ def mail_from_row(row: Mapping[str, Any]) -> OutboxMail:
         last_error=row["last_error"],
         created_at=row["created_at"],
         sent_at=row["sent_at"],
+        digest_id=row["digest_id"] if "digest_id" in row.keys() else None,
     )
 
 

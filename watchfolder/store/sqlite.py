@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import socket
 import sqlite3
 import threading
@@ -153,7 +154,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     recipients      TEXT NOT NULL,   -- JSON list
     subject         TEXT NOT NULL,
     raw             BLOB NOT NULL,
-    state           TEXT NOT NULL,   -- pending | sending | sent | failed | dismissed
+    state           TEXT NOT NULL,   -- pending | sending | sent | failed | dismissed | digested
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL,
     claimed_until   REAL,
@@ -243,8 +244,24 @@ CREATE TABLE IF NOT EXISTS folder_leases (
     expires_at  REAL NOT NULL
 );
 """),
+    # An admin mail folded into a digest is 'digested' with the digest's id, never 'sent'.
+    (4, "outbox mails folded into an admin digest name it (outbox.digest_id)",
+     "ALTER TABLE outbox ADD COLUMN digest_id INTEGER"),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+_ADD_COLUMN = re.compile(r"\s*ALTER\s+TABLE\s+(\w+)\s+ADD\s+COLUMN\s+(\w+)", re.IGNORECASE)
+
+
+def _column_there(conn: sqlite3.Connection, statement: str) -> bool:
+    """Whether ``statement`` adds a column that is already there (SQLite has no ``ADD COLUMN IF NOT
+    EXISTS``; a file whose version was set back is migrated again)."""
+    match = _ADD_COLUMN.match(statement)
+    if not match:
+        return False
+    table, column = match.groups()
+    return any(row[1] == column for row in conn.execute(f"PRAGMA table_info({table})"))
 
 
 # SQLite primary result codes (https://www.sqlite.org/rescode.html) -> (problem, fix).
@@ -592,7 +609,8 @@ class SQLiteStore(FileLogs, JobStore):
                 if current:  # a fresh file says nothing: it is simply created at the latest version
                     log.info("store %s: schema %d -> %d: %s", self.path, version - 1, version, what)
                 for statement in filter(str.strip, sql.split(";")):
-                    conn.execute(statement)
+                    if not _column_there(conn, statement):  # steps stay idempotent, like SCHEMA
+                        conn.execute(statement)
                 conn.execute(
                     "INSERT INTO meta VALUES ('schema_version', ?)"
                     " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -1708,6 +1726,19 @@ class SQLiteStore(FileLogs, JobStore):
         with _transaction(conn):
             self._outbox_insert(conn, mails, job_id, _now(now))
 
+    def outbox_digest(self, digest: Mail, mail_ids: Iterable[int], *, now: float | None = None) -> int:
+        now = _now(now)
+        conn = self._conn()
+        with _transaction(conn):
+            self._outbox_insert(conn, [digest], None, now)
+            digest_id = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+            for mail_id in mail_ids:
+                conn.execute(
+                    "UPDATE outbox SET state = 'digested', digest_id = ?, sent_at = NULL, last_error = NULL,"
+                    " claimed_until = NULL WHERE id = ?", (digest_id, mail_id),
+                )
+        return int(digest_id)
+
     def _mail(self, row: sqlite3.Row) -> OutboxMail:
         return mail_from_row(row)
 
@@ -1757,11 +1788,11 @@ class SQLiteStore(FileLogs, JobStore):
         """Queue a failed (or sent) mail again, with a fresh attempt budget."""
         row = self._conn().execute(
             "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?, sent_at = NULL"
-            " WHERE id = ? AND state IN ('failed', 'dismissed', 'sent') RETURNING *",
+            " WHERE id = ? AND state IN ('failed', 'dismissed', 'sent', 'digested') RETURNING *",
             (_now(now), mail_id),
         ).fetchone()
         if row is None:
-            raise StoreError(f"mail {mail_id} does not exist or is not failed, dismissed or sent; nothing to resend")
+            raise StoreError(f"mail {mail_id} does not exist or is not failed, dismissed, digested or sent; nothing to resend")
         return self._mail(row)
 
     def outbox_dismiss(self, mail_id: int) -> OutboxMail | None:
