@@ -771,3 +771,17 @@ def test_outbox_digest_marks_the_folded_mails_digested_with_its_id(store, make_s
     assert [m.id for m in store.outbox_claim(now=T0 + 1)] == [digest_id]  # the folded ones never go out
     assert [m.id for m in store.outbox_list(state="digested", before=second.id)] == [first.id]
     assert [m.id for m in store.outbox_list(limit=2, before=digest_id)] == [second.id, first.id]
+
+
+def test_outbox_counts_and_list_limited_to_owners_cover_their_jobs_mails_only(store, make_spec):
+    """Issue 15 outside test, finding 11: the status view of an owner-limited token."""
+    mine, _ = store.enqueue(make_spec(owner="alice"), now=T0)
+    theirs, _ = store.enqueue(dataclasses.replace(make_spec(owner="bob"), idempotency_key="bob"), now=T0)
+    store.outbox_add(mail_for(mine), job_id=mine.id, now=T0)
+    store.outbox_add(mail_for(theirs), job_id=theirs.id, now=T0)
+    store.outbox_add(mail_for(theirs), now=T0)  # no job (an admin digest)
+    assert sum(store.outbox_counts().values()) == 3
+    assert sum(store.outbox_counts(owners=["alice"]).values()) == 1
+    assert sum(store.outbox_counts(owners=[]).values()) == 0
+    assert [m.job_id for m in store.outbox_list(owners=["alice", "carol"])] == [mine.id]
+    assert [m.job_id for m in store.outbox_list(owners=["bob"], state="pending")] == [theirs.id]

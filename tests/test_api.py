@@ -417,6 +417,44 @@ def test_retry_a_failed_job(svc):
 # -- status, health, metrics, documents ------------------------------------------
 
 
+def test_owner_limited_tokens_see_the_outbox_of_their_owners_mails_only(svc, make_spec):
+    """Issue 15 outside test, finding 11: a token limited to owners saw every owner's outbox figures and
+    problems (another owner's undeliverable mail). Same rule as the queue counts: their jobs' mails only."""
+    import dataclasses
+    from email.message import EmailMessage
+
+    from watchfolder.store.base import Mail
+
+    def mail(job_id, to):
+        message = EmailMessage()
+        message["From"], message["To"], message["Subject"] = "wf@example.org", to, f"job {job_id}"
+        svc.store.outbox_add([Mail("job_failed", (to,), message)], job_id=job_id)
+
+    jobs = {}
+    for owner in ("jdoe", "bob"):
+        jobs[owner], _ = svc.store.reject(dataclasses.replace(make_spec(owner=owner), idempotency_key=owner), "bad")
+    mail(jobs["jdoe"].id, "jdoe@example.org")
+    mail(jobs["bob"].id, "bob@example.org")
+    mail(jobs["bob"].id, "bob2@example.org")
+    mail(None, "admin@example.org")  # an admin digest: no job, no owner
+    claimed = {m.recipients[0]: m for m in svc.store.outbox_claim(limit=10)}
+    svc.store.outbox_failed(claimed["bob@example.org"].id, "550 no such user", permanent=True)
+    for _ in range(svc.config.notify.retry.max_attempts):  # bob2's stays undelivered: the backlog problem
+        svc.store.outbox_failed(claimed["bob2@example.org"].id, "421 try later", permanent=False, now=0)
+        svc.store.outbox_claim(limit=10, now=time.time() + 10_000)
+    svc.store.outbox_hold([claimed["bob2@example.org"].id], until=time.time() + 10_000)
+
+    admin = svc.client("admin").get("/api/v1/status").json
+    assert admin["outbox"]["counts"]["failed"] == 1 and admin["outbox"]["backlog"]["count"] == 1
+    assert sum(admin["outbox"]["counts"].values()) == 4
+    outbox_problems = [p for p in admin["problems"] if p.startswith("outbox: ")]
+    assert outbox_problems[0] == "outbox: 1 mail(s) could not be sent" and "still undelivered" in outbox_problems[1]
+    limited = svc.client("lab-reader").get("/api/v1/status").json  # jdoe and asmith
+    assert sum(limited["outbox"]["counts"].values()) == 1 and limited["outbox"]["counts"]["failed"] == 0
+    assert limited["outbox"]["backlog"]["count"] == 0
+    assert not [p for p in limited["problems"] if p.startswith("outbox")]
+
+
 def test_status_view(svc):
     now = time.time()
     svc.store.set_component("worker", "w-fresh", {"state": "busy", "job_id": 3, "heartbeat_seconds": 5}, now=now)

@@ -212,10 +212,11 @@ def sink_view(row: dict[str, Any], *, now: float) -> dict[str, Any]:
     }
 
 
-def outbox_backlog(config, store, *, now: float) -> dict[str, Any]:
+def outbox_backlog(config, store, *, now: float, owners: Sequence[str] | None = None) -> dict[str, Any]:
     """Mails still pending after ``notify.retry.max_attempts`` transient failures: they are
-    never given up (the server may be down for a day) but the admin must hear of them."""
-    stuck = [m for m in store.outbox_list(state="pending", limit=1000)
+    never given up (the server may be down for a day) but the admin must hear of them.
+    ``owners``: only the mails of their jobs (as :func:`collect_status`)."""
+    stuck = [m for m in store.outbox_list(state="pending", limit=1000, owners=owners)
              if m.attempts >= config.notify.retry.max_attempts]
     backoff = config.notify.retry.backoff
     return {
@@ -260,7 +261,8 @@ def collect_status(config, store, importer=None, *, now: float | None = None,
                    owners: Sequence[str] | None = None) -> dict[str, Any]:
     """The admin view as plain data (JSON-able); ``healthy`` sums it up and ``problems`` says why not.
 
-    ``owners``: the queue counts cover only their jobs (a token limited to owners).
+    ``owners``: the queue counts and the outbox figures and problems cover only their jobs (a token
+    limited to owners).
     """
     now = time.time() if now is None else now
     problems: list[str] = []
@@ -297,10 +299,12 @@ def collect_status(config, store, importer=None, *, now: float | None = None,
     for sv in sinks:
         if sv["state"] != "ok":
             problems.append(f"event sink {sv['name']} {sv['state']}: {sv['last_error']}")
-    outbox = store.outbox_counts()
+    # A token limited to owners sees the figures and problems of their jobs' mails only, by the
+    # same rule as the queue counts (web/auth.py Principal.owner_scope); mails of no job not at all.
+    outbox = store.outbox_counts(owners=owners)
     if outbox.get("failed"):
         problems.append(f"outbox: {outbox['failed']} mail(s) could not be sent")
-    backlog = outbox_backlog(config, store, now=now)
+    backlog = outbox_backlog(config, store, now=now, owners=owners)
     if backlog["count"]:
         problems.append(
             f"outbox: {backlog['count']} mail(s) still undelivered after {config.notify.retry.max_attempts} "

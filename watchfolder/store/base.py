@@ -537,14 +537,16 @@ class JobStore(abc.ABC):
         never sent on its own and is not counted as sent: only the digest goes out."""
 
     @abc.abstractmethod
-    def outbox_list(self, *, state: str | None = None, limit: int = 50, before: int | None = None) -> list[OutboxMail]:
+    def outbox_list(self, *, state: str | None = None, limit: int = 50, before: int | None = None,
+                    owners: Sequence[str] | None = None) -> list[OutboxMail]:
         """Outbox mails newest first, optionally in one ``state`` (pending, sending, sent, failed, dismissed,
-        digested)
-        and only those with an id below ``before`` (the next page: the last id of the page before)."""
+        digested), only those with an id below ``before`` (the next page: the last id of the page before),
+        and with ``owners`` only the mails of their jobs (None: every mail)."""
 
     @abc.abstractmethod
-    def outbox_counts(self) -> dict[str, int]:
-        """Number of outbox mails in each state."""
+    def outbox_counts(self, *, owners: Sequence[str] | None = None) -> dict[str, int]:
+        """Number of outbox mails in each state; with ``owners`` only the mails of their jobs (the
+        status view of a token limited to owners), mails of no job not at all."""
 
     @abc.abstractmethod
     def outbox_next_due(self) -> float | None:

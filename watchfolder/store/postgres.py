@@ -1575,16 +1575,18 @@ class PostgresStore(FileLogs, JobStore):
             raise StoreError(f"mail {mail_id} does not exist or is not failed, dismissed, digested or sent; nothing to resend")
         return mail_from_row(row)
 
-    def outbox_list(self, *, state: str | None = None, limit: int = 50, before: int | None = None) -> list[OutboxMail]:
-        where, params = outbox_where(state, before, "%s")
+    def outbox_list(self, *, state: str | None = None, limit: int = 50, before: int | None = None,
+                    owners: Sequence[str] | None = None) -> list[OutboxMail]:
+        where, params = outbox_where(state, before, "%s", owners)
         with self._tx() as conn:
             rows = conn.execute(f"SELECT * FROM outbox{where} ORDER BY id DESC LIMIT %s", (*params, limit)).fetchall()
         return [mail_from_row(r) for r in rows]
 
-    def outbox_counts(self) -> dict[str, int]:
+    def outbox_counts(self, *, owners: Sequence[str] | None = None) -> dict[str, int]:
         counts = {"pending": 0, "sending": 0, "sent": 0, "failed": 0}
+        where, params = outbox_where(None, None, "%s", owners)
         with self._tx() as conn:
-            for row in conn.execute("SELECT state, count(*) AS n FROM outbox GROUP BY state"):
+            for row in conn.execute(f"SELECT state, count(*) AS n FROM outbox{where} GROUP BY state", params):
                 counts[row["state"]] = row["n"]
         return counts
 

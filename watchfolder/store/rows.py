@@ -107,10 +107,17 @@ def new_job_columns(
     }
 
 
-def outbox_where(state: str | None, before: int | None, mark: str) -> tuple[str, tuple]:
+def outbox_where(state: str | None, before: int | None, mark: str,
+                 owners: Sequence[str] | None = None) -> tuple[str, tuple]:
     """The ``WHERE`` of an outbox listing (``mark`` is the driver's placeholder): in ``state``
-    if given, ids below ``before`` if given (the next page of a newest-first listing)."""
+    if given, ids below ``before`` if given (the next page of a newest-first listing), and with
+    ``owners`` (a token limited to owners, :attr:`watchfolder.web.auth.Principal.owner_scope`)
+    only the mails of their jobs (a mail of no job, e.g. an admin digest, belongs to no owner)."""
     terms, params = [], []
+    if owners is not None:
+        where, args = owners_clause(owners, mark)
+        terms.append(f"job_id IN (SELECT id FROM jobs WHERE {where})")
+        params.extend(args)
     if state:
         terms.append(f"state = {mark}")
         params.append(state)

@@ -1814,14 +1814,16 @@ class SQLiteStore(FileLogs, JobStore):
                 ).rowcount
         return held
 
-    def outbox_list(self, *, state: str | None = None, limit: int = 50, before: int | None = None) -> list[OutboxMail]:
-        where, params = outbox_where(state, before, "?")
+    def outbox_list(self, *, state: str | None = None, limit: int = 50, before: int | None = None,
+                    owners: Sequence[str] | None = None) -> list[OutboxMail]:
+        where, params = outbox_where(state, before, "?", owners)
         rows = self._conn().execute(f"SELECT * FROM outbox{where} ORDER BY id DESC LIMIT ?", (*params, limit)).fetchall()
         return [self._mail(r) for r in rows]
 
-    def outbox_counts(self) -> dict[str, int]:
+    def outbox_counts(self, *, owners: Sequence[str] | None = None) -> dict[str, int]:
         counts = {"pending": 0, "sending": 0, "sent": 0, "failed": 0}
-        for row in self._conn().execute("SELECT state, count(*) AS n FROM outbox GROUP BY state"):
+        where, params = outbox_where(None, None, "?", owners)
+        for row in self._conn().execute(f"SELECT state, count(*) AS n FROM outbox{where} GROUP BY state", params):
             counts[row["state"]] = row["n"]
         return counts
 
