@@ -740,6 +740,19 @@ def test_throughput_buckets_succeeded_jobs_and_bytes(store, make_spec):
     assert sum(b["jobs"] for b in store.throughput(since=T0, bucket=3600, now=T0 + 3 * 3600, owners=["al"])) == 0
 
 
+def test_throughput_counts_duplicates_apart_from_acquisitions_imported(store, make_spec):
+    """Issue 15 outside test, finding 12: a duplicate ("already imported as job N") imported nothing."""
+    import dataclasses as dc
+
+    for i, result in enumerate([{"files": ["a.tif"]}, {"duplicate_of": 1, "files": [], "bytes": 0}, None]):
+        job, _ = store.enqueue(dc.replace(make_spec(), idempotency_key=f"dup{i}"), now=T0)
+        store.claim("w", now=T0)
+        store.report_progress(job.id, "w", Progress("copy", 500, 500, 1, 1), now=T0)
+        store.succeed(job.id, "w", result or {}, now=T0 + 10)
+    (bucket,) = store.throughput(since=T0, bucket=3600, now=T0 + 60)
+    assert (bucket["jobs"], bucket["duplicates"], bucket["bytes"]) == (2, 1, 1000)
+
+
 def test_outbox_hold_gives_claimed_mails_back_without_counting_the_attempt(store, make_spec):
     job, _ = store.enqueue(make_spec(), now=T0)
     store.outbox_add(mail_for(job), now=T0)

@@ -455,6 +455,15 @@ def test_owner_limited_tokens_see_the_outbox_of_their_owners_mails_only(svc, mak
     assert not [p for p in limited["problems"] if p.startswith("outbox")]
 
 
+def test_a_job_id_too_large_says_so(svc):
+    """Issue 15 outside test, finding 12: the answer names the id as given and why it names no job."""
+    r = svc.client("admin").get("/api/v1/jobs/99999999999999999999")
+    assert r.status == 404
+    assert "no job '99999999999999999999': the id is too large (job ids go up to 9223372036854775807)" in r.text
+    r = svc.client("admin").get("/api/v1/jobs/0")
+    assert r.status == 404 and "job ids are whole numbers from 1 to" in r.text
+
+
 def test_status_view(svc):
     now = time.time()
     svc.store.set_component("worker", "w-fresh", {"state": "busy", "job_id": 3, "heartbeat_seconds": 5}, now=now)

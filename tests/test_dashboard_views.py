@@ -235,3 +235,24 @@ def test_views_render_with_data_buttons_act_and_screenshots_are_written(browser,
 
     for name in ("dashboard", "pending", "jobs", "job"):
         assert (shots / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_job_address_past_2_53_is_not_rounded_and_duplicates_are_not_counted_as_imported(browser, site, tmp_path):
+    """Issue 15 outside test, finding 12: ``#/jobs/99999999999999999999`` showed "no job
+    '100000000000000000000'" (JS number rounding); duplicates counted as acquisitions imported."""
+    first = _finish(site.store, _spec(site, "dup/a"), result={"files": ["tile_001.ome.tiff"]},
+                    progress=Progress("import", 600, 600, 1, 1))
+    _finish(site.store, dataclasses.replace(_spec(site, "dup/b"), idempotency_key="dup-b"),
+            result={"duplicate_of": first.id, "files": [], "bytes": 0})
+    wait = _login(browser, site)
+    label = wait.until(lambda d: next((t.text for t in d.find_elements(By.CSS_SELECTOR, "#throughput text")
+                                       if t.text.startswith("acquisitions imported")), None))
+    assert label.startswith("acquisitions imported (and 1 duplicate(s) not counted): 1 in all")
+    big = "99999999999999999999"
+    title = _go(browser, wait, f"#/jobs/{big}",
+                lambda d: d.find_element(By.ID, "job-title").text.startswith("No job") and d.find_element(By.ID, "job-title"))
+    assert title.text == f"No job {big}: the id is too large (job ids go up to 9223372036854775807)"
+    # The largest id is asked of the server as written (2^63 - 1 is not a double): its own answer.
+    top = "9223372036854775807"
+    _go(browser, wait, f"#/jobs/{top}", lambda d: f"no job {top} visible" in d.find_element(By.ID, "message").text)
+    browser.save_screenshot(str(tmp_path / "job-id-too-large.png"))

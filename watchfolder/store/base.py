@@ -570,9 +570,11 @@ class JobStore(abc.ABC):
         """Succeeded jobs (of ``owners``, or everyone's) per time bucket, for the dashboard's chart.
 
         Buckets of ``bucket`` seconds from ``since`` up to ``now``, oldest first,
-        empty ones included: ``[{"start": epoch seconds, "jobs": n, "bytes": b}]``
+        empty ones included: ``[{"start": epoch seconds, "jobs": n, "bytes": b, "duplicates": d}]``
         where a job counts in the bucket of its ``finished_at`` and ``bytes`` sums
-        its ``progress.bytes_done``.
+        its ``progress.bytes_done``. A duplicate (succeeded without importing: the same files were
+        already imported, ``result.duplicate_of``) counts in ``duplicates`` only, not in ``jobs``
+        or ``bytes``.
         """
 
     @abc.abstractmethod

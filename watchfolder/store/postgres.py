@@ -708,12 +708,15 @@ class PostgresStore(FileLogs, JobStore):
         if bucket <= 0:
             raise StoreError(f"bucket must be a positive number of seconds, got {bucket!r}")
         count = max(1, int((now - since) // bucket) + 1)
-        out = [{"start": since + i * bucket, "jobs": 0, "bytes": 0} for i in range(count)]
+        out = [{"start": since + i * bucket, "jobs": 0, "bytes": 0, "duplicates": 0} for i in range(count)]
         where, args = owners_clause(owners, "%s")
+        # A duplicate (succeeded as "already imported as job N", result.duplicate_of) imported nothing.
+        dup = "coalesce(result, '{}')::jsonb ? 'duplicate_of'"
         with self._tx() as conn:
             rows = conn.execute(
-                "SELECT floor((finished_at - %s) / %s)::bigint AS i, count(*) AS n,"
-                " coalesce(sum((progress::jsonb ->> 'bytes_done')::numeric), 0) AS bytes"
+                f"SELECT floor((finished_at - %s) / %s)::bigint AS i, count(*) FILTER (WHERE NOT {dup}) AS n,"
+                f" count(*) FILTER (WHERE {dup}) AS d,"
+                f" coalesce(sum((progress::jsonb ->> 'bytes_done')::numeric) FILTER (WHERE NOT {dup}), 0) AS bytes"
                 " FROM jobs WHERE state = 'succeeded' AND finished_at >= %s AND finished_at <= %s"
                 f" AND {where} GROUP BY 1",
                 (since, bucket, since, now, *args),
@@ -721,6 +724,7 @@ class PostgresStore(FileLogs, JobStore):
         for r in rows:
             if 0 <= r["i"] < count:
                 out[r["i"]]["jobs"] = int(r["n"])
+                out[r["i"]]["duplicates"] = int(r["d"])
                 out[r["i"]]["bytes"] = int(r["bytes"])
         return out
 

@@ -1543,17 +1543,21 @@ class SQLiteStore(FileLogs, JobStore):
         if bucket <= 0:
             raise StoreError(f"bucket must be a positive number of seconds, got {bucket!r}")
         count = max(1, int((now - since) // bucket) + 1)
-        out = [{"start": since + i * bucket, "jobs": 0, "bytes": 0} for i in range(count)]
+        out = [{"start": since + i * bucket, "jobs": 0, "bytes": 0, "duplicates": 0} for i in range(count)]
         where, args = owners_clause(owners)
+        # A duplicate (succeeded as "already imported as job N", result.duplicate_of) imported nothing.
+        dup = "json_extract(coalesce(result, '{}'), '$.duplicate_of') IS NOT NULL"
         rows = self._conn().execute(
-            "SELECT CAST((finished_at - ?) / ? AS INTEGER) AS i, count(*) AS n,"
-            " coalesce(sum(json_extract(progress, '$.bytes_done')), 0) AS bytes"
+            f"SELECT CAST((finished_at - ?) / ? AS INTEGER) AS i, sum(CASE WHEN {dup} THEN 0 ELSE 1 END) AS n,"
+            f" sum(CASE WHEN {dup} THEN 1 ELSE 0 END) AS d,"
+            f" coalesce(sum(CASE WHEN {dup} THEN 0 ELSE json_extract(progress, '$.bytes_done') END), 0) AS bytes"
             f" FROM jobs WHERE state = 'succeeded' AND finished_at >= ? AND finished_at <= ? AND {where} GROUP BY i",
             (since, bucket, since, now, *args),
         ).fetchall()
         for r in rows:
             if 0 <= r["i"] < count:
                 out[r["i"]]["jobs"] = r["n"]
+                out[r["i"]]["duplicates"] = r["d"]
                 out[r["i"]]["bytes"] = r["bytes"]
         return out
 

@@ -51,6 +51,8 @@ def job_id(text: str) -> int:
     """The job id of a ``/jobs/{id}`` route; ApiError 404 when it cannot be one."""
     value = positive_id(text)
     if value is None:
+        if text.isascii() and text.isdigit() and int(text) > INT64_MAX:
+            raise ApiError(404, f"no job {text!r}: the id is too large (job ids go up to {INT64_MAX})")
         raise ApiError(404, f"no job {text!r}: job ids are whole numbers from 1 to {INT64_MAX}")
     return value
 

@@ -168,7 +168,10 @@ function renderThroughput(data) {
   const height = 2 * barsH + 2 * gap;
   const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, width: "100%", role: "img",
     "aria-label": `acquisitions and bytes per ${data.bucket / 3600} h` });
-  const series = [["jobs", "acquisitions", (v) => String(v), "#3f7fd0"], ["bytes", "bytes", bytes, "#6aa84f"]];
+  // Duplicates ("already imported as job N") imported nothing: counted apart, not as acquisitions.
+  const dups = data.buckets.reduce((sum, b) => sum + (b.duplicates || 0), 0);
+  const series = [["jobs", "acquisitions imported" + (dups ? ` (and ${dups} duplicate(s) not counted)` : ""),
+    (v) => String(v), "#3f7fd0"], ["bytes", "bytes", bytes, "#6aa84f"]];
   series.forEach(([key, label, fmt, colour], row) => {
     const top = row * (barsH + gap) + 14;
     const max = Math.max(...data.buckets.map((b) => b[key]), 0);
@@ -279,7 +282,8 @@ let lastThroughput = 0;
 function route() {
   const hash = location.hash.replace(/^#/, "") || "/";
   const m = hash.match(/^\/jobs\/(\d+)$/);
-  if (m) return { view: "job", id: Number(m[1]) };
+  // The id stays the text of the address: Number() would round one past 2^53 to another job's id.
+  if (m) return { view: "job", id: m[1] };
   if (hash.startsWith("/jobs")) return { view: "jobs", query: new URLSearchParams(hash.split("?")[1] || "") };
   return { view: "overview" };
 }
@@ -327,7 +331,16 @@ function targetLabel(target) {
   return Object.entries(target || {}).map(([k, v]) => `${k} ${v}`).join(" / ") || "–";
 }
 
+const JOB_ID_MAX = 9223372036854775807n; // job ids are positive 64-bit integers (the API's rule)
+
 async function refreshJob(id) {
+  if (BigInt(id) > JOB_ID_MAX || BigInt(id) < 1n) {
+    $("#job-title").textContent = `No job ${id}: ` + (BigInt(id) < 1n ? "job ids start at 1"
+      : `the id is too large (job ids go up to ${JOB_ID_MAX})`);
+    for (const part of ["#job-actions", "#job-summary", "#job-progress", "#job-result", "#job-history tbody",
+      "#job-files tbody", "#job-log"]) $(part).replaceChildren();
+    return;
+  }
   const [job, status] = await Promise.all([api("GET", `jobs/${id}`), api("GET", "status")]);
   let log = "";
   try { log = await api("GET", `jobs/${id}/log`, true); } catch (err) { log = "(no log: " + err.message + ")"; }
