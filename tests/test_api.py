@@ -473,6 +473,14 @@ def test_status_view(svc):
                             "events": 40, "rescans": 3, "last_event": now - 5, "last_scan": now - 50}, now=now)
     svc.store.set_component("watcher", "share", {"health": "unhealthy", "error": "/mnt/share does not exist"}, now=now)
     svc.store.set_component("watcher", "quiet", {"health": "ok"}, now=now - 7200)
+    # The pending count is the store's pending list (what GET /pending lists), not the count a
+    # watcher publishes (issue 15 outside test, finding 5): 2 acquisitions, 1 path not taken.
+    from watchfolder.store.base import PendingEntry
+    svc.store.pending_sync("drop", [
+        PendingEntry("drop", "a", "waiting", "waiting for 1 of 2 files", now, now, owner="jdoe"),
+        PendingEntry("drop", "b", "writing", "", now, now),
+        PendingEntry("drop", "c.tmp", "excluded", "ignored: matches exclude pattern *.tmp", now, now),
+    ], now=now)
     svc.store.set_component("importer", "archive", {"ok": False, "error": "archive root not writable"}, now=now)
     submit(svc.client("admin"), acquisition(svc.roots["drop"], "jdoe/a"))
     status = svc.client("reader").get("/api/v1/status").json
@@ -483,6 +491,10 @@ def test_status_view(svc):
     assert not workers["w-stale"]["healthy"] and "no heartbeat" in workers["w-stale"]["problem"]
     watchers = {w["name"]: w for w in status["watchers"]}
     assert watchers["drop"]["pending"] == 2 and watchers["drop"]["healthy"]
+    assert watchers["drop"]["not_imported"] == 1 and status["pending"] == {"acquisitions": 2, "not_imported": 1}
+    limited = svc.client("lab-reader").get("/api/v1/status").json  # jdoe's only, as GET /pending
+    assert {w["name"]: w["pending"] for w in limited["watchers"]}["drop"] == 1
+    assert limited["pending"] == {"acquisitions": 1, "not_imported": 0}
     assert watchers["drop"]["last_event_at"] == pytest.approx(now - 5)
     assert not watchers["share"]["healthy"] and watchers["share"]["problem"] == "/mnt/share does not exist"
     assert not watchers["quiet"]["healthy"] and "no report for" in watchers["quiet"]["problem"]

@@ -167,7 +167,7 @@ def test_views_render_with_data_buttons_act_and_screenshots_are_written(browser,
     assert "waiting for 2 of 3 files (missing: a.tif, b/c.tif)" in panel.text
     short = browser.find_element(By.CSS_SELECTOR, "#pending tr[data-path='short']")
     assert "size of x.tif is 1,000 bytes, manifest says 4,096" in short.text
-    assert "2 not queued yet" in browser.find_element(By.CSS_SELECTOR, "#pending [data-watch='lsm980'] h3").text
+    assert "2 acquisitions not queued yet" in browser.find_element(By.CSS_SELECTOR, "#pending [data-watch='lsm980'] h3").text
     # The queue panel does not say "Nothing waiting." beside them.
     wait.until(lambda d: "2 acquisitions not queued yet" in d.find_element(By.ID, "oldest").text)
     group = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#failure-groups tr[data-count='3']"))
@@ -256,3 +256,38 @@ def test_a_job_address_past_2_53_is_not_rounded_and_duplicates_are_not_counted_a
     top = "9223372036854775807"
     _go(browser, wait, f"#/jobs/{top}", lambda d: f"no job {top} visible" in d.find_element(By.ID, "message").text)
     browser.save_screenshot(str(tmp_path / "job-id-too-large.png"))
+
+
+def test_every_pending_count_is_one_definition_and_agrees(browser, site, tmp_path):
+    """Issue 15 outside test, finding 5: the queue box, the pending panel and the watchers table
+    counted differently (excluded, symlink and not-an-acquisition entries in some, not others):
+    the watchers table counted the watcher's own list, the others the store's."""
+    from watchfolder.status import collect_status
+
+    plate = site.drop / "plate1"
+    plate.mkdir()
+    (plate / "d.tif").write_bytes(b"x" * 10)
+    (plate / "watchfolder.json").write_text(json.dumps({"owner": "jdoe", "target": TARGET, "files": [
+        {"path": "a.tif", "size": 10}, {"path": "d.tif", "size": 10}]}))
+    (site.drop / "acq1.tmp").mkdir()  # excluded (*.tmp)
+    (site.drop / "acq1.tmp" / "x.tif").write_bytes(b"x")
+    (site.drop / "link").symlink_to(plate)  # a symbolic link: never followed
+    try:
+        wait_until(lambda: {e.kind for e in site.store.pending_list()} >= {"waiting", "excluded", "symlink"}
+                   and len(site.store.pending_list()) == 3, 20, message="one acquisition and two paths not taken")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {[(e.path, e.kind) for e in site.store.pending_list()]}") from None
+    kinds = sorted(e.kind for e in site.store.pending_list())
+    status = collect_status(site.config, site.store)
+    (watcher,) = status["watchers"]
+    assert (watcher["pending"], watcher["not_imported"]) == (1, 2), kinds
+    assert status["pending"] == {"acquisitions": 1, "not_imported": 2}
+
+    wait = _login(browser, site)
+    head = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#pending [data-watch='lsm980'] h3[data-acquisitions='1']"))
+    assert head.text == ("lsm980: 1 acquisition not queued yet; 2 paths not imported "
+                         "(excluded, links, not acquisitions)")
+    wait.until(lambda d: "1 acquisition not queued yet (see Pending)" in d.find_element(By.ID, "oldest").text)
+    cell = browser.find_element(By.CSS_SELECTOR, "#watchers td.pending-count")
+    assert cell.text == "1" and "2 paths not imported" in cell.get_attribute("title")
+    browser.save_screenshot(str(tmp_path / "pending-counts.png"))

@@ -93,6 +93,28 @@ def watcher_view(component: dict[str, Any], *, unhealthy_after: float, now: floa
     }
 
 
+#: Pending kinds of paths the watcher does not take as acquisitions (an exclude pattern, a
+#: symbolic link, not an acquisition in this folder's mode): listed with why, never queued.
+NOT_IMPORTED_KINDS = frozenset({"excluded", "symlink", "not_acquisition"})
+
+
+def pending_counts(store, owners: Sequence[str] | None = None) -> dict[str, dict[str, int]]:
+    """The one count of what is not queued yet, per watch folder: ``{watch: {"acquisitions": n,
+    "not_imported": m}}`` from the store's pending list (what ``watchfolder pending``,
+    ``GET /api/v1/pending`` and the dashboard's pending panel list). ``acquisitions``: entries
+    that become jobs once complete (waiting for files, still being written, wrong size…);
+    ``not_imported``: paths listed only to say why they are not taken (:data:`NOT_IMPORTED_KINDS`).
+    ``owners`` (a token limited to owners): only entries whose owner is one of them, as
+    :meth:`watchfolder.web.auth.Principal.may_see_pending`."""
+    out: dict[str, dict[str, int]] = {}
+    for entry in store.pending_list(limit=1_000_000):
+        if owners is not None and (entry.owner is None or entry.owner not in owners):
+            continue
+        counts = out.setdefault(entry.watch, {"acquisitions": 0, "not_imported": 0})
+        counts["not_imported" if entry.kind in NOT_IMPORTED_KINDS else "acquisitions"] += 1
+    return out
+
+
 def store_view(store) -> dict[str, Any]:
     """The store's backend, location (no secrets) and schema version."""
     described = dict(store.describe())
@@ -280,6 +302,12 @@ def collect_status(config, store, importer=None, *, now: float | None = None,
         watcher_view(c, unhealthy_after=config.notify.watcher_unhealthy_after, now=now)
         for c in store.components("watcher")
     ]
+    # Every pending count (status, the dashboard's queue box, pending panel and watchers table)
+    # is this one: the store's pending list, scoped like GET /api/v1/pending.
+    pending = pending_counts(store, owners)
+    for w in watchers:
+        here = pending.get(w["name"], {"acquisitions": 0, "not_imported": 0})
+        w["pending"], w["not_imported"] = here["acquisitions"], here["not_imported"]
     for w in workers:
         if not w["healthy"]:
             problems.append(f"worker {w['name']}: {w['problem']}")
@@ -331,6 +359,10 @@ def collect_status(config, store, importer=None, *, now: float | None = None,
             "counts": counts,
             "oldest_queued_at": oldest,
             "oldest_queued_age": _age(now, oldest),
+        },
+        "pending": {
+            "acquisitions": sum(c["acquisitions"] for c in pending.values()),
+            "not_imported": sum(c["not_imported"] for c in pending.values()),
         },
         "workers": workers,
         "watchers": watchers,

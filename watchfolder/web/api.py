@@ -466,8 +466,7 @@ class Api:
             return view
         for watcher in view["watchers"]:
             shown = [p for p in watcher["pending_acquisitions"] if principal.may_see_pending(p.get("owner"))]
-            watcher["pending_acquisitions"] = shown
-            watcher["pending"] = len(shown)
+            watcher["pending_acquisitions"] = shown  # its counts are scoped by collect_status
         for worker in view["workers"]:
             job_id = worker.get("current_job")
             if job_id is not None:

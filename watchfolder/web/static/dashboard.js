@@ -130,6 +130,10 @@ function flash(message, isError) {
   p.className = isError ? "error" : "note";
 }
 
+// Pending kinds of paths never taken as acquisitions (watchfolder/status.py NOT_IMPORTED_KINDS).
+const NOT_IMPORTED = new Set(["excluded", "symlink", "not_acquisition"]);
+function plural(n, noun) { return `${n} ${noun}${n === 1 ? "" : "s"}`; }
+
 function renderPending(pending, watchers, now) {
   const box = $("#pending");
   const byWatch = new Map(watchers.map((w) => [w.name, []]));
@@ -139,7 +143,12 @@ function renderPending(pending, watchers, now) {
   }
   const parts = [];
   for (const [name, items] of byWatch) {
-    const head = el("h3", {}, `${name}: ${items.length ? items.length + " not queued yet" : "nothing waiting"}`);
+    // The counts of status.pending (one definition): acquisitions not queued yet, and paths not taken.
+    const skipped = items.filter((p) => NOT_IMPORTED.has(p.kind)).length;
+    const waiting = items.length - skipped;
+    const head = el("h3", { "data-acquisitions": waiting, "data-not-imported": skipped },
+      `${name}: ${waiting ? plural(waiting, "acquisition") + " not queued yet" : "nothing waiting"}` +
+      (skipped ? `; ${plural(skipped, "path")} not imported (excluded, links, not acquisitions)` : ""));
     if (!items.length) { parts.push(el("div", { class: "watch-pending", "data-watch": name }, head)); continue; }
     const rows = items.map((p) => el("tr", { "data-path": p.path, class: "kind-" + p.kind },
       el("td", {}, el("code", {}, p.path)), el("td", {}, p.owner || "–"),
@@ -207,10 +216,10 @@ function render(status, running, failed, pending) {
     counts.append(el("dt", {}, state), el("dd", { "data-state": state }, n));
   }
   // "Queue" is about jobs; acquisitions not queued yet are the pending panel's.
-  const notQueued = (status.watchers || []).reduce((n, w) => n + (w.pending || 0), 0);
+  const notQueued = status.pending ? status.pending.acquisitions : 0;
   $("#oldest").textContent = (status.queue.oldest_queued_age == null
     ? "No job waiting." : "Oldest waiting job: " + age(status.queue.oldest_queued_age)) +
-    (notQueued ? ` ${notQueued} acquisition${notQueued === 1 ? "" : "s"} not queued yet (see Pending).` : "");
+    (notQueued ? ` ${plural(notQueued, "acquisition")} not queued yet (see Pending).` : "");
 
   fill($("#running tbody"), running.map((job) => {
     const pct = percent(job.progress);
@@ -251,7 +260,9 @@ function render(status, running, failed, pending) {
     el("td", {}, !w.healthy ? "unhealthy: " + (w.problem || "")
       : w.health === "standby" ? "standby (another watcher holds the folder)" : "healthy"),
     el("td", {}, when(w.last_event_at, now)), el("td", {}, when(w.last_scan_at, now)),
-    el("td", {}, w.pending == null ? "–" : w.pending))), "No watcher reports.", 7);
+    el("td", { class: "pending-count", title: "acquisitions not queued yet" +
+      (w.not_imported ? `; and ${plural(w.not_imported, "path")} not imported` : "") },
+      w.pending == null ? "–" : w.pending))), "No watcher reports.", 7);
 
   fill($("#workers tbody"), status.workers.map((w) => el("tr", { class: w.healthy ? "ok" : "bad" },
     el("td", {}, w.name), el("td", {}, `${w.host} (pid ${w.pid})`), el("td", {}, w.state),
