@@ -146,6 +146,12 @@ INVALID = {
         {"importer": {"omero": {"port": 70000}}},
         "importer.omero.port: must be a port number between 1 and 65535, got 70000",
     ),
+    "omero_sudo_ttl_below_the_keep_alive": (  # issue 14, low (b): it was raised to 12000 silently
+        {"importer": {"omero": {"sudo_ttl_ms": 5000}}},
+        "importer.omero.sudo_ttl_ms: must be a whole number of milliseconds of at least 12000 (the owner's "
+        "session's idle timeout: omero-py keeps it alive every 6 s at the most often, so less would let it "
+        "expire between two keep-alives); the default is 600000, got 5000",
+    ),
     "bad_email": (
         {"notify": {"admin_email": "admin"}},
         "notify.admin_email: must be an email address such as admin@example.org, got 'admin'",

@@ -407,6 +407,18 @@ def positive_int(value: Any) -> int:
     return value
 
 
+def _sudo_ttl_ms(value: Any) -> int:
+    """importer.omero.sudo_ttl_ms: whole milliseconds, at least ``D.OMERO_SUDO_TTL_MIN_MS``."""
+    least = D.OMERO_SUDO_TTL_MIN_MS
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise _Bad(
+            f"must be a whole number of milliseconds of at least {least} (the owner's session's idle timeout: "
+            f"omero-py keeps it alive every 6 s at the most often, so less would let it expire between two "
+            f"keep-alives); the default is {D.OMERO_SUDO_TTL_MS}, got {_show(value)}"
+        )
+    return value
+
+
 def non_negative_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise _Bad(f"must be a whole number of 0 or more, got {_show(value)}")
@@ -601,7 +613,7 @@ def _importer(r: _Reader, raw: dict, data_dir: Path) -> ImporterConfig:
         python=r.get(o, "python", ow, text, None),
         timeout=r.get(o, "timeout", ow, positive_seconds, D.OMERO_TIMEOUT),
         connect_timeout=r.get(o, "connect_timeout", ow, positive_seconds, 30.0),
-        sudo_ttl_ms=r.get(o, "sudo_ttl_ms", ow, positive_int, D.OMERO_SUDO_TTL_MS),
+        sudo_ttl_ms=r.get(o, "sudo_ttl_ms", ow, _sudo_ttl_ms, D.OMERO_SUDO_TTL_MS),
         web_url=r.get(o, "web_url", ow, text, None),
         namespace=r.get(o, "namespace", ow, text, OmeroConfig.namespace),
         idle_timeout=r.get(o, "idle_timeout", ow, positive_seconds, OmeroConfig.idle_timeout),

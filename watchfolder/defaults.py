@@ -105,6 +105,10 @@ CONTAINER_SUFFIXES = (".zarr", ".n5")
 OMERO_PORT = 4064
 OMERO_TIMEOUT = 3600.0
 OMERO_SUDO_TTL_MS = 600_000
+# The least importer.omero.sudo_ttl_ms (the owner's session's idle timeout) accepted: two of
+# omero-py's shortest keep-alive intervals (it refuses 5 s or less, so 6 s), so that a keep-alive
+# always comes in time. Below it the config is refused (it used to be raised to this silently).
+OMERO_SUDO_TTL_MIN_MS = 12_000
 # Imports at once against one OMERO server from one service process, whatever the worker count.
 OMERO_MAX_CONCURRENT = 4
 

@@ -345,7 +345,9 @@ def keep_alive_seconds(idle_ms):
 
 def idle_timeout_ms(sudo_ttl_ms):
     """The owner's session's idle timeout (ms): ``sudo_ttl_ms``, but at least two keep-alive
-    intervals, so that the keep-alive always comes in time."""
+    intervals, so that the keep-alive always comes in time. The service's config refuses less
+    (``importer.omero.sudo_ttl_ms``, ``watchfolder.defaults.OMERO_SUDO_TTL_MIN_MS``): the floor
+    here only guards requests from elsewhere."""
     return max(int(sudo_ttl_ms or 600000), 2 * KEEP_ALIVE_MIN_S * 1000)
 
 
