@@ -185,6 +185,37 @@ out(restricted=failure(lambda: sudo(login("ops", "ops-pw"), "jdoe", "lab")),
     assert seen["owner_other"][0] == "SecurityViolation" and seen["user"][0] == "SecurityViolation"
 
 
+def test_the_omero_double_script_stops_the_double_on_sigterm(omero_python):
+    # `make omero-double` under a process manager: SIGTERM to the script stops the double too
+    # (it used to stop only on Ctrl-C, leaving the double serving).
+    import re
+    import signal
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "omero-double"
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, WATCHFOLDER_OMERO_PYTHON=omero_python))
+    try:
+        shown = ""
+        for line in proc.stdout:
+            shown += line
+            if "stops it" in line:
+                break
+        control = re.search(r"control\s+(http://\S+)", shown).group(1)
+        with urllib.request.urlopen(f"{control}/state", timeout=10) as answer:
+            assert answer.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        with pytest.raises(OSError):  # nobody listens any more: the double is gone
+            urllib.request.urlopen(f"{control}/state", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 # -- uploads and the server-side import (FileBuffer, ManagedImportProcessI/RequestI) --
 
 
