@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,3 +40,25 @@ def write_manifest(folder: Path, files: dict[str, bytes], **fields: Any) -> Path
     manifest = folder / "watchfolder.json"
     manifest.write_text(json.dumps(body, ensure_ascii=False), encoding="utf-8")
     return manifest
+
+
+class BlockedWriter:
+    """A writer waiting on a FIFO: it stays blocked until something opens the FIFO for reading,
+    so ``opened`` tells whether anything did (issue 14: a FIFO in an acquisition hung the OMERO
+    child; a FIFO must never be opened). ``release()`` unblocks it at the end of a test."""
+
+    def __init__(self, fifo: Path):
+        self.fifo = fifo
+        self.opened = threading.Event()
+        self.thread = threading.Thread(target=self._write, daemon=True)
+        self.thread.start()
+
+    def _write(self) -> None:
+        fd = os.open(self.fifo, os.O_WRONLY)  # blocks until a reader opens the FIFO
+        self.opened.set()
+        os.close(fd)
+
+    def release(self) -> None:
+        if not self.opened.is_set():
+            os.close(os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK))  # we are the reader: it returns
+        self.thread.join(timeout=10)

@@ -8,6 +8,7 @@ import time
 import unicodedata
 
 import pytest
+from helpers import BlockedWriter
 
 from watchfolder.job import JobState
 from watchfolder.watch.detector import LayoutRule, Patterns, estimate_change, snapshot_folder
@@ -302,3 +303,54 @@ def test_a_scan_does_not_lstat_again_the_folders_it_walked_and_still_refuses_lin
     assert len(walked) < 20, walked
     skipped = w.detector.skipped
     assert list(skipped) == ["jdoe/linked"] and skipped["jdoe/linked"][1] == "symlink"
+
+
+def test_a_fifo_or_socket_in_a_folder_is_left_out_with_its_reason_and_never_opened(store, make_config, drop):
+    import socket
+
+    w = polling_watcher(store, make_config, drop, detection="layout", layout="{owner}/{dataset}/",
+                        target={"project": "P"})
+    w.loop(now=T0)
+    folder = drop / "jdoe" / "d1"
+    folder.mkdir(parents=True)
+    (folder / "a.tif").write_bytes(b"1234")
+    os.mkfifo(folder / "pipe.tif")
+    writer = BlockedWriter(folder / "pipe.tif")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(folder / "live.sock"))
+    try:
+        w.loop(now=T0 + 1)
+        w.loop(now=T0 + 12)
+        (job,) = jobs_of(store)
+        assert [f.path for f in job.spec.files] == ["a.tif"]
+        assert sorted(job.spec.extra["left_out"]) == [
+            "live.sock (a socket, not a regular file: not imported)",
+            "pipe.tif (a named pipe (FIFO), not a regular file: not imported)",
+        ]
+        assert not writer.opened.is_set()
+    finally:
+        sock.close()
+        writer.release()
+
+
+def test_a_manifest_listing_a_fifo_is_refused_at_once_without_opening_it(store, make_config, drop):
+    w = polling_watcher(store, make_config, drop)
+    w.loop(now=T0)
+    folder = drop / "acq"
+    folder.mkdir()
+    (folder / "a.tif").write_bytes(b"1234")
+    os.mkfifo(folder / "b.tif")
+    writer = BlockedWriter(folder / "b.tif")
+    (folder / "watchfolder.json").write_text(json.dumps({
+        "owner": "jdoe", "target": {"dataset": "d"}, "files": [{"path": "a.tif"}, {"path": "b.tif"}],
+    }))
+    try:
+        w.loop(now=T0 + 1)
+        w.loop(now=T0 + 12)  # no waiting for the missing timeout: a FIFO never becomes a file
+        (job,) = jobs_of(store)
+        assert job.state == JobState.FAILED
+        assert "lists b.tif (a named pipe (FIFO)), which is not a regular file" in job.error.message
+        assert "Remove it from the manifest's files" in job.error.message
+        assert not writer.opened.is_set()
+    finally:
+        writer.release()

@@ -14,9 +14,12 @@ therefore never follows a symlink it has not checked itself:
 - inside the acquisition, a symlink is followed only as the acquisition's own
   parser allows it (to a path still inside the acquisition folder), resolved
   here component by component with ``readlink(dir_fd=…)``, never by the kernel;
-- the file itself is opened with ``O_NOFOLLOW | O_NONBLOCK`` (a FIFO does not
-  block) and must be a regular file; its ``fstat`` is what the caller records
-  and compares, since the descriptor, not the name, is what gets read.
+- the file itself must be a regular file before it is opened (``lstat``): a FIFO,
+  socket or device file is refused, naming its kind, and never opened (opening a
+  FIFO can block, opening a device can act on it); it is then opened with
+  ``O_NOFOLLOW | O_NONBLOCK | O_NOCTTY`` (nothing swapped in since can block or
+  become a terminal) and must still be a regular file; its ``fstat`` is what the
+  caller records and compares, since the descriptor, not the name, is what gets read.
 
 This module uses the standard library only and runs on Python 3.10: the OMERO
 child process loads it by file path (:func:`load_by_path` in the child).
@@ -33,14 +36,31 @@ try:
 except ImportError:  # loaded by file path, outside the package (the OMERO child)
     _Base = Exception
 
-__all__ = ["UnsafePath", "SourceTree", "open_source", "read_file", "allowed_root_for", "same_file", "identity"]
+__all__ = ["UnsafePath", "SourceTree", "open_source", "read_file", "allowed_root_for", "same_file", "identity",
+           "file_kind"]
 
 # As Linux's own limit on symlinks followed while resolving one path.
 MAX_SYMLINKS = 40
 _PATH = getattr(os, "O_PATH", 0)  # search permission is enough to walk through a folder
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _DIR_FLAGS = (_PATH or os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | _CLOEXEC
+
+
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular file is, in words: ``"a named pipe (FIFO)"``, ..."""
+    for test, words in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                        (stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return words
+    return "not a regular file"
+
+
+def not_regular_reason(mode: int) -> str:
+    """Why a non-regular file is refused, and the fix (it was not opened)."""
+    return (f"is {file_kind(mode)}, not a regular file: refused and not opened; remove it from the "
+            "acquisition (only regular files are imported)")
 
 
 class UnsafePath(_Base):
@@ -192,7 +212,7 @@ class SourceTree:
             # not following it. A symlink there takes the full walk below.
             dir_fd = self._folder(folder, shown) if folder else self._root_fd
             try:
-                fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+                fd = _open_regular(name, dir_fd, shown)
             except OSError as exc:
                 if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
                     raise
@@ -205,8 +225,8 @@ class SourceTree:
     def _regular(fd: int, shown: str) -> tuple[int, os.stat_result]:
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise UnsafePath(shown, "is not a regular file")
+            if not stat.S_ISREG(st.st_mode):  # swapped in between the check and the open
+                raise UnsafePath(shown, not_regular_reason(st.st_mode))
             if getattr(os, "O_NONBLOCK", 0):
                 os.set_blocking(fd, True)
         except BaseException:
@@ -242,7 +262,7 @@ class SourceTree:
                     continue
                 as_dir = want_dir or bool(pending)
                 try:
-                    fd = os.open(part, _DIR_FLAGS if as_dir else _FILE_FLAGS, dir_fd=top())
+                    fd = os.open(part, _DIR_FLAGS, dir_fd=top()) if as_dir else _open_regular(part, top(), shown)
                 except OSError as exc:
                     if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
                         raise
@@ -275,6 +295,20 @@ class SourceTree:
         finally:
             for fd in fds:
                 os.close(fd)
+
+
+def _open_regular(name: str, dir_fd: int, shown: str) -> int:
+    """Open ``name`` in ``dir_fd`` for reading if it is a regular file; never open anything else.
+
+    A symlink raises ``OSError(ELOOP)`` (the caller resolves it); a FIFO, socket or
+    device raises :class:`UnsafePath` without being opened.
+    """
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if stat.S_ISLNK(st.st_mode):
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), name)
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafePath(shown, not_regular_reason(st.st_mode))
+    return os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
 
 
 def open_source(allowed_root: str, root: str, rel: str, expect=None) -> tuple[int, os.stat_result]:

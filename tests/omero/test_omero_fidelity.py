@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_job, truncated_tiff
+from helpers import BlockedWriter
 
 from watchfolder.importers import create_importer
 from watchfolder.job import JobState, Target
@@ -325,3 +326,64 @@ def test_a_truncated_tiff_fails_before_upload(store, importer, make_spec, double
     assert "good.tif" not in job.error.message
     state = double.state()
     assert state["filesets"] == [] and state["counters"]["bytes_written"] == 0
+
+
+@pytest.mark.parametrize("special", ["fifo", "socket"])
+def test_a_file_turned_special_after_detection_is_refused_and_never_opened(store, importer, make_spec, double,
+                                                                           special):
+    # Outside tester, finding 5 at import time: a file replaced by a FIFO (or a socket) after
+    # the acquisition was detected. The child refuses it by its kind before opening anything.
+    import socket
+
+    spec = make_spec({"a.fake": b"", "b.fake": b""}, group="lab")
+    b = Path(spec.root) / "b.fake"
+    b.unlink()
+    writer = sock = None
+    if special == "fifo":
+        os.mkfifo(b)
+        writer = BlockedWriter(b)
+    else:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(b))
+    try:
+        job = run_job(store, importer, spec)
+        assert job.state is JobState.FAILED and job.error.kind == "permanent", job.error
+        kind = "a named pipe (FIFO)" if special == "fifo" else "a socket"
+        assert f"b.fake: is {kind}, not a regular file: refused and not opened" in job.error.message
+        assert writer is None or not writer.opened.is_set()
+        assert double.state()["filesets"] == []
+    finally:
+        if writer is not None:
+            writer.release()
+        if sock is not None:
+            sock.close()
+
+
+@pytest.mark.parametrize("temp_name", ["out_Z1.ome.tiff.part", ".out_Z1.ome.tiff.x7Gq2a"], ids=["part", "rsync"])
+def test_a_part_still_under_a_temporary_name_is_named_and_never_read(store, importer, make_config, double,
+                                                                     converted, tmp_path, temp_name):
+    # Outside tester, finding 5: a multi-file OME-TIFF whose second part is still being
+    # copied under a name the watcher excludes (a .part file; rsync's dot-file). Bio-Formats
+    # reads only the job's files, so the excluded part is never pulled into the fileset; the
+    # job fails before upload naming the part it needs and the excluded file beside it.
+    from watchfolder.watch.detector import Patterns, make_rule
+
+    drop = tmp_path / "drop"
+    acq = drop / "acq"
+    acq.mkdir(parents=True)
+    for part in converted["multi"]:
+        (acq / (temp_name if part.name == "out_Z1.ome.tiff" else part.name)).write_bytes(part.read_bytes())
+    (acq / "watchfolder.json").write_text(json.dumps({"owner": "jdoe", "group": "lab", "target": {"dataset": "d"}}))
+    config = make_config(watch=[{"name": "scope", "path": str(drop), "detection": "manifest"}])
+    watch = config.watch[0]
+    outcome = make_rule(watch, Patterns(watch.include, watch.exclude)).build(str(drop), "acq", now=0.0)
+    assert outcome.kind == "enqueue", outcome
+    assert [f.path for f in outcome.spec.files] == ["out_Z0.ome.tiff", "out_Z2.ome.tiff"]
+
+    job = run_job(store, importer, outcome.spec)
+
+    assert job.state is JobState.FAILED and job.error.kind == "permanent", job.error
+    assert (f"out_Z0.ome.tiff needs out_Z1.ome.tiff, which is not there; beside it, left out of the job: "
+            f"{temp_name} (excluded)") in job.error.message
+    assert "wait until it has its final name" in job.error.message
+    assert double.state()["filesets"] == []

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from api_support import acquisition, start_service, stop_service
+from helpers import BlockedWriter
 
 from watchfolder import safefs
 from watchfolder.errors import PermanentImportError
@@ -90,13 +91,28 @@ def test_a_folder_swapped_for_a_symlink_is_refused_whatever_it_points_to(tree):
         read(allowed, acq, "a.tif")
 
 
-def test_fifos_and_folders_are_not_regular_files(tree):
+def test_fifos_sockets_and_folders_are_refused_by_kind_and_never_opened(tree):
+    import socket
+
     allowed, acq, _ = tree
     os.mkfifo(acq / "pipe")  # would block a plain open() for ever
-    with pytest.raises(safefs.UnsafePath, match="not a regular file"):
-        read(allowed, acq, "pipe")
-    with pytest.raises(safefs.UnsafePath):
-        read(allowed, acq, "sub")
+    writer = BlockedWriter(acq / "pipe")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(acq / "sub" / "live.sock"))
+    os.symlink("pipe", acq / "to_pipe")  # a link inside the acquisition, to the FIFO
+    try:
+        for rel in ("pipe", "to_pipe"):
+            with pytest.raises(safefs.UnsafePath, match=r"is a named pipe \(FIFO\), not a regular file: refused "
+                                                         "and not opened; remove it from the acquisition"):
+                read(allowed, acq, rel)
+        with pytest.raises(safefs.UnsafePath, match="is a socket, not a regular file"):
+            read(allowed, acq, "sub/live.sock")
+        with pytest.raises(safefs.UnsafePath, match="is a folder, not a regular file"):
+            read(allowed, acq, "sub")
+        assert not writer.opened.is_set()
+    finally:
+        sock.close()
+        writer.release()
 
 
 def test_a_root_outside_the_allowed_root_is_refused(tree, tmp_path):

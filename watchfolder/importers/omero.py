@@ -170,6 +170,8 @@ class OmeroImporter(Importer):
             # Each file's identity when queued: the child opens only that very file (safefs).
             "identities": {rel: list(ident) for rel, ident in spec.file_identities().items()},
             "filesets": [list(fs) for fs in spec.filesets],
+            # What detection left out and why ("x.part (excluded)"): named when a dataset needs it.
+            "left_out": [str(x) for x in spec.extra.get("left_out") or ()],
             "name": spec.name,
             "description": spec.description,
             "annotations": dict(spec.annotations),

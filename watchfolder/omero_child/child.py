@@ -444,6 +444,42 @@ def attachment_key(req, rel):
     return f"{rel}, attached by watchfolder job {req.get('job_id')}" + (f" [{key}]" if key else "")
 
 
+def missing_files_message(missing, left_out=()):
+    """Why the job fails when Bio-Formats needs files that are not among the job's files.
+
+    ``missing``: {file read: "needed, needed"} (relative paths); ``left_out``: the
+    detector's list of what it left out of the acquisition and why (``"x.part
+    (excluded)"``). A needed file that was left out is named with the reason; a
+    left-out file whose name holds the needed one (``out_Z1.ome.tiff.part``: a copy
+    still in progress) is named beside it. Bio-Formats never saw any of them (it reads
+    the job's files only), so no excluded file is pulled into a fileset.
+    """
+    needed = []
+    parts = []
+    for rel, needs in list(missing.items())[:5]:
+        names = [n for n in needs.split(", ") if n]
+        needed += names
+        explained = []
+        for name in names:
+            exact = [e for e in left_out if e.startswith(name + " (")]
+            near = [e for e in left_out if e not in exact and os.path.basename(name) in os.path.basename(e)]
+            if exact:
+                explained.append(f"{name}, which was left out of the job: {exact[0]}")
+            elif near:
+                explained.append(f"{name}, which is not there; beside it, left out of the job: {', '.join(near[:3])} "
+                                 "(a copy still under a temporary name? wait until it has its final name)")
+            else:
+                explained.append(f"{name}, which is not among the job's files")
+        parts.append(f"{rel} needs {'; and '.join(explained)}")
+    return (
+        "; ".join(parts) + (" ..." if len(missing) > 5 else "")
+        + ". A file is not among the job's files when it is missing, excluded (a dot-file, or a name the "
+        "watcher skips), not a regular file, or outside the acquisition folder; Bio-Formats reads only the "
+        f"job's files. Nothing was uploaded. Put {'the file' if len(needed) == 1 else 'the files'} into the "
+        "acquisition under the name the dataset expects (not an excluded one), or remove the file that needs it"
+    )
+
+
 def plate_into_dataset_message(mains, found, done):
     """Why a plate fileset is refused for a Dataset target (``done``: what became of it), and the fix."""
     return (
@@ -1232,14 +1268,7 @@ class Importer:
         info += found
         missing = {rel: why[len(MISSING):] for rel, why in refused.items() if why.startswith(MISSING)}
         if missing:
-            raise Failure(
-                "; ".join(f"{rel} needs {needs}" for rel, needs in list(missing.items())[:5])
-                + (" ..." if len(missing) > 5 else "")
-                + f", which {'is' if sum(len(v.split(', ')) for v in missing.values()) == 1 else 'are'} not among "
-                "the job's files: excluded (a dot-file, or a name the watcher skips), not a regular file, or "
-                "outside the acquisition folder. Nothing was uploaded. Put the file into the acquisition under "
-                "a name that is not excluded, or remove the file that needs it"
-            )
+            raise Failure(missing_files_message(missing, req.get("left_out") or ()))
         corrupt = {rel: why for rel, why in refused.items() if not why.startswith("UnknownFormatException")}
         if corrupt:
             raise Failure(self._corrupt_message(corrupt))

@@ -30,6 +30,7 @@ from .. import defaults as D
 from .. import safefs
 from ..errors import AcquisitionError
 from ..job import IDENTITY_KEY, FileEntry, JobSpec, Target
+from ..safefs import file_kind
 
 CONTRACT_KEYS = (
     "owner", "group", "email", "target", "name", "description", "annotations", "files", "filesets",
@@ -408,8 +409,9 @@ def walk_files(
     descended into, which also rules out loops. ``skip`` names relative paths to
     leave out (descriptor files). Nothing inside a known container format
     (``x.ome.zarr/``) is filtered by the patterns. ``left_out``, when given,
-    collects what was left out and why (``".DS_Store (excluded)"``), for the job
-    log and the owner's mail.
+    collects what was left out and why (``".DS_Store (excluded)"``; a FIFO, socket or
+    device: ``"x (a named pipe (FIFO), not a regular file: not imported)"``), for the
+    job log and the owner's mail.
     """
     root = Path(root)
     real_root = os.path.realpath(root)
@@ -454,7 +456,12 @@ def walk_files(
                 continue  # vanished or a dangling link: nothing to import
             if stat.S_ISDIR(st.st_mode):
                 subdirs.append(rel)
-            elif stat.S_ISREG(st.st_mode):
+            elif not stat.S_ISREG(st.st_mode):
+                # A FIFO, socket or device: never opened (a FIFO blocks its reader, a device
+                # acts when opened), never imported; the owner is told why it is missing.
+                if left_out is not None:
+                    left_out.append(f"{rel} ({file_kind(st.st_mode)}, not a regular file: not imported)")
+            else:
                 if unicodedata.normalize("NFC", rel) in skip_set:
                     continue
                 if is_excluded(rel, exclude, include):
@@ -463,18 +470,7 @@ def walk_files(
                     continue
                 _check_name(rel, root)
                 yield rel, st
-            elif left_out is not None:
-                # A FIFO, a socket, a device: nothing to copy, yet never dropped without a word.
-                left_out.append(f"{rel} (not a regular file: {_special_kind(st.st_mode)})")
         stack.extend(reversed(subdirs))
-
-
-def _special_kind(mode: int) -> str:
-    for test, word in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return word
-    return "a special file"
 
 
 def unlisted_files(root: Path, listed: Iterable[FileEntry], *, skip: Iterable[str] = (),
@@ -558,6 +554,8 @@ class ListedCheck:
     missing: list[str]  # readable reasons, one per file
     absent: list[str] = field(default_factory=list)  # listed paths not there at all
     sizes: list[tuple[str, int, int]] = field(default_factory=list)  # (path, bytes found, listed)
+    # Listed paths that are a FIFO, socket or device ("x (a socket)"): never a data file, waiting cannot help.
+    special: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -594,6 +592,7 @@ def check_listed(root: Path, files: Iterable[FileEntry]) -> ListedCheck:
     missing: list[str] = []
     absent: list[str] = []
     sizes: list[tuple[str, int, int]] = []
+    special: list[str] = []
     for entry in files:
         folder, _, name = entry.path.rpartition("/")
         st = None
@@ -618,13 +617,15 @@ def check_listed(root: Path, files: Iterable[FileEntry]) -> ListedCheck:
         rel, st = checked
         if not stat.S_ISREG(st.st_mode):
             missing.append(f"{entry.path} (not a regular file)")
+            if not stat.S_ISDIR(st.st_mode):
+                special.append(f"{entry.path} ({file_kind(st.st_mode)})")
             continue
         if entry.size is not None and st.st_size != entry.size:
             missing.append(f"{entry.path} (size {st.st_size} bytes, listed {entry.size})")
             sizes.append((entry.path, st.st_size, entry.size))
             continue
         present.append((FileEntry(path=rel, size=st.st_size, sha256=entry.sha256), st))
-    return ListedCheck(present, missing, absent, sizes)
+    return ListedCheck(present, missing, absent, sizes, special)
 
 
 class _RealRoot:

@@ -452,6 +452,8 @@ class ManifestRule(Rule):
         try:
             if descriptor.files is not None:
                 check = acq.check_listed(folder, descriptor.files)
+                if check.special:
+                    return Outcome("reject", rel, spec=base, reason=special_reason(check.special, "manifest"))
                 too_big = oversize_reason(check.sizes, "manifest")
                 if too_big:
                     return Outcome("reject", rel, spec=base, reason=too_big)
@@ -1102,6 +1104,15 @@ def listed_reason(check: acq.ListedCheck, total: int, where: str) -> tuple[str, 
     if explained < len(check.missing):  # dangling symlinks, folders where files are listed
         parts.append("; ".join(m for m in check.missing if not m.endswith(" (missing)") and " (size " not in m))
     return ("waiting" if check.absent else "size"), "; ".join(parts)
+
+
+def special_reason(special: list[str], where: str) -> str:
+    """Why listed files that are a FIFO, socket or device refuse the acquisition at once (never opened)."""
+    return (
+        f"the {where} lists {_names(special)}, which {'is' if len(special) == 1 else 'are'} not a regular file: "
+        f"only regular files are imported, and waiting will not change that (nothing was opened). Remove "
+        f"{'it' if len(special) == 1 else 'them'} from the {where}'s files, or put the data file there"
+    )
 
 
 def checksum_reason(paths: list[str], where: str) -> str:
