@@ -183,6 +183,18 @@ class JobContext(ImportContext):
             raise ShuttingDown("worker stopping; grace period over")
 
 
+def next_step(job: Job) -> str:
+    """What follows a failed attempt, from the job's state (never from the failure's words):
+    another attempt at a given time, or none (issue 14: the last attempt's failure said
+    "will try again")."""
+    if job.state is JobState.RETRY_WAIT:
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.next_attempt_at)) if job.next_attempt_at else "soon"
+        return f"tried again at {at} (attempt {job.attempts + 1} of {job.max_attempts})"
+    if job.error is not None and str(job.error.kind) == "transient":
+        return f"not tried again: that was the last of {job.max_attempts} attempt(s); the job has failed"
+    return "not tried again: the failure is permanent; the job has failed"
+
+
 class Worker:
     """Runs jobs one at a time. ``loop()`` does one step; ``run()`` loops until stopped."""
 
@@ -316,7 +328,9 @@ class Worker:
                         pass  # cleaned up after the end is recorded, as always
                     else:
                         self.clean_up(job, ending=True)
-                return self.clean_up(self._settle(lambda: self.store.fail(job.id, self.name, failure, now=now)))
+                ended = self._settle(lambda: self.store.fail(job.id, self.name, failure, now=now))
+                ctx.log(next_step(ended))
+                return self.clean_up(ended)
             except Exception as exc:
                 if self.store.is_fault(exc):
                     # The store failed (locked, disk full, server down), not the job: it keeps its

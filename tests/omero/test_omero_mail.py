@@ -55,3 +55,29 @@ def test_owner_mail_goes_to_the_owners_email_from_omero(store, importer, make_sp
     assert mail.recipients == ("jdoe@example.org",)
     assert job.result["owner_email"] == "jdoe@example.org"
     assert "no known email address" not in mail.message.get_body(("plain",)).get_content()
+
+
+def test_the_last_attempts_failure_promises_no_retry(store, omero_config, make_spec, double):
+    # Outside tester, low (a): a stalled import said "will try again" in the job's error, its
+    # log and the owner's mail, on the last attempt too. The words now come from the state.
+    from pathlib import Path
+
+    double.faults(slow=5)  # logins take 5 s, the child says nothing meanwhile: a stall
+    importer = create_importer(omero_config(idle_timeout=1))
+    spec = make_spec({"a.fake": b""}, group="lab")
+    try:
+        for now in (1000.0, 1100.0, 1200.0):  # the store's policy: 3 attempts, 10 s then 60 s apart
+            job = run_job(store, importer, spec, now=now)
+    finally:
+        importer.close()
+
+    assert job.state is JobState.FAILED and job.attempts == 3 and job.error.kind == "transient", job.error
+    assert "stalled" in job.error.message
+    log = Path(job.log_path).read_text()
+    assert log.count("tried again at") == 2 and "(attempt 3 of 3)" in log
+    assert log.rstrip().endswith("not tried again: that was the last of 3 attempt(s); the job has failed")
+    owner_mail = next(m for m in Notifier(importer.config).compose(job) if m.kind == "job_failed")
+    text = owner_mail.message.get_body(("plain",)).get_content()
+    for words in ("will try again", "retried automatically", "tried again at"):
+        assert words not in job.error.message and words not in text
+    assert "failed 3 times" in text
