@@ -196,15 +196,31 @@ def test_a_dataset_of_another_group_is_named_as_such(store, importer, make_spec,
     assert "is in another group than the import's group 'lab'" in job.error.message
 
 
-def test_status_and_check_config_say_which_grouping_is_used(omero_config, omero_python, bioformats, tmp_path,
-                                                             capsys):
+def test_status_and_check_config_say_which_grouping_is_used(store, omero_config, omero_python, bioformats,
+                                                             tmp_path, make_spec, double, capsys):
     from watchfolder.cli import main
 
-    assert create_importer(omero_config()).health()["filesets"].startswith("Bio-Formats")
+    # Outside tester, low (c): status said "Bio-Formats" whenever the jar file existed, and
+    # bioformats.ok / grouping "bioformats" with importer.omero.bioformats: false.
+    ok = create_importer(omero_config()).health()
+    assert ok["ok"] and ok["bioformats"]["state"] == "ok" and ok["bioformats"]["used"] is True
+    assert ok["bioformats"]["version"].startswith("7.") and ok["bioformats"]["java"]
+    assert ok["filesets"].startswith(f"Bio-Formats {ok['bioformats']['version']} (")
     missing = create_importer(omero_config(bioformats_jar=str(tmp_path / "nowhere.jar"))).health()
     assert missing["filesets"].startswith("suffix rules: Bio-Formats unavailable: no Bio-Formats jar at")
+    assert missing["ok"] and missing["bioformats"]["state"] == "missing" and not missing["bioformats"]["used"]
     off = create_importer(omero_config(bioformats=False)).health()
     assert off["filesets"] == "suffix rules (importer.omero.bioformats is false)"
+    assert off["bioformats"]["used"] is False
+    broken_jar = tmp_path / "broken.jar"
+    broken_jar.write_bytes(b"not a jar")
+    broken = create_importer(omero_config(bioformats_jar=str(broken_jar))).health()
+    assert broken["bioformats"]["state"] == "broken" and not broken["ok"]
+    assert broken["filesets"].startswith("none: Bio-Formats did not start") and "every job fails" in broken["filesets"]
+    # ... which is what a job meets:
+    job = run_job(store, create_importer(omero_config(bioformats_jar=str(broken_jar))),
+                  make_spec({"a.fake": b""}, group="lab"))
+    assert job.state is JobState.FAILED and job.error.config_error and "Bio-Formats did not start" in job.error.message
 
     path = tmp_path / "wf.yaml"
     path.write_text(json.dumps({

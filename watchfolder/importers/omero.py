@@ -98,11 +98,20 @@ class OmeroImporter(Importer):
                 )
                 probed = json.loads(out.stdout.strip().splitlines()[-1])
                 info.update(probed, ok=bool(probed.get("omero_py")))
-                bf = probed.get("bioformats") or {}
+                bf = dict(probed.get("bioformats") or {})
+                # What jobs do, not only what is installed: the config can switch it off.
+                bf["used"] = bool(self.omero.bioformats and bf.get("ok"))
+                info["bioformats"] = bf
                 if not self.omero.bioformats:
                     info["filesets"] = "suffix rules (importer.omero.bioformats is false)"
                 elif bf.get("ok"):
-                    info["filesets"] = f"Bio-Formats ({bf.get('jar')})"
+                    info["filesets"] = (f"Bio-Formats {bf.get('version')} ({bf.get('jar')}; Java {bf.get('java')}, "
+                                        f"JPype {bf.get('jpype')})")
+                elif bf.get("state") == "broken":
+                    # The child fails every job so (a configuration error), it does not fall back.
+                    info["filesets"] = (f"none: {bf.get('reason')}, so every job fails; repair Java or the jar "
+                                        "(scripts/omero-env), or set importer.omero.bioformats: false")
+                    info.update(ok=False, error=info["filesets"])
                 else:
                     info["filesets"] = f"suffix rules: Bio-Formats unavailable: {bf.get('reason')}"
             except (OSError, ValueError, IndexError, subprocess.TimeoutExpired) as exc:

@@ -1526,14 +1526,33 @@ def _omero_version():
 
 def probe(jar=None):
     """Report what this interpreter offers (used by the service's health check): omero-py,
-    and whether Bio-Formats grouping is possible (``bioformats``: {"ok", "jar", "reason"})."""
+    and whether Bio-Formats grouping works, found the way a job finds it: the JVM is
+    started with the jar and Bio-Formats' version read (``bioformats``: {"ok", "jar",
+    "version", "java", "jpype", "reason"}; ``reason`` says why not, and whether a job
+    would then fall back to the suffix rules or fail). A check that the files merely
+    exist said "Bio-Formats" for a jar or a Java that a job could not start."""
     info = {"python": sys.executable, "version": platform.python_version(), "protocol": PROTOCOL}
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bfgroup import default_jar, why_unavailable
 
-    reason = why_unavailable(jar)
-    info["bioformats"] = {"ok": reason is None, "jar": jar or default_jar(), "reason": reason,
-                          "grouping": "bioformats" if reason is None else "suffix rules"}
+    # state: "ok"; "missing" (no Java, JPype or jar: jobs fall back to the suffix rules, as
+    # plan() does); "broken" (there, but does not start: every job fails, as plan() does).
+    bf = {"ok": False, "state": "missing", "jar": jar or default_jar(), "version": None, "java": None,
+          "jpype": None, "reason": why_unavailable(jar)}
+    if bf["reason"] is None:
+        try:
+            import jpype
+            from bfgroup import BioFormats
+
+            bf["jpype"] = getattr(jpype, "__version__", None)
+            bf["version"] = BioFormats(jar).version()
+            from java.lang import System
+
+            bf["java"] = f"{System.getProperty('java.version')} ({jpype.getDefaultJVMPath()})"
+            bf.update(ok=True, state="ok")
+        except Exception as exc:  # noqa: BLE001 - what a job would meet: Failure "Bio-Formats did not start"
+            bf.update(state="broken", reason=f"Bio-Formats did not start ({type(exc).__name__}: {exc})")
+    info["bioformats"] = bf
     try:
         import Ice
         import omero  # noqa: F401
