@@ -18,7 +18,7 @@ import pytest
 from helpers import wait_until
 
 from watchfolder.backpressure import TargetGate
-from watchfolder.errors import TransientImportError
+from watchfolder.errors import PermanentImportError, TransientImportError
 from watchfolder.importers.base import Importer
 from watchfolder.service import Parts, Service
 from watchfolder.status import collect_status
@@ -118,6 +118,61 @@ def test_a_job_that_breaks_the_connection_while_the_server_is_up_still_fails(sto
         pool.stop(5)
     assert done.state == "failed" and done.attempts == 3  # the probe said the server is up: its own fault
     assert not gate.paused
+
+
+class MisconfiguredTarget(SwitchableTarget):
+    """Every job fails with a configuration error while ``wrong`` says why (e.g. an account
+    without a privilege); the probe finds it when ``probe_sees`` (issue 14, low d)."""
+
+    def __init__(self, wrong: str | None, probe_sees: bool = True):
+        super().__init__()
+        self.wrong = wrong
+        self.probe_sees = probe_sees
+
+    def probe(self) -> str | None:
+        self.probes += 1
+        return self.wrong if self.probe_sees else None
+
+    def run(self, job, ctx) -> dict[str, Any]:
+        if self.wrong:
+            raise PermanentImportError(f"refused: {self.wrong}", config_error=True)
+        return {"ok": True}
+
+
+def test_a_configuration_error_pauses_the_target_and_mails_at_once(store, make_spec):
+    importer = MisconfiguredTarget("the account lacks the Sudo privilege; grant it")
+    alerts: list[tuple[bool, dict]] = []
+    gate = TargetGate(importer, after_failures=3, probe_interval=0.05, alert_after=3600.0, store=store,
+                      alert=lambda target, status, resumed: alerts.append((resumed, status)))
+    pool = WorkerPool(store, importer, 2, poll_interval=0.02, heartbeat_seconds=0.5, gate=gate)
+    jobs = [store.enqueue(make_spec(files={f"f{i}.tif": b"x" * (i + 1)}))[0] for i in range(5)]
+    pool.start()
+    try:
+        wait_until(lambda: gate.paused, timeout=10, message="the target pauses")
+        wait_until(lambda: store.counts()["running"] == 0, timeout=10)
+        assert gate.status()["cause"] == "configuration"
+        assert gate.status()["reason"] == "configuration error: the account lacks the Sudo privilege; grant it"
+        assert store.counts()["queued"] == 5 and all(store.get(j.id).attempts == 0 for j in jobs)
+        wait_until(lambda: importer.probes >= 4, timeout=10, message="probed again while paused")
+        assert [resumed for resumed, _ in alerts] == [False]  # at once (not after alert_after), once
+        importer.wrong = None
+        wait_until(lambda: store.counts()["succeeded"] == 5, timeout=20, message="resumed and drained")
+    finally:
+        pool.stop(5)
+    assert [resumed for resumed, _ in alerts] == [False, True]
+
+
+def test_a_configuration_error_the_probe_does_not_find_fails_only_its_job(store, make_spec):
+    importer = MisconfiguredTarget("the account owns no group of this job", probe_sees=False)
+    gate, pool = pool_for(store, importer, workers=1)
+    job, _ = store.enqueue(make_spec())
+    pool.start()
+    try:
+        done = wait_until(lambda: (j := store.get(job.id)).state.finished and j, timeout=20)
+    finally:
+        pool.stop(5)
+    assert done.state == "failed" and done.attempts == 1 and done.error.config_error
+    assert not gate.paused and gate.last_probe == "ok"
 
 
 def test_no_more_than_max_concurrent_imports_whatever_the_worker_count(store, make_spec):

@@ -19,6 +19,14 @@ claim a job:
   pause the target too. While paused, the target is probed every
   ``probe_interval`` seconds; the first success resumes it and the queue drains
   at the cap.
+- **Configuration errors.** A failure caused by the service's configuration of the
+  target (:attr:`ImportFailure.config_error`: the OMERO admin account refused, or
+  without the Sudo privilege) is checked with the same probe, which checks that
+  configuration too (the OMERO child's ``--ping`` logs in and checks the account may
+  act for users). When the probe fails, every job would fail the same way: the target
+  pauses with the probe's reason (naming the fix), the job goes back to the queue with
+  its attempt not counted, and the admin is mailed at once, once per pause; it resumes
+  when the probe passes. When the probe passes, the failure is the job's own and counts.
 - **Pre-check.** ``Importer.pause_reason`` (archive: free space under
   ``importer.archive.min_free_bytes``) pauses the target before any job fails.
 
@@ -82,6 +90,11 @@ class TargetGate:
         self.last_probe_at: float | None = None
         self.last_probe: str | None = None
         self.alerted = False
+        # When the current pause mails the admin: alert_after after it began, or at once
+        # for a configuration error (it will not go away by itself).
+        self._alert_at: float | None = None
+        # Why the target is paused: "configuration" (the admin must act) or "unavailable".
+        self.cause: str | None = None
         self.pauses = 0
         self._next_probe = 0.0
         self._next_precheck = 0.0
@@ -131,19 +144,23 @@ class TargetGate:
         without a probe: the job goes back to the queue, and the target resumes once
         :meth:`Importer.space_reason` says that much fits again.
 
-        A failure that says the target is unavailable is checked at once with a
-        probe: when the target does not answer, this is an outage, not the job's
-        fault: the target pauses and the job is released. When the probe
-        succeeds, the failure is the job's own (a file that breaks the
-        connection every time) and counts, unless ``after_failures`` such
-        failures came in a row (a flapping server), which pauses the target too.
+        A failure that says the target is unavailable, or is caused by the target's
+        configuration (``config_error``), is checked at once with a probe: when the
+        probe fails, this is an outage or a setup every job would fail on, not the
+        job's fault: the target pauses and the job is released. When the probe
+        succeeds, the failure is the job's own (a file that breaks the connection
+        every time; a group the configured OMERO account may not act in) and counts,
+        unless ``after_failures`` unavailable failures came in a row (a flapping
+        server), which pauses the target too.
         """
-        if not failure.unavailable:
+        config = bool(failure.config_error) and not failure.unavailable
+        if not failure.unavailable and not config:
             with self._lock:
                 self.failures = 0
             return False
         with self._lock:
-            self.failures += 1
+            if not config:
+                self.failures += 1
             if failure.full:
                 need = failure.need_bytes if failure.need_bytes is not None else job_bytes
                 self.need_bytes = max(self.need_bytes or 0, need)
@@ -164,19 +181,25 @@ class TargetGate:
             self.last_probe_at = self.clock()
             self.last_probe = reason or "ok"
             with self._lock:
-                if reason is not None:
+                if reason is not None and config:
+                    self._pause(f"configuration error: {reason}", alert_now=True)
+                elif reason is not None:
                     self._pause(f"{failure.message} (probe: {reason})")
-                elif self.failures >= self.after_failures:
+                elif not config and self.failures >= self.after_failures:
                     self._pause(f"{self.failures} failures in a row: {failure.message}")
                 paused = self.paused_since is not None
         self.publish()
+        if paused:
+            self.tick()  # a configuration error mails the admin now
         return paused
 
-    def _pause(self, reason: str) -> None:
+    def _pause(self, reason: str, *, alert_now: bool = False) -> None:
         now = self.clock()
         self.paused_since = now
         self.reason = reason
         self.alerted = False
+        self._alert_at = now if alert_now else now + self.alert_after
+        self.cause = "configuration" if alert_now else "unavailable"
         self.pauses += 1
         self._next_probe = now + self.probe_interval
         log.warning("importer target %s paused: %s; probing every %g s", self.target, reason,
@@ -207,8 +230,8 @@ class TargetGate:
                 self._probe(now)
             finally:
                 self._probe_lock.release()
-        if (not self.alerted and self.paused_since is not None
-                and self.clock() - self.paused_since >= self.alert_after):
+        if (not self.alerted and self.paused_since is not None and self._alert_at is not None
+                and self.clock() >= self._alert_at):
             self.alerted = True
             self._alert(resumed=False)
 
@@ -229,7 +252,7 @@ class TargetGate:
                 self.need_bytes = None
                 self._next_precheck = 0.0
             elif reason:
-                self.reason = reason
+                self.reason = f"configuration error: {reason}" if self.cause == "configuration" else reason
         if resumed:
             log.info("importer target %s resumed after %.0f s paused", self.target, now - since)
             if self.store is not None:
@@ -264,6 +287,7 @@ class TargetGate:
             "paused": self.paused,
             "paused_since": self.paused_since,
             "reason": self.reason if self.paused else None,
+            "cause": self.cause if self.paused else None,
             "last_probe_at": self.last_probe_at,
             "last_probe": self.last_probe,
             "consecutive_failures": self.failures,

@@ -281,6 +281,15 @@ class Service:
                 f"target-resumed:{target}:{since}", f"Imports to {target} resumed",
                 f"The importer target {target} answers again; its queued jobs are being imported.",
                 "Nothing to do.", status, since)
+        elif status.get("cause") == "configuration":
+            self._admin_alert(
+                f"target-paused:{target}:{since}", f"Imports to {target} paused: configuration error",
+                f"Imports to {target} are paused: {status.get('reason')}. Every job would fail the same way, "
+                "so none is tried: jobs wait in the queue and lose no attempts.",
+                "Fix what the reason names (the OMERO account or the service's configuration). The service "
+                "probes the target and resumes by itself once the check passes; GET /api/v1/status shows "
+                "the last probe.",
+                status, since)
         else:
             self._admin_alert(
                 f"target-paused:{target}:{since}", f"Imports to {target} paused",

@@ -185,6 +185,24 @@ out(restricted=failure(lambda: sudo(login("ops", "ops-pw"), "jdoe", "lab")),
     assert seen["owner_other"][0] == "SecurityViolation" and seen["user"][0] == "SecurityViolation"
 
 
+def test_the_event_context_lists_an_administrators_privileges(omero_python, double):
+    # OMERO 5.4+ (IAdmin.getEventContext, AdminPrivilege): a full administrator has every
+    # privilege, a restricted one those granted, anyone else none. The importer's probe
+    # reads them to tell an account that may not act for users (issue 14, low d).
+    double.seed(users=[
+        {"name": "ops", "password": "ops-pw", "groups": ["system"], "admin": True, "privileges": ["ModifyUser"]},
+    ])
+    seen = run(omero_python, double, '''
+def privileges(c):
+    ec = c.getSession().getAdminService().getEventContext()
+    return [ec.isAdmin, sorted(ec.adminPrivileges)]
+out(full=privileges(admin()), restricted=privileges(login("ops", "ops-pw")), user=privileges(login("jdoe", "jdoe-pw")))
+''')
+    assert seen["full"][0] is True and "Sudo" in seen["full"][1] and len(seen["full"][1]) == 15
+    assert seen["restricted"] == [True, ["ModifyUser"]]
+    assert seen["user"] == [False, []]
+
+
 def test_the_omero_double_script_stops_the_double_on_sigterm(omero_python):
     # `make omero-double` under a process manager: SIGTERM to the script stops the double too
     # (it used to stop only on Ctrl-C, leaving the double serving).

@@ -9,6 +9,8 @@ the same Bio-Formats jar. Test images are made here: Bio-Formats' synthetic
 
 from __future__ import annotations
 
+import email
+import email.policy
 import hashlib
 import json
 import os
@@ -150,15 +152,73 @@ def test_a_multi_series_file_gives_one_image_per_series(store, importer, make_sp
     assert all(n.startswith("stage&series=3.fake [") for n in names)
 
 
-def test_an_admin_without_sudo_is_a_config_error(store, omero_config, make_spec, double):
+def test_an_admin_without_sudo_pauses_the_target_and_alerts_once(make_config, make_spec, omero_python, double):
+    # Outside tester, low (d): an admin account without the Sudo privilege failed every
+    # job one by one. It is the target's configuration: the target pauses (the probe finds
+    # the same), no job burns an attempt, the admin gets one mail, and granting the
+    # privilege resumes the queue.
+    from helpers import wait_until
+
+    from watchfolder.service import Parts, Service
+
     double.seed(users=[{"name": "ops", "password": "ops-pw", "groups": ["system"], "admin": True,
                         "privileges": ["ModifyUser", "ReadSession"]}])
-    importer = create_importer(omero_config(admin_user="ops", admin_password="ops-pw"))
-    job = run_job(store, importer, make_spec({"a.fake": b""}, group="lab"))
+    config = make_config(
+        importer={"kind": "omero",
+                  "omero": {"host": "127.0.0.1", "port": double.port, "admin_user": "ops",
+                            "admin_password": "ops-pw", "python": omero_python, "connect_timeout": 5,
+                            "idle_timeout": 60},
+                  "pause": {"probe_interval": 0.5, "alert_after": 3600}},
+        workers={"count": 2, "poll_interval": 0.05},
+    )
+    service = Service(config, Parts(workers=True, watch=False, server=False, mail=True))
+    jobs = [service.store.enqueue(make_spec({f"a{i}.fake": b""}, group="lab", importer="omero"))[0]
+            for i in range(3)]
+    service.start()
+    try:
+        wait_until(lambda: service.gate.paused, timeout=60, message="the target pauses")
+        wait_until(lambda: service.store.counts()["running"] == 0, timeout=60)
+        status = service.gate.status()
+        assert status["cause"] == "configuration"
+        assert "'ops'" in status["reason"] and "Sudo privilege" in status["reason"]
+        assert "importer.omero.admin_user" in status["reason"]
+        counts = service.store.counts()
+        assert counts["failed"] == 0 and counts["retry_wait"] == 0
+        assert all(service.store.get(j.id).attempts == 0 for j in jobs)
+        service.gate.tick()  # probes again while paused: still no Sudo, still one mail
+        alerts = [m for m in service.store.outbox_list(limit=100) if m.kind == "admin_alert"]
+        assert len(alerts) == 1 and "configuration error" in alerts[0].subject
+        body = email.message_from_bytes(alerts[0].raw, policy=email.policy.default).get_body(("plain",))
+        assert "Sudo privilege" in body.get_content()
+
+        double.seed(users=[{"name": "ops", "password": "ops-pw", "groups": ["system"], "admin": True,
+                            "privileges": ["ModifyUser", "ReadSession", "Sudo"]}])
+        wait_until(lambda: service.store.counts()["succeeded"] == len(jobs), timeout=120,
+                   message="every job once the privilege is granted")
+    finally:
+        service.stop()
+    assert [service.store.get(j.id).attempts for j in jobs] == [1] * len(jobs)
+    alerts = sorted((m for m in service.store.outbox_list(limit=100) if m.kind == "admin_alert"), key=lambda m: m.id)
+    assert len(alerts) == 2 and "resumed" in alerts[1].subject
+
+
+def test_a_group_owner_outside_their_groups_fails_only_that_job(store, omero_config, make_spec, double):
+    # The per-job mirror: a group owner may act for the groups they lead only. The probe
+    # passes (they lead one), so the job fails by itself and the target is not paused.
+    from watchfolder.backpressure import TargetGate
+
+    double.seed(users=[{"name": "lead", "password": "lead-pw", "groups": ["imaging"], "owner_of": ["imaging"]}])
+    importer = create_importer(omero_config(admin_user="lead", admin_password="lead-pw"))
+    gate = TargetGate(importer, after_failures=3, probe_interval=30, alert_after=0)
+    from watchfolder.worker import Worker
+
+    job, _ = store.enqueue(make_spec({"a.fake": b""}, group="lab"))
+    Worker(store, importer, name="w1", gate=gate).loop()
+    job = store.get(job.id)
 
     assert job.state is JobState.FAILED and job.error.config_error is True
-    assert "Sudo privilege" in job.error.message and "importer.omero.admin_user" in job.error.message
-    assert job.attempts == 1
+    assert "'lead'" in job.error.message and "owner of the group" in job.error.message
+    assert not gate.paused and gate.last_probe == "ok"
 
 
 def test_a_group_owner_may_act_for_the_groups_members(store, omero_config, make_spec, double):

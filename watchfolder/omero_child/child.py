@@ -430,6 +430,35 @@ def classify(exc, where=""):
     return Failure(f"{prefix}unexpected error in the OMERO child: {type(exc).__name__}: {exc}")
 
 
+def sudo_problem(ec, user):
+    """Why the account ``user`` (its event context ``ec``) may not act for other users, or None.
+
+    OMERO's rule (``SessionBean.createSessionWithTimeouts``, ``AdminPrivilege``): an
+    administrator needs the Sudo privilege (a full administrator has every privilege;
+    a restricted one only those granted); anyone else may act only for members of the
+    groups they own. An administrator whose event context lists no privileges at all
+    is taken as a full one (servers before OMERO 5.4 list none).
+    """
+    privileges = set(getattr(ec, "adminPrivileges", None) or ())  # the privileges' names
+    if ec.isAdmin:
+        if not privileges or "Sudo" in privileges:
+            return None
+        return (
+            f"importer.omero.admin_user {user!r} is a restricted OMERO administrator without the Sudo "
+            f"privilege, so OMERO refuses to let it import for other users (every job would fail). "
+            f"Grant {user!r} the Sudo privilege (OMERO.web: Admin, Users, edit {user!r}, privileges), or set "
+            "importer.omero.admin_user to an administrator who has it"
+        )
+    if ec.leaderOfGroups:
+        return None
+    return (
+        f"importer.omero.admin_user {user!r} is neither an OMERO administrator nor the owner of a group, "
+        "so OMERO refuses to let it import for other users (every job would fail). Set "
+        "importer.omero.admin_user to an administrator with the Sudo privilege, or make the account an "
+        "owner of the groups whose members import"
+    )
+
+
 def session_key_reason(exc, key):
     """OMERO's reason for refusing a session key, without the key (a secret)."""
     reason = getattr(exc, "reason", None) or getattr(exc, "message", None) or type(exc).__name__
@@ -743,10 +772,15 @@ class Importer:
             try:
                 session = sf.getSessionService().createSessionWithTimeouts(principal, lifetime, idle)
             except omero.SecurityViolation as exc:
+                # Without the Sudo privilege every job fails so: the service pauses the target
+                # (its probe, ping, finds the same problem); a group owner acting outside the
+                # groups they lead fails only this job (the probe passes).
+                problem = sudo_problem(admin_svc.getEventContext(), req["admin_user"])
                 raise Failure(
-                    f"OMERO refused to let {req['admin_user']!r} act as {owner!r} in group {group!r} "
-                    f"({exc.message}): importer.omero.admin_user must be a full administrator, a "
-                    "restricted administrator with the Sudo privilege, or an owner of the group",
+                    problem or (
+                        f"OMERO refused to let {req['admin_user']!r} act as {owner!r} in group {group!r} "
+                        f"({exc.message}): importer.omero.admin_user must be a full administrator, a "
+                        "restricted administrator with the Sudo privilege, or an owner of the group"),
                     config_error=True,
                 ) from None
             self.sudo_session = session
@@ -1567,7 +1601,8 @@ def probe(jar=None):
 
 
 def ping(stdin, out):
-    """``--ping``: can the server be reached and the admin log in? For pausing and resuming.
+    """``--ping``: can the server be reached, the admin log in and act for users (:func:`sudo_problem`)?
+    For pausing and resuming.
 
     Reads ``{"host", "port", "admin_user", "admin_password", "connect_timeout"}`` on
     stdin and prints one line ``{"ok": true}`` or ``{"ok": false, "message": ...,
@@ -1578,8 +1613,8 @@ def ping(stdin, out):
         req = json.loads(stdin.read())
         client = _new_client(req, req["host"], int(req["port"]))
         client.createSession(req["admin_user"], req["admin_password"])
-        client.getSession().getAdminService().getEventContext()
-        answer = {"ok": True}
+        problem = sudo_problem(client.getSession().getAdminService().getEventContext(), req["admin_user"])
+        answer = {"ok": False, "message": problem, "unavailable": False} if problem else {"ok": True}
     except BaseException as exc:  # every failure is an answer
         failure = classify(exc, f"OMERO at {req.get('host')}:{req.get('port')}" if isinstance(req, dict) else "")
         answer = {"ok": False, "message": failure.message, "unavailable": failure.unavailable}

@@ -31,7 +31,8 @@ Control channel (HTTP on 127.0.0.1, JSON):
                            dropped); the process, its port and its JVM stay
     POST /seed             {"groups": [{"name", "perms"}], "users": [{"name", "password",
                            "email", "groups": [...], "admin": bool, "privileges": [...]
-                           (a restricted admin's; default all), "owner_of": [groups]}]}
+                           (a restricted admin's; default all), "owner_of": [groups]}]};
+                           a user seeded again is updated, keeping its id
     POST /session          {"user", "group"?} -> {"uuid"}: a session as a web client holds one
     POST /session/close    {"uuid"}: that session ends (logged out, or timed out)
     POST /annotations      {"owner", "group", "kind": "tag"|"comment"|"map", "ns"?, "text"?}
@@ -183,8 +184,11 @@ class World:
     def add_user(self, name, password, email=None, groups=(), admin=False, uid=None, privileges=None,
                  owner_of=()):
         """``privileges``: a restricted admin's (OMERO's AdminPrivilege names, e.g. "Sudo");
-        None gives a full admin all of them. ``owner_of``: groups the user leads."""
+        None gives a full admin all of them. ``owner_of``: groups the user leads. A name
+        seeded again is updated in place (its id stays), as an admin edits a user."""
         with self.lock:
+            if uid is None and name in self.users:
+                uid = self.users[name]["id"]
             gids = [self.add_group(g)["id"] for g in groups]
             if "user" in self.groups and 1 not in gids:
                 gids.append(1)
@@ -529,7 +533,9 @@ class AdminI(omero.api.IAdmin):
         return omero.sys.EventContext(
             sessionUuid=s["uuid"], userId=user["id"], userName=user["name"], groupId=group["id"],
             groupName=group["name"], isAdmin=user["admin"], memberOfGroups=list(user["groups"]),
-            leaderOfGroups=list(user["leader_of"]), eventType="User", adminPrivileges=[],
+            leaderOfGroups=list(user["leader_of"]), eventType="User",
+            # As OMERO 5.4+: the names of an administrator's privileges (a full one has all), none for others.
+            adminPrivileges=list(user["privileges"]) if user["admin"] else [],
             groupPermissions=omero.model.PermissionsI(group["perms"]),
         )
 
