@@ -248,6 +248,26 @@ out(unwritten=failure(lambda: start_import(c, ["empty.fake"], write=False)),
     assert seen["written"] is None
 
 
+def test_a_dropped_upload_leaves_no_dispatch_behind(omero_python, double, tmp_path):
+    # drop_after_bytes closes the connection inside a write. That write's dispatch must still
+    # end: an unanswered one kept the adapter's destroy (the "down" switch) waiting for ever,
+    # so a test switching the double down after a dropped upload timed out.
+    (tmp_path / "big.fake").write_bytes(b"x" * 2 * 1024 * 1024)
+    double.faults(drop_after_bytes=1024)
+    seen = run(omero_python, double, '''
+c = login("jdoe", "jdoe-pw")
+try:
+    start_import(c, ["big.fake"])
+    out(dropped=None)
+except Exception as e:
+    out(dropped=type(e).__name__)
+''', tmp_path)
+    assert seen["dropped"] is not None and double.state()["counters"]["drops"] == 1
+    double.faults(down=True)  # the control call answers (it waited for the dropped write's dispatch)
+    double.faults(down=None)
+    assert double.state()["faults"] == {}
+
+
 def test_the_server_reads_with_bioformats_and_fails_what_it_cannot_read(omero_python, double, tmp_path,
                                                                         bioformats):
     (tmp_path / "broken.tif").write_bytes(b"II*\x00" + b"\x00" * 200)

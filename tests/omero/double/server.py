@@ -1200,6 +1200,10 @@ class RawFileStoreI(omero.api.RawFileStore):
                         WORLD.faults.pop("drop_after_bytes")
                         WORLD.counters["drops"] += 1
                         current.con.close(True)
+                        # The dispatch must still end: an AMD call never answered stays
+                        # outstanding, and the adapter's destroy (the "down" fault) waits
+                        # for it for ever. The answer goes nowhere: the connection is gone.
+                        _cb.ice_exception(Ice.ConnectionLostException())
                         return
                     self._put(bytes(buf[:length]), position)
                     WORLD.counters["bytes_written"] += length
