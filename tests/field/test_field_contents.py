@@ -83,7 +83,8 @@ def test_a_fifo_in_a_manifest_folder_without_a_file_list_is_said_left_out(field,
     assert files_of(job) == ["a.tif"]
     log = field.store.read_log(job.id)
     assert "pipe (a named pipe (FIFO), not a regular file: not imported)" in log and ".DS_Store" in log, log
-    wait_until(lambda: any("pipe (not a regular file" in m for m in field.mails()), 10, message="the mail naming pipe")
+    wait_until(lambda: any("pipe (a named pipe (FIFO), not a regular file" in m for m in field.mails()), 10,
+               message="the mail naming pipe")
 
 
 def noted(field, path):
