@@ -432,14 +432,15 @@ def test_enqueue_many_commits_a_batch_and_keeps_idempotency(store, make_spec):
     assert {store.claim("w").id, store.claim("w").id} == {results[0][0].id, results[1][0].id}
 
 
-def test_recent_successes_like_are_the_owners_succeeded_jobs_of_that_shape(store, make_spec):
-    from watchfolder.job import Target
+def test_alike_finds_the_owners_jobs_of_that_shape_exactly_and_imported_as_by_content(store, make_spec):
+    from watchfolder.job import Target, content_key, imported_content_key, known_digests
 
     two = {"a.tif": b"x" * 100, "b.tif": b"y" * 50}  # 2 files, 150 bytes
     ids = {}
     for name, files, fields in (
         ("match-1", two, {}),
         ("other-size", {"a.tif": b"x" * 100, "b.tif": b"y" * 51}, {}),
+        ("other-names", {"a.tif": b"x" * 100, "c.tif": b"y" * 50}, {}),
         ("other-count", {"a.tif": b"x" * 150}, {}),
         ("other-owner", two, {"owner": "asmith"}),
         ("other-target", two, {"target": Target(dataset="elsewhere")}),
@@ -451,16 +452,46 @@ def test_recent_successes_like_are_the_owners_succeeded_jobs_of_that_shape(store
         ids[name] = job.id
         if name != "not-finished":
             store.claim("w", now=T0)
-            store.succeed(job.id, "w", {}, now=T0 + 1)
+            result = {"files": [f.to_dict() for f in job.spec.files]}
+            store.succeed(job.id, "w", result, now=T0 + 1, content_key=imported_content_key(job.spec, result))
     probe = make_spec(files=two)
-    found = store.recent_successes_like(probe, recent=200)
+    found = store.alike(probe, states=["succeeded"])
     assert [j.id for j in found] == [ids["match-2"], ids["match-1"]]  # newest first
     assert found[0].spec.files == store.get(ids["match-2"]).spec.files
-    # Only the owner's `recent` newest successes are looked at.
-    assert [j.id for j in store.recent_successes_like(probe, recent=3)] == [ids["match-2"]]
-    assert store.recent_successes_like(make_spec(files={"c.tif": b"z" * 151}), recent=200) == []
-    # The same question about jobs in other states (de-duplication waits for an unfinished one).
-    assert [j.id for j in store.recent_like(probe, recent=200, states=["queued", "running"])] == [ids["not-finished"]]
+    assert [j.id for j in store.alike(probe, states=["succeeded"], limit=1)] == [ids["match-2"]]
+    assert [j.id for j in store.alike(probe, states=["succeeded"], before=ids["match-2"])] == [ids["match-1"]]
+    assert store.alike(make_spec(files={"c.tif": b"z" * 151}), states=["succeeded"]) == []
+    assert [j.id for j in store.alike(probe, states=["queued", "running"])] == [ids["not-finished"]]
+    # The content: the newest success of the same owner, target, group, paths, sizes and checksums.
+    key = content_key(probe, known_digests(probe))
+    assert key is not None and store.imported_as(key).id == ids["match-2"]
+    assert store.imported_as(content_key(probe, {"a.tif": "0" * 64, "b.tif": "1" * 64})) is None
+
+
+def test_an_earlier_success_is_found_by_its_content_after_250_unrelated_jobs(store, make_spec):
+    from watchfolder.job import content_key, imported_content_key, known_digests
+
+    original, _ = store.enqueue(make_spec(files={"x.tif": b"the original" * 10}), now=T0)
+    store.claim("w", now=T0)
+    result = {"files": [f.to_dict() for f in original.spec.files]}
+    store.succeed(original.id, "w", result, now=T0, content_key=imported_content_key(original.spec, result))
+    # 250 jobs of the same owner into the same target between the original and its copy,
+    # 50 of them of the very same names and sizes (other bytes).
+    for n in range(250):
+        files = {"x.tif": b"%012d" % n * 10} if n % 5 == 0 else {f"other-{n}.tif": b"%d" % n}
+        job, _ = store.enqueue(make_spec(files=files), now=T0 + 1)
+        store.claim("w", now=T0 + 1)
+        result = {"files": [f.to_dict() for f in job.spec.files]}
+        store.succeed(job.id, "w", result, now=T0 + 2, content_key=imported_content_key(job.spec, result))
+    copy = make_spec(files={"x.tif": b"the original" * 10})
+    assert len(store.alike(copy, states=["succeeded"], limit=1000)) == 51
+    assert store.imported_as(content_key(copy, known_digests(copy))).id == original.id
+    # A duplicate records no content key: it imported nothing itself.
+    dup, _ = store.enqueue(copy, now=T0 + 3)
+    store.claim("w", now=T0 + 3)
+    store.succeed(dup.id, "w", {"duplicate_of": original.id, "files": []}, now=T0 + 3,
+                  content_key=imported_content_key(copy, {"duplicate_of": original.id, "files": []}))
+    assert store.imported_as(content_key(copy, known_digests(copy))).id == original.id
 
 
 def test_enqueue_answers_the_job_as_stored_and_duplicates_use_no_ids(store, make_spec):

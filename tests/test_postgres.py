@@ -91,7 +91,7 @@ def test_a_fresh_database_is_created_at_the_latest_schema_and_an_old_one_migrate
         conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
     with caplog.at_level(logging.INFO, logger="watchfolder.store.postgres"):
         store = PostgresStore(pg_url, logs_dir=tmp_path / "logs")
-    assert store.describe()["schema"] == SCHEMA_VERSION == 4
+    assert store.describe()["schema"] == SCHEMA_VERSION == 5
     steps = [r for r in caplog.records if "schema 1 -> 2: watch folder leases" in r.getMessage()]
     assert [r.levelname for r in steps] == ["INFO"], "a schema step is news, not a warning"
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -101,6 +101,24 @@ def test_a_fresh_database_is_created_at_the_latest_schema_and_an_old_one_migrate
         conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     with pytest.raises(StoreError, match="newer watchfolder .*schema 99.*upgrade watchfolder on this host"):
         PostgresStore(pg_url, logs_dir=tmp_path / "logs")
+
+
+def test_schema_5_backfills_the_deduplication_keys_of_earlier_jobs(pg, pg_url, make_spec):
+    from watchfolder.job import FileEntry, content_key, known_digests
+
+    first = pg()
+    imported = make_spec()
+    bare = dataclasses.replace(imported, files=tuple(FileEntry(f.path, f.size) for f in imported.files))
+    job, _ = first.enqueue(bare, now=T0)
+    first.claim("w", now=T0)
+    first.succeed(job.id, "w", {"files": [f.to_dict() for f in imported.files]}, now=T0 + 1)  # no key recorded
+    queued, _ = first.enqueue(make_spec(files={"q.tif": b"q"}), now=T0)
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # as schema 3 left them
+        conn.execute("UPDATE jobs SET shape_key = NULL, content_key = NULL")
+        conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    store = pg()
+    assert store.imported_as(content_key(imported, known_digests(imported))).id == job.id
+    assert [j.id for j in store.alike(store.get(queued.id).spec, states=["queued"])] == [queued.id]
 
 
 def test_sqlite_store_is_copied_into_postgresql_idempotently(pg, tmp_path, make_spec):

@@ -5,6 +5,7 @@ Everything every store must do is in ``tests/store_contract.py`` (run by
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 
@@ -141,20 +142,37 @@ def test_a_schema_3_file_gains_the_outbox_digest_id(tmp_path, make_spec):
     reopened.close()
 
 
-def test_recent_successes_like_counts_the_files_of_schema_1_rows(tmp_path, make_spec):
-    store = SQLiteStore(tmp_path / "jobs.db")
-    spec = make_spec()
-    job, _ = store.enqueue(spec, now=T0)
+def test_schema_5_backfills_the_deduplication_keys_of_earlier_jobs(tmp_path, make_spec):
+    # A store written before the keys existed: a success (checksums in its result only, as the
+    # archive importer records them), a schema-1 row (files inside the spec) and a queued job.
+    from watchfolder.job import FileEntry, content_key, known_digests
+
+    path = tmp_path / "old.db"
+    store = SQLiteStore(path)
+    imported = make_spec()
+    bare = dataclasses.replace(imported, files=tuple(FileEntry(f.path, f.size) for f in imported.files))
+    job, _ = store.enqueue(bare, now=T0)
     store.claim("w", now=T0)
-    store.succeed(job.id, "w", {}, now=T0 + 1)
+    store.succeed(job.id, "w", {"files": [f.to_dict() for f in imported.files]}, now=T0 + 1)
+    old_style = make_spec(files={"a.tif": b"a" * 10})
+    old, _ = store.enqueue(old_style, now=T0)
+    store.claim("w", now=T0)
+    store.succeed(old.id, "w", {}, now=T0 + 1)
+    queued, _ = store.enqueue(make_spec(files={"q.tif": b"q"}), now=T0)
     conn = store._conn()
-    # As schema 1 wrote it: the files inside the spec JSON, no job_files rows.
-    conn.execute("UPDATE jobs SET spec = ? WHERE id = ?", (json.dumps(spec.to_dict()), job.id))
-    conn.execute("DELETE FROM job_files")
-    assert [j.id for j in store.recent_successes_like(spec, recent=10)] == [job.id]
-    bigger = make_spec(files={"img_1.tif": b"pixels-1" * 100, "img_2.tif": b"pixels-2" * 51})
-    assert store.recent_successes_like(bigger, recent=10) == []
+    conn.execute("UPDATE jobs SET spec = ? WHERE id = ?", (json.dumps(old_style.to_dict()), old.id))
+    conn.execute("DELETE FROM job_files WHERE job_id = ?", (old.id,))
+    for statement in ("DROP INDEX jobs_shape", "DROP INDEX jobs_content", "ALTER TABLE jobs DROP COLUMN shape_key",
+                      "ALTER TABLE jobs DROP COLUMN content_key",
+                      "UPDATE meta SET value = '4' WHERE key = 'schema_version'"):
+        conn.execute(statement)
     store.close()
+    reopened = SQLiteStore(path)
+    assert reopened.imported_as(content_key(imported, known_digests(imported))).id == job.id
+    assert [j.id for j in reopened.alike(old_style, states=["succeeded"])] == [old.id]
+    assert reopened.imported_as(content_key(old_style, known_digests(old_style))).id == old.id
+    assert [j.id for j in reopened.alike(reopened.get(queued.id).spec, states=["queued"])] == [queued.id]
+    reopened.close()
 
 
 def _mail(job):

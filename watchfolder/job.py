@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -484,3 +485,66 @@ class RetryPolicy:
             return 0.0
         index = min(max(attempts_made, 1), len(self.backoff)) - 1
         return float(self.backoff[index])
+
+
+# -- content de-duplication keys (watchfolder.watch.dedup) ----------------------
+
+
+def _scope(spec: JobSpec) -> dict[str, Any]:
+    """What de-duplication compares within: the owner, the target and the group."""
+    return {"owner": spec.owner, "target": spec.target.to_dict(), "group": spec.group or None}
+
+
+def shape_key(spec: JobSpec) -> str | None:
+    """The job's names and sizes within its owner, target and group, as one digest (hex), or None
+    without files.
+
+    Two jobs with equal shape keys list the same relative paths (Unicode NFC) with the
+    same sizes for the same owner, target and group: candidates for being the same data.
+    The stores index it, so every earlier job of a shape is found however old it is.
+    """
+    if not spec.files:
+        return None
+    files = sorted((unicodedata.normalize("NFC", f.path), f.size) for f in spec.files)
+    text = json.dumps({**_scope(spec), "files": files}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def known_digests(spec: JobSpec, result: dict[str, Any] | None = None) -> dict[str, str]:
+    """Path (NFC) -> SHA-256 of the job's files that are known: from the spec (the manifest's
+    checksums), else from ``result["files"]`` (the archive importer records each file's)."""
+    digests = {unicodedata.normalize("NFC", f.path): f.sha256 for f in spec.files if f.sha256}
+    for entry in (result or {}).get("files") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("path"), str):
+            digests.setdefault(unicodedata.normalize("NFC", entry["path"]), entry["sha256"])
+    return digests
+
+
+def content_key(spec: JobSpec, digests: dict[str, str]) -> str | None:
+    """The job's content within its owner, target and group: paths (NFC), sizes and SHA-256
+    (``digests``: NFC path -> sha256), as one digest (hex); None when a file's checksum is
+    not in ``digests`` or the job has no files.
+
+    Equal content keys: the same data for the same owner, target and group (the README's
+    "same data under another name"). Recorded for a job that imported its files
+    (:meth:`~watchfolder.store.base.JobStore.succeed`), looked up by later ones.
+    """
+    if not spec.files:
+        return None
+    files = []
+    for f in spec.files:
+        path = unicodedata.normalize("NFC", f.path)
+        digest = digests.get(path)
+        if not digest:
+            return None
+        files.append((path, f.size, digest.lower()))
+    text = json.dumps({**_scope(spec), "files": sorted(files)}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def imported_content_key(spec: JobSpec, result: dict[str, Any] | None) -> str | None:
+    """The content key a job that succeeded with ``result`` records: None when it imported
+    nothing itself (a duplicate of an earlier job) or a file's checksum is unknown."""
+    if (result or {}).get("duplicate_of"):
+        return None
+    return content_key(spec, known_digests(spec, result))

@@ -35,7 +35,7 @@ from .errors import (
     TransientImportError,
 )
 from .importers.base import ImportContext, Importer
-from .job import Job, JobSpec, JobState, Progress
+from .job import Job, JobSpec, JobState, Progress, imported_content_key
 from .store import JobStore
 from .store.space import is_disk_full
 
@@ -347,8 +347,11 @@ class Worker:
             if self.gate is not None:
                 self.gate.succeeded()
             ctx.log("succeeded")
+            # What it imported, for content de-duplication's exact look-up of later copies (any age).
+            imported = imported_content_key(job.spec, result)
             return self._settle(
-                lambda: self.store.succeed(job.id, self.name, result, now=now, progress=ctx.current)
+                lambda: self.store.succeed(job.id, self.name, result, now=now, progress=ctx.current,
+                                           content_key=imported)
             )
         except LeaseLost as exc:  # the finishing write found the job taken over
             log.warning("job %s: %s", job.id, exc)

@@ -118,3 +118,36 @@ def test_an_identical_copy_dropped_while_the_first_is_importing_is_not_imported_
     assert (first.state.value, second.state.value) == ("succeeded", "succeeded"), (first.error, second.error)
     assert f"already imported as job {first.id}" in field.store.read_log(second.id)
     assert len(field.archived()) == 2, field.archived()  # the first job's two files, once
+
+
+def test_copies_and_renames_of_acquisitions_imported_205_jobs_ago_are_not_imported_again(field, tmp_path,
+                                                                                          monkeypatch):
+    # Found by an outside test: de-duplication looked at the owner's newest 200 successes only.
+    from watchfolder.watch import dedup
+
+    read: list[str] = []
+    real = dedup._sha256
+    monkeypatch.setattr(dedup, "_sha256", lambda path: read.append(path) or real(path))
+    field.start("events")
+    manifest(field.drop / "listed", {"a.tif": b"listed " * 300, "b.tif": b"b" * 700})
+    manifest(field.drop / "computed", {"x.tif": b"computed " * 300}, listed=False)  # checksums from the import
+    first = field.settled(2)
+    listed, computed = sorted(first, key=lambda j: j.spec.extra["acquisition"] != "listed")
+    for n in range(205):  # unrelated acquisitions of the same owner into the same dataset
+        manifest(tmp_path / "staging" / f"run-{n:03d}", {"x.tif": b"%08d" % n * 10})
+        os.rename(tmp_path / "staging" / f"run-{n:03d}", field.drop / f"run-{n:03d}")
+    assert all(j.state.value == "succeeded" for j in field.settled(207, timeout=240))
+    archived = len(field.archived())
+    shutil.copytree(field.drop / "listed", tmp_path / "copy")
+    os.rename(tmp_path / "copy", field.drop / "listed copy")
+    os.rename(field.drop / "computed", field.drop / "computed renamed")  # same files, same inodes
+    jobs = field.settled(209, timeout=60)
+    later = {j.spec.extra["acquisition"]: j for j in jobs[207:]}
+    assert set(later) == {"listed copy", "computed renamed"}, later
+    for name, earlier in (("listed copy", listed), ("computed renamed", computed)):
+        job = later[name]
+        assert job.state.value == "succeeded", job.error
+        assert (job.result or {}).get("duplicate_of") == earlier.id, (name, job.result)
+        assert f"already imported as job {earlier.id}" in field.store.read_log(job.id)
+    assert len(field.archived()) == archived  # nothing archived twice
+    assert not [p for p in read if "computed renamed" in p]  # the rename was known by its inodes, not re-read

@@ -33,7 +33,7 @@ from typing import Any
 
 from .. import defaults as D
 from ..errors import ImportFailure, StoreUnavailable
-from ..job import Job, JobSpec, JobState, Progress, storable
+from ..job import Job, JobSpec, Progress, storable
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,6 @@ def process_exists(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
-
-
-def same_target(a: JobSpec, b: JobSpec) -> bool:
-    """Whether two acquisitions go to the same target in the same group (content de-duplication's scope)."""
-    return a.target == b.target and (a.group or None) == (b.group or None)
 
 
 class _CachingHeaderRegistry(HeaderRegistry):
@@ -282,24 +277,25 @@ class JobStore(abc.ABC):
         whether an admin acknowledged a failure.
         """
 
-    def recent_successes_like(self, spec: JobSpec, *, recent: int) -> list[Job]:
-        """Among ``spec.owner``'s ``recent`` newest succeeded jobs, newest first, those into the
-        same target and group with as many files as ``spec`` totalling as many bytes (a file
-        of unknown size counts 0).
+    @abc.abstractmethod
+    def imported_as(self, content_key: str) -> Job | None:
+        """The newest succeeded job that recorded ``content_key`` (:func:`~watchfolder.job.content_key`:
+        the same owner, target, group, paths, sizes and SHA-256), or None.
 
-        Content de-duplication's candidates (:mod:`watchfolder.watch.dedup`): only these
-        are compared in full. This default filters :meth:`list_jobs`; a store answers
-        from its own tables where it can, without building every job (a burst of 200
-        acquisitions compared 200 × 200 jobs).
+        Content de-duplication's exact look-up (:mod:`watchfolder.watch.dedup`): an
+        index seek, so a copy of an acquisition imported thousands of jobs ago is found
+        as surely as one of the last job.
         """
-        return self.recent_like(spec, recent=recent, states=(JobState.SUCCEEDED.value,))
 
-    def recent_like(self, spec: JobSpec, *, recent: int, states: Iterable[str]) -> list[Job]:
-        """:meth:`recent_successes_like` for jobs in ``states`` (content de-duplication also
-        waits for an identical job still queued or running)."""
-        jobs, _ = self.list_jobs(states=list(states), owner=spec.owner, limit=recent)
-        return [j for j in jobs if same_target(j.spec, spec) and len(j.spec.files) == len(spec.files)
-                and j.spec.total_bytes() == spec.total_bytes()]
+    @abc.abstractmethod
+    def alike(self, spec: JobSpec, *, states: Iterable[str], before: int | None = None, limit: int = 20) -> list[Job]:
+        """Jobs in ``states`` with ``spec``'s shape key (:func:`~watchfolder.job.shape_key`: the
+        same owner, target, group, paths and sizes), newest first, at most ``limit``
+        (1 to 1000); ``before``: only jobs with a lower id. Empty when ``spec`` lists no files.
+
+        An index seek: de-duplication's cheap test (is there any earlier job these files
+        could be a copy of?) and its look-up of identical jobs still queued or running.
+        """
 
     @abc.abstractmethod
     def counts(self, *, owners: Sequence[str] | None = None) -> dict[str, int]:
@@ -396,8 +392,14 @@ class JobStore(abc.ABC):
         now: float | None = None,
         mails: MailComposer | None = None,
         progress: Progress | None = None,
+        content_key: str | None = None,
     ) -> Job:
-        """Mark a running job succeeded with its result; its mails go to the outbox in the same transaction."""
+        """Mark a running job succeeded with its result; its mails go to the outbox in the same transaction.
+
+        ``content_key``: what it imported (:func:`~watchfolder.job.imported_content_key`),
+        recorded for :meth:`imported_as`; None when it imported nothing itself or a
+        checksum is unknown.
+        """
 
     @abc.abstractmethod
     def fail(

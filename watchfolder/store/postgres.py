@@ -62,7 +62,7 @@ from ..errors import (
     StoreUnavailable,
 )
 from ..filemodes import PRIVATE, FileModes
-from ..job import ErrorKind, FileEntry, HistoryEntry, Job, JobSpec, JobState, Progress, RetryPolicy
+from ..job import ErrorKind, FileEntry, HistoryEntry, Job, JobSpec, JobState, Progress, RetryPolicy, shape_key
 from .base import JobStore, Mail, MailComposer, OutboxMail, PendingEntry
 from .outage import Outage, outage_for
 from .rows import (
@@ -71,6 +71,7 @@ from .rows import (
 from .rows import (
     FileLogs,
     component_from_row,
+    dedup_keys_of_row,
     history_from_rows,
     job_from_row,
     mail_from_row,
@@ -267,14 +268,40 @@ CREATE INDEX IF NOT EXISTS pending_first_seen ON pending(first_seen);
     # An admin mail folded into a digest is 'digested' with the digest's id, never 'sent'.
     (4, "outbox mails folded into an admin digest name it (outbox.digest_id)",
      "ALTER TABLE outbox ADD COLUMN IF NOT EXISTS digest_id BIGINT"),
+    # Content de-duplication looks earlier jobs up by these (indexed), not among the newest N.
+    # Back-filled for the jobs already there (_backfill_dedup_keys).
+    (5, "content de-duplication keys (shape_key, content_key) on jobs, indexed", """
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS shape_key TEXT;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS content_key TEXT;
+CREATE INDEX IF NOT EXISTS jobs_shape ON jobs(shape_key, id);
+CREATE INDEX IF NOT EXISTS jobs_content ON jobs(content_key, id);
+"""),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+def _backfill_dedup_keys(conn) -> None:
+    """Schema step 5 for the jobs already stored: each one's shape key, and the content key of
+    each succeeded one (from its listed or recorded checksums), in the step's transaction;
+    a batch of jobs per round trip."""
+    ids = [r["id"] for r in conn.execute("SELECT id FROM jobs ORDER BY id").fetchall()]
+    for start in range(0, len(ids), 500):
+        batch = ids[start:start + 500]
+        rows = conn.execute("SELECT id, spec, state, result FROM jobs WHERE id = ANY(%s)", (batch,)).fetchall()
+        files: dict[int, list[FileEntry]] = {}
+        for f in conn.execute(FILES_OF_JOBS, (batch,)).fetchall():
+            files.setdefault(f["job_id"], []).append(FileEntry(f["path"], f["size"], f["sha256"]))
+        keys = [(*dedup_keys_of_row(r, tuple(files.get(r["id"], ()))), r["id"]) for r in rows]
+        with conn.cursor() as cur:
+            cur.executemany("UPDATE jobs SET shape_key = %s, content_key = %s WHERE id = %s", keys)
+    if ids:
+        log.info("store: de-duplication keys of %d earlier job(s) recorded", len(ids))
+
 
 #: PostgreSQL array types of the columns a new job row sets (``rows.new_job_columns``), for batch inserts.
 _ARRAY_TYPES = {
     "idempotency_key": "text", "state": "text", "owner": "text", "source": "text", "spec": "text",
     "session_key": "text", "max_attempts": "integer", "created_at": "double precision",
-    "updated_at": "double precision", "progress": "text", "followup": "text",
+    "updated_at": "double precision", "progress": "text", "followup": "text", "shape_key": "text",
 }
 
 
@@ -577,6 +604,8 @@ class PostgresStore(FileLogs, JobStore):
                 if current:  # a fresh database says nothing: it is simply created at the latest version
                     log.info("store %s: schema %d -> %d: %s", self.location, version - 1, version, what)
                 conn.execute(sql)
+                if version == 5 and current:
+                    _backfill_dedup_keys(conn)
                 conn.execute(
                     "INSERT INTO meta VALUES ('schema_version', %s)"
                     " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -677,6 +706,26 @@ class PostgresStore(FileLogs, JobStore):
             rows = conn.execute(sql + " ORDER BY id DESC LIMIT %s", (*args, limit + 1)).fetchall()
         jobs = self._jobs(rows[:limit])
         return jobs, (str(jobs[-1].id) if len(rows) > limit else None)
+
+    def imported_as(self, content_key: str) -> Job | None:
+        with self._tx() as conn:
+            row = conn.execute(
+                "SELECT * FROM jobs WHERE content_key = %s AND state = 'succeeded' ORDER BY id DESC LIMIT 1",
+                (content_key,),
+            ).fetchone()
+            return self._job(row, conn=conn) if row is not None else None
+
+    def alike(self, spec: JobSpec, *, states: Iterable[str], before: int | None = None, limit: int = 20) -> list[Job]:
+        key = shape_key(spec)
+        states = [str(JobState(s)) for s in states]
+        if key is None or not states:
+            return []
+        with self._tx() as conn:
+            rows = conn.execute(
+                "SELECT * FROM jobs WHERE shape_key = %s AND state = ANY(%s) AND id < %s ORDER BY id DESC LIMIT %s",
+                (key, states, before if before is not None else 2**63 - 1, max(1, min(int(limit), 1000))),
+            ).fetchall()
+            return self._jobs(rows, conn) if rows else []
 
     def counts(self, *, owners: Sequence[str] | None = None) -> dict[str, int]:
         counts = {str(s): 0 for s in JobState}
@@ -1075,10 +1124,10 @@ class PostgresStore(FileLogs, JobStore):
         now = _now(now)
         with self._tx() as conn:
             row = conn.execute(
-                "UPDATE jobs SET spec = %s, owner = %s, updated_at = %s WHERE id = %s AND state = 'running'"
-                " AND worker = %s RETURNING id",
-                (json.dumps(dataclasses.replace(spec, session_key=None).to_dict(files=False)), spec.owner, now,
-                 job_id, worker),
+                "UPDATE jobs SET spec = %s, owner = %s, shape_key = %s, updated_at = %s WHERE id = %s"
+                " AND state = 'running' AND worker = %s RETURNING id",
+                (json.dumps(dataclasses.replace(spec, session_key=None).to_dict(files=False)), spec.owner,
+                 shape_key(spec), now, job_id, worker),
             ).fetchone()
             if row is None:
                 raise LeaseLost(f"job {job_id} is no longer held by {worker}")
@@ -1116,6 +1165,7 @@ class PostgresStore(FileLogs, JobStore):
         now: float | None = None,
         mails: MailComposer | None = None,
         progress: Progress | None = None,
+        content_key: str | None = None,
     ) -> Job:
         now = _now(now)
         with self._tx(single=self._no_mail(mails)) as conn:
@@ -1123,9 +1173,9 @@ class PostgresStore(FileLogs, JobStore):
                 conn, job_id, worker,
                 "state = 'succeeded', result = %s, finished_at = %s, updated_at = %s,"
                 " lease_expires_at = NULL, session_key = NULL, progress = coalesce(%s, progress),"
-                " error_kind = NULL, error_message = NULL, error_config = FALSE,"
+                " error_kind = NULL, error_message = NULL, error_config = FALSE, content_key = %s,"
                 f" {FINISHED_FOLLOWUP}",
-                (json.dumps(result), now, now, json.dumps(progress.to_dict()) if progress else None),
+                (json.dumps(result), now, now, json.dumps(progress.to_dict()) if progress else None, content_key),
                 now, mails, "succeeded",
             )
 

@@ -19,7 +19,19 @@ from typing import Any
 
 from ..errors import StoreError
 from ..filemodes import PRIVATE, FileModes
-from ..job import ErrorKind, FileEntry, HistoryEntry, Job, JobError, JobSpec, JobState, Progress, printable
+from ..job import (
+    ErrorKind,
+    FileEntry,
+    HistoryEntry,
+    Job,
+    JobError,
+    JobSpec,
+    JobState,
+    Progress,
+    imported_content_key,
+    printable,
+    shape_key,
+)
 from ..units import whole_number
 from .base import OutboxMail, PendingEntry
 from .space import DiskFull, is_disk_full
@@ -103,6 +115,7 @@ def new_job_columns(
         "updated_at": now,
         "progress": json.dumps(Progress(bytes_total=spec.total_bytes(), files_total=len(spec.files)).to_dict()),
         "followup": "pending" if spec.source.startswith("watch:") and state.finished else None,
+        "shape_key": shape_key(spec),
         **extra,
     }
 
@@ -125,6 +138,22 @@ def outbox_where(state: str | None, before: int | None, mark: str,
         terms.append(f"id < {mark}")
         params.append(int(before))
     return (" WHERE " + " AND ".join(terms) if terms else ""), tuple(params)
+
+
+def dedup_keys_of_row(row: Mapping[str, Any], files: tuple[FileEntry, ...] | None) -> tuple[str | None, str | None]:
+    """``(shape_key, content_key)`` of a stored job (a ``jobs`` row with ``spec``, ``state``,
+    ``result``; ``files`` from ``job_files`` unless the spec holds them): the back-fill of the
+    schema step that added the keys. The content key only for a succeeded job that imported
+    its files with every checksum known (:func:`~watchfolder.job.imported_content_key`)."""
+    data = json.loads(row["spec"])
+    data["session_key"] = None
+    spec = JobSpec.from_dict(data)
+    if "files" not in data and files is not None:
+        spec = dataclasses.replace(spec, files=files)
+    content = None
+    if row["state"] == str(JobState.SUCCEEDED):
+        content = imported_content_key(spec, json.loads(row["result"]) if row["result"] else None)
+    return shape_key(spec), content
 
 
 def mail_from_row(row: Mapping[str, Any]) -> OutboxMail:

@@ -47,12 +47,14 @@ from ..job import (
     JobState,
     Progress,
     RetryPolicy,
+    shape_key,
 )
-from .base import JobStore, Mail, MailComposer, OutboxMail, PendingEntry, process_exists, same_target
+from .base import JobStore, Mail, MailComposer, OutboxMail, PendingEntry, process_exists
 from .rows import (
     FINISHED_FOLLOWUP,
     FileLogs,
     component_from_row,
+    dedup_keys_of_row,
     history_from_rows,
     job_from_row,
     mail_from_row,
@@ -247,6 +249,13 @@ CREATE TABLE IF NOT EXISTS folder_leases (
     # An admin mail folded into a digest is 'digested' with the digest's id, never 'sent'.
     (4, "outbox mails folded into an admin digest name it (outbox.digest_id)",
      "ALTER TABLE outbox ADD COLUMN digest_id INTEGER"),
+    # Content de-duplication looks earlier jobs up by these (indexed), not among the newest N.
+    # Back-filled for the jobs already there (_backfill_dedup_keys).
+    # The columns are added by _add_dedup_keys (SQLite has no ADD COLUMN IF NOT EXISTS).
+    (5, "content de-duplication keys (shape_key, content_key) on jobs, indexed", """
+CREATE INDEX IF NOT EXISTS jobs_shape ON jobs(shape_key, id);
+CREATE INDEX IF NOT EXISTS jobs_content ON jobs(content_key, id);
+"""),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -262,6 +271,27 @@ def _column_there(conn: sqlite3.Connection, statement: str) -> bool:
         return False
     table, column = match.groups()
     return any(row[1] == column for row in conn.execute(f"PRAGMA table_info({table})"))
+
+
+def _add_dedup_keys(conn: sqlite3.Connection) -> None:
+    """The columns of schema step 5, unless there already."""
+    have = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
+    for column in ("shape_key", "content_key"):
+        if column not in have:
+            conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
+
+
+def _backfill_dedup_keys(conn: sqlite3.Connection) -> None:
+    """Schema step 5 for the jobs already stored: each one's shape key, and the content key of
+    each succeeded one (from its listed or recorded checksums), in the step's transaction."""
+    rows = conn.execute("SELECT id, spec, state, result FROM jobs").fetchall()
+    for row in rows:
+        files = tuple(FileEntry(r["path"], r["size"], r["sha256"]) for r in conn.execute(
+            "SELECT path, size, sha256 FROM job_files WHERE job_id = ? ORDER BY seq", (row["id"],)))
+        shape, content = dedup_keys_of_row(row, files)
+        conn.execute("UPDATE jobs SET shape_key = ?, content_key = ? WHERE id = ?", (shape, content, row["id"]))
+    if rows:
+        log.info("store: de-duplication keys of %d earlier job(s) recorded", len(rows))
 
 
 # SQLite primary result codes (https://www.sqlite.org/rescode.html) -> (problem, fix).
@@ -608,9 +638,13 @@ class SQLiteStore(FileLogs, JobStore):
                     continue
                 if current:  # a fresh file says nothing: it is simply created at the latest version
                     log.info("store %s: schema %d -> %d: %s", self.path, version - 1, version, what)
+                if version == 5:
+                    _add_dedup_keys(conn)
                 for statement in filter(str.strip, sql.split(";")):
                     if not _column_there(conn, statement):  # steps stay idempotent, like SCHEMA
                         conn.execute(statement)
+                if version == 5 and current:
+                    _backfill_dedup_keys(conn)
                 conn.execute(
                     "INSERT INTO meta VALUES ('schema_version', ?)"
                     " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -726,26 +760,23 @@ class SQLiteStore(FileLogs, JobStore):
         next_cursor = str(jobs[-1].id) if len(rows) > limit else None
         return jobs, next_cursor
 
-    def recent_like(self, spec: JobSpec, *, recent: int, states: Iterable[str]) -> list[Job]:
-        # Target, group and the files' count and bytes compared in SQL (the files from job_files,
-        # or for a schema-1 row from the spec's own list): only the rows that match are built.
-        count, total, target = len(spec.files), spec.total_bytes(), spec.target
+    def imported_as(self, content_key: str) -> Job | None:
+        row = self._conn().execute(
+            "SELECT * FROM jobs WHERE content_key = ? AND state = 'succeeded' ORDER BY id DESC LIMIT 1", (content_key,)
+        ).fetchone()
+        return self._job(row) if row is not None else None
+
+    def alike(self, spec: JobSpec, *, states: Iterable[str], before: int | None = None, limit: int = 20) -> list[Job]:
+        key = shape_key(spec)
         states = [str(JobState(s)) for s in states]
+        if key is None or not states:
+            return []
         rows = self._conn().execute(
-            f"SELECT j.* FROM (SELECT * FROM jobs WHERE owner = ? AND state IN ({','.join('?' * len(states))})"
-            " ORDER BY id DESC LIMIT ?) AS j WHERE json_extract(j.spec, '$.target.project') IS ?"
-            " AND json_extract(j.spec, '$.target.dataset') IS ? AND json_extract(j.spec, '$.target.dataset_id') IS ?"
-            " AND json_extract(j.spec, '$.target.screen') IS ? AND json_extract(j.spec, '$.target.screen_id') IS ?"
-            " AND nullif(json_extract(j.spec, '$.group'), '') IS ?"
-            " AND CASE WHEN json_type(j.spec, '$.files') IS NULL"
-            " THEN (SELECT count(*) = ? AND coalesce(sum(size), 0) = ? FROM job_files f WHERE f.job_id = j.id)"
-            " ELSE (SELECT count(*) = ? AND coalesce(sum(json_extract(value, '$.size')), 0) = ?"
-            " FROM json_each(j.spec, '$.files')) END ORDER BY j.id DESC",
-            (spec.owner, *states, max(1, min(int(recent), 1000)), target.project, target.dataset, target.dataset_id,
-             target.screen, target.screen_id, spec.group or None, count, total, count, total),
+            f"SELECT * FROM jobs WHERE shape_key = ? AND state IN ({','.join('?' * len(states))}) AND id < ?"
+            " ORDER BY id DESC LIMIT ?",
+            (key, *states, before if before is not None else 2**63 - 1, max(1, min(int(limit), 1000))),
         ).fetchall()
-        jobs = [self._job(r) for r in rows]
-        return [j for j in jobs if same_target(j.spec, spec)]
+        return [self._job(r) for r in rows]
 
     def counts(self, *, owners: Sequence[str] | None = None) -> dict[str, int]:
         """Number of jobs in each state (every state present); ``owners``: only theirs."""
@@ -1126,10 +1157,10 @@ class SQLiteStore(FileLogs, JobStore):
         conn = self._conn()
         with _transaction(conn):
             row = conn.execute(
-                "UPDATE jobs SET spec = ?, owner = ?, updated_at = ? WHERE id = ? AND state = 'running' AND worker = ?"
-                " RETURNING id",
-                (json.dumps(dataclasses.replace(spec, session_key=None).to_dict(files=False)), spec.owner, now,
-                 job_id, worker),
+                "UPDATE jobs SET spec = ?, owner = ?, shape_key = ?, updated_at = ? WHERE id = ? AND state = 'running'"
+                " AND worker = ? RETURNING id",
+                (json.dumps(dataclasses.replace(spec, session_key=None).to_dict(files=False)), spec.owner,
+                 shape_key(spec), now, job_id, worker),
             ).fetchone()
             if row is None:
                 raise LeaseLost(f"job {job_id} is no longer held by {worker}")
@@ -1171,6 +1202,7 @@ class SQLiteStore(FileLogs, JobStore):
         now: float | None = None,
         mails: MailComposer | None = None,
         progress: Progress | None = None,
+        content_key: str | None = None,
     ) -> Job:
         """Mark a running job succeeded with its result; its mails go to the outbox in the same transaction."""
         now = _now(now)
@@ -1180,7 +1212,7 @@ class SQLiteStore(FileLogs, JobStore):
         changes: dict[str, Any] = {
             "state": "succeeded", "result": result_json, "finished_at": now, "updated_at": now,
             "lease_expires_at": None, "session_key": None, "error_kind": None, "error_message": None,
-            "error_config": 0,
+            "error_config": 0, "content_key": content_key,
         }
         if progress_json is not None:
             changes["progress"] = progress_json
@@ -1194,9 +1226,9 @@ class SQLiteStore(FileLogs, JobStore):
                 conn, job_id, worker,
                 "state = 'succeeded', result = ?, finished_at = ?, updated_at = ?,"
                 " lease_expires_at = NULL, session_key = NULL, progress = coalesce(?, progress),"
-                " error_kind = NULL, error_message = NULL, error_config = 0,"
+                " error_kind = NULL, error_message = NULL, error_config = 0, content_key = ?,"
                 f" {FINISHED_FOLLOWUP}",
-                (result_json, now, now, progress_json),
+                (result_json, now, now, progress_json, content_key),
             )
             job = self._finish(conn, row, now, mails, "succeeded", prepared, erased=erased)
         self._wipe_erased(conn)

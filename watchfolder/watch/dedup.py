@@ -9,12 +9,19 @@ While such an earlier job is still queued, running or waiting for a retry, the
 later one waits for it (released, its attempt not counted) and decides then.
 
 Checksums come from the manifest when it lists them, otherwise they are
-computed, but only when a candidate earlier job already matches on paths and
-sizes (the cheap test first), so an ordinary new acquisition is never read
-twice. The earlier job's checksums come from its manifest or from its result
-(the archive importer records each file's SHA-256). An earlier job without
-known checksums is never called a duplicate: better imported twice than lost.
-Only the owner's most recent ``RECENT_JOBS`` successes are compared.
+computed, but only when an earlier job already matches on owner, target, group,
+paths and sizes (the cheap test first), so an ordinary new acquisition is never
+read twice. The earlier job's checksums come from its manifest or from its result
+(the archive importer records each file's SHA-256): it recorded them as its
+content key when it succeeded. An earlier job without known checksums is never
+called a duplicate: better imported twice than lost.
+
+Every look-up is exact and indexed (the store's ``shape_key`` and ``content_key``
+columns, :func:`watchfolder.job.shape_key` and :func:`~watchfolder.job.content_key`):
+a copy of an acquisition imported any number of jobs ago is found as surely as
+one of the last job. A *renamed* imported acquisition (the same files: device,
+inode, size and modification time as one of the newest ``RECENT_ALIKE`` earlier
+successes of that shape) is its duplicate without reading its files again.
 """
 
 from __future__ import annotations
@@ -25,26 +32,22 @@ import unicodedata
 from typing import Any
 
 from ..config import Config
-from ..job import Job, JobState
+from ..job import Job, JobState, content_key, imported_content_key, known_digests
 
-RECENT_JOBS = 200
+#: Earlier successes of the same shape whose files' identities are compared (the rename test).
+RECENT_ALIKE = 20
+#: Earlier identical jobs still unfinished that are compared (each may cost reading its files).
 RECENT_UNFINISHED = 20
 UNFINISHED = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.RETRY_WAIT.value)
 
 
-def _shape(job: Job) -> list[tuple[str, int | None]]:
-    return sorted((unicodedata.normalize("NFC", f.path), f.size) for f in job.spec.files)
-
-
-def _known_digests(job: Job) -> dict[str, str] | None:
-    """Path -> sha256 of an earlier job's files, from its spec or its result; None when any is unknown."""
-    digests = {unicodedata.normalize("NFC", f.path): f.sha256 for f in job.spec.files if f.sha256}
-    for entry in (job.result or {}).get("files") or []:
-        if isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("path"), str):
-            digests.setdefault(unicodedata.normalize("NFC", entry["path"]), entry["sha256"])
-    if len(digests) < len(job.spec.files):
-        return None
-    return digests
+def _same_inodes(job: Job, other: Job) -> bool:
+    """Both jobs list the very same files (device, inode, size, mtime recorded when queued): a rename."""
+    mine, theirs = job.spec.file_identities(), other.spec.file_identities()
+    if not mine or not theirs or len(mine) != len(job.spec.files):
+        return False
+    norm = {unicodedata.normalize("NFC", p): ident for p, ident in theirs.items()}
+    return all(norm.get(unicodedata.normalize("NFC", p)) == ident for p, ident in mine.items())
 
 
 def _sha256(path: str) -> str:
@@ -71,35 +74,31 @@ def find_duplicate(job: Job, *, config: Config, store: Any) -> Job | None:
     watch = next((w for w in config.watch if w.name == watch_name), None)
     if watch is None or not watch.deduplicate:
         return None
-    shape = _shape(job)
-    total = spec.total_bytes()
-    earlier = store.recent_successes_like(spec, recent=RECENT_JOBS)
-    # Older identical jobs still queued or running: the newest few of the same shape (in a burst of
-    # same-shaped acquisitions each such comparison may read a file of the other job).
-    unfinished = [j for j in store.recent_like(spec, recent=RECENT_JOBS, states=UNFINISHED)
-                  if j.id < job.id][:RECENT_UNFINISHED]
-    mine: dict[str, str] | None = None
-    for other in [*earlier, *unfinished]:
-        if other.id == job.id or other.spec.target != spec.target or (other.spec.group or None) != (spec.group or None):
-            continue
-        if len(other.spec.files) != len(spec.files) or other.spec.total_bytes() != total:
-            continue
-        if (other.result or {}).get("duplicate_of") or _shape(other) != shape:
-            continue
-        theirs = _known_digests(other)
-        if theirs is None and other.state.finished:
-            continue
-        if mine is None:
-            mine = {}
-            try:
-                for f in spec.files:
-                    mine[unicodedata.normalize("NFC", f.path)] = f.sha256 or _sha256(os.path.join(spec.root, f.path))
-            except OSError:
-                return None  # unreadable now: the import says why
-        if theirs is None:  # not finished, no checksums listed: read its files, stopping at the first difference
+    alike = store.alike(spec, states=(JobState.SUCCEEDED.value,), limit=RECENT_ALIKE)
+    succeeded = [j for j in alike if j.id != job.id and not (j.result or {}).get("duplicate_of")]
+    for other in succeeded:
+        if _same_inodes(job, other) and imported_content_key(other.spec, other.result) is not None:
+            return other  # renamed since: the files it imported, unchanged
+    unfinished = store.alike(spec, states=UNFINISHED, before=job.id, limit=RECENT_UNFINISHED)
+    if not alike and not unfinished:
+        return None  # nothing of these names and sizes: an ordinary new acquisition, never read twice
+    mine: dict[str, str] = {}
+    try:
+        for f in spec.files:
+            mine[unicodedata.normalize("NFC", f.path)] = f.sha256 or _sha256(os.path.join(spec.root, f.path))
+    except OSError:
+        return None  # unreadable now: the import says why
+    key = content_key(spec, mine)
+    if alike and key is not None:
+        earlier = store.imported_as(key)  # any age: an index seek
+        if earlier is not None and earlier.id != job.id:
+            return earlier
+    for other in unfinished:
+        theirs = known_digests(other.spec, other.result)
+        if len(theirs) < len(other.spec.files):  # no checksums listed: read its files, stopping at the first difference
             if _same_files(other, mine):
                 return other
-        elif mine == theirs:
+        elif content_key(other.spec, theirs) == key:
             return other
     return None
 
