@@ -100,3 +100,73 @@ def test_an_acquisition_folder_named_in_latin_1_is_reported_and_the_rest_carries
     assert [j.spec.root.rsplit("/", 1)[-1] for j in succeeded(jobs)] == ["ok"], [(j.spec.root, j.error) for j in jobs]
     assert field.reported("Messung_M"), field.pending()
     assert field.watcher_status()["health"] == "ok"
+
+
+def _named(length: int) -> str:
+    """A folder name of exactly ``length`` bytes, mostly two-byte characters (a cut must not split one)."""
+    name = "Zellkultur-é" + "ü" * ((length - 13) // 2)
+    return name + "x" * (length - len(name.encode()))
+
+
+@pytest.mark.parametrize("length", [240, 253])
+def test_a_long_acquisition_name_collides_into_a_shortened_folder_with_receipt_and_error_report(field, tmp_path,
+                                                                                                length):
+    # Found by an outside test: "<name> (2)" failed "the name is too long"; a 240-byte name got no
+    # receipt ("post-action failed: File name too long"), nor an error report.
+    from watchfolder.filenames import NAME_MAX
+
+    name = _named(length)
+    assert len(name.encode()) == length
+    field.start("events")
+    manifest(tmp_path / "staging" / name, {"a.tif": b"first run " * 50})
+    os.rename(tmp_path / "staging" / name, field.drop / name)
+    [first] = field.settled(1)
+    assert first.state.value == "succeeded", first.error
+    receipts = lambda: [p for p in field.drop.iterdir() if p.name.endswith(".watchfolder-receipt.json")]  # noqa: E731
+    [receipt] = wait_until(receipts, 10, message="the receipt beside the acquisition")
+    assert len(receipt.name.encode()) <= NAME_MAX and receipt.name.startswith("Zellkultur-é")
+    receipt.name.encode("utf-8")  # cut on a character boundary: still valid UTF-8
+    # The same name again with other content (removed and dropped again): the archive holds a
+    # folder of that name with other files, so it goes into "<name> (2)", shortened.
+    os.rename(field.drop / name, tmp_path / "first")
+    receipt.unlink()
+    manifest(tmp_path / "staging" / name, {"a.tif": b"second run " * 50})
+    os.rename(tmp_path / "staging" / name, field.drop / name)
+    first, second = field.settled(2)
+    assert second.state.value == "succeeded", second.error
+    destination = second.result["destination"]
+    assert second.result["renamed_from"] == first.result["destination"] != destination
+    assert destination.endswith(" (2)") and len(os.path.basename(destination).encode()) <= NAME_MAX
+    wait_until(receipts, 10, message="the second receipt")
+    # A failure of a long-named acquisition gets its error report too.
+    bad = _named(length - 1)
+    (tmp_path / "staging" / bad).mkdir(parents=True)
+    (tmp_path / "staging" / bad / "a.tif").write_bytes(b"data")
+    (tmp_path / "staging" / bad / "watchfolder.json").write_text('{"owner": "jdoe", ', encoding="utf-8")
+    os.rename(tmp_path / "staging" / bad, field.drop / bad)
+    jobs = field.settled(3)
+    assert jobs[2].state.value == "failed"
+    [report] = wait_until(lambda: [p for p in field.drop.iterdir() if p.name.endswith(".watchfolder-error.txt")], 10,
+                          message="the error report beside the failed acquisition")
+    assert len(report.name.encode()) <= NAME_MAX and f"job {jobs[2].id}" in report.read_text(encoding="utf-8")
+    assert "post-action failed" not in " ".join(h.message for j in jobs for h in field.store.get(j.id).history)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_fixed_acquisition_that_succeeds_keeps_only_its_receipt(field, mode):
+    # Found by an outside test: the error report of the failed attempt stayed beside the receipt.
+    field.start(mode)
+    acq = field.drop / "acq"
+    tree(acq, {"a.tif": b"a" * 100})
+    (acq / "watchfolder.json").write_text('{"owner": "jdoe", ', encoding="utf-8")  # truncated JSON
+    [failed] = field.settled(1)
+    assert failed.state.value == "failed"
+    report = field.drop / "acq.watchfolder-error.txt"
+    wait_until(report.exists, 10, message="the error report")
+    manifest(acq, {"a.tif": b"a" * 100})  # fixed
+    failed, fixed = field.settled(2)
+    assert fixed.state.value == "succeeded", fixed.error
+    wait_until((field.drop / "acq.watchfolder-receipt.json").exists, 10, message="the receipt")
+    wait_until(lambda: not report.exists(), 10, message="the stale error report removed")
+    assert "removed the error report of an earlier attempt" in " ".join(
+        h.message for h in field.store.get(fixed.id).history)

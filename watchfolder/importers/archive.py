@@ -36,8 +36,9 @@ Two acquisitions never share a folder by default (the default layout ends in
 ``{acquisition}``). When the destination already holds a file of the same name
 with other content (two runs called ``run1`` in one dataset, or a layout without
 ``{acquisition}``), the job is not failed: its files go to the first free
-``<destination> (2)``, ``(3)``… folder, and the log and the result
-(``renamed_from``) say so. A folder "fits" when every file the job would write
+``<destination> (2)``, ``(3)``… folder (a name that would then exceed 255 bytes
+is cut and tagged with a digest of it: :func:`~watchfolder.filenames.fit_name`),
+and the log and the result (``renamed_from``) say so. A folder "fits" when every file the job would write
 there is absent or already identical, so a retry finds its own earlier copy.
 """
 
@@ -60,6 +61,7 @@ from typing import Any
 from .. import defaults as D
 from .. import safefs
 from ..errors import PermanentImportError, TransientImportError, classify_os_error, source_vanished
+from ..filenames import fit_name
 from ..job import Job
 from ..store.base import process_exists
 from ..units import format_size
@@ -465,7 +467,8 @@ class ArchiveImporter(Importer):
                     f"{dest_root} and {MAX_COLLISION_SUFFIX - 1} numbered folders beside it all hold other files "
                     "of the same names; add {acquisition} or {job_id} to importer.archive.layout"
                 )
-            candidate = dest_root if n == 1 else dest_root.with_name(f"{dest_root.name} ({n})")
+            # A name too long for " (n)" is shortened, deterministically (filenames.fit_name).
+            candidate = dest_root if n == 1 else dest_root.with_name(fit_name(dest_root.name, f" ({n})"))
             if not self._fits(candidate, sources, buf, tree):
                 continue
             if n > 1:

@@ -43,6 +43,7 @@ from typing import Any
 from .. import multifile
 from ..config import WatchConfig
 from ..errors import AcquisitionError, classify_os_error
+from ..filenames import beside
 from ..job import FileEntry, JobSpec, Target, printable, storable
 from ..store.base import PendingEntry
 from . import acquisition as acq
@@ -1505,7 +1506,7 @@ class Detector:
     def _has_marker(self, rel: str) -> bool:
         """A receipt or an error report beside the acquisition: an earlier run finished a job for it."""
         full = os.path.join(self.root, rel)
-        return os.path.lexists(full + RECEIPT_SUFFIX) or os.path.lexists(full + ERROR_SUFFIX)
+        return os.path.lexists(beside(full, RECEIPT_SUFFIX)) or os.path.lexists(beside(full, ERROR_SUFFIX))
 
     def touch(self, rel: str, now: float) -> None:
         """An event says the candidate changed: restart its quiet period (looked at when quiet)."""

@@ -14,19 +14,26 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import Any
 
 from .. import safefs
 from ..config import WatchAction, WatchConfig
+from ..filenames import NAME_MAX, beside, fit_name
 from ..job import Job, JobState, printable
 from .acquisition import MAX_DESCRIPTOR_BYTES
 from .detector import ERROR_SUFFIX, RECEIPT_SUFFIX, acquisition_key
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # Hidden, and still holding the marker's suffix when shortened (never taken for data).
+    name, marker = path.name, ""
+    for own in (RECEIPT_SUFFIX, ERROR_SUFFIX):
+        if name.endswith(own):
+            name, marker = name[: -len(own)], own
+    tmp = path.with_name("." + fit_name(name, f"{marker}.tmp-{os.getpid()}", limit=NAME_MAX - 1))
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
         fh.flush()
@@ -40,7 +47,7 @@ def _unique(dest: Path) -> Path:
         return dest
     n = 2
     while True:
-        candidate = dest.with_name(f"{dest.name} ({n})")
+        candidate = dest.with_name(fit_name(dest.name, f" ({n})"))
         if not os.path.lexists(candidate):
             return candidate
         n += 1
@@ -146,7 +153,8 @@ class PostActions:
         return self._failure(job, main, paths, rel, self.watch.on_failure)
 
     def _beside(self, main: Path, suffix: str) -> Path:
-        return main.with_name(main.name + suffix)
+        """``<main>.watchfolder-receipt.json`` etc., shortened when too long (:func:`filenames.beside`)."""
+        return beside(main, suffix)
 
     def _move(self, job: Job, paths: list[Path], rel: str, folder: Path) -> Path:
         """Move the acquisition (and its descriptor) into ``folder``; idempotent and crash-safe.
@@ -168,7 +176,7 @@ class PostActions:
         dest_main.parent.mkdir(parents=True, exist_ok=True)
         _move_one(paths[0], dest_main, job.id)
         for extra in paths[1:]:
-            dest = dest_main.with_name(dest_main.name + extra.name[len(paths[0].name):])
+            dest = dest_main.with_name(fit_name(dest_main.name, extra.name[len(paths[0].name):]))
             if os.path.lexists(extra) and os.path.lexists(dest) and not resumed:
                 dest = _unique(dest)
             _move_one(extra, dest, job.id)
@@ -176,20 +184,44 @@ class PostActions:
         return dest_main
 
     def _success(self, job: Job, main: Path, paths: list[Path], rel: str, action: WatchAction) -> str:
+        # An error report an earlier failed job of this acquisition left beside it is out of date
+        # now: removed once the success is marked, so the receipt is the only marker.
+        stale = self._stale_report(main)
         text = json.dumps(receipt(job), indent=2, ensure_ascii=False) + "\n"
         if action.action == "move" and action.folder is not None:
             dest = self._move(job, paths, rel, action.folder)
             _write_atomic(self._beside(dest, RECEIPT_SUFFIX), text)
-            return f"post-action: moved to {dest}"
+            return f"post-action: moved to {dest}" + self._drop_stale(stale)
         if action.action == "delete":
             problem = self._unverified(job, main)
             if problem:
                 _write_atomic(self._beside(main, RECEIPT_SUFFIX), text)
-                return f"post-action: kept, not deleted ({problem}); receipt written"
+                return f"post-action: kept, not deleted ({problem}); receipt written" + self._drop_stale(stale)
             removed = self._delete(job, main)
-            return f"post-action: deleted {removed} file(s)"
+            return f"post-action: deleted {removed} file(s)" + self._drop_stale(stale)
         _write_atomic(self._beside(main, RECEIPT_SUFFIX), text)
-        return f"post-action: kept; receipt {self._beside(main, RECEIPT_SUFFIX).name}"
+        return f"post-action: kept; receipt {self._beside(main, RECEIPT_SUFFIX).name}" + self._drop_stale(stale)
+
+    def _stale_report(self, main: Path) -> Path | None:
+        """The error report beside ``main`` (a regular file, as :meth:`_failure` writes it), or None."""
+        path = self._beside(main, ERROR_SUFFIX)
+        try:
+            return path if stat.S_ISREG(os.lstat(path).st_mode) else None
+        except OSError:
+            return None
+
+    @staticmethod
+    def _drop_stale(path: Path | None) -> str:
+        """Remove an out-of-date error report; the note for the job's history ('' when none)."""
+        if path is None:
+            return ""
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return ""
+        except OSError as exc:  # the receipt is written: that stays the post-action's outcome
+            return f"; could not remove the error report of an earlier attempt ({path.name}): {exc.strerror}"
+        return f"; removed the error report of an earlier attempt ({path.name})"
 
     def _failure(self, job: Job, main: Path, paths: list[Path], rel: str, action: WatchAction) -> str:
         text = error_report(job)

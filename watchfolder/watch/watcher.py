@@ -41,6 +41,7 @@ from .. import defaults as D
 from .. import safefs
 from ..config import Config, WatchConfig
 from ..errors import JobNotFound
+from ..filenames import beside
 from ..job import JobState, printable
 from ..store.space import is_disk_full
 from .detector import RECEIPT_SUFFIX, Detector, Outcome, unreadable_folder
@@ -943,7 +944,7 @@ class Watcher:
         if isinstance(earlier, ImportedPerReceipt):
             note = (f"{printable(outcome.rel)} was imported by job {earlier.id} according to its receipt, but the job "
                     "database does not know that job (restored from a backup older than the import?): not "
-                    f"imported again (delete {printable(outcome.rel + RECEIPT_SUFFIX)} to import it again)")
+                    f"imported again (delete {printable(str(beside(outcome.rel, RECEIPT_SUFFIX)))} to import it again)")
             # Its log is that job's own: new jobs get ids past the highest log (SQLiteStore).
             self.store.log(earlier.id, note, now=now)
             log.warning("watch folder %s: %s", self.name, note)
@@ -1073,7 +1074,7 @@ class Watcher:
         job_id = cand.job_id if cand is not None else None
         receipt: Any = None
         if job_id is None:
-            path = os.path.join(self.root, outcome.rel + RECEIPT_SUFFIX)
+            path = beside(os.path.join(self.root, outcome.rel), RECEIPT_SUFFIX)  # as followup wrote it
             try:
                 receipt = json.loads(safefs.read_file(path, RECEIPT_MAX_BYTES, within=self.root, what="receipt"))
                 job_id = receipt.get("job_id")
