@@ -1169,9 +1169,10 @@ def _finish(
     files = tuple(e for e, _ in found)
     extra = dict(base.extra, unit=unit)
     try:
-        # Which folder (or file) this is, and which files (inode and mtime of a few): so the watcher
+        # Which folder this is (a sidecar pair: the folder holding it -- its data file may be
+        # replaced by an atomic save), and which files (inode and mtime of a few): so the watcher
         # can tell an acquisition changed in place after its import from one removed and dropped anew.
-        st = os.stat(os.path.join(base.root, rel.rpartition("/")[2]) if unit == "file" else base.root)
+        st = os.stat(base.root)
         extra["identity"] = {
             "dir": [st.st_dev, st.st_ino],
             "files": [[e.path, f.st_ino, f.st_mtime_ns] for e, f in sorted(found, key=lambda x: x[0].path)[:16]],

@@ -1092,11 +1092,18 @@ class Watcher:
         if (job.state != JobState.SUCCEEDED or job.spec.extra.get("watch") != self.name
                 or job.spec.extra.get("acquisition") != outcome.rel or not identity.get("files")):
             return None
-        try:
-            st = os.stat(os.path.join(self.root, outcome.rel))
-        except OSError:
-            return None
-        if [st.st_dev, st.st_ino] != identity.get("dir"):
+        where = os.path.join(self.root, outcome.rel)
+        # A sidecar pair's place is the folder holding it (its data file may have been replaced by an
+        # atomic save); jobs recorded before this rule hold the data file's own identity.
+        places = [os.path.dirname(where), where] if job.spec.extra.get("unit") == "file" else [where]
+        for place in places:
+            try:
+                st = os.stat(place)
+            except OSError:
+                continue
+            if [st.st_dev, st.st_ino] == identity.get("dir"):
+                break
+        else:
             return None
         base = job.spec.root
         kept = [identity["descriptor"]] if identity.get("descriptor") else []

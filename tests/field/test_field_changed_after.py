@@ -1,0 +1,71 @@
+"""Case 5, one rule in every mode: a kept acquisition that changes after its import.
+
+"The same acquisition" (README, Imported once) is the same folder still holding the very
+manifest or sidecar that was imported, or one of the imported files, unchanged (inode and
+modification time): a change to it is noted once in the importing job's log, never imported
+again. A descriptor rewritten with every imported file is a new acquisition: a new job. Events
+and polling reach the same outcome for each kind of change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from drops import MODES, tree
+from helpers import wait_until
+
+NOTE = "changed after this import"
+
+
+def _sidecar_pair(folder, name="c1.czi", data=b"czi " * 100):
+    tree(folder, {name: data})
+    (folder / f"{name}.json").write_text(json.dumps({"owner": "jdoe", "target": {"dataset": "cells"}}),
+                                         encoding="utf-8")
+
+
+def _atomic_replace(path, data):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _only(field, job):
+    jobs = field.jobs()
+    assert [j.id for j in jobs] == [job.id], [(j.id, j.state.value, j.spec.root) for j in jobs]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("detection", ["sidecar", None], ids=["sidecar-folder", "default-folder"])
+def test_a_sidecar_pairs_data_file_replaced_atomically_is_noted_not_imported_again(field, mode, detection):
+    # The tester's case 2: write a temporary file, rename it over the data file; the sidecar untouched.
+    field.start(mode, **({"detection": detection} if detection else {}))
+    _sidecar_pair(field.drop)
+    [job] = field.settled(1)
+    assert job.state.value == "succeeded", job.error
+    wait_until((field.drop / "c1.czi.watchfolder-receipt.json").exists, 10, message="the receipt")
+    archived, mails = field.archived(), len(wait_until(field.mails, 10, message="the success mail"))
+    _atomic_replace(field.drop / "c1.czi", os.urandom(500))
+    wait_until(lambda: NOTE in field.store.read_log(job.id), 10 if mode == "events" else 20,
+               message="the change noted in the importing job's log")
+    field.quiet_for(1.0)
+    _only(field, job)
+    assert field.archived() == archived
+    assert len(field.mails()) == mails
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_sidecar_pair_removed_and_dropped_again_is_a_new_job(field, tmp_path, mode):
+    field.start(mode, detection="sidecar")
+    _sidecar_pair(field.drop)
+    [first] = field.settled(1)
+    wait_until((field.drop / "c1.czi.watchfolder-receipt.json").exists, 10, message="the receipt")
+    for name in ("c1.czi", "c1.czi.json"):
+        os.remove(field.drop / name)
+    _sidecar_pair(tmp_path / "again", data=b"second " * 100)
+    for name in ("c1.czi", "c1.czi.json"):  # the data file first, the sidecar last
+        os.rename(tmp_path / "again" / name, field.drop / name)
+    first, second = field.settled(2)
+    assert second.state.value == "succeeded", second.error
+    assert NOTE not in field.store.read_log(first.id)
