@@ -9,11 +9,12 @@ and polling reach the same outcome for each kind of change.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
 import pytest
-from drops import MODES, tree
+from drops import MODES, manifest, tree
 from helpers import wait_until
 
 NOTE = "changed after this import"
@@ -69,3 +70,46 @@ def test_a_sidecar_pair_removed_and_dropped_again_is_a_new_job(field, tmp_path, 
     first, second = field.settled(2)
     assert second.state.value == "succeeded", second.error
     assert NOTE not in field.store.read_log(first.id)
+
+
+def _rewrite_in_place(path, data):
+    with open(path, "r+b") as f:  # the same inode: truncate and write
+        f.truncate(0)
+        f.write(data)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_kept_acquisition_rewritten_in_place_with_a_new_manifest_is_the_same_outcome_in_both_modes(field, mode):
+    # The tester's case 7: every file and the manifest rewritten in place (same inodes). Nothing of
+    # what was imported is left unchanged: by the README's rule a new acquisition, a new job.
+    field.start(mode, rescan_interval=3600)
+    folder = field.drop / "acq"
+    manifest(folder, {"a.tif": b"a" * 100, "b.tif": b"b" * 100})
+    [first] = field.settled(1)
+    wait_until((field.drop / "acq.watchfolder-receipt.json").exists, 10, message="the receipt")
+    field.quiet_for(2.5)  # past polling's guard that lists a just-changed folder again on every poll
+    new = {"a.tif": os.urandom(900), "b.tif": os.urandom(900)}
+    for name, data in new.items():
+        _rewrite_in_place(folder / name, data)
+    body = json.loads((folder / "watchfolder.json").read_text(encoding="utf-8"))
+    body["files"] = [{"path": n, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in new.items()]
+    _rewrite_in_place(folder / "watchfolder.json", json.dumps(body).encode())
+    first, second = field.settled(2)
+    assert second.state.value == "succeeded", second.error
+    assert sorted(f.size for f in second.spec.files) == [900, 900]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_data_file_rewritten_in_place_is_noted_in_both_modes(field, mode):
+    # The manifest untouched (the very one imported): the same acquisition, changed. Polling
+    # sees a file rewritten in place, which no folder mtime shows, as events do.
+    field.start(mode, rescan_interval=3600, missing_timeout=1.0)
+    folder = field.drop / "acq"
+    manifest(folder, {"a.tif": b"a" * 100, "b.tif": b"b" * 100})
+    [job] = field.settled(1)
+    wait_until((field.drop / "acq.watchfolder-receipt.json").exists, 10, message="the receipt")
+    field.quiet_for(2.5)  # past polling's guard that lists a just-changed folder again on every poll
+    _rewrite_in_place(folder / "a.tif", b"A" * 100)
+    wait_until(lambda: NOTE in field.store.read_log(job.id), 20, message="the change noted")
+    field.quiet_for(1.5)
+    _only(field, job)

@@ -23,6 +23,7 @@ passed in (``now``), so tests drive it.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import fnmatch
 import hashlib
@@ -79,6 +80,11 @@ MAX_SKIPPED = 1000
 # then restarts it, dated by the newest mtime), so this only bounds how early an
 # in-place append is noticed.
 RECHECK_PER_TICK = 500
+# Polling: files of settled candidates (queued, imported and kept, rejected) re-looked at
+# per tick, in turn. No folder mtime shows a file rewritten in place (same inode) or a
+# manifest rewritten: this is how polling sees what inotify reports, at a bounded cost
+# (a 100,000-file tree of kept acquisitions is gone through once every 200 ticks).
+SETTLED_FILES_PER_TICK = 500
 # Outcomes per detector step: bounds memory (each holds a job spec) when
 # thousands of acquisitions become due at once, and lets events in between.
 OUTCOME_BATCH = 200
@@ -1304,6 +1310,7 @@ class Detector:
         # Set by the watcher: the job that already imported this acquisition (changed in place
         # since), or None. An incomplete-looking acquisition that was imported is not waited for.
         self.imported_as: Callable[[Outcome], Any] | None = None
+        self._settled_cursor = ""  # polling: the settled candidate looked at last (see recheck_settled)
 
     # -- what is never an acquisition ---------------------------------------
 
@@ -1623,6 +1630,7 @@ class Detector:
         out: list[Outcome] = []
         if recheck_pending:
             self._recheck(now, since)
+            self.recheck_settled(now, since)
         for rel in sorted(self.pending):
             if len(out) >= limit:
                 break
@@ -1742,6 +1750,34 @@ class Detector:
             waiting = heapq.nsmallest(RECHECK_PER_TICK, waiting, key=lambda c: c.observed_at)
         for cand in waiting:
             self.observe(cand.rel, now, since=since)
+
+    def recheck_settled(self, now: float, since: float | None, *, budget: int = SETTLED_FILES_PER_TICK) -> int:
+        """Polling: look again at settled candidates in turn, about ``budget`` files per call.
+
+        A file rewritten in place (same inode), a manifest or sidecar rewritten, changes no
+        folder's mtime: inotify reports them, polling finds them here, so both modes reach
+        the same outcome (README, Imported once). A change makes the candidate pending again
+        (:meth:`observe`); what it then is (the same acquisition changed, or a new one) is
+        decided as for an event. Returns the number of files counted against ``budget``.
+        """
+        settled = sorted(r for r in self.known if r not in self.pending)
+        if not settled:
+            return 0
+        start = bisect.bisect_right(settled, self._settled_cursor)
+        used = 0
+        for rel in settled[start:] + settled[:start]:
+            if used >= budget:
+                break
+            cand = self.known.get(rel)
+            if cand is None or rel in self.pending:
+                continue
+            used += max(1, cand.peak_files)
+            self._settled_cursor = rel
+            try:
+                self.observe(rel, now, since=since)
+            except OSError:
+                continue  # unreadable now: the next full rescan reports it
+        return used
 
     def settle(self, outcome: Outcome, ok: bool, now: float, *, retry_after: float = 5.0) -> None:
         """Record that an outcome was applied (``ok``) or must be tried again later."""

@@ -3,8 +3,10 @@
 Polling does not re-snapshot the tree each interval. It keeps the mtime of every
 folder (a folder's mtime changes when an entry is added, removed or renamed in
 it) and stats only those; a changed folder is listed again, and the acquisitions
-still pending are looked at directly. Changes inside files of finished
-acquisitions, which no folder mtime shows, are left to the periodic full rescan.
+still pending are looked at directly. Changes inside files of settled
+acquisitions, which no folder mtime shows (a file rewritten in place), are found
+by looking at those acquisitions again in turn, a bounded number of files per
+tick (:meth:`Detector.recheck_settled`), so polling reaches what events reach.
 """
 
 from __future__ import annotations
