@@ -113,3 +113,23 @@ def test_a_data_file_rewritten_in_place_is_noted_in_both_modes(field, mode):
     wait_until(lambda: NOTE in field.store.read_log(job.id), 20, message="the change noted")
     field.quiet_for(1.5)
     _only(field, job)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_change_is_noted_once_not_once_per_restart(field, mode):
+    # The tester's L2: each restart looked at the same old change and wrote the note again.
+    field.start(mode)
+    manifest(field.drop / "acq", {"a.tif": b"a" * 100})
+    [job] = field.settled(1)
+    wait_until((field.drop / "acq.watchfolder-receipt.json").exists, 10, message="the receipt")
+    tree(field.drop / "acq", {"notes.txt": b"a user adds a note"})
+    wait_until(lambda: NOTE in field.store.read_log(job.id), 20, message="the change noted")
+    for _ in range(2):
+        field.stop()
+        field.start(mode)
+        field.quiet_for(1.0)
+    assert field.store.read_log(job.id).count(NOTE) == 1, field.store.read_log(job.id)
+    _only(field, job)
+    # A further change is a further note.
+    tree(field.drop / "acq", {"more.txt": b"another note"})
+    wait_until(lambda: field.store.read_log(job.id).count(NOTE) == 2, 20, message="the second change noted")

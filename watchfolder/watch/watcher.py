@@ -957,10 +957,20 @@ class Watcher:
             self.detector.settle(outcome, True, now)
             return
         # Changed in place after its import (a viewer, the OS or a user added or rewrote a
-        # file): never imported again. Noted against the job that imported it.
+        # file): never imported again. Noted against the job that imported it, once per change:
+        # the note names the state it saw (a digest of every name, size and mtime under the
+        # acquisition), so a restart that finds the same state again writes nothing.
+        cand = self.detector.known.get(outcome.rel) if self.detector else None
+        state = f" [state {cand.digest.hex()[:12]}]" if cand is not None and cand.digest is not None else ""
+        if state and state in self.store.read_log(earlier.id):
+            cand.job_id = earlier.id
+            self.detector.settle(outcome, True, now)
+            return
         now_reads = f" (now: {outcome.reason})" if outcome.reason else ""
-        self.store.log(earlier.id, f"{outcome.rel} changed after this import{now_reads}; not imported "
-                       "again (to import new data, drop it as a new acquisition)", now=now)
+        self.store.log(earlier.id, f"{printable(outcome.rel)} changed after this import{now_reads}; not imported "
+                       f"again (to import new data, drop it as a new acquisition){state}", now=now)
+        if cand is not None:
+            cand.job_id = earlier.id
         log.info("watch folder %s: %s changed after its import as job %d; ignored",
                  self.name, outcome.rel, earlier.id)
         self.detector.settle(outcome, True, now)
