@@ -133,3 +133,17 @@ def test_a_change_is_noted_once_not_once_per_restart(field, mode):
     # A further change is a further note.
     tree(field.drop / "acq", {"more.txt": b"another note"})
     wait_until(lambda: field.store.read_log(job.id).count(NOTE) == 2, 20, message="the second change noted")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_excluded_folder_renamed_and_imported_is_no_longer_listed_as_pending(field, tmp_path, mode):
+    # The tester's L1: polling kept listing a2.tmp ("matches exclude pattern *.tmp") after the
+    # rename to a2 and its import, until a restart; events dropped it at once.
+    field.start(mode)
+    manifest(tmp_path / "a2", {"a.tif": b"a" * 100})
+    os.rename(tmp_path / "a2", field.drop / "a2.tmp")
+    wait_until(lambda: field.reported("a2.tmp"), 10, message="a2.tmp listed as excluded")
+    os.rename(field.drop / "a2.tmp", field.drop / "a2")
+    [job] = field.settled(1)
+    assert job.state.value == "succeeded", job.error
+    wait_until(lambda: not field.reported("a2.tmp"), 10, message="a2.tmp no longer listed")

@@ -1591,6 +1591,17 @@ class Detector:
             self._skipped_owner.pop(rel, None)
             self._owners.pop(rel, None)
 
+    def forget_skipped_gone(self, rel_dir: str, names: set[str]) -> None:
+        """A folder listed again (polling): notes of skipped paths in it whose entry is gone go too.
+
+        ``names``: the folder's entries now. An excluded ``a2.tmp/`` renamed to ``a2`` is not
+        listed as pending any more, as the event of the rename drops it in events mode.
+        """
+        prefix = rel_dir + "/" if rel_dir else ""
+        for rel in [r for r in self.skipped
+                    if r.startswith(prefix) and r[len(prefix):].partition("/")[0] not in names]:
+            del self.skipped[rel]
+
     def begin_scan(self) -> None:
         self.generation += 1
         # The scan notes again what is still there; a candidate's own note (a JSON that is data, not a
