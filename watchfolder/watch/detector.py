@@ -1574,12 +1574,17 @@ class Detector:
         self._owners.pop(rel, None)
 
     def prune_notes(self, rel_dir: str, names: set[str]) -> None:
-        """A folder was listed: drop the notes of its entries that are no longer there."""
+        """A folder was listed (a poll): drop the notes of skipped paths in it whose entry is gone.
+
+        ``names``: the folder's entries now. An excluded ``a2.tmp/`` renamed to ``a2`` is no
+        longer listed as pending, as the rename's event drops it in events mode; a note below
+        an entry that is gone goes with it.
+        """
         prefix = rel_dir + "/" if rel_dir else ""
-        for rel in [r for r in self.skipped if r.startswith(prefix) and "/" not in r[len(prefix):]]:
-            if rel[len(prefix):] not in names:
-                del self.skipped[rel]
-                self._skipped_owner.pop(rel, None)
+        for rel in [r for r in self.skipped
+                    if r.startswith(prefix) and r[len(prefix):].partition("/")[0] not in names]:
+            del self.skipped[rel]
+            self._skipped_owner.pop(rel, None)
 
     def forget_below(self, rel_dir: str) -> None:
         """A folder went away: drop every candidate in it (and every note of a skipped path)."""
@@ -1590,17 +1595,6 @@ class Detector:
             del self.skipped[rel]
             self._skipped_owner.pop(rel, None)
             self._owners.pop(rel, None)
-
-    def forget_skipped_gone(self, rel_dir: str, names: set[str]) -> None:
-        """A folder listed again (polling): notes of skipped paths in it whose entry is gone go too.
-
-        ``names``: the folder's entries now. An excluded ``a2.tmp/`` renamed to ``a2`` is not
-        listed as pending any more, as the event of the rename drops it in events mode.
-        """
-        prefix = rel_dir + "/" if rel_dir else ""
-        for rel in [r for r in self.skipped
-                    if r.startswith(prefix) and r[len(prefix):].partition("/")[0] not in names]:
-            del self.skipped[rel]
 
     def begin_scan(self) -> None:
         self.generation += 1

@@ -105,8 +105,6 @@ class Scanner:
                 continue
             stats.folders += 1
             names = {e.name for e in entries}
-            if only_new and rel == rel_start:
-                detector.forget_skipped_gone(rel, names)  # what was noted here and is gone (renamed, removed)
             if rel and (rel in known and rule.unit == "folder" or rule.folder_is_candidate(rel, names)):
                 # Reached entry by entry from rel_start (admitted above), none of them a link.
                 snap = detector.observe(rel, now, since=since, snap=rule.snapshot(self.root, rel, entries),
