@@ -113,6 +113,8 @@ class OmeroConfig:
     # A child that sends nothing (no progress, no heartbeat) for this long is hung: killed, retried.
     idle_timeout: float = 300.0
     block_size: int = 1024 * 1024
+    # Files of one fileset uploaded at once (OMERO's ``omero import --parallel-upload``).
+    parallel_upload: int = D.OMERO_PARALLEL_UPLOAD
     # Imports running at once against this server from one service process.
     max_concurrent: int = D.OMERO_MAX_CONCURRENT
     # Files Bio-Formats reads as no image: attach (FileAnnotation on the target), ignore, fail.
@@ -599,7 +601,7 @@ def _importer(r: _Reader, raw: dict, data_dir: Path) -> ImporterConfig:
         {
             "host", "port", "secure", "admin_user", "admin_password", "python", "timeout",
             "connect_timeout", "sudo_ttl_ms", "web_url", "namespace", "idle_timeout", "block_size",
-            "max_concurrent",
+            "parallel_upload", "max_concurrent",
             "non_images", "bioformats", "bioformats_jar",
         },
         ow,
@@ -618,6 +620,7 @@ def _importer(r: _Reader, raw: dict, data_dir: Path) -> ImporterConfig:
         namespace=r.get(o, "namespace", ow, text, OmeroConfig.namespace),
         idle_timeout=r.get(o, "idle_timeout", ow, positive_seconds, OmeroConfig.idle_timeout),
         block_size=r.get(o, "block_size", ow, positive_int, OmeroConfig.block_size),
+        parallel_upload=r.get(o, "parallel_upload", ow, positive_int, D.OMERO_PARALLEL_UPLOAD),
         max_concurrent=r.get(o, "max_concurrent", ow, positive_int, D.OMERO_MAX_CONCURRENT),
         non_images=r.get(o, "non_images", ow, one_of("attach", "ignore", "fail"), "attach"),
         bioformats=r.get(o, "bioformats", ow, boolean, True),

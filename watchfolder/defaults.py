@@ -111,6 +111,8 @@ OMERO_SUDO_TTL_MS = 600_000
 OMERO_SUDO_TTL_MIN_MS = 12_000
 # Imports at once against one OMERO server from one service process, whatever the worker count.
 OMERO_MAX_CONCURRENT = 4
+# Files of one fileset uploaded at once by the OMERO child (omero import --parallel-upload).
+OMERO_PARALLEL_UPLOAD = 4
 
 # Back-pressure: this many connection failures in a row pause an importer's target;
 # while paused it is probed every PAUSE_PROBE_SECONDS; a pause longer than

@@ -268,6 +268,55 @@ except Exception as e:
     assert double.state()["faults"] == {}
 
 
+def test_a_closed_uploader_is_gone_and_verify_upload_names_the_mismatches(omero_python, double, tmp_path):
+    # OMERO ends a stateful service when it is closed (a plate's 100,000 uploaders would
+    # otherwise pile up in the double); ImportProcessI.verifyUpload answers a checksum
+    # mismatch with the failing indexes, and a checksum list of the wrong length is refused.
+    for name in ("a.fake", "b.fake", "c.fake"):
+        (tmp_path / name).write_bytes(name.encode() * 100)
+    seen = run(omero_python, double, '''
+import Ice
+c = login("jdoe", "jdoe-pw")
+fs = omero.model.FilesetI()
+for p in ["a.fake", "b.fake", "c.fake"]:
+    e = omero.model.FilesetEntryI()
+    e.setClientPath(rstring(os.path.abspath(p)))
+    fs.addFilesetEntry(e)
+fs.linkJob(omero.model.UploadJobI())
+settings = omero.grid.ImportSettings()
+settings.checksumAlgorithm = omero.model.ChecksumAlgorithmI()
+settings.checksumAlgorithm.value = rstring(ChecksumAlgorithmSHA1160)
+proc = c.getManagedRepository().importFileset(fs, settings)
+hashes, stores = [], []
+for i, p in enumerate(["a.fake", "b.fake", "c.fake"]):
+    data = open(p, "rb").read()
+    rfs = proc.getUploader(i)
+    rfs.write(data, 0, len(data))
+    stores.append(rfs)
+    hashes.append(hashlib.sha1(data).hexdigest())
+for rfs in stores:
+    rfs.close()
+try:
+    stores[0].size()
+    after_close = None
+except Ice.ObjectNotExistException:
+    after_close = "ObjectNotExistException"
+try:
+    proc.verifyUpload([hashes[0], "0" * 40, hashes[2]])
+    mismatch = None
+except omero.ChecksumValidationException as e:
+    mismatch = {"failing": {str(k): v for k, v in e.failingChecksums.items()}, "message": e.message}
+out(after_close=after_close, mismatch=mismatch, short=failure(lambda: proc.verifyUpload(hashes[:2])),
+    server_b=hashlib.sha1(open("b.fake", "rb").read()).hexdigest())
+''', tmp_path)
+    assert seen["after_close"] == "ObjectNotExistException"
+    assert seen["mismatch"]["failing"] == {"1": seen["server_b"]}
+    assert "1 file(s)" in seen["mismatch"]["message"] and "b.fake" in seen["mismatch"]["message"]
+    assert seen["short"][0] == "ApiUsageException" and "2 checksums for a fileset of 3" in seen["short"][1]
+    counters = double.state()["counters"]
+    assert counters["uploaders_open"] == 0 and counters["max_uploaders_open"] == 3
+
+
 def test_the_server_reads_with_bioformats_and_fails_what_it_cannot_read(omero_python, double, tmp_path,
                                                                         bioformats):
     (tmp_path / "broken.tif").write_bytes(b"II*\x00" + b"\x00" * 200)

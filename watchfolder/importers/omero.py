@@ -164,6 +164,7 @@ class OmeroImporter(Importer):
             "bioformats": o.bioformats,
             "bioformats_jar": os.path.expanduser(o.bioformats_jar) if o.bioformats_jar else None,
             "block_size": o.block_size,
+            "parallel_upload": o.parallel_upload,
             "namespace": o.namespace,
             "session_key": spec.session_key,
             "omero_host": spec.omero_host if spec.session_key else None,

@@ -53,6 +53,7 @@ import logging
 import os
 import platform
 import sys
+import threading
 import time
 import traceback
 
@@ -61,6 +62,11 @@ JOB_MARKER = "watchfolder.job"
 # Upload writes outstanding at once: two already keep both ends busy over
 # loopback; more only add memory (one block each) and server threads.
 WRITES_IN_FLIGHT = 2
+# Files of one fileset uploaded at once, each through its own uploader (OMERO's own
+# importer: ``omero import --parallel-upload N``). An HCS plate is one fileset of up to
+# 100,000 small files: one at a time, each file's round trips (getUploader, write,
+# close) leave both ends idle most of the time.
+PARALLEL_UPLOAD = 4
 
 log = logging.getLogger("omero-child")
 
@@ -386,6 +392,32 @@ class Emitter:
             self.send(dict(event="progress", phase=self.phase, **self.figures))
 
 
+class UploadStopped(Exception):
+    """Raised inside an upload thread when another upload of the same fileset failed."""
+
+
+class UploadTally:
+    """A fileset's upload figures, shared by its upload threads.
+
+    ``figures`` is the job's dict (``bytes_done``, ``bytes_total``, ``files_done``,
+    ``files_total``), changed in place under a lock; each change is offered to the
+    :class:`Emitter`, which sends at most one progress line per interval (or per
+    ``bytes_step``) however many files there are.
+    """
+
+    def __init__(self, emit, figures, phase="uploading"):
+        self.emit = emit
+        self.figures = figures
+        self.phase = phase
+        self.lock = threading.Lock()
+
+    def add(self, nbytes=0, files=0):
+        with self.lock:
+            self.figures["bytes_done"] += nbytes
+            self.figures["files_done"] += files
+            self.emit.progress(self.phase, **self.figures)
+
+
 # ---------------------------------------------------------------------------
 # Error classification
 
@@ -690,6 +722,7 @@ class Importer:
         self.root = req["root"]
         self.block = int(req.get("block_size") or 1024 * 1024)
         self.in_flight = max(1, int(req.get("writes_in_flight") or WRITES_IN_FLIGHT))
+        self.parallel = max(1, int(req.get("parallel_upload") or PARALLEL_UPLOAD))
         self.text_pairs = []
         self.linked = []
         self._comments = None
@@ -1052,12 +1085,10 @@ class Importer:
 
         proc = repo.importFileset(fileset, settings)
         try:
-            hashes = []
-            for i, path in enumerate(paths):
-                self.emit.progress("uploading", force=True, **figures)
-                hashes.append(self._upload(proc.getUploader(i), path, figures))
-                figures["files_done"] += 1
-                self.emit.progress("uploading", force=True, **figures)
+            self.emit.progress("uploading", force=True, **figures)
+            hashes = self._upload_fileset(proc, rels, figures)
+            self.emit.progress("uploading", force=True, **figures)
+            # One verifyUpload for the whole fileset, once every file is up (ImportProcess).
             handle = proc.verifyUpload(hashes)
             self.emit.progress("importing", force=True, **figures)
             rsp = self._await(handle, figures)
@@ -1096,37 +1127,107 @@ class Importer:
             raise Failure(plate_into_dataset_message(rels[:1], "OMERO found a plate", "It was removed again"))
         return fileset_id, sorted(set(image_ids)), hashes
 
-    def _upload(self, rfs, path, figures, close=True):
-        """Send one file to ``rfs`` and return its SHA-1 (hex).
+    def _upload_fileset(self, proc, rels, figures):
+        """Upload a fileset's files (``rels``, relative paths) to ``proc`` (an ``ImportProcess``);
+        return their SHA-1s (hex) in fileset order, for its one ``verifyUpload``.
+
+        As OMERO's own importer does with ``--parallel-upload`` (``ImportLibrary.importImage``):
+        up to ``self.parallel`` files at once, each from a thread of a small pool through its
+        own uploader (``getUploader(i)``), each checksum kept under its file's index. The first
+        failure stops the pool: no file is started after it, the files under way stop at their
+        next block, and it is raised once every thread has ended -- so a fileset is never
+        verified unless all of its files arrived (the unverified fileset is deleted by this
+        attempt's clean-up or by the next attempt). ``figures`` (``bytes_done``,
+        ``files_done``) count acknowledged bytes and closed files; progress goes out at the
+        emitter's bounded rate, not per file. Memory: ``parallel`` x ``in_flight`` blocks.
+        """
+        hashes = [None] * len(rels)
+        tally = UploadTally(self.emit, figures)
+        stop = threading.Event()
+        lock = threading.Lock()
+        pending = iter(range(len(rels)))
+        failures = []
+        started, cpu, bytes_before = time.monotonic(), time.process_time(), figures["bytes_done"]
+
+        def uploader():
+            while not stop.is_set():
+                with lock:
+                    i = next(pending, None)
+                if i is None:
+                    return
+                try:
+                    hashes[i] = self._upload(proc.getUploader(i), rels[i], tally, stop=stop)
+                except UploadStopped:
+                    return
+                except BaseException as exc:  # noqa: BLE001 - re-raised by the caller below
+                    with lock:
+                        failures.append(exc)
+                    stop.set()
+                    return
+                tally.add(files=1)
+
+        workers = min(self.parallel, len(rels))
+        if workers <= 1:
+            uploader()
+        else:
+            threads = [threading.Thread(target=uploader, name=f"upload-{n}", daemon=True) for n in range(workers)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        if failures:
+            if len(failures) > 1:
+                log.info("%d more upload(s) failed after the first", len(failures) - 1)
+            raise failures[0]
+        seconds = time.monotonic() - started
+        log.info("uploaded %d file(s), %d bytes, %d at a time, in %.2f s (%.0f files/s; %.2f s CPU)", len(rels),
+                 figures["bytes_done"] - bytes_before, workers, seconds, len(rels) / max(seconds, 1e-9),
+                 time.process_time() - cpu)
+        return hashes
+
+    def _upload(self, rfs, rel, tally, close=True, stop=None):
+        """Send one file (``rel``, relative to the acquisition) to ``rfs``; return its SHA-1 (hex).
 
         Up to ``self.in_flight`` writes are outstanding (``begin_write``): while
         the server takes one block, the next is read, hashed and sent, instead
         of the two sides taking turns. Each block is read once and hashed from
         the very bytes object that goes out. Writes carry their offset, so the
         order in which the server dispatches them does not matter (OMERO writes
-        positionally). ``bytes_done`` counts blocks the server acknowledged.
-        Memory: ``in_flight`` blocks.
+        positionally). ``tally`` (:class:`UploadTally`) counts the bytes the server
+        acknowledged. ``stop`` (an Event) set by another upload's failure makes this
+        one end at its next block with :class:`UploadStopped`. A file of one block goes
+        in one plain write. Memory: ``in_flight`` + 1 blocks (one read ahead).
         """
         digest = hashlib.sha1()
         sent = collections.deque()  # (async result, length), oldest first
         offset = 0
         try:
-            # OMERO creates the uploaded file on the first write (every OMERO
-            # uploader writes zero bytes first); without it an empty file never
-            # exists on the server and verifyUpload fails.
-            rfs.write(b"", 0, 0)
-            with self.checked.open(os.path.relpath(path, self.root)) as f:
-                while True:
-                    block = f.read(self.block)
-                    if not block:
-                        break
-                    if len(sent) >= self.in_flight:
-                        self._acknowledged(rfs, sent.popleft(), figures)
-                    sent.append((rfs.begin_write(block, offset, len(block)), len(block)))
+            with self.checked.open(rel) as f:
+                block = f.read(self.block)
+                while block:
+                    if stop is not None and stop.is_set():
+                        raise UploadStopped()
+                    following = f.read(self.block)
+                    if not following and not sent:
+                        # The file's only block (most files of a plate): a plain write; the
+                        # asynchronous one costs more in omero-py and has nothing to overlap.
+                        rfs.write(block, offset, len(block))
+                        tally.add(nbytes=len(block))
+                    else:
+                        if len(sent) >= self.in_flight:
+                            self._acknowledged(rfs, sent.popleft(), tally)
+                        sent.append((rfs.begin_write(block, offset, len(block)), len(block)))
                     digest.update(block)
                     offset += len(block)
+                    block = following
             while sent:
-                self._acknowledged(rfs, sent.popleft(), figures)
+                self._acknowledged(rfs, sent.popleft(), tally)
+            if not offset:
+                # OMERO creates an uploaded file on its first write (every OMERO
+                # uploader writes zero bytes first); without one an empty file never
+                # exists on the server and verifyUpload fails. A file with data got
+                # its first write above: the extra round trip is saved per file.
+                rfs.write(b"", 0, 0)
         finally:
             # After a failure, let the writes still out finish (or fail: the
             # connection may be gone) before closing, so close does not overtake them.
@@ -1142,11 +1243,10 @@ class Importer:
                     log.warning("closing an upload: %s", type(exc).__name__)
         return digest.hexdigest()
 
-    def _acknowledged(self, rfs, sent, figures):
+    def _acknowledged(self, rfs, sent, tally):
         result, length = sent
         rfs.end_write(result)  # raises what the write raised
-        figures["bytes_done"] += length
-        self.emit.progress("uploading", **figures)
+        tally.add(nbytes=length)
 
     def _await(self, handle, figures):
         """Wait for the server-side import through the command callback, with a deadline."""
@@ -1416,7 +1516,7 @@ class Importer:
                 rfs = sf.createRawFileStore()
                 try:
                     rfs.setFileId(fid)
-                    sha1 = self._upload(rfs, path, figures, close=False)
+                    sha1 = self._upload(rfs, rel, UploadTally(self.emit, figures), close=False)
                     rfs.save()
                 finally:
                     try:

@@ -10,7 +10,8 @@ As strict as OMERO where the importer depends on it (each rule has its own test 
 tests/omero/test_double.py): sessions expire by lifetime and idle time (SessionCache)
 and close by reference count; only admins with Sudo, or group owners for their
 groups, may create sessions for others; an uploaded file exists only after its
-first write (FileBuffer); the server-side import reads the upload with
+first write (FileBuffer), a closed uploader is gone, and verifyUpload names the
+mismatching checksums by index (ImportProcessI); the server-side import reads the upload with
 Bio-Formats (the child's jar, via bfgroup.py) and fails what it cannot read,
 names multi-series images "name [series]" and links only plates to a screen;
 it fails when its session timed out, and closing its handle cancels it; HQL is
@@ -48,8 +49,13 @@ Control channel (HTTP on 127.0.0.1, JSON):
                            default no lifetime, 10 minutes idle),
                            hold_first_write (seconds: an upload's block at offset 0 waits
                            up to that long for a later block to be written first;
-                           with writes kept in flight they land out of order)
-Counters include imports_in_progress and max_imports_in_progress (filesets from
+                           with writes kept in flight they land out of order),
+                           fail_upload (a file name: the first write to an upload of a
+                           file of that name raises omero.ResourceError, as RawFileBean
+                           does on an IOException such as a full disk; fires once)
+Counters include uploaders_open and max_uploaders_open (RawFileStores from
+getUploader to their close, now and at most at once: the files a client uploads
+in parallel), imports_in_progress and max_imports_in_progress (filesets from
 importFileset to the end of their server-side import, now and at most at once),
 overlapped_writes (writes that arrived while another write of
 the same upload was still outstanding: being dispatched, or sent earlier and not
@@ -164,6 +170,7 @@ class World:
         self.counters = {"bytes_written": 0, "writes": 0, "logins": 0, "failed_logins": 0,
                          "imports": 0, "drops": 0, "queries": 0,
                          "overlapped_writes": 0, "out_of_order_writes": 0,
+                         "uploaders_open": 0, "max_uploaders_open": 0,
                          "imports_in_progress": 0, "max_imports_in_progress": 0, "cancelled_imports": 0,
                          "deleted_filesets": 0}
         self.add_group("system", "rw----", gid=0)
@@ -1011,7 +1018,12 @@ class ImportProcessI(omero.grid.ImportProcess):
         fs = WORLD.filesets[self.fileset_id]
         if not 0 <= i < len(fs["files"]):
             raise omero.ApiUsageException(None, None, f"no file {i} in this fileset")
-        prx = DOUBLE.add_servant(RawFileStoreI(fs["files"][i]), Ice.Identity(str(uuid.uuid4()), "rfs"), current)
+        with WORLD.lock:
+            WORLD.counters["uploaders_open"] += 1
+            WORLD.counters["max_uploaders_open"] = max(WORLD.counters["max_uploaders_open"],
+                                                       WORLD.counters["uploaders_open"])
+        store = RawFileStoreI(fs["files"][i], world=WORLD)
+        prx = DOUBLE.add_servant(store, Ice.Identity(str(uuid.uuid4()), "rfs"), current)
         return omero.api.RawFileStorePrx.uncheckedCast(prx)
 
     def verifyUpload(self, hashes, current=None):
@@ -1024,9 +1036,19 @@ class ImportProcessI(omero.grid.ImportProcess):
                 # written does not exist, and hashing it fails on the server.
                 raise omero.InternalException(
                     None, None, f"java.io.FileNotFoundException: {missing[0]} (No such file or directory)")
+            if len(hashes) != len(fs["files"]):
+                raise omero.ApiUsageException(
+                    None, None, f"{len(hashes)} checksums for a fileset of {len(fs['files'])} files")
             server = [f["sha1"].hexdigest() for f in fs["files"]]
-            if list(hashes) != server:
-                raise omero.ChecksumValidationException(None, None, f"checksums differ: {hashes} vs {server}")
+            # As ImportProcessI.verifyUpload: the mismatches by index, not every hash (a plate
+            # has 100,000 of them).
+            failing = {i: h for i, (c, h) in enumerate(zip(hashes, server, strict=True)) if c != h}
+            if failing:
+                first = min(failing)
+                raise omero.ChecksumValidationException(
+                    None, None, f"A checksum mismatch has occurred: {len(failing)} file(s), the first "
+                                f"{fs['files'][first]['path']} (client {hashes[first]}, server {server[first]})",
+                    failing)
             fs["state"] = "importing"
             fs["files"] = [{"size": f["size"], "sha1": h, "path": f["path"]}
                            for f, h in zip(fs["files"], server, strict=True)]
@@ -1166,10 +1188,15 @@ class RawFileStoreI(omero.api.RawFileStore):
     received so far waits in ``ahead`` until the gap before it is filled; the
     running SHA-1 then covers the file in order. ``ahead`` holds at most the
     client's writes in flight.
+
+    Closing it ends the service, as closing any of OMERO's stateful services does:
+    its servant goes (a fileset of 100,000 files leaves none behind), and a call
+    after close finds no object.
     """
 
-    def __init__(self, record=None):
+    def __init__(self, record=None, world=None):
         self.record = record  # None until setFileId (a store from createRawFileStore)
+        self.world = world  # the World whose uploaders_open counts this one (from getUploader)
         self.ahead = {}
         self.in_flight = 0
         self.later_written = threading.Event()  # a block past offset 0 has been written
@@ -1205,6 +1232,10 @@ class RawFileStoreI(omero.api.RawFileStore):
                         # for it for ever. The answer goes nowhere: the connection is gone.
                         _cb.ice_exception(Ice.ConnectionLostException())
                         return
+                    fail = WORLD.faults.get("fail_upload")
+                    if fail is not None and os.path.basename(self.record.get("path") or "") == fail:
+                        WORLD.faults.pop("fail_upload")
+                        raise omero.ResourceError(None, None, "java.io.IOException: No space left on device")
                     self._put(bytes(buf[:length]), position)
                     WORLD.counters["bytes_written"] += length
                     WORLD.counters["writes"] += 1
@@ -1222,7 +1253,8 @@ class RawFileStoreI(omero.api.RawFileStore):
         # The file exists from the first write on, an empty one included (FileBuffer).
         path = rec.get("path")
         if path:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if not rec.get("created"):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "r+b" if os.path.exists(path) else "wb") as f:
                 f.seek(position)
                 f.write(data)
@@ -1245,6 +1277,12 @@ class RawFileStoreI(omero.api.RawFileStore):
 
     @amd
     def close(self, current=None):
+        if current is not None:
+            DOUBLE.remove_servant(current.id)
+        if self.world is not None:
+            with self.world.lock:
+                self.world.counters["uploaders_open"] -= 1
+            self.world = None  # a second close counts nothing
         return _NOTHING
 
     @amd
@@ -1420,6 +1458,13 @@ class Double:
                 self.adapter.add(servant, identity)
             return (current.adapter if current else self.adapter).createProxy(identity)
 
+    def remove_servant(self, identity):
+        """Forget a servant whose service was closed (the uploads of a plate would pile up)."""
+        with WORLD.lock:
+            self.servants.pop((identity.category, identity.name), None)
+            if self.adapter is not None and self.adapter.find(identity) is not None:
+                self.adapter.remove(identity)
+
     def add_handle(self, handle, current):
         prx = self.add_servant(handle, Ice.Identity(str(uuid.uuid4()), "handle"), current)
         return omero.cmd.HandlePrx.uncheckedCast(prx)
@@ -1430,7 +1475,7 @@ DOUBLE = None
 
 # The switches POST /faults takes (see the module docstring).
 FAULTS = ("down", "slow", "drop_after_bytes", "import_error", "import_delay", "session_defaults",
-          "hold_first_write")
+          "hold_first_write", "fail_upload")
 
 
 class Control(BaseHTTPRequestHandler):
