@@ -392,15 +392,11 @@ class Emitter:
             self.send(dict(event="progress", phase=self.phase, **self.figures))
 
 
-class UploadStopped(Exception):
-    """Raised inside an upload thread when another upload of the same fileset failed."""
-
-
 class UploadTally:
-    """A fileset's upload figures, shared by its upload threads.
+    """A fileset's upload figures as its files advance.
 
     ``figures`` is the job's dict (``bytes_done``, ``bytes_total``, ``files_done``,
-    ``files_total``), changed in place under a lock; each change is offered to the
+    ``files_total``), changed in place (under a lock: safe from any thread); each change is offered to the
     :class:`Emitter`, which sends at most one progress line per interval (or per
     ``bytes_step``) however many files there are.
     """
@@ -1131,61 +1127,114 @@ class Importer:
         """Upload a fileset's files (``rels``, relative paths) to ``proc`` (an ``ImportProcess``);
         return their SHA-1s (hex) in fileset order, for its one ``verifyUpload``.
 
-        As OMERO's own importer does with ``--parallel-upload`` (``ImportLibrary.importImage``):
-        up to ``self.parallel`` files at once, each from a thread of a small pool through its
-        own uploader (``getUploader(i)``), each checksum kept under its file's index. The first
-        failure stops the pool: no file is started after it, the files under way stop at their
-        next block, and it is raised once every thread has ended -- so a fileset is never
-        verified unless all of its files arrived (the unverified fileset is deleted by this
-        attempt's clean-up or by the next attempt). ``figures`` (``bytes_done``,
-        ``files_done``) count acknowledged bytes and closed files; progress goes out at the
-        emitter's bounded rate, not per file. Memory: ``parallel`` x ``in_flight`` blocks.
+        As OMERO's own importer does with ``--parallel-upload`` (``ImportLibrary.importImage``),
+        up to ``self.parallel`` files are under way at once, each through its own uploader
+        (``getUploader(i)``), each checksum kept under its file's index. They are driven from
+        this one thread with Ice's asynchronous calls (:meth:`_upload_steps`), not a thread
+        each: per file the same calls as a plain loop (getUploader, write, close), but the
+        next files' calls go out while one waits for its answer, and no Python thread
+        contends for the interpreter. The first failure stops the rest: no file is started
+        after it, the files under way stop where they wait (their uploaders closed), and it
+        is raised -- so a fileset is never verified unless all of its files arrived (the
+        unverified fileset is deleted by this attempt's clean-up or by the next attempt).
+        ``figures`` (``bytes_done``, ``files_done``) count acknowledged bytes and closed
+        files; progress goes out at the emitter's bounded rate, not per file. Memory:
+        ``parallel`` x ``in_flight`` blocks.
         """
         hashes = [None] * len(rels)
         tally = UploadTally(self.emit, figures)
-        stop = threading.Event()
-        lock = threading.Lock()
         pending = iter(range(len(rels)))
-        failures = []
+        waiting = collections.deque()  # (index, steps, end function, async result), oldest first
         started, cpu, bytes_before = time.monotonic(), time.process_time(), figures["bytes_done"]
 
-        def uploader():
-            while not stop.is_set():
-                with lock:
-                    i = next(pending, None)
-                if i is None:
-                    return
-                try:
-                    hashes[i] = self._upload(proc.getUploader(i), rels[i], tally, stop=stop)
-                except UploadStopped:
-                    return
-                except BaseException as exc:  # noqa: BLE001 - re-raised by the caller below
-                    with lock:
-                        failures.append(exc)
-                    stop.set()
-                    return
+        def step(i, steps, resume, value):
+            """Run a file's steps up to their next wait; a finished file makes room for the next."""
+            try:
+                end, result = resume(value)
+            except StopIteration as done:
+                hashes[i] = done.value
                 tally.add(files=1)
+                start()
+            else:
+                waiting.append((i, steps, end, result))
+
+        def start():
+            i = next(pending, None)
+            if i is not None:
+                steps = self._upload_steps(proc, i, rels[i], tally)
+                step(i, steps, steps.send, None)
 
         workers = min(self.parallel, len(rels))
-        if workers <= 1:
-            uploader()
-        else:
-            threads = [threading.Thread(target=uploader, name=f"upload-{n}", daemon=True) for n in range(workers)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-        if failures:
-            if len(failures) > 1:
-                log.info("%d more upload(s) failed after the first", len(failures) - 1)
-            raise failures[0]
+        try:
+            for _ in range(workers):
+                start()
+            while waiting:
+                i, steps, end, result = waiting.popleft()
+                try:
+                    value = end(result)
+                except Exception as exc:  # noqa: BLE001 - into the file's steps, which close and raise it
+                    step(i, steps, steps.throw, exc)
+                else:
+                    step(i, steps, steps.send, value)
+        except BaseException:
+            for _, steps, _, _ in waiting:
+                steps.close()  # each ends its writes and closes its uploader
+            raise
         seconds = time.monotonic() - started
         log.info("uploaded %d file(s), %d bytes, %d at a time, in %.2f s (%.0f files/s; %.2f s CPU)", len(rels),
                  figures["bytes_done"] - bytes_before, workers, seconds, len(rels) / max(seconds, 1e-9),
                  time.process_time() - cpu)
         return hashes
 
-    def _upload(self, rfs, rel, tally, close=True, stop=None):
+    def _upload_steps(self, proc, i, rel, tally):
+        """One file of :meth:`_upload_fileset`, as a generator: it yields ``(end function,
+        async result)`` for each call it must wait for and is sent the call's answer; it
+        returns the file's SHA-1 (hex).
+
+        getUploader, then the blocks with up to ``self.in_flight`` writes outstanding
+        (positional, so their order on the server does not matter), a zero-byte write for
+        an empty file (OMERO creates an uploaded file on its first write; without one
+        verifyUpload fails), and close. Each block is read once and hashed from the very
+        bytes that go out. Closed early (another file failed) or thrown an error, it ends
+        its outstanding writes and closes its uploader before it ends.
+        """
+        asked = proc.begin_getUploader(i)
+        try:
+            rfs = yield proc.end_getUploader, asked
+        except GeneratorExit:
+            _quietly(lambda: proc.end_getUploader(asked).close())
+            raise
+        digest = hashlib.sha1()
+        sent = collections.deque()  # (async result, length), oldest first
+        offset = 0
+        try:
+            with self.checked.open(rel) as f:
+                while True:
+                    block = f.read(self.block)
+                    if not block:
+                        break
+                    if len(sent) >= self.in_flight:
+                        result, length = sent.popleft()
+                        yield rfs.end_write, result
+                        tally.add(nbytes=length)
+                    sent.append((rfs.begin_write(block, offset, len(block)), len(block)))
+                    digest.update(block)
+                    offset += len(block)
+            while sent:
+                result, length = sent.popleft()
+                yield rfs.end_write, result
+                tally.add(nbytes=length)
+            if not offset:
+                yield rfs.end_write, rfs.begin_write(b"", 0, 0)
+        except BaseException:
+            for result, _ in sent:
+                _quietly(lambda result=result: rfs.end_write(result))
+            _quietly(rfs.close)
+            raise
+        yield rfs.end_close, rfs.begin_close()
+        return digest.hexdigest()
+
+    def _upload(self, rfs, rel, tally, close=True):
         """Send one file (``rel``, relative to the acquisition) to ``rfs``; return its SHA-1 (hex).
 
         Up to ``self.in_flight`` writes are outstanding (``begin_write``): while
@@ -1194,9 +1243,9 @@ class Importer:
         the very bytes object that goes out. Writes carry their offset, so the
         order in which the server dispatches them does not matter (OMERO writes
         positionally). ``tally`` (:class:`UploadTally`) counts the bytes the server
-        acknowledged. ``stop`` (an Event) set by another upload's failure makes this
-        one end at its next block with :class:`UploadStopped`. A file of one block goes
-        in one plain write. Memory: ``in_flight`` + 1 blocks (one read ahead).
+        acknowledged. A file of one block goes in one plain write. Memory: ``in_flight``
+        + 1 blocks (one read ahead). (A fileset's files go through :meth:`_upload_steps`;
+        this is for attachments.)
         """
         digest = hashlib.sha1()
         sent = collections.deque()  # (async result, length), oldest first
@@ -1205,8 +1254,6 @@ class Importer:
             with self.checked.open(rel) as f:
                 block = f.read(self.block)
                 while block:
-                    if stop is not None and stop.is_set():
-                        raise UploadStopped()
                     following = f.read(self.block)
                     if not following and not sent:
                         # The file's only block (most files of a plate): a plain write; the
@@ -1639,6 +1686,15 @@ class Importer:
             "server": f"{self.host}:{self.port}",
             "bytes": figures["bytes_total"],
         }
+
+
+def _quietly(call):
+    """Call ``call()`` for its side effect during a clean-up: the failure that started the
+    clean-up is the one to report, so this one is only logged."""
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001
+        log.debug("during clean-up: %s", type(exc).__name__)
 
 
 def _sha1_of(path, block, opener=lambda p: open(p, "rb")):
