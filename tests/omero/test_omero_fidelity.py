@@ -390,6 +390,35 @@ def test_checked_files_are_the_ones_read_after_a_swap(child_module, tmp_path):
     assert not mirror.exists()
 
 
+def test_files_past_the_descriptor_budget_are_reopened_from_the_folder_and_compared(child_module, tmp_path,
+                                                                                   monkeypatch):
+    # A plate has more files than the process may keep open: those past the budget are
+    # reopened relative to the acquisition folder's kept descriptor (not walked from the
+    # root for each), and a file replaced since the check is refused.
+    import resource
+
+    root = tmp_path / "acq"
+    (root / "Images").mkdir(parents=True)
+    names = [f"Images/f{i}.tif" for i in range(6)]
+    for name in names:
+        (root / name).write_bytes(name.encode())
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    monkeypatch.setattr(child_module.CheckedFiles, "MARGIN", soft - 2)  # two kept open, four not
+    checked = child_module.CheckedFiles({"root": str(root), "allowed_root": str(tmp_path)}, names)
+    try:
+        assert len(checked.fds) == 2 and checked.tree is not None
+        for name in names:
+            with checked.open(name) as f:
+                assert f.read() == name.encode()
+        (root / names[-1]).unlink()
+        (root / names[-1]).write_bytes(b"replaced")
+        with pytest.raises(child_module.Failure, match="changed after it was checked"):
+            checked.open(names[-1])
+    finally:
+        checked.close()
+    assert checked.tree is None
+
+
 def test_a_truncated_tiff_fails_before_upload(store, importer, make_spec, double, converted):
     # Outside tester, finding 3: a cut-off TIFF passed the pre-check (Bio-Formats' setId
     # reads the header only) and was imported. OMERO's server reads every plane at import

@@ -178,8 +178,9 @@ class CheckedFiles:
     folder, sees the job's files and nothing else — a companion's ``../../outside``
     or an excluded dot-file or FIFO next to the data is simply absent. The soft
     ``RLIMIT_NOFILE`` is raised to the hard one; past it (minus a margin) files are not
-    kept open: they are mirrored by their real path and reopened and compared
-    (device, inode, size, mtime) when read. Raises :class:`Failure` for a missing or
+    kept open: they are mirrored by their real path and, when read, reopened relative to
+    the acquisition folder's kept descriptor (``safefs.SourceTree``) and compared
+    (device, inode, size, mtime). Raises :class:`Failure` for a missing or
     refused file.
     """
 
@@ -192,6 +193,7 @@ class CheckedFiles:
         self.req = req
         self.fds, self.stats = {}, {}
         self.folder = None
+        self.tree = None  # kept open for the files past the descriptor budget
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != hard:
             try:
@@ -220,11 +222,13 @@ class CheckedFiles:
                     self.fds[rel] = fd
                 else:
                     os.close(fd)
+                    self.tree = tree
         except BaseException:
             self.close()
             raise
         finally:
-            tree.close()
+            if self.tree is None:
+                tree.close()
 
     def size(self, rel):
         return self.stats[rel].st_size
@@ -234,8 +238,14 @@ class CheckedFiles:
         fd = self.fds.get(rel)
         if fd is not None:
             return open(f"/proc/self/fd/{fd}", "rb")
-        f, _ = open_source(self.req, rel)
-        if not _safefs().same_file(os.fstat(f.fileno()), self.stats[rel]):
+        # Past the budget (a plate of 100,000 files): reopened relative to the acquisition
+        # folder's kept descriptor, about one openat per file, not a walk from the root.
+        try:
+            fd, st = self.tree.open(rel)
+        except _safefs().UnsafePath as exc:
+            raise Failure(str(exc)) from None
+        f = os.fdopen(fd, "rb")
+        if not _safefs().same_file(st, self.stats[rel]):
             f.close()
             raise Failure(f"{rel} changed after it was checked (replaced or rewritten); submit the job again "
                           "once the acquisition is complete")
@@ -260,6 +270,9 @@ class CheckedFiles:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+        if self.tree is not None:
+            self.tree.close()
+            self.tree = None
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
