@@ -210,6 +210,8 @@ def test_failures_that_waiting_cannot_fix_fail_after_the_quiet_period(watchers, 
     (job,) = wait_until(lambda: jobs_of(store), 15, message="the checksum failure")
     assert job.state == JobState.FAILED
     assert job.error.message.startswith("checksum of a.tif does not match the manifest: the size is right")
+    # The job shows the files detection saw (the outside try saw "0 file(s), 0 B" on rejected jobs).
+    assert [(f.path, f.size) for f in job.spec.files] == [("a.tif", 8)]
 
     # A file larger than the manifest says: waiting cannot shrink it (finding 10).
     big = drops["manifest"] / "big"
@@ -221,6 +223,7 @@ def test_failures_that_waiting_cannot_fix_fail_after_the_quiet_period(watchers, 
                             message="the oversize failure")
     assert failed_big[0].state == JobState.FAILED
     assert failed_big[0].error.message.startswith("x.tif is 5,000 bytes, the manifest says 4,096: larger than listed")
+    assert [(f.path, f.size) for f in failed_big[0].spec.files] == [("x.tif", 5000)]  # as found on disk
 
     # A sidecar whose data file was there and is gone after the quiet period.
     data = drops["sidecar"] / "cells.czi"

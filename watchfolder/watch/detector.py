@@ -459,11 +459,12 @@ class ManifestRule(Rule):
         try:
             if descriptor.files is not None:
                 check = acq.check_listed(folder, descriptor.files)
+                seen = _as_seen(base, descriptor.files, check)
                 if check.special:
-                    return Outcome("reject", rel, spec=base, reason=special_reason(check.special, "manifest"))
+                    return Outcome("reject", rel, spec=seen, reason=special_reason(check.special, "manifest"))
                 too_big = oversize_reason(check.sizes, "manifest")
                 if too_big:
-                    return Outcome("reject", rel, spec=base, reason=too_big)
+                    return Outcome("reject", rel, spec=seen, reason=too_big)
                 if check.missing:
                     why, reason = listed_reason(check, len(descriptor.files), "manifest")
                     return Outcome("wait", rel, spec=base, reason=reason, why=why)
@@ -472,7 +473,7 @@ class ManifestRule(Rule):
                 sized = {e.path for e in descriptor.files if e.size is not None}
                 if any(p in sized for p in bad):
                     # Complete (every listed size matches) yet different: waiting cannot fix it.
-                    return Outcome("reject", rel, spec=base, reason=checksum_reason(bad, "manifest"))
+                    return Outcome("reject", rel, spec=seen, reason=checksum_reason(bad, "manifest"))
                 if bad:  # no size listed: the file may still be growing
                     return Outcome("wait", rel, spec=base, why="checksum",
                                    reason=checksum_reason(bad, "manifest").split(":")[0] + " yet")
@@ -691,7 +692,7 @@ class SidecarRule(Rule):
         for listed in descriptor.files or ():
             if unicodedata.normalize("NFC", listed.path) == unicodedata.normalize("NFC", data.name):
                 if listed.size is not None and listed.size < st.st_size:
-                    return Outcome("reject", rel, spec=base,
+                    return Outcome("reject", rel, spec=dataclasses.replace(base, files=(entry,)),
                                    reason=oversize_reason([(data.name, st.st_size, listed.size)], "sidecar"))
                 if listed.size is not None and listed.size != st.st_size:
                     return Outcome("wait", rel, spec=base, why="size",
@@ -700,7 +701,8 @@ class SidecarRule(Rule):
                 proven = listed.size is not None and bool(listed.sha256)
         bad = _checksums(data.parent, [entry])
         if bad and any(f.size is not None for f in descriptor.files or () if f.path == data.name):
-            return Outcome("reject", rel, spec=base, reason=checksum_reason(bad, "sidecar"))
+            return Outcome("reject", rel, spec=dataclasses.replace(base, files=(entry,)),
+                           reason=checksum_reason(bad, "sidecar"))
         if bad:
             return Outcome("wait", rel, spec=base, why="checksum",
                            reason=checksum_reason(bad, "sidecar").split(":")[0] + " yet")
@@ -939,6 +941,25 @@ def make_rule(watch: WatchConfig, patterns: Patterns) -> Rule:
 
 # ---------------------------------------------------------------------------
 # Building specs
+
+
+def _as_seen(base: JobSpec, listed: Iterable[FileEntry], check: Any) -> JobSpec:
+    """``base`` with the files detection saw, for a job rejected after its files were looked at
+    (a size or checksum that cannot come right, a FIFO listed): the listed files in their
+    order, with the size found on disk where the file is there, so the job page, ``jobs show``
+    and the mail say what was dropped (a rejected job showed "0 file(s), 0 B")."""
+    found = {unicodedata.normalize("NFC", e.path): e for e, _st in check.present}
+    wrong = {unicodedata.normalize("NFC", path): size for path, size, _listed in check.sizes}
+    files = []
+    for entry in listed:
+        key = unicodedata.normalize("NFC", entry.path)
+        if key in found:
+            files.append(found[key])
+        elif key in wrong:
+            files.append(FileEntry(entry.path, wrong[key], entry.sha256))
+        else:
+            files.append(entry)
+    return dataclasses.replace(base, files=tuple(files))
 
 
 def _base_spec(watch: WatchConfig, root: Path, rel: str, files: tuple[FileEntry, ...] = ()) -> JobSpec:
