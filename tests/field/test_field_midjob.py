@@ -24,6 +24,14 @@ def test_a_file_deleted_while_its_job_runs_gives_one_import_in_one_folder(field,
     # The watcher sees the change while job 1 runs: it says so instead of queueing a second job.
     wait_until(lambda: len(field.jobs()) > 1 or field.reported("changed while job"), 20,
                message="the watcher's answer to the change")
+    if len(field.jobs()) == 1:  # held: explain says what pending says (it said "complete: queued once …")
+        from watchfolder.watch.explain import explain
+
+        held_answer = wait_until(
+            lambda: a if "changed while job" in (a := explain(field.service.config, field.store,
+                                                               str(field.drop / "jdoe" / "del"))).reason else None,
+            10, message="explain naming the running job")
+        assert "queued once" not in held_answer.reason
     go.set()
     jobs = wait_until(lambda: j if succeeded(j := field.jobs()) and all(x.state.finished for x in j) else None,
                       30, message="every job finished, one succeeded")

@@ -291,6 +291,10 @@ def _explain_acquisition(
         out.reason = part + pending["reason"]
     elif outcome.kind == "wait":
         out.reason = part + outcome.reason
+    elif pending is not None and pending.get("reason"):
+        # Complete on disk, yet the watcher holds it (changed while its job runs): its words, as
+        # pending shows them, not "queued once quiet" (an outside try found the two contradicting).
+        out.reason = part + pending["reason"]
     else:
         out.verdict = "ready"
         out.reason = (f"{part}complete: queued once nothing has changed for {watch.quiet_period:g} s "
