@@ -68,6 +68,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -1255,7 +1256,9 @@ class RawFileStoreI(omero.api.RawFileStore):
         if path:
             if not rec.get("created"):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "r+b" if os.path.exists(path) else "wb") as f:
+            # The first write creates the file (FileBuffer): a path left by an earlier world (ids
+            # start again after /reset) must not lend it its old bytes; OMERO never reuses one.
+            with open(path, "r+b" if rec.get("created") and os.path.exists(path) else "wb") as f:
                 f.seek(position)
                 f.write(data)
         rec["created"] = True
@@ -1505,6 +1508,8 @@ class Control(BaseHTTPRequestHandler):
                 WORLD.faults.clear()
                 WORLD = World()
             DOUBLE.reset()
+            # Fileset ids start again: the last world's uploads go with it.
+            shutil.rmtree(os.path.join(DOUBLE.workdir, "ManagedRepository"), ignore_errors=True)
             return self._answer({"ok": True, "port": DOUBLE.port})
         if self.path == "/seed":
             for g in body.get("groups", []):
