@@ -1680,6 +1680,14 @@ class Detector:
                 out.append(Outcome("gone", rel))
                 self.forget(rel)
                 continue
+            full = os.path.join(self.root, rel)
+            denied = unreadable_folder(full) if os.path.isdir(full) else None
+            if denied is not None:
+                # Made unreadable in place (chmod 000 after it was seen): the snapshot digests what it
+                # cannot list and the rule would find no descriptor ("gone", forgotten silently).
+                # Listed as unreadable instead, and looked at again until it can be read.
+                self._unreadable(cand, None, now, reason=denied)
+                continue
             if cand.digest is not None and snap.digest != cand.digest:
                 # Changed since the last look without an event telling us (or between ticks).
                 cand.last_change = estimate_change(snap.max_mtime, cand.observed_at, now)
@@ -1753,9 +1761,10 @@ class Detector:
                 out.append(outcome)
         return out
 
-    def _unreadable(self, cand: Candidate, exc: OSError, now: float) -> None:
-        """A candidate the service cannot look at now: say why, look again later; others carry on."""
-        cand.waiting = _os_reason(exc, getattr(exc, "filename", None) or os.path.join(self.root, cand.rel))
+    def _unreadable(self, cand: Candidate, exc: OSError | None, now: float, *, reason: str = "") -> None:
+        """A candidate the service cannot look at now (``exc``, or ``reason`` already worded): say
+        why, look again later; others carry on."""
+        cand.waiting = reason or _os_reason(exc, getattr(exc, "filename", None) or os.path.join(self.root, cand.rel))
         cand.waiting_kind = "unreadable"
         cand.next_check = now + min(WAIT_RECHECK_SECONDS, max(self.watch.quiet_period, 1.0))
 
