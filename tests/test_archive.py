@@ -461,8 +461,9 @@ def test_progress_is_written_at_a_bounded_rate_whatever_the_file_count(store, ma
     started = time.monotonic()
     ArchiveImporter(root=archive_root).run(job, ctx)
     elapsed = time.monotonic() - started
-    # At most one write per interval (and the first), not one per file or chunk.
-    assert 1 <= len(writes) <= elapsed / 0.25 + 1
+    # At most one write per interval, not one per file or chunk (2,000 here). The first comes
+    # one interval after the claim (issue 18), so a copy done sooner writes none: no lower bound.
+    assert len(writes) <= elapsed / 0.25 + 1, (len(writes), elapsed)
 
 
 @pytest.mark.parametrize("unnamed_supported", [True, False])
