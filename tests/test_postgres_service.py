@@ -69,7 +69,7 @@ def _refusals(server) -> list[tuple[str, str, str]]:
 def test_a_refused_connection_is_one_line_naming_the_url_the_reason_and_the_fix(pg_server, tmp_path, command,
                                                                                  refusal):
     # Before: every command waited for a pool timeout ("couldn't get a connection after 10.00 sec"),
-    # run/work/serve retried forever, and check-config did not connect at all.
+    # run, work and serve retried forever, and check-config did not connect at all.
     pg_server.require_password(PASSWORD_ROLE, PASSWORD)
     url, reason, fix = _refusals(pg_server)[["database", "role", "password"].index(refusal)]
     result = _watchfolder(_config(tmp_path, url), command)

@@ -163,3 +163,45 @@ def succeeded(jobs: list[Job]) -> list[Job]:
 def files_of(job: Job) -> list[str]:
     return sorted(f.path for f in job.spec.files)
 
+
+
+def can_read_unreadable(tmp_path: Path) -> bool:
+    """Whether this process reads a file of mode 000 (root with CAP_DAC_OVERRIDE does)."""
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"x")
+    probe.chmod(0)
+    try:
+        probe.read_bytes()
+        return True
+    except PermissionError:
+        return False
+    finally:
+        probe.chmod(0o600)
+        probe.unlink()
+
+
+def run_without_dac_override(tmp_path: Path, *selection: str, timeout: float = 300):
+    """Run pytest ``selection`` (node ids, ``-k`` expressions) as root without the capabilities
+    that bypass file modes (``setpriv``), so permission cases run as for a service user.
+
+    Skips when not root (those tests run directly) or without ``setpriv``; returns the
+    ``CompletedProcess`` (stdout, stderr as text).
+    """
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("not root: the permission tests run directly")
+    setpriv = shutil.which("setpriv")
+    if not setpriv:
+        pytest.skip("setpriv (util-linux) is needed to drop CAP_DAC_OVERRIDE")
+    drop = "-dac_override,-dac_read_search"
+    return subprocess.run(
+        [setpriv, "--inh-caps", drop, "--bounding-set", drop, sys.executable, "-m", "pytest", "-q",
+         "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "inner"), "-rs", *selection],
+        capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parent.parent.parent,
+    )

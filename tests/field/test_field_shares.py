@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-from drops import manifest
+from drops import can_read_unreadable, manifest, run_without_dac_override
 from helpers import wait_until
 
 
@@ -34,22 +30,8 @@ def test_polling_sees_a_rename_within_the_same_second_on_a_share_whose_clock_lag
     assert job.state.value == "succeeded", job.error
 
 
-def _can_read_unreadable(tmp_path: Path) -> bool:
-    probe = tmp_path / "probe"
-    probe.write_bytes(b"x")
-    probe.chmod(0)
-    try:
-        probe.read_bytes()
-        return True
-    except PermissionError:
-        return False
-    finally:
-        probe.chmod(0o600)
-        probe.unlink()
-
-
 def test_permission_denied_fails_at_once_naming_the_file(field, tmp_path):
-    if _can_read_unreadable(tmp_path):
+    if can_read_unreadable(tmp_path):
         pytest.skip("this process reads files whatever their mode (root with CAP_DAC_OVERRIDE); "
                     "test_permission_denied_without_privileges runs it without")
     field.start("events", quiet_period=0.3)
@@ -66,18 +48,7 @@ def test_permission_denied_fails_at_once_naming_the_file(field, tmp_path):
 
 def test_permission_denied_without_privileges(tmp_path):
     """As root, run the test above in a child without the capabilities that bypass file modes."""
-    if os.geteuid() != 0:
-        pytest.skip("not root: test_permission_denied_fails_at_once_naming_the_file runs directly")
-    setpriv = shutil.which("setpriv")
-    if not setpriv:
-        pytest.skip("setpriv (util-linux) is needed to drop CAP_DAC_OVERRIDE")
-    here = Path(__file__)
-    drop = "-dac_override,-dac_read_search"
-    result = subprocess.run(
-        [setpriv, "--inh-caps", drop, "--bounding-set", drop, sys.executable, "-m", "pytest", "-q",
-         "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "inner"), "-rs",
-         f"{here}::test_permission_denied_fails_at_once_naming_the_file"],
-        capture_output=True, text=True, timeout=120, cwd=here.parent.parent.parent,
-    )
+    result = run_without_dac_override(tmp_path, f"{__file__}::test_permission_denied_fails_at_once_naming_the_file",
+                                      timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "1 passed" in result.stdout, result.stdout[-2000:]

@@ -10,13 +10,10 @@ in a child without CAP_DAC_OVERRIDE (test_unreadable_cases_without_privileges).
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from drops import MODES, QUIET, manifest
+from drops import MODES, QUIET, can_read_unreadable, manifest, run_without_dac_override
 from helpers import wait_until
 
 from watchfolder import config as configmod
@@ -24,23 +21,9 @@ from watchfolder.watch.detector import Detector
 from watchfolder.watch.explain import explain
 
 
-def _can_read_unreadable(tmp_path: Path) -> bool:
-    probe = tmp_path / "probe"
-    probe.write_bytes(b"x")
-    probe.chmod(0)
-    try:
-        probe.read_bytes()
-        return True
-    except PermissionError:
-        return False
-    finally:
-        probe.chmod(0o600)
-        probe.unlink()
-
-
 @pytest.fixture
 def unprivileged(tmp_path):
-    if _can_read_unreadable(tmp_path):
+    if can_read_unreadable(tmp_path):
         pytest.skip("this process reads files whatever their mode (root with CAP_DAC_OVERRIDE); "
                     "test_unreadable_cases_without_privileges runs it without")
 
@@ -160,19 +143,9 @@ def test_unreadable_folder_at_start_is_watched_once_fixed(field, unprivileged, m
 
 def test_unreadable_cases_without_privileges(tmp_path):
     """As root, run the tests above in a child without the capabilities that bypass file modes."""
-    if os.geteuid() != 0:
-        pytest.skip("not root: the tests above run directly")
-    setpriv = shutil.which("setpriv")
-    if not setpriv:
-        pytest.skip("setpriv (util-linux) is needed to drop CAP_DAC_OVERRIDE")
-    here = Path(__file__)
-    drop = "-dac_override,-dac_read_search"
-    result = subprocess.run(
-        [setpriv, "--inh-caps", drop, "--bounding-set", drop, sys.executable, "-m", "pytest", "-q",
-         "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "inner"), "-rs", str(here),
-         "-k", "unreadable_data or made_unreadable or unreadable_folder_moved_in or unreadable_folder_at_start"],
-        capture_output=True, text=True, timeout=300, cwd=here.parent.parent.parent,
-    )
+    result = run_without_dac_override(
+        tmp_path, __file__,
+        "-k", "unreadable_data or made_unreadable or unreadable_folder_moved_in or unreadable_folder_at_start")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "9 passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
 
