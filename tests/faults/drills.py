@@ -13,6 +13,8 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -96,6 +98,17 @@ def rows(db: Path, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         return conn.execute(sql, args).fetchall()
     finally:
         conn.close()
+
+
+def health(port: int) -> tuple[int, dict]:
+    """``GET /api/v1/health`` of a service on ``port``: (status, body); (0, {}) when nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/health", timeout=5) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+    except OSError:
+        return 0, {}
 
 
 def wait_for(predicate, timeout: float, message: str, interval: float = 0.1):

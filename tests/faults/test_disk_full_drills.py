@@ -9,16 +9,13 @@ directory is full and recovers by itself; no job loses an attempt, none is lost.
 from __future__ import annotations
 
 import email
-import json
 import os
 import socket
 import sqlite3
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import yaml
-from drills import cli, fill, kill9, report, rows, start, stop, wait_for, write_config
+from drills import cli, fill, health, kill9, report, rows, start, stop, wait_for, write_config
 from helpers import write_manifest
 
 
@@ -26,16 +23,6 @@ def _port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _health(port: int) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/health", timeout=5) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
-    except OSError:
-        return 0, {}
 
 
 def _drop(drop: Path, name: str, size: int) -> None:
@@ -79,19 +66,19 @@ def test_data_dir_full_while_running(tmp_path, tmpfs):
     try:
         _drop(drop, "a1", 2000)
         wait_for(lambda: [j["state"] for j in _jobs(db)] == ["succeeded"], 60, "the first job imported")
-        wait_for(lambda: _health(port)[0] == 200, 30, "health ok")
+        wait_for(lambda: health(port)[0] == 200, 30, "health ok")
         filler = fill(volume)
         for name in ("a2", "a3", "a4"):
             _drop(drop, name, 2000)
 
         def full_said():
-            code, body = _health(port)
+            code, body = health(port)
             detail = (body.get("checks") or {}).get("store", {}).get("detail") or ""
             return code == 503 and detail.startswith(f"job database {db}: no space left on the disk holding it")
 
         wait_for(full_said, 60, "health 503 naming the full data disk")
         wait_for(lambda: "no space left on the disk holding it" in output.read_text(), 60, "the service log says it")
-        detail = _health(port)[1]["checks"]["store"]["detail"]
+        detail = health(port)[1]["checks"]["store"]["detail"]
         assert f"({data}, " in detail and "free space on that filesystem" in detail
         assert "carries on by itself" in detail
         code, status = _status(config)
@@ -100,7 +87,7 @@ def test_data_dir_full_while_running(tmp_path, tmpfs):
         assert listed.returncode == 0 and "Traceback" not in listed.stderr
 
         filler.unlink()  # the admin frees space: everything carries on by itself
-        wait_for(lambda: _health(port)[0] == 200, 60, "health recovers by itself")
+        wait_for(lambda: health(port)[0] == 200, 60, "health recovers by itself")
         wait_for(lambda: [j["state"] for j in _jobs(db)] == ["succeeded"] * 4, 60, "every job imported")
         code, status = _status(config)
         assert code == 0 and status["problems"] == [], status["problems"]
@@ -175,7 +162,7 @@ def test_archive_volume_full_while_running(tmp_path, tmpfs):
         code, status = _status(config)
         assert code == 1 and any(p.startswith("importer target archive:") and "no space left" in p
                                  for p in status["problems"])
-        assert _health(port)[0] == 200  # the service itself is fine: the jobs wait, queued
+        assert health(port)[0] == 200  # the service itself is fine: the jobs wait, queued
         wait_for(lambda: len(_admin_mails(tmp_path, "paused")) == 1, 60, "the admin told once")
         filler.unlink()
         wait_for(lambda: [j["state"] for j in _jobs(db)] == ["succeeded"] * 4, 60, "every job imported")

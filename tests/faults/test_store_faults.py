@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sqlite3
-import urllib.error
-import urllib.request
 
 import pytest
-from drills import cli, fill, kill9, report, rows, start, stop, wait_for, write_config
+from drills import cli, fill, health, kill9, report, rows, start, stop, wait_for, write_config
 from helpers import write_manifest
 
 from watchfolder.errors import StoreError
@@ -163,16 +160,6 @@ def _tables(db) -> list:
         return []
 
 
-def _health(port: int) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/health", timeout=5) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
-    except OSError:
-        return 0, {}
-
-
 def test_database_emptied_while_running_is_one_critical_line_and_refused_after(tmp_path):
     drop = tmp_path / "drop"
     drop.mkdir()
@@ -190,12 +177,12 @@ def test_database_emptied_while_running_is_one_critical_line_and_refused_after(t
             _drop(drop, name)
         wait_for(lambda: _succeeded(db) == 3 and len(list(drop.glob("*.watchfolder-receipt.json"))) == 3,
                  60, "three acquisitions imported")
-        wait_for(lambda: _health(port)[0] == 200, 30, "health ok")
+        wait_for(lambda: health(port)[0] == 200, 30, "health ok")
         os.truncate(db, 0)  # `: > watchfolder.db` under the running service
         _drop(drop, "a4")
 
         def unhealthy():
-            code, body = _health(port)
+            code, body = health(port)
             detail = (body.get("checks") or {}).get("store", {}).get("detail") or ""
             return code == 503 and f"the job database {db} is empty (0 bytes)" in detail
 
