@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from watchfolder.errors import JobCancelled, PermanentImportError, TransientImportError
+from watchfolder.errors import ConfigError, JobCancelled, PermanentImportError, ShuttingDown, TransientImportError
 from watchfolder.importers import archive as archive_module
 from watchfolder.importers.archive import ArchiveImporter
 from watchfolder.job import FileEntry, JobState, Target
@@ -511,6 +511,40 @@ def test_empty_file_and_unicode_names(make_spec, start, archive_root):
     assert by_path["empty.tif"]["size"] == 0
     assert by_path["empty.tif"]["sha256"] == sha(b"")
     assert by_path[nfd]["sha256"] == sha(b"nfd")
+
+
+def test_reads_are_paced_to_max_bytes_per_second(make_spec, start, archive_root):
+    # 300,000 bytes at 1,000,000 bytes/s: at least 0.3 s however fast the machine (a lower bound
+    # only: a slow machine takes longer, never shorter), and the copy is whole.
+    data = os.urandom(300_000)
+    job, ctx = start(make_spec({"a.tif": data[:200_000], "b.tif": data[200_000:]}))
+    began = time.monotonic()
+    result = ArchiveImporter(root=archive_root, chunk_bytes=20_000, max_bytes_per_second=1_000_000).run(job, ctx)
+    assert time.monotonic() - began >= 0.29
+    assert result["bytes"] == 300_000 and [f["sha256"] for f in result["files"]] == [
+        sha(data[:200_000]), sha(data[200_000:])]
+
+
+def test_a_paced_copy_stops_within_its_wait_on_shutdown(make_spec, start, archive_root):
+    # The pacing waits are checkpoints: a worker told to stop (no grace left) stops there,
+    # not after the file (one read of 600,000 bytes at 10,000 bytes/s: a 60 s wait).
+    job, ctx = start(make_spec({"big.tif": os.urandom(600_000)}))
+    timer = threading.Timer(0.3, ctx.hard_stop.set)
+    timer.start()
+    began = time.monotonic()
+    with pytest.raises(ShuttingDown):
+        ArchiveImporter(root=archive_root, chunk_bytes=1_000_000, max_bytes_per_second=10_000).run(job, ctx)
+    timer.join()
+    assert time.monotonic() - began < 30
+    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3" / Path(job.spec.root).name
+    assert files_under(dest) == []  # no partial copy left
+
+
+def test_max_bytes_per_second_from_config(make_config, tmp_path):
+    config = make_config(importer={"kind": "archive", "archive": {"max_bytes_per_second": 5_000_000}})
+    assert ArchiveImporter(config).max_bytes_per_second == 5_000_000
+    with pytest.raises(ConfigError, match="max_bytes_per_second"):
+        make_config(importer={"kind": "archive", "archive": {"max_bytes_per_second": -1}})
 
 
 # -- cancel and disk full ------------------------------------------------------------------

@@ -247,3 +247,31 @@ def test_a_store_of_schema_1_is_migrated_at_start_with_a_log_line_per_step(tmp_p
     assert {r.levelname for r in caplog.records if " -> " in r.getMessage()} == {"INFO"}  # news, not a warning
     assert store.hold_folder("drop", "a", ttl=10) and store.describe()["schema"] == SCHEMA_VERSION
     store.close()
+
+
+def test_a_database_emptied_under_many_threads_is_said_once(tmp_path, make_spec, caplog):
+    # The health tick, the workers and the watcher all check the file: the first to find it
+    # emptied says so (one CRITICAL line per process), the others get the same reason.
+    import os
+    import threading
+
+    db = tmp_path / "jobs.db"
+    store = SQLiteStore(db)
+    store.enqueue(make_spec())
+    os.truncate(db, 0)
+    barrier = threading.Barrier(8)
+    reasons = []
+
+    def check():
+        barrier.wait()
+        reasons.append(store.check_file())
+
+    threads = [threading.Thread(target=check) for _ in range(8)]
+    with caplog.at_level("CRITICAL", logger="watchfolder.store.sqlite"):
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    critical = [r for r in caplog.records if r.levelname == "CRITICAL"]
+    assert len(critical) == 1, [r.getMessage() for r in critical]
+    assert len(set(reasons)) == 1 and "is empty (0 bytes)" in reasons[0]

@@ -201,20 +201,23 @@ def test_heartbeat_keeps_the_lease_of_a_long_job(tmp_path, make_spec):
 # -- a real worker process, killed with SIGKILL in the middle of a copy ----------
 
 
-def _write_config(tmp_path: Path, **workers) -> Path:
+def _write_config(tmp_path: Path, *, archive: dict | None = None, **workers) -> Path:
     data = tmp_path / "data"
     config = {
         "data_dir": str(data),
         "store": {"lease_seconds": 2},
         "workers": {"count": 1, "poll_interval": 0.1, "heartbeat_seconds": 0.5, "shutdown_grace": 30, **workers},
         "retry": {"max_attempts": 3, "backoff": [1]},
-        "importer": {"kind": "archive"},
+        "importer": {"kind": "archive", "archive": archive or {}},
         "notify": {"transport": "folder", "admin_email": "admin@example.org"},
         "server": {"enabled": False},
     }
     path = tmp_path / "watchfolder.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+PACED_RATE = 16 * 1024 * 1024  # bytes per second: importer.archive.max_bytes_per_second in the drills
 
 
 def _big_acquisition(tmp_path: Path, size_mb: int = 256) -> tuple[Path, str]:
@@ -263,11 +266,14 @@ def _job_row(db: Path, job_id: int) -> dict:
 
 @pytest.mark.slow
 def test_worker_process_killed_mid_copy_completes_exactly_once(tmp_path):
-    config = _write_config(tmp_path)
-    root, digest = _big_acquisition(tmp_path)
+    # The copy is paced (64 MiB at 16 MiB/s: 4 s) so that "mid-copy" lasts seconds on any
+    # machine: an unpaced copy can end before its first progress write (one interval after
+    # the claim) and the kill would come too late to be a kill mid-copy.
+    config = _write_config(tmp_path, archive={"max_bytes_per_second": PACED_RATE})
+    root, digest = _big_acquisition(tmp_path, size_mb=64)
     job_id = _submit(config, root, "--email", "jdoe@example.org", "--dataset", "big")
     db = tmp_path / "data" / "watchfolder.db"
-    total = 256 * 1024 * 1024
+    total = 64 * 1024 * 1024
     first = _start_worker(config, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         def mid_copy():
@@ -278,6 +284,7 @@ def test_worker_process_killed_mid_copy_completes_exactly_once(tmp_path):
         wait_until(mid_copy, timeout=60, interval=0.005, message="the copy to start")
         first.send_signal(signal.SIGKILL)
     finally:
+        first.kill()  # no-op after the SIGKILL; stops it when the wait above failed
         first.wait(30)
     killed = _job_row(db, job_id)
     assert killed["state"] == "running"  # nobody finished it: the lease is still held by the dead worker
@@ -375,8 +382,9 @@ def test_sigterm_lets_the_running_job_finish(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_with_no_grace_releases_the_job_to_the_queue(tmp_path):
-    config = _write_config(tmp_path, shutdown_grace=0)
-    root, _ = _big_acquisition(tmp_path, size_mb=256)
+    # Paced (see above) so that the SIGTERM lands while the file is being copied, not after.
+    config = _write_config(tmp_path, shutdown_grace=0, archive={"max_bytes_per_second": PACED_RATE})
+    root, _ = _big_acquisition(tmp_path, size_mb=64)
     job_id = _submit(config, root, "--dataset", "d")
     db = tmp_path / "data" / "watchfolder.db"
     proc = _start_worker(config)

@@ -95,6 +95,9 @@ class ArchiveConfig:
     # Below this many free bytes on the archive volume, its jobs pause (not fail).
     min_free_bytes: int = D.ARCHIVE_MIN_FREE_BYTES
     file_mode: int | None = None  # None: each copy keeps its source's permission bits
+    # Bytes per second one job reads from the drop folder (0: as fast as it can), so an
+    # archive copy does not saturate an instrument's share or link while it acquires.
+    max_bytes_per_second: int = 0
 
 
 @dataclass(frozen=True)
@@ -587,12 +590,13 @@ def _importer(r: _Reader, raw: dict, data_dir: Path) -> ImporterConfig:
     kind = r.get(raw, "kind", w, one_of("archive", "omero", "noop"), "archive")
     a = r.section(raw, "archive", w)
     aw = "importer.archive"
-    r.unknown(a, {"root", "layout", "min_free_bytes", "file_mode"}, aw)
+    r.unknown(a, {"root", "layout", "min_free_bytes", "file_mode", "max_bytes_per_second"}, aw)
     archive = ArchiveConfig(
         root=r.get(a, "root", aw, r.path, data_dir / "archive"),
         layout=r.get(a, "layout", aw, _layout, D.ARCHIVE_LAYOUT),
         min_free_bytes=r.get(a, "min_free_bytes", aw, non_negative_int, D.ARCHIVE_MIN_FREE_BYTES),
         file_mode=r.get(a, "file_mode", aw, _file_mode, None),
+        max_bytes_per_second=r.get(a, "max_bytes_per_second", aw, non_negative_int, 0),
     )
     o = r.section(raw, "omero", w)
     ow = "importer.omero"

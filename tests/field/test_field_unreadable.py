@@ -55,10 +55,14 @@ def test_unreadable_data_file_fails_at_once_and_the_owner_hears(field, unprivile
 @pytest.mark.parametrize("mode", MODES)
 def test_folder_made_unreadable_in_place_is_listed_and_taken_once_fixed(field, unprivileged, mode):
     # b12 item 4: chmod 000 on a folder in place was silent in events mode, and after the fix
-    # (chmod 755) the acquisition stayed stuck until a restart.
-    field.start(mode, quiet_period=QUIET)
+    # (chmod 755) the acquisition stayed stuck until a restart. A quiet period long enough that
+    # the chmod below lands within it even on a loaded machine.
+    field.start(mode, quiet_period=2)
     p3 = field.drop / "p3"
-    manifest(p3, {"a.tif": b"a" * 100})
+    # Files not listed: the quiet period is waited (a listed file with its checksum proves the
+    # acquisition complete at once, and the job could be queued before the chmod below lands --
+    # then it fails as unreadable, test_unreadable_data_file_fails_at_once_... above).
+    manifest(p3, {"a.tif": b"a" * 100}, listed=False)
     p3.chmod(0)
     p7 = field.drop / "p7"
     p7.mkdir()

@@ -229,6 +229,28 @@ def _write_all(fd: int, data: memoryview) -> None:
         data = data[written:]
 
 
+class _Throttle:
+    """Holds a job's reads from the drop folder to ``rate`` bytes per second (0: no limit),
+    averaged from the start of the attempt; waits in short slices that honour a stop or cancel
+    (``ctx.checkpoint``)."""
+
+    SLICE = 0.1  # seconds: the longest wait between two checkpoints
+
+    def __init__(self, rate: int, ctx: ImportContext):
+        self.rate = rate
+        self.ctx = ctx
+        self.start = time.monotonic()
+        self.done = 0
+
+    def read(self, n: int) -> None:
+        if not self.rate:
+            return
+        self.done += n
+        while (ahead := self.done / self.rate - (time.monotonic() - self.start)) > 0:
+            time.sleep(min(ahead, self.SLICE))
+            self.ctx.checkpoint()
+
+
 def _ledger_name(job_id: int) -> str:
     return f".watchfolder-job-{job_id}.owned"
 
@@ -281,7 +303,7 @@ class ArchiveImporter(Importer):
 
     def __init__(self, config=None, *, root: Path | None = None, layout: str | None = None,
                  chunk_bytes: int = D.COPY_CHUNK_BYTES, sync: str = "auto", anonymous_temp: bool = True,
-                 min_free_bytes: int | None = None):
+                 min_free_bytes: int | None = None, max_bytes_per_second: int | None = None):
         archive = config.importer.archive if config is not None else None
         self.config = config
         self.file_mode = archive.file_mode if archive is not None else None
@@ -294,6 +316,8 @@ class ArchiveImporter(Importer):
         self.min_free_bytes = (min_free_bytes if min_free_bytes is not None
                                else archive.min_free_bytes if archive is not None else 0)
         self.anonymous_temp = anonymous_temp
+        self.max_bytes_per_second = (max_bytes_per_second if max_bytes_per_second is not None
+                                     else archive.max_bytes_per_second if archive is not None else 0)
 
     def health(self) -> dict[str, Any]:
         try:
@@ -571,6 +595,7 @@ class ArchiveImporter(Importer):
         copied = []
         lines = []
         reused_count = 0
+        throttle = _Throttle(self.max_bytes_per_second, ctx)
         for index, (entry, src, _queued_size) in enumerate(sources):
             dest = os.path.join(dest_root, entry.path)
             parent = os.path.dirname(dest)
@@ -578,7 +603,8 @@ class ArchiveImporter(Importer):
                 self._prepare_folder(parent, tag)
                 folders.add(parent)
             digest, reused, size = self._copy_one(ctx, tag if not anonymous else None, src, dest, entry.sha256, buf,
-                                                  done_bytes, total, index, count, source=(tree, entry))
+                                                  done_bytes, total, index, count, source=(tree, entry),
+                                                  throttle=throttle)
             if not reused:
                 placed.append(dest)
                 try:
@@ -677,10 +703,11 @@ class ArchiveImporter(Importer):
 
     def _copy_one(self, ctx: ImportContext, tag: str | None, src: str, dest: str, expected: str | None,
                   buf: bytearray, done_before: int, total: int, index: int, count: int,
-                  *, source) -> tuple[str, bool, int]:
+                  *, source, throttle: _Throttle | None = None) -> tuple[str, bool, int]:
         """Copy, verify and place one file: ``(sha256, already archived, bytes read)``.
 
-        ``tag`` names a temporary file, None makes it anonymous; ``source`` is ``(SourceTree, entry)``.
+        ``tag`` names a temporary file, None makes it anonymous; ``source`` is ``(SourceTree, entry)``;
+        ``throttle`` paces the reads from the source (``importer.archive.max_bytes_per_second``).
         """
         folder, name = os.path.split(dest)
         tmp = os.path.join(folder, f".{name}{tag}{uuid.uuid4().hex[:8]}.part") if tag else None
@@ -710,6 +737,8 @@ class ArchiveImporter(Importer):
                 source_hash.update(chunk)
                 _write_all(fout, chunk)
                 done += n
+                if throttle is not None:
+                    throttle.read(n)
                 if n == len(buf):  # a file of several chunks: report within it (and honour a cancel)
                     ctx.progress("copying", done_before + done, total, index, count)
             after = os.fstat(fin)

@@ -461,6 +461,7 @@ class SQLiteStore(FileLogs, JobStore):
         self._schema_ready = False
         self._identity: tuple[int, int] | None = None
         self.broken: str | None = None
+        self._broken_lock = threading.Lock()  # several threads may find it at once: one CRITICAL line
         # Said once per process, for the database and the job logs (store/space.py).
         self.__dict__["_disk_full"] = DiskFull(
             f"job database {self.path}", self.path.parent,
@@ -556,13 +557,20 @@ class SQLiteStore(FileLogs, JobStore):
         if self.broken:
             return self.broken
         problem = _file_problem(self.path) or "is corrupt"
-        self.broken = (
+        return self._break(
             f"the job database {self.path} {problem} ({exc}): database file is not a database / corrupt; "
             "stop every watchfolder process, move the file and its -wal/-shm aside and restore the last "
             "backup (README: Restoring the job database); this process records nothing more"
         )
-        log.critical(self.broken)
-        return self.broken
+
+    def _break(self, reason: str) -> str:
+        """Mark the store broken with ``reason`` unless another thread did first (its reason
+        stands); the one CRITICAL line of this process. Returns the reason in force."""
+        with self._broken_lock:
+            if self.broken is None:
+                self.broken = reason
+                log.critical(reason)
+            return self.broken
 
     def _full(self, exc: sqlite3.DatabaseError) -> None:
         """A write was refused for space: said once by :attr:`disk_full` (not while opening:
@@ -603,12 +611,11 @@ class SQLiteStore(FileLogs, JobStore):
         except OSError as exc:
             problem = f"cannot be checked ({exc.strerror or exc})"
         if problem:
-            self.broken = (
+            return self._break(
                 f"the job database {self.path} {problem} while this process (pid {os.getpid()}) had it open; "
                 "stop every watchfolder process and restore the database from the backup "
                 "(this process records nothing more)"
             )
-            log.critical(self.broken)
         return self.broken
 
     def _create_schema(self, conn: sqlite3.Connection) -> None:
