@@ -108,3 +108,28 @@ def test_explain_answers_for_a_pairs_descriptor_as_for_its_data_file_in_a_sideca
     got = _same_answer(cfg, field.store, field.drop / "scan.tmp")
     assert got.verdict == "ignored" and got.reason.endswith("rename it and scan.tmp.json alike to have them "
                                                             "imported"), got
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_explain_after_a_sidecar_edit_names_the_job_that_imported_it(field, mode):
+    # Issue 12 L4, the part left last time: once imported, a sidecar edited in place (a new
+    # description) is a change after the import -- never imported again -- but explain said
+    # "complete: queued once nothing has changed ..." (the edited sidecar gives a new key).
+    field.start(mode, detection="sidecar")
+    (field.drop / "scan.czi").write_bytes(b"pixels" * 100)
+    sidecar = field.drop / "scan.czi.json"
+    sidecar.write_text(json.dumps({"owner": "carol", "target": {"dataset": "C"}}))
+    [job] = field.settled(1)
+    assert job.state.value == "succeeded", job.error
+    wait_until(lambda: list(field.drop.glob("*.watchfolder-receipt.json")), 10, message="the receipt")
+    sidecar.write_text(json.dumps({"owner": "carol", "target": {"dataset": "C"}, "description": "edited"}))
+    cfg = field.service.config
+    for rel in ("scan.czi", "scan.czi.json"):
+        got = explain(cfg, field.store, str(field.drop / rel))
+        assert (got.verdict, got.job_id) == ("job", job.id), got
+        assert f"became job {job.id}, succeeded; changed after that import, so not imported again" in got.reason, got
+    wait_until(lambda: "changed after this import" in field.store.read_log(job.id), 10,
+               message="the watcher's own note of the change")
+    assert len(field.jobs()) == 1  # and the watcher agrees: nothing queued again
+    got = explain(cfg, field.store, str(field.drop / "scan.czi"))
+    assert (got.verdict, got.job_id) == ("job", job.id), got

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import multifile
+from .. import multifile, safefs
 from ..config import WatchConfig
 from ..errors import AcquisitionError, classify_os_error
 from ..filenames import beside
@@ -59,6 +59,7 @@ def _os_reason(exc: OSError, path: Any) -> str:
 
 # Files the watcher itself writes beside acquisitions; never part of one.
 RECEIPT_SUFFIX = ".watchfolder-receipt.json"
+RECEIPT_MAX_BYTES = 1024 * 1024  # a receipt is a few hundred bytes; anything bigger is not ours
 ERROR_SUFFIX = ".watchfolder-error.txt"
 OWN_MARKERS = (".watchfolder-receipt.json", ".watchfolder-error.txt")
 
@@ -1882,3 +1883,52 @@ class Detector:
             out.append({"path": storable(rel), "since": seen, "last_change": seen, "waiting": reason, "kind": kind,
                         "owner": cached[1] if cached is not None else None})
         return out
+
+
+# -- what became of an acquisition that changed after its import ------------------------
+
+
+def read_receipt(root: str, rel: str) -> tuple[int | None, Any]:
+    """The job id in the receipt beside acquisition ``rel`` (as the follow-up wrote it), and the
+    receipt itself; ``(None, None)`` when there is none or it cannot be read as one."""
+    path = beside(os.path.join(root, rel), RECEIPT_SUFFIX)
+    try:
+        receipt = json.loads(safefs.read_file(path, RECEIPT_MAX_BYTES, within=root, what="receipt"))
+        job_id = receipt.get("job_id")
+    except (OSError, ValueError, AttributeError, safefs.UnsafePath):
+        return None, None
+    return (job_id if isinstance(job_id, int) else None), receipt
+
+
+def imported_this(job: Any, watch: str, root: str, rel: str) -> bool:
+    """Whether succeeded ``job`` imported this very acquisition ``rel`` of watch folder ``watch``
+    (at ``root``) before it changed in place: the same folder (device and inode) still holding the
+    manifest or sidecar that job imported, or at least one of the files it imported, unchanged
+    (inode and mtime). A folder removed and dropped again holds a new descriptor and new files."""
+    identity = job.spec.extra.get("identity") or {}
+    if (job.state.value != "succeeded" or job.spec.extra.get("watch") != watch
+            or job.spec.extra.get("acquisition") != rel or not identity.get("files")):
+        return False
+    where = os.path.join(root, rel)
+    # A sidecar pair's place is the folder holding it (its data file may have been replaced by an
+    # atomic save); jobs recorded before this rule hold the data file's own identity.
+    places = [os.path.dirname(where), where] if job.spec.extra.get("unit") == "file" else [where]
+    for place in places:
+        try:
+            st = os.stat(place)
+        except OSError:
+            continue
+        if [st.st_dev, st.st_ino] == identity.get("dir"):
+            break
+    else:
+        return False
+    base = job.spec.root
+    kept = [identity["descriptor"]] if identity.get("descriptor") else []
+    for path, ino, mtime_ns in [*kept, *identity["files"]]:
+        try:
+            fst = os.stat(os.path.join(base, path))
+        except OSError:
+            continue
+        if fst.st_ino == ino and fst.st_mtime_ns == mtime_ns:
+            return True
+    return False

@@ -30,9 +30,11 @@ from .detector import (
     Detector,
     Patterns,
     _os_reason,
+    imported_this,
     is_own_file,
     make_rule,
     pending_reason,
+    read_receipt,
     unreadable_folder,
 )
 
@@ -246,6 +248,21 @@ def _unlisted(watch: WatchConfig, root: str, acq_rel: str, full: str) -> str | N
             f"file(s))")
 
 
+def _changed_after_import(watch: WatchConfig, root: str, acq_rel: str, store: JobStore | None) -> Any:
+    """The succeeded job that imported ``acq_rel`` before it changed in place (its receipt names
+    it, and the watcher's identity rule holds), or None."""
+    if store is None:
+        return None
+    job_id, _receipt = read_receipt(root, acq_rel)
+    if job_id is None:
+        return None
+    try:
+        job = store.get(job_id)
+    except Exception:  # not in this database (restored from a backup), or the store busy
+        return None
+    return job if imported_this(job, watch.name, root, acq_rel) else None
+
+
 def _explain_acquisition(
     watch: WatchConfig, root: str, acq_rel: str, full: str, store: JobStore | None, now: float
 ) -> Explanation:
@@ -276,6 +293,14 @@ def _explain_acquisition(
                 out.reason = (f"not part of the import: {unlisted}; acquisition {acq_rel} became job {job.id}, "
                               f"{job.state}, without it (to import it, drop it as a new acquisition)")
             return out
+    earlier = _changed_after_import(watch, root, acq_rel, store) if outcome.kind in ("enqueue", "reject",
+                                                                                    "changed") else None
+    if earlier is not None:
+        # The watcher's rule: changed in place after its import, never imported again.
+        out.verdict, out.job_id, out.job_state = "job", earlier.id, str(earlier.state)
+        out.reason = (f"{part}became job {earlier.id}, {earlier.state}; changed after that import, so not "
+                      "imported again (to import new data, drop it as a new acquisition)")
+        return out
     if unlisted is not None:
         out.verdict = "left_out"
         out.reason = (f"not part of the import: {unlisted}; acquisition {acq_rel} is imported without it "

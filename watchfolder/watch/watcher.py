@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import logging
 import os
 import socket
@@ -38,20 +37,18 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import defaults as D
-from .. import safefs
 from ..config import Config, WatchConfig
 from ..errors import JobNotFound
 from ..filenames import beside
 from ..job import JobState, printable
 from ..store.space import is_disk_full
-from .detector import RECEIPT_SUFFIX, Detector, Outcome, unreadable_folder
+from .detector import RECEIPT_SUFFIX, Detector, Outcome, imported_this, read_receipt, unreadable_folder
 from .followup import PostActions
 from .mounts import mount_of
 from .scanner import Scanner
 
 log = logging.getLogger(__name__)
 
-RECEIPT_MAX_BYTES = 1024 * 1024  # a receipt is a few hundred bytes; anything bigger is not ours
 
 RESTART_BACKOFF = (1.0, 2.0, 5.0, 15.0, 30.0, 60.0)
 HEALTH_INTERVAL = 1.0
@@ -1084,12 +1081,7 @@ class Watcher:
         job_id = cand.job_id if cand is not None else None
         receipt: Any = None
         if job_id is None:
-            path = beside(os.path.join(self.root, outcome.rel), RECEIPT_SUFFIX)  # as followup wrote it
-            try:
-                receipt = json.loads(safefs.read_file(path, RECEIPT_MAX_BYTES, within=self.root, what="receipt"))
-                job_id = receipt.get("job_id")
-            except (OSError, ValueError, AttributeError, safefs.UnsafePath):
-                return None
+            job_id, receipt = read_receipt(self.root, outcome.rel)
         if not isinstance(job_id, int):
             return None
         try:
@@ -1098,33 +1090,7 @@ class Watcher:
             return self._receipt_only(outcome, receipt)
         except Exception:  # store busy: treat as new
             return None
-        identity = job.spec.extra.get("identity") or {}
-        if (job.state != JobState.SUCCEEDED or job.spec.extra.get("watch") != self.name
-                or job.spec.extra.get("acquisition") != outcome.rel or not identity.get("files")):
-            return None
-        where = os.path.join(self.root, outcome.rel)
-        # A sidecar pair's place is the folder holding it (its data file may have been replaced by an
-        # atomic save); jobs recorded before this rule hold the data file's own identity.
-        places = [os.path.dirname(where), where] if job.spec.extra.get("unit") == "file" else [where]
-        for place in places:
-            try:
-                st = os.stat(place)
-            except OSError:
-                continue
-            if [st.st_dev, st.st_ino] == identity.get("dir"):
-                break
-        else:
-            return None
-        base = job.spec.root
-        kept = [identity["descriptor"]] if identity.get("descriptor") else []
-        for path, ino, mtime_ns in [*kept, *identity["files"]]:
-            try:
-                fst = os.stat(os.path.join(base, path))
-            except OSError:
-                continue
-            if fst.st_ino == ino and fst.st_mtime_ns == mtime_ns:
-                return job
-        return None
+        return job if imported_this(job, self.name, self.root, outcome.rel) else None
 
     def _followups(self, now: float) -> None:
         try:
