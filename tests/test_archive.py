@@ -413,7 +413,8 @@ def test_nothing_is_reported_archived_before_it_is_durable(sync, store, make_spe
 
     monkeypatch.setattr(archive_module, "syncfs", spy_syncfs)
     monkeypatch.setattr(archive_module, "_fsync_path", spy_fsync)
-    result = ArchiveImporter(root=archive_root, sync=sync).run(job, ctx)
+    # syncfs_min_files=0: "auto" takes syncfs whatever the count (the count rule has its own test).
+    result = ArchiveImporter(root=archive_root, sync=sync, syncfs_min_files=0).run(job, ctx)
     dest = Path(result["destination"])
     assert synced, "the copies were never flushed"
     for _, _, messages, phase in synced:
@@ -430,6 +431,21 @@ def test_nothing_is_reported_archived_before_it_is_durable(sync, store, make_spe
     assert ctx.calls[-1][0] == "archived"
 
 
+@pytest.mark.parametrize("count, how", [(3, "fsync"), (70, "syncfs")])
+def test_a_few_files_are_fsynced_many_take_one_syncfs(count, how, make_spec, start, archive_root, monkeypatch):
+    # syncfs flushes the whole volume, other writers' data included: worth it for many files,
+    # not for a few (a 1 GiB file waited on everything else the archive volume was writing).
+    job, ctx = start(make_spec({f"f{i:03d}.tif": b"x" * i for i in range(count)}))
+    calls = []
+    monkeypatch.setattr(archive_module, "syncfs", lambda path: calls.append("syncfs") or True)
+    real_fsync = archive_module._fsync_path
+    monkeypatch.setattr(archive_module, "_fsync_path",
+                        lambda path, flags=os.O_RDONLY: calls.append("fsync") or real_fsync(path, flags))
+    ArchiveImporter(root=archive_root, syncfs_min_files=64).run(job, ctx)
+    assert set(calls) == {how}
+    assert f"{count} file(s) durable ({how})" in " ".join(ctx.messages)
+
+
 def test_a_failed_flush_is_transient_and_reports_nothing_archived(make_spec, start, archive_root, monkeypatch):
     # A disk that loses the writes at sync time (EIO): the job must not succeed.
     job, ctx = start(make_spec({"a.tif": b"a" * 10}))
@@ -438,6 +454,7 @@ def test_a_failed_flush_is_transient_and_reports_nothing_archived(make_spec, sta
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(archive_module, "syncfs", broken_disk)
+    monkeypatch.setattr(archive_module, "_fsync_path", broken_disk)
     with pytest.raises(TransientImportError) as info:
         ArchiveImporter(root=archive_root).run(job, ctx)
     dest = archive_root / "jdoe" / "Brain atlas" / "slide 3" / Path(job.spec.root).name

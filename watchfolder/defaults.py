@@ -46,6 +46,9 @@ ARCHIVE_LAYOUT = "{owner}/{project}/{dataset}/{acquisition}"
 # The archive's jobs pause (instead of failing one by one) below this much free space.
 ARCHIVE_MIN_FREE_BYTES = 1024**3
 COPY_CHUNK_BYTES = 1024 * 1024
+# An archive acquisition of at least this many files is made durable with one syncfs of the
+# volume; fewer, with an fsync per file and folder (syncfs also waits for every other writer).
+SYNCFS_MIN_FILES = 64
 
 NOTIFY_TRANSPORT = "folder"
 MAIL_FROM = "watchfolder@localhost"

@@ -8,9 +8,11 @@ with the same checksum counts as copied, so an attempt interrupted by a crash
 completes on the next one without duplicating anything.
 
 Durability is batched per acquisition: once every file is written and
-verified, one ``syncfs`` of the archive volume (Linux) — or, where it is
-missing or fails, one ``fsync`` per file and per folder — makes them durable
-together. Nothing is reported archived (log lines, result, progress phase
+verified, they are made durable together — one ``fsync`` per file and per
+folder for an acquisition of a few files, one ``syncfs`` of the archive volume
+(Linux) for one of many (``SYNCFS_MIN_FILES``; ``syncfs`` also waits for
+whatever else is being written to that volume, which a few fsyncs do not), and
+per-file ``fsync`` wherever ``syncfs`` is missing or fails. Nothing is reported archived (log lines, result, progress phase
 ``archived``) before that sync returned; a crash before it leaves files that
 the next attempt checks and reuses, and the temporary names of an attempt
 are removed by the next one, once per destination folder.
@@ -292,7 +294,8 @@ def _remove_empty(folder: str, root: str) -> None:
 
 @register("archive")
 class ArchiveImporter(Importer):
-    """``sync``: ``"auto"`` (``syncfs`` where available, else per-file ``fsync``) or ``"fsync"``.
+    """``sync``: ``"auto"`` (``syncfs`` for an acquisition of at least ``syncfs_min_files`` files,
+    where available; else per-file ``fsync``) or ``"fsync"``.
 
     ``anonymous_temp``: write each copy as an unnamed file (``O_TMPFILE``) that gets
     its name only when verified — one directory operation per file instead of three
@@ -303,7 +306,8 @@ class ArchiveImporter(Importer):
 
     def __init__(self, config=None, *, root: Path | None = None, layout: str | None = None,
                  chunk_bytes: int = D.COPY_CHUNK_BYTES, sync: str = "auto", anonymous_temp: bool = True,
-                 min_free_bytes: int | None = None, max_bytes_per_second: int | None = None):
+                 min_free_bytes: int | None = None, max_bytes_per_second: int | None = None,
+                 syncfs_min_files: int = D.SYNCFS_MIN_FILES):
         archive = config.importer.archive if config is not None else None
         self.config = config
         self.file_mode = archive.file_mode if archive is not None else None
@@ -313,6 +317,7 @@ class ArchiveImporter(Importer):
         if sync not in ("auto", "fsync"):
             raise ValueError(f"sync must be 'auto' or 'fsync', got {sync!r}")
         self.sync = sync
+        self.syncfs_min_files = syncfs_min_files
         self.min_free_bytes = (min_free_bytes if min_free_bytes is not None
                                else archive.min_free_bytes if archive is not None else 0)
         self.anonymous_temp = anonymous_temp
@@ -680,7 +685,7 @@ class ArchiveImporter(Importer):
     def _make_durable(self, ctx: ImportContext, dest_root: Path, copied: list[dict], folders: set[str]) -> str:
         """Flush every copied file and folder (and the folders above them) to stable storage."""
         try:
-            if self.sync == "auto" and syncfs(dest_root):
+            if self.sync == "auto" and len(copied) >= self.syncfs_min_files and syncfs(dest_root):
                 return "syncfs"
             for index, item in enumerate(copied):
                 _fsync_path(os.path.join(dest_root, item["path"]))
