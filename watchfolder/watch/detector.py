@@ -108,6 +108,7 @@ class Snapshot:
     max_mtime: float  # newest mtime seen (files and folders), seconds
     dirs: tuple[tuple[str, int], ...] = ()  # (relative folder, mtime_ns), for the polling index
     files: int = 0
+    denied: str | None = None  # why the top folder could not be listed (permission), else None
 
 
 class Patterns:
@@ -183,6 +184,7 @@ def snapshot_folder(
     max_ns = top.st_mtime_ns
     dirs = [(rel, top.st_mtime_ns)]
     files = 0
+    denied = None
     stack = [(path, "")]
     while stack:
         folder, sub = stack.pop()
@@ -196,8 +198,10 @@ def snapshot_folder(
             if not sub:
                 return None
             continue
-        except PermissionError:
+        except PermissionError as exc:
             digest.update(b"?" + _enc(sub) + b"\n")
+            if not sub:
+                denied = _os_reason(exc, folder)
             continue
         subdirs = []
         parts = []  # digested once per folder: one update call instead of one per file
@@ -228,7 +232,7 @@ def snapshot_folder(
             parts.append("")
             digest.update("\n".join(parts).encode("utf-8", "surrogateescape"))
         stack.extend(reversed(subdirs))
-    return Snapshot(digest.digest(), max_ns / 1e9, tuple(dirs), files)
+    return Snapshot(digest.digest(), max_ns / 1e9, tuple(dirs), files, denied)
 
 
 def snapshot_files(paths: Iterable[str]) -> Snapshot | None:
@@ -1681,8 +1685,7 @@ class Detector:
                 out.append(Outcome("gone", rel))
                 self.forget(rel)
                 continue
-            full = os.path.join(self.root, rel)
-            denied = unreadable_folder(full) if os.path.isdir(full) else None
+            denied = snap.denied  # the folder's own listing refused: no second look needed
             if denied is not None:
                 # Made unreadable in place (chmod 000 after it was seen): the snapshot digests what it
                 # cannot list and the rule would find no descriptor ("gone", forgotten silently).
