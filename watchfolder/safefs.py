@@ -196,10 +196,35 @@ class SourceTree:
         # make another file with all three.
         if expect is not None and identity(st)[1:] != tuple(expect)[1:]:
             os.close(fd)
-            raise UnsafePath(os.path.join(self.root, rel),
-                             "changed after it was queued (its name now leads to another file, or the file was "
-                             "rewritten); submit the acquisition again if the change is intended")
+            raise UnsafePath(os.path.join(self.root, rel), _CHANGED)
         return fd, st
+
+    def check(self, rel: str, expect: list[int] | tuple[int, ...] | None = None) -> os.stat_result:
+        """What :meth:`open` would find at ``root/rel`` (a regular file, the identity queued), without
+        opening it where that is certain: one ``lstat`` beside the folder's descriptor for a plain
+        name; a name that is a symlink or passes through one is opened and closed (:meth:`open`).
+        Same errors as :meth:`open`. A check is not a licence: the copy opens through :meth:`open`."""
+        folder, _, name = rel.rpartition("/")
+        plain = (not os.path.isabs(rel) and name not in ("", ".", "..")
+                 and not any(p in ("", ".", "..") for p in folder.split("/") if folder))
+        if plain:
+            shown = os.path.join(self.root, rel)
+            dir_fd = self._folder(folder, shown) if folder else self._root_fd
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode):
+                if expect is None:
+                    expect = self.expected.get(rel)
+                if expect is not None and identity(st)[1:] != tuple(expect)[1:]:
+                    raise UnsafePath(shown, _CHANGED)
+                # Readable as the open would be (a permission problem is said before any copy).
+                if not os.access(name, os.R_OK, dir_fd=dir_fd, effective_ids=True, follow_symlinks=False):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), shown)
+                return st
+            if not stat.S_ISLNK(st.st_mode):
+                raise UnsafePath(shown, not_regular_reason(st.st_mode))
+        fd, st = self.open(rel, expect)
+        os.close(fd)
+        return st
 
     def _open(self, rel: str) -> tuple[int, os.stat_result]:
         shown = os.path.join(self.root, rel)
@@ -295,6 +320,10 @@ class SourceTree:
         finally:
             for fd in fds:
                 os.close(fd)
+
+
+_CHANGED = ("changed after it was queued (its name now leads to another file, or the file was "
+            "rewritten); submit the acquisition again if the change is intended")
 
 
 def _open_regular(name: str, dir_fd: int, shown: str) -> int:

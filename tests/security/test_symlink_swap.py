@@ -115,6 +115,49 @@ def test_fifos_sockets_and_folders_are_refused_by_kind_and_never_opened(tree):
         writer.release()
 
 
+def test_check_without_opening_agrees_with_open(tree):
+    # SourceTree.check (the archive's pre-copy look at every listed file, an lstat instead of
+    # an open) refuses exactly what open refuses, with the same reason, and opens no FIFO.
+    import socket
+
+    allowed, acq, outside = tree
+    (acq / "out_abs").symlink_to(outside / "shadow")
+    (acq / "out_rel").symlink_to("../../outside/shadow")
+    os.mkfifo(acq / "pipe")
+    writer = BlockedWriter(acq / "pipe")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(acq / "sub" / "live.sock"))
+
+    def verdict(call):
+        try:
+            st = call()
+        except (safefs.UnsafePath, OSError) as exc:
+            return type(exc).__name__, str(exc)
+        return "ok", st.st_size
+
+    try:
+        with safefs.SourceTree(str(allowed), str(acq)) as checker, safefs.SourceTree(str(allowed), str(acq)) as opener:
+            def opened(rel):
+                fd, st = opener.open(rel)
+                os.close(fd)
+                return st
+
+            for rel in ("a.tif", "sub/b.tif", "in_link", "sub/up_link", "abs_link", "out_abs", "out_rel",
+                        "pipe", "sub/live.sock", "sub", "missing.tif", "sub/missing/x.tif"):
+                assert verdict(lambda: checker.check(rel)) == verdict(lambda: opened(rel)), rel
+            # The identity recorded when queued: a rewritten file is refused by both.
+            queued = safefs.identity(os.stat(acq / "a.tif"))
+            (acq / "a.tif").write_bytes(b"A")
+            os.utime(acq / "a.tif", ns=(1, 1))
+            assert verdict(lambda: checker.check("a.tif", queued))[0] == "UnsafePath"
+            assert verdict(lambda: checker.check("a.tif", queued)) == verdict(
+                lambda: opener.open("a.tif", queued)[1])
+        assert not writer.opened.is_set()
+    finally:
+        sock.close()
+        writer.release()
+
+
 def test_a_root_outside_the_allowed_root_is_refused(tree, tmp_path):
     _, acq, outside = tree
     with pytest.raises(safefs.UnsafePath, match="not under its allowed root"):

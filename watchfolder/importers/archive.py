@@ -253,6 +253,11 @@ class _Throttle:
             self.ctx.checkpoint()
 
 
+def _size_changed(path: str, size: int, queued: int) -> str:
+    return (f"{path} is {size} bytes but was {queued} bytes when queued: the acquisition "
+            "changed after it was queued; submit it again once it is complete")
+
+
 def _ledger_name(job_id: int) -> str:
     return f".watchfolder-job-{job_id}.owned"
 
@@ -447,11 +452,19 @@ class ArchiveImporter(Importer):
             raise PermanentImportError(str(exc)) from None
         if entry.size is not None and st.st_size != entry.size:
             os.close(fd)
-            raise PermanentImportError(
-                f"{entry.path} is {st.st_size} bytes but was {entry.size} bytes when queued: the acquisition "
-                "changed after it was queued; submit it again once it is complete"
-            )
+            raise PermanentImportError(_size_changed(entry.path, st.st_size, entry.size))
         return fd, st
+
+    @staticmethod
+    def _check_source(tree: safefs.SourceTree, entry) -> os.stat_result:
+        """:meth:`_open_source`'s checks without opening the file (``SourceTree.check``): the copy opens it."""
+        try:
+            st = tree.check(entry.path)
+        except safefs.UnsafePath as exc:
+            raise PermanentImportError(str(exc)) from None
+        if entry.size is not None and st.st_size != entry.size:
+            raise PermanentImportError(_size_changed(entry.path, st.st_size, entry.size))
+        return st
 
     def _sources(self, job: Job, tree: safefs.SourceTree) -> list[tuple[Any, str, int]]:
         """``(entry, source path, size)`` of every listed file; raises before anything is copied."""
@@ -466,8 +479,7 @@ class ArchiveImporter(Importer):
                     f"{rel}: listed paths must be relative to the acquisition folder, without '..'"
                 )
             try:
-                fd, st = self._open_source(tree, entry)
-                os.close(fd)
+                st = self._check_source(tree, entry)
             except (FileNotFoundError, NotADirectoryError):
                 missing.append(rel)
                 continue
