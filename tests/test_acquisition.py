@@ -276,6 +276,40 @@ def test_example_sidecar_from_data_file_sidecar_or_folder():
         assert [(f.path, f.size) for f in spec.files] == [("cells_01.ome.tiff", data.stat().st_size)]
 
 
+def test_a_fifo_listed_in_a_submitted_manifest_is_refused_with_no_advice_to_wait(tmp_path):
+    # a10 F6: via the API or `submit`, a manifest listing a FIFO got "missing or incomplete ...
+    # Wait until the copy finishes": waiting never makes a FIFO a file (the watcher said so already).
+    folder = tmp_path / "acq"
+    folder.mkdir()
+    (folder / "a.tif").write_bytes(b"pixels")
+    os.mkfifo(folder / "b.tif")
+    (folder / "watchfolder.json").write_text(json.dumps(
+        {"owner": "jdoe", "target": {"dataset": "d"}, "files": [{"path": "a.tif"}, {"path": "b.tif"}]}))
+    with pytest.raises(AcquisitionError) as info:
+        from_path(folder, source="api:test")
+    message = str(info.value)
+    assert "b.tif (a named pipe (FIFO))" in message and "not a regular file" in message, message
+    assert "waiting will not change that" in message and "Wait until the copy finishes" not in message
+
+
+def test_a_folder_link_out_of_a_submitted_folder_is_left_out_a_file_link_out_refuses_it(tmp_path):
+    # a10 F6: README "a link to a folder is left out (and said so); a link to a file outside
+    # the acquisition fails the job" -- a folder link pointing outside refused the whole folder.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.tif").write_bytes(b"not yours")
+    folder = tmp_path / "acq"
+    folder.mkdir()
+    (folder / "a.tif").write_bytes(b"pixels")
+    (folder / "sub").symlink_to(outside)
+    spec = from_path(folder, source="api:test", owner="jdoe", target=Target(dataset="d"))
+    assert [f.path for f in spec.files] == ["a.tif"]
+    assert "sub (a symbolic link to a folder, not followed)" in spec.extra["left_out"]
+    (folder / "x.tif").symlink_to(outside / "secret.tif")
+    with pytest.raises(AcquisitionError, match="x.tif: symlink points outside the acquisition folder"):
+        from_path(folder, source="api:test", owner="jdoe", target=Target(dataset="d"))
+
+
 def test_another_owner_does_not_get_the_manifests_email():
     # Issue 14: `submit --owner alice` on jdoe's manifest mailed jdoe.
     spec = from_path(EXAMPLES / "slide3", source="cli:test", owner="alice")

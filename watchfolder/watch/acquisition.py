@@ -439,17 +439,19 @@ def walk_files(
                 continue
             try:
                 if entry.is_symlink():
+                    # A link to a folder, wherever it points, is left out (never followed); a link
+                    # to a file outside the acquisition fails it (the file was meant to be imported).
                     target = os.path.realpath(entry.path)
-                    if not is_within(target, real_root):
-                        raise AcquisitionError(
-                            f"{entry.path}: symlink points outside the acquisition folder (to {target}); "
-                            "copy the file into the folder instead"
-                        )
                     st = os.stat(entry.path)
                     if stat.S_ISDIR(st.st_mode):
                         if left_out is not None:
                             left_out.append(f"{rel} (a symbolic link to a folder, not followed)")
                         continue
+                    if not is_within(target, real_root):
+                        raise AcquisitionError(
+                            f"{entry.path}: symlink points outside the acquisition folder (to {target}); "
+                            "copy the file into the folder instead"
+                        )
                 else:
                     st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
@@ -785,7 +787,8 @@ def from_path(
     itself), a plain file, or a plain folder (every regular file under it except
     descriptors and excluded names). Explicit arguments override the descriptor;
     ``owner`` and ``target`` must be known in the end. Descriptor warnings are
-    returned in ``spec.extra["warnings"]`` for the job log. ``resolved=True`` says
+    returned in ``spec.extra["warnings"]`` for the job log, and what a plain folder holds but
+    is not imported (excluded names, FIFOs, links to folders) in ``spec.extra["left_out"]``. ``resolved=True`` says
     ``path`` is already ``os.path.realpath``'s answer (the API resolved it to check
     its roots), so it is not resolved again. Each file's identity is recorded
     (:func:`record_identity`); a file with several hard links is refused unless
@@ -795,6 +798,7 @@ def from_path(
     cannot import someone's described data as another owner's; the command line,
     run by an admin, may reassign it.
     """
+    left_out: list[str] = []  # a plain folder's files not imported, and why (spec.extra["left_out"])
     if resolved:
         real = os.fspath(path)
         given = real  # for messages: already in Path's normal form
@@ -826,6 +830,10 @@ def from_path(
             descriptor = read_descriptor(descriptor_file, what="manifest", allow_hard_links=allow_hard_links)
         if descriptor is not None and descriptor.files is not None:
             check = check_listed(real, descriptor.files)
+            if check.special:
+                from .detector import special_reason  # the watcher's words for the same refusal
+
+                raise AcquisitionError(f"{manifest}: {special_reason(check.special, 'manifest')}")
             if check.missing:
                 raise AcquisitionError(
                     f"{manifest}: {len(check.missing)} listed file(s) missing or incomplete: "
@@ -846,7 +854,7 @@ def from_path(
             skip = {manifest_name} | sidecars
             found = [
                 (FileEntry(rel, st.st_size), st)
-                for rel, st in walk_files(root, exclude=exclude, include=include, skip=skip)
+                for rel, st in walk_files(root, exclude=exclude, include=include, skip=skip, left_out=left_out)
             ]
             files = tuple(entry for entry, _ in found)
             if not files:
@@ -917,6 +925,8 @@ def from_path(
     if descriptor_file is not None:
         extra["descriptor"] = descriptor_rel
         extra["descriptor_sha256"] = d.raw_bytes_sha256
+    if left_out:  # what the folder holds and is not imported, said in the job's log and mail
+        extra["left_out"] = left_out
     return JobSpec(
         owner=final_owner,
         root=str(root),

@@ -1428,7 +1428,13 @@ class Detector:
                 f"{self.watch.manifest_name} manifest"), None
 
     def skip(self, rel: str, kind: str, reason: str, now: float) -> None:
-        """Note a path that is not watched as an acquisition, with why (listed as pending)."""
+        """Note a path that is not watched as an acquisition, with why (listed as pending).
+
+        A name the service writes itself (a receipt, an error report) is never noted, whatever it
+        is (a planted symlink of that name included): the follow-up replaces such a name with its
+        own file, and pending is for what a person can act on."""
+        if is_own_file(rel.rpartition("/")[2]):
+            return
         if rel in self.skipped:
             self._skipped_owner.pop(rel, None)  # seen again (an event): its owner is looked up again
             return
