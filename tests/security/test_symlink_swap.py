@@ -144,7 +144,7 @@ def test_check_without_opening_agrees_with_open(tree):
 
             for rel in ("a.tif", "sub/b.tif", "in_link", "sub/up_link", "abs_link", "out_abs", "out_rel",
                         "pipe", "sub/live.sock", "sub", "missing.tif", "sub/missing/x.tif"):
-                assert verdict(lambda: checker.check(rel)) == verdict(lambda: opened(rel)), rel
+                assert verdict(lambda r=rel: checker.check(r)) == verdict(lambda r=rel: opened(r)), rel
             # The identity recorded when queued: a rewritten file is refused by both.
             queued = safefs.identity(os.stat(acq / "a.tif"))
             (acq / "a.tif").write_bytes(b"A")
