@@ -14,7 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from watchfolder.errors import ConfigError, JobCancelled, PermanentImportError, ShuttingDown, TransientImportError
+from watchfolder.errors import (
+    ConfigError,
+    JobCancelled,
+    PermanentImportError,
+    ShuttingDown,
+    TransientImportError,
+)
 from watchfolder.importers import archive as archive_module
 from watchfolder.importers.archive import ArchiveImporter
 from watchfolder.job import FileEntry, JobState, Target
