@@ -132,3 +132,100 @@ def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     return context
+
+
+class ScriptedSmtpServer:
+    """A raw SMTP server on an ephemeral port whose replies are scripted per command.
+
+    ``replies``: verb (``"EHLO"``, ``"MAIL"``, ``"RCPT"``, ``"DATA"``, ...) → the reply line
+    sent instead of the usual one (``"553 5.7.1 sender address rejected"``). ``trickle``:
+    verb → seconds between the bytes of its (usual) reply, for the first
+    ``trickle_connections`` connections only: a server slow but alive, each byte well within
+    the client's read timeout. ``received`` holds the message data of each accepted DATA.
+    """
+
+    def __init__(self, *, replies: dict[str, str] | None = None, trickle: dict[str, float] | None = None,
+                 trickle_connections: int = 1, extensions: tuple[str, ...] = ("8BITMIME",)):
+        import socketserver
+
+        self.replies = dict(replies or {})
+        self.trickle = dict(trickle or {})
+        self.trickle_connections = trickle_connections
+        self.extensions = extensions
+        self.received: list[bytes] = []
+        self.connections = 0
+        self._lock = threading.Lock()
+        outer = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                with outer._lock:
+                    outer.connections += 1
+                    number = outer.connections
+                try:
+                    outer._session(self.rfile, self.connection, number)
+                except OSError:  # the client cut the connection
+                    pass
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> ScriptedSmtpServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _reply(self, sock, verb: str, usual: str, number: int) -> None:
+        line = (self.replies.get(verb) or usual) + "\r\n"
+        delay = self.trickle.get(verb) if number <= self.trickle_connections else None
+        if not delay:
+            sock.sendall(line.encode())
+            return
+        for byte in line.encode():
+            sock.sendall(bytes([byte]))
+            time.sleep(delay)
+
+    def _session(self, rfile, sock, number: int) -> None:
+        self._reply(sock, "GREETING", "220 scripted ESMTP", number)
+        while True:
+            line = rfile.readline()
+            if not line:
+                return
+            verb = line.split(b" ", 1)[0].strip().decode("ascii", "replace").upper()
+            if verb == "EHLO":
+                if verb in self.replies:
+                    self._reply(sock, verb, "", number)
+                    continue
+                lines = ["localhost", *self.extensions]
+                sock.sendall("".join(f"250{'-' if i < len(lines) - 1 else ' '}{x}\r\n"
+                                     for i, x in enumerate(lines)).encode())
+            elif verb == "DATA":
+                if verb in self.replies:
+                    self._reply(sock, verb, "", number)
+                    continue
+                sock.sendall(b"354 go ahead\r\n")
+                data = bytearray()
+                while True:
+                    chunk = rfile.readline()
+                    if not chunk:
+                        return
+                    if chunk == b".\r\n":
+                        break
+                    data += chunk
+                with self._lock:
+                    self.received.append(bytes(data))
+                self._reply(sock, "DATA-END", "250 2.0.0 queued", number)
+            elif verb == "QUIT":
+                sock.sendall(b"221 bye\r\n")
+                return
+            else:
+                self._reply(sock, verb, {"STARTTLS": "454 TLS not available", "AUTH": "504 no such mechanism"}
+                            .get(verb, "250 2.0.0 OK"), number)

@@ -43,7 +43,7 @@ class ScriptedTransport(Transport):
         self.attempts = 0
         self.closed = threading.Event()
 
-    def send(self, raw: bytes, sender: str, recipients: tuple[str, ...]) -> None:
+    def send(self, raw: bytes, sender: str, recipients: tuple[str, ...], *, deadline: float | None = None) -> None:
         self.attempts += 1
         outcome = self.outcomes.pop(0) if self.outcomes else None
         if outcome is not None:
@@ -498,3 +498,45 @@ def test_mails_that_keep_failing_do_not_starve_the_others(mailstore, make_spec):
     for step in range(3):
         sender.loop(now=T0 + 10 * step)
     assert sorted(m.attempts for m in mailstore.outbox_list()) == [1, 1, 1]
+
+
+# -- a slow server, a locked database: no second delivery, no traceback (issue 11 F1, F7) ---------
+
+
+def test_a_trickling_server_cannot_outlive_the_claim_and_the_mail_goes_out_once(tmp_path, make_spec, notifier):
+    # Issue 11 F1: the server answers RCPT one byte every 0.3 s (~4 s in all, each byte within
+    # the 1 s read timeout), longer than the 2 s claim. Sender A's send is cut off at half the
+    # claim, before DATA; sender B, claiming the mail after A's claim ran out, delivers it. The
+    # server gets it once (before: A's exchange went on and delivered it a second time).
+    from mailserver import ScriptedSmtpServer
+
+    from watchfolder.config import SmtpConfig
+    from watchfolder.mail.transports import SmtpTransport
+
+    store = SQLiteStore(tmp_path / "db" / "outbox.db", lease_seconds=30, mail_retry=RetryPolicy(3, (1.0,)),
+                        composer=notifier.compose)
+    try:
+        finish(store, make_spec())
+        with ScriptedSmtpServer(trickle={"RCPT": 0.3}) as server:
+            config = SmtpConfig(host="127.0.0.1", port=server.port, timeout=1.0)
+            a, b = SmtpTransport(config), SmtpTransport(config)
+            sender_a = OutboxSender(store, a, hold=2.0)
+            sender_b = OutboxSender(store, b, hold=2.0)
+            thread = threading.Thread(target=sender_a.loop, kwargs={"now": T0})
+            thread.start()
+            try:
+                wait_until(lambda: server.connections >= 1, message="sender A to connect")
+                threading.Event().wait(1.5)  # A's claim (2 s) would run out during the trickle
+                store.maintain(now=T0 + 3)
+                assert sender_b.loop(now=T0 + 10) == 1
+            finally:
+                thread.join(15)
+                a.close()
+                b.close()
+            assert not thread.is_alive()
+            threading.Event().wait(0.5)  # whatever A could still hand over has arrived
+            assert len(server.received) == 1
+        mail = single(store)
+        assert mail.state == "sent"
+    finally:
+        store.close()

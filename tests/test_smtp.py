@@ -6,6 +6,7 @@ import email
 import email.policy
 import logging
 import socket
+import time
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from mailserver import (
     Credentials,
     EphemeralController,
     Recorder,
+    ScriptedSmtpServer,
     self_signed_certificate,
     server_tls_context,
 )
@@ -371,3 +373,97 @@ def test_create_transport(tmp_path, kind, cls):
         assert transport.outbox_dir == tmp_path / "data" / "outbox"
     if kind == "smtp":
         assert (transport.config.host, transport.config.port) == ("mail.example.org", 465)
+
+
+# ------------------------------------- who is at fault: the service or the mail (issue 11 F2)
+
+
+@pytest.mark.parametrize(("replies", "security", "fix"), [
+    ({"MAIL": "553 5.7.1 sender address rejected: not owned by user"}, "none", "notify.from"),
+    ({"MAIL": "550 5.7.1 relaying denied for this sender"}, "none", "notify.from"),
+    ({"EHLO": "554 5.7.1 no service for you", "HELO": "554 5.7.1 no service for you"}, "none", "refused the session"),
+    ({"GREETING": "554 5.3.2 not accepting connections"}, "none", "refused the session"),
+    ({"STARTTLS": "554 5.5.1 TLS refused"}, "starttls", "refused the session"),
+], ids=["mail-from-553", "mail-from-550", "ehlo-554", "greeting-554", "starttls-554"])
+def test_a_5xx_to_the_service_itself_keeps_the_mail_pending(transports, replies, security, fix):
+    # A refusal of the sender address or of the session is the service's configuration, the
+    # same for every mail: transient (pending until the admin fixes it), with what to fix.
+    extensions = ("8BITMIME", "STARTTLS") if security == "starttls" else ("8BITMIME",)
+    with ScriptedSmtpServer(replies=replies, extensions=extensions) as server:
+        transport = transports(port=server.port, security=security)
+        with pytest.raises(MailError) as err:
+            transport.send(make_raw(), "w@example.org", ("a@example.org",))
+        assert not err.value.permanent, str(err.value)
+        assert fix in str(err.value)
+        assert server.received == []
+
+
+def test_a_sender_refusal_names_the_fix_and_goes_out_once_fixed(transports):
+    with ScriptedSmtpServer(replies={"MAIL": "553 5.7.1 sender address rejected"}) as server:
+        transport = transports(port=server.port)
+        with pytest.raises(MailError) as err:
+            transport.send(make_raw(), "wrong@example.org", ("a@example.org",))
+        assert "configuration problem" in str(err.value) and "wrong@example.org" in str(err.value)
+        server.replies.clear()  # the admin fixed notify.from (here: the server)
+        transport.send(make_raw(), "w@example.org", ("a@example.org",))
+        assert len(server.received) == 1
+
+
+def test_a_recipient_5xx_still_fails_the_mail(transports):
+    with ScriptedSmtpServer(replies={"RCPT": "550 5.1.1 no such user"}) as server:
+        transport = transports(port=server.port)
+        with pytest.raises(MailError) as err:
+            transport.send(make_raw(), "w@example.org", ("nobody@example.org",))
+        assert err.value.permanent
+
+
+def test_a_mail_too_large_for_the_announced_size_fails_for_good(transports):
+    # 552 at MAIL FROM with SIZE=n is about this mail, not the sender: retrying cannot help.
+    replies = {"MAIL": "552 5.3.4 message size exceeds fixed maximum"}
+    with ScriptedSmtpServer(replies=replies, extensions=("8BITMIME", "SIZE 100")) as server:
+        transport = transports(port=server.port)
+        with pytest.raises(MailError) as err:
+            transport.send(make_raw(), "w@example.org", ("a@example.org",))
+        assert err.value.permanent and "too large" in str(err.value)
+
+
+# ------------------------------------------------- an overall deadline per send (issue 11 F1)
+
+
+def test_a_trickling_server_is_cut_off_at_the_deadline_before_data(transports):
+    # Each byte of RCPT's reply comes well within the read timeout (2 s): only the overall
+    # deadline ends the send, before DATA, so the server never takes the mail.
+    with ScriptedSmtpServer(trickle={"RCPT": 0.3}) as server:
+        transport = transports(port=server.port, timeout=2.0)
+        started = time.monotonic()
+        with pytest.raises(MailError) as err:
+            transport.send(make_raw(), "w@example.org", ("a@example.org",), deadline=started + 0.8)
+        took = time.monotonic() - started
+        assert not err.value.permanent
+        assert "too slow" in str(err.value)
+        assert took < 3.0  # the reply alone trickles for ~4.5 s
+        time.sleep(0.5)
+        assert server.received == []
+        # the next send opens a fresh connection (the cut one is dropped) and goes through
+        transport.send(make_raw(), "w@example.org", ("a@example.org",), deadline=time.monotonic() + 5)
+        assert len(server.received) == 1
+
+
+def test_a_trickling_greeting_is_cut_off_too(transports):
+    with ScriptedSmtpServer(trickle={"GREETING": 0.3}) as server:
+        transport = transports(port=server.port, timeout=2.0)
+        started = time.monotonic()
+        with pytest.raises(MailError) as err:
+            transport.send(make_raw(), "w@example.org", ("a@example.org",), deadline=started + 0.8)
+        assert not err.value.permanent and "too slow" in str(err.value)
+        assert time.monotonic() - started < 3.0
+
+
+def test_a_deadline_already_passed_sends_nothing(transports):
+    with ScriptedSmtpServer() as server:
+        transport = transports(port=server.port)
+        transport.send(make_raw(), "w@example.org", ("a@example.org",))  # a kept connection
+        with pytest.raises(MailError) as err:
+            transport.send(make_raw(), "w@example.org", ("a@example.org",), deadline=time.monotonic() - 1)
+        assert not err.value.permanent
+        assert len(server.received) == 1

@@ -676,7 +676,8 @@ def _notify(r: _Reader, raw: dict, data_dir: Path) -> NotifyConfig:
     claim_hold = r.get(raw, "claim_hold", w, positive_seconds, D.MAIL_CLAIM_HOLD_SECONDS)
     if raw.get("transport") == "smtp" and claim_hold < 2 * smtp.timeout:
         r.problem(w + ".claim_hold", f"must be at least twice notify.smtp.timeout ({smtp.timeout:g} s), "
-                  f"got {claim_hold:g}: a slow delivery would be claimed again and sent twice")
+                  f"got {claim_hold:g}: a batch of sends must end within half of it, and one SMTP "
+                  "round may take the timeout")
     return NotifyConfig(
         transport=r.get(raw, "transport", w, one_of("folder", "smtp", "none"), D.NOTIFY_TRANSPORT),
         outbox_dir=r.get(raw, "outbox_dir", w, r.path, data_dir / "outbox"),

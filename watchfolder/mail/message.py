@@ -24,7 +24,10 @@ class Transport(abc.ABC):
     name = ""
 
     @abc.abstractmethod
-    def send(self, raw: bytes, sender: str, recipients: tuple[str, ...]) -> None: ...
+    def send(self, raw: bytes, sender: str, recipients: tuple[str, ...], *, deadline: float | None = None) -> None:
+        """Deliver ``raw`` from ``sender`` to ``recipients``. ``deadline``: a ``time.monotonic()``
+        value the send must end by (the outbox's claim on the mail runs out later); a
+        transport that can block past it must stop and raise a transient :class:`MailError`."""
 
     # Seconds one send may take at most (the SMTP timeout); sizes the outbox's batches.
     timeout: float = 1.0

@@ -7,9 +7,13 @@ Message-ID stays the same, so mail clients show it once). SMTP being down
 loses nothing and gives nothing up: mails wait in the outbox and are retried
 with backoff up to its cap (the last value of ``notify.retry.backoff``) for as
 long as the outage lasts; the backlog shows in ``watchfolder status`` and the
-dashboard. Only a permanent refusal (a 5xx reply to this mail, e.g. an
-unknown recipient) leaves a mail ``failed``; ``watchfolder mail resend ID``
-queues it again.
+dashboard. A refusal of the service's own session or sender address is a
+configuration problem and transient too. Only a permanent refusal of this
+mail (a 5xx to its recipients or data, e.g. an unknown recipient) leaves a
+mail ``failed``; ``watchfolder mail resend ID`` queues it again.
+
+No send outlives its claim: each batch has an overall deadline, half of the
+hold after its claim, which the transport enforces (see :class:`OutboxSender`).
 """
 
 from __future__ import annotations
@@ -32,8 +36,13 @@ class OutboxSender:
     """``loop(now)`` sends what is due once; ``drain()`` until nothing is due; ``run(stop)`` until stopped.
 
     ``hold`` (seconds) is how long a claimed mail stays ``sending``; a batch is at
-    most as many mails as fit in half of it at the transport's timeout each, so a
-    slow server never lets a claim expire under a send in progress.
+    most as many mails as fit in half of it at the transport's timeout each. A slow
+    server never lets a claim expire under a send in progress: every send of a batch
+    gets the overall deadline "half of ``hold`` after the claim" (the transport cuts
+    the exchange off there, before DATA is accepted: the mail stays pending, never
+    sent twice), and the mails whose turn comes after it go back to ``pending``
+    untried, their attempt not counted. The other half is the margin for marking
+    the mail sent and for the clocks of several hosts.
     """
 
     def __init__(self, store: JobStore, transport: Transport, *, poll_interval: float = 1.0,
@@ -61,13 +70,22 @@ class OutboxSender:
     def _batch(self, now: float | None) -> tuple[int, int]:
         """(claimed, accepted) for one batch."""
         sent = 0
+        # Taken before the claim: its hold runs from a moment after this one.
+        deadline = time.monotonic() + self.hold / 2
         mails = self.store.outbox_claim(now=now, limit=self.batch, hold=self.hold)
         claimed = len(mails)
         if self.notifier is not None and any(admin_bound(m) for m in mails):
             mails = self._digest(mails, time.time() if now is None else now)
-        for mail in mails:
+        for index, mail in enumerate(mails):
+            if time.monotonic() >= deadline:
+                # No time left under this claim: the rest wait for the next round, untried.
+                late = [m.id for m in mails[index:]]
+                self.store.outbox_hold(late, until=time.time() if now is None else now, now=now)
+                log.info("%d mail(s) put back untried: the batch used up its half of notify.claim_hold (%g s)",
+                         len(late), self.hold)
+                break
             try:
-                self.transport.send(mail.raw, mail.sender, mail.recipients)
+                self.transport.send(mail.raw, mail.sender, mail.recipients, deadline=deadline)
             except MailError as exc:
                 state = self.store.outbox_failed(mail.id, str(exc), permanent=exc.permanent, now=now)
                 level = logging.WARNING if exc.permanent or not self._failing else logging.DEBUG

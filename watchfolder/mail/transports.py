@@ -7,16 +7,26 @@ says whether sending the same mail again can ever help.
 
 SMTP errors are classified by where they happen:
 
-* setting up the session (connect, greeting, TLS, AUTH) fails for every mail
-  alike and is fixed by the admin, not by the mail: always transient, so the
-  pending mails go out by themselves once the server or the config is fixed;
-* the mail transaction (MAIL FROM, RCPT TO, DATA): a 4xx reply is transient, a
-  5xx reply permanent (the server will refuse this mail again), except 530
-  ("authentication/TLS required first"), which is about the session;
+* setting up the session (connect, greeting, EHLO/HELO, STARTTLS, AUTH) fails
+  for every mail alike and is fixed by the admin, not by the mail: always
+  transient, so the pending mails go out by themselves once the server or the
+  config is fixed;
+* MAIL FROM names the service's own address (``notify.from``): any refusal of
+  it is a configuration problem of the service, not of the mail, and transient
+  too (the message says what to fix) — except 552 with the SIZE the server
+  announced, which says this mail is too large;
+* RCPT TO and DATA: a 4xx reply is transient, a 5xx reply permanent (the
+  server will refuse this mail again);
 * a connection lost or timed out at any point: transient. If it is lost after
   the message data was sent but before the server's reply arrived, the server
   may have accepted the mail and a retry delivers it twice; SMTP cannot close
   that window.
+
+Each send may be given an overall ``deadline`` (the outbox's claim on the mail
+runs out after it): a timer shuts the connection down when it passes, so a
+server answering slowly but steadily (each read within ``notify.smtp.timeout``)
+cannot keep a send going past the claim, and DATA is never started after it.
+A send cut off that way fails transiently before the server took the mail.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import hashlib
 import logging
 import os
 import smtplib
+import socket
 import ssl
 import tempfile
 import threading
@@ -99,7 +110,7 @@ class FolderTransport(Transport):
                      len(removed), self.outbox_dir)
         return removed
 
-    def send(self, raw: bytes, sender: str, recipients: tuple[str, ...]) -> None:
+    def send(self, raw: bytes, sender: str, recipients: tuple[str, ...], *, deadline: float | None = None) -> None:
         target = self.outbox_dir / self.file_name(raw)
         tmp_name = None
         try:
@@ -168,7 +179,12 @@ class SmtpTransport(Transport):
     def timeout(self) -> float:  # type: ignore[override]
         return float(self.config.timeout)
 
-    def send(self, raw: bytes, sender: str, recipients: tuple[str, ...]) -> None:
+    def send(self, raw: bytes, sender: str, recipients: tuple[str, ...], *, deadline: float | None = None) -> None:
+        """Hand one mail to the server. ``deadline``: a ``time.monotonic()`` value the whole
+        send (connecting included) must end by; past it the connection is shut down and the
+        send fails transiently (:class:`MailError`, not permanent), DATA never having been
+        started after it. Raises :class:`MailError` (``permanent`` only for a 5xx to RCPT TO
+        of every recipient, to DATA, or a 552 size refusal at MAIL FROM)."""
         if not recipients:
             raise MailError("the mail has no recipients", permanent=True)
         # The outbox stores the From header ("watchfolder <a@b>"); the envelope wants the address.
@@ -178,9 +194,16 @@ class SmtpTransport(Transport):
             # Non-ASCII addresses need the server's SMTPUTF8 support; smtplib refuses otherwise.
             options.append("SMTPUTF8")
         with self._lock:
-            conn = self._session()
+            guard = _Deadline(deadline)
             try:
-                refused = conn.sendmail(sender, list(recipients), raw, mail_options=options)
+                if guard.passed():
+                    raise _DeadlinePassed()
+                with guard:
+                    conn = self._session(guard)
+                    refused = conn.sendmail(sender, list(recipients), raw, mail_options=options)
+            except _DeadlinePassed:
+                self._drop()
+                raise MailError(self._too_slow(guard)) from None
             except smtplib.SMTPRecipientsRefused as exc:
                 replies = {rcpt: (code, _text(msg)) for rcpt, (code, msg) in exc.recipients.items()}
                 permanent = all(_is_permanent(code) for code, _ in replies.values())
@@ -188,33 +211,37 @@ class SmtpTransport(Transport):
                 raise MailError(f"SMTP server {self.where} refused every recipient: {detail}",
                                 permanent=permanent) from None
             except smtplib.SMTPSenderRefused as exc:
-                if exc.smtp_code == 530:
-                    # RFC 4954/3207: the session lacks AUTH or TLS. The config is at fault, not the mail.
-                    raise MailError(
-                        f"SMTP server {self.where} requires authentication or TLS first: "
-                        f"{exc.smtp_code} {_text(exc.smtp_error)}; set notify.smtp.security and username/password"
-                    ) from None
-                raise MailError(
-                    f"SMTP server {self.where} refused sender {sender}: {exc.smtp_code} {_text(exc.smtp_error)}; "
-                    "check notify.from",
-                    permanent=_is_permanent(exc.smtp_code),
-                ) from None
+                raise self._sender_refused(exc, sender, len(raw)) from None
             except smtplib.SMTPNotSupportedError as exc:
                 raise MailError(
                     f"SMTP server {self.where} cannot take this mail: {exc} "
                     "(a non-ASCII address needs a server with SMTPUTF8)",
                     permanent=True,
                 ) from None
+            except smtplib.SMTPHeloError as exc:  # the session's greeting, not the mail
+                self._drop()
+                raise MailError(
+                    f"SMTP server {self.where} refused the session: {exc.smtp_code} {_text(exc.smtp_error)}"
+                ) from None
             except smtplib.SMTPResponseException as exc:  # SMTPDataError and other replies
+                if guard.cut:
+                    self._drop()
+                    raise MailError(self._too_slow(guard)) from None
                 raise MailError(
                     f"SMTP server {self.where} refused the mail: {exc.smtp_code} {_text(exc.smtp_error)}",
                     permanent=_is_permanent(exc.smtp_code),
                 ) from None
             except (smtplib.SMTPException, OSError) as exc:
                 self._drop()
+                if guard.cut:
+                    raise MailError(self._too_slow(guard)) from None
                 raise MailError(
                     f"connection to SMTP server {self.where} lost while sending: {_describe(exc)}"
                 ) from None
+            except MailError as exc:  # from _connect: a session problem, already described
+                if guard.cut and not exc.permanent:
+                    raise MailError(self._too_slow(guard)) from None
+                raise
         if refused:
             # The server took the mail for the other recipients: sending it again would
             # duplicate it for them, so this counts as sent, with a warning.
@@ -222,9 +249,38 @@ class SmtpTransport(Transport):
             log.warning("SMTP server %s accepted the mail but refused some recipients: %s", self.where, detail)
         log.debug("mail for %s accepted by %s", ", ".join(recipients), self.where)
 
-    def _session(self) -> smtplib.SMTP:
-        """An open, authenticated connection: the kept one if it still answers, else a new one."""
+    def _too_slow(self, guard: _Deadline) -> str:
+        return (f"SMTP server {self.where} too slow: the exchange did not end within the "
+                f"{guard.budget:.3g} s left to this send (a batch of sends ends within half of "
+                "notify.claim_hold, so no other sender claims its mails meanwhile); cut off before "
+                "the server took the mail, which is sent again later")
+
+    def _sender_refused(self, exc: smtplib.SMTPSenderRefused, sender: str, size: int) -> MailError:
+        """A refusal at MAIL FROM: the service's config (notify.from, AUTH, TLS), so transient —
+        the mails go out by themselves once the admin fixed it; only 552 to the SIZE smtplib
+        announced is about this mail (too large) and permanent."""
+        code, text = exc.smtp_code, _text(exc.smtp_error)
+        if code == 530:
+            # RFC 4954/3207: the session lacks AUTH or TLS. The config is at fault, not the mail.
+            return MailError(
+                f"SMTP server {self.where} requires authentication or TLS first: "
+                f"{code} {text}; set notify.smtp.security and username/password"
+            )
+        if code == 552 and self._conn is not None and self._conn.has_extn("size"):
+            return MailError(f"SMTP server {self.where} refused the mail as too large ({size} bytes): {code} {text}",
+                             permanent=True)
+        return MailError(
+            f"configuration problem: SMTP server {self.where} refused the sender address {sender}: {code} {text}; "
+            "set notify.from to an address this server accepts from this service (or its login) — "
+            "the pending mails then go out by themselves"
+        )
+
+    def _session(self, guard: _Deadline | None = None) -> smtplib.SMTP:
+        """An open, authenticated connection: the kept one if it still answers, else a new one.
+        ``guard`` learns each connection before it is read from, to cut it off at its deadline."""
+        guard = guard or _Deadline(None)
         if self._conn is not None:
+            guard.watch(self._conn)
             try:
                 code, _ = self._conn.noop()
                 if code == 250:
@@ -232,7 +288,7 @@ class SmtpTransport(Transport):
             except (smtplib.SMTPException, OSError):
                 pass
             self._drop()
-        self._conn = self._connect()
+        self._conn = self._connect(guard)
         return self._conn
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -243,14 +299,20 @@ class SmtpTransport(Transport):
             context.verify_mode = ssl.CERT_NONE
         return context
 
-    def _connect(self) -> smtplib.SMTP:
+    def _connect(self, guard: _Deadline) -> smtplib.SMTP:
         cfg = self.config
         conn: smtplib.SMTP | None = None
         try:
+            # Made unconnected, so the guard knows it before the greeting is read.
             if cfg.security == "ssl":
-                conn = smtplib.SMTP_SSL(cfg.host, cfg.port, timeout=cfg.timeout, context=self._tls_context())
+                conn = _GuardedSMTP_SSL(timeout=cfg.timeout, context=self._tls_context())
             else:
-                conn = smtplib.SMTP(cfg.host, cfg.port, timeout=cfg.timeout)
+                conn = _GuardedSMTP(timeout=cfg.timeout)
+            conn._host = cfg.host  # what connect() would set first; TLS checks the name against it
+            guard.watch(conn)
+            code, greeting = conn.connect(cfg.host, cfg.port)
+            if code != 220:  # what SMTP(host, port) checks
+                raise smtplib.SMTPConnectError(code, greeting)
             conn.ehlo_or_helo_if_needed()
             if cfg.security == "starttls":
                 if not conn.has_extn("starttls"):
@@ -310,6 +372,88 @@ class SmtpTransport(Transport):
                 conn.quit()
             except (smtplib.SMTPException, OSError):
                 _close_quietly(conn)
+
+
+class _DeadlinePassed(Exception):
+    """The send's deadline passed before DATA: nothing was handed over."""
+
+
+class _Deadline:
+    """The overall deadline of one send (a ``time.monotonic()`` value, or None: none).
+
+    Within ``with``, a timer shuts the watched connection's socket down when the deadline
+    passes: a read blocked on a server that trickles its reply then fails at once (the
+    per-read ``notify.smtp.timeout`` never fires while bytes keep coming). ``cut`` says
+    it did; :class:`_GuardedSMTP` refuses to start DATA once it passed.
+    """
+
+    def __init__(self, deadline: float | None):
+        self.deadline = deadline
+        self.budget = max(0.0, deadline - time.monotonic()) if deadline is not None else float("inf")
+        self.cut = False
+        self._conn: smtplib.SMTP | None = None
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+
+    def passed(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def watch(self, conn: smtplib.SMTP) -> None:
+        with self._lock:
+            self._conn = conn
+            conn._wf_guard = self  # type: ignore[attr-defined]
+            if self.cut:
+                _shut(conn)
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.cut = True
+            if self._conn is not None:
+                _shut(self._conn)
+
+    def __enter__(self) -> _Deadline:
+        if self.deadline is not None:
+            self._timer = threading.Timer(max(0.0, self.deadline - time.monotonic()), self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        with self._lock:
+            if self._conn is not None:
+                self._conn._wf_guard = None  # type: ignore[attr-defined]
+            self._conn = None
+
+
+def _shut(conn: smtplib.SMTP) -> None:
+    sock = conn.sock
+    if sock is None:
+        return
+    try:  # the plain socket's shutdown, also for TLS: SSLSocket.shutdown would drop its state under a reader
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:  # already closed
+        pass
+
+
+class _GuardMixin:
+    """Never starts DATA after the send's deadline (e.g. the process was stopped meanwhile)."""
+
+    _wf_guard: _Deadline | None = None
+
+    def data(self, msg):  # type: ignore[no-untyped-def]
+        if self._wf_guard is not None and self._wf_guard.passed():
+            raise _DeadlinePassed()
+        return super().data(msg)  # type: ignore[misc]
+
+
+class _GuardedSMTP(_GuardMixin, smtplib.SMTP):
+    pass
+
+
+class _GuardedSMTP_SSL(_GuardMixin, smtplib.SMTP_SSL):
+    pass
 
 
 def _login(conn: smtplib.SMTP, user: str, password: str) -> None:
