@@ -540,3 +540,74 @@ def test_a_trickling_server_cannot_outlive_the_claim_and_the_mail_goes_out_once(
         assert mail.state == "sent"
     finally:
         store.close()
+
+
+def _lock(path: Path, seconds: float) -> threading.Thread:
+    """Another connection holds BEGIN EXCLUSIVE on the database for ``seconds`` (as `sqlite3` would)."""
+    import sqlite3
+
+    held = threading.Event()
+
+    def hold():
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("BEGIN EXCLUSIVE")
+        held.set()
+        threading.Event().wait(seconds)
+        conn.execute("COMMIT")
+        conn.close()
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    assert held.wait(10)
+    return thread
+
+
+def test_a_locked_database_is_one_warning_and_works_again_not_a_traceback(tmp_path, make_spec, notifier, caplog):
+    # Issue 11 F7: while another process holds the database, the sender loop logged an ERROR
+    # with a traceback every round. Now: one warning for the streak, one line when it ends.
+    path = tmp_path / "db" / "outbox.db"
+    store = SQLiteStore(path, lease_seconds=30, mail_retry=MAIL_RETRY, composer=notifier.compose, busy_timeout=0.05)
+    transport = ScriptedTransport()
+    sender = OutboxSender(store, transport, poll_interval=0.05)
+    stop = threading.Event()
+    caplog.set_level(logging.DEBUG, logger="watchfolder.mail.outbox")
+    thread = threading.Thread(target=sender.run, args=(stop,), daemon=True)
+    try:
+        locker = _lock(path, 1.0)
+        thread.start()
+        locker.join(10)
+        finish(store, make_spec(), now=None)
+        wait_until(lambda: store.outbox_counts()["sent"] == 1, message="the mail to be sent after the lock")
+    finally:
+        stop.set()
+        thread.join(10)
+        store.close()
+    records = [r for r in caplog.records if r.name == "watchfolder.mail.outbox"]
+    assert [r.getMessage() for r in records if r.levelno >= logging.ERROR] == []
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "the job store failed" in warnings[0] and "locked" in warnings[0]
+    assert "outbox sender: the job store works again" in [r.getMessage() for r in records]
+
+
+def test_a_lock_while_marking_a_mail_sent_is_waited_out(tmp_path, make_spec, notifier):
+    # The server took the mail; a lock on the database must not leave it 'sending' (its claim
+    # would run out and another sender deliver it again): the mark is tried again.
+    path = tmp_path / "db" / "outbox.db"
+    store = SQLiteStore(path, lease_seconds=30, mail_retry=MAIL_RETRY, composer=notifier.compose, busy_timeout=0.05)
+    lockers = []
+
+    class LockingTransport(ScriptedTransport):
+        def send(self, raw, sender, recipients, *, deadline=None):
+            super().send(raw, sender, recipients, deadline=deadline)
+            lockers.append(_lock(path, 0.8))  # taken while the server "accepts" the mail
+
+    try:
+        finish(store, make_spec())
+        transport = LockingTransport()
+        assert OutboxSender(store, transport, hold=10.0).loop(now=T0) == 1
+        assert single(store).state == "sent"
+        assert len(transport.sent) == 1
+    finally:
+        for t in lockers:
+            t.join(10)
+        store.close()

@@ -24,8 +24,9 @@ import time
 from email.parser import BytesHeaderParser
 
 from .. import defaults as D
-from ..errors import JobNotFound
+from ..errors import JobNotFound, StoreUnavailable
 from ..store import JobStore
+from ..store.space import is_disk_full
 from .message import MailError, Transport
 from .notify import admin_bound
 
@@ -43,6 +44,10 @@ class OutboxSender:
     sent twice), and the mails whose turn comes after it go back to ``pending``
     untried, their attempt not counted. The other half is the margin for marking
     the mail sent and for the clocks of several hosts.
+
+    Store faults (:meth:`JobStore.is_fault`: the database locked, PostgreSQL down, a
+    full data disk) in the loop are logged once per streak as a warning and "works
+    again" when it ends; anything else is a bug and logged with its traceback.
     """
 
     def __init__(self, store: JobStore, transport: Transport, *, poll_interval: float = 1.0,
@@ -62,6 +67,8 @@ class OutboxSender:
         # rest DEBUG (a server down or a full disk fails every mail, every retry), and the
         # next success says how many there were.
         self._failing = 0
+        # A store fault streak in run(): the first is a WARNING, the end is said once.
+        self._store_failing = False
 
     def loop(self, now: float | None = None) -> int:
         """Send one batch of the mails that are due; returns how many the server accepted."""
@@ -97,12 +104,29 @@ class OutboxSender:
                 log.exception("mail %s: unexpected error", mail.id)
                 self.store.outbox_failed(mail.id, f"{type(exc).__name__}: {exc}", permanent=False, now=now)
             else:
-                self.store.outbox_sent(mail.id, now=now)
+                self._mark_sent(mail.id, deadline + self.hold * 0.4, now)
                 sent += 1
                 if self._failing:
                     log.info("mail delivery works again after %d failed attempt(s)", self._failing)
                     self._failing = 0
         return claimed, sent
+
+    def _mark_sent(self, mail_id: int, until: float, now: float | None) -> None:
+        """Mark an accepted mail sent, waiting out a store fault (the database locked by
+        another process, a server restart) until ``until`` (monotonic, before the claim
+        runs out): a mark lost to a short lock would let another sender deliver it again."""
+        delay = 0.25
+        while True:
+            try:
+                self.store.outbox_sent(mail_id, now=now)
+                return
+            except Exception as exc:
+                if not self.store.is_fault(exc) or time.monotonic() + delay >= until:
+                    raise
+                log.debug("mail %s: accepted, but marking it sent failed (%s); trying again in %g s",
+                          mail_id, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 4.0)
 
     def _digest(self, mails: list, now: float) -> list:
         """Admin failure mails beyond ``admin_digest_after`` within the window go out as one digest.
@@ -184,12 +208,29 @@ class OutboxSender:
             if time.monotonic() >= self._next_sweep:
                 self.sweep()
             try:
-                if self.loop() == 0:
-                    stop.wait(self.poll_interval)
-            except Exception:  # keep the sender alive through store hiccups
-                log.exception("outbox sender loop failed")
+                accepted = self.loop()
+            except Exception as exc:  # keep the sender alive through store hiccups and bugs
+                if self.store.is_fault(exc):
+                    if not self._store_failing:
+                        log.log(_fault_level(exc), "outbox sender: the job store failed (%s); "
+                                "trying again every %g s", exc, self.poll_interval)
+                    self._store_failing = True
+                else:
+                    log.exception("outbox sender loop failed")
+                stop.wait(self.poll_interval)
+                continue
+            if self._store_failing:
+                self._store_failing = False
+                log.info("outbox sender: the job store works again")
+            if accepted == 0:
                 stop.wait(self.poll_interval)
         self.transport.close()
+
+
+def _fault_level(exc: BaseException) -> int:
+    """As the workers: DEBUG for a server outage or a full data disk (the store reports those
+    once per process itself), WARNING for the rest (SQLite locked past busy_timeout, I/O error)."""
+    return logging.DEBUG if isinstance(exc, StoreUnavailable) or is_disk_full(exc) else logging.WARNING
 
 
 def _jobs_of(mails) -> set:
