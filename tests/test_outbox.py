@@ -611,3 +611,34 @@ def test_a_lock_while_marking_a_mail_sent_is_waited_out(tmp_path, make_spec, not
         for t in lockers:
             t.join(10)
         store.close()
+
+
+def test_a_refused_sender_keeps_the_mails_pending_shown_in_status_at_once(mailstore, make_spec, make_config):
+    # Issue 11 F2: a 553 to MAIL FROM failed every mail for good, though notify.from is at fault.
+    # Now the mails stay pending, `status` names the configuration problem and its fix from the
+    # first attempt, and once it is fixed they go out by themselves.
+    from mailserver import ScriptedSmtpServer
+
+    from watchfolder import status
+    from watchfolder.config import SmtpConfig
+    from watchfolder.mail.transports import SmtpTransport
+
+    for _ in range(2):
+        finish(mailstore, make_spec())
+    refused = {"MAIL": "553 5.7.1 sender address rejected: not owned by user"}
+    with ScriptedSmtpServer(replies=refused) as server:
+        transport = SmtpTransport(SmtpConfig(host="127.0.0.1", port=server.port, timeout=5.0))
+        try:
+            sender = OutboxSender(mailstore, transport)
+            assert sender.loop(now=T0) == 0
+            assert [m.state for m in mailstore.outbox_list()] == ["pending", "pending"]
+            view = status.collect_status(make_config(), mailstore, now=T0)
+            (problem,) = [p for p in view["problems"] if p.startswith("outbox:")]
+            assert problem.startswith("outbox: 2 mail(s) wait for a fix of the mail configuration")
+            assert "553 5.7.1" in problem and "set notify.from" in problem
+            server.replies.clear()  # the admin fixed notify.from
+            assert sender.loop(now=T0 + 3600) == 2
+        finally:
+            transport.close()
+    assert len(server.received) == 2
+    assert not [p for p in status.collect_status(make_config(), mailstore, now=T0)["problems"] if p.startswith("outbox")]

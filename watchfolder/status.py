@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .mail.message import CONFIG_PROBLEM
 
 # A worker is healthy while its heartbeat is younger than this many heartbeat intervals.
 HEARTBEAT_TOLERANCE = 3.0
@@ -237,15 +238,21 @@ def sink_view(row: dict[str, Any], *, now: float) -> dict[str, Any]:
 def outbox_backlog(config, store, *, now: float, owners: Sequence[str] | None = None) -> dict[str, Any]:
     """Mails still pending after ``notify.retry.max_attempts`` transient failures: they are
     never given up (the server may be down for a day) but the admin must hear of them.
+    ``config_count``/``config_error``: pending mails whose last failure was a configuration
+    problem of the service (the newest such error, with its fix), whatever their attempts.
     ``owners``: only the mails of their jobs (as :func:`collect_status`)."""
-    stuck = [m for m in store.outbox_list(state="pending", limit=1000, owners=owners)
-             if m.attempts >= config.notify.retry.max_attempts]
+    pending = store.outbox_list(state="pending", limit=1000, owners=owners)
+    stuck = [m for m in pending if m.attempts >= config.notify.retry.max_attempts]
+    # Waiting on the admin (a refused sender address or login, TLS): known at the first attempt.
+    misconfigured = [m for m in pending if (m.last_error or "").startswith(CONFIG_PROBLEM)]
     backoff = config.notify.retry.backoff
     return {
         "count": len(stuck),
         "oldest_age": _age(now, min(m.created_at for m in stuck)) if stuck else None,
         "last_error": max(stuck, key=lambda m: m.attempts).last_error if stuck else None,
         "retry_every": float(backoff[-1]) if backoff else 0.0,
+        "config_count": len(misconfigured),
+        "config_error": max(misconfigured, key=lambda m: m.id).last_error if misconfigured else None,
     }
 
 
@@ -333,6 +340,11 @@ def collect_status(config, store, importer=None, *, now: float | None = None,
     if outbox.get("failed"):
         problems.append(f"outbox: {outbox['failed']} mail(s) could not be sent")
     backlog = outbox_backlog(config, store, now=now, owners=owners)
+    if backlog["config_count"]:
+        problems.append(
+            f"outbox: {backlog['config_count']} mail(s) wait for a fix of the mail configuration "
+            f"(they go out by themselves once it is made): {backlog['config_error']}"
+        )
     if backlog["count"]:
         problems.append(
             f"outbox: {backlog['count']} mail(s) still undelivered after {config.notify.retry.max_attempts} "

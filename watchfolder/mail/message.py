@@ -7,7 +7,11 @@ import abc
 from ..errors import WatchfolderError
 from ..store.base import Mail, OutboxMail
 
-__all__ = ["Mail", "MailError", "OutboxMail", "Transport"]
+__all__ = ["CONFIG_PROBLEM", "Mail", "MailError", "OutboxMail", "Transport"]
+
+# How the message of a transient MailError the admin must fix (notify.from, notify.smtp.*)
+# begins: kept as the mail's last error, `status` lists such mails as a problem at once.
+CONFIG_PROBLEM = "configuration problem: "
 
 
 class MailError(WatchfolderError):

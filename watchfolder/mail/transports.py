@@ -51,7 +51,7 @@ from ..errors import describe_os_error
 from ..filemodes import PRIVATE, FileModeError, FileModes
 from ..store.base import process_exists
 from ..store.space import is_disk_full
-from .message import MailError, Transport
+from .message import CONFIG_PROBLEM, MailError, Transport
 
 log = logging.getLogger(__name__)
 
@@ -263,14 +263,14 @@ class SmtpTransport(Transport):
         if code == 530:
             # RFC 4954/3207: the session lacks AUTH or TLS. The config is at fault, not the mail.
             return MailError(
-                f"SMTP server {self.where} requires authentication or TLS first: "
+                f"{CONFIG_PROBLEM}SMTP server {self.where} requires authentication or TLS first: "
                 f"{code} {text}; set notify.smtp.security and username/password"
             )
         if code == 552 and self._conn is not None and self._conn.has_extn("size"):
             return MailError(f"SMTP server {self.where} refused the mail as too large ({size} bytes): {code} {text}",
                              permanent=True)
         return MailError(
-            f"configuration problem: SMTP server {self.where} refused the sender address {sender}: {code} {text}; "
+            f"{CONFIG_PROBLEM}SMTP server {self.where} refused the sender address {sender}: {code} {text}; "
             "set notify.from to an address this server accepts from this service (or its login) — "
             "the pending mails then go out by themselves"
         )
@@ -317,7 +317,7 @@ class SmtpTransport(Transport):
             if cfg.security == "starttls":
                 if not conn.has_extn("starttls"):
                     raise MailError(
-                        f"SMTP server {self.where} does not offer STARTTLS; "
+                        f"{CONFIG_PROBLEM}SMTP server {self.where} does not offer STARTTLS; "
                         "set notify.smtp.security to ssl (and the port) or none"
                     )
                 conn.starttls(context=self._tls_context())
@@ -332,19 +332,19 @@ class SmtpTransport(Transport):
         except ssl.SSLCertVerificationError as exc:
             _close_quietly(conn)
             raise MailError(
-                f"TLS certificate of SMTP server {self.where} not trusted ({exc.verify_message}); "
+                f"{CONFIG_PROBLEM}TLS certificate of SMTP server {self.where} not trusted ({exc.verify_message}); "
                 "set notify.smtp.ca_file to the CA that signed it, or verify_tls: false for a test server"
             ) from None
         except smtplib.SMTPAuthenticationError as exc:
             _close_quietly(conn)
             raise MailError(
-                f"SMTP server {self.where} refused the login of user {cfg.username!r}: "
+                f"{CONFIG_PROBLEM}SMTP server {self.where} refused the login of user {cfg.username!r}: "
                 f"{exc.smtp_code} {_text(exc.smtp_error)}; check notify.smtp.username and password"
             ) from None
         except smtplib.SMTPNotSupportedError as exc:
             _close_quietly(conn)
             raise MailError(
-                f"SMTP server {self.where}: {exc}; it offers no AUTH on this connection "
+                f"{CONFIG_PROBLEM}SMTP server {self.where}: {exc}; it offers no AUTH on this connection "
                 "(many servers offer it only after STARTTLS: set notify.smtp.security)"
             ) from None
         except smtplib.SMTPResponseException as exc:  # greeting, HELO, STARTTLS refused
