@@ -141,11 +141,12 @@ class ScriptedSmtpServer:
     sent instead of the usual one (``"553 5.7.1 sender address rejected"``). ``trickle``:
     verb → seconds between the bytes of its (usual) reply, for the first
     ``trickle_connections`` connections only: a server slow but alive, each byte well within
-    the client's read timeout. ``received`` holds the message data of each accepted DATA.
+    the client's read timeout. ``ssl_context``: implicit TLS. ``received`` holds the message data of each accepted DATA.
     """
 
     def __init__(self, *, replies: dict[str, str] | None = None, trickle: dict[str, float] | None = None,
-                 trickle_connections: int = 1, extensions: tuple[str, ...] = ("8BITMIME",)):
+                 trickle_connections: int = 1, extensions: tuple[str, ...] = ("8BITMIME",),
+                 ssl_context: ssl.SSLContext | None = None):
         import socketserver
 
         self.replies = dict(replies or {})
@@ -163,7 +164,11 @@ class ScriptedSmtpServer:
                     outer.connections += 1
                     number = outer.connections
                 try:
-                    outer._session(self.rfile, self.connection, number)
+                    if ssl_context is None:
+                        outer._session(self.rfile, self.connection, number)
+                        return
+                    with ssl_context.wrap_socket(self.connection, server_side=True) as tls:  # implicit TLS
+                        outer._session(tls.makefile("rb"), tls, number)
                 except OSError:  # the client cut the connection
                     pass
 

@@ -449,6 +449,21 @@ def test_a_trickling_server_is_cut_off_at_the_deadline_before_data(transports):
         assert len(server.received) == 1
 
 
+def test_a_trickling_server_over_tls_is_cut_off_too(transports, certificate):
+    cert, key = certificate
+    with ScriptedSmtpServer(trickle={"RCPT": 0.3}, ssl_context=server_tls_context(cert, key)) as server:
+        transport = transports(port=server.port, timeout=2.0, security="ssl", ca_file=cert)
+        started = time.monotonic()
+        with pytest.raises(MailError) as err:
+            transport.send(make_raw(), "w@example.org", ("a@example.org",), deadline=started + 1.0)
+        assert not err.value.permanent and "too slow" in str(err.value)
+        assert time.monotonic() - started < 3.5
+        time.sleep(0.5)
+        assert server.received == []
+        transport.send(make_raw(), "w@example.org", ("a@example.org",), deadline=time.monotonic() + 5)
+        assert len(server.received) == 1
+
+
 def test_a_trickling_greeting_is_cut_off_too(transports):
     with ScriptedSmtpServer(trickle={"GREETING": 0.3}) as server:
         transport = transports(port=server.port, timeout=2.0)
