@@ -196,6 +196,7 @@ class ServerConfig:
     connection_limit: int = D.SERVER_CONNECTION_LIMIT
     idle_timeout: float = D.SERVER_IDLE_TIMEOUT
     header_timeout: float = D.SERVER_HEADER_TIMEOUT
+    body_timeout: float = D.SERVER_BODY_TIMEOUT
     connections_per_client: int = D.SERVER_CONNECTIONS_PER_CLIENT  # 0: no cap
     seed_max_items: int = D.SEED_MAX_ITEMS
     seed_rate_per_minute: int = D.SEED_RATE_PER_MINUTE
@@ -700,7 +701,8 @@ def _server(r: _Reader, raw: dict) -> ServerConfig:
     r.unknown(raw, {"enabled", "listen", "threads", "max_body_bytes", "allowed_roots", "tokens", "public_url",
                     "connection_limit", "idle_timeout", "seed_max_items", "seed_rate_per_minute",
                     "seed_session_timeout", "seed_session_cache", "seed_session_checks", "seed_session_pause",
-                    "allow_hard_links", "header_timeout", "connections_per_client"}, w)
+                    "allow_hard_links", "header_timeout", "body_timeout",
+                    "connections_per_client"}, w)
     tokens = []
     raw_tokens = raw.get("tokens") or []
     if not isinstance(raw_tokens, list):
@@ -745,6 +747,7 @@ def _server(r: _Reader, raw: dict) -> ServerConfig:
         connection_limit=r.get(raw, "connection_limit", w, positive_int, D.SERVER_CONNECTION_LIMIT),
         idle_timeout=r.get(raw, "idle_timeout", w, positive_seconds, D.SERVER_IDLE_TIMEOUT),
         header_timeout=r.get(raw, "header_timeout", w, positive_seconds, D.SERVER_HEADER_TIMEOUT),
+        body_timeout=r.get(raw, "body_timeout", w, positive_seconds, D.SERVER_BODY_TIMEOUT),
         connections_per_client=r.get(raw, "connections_per_client", w, non_negative_int,
                                      D.SERVER_CONNECTIONS_PER_CLIENT),
         seed_max_items=r.get(raw, "seed_max_items", w, positive_int, D.SEED_MAX_ITEMS),

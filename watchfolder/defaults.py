@@ -76,6 +76,9 @@ SERVER_IDLE_TIMEOUT = 30.0
 # A client must send a request's complete headers within this many seconds of starting it
 # (slowloris: a header line every few seconds would otherwise hold a connection forever).
 SERVER_HEADER_TIMEOUT = 15.0
+# A client must send a whole request (headers and body) within this many seconds of starting
+# it (a body trickled a byte every few seconds would otherwise hold a connection forever).
+SERVER_BODY_TIMEOUT = 60.0
 # Connections one client address may hold; past it, its oldest one still sending headers is closed.
 SERVER_CONNECTIONS_PER_CLIENT = 100
 # /ome/import (no bearer token): items per request, and requests per minute per client address.

@@ -127,3 +127,92 @@ def test_hundreds_of_trickling_connections_from_one_address_do_not_stop_health(t
         for s in slow:
             s.close()
         stop_service(service)
+
+
+SLOW_BODY = (b"POST /api/v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+             b"Content-Length: 1000000\r\n\r\n{")
+
+
+def connect_from(source: str, port: int) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.bind((source, 0))
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def health_from(source: str, port: int, seconds: float) -> bytes:
+    """The first bytes of /health's answer to a new connection from ``source`` (b"" if none in time)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(seconds)
+    try:
+        s.bind((source, 0))
+        s.connect(("127.0.0.1", port))
+        s.sendall(HEALTH)
+        return s.recv(64)
+    except OSError:
+        return b""
+    finally:
+        s.close()
+
+
+def test_a_body_trickled_past_the_deadline_closes_the_connection(tmp_path):
+    # Headers complete at once, then one body byte every 0.25 s: neither header_timeout nor
+    # idle_timeout ever fires; body_timeout (the whole request) does (issue 10 outside test a10 F1).
+    service = start_service(tmp_path, extra_server={"header_timeout": 60, "body_timeout": 2})
+    try:
+        s = socket.create_connection(("127.0.0.1", service.server.port), timeout=5)
+        s.sendall(SLOW_BODY)
+        started = time.monotonic()
+        tick = threading.Event()
+        closed = False
+        while time.monotonic() - started < 20:
+            try:
+                s.sendall(b" ")
+            except OSError:
+                closed = True
+                break
+            if closed_by_peer(s):
+                closed = True
+                break
+            tick.wait(0.25)
+        waited = time.monotonic() - started
+        s.close()
+        assert closed, "a client trickling its body kept its connection for 20 s"
+        assert waited >= 1.5, waited
+    finally:
+        stop_service(service)
+
+
+@pytest.mark.parametrize("kind", ["slow body", "idle"])
+def test_slow_connections_from_many_addresses_do_not_stop_health(tmp_path, files_limit, kind):
+    # a10 F1, scaled down: 6 addresses x 45 connections, each address below connections_per_client,
+    # all of them above connection_limit; deadlines far away, so only making room can serve /health.
+    service = start_service(tmp_path, extra_server={"connection_limit": 200, "connections_per_client": 50,
+                                                    "header_timeout": 120, "body_timeout": 120,
+                                                    "idle_timeout": 120})
+    port = service.server.port
+    slow = []
+    try:
+        for address in range(1, 7):
+            for _ in range(45):
+                try:
+                    s = connect_from(f"127.0.1.{address}", port)
+                    if kind == "slow body":
+                        s.sendall(SLOW_BODY)
+                except OSError:
+                    continue  # closed already to make room: what the guard does
+                slow.append(s)
+        for s in slow:  # one more byte each, as a trickling client does
+            try:
+                s.sendall(b" " if kind == "slow body" else b"")
+            except OSError:
+                pass
+        answers = [health_from("127.0.2.200", port, 1.0) for _ in range(3)]
+        assert all(a.startswith(b"HTTP/1.1 200 ") for a in answers), answers
+        open_ones = [s for s in slow if not closed_by_peer(s)]
+        assert len(open_ones) < 200, len(open_ones)
+    finally:
+        for s in slow:
+            s.close()
+        stop_service(service)

@@ -46,57 +46,89 @@ class JsonErrorTask(ErrorTask):
 
 
 class JsonErrorChannel(HTTPChannel):
-    """waitress's channel, with its refusals in JSON and two guards against slow clients.
+    """waitress's channel, with its refusals in JSON and the guards against slow clients.
 
     - A request's headers must be complete ``header_timeout`` seconds after its first
       byte (after the connection opened, for the first one): waitress's idle timeout
       restarts on every byte, so one header line every few seconds (slowloris) would
-      hold the connection for ever. :func:`_close_slow_headers` closes those.
-    - One client address holds at most ``connections_per_client`` connections: a new
-      one past the cap closes that address's connection that has waited longest for
-      its headers (a slow client's), so a quick request from the same address (a
-      health check behind the same NAT) is still served; when none is waiting, the
-      new one is refused.
+      hold the connection for ever.
+    - The whole request, headers and body, must be complete ``body_timeout`` seconds
+      after its first byte (after the connection opened, for the first one): a body
+      trickled one byte every few seconds would hold it for ever too.
+      :meth:`SlowClientGuard.close_slow_requests` closes both kinds.
+    - One client address holds at most ``connections_per_client`` connections, and
+      the server at most ``connection_limit``: a new connection past either cap
+      closes the connection (of that address, or of anyone) whose request has been
+      incomplete longest, then the one idle longest between requests; only when
+      every other connection is running a request is the new one closed. So a quick
+      request (a health check) always finds room: see :meth:`SlowClientGuard.admit`.
     """
 
     error_task_class = JsonErrorTask
-    #: When the request being received started (time.monotonic()), None between requests.
+    #: When the request being received started (time.monotonic()), None once its headers are complete.
     header_started: float | None = None
+    #: When the request being received started (time.monotonic()), None once it is complete (headers
+    #: and body) and between requests.
+    request_started: float | None = None
 
     def __init__(self, server, sock, addr, adj, map=None):
         super().__init__(server, sock, addr, adj, map=map)
-        self.header_started = time.monotonic()
+        self.header_started = self.request_started = time.monotonic()
         guard = getattr(server, "watchfolder_guard", None)
         if guard is not None:
             guard.admit(self)
 
     def received(self, data):
-        if self.header_started is None and self.request is None and data:
-            self.header_started = time.monotonic()
+        now = time.monotonic()
+        if self.request is None and data and self.request_started is None:
+            self.header_started = self.request_started = now
         result = super().received(data)
         request = self.request
-        if request is None or request.headers_finished:
-            self.header_started = None  # headers complete: the body and what follows are the idle timeout's
-        elif self.header_started is None:
-            self.header_started = time.monotonic()
+        if request is None:  # every request received so far is complete (dispatched)
+            self.header_started = self.request_started = None
+        else:
+            if self.request_started is None:  # a pipelined request after a complete one
+                self.request_started = now
+            if request.headers_finished:
+                self.header_started = None
+            elif self.header_started is None:
+                self.header_started = now
         return result
 
 
 class SlowClientGuard:
-    """The per-address cap and the header deadline of one waitress server (see :class:`JsonErrorChannel`)."""
+    """The connection caps and the request deadlines of one waitress server (see :class:`JsonErrorChannel`).
 
-    def __init__(self, server, header_timeout: float, per_client: int) -> None:
+    ``header_timeout`` and ``body_timeout`` are seconds; ``per_client`` connections per
+    client address (0: no cap); ``limit`` connections in all (``server.connection_limit``).
+    """
+
+    def __init__(self, server, header_timeout: float, per_client: int, *, body_timeout: float | None = None,
+                 limit: int | None = None) -> None:
         self.server = server
         self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
         self.per_client = per_client
+        self.limit = limit
         self._warned: dict[str, float] = {}
         original = server.maintenance
 
         def maintenance(now: float) -> None:
             original(now)
-            self.close_slow_headers(time.monotonic())
+            self.close_slow_requests(time.monotonic())
 
         server.maintenance = maintenance  # waitress calls it every cleanup_interval from its loop
+        if limit is not None:
+            # waitress stops accepting at the limit, so that a new client waits in the backlog
+            # behind every slow one; this server accepts always and makes room (admit).
+            def readable() -> bool:
+                now = time.time()
+                if now >= server.next_channel_cleanup:
+                    server.next_channel_cleanup = now + server.adj.cleanup_interval
+                    server.maintenance(now)
+                return bool(server.accepting)
+
+            server.readable = readable
 
     def _warn(self, address: str, message: str) -> None:
         now = time.monotonic()
@@ -106,26 +138,59 @@ class SlowClientGuard:
                 self._warned.clear()
             log.warning("HTTP client %s: %s", address, message)
 
-    def admit(self, channel: JsonErrorChannel) -> None:
-        if not self.per_client:
-            return
-        address = _host(channel.addr)
-        mine = [c for c in list(self.server.active_channels.values()) if _host(c.addr) == address]
-        if len(mine) <= self.per_client:
-            return
-        waiting = [c for c in mine if c is not channel and c.header_started is not None and not c.requests]
-        victim = min(waiting, key=lambda c: c.header_started) if waiting else channel
-        self._warn(address, f"more than {self.per_client} connections (server.connections_per_client); closing "
-                            + ("its slowest one still sending headers" if waiting else "the new one"))
-        victim.handle_close()
+    def _channels(self) -> list:
+        """Every open connection of the server's map (all its listeners)."""
+        return [c for c in list(self.server._map.values()) if isinstance(c, HTTPChannel)]
 
-    def close_slow_headers(self, now: float) -> None:
-        cutoff = now - self.header_timeout
-        for channel in list(self.server.active_channels.values()):
+    @staticmethod
+    def _victim(candidates: list, new):
+        """Whose connection to close for ``new``: the request incomplete longest, the idle one longest, or new."""
+        incomplete = [c for c in candidates if c is not new and not c.requests
+                      and getattr(c, "request_started", None) is not None]
+        if incomplete:
+            return min(incomplete, key=lambda c: c.request_started), "its request incomplete longest"
+        idle = [c for c in candidates if c is not new and not c.requests]
+        if idle:
+            return min(idle, key=lambda c: c.last_activity), "idle longest between requests"
+        return new, "the new one (every other one is running a request)"
+
+    def admit(self, channel: JsonErrorChannel) -> None:
+        address = _host(channel.addr)
+        if self.per_client:
+            mine = [c for c in self._channels() if _host(c.addr) == address]
+            if len(mine) > self.per_client:
+                victim, which = self._victim(mine, channel)
+                self._warn(address, f"more than {self.per_client} connections (server.connections_per_client); "
+                                    f"closing its connection {which}")
+                victim.handle_close()
+                if victim is channel:
+                    return
+        if self.limit is not None:
+            everyone = self._channels()
+            if len(everyone) > self.limit:
+                victim, which = self._victim(everyone, channel)
+                self._warn("*", f"{len(everyone)} connections reach server.connection_limit ({self.limit}); "
+                                f"closing the connection {which} (from {_host(victim.addr)}) for a new one from "
+                                f"{address}")
+                victim.handle_close()
+
+    def close_slow_requests(self, now: float) -> None:
+        """Close each connection whose headers (``header_timeout``) or whole request (``body_timeout``) is late."""
+        header_cutoff = now - self.header_timeout
+        body_cutoff = None if self.body_timeout is None else now - self.body_timeout
+        for channel in self._channels():
+            if channel.requests:
+                continue
             started = getattr(channel, "header_started", None)
-            if started is not None and started < cutoff and not channel.requests:
+            if started is not None and started < header_cutoff:
                 self._warn(_host(channel.addr), f"request headers not complete after {self.header_timeout:g} s "
                                                 "(server.header_timeout); connection closed")
+                channel.handle_close()
+                continue
+            started = getattr(channel, "request_started", None)
+            if body_cutoff is not None and started is not None and started < body_cutoff:
+                self._warn(_host(channel.addr), f"request (headers and body) not complete after "
+                                                f"{self.body_timeout:g} s (server.body_timeout); connection closed")
                 channel.handle_close()
 
 
@@ -189,16 +254,18 @@ class Server:
                 # default keeps 100 connections, each for 120 s of silence).
                 connection_limit=server.connection_limit,
                 channel_timeout=server.idle_timeout,
-                # The header deadline is checked at each cleanup, so often enough to keep it.
-                cleanup_interval=max(1, min(30, int(server.idle_timeout / 2), int(server.header_timeout / 3))),
+                # The header and body deadlines are checked at each cleanup, so often enough to keep it.
+                cleanup_interval=max(1, min(30, int(server.idle_timeout / 2), int(server.header_timeout / 3),
+                                            int(server.body_timeout / 3))),
                 # select() cannot watch descriptors past 1024.
                 asyncore_use_poll=True,
             )
             self._server.channel_class = JsonErrorChannel
             for listener in _listeners(self._server, self._map):
                 listener.channel_class = JsonErrorChannel
-                listener.watchfolder_guard = SlowClientGuard(listener, server.header_timeout,
-                                                             server.connections_per_client)
+                listener.watchfolder_guard = SlowClientGuard(
+                    listener, server.header_timeout, server.connections_per_client,
+                    body_timeout=server.body_timeout, limit=server.connection_limit)
         except OSError as exc:
             raise ConfigError(
                 f"server.listen: cannot listen on {self.host}:{requested_port} ({exc.strerror or exc}); "
