@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
 import threading
 import time
 
@@ -772,3 +773,48 @@ def test_a_port_in_use_stops_the_service_cleanly_with_the_reason(make_config):
         assert service.pool is None
         lingering = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
         assert lingering == []
+
+
+def test_health_is_503_not_500_when_the_wal_is_deleted_under_it(svc, caplog):
+    # Outside test a11 F3: `rm watchfolder.db-wal` under a running service made every
+    # health poll a 500 ("disk I/O error", a traceback per poll). Here: the -wal deleted
+    # under the real SQLite store, another connection failing on it, and the read that
+    # health makes after its ping failing as it did there (the error SQLite gave).
+    svc.store.set_component("worker", "w1", {"state": "idle", "heartbeat_seconds": 5}, now=time.time())
+    for _ in range(12):  # every server thread has its connection open, as in a running service
+        assert svc.client().get("/api/v1/health").status == 200
+    wal = svc.store.path.with_name(svc.store.path.name + "-wal")
+    wal.unlink()
+    other = sqlite3.connect(svc.store.path)  # another process's connection: no -wal any more
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+        other.execute("UPDATE components SET updated_at = updated_at")
+        other.commit()
+    other.close()
+    real = svc.store.components
+
+    def failing(kind=None):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    svc.store.components = failing
+    try:
+        answers = [svc.client().get("/api/v1/health") for _ in range(6)]
+    finally:
+        svc.store.components = real
+    assert [r.status for r in answers] == [503] * 6, [(r.status, r.body[:200]) for r in answers]
+    store = answers[-1].json["checks"]["store"]
+    assert store["ok"] is False and "disk I/O error" in store["detail"], store
+    assert answers[-1].headers.get("retry-after")
+    assert not [r for r in caplog.records if r.exc_info], "a traceback in the log"
+    said = [r for r in caplog.records if "health" in r.getMessage() and r.levelno >= 30]
+    assert len(said) == 1, [r.getMessage() for r in said]  # once per streak, not per poll
+
+
+def test_health_names_the_error_when_the_database_does_not_answer(svc):
+    # The -wal deleted before a server thread opened its connection: the ping itself fails.
+    wal = svc.store.path.with_name(svc.store.path.name + "-wal")
+    svc.store.set_component("worker", "w1", {"state": "idle", "heartbeat_seconds": 5}, now=time.time())
+    wal.unlink()
+    r = svc.client().get("/api/v1/health")
+    assert r.status == 503, r.body
+    detail = r.json["checks"]["store"]["detail"]
+    assert detail.startswith("the database does not answer: "), detail  # with SQLite's reason

@@ -19,6 +19,7 @@ the keys read here are:
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from collections.abc import Sequence
@@ -30,6 +31,8 @@ from .mail.message import CONFIG_PROBLEM
 
 # A worker is healthy while its heartbeat is younger than this many heartbeat intervals.
 HEARTBEAT_TOLERANCE = 3.0
+
+log = logging.getLogger(__name__)
 
 
 def _age(now: float, then: float | None) -> float | None:
@@ -397,15 +400,42 @@ def _space_problem(store) -> str | None:
         return f"cannot check the data disk's free space: {exc}"
 
 
+#: Per store (by id): the reason health last found it failing, so the log says it once per streak.
+_health_failing: dict[int, str] = {}
+
+
+def _say_store_streak(store, reason: str | None) -> None:
+    """Log the store failing health once when a streak starts (not a traceback per poll), and its end."""
+    key = id(store)
+    before = _health_failing.get(key)
+    if reason is None:
+        if before is not None:
+            del _health_failing[key]
+            log.info("health: the job store answers again")
+        return
+    if before is None:
+        if len(_health_failing) > 100:
+            _health_failing.clear()
+        _health_failing[key] = reason
+        log.error("health: the job store fails (%s); health answers 503 until it recovers (said once)", reason)
+
+
 def health(config, store, *, now: float | None = None) -> tuple[bool, dict[str, Any]]:
     """The load balancer's view: the store answers, its disk is not full, and no live worker
-    missed its heartbeats."""
+    missed its heartbeats.
+
+    Returns ``(ok, {"status": "ok" | "unhealthy", "checks": {"store": {...}, "workers": {...}}})``,
+    each check ``{"ok": bool, "detail": str | None}``. Total: any error of the store (a
+    read or a write failing, a deleted ``-wal``, an I/O error) is the store check failing
+    with the error as its detail, never an exception (the route answers 503, not 500).
+    """
     now = time.time() if now is None else now
     checks: dict[str, Any] = {}
     try:
         store_ok = bool(store.ping())
         broken = getattr(store, "broken", None)  # deleted or replaced under this process (SQLiteStore.check_file)
-        reason = (broken or store.describe().get("error")) if not store_ok else None
+        reason = (broken or getattr(store, "ping_error", None) or store.describe().get("error")) if not store_ok \
+            else None
         checks["store"] = {
             "ok": store_ok,
             "detail": None if store_ok else (broken or f"the database does not answer{': ' + reason if reason else ''}"),
@@ -419,14 +449,20 @@ def health(config, store, *, now: float | None = None) -> tuple[bool, dict[str, 
     workers_ok = True
     detail: list[str] = []
     if store_ok:
-        store.prune_workers(now=now)
-        for c in store.components("worker"):
-            w = worker_view(c, heartbeat_seconds=config.workers.heartbeat_seconds, now=now)
-            if not w["healthy"]:
-                workers_ok = False
-                detail.append(f"{w['name']}: {w['problem']}")
+        try:
+            store.prune_workers(now=now)
+            for c in store.components("worker"):
+                w = worker_view(c, heartbeat_seconds=config.workers.heartbeat_seconds, now=now)
+                if not w["healthy"]:
+                    workers_ok = False
+                    detail.append(f"{w['name']}: {w['problem']}")
+        except Exception as exc:  # it answered the ping, then failed a read or a write: still 503, not 500
+            store_ok = False
+            workers_ok, detail = True, []
+            checks["store"] = {"ok": False, "detail": f"the database fails reads or writes: {exc}"}
     checks["workers"] = {"ok": workers_ok, "detail": "; ".join(detail) or None}
     ok = store_ok and not space and workers_ok
+    _say_store_streak(store, None if checks["store"]["ok"] else checks["store"]["detail"])
     return ok, {"status": "ok" if ok else "unhealthy", "checks": checks}
 
 

@@ -461,6 +461,7 @@ class SQLiteStore(FileLogs, JobStore):
         self._schema_ready = False
         self._identity: tuple[int, int] | None = None
         self.broken: str | None = None
+        self.ping_error: str | None = None  # why the last ping failed (health's detail)
         self._broken_lock = threading.Lock()  # several threads may find it at once: one CRITICAL line
         # Said once per process, for the database and the job logs (store/space.py).
         self.__dict__["_disk_full"] = DiskFull(
@@ -1887,13 +1888,15 @@ class SQLiteStore(FileLogs, JobStore):
         return super().is_fault(exc)
 
     def ping(self) -> bool:
-        """True when the database answers."""
+        """True when the database answers; when not, ``ping_error`` says why."""
         if self.check_file():
             return False
         try:
             self._conn().execute("SELECT 1 FROM jobs LIMIT 1").fetchall()
+            self.ping_error = None
             return True
-        except sqlite3.Error:
+        except sqlite3.Error as exc:
+            self.ping_error = str(exc)
             return False
 
 

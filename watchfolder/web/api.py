@@ -608,7 +608,13 @@ def install(app: bottle.Bottle, api: Api) -> None:
 
     @app.get(f"{API}/health")
     def get_health():
-        ok, data = health(config, store)
+        try:
+            ok, data = health(config, store)  # total by design; this is the last guard against a 500
+        except Exception as exc:
+            log.error("health: %s: %s", type(exc).__name__, exc)
+            ok, data = False, {"status": "unhealthy", "checks": {
+                "store": {"ok": False, "detail": f"health could not be computed: {exc}"},
+                "workers": {"ok": True, "detail": None}}}
         # The store down (or not reachable yet) is worth asking again soon; a stuck worker is not.
         retry = None if ok or data["checks"]["store"]["ok"] else {"Retry-After": RETRY_AFTER_SECONDS}
         return json_response(data, 200 if ok else 503, retry)
