@@ -13,6 +13,7 @@ import time
 import pytest
 import yaml
 from api_support import CONTRACT, OPENAPI, Client, acquisition, start_service, stop_service
+from helpers import write_manifest
 
 from watchfolder import config as wconfig
 from watchfolder.errors import PermanentImportError, WatchfolderError
@@ -818,3 +819,29 @@ def test_health_names_the_error_when_the_database_does_not_answer(svc):
     assert r.status == 503, r.body
     detail = r.json["checks"]["store"]["detail"]
     assert detail.startswith("the database does not answer: "), detail  # with SQLite's reason
+
+
+def test_annotation_keys_and_values_are_capped_naming_the_field_and_the_cap(svc):
+    # Outside test a10 F6: a 900,000-character key was queued and mailed (a 1.8 MB mail).
+    portal = svc.client("portal")
+    folder = acquisition(svc.roots["drop"], "jdoe/long-annotations")
+    long_key = "k" * 900_000
+    r = submit(portal, folder, annotations={long_key: "v", "note": "x" * 5000, "ok": "63x"})
+    assert r.status == 422, r.status
+    problems = {p["field"]: p["message"] for p in r.json["detail"]}
+    assert set(problems) == {"annotations." + "k" * 40 + "…", "annotations.note"}, list(problems)
+    assert "at most 255 characters, got 900000" in problems["annotations." + "k" * 40 + "…"]
+    assert "at most 4096 characters, got 5000" in problems["annotations.note"]
+    assert len(r.body) < 2000  # the refusal does not echo the key
+    assert svc.store.counts()["queued"] == 0
+    r = submit(portal, folder, annotations={"k" * 255: "x" * 4096})
+    assert r.status == 202, r.json
+
+
+def test_a_manifest_with_an_over_long_annotation_is_refused(svc):
+    # The same cap for annotations from the acquisition's own manifest (watch folders and the API).
+    folder = svc.roots["drop"] / "jdoe" / "manifest-annotations"
+    write_manifest(folder, {"a.tif": b"x"}, annotations={"k" * 300: "v"})
+    r = submit(svc.client("portal"), folder)
+    assert r.status == 422, r.status
+    assert "at most 255 characters, got 300" in r.text and "k" * 300 not in r.text

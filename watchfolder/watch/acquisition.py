@@ -220,6 +220,34 @@ def _email(value: Any) -> str | None:
     return value.strip()
 
 
+#: The longest annotation key and value (characters): they go into every mail to the owner,
+#: the job row and OMERO's map annotation, so a runaway one (900,000 characters) is refused.
+MAX_ANNOTATION_KEY = 255
+MAX_ANNOTATION_VALUE = 4096
+
+
+def annotation_field(key: str) -> str:
+    """``annotations.KEY`` for an error message, a long key shortened (the message must stay short)."""
+    return f"annotations.{key if len(key) <= 40 else key[:40] + '…'}"
+
+
+def annotation_problem(key: Any, value: Any) -> str | None:
+    """What is wrong with one annotation pair (key and text value), or None.
+
+    Keys are non-empty, at most :data:`MAX_ANNOTATION_KEY` characters; values are
+    strings of at most :data:`MAX_ANNOTATION_VALUE` characters.
+    """
+    if not isinstance(key, str) or not key.strip():
+        return "keys must be non-empty"
+    if len(key) > MAX_ANNOTATION_KEY:
+        return f"the key must be at most {MAX_ANNOTATION_KEY} characters, got {len(key)}"
+    if not isinstance(value, str):
+        return f"must be a string, got {value!r}"
+    if len(value) > MAX_ANNOTATION_VALUE:
+        return f"the value must be at most {MAX_ANNOTATION_VALUE} characters, got {len(value)}"
+    return None
+
+
 def _annotations(value: Any) -> dict[str, str]:
     if value is None:
         return {}
@@ -227,13 +255,12 @@ def _annotations(value: Any) -> dict[str, str]:
         raise AcquisitionError(f'annotations: must be an object of text values such as {{"objective": "63x"}}, got {value!r}')
     out: dict[str, str] = {}
     for key, item in value.items():
-        if not key.strip():
-            raise AcquisitionError("annotations: keys must be non-empty")
         # Numbers are unambiguous as text; instruments write them unquoted.
         if isinstance(item, (int, float)) and not isinstance(item, bool):
             item = str(item)
-        if not isinstance(item, str):
-            raise AcquisitionError(f"annotations.{key}: must be a string, got {item!r}")
+        bad = annotation_problem(key, item)
+        if bad is not None:
+            raise AcquisitionError(f"{annotation_field(key) if key.strip() else 'annotations'}: {bad}")
         out[key] = item
     return out
 

@@ -35,7 +35,7 @@ from ..errors import AcquisitionError, JobNotFound
 from ..events.cloudevents import envelope
 from ..job import Job, JobState, Target
 from ..status import collect_status, health
-from ..watch.acquisition import from_path
+from ..watch.acquisition import annotation_field, annotation_problem, from_path
 from ..watch.explain import pending_view
 from . import params
 from .auth import Principal, TokenVerifier, resolve_roots, resolve_under_roots
@@ -115,8 +115,9 @@ def parse_job_request(body: Any) -> tuple[dict[str, Any], list[dict[str, str]]]:
             problems.append(problem("annotations", 'must be an object of text values such as {"objective": "63x"}'))
         else:
             for k, v in annotations.items():
-                if not isinstance(v, str) or not k.strip():
-                    problems.append(problem(f"annotations.{k}", f"must be a string with a non-empty key, got {v!r}"))
+                bad = annotation_problem(k, v)
+                if bad is not None:
+                    problems.append(problem(annotation_field(k), bad))
             clean["annotations"] = dict(annotations)
     return clean, problems
 
