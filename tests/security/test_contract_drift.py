@@ -52,3 +52,50 @@ def test_seed_required_texts_may_not_be_empty_in_the_schema(contract, field):
 def test_an_id_with_a_slash_is_404_as_text_like_any_unknown_id(svc, path):
     r = svc.client("admin").get(path)  # the client checks: text/plain is what the contract documents
     assert r.status == 404 and r.headers["content-type"].startswith("text/plain")
+
+
+# Outside test a10 F5: schemathesis (--checks all) sent schema-valid requests that were 422.
+
+
+def _time_pattern(contract, name):
+    (param,) = [p for p in contract["paths"]["/api/v1/jobs"]["get"]["parameters"] if p.get("name") == name]
+    return param["schema"]["pattern"]
+
+
+@pytest.mark.parametrize("name", ["since", "until"])
+def test_every_time_the_schema_allows_is_accepted(svc, contract, name):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from watchfolder.web.api import parse_time
+
+    pattern = _time_pattern(contract, name)
+    assert parse_time("2026-11-28T10:00:00Z", name) and parse_time("1764324000", name)
+
+    @settings(max_examples=300, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @given(st.from_regex(pattern, fullmatch=True))
+    def accepted(value):
+        parse_time(value, name)  # a 422 (ApiError) fails the test
+
+    accepted()
+    for value in ("2026-02-28 23:59", "-86400.5", "2026-11-28T10:00:00.5+01:00"):
+        r = svc.client("admin").get(f"/api/v1/jobs?{name}={value.replace('+', '%2B').replace(' ', '%20')}")
+        assert r.status == 200, (value, r.json)
+    r = svc.client("admin").get(f"/api/v1/jobs?{name}=yesterday")
+    assert r.status == 422 and r.json["detail"][0]["field"] == name
+
+
+def test_an_unknown_watch_is_422_and_the_schema_says_why_no_schema_can_list_them(svc, contract):
+    r = svc.client("admin").get("/api/v1/pending?watch=0")
+    assert r.status == 422 and r.json["detail"][0]["field"] == "watch"
+    (param,) = [p for p in contract["paths"]["/api/v1/pending"]["get"]["parameters"] if p.get("name") == "watch"]
+    assert "422" in param["description"] and "configuration" in param["description"]
+    assert "422" in contract["paths"]["/api/v1/pending"]["get"]["responses"]
+
+
+def test_a_session_key_on_an_archive_server_is_422_as_the_schema_says(svc, contract):
+    folder = acquisition(svc.roots["drop"], "sk-archive")
+    r = svc.client("admin").post("/api/v1/jobs", {"path": str(folder), "session_key": "abc"})
+    assert r.status == 422 and any(p["field"] == "session_key" for p in r.json["detail"] or []), r.json
+    described = contract["components"]["schemas"]["JobRequest"]["properties"]["session_key"]["description"]
+    assert "archive" in described and "422" in described
