@@ -118,3 +118,75 @@ def test_many_different_session_keys_in_one_request_are_413(svc):
     r = svc.client().post("/ome/import", [item(folder, sessionKey=k) for k in keys])
     assert r.status == 413 and "different session keys" in r.json["reason"]
     assert svc.sessions.asked == [] and queued(svc) == 0
+
+
+# Outside test a10 F3 and F4: every refusal under /ome/ in the seed's shape and logged with all
+# its reasons; on an archive instance the body's type and size are checked first, as on OMERO.
+
+
+def raw_exchange(port: int, request: bytes) -> tuple[int, dict]:
+    """Send ``request`` as is; the status and the JSON body of the answer."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)
+
+
+def test_waitress_refusals_under_ome_answer_in_the_seed_shape_and_are_logged(tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    service = start_service(tmp_path, importer="omero", session_checker=KnownSessions({SESSION: JDOE}),
+                            extra_server={"max_body_bytes": 1024})
+    try:
+        port = service.server.port
+        r = service.client().post("/ome/import", raw=b"[" + b" " * 2000 + b"]",  # the contract is checked too
+                                  headers={"Content-Type": "application/json"})
+        assert r.status == 413 and "server.max_body_bytes" in r.json["reason"] and "error" not in r.json
+        status, body = raw_exchange(port, b"POST /ome/import HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                                          b"\r\nContent-Length: -1\r\n\r\n[]")
+        assert status == 400 and "Content-Length" in body["reason"], body
+        status, body = raw_exchange(port, b"GET /ome/import/\xff HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 400 and set(body) == {"reason"}, body
+        status, body = raw_exchange(port, b"GET /api/v1/jobs/\xff HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 400 and "error" in body  # the API keeps its own shape
+        logged = [r.getMessage() for r in caplog.records if "refused (" in r.getMessage()]
+        assert any("POST /ome/import from 127.0.0.1 refused (413)" in m for m in logged), logged
+        assert any("refused (400): Bad Request: Content-Length" in m for m in logged), logged
+        assert any("GET /ome/import/" in m and "refused (400)" in m for m in logged), logged
+        assert queued(service) == 0
+    finally:
+        stop_service(service)
+
+
+def test_a_refusal_with_several_reasons_logs_every_one(svc, caplog):
+    caplog.set_level(logging.WARNING, logger="watchfolder.web.seed")
+    folder = acquisition(svc.roots["drop"], "jdoe/a", manifest=False)
+    r = svc.client().post("/ome/import", [item(folder, experimenterEmail="x", omeroHost="evil.example",
+                                               targetUri="file:///etc")])
+    assert r.status == 400
+    (line,) = [m.getMessage() for m in caplog.records if "refused (400)" in m.getMessage()]
+    assert "experimenterEmail" in line and "omeroHost" in line and "/etc" in line, line
+    assert "\n" not in line
+
+
+@pytest.mark.parametrize("kind", ["omero", "archive"])
+def test_type_and_size_are_checked_before_the_importer_on_both_kinds(tmp_path, kind):
+    service = start_service(tmp_path, importer=kind, session_checker=KnownSessions({SESSION: JDOE}),
+                            extra_server={"seed_max_items": 5})
+    try:
+        folder = acquisition(service.roots["drop"], "jdoe/a", manifest=False)
+        client = service.client()
+        r = client.post("/ome/import", raw=json.dumps([item(folder)]).encode(), headers={"Content-Type": "text/plain"})
+        assert r.status == 415, (r.status, r.json)
+        r = client.post("/ome/import", [item(folder)] * 6)
+        assert r.status == 413 and "server.seed_max_items" in r.json["reason"], (r.status, r.json)
+        if kind == "archive":
+            r = client.post("/ome/import", [item(folder)])
+            assert r.status == 400 and "not into OMERO" in r.json["reason"]
+        assert queued(service) == 0
+    finally:
+        stop_service(service)

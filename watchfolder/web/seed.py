@@ -342,8 +342,10 @@ def install(app: bottle.Bottle, api) -> None:
         return route
 
     def refuse(reason: str, status: int = 400, headers: dict[str, str] | None = None) -> bottle.HTTPResponse:
+        # Every reason, on one line: an admin watching for abuse wants the foreign host and the
+        # path outside the roots, not only the first item's bad address.
         log.warning("POST %s from %s refused (%d): %s", IMPORT_PATH, bottle.request.remote_addr or "?", status,
-                    reason.splitlines()[0] if reason else "")
+                    "; ".join(line for line in reason.splitlines() if line.strip()) if reason else "")
         response = _reason(reason, status)
         for key, value in (headers or {}).items():
             response.set_header(key, value)
@@ -357,11 +359,6 @@ def install(app: bottle.Bottle, api) -> None:
                 f"too many requests from this address (server.seed_rate_per_minute is "
                 f"{config.server.seed_rate_per_minute}); try again in {wait:.0f} s",
                 429, {"Retry-After": str(max(1, round(wait)))},
-            )
-        if config.importer.kind != "omero":
-            return refuse(
-                f"this service imports with importer {config.importer.kind!r}, not into OMERO, so it cannot "
-                "use OMERO session keys; submit with POST /api/v1/jobs and a bearer token instead"
             )
         try:
             params.require_json(bottle.request.environ)
@@ -377,6 +374,12 @@ def install(app: bottle.Bottle, api) -> None:
         if len(body) > max_items:
             return refuse(f"{len(body)} import requests in one body; the limit is {max_items} "
                           "(server.seed_max_items): send them in several requests", 413)
+        # After the checks of the body's type and size (415, 413), as on an OMERO instance.
+        if config.importer.kind != "omero":
+            return refuse(
+                f"this service imports with importer {config.importer.kind!r}, not into OMERO, so it cannot "
+                "use OMERO session keys; submit with POST /api/v1/jobs and a bearer token instead"
+            )
         errors: list[str] = []
         specs: list[tuple[JobSpec, str]] = []
         for i, item in enumerate(body):

@@ -20,6 +20,7 @@ from waitress.server import BaseWSGIServer, create_server
 from waitress.task import ErrorTask
 
 from ..errors import ConfigError
+from .seed import SEED_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,20 @@ log = logging.getLogger(__name__)
 LOOP_TIMEOUT = 0.5
 
 
+def _request_target(request) -> tuple[str, str]:
+    """The method and the raw target (``/ome/import?x``) of a request waitress refused, as far as it got."""
+    method = getattr(request, "command", None)
+    uri = getattr(request, "request_uri", None)
+    if uri is None or method is None:
+        parts = (getattr(request, "first_line", b"") or b"").split()
+        method = method or (parts[0].decode("latin-1") if parts else "?")
+        uri = uri if uri is not None else (parts[1].decode("latin-1") if len(parts) > 1 else "")
+    return method, uri
+
+
 class JsonErrorTask(ErrorTask):
-    """waitress's own refusals (body too large, bad request line, …) in the API's JSON error shape."""
+    """waitress's own refusals (body too large, bad request line, …) in JSON: the API's error
+    shape, or the seed's ``{"reason": ...}`` under ``/ome/`` (logged there, as the seed's are)."""
 
     def execute(self):
         e = self.request.error
@@ -37,7 +50,13 @@ class JsonErrorTask(ErrorTask):
         if e.code == 413:
             limit = self.channel.server.adj.max_request_body_size
             message = f"the body is larger than the limit of {limit} bytes (server.max_body_bytes)"
-        body = json.dumps({"error": message, "detail": None}).encode()
+        method, uri = _request_target(self.request)
+        if uri.startswith(SEED_PREFIX):
+            log.warning("%s %s from %s refused (%d): %s", method, uri.split("?", 1)[0][:200].encode(
+                "unicode_escape").decode("ascii"), _host(self.channel.addr), e.code, message)
+            body = json.dumps({"reason": message}).encode()
+        else:
+            body = json.dumps({"error": message, "detail": None}).encode()
         self.status = f"{e.code} {e.reason}"
         self.response_headers.append(("Content-Type", "application/json"))
         self.set_close_on_finish()
