@@ -12,6 +12,12 @@ Prints /health latency without the load (baseline, same run) and under it (p50, 
 answers slower than 1 s or missing), and how many slow connections the server still
 holds at the end. Target: every /health under load answers within 1 s.
 
+``--kind body`` sends complete headers and then one body byte per interval (outside
+test a10 F1); ``--kind idle`` sends nothing. ``--addresses N`` spreads the connections
+over N loopback source addresses (127.0.1.1 ...), each below
+``connections_per_client`` (a10 F1: 11 addresses x 95 = 1,045); /health then comes
+from 127.0.2.200.
+
 Run: ``.venv/bin/python bench/bench_slowloris.py`` (part of ``make bench``).
 """
 
@@ -28,6 +34,11 @@ import threading
 import time
 
 HEALTH = b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+FIRST = {"headers": b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n",
+         "body": b"POST /api/v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 1000000\r\n\r\n{",
+         "idle": b""}
+NEXT = {"headers": b"X-Slow: 1\r\n", "body": b" ", "idle": b""}
 
 SERVE = """
 import sys, time
@@ -49,11 +60,12 @@ server.stop()
 """
 
 
-def health(port: int, timeout: float = 5.0) -> float | None:
+def health(port: int, timeout: float = 5.0, source: str | None = None) -> float | None:
     """Seconds /health took, or None when it did not answer 200 within ``timeout``."""
     started = time.monotonic()
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                      source_address=(source, 0) if source else None) as s:
             s.sendall(HEALTH)
             ok = s.recv(64).startswith(b"HTTP/1.1 200 ")
     except OSError:
@@ -66,6 +78,8 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=1100)
     parser.add_argument("--interval", type=float, default=8.0)
     parser.add_argument("--seconds", type=float, default=50.0)
+    parser.add_argument("--kind", choices=["headers", "body", "idle"], default="headers")
+    parser.add_argument("--addresses", type=int, default=0, help="source addresses (0: 127.0.0.1 only)")
     args, _ = parser.parse_known_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = args.connections + 256
@@ -81,17 +95,18 @@ def main() -> int:
             slow: list[socket.socket] = []
 
             def attack() -> None:
-                for _ in range(args.connections):
+                for i in range(args.connections):
+                    source = (f"127.0.1.{i % args.addresses + 1}", 0) if args.addresses else None
                     try:
-                        s = socket.create_connection(("127.0.0.1", port), timeout=2)
-                        s.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n")
+                        s = socket.create_connection(("127.0.0.1", port), timeout=2, source_address=source)
+                        s.sendall(FIRST[args.kind])
                         slow.append(s)
                     except OSError:
                         pass
                 while not stop.wait(args.interval):
                     for s in slow:
                         try:
-                            s.sendall(b"X-Slow: 1\r\n")
+                            s.sendall(NEXT[args.kind])
                         except OSError:
                             pass
 
@@ -101,7 +116,7 @@ def main() -> int:
             tick = threading.Event()
             end = time.monotonic() + args.seconds
             while time.monotonic() < end:
-                under.append(health(port))
+                under.append(health(port, source="127.0.2.200" if args.addresses else None))
                 tick.wait(0.5)
             stop.set()
             held = 0
@@ -120,7 +135,9 @@ def main() -> int:
     answered = [t for t in under if t is not None]
     late = sum(1 for t in under if t is None or t > 1.0)
     print(f"/health without load: p50 {statistics.median(baseline) * 1000:.1f} ms (n={len(baseline)})")
-    print(f"/health under {args.connections} slow connections (a header line every {args.interval:g} s, "
+    what = {"headers": "a header line", "body": "a body byte", "idle": "nothing"}[args.kind]
+    spread = f" from {args.addresses} addresses" if args.addresses else ""
+    print(f"/health under {args.connections} slow connections{spread} ({what} every {args.interval:g} s, "
           f"{args.seconds:g} s): p50 {statistics.median(answered) * 1000 if answered else float('nan'):.1f} ms, "
           f"max {max(answered) * 1000 if answered else float('nan'):.1f} ms, "
           f"{late} of {len(under)} slower than 1 s or missing")

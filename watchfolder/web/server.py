@@ -167,7 +167,7 @@ class SlowClientGuard:
         incomplete = [c for c in candidates if c is not new and not c.requests
                       and getattr(c, "request_started", None) is not None]
         if incomplete:
-            return min(incomplete, key=lambda c: c.request_started), "its request incomplete longest"
+            return min(incomplete, key=lambda c: c.request_started), "whose request has been incomplete longest"
         idle = [c for c in candidates if c is not new and not c.requests]
         if idle:
             return min(idle, key=lambda c: c.last_activity), "idle longest between requests"
@@ -180,7 +180,9 @@ class SlowClientGuard:
             if len(mine) > self.per_client:
                 victim, which = self._victim(mine, channel)
                 self._warn(address, f"more than {self.per_client} connections (server.connections_per_client); "
-                                    f"closing its connection {which}")
+                                    f"closing its connection {which}" if victim is not channel else
+                                    f"more than {self.per_client} connections (server.connections_per_client); "
+                                    f"closing {which}")
                 victim.handle_close()
                 if victim is channel:
                     return
@@ -188,9 +190,10 @@ class SlowClientGuard:
             everyone = self._channels()
             if len(everyone) > self.limit:
                 victim, which = self._victim(everyone, channel)
-                self._warn("*", f"{len(everyone)} connections reach server.connection_limit ({self.limit}); "
-                                f"closing the connection {which} (from {_host(victim.addr)}) for a new one from "
-                                f"{address}")
+                self._warn("*", f"{len(everyone)} connections are past server.connection_limit ({self.limit}); "
+                                + (f"closing {which}" if victim is channel else
+                                   f"closing the connection {which} (from {_host(victim.addr)}) for a new one "
+                                   f"from {address}"))
                 victim.handle_close()
 
     def close_slow_requests(self, now: float) -> None:
