@@ -156,12 +156,18 @@ def health_from(source: str, port: int, seconds: float) -> bytes:
         s.close()
 
 
-def test_a_body_trickled_past_the_deadline_closes_the_connection(tmp_path):
+@pytest.mark.parametrize("first", ["first request", "after a complete request"])
+def test_a_body_trickled_past_the_deadline_closes_the_connection(tmp_path, first):
     # Headers complete at once, then one body byte every 0.25 s: neither header_timeout nor
-    # idle_timeout ever fires; body_timeout (the whole request) does (issue 10 outside test a10 F1).
+    # idle_timeout ever fires; body_timeout (the whole request) does (issue 10 outside test a10 F1),
+    # also on a keep-alive connection that completed a request before.
     service = start_service(tmp_path, extra_server={"header_timeout": 60, "body_timeout": 2})
     try:
         s = socket.create_connection(("127.0.0.1", service.server.port), timeout=5)
+        if first != "first request":
+            s.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(s).startswith(b"HTTP/1.1 200 ")
+            threading.Event().wait(2.5)  # longer than body_timeout: idle between requests does not count
         s.sendall(SLOW_BODY)
         started = time.monotonic()
         tick = threading.Event()
