@@ -216,6 +216,28 @@ def test_expired_lease_puts_the_job_back_and_the_old_worker_loses_it(store, make
     assert "expired" in store.get(job.id).history[2].message
 
 
+def test_a_pending_cancel_lands_when_the_lease_of_a_stalled_worker_expires(store, make_spec):
+    # Issue 11 outside test F5: a SIGSTOPped worker's job was queued again, claimed by
+    # another worker (an attempt burnt) and only then cancelled.
+    job, _ = store.enqueue(make_spec(), now=T0)
+    store.claim("stalled", now=T0)
+    assert store.cancel(job.id, by="cli:admin", now=T0 + 5).state == JobState.RUNNING
+    assert store.maintain(now=T0 + store.lease_seconds + 1)["expired"] == 1
+    done = store.get(job.id)
+    assert done.state == JobState.CANCELLED and done.attempts == 1 and done.finished_at is not None
+    assert states(done)[-2:] == ["running", "cancelled"]
+    assert "lease of stalled expired" in done.history[-1].message
+    assert "cancel request" in done.history[-1].message
+    assert store.claim("other", now=T0 + store.lease_seconds + 2) is None
+    with pytest.raises(LeaseLost):
+        store.report_progress(job.id, "stalled", Progress(), now=T0 + store.lease_seconds + 3)
+    # A job without a cancel request is still queued again, as before.
+    other, _ = store.enqueue(make_spec(), now=T0 + 100)
+    store.claim("stalled", now=T0 + 100)
+    store.maintain(now=T0 + 100 + store.lease_seconds + 1)
+    assert store.get(other.id).state == JobState.QUEUED
+
+
 def test_lease_expiring_on_the_last_attempt_fails_the_job(store, make_spec):
     job, _ = store.enqueue(make_spec(), now=T0)
     now = T0

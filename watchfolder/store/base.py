@@ -432,7 +432,8 @@ class JobStore(abc.ABC):
     def maintain(self, *, now: float | None = None) -> dict[str, int]:
         """Housekeeping, safe to run from any process at any time.
 
-        - running jobs whose lease expired go back to the queue (or fail when out of attempts);
+        - running jobs whose lease expired go back to the queue (or fail when out of attempts;
+          or are cancelled when a cancel was requested: their worker never acted on it);
         - ``retry_wait`` jobs whose time has come are queued;
         - consumed queue messages are pruned now and then.
         """

@@ -1259,7 +1259,18 @@ class PostgresStore(FileLogs, JobStore):
             for row in expired:
                 stats["expired"] += 1
                 note = f"lease of {row['worker']} expired (worker stopped or stalled)"
-                if row["attempts"] >= row["max_attempts"]:
+                if row["cancel_requested"]:
+                    # Queued again, it would be claimed again (an attempt burnt) only to be
+                    # cancelled there: the cancel lands now (issue 11 outside test F5).
+                    message = f"cancelled: the {note} before it acted on the cancel request"
+                    done = conn.execute(
+                        "UPDATE jobs SET state = 'cancelled', finished_at = %s, updated_at = %s,"
+                        " lease_expires_at = NULL, session_key = NULL, next_attempt_at = NULL, message_id = NULL,"
+                        f" {FINISHED_FOLLOWUP} WHERE id = %s RETURNING *",
+                        (now, now, row["id"]),
+                    ).fetchone()
+                    self._finish(conn, done, now, None, message)
+                elif row["attempts"] >= row["max_attempts"]:
                     # Transient like any attempt that ran out: a crash or a stall is not the files' fault.
                     message = f"gave up after {row['attempts']} attempts; the last one ended when its {note}"
                     done = conn.execute(

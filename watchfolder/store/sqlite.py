@@ -1334,7 +1334,8 @@ class SQLiteStore(FileLogs, JobStore):
     def maintain(self, *, now: float | None = None) -> dict[str, int]:
         """Housekeeping, safe to run from any process at any time.
 
-        - running jobs whose lease expired go back to the queue (or fail when out of attempts);
+        - running jobs whose lease expired go back to the queue (or fail when out of attempts;
+          or are cancelled when a cancel was requested: nobody acted on it);
         - ``retry_wait`` jobs whose time has come are queued;
         - consumed queue messages are pruned now and then.
         """
@@ -1354,7 +1355,17 @@ class SQLiteStore(FileLogs, JobStore):
             for row in expired:
                 stats["expired"] += 1
                 note = f"lease of {row['worker']} expired (worker stopped or stalled)"
-                if row["attempts"] >= row["max_attempts"]:
+                if row["cancel_requested"]:
+                    # Queued again, it would be claimed again (an attempt burnt) only to be
+                    # cancelled there: the cancel lands now (issue 11 outside test F5).
+                    message = f"cancelled: the {note} before it acted on the cancel request"
+                    done = conn.execute(
+                        "UPDATE jobs SET state = 'cancelled', finished_at = ?, updated_at = ?, lease_expires_at = NULL,"
+                        f" session_key = NULL, next_attempt_at = NULL, {FINISHED_FOLLOWUP} WHERE id = ? RETURNING *",
+                        (now, now, row["id"]),
+                    ).fetchone()
+                    self._finish(conn, done, now, None, message, erased=row["session_key"] is not None)
+                elif row["attempts"] >= row["max_attempts"]:
                     # Transient like any attempt that ran out: a crash or a stall is not the files' fault.
                     message = f"gave up after {row['attempts']} attempts; the last one ended when its {note}"
                     done = conn.execute(
