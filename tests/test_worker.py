@@ -683,3 +683,28 @@ def test_a_store_fault_before_the_import_releases_the_job_without_using_an_attem
     assert "attempt not counted" in store.read_log(job.id)
     assert "unexpected error" not in caplog.text
     store.close()
+
+
+def test_cleanup_of_a_job_whose_folder_cannot_exist_is_done_silently(store, make_spec, tmp_path, caplog):
+    # Issue 11 outside test F8: a job failed with ENAMETOOLONG (its folder was never created)
+    # was "cleaned up" again at every worker start, each time with a WARNING.
+    from watchfolder.job import Target
+
+    archive = tmp_path / "archive"
+    importer = ArchiveImporter(root=archive)
+    job, _ = store.enqueue(make_spec(target=Target(project="P", dataset="é" * 200)))
+    done = Worker(store, importer, name="w").loop()
+    assert done.state == JobState.FAILED and "too long" in done.error.message.lower()
+    (archive / "jdoe").mkdir(parents=True, exist_ok=True)
+    (archive / "jdoe" / "_no_project").write_bytes(b"a file where a folder would be")  # ENOTDIR
+    other, _ = store.enqueue(make_spec(target=Target(dataset="D")))
+    store.claim("w0")
+    store.cancel(other.id)
+    store.cancelled(other.id, "w0")
+    for start in range(3):  # each a fresh worker, as after a restart
+        caplog.clear()
+        Worker(store, importer, name=f"w{start}", maintain_interval=0).loop()
+        assert "cleaning up after it failed" not in caplog.text
+    assert "could not remove" not in store.read_log(job.id)
+    assert "could not remove" not in store.read_log(other.id)
+    assert importer.cleanup(done) == [] and importer.cleanup(store.get(other.id)) == []

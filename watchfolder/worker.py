@@ -34,7 +34,7 @@ from .errors import (
     StoreUnavailable,
     TransientImportError,
 )
-from .importers.base import ImportContext, Importer
+from .importers.base import NOTHING_THERE, ImportContext, Importer
 from .job import Job, JobSpec, JobState, Progress, imported_content_key
 from .store import JobStore
 from .store.space import is_disk_full
@@ -412,6 +412,12 @@ class Worker:
             self._cleaned.pop(next(iter(self._cleaned)))
         try:
             removed = self.importer.cleanup(job)
+        except OSError as exc:
+            if exc.errno in NOTHING_THERE:  # the folder cannot exist: nothing there, done (a11 F8)
+                return job
+            log.warning("job %s: cleaning up after it failed: %s", job.id, exc)
+            self.store.log(job.id, f"could not remove what this job wrote: {exc}")
+            return job
         except Exception as exc:  # never let cleanup stop the worker; the files only take space
             log.warning("job %s: cleaning up after it failed: %s", job.id, exc)
             self.store.log(job.id, f"could not remove what this job wrote: {exc}")

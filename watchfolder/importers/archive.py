@@ -68,7 +68,7 @@ from ..job import Job
 from ..store.base import process_exists
 from ..units import format_size
 from . import register
-from .base import ImportContext, Importer
+from .base import NOTHING_THERE, ImportContext, Importer
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
@@ -285,6 +285,17 @@ class _Ledger:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def _is_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder; False also when it cannot exist (a name too long, a file
+    where a folder would be: :data:`NOTHING_THERE`); other errors (EACCES, EIO) raise."""
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError as exc:
+        if exc.errno in NOTHING_THERE:
+            return False
+        raise
 
 
 def _remove_empty(folder: str, root: str) -> None:
@@ -653,7 +664,7 @@ class ArchiveImporter(Importer):
         tag = f".wf-{job.id}-"
         for n in range(1, MAX_COLLISION_SUFFIX + 1):
             folder = base if n == 1 else base.with_name(f"{base.name} ({n})")
-            if not folder.is_dir():
+            if not _is_folder(folder):
                 if n > 1:
                     break
                 continue

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import abc
+import errno
 from collections.abc import Sequence
 from typing import Any
 
 from ..job import Job
+
+#: errnos that say a path cannot exist (missing, a name too long to create, a file where a
+#: folder would be): a cleanup that meets one has nothing to remove there and is done.
+NOTHING_THERE = frozenset({errno.ENOENT, errno.ENAMETOOLONG, errno.ENOTDIR})
 
 
 class ImportContext(abc.ABC):
@@ -90,7 +95,9 @@ class Importer(abc.ABC):
     def cleanup(self, job: Job) -> list[str]:
         """Remove what ``job`` wrote to the target when it ended without success (cancelled,
         failed for good); returns the paths removed. Idempotent: called again, it finds
-        nothing. Importers that write nothing of their own keep this default."""
+        nothing. A path that cannot exist (an ``OSError`` with an errno in
+        :data:`NOTHING_THERE`) is nothing to remove, not a failure. Importers that write
+        nothing of their own keep this default."""
         return []
 
     def close(self) -> None:
