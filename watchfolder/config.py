@@ -94,7 +94,7 @@ class ArchiveConfig:
     layout: str = D.ARCHIVE_LAYOUT
     # Below this many free bytes on the archive volume, its jobs pause (not fail).
     min_free_bytes: int = D.ARCHIVE_MIN_FREE_BYTES
-    file_mode: int | None = None  # None: each copy keeps its source's permission bits
+    file_mode: int | None = None  # None: each copy keeps its source's permission bits less the umask
     # Bytes per second one job reads from the drop folder (0: as fast as it can), so an
     # archive copy does not saturate an instrument's share or link while it acquires.
     max_bytes_per_second: int = 0

@@ -6,8 +6,9 @@ files, job logs and the mail outbox are created 0600 in folders 0700 — or, wit
 it can read them (``sqlite3 -readonly``, ``less``) without being the service
 user. Existing files are brought to that mode and group when the service opens
 them (an existing wider database is narrowed at start). Archive copies take
-their source's permission bits (see ``importer.archive.file_mode``). The example
-systemd units set ``UMask=0027`` for everything else.
+their source's permission bits less the process's umask, as ``cp`` does (see
+``importer.archive.file_mode``, :func:`current_umask`). The example systemd units
+set ``UMask=0027`` for everything else.
 
 A process can give a file it owns to a group only when it is root or a member
 of that group (chown(2)); :func:`group_problem` says so before anything starts,
@@ -57,6 +58,32 @@ def group_problem(group: str) -> str | None:
         return (f"the service user {user} is not a member of group {group!r}, so it cannot give its files to "
                 f"that group; add it (usermod -aG {group} {user}) and start again, or unset file_group")
     return None
+
+
+_FALLBACK_UMASK: int | None = None
+
+
+def current_umask() -> int:
+    """The process's umask (permission bits, e.g. ``0o027``), read without changing it.
+
+    Linux (4.7 and later) shows it in ``/proc/self/status`` (``Umask:``), so no other
+    thread ever sees a changed umask. Elsewhere it is read once, the first time, with
+    ``os.umask`` set-and-restore (call it at start, before threads create files) and
+    remembered.
+    """
+    global _FALLBACK_UMASK
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8) & 0o777
+    except (OSError, ValueError, IndexError):
+        pass
+    if _FALLBACK_UMASK is None:
+        old = os.umask(0o077)
+        os.umask(old)
+        _FALLBACK_UMASK = old & 0o777
+    return _FALLBACK_UMASK
 
 
 @dataclass(frozen=True)

@@ -116,20 +116,33 @@ def test_a_burst_leaves_no_session_key_on_disk_while_serve_holds_the_database(tm
         serving.close()
 
 
-@pytest.mark.parametrize(("source_mode", "file_mode", "expected"), [
-    (0o600, None, 0o600),   # never wider than the source (the umask alone would give 0644)
-    (0o640, None, 0o640),
-    (0o644, 0o640, 0o640),  # narrowed by importer.archive.file_mode
-    (0o600, 0o644, 0o600),  # the setting never widens
-    (0o4755, None, 0o755),  # no set-id bits
+@pytest.mark.parametrize(("umask", "source_mode", "file_mode", "expected"), [
+    (0o022, 0o600, None, 0o600),   # never wider than the source (the umask alone would give 0644)
+    (0o022, 0o640, None, 0o640),
+    (0o022, 0o644, 0o640, 0o640),  # narrowed by importer.archive.file_mode
+    (0o022, 0o600, 0o644, 0o600),  # the setting never widens
+    (0o022, 0o4755, None, 0o755),  # no set-id bits
+    # a10 F2: a 0777 (or 2777) source was archived 0777 whatever the umask.
+    (0o022, 0o777, None, 0o755),
+    (0o022, 0o2777, None, 0o755),
+    (0o022, 0o1777, 0o640, 0o640),  # no sticky bit; file_mode narrows further
+    (0o027, 0o777, None, 0o750),   # UMask=0027 of the example units
+    (0o027, 0o666, None, 0o640),
+    (0o027, 0o644, 0o664, 0o640),
+    (0o027, 0o000, None, 0o000),
 ])
-def test_archive_copies_keep_their_sources_mode_never_wider(tmp_path, store, make_spec, wide_umask,
-                                                            source_mode, file_mode, expected):
+def test_archive_copies_keep_their_sources_mode_less_the_umask(tmp_path, store, make_spec,
+                                                               umask, source_mode, file_mode, expected):
     spec = make_spec({"a.tif": b"pixels"})
     os.chmod(Path(spec.root) / "a.tif", source_mode)
     store.enqueue(spec)
     job = store.claim("w")
-    importer = ArchiveImporter(root=tmp_path / "archive")
+    old = os.umask(umask)
+    try:
+        importer = ArchiveImporter(root=tmp_path / "archive")
+    finally:
+        os.umask(old)
+    assert importer.umask == umask
     importer.file_mode = file_mode
 
     class Ctx:
@@ -145,6 +158,18 @@ def test_archive_copies_keep_their_sources_mode_never_wider(tmp_path, store, mak
     importer.run(job, Ctx())
     (copy,) = (tmp_path / "archive").rglob("a.tif")
     assert mode(copy) == expected
+
+
+def test_the_umask_is_read_without_changing_it_in_a_process_of_its_own(tmp_path):
+    # /proc/self/status on Linux: no set-and-restore window another thread could create a file in.
+    probe = ("import os, sys; from watchfolder import filemodes;"
+             "os.umask = lambda *a: sys.exit('os.umask called');"
+             "print(oct(filemodes.current_umask()))")
+    for umask in ("022", "027", "077"):
+        done = subprocess.run(["sh", "-c", f'umask {umask} && exec "$0" -c "$1"', sys.executable, probe],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == oct(int(umask, 8))
 
 
 def test_archive_file_mode_is_read_from_the_config(make_config, tmp_path):

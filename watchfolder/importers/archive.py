@@ -63,6 +63,7 @@ from typing import Any
 from .. import defaults as D
 from .. import safefs
 from ..errors import PermanentImportError, TransientImportError, classify_os_error, source_vanished
+from ..filemodes import current_umask
 from ..filenames import fit_name
 from ..job import Job
 from ..store.base import process_exists
@@ -327,6 +328,7 @@ class ArchiveImporter(Importer):
         archive = config.importer.archive if config is not None else None
         self.config = config
         self.file_mode = archive.file_mode if archive is not None else None
+        self.umask = current_umask()  # the service's (UMask= in the units); copies never get its bits
         self.root = Path(root or archive.root)
         self.layout = layout or (archive.layout if archive else D.ARCHIVE_LAYOUT)
         self.chunk_bytes = chunk_bytes
@@ -802,8 +804,11 @@ class ArchiveImporter(Importer):
                     pass
 
     def copy_mode(self, source: os.stat_result) -> int:
-        """Permission bits of a copy: the source's, narrowed by ``importer.archive.file_mode`` when set."""
-        mode = stat.S_IMODE(source.st_mode) & 0o777
+        """Permission bits of a copy (an int, e.g. ``0o640``): the source's less the umask the
+        importer was made under (as ``cp`` without ``-p``: a 0777 source is not copied
+        world-writable), narrowed further by ``importer.archive.file_mode`` when set; never
+        setuid, setgid or sticky. The copy is fchmod'ed to it, which the umask does not touch."""
+        mode = stat.S_IMODE(source.st_mode) & 0o777 & ~self.umask
         return mode & self.file_mode if self.file_mode is not None else mode
 
     def _already_there(self, dest: str, size: int, expected: str | None, fin: int, buf: bytearray) -> str | None:
