@@ -8,7 +8,7 @@ import sqlite3
 import sys
 
 from watchfolder.store.outage import OutageNoise
-from watchfolder.store.space import QUIET_SECONDS, DiskFull, is_disk_full
+from watchfolder.store.space import QUIET_SECONDS, DiskFull, io_error_from_full_disk, is_disk_full
 
 
 class Clock:
@@ -48,6 +48,24 @@ def test_what_counts_as_disk_full():
     assert is_disk_full(full) and is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
     assert not is_disk_full(sqlite3.OperationalError("database is locked"))
     assert not is_disk_full(OSError(errno.EIO, "Input/output error")) and not is_disk_full(None)
+
+
+def test_an_io_error_counts_as_no_space_only_while_the_disk_has_no_room(tmp_path, monkeypatch):
+    # Issue 11 outside test F4 (the drill on a real full tmpfs is in tests/faults/test_disk_full_drills.py).
+    import shutil
+    from collections import namedtuple
+
+    ioerr = sqlite3.OperationalError("disk I/O error")
+    ioerr.sqlite_errorname = "SQLITE_IOERR_SHMSIZE"
+    assert not io_error_from_full_disk(ioerr, tmp_path)  # the test's disk has room: a failing disk
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage(10 << 20, 10 << 20, 4096))
+    assert io_error_from_full_disk(ioerr, tmp_path)
+    assert io_error_from_full_disk(OSError(errno.EIO, "Input/output error"), tmp_path)
+    assert not io_error_from_full_disk(sqlite3.OperationalError("database is locked"), tmp_path)
+    assert not io_error_from_full_disk(None, tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: (_ for _ in ()).throw(OSError(errno.ENOENT, "gone")))
+    assert not io_error_from_full_disk(ioerr, tmp_path)  # unknown free space: not said to be full
 
 
 def test_the_other_threads_tracebacks_of_a_full_database_are_dropped():

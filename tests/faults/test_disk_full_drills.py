@@ -209,3 +209,26 @@ def test_a_mail_folder_on_a_full_disk_says_so_not_permissions(tmpfs):
                                    "device; free space there (notify.outbox_dir); the mail waits in the outbox")
     assert "writable" not in str(failure)
     assert list(volume.glob(".*.eml.tmp")) == []
+
+
+def test_a_command_started_on_a_full_disk_beside_a_cleanly_stopped_database_says_no_space(tmp_path, tmpfs):
+    # Issue 11 outside test F4: with no -shm left by a clean stop, SQLite cannot size a new
+    # one on the full disk and answers SQLITE_IOERR: every command said "an I/O error on the
+    # job database (failing disk, or a network filesystem ...)".
+    volume = tmpfs("data-volume", 2 * 1024 * 1024)
+    data = volume / "data"
+    config = write_config(tmp_path, data_dir=str(data))
+    db = data / "watchfolder.db"
+    assert cli(config, "jobs", "list").returncode == 0  # creates it, and closes it cleanly
+    assert db.exists() and not Path(f"{db}-shm").exists() and not Path(f"{db}-wal").exists()
+    fill(volume)
+    said = {}
+    for command in (("jobs", "list"), ("status",), ("work", "--burst")):
+        done = cli(config, *command)
+        assert "Traceback" not in done.stderr, done.stderr
+        text = done.stderr + done.stdout
+        said[" ".join(command)] = text
+        assert "no space left on the disk holding the job database" in text, text
+        assert "failing disk" not in text and "I/O error on the job database" not in text, text
+    report("command started on a full disk, database cleanly stopped", commands=len(said),
+           said_no_space=len(said))

@@ -46,6 +46,32 @@ def is_disk_full(exc: BaseException | None) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+def io_error_from_full_disk(exc: BaseException | None, folder: str | Path) -> bool:
+    """True for an I/O error (SQLite's SQLITE_IOERR…, or EIO) met while the filesystem holding
+    ``folder`` has less than :data:`FULL_BELOW` free: SQLite reports some refusals for space
+    as I/O errors (a cleanly stopped database has no ``-shm``; sizing a new one on a full
+    disk fails with SQLITE_IOERR_SHMSIZE), and "failing disk" would send the admin the
+    wrong way. False for any other error, or when the free space cannot be read."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorname", "") or ""
+        if not (code.startswith("SQLITE_IOERR") or "disk I/O error" in str(exc)):
+            return False
+    elif not (isinstance(exc, OSError) and exc.errno == errno.EIO):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < FULL_BELOW
+    except (OSError, ValueError):
+        return False
+
+
+def free_space(folder: str | Path) -> str:
+    """The free space of the filesystem holding ``folder``, for a message ("12.0 KiB free")."""
+    try:
+        return f"{format_size(shutil.disk_usage(folder).free)} free"
+    except (OSError, ValueError):
+        return "free space unknown"
+
+
 class DiskFull:
     """Whether the data disk holding ``folder`` is full, for one store of one process. Thread-safe.
 
@@ -130,4 +156,4 @@ class DiskFull:
         return None
 
 
-__all__ = ["DiskFull", "FULL_BELOW", "QUIET_SECONDS", "is_disk_full"]
+__all__ = ["DiskFull", "FULL_BELOW", "QUIET_SECONDS", "free_space", "io_error_from_full_disk", "is_disk_full"]

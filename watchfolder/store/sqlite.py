@@ -64,7 +64,7 @@ from .rows import (
     page_cursor,
     pending_from_row,
 )
-from .space import DiskFull, is_disk_full
+from .space import DiskFull, free_space, io_error_from_full_disk, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -340,6 +340,11 @@ def explain_database_error(exc: sqlite3.Error, path: os.PathLike | str) -> str:
     """One line for an admin: the database file, the problem, and the fix (by SQLite result code)."""
     code = getattr(exc, "sqlite_errorname", None) or ""
     primary = "_".join(code.split("_")[:2])  # SQLITE_IOERR_WRITE -> SQLITE_IOERR
+    folder = Path(path).parent
+    if io_error_from_full_disk(exc, folder):
+        # Not a failing disk: SQLite could not size the -shm of a cleanly stopped database (issue 11 F4).
+        problem, fix = _DB_ERRORS["SQLITE_FULL"]
+        return f"job database {path}: {problem} ({folder}, {free_space(folder)}; SQLite said: {exc}); {fix}"
     problem, fix = _DB_ERRORS.get(primary, (None, None))
     if problem is None:
         text = str(exc).lower()
@@ -399,8 +404,9 @@ class _Connection(sqlite3.Connection):
             broken = self.on_corrupt(exc)
             if broken:
                 raise StoreBroken(broken) from exc
-        if self.on_full is not None and is_disk_full(exc):
-            self.on_full(exc)
+        if self.on_full is not None and (is_disk_full(exc) or "I/O error" in str(exc)
+                                         or (getattr(exc, "sqlite_errorname", "") or "").startswith("SQLITE_IOERR")):
+            self.on_full(exc)  # the store tells an I/O error on a full disk from a failing one
 
 
 def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
@@ -574,9 +580,10 @@ class SQLiteStore(FileLogs, JobStore):
             return self.broken
 
     def _full(self, exc: sqlite3.DatabaseError) -> None:
-        """A write was refused for space: said once by :attr:`disk_full` (not while opening:
-        the command's one error line says it)."""
-        if self._identity is not None:
+        """A write was refused for space (SQLITE_FULL, or an I/O error while the disk has no
+        room: :func:`~.space.io_error_from_full_disk`): said once by :attr:`disk_full` (not
+        while opening: the command's one error line says it)."""
+        if self._identity is not None and (is_disk_full(exc) or io_error_from_full_disk(exc, self.path.parent)):
             self.disk_full.failed(exc)
 
     def _highest_log_id(self) -> int:
