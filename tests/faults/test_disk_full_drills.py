@@ -211,24 +211,36 @@ def test_a_mail_folder_on_a_full_disk_says_so_not_permissions(tmpfs):
     assert list(volume.glob(".*.eml.tmp")) == []
 
 
-def test_a_command_started_on_a_full_disk_beside_a_cleanly_stopped_database_says_no_space(tmp_path, tmpfs):
+def test_a_command_started_on_a_full_disk_beside_a_cleanly_stopped_database(tmp_path, tmpfs):
     # Issue 11 outside test F4: with no -shm left by a clean stop, SQLite cannot size a new
     # one on the full disk and answers SQLITE_IOERR: every command said "an I/O error on the
-    # job database (failing disk, or a network filesystem ...)".
+    # job database (failing disk, or a network filesystem ...)" and none could read.
     volume = tmpfs("data-volume", 2 * 1024 * 1024)
     data = volume / "data"
     config = write_config(tmp_path, data_dir=str(data))
     db = data / "watchfolder.db"
-    assert cli(config, "jobs", "list").returncode == 0  # creates it, and closes it cleanly
+    acq = tmp_path / "acq"
+    write_manifest(acq, {"img.tif": b"pixels" * 100}, target={"project": "Drills", "dataset": "full"})
+    assert cli(config, "submit", str(acq)).returncode == 0  # creates it, and closes it cleanly
     assert db.exists() and not Path(f"{db}-shm").exists() and not Path(f"{db}-wal").exists()
-    fill(volume)
-    said = {}
-    for command in (("jobs", "list"), ("status",), ("work", "--burst")):
+    filler = fill(volume)
+    no_space = "no space left on the disk holding the job database"
+    # Reads go on (read-only, without the -shm the full disk cannot hold).
+    listed = cli(config, "jobs", "list")
+    assert listed.returncode == 0 and listed.stderr == "", listed.stderr
+    assert "queued" in listed.stdout and "dataset \"full\"" in listed.stdout, listed.stdout
+    shown = cli(config, "jobs", "show", "1")
+    assert shown.returncode == 0 and "queued" in shown.stdout, shown.stderr
+    code, status = _status(config)
+    assert code == 1 and status["problems"][0].startswith(f"job database {db}: no space left on the disk holding it")
+    # Writes and the service: the one line saying no space, never "failing disk".
+    for command in (("jobs", "cancel", "1"), ("work", "--burst")):
         done = cli(config, *command)
-        assert "Traceback" not in done.stderr, done.stderr
         text = done.stderr + done.stdout
-        said[" ".join(command)] = text
-        assert "no space left on the disk holding the job database" in text, text
-        assert "failing disk" not in text and "I/O error on the job database" not in text, text
-    report("command started on a full disk, database cleanly stopped", commands=len(said),
-           said_no_space=len(said))
+        assert done.returncode != 0 and "Traceback" not in text, text
+        assert no_space in text and "failing disk" not in text and "I/O error on the job" not in text, text
+    filler.unlink()  # space is back: the database is whole, the job untouched, writes go on
+    assert [(j["state"], j["attempts"]) for j in _jobs(db)] == [("queued", 0)]
+    assert cli(config, "work", "--burst").returncode == 0
+    assert [j["state"] for j in _jobs(db)] == ["succeeded"]
+    report("command started on a full disk, database cleanly stopped", reads="go on", writes="no space line")

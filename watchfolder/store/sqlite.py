@@ -382,6 +382,9 @@ class _Connection(sqlite3.Connection):
     on_corrupt: Callable[[sqlite3.DatabaseError], None] | None = None
     on_full: Callable[[sqlite3.DatabaseError], None] | None = None
     on_written: Callable[[], None] | None = None
+    #: Opened read-only because the disk is full (SQLiteStore.read_only): a refused write is
+    #: a write refused for space, and is raised as SQLITE_FULL so every caller treats it so.
+    full_disk_read_only = False
 
     def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
         try:
@@ -400,6 +403,10 @@ class _Connection(sqlite3.Connection):
     def _check(self, exc: sqlite3.DatabaseError) -> None:
         """Corruption met after the store opened: :class:`StoreBroken` (a CLI opening a bad file
         keeps SQLite's error, which names the result code, for its one line)."""
+        if self.full_disk_read_only and (getattr(exc, "sqlite_errorname", "") or "").startswith("SQLITE_READONLY"):
+            full = sqlite3.OperationalError("database or disk is full (opened read-only: no space to write)")
+            full.sqlite_errorname = "SQLITE_FULL"
+            raise full from exc
         if self.on_corrupt is not None and _is_corrupt(exc):
             broken = self.on_corrupt(exc)
             if broken:
@@ -480,7 +487,14 @@ class SQLiteStore(FileLogs, JobStore):
         # (or its file_group's, read-only); SQLite gives the -wal and -shm files its mode.
         for path in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
             files.secure_file(path, create=path == self.path)
-        self._conn()  # create the schema now, so errors show at start
+        #: Why this store only reads (the disk is full), or None: see :meth:`_open_read_only`.
+        self.read_only: str | None = None
+        try:
+            self._conn()  # create the schema now, so errors show at start
+        except sqlite3.OperationalError as exc:
+            if log_faults or not io_error_from_full_disk(exc, self.path.parent):
+                raise
+            self._open_read_only(exc)
 
     @classmethod
     def from_config(cls, config, composer: MailComposer | None = None, *, log_faults: bool = True) -> SQLiteStore:
@@ -509,6 +523,33 @@ class SQLiteStore(FileLogs, JobStore):
         if self._identity is None:
             self._refuse_a_new_database_over_old_logs()
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, factory=_Connection)
+        try:
+            queue = self._set_up(conn)
+        except BaseException:
+            conn.close()  # else its open -shm stays this process's, seen by the next connection too
+            raise
+        with self._connections_lock:
+            self._connections.append(conn)
+        if self.files.gid is not None:
+            # SQLite made the -wal/-shm (with the first connection) in the creating process's group.
+            for path in (f"{self.path}-wal", f"{self.path}-shm"):
+                self.files.secure_file(path)
+        self._local.conn = conn
+        self._local.queue = queue
+        if self._identity is None:
+            st = os.stat(self.path)
+            self._identity = (st.st_dev, st.st_ino)
+        return conn
+
+    def _set_up(self, conn: sqlite3.Connection) -> LiteQueue:
+        """Set up a new connection (pragmas, the schema once per store); returns its queue."""
+        if self.read_only:
+            # No -shm (its wal-index lives in this process's memory), so no file to size on the
+            # full disk; the exclusive lock it needs is refused (SQLITE_BUSY) while any other
+            # process has the database open, so nothing it reads can be stale. Writes are refused.
+            conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+            conn.execute("PRAGMA query_only = ON")
+            conn.full_disk_read_only = True
         conn.on_corrupt = self._corrupt
         conn.on_full = self._full
         conn.on_written = self.disk_full.wrote
@@ -524,20 +565,30 @@ class SQLiteStore(FileLogs, JobStore):
         conn.row_factory = sqlite3.Row
         with self._connections_lock:
             # Once per store, not per thread: it takes the write lock.
-            if not self._schema_ready:
+            if not self._schema_ready and not self.read_only:
                 self._create_schema(conn)
                 self._schema_ready = True
-            self._connections.append(conn)
-        if self.files.gid is not None:
-            # SQLite made the -wal/-shm (with the first connection) in the creating process's group.
-            for path in (f"{self.path}-wal", f"{self.path}-shm"):
-                self.files.secure_file(path)
-        self._local.conn = conn
-        self._local.queue = queue
-        if self._identity is None:
-            st = os.stat(self.path)
-            self._identity = (st.st_dev, st.st_ino)
-        return conn
+        return queue
+
+    def _open_read_only(self, error: sqlite3.OperationalError) -> None:
+        """A short command (``jobs list``, ``status``) on a full disk beside a cleanly stopped
+        database: SQLite cannot size the new ``-shm`` (SQLITE_IOERR), so the store opens it
+        read-only without one (exclusive locking mode keeps the wal-index in memory). Reads go
+        on; a write raises SQLITE_FULL (the command's one line says no space). Raises
+        ``error`` again when that is not possible either (the database busy in another
+        process, or its schema not this version's)."""
+        self.read_only = explain_database_error(error, self.path)
+        try:
+            conn = self._conn()
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.Error:
+            self.close()
+            raise error from None
+        if row is None or int(row["value"]) != SCHEMA_VERSION:  # a migration is a write
+            self.close()
+            raise error
+        self.schema_version = SCHEMA_VERSION
+        self._schema_ready = True
 
     def _refuse_a_new_database_over_old_logs(self) -> None:
         # Job ids restart at 1 in a new database: job 7's log would be another
