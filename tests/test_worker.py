@@ -708,3 +708,30 @@ def test_cleanup_of_a_job_whose_folder_cannot_exist_is_done_silently(store, make
     assert "could not remove" not in store.read_log(job.id)
     assert "could not remove" not in store.read_log(other.id)
     assert importer.cleanup(done) == [] and importer.cleanup(store.get(other.id)) == []
+
+
+def test_a_stalled_workers_cancelled_job_is_cancelled_when_its_lease_expires_and_cleaned_up(tmp_path, make_spec):
+    # Issue 11 outside test F5: the job was queued again and claimed by another worker (an
+    # attempt burnt) before it became cancelled; its files stayed until then.
+    from watchfolder.store import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "stall.db", lease_seconds=30)
+    archive = tmp_path / "archive"
+    importer = ArchiveImporter(root=archive)
+    job, _ = store.enqueue(make_spec())
+    t0 = time.time()
+    # A live process (this one) whose worker stopped renewing: the cancel is only a request.
+    job = store.claim(f"{socket.gethostname()}:{os.getpid()}:stalled", now=t0)
+    dest = importer.destination(job)
+    dest.mkdir(parents=True)
+    (dest / "img_1.tif").write_bytes(b"pixels-1" * 100)
+    (dest / f".watchfolder-job-{job.id}.owned").write_text('"img_1.tif"\n')
+    assert store.cancel(job.id, now=t0 + 5).state == JobState.RUNNING
+    other = Worker(store, importer, name="other", maintain_interval=0)
+    assert other.loop(now=t0 + 31) is None  # nothing to claim: the lease ran out into the cancel
+    done = store.get(job.id)
+    assert done.state == JobState.CANCELLED and done.attempts == 1
+    assert "expired" in done.history[-1].message and "cancel request" in done.history[-1].message
+    assert [p for p in archive.rglob("*") if p.is_file()] == []
+    assert "removed 1 file(s)" in store.read_log(job.id)
+    store.close()
