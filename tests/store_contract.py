@@ -238,6 +238,27 @@ def test_a_pending_cancel_lands_when_the_lease_of_a_stalled_worker_expires(store
     assert store.get(other.id).state == JobState.QUEUED
 
 
+def test_cancel_of_a_running_job_whose_worker_is_gone_is_at_once(store, make_spec):
+    # Issue 11 case 5 (SQLite had it; PostgreSQL waited for the lease, a10/a11 follow-up).
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    job, _ = store.enqueue(make_spec(), now=T0)
+    store.claim(f"{socket.gethostname()}:{int(dead.stdout)}:w1", now=T0)
+    gone = store.cancel(job.id, by="cli:admin", now=T0 + 1)
+    assert gone.state == JobState.CANCELLED and gone.attempts == 1
+    assert "its worker" in gone.history[-1].message and "is gone" in gone.history[-1].message
+    stalled, _ = store.enqueue(make_spec(), now=T0)
+    store.claim("remote-host:123:w1", now=T0)
+    assert store.cancel(stalled.id, now=T0 + store.lease_seconds + 1).state == JobState.CANCELLED
+    alive, _ = store.enqueue(make_spec(), now=T0)
+    store.claim(f"{socket.gethostname()}:{os.getpid()}:w1", now=T0)
+    assert store.cancel(alive.id, now=T0 + 1).state == JobState.RUNNING  # it stops at its next checkpoint
+
+
 def test_lease_expiring_on_the_last_attempt_fails_the_job(store, make_spec):
     job, _ = store.enqueue(make_spec(), now=T0)
     now = T0

@@ -63,7 +63,7 @@ from ..errors import (
 )
 from ..filemodes import PRIVATE, FileModes
 from ..job import ErrorKind, FileEntry, HistoryEntry, Job, JobSpec, JobState, Progress, RetryPolicy, shape_key
-from .base import JobStore, Mail, MailComposer, OutboxMail, PendingEntry
+from .base import JobStore, Mail, MailComposer, OutboxMail, PendingEntry, process_exists
 from .outage import Outage, outage_for
 from .rows import (
     FINISHED_FOLLOWUP as _FINISHED_FOLLOWUP,
@@ -1038,7 +1038,12 @@ class PostgresStore(FileLogs, JobStore):
             state = JobState(row["state"])
             if state.finished:
                 raise InvalidTransition(f"job {job_id} is already {state}; only unfinished jobs can be cancelled")
-            if state == JobState.RUNNING:
+            orphan = self._orphaned(conn, row, now) if state == JobState.RUNNING else None
+            if orphan:
+                # Nobody would act on the request: waiting for the lease to run out would
+                # only delay the cancel (SQLiteStore.cancel does the same).
+                who = f"{who} (its worker {row['worker']} {orphan})"
+            if state == JobState.RUNNING and not orphan:
                 conn.execute("UPDATE jobs SET cancel_requested = TRUE, updated_at = %s WHERE id = %s", (now, job_id))
                 self._add_history(conn, job_id, state, f"cancel requested{who}", now, event=False)
             else:
@@ -1049,8 +1054,28 @@ class PostgresStore(FileLogs, JobStore):
                     (now, now, job_id),
                 ).fetchone()
                 self._finish(conn, row, now, mails, f"cancelled{who}")
-        self.log(job_id, f"cancel requested{who}" if state == JobState.RUNNING else f"cancelled{who}", now=now)
+        running = state == JobState.RUNNING and not orphan
+        self.log(job_id, f"cancel requested{who}" if running else f"cancelled{who}", now=now)
         return self.get(job_id)
+
+    def _orphaned(self, conn, row: dict, now: float) -> str | None:
+        """Why a running job's worker is gone (lease expired, or its process no longer runs on
+        this host), or None while it may still be working."""
+        if row["lease_expires_at"] is not None and row["lease_expires_at"] < now:
+            return "stopped renewing its lease"
+        worker = row["worker"] or ""
+        published = conn.execute(
+            "SELECT host, pid FROM components WHERE kind = 'worker' AND name = %s", (worker,)
+        ).fetchone()
+        if published is not None:
+            host, pid = published["host"], published["pid"]
+        else:  # names are host:pid:… (worker.WorkerPool)
+            host, _, rest = worker.partition(":")
+            pid_text = rest.partition(":")[0]
+            pid = int(pid_text) if pid_text.isdigit() else None
+        if pid and host == socket.gethostname() and not process_exists(int(pid)):
+            return f"is gone (pid {pid} no longer runs)"
+        return None
 
     def retry(self, job_id: int, *, by: str = "", now: float | None = None) -> Job:
         now = _now(now)
