@@ -93,3 +93,30 @@ def test_a_write_that_goes_through_ends_it_at_once(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="t")
     assert disk.problem() is None
     assert [r.getMessage() for r in caplog.records][-1].startswith("job database /srv/wf.db: space is back")
+
+
+def test_an_io_error_of_a_store_on_a_full_disk_is_raised_as_disk_full_and_said_once(tmp_path, monkeypatch, caplog):
+    # Issue 11 outside test F4: one classification, so workers, the API and the outage noise
+    # all take it for the full disk it is (not "failing disk").
+    import shutil
+    from collections import namedtuple
+
+    import pytest
+
+    from watchfolder.store import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "db" / "watchfolder.db")
+    conn = store._conn()
+    ioerr = sqlite3.OperationalError("disk I/O error")
+    ioerr.sqlite_errorname = "SQLITE_IOERR_WRITE"
+    conn._check(ioerr)  # room on the disk: a failing disk, left as it is
+    assert store.disk_full.since is None
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage(10 << 20, 10 << 20, 0))
+    caplog.set_level(logging.WARNING)
+    with pytest.raises(sqlite3.OperationalError) as raised:
+        conn._check(ioerr)
+    assert raised.value.sqlite_errorname == "SQLITE_FULL" and is_disk_full(raised.value)
+    assert store.is_fault(raised.value) and store.disk_full.since is not None
+    assert "no space left on the disk holding it" in caplog.text
+    store.close()

@@ -341,10 +341,11 @@ def explain_database_error(exc: sqlite3.Error, path: os.PathLike | str) -> str:
     code = getattr(exc, "sqlite_errorname", None) or ""
     primary = "_".join(code.split("_")[:2])  # SQLITE_IOERR_WRITE -> SQLITE_IOERR
     folder = Path(path).parent
-    if io_error_from_full_disk(exc, folder):
-        # Not a failing disk: SQLite could not size the -shm of a cleanly stopped database (issue 11 F4).
+    if primary == "SQLITE_FULL" or io_error_from_full_disk(exc, folder):
+        # Also an I/O error on a full disk: SQLite could not size the new -shm of a cleanly
+        # stopped database (issue 11 F4), not a failing disk.
         problem, fix = _DB_ERRORS["SQLITE_FULL"]
-        return f"job database {path}: {problem} ({folder}, {free_space(folder)}; SQLite said: {exc}); {fix}"
+        return f"job database {path}: {problem} ({folder}, {free_space(folder)}; {exc}); {fix}"
     problem, fix = _DB_ERRORS.get(primary, (None, None))
     if problem is None:
         text = str(exc).lower()
@@ -380,7 +381,7 @@ class _Connection(sqlite3.Connection):
     """A connection that reports a corrupt or foreign file to its store the first time it meets one."""
 
     on_corrupt: Callable[[sqlite3.DatabaseError], None] | None = None
-    on_full: Callable[[sqlite3.DatabaseError], None] | None = None
+    on_full: Callable[[sqlite3.DatabaseError], bool] | None = None
     on_written: Callable[[], None] | None = None
     #: Opened read-only because the disk is full (SQLiteStore.read_only): a refused write is
     #: a write refused for space, and is raised as SQLITE_FULL so every caller treats it so.
@@ -403,17 +404,27 @@ class _Connection(sqlite3.Connection):
     def _check(self, exc: sqlite3.DatabaseError) -> None:
         """Corruption met after the store opened: :class:`StoreBroken` (a CLI opening a bad file
         keeps SQLite's error, which names the result code, for its one line)."""
-        if self.full_disk_read_only and (getattr(exc, "sqlite_errorname", "") or "").startswith("SQLITE_READONLY"):
-            full = sqlite3.OperationalError("database or disk is full (opened read-only: no space to write)")
-            full.sqlite_errorname = "SQLITE_FULL"
-            raise full from exc
+        code = getattr(exc, "sqlite_errorname", "") or ""
+        if self.full_disk_read_only and code.startswith("SQLITE_READONLY"):
+            raise _full_error("opened read-only: no space to write") from exc
         if self.on_corrupt is not None and _is_corrupt(exc):
             broken = self.on_corrupt(exc)
             if broken:
                 raise StoreBroken(broken) from exc
-        if self.on_full is not None and (is_disk_full(exc) or "I/O error" in str(exc)
-                                         or (getattr(exc, "sqlite_errorname", "") or "").startswith("SQLITE_IOERR")):
-            self.on_full(exc)  # the store tells an I/O error on a full disk from a failing one
+        if self.on_full is not None:
+            if is_disk_full(exc):
+                self.on_full(exc)
+            elif (code.startswith("SQLITE_IOERR") or "I/O error" in str(exc)) and self.on_full(exc):
+                # An I/O error on a full disk is a write refused for space (space.io_error_from_full_disk):
+                # raised as SQLITE_FULL, every caller (workers, API, outage noise) takes it as such.
+                raise _full_error(f"SQLite said: {exc}, the disk having no room") from exc
+
+
+def _full_error(why: str) -> sqlite3.OperationalError:
+    """SQLite's disk-full error (SQLITE_FULL), for a refusal for space it reported otherwise."""
+    full = sqlite3.OperationalError(f"database or disk is full ({why})")
+    full.sqlite_errorname = "SQLITE_FULL"
+    return full
 
 
 def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
@@ -492,7 +503,7 @@ class SQLiteStore(FileLogs, JobStore):
         try:
             self._conn()  # create the schema now, so errors show at start
         except sqlite3.OperationalError as exc:
-            if log_faults or not io_error_from_full_disk(exc, self.path.parent):
+            if log_faults or not (is_disk_full(exc) or io_error_from_full_disk(exc, self.path.parent)):
                 raise
             self._open_read_only(exc)
 
@@ -630,12 +641,14 @@ class SQLiteStore(FileLogs, JobStore):
                 log.critical(reason)
             return self.broken
 
-    def _full(self, exc: sqlite3.DatabaseError) -> None:
+    def _full(self, exc: sqlite3.DatabaseError) -> bool:
         """A write was refused for space (SQLITE_FULL, or an I/O error while the disk has no
         room: :func:`~.space.io_error_from_full_disk`): said once by :attr:`disk_full` (not
-        while opening: the command's one error line says it)."""
-        if self._identity is not None and (is_disk_full(exc) or io_error_from_full_disk(exc, self.path.parent)):
+        while opening: the command's one error line says it). Returns whether it was one."""
+        full = is_disk_full(exc) or io_error_from_full_disk(exc, self.path.parent)
+        if full and self._identity is not None:
             self.disk_full.failed(exc)
+        return full
 
     def _highest_log_id(self) -> int:
         """The highest job id with a log file in ``logs_dir`` (0 if none)."""
