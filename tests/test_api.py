@@ -778,19 +778,28 @@ def test_a_port_in_use_stops_the_service_cleanly_with_the_reason(make_config):
 
 def test_health_is_503_not_500_when_the_wal_is_deleted_under_it(svc, caplog):
     # Outside test a11 F3: `rm watchfolder.db-wal` under a running service made every
-    # health poll a 500 ("disk I/O error", a traceback per poll). Here: the -wal deleted
-    # under the real SQLite store, another connection failing on it, and the read that
-    # health makes after its ping failing as it did there (the error SQLite gave).
+    # health poll a 500 ("disk I/O error", a traceback per poll). The store now finds the
+    # -wal it has open gone (SQLiteStore.check_file, the health tick): 503 naming it, one
+    # CRITICAL line, no traceback.
     svc.store.set_component("worker", "w1", {"state": "idle", "heartbeat_seconds": 5}, now=time.time())
     for _ in range(12):  # every server thread has its connection open, as in a running service
         assert svc.client().get("/api/v1/health").status == 200
     wal = svc.store.path.with_name(svc.store.path.name + "-wal")
     wal.unlink()
-    other = sqlite3.connect(svc.store.path)  # another process's connection: no -wal any more
-    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
-        other.execute("UPDATE components SET updated_at = updated_at")
-        other.commit()
-    other.close()
+    answers = [svc.client().get("/api/v1/health") for _ in range(6)]
+    assert [r.status for r in answers] == [503] * 6, [(r.status, r.body[:200]) for r in answers]
+    store = answers[-1].json["checks"]["store"]
+    assert store["ok"] is False and "lost its -wal file" in store["detail"], store
+    assert answers[-1].headers.get("retry-after")
+    assert not [r for r in caplog.records if r.exc_info], "a traceback in the log"
+    said = [r for r in caplog.records if "-wal" in r.getMessage() and r.levelno >= 30]
+    assert len(said) == 1, [r.getMessage() for r in said]  # once, not per poll
+
+
+def test_health_is_503_not_500_when_a_read_fails_after_the_ping(svc, caplog):
+    # The same kind: the store answered the ping, then a read failed ("disk I/O error", as
+    # SQLite gave it there): 503 with the error, said once per streak, no traceback.
+    svc.store.set_component("worker", "w1", {"state": "idle", "heartbeat_seconds": 5}, now=time.time())
     real = svc.store.components
 
     def failing(kind=None):
@@ -804,21 +813,22 @@ def test_health_is_503_not_500_when_the_wal_is_deleted_under_it(svc, caplog):
     assert [r.status for r in answers] == [503] * 6, [(r.status, r.body[:200]) for r in answers]
     store = answers[-1].json["checks"]["store"]
     assert store["ok"] is False and "disk I/O error" in store["detail"], store
-    assert answers[-1].headers.get("retry-after")
     assert not [r for r in caplog.records if r.exc_info], "a traceback in the log"
     said = [r for r in caplog.records if "health" in r.getMessage() and r.levelno >= 30]
     assert len(said) == 1, [r.getMessage() for r in said]  # once per streak, not per poll
+    assert svc.client().get("/api/v1/health").status == 200  # and back once the store answers
 
 
 def test_health_names_the_error_when_the_database_does_not_answer(svc):
-    # The -wal deleted before a server thread opened its connection: the ping itself fails.
+    # The -wal deleted before a server thread opened its connection: the health tick names
+    # what happened (the file the store had open is gone), not only SQLite's I/O error.
     wal = svc.store.path.with_name(svc.store.path.name + "-wal")
     svc.store.set_component("worker", "w1", {"state": "idle", "heartbeat_seconds": 5}, now=time.time())
     wal.unlink()
     r = svc.client().get("/api/v1/health")
     assert r.status == 503, r.body
     detail = r.json["checks"]["store"]["detail"]
-    assert detail.startswith("the database does not answer: "), detail  # with SQLite's reason
+    assert "lost its -wal file" in detail and "start them again" in detail, detail
 
 
 def test_annotation_keys_and_values_are_capped_naming_the_field_and_the_cap(svc):

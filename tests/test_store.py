@@ -275,3 +275,33 @@ def test_a_database_emptied_under_many_threads_is_said_once(tmp_path, make_spec,
     critical = [r for r in caplog.records if r.levelname == "CRITICAL"]
     assert len(critical) == 1, [r.getMessage() for r in critical]
     assert len(set(reasons)) == 1 and "is empty (0 bytes)" in reasons[0]
+
+
+@pytest.mark.parametrize("suffix", ["-shm", "-wal"])
+def test_a_wal_index_or_wal_deleted_under_a_running_store_is_said_once_and_refused(tmp_path, make_spec, caplog,
+                                                                                    suffix):
+    # a11 (second outside test) F0: `rm watchfolder.db-shm` under a running service, then
+    # `submit`: the new process made a new -shm, its jobs were never seen by the service (which
+    # later handed out the same ids) -- submit said "queued", health stayed ok. The health
+    # tick now finds the file it has open gone or replaced and refuses to go on.
+    import os
+
+    from watchfolder.errors import StoreError
+
+    db = tmp_path / "jobs.db"
+    store = SQLiteStore(db)
+    store.enqueue(make_spec())
+    assert store.check_file() is None
+    other = SQLiteStore(db)  # another process's store opening and closing: no false alarm
+    other.counts()
+    other.close()
+    assert store.check_file() is None
+    os.unlink(f"{db}{suffix}")
+    with caplog.at_level("CRITICAL", logger="watchfolder.store.sqlite"):
+        reason = store.check_file()
+        store.check_file()
+    assert reason is not None and f"lost its {suffix} file" in reason and "start them again" in reason, reason
+    assert len([r for r in caplog.records if r.levelname == "CRITICAL"]) == 1
+    with pytest.raises(StoreError):
+        store.enqueue(make_spec())
+    assert store.ping() is False or store.broken

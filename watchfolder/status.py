@@ -431,9 +431,11 @@ def health(config, store, *, now: float | None = None) -> tuple[bool, dict[str, 
     """
     now = time.time() if now is None else now
     checks: dict[str, Any] = {}
+    said = False  # the store itself logs this failure (a CRITICAL broken file, a full disk): not again here
     try:
         store_ok = bool(store.ping())
         broken = getattr(store, "broken", None)  # deleted or replaced under this process (SQLiteStore.check_file)
+        said = bool(broken)
         reason = (broken or getattr(store, "ping_error", None) or store.describe().get("error")) if not store_ok \
             else None
         checks["store"] = {
@@ -446,6 +448,7 @@ def health(config, store, *, now: float | None = None) -> tuple[bool, dict[str, 
     space = _space_problem(store) if store_ok else None
     if space:  # it answers reads, but takes no write: nothing can be recorded
         checks["store"] = {"ok": False, "detail": space}
+        said = True
     workers_ok = True
     detail: list[str] = []
     if store_ok:
@@ -462,7 +465,7 @@ def health(config, store, *, now: float | None = None) -> tuple[bool, dict[str, 
             checks["store"] = {"ok": False, "detail": f"the database fails reads or writes: {exc}"}
     checks["workers"] = {"ok": workers_ok, "detail": "; ".join(detail) or None}
     ok = store_ok and not space and workers_ok
-    _say_store_streak(store, None if checks["store"]["ok"] else checks["store"]["detail"])
+    _say_store_streak(store, None if checks["store"]["ok"] or said else checks["store"]["detail"])
     return ok, {"status": "ok" if ok else "unhealthy", "checks": checks}
 
 

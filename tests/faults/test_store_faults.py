@@ -210,6 +210,43 @@ def test_database_emptied_while_running_is_one_critical_line_and_refused_after(t
     report("database emptied", critical_lines=len(critical), tracebacks=0, new_database="refused")
 
 
+@pytest.mark.parametrize("suffix", ["-shm", "-wal"])
+def test_wal_index_deleted_while_running_is_said_and_health_turns_503(tmp_path, suffix):
+    # Second outside test of issue 11, F0 (high): `rm watchfolder.db-shm` under `run`, then
+    # `submit`: "job N queued", exit 0, but the service never saw those jobs (the new -shm is
+    # another wal-index) and health stayed ok. Now the service names the lost file at its
+    # next health tick (one CRITICAL line), health turns 503 and it records nothing more.
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = write_config(tmp_path, watch=[{"name": "drop", "path": str(drop), "quiet_period": 0.3,
+                                            "poll_interval": 0.2, "mode": "polling"}],
+                          server={"enabled": True, "listen": f"127.0.0.1:{port}"})
+    db = tmp_path / "data" / "watchfolder.db"
+    output = tmp_path / "run.log"
+    proc = start(config, "run", log=output)
+    try:
+        _drop(drop, "a1")
+        wait_for(lambda: _succeeded(db) == 1, 60, "the first acquisition imported")
+        wait_for(lambda: health(port)[0] == 200, 30, "health ok")
+        os.unlink(f"{db}{suffix}")
+
+        def unhealthy():
+            code, body = health(port)
+            detail = (body.get("checks") or {}).get("store", {}).get("detail") or ""
+            return code == 503 and f"lost its {suffix} file" in detail
+
+        wait_for(unhealthy, 30, "health 503 naming the lost file")
+    finally:
+        stop(proc)
+    critical = [line for line in output.read_text().splitlines() if "CRITICAL" in line]
+    assert len(critical) == 1 and f"lost its {suffix} file" in critical[0], critical
+    assert "Traceback" not in output.read_text()
+    report(f"{suffix} deleted while running", critical_lines=len(critical), health=503)
+
+
 def _owner_mails(outbox) -> list:
     """The outcome mails (the drills' owner has no address of their own: they go to the admin)."""
     return list(outbox.glob("*.eml"))

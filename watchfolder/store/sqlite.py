@@ -484,6 +484,10 @@ class SQLiteStore(FileLogs, JobStore):
         self._wipe_due = False
         self._schema_ready = False
         self._identity: tuple[int, int] | None = None
+        # The -wal and -shm files this process has open (device, inode), by suffix: SQLite keeps
+        # them while any connection is open, so one deleted or replaced under it means another
+        # process now uses another wal-index -- its writes unseen here, ours unseen there.
+        self._side_identity: dict[str, tuple[int, int]] = {}
         self.broken: str | None = None
         self.ping_error: str | None = None  # why the last ping failed (health's detail)
         self._broken_lock = threading.Lock()  # several threads may find it at once: one CRITICAL line
@@ -550,7 +554,22 @@ class SQLiteStore(FileLogs, JobStore):
         if self._identity is None:
             st = os.stat(self.path)
             self._identity = (st.st_dev, st.st_ino)
+        self._note_side_files()  # a connection of ours may have made them anew: theirs now
         return conn
+
+    def _note_side_files(self, *, only_new: bool = False) -> None:
+        """Record the identity of the -wal and -shm files as they are now (``only_new``: those
+        not recorded yet). Not in read-only mode: it keeps its wal-index in memory."""
+        if self.read_only:
+            return
+        for suffix in ("-wal", "-shm"):
+            if only_new and suffix in self._side_identity:
+                continue
+            try:
+                st = os.stat(f"{self.path}{suffix}")
+            except OSError:
+                continue
+            self._side_identity[suffix] = (st.st_dev, st.st_ino)
 
     def _set_up(self, conn: sqlite3.Connection) -> LiteQueue:
         """Set up a new connection (pragmas, the schema once per store); returns its queue."""
@@ -688,7 +707,30 @@ class SQLiteStore(FileLogs, JobStore):
                 "stop every watchfolder process and restore the database from the backup "
                 "(this process records nothing more)"
             )
+        side = self._side_file_problem()
+        if side:
+            return self._break(
+                f"the job database {self.path} {side} while this process (pid {os.getpid()}) had it open: "
+                "processes no longer see each other's writes. Stop every watchfolder process, then start "
+                "them again (SQLite rebuilds its index from the -wal); if a command then says the database "
+                "is corrupt, restore it from the backup (this process records nothing more)"
+            )
         return self.broken
+
+    def _side_file_problem(self) -> str | None:
+        """Why the -wal or -shm file this process has open is no longer the one at its path, or None."""
+        self._note_side_files(only_new=True)
+        for suffix, known in list(self._side_identity.items()):
+            try:
+                st = os.stat(f"{self.path}{suffix}")
+            except FileNotFoundError:
+                return f"lost its {suffix} file ({self.path}{suffix} was deleted; jobs recorded since may be lost)"
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) != known:
+                return (f"lost its {suffix} file ({self.path}{suffix} was replaced by another; jobs recorded since "
+                        "may be lost)")
+        return None
 
     def _create_schema(self, conn: sqlite3.Connection) -> None:
         # executescript commits any open transaction first, so the schema gets its own.
@@ -745,6 +787,7 @@ class SQLiteStore(FileLogs, JobStore):
                 self._wipe_erased(self._conn())
             except (sqlite3.Error, StoreError):
                 pass
+        self._side_identity.clear()  # SQLite may remove them once closed: not ours to watch any more
         with self._connections_lock:
             for conn in self._connections:
                 try:
