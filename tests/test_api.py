@@ -395,6 +395,31 @@ def test_cancel_and_retry(svc):
     assert admin.post("/api/v1/jobs/999/retry").status == 404
 
 
+def test_a_store_locked_past_its_timeout_is_503_on_every_writing_route(tmp_path):
+    # Second outside test of issue 11, F3b: with the database locked by another process past
+    # store.busy_timeout, retry, cancel and dismiss answered 500 (submit and a full disk: 503).
+    service = start_service(tmp_path)
+    service.store.busy_timeout = 0.2  # the server threads' connections are made with it
+    try:
+        admin = service.client("admin")
+        job = submit(admin, acquisition(service.roots["drop"], "jdoe/a")).json
+        locker = sqlite3.connect(service.store.path, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            answers = {route: admin.post(f"/api/v1/jobs/{job['id']}/{route}") for route in ("cancel", "retry",
+                                                                                          "dismiss")}
+            answers["submit"] = submit(admin, acquisition(service.roots["drop"], "jdoe/b"))
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        for route, r in answers.items():
+            assert r.status == 503 and r.headers.get("retry-after"), (route, r.status, r.body[:300])
+            assert "try again" in r.json["error"], (route, r.json)
+        assert admin.post(f"/api/v1/jobs/{job['id']}/cancel").status == 200  # and it works once released
+    finally:
+        stop_service(service)
+
+
 def test_cancel_a_running_job_asks_its_worker(svc):
     admin = svc.client("admin")
     job = submit(admin, acquisition(svc.roots["drop"], "jdoe/a")).json

@@ -209,6 +209,17 @@ def error_response(status: int, error: str, detail: Any = None, headers: dict[st
     return json_response({"error": error, "detail": detail}, status, headers)
 
 
+def _store_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` is the app's job store failing now (``JobStore.is_fault``), for the store
+    the running request's app was made with."""
+    api = bottle.request.app.config.get("watchfolder.api") if bottle.request.environ else None
+    store = getattr(api, "store", None)
+    try:
+        return bool(store is not None and store.is_fault(exc))
+    except Exception:  # a classifier that fails must not turn a 500 into something else
+        return False
+
+
 def api_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
     """Turn package exceptions into JSON errors (the mapping from errors to status codes)."""
 
@@ -229,13 +240,19 @@ def api_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
         except StoreError as exc:
             return error_response(422, str(exc))
         except Exception as exc:
-            if not is_disk_full(exc):
-                raise
-            # The data disk is full (said once in the log, and by status and health): not the
-            # client's fault and not a server bug, so 503 rather than 500; nothing was recorded.
-            return error_response(503, "the job store cannot record anything now: no space left on the disk "
-                                  "holding it (the admin must free space); nothing was recorded, try again later",
-                                  None, {"Retry-After": RETRY_AFTER_SECONDS})
+            if is_disk_full(exc):
+                # The data disk is full (said once in the log, and by status and health): not the
+                # client's fault and not a server bug, so 503 rather than 500; nothing was recorded.
+                return error_response(503, "the job store cannot record anything now: no space left on the disk "
+                                      "holding it (the admin must free space); nothing was recorded, try again "
+                                      "later", None, {"Retry-After": RETRY_AFTER_SECONDS})
+            if _store_fault(exc):
+                # Locked past busy_timeout by another process, the server down, an I/O error: the
+                # store's state now, on every route alike (retry, cancel, dismiss as much as submit).
+                return error_response(503, f"the job store cannot answer now ({type(exc).__name__}: {exc}); "
+                                      "nothing was changed, try again in a few seconds", None,
+                                      {"Retry-After": RETRY_AFTER_SECONDS})
+            raise
 
     wrapper.__name__ = handler.__name__
     wrapper.__doc__ = handler.__doc__
