@@ -502,6 +502,30 @@ def test_rows_of_workers_whose_process_is_gone_on_this_host_are_pruned_at_once(s
     assert [r["name"] for r in store.components("worker")] == ["alive"]
 
 
+def test_a_dead_workers_pid_given_to_another_process_does_not_keep_its_row(store, make_spec):
+    # Second outside test of issue 11, F6: a killed worker's pid reused by an unrelated process
+    # kept the row ("no heartbeat", unhealthy for 10 min) and its running job's cancel waited.
+    # The row records the process's start time (/proc/<pid>/stat): a later process with the
+    # same pid is not it. Here the "later process" is this test's own process.
+    from watchfolder.store.base import process_start
+
+    me = os.getpid()
+    started = process_start(me)
+    if started is None:
+        pytest.skip("no /proc/<pid>/stat here (not Linux): the start time cannot be read")
+    name = f"{socket.gethostname()}:{me}:w9"
+    store.set_component("worker", name, {"state": "busy", "heartbeat_seconds": 5, "process_start": started - 1})
+    store.set_component("worker", "alive", {"state": "idle", "heartbeat_seconds": 5, "process_start": started})
+    store._conn().execute("UPDATE components SET pid = ? WHERE name IN (?, 'alive')", (me, name))
+    job, _ = store.enqueue(make_spec())
+    store.claim(name)
+    cancelled = store.cancel(job.id, by="cli:admin")  # its worker is gone: at once, not at lease expiry
+    assert cancelled.state == JobState.CANCELLED, cancelled.history[-1].message
+    assert f"pid {me} now belongs to another process" in cancelled.history[-1].message
+    assert [r["name"] for r in store.prune_workers()] == [name]
+    assert [r["name"] for r in store.components("worker")] == ["alive"]  # the same process: kept
+
+
 def test_cancel_of_an_orphaned_running_job_is_at_once(tmp_path, make_spec):
     # Issue 11 case 5: it waited for the lease, was queued and claimed again (an attempt
     # burnt) before it became cancelled.

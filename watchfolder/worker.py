@@ -37,9 +37,11 @@ from .errors import (
 from .importers.base import NOTHING_THERE, ImportContext, Importer
 from .job import Job, JobSpec, JobState, Progress, imported_content_key
 from .store import JobStore
+from .store.base import process_start
 from .store.space import is_disk_full
 
 log = logging.getLogger(__name__)
+_PROCESS_START = process_start(os.getpid())  # clock ticks since boot; None off Linux
 
 # How often an idle worker waiting for work checks its stop event.
 STOP_CHECK_SECONDS = 0.2
@@ -446,6 +448,8 @@ class Worker:
             "started_at": self.started_at,
             "heartbeat_seconds": self.heartbeat_seconds,
             "importer": self.importer.name,
+            # Tells this process from a later one given the same pid (store.base.process_runs).
+            "process_start": _PROCESS_START,
         }
         try:
             self.store.set_component("worker", self.name, status)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 import email.policy
 import errno
+import json
 import logging
 import os
 import socket
@@ -47,6 +48,52 @@ def process_exists(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (``/proc/<pid>/stat`` field 22,
+    proc(5)); None where that cannot be read (not Linux, no such process)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rpartition(b")")[2].split()
+        return int(fields[19])  # field 22 counted from the state, field 3
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_runs(pid: int, started: int | None = None) -> bool:
+    """Whether process ``pid`` still runs on this host -- and, when ``started`` (its
+    :func:`process_start`) is known, is that same process, not a later one given the same
+    pid (pids are reused: often in containers, with a small ``pid_max``)."""
+    if not process_exists(pid):
+        return False
+    if started is None:
+        return True
+    now = process_start(pid)
+    return now is None or now == started
+
+
+def worker_gone(worker: str, host: str | None, pid: int | None, status: Any) -> str | None:
+    """Why ``worker`` (a row of ``components``: its host, pid and status, JSON text or a dict;
+    or, unpublished, None for all three) no longer runs, or None while it may. Only a process
+    of this host can be asked; a worker name is ``host:pid:…`` (``worker.WorkerPool``)."""
+    if host is None and pid is None:
+        host, _, rest = worker.partition(":")
+        pid_text = rest.partition(":")[0]
+        pid = int(pid_text) if pid_text.isdigit() else None
+    if not pid or host != socket.gethostname():
+        return None
+    if isinstance(status, str):
+        try:
+            status = json.loads(status)
+        except ValueError:
+            status = None
+    started = status.get("process_start") if isinstance(status, dict) else None
+    if process_runs(int(pid), started if isinstance(started, int) else None):
+        return None
+    if process_exists(int(pid)):
+        return f"is gone (pid {pid} now belongs to another process)"
+    return f"is gone (pid {pid} no longer runs)"
 
 
 class _CachingHeaderRegistry(HeaderRegistry):
@@ -483,7 +530,9 @@ class JobStore(abc.ABC):
             status = row.get("status") or {}
             bound = max(after, 10 * float(status.get("heartbeat_seconds") or 0))
             age = now - row["updated_at"] if row.get("updated_at") is not None else 0.0
-            gone = row.get("host") == here and row.get("pid") and not process_exists(int(row["pid"]))
+            started = status.get("process_start")
+            gone = row.get("host") == here and row.get("pid") and not process_runs(
+                int(row["pid"]), started if isinstance(started, int) else None)
             if gone or age > bound:
                 try:
                     self.remove_component("worker", row["name"])

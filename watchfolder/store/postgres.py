@@ -63,7 +63,7 @@ from ..errors import (
 )
 from ..filemodes import PRIVATE, FileModes
 from ..job import ErrorKind, FileEntry, HistoryEntry, Job, JobSpec, JobState, Progress, RetryPolicy, shape_key
-from .base import JobStore, Mail, MailComposer, OutboxMail, PendingEntry, process_exists
+from .base import JobStore, Mail, MailComposer, OutboxMail, PendingEntry, worker_gone
 from .outage import Outage, outage_for
 from .rows import (
     FINISHED_FOLLOWUP as _FINISHED_FOLLOWUP,
@@ -1065,17 +1065,11 @@ class PostgresStore(FileLogs, JobStore):
             return "stopped renewing its lease"
         worker = row["worker"] or ""
         published = conn.execute(
-            "SELECT host, pid FROM components WHERE kind = 'worker' AND name = %s", (worker,)
+            "SELECT host, pid, status FROM components WHERE kind = 'worker' AND name = %s", (worker,)
         ).fetchone()
-        if published is not None:
-            host, pid = published["host"], published["pid"]
-        else:  # names are host:pid:… (worker.WorkerPool)
-            host, _, rest = worker.partition(":")
-            pid_text = rest.partition(":")[0]
-            pid = int(pid_text) if pid_text.isdigit() else None
-        if pid and host == socket.gethostname() and not process_exists(int(pid)):
-            return f"is gone (pid {pid} no longer runs)"
-        return None
+        if published is None:
+            return worker_gone(worker, None, None, None)
+        return worker_gone(worker, published["host"], published["pid"], published["status"])
 
     def retry(self, job_id: int, *, by: str = "", now: float | None = None) -> Job:
         now = _now(now)
