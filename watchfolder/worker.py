@@ -13,6 +13,7 @@ back to the queue.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -175,6 +176,21 @@ class JobContext(ImportContext):
         with self._lock:
             progress = self.current
         self._write(progress)
+
+    def remember(self, **facts: Any) -> None:
+        extra = dict(self.job.spec.extra)
+        if all(extra.get(k) == v for k, v in facts.items()):
+            return
+        extra.update(facts)
+        try:
+            self.job = self.store.replace_spec(
+                self.job.id, self.worker, dataclasses.replace(self.job.spec, extra=extra))
+        except LeaseLost as exc:
+            self.lease_lost = str(exc)
+        except Exception as exc:
+            if not self.store.is_fault(exc):
+                raise
+            self._store_fault(exc, f"could not keep {', '.join(facts)}")
 
     def checkpoint(self) -> None:
         if self.lease_lost:

@@ -50,6 +50,11 @@ class ImportContext(abc.ABC):
     def checkpoint(self) -> None:
         """Raise if the importer must stop; same as ``progress`` without new figures."""
 
+    def remember(self, **facts: Any) -> None:
+        """Keep ``facts`` (JSON values) in the job's ``spec.extra`` whatever its outcome, e.g.
+        ``owner_email`` (the owner's address as OMERO has it) for the failure mail. Best effort:
+        a store that refuses the write loses them (the job goes on)."""
+
 
 class Importer(abc.ABC):
     """A backend. ``run`` returns the job result (a JSON-able dict) or raises

@@ -24,7 +24,8 @@ kind does not offer (see :data:`VARIABLES`) is refused at start with a
 :class:`~watchfolder.errors.ConfigError` naming the file and the variable.
 
 Recipients of the owner mail: the job's ``email``, else the owner's address
-from OMERO (``result["owner_email"]``), else ``owner@notify.default_domain``,
+from OMERO (``result["owner_email"]``, or ``spec.extra["owner_email"]`` kept
+by the importer as soon as it knew it, for a failure), else ``owner@notify.default_domain``,
 else the admin with a note that the owner has no address; with no admin
 either, no owner mail is composed and a warning is logged. A permanently
 failed job also gets an ``admin_failure`` mail to the admin. A cancelled job
@@ -172,7 +173,9 @@ class Notifier:
 
     def owner_recipients(self, job: Job) -> tuple[tuple[str, ...], str]:
         """Where the owner mail goes, and a note to put in it when it goes to the admin instead."""
-        for address in (job.spec.email, (job.result or {}).get("owner_email")):
+        # The OMERO importer keeps the owner's OMERO address in spec.extra as soon as it knows
+        # it, so a failure mail reaches the owner too (a result exists only on success).
+        for address in (job.spec.email, (job.result or {}).get("owner_email"), job.spec.extra.get("owner_email")):
             if _is_address(address):
                 return (address.strip(),), ""
         if self.notify.default_domain and re.fullmatch(r"[A-Za-z0-9._%+-]+", job.spec.owner or ""):
