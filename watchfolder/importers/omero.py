@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import safefs
-from ..errors import JobInterrupt, PermanentImportError, TransientImportError
+from ..errors import JobCancelled, JobInterrupt, PermanentImportError, TransientImportError
 from ..job import Job
 from . import register
 from .base import ImportContext, Importer
@@ -37,6 +37,9 @@ PROTOCOL = 1
 # child is quiet; the context throttles its own store writes.
 CHECK_INTERVAL = 1.0
 PROBE_TTL = 60.0
+# How long a cancelled job's child may take to stop the import, remove its filesets and
+# close its sessions before it is killed.
+STOP_GRACE = 90.0
 
 
 @register("omero")
@@ -231,12 +234,55 @@ class OmeroImporter(Importer):
         reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True)
         reader.start()
         try:
-            # Sent whole before reading: the child reads stdin to the end first.
+            # One line; stdin stays open for a later "cancel" (see _stop).
             assert proc.stdin is not None
-            proc.stdin.write(payload)
-            proc.stdin.close()
+            proc.stdin.write(payload + b"\n")
+            proc.stdin.flush()
         except OSError:
             pass  # the child died at once; its exit is reported below
+        try:
+            return self._follow(proc, lines, ctx)
+        except JobCancelled:
+            self._stop(proc, lines, ctx)
+            raise
+
+    def _stop(self, proc: subprocess.Popen, lines: queue.Queue, ctx: ImportContext) -> None:
+        """A cancel: ask the child to stop (``cancel`` on its stdin) and wait for it, so that it
+        closes the import handle (OMERO cancels the server-side import), removes the job's
+        filesets and closes its sessions; killed when it takes longer than ``STOP_GRACE``."""
+        ctx.log("omero: cancelled: asking the child to stop the import and remove what it created")
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(b"cancel\n")
+            proc.stdin.flush()
+        except OSError:
+            return  # the child is gone already
+        deadline = time.monotonic() + STOP_GRACE
+        while time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=CHECK_INTERVAL)
+            except queue.Empty:
+                continue
+            if line is None:
+                proc.wait()
+                ctx.log("omero: the child stopped")
+                return
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == "owner":
+                self._owner(event, ctx)
+        ctx.log(f"omero: the child did not stop within {STOP_GRACE:g} s of the cancel; killed it "
+                "(the import may still finish in OMERO)")
+
+    def _owner(self, event: dict[str, Any], ctx: ImportContext) -> None:
+        """The child learnt the owner's address from OMERO: kept with the job whatever the outcome."""
+        email = event.get("email")
+        if email and isinstance(email, str):
+            ctx.remember(owner_email=email)
+
+    def _follow(self, proc: subprocess.Popen, lines: queue.Queue, ctx: ImportContext) -> dict[str, Any]:
         idle = self.omero.idle_timeout
         last = time.monotonic()
         result: dict[str, Any] | None = None
@@ -269,6 +315,8 @@ class OmeroImporter(Importer):
                     event.get("phase", ""), int(event.get("bytes_done", 0)), int(event.get("bytes_total", 0)),
                     int(event.get("files_done", 0)), int(event.get("files_total", 0)),
                 )
+            elif kind == "owner":
+                self._owner(event, ctx)
             elif kind == "result":
                 result = event.get("result") or {}
             elif kind == "error":
@@ -285,7 +333,12 @@ class OmeroImporter(Importer):
             return result
         if error is not None:
             message = str(error.get("message") or "the OMERO import failed")
-            ctx.log(f"omero: {error.get('kind')} failure: {message}")
+            # Not "permanent"/"transient" here: the worker logs what follows (a retry, a pause).
+            ctx.log(f"omero: the import failed: {message}")
+            if error.get("kind") == "cancelled":
+                # Stopped on our request, yet no cancel is pending here (a second service?).
+                ctx.checkpoint()
+                raise TransientImportError("the OMERO child stopped as if cancelled; see the job log")
             if error.get("kind") == "transient":
                 raise TransientImportError(message, unavailable=bool(error.get("unavailable")))
             raise PermanentImportError(message, config_error=bool(error.get("config_error")))

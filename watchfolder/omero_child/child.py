@@ -121,6 +121,12 @@ QUERIES = (
 # Pure helpers (no omero-py needed)
 
 
+class Cancelled(BaseException):
+    """The service asked this child to stop (the job was cancelled): not an error; it passes
+    every ``except Exception`` so the import handle is closed (which cancels OMERO's import),
+    the job's filesets are removed and the sessions closed on the way out."""
+
+
 class Failure(Exception):
     """An error with its classification, sent back to the service as is."""
 
@@ -550,6 +556,43 @@ def missing_files_message(missing, left_out=()):
     )
 
 
+def cleanup_words(deleted, left, why, job=""):
+    """What became of a failed or cancelled job's filesets, for its message ("" when it had none)."""
+    parts = []
+    if deleted:
+        parts.append(f"This job's fileset{'s' if len(deleted) > 1 else ''} {', '.join(map(str, deleted))} "
+                     f"{'were' if len(deleted) > 1 else 'was'} removed from OMERO, so nothing of it stays half-done")
+    if left:
+        parts.append(f"This job's fileset{'s' if len(left) > 1 else ''} {', '.join(map(str, left))} could not be "
+                     f"removed ({why}) and {'are' if len(left) > 1 else 'is'} still in OMERO: an OMERO "
+                     "administrator should delete them")
+    elif left is None:
+        parts.append(f"Whether this job left filesets in OMERO is unknown ({why}): an OMERO administrator should "
+                     f"look for the filesets of watchfolder job {job} and delete them")
+    return ". ".join(parts)
+
+
+def split_fileset_message(split, given):
+    """Why the manifest's ``filesets`` fail the job: ``split`` is ``[(index, fileset, used files
+    outside it), ...]`` (Bio-Formats' used files of each fileset's main file); ``given`` all filesets."""
+    where = {rel: n for n, g in enumerate(given) for rel in g}
+    parts = []
+    for n, g, beyond in split[:5]:
+        named = []
+        for rel in beyond[:5]:
+            other = where.get(rel)
+            named.append(f"{rel} (in filesets[{other}])" if other is not None else f"{rel} (in no given fileset)")
+        parts.append(f"filesets[{n}] {json.dumps(g)}: Bio-Formats reads {g[0]} together with "
+                     f"{', '.join(named)}{' ...' if len(beyond) > 5 else ''}")
+    return (
+        "the manifest's filesets split one dataset over several filesets: " + "; ".join(parts)
+        + (" ..." if len(split) > 5 else "")
+        + ". OMERO imports a fileset only with every file its format uses, so this would fail on the server. "
+        "Nothing was uploaded. Put all the files of one dataset into one fileset in the manifest's "
+        "\"filesets\" (the file to read first first), or leave \"filesets\" out and let them be grouped"
+    )
+
+
 def plate_into_dataset_message(mains, found, done):
     """Why a plate fileset is refused for a Dataset target (``done``: what became of it), and the fix."""
     return (
@@ -589,10 +632,19 @@ def describe_err(rsp, paths):
         detail = params["stacktrace"].strip().splitlines()[0]
     what = ", ".join(os.path.basename(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
     why = f"{rsp.name}" + (f": {detail}" if detail else "")
-    return (
-        f"OMERO could not import {what} ({why}). If the format is not supported by OMERO, "
-        "convert the files (e.g. to OME-TIFF) and submit them again."
-    )
+    text = f"{rsp.name} {detail}".lower()
+    if "session" in text:
+        # The importing session ended under the import: nothing is wrong with the files.
+        advice = ("The session the import ran in ended before the import finished (it expired or was "
+                  "closed); the files are not at fault. A job with its own session key needs a session that "
+                  "outlives the import: submit it again with a fresh, longer-lived key (or without one)")
+    elif "missing file" in text or "filenotfound" in text or "associated with uuid" in text:
+        advice = ("The format needs files that were not in the same fileset: put all the files of one "
+                  "dataset into one fileset (the manifest's \"filesets\"), then submit again")
+    else:
+        advice = ("Check that the files are complete and readable (Bio-Formats' showinf); if OMERO does not "
+                  "support the format, convert the files (e.g. to OME-TIFF) and submit them again")
+    return f"OMERO could not import {what} ({why}). {advice}."
 
 
 # ---------------------------------------------------------------------------
@@ -743,6 +795,11 @@ class Importer:
         self.not_images = {}
         self.ignored = []
         self.fileset_info = None
+        self.ec = None  # the import session's event context (set by connect)
+        self.cleanup_sessions = []  # owner's sessions the admin created for a clean-up (closed by close)
+        # Set when the service asks the child to stop (a cancel): checked between steps, and
+        # the main thread is interrupted (watch_for_cancel).
+        self.cancel = threading.Event()
 
     # -- sessions --------------------------------------------------------
 
@@ -843,6 +900,17 @@ class Importer:
         self.email = email
         log.info("session for %s in group %s (sudo=%s)", self.ec.userName, self.ec.groupName,
                  self.admin is not None)
+        # What the service keeps whatever the outcome (the failure mail's recipient).
+        self.emit.send({"event": "owner", "user": self.ec.userName, "email": self.owner_email})
+        owner = req.get("owner")
+        if req.get("session_key") and owner and self.ec.userName != owner:
+            # The images would belong to the session's user while the job, its listing, its
+            # duplicate check and its mails say the job's owner.
+            raise Failure(
+                f"the job's session key belongs to OMERO user {self.ec.userName!r}, but the job's owner is "
+                f"{owner!r}; nothing was uploaded. Submit the job with a session key of {owner!r}, or with "
+                f"owner {self.ec.userName!r}"
+            )
 
     def close(self):
         """End the job's sessions: the owner's (sudo) session is closed on the server, not
@@ -850,11 +918,14 @@ class Importer:
         if self.checked is not None:
             self.checked.close()
         _close(self.client)
-        if self.admin is not None and self.sudo_session is not None:
-            try:
-                self.admin.getSession().getSessionService().closeSession(self.sudo_session)
-            except Exception as exc:  # best effort: it idles out after sudo_ttl_ms anyway
-                log.warning("closing the owner's session: %s", type(exc).__name__)
+        if self.admin is not None:
+            for session in [self.sudo_session, *self.cleanup_sessions]:
+                if session is None:
+                    continue
+                try:
+                    self.admin.getSession().getSessionService().closeSession(session)
+                except Exception as exc:  # best effort: it idles out after sudo_ttl_ms anyway
+                    log.warning("closing the owner's session: %s", type(exc).__name__)
         _close(self.admin)
 
     # -- queries ---------------------------------------------------------
@@ -873,13 +944,13 @@ class Importer:
                 params.add(key, rstring(value))
         return params
 
-    def find_all(self, query, **values):
-        return self.client.getSession().getQueryService().findAllByQuery(query, self._params(**values))
+    def find_all(self, query, client=None, **values):
+        return (client or self.client).getSession().getQueryService().findAllByQuery(query, self._params(**values))
 
-    def projection(self, query, **values):
+    def projection(self, query, client=None, **values):
         from omero.rtypes import unwrap
 
-        rows = self.client.getSession().getQueryService().projection(query, self._params(**values))
+        rows = (client or self.client).getSession().getQueryService().projection(query, self._params(**values))
         return [unwrap(row) for row in rows]
 
     def save(self, obj):
@@ -1013,12 +1084,13 @@ class Importer:
 
     # -- earlier attempts --------------------------------------------------
 
-    def earlier_filesets(self):
-        """Filesets an earlier attempt of this job left: {client path keys: (id, image ids)}."""
+    def earlier_filesets(self, client=None):
+        """This job's filesets in OMERO (an earlier attempt's, or this one's when asked after a
+        failure): {client path keys: (id, image ids)}; ``client``: whose session asks (the job's)."""
         key = self.req.get("job_key")
         if not key:
             return {}
-        found = self.find_all(Q_JOB_FILESETS, marker=JOB_MARKER, key=key, uid=self.ec.userId)
+        found = self.find_all(Q_JOB_FILESETS, marker=JOB_MARKER, key=key, uid=self.ec.userId, client=client)
         if not found:
             return {}
         earlier = {}
@@ -1029,25 +1101,28 @@ class Importer:
             earlier[paths] = (fs.getId().getValue(), [])
         ids = [fid for fid, _ in earlier.values()]
         by_id = {fid: images for fid, images in earlier.values()}
-        for image_id, fileset_id in self.projection(Q_FILESET_IMAGES, ids=ids):
+        for image_id, fileset_id in self.projection(Q_FILESET_IMAGES, ids=ids, client=client):
             by_id[fileset_id].append(image_id)
         return earlier
 
-    def delete_filesets(self, ids):
-        """Delete filesets left half-imported by an interrupted attempt (best effort)."""
+    def delete_filesets(self, ids, why="unfinished filesets of an earlier attempt", client=None):
+        """Delete filesets ``ids`` in ``client``'s session (default: the job's); ``why`` names them
+        in the log. Returns whether OMERO deleted them; raises what the session raises."""
         import omero.callbacks
         import omero.cmd
 
         if not ids:
-            return
-        handle = self.client.getSession().submit(omero.cmd.Delete2(targetObjects={"Fileset": list(ids)}))
-        cb = omero.callbacks.CmdCallbackI(self.client, handle)
+            return True
+        client = client or self.client
+        handle = client.getSession().submit(omero.cmd.Delete2(targetObjects={"Fileset": list(ids)}))
+        cb = omero.callbacks.CmdCallbackI(client, handle)
         try:
             rsp = cb.loop(60, 500)
             if isinstance(rsp, omero.cmd.ERR):
-                log.warning("could not delete unfinished filesets %s: %s", ids, rsp.name)
-            else:
-                log.info("deleted unfinished filesets of an earlier attempt: %s", ids)
+                log.warning("could not delete %s %s: %s", why, ids, rsp.name)
+                return False
+            log.info("deleted %s: %s", why, ids)
+            return True
         finally:
             cb.close(True)
 
@@ -1125,14 +1200,14 @@ class Importer:
             # OMERO links only plates to a screen: these images would be orphaned
             # while the job said "screen N". (With Bio-Formats this is refused
             # before any upload; this is the check without it.)
-            self.delete_filesets([fileset_id] if fileset_id is not None else [])
+            self.delete_filesets([fileset_id] if fileset_id is not None else [], "the fileset just imported")
             raise Failure(
                 f"{', '.join(rels[:3])} is not a plate (OMERO found no plate in it), and a screen "
                 "takes only plates; it was removed again. Import it into a dataset instead"
             )
         if kind == "Dataset" and plate_ids:
             # The mirror (without Bio-Formats, which refuses this before upload).
-            self.delete_filesets([fileset_id] if fileset_id is not None else [])
+            self.delete_filesets([fileset_id] if fileset_id is not None else [], "the fileset just imported")
             raise Failure(plate_into_dataset_message(rels[:1], "OMERO found a plate", "It was removed again"))
         return fileset_id, sorted(set(image_ids)), hashes
 
@@ -1319,13 +1394,16 @@ class Importer:
             while not cb.block(1000):
                 # A heartbeat: the service kills a child that stays silent too long.
                 self.emit.progress("importing", force=True, **figures)
+                if self.cancel.is_set():
+                    raise Cancelled()
                 if time.monotonic() > deadline:
                     # Closing the handle below cancels OMERO's import; the partly
-                    # imported fileset is deleted by the caller. Trying again would
-                    # only time out again: this is for the admin to raise the limit.
+                    # imported fileset is deleted by the caller (run), which says whether
+                    # it was. Trying again would only time out again: this is for the
+                    # admin to raise the limit.
                     raise Failure(
                         f"the server-side import did not finish within {timeout:g} s "
-                        "(importer.omero.timeout): it was cancelled and its fileset removed. "
+                        "(importer.omero.timeout), so it was cancelled. "
                         "Raise importer.omero.timeout for acquisitions this large, then retry the job",
                     )
             return cb.getResponse()
@@ -1428,6 +1506,7 @@ class Importer:
             if self.bf_reason is None:
                 try:
                     self.bf = BioFormats(req.get("bioformats_jar"))
+                    arm_interrupt()  # starting the JVM may have taken SIGINT
                 except Exception as exc:  # noqa: BLE001 - a JVM that does not start, a broken jar
                     raise Failure(
                         f"Bio-Formats did not start ({type(exc).__name__}: {exc}); repair Java or the jar "
@@ -1448,8 +1527,13 @@ class Importer:
             mirror, [f for f in files if f not in claimed], pixels="check",
             progress=lambda n: self.emit.progress("grouping", files_done=n))
         info = []
-        for g in given:
-            # The manifest's grouping wins; Bio-Formats still reads its main file.
+        split = []
+        for n, g in enumerate(given):
+            # The manifest's grouping wins, but only where OMERO's importer could import it:
+            # Bio-Formats reads each given fileset's main file with every job file visible,
+            # and a fileset whose dataset uses files beyond it (one multi-file OME-TIFF split
+            # over two filesets) fails the job here, before any upload, as it would fail on
+            # the server after the upload of the filesets before it.
             reading = self.bf.read(os.path.join(mirror, g[0]), mirror, pixels="check")
             if reading.error and reading.missing:
                 refused[g[0]] = reading.error
@@ -1457,8 +1541,14 @@ class Importer:
             if reading.error:
                 refused_given = {g[0]: reading.error}
                 raise Failure(self._corrupt_message(refused_given, given=True))
+            used = [os.path.relpath(os.path.normpath(f), mirror) for f in reading.used_files]
+            beyond = [u for u in used if u not in g]
+            if beyond:
+                split.append((n, g, beyond))
             info.append({"files": g, "format": reading.format, "series": reading.series,
                          "plates": reading.plates})
+        if split:
+            raise Failure(split_fileset_message(split, given))
         info += found
         missing = {rel: why[len(MISSING):] for rel, why in refused.items() if why.startswith(MISSING)}
         if missing:
@@ -1599,14 +1689,64 @@ class Importer:
             log.info("%s %s as file annotation %d", "reused" if reused else "attached", rel, aid)
         return done
 
-    def cleanup_unfinished(self):
-        """After a failure: delete this job's filesets that hold no image (a cancelled or
-        failed server-side import leaves one), so no half-done fileset stays in OMERO."""
+    def remove_job_filesets(self):
+        """After a permanent failure or a cancel: delete every fileset of this job in OMERO (this
+        attempt's and earlier ones', imported or not), so a job that did not succeed leaves
+        nothing half-done behind. Asked in the job's session; when that session is gone (a
+        job's own session key that expired, an owner's session that idled out), in a fresh
+        session of the admin's acting as the owner. Never raises.
+
+        Returns ``(deleted ids, left ids, reason)``: ``left`` are filesets that could not be
+        deleted (``reason`` says why), or ``None`` when they could not even be looked up.
+        """
         try:
-            stale = [fs_id for fs_id, images in self.earlier_filesets().values() if not images]
-            self.delete_filesets(stale)
-        except Exception as exc:  # noqa: BLE001 - the failure that brought us here is the one to report
-            log.warning("could not clean up unfinished filesets: %s", type(exc).__name__)
+            return self._remove_job_filesets(self.client, "the job's session")
+        except Exception as exc:  # noqa: BLE001 - the session may be gone: try the admin's
+            first = type(exc).__name__
+            log.info("cleanup in the job's session failed (%s); trying a session of the admin's", first)
+        client = None
+        try:
+            client = self._owner_client_for_cleanup()
+            if client is None:
+                return [], None, (f"the job's session could not act ({first}) and no admin login is configured "
+                                  "(importer.omero.admin_user)")
+            return self._remove_job_filesets(client, "a session of the admin's acting as the owner")
+        except Exception as exc:  # noqa: BLE001 - reported in the job's message
+            log.warning("could not clean up this job's filesets: %s", type(exc).__name__)
+            return [], None, f"the job's session could not act ({first}), nor the admin's ({type(exc).__name__})"
+        finally:
+            if client is not None and client is not self.client:
+                _close(client)
+
+    def _remove_job_filesets(self, client, whose):
+        found = [fs_id for fs_id, _ in self.earlier_filesets(client).values()]
+        if not found:
+            return [], [], ""
+        if self.delete_filesets(found, f"this job's filesets (in {whose})", client=client):
+            return found, [], ""
+        return [], found, "OMERO refused to delete them"
+
+    def _owner_client_for_cleanup(self):
+        """A client joined to a new short session of the owner's, created by the admin
+        (logging in as the admin when this job had no admin session: a job's own session key);
+        None when no admin login is configured. The caller closes it; the session is closed
+        with the admin's (``close``)."""
+        import omero
+
+        req = self.req
+        if self.ec is None or not req.get("admin_user"):
+            return None
+        if (self.host, self.port) != (req["host"], int(req["port"])):
+            return None  # the job's session key is for another server than the admin's
+        if self.admin is None:
+            self.admin = _new_client(req, req["host"], int(req["port"]))
+            self.admin.createSession(req["admin_user"], req["admin_password"])
+        principal = omero.sys.Principal(name=self.ec.userName, group=self.ec.groupName, eventType="User")
+        session = self.admin.getSession().getSessionService().createSessionWithTimeouts(principal, 600000, 60000)
+        self.cleanup_sessions.append(session)
+        client = _new_client(req, req["host"], int(req["port"]))
+        client.joinSession(session.getUuid().getValue())
+        return client
 
     def run(self):
         req = self.req
@@ -1625,6 +1765,26 @@ class Importer:
                                                figures["bytes_total"], idle_timeout_ms(req.get("sudo_ttl_ms")))
         self.emit.progress("connecting", force=True, **figures)
         self.connect()
+        try:
+            return self._import(plan, sizes, figures)
+        except BaseException as exc:
+            cancelled = isinstance(exc, Cancelled) or (isinstance(exc, KeyboardInterrupt) and self.cancel.is_set())
+            failure = None if cancelled else classify(exc)
+            if failure is not None and failure.transient:
+                raise  # the next attempt reuses what is done and deletes what is not
+            deleted, left, why = self.remove_job_filesets()
+            if cancelled:
+                log.info("cancelled: %s", cleanup_words(deleted, left, why, req.get("job_id")) or "this job had no fileset in OMERO")
+                raise Cancelled() from None
+            if failure.message.find("unexpected error") >= 0 and not isinstance(exc, Failure):
+                traceback.print_exc(file=sys.stderr)  # a bug: its traceback is for the developers
+            words = cleanup_words(deleted, left, why, req.get("job_id"))
+            raise Failure(f"{failure.message.rstrip('.')}. {words}" if words else failure.message,
+                          config_error=failure.config_error, unavailable=failure.unavailable) from None
+
+    def _import(self, plan, sizes, figures):
+        """After connecting: target, earlier attempts, each fileset, attachments; the result."""
+        req = self.req
         self.linked = self.check_linked_annotations()
         kind, target_id, target_name, created = self.resolve_target()
         earlier = self.earlier_filesets()
@@ -1655,12 +1815,9 @@ class Importer:
                 results.append({"id": fs_id, "files": rels, "image_ids": images, "sha1": hashes,
                                 **ids, "reused": True})
                 continue
-            try:
-                fs_id, images, hashes = self.import_fileset(repo, rels, (kind, target_id), figures)
-            except Failure as failure:
-                if not failure.transient:
-                    self.cleanup_unfinished()
-                raise
+            if self.cancel.is_set():
+                raise Cancelled()
+            fs_id, images, hashes = self.import_fileset(repo, rels, (kind, target_id), figures)
             self.emit.progress("annotating", force=True, **figures)
             ids = self.annotate(images, rels, hashes)
             results.append({"id": fs_id, "files": rels, "image_ids": images, "sha1": hashes,
@@ -1699,6 +1856,40 @@ class Importer:
             "server": f"{self.host}:{self.port}",
             "bytes": figures["bytes_total"],
         }
+
+
+def arm_interrupt():
+    """Make a simulated SIGINT (``_thread.interrupt_main``) raise ``KeyboardInterrupt`` in the main
+    thread, whatever a library (the JVM's JPype) set meanwhile; a no-op outside the main thread."""
+    import signal
+
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    except ValueError:
+        pass
+
+
+def watch_for_cancel(stream, event):
+    """Read ``stream`` (the child's stdin after the request) in a daemon thread: a line
+    ``cancel`` sets ``event`` and interrupts the main thread (a ``KeyboardInterrupt`` at its next
+    Python instruction, while ``event`` tells it apart from a real one); the blocking waits
+    check ``event`` too. End of input (a service that sent everything at once) changes nothing."""
+    import _thread
+
+    arm_interrupt()
+
+    def watch():
+        try:
+            for line in stream:
+                if line.strip() == "cancel":
+                    event.set()
+                    log.info("the service asks to stop (job cancelled)")
+                    _thread.interrupt_main()
+                    return
+        except (OSError, ValueError):
+            return
+
+    threading.Thread(target=watch, name="cancel-watch", daemon=True).start()
 
 
 def _quietly(call):
@@ -1831,7 +2022,12 @@ def main(argv=None):
                         format="%(asctime)s omero-child %(levelname)s %(message)s")
     emit = Emitter(out)
     try:
-        req = json.loads(sys.stdin.read())
+        # The request is the first line; the service keeps stdin open to send "cancel" later.
+        first = sys.stdin.readline()
+        try:
+            req = json.loads(first)
+        except ValueError:
+            req = json.loads(first + sys.stdin.read())
     except ValueError as exc:
         emit.send({"event": "error", "kind": "permanent", "config_error": True,
                    "message": f"bad request from the service: {exc}"})
@@ -1849,13 +2045,19 @@ def main(argv=None):
                               "to an interpreter that has omero-py (scripts/omero-env builds one)"})
         return 1
     job = Importer(req, emit)
+    watch_for_cancel(sys.stdin, job.cancel)
     try:
         result = job.run()
     except BaseException as exc:  # every failure goes back classified, a bug included
+        if isinstance(exc, Cancelled) or (isinstance(exc, KeyboardInterrupt) and job.cancel.is_set()):
+            log.info("stopped: the job was cancelled")
+            emit.send({"event": "error", "kind": "cancelled", "message": "cancelled"})
+            return 1
         failure = classify(exc)
-        if not isinstance(exc, Failure):
-            traceback.print_exc(file=sys.stderr)
-        log.error("import failed (%s): %s", "transient" if failure.transient else "permanent", failure.message)
+        if not isinstance(exc, Failure) and "unexpected error" in failure.message:
+            traceback.print_exc(file=sys.stderr)  # a bug: its traceback is for the developers
+        # No "permanent"/"transient" here: the service decides what follows (a retry, a pause).
+        log.error("import failed: %s", failure.message)
         emit.send({"event": "error", "kind": "transient" if failure.transient else "permanent",
                    "config_error": failure.config_error, "unavailable": failure.unavailable,
                    "message": failure.message})
