@@ -37,11 +37,13 @@ STAIN = "org.example.lab/stain"
 
 @pytest.fixture
 def seed_spec(make_spec, double):
-    """A spec shaped as watchfolder.web.seed builds it: jdoe's own session in 'lab', no target by default."""
+    """A spec shaped as watchfolder.web.seed builds it: jdoe's own session in 'lab', no target by default;
+    the owner is the session's user (seed.py replaces the request's with it; the child refuses a
+    session of another user than the owner)."""
 
     def make(files=None, *, key=None, text_annotations=(), annotation_ids=(), **fields):
         values = dict(
-            owner=EMAIL, email=EMAIL, source=f"seed:{EMAIL}", target=Target(), importer="omero",
+            owner="jdoe", email=EMAIL, source=f"seed:{EMAIL}", target=Target(), importer="omero",
             session_key=key or double.session("jdoe", "lab"), omero_host="127.0.0.1", omero_port=double.port,
             extra={"text_annotations": [list(p) for p in text_annotations],
                    "annotation_ids": list(annotation_ids)},
@@ -145,7 +147,8 @@ def test_an_unusable_annotation_id_fails_permanently_before_any_upload(store, im
         # mary is in lab and imaging; her job runs in lab; the tag is in imaging.
         bad = double.annotation("mary", "imaging", text="imaging tag")
         words = f"annotation {bad} (annotationIds) is in another group"
-        spec = seed_spec(annotation_ids=[bad], key=double.session("mary", "lab"), owner="mary@example.org")
+        spec = seed_spec(annotation_ids=[bad], key=double.session("mary", "lab"), owner="mary",
+                         email="mary@example.org")
     else:
         # lab is read-only for others (rwr---): jdoe sees mary's tag but may not link it.
         bad = double.annotation("mary", "lab", text="mary's tag")
