@@ -708,6 +708,12 @@ def cmd_check_config(args) -> int:
 
         health = create_importer(config).health()
         print(f"# importer.omero: filesets by {health.get('filesets') or health.get('error') or 'unknown'}")
+        if (health.get("bioformats") or {}).get("state") == "broken":
+            # Every job would fail: not a valid setup, whatever the file's syntax.
+            print(yaml.safe_dump(configmod.to_dict(config), sort_keys=False, allow_unicode=True))
+            print(f"watchfolder: error: importer.omero: {health['bioformats'].get('reason')}; every OMERO job "
+                  "would fail", file=sys.stderr)
+            return 1
     print(yaml.safe_dump(configmod.to_dict(config), sort_keys=False, allow_unicode=True))
     return 0
 

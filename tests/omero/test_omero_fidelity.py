@@ -266,9 +266,14 @@ def test_status_and_check_config_say_which_grouping_is_used(store, omero_config,
     assert ok["ok"] and ok["bioformats"]["state"] == "ok" and ok["bioformats"]["used"] is True
     assert ok["bioformats"]["version"].startswith("7.") and ok["bioformats"]["java"]
     assert ok["filesets"].startswith(f"Bio-Formats {ok['bioformats']['version']} (")
-    missing = create_importer(omero_config(bioformats_jar=str(tmp_path / "nowhere.jar"))).health()
-    assert missing["filesets"].startswith("suffix rules: Bio-Formats unavailable: no Bio-Formats jar at")
-    assert missing["ok"] and missing["bioformats"]["state"] == "missing" and not missing["bioformats"]["used"]
+    # a14 F8: a configured jar that is not there is a typo, refused, not "unavailable" with a fallback.
+    typo = create_importer(omero_config(bioformats_jar=str(tmp_path / "nowhere.jar"))).health()
+    assert typo["bioformats"]["state"] == "broken" and not typo["ok"]
+    assert "importer.omero.bioformats_jar: no file at" in typo["filesets"] and "every job fails" in typo["filesets"]
+    job = run_job(store, create_importer(omero_config(bioformats_jar=str(tmp_path / "nowhere.jar"))),
+                  make_spec({"t.fake": b""}, group="lab"))
+    assert job.state is JobState.FAILED and job.error.config_error
+    assert "importer.omero.bioformats_jar: no file at" in job.error.message
     off = create_importer(omero_config(bioformats=False)).health()
     assert off["filesets"] == "suffix rules (importer.omero.bioformats is false)"
     assert off["bioformats"]["used"] is False
@@ -282,16 +287,23 @@ def test_status_and_check_config_say_which_grouping_is_used(store, omero_config,
                   make_spec({"a.fake": b""}, group="lab"))
     assert job.state is JobState.FAILED and job.error.config_error and "Bio-Formats did not start" in job.error.message
 
-    path = tmp_path / "wf.yaml"
-    path.write_text(json.dumps({
-        "data_dir": str(tmp_path / "data"),
-        "importer": {"kind": "omero", "omero": {"python": omero_python, "admin_password": "x",
-                                                "bioformats_jar": str(tmp_path / "nowhere.jar")}},
-        "notify": {"transport": "folder", "admin_email": "admin@example.org"},
-        "server": {"enabled": False},
-    }))
-    assert main(["--config", str(path), "check-config"]) == 0
-    assert "# importer.omero: filesets by suffix rules: Bio-Formats unavailable" in capsys.readouterr().out
+    def check_config(**omero):
+        path = tmp_path / "wf.yaml"
+        path.write_text(json.dumps({
+            "data_dir": str(tmp_path / "data"),
+            "importer": {"kind": "omero", "omero": {"python": omero_python, "admin_password": "x", **omero}},
+            "notify": {"transport": "folder", "admin_email": "admin@example.org"},
+            "server": {"enabled": False},
+        }))
+        return main(["--config", str(path), "check-config"]), capsys.readouterr()
+
+    code, out = check_config(bioformats=False)
+    assert code == 0 and "# importer.omero: filesets by suffix rules (importer.omero.bioformats is false)" in out.out
+    # a14 F8: "every job fails" was printed with exit status 0 ("valid").
+    for jar in (broken_jar, tmp_path / "nowhere.jar"):
+        code, out = check_config(bioformats_jar=str(jar))
+        assert code == 1 and "# importer.omero: filesets by none:" in out.out
+        assert "every OMERO job would fail" in out.err
 
 
 def test_an_acquisition_without_any_image_fails_before_upload(store, importer, make_spec, double, bioformats):

@@ -556,6 +556,15 @@ def missing_files_message(missing, left_out=()):
     )
 
 
+def configured_jar_problem(jar):
+    """Why an explicitly configured ``importer.omero.bioformats_jar`` cannot be used (not a file),
+    or None (also when none is configured: the default jar may be missing, then the suffix rules apply)."""
+    if not jar or os.path.isfile(jar):
+        return None
+    return (f"importer.omero.bioformats_jar: no file at {jar}; fix the path, or remove the setting to use the jar "
+            "scripts/omero-env installs, or set importer.omero.bioformats: false to group by suffix rules")
+
+
 def cleanup_words(deleted, left, why, job=""):
     """What became of a failed or cancelled job's filesets, for its message ("" when it had none)."""
     parts = []
@@ -1502,6 +1511,9 @@ class Importer:
         if req.get("bioformats", True):
             from bfgroup import MISSING, BioFormats, why_unavailable
 
+            problem = configured_jar_problem(req.get("bioformats_jar"))
+            if problem:
+                raise Failure(problem, config_error=True)
             self.bf_reason = why_unavailable(req.get("bioformats_jar"))
             if self.bf_reason is None:
                 try:
@@ -1933,7 +1945,12 @@ def probe(jar=None):
     # plan() does); "broken" (there, but does not start: every job fails, as plan() does).
     bf = {"ok": False, "state": "missing", "jar": jar or default_jar(), "version": None, "java": None,
           "jpype": None, "reason": why_unavailable(jar)}
-    if bf["reason"] is None:
+    problem = configured_jar_problem(jar)
+    if problem:
+        # A jar named in the config that is not there is a typo to fix, not "Bio-Formats not
+        # installed": jobs fail as a configuration error (plan) rather than fall back.
+        bf.update(state="broken", reason=problem)
+    elif bf["reason"] is None:
         try:
             import jpype
             from bfgroup import BioFormats
