@@ -151,3 +151,24 @@ def test_a_session_key_of_another_user_fails_before_upload(store, importer, make
     assert "nothing was uploaded" in job.error.message
     state = double.state()
     assert state["filesets"] == [] and state["datasets"] == []
+
+
+def test_job_log_wording_for_a_transient_failure_and_a_failed_fileset(store, omero_config, make_spec, double):
+    # F7: a transient upload failure wrote a Python traceback into the job log; a fileset
+    # deleted after this attempt's own failure was logged as "of an earlier attempt"; the
+    # child's "permanent" read as final for a job the service then paused or retried.
+    importer = create_importer(omero_config())
+    try:
+        double.faults(fail_upload="b.fake")
+        job = run_job(store, importer, make_spec({"a.fake": b"a", "b.fake": b"b"}, group="lab"), now=1000.0)
+        assert job.state is JobState.RETRY_WAIT, job.error
+        log = store.read_log(job.id)
+        assert "Traceback" not in log and "import failed (" not in log and "permanent failure" not in log
+
+        double.faults(import_error="refused by the server")
+        failed = run_job(store, importer, make_spec({"c.fake": b"c"}, group="lab"))
+    finally:
+        importer.close()
+    assert failed.state is JobState.FAILED
+    log = store.read_log(failed.id)
+    assert "earlier attempt" not in log and "deleted this job's filesets" in log
