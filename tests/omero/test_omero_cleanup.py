@@ -139,6 +139,9 @@ def test_a_failure_mail_goes_to_the_owners_address_from_omero(store, importer, m
     owner_mail = next(m for m in Notifier(importer.config).compose(job) if m.kind == "job_failed")
     assert owner_mail.recipients == ("jdoe@example.org",)
     assert "no known email address" not in owner_mail.message.get_body(("plain",)).get_content()
+    # Kept with the job (spec.extra), its files and owner untouched.
+    assert job.spec.extra["owner_email"] == "jdoe@example.org"
+    assert [f.path for f in job.spec.files] == ["a.fake"] and job.spec.owner == "jdoe"
 
 
 def test_a_session_key_of_another_user_fails_before_upload(store, importer, make_spec, double):

@@ -10,14 +10,20 @@ It imports only the standard library at module level and omero-py inside
 functions, never the watchfolder package, so it runs in an environment that
 has omero-py and nothing else (and its pure helpers can be tested anywhere).
 
-Protocol: the request is one JSON object on stdin (it carries the admin
-password, which is why it never travels in argv or the environment). Events go
-to stdout as JSON lines::
+Protocol: the request is one JSON object on the first line of stdin (it
+carries the admin password, which is why it never travels in argv or the
+environment); the service keeps stdin open and writes a line ``cancel`` to
+stop the job (:func:`watch_for_cancel`): the import handle is closed (OMERO
+cancels the server-side import), the job's filesets are deleted, the sessions
+closed, and the error event has kind ``cancelled``. Events go to stdout as JSON
+lines (``owner`` as soon as the session is open: the owner's OMERO user and
+address, which the service keeps whatever the outcome)::
 
     {"event": "progress", "phase": "uploading", "bytes_done": 1, "bytes_total": 2,
      "files_done": 0, "files_total": 1}
     {"event": "result", "result": {...}}
-    {"event": "error", "kind": "transient"|"permanent", "config_error": false,
+    {"event": "owner", "user": "jdoe", "email": "jdoe@example.org"}
+    {"event": "error", "kind": "transient"|"permanent"|"cancelled", "config_error": false,
      "message": "..."}
 
 Everything else (logging, Ice warnings, stray prints) goes to stderr, which
