@@ -175,3 +175,20 @@ def test_job_log_wording_for_a_transient_failure_and_a_failed_fileset(store, ome
     assert failed.state is JobState.FAILED
     log = store.read_log(failed.id)
     assert "earlier attempt" not in log and "deleted this job's filesets" in log
+
+
+def test_cancelling_during_the_upload_leaves_no_fileset(store, omero_config, make_spec, double):
+    # F2, the other phase: a cancel while the files are still going up.
+    importer = create_importer(omero_config(block_size=64 * 1024))
+    try:
+        double.faults(slow=1)  # every upload write (and login) takes a second
+        job, thread = start_job(store, importer, make_spec({"u.fake": b"u" * (1024 * 1024)}, group="lab"))
+        wait_for_phase(store, job.id, "uploading")
+        store.cancel(job.id, by="test")
+        thread.join(timeout=120)
+    finally:
+        importer.close()
+    assert store.get(job.id).state is JobState.CANCELLED
+    state = double.state()
+    assert double.live_filesets() == [] and state["images"] == []
+    assert all(s["closed"] for s in state["sessions"]), state["sessions"]
