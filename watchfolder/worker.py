@@ -369,7 +369,7 @@ class Worker:
             imported = imported_content_key(job.spec, result)
             return self._settle(
                 lambda: self.store.succeed(job.id, self.name, result, now=now, progress=ctx.current,
-                                           content_key=imported)
+                                           content_key=imported, running=ctx.job)
             )
         except LeaseLost as exc:  # the finishing write found the job taken over
             log.warning("job %s: %s", job.id, exc)

@@ -254,6 +254,9 @@ class _Throttle:
             self.ctx.checkpoint()
 
 
+LOG_LINES_PER_WRITE = 1000  # archived-file lines per job-log write
+
+
 def _size_changed(path: str, size: int, queued: int) -> str:
     return (f"{path} is {size} bytes but was {queued} bytes when queued: the acquisition "
             "changed after it was queued; submit it again once it is complete")
@@ -623,7 +626,7 @@ class ArchiveImporter(Importer):
         folders: set[str] = set()  # destination folders prepared in this attempt
         done_bytes = 0
         copied = []
-        lines = []
+        reused_flags = bytearray()  # per copied file: 1 when an earlier attempt had archived it
         reused_count = 0
         throttle = _Throttle(self.max_bytes_per_second, ctx)
         for index, (entry, src, _queued_size) in enumerate(sources):
@@ -644,15 +647,17 @@ class ArchiveImporter(Importer):
             done_bytes += size
             reused_count += reused
             copied.append({"path": entry.path, "size": size, "sha256": digest})
-            lines.append(f"{'already archived' if reused else 'archived'} {entry.path} sha256={digest}")
+            reused_flags.append(reused)
             if index % PROGRESS_EVERY_FILES == 0 or size >= self.chunk_bytes:
                 # Every few files (the context throttles the store writes; this bounds the calls).
                 ctx.progress("copying", done_bytes, total, index + 1, count)
         ctx.progress("syncing", done_bytes, total, count, count)
         how = self._make_durable(ctx, dest_root, copied, folders)
-        # Only now is anything reported archived: every line below is on stable storage.
-        if lines:
-            ctx.log(lines)
+        # Only now is anything reported archived: every line below is on stable storage. Written
+        # a thousand lines at a time (a plate's 100,000 lines at once cost tens of MB of memory).
+        for start in range(0, len(copied), LOG_LINES_PER_WRITE):
+            ctx.log([f"{'already archived' if reused_flags[i] else 'archived'} {item['path']} sha256={item['sha256']}"
+                     for i, item in enumerate(copied[start:start + LOG_LINES_PER_WRITE], start)])
         ctx.log(f"{count} file(s) durable ({how}); {reused_count} were already archived by an earlier attempt")
         ctx.progress("archived", done_bytes, total, count, count)
         return {"destination": str(dest_root), "files": copied, "bytes": total}
