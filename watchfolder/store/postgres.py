@@ -1185,6 +1185,7 @@ class PostgresStore(FileLogs, JobStore):
         mails: MailComposer | None = None,
         progress: Progress | None = None,
         content_key: str | None = None,
+        running: Job | None = None,  # a hint (JobStore.succeed); the row comes back from the UPDATE here
     ) -> Job:
         now = _now(now)
         with self._tx(single=self._no_mail(mails)) as conn:
