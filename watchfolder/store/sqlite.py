@@ -85,7 +85,9 @@ EVENT_INSERT_SQL = (
     "'job_id', id, 'state', state, 'owner', owner, 'group', json_extract(spec, '$.group'),"
     " 'name', json_extract(spec, '$.name'), 'source', source, 'path', json_extract(spec, '$.root'),"
     " 'target', json(json_extract(spec, '$.target')), 'attempts', attempts, 'max_attempts', max_attempts,"
-    " 'message', ?3, 'result', json_remove(json(result), '$.files'),"
+    # ?5: the result without its file list, when the caller has it (a succeeding job): SQLite
+    # would otherwise parse the whole result (tens of MB for a plate of 100,000 files) to drop it.
+    " 'message', ?3, 'result', CASE WHEN ?5 IS NULL THEN json_remove(json(result), '$.files') ELSE json(?5) END,"
     " 'error', CASE WHEN error_kind IS NULL THEN NULL"
     " ELSE json_object('kind', error_kind, 'message', error_message) END,"
     " 'created_at', created_at, 'updated_at', updated_at)"
@@ -934,19 +936,21 @@ class SQLiteStore(FileLogs, JobStore):
     # -- writing: helpers --------------------------------------------------
 
     def _add_history(
-        self, conn, job_id: int, state: JobState | str, message: str, now: float, *, event: bool = True
+        self, conn, job_id: int, state: JobState | str, message: str, now: float, *, event: bool = True,
+        result_summary: str | None = None,
     ) -> None:
         """Record a history entry; a state change (``event``) also goes to the event outbox.
 
         Called after the job row was updated, in the same transaction: the event's
-        data is the job as it is now (see :data:`EVENT_DATA_SQL`).
+        data is the job as it is now (see :data:`EVENT_INSERT_SQL`). ``result_summary``:
+        the job's result without ``files`` as JSON, when the caller just wrote that result.
         """
         conn.execute(
             "INSERT INTO job_history (job_id, at, state, message) VALUES (?, ?, ?, ?)",
             (job_id, now, str(state), message),
         )
         if event:
-            conn.execute(EVENT_INSERT_SQL, (now, JOB_EVENT_PREFIX + str(state), message, job_id))
+            conn.execute(EVENT_INSERT_SQL, (now, JOB_EVENT_PREFIX + str(state), message, job_id, result_summary))
 
     def _finish(
         self,
@@ -959,6 +963,7 @@ class SQLiteStore(FileLogs, JobStore):
         *,
         erased: bool = False,
         known: Job | None = None,
+        result_summary: str | None = None,
     ) -> Job:
         """Common tail of every transition into a finished state (inside the transaction).
 
@@ -970,7 +975,7 @@ class SQLiteStore(FileLogs, JobStore):
         """
         if erased:
             self._wipe_due = True
-        self._add_history(conn, row["id"], row["state"], message, now)
+        self._add_history(conn, row["id"], row["state"], message, now, result_summary=result_summary)
         if prepared is not None and prepared.matches(conn, row):
             job = prepared.job
         else:
@@ -1256,10 +1261,12 @@ class SQLiteStore(FileLogs, JobStore):
             raise LeaseLost(f"job {job_id} is no longer held by {worker} (state {row['state']}, worker {row['worker']})")
         return row
 
-    def _update_running(self, conn, job_id: int, worker: str, assignments: str, params: tuple) -> sqlite3.Row:
+    def _update_running(
+        self, conn, job_id: int, worker: str, assignments: str, params: tuple, returning: str = "*"
+    ) -> sqlite3.Row:
         """UPDATE the job if ``worker`` still holds it, in one statement; else raise as :meth:`_running`."""
         row = conn.execute(
-            f"UPDATE jobs SET {assignments} WHERE id = ? AND state = 'running' AND worker = ? RETURNING *",
+            f"UPDATE jobs SET {assignments} WHERE id = ? AND state = 'running' AND worker = ? RETURNING {returning}",
             (*params, job_id, worker),
         ).fetchone()
         if row is None:
@@ -1341,8 +1348,12 @@ class SQLiteStore(FileLogs, JobStore):
                                  changes, "succeeded", now, running=running, result=result, progress=progress)
         if prepared is not None:  # FINISHED_FOLLOWUP, as SQL computes it
             prepared.data["followup"] = "pending" if prepared.data["source"].startswith("watch:") else None
+        # The event's copy of the result, without the file list (see EVENT_INSERT_SQL).
+        summary = json.dumps({k: v for k, v in result.items() if k != "files"}) if "files" in result else None
         with _transaction(conn):
             erased = self._holds_key(conn, job_id)
+            # Every column but the result, which is result_json: not copied back out of SQLite
+            # (tens of MB for a plate of 100,000 files).
             row = self._update_running(
                 conn, job_id, worker,
                 "state = 'succeeded', result = ?, finished_at = ?, updated_at = ?,"
@@ -1350,9 +1361,12 @@ class SQLiteStore(FileLogs, JobStore):
                 " error_kind = NULL, error_message = NULL, error_config = 0, content_key = ?,"
                 f" {FINISHED_FOLLOWUP}",
                 (result_json, now, now, progress_json, content_key),
+                returning=self._columns_but("result"),
             )
+            row = {**dict(row), "result": result_json}
             known = _succeeded_from(running, row, result, progress, now, [])
-            job = self._finish(conn, row, now, mails, "succeeded", prepared, erased=erased, known=known)
+            job = self._finish(conn, row, now, mails, "succeeded", prepared, erased=erased, known=known,
+                               result_summary=summary)
         self._wipe_erased(conn)
         return job
 
@@ -1510,6 +1524,15 @@ class SQLiteStore(FileLogs, JobStore):
             self._truncate_wal(conn)
             stats["workers_pruned"] = len(self.prune_workers(now=now))
         return stats
+
+    def _columns_but(self, *left_out: str) -> str:
+        """The jobs table's columns but ``left_out``, for a ``RETURNING`` or ``SELECT`` list."""
+        cached = self.__dict__.setdefault("_column_lists", {})
+        columns = cached.get(left_out)
+        if columns is None:
+            names = [r[1] for r in self._conn().execute("PRAGMA table_info(jobs)")]
+            columns = cached[left_out] = ", ".join(f'"{n}"' for n in names if n not in left_out)
+        return columns
 
     @staticmethod
     def _holds_key(conn: sqlite3.Connection, job_id: int) -> bool:
