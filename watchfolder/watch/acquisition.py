@@ -464,6 +464,9 @@ def walk_files(
                 if left_out is not None and not _own_marker(entry.name):
                     left_out.append(f"{rel} (excluded)")
                 continue
+            if left_out is None and entry.is_file(follow_symlinks=False) and (
+                    unicodedata.normalize("NFC", rel) in skip_set or is_excluded(rel, exclude, include)):
+                continue  # a plain file the filters leave out, with nothing to report: no lstat
             try:
                 if entry.is_symlink():
                     # A link to a folder, wherever it points, is left out (never followed); a link
@@ -500,6 +503,21 @@ def walk_files(
                 _check_name(rel, root)
                 yield rel, st
         stack.extend(reversed(subdirs))
+
+
+def special_reason(special: list[str], where: str) -> str:
+    """Why listed files that are a FIFO, socket or device refuse the acquisition at once (never opened)."""
+    return (
+        f"the {where} lists {listed_names(special)}, which {'is' if len(special) == 1 else 'are'} not a regular file: "
+        f"only regular files are imported, and waiting will not change that (nothing was opened). Remove "
+        f"{'it' if len(special) == 1 else 'them'} from the {where}'s files, or put the data file there"
+    )
+
+
+def listed_names(paths: list[str], limit: int = 10) -> str:
+    """``a.tif, b.tif and 3 more``: at most ``limit`` paths named."""
+    shown = ", ".join(paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
 def unlisted_files(root: Path, listed: Iterable[FileEntry], *, skip: Iterable[str] = (),
@@ -858,8 +876,6 @@ def from_path(
         if descriptor is not None and descriptor.files is not None:
             check = check_listed(real, descriptor.files)
             if check.special:
-                from .detector import special_reason  # the watcher's words for the same refusal
-
                 raise AcquisitionError(f"{manifest}: {special_reason(check.special, 'manifest')}")
             if check.missing:
                 raise AcquisitionError(

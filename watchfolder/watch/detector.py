@@ -466,7 +466,7 @@ class ManifestRule(Rule):
                 check = acq.check_listed(folder, descriptor.files)
                 seen = _as_seen(base, descriptor.files, check)
                 if check.special:
-                    return Outcome("reject", rel, spec=seen, reason=special_reason(check.special, "manifest"))
+                    return Outcome("reject", rel, spec=seen, reason=acq.special_reason(check.special, "manifest"))
                 too_big = oversize_reason(check.sizes, "manifest")
                 if too_big:
                     return Outcome("reject", rel, spec=seen, reason=too_big)
@@ -1102,11 +1102,6 @@ def _checksums(root: Path, entries: list[FileEntry]) -> list[str]:
 # Pending reasons, in the words of the scientist who dropped the data
 
 
-def _names(paths: list[str], limit: int = 10) -> str:
-    shown = ", ".join(paths[:limit])
-    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
-
-
 def size_reason(path: str, found: int, listed: int, where: str) -> str:
     """``size of x.tif is 1,000 bytes, manifest says 4,096``."""
     return f"size of {path} is {found:,} bytes, {where} says {listed:,}"
@@ -1129,7 +1124,7 @@ def listed_reason(check: acq.ListedCheck, total: int, where: str) -> tuple[str, 
     parts = []
     if check.absent:
         parts.append(f"waiting for {len(check.absent)} of {total} {'file' if total == 1 else 'files'} "
-                     f"(missing: {_names(check.absent)})")
+                     f"(missing: {acq.listed_names(check.absent)})")
     parts += [size_reason(p, found, listed, where) for p, found, listed in check.sizes[:5]]
     if len(check.sizes) > 5:
         parts.append(f"{len(check.sizes) - 5} more files of the wrong size")
@@ -1139,21 +1134,12 @@ def listed_reason(check: acq.ListedCheck, total: int, where: str) -> tuple[str, 
     return ("waiting" if check.absent else "size"), "; ".join(parts)
 
 
-def special_reason(special: list[str], where: str) -> str:
-    """Why listed files that are a FIFO, socket or device refuse the acquisition at once (never opened)."""
-    return (
-        f"the {where} lists {_names(special)}, which {'is' if len(special) == 1 else 'are'} not a regular file: "
-        f"only regular files are imported, and waiting will not change that (nothing was opened). Remove "
-        f"{'it' if len(special) == 1 else 'them'} from the {where}'s files, or put the data file there"
-    )
-
-
 def checksum_reason(paths: list[str], where: str) -> str:
     """Why a complete acquisition whose content differs from its descriptor fails at once."""
     noun = "checksum" if len(paths) == 1 else "checksums"
     verb = "does" if len(paths) == 1 else "do"
     return (
-        f"{noun} of {_names(paths)} {verb} not match the {where}: the size is right but the content differs, "
+        f"{noun} of {acq.listed_names(paths)} {verb} not match the {where}: the size is right but the content differs, "
         f"so waiting will not help; copy the file(s) again from the instrument (or fix the {where}'s sha256)"
     )
 
