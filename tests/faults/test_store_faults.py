@@ -160,7 +160,9 @@ def _tables(db) -> list:
         return []
 
 
-def test_database_emptied_while_running_is_one_critical_line_and_refused_after(tmp_path):
+def _start_run(tmp_path):
+    """`watchfolder run` on a polled drop folder with the API on a free port: (drop, port,
+    config, database path, log path, process)."""
     drop = tmp_path / "drop"
     drop.mkdir()
     with socket.socket() as sock:
@@ -171,7 +173,11 @@ def test_database_emptied_while_running_is_one_critical_line_and_refused_after(t
                           server={"enabled": True, "listen": f"127.0.0.1:{port}"})
     db = tmp_path / "data" / "watchfolder.db"
     output = tmp_path / "run.log"
-    proc = start(config, "run", log=output)
+    return drop, port, config, db, output, start(config, "run", log=output)
+
+
+def test_database_emptied_while_running_is_one_critical_line_and_refused_after(tmp_path):
+    drop, port, config, db, output, proc = _start_run(tmp_path)
     try:
         for name in ("a1", "a2", "a3"):
             _drop(drop, name)
@@ -216,17 +222,7 @@ def test_wal_index_deleted_while_running_is_said_and_health_turns_503(tmp_path, 
     # `submit`: "job N queued", exit 0, but the service never saw those jobs (the new -shm is
     # another wal-index) and health stayed ok. Now the service names the lost file at its
     # next health tick (one CRITICAL line), health turns 503 and it records nothing more.
-    drop = tmp_path / "drop"
-    drop.mkdir()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    config = write_config(tmp_path, watch=[{"name": "drop", "path": str(drop), "quiet_period": 0.3,
-                                            "poll_interval": 0.2, "mode": "polling"}],
-                          server={"enabled": True, "listen": f"127.0.0.1:{port}"})
-    db = tmp_path / "data" / "watchfolder.db"
-    output = tmp_path / "run.log"
-    proc = start(config, "run", log=output)
+    drop, port, config, db, output, proc = _start_run(tmp_path)
     try:
         _drop(drop, "a1")
         wait_for(lambda: _succeeded(db) == 1, 60, "the first acquisition imported")

@@ -64,26 +64,34 @@ def files_limit():
         resource.setrlimit(resource.RLIMIT_NOFILE, (2048, hard))
 
 
+def trickle(s: socket.socket, payload: bytes, limit: float = 20.0) -> tuple[bool, float]:
+    """Send ``payload`` every 0.25 s until the server closes the connection or ``limit``
+    seconds pass; close it. Returns (closed by the server, seconds waited)."""
+    started = time.monotonic()
+    tick = threading.Event()
+    closed = False
+    while time.monotonic() - started < limit:
+        try:
+            s.sendall(payload)
+        except OSError:
+            closed = True
+            break
+        if closed_by_peer(s):
+            closed = True
+            break
+        tick.wait(0.25)
+    waited = time.monotonic() - started
+    s.close()
+    return closed, waited
+
+
 def test_headers_trickled_past_the_deadline_close_the_connection(tmp_path):
     service = start_service(tmp_path, extra_server={"header_timeout": 2})
     try:
         s = socket.create_connection(("127.0.0.1", service.server.port), timeout=5)
         s.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n")
-        started = time.monotonic()
-        tick = threading.Event()
-        closed = False
-        while time.monotonic() - started < 20:
-            try:
-                s.sendall(b"X-Slow: 1\r\n")  # a byte now and then: waitress's idle timeout never fires
-            except OSError:
-                closed = True
-                break
-            if closed_by_peer(s):
-                closed = True
-                break
-            tick.wait(0.25)
-        waited = time.monotonic() - started
-        s.close()
+        # A byte now and then: waitress's idle timeout never fires.
+        closed, waited = trickle(s, b"X-Slow: 1\r\n")
         assert closed, "a client trickling header lines kept its connection for 20 s"
         assert waited >= 1.5, waited
     finally:
@@ -169,21 +177,7 @@ def test_a_body_trickled_past_the_deadline_closes_the_connection(tmp_path, first
             assert read_response(s).startswith(b"HTTP/1.1 200 ")
             threading.Event().wait(2.5)  # longer than body_timeout: idle between requests does not count
         s.sendall(SLOW_BODY)
-        started = time.monotonic()
-        tick = threading.Event()
-        closed = False
-        while time.monotonic() - started < 20:
-            try:
-                s.sendall(b" ")
-            except OSError:
-                closed = True
-                break
-            if closed_by_peer(s):
-                closed = True
-                break
-            tick.wait(0.25)
-        waited = time.monotonic() - started
-        s.close()
+        closed, waited = trickle(s, b" ")
         assert closed, "a client trickling its body kept its connection for 20 s"
         assert waited >= 1.5, waited
     finally:
