@@ -352,3 +352,33 @@ def test_a_manifest_listing_a_fifo_is_refused_at_once_without_opening_it(store, 
         assert not writer.opened.is_set()
     finally:
         writer.release()
+
+
+def test_a_full_scan_settles_old_folders_at_once_and_keeps_recent_ones_listed_again(store, make_config, drop):
+    # issue 18 (polling idle CPU): after a start-up scan every folder had been "seen just now",
+    # so the first tick listed the whole tree again (20,000 folders). Folders older than the
+    # guard before the newest mtime in the tree are settled at once; a recently written one
+    # is still listed again, so an entry added in the same (coarse) timestamp tick is seen.
+    old = time.time() - 3600
+    for name in ("old1", "old2", "old3"):
+        (drop / name).mkdir()
+        (drop / name / "x.tif").write_bytes(b"x")
+        os.utime(drop / name, (old, old))
+    recent = drop / "recent"
+    recent.mkdir()
+    (recent / "a.tif").write_bytes(b"aaaa")
+    T0 = time.time()
+    w = polling_watcher(store, make_config, drop, rescan_interval=500)
+    w.loop(now=T0)
+    unsettled = {os.path.basename(p) for p in w.scanner.unsettled}
+    assert {"old1", "old2", "old3"}.isdisjoint(unsettled)
+    assert "recent" in unsettled
+    # A file added in the same timestamp tick (the folder's mtime put back as it was): the
+    # recent folder is listed again on the next tick, and the new acquisition is found.
+    st = os.stat(recent)
+    (recent / "watchfolder.json").write_text(json.dumps({"owner": "jdoe", "target": {"dataset": "d"}}))
+    os.utime(recent, ns=(st.st_atime_ns, st.st_mtime_ns))
+    w.loop(now=T0 + 1)
+    w.loop(now=T0 + 11)
+    jobs = jobs_of(store)
+    assert [os.path.basename(j.spec.root) for j in jobs] == ["recent"]
