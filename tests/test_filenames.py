@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from watchfolder.filenames import NAME_MAX, beside, fit_name
+from watchfolder.filenames import NAME_MAX, beside, beside_str, fit_name
 
 
 def test_a_name_that_fits_is_unchanged():
@@ -31,3 +31,10 @@ def test_beside_names_the_marker_in_the_same_folder(tmp_path):
     assert beside(tmp_path / "acq", ".watchfolder-receipt.json") == tmp_path / "acq.watchfolder-receipt.json"
     long = beside(tmp_path / ("a" * 240), ".watchfolder-receipt.json")
     assert long.parent == tmp_path and len(long.name.encode()) == NAME_MAX
+
+
+@pytest.mark.parametrize("path", ["/data/acq", "/data/acq/", "rel/acq", "/data/é acq", "/data/" + "x" * 300,
+                                  "/data/" + "é" * 130])
+def test_beside_str_names_the_same_file_as_beside(path):
+    for suffix in (".watchfolder-receipt.json", ".watchfolder-error.txt"):
+        assert beside_str(path, suffix) == str(beside(path, suffix))

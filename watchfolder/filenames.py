@@ -49,3 +49,10 @@ def beside(path: str | os.PathLike, suffix: str) -> Path:
     shortened by :func:`fit_name` when that name would be too long."""
     path = Path(path)
     return path.with_name(fit_name(path.name, suffix))
+
+
+def beside_str(path: str, suffix: str) -> str:
+    """:func:`beside` on a plain string path, as a string: for loops over thousands of
+    folders, where building ``Path`` objects costs more than the ``lstat``."""
+    folder, name = os.path.split(path.rstrip("/") or path)
+    return os.path.join(folder, fit_name(name, suffix))

@@ -44,7 +44,7 @@ from typing import Any
 from .. import multifile, safefs
 from ..config import WatchConfig
 from ..errors import AcquisitionError, classify_os_error
-from ..filenames import beside
+from ..filenames import beside, beside_str
 from ..job import FileEntry, JobSpec, Target, printable, storable
 from ..store.base import PendingEntry
 from . import acquisition as acq
@@ -1532,7 +1532,7 @@ class Detector:
     def _has_marker(self, rel: str) -> bool:
         """A receipt or an error report beside the acquisition: an earlier run finished a job for it."""
         full = os.path.join(self.root, rel)
-        return os.path.lexists(beside(full, RECEIPT_SUFFIX)) or os.path.lexists(beside(full, ERROR_SUFFIX))
+        return os.path.lexists(beside_str(full, RECEIPT_SUFFIX)) or os.path.lexists(beside_str(full, ERROR_SUFFIX))
 
     def touch(self, rel: str, now: float) -> None:
         """An event says the candidate changed: restart its quiet period (looked at when quiet)."""
