@@ -165,6 +165,9 @@ class FileEntry:
         return cls(path=data["path"], size=data.get("size"), sha256=data.get("sha256"))
 
 
+#: A job's ``source`` from the seed-compatible route (``POST /ome/import``): ``seed:<user>``.
+SEED_SOURCE_PREFIX = "seed:"
+
 #: Where a job spec's ``extra`` keeps each file's identity when queued, in ``files`` order.
 IDENTITY_KEY = "file_identity"
 

@@ -180,6 +180,24 @@ def test_a_session_key_omero_rejects_fails_permanently_with_the_reason(store, im
     assert double.state()["filesets"] == []
 
 
+def test_a_retried_seed_job_whose_key_was_erased_says_it_imports_through_sudo(store, importer, seed_spec, double):
+    # Second outside test of issue 10, F7: the key is erased when the job ends; an admin's
+    # retry then imports as the owner through the service's admin session. The job log says so.
+    closed = double.session("jdoe", "lab")
+    double.close_session(closed)
+    job = run_job(store, importer, seed_spec({"a.fake": b"pixels"}, key=closed))
+    assert job.state is JobState.FAILED and job.spec.session_key is None
+    store.retry(job.id, by="admin")
+    Worker(store, importer, name="w1").loop()
+    job = store.get(job.id)
+    assert job.state is JobState.SUCCEEDED, job.error
+    log = store.read_log(job.id)
+    assert "session key was erased when this job ended earlier" in log
+    assert "imports as jdoe through the service's admin session (sudo)" in log
+    state = double.state()
+    assert [i["owner"] for i in state["images"]] == [state["users"]["jdoe"]["id"]]
+
+
 def test_retry_after_a_dropped_connection_links_everything_exactly_once(store, importer, seed_spec, double):
     tag = double.annotation("jdoe", "lab", text="experiment 42")
     double.faults(drop_after_bytes=3 * 1024 * 1024)

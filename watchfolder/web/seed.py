@@ -59,7 +59,7 @@ import bottle
 
 from .. import defaults as D
 from ..errors import AcquisitionError, ImportFailure, JobNotFound
-from ..job import Job, JobSpec, JobState, Target
+from ..job import SEED_SOURCE_PREFIX, Job, JobSpec, JobState, Target
 from ..watch.acquisition import from_path
 from . import params
 from .auth import AuthError, Forbidden, resolve_under_roots
@@ -77,7 +77,7 @@ FAILED_MAIL_LIMIT = 10_000
 KEY_PREFIX = "ome-import:"
 # Different session keys in one request: each is checked with OMERO (one round trip each).
 MAX_SESSIONS = 4
-SOURCE_PREFIX = "seed:"
+SOURCE_PREFIX = SEED_SOURCE_PREFIX
 
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
 
