@@ -23,7 +23,6 @@ from .detector import Detector, _os_reason
 # unchanged. The server's timestamps are never compared with the local clock (a
 # file server's clock may lag by seconds or minutes): only with each other.
 MTIME_GUARD_SECONDS = 2.0
-MTIME_GUARD_NS = int(MTIME_GUARD_SECONDS * 1e9)
 
 
 @dataclass
@@ -52,8 +51,6 @@ class Scanner:
         self.seen_at: dict[str, float] = {}  # absolute folder path -> local time its current mtime was first seen
         self.unsettled: set[str] = set()
         self.errors: list[str] = []
-        self._full = False  # inside full_scan
-        self._newest = 0  # the newest folder mtime (ns) seen so far in the current full scan
 
     def _rel(self, path: str) -> str:
         return path[len(self.root) + 1:] if path != self.root else ""
@@ -69,12 +66,7 @@ class Scanner:
             self.dirs.clear()
             self.seen_at.clear()
             self.unsettled.clear()
-        self._newest = 0
-        self._full = True
-        try:
-            stats = self.scan_subtree("", now, since=None)
-        finally:
-            self._full = False
+        stats = self.scan_subtree("", now, since=None)
         self.detector.end_scan()
         stats.seconds = time.perf_counter() - started
         return stats
@@ -160,19 +152,6 @@ class Scanner:
         if self.dirs.get(path) != mtime_ns or path not in self.seen_at:
             self.seen_at[path] = now
         self.dirs[path] = mtime_ns
-        if self._full:
-            # A full scan sees every folder for the first time: listing them all again on the
-            # next tick (a facility's 20,000 folders) would be for nothing. A folder is settled
-            # at once when its mtime is older, by the guard, than the newest mtime seen so far
-            # in this scan. Server timestamps are compared only with each other: every mtime
-            # seen so far is no later than the server's present when this folder was stat'ed,
-            # so one written in the last MTIME_GUARD_SECONDS of the server's clock (perhaps
-            # after it was listed) is at or above the bound and stays unsettled.
-            if mtime_ns > self._newest:
-                self._newest = mtime_ns
-            if mtime_ns < self._newest - MTIME_GUARD_NS:
-                self.unsettled.discard(path)
-                return
         if now - self.seen_at[path] < MTIME_GUARD_SECONDS:
             self.unsettled.add(path)
         else:
