@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from watchfolder.filenames import NAME_MAX, beside, beside_str, fit_name
@@ -37,4 +39,7 @@ def test_beside_names_the_marker_in_the_same_folder(tmp_path):
                                   "/data/" + "é" * 130])
 def test_beside_str_names_the_same_file_as_beside(path):
     for suffix in (".watchfolder-receipt.json", ".watchfolder-error.txt"):
-        assert beside_str(path, suffix) == str(beside(path, suffix))
+        # The rule as pathlib states it: the name beside, in the same folder, fitted.
+        expected = Path(path).with_name(fit_name(Path(path).name, suffix))
+        assert beside_str(path, suffix) == str(expected)
+        assert beside(path, suffix) == expected

@@ -47,12 +47,11 @@ def fit_name(name: str, suffix: str = "", *, limit: int = NAME_MAX) -> str:
 def beside(path: str | os.PathLike, suffix: str) -> Path:
     """The file named ``<path's name><suffix>`` in ``path``'s folder (a receipt, an error report),
     shortened by :func:`fit_name` when that name would be too long."""
-    path = Path(path)
-    return path.with_name(fit_name(path.name, suffix))
+    return Path(beside_str(os.fspath(path), suffix))
 
 
 def beside_str(path: str, suffix: str) -> str:
-    """:func:`beside` on a plain string path, as a string: for loops over thousands of
-    folders, where building ``Path`` objects costs more than the ``lstat``."""
+    """:func:`beside` as a string, without ``Path`` objects (for loops over thousands of
+    folders, where building them costs more than the ``lstat``)."""
     folder, name = os.path.split(path.rstrip("/") or path)
     return os.path.join(folder, fit_name(name, suffix))

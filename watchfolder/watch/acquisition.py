@@ -464,9 +464,13 @@ def walk_files(
                 if left_out is not None and not _own_marker(entry.name):
                     left_out.append(f"{rel} (excluded)")
                 continue
-            if left_out is None and entry.is_file(follow_symlinks=False) and (
-                    unicodedata.normalize("NFC", rel) in skip_set or is_excluded(rel, exclude, include)):
-                continue  # a plain file the filters leave out, with nothing to report: no lstat
+            # A plain file's filters, decided once: with nothing to report, one they leave out
+            # is skipped before its lstat (the sidecar walk of a plate would stat every file).
+            passed = False
+            if left_out is None and entry.is_file(follow_symlinks=False):
+                if unicodedata.normalize("NFC", rel) in skip_set or is_excluded(rel, exclude, include):
+                    continue
+                passed = True
             try:
                 if entry.is_symlink():
                     # A link to a folder, wherever it points, is left out (never followed); a link
@@ -494,12 +498,13 @@ def walk_files(
                 if left_out is not None:
                     left_out.append(f"{rel} ({file_kind(st.st_mode)}, not a regular file: not imported)")
             else:
-                if unicodedata.normalize("NFC", rel) in skip_set:
-                    continue
-                if is_excluded(rel, exclude, include):
-                    if left_out is not None and not _own_marker(entry.name):
-                        left_out.append(f"{rel} (not matched by include)" if include else f"{rel} (excluded)")
-                    continue
+                if not passed:
+                    if unicodedata.normalize("NFC", rel) in skip_set:
+                        continue
+                    if is_excluded(rel, exclude, include):
+                        if left_out is not None and not _own_marker(entry.name):
+                            left_out.append(f"{rel} (not matched by include)" if include else f"{rel} (excluded)")
+                        continue
                 _check_name(rel, root)
                 yield rel, st
         stack.extend(reversed(subdirs))

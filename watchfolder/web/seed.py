@@ -77,7 +77,6 @@ FAILED_MAIL_LIMIT = 10_000
 KEY_PREFIX = "ome-import:"
 # Different session keys in one request: each is checked with OMERO (one round trip each).
 MAX_SESSIONS = 4
-SOURCE_PREFIX = SEED_SOURCE_PREFIX
 
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
 
@@ -218,7 +217,7 @@ def build_spec(config, item: Any, where: str, errors: list[str]) -> JobSpec | No
         try:
             spec = from_path(
                 path,
-                source=SOURCE_PREFIX + email.strip(),
+                source=SEED_SOURCE_PREFIX + email.strip(),
                 owner=email.strip(),
                 email=email.strip(),
                 # No container: the images are imported orphaned, as the seed did.
@@ -422,7 +421,7 @@ def install(app: bottle.Bottle, api) -> None:
                               "your own data, or have the owner fix the manifest")
             specs[index] = (dataclasses.replace(spec, owner=who["user"], email=who.get("email") or None,
                                                 group=who.get("group") or None,
-                                                source=SOURCE_PREFIX + who["user"]), uri)
+                                                source=SEED_SOURCE_PREFIX + who["user"]), uri)
         out = []
         for spec, uri in specs:
             job, _created = api.batcher.enqueue(spec, "submitted through /ome/import (seed API)")
