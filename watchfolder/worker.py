@@ -39,7 +39,7 @@ from .importers.base import NOTHING_THERE, ImportContext, Importer
 from .job import Job, JobSpec, JobState, Progress, imported_content_key
 from .store import JobStore
 from .store.base import process_start
-from .store.space import is_disk_full
+from .store.outage import fault_level
 
 log = logging.getLogger(__name__)
 _PROCESS_START = process_start(os.getpid())  # clock ticks since boot; None off Linux
@@ -48,12 +48,6 @@ _PROCESS_START = process_start(os.getpid())  # clock ticks since boot; None off 
 STOP_CHECK_SECONDS = 0.2
 JOB_PROGRESS_EVENT = "org.watchfolder.job.progress"
 
-
-def _fault_level(exc: BaseException | None) -> int:
-    """The level a worker logs a store fault at: DEBUG for a server outage or a full data disk
-    (the store reports those once per process: store.outage, store.space), WARNING for the
-    rest (SQLite locked past busy_timeout, I/O error)."""
-    return logging.DEBUG if isinstance(exc, StoreUnavailable) or is_disk_full(exc) else logging.WARNING
 
 
 class JobContext(ImportContext):
@@ -114,7 +108,7 @@ class JobContext(ImportContext):
     def _store_fault(self, exc: BaseException, what: str) -> None:
         """Log a store fault once per streak; the job goes on (its attempt is kept)."""
         if not self._store_failing:
-            self._store_failing_level = _fault_level(exc)
+            self._store_failing_level = fault_level(exc)
             log.log(self._store_failing_level, "job %s: %s (%s); the job goes on and tries again",
                     self.job.id, what, exc)
         self._store_failing = True
@@ -354,7 +348,7 @@ class Worker:
                     # The store failed (locked, disk full, server down), not the job: it keeps its
                     # attempt and goes back to the queue once the store answers.
                     reason = f"the job store failed ({type(exc).__name__}: {exc}); attempt not counted"
-                    log.log(_fault_level(exc), "job %s: %s", job.id, reason)
+                    log.log(fault_level(exc), "job %s: %s", job.id, reason)
                     ctx.log(f"attempt {job.attempts}: {reason}")
                     return self._settle(lambda: self.store.release(job.id, self.name, now=now, reason=reason))
                 # a bug or an unexpected OS error: keep the job, retry later
@@ -413,7 +407,7 @@ class Worker:
                 if not self.store.is_fault(exc) or self.hard_stop.is_set():
                     raise
                 delay = next(delays, D.RECONNECT_BACKOFF[-1])
-                log.log(_fault_level(exc), "worker %s: the job store failed (%s); trying again in %g s",
+                log.log(fault_level(exc), "worker %s: the job store failed (%s); trying again in %g s",
                         self.name, exc, delay)
                 self.hard_stop.wait(delay)
 
@@ -488,7 +482,7 @@ class Worker:
                 self._publish(raise_errors=True)
             except Exception as exc:
                 if failing is None:
-                    failing = _fault_level(exc)
+                    failing = fault_level(exc)
                     log.log(failing, "worker %s: heartbeat failed (%s); retrying every %g s",
                             self.name, exc, self.heartbeat_seconds)
                 continue

@@ -24,9 +24,9 @@ import time
 from email.parser import BytesHeaderParser
 
 from .. import defaults as D
-from ..errors import JobNotFound, StoreUnavailable
+from ..errors import JobNotFound
 from ..store import JobStore
-from ..store.space import is_disk_full
+from ..store.outage import fault_level
 from .message import MailError, Transport
 from .notify import admin_bound
 
@@ -212,7 +212,7 @@ class OutboxSender:
             except Exception as exc:  # keep the sender alive through store hiccups and bugs
                 if self.store.is_fault(exc):
                     if not self._store_failing:
-                        log.log(_fault_level(exc), "outbox sender: the job store failed (%s); "
+                        log.log(fault_level(exc), "outbox sender: the job store failed (%s); "
                                 "trying again every %g s", exc, self.poll_interval)
                     self._store_failing = True
                 else:
@@ -226,11 +226,6 @@ class OutboxSender:
                 stop.wait(self.poll_interval)
         self.transport.close()
 
-
-def _fault_level(exc: BaseException) -> int:
-    """As the workers: DEBUG for a server outage or a full data disk (the store reports those
-    once per process itself), WARNING for the rest (SQLite locked past busy_timeout, I/O error)."""
-    return logging.DEBUG if isinstance(exc, StoreUnavailable) or is_disk_full(exc) else logging.WARNING
 
 
 def _jobs_of(mails) -> set:

@@ -19,6 +19,19 @@ from ..units import format_duration
 REMINDERS = D.PROBLEM_REMINDERS
 
 
+def fault_level(exc: BaseException | None) -> int:
+    """The level a caller logs a store fault at: DEBUG for a server outage or a full
+    data disk (reported once per process by :class:`Outage` and store/space.py),
+    WARNING for the rest (SQLite locked past busy_timeout, an I/O error, a broken
+    store: each caller says once that it met it)."""
+    from ..errors import StoreUnavailable
+    from .space import is_disk_full
+
+    if isinstance(exc, StoreUnavailable) or (exc is not None and is_disk_full(exc)):
+        return logging.DEBUG
+    return logging.WARNING
+
+
 class Outage:
     """The availability of one store, as the log tells it.
 

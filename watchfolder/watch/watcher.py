@@ -41,6 +41,7 @@ from ..config import Config, WatchConfig
 from ..errors import JobNotFound
 from ..filenames import beside
 from ..job import JobState, printable
+from ..store.outage import fault_level
 from ..store.space import is_disk_full
 from .detector import RECEIPT_SUFFIX, Detector, Outcome, imported_this, read_receipt, unreadable_folder
 from .followup import PostActions
@@ -1136,8 +1137,8 @@ class Watcher:
             message = f"{type(exc).__name__}: {exc}"
             if message != self._pending_error:
                 self._pending_error = message
-                log.warning("watch folder %s: cannot record its %d pending acquisitions in the store (%s); "
-                            "trying again", self.name, len(entries), message)
+                log.log(fault_level(exc), "watch folder %s: cannot record its %d pending acquisitions in the "
+                        "store (%s); trying again", self.name, len(entries), message)
             return
         if self._pending_error:
             log.info("watch folder %s: pending acquisitions recorded again", self.name)
