@@ -10,6 +10,7 @@ import unicodedata
 import pytest
 from helpers import BlockedWriter
 
+from watchfolder.filenames import fit_name
 from watchfolder.job import JobState
 from watchfolder.watch.detector import LayoutRule, Patterns, estimate_change, snapshot_folder
 from watchfolder.watch.mounts import is_network_fs, mount_of, parse_mountinfo
@@ -283,6 +284,13 @@ def test_a_scan_does_not_lstat_again_the_folders_it_walked_and_still_refuses_lin
     elsewhere.mkdir()
     (elsewhere / "b.tif").write_bytes(b"2")
     os.symlink(elsewhere, drop / "jdoe" / "linked")
+    # Two finished by an earlier run: a receipt beside one, an error report (its name fitted to
+    # 255 bytes) beside the other; found in the listing of their folder, not by an lstat.
+    (drop / "jdoe" / "d00.watchfolder-receipt.json").write_text("{}")
+    long_name = "L" * 240
+    (drop / "jdoe" / long_name).mkdir()
+    (drop / "jdoe" / long_name / "a.tif").write_bytes(b"1")
+    (drop / "jdoe" / fit_name(long_name, ".watchfolder-error.txt")).write_text("failed")
     calls = []
     real_lstat = os.lstat
 
@@ -292,12 +300,13 @@ def test_a_scan_does_not_lstat_again_the_folders_it_walked_and_still_refuses_lin
 
     monkeypatch.setattr(detector_module.os, "lstat", counting_lstat)
     w.loop(now=T0)
-    assert w.status()["pending"] == 20
-    # Besides the watch folder's mount found once at start (its parents), and each new
-    # acquisition's look for a receipt or an error report beside it (a finished earlier run):
-    markers = [c for c in calls if str(c).endswith((".watchfolder-receipt.json", ".watchfolder-error.txt"))]
-    assert len(markers) == 2 * 20, markers
-    walked = [c for c in calls if str(c).startswith(str(drop)) and c not in markers]
+    assert w.status()["pending"] == 19
+    assert w.detector.known["jdoe/d00"].handled_before and w.detector.known[f"jdoe/{long_name}"].handled_before
+    assert not w.detector.known["jdoe/d01"].handled_before
+    # Besides the watch folder's mount found once at start (its parents), nothing: the look for a
+    # receipt or an error report beside each new acquisition reads its folder's listing.
+    assert not [c for c in calls if str(c).endswith((".watchfolder-receipt.json", ".watchfolder-error.txt"))]
+    walked = [c for c in calls if str(c).startswith(str(drop))]
     assert len(walked) < 20, walked
     skipped = w.detector.skipped
     assert list(skipped) == ["jdoe/linked"] and skipped["jdoe/linked"][1] == "symlink"

@@ -31,6 +31,8 @@ def fit_name(name: str, suffix: str = "", *, limit: int = NAME_MAX) -> str:
     Raises ValueError when even the suffix and the tag do not fit (a suffix of ~245 bytes).
     """
     whole = name + suffix
+    if len(whole) * 4 <= limit:  # a character is at most 4 bytes (UTF-8; 1 for an escaped byte)
+        return whole
     raw = os.fsencode(name)
     if len(raw) + len(os.fsencode(suffix)) <= limit:
         return whole
@@ -53,5 +55,6 @@ def beside(path: str | os.PathLike, suffix: str) -> Path:
 def beside_str(path: str, suffix: str) -> str:
     """:func:`beside` as a string, without ``Path`` objects (for loops over thousands of
     folders, where building them costs more than the ``lstat``)."""
-    folder, name = os.path.split(path.rstrip("/") or path)
-    return os.path.join(folder, fit_name(name, suffix))
+    path = path.rstrip("/") or path
+    folder, sep, name = path.rpartition("/")
+    return f"{folder}{sep}{fit_name(name, suffix)}"

@@ -36,7 +36,7 @@ import re
 import stat
 import time
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from typing import Any
 from .. import multifile, safefs
 from ..config import WatchConfig
 from ..errors import AcquisitionError, classify_os_error
-from ..filenames import beside, beside_str
+from ..filenames import beside, beside_str, fit_name
 from ..job import FileEntry, JobSpec, Target, printable, storable
 from ..store.base import PendingEntry
 from . import acquisition as acq
@@ -93,7 +93,8 @@ OUTCOME_BATCH = 200
 
 def is_own_file(name: str) -> bool:
     """True for receipts and error reports (and their temporary files)."""
-    return any(marker in name for marker in OWN_MARKERS)
+    # Both markers share ".watchfolder-": one substring test rejects every other name.
+    return ".watchfolder-" in name and any(marker in name for marker in OWN_MARKERS)
 
 
 def _enc(text: str) -> bytes:
@@ -1477,12 +1478,14 @@ class Detector:
     # -- reports from observers -------------------------------------------
 
     def observe(self, rel: str, now: float, *, since: float | None = None, snap: Snapshot | None = None,
-                walked: bool = False) -> Snapshot | None:
+                walked: bool = False, siblings: Collection[str] | None = None) -> Snapshot | None:
         """Look at a candidate now (snapshot it) and restart its quiet period if it changed.
 
         ``since``: when the observer last looked without seeing this candidate (a
         poll tick), so an mtime in between can date the change; None at startup.
-        ``walked``: see :meth:`refusal`.
+        ``walked``: see :meth:`refusal`. ``siblings``: the names in the candidate's
+        folder as the caller just listed them (a scan), to find its receipt without
+        an ``lstat``.
         """
         cand = self.known.get(rel)
         if cand is None and not self.admit(rel, now, walked=walked):
@@ -1504,7 +1507,7 @@ class Detector:
                     cand.last_change = min(last, old.last_change)
             else:
                 cand.handled_before = (snap.digest.hex() in self.finished_snapshots.get(rel, ())
-                                       or self._has_marker(rel))
+                                       or self._has_marker(rel, siblings))
             cand.next_check = cand.last_change + self.watch.quiet_period
             cand.seen_generation = self.generation
             cand.peak_files = snap.files
@@ -1529,8 +1532,13 @@ class Detector:
         cand.observed_at = now
         return snap
 
-    def _has_marker(self, rel: str) -> bool:
-        """A receipt or an error report beside the acquisition: an earlier run finished a job for it."""
+    def _has_marker(self, rel: str, siblings: Collection[str] | None = None) -> bool:
+        """A receipt or an error report beside the acquisition: an earlier run finished a job for it.
+
+        ``siblings``: the listing of the acquisition's folder, looked up instead of the disk."""
+        if siblings is not None:
+            name = rel.rpartition("/")[2]
+            return fit_name(name, RECEIPT_SUFFIX) in siblings or fit_name(name, ERROR_SUFFIX) in siblings
         full = os.path.join(self.root, rel)
         return os.path.lexists(beside_str(full, RECEIPT_SUFFIX)) or os.path.lexists(beside_str(full, ERROR_SUFFIX))
 
@@ -1825,29 +1833,44 @@ class Detector:
 
     def pending_entries(self, now: float) -> list[PendingEntry]:
         """Every pending candidate with why it is not queued yet, for the store."""
+        return self.entries_of(self.pending_rows(now), now)
+
+    def pending_rows(self, now: float) -> list[tuple]:
+        """What :meth:`pending_entries` says, as plain rows ``(path, kind, reason, first_seen,
+        last_change, quiet_until, owner, digest)`` where ``reason`` is None for a candidate in its
+        quiet period (its wording changes with ``now``): a caller compares them with the last
+        ones before it builds the entries (a scan of 10,000 new folders made them twice)."""
         out = []
+        quiet = self.watch.quiet_period
         for rel in sorted(self.pending):
             c = self.known.get(rel)
             if c is None or c.handled_before:
                 continue
-            if c.waiting and now >= c.last_change + self.watch.quiet_period:
+            if c.waiting and now >= c.last_change + quiet:
                 kind, reason, until = c.waiting_kind or "waiting", c.waiting, None
             else:
-                kind, until = "writing", c.last_change + self.watch.quiet_period
-                reason = pending_reason(kind, "", c.last_change, until, now)
+                kind, reason, until = "writing", None, c.last_change + quiet
             if c.owner_at != c.last_change:
                 # Looked up once per change of the acquisition (the descriptor is read again only
                 # when it changed itself): a file still being written costs one lstat per change.
                 c.owner, c.owner_at = self.owner_of(rel) or c.owner, c.last_change
-            out.append(PendingEntry(
-                watch=self.watch.name, path=rel, kind=kind, reason=reason, first_seen=c.first_seen,
-                last_change=c.last_change, quiet_until=until, owner=c.owner,
-                digest=c.digest.hex() if c.digest else None,
-            ))
+            out.append((rel, kind, reason, c.first_seen, c.last_change, until, c.owner, c.digest))
         for rel, (seen, kind, reason) in sorted(self.skipped.items()):
-            out.append(PendingEntry(watch=self.watch.name, path=rel, kind=kind, reason=reason, first_seen=seen,
-                                    last_change=seen, owner=self._owner_of_skipped(rel, kind, now)))
+            out.append((rel, kind, reason, seen, seen, None, self._owner_of_skipped(rel, kind, now), None))
         return out
+
+    def entries_of(self, rows: list[tuple], now: float) -> list[PendingEntry]:
+        """The store's entries for rows from :meth:`pending_rows`."""
+        name = self.watch.name
+        return [
+            PendingEntry(
+                watch=name, path=rel, kind=kind,
+                reason=reason if reason is not None else pending_reason(kind, "", last_change, until, now),
+                first_seen=first_seen, last_change=last_change, quiet_until=until, owner=owner,
+                digest=digest.hex() if digest else None,
+            )
+            for rel, kind, reason, first_seen, last_change, until, owner, digest in rows
+        ]
 
     def _owner_of_skipped(self, rel: str, kind: str, now: float) -> str | None:
         """The owner of a path not watched as an acquisition (an excluded ``acq1.tmp`` whose

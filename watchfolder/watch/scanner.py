@@ -84,9 +84,9 @@ class Scanner:
         known = detector.known
         if rel_start and rel_start not in known and not detector.admit(rel_start, now):
             return stats  # an excluded name or a symbolic link: noted, never entered
-        stack = [rel_start]
+        stack: list[tuple[str, set[str] | None]] = [(rel_start, None)]  # (folder, its parent's names)
         while stack:
-            rel = stack.pop()
+            rel, siblings = stack.pop()
             path = self._abs(rel)
             if path in self.skip:
                 continue
@@ -108,7 +108,7 @@ class Scanner:
             if rel and (rel in known and rule.unit == "folder" or rule.folder_is_candidate(rel, names)):
                 # Reached entry by entry from rel_start (admitted above), none of them a link.
                 snap = detector.observe(rel, now, since=since, snap=rule.snapshot(self.root, rel, entries),
-                                        walked=True)
+                                        walked=True, siblings=siblings)
                 stats.candidates += 1
                 if snap is not None and self.index:
                     for sub, mtime in snap.dirs:
@@ -120,7 +120,7 @@ class Scanner:
                 except FileNotFoundError:
                     continue
             for data_rel in rule.file_candidates(rel, names):
-                detector.observe(data_rel, now, since=since)
+                detector.observe(data_rel, now, since=since, siblings=names)
                 stats.candidates += 1
             for data_rel, reason in rule.stray_sidecars(self.root, rel, names):
                 detector.skip(data_rel, "not_acquisition", reason, now)
@@ -145,7 +145,7 @@ class Scanner:
                     continue
                 if only_new and entry.path in self.dirs:
                     continue
-                stack.append(child)
+                stack.append((child, names))
         return stats
 
     def _index(self, path: str, mtime_ns: int, now: float) -> None:

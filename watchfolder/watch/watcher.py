@@ -1126,11 +1126,11 @@ class Watcher:
         """Keep the store's pending list of this folder equal to the detector's (when it changed)."""
         if self.detector is None or not self.active:
             return
-        entries = self.detector.pending_entries(now)
-        signature = [(e.path, e.kind, "" if e.kind == "writing" else e.reason, e.first_seen, e.last_change,
-                      e.owner) for e in entries]
+        rows = self.detector.pending_rows(now)
+        signature = [row[:5] + row[6:7] for row in rows]  # path, kind, reason (None: writing), times, owner
         if signature == self._pending_signature:
             return
+        entries = self.detector.entries_of(rows, now)
         try:
             self.store.pending_sync(self.name, entries, now=now)
         except Exception as exc:  # the next step tries again; said once per different error
