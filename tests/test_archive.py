@@ -334,7 +334,7 @@ def test_different_existing_file_is_never_overwritten_the_job_goes_beside_it(sto
     assert (dest / "a.tif").read_bytes() == b"someone else's data"
     assert files_under(dest) == ["a.tif"]  # nothing added to the other acquisition's folder
     assert files_under(beside) == ["a.tif", "b.tif"]
-    assert f"{dest} already holds other files of the same names: archiving into {beside}" in store.read_log(job.id)
+    assert f"{dest} already holds another acquisition's files: archiving into {beside}" in store.read_log(job.id)
     # A retry of the same job finds its own copy, not a third folder.
     again = ArchiveImporter(root=archive_root).run(job, ctx)
     assert again["destination"] == str(beside)
@@ -363,14 +363,15 @@ def test_a_file_appearing_mid_copy_moves_the_job_to_the_next_folder(store, make_
 
 
 def test_stale_part_files_of_an_earlier_attempt_are_removed(make_spec, start, archive_root):
+    # A layout without {acquisition}: jobs share the dataset's folder, another one may be copying there.
     job, ctx = start(make_spec({"a.tif": b"a" * 100}))
-    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3" / Path(job.spec.root).name
+    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3"
     dest.mkdir(parents=True)
     stale = dest / f".a.tif.wf-{job.id}-deadbeef.part"
     stale.write_bytes(b"half a cop")
     other_job = dest / f".a.tif.wf-{job.id + 1000}-cafebabe.part"  # another job's copy in progress
     other_job.write_bytes(b"busy")
-    ArchiveImporter(root=archive_root).run(job, ctx)
+    ArchiveImporter(root=archive_root, layout="{owner}/{project}/{dataset}").run(job, ctx)
     assert not stale.exists()
     assert other_job.read_bytes() == b"busy"
     assert (dest / "a.tif").read_bytes() == b"a" * 100
@@ -396,8 +397,10 @@ def test_stale_part_files_are_looked_for_once_per_destination_folder(make_spec, 
     monkeypatch.setattr(archive_module.os, "scandir", counting_scandir)
     ArchiveImporter(root=archive_root).run(job, ctx)
     monkeypatch.undo()
-    # …plus the destination itself once, where the O_TMPFILE probe sweeps its stale probes (issue 11).
-    assert sorted(listed) == sorted([str(dest), *(str(dest / f"well_{w}") for w in "ABC")])
+    # …plus the destination itself once, where the O_TMPFILE probe sweeps its stale probes (issue 11);
+    # and every folder once more before that: the existing folder is walked once to see that it
+    # holds nothing but this job's files (its own folder, not another acquisition's).
+    assert sorted(listed) == sorted([str(dest), *(str(dest / f"well_{w}") for w in "ABC")] * 2)
     assert not any(path.exists() for path in stale)
     assert len(files_under(dest)) == 300
 
@@ -725,3 +728,37 @@ def test_a_full_volume_pauses_the_target_and_burns_no_attempt(importer, store, m
     job = store.get(job.id)
     assert job.state == JobState.SUCCEEDED and job.attempts == 1
     assert not gate.paused and gate.status()["need_bytes"] is None
+
+
+def test_a_folder_another_job_makes_between_the_look_and_the_copy_is_left_to_it(
+        make_spec, start, archive_root, monkeypatch):
+    # Two acquisitions of one name (cells.czi, cells.tif) in one dataset, copied at once by two
+    # workers: both find the folder absent; the one that makes it first owns it, the other goes
+    # beside it, even before the first one has placed a file (its folder is still empty).
+    job, ctx = start(make_spec({"cells.tif": b"tif " * 100}))
+    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3" / Path(job.spec.root).name
+    real_fits = ArchiveImporter._fits
+
+    def fits_then_other_job_makes_it(self, folder, *a, **k):
+        answer = real_fits(self, folder, *a, **k)
+        if folder == dest:
+            dest.mkdir(parents=True)
+        return answer
+
+    monkeypatch.setattr(ArchiveImporter, "_fits", fits_then_other_job_makes_it)
+    result = ArchiveImporter(root=archive_root).run(job, ctx)
+    beside = dest.with_name(dest.name + " (2)")
+    assert result["destination"] == str(beside) and result["renamed_from"] == str(dest)
+    assert list(dest.iterdir()) == []  # nothing of this job in the other one's folder
+    assert files_under(beside) == ["cells.tif"]
+
+
+def test_a_folder_holding_another_jobs_copy_in_progress_is_not_shared(make_spec, start, archive_root):
+    job, ctx = start(make_spec({"a.tif": b"a" * 100}))
+    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3" / Path(job.spec.root).name
+    dest.mkdir(parents=True)
+    other = dest / f".b.tif.wf-{job.id + 1000}-cafebabe.part"
+    other.write_bytes(b"busy")
+    result = ArchiveImporter(root=archive_root).run(job, ctx)
+    assert result["destination"] == str(dest.with_name(dest.name + " (2)"))
+    assert sorted(p.name for p in dest.iterdir()) == [other.name]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from drops import MODES, manifest, succeeded
@@ -58,3 +59,41 @@ def test_200_acquisitions_with_identical_file_names_into_one_dataset(field):
     assert failed == []
     assert len(succeeded(jobs)) == 200
     assert len(field.archived()) == 400
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_sidecar_pairs_of_one_stem_get_two_archive_folders(field, mode):
+    # {acquisition} of a one-file acquisition is its data file's name without the extension:
+    # cells.czi and cells.tif both give "cells". Each is an acquisition of its own, so neither
+    # may end up in the other's folder (outside try of issue 12, case 1's kind).
+    field.start(mode)
+    sidecar = json.dumps({"owner": "jdoe", "target": {"project": "P", "dataset": "D"}})
+    (field.drop / "cells.czi").write_bytes(b"czi " * 100)
+    (field.drop / "cells.czi.json").write_text(sidecar, encoding="utf-8")
+    first = field.settled(1)[0]
+    (field.drop / "cells.tif").write_bytes(b"tif " * 100)
+    (field.drop / "cells.tif.json").write_text(sidecar, encoding="utf-8")
+    jobs = field.settled(2)
+    assert [j.state.value for j in jobs] == ["succeeded", "succeeded"], [j.error for j in jobs]
+    destinations = [j.result["destination"] for j in jobs]
+    assert destinations[0] == first.result["destination"]
+    assert destinations[0] != destinations[1], destinations
+    assert jobs[1].result["renamed_from"] == destinations[0]
+    for job, name in zip(jobs, ("cells.czi", "cells.tif"), strict=True):
+        held = sorted(p.name for p in Path(job.result["destination"]).iterdir())
+        assert held == [name], held
+
+
+def test_two_runs_of_one_name_with_different_subfolder_files_get_two_folders(field):
+    # No file name in common (data/a.tif, data/b.tif), yet the same folder name: still two
+    # acquisitions, so two folders; a retry of one finds its own copy in its own folder.
+    field.start("events", quiet_period=0.3)
+    manifest(field.drop / "day1" / "run1", {"data/a.tif": b"a" * 100})
+    field.settled(1)
+    manifest(field.drop / "day2" / "run1", {"data/b.tif": b"b" * 100})
+    jobs = field.settled(2)
+    assert [j.state.value for j in jobs] == ["succeeded", "succeeded"], [j.error for j in jobs]
+    first, second = (Path(j.result["destination"]) for j in jobs)
+    assert first != second and second.name == "run1 (2)"
+    assert sorted(str(p.relative_to(first)) for p in first.rglob("*.tif")) == ["data/a.tif"]
+    assert sorted(str(p.relative_to(second)) for p in second.rglob("*.tif")) == ["data/b.tif"]

@@ -266,6 +266,43 @@ def _ledger_name(job_id: int) -> str:
     return f".watchfolder-job-{job_id}.owned"
 
 
+def _claimable(folder: str, paths: set[str], job_id: int) -> bool:
+    """For a layout that gives each acquisition its own folder: True when ``folder`` is absent,
+    or holds something of job ``job_id`` (its ledger, its temporary files, files it lists) and
+    nothing else. An empty folder is another job's that has just made it (its first file
+    follows), so it is not claimable (a job killed before its first file leaves one behind:
+    its retry goes beside it); an unreadable subfolder, a link or a foreign file makes it taken.
+    Symbolic links are not followed."""
+    ledger, tag = _ledger_name(job_id), f".wf-{job_id}-"
+    found = False
+    stack = [(folder, "")]
+    while stack:
+        path, prefix = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                entries = list(it)
+        except FileNotFoundError:
+            if not prefix:
+                return True
+            continue
+        except OSError:
+            return False
+        for entry in entries:
+            name = entry.name
+            rel = prefix + name
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append((entry.path, rel + "/"))
+                    continue
+            except OSError:
+                return False
+            if rel in paths or name == ledger or (name.startswith(".") and tag in name and name.endswith(".part")):
+                found = True
+                continue
+            return False
+    return found
+
+
 class _Ledger:
     """The files a job placed in its archive folder, one JSON string per line (any name fits).
     Appended without fsync: a crash may lose the last line, never invent one."""
@@ -518,6 +555,9 @@ class ArchiveImporter(Importer):
         dest_root = self.destination(job)
         self._check_space(job, dest_root, sources)
         buf = bytearray(self.chunk_bytes)
+        # A layout naming each acquisition (or job) gives it a folder of its own: a folder that holds
+        # anything else (another acquisition of the same name, cells.czi beside this cells.tif) is taken.
+        exclusive = "{acquisition}" in self.layout or "{job_id}" in self.layout
         for n in itertools.count(1):
             if n > MAX_COLLISION_SUFFIX:
                 raise PermanentImportError(
@@ -526,13 +566,16 @@ class ArchiveImporter(Importer):
                 )
             # A name too long for " (n)" is shortened, deterministically (filenames.fit_name).
             candidate = dest_root if n == 1 else dest_root.with_name(fit_name(dest_root.name, f" ({n})"))
-            if not self._fits(candidate, sources, buf, tree):
+            existed = _is_folder(candidate)
+            if not self._fits(candidate, sources, buf, tree, own=job.id if exclusive else None):
                 continue
             if n > 1:
-                ctx.log(f"{dest_root} already holds other files of the same names: archiving into {candidate}")
+                held = "another acquisition's files" if exclusive else "other files of the same names"
+                ctx.log(f"{dest_root} already holds {held}: archiving into {candidate}")
             placed: list[str] = []
             try:
-                result = self._copy_all(job, ctx, candidate, sources, buf, placed, tree)
+                result = self._copy_all(job, ctx, candidate, sources, buf, placed, tree,
+                                        exclusive=exclusive and not existed)
             except TransientImportError as exc:
                 if exc.full and exc.need_bytes is None:
                     # The volume filled mid-copy: what is placed stays for the next attempt
@@ -552,17 +595,24 @@ class ArchiveImporter(Importer):
             return result
         raise AssertionError("unreachable")
 
-    def _fits(self, folder: Path, sources: list, buf: bytearray, tree: safefs.SourceTree) -> bool:
-        """True when every file of the job is absent from ``folder`` or already there, identical.
+    def _fits(self, folder: Path, sources: list, buf: bytearray, tree: safefs.SourceTree,
+              own: int | None = None) -> bool:
+        """True when every file of the job is absent from ``folder`` or already there, identical;
+        with ``own`` (the job's id, for a layout that gives each acquisition its folder), only
+        when the folder is absent or holds this job's files and nothing else (:func:`_claimable`:
+        an earlier attempt's copies, ledger and temporary files).
 
-        Costs one ``lstat`` when the folder does not exist yet (the usual case), and a
-        hash only for a same-named file of the same size (a retry's own copy).
+        Costs one ``lstat`` when the folder does not exist yet (the usual case), a walk of
+        the folder when it does, and a hash only for a same-named file of the same size
+        (a retry's own copy).
         """
         try:
             st = os.lstat(folder)
         except OSError:
             return True  # not there (or unusable above it: creating it says why, classified)
         if not stat.S_ISDIR(st.st_mode):
+            return False
+        if own is not None and not _claimable(os.fspath(folder), {entry.path for entry, _, _ in sources}, own):
             return False
         for entry, _src, size in sources:
             dest = os.path.join(folder, entry.path)
@@ -598,12 +648,25 @@ class ArchiveImporter(Importer):
             os.close(fd)
 
     def _copy_all(self, job: Job, ctx: ImportContext, dest_root: Path, sources: list, buf: bytearray,
-                  placed: list[str], tree: safefs.SourceTree) -> dict[str, Any]:
-        """Copy every source into ``dest_root``; ``placed`` collects the files this attempt linked there."""
+                  placed: list[str], tree: safefs.SourceTree, *, exclusive: bool = False) -> dict[str, Any]:
+        """Copy every source into ``dest_root``; ``placed`` collects the files this attempt linked there.
+
+        ``exclusive``: the folder, absent when looked at, is this acquisition's alone: whoever makes
+        it owns it, and a folder another job made meanwhile (empty, or holding its files) raises
+        :class:`_Occupied`.
+        """
         total = sum(size for _, _, size in sources)
         count = len(sources)
         try:
-            dest_root.mkdir(parents=True, exist_ok=True)
+            if exclusive:
+                dest_root.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.mkdir(dest_root)
+                except FileExistsError:
+                    if not _claimable(os.fspath(dest_root), {entry.path for entry, _, _ in sources}, job.id):
+                        raise _Occupied(f"{dest_root} was made by another job meanwhile") from None
+            else:
+                dest_root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise classify_os_error(exc, dest_root, "create archive folder") from None
         ctx.log(f"archiving {count} file(s), {total} bytes, to {dest_root}")
