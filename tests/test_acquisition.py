@@ -225,8 +225,14 @@ def test_walk_skips_dot_folders_and_symlinked_folders(tmp_path):
     (tmp_path / ".git" / "config").write_bytes(b"x")
     (tmp_path / "loop").symlink_to(tmp_path, target_is_directory=True)
     (tmp_path / "alias.tif").symlink_to(tmp_path / "d" / "e" / "x.tif")
-    found = [rel for rel, _ in walk_files(tmp_path)]
-    assert found == ["alias.tif", "d/e/x.tif"]
+    (tmp_path / "up.tif").symlink_to("d/e/x.tif")
+    left_out = []
+    found = [rel for rel, _ in walk_files(tmp_path, left_out=left_out)]
+    # A link to a file of the acquisition is not followed: x.tif is imported once, by its own name.
+    assert found == ["d/e/x.tif"]
+    assert "alias.tif (a symbolic link to d/e/x.tif, not followed: that file is imported by its own name)" in left_out
+    assert "up.tif (a symbolic link to d/e/x.tif, not followed: that file is imported by its own name)" in left_out
+    assert "loop (a symbolic link to a folder, not followed)" in left_out
 
 
 def test_walk_refuses_symlink_escaping_root(tmp_path):

@@ -88,3 +88,24 @@ def test_links_and_excluded_folders_made_while_running_are_reported_at_once(fiel
     assert "exclude pattern" in entries["jdoe/scan.tmp"]["waiting"]
     field.quiet_for(1.0)
     assert [j.id for j in field.jobs()] == [job.id]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_link_to_a_file_of_the_acquisition_does_not_import_it_twice(field, mode):
+    # jdoe/symds/{a.tif, alias.tif -> a.tif, deep/up.tif -> ../a.tif}: one file, imported once
+    # by its own name; the links are named in the job log with why (outside try of issue 12).
+    field.start(mode, **LAYOUT)
+    staging = field.tmp_path / "staging" / "symds"
+    tree(staging, {"a.tif": b"pixels " * 100})
+    (staging / "deep").mkdir()
+    os.symlink("a.tif", staging / "alias.tif")
+    os.symlink("../a.tif", staging / "deep" / "up.tif")
+    (field.drop / "jdoe").mkdir()
+    os.rename(staging, field.drop / "jdoe" / "symds")
+    [job] = field.settled(1)
+    assert job.state.value == "succeeded", job.error
+    assert [f.path for f in job.spec.files] == ["a.tif"]
+    assert [a.rsplit("/", 1)[-1] for a in field.archived()] == ["a.tif"]
+    log = field.store.read_log(job.id)
+    assert "alias.tif (a symbolic link to a.tif, not followed" in log, log
+    assert "deep/up.tif (a symbolic link to a.tif, not followed" in log, log

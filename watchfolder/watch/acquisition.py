@@ -431,9 +431,12 @@ def walk_files(
 ) -> Iterator[tuple[str, os.stat_result]]:
     """Yield ``(relative path, stat)`` for every regular file under ``root``, sorted.
 
-    Symlinks are followed only when they stay inside ``root`` (a file symlink
-    pointing outside raises :class:`AcquisitionError`); symlinked folders are not
-    descended into, which also rules out loops. ``skip`` names relative paths to
+    Symbolic links are never followed: a link to a folder is not descended into
+    (which also rules out loops), a link to a file of the acquisition is left out
+    (its target is found by its own name; following both imported the same data
+    twice), and a file link pointing outside raises :class:`AcquisitionError`
+    (the file was meant to be imported: copy it in). A manifest may still name a
+    link inside the acquisition explicitly (:func:`check_listed`). ``skip`` names relative paths to
     leave out (descriptor files). Nothing inside a known container format
     (``x.ome.zarr/``) is filtered by the patterns. ``left_out``, when given,
     collects what was left out and why (``".DS_Store (excluded)"``; a FIFO, socket or
@@ -486,6 +489,13 @@ def walk_files(
                             f"{entry.path}: symlink points outside the acquisition folder (to {target}); "
                             "copy the file into the folder instead"
                         )
+                    # A link to a file of the acquisition: that file is imported by its own name;
+                    # following the link too would import the same data twice.
+                    if left_out is not None:
+                        inside = os.path.relpath(target, real_root)
+                        left_out.append(f"{rel} (a symbolic link to {inside}, not followed: "
+                                        "that file is imported by its own name)")
+                    continue
                 else:
                     st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
