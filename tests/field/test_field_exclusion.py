@@ -87,3 +87,31 @@ def test_a_dot_folder_inside_a_zarr_written_in_place_is_imported_not_listed_as_e
     assert "plate.ome.zarr/A/.tiles/t0" in [f.path for f in job.spec.files]
     field.quiet_for(0.5)
     assert not [e for e in field.pending() if "zarr" in e["path"]], field.pending()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_acquisition_that_is_itself_a_zarr_keeps_its_metadata(field, tmp_path, mode):
+    # The dataset folder is the container (jdoe/plate.ome.zarr/ with layout {owner}/{dataset}/):
+    # every .zgroup/.zattrs/.zarray in it is the format's, none is "excluded" (outside try).
+    field.start(mode, detection="layout", layout="{owner}/{dataset}/")
+    staging = tmp_path / "staging" / "plate.ome.zarr"
+    zarr_plate(staging)
+    (field.drop / "jdoe").mkdir()
+    os.rename(staging, field.drop / "jdoe" / "plate.ome.zarr")
+    [job] = field.settled(1)
+    assert job.state.value == "succeeded", job.error
+    files = [f.path for f in job.spec.files]
+    assert ".zgroup" in files and ".zattrs" in files and "A/1/0/0/.zarray" in files, files
+    assert len(files) == 7 + 8, files  # 4 .zgroup, 2 .zattrs, 1 .zarray, 8 chunks
+    names = [a.rsplit("/", 1)[-1] for a in field.archived()]
+    assert names.count(".zgroup") == 4 and names.count(".zattrs") == 2, names
+    assert "excluded" not in field.store.read_log(job.id)
+
+
+def test_a_submitted_zarr_folder_keeps_its_metadata(tmp_path):
+    from watchfolder.job import Target
+    from watchfolder.watch.acquisition import from_path
+
+    zarr_plate(tmp_path / "image.zarr")
+    spec = from_path(tmp_path / "image.zarr", source="cli:t", owner="jdoe", target=Target(dataset="d"))
+    assert ".zattrs" in [f.path for f in spec.files] and "A/1/0/0/.zarray" in [f.path for f in spec.files]

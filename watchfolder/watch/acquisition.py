@@ -364,19 +364,29 @@ def container_depth(parts: list[str]) -> int | None:
     chunks) belongs to the format, so patterns never filter it.
     """
     for i, part in enumerate(parts[:-1]):
-        if part.lower().endswith(D.CONTAINER_SUFFIXES):
+        if is_container(part):
             return i + 1
     return None
 
 
-def is_excluded(relpath: str, exclude: Iterable[str] = D.EXCLUDE_PATTERNS, include: Iterable[str] = ()) -> bool:
+def is_container(name: str) -> bool:
+    """True for a folder name of a known container format (``defaults.CONTAINER_SUFFIXES``)."""
+    return name.lower().endswith(D.CONTAINER_SUFFIXES)
+
+
+def is_excluded(relpath: str, exclude: Iterable[str] = D.EXCLUDE_PATTERNS, include: Iterable[str] = (), *,
+                in_container: bool = False) -> bool:
     """True when a file (relative ``a/b/c`` path) is ignored by the patterns.
 
     An exclude pattern matches any component (so ``.*`` hides dot-folders too) or
     the whole path; when include patterns are given, the file's name or path must
     match one of them. Inside a known container format (:func:`container_depth`)
     only the components up to the container count: nothing inside is filtered.
+    ``in_container``: the path is relative to a container (an acquisition folder
+    named ``plate.ome.zarr``), so nothing in it is filtered.
     """
+    if in_container:
+        return False
     parts = relpath.split("/")
     depth = container_depth(parts)
     excluded = matcher(exclude)
@@ -449,6 +459,9 @@ def walk_files(
     include = tuple(include)
     excluded = matcher(exclude)
     skip_set = {unicodedata.normalize("NFC", s) for s in skip}
+    # An acquisition that is itself a container (jdoe/plate.ome.zarr/): its .zgroup, .zattrs
+    # and .zarray files are the format's, never filtered (without them it is not a Zarr).
+    root_container = is_container(root.name)
     stack = [""]
     while stack:
         rel_dir = stack.pop()
@@ -460,7 +473,7 @@ def walk_files(
         except OSError as exc:
             raise AcquisitionError(f"{folder}: cannot list it ({exc.strerror}); check its permissions") from None
         subdirs = []
-        inside_container = bool(rel_dir) and container_depth(rel_dir.split("/") + [""]) is not None
+        inside_container = root_container or (bool(rel_dir) and container_depth(rel_dir.split("/") + [""]) is not None)
         for entry in entries:
             rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
             if not inside_container and excluded is not None and excluded(entry.name):
@@ -471,7 +484,8 @@ def walk_files(
             # is skipped before its lstat (the sidecar walk of a plate would stat every file).
             passed = False
             if left_out is None and entry.is_file(follow_symlinks=False):
-                if unicodedata.normalize("NFC", rel) in skip_set or is_excluded(rel, exclude, include):
+                if unicodedata.normalize("NFC", rel) in skip_set or is_excluded(
+                        rel, exclude, include, in_container=root_container):
                     continue
                 passed = True
             try:
@@ -511,7 +525,7 @@ def walk_files(
                 if not passed:
                     if unicodedata.normalize("NFC", rel) in skip_set:
                         continue
-                    if is_excluded(rel, exclude, include):
+                    if is_excluded(rel, exclude, include, in_container=root_container):
                         if left_out is not None and not _own_marker(entry.name):
                             left_out.append(f"{rel} (not matched by include)" if include else f"{rel} (excluded)")
                         continue
