@@ -104,7 +104,9 @@ QUIET_SECONDS = 30.0
 POLL_SECONDS = 5.0
 RESCAN_SECONDS = 3600.0
 MISSING_TIMEOUT_SECONDS = 3600.0
-EXCLUDE_PATTERNS = ("~$*", "*.tmp", "*.part", ".*")
+# Windows Explorer writes Thumbs.db, ehthumbs.db and desktop.ini into folders it shows (an
+# instrument PC browsing its share): never data, like the dot-files macOS writes (.DS_Store).
+EXCLUDE_PATTERNS = ("~$*", "*.tmp", "*.part", ".*", "Thumbs.db", "ehthumbs.db", "desktop.ini")
 # Folder formats whose inside is never filtered by the patterns (their dot-files are metadata).
 CONTAINER_SUFFIXES = (".zarr", ".n5")
 

@@ -115,3 +115,18 @@ def test_a_submitted_zarr_folder_keeps_its_metadata(tmp_path):
     zarr_plate(tmp_path / "image.zarr")
     spec = from_path(tmp_path / "image.zarr", source="cli:t", owner="jdoe", target=Target(dataset="d"))
     assert ".zattrs" in [f.path for f in spec.files] and "A/1/0/0/.zarray" in [f.path for f in spec.files]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_files_windows_explorer_writes_are_neither_imported_nor_misplaced(field, mode):
+    # Explorer on the instrument PC writes Thumbs.db and desktop.ini into the folders it shows,
+    # at the owner level of a layout drop too: not data, not a "misplaced file" to move.
+    field.start(mode, detection="layout", layout="{owner}/{dataset}/")
+    tree(field.drop / "jdoe", {"Thumbs.db": b"thumbs", "desktop.ini": b"[.ShellClassInfo]"})
+    tree(field.drop / "jdoe" / "slide1", {"a.tif": b"pixels " * 50, "Thumbs.db": b"thumbs",
+                                          "ehthumbs.db": b"thumbs"})
+    [job] = field.settled(1)
+    assert job.state.value == "succeeded", job.error
+    assert [f.path for f in job.spec.files] == ["a.tif"]
+    field.quiet_for(0.5)
+    assert field.pending() == [], field.pending()
