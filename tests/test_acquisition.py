@@ -626,3 +626,17 @@ def test_patterns_compiled_once_match_as_fnmatch_does():
             for include in [(), ("*.tif",), ("sub/*", "*.x")]:
                 for path in paths:
                     assert is_excluded(path, exclude, include) == by_fnmatch(path, exclude, include), (path, exclude)
+
+
+def test_the_keys_of_a_one_file_acquisition_leave_its_own_name_out():
+    from watchfolder.job import FileEntry, JobSpec, Target, shape_key
+
+    def pair(stem: str, ext: str = ".vsi", unit: str | None = "file") -> JobSpec:
+        files = (FileEntry(f"{stem}{ext}", 10), FileEntry(f"_{stem}_/stack1/frame_t.ets", 99))
+        return JobSpec(owner="jdoe", root="/drop", files=files, target=Target(dataset="d"), source="watch:w",
+                       extra={"unit": unit} if unit else {})
+
+    assert shape_key(pair("cells")) == shape_key(pair("cells renamed"))  # the data file and its companion folder
+    assert shape_key(pair("cells")) != shape_key(pair("cells", ".ets"))  # another format is other data
+    # A folder acquisition keeps its files' names: renaming a file inside it is another acquisition.
+    assert shape_key(pair("cells", unit=None)) != shape_key(pair("cells renamed", unit=None))

@@ -91,7 +91,7 @@ def test_a_fresh_database_is_created_at_the_latest_schema_and_an_old_one_migrate
         conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
     with caplog.at_level(logging.INFO, logger="watchfolder.store.postgres"):
         store = PostgresStore(pg_url, logs_dir=tmp_path / "logs")
-    assert store.describe()["schema"] == SCHEMA_VERSION == 5
+    assert store.describe()["schema"] == SCHEMA_VERSION == 6
     steps = [r for r in caplog.records if "schema 1 -> 2: watch folder leases" in r.getMessage()]
     assert [r.levelname for r in steps] == ["INFO"], "a schema step is news, not a warning"
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -119,6 +119,23 @@ def test_schema_5_backfills_the_deduplication_keys_of_earlier_jobs(pg, pg_url, m
     store = pg()
     assert store.imported_as(content_key(imported, known_digests(imported))).id == job.id
     assert [j.id for j in store.alike(store.get(queued.id).spec, states=["queued"])] == [queued.id]
+
+
+def test_schema_6_computes_again_the_keys_of_one_file_acquisitions(pg, pg_url, make_spec):
+    from watchfolder.job import content_key
+
+    first = pg()
+    spec = make_spec(files={"cells.czi": b"czi " * 10}, extra={"unit": "file"})
+    job, _ = first.enqueue(spec, now=T0)
+    first.claim("w", now=T0)
+    first.succeed(job.id, "w", {}, now=T0 + 1)
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # as schema 5 left them
+        conn.execute("UPDATE jobs SET shape_key = 'old', content_key = 'old'")
+        conn.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")
+    store = pg()
+    renamed = dataclasses.replace(spec, files=(dataclasses.replace(spec.files[0], path="cells_renamed.czi"),))
+    assert store.imported_as(content_key(renamed, {"cells_renamed.czi": spec.files[0].sha256})).id == job.id
+    assert [j.id for j in store.alike(renamed, states=["succeeded"])] == [job.id]
 
 
 def test_sqlite_store_is_copied_into_postgresql_idempotently(pg, tmp_path, make_spec):

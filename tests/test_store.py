@@ -175,6 +175,29 @@ def test_schema_5_backfills_the_deduplication_keys_of_earlier_jobs(tmp_path, mak
     reopened.close()
 
 
+def test_schema_6_computes_again_the_keys_of_one_file_acquisitions(tmp_path, make_spec):
+    # Keys recorded by schema 5 held a sidecar pair's data file name: a renamed pair was not
+    # found. Opened by schema 6, the stored success is found under a name-free key.
+    from watchfolder.job import content_key, known_digests
+
+    path = tmp_path / "five.db"
+    store = SQLiteStore(path)
+    spec = make_spec(files={"cells.czi": b"czi " * 10}, extra={"unit": "file"})
+    job, _ = store.enqueue(spec, now=T0)
+    store.claim("w", now=T0)
+    store.succeed(job.id, "w", {}, now=T0 + 1)
+    conn = store._conn()
+    conn.execute("UPDATE jobs SET shape_key = 'old', content_key = 'old' WHERE id = ?", (job.id,))
+    conn.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")
+    store.close()
+    reopened = SQLiteStore(path)
+    renamed = dataclasses.replace(spec, files=(dataclasses.replace(spec.files[0], path="cells_renamed.czi"),))
+    assert reopened.imported_as(content_key(renamed, {"cells_renamed.czi": spec.files[0].sha256})).id == job.id
+    assert content_key(renamed, {"cells_renamed.czi": spec.files[0].sha256}) == content_key(spec, known_digests(spec))
+    assert [j.id for j in reopened.alike(renamed, states=["succeeded"])] == [job.id]
+    reopened.close()
+
+
 def _mail(job):
     from email.message import EmailMessage
 

@@ -498,17 +498,35 @@ def _scope(spec: JobSpec) -> dict[str, Any]:
     return {"owner": spec.owner, "target": spec.target.to_dict(), "group": spec.group or None}
 
 
+def _key_paths(spec: JobSpec) -> list[str]:
+    """Each listed path (NFC) as the de-duplication keys see it: for a one-file acquisition
+    (a sidecar pair: ``extra["unit"] == "file"``) without the data file's own name, which is
+    the acquisition's name (``cells.czi`` renamed ``cells_renamed.czi`` is the same data, as a
+    folder renamed is): the name becomes ``*`` + its extension, and a companion folder named
+    after it (``_cells_/`` of ``cells.vsi``) ``_*_``."""
+    paths = [unicodedata.normalize("NFC", f.path) for f in spec.files]
+    if spec.extra.get("unit") != "file" or not paths:
+        return paths
+    data = paths[0].rsplit("/", 1)[-1]
+    stem = unicodedata.normalize("NFC", spec.acquisition_name)
+    if not stem or not data.startswith(stem):
+        return paths
+    names = {data: "*" + data[len(stem):], f"_{stem}_": "_*_"}
+    return ["/".join(names.get(part, part) for part in path.split("/")) for path in paths]
+
+
 def shape_key(spec: JobSpec) -> str | None:
     """The job's names and sizes within its owner, target and group, as one digest (hex), or None
     without files.
 
-    Two jobs with equal shape keys list the same relative paths (Unicode NFC) with the
-    same sizes for the same owner, target and group: candidates for being the same data.
+    Two jobs with equal shape keys list the same relative paths (Unicode NFC; a one-file
+    acquisition's own name left out: :func:`_key_paths`) with the same sizes for the same
+    owner, target and group: candidates for being the same data.
     The stores index it, so every earlier job of a shape is found however old it is.
     """
     if not spec.files:
         return None
-    files = sorted((unicodedata.normalize("NFC", f.path), f.size) for f in spec.files)
+    files = sorted(zip(_key_paths(spec), (f.size for f in spec.files), strict=True))
     text = json.dumps({**_scope(spec), "files": files}, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
@@ -535,12 +553,11 @@ def content_key(spec: JobSpec, digests: dict[str, str]) -> str | None:
     if not spec.files:
         return None
     files = []
-    for f in spec.files:
-        path = unicodedata.normalize("NFC", f.path)
-        digest = digests.get(path)
+    for f, key_path in zip(spec.files, _key_paths(spec), strict=True):
+        digest = digests.get(unicodedata.normalize("NFC", f.path))
         if not digest:
             return None
-        files.append((path, f.size, digest.lower()))
+        files.append((key_path, f.size, digest.lower()))
     text = json.dumps({**_scope(spec), "files": sorted(files)}, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -151,3 +152,37 @@ def test_copies_and_renames_of_acquisitions_imported_205_jobs_ago_are_not_import
         assert f"already imported as job {earlier.id}" in field.store.read_log(job.id)
     assert len(field.archived()) == archived  # nothing archived twice
     assert not [p for p in read if "computed renamed" in p]  # the rename was known by its inodes, not re-read
+
+
+@pytest.mark.parametrize("how", ["renamed", "copied"])
+def test_a_sidecar_pair_renamed_or_copied_under_another_name_is_not_imported_twice(field, how):
+    # A one-file acquisition's name is its data file's: renaming the pair (mv cells.czi
+    # cells_renamed.czi, and its sidecar) or copying it under another name is the same data,
+    # as for a folder (outside try of issue 12, case 8's kind).
+    field.start("events")
+    sidecar = json.dumps({"owner": "jdoe", "target": {"project": "P", "dataset": "D"}})
+    folder = field.drop / "b"
+    tree(folder, {"cells.czi": b"czi pixels " * 100})
+    (folder / "cells.czi.json").write_text(sidecar, encoding="utf-8")
+    [first] = field.settled(1)
+    assert first.state.value == "succeeded", first.error
+    move = os.rename if how == "renamed" else shutil.copyfile
+    move(folder / "cells.czi", folder / "cells_renamed.czi")
+    move(folder / "cells.czi.json", folder / "cells_renamed.czi.json")
+    jobs = field.settled(2)
+    second = jobs[1]
+    assert second.state.value == "succeeded", second.error
+    assert (second.result or {}).get("duplicate_of") == first.id, second.result
+    assert len(field.archived()) == 1, field.archived()
+
+
+def test_two_different_sidecar_pairs_are_not_duplicates_of_each_other(field):
+    field.start("events")
+    sidecar = json.dumps({"owner": "jdoe", "target": {"project": "P", "dataset": "D"}})
+    for name, data in (("a.czi", b"first " * 100), ("b.czi", b"other " * 100)):
+        (field.drop / name).write_bytes(data)
+        (field.drop / f"{name}.json").write_text(sidecar, encoding="utf-8")
+    jobs = field.settled(2)
+    assert [j.state.value for j in jobs] == ["succeeded", "succeeded"]
+    assert not any((j.result or {}).get("duplicate_of") for j in jobs)
+    assert len(field.archived()) == 2

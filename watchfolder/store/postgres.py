@@ -276,8 +276,13 @@ ALTER TABLE jobs ADD COLUMN IF NOT EXISTS content_key TEXT;
 CREATE INDEX IF NOT EXISTS jobs_shape ON jobs(shape_key, id);
 CREATE INDEX IF NOT EXISTS jobs_content ON jobs(content_key, id);
 """),
+    # The keys of a one-file acquisition no longer hold its data file's name (job._key_paths):
+    # computed again for the jobs already there (_backfill_dedup_keys), with step 5's.
+    (6, "de-duplication keys of one-file acquisitions without the data file's name", "SELECT 1"),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+#: The step after which the de-duplication keys of stored jobs are computed (again).
+BACKFILL_VERSION = 6
 
 def _backfill_dedup_keys(conn) -> None:
     """Schema step 5 for the jobs already stored: each one's shape key, and the content key of
@@ -604,8 +609,8 @@ class PostgresStore(FileLogs, JobStore):
                 if current:  # a fresh database says nothing: it is simply created at the latest version
                     log.info("store %s: schema %d -> %d: %s", self.location, version - 1, version, what)
                 conn.execute(sql)
-                if version == 5 and current:
-                    _backfill_dedup_keys(conn)
+                if version == BACKFILL_VERSION and current:
+                    _backfill_dedup_keys(conn)  # once, whichever of steps 5 and 6 were due
                 conn.execute(
                     "INSERT INTO meta VALUES ('schema_version', %s)"
                     " ON CONFLICT (key) DO UPDATE SET value = excluded.value",

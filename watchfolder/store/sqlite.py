@@ -258,8 +258,13 @@ CREATE TABLE IF NOT EXISTS folder_leases (
 CREATE INDEX IF NOT EXISTS jobs_shape ON jobs(shape_key, id);
 CREATE INDEX IF NOT EXISTS jobs_content ON jobs(content_key, id);
 """),
+    # The keys of a one-file acquisition no longer hold its data file's name (job._key_paths):
+    # computed again for the jobs already there (_backfill_dedup_keys), with step 5's.
+    (6, "de-duplication keys of one-file acquisitions without the data file's name", ""),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+#: The step after which the de-duplication keys of stored jobs are computed (again).
+BACKFILL_VERSION = 6
 
 
 _ADD_COLUMN = re.compile(r"\s*ALTER\s+TABLE\s+(\w+)\s+ADD\s+COLUMN\s+(\w+)", re.IGNORECASE)
@@ -766,8 +771,8 @@ class SQLiteStore(FileLogs, JobStore):
                 for statement in filter(str.strip, sql.split(";")):
                     if not _column_there(conn, statement):  # steps stay idempotent, like SCHEMA
                         conn.execute(statement)
-                if version == 5 and current:
-                    _backfill_dedup_keys(conn)
+                if version == BACKFILL_VERSION and current:
+                    _backfill_dedup_keys(conn)  # once, whichever of steps 5 and 6 were due
                 conn.execute(
                     "INSERT INTO meta VALUES ('schema_version', ?)"
                     " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
