@@ -109,3 +109,20 @@ def test_a_link_to_a_file_of_the_acquisition_does_not_import_it_twice(field, mod
     log = field.store.read_log(job.id)
     assert "alias.tif (a symbolic link to a.tif, not followed" in log, log
     assert "deep/up.tif (a symbolic link to a.tif, not followed" in log, log
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_sidecar_linked_in_place_fails_its_pair_in_every_mode(field, mode):
+    # q.czi written, then q.czi.json made as a link to a sidecar elsewhere: the same outcome as
+    # a scan finds (the pair's job fails: the sidecar is never read), in events mode too, where
+    # only a pending "symlink" note was left (outside try of issue 12, case 2's kind).
+    elsewhere = field.tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "q.czi.json").write_text('{"owner": "jdoe", "target": {"dataset": "D"}}', encoding="utf-8")
+    field.start(mode)
+    (field.drop / "q.czi").write_bytes(b"czi " * 100)
+    os.symlink(elsewhere / "q.czi.json", field.drop / "q.czi.json")
+    [job] = field.settled(1)
+    assert job.state.value == "failed", job.state
+    assert "symbolic link" in job.error.message, job.error
+    assert field.archived() == []

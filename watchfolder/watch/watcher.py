@@ -738,7 +738,10 @@ class Watcher:
                     # A link made in place (inotify does not mark it a folder): noted with the reason, never
                     # followed -- what the scan of its folder would note.
                     detector.admit(rel, now)
-                    continue
+                    if cand is None or cand == rel:
+                        continue
+                    # Part of another candidate (q.czi.json -> elsewhere, the sidecar of q.czi): that one
+                    # is looked at as the scan would (its look refuses the linked sidecar: a failed job).
                 if cand is not None and not removed:
                     detector.touch(cand, now)
                 elif cand is None and not removed and not is_dir:
