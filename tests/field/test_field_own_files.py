@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from drops import MODES, manifest
+from drops import MODES, manifest, tree
 from helpers import wait_until
 
 
@@ -28,3 +28,20 @@ def test_receipts_and_error_reports_are_not_pending(field, mode):
     time.sleep(1.0)  # a few ticks (poll interval 0.1 s) and the touch's events
     listed = [e for e in field.pending() if "watchfolder-" in e["path"]]
     assert listed == [], listed
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_folder_named_like_a_receipt_is_noted_not_silently_skipped(field, mode):
+    # trap.watchfolder-receipt.json/ holding data: never imported (the name is the service's),
+    # but listed as pending with why, in every mode (outside try of issue 12).
+    field.start(mode, detection="layout", layout="{owner}/{dataset}/")
+    tree(field.drop / "jdoe" / "trap.watchfolder-receipt.json", {"t.tif": b"data " * 20})
+    wait_until(lambda: [e for e in field.pending() if e["path"] == "jdoe/trap.watchfolder-receipt.json"], 10,
+               message="the folder listed as pending")
+    [entry] = [e for e in field.pending() if e["path"] == "jdoe/trap.watchfolder-receipt.json"]
+    assert entry["kind"] == "excluded" and "rename the folder" in entry["waiting"], entry
+    assert field.jobs() == []
+    from watchfolder.watch.explain import explain
+
+    got = explain(field.service.config, field.store, str(field.drop / "jdoe" / "trap.watchfolder-receipt.json"))
+    assert got.verdict == "ignored" and got.reason == entry["waiting"], got

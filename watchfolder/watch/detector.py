@@ -97,6 +97,13 @@ def is_own_file(name: str) -> bool:
     return ".watchfolder-" in name and any(marker in name for marker in OWN_MARKERS)
 
 
+def own_name_folder_reason(name: str) -> str:
+    """Why a real folder named like a receipt or error report is not imported (pending, explain)."""
+    return (f"ignored: a folder named like watchfolder's own receipts and error reports "
+            f"(*{RECEIPT_SUFFIX}, *{ERROR_SUFFIX}) is never imported, and it takes the place of the "
+            f"receipt of {printable(name.split('.watchfolder-', 1)[0])}; rename the folder")
+
+
 def _enc(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
@@ -1419,9 +1426,17 @@ class Detector:
 
         A name the service writes itself (a receipt, an error report) is never noted, whatever it
         is (a planted symlink of that name included): the follow-up replaces such a name with its
-        own file, and pending is for what a person can act on."""
-        if is_own_file(rel.rpartition("/")[2]):
-            return
+        own file, and pending is for what a person can act on. A real folder of such a name
+        is the exception: it may hold data, which is never imported, so it is noted with why."""
+        name = rel.rpartition("/")[2]
+        if is_own_file(name):
+            try:
+                is_dir = stat.S_ISDIR(os.lstat(os.path.join(self.root, rel)).st_mode)
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                return
+            kind, reason = "excluded", own_name_folder_reason(name)
         if rel in self.skipped:
             self._skipped_owner.pop(rel, None)  # seen again (an event): its owner is looked up again
             return

@@ -33,6 +33,7 @@ from .detector import (
     imported_this,
     is_own_file,
     make_rule,
+    own_name_folder_reason,
     pending_reason,
     read_receipt,
     unreadable_folder,
@@ -182,6 +183,8 @@ def explain(config: Config, store: JobStore | None, path: str, *, now: float | N
         out.path = full
         return out
     if is_own_file(rel.rpartition("/")[2]):
+        if os.path.isdir(full) and not os.path.islink(full):
+            return Explanation(full, "ignored", own_name_folder_reason(rel.rpartition("/")[2]), watch.name)
         return Explanation(full, "ignored", "written by watchfolder itself (a receipt or an error report)",
                            watch.name)
     # The watcher's own rule for excluded names, symbolic links and unreadable paths.
