@@ -147,3 +147,60 @@ def test_an_excluded_folder_renamed_and_imported_is_no_longer_listed_as_pending(
     [job] = field.settled(1)
     assert job.state.value == "succeeded", job.error
     wait_until(lambda: not field.reported("a2.tmp"), 10, message="a2.tmp no longer listed")
+
+
+@pytest.mark.parametrize("kind", ["layout", "sidecar", "manifest"])
+def test_a_deleted_receipt_does_not_make_a_changed_kept_acquisition_new_after_a_restart(field, kind):
+    # Someone tidies the drop folder and deletes the receipts; the acquisitions change (a file
+    # added, one rewritten); the service restarts. The job store still knows each import: the
+    # same folder and descriptor or files (inode, mtime) are the same acquisition, noted, not
+    # imported again (outside try of issue 12, case 5's kind).
+    if kind == "layout":
+        field.start("polling", detection="layout", layout="{owner}/{dataset}/")
+        tree(field.drop / "jdoe" / "plate_C4", {"w1.tif": b"w1 " * 100, "w2.tif": b"w2 " * 100})
+        rel, receipt = "jdoe/plate_C4", field.drop / "jdoe" / "plate_C4.watchfolder-receipt.json"
+    elif kind == "sidecar":
+        field.start("polling")
+        _sidecar_pair(field.drop)
+        rel, receipt = "c1.czi", field.drop / "c1.czi.watchfolder-receipt.json"
+    else:
+        field.start("polling")
+        manifest(field.drop / "C3", {"Image_001.tif": b"1" * 100, "Image_002.tif": b"2" * 100})
+        rel, receipt = "C3", field.drop / "C3.watchfolder-receipt.json"
+    [job] = field.settled(1)
+    assert job.state.value == "succeeded", job.error
+    wait_until(receipt.exists, 10, message="the receipt")
+    archived, mails = field.archived(), len(wait_until(field.mails, 10, message="the success mail"))
+    field.stop()
+    receipt.unlink()
+    if kind == "layout":
+        tree(field.drop / "jdoe" / "plate_C4", {"w3.tif": b"w3 " * 100})
+    elif kind == "sidecar":
+        _atomic_replace(field.drop / "c1.czi", os.urandom(500))
+    else:
+        tree(field.drop / "C3", {"notes.txt": b"a note"})
+        (field.drop / "C3" / "Image_001.tif").write_bytes(b"9" * 100)  # same size, other bytes
+    field.start("polling", **({"detection": "layout", "layout": "{owner}/{dataset}/"} if kind == "layout" else {}))
+    wait_until(lambda: NOTE in field.store.read_log(job.id), 20, message=f"the change of {rel} noted")
+    field.quiet_for(1.0)
+    _only(field, job)
+    assert field.archived() == archived
+    assert len(field.mails()) == mails
+
+
+def test_a_folder_removed_and_dropped_again_without_its_receipt_is_still_a_new_job(field, tmp_path):
+    # The store's memory of an import follows the same identity rule as the receipt: new
+    # folder, new files -> a new acquisition, after a restart too.
+    field.start("polling")
+    manifest(field.drop / "acq", {"a.tif": b"a" * 100})
+    [first] = field.settled(1)
+    wait_until((field.drop / "acq.watchfolder-receipt.json").exists, 10, message="the receipt")
+    field.stop()
+    (field.drop / "acq.watchfolder-receipt.json").unlink()
+    manifest(tmp_path / "again", {"a.tif": b"new data " * 20})
+    import shutil
+    shutil.rmtree(field.drop / "acq")
+    os.rename(tmp_path / "again", field.drop / "acq")
+    field.start("polling")
+    jobs = field.settled(2)
+    assert jobs[1].state.value == "succeeded" and not (jobs[1].result or {}).get("duplicate_of")

@@ -282,6 +282,7 @@ class Watcher:
         self.source_obj: Any = None
         self.detector: Detector | None = None
         self._unfinished_at_start: dict[str, int] = {}
+        self._succeeded_at_start: dict[str, int] = {}
         self.scanner: Scanner | None = None
         self.post = PostActions(watch, self.root)
         self.rescan_requested = False
@@ -421,6 +422,7 @@ class Watcher:
                                  finished=self._finished_job, finished_snapshots=self._finished_snapshots())
         self.detector.imported_as = self._imported_already
         self._unfinished_at_start = self._unfinished_jobs()
+        self._succeeded_at_start = self._succeeded_jobs()
         self._pending_signature = None
         # The folder mtime index serves polling, and in events mode the catch-up after an overflow.
         self.scanner = Scanner(self.detector, self.root, index=True, skip=skip)
@@ -1023,6 +1025,23 @@ class Watcher:
                 out.setdefault(rel, set()).add(snapshot)
         return out
 
+    def _succeeded_jobs(self) -> dict[str, int]:
+        """Acquisition (relative path) -> id of its newest succeeded job (at most
+        :data:`FINISHED_AT_START` jobs of this watch folder, newest first), from the store at
+        start: what a kept acquisition whose receipt was deleted is recognised by."""
+        try:
+            jobs, _ = self.store.list_jobs(states=[JobState.SUCCEEDED.value], source=f"watch:{self.name}",
+                                           limit=FINISHED_AT_START)
+        except Exception:  # the store is busy: receipts still say what was imported
+            log.warning("watch folder %s: cannot read its imported jobs from the store", self.name, exc_info=True)
+            return {}
+        out: dict[str, int] = {}
+        for job in jobs:
+            rel = job.spec.extra.get("acquisition")
+            if isinstance(rel, str) and job.spec.extra.get("watch") == self.name:
+                out.setdefault(rel, job.id)
+        return out
+
     def _unfinished_jobs(self) -> dict[str, int]:
         """Acquisition (relative path) -> id of its unfinished job, from the store (at start)."""
         unfinished = [JobState.QUEUED.value, JobState.RUNNING.value, JobState.RETRY_WAIT.value]
@@ -1075,8 +1094,9 @@ class Watcher:
     def _imported_already(self, outcome: Outcome) -> Any:
         """The succeeded job that imported this very acquisition before it changed in place, or None.
 
-        Known from the candidate (this run) or from the receipt beside the acquisition
-        (after a restart). "This very acquisition": the same folder (device and inode)
+        Known from the candidate (this run), from the receipt beside the acquisition
+        (after a restart), or, without a receipt, from the store's newest success for it
+        (among the newest :data:`FINISHED_AT_START` of this watch folder). "This very acquisition": the same folder (device and inode)
         still holding the manifest or sidecar that job imported, or at least one of the
         files it imported, unchanged (inode and mtime). A folder removed and dropped
         again holds a new descriptor and new files: a new job.
@@ -1086,6 +1106,10 @@ class Watcher:
         receipt: Any = None
         if job_id is None:
             job_id, receipt = read_receipt(self.root, outcome.rel)
+        if not isinstance(job_id, int):
+            # No receipt (deleted by someone tidying the folder): the store's newest success for
+            # this acquisition, read at start, answers by the same identity rule.
+            job_id = self._succeeded_at_start.get(outcome.rel)
         if not isinstance(job_id, int):
             return None
         try:
