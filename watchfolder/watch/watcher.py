@@ -32,6 +32,7 @@ import socket
 import stat
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -165,6 +166,12 @@ class EventSource:
         )
         from watchdog.observers.inotify import InotifyObserver
 
+        # A folder removed and made again at the same path (a churning staging tree) is watched
+        # again; watchdog then warns that it replaces its own callback, printing every watch it
+        # holds (it formats a bound method, not the path): kilobytes of log per folder, for
+        # nothing wrong. Only that warning is silenced.
+        warnings.filterwarnings("ignore", message=r"Callback with id .* already exists for watch",
+                                category=RuntimeWarning, module=r"watchdog\.")
         sink = self.sink
 
         class Handler(FileSystemEventHandler):
