@@ -640,3 +640,26 @@ def test_the_keys_of_a_one_file_acquisition_leave_its_own_name_out():
     assert shape_key(pair("cells")) != shape_key(pair("cells", ".ets"))  # another format is other data
     # A folder acquisition keeps its files' names: renaming a file inside it is another acquisition.
     assert shape_key(pair("cells", unit=None)) != shape_key(pair("cells renamed", unit=None))
+
+
+def test_an_unreadable_folder_beside_the_listed_files_is_said(tmp_path, monkeypatch):
+    # U5/priv (mode 000) holds nothing the manifest lists: whatever is in it is not imported,
+    # and the job log and mail say so (outside try of issue 12); a folder the manifest lists
+    # files in is the import's to refuse, not said twice.
+    from watchfolder.job import FileEntry
+    from watchfolder.watch import acquisition
+    from watchfolder.watch.acquisition import unlisted_files
+
+    (tmp_path / "priv").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "a.tif").write_bytes(b"a")
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path).endswith(("/priv", "/data")):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(acquisition.os, "scandir", scandir)
+    out = unlisted_files(tmp_path, [FileEntry("a.tif", 1), FileEntry("data/x.tif", 1)])
+    assert out == ["priv/ (a folder the service cannot read: permission denied; whatever it holds is not imported)"]

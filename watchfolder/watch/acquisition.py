@@ -569,8 +569,14 @@ def unlisted_files(root: Path, listed: Iterable[FileEntry], *, skip: Iterable[st
         try:
             with os.scandir(os.path.join(root, rel_dir) if rel_dir else root) as it:
                 entries = sorted(it, key=lambda e: e.name)
+        except PermissionError:
+            # Listed files below it: check_listed and the import say so. Otherwise nothing would.
+            if rel_dir and not any(path.startswith(rel_dir + "/") for path in wanted):
+                out.append(f"{rel_dir}/ (a folder the service cannot read: permission denied; "
+                           "whatever it holds is not imported)")
+            continue
         except OSError:
-            continue  # unreadable or gone: check_listed and the import say so for listed files
+            continue  # gone: check_listed and the import say so for listed files
         subdirs = []
         for entry in entries:
             rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
