@@ -44,3 +44,45 @@ def test_a_file_deleted_while_its_job_runs_gives_one_import_in_one_folder(field,
     # One archive folder, holding exactly the succeeded job's files (the first job's copies removed).
     assert field.archived() == [f"jdoe/_no_project/del/del/{n}.tif" for n in "abc"], field.archived()
     assert "removed 3 file(s) this job had written" in field.store.read_log(first.id)  # a, b, c: before d
+
+
+@pytest.mark.parametrize("detection", ["layout", "sidecar"])
+def test_a_file_filled_in_place_keeping_size_and_mtime_is_not_imported_half_written(field, detection):
+    # robocopy /Z: the file is made at its final size with an old mtime, filled chunk by chunk,
+    # its mtime set back after each write, and given its real mtime at the end. Names, sizes and
+    # mtimes never change while it is written; only its ctime does. Polling (outside try of
+    # issue 12, second round): imported half-written, then again into "robo (2)".
+    import hashlib
+    import os
+    import time
+
+    if detection == "layout":
+        field.start("polling", detection="layout", layout="{owner}/{dataset}/")
+        folder = field.drop / "carl" / "robo"
+        folder.mkdir(parents=True)
+        data = folder / "a.tif"
+    else:
+        field.start("polling", detection="sidecar")
+        folder = field.drop
+        data = folder / "robo.czi"
+        (folder / "robo.czi.json").write_text('{"owner": "carl", "target": {"dataset": "D"}}', encoding="utf-8")
+    old = time.mktime((1980, 1, 1, 0, 0, 0, 0, 0, -1))
+    chunk, chunks = 1500, 10
+    final = bytes(range(256)) * (chunk * chunks // 256) + bytes(chunk * chunks % 256)
+    with open(data, "wb") as fh:
+        fh.truncate(len(final))
+    os.utime(data, (old, old))
+    for i in range(chunks):
+        time.sleep(0.15)  # under the quiet period (0.3 s): the file is never quiet while written
+        with open(data, "r+b") as fh:
+            fh.seek(i * chunk)
+            fh.write(final[i * chunk:(i + 1) * chunk])
+        os.utime(data, (old, old))
+    os.utime(data, (old + 1e9, old + 1e9))
+    [job] = field.settled(1)
+    field.quiet_for(1.0)
+    jobs = field.jobs()
+    assert len(jobs) == 1, [(j.id, j.state.value, j.result) for j in jobs]
+    assert job.state.value == "succeeded", job.error
+    [archived] = field.archived()
+    assert hashlib.sha256((field.archive / archived).read_bytes()).hexdigest() == hashlib.sha256(final).hexdigest()

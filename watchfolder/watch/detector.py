@@ -117,6 +117,10 @@ class Snapshot:
     dirs: tuple[tuple[str, int], ...] = ()  # (relative folder, mtime_ns), for the polling index
     files: int = 0
     denied: str | None = None  # why the top folder could not be listed (permission), else None
+    # Newest ctime seen (ns), the file server's clock: not in the digest (a change of it alone is
+    # not a change of the data), but any write moves it on, also one that keeps size and mtime
+    # (robocopy /Z fills a file made at its final size and keeps setting its mtime back).
+    max_ctime_ns: int = 0
 
 
 class Patterns:
@@ -190,6 +194,7 @@ def snapshot_folder(
         return None
     digest = hashlib.blake2b(digest_size=16)
     max_ns = top.st_mtime_ns
+    max_ctime = top.st_ctime_ns
     dirs = [(rel, top.st_mtime_ns)]
     files = 0
     denied = None
@@ -226,6 +231,8 @@ def snapshot_folder(
             mtime = st.st_mtime_ns
             if mtime > max_ns:
                 max_ns = mtime
+            if st.st_ctime_ns > max_ctime:
+                max_ctime = st.st_ctime_ns
             if is_dir:
                 child = prefix + name
                 parts.append(f"D{child}\0{mtime}")
@@ -240,13 +247,13 @@ def snapshot_folder(
             parts.append("")
             digest.update("\n".join(parts).encode("utf-8", "surrogateescape"))
         stack.extend(reversed(subdirs))
-    return Snapshot(digest.digest(), max_ns / 1e9, tuple(dirs), files, denied)
+    return Snapshot(digest.digest(), max_ns / 1e9, tuple(dirs), files, denied, max_ctime)
 
 
 def snapshot_files(paths: Iterable[str]) -> Snapshot | None:
     """Digest of a few named files (a data file and its sidecar); missing ones count as missing."""
     digest = hashlib.blake2b(digest_size=16)
-    max_ns = 0
+    max_ns = max_ctime = 0
     present = 0
     for path in paths:
         try:
@@ -256,10 +263,11 @@ def snapshot_files(paths: Iterable[str]) -> Snapshot | None:
             continue
         present += 1
         max_ns = max(max_ns, st.st_mtime_ns)
+        max_ctime = max(max_ctime, st.st_ctime_ns)
         digest.update(b"F%d\0%d\0%d\n" % (st.st_mode, st.st_size, st.st_mtime_ns))
     if not present:
         return None
-    return Snapshot(digest.digest(), max_ns / 1e9, (), present)
+    return Snapshot(digest.digest(), max_ns / 1e9, (), present, max_ctime_ns=max_ctime)
 
 
 # ---------------------------------------------------------------------------
@@ -304,6 +312,7 @@ class Candidate:
     proof_at: float | None = None  # when to try proving completeness before the quiet period ends
     proof_after: float = 0.0  # no proof attempt before (backoff after failed ones)
     proof_backoff: float = 0.0
+    ctime_ns: int = 0  # the newest ctime at the last look (Snapshot.max_ctime_ns)
     # Found at start with a receipt or error report beside it, or exactly as a finished job
     # recorded it, and not pending before: handled by an earlier run. Not listed as pending
     # until its first look says otherwise.
@@ -312,6 +321,11 @@ class Candidate:
     @property
     def pending(self) -> bool:
         return self.done_digest is None or self.digest != self.done_digest
+
+    def written_since(self, snap: Snapshot) -> bool:
+        """Written to since the last look although names, sizes and mtimes are the same: a newer
+        ctime (a file filled in place at its final size, its mtime set back after each write)."""
+        return bool(self.ctime_ns) and snap.max_ctime_ns > self.ctime_ns and snap.digest == self.digest
 
 
 # ---------------------------------------------------------------------------
@@ -633,18 +647,20 @@ class SidecarRule(Rule):
         except (OSError, AcquisitionError):
             return snap
         digest = hashlib.blake2b(snap.digest, digest_size=16)
-        max_mtime, dirs = snap.max_mtime, []
+        max_mtime, dirs, max_ctime = snap.max_mtime, [], snap.max_ctime_ns
         head = rel.rpartition("/")[0]
         for sub in folders:
             part = snapshot_folder(os.path.join(root, head, sub), Patterns((), ()), f"{head}/{sub}" if head else sub)
             if part is not None:
                 digest.update(part.digest)
                 max_mtime, dirs = max(max_mtime, part.max_mtime), dirs + list(part.dirs)
+                max_ctime = max(max_ctime, part.max_ctime_ns)
         for entry, st in found:
             if "/" not in entry.path:
                 digest.update(b"F%s\0%d\0%d\n" % (_enc(entry.path), st.st_size, st.st_mtime_ns))
                 max_mtime = max(max_mtime, st.st_mtime_ns / 1e9)
-        return Snapshot(digest.digest(), max_mtime, tuple(dirs), snap.files + len(found))
+                max_ctime = max(max_ctime, st.st_ctime_ns)
+        return Snapshot(digest.digest(), max_mtime, tuple(dirs), snap.files + len(found), max_ctime_ns=max_ctime)
 
     def present(self, root: str, rel: str) -> int | None:
         data = os.path.join(root, rel)
@@ -1513,7 +1529,8 @@ class Detector:
             return None
         if cand is None:
             last = estimate_change(snap.max_mtime, since, now)
-            cand = Candidate(rel, first_seen=now, last_change=last, digest=snap.digest, observed_at=now)
+            cand = Candidate(rel, first_seen=now, last_change=last, digest=snap.digest, observed_at=now,
+                             ctime_ns=snap.max_ctime_ns)
             old = self.remembered.pop(rel, None)
             if old is not None:
                 # Seen before a restart: its clock goes on from then, not from now.
@@ -1532,6 +1549,13 @@ class Detector:
             return snap
         cand.seen_generation = self.generation
         cand.peak_files = max(cand.peak_files, snap.files)
+        if cand.pending and cand.written_since(snap):
+            # Filled in place (size and mtime kept): still being written, its quiet period restarts.
+            cand.last_change = max(cand.last_change, now)
+            cand.next_check = cand.last_change + self.watch.quiet_period
+            cand.waiting = cand.waiting_kind = ""
+            self.pending.add(rel)
+        cand.ctime_ns = snap.max_ctime_ns
         if cand.digest != snap.digest:
             if cand.digest is not None:
                 # A change seen by looking; an event (digest None) has dated it already.
@@ -1707,9 +1731,12 @@ class Detector:
                 # Listed as unreadable instead, and looked at again until it can be read.
                 self._unreadable(cand, None, now, reason=denied)
                 continue
-            if cand.digest is not None and snap.digest != cand.digest:
-                # Changed since the last look without an event telling us (or between ticks).
-                cand.last_change = estimate_change(snap.max_mtime, cand.observed_at, now)
+            written = cand.written_since(snap)
+            cand.ctime_ns = snap.max_ctime_ns
+            if cand.digest is not None and (snap.digest != cand.digest or written):
+                # Changed since the last look without an event telling us (or between ticks), or
+                # written in place keeping names, sizes and mtimes (a newer ctime: robocopy /Z).
+                cand.last_change = now if written else estimate_change(snap.max_mtime, cand.observed_at, now)
                 cand.digest = snap.digest
                 cand.observed_at = now
                 cand.next_check = cand.last_change + self.watch.quiet_period
