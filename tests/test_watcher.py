@@ -407,6 +407,10 @@ def test_deep_long_paths_and_temp_files(harness, store):
     (folder / "~$notes.docx").write_bytes(b"office lock")
     (folder / "copy.part").write_bytes(b"partial")
     (folder / ".DS_Store").write_bytes(b"mac")
+    # copy.part: a copy in progress, so the acquisition waits for it (renamed or removed).
+    time.sleep(1.0)
+    assert jobs_of(store) == []
+    (folder / "copy.part").unlink()
     job = one_job(store)[0]
     rel = str(deep.relative_to(folder) / "image.tif")
     assert [f.path for f in job.spec.files] == [rel]

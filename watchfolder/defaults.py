@@ -107,6 +107,11 @@ MISSING_TIMEOUT_SECONDS = 3600.0
 # Windows Explorer writes Thumbs.db, ehthumbs.db and desktop.ini into folders it shows (an
 # instrument PC browsing its share): never data, like the dot-files macOS writes (.DS_Store).
 EXCLUDE_PATTERNS = ("~$*", "*.tmp", "*.part", ".*", "Thumbs.db", "ehthumbs.db", "desktop.ini")
+# Names of a copy in progress (a transfer writes under such a name, then renames it): an
+# acquisition holding one that the patterns leave out is still being copied, whatever the
+# quiet period says. (Not ~$*: Office's lock file of a document left open says nothing
+# about the data.)
+IN_PROGRESS_PATTERNS = ("*.part", "*.tmp")
 # Folder formats whose inside is never filtered by the patterns (their dot-files are metadata).
 CONTAINER_SUFFIXES = (".zarr", ".n5")
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import defaults as D
 from .. import multifile, safefs
 from ..config import WatchConfig
 from ..errors import AcquisitionError, classify_os_error
@@ -61,6 +62,11 @@ def _os_reason(exc: OSError, path: Any) -> str:
 RECEIPT_SUFFIX = ".watchfolder-receipt.json"
 RECEIPT_MAX_BYTES = 1024 * 1024  # a receipt is a few hundred bytes; anything bigger is not ours
 ERROR_SUFFIX = ".watchfolder-error.txt"
+# Finished jobs of a watch folder read at start (newest first), and by explain: failed ones to
+# know which acquisitions an earlier run handled without a marker beside them (an older one is
+# listed for one quiet period, until its first look finds its job); succeeded ones to know a
+# kept acquisition whose receipt was deleted.
+FINISHED_AT_START = 1000
 OWN_MARKERS = (".watchfolder-receipt.json", ".watchfolder-error.txt")
 
 # How often a candidate waiting for missing files is looked at again when no
@@ -516,6 +522,9 @@ class ManifestRule(Rule):
                     )
                     if not is_own_file(r.rsplit("/", 1)[-1])
                 ]
+                copying = copies_in_progress(left_out)
+                if copying:
+                    return Outcome("wait", rel, spec=base, why="copying", reason=copying_reason(copying))
                 if not found:
                     return Outcome(
                         "reject", rel, spec=base,
@@ -883,6 +892,9 @@ class LayoutRule(Rule):
             return Outcome("reject", rel, spec=base, reason=str(exc))
         except OSError as exc:  # a subfolder unreadable: the owner from the path still hears about it
             raise _with_known(exc, base) from None
+        copying = copies_in_progress(left_out)
+        if copying:
+            return Outcome("wait", rel, spec=base, why="copying", reason=copying_reason(copying))
         if not found:
             # An empty folder (or one holding only temp files) is not an acquisition yet.
             return Outcome("wait", rel, spec=base, why="empty", reason="waiting for files: the folder holds none yet")
@@ -1166,6 +1178,27 @@ def checksum_reason(paths: list[str], where: str) -> str:
         f"{noun} of {acq.listed_names(paths)} {verb} not match the {where}: the size is right but the content differs, "
         f"so waiting will not help; copy the file(s) again from the instrument (or fix the {where}'s sha256)"
     )
+
+
+def copies_in_progress(left_out: list[str]) -> list[str]:
+    """The entries of ``left_out`` (``"b.tif.part (excluded)"``) named like a copy in progress
+    (``defaults.IN_PROGRESS_PATTERNS``: ``b.tif.part``, ``x.tmp``, ``~$notes.docx``), as paths."""
+    match = acq.matcher(D.IN_PROGRESS_PATTERNS)
+    out = []
+    for item in left_out:
+        path, sep, why = item.rpartition(" (")
+        if sep and why.startswith("excluded") and match is not None and match(path.rpartition("/")[2]):
+            out.append(path)
+    return out
+
+
+def copying_reason(paths: list[str]) -> str:
+    """Why an acquisition holding ``paths`` (copies in progress) is not queued yet."""
+    return (f"still being copied: {acq.listed_names([printable(p) for p in paths])} "
+            f"{'is a temporary file' if len(paths) == 1 else 'are temporary files'} of a copy in progress; "
+            "imported once the copy has renamed or removed "
+            f"{'it' if len(paths) == 1 else 'them'} (an abandoned copy: remove "
+            f"{'it' if len(paths) == 1 else 'them'})")
 
 
 def pending_reason(kind: str, reason: str, last_change: float, quiet_until: float | None, now: float) -> str:
@@ -1793,6 +1826,8 @@ class Detector:
                     outcome.kind = "reject"
                     fix = ("copy the files again from the instrument (their sizes differ from the descriptor's), "
                            "or fix the sizes in the descriptor") if outcome.why == "size" else (
+                        "finish the copy, or remove the temporary files of the abandoned one; then retry "
+                        "the job") if outcome.why == "copying" else (
                         "copy the missing files and drop the acquisition again, or fix the descriptor")
                     outcome.reason = (
                         f"incomplete after {self.watch.missing_timeout:g} s without change: {outcome.reason}; {fix}"

@@ -27,6 +27,7 @@ from ..job import JobState
 from ..store.base import JobStore, PendingEntry
 from . import acquisition as acq
 from .detector import (
+    FINISHED_AT_START,
     Detector,
     Patterns,
     _os_reason,
@@ -224,6 +225,10 @@ def _after_import(watch: WatchConfig, root: str, detector: Detector, rel: str, r
         return reason
     job = store.find(outcome.spec.key()) if outcome.spec is not None else None
     if job is None or job.state != JobState.SUCCEEDED:
+        # Changed since (a temporary file in it now makes it look like a copy in progress):
+        # the watcher's rule for a change after an import (receipt, same folder and files).
+        job = _changed_after_import(watch, root, acq_rel, store)
+    if job is None:
         return reason
     return reason.replace(hint, f"renaming it would not import it: it is part of acquisition {acq_rel}, imported "
                                 f"as job {job.id}, and a change after an import is not imported again (drop it "
@@ -253,12 +258,21 @@ def _unlisted(watch: WatchConfig, root: str, acq_rel: str, full: str) -> str | N
 
 def _changed_after_import(watch: WatchConfig, root: str, acq_rel: str, store: JobStore | None) -> Any:
     """The succeeded job that imported ``acq_rel`` before it changed in place (its receipt names
-    it, and the watcher's identity rule holds), or None."""
+    it, or the store's newest success for it, and the watcher's identity rule holds), or None."""
     if store is None:
         return None
     job_id, _receipt = read_receipt(root, acq_rel)
     if job_id is None:
-        return None
+        # No receipt (not written yet, or deleted): the store's newest success for it, as a
+        # restarted watcher looks it up (the watch folder's newest 1,000).
+        try:
+            jobs, _ = store.list_jobs(states=[JobState.SUCCEEDED.value], source=f"watch:{watch.name}",
+                                      limit=FINISHED_AT_START)
+        except Exception:  # the store busy
+            return None
+        job = next((j for j in jobs if j.spec.extra.get("acquisition") == acq_rel
+                    and j.spec.extra.get("watch") == watch.name), None)
+        return job if job is not None and imported_this(job, watch.name, root, acq_rel) else None
     try:
         job = store.get(job_id)
     except Exception:  # not in this database (restored from a backup), or the store busy

@@ -44,7 +44,15 @@ from ..filenames import beside
 from ..job import JobState, printable
 from ..store.outage import fault_level
 from ..store.space import is_disk_full
-from .detector import RECEIPT_SUFFIX, Detector, Outcome, imported_this, read_receipt, unreadable_folder
+from .detector import (
+    FINISHED_AT_START,
+    RECEIPT_SUFFIX,
+    Detector,
+    Outcome,
+    imported_this,
+    read_receipt,
+    unreadable_folder,
+)
 from .followup import PostActions
 from .mounts import mount_of
 from .scanner import Scanner
@@ -56,10 +64,6 @@ RESTART_BACKOFF = (1.0, 2.0, 5.0, 15.0, 30.0, 60.0)
 HEALTH_INTERVAL = 1.0
 STATUS_INTERVAL = 2.0
 FOLLOWUP_INTERVAL = 1.0
-# Failed jobs read at start to know which acquisitions an earlier run handled without a marker
-# beside them (newest first; succeeded ones leave a receipt): an older one is listed for one
-# quiet period, until its first look finds its job.
-FINISHED_AT_START = 1000
 STORE_RETRY_SECONDS = 5.0
 # Folders noted unreadable are looked at again at most this often (at least every quiet period).
 UNREADABLE_RECHECK_SECONDS = 5.0
