@@ -511,10 +511,13 @@ def test_a_copy_in_progress_has_no_name_where_the_volume_allows(unnamed_supporte
     dest = archive_root / "jdoe" / "Brain atlas" / "slide 3" / Path(job.spec.root).name
     ArchiveImporter(root=archive_root, chunk_bytes=1000).run(job, ctx)
     assert seen and all(len(names) == len(seen[0]) for names in seen)
+    # The job's ledger marks the folder as its own from the start (a retry after a crash finds it).
+    ledger = f".watchfolder-job-{job.id}.owned"
     if unnamed_supported:
-        assert seen[0] == []
+        assert seen[0] == [ledger]
     else:
-        assert len(seen[0]) == 1 and seen[0][0].startswith(f".big.tif.wf-{job.id}-") and seen[0][0].endswith(".part")
+        assert len(seen[0]) == 2 and seen[0][0].startswith(f".big.tif.wf-{job.id}-") and seen[0][0].endswith(".part")
+        assert seen[0][1] == ledger
     assert sorted(os.listdir(dest)) == ["big.tif"]
 
 
@@ -563,7 +566,7 @@ def test_a_paced_copy_stops_within_its_wait_on_shutdown(make_spec, start, archiv
     timer.join()
     assert time.monotonic() - began < 30
     dest = archive_root / "jdoe" / "Brain atlas" / "slide 3" / Path(job.spec.root).name
-    assert files_under(dest) == []  # no partial copy left
+    assert files_under(dest) == [f".watchfolder-job-{job.id}.owned"]  # no partial copy left, only its ledger
 
 
 def test_max_bytes_per_second_from_config(make_config, tmp_path):
@@ -588,7 +591,9 @@ def test_cancel_stops_the_copy_at_a_checkpoint_and_cleans_up(store, make_spec, s
         ArchiveImporter(root=archive_root, chunk_bytes=500).run(job, ctx)
     assert len(ctx.calls) == 3
     dest = archive_root / "jdoe" / "Brain atlas" / "slide 3" / Path(job.spec.root).name
-    assert files_under(dest) == []  # neither the file nor its temporary copy
+    assert files_under(dest) == [f".watchfolder-job-{job.id}.owned"]  # neither the file nor its temporary copy
+    ArchiveImporter(root=archive_root).cleanup(job)  # what the worker does for a cancelled job
+    assert not dest.exists()
 
 
 @pytest.fixture

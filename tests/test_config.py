@@ -753,3 +753,25 @@ def test_the_several_hosts_example_is_a_valid_config(tmp_path):
                              environ={"WATCHFOLDER_DB_PASSWORD": SECRET, "SMTP_PASSWORD": "x"})
     assert config.store.backend == "postgresql" and config.store.password.reveal() == SECRET
     assert config.logs_dir == Path("/mnt/shared/watchfolder/logs")
+
+
+@pytest.mark.parametrize("where", ["archive", "outbox", "store", "watch-in-archive"])
+def test_what_the_service_writes_may_not_be_inside_a_watch_folder(make_config, tmp_path, where):
+    # An archive root under the drop folder: the service imported its own archive as owner
+    # "archive", then "archive/archive" (outside try of issue 12). Refused with the fix.
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    overrides = {"watch": [{"name": "w", "path": str(drop), "owner": "jdoe", "target": {"dataset": "d"}}]}
+    if where == "archive":
+        overrides["importer"] = {"kind": "archive", "archive": {"root": str(drop / "archive")}}
+    elif where == "outbox":
+        overrides["notify"] = {"transport": "folder", "outbox_dir": str(drop / "outbox"),
+                               "admin_email": "admin@example.org"}
+    elif where == "store":
+        overrides["store"] = {"path": str(drop / "jobs.db")}
+    else:
+        overrides["importer"] = {"kind": "archive", "archive": {"root": str(tmp_path)}}
+    with pytest.raises(ConfigError) as info:
+        make_config(**overrides)
+    text = str(info.value)
+    assert "watch[0].path" in text and ("outside every watch folder" in text or "outside the archive" in text), text

@@ -1126,9 +1126,35 @@ def parse(raw: Any, *, path: Path | None = None, environ: dict[str, str] | None 
     )
     if config.notify.transport == "smtp" and not config.notify.smtp.host:
         r.problem("notify.smtp.host", "required when notify.transport is smtp")
+    _refuse_output_in_watch(r, config)
     if r.problems:
         raise ConfigError(r.problems)
     return config
+
+
+def _refuse_output_in_watch(r: _Reader, config: Config) -> None:
+    """What the service writes (the archive, the job store and its logs, the mail outbox) may not
+    be inside a watch folder, nor a watch folder inside the archive: the service would import its
+    own output, again and again (an archive under the drop folder became owner "archive", then
+    "archive/archive"). The job store's folder (``data_dir``) may hold drop folders; not the reverse."""
+    written: list[tuple[str, Path]] = []
+    if config.importer.kind == "archive":
+        written.append(("importer.archive.root", config.importer.archive.root))
+    if config.store.url is None or config.store.url.startswith("sqlite"):
+        written.append(("store.path", config.store.path))
+    written.append(("store.logs_dir" if config.store.logs_dir else "data_dir (its logs/)", config.logs_dir))
+    if config.notify.transport == "folder":
+        written.append(("notify.outbox_dir", config.notify.outbox_dir))
+    for i, w in enumerate(config.watch):
+        watched = _real(w.path)
+        for key, out in written:
+            mine = _real(out)
+            if mine == watched or mine.is_relative_to(watched):
+                r.problem(f"watch[{i}].path", f"{w.path} holds {key} ({out}): the service would import what it "
+                                              f"writes there as acquisitions; move {key} outside every watch folder")
+            elif key == "importer.archive.root" and watched.is_relative_to(mine):
+                r.problem(f"watch[{i}].path", f"{w.path} is inside {key} ({out}): archived data would be imported "
+                                              "again; give the watch folder a place outside the archive")
 
 
 def load(path: str | os.PathLike | None = None, *, environ: dict[str, str] | None = None) -> Config:

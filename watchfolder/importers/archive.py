@@ -269,9 +269,8 @@ def _ledger_name(job_id: int) -> str:
 def _claimable(folder: str, paths: set[str], job_id: int) -> bool:
     """For a layout that gives each acquisition its own folder: True when ``folder`` is absent,
     or holds something of job ``job_id`` (its ledger, its temporary files, files it lists) and
-    nothing else. An empty folder is another job's that has just made it (its first file
-    follows), so it is not claimable (a job killed before its first file leaves one behind:
-    its retry goes beside it); an unreadable subfolder, a link or a foreign file makes it taken.
+    nothing else. An empty folder is another job's that has just made it (its ledger
+    follows at once), so it is not claimable; an unreadable subfolder, a link or a foreign file makes it taken.
     Symbolic links are not followed."""
     ledger, tag = _ledger_name(job_id), f".wf-{job_id}-"
     found = False
@@ -311,9 +310,13 @@ class _Ledger:
         self.path = path
         self.fd = -1
 
-    def add(self, rel: str) -> None:
+    def open(self) -> None:
+        """Create the ledger (empty, or keep the one there) and hold it open for appends."""
         if self.fd < 0:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_CLOEXEC, 0o644)
+
+    def add(self, rel: str) -> None:
+        self.open()
         os.write(self.fd, (json.dumps(rel) + "\n").encode())
 
     def close(self) -> None:
@@ -575,7 +578,7 @@ class ArchiveImporter(Importer):
             placed: list[str] = []
             try:
                 result = self._copy_all(job, ctx, candidate, sources, buf, placed, tree,
-                                        exclusive=exclusive and not existed)
+                                        exclusive=exclusive and not existed, claim=exclusive)
             except TransientImportError as exc:
                 if exc.full and exc.need_bytes is None:
                     # The volume filled mid-copy: what is placed stays for the next attempt
@@ -648,12 +651,13 @@ class ArchiveImporter(Importer):
             os.close(fd)
 
     def _copy_all(self, job: Job, ctx: ImportContext, dest_root: Path, sources: list, buf: bytearray,
-                  placed: list[str], tree: safefs.SourceTree, *, exclusive: bool = False) -> dict[str, Any]:
+                  placed: list[str], tree: safefs.SourceTree, *, exclusive: bool = False,
+                  claim: bool = False) -> dict[str, Any]:
         """Copy every source into ``dest_root``; ``placed`` collects the files this attempt linked there.
 
         ``exclusive``: the folder, absent when looked at, is this acquisition's alone: whoever makes
         it owns it, and a folder another job made meanwhile (empty, or holding its files) raises
-        :class:`_Occupied`.
+        :class:`_Occupied`. ``claim``: create the job's ledger in it before the first file.
         """
         total = sum(size for _, _, size in sources)
         count = len(sources)
@@ -676,6 +680,14 @@ class ArchiveImporter(Importer):
         # ends without success (created with the first file placed).
         ledger = _Ledger(os.path.join(dest_root, _ledger_name(job.id)))
         try:
+            if claim:
+                # The folder is this job's from now on: its ledger says so before any file is in it
+                # (a copy without a name, O_TMPFILE, leaves nothing else), so a retry after a crash
+                # finds its own folder, not an empty one that another job may have just made.
+                try:
+                    ledger.open()
+                except OSError as exc:
+                    raise classify_os_error(exc, dest_root, "write to archive folder") from None
             result = self._copy_each(job, ctx, dest_root, sources, buf, placed, tag, ledger, total, count,
                                      anonymous, tree)
         finally:
