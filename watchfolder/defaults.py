@@ -106,7 +106,15 @@ RESCAN_SECONDS = 3600.0
 MISSING_TIMEOUT_SECONDS = 3600.0
 # Windows Explorer writes Thumbs.db, ehthumbs.db and desktop.ini into folders it shows (an
 # instrument PC browsing its share): never data, like the dot-files macOS writes (.DS_Store).
-EXCLUDE_PATTERNS = ("~$*", "*.tmp", "*.part", ".*", "Thumbs.db", "ehthumbs.db", "desktop.ini")
+# At the top of a share or disk: Windows' recycle bin and System Volume Information, ext4's
+# lost+found, and macOS's custom-icon file Icon\r (its name ends in a carriage return).
+EXCLUDE_PATTERNS = ("~$*", "*.tmp", "*.part", ".*", "Thumbs.db", "ehthumbs.db", "desktop.ini",
+                    "$RECYCLE.BIN", "System Volume Information", "lost+found", "Icon\r")
+# Of those, what an operating system makes by itself: excluded without a pending note (a person
+# has nothing to do about them; every share would list its recycle bin forever).
+SYSTEM_NAMES = frozenset({"Thumbs.db", "ehthumbs.db", "desktop.ini", "$RECYCLE.BIN", "System Volume Information",
+                          "lost+found", "Icon\r", ".DS_Store", ".Trashes", ".Spotlight-V100", ".fseventsd",
+                          ".TemporaryItems", ".snapshot"})
 # Names of a copy in progress (a transfer writes under such a name, then renames it): an
 # acquisition holding one that the patterns leave out is still being copied, whatever the
 # quiet period says. (Not ~$*: Office's lock file of a document left open says nothing

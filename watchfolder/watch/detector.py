@@ -1478,6 +1478,8 @@ class Detector:
         own file, and pending is for what a person can act on. A real folder of such a name
         is the exception: it may hold data, which is never imported, so it is noted with why."""
         name = rel.rpartition("/")[2]
+        if kind == "excluded" and name in D.SYSTEM_NAMES:
+            return  # made by the OS itself ($RECYCLE.BIN, .DS_Store): nothing for a person to do
         if is_own_file(name):
             try:
                 is_dir = stat.S_ISDIR(os.lstat(os.path.join(self.root, rel)).st_mode)
