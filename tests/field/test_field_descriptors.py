@@ -92,3 +92,27 @@ def test_a_job_finishing_during_shutdown_gets_its_receipt_before_the_service_sto
     receipt = field.drop / "acq.watchfolder-receipt.json"
     assert receipt.exists()
     assert json.loads(receipt.read_text(encoding="utf-8"))["state"] == "succeeded"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_manifest_listing_a_folder_fails_at_once_with_the_fix(field, mode):
+    # files: [{"path": "sub"}] where sub/ is a folder: waiting cannot fix it, so it is not waited
+    # for missing_timeout and then failed with advice about sizes (outside try, second round).
+    field.start(mode)  # missing_timeout: 600 s in these tests
+    tree(field.drop / "listsdir" / "sub", {"a.tif": b"a" * 10})
+    (field.drop / "listsdir" / "watchfolder.json").write_text(
+        json.dumps({"owner": "jdoe", "target": {"dataset": "d"}, "files": [{"path": "sub"}]}), encoding="utf-8")
+    [job] = field.settled(1)
+    assert job.state.value == "failed"
+    assert "lists sub, which is a folder" in job.error.message and "List the files inside it" in job.error.message
+
+
+def test_a_submitted_manifest_listing_a_folder_is_refused_with_the_fix(tmp_path):
+    from watchfolder.errors import AcquisitionError
+    from watchfolder.watch.acquisition import from_path
+
+    tree(tmp_path / "acq" / "sub", {"a.tif": b"a"})
+    (tmp_path / "acq" / "watchfolder.json").write_text(
+        json.dumps({"owner": "jdoe", "target": {"dataset": "d"}, "files": ["sub"]}), encoding="utf-8")
+    with pytest.raises(AcquisitionError, match="lists sub, which is a folder"):
+        from_path(tmp_path / "acq", source="cli:t")

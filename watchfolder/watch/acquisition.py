@@ -543,6 +543,14 @@ def special_reason(special: list[str], where: str) -> str:
     )
 
 
+def folders_reason(paths: list[str], where: str) -> str:
+    """Why listed paths that are folders refuse the acquisition at once (waiting cannot help)."""
+    one = len(paths) == 1
+    return (f"the {where} lists {listed_names(paths)}, which {'is a folder' if one else 'are folders'}: a {where} "
+            f"lists files. List the files inside {'it' if one else 'them'} (sub/a.tif), or leave \"files\" out to "
+            "import everything in the acquisition's folder")
+
+
 def listed_names(paths: list[str], limit: int = 10) -> str:
     """``a.tif, b.tif and 3 more``: at most ``limit`` paths named."""
     shown = ", ".join(paths[:limit])
@@ -638,6 +646,8 @@ class ListedCheck:
     sizes: list[tuple[str, int, int]] = field(default_factory=list)  # (path, bytes found, listed)
     # Listed paths that are a FIFO, socket or device ("x (a socket)"): never a data file, waiting cannot help.
     special: list[str] = field(default_factory=list)
+    # Listed paths that are folders: a manifest lists files; waiting cannot help either.
+    folders: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -675,6 +685,7 @@ def check_listed(root: Path, files: Iterable[FileEntry]) -> ListedCheck:
     absent: list[str] = []
     sizes: list[tuple[str, int, int]] = []
     special: list[str] = []
+    folders: list[str] = []
     for entry in files:
         folder, _, name = entry.path.rpartition("/")
         st = None
@@ -699,7 +710,9 @@ def check_listed(root: Path, files: Iterable[FileEntry]) -> ListedCheck:
         rel, st = checked
         if not stat.S_ISREG(st.st_mode):
             missing.append(f"{entry.path} (not a regular file)")
-            if not stat.S_ISDIR(st.st_mode):
+            if stat.S_ISDIR(st.st_mode):
+                folders.append(entry.path)
+            else:
                 special.append(f"{entry.path} ({file_kind(st.st_mode)})")
             continue
         if entry.size is not None and st.st_size != entry.size:
@@ -707,7 +720,7 @@ def check_listed(root: Path, files: Iterable[FileEntry]) -> ListedCheck:
             sizes.append((entry.path, st.st_size, entry.size))
             continue
         present.append((FileEntry(path=rel, size=st.st_size, sha256=entry.sha256), st))
-    return ListedCheck(present, missing, absent, sizes, special)
+    return ListedCheck(present, missing, absent, sizes, special, folders)
 
 
 class _RealRoot:
@@ -912,6 +925,8 @@ def from_path(
             check = check_listed(real, descriptor.files)
             if check.special:
                 raise AcquisitionError(f"{manifest}: {special_reason(check.special, 'manifest')}")
+            if check.folders:
+                raise AcquisitionError(f"{manifest}: {folders_reason(check.folders, 'manifest')}")
             if check.missing:
                 raise AcquisitionError(
                     f"{manifest}: {len(check.missing)} listed file(s) missing or incomplete: "

@@ -495,6 +495,8 @@ class ManifestRule(Rule):
                 seen = _as_seen(base, descriptor.files, check)
                 if check.special:
                     return Outcome("reject", rel, spec=seen, reason=acq.special_reason(check.special, "manifest"))
+                if check.folders:
+                    return Outcome("reject", rel, spec=seen, reason=acq.folders_reason(check.folders, "manifest"))
                 too_big = oversize_reason(check.sizes, "manifest")
                 if too_big:
                     return Outcome("reject", rel, spec=seen, reason=too_big)
