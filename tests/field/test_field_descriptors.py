@@ -116,3 +116,21 @@ def test_a_submitted_manifest_listing_a_folder_is_refused_with_the_fix(tmp_path)
         json.dumps({"owner": "jdoe", "target": {"dataset": "d"}, "files": ["sub"]}), encoding="utf-8")
     with pytest.raises(AcquisitionError, match="lists sub, which is a folder"):
         from_path(tmp_path / "acq", source="cli:t")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_complete_file_with_the_wrong_checksum_fails_even_while_another_is_missing(field, mode):
+    # a.tif has its listed size and the wrong content; b.tif is not there yet. Waiting for b.tif
+    # cannot fix a.tif: the job fails now, naming a.tif (outside try of issue 15).
+    import hashlib
+
+    field.start(mode)
+    folder = field.drop / "mixC"
+    tree(folder, {"a.tif": b"B" * 100})
+    (folder / "watchfolder.json").write_text(json.dumps({
+        "owner": "jdoe", "target": {"dataset": "d"},
+        "files": [{"path": "a.tif", "size": 100, "sha256": hashlib.sha256(b"A" * 100).hexdigest()},
+                  {"path": "b.tif", "size": 50}]}), encoding="utf-8")
+    [job] = field.settled(1)
+    assert job.state.value == "failed"
+    assert "checksum of a.tif does not match the manifest" in job.error.message, job.error

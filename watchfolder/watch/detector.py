@@ -500,12 +500,17 @@ class ManifestRule(Rule):
                 too_big = oversize_reason(check.sizes, "manifest")
                 if too_big:
                     return Outcome("reject", rel, spec=seen, reason=too_big)
+                sized = {e.path for e in descriptor.files if e.size is not None}
                 if check.missing:
+                    # A file already complete (its listed size) whose checksum differs will not
+                    # change by waiting for the others: refused now (hashes are cached per file state).
+                    bad = _checksums(folder, [e for e, _ in check.present if e.path in sized])
+                    if bad:
+                        return Outcome("reject", rel, spec=seen, reason=checksum_reason(bad, "manifest"))
                     why, reason = listed_reason(check, len(descriptor.files), "manifest")
                     return Outcome("wait", rel, spec=base, reason=reason, why=why)
                 found = check.present
                 bad = _checksums(folder, [e for e, _ in found])
-                sized = {e.path for e in descriptor.files if e.size is not None}
                 if any(p in sized for p in bad):
                     # Complete (every listed size matches) yet different: waiting cannot fix it.
                     return Outcome("reject", rel, spec=seen, reason=checksum_reason(bad, "manifest"))
