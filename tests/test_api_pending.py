@@ -170,3 +170,24 @@ def test_an_owner_limited_token_sees_its_acquisition_while_it_is_still_being_wri
     assert [(i["path"], i["kind"], i["owner"]) for i in mine] == [("wr2", "writing", "jdoe")]
     assert [i["path"] for i in svc.client("lab-reader").get("/api/v1/pending").json["pending"]] == ["wr2"]
     watcher.stop()
+
+
+def test_a_misplaced_file_in_a_layout_drop_is_its_owners_to_see(svc, make_config):
+    """Outside test of issue 15: jdoe/loose.tif (a file where the layout expects dataset folders)
+    was listed with owner null, so jdoe's token never saw it; the path names the owner."""
+    from watchfolder.watch.watcher import Watcher
+
+    drop = svc.roots["drop"]
+    watch = make_config(watch=[{"name": "drop", "path": str(drop), "mode": "polling", "quiet_period": 60,
+                                "poll_interval": 1, "rescan_interval": 100000, "detection": "layout",
+                                "layout": "{owner}/{dataset}/", "target": {"project": "P"}}]).watch[0]
+    (drop / "jdoe").mkdir(parents=True, exist_ok=True)
+    (drop / "jdoe" / "loose.tif").write_bytes(b"x")
+    watcher = Watcher(watch, svc.store)
+    watcher.loop(now=time.time())
+    kinds = {e.path: (e.kind, e.owner) for e in svc.store.pending_list(watch="drop")}
+    assert kinds["jdoe/loose.tif"] == ("misplaced", "jdoe"), kinds
+    mine = svc.client("jdoe-only").get("/api/v1/pending").json["pending"]
+    assert ("jdoe/loose.tif", "misplaced") in [(i["path"], i["kind"]) for i in mine]
+    assert [p["owner"] for p in watcher.status()["pending_acquisitions"] if p["path"] == "jdoe/loose.tif"] == ["jdoe"]
+    watcher.stop()

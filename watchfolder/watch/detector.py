@@ -1964,7 +1964,10 @@ class Detector:
         quiet period (nothing tells the detector when a skipped folder's descriptor changes).
         A symbolic link or an unreadable path is never looked into."""
         if kind not in ("excluded", "not_acquisition"):
-            return None
+            # Never looked into (a link, an unreadable or misplaced path): the owner its path names
+            # in layout mode, whatever its kind (jdoe/loose.tif is jdoe's to move).
+            named = self.rule.path_owner(rel)
+            return storable(named) if named else None
         cached = self._skipped_owner.get(rel)
         if cached is not None and now - cached[0] < max(self.watch.quiet_period, 1.0):
             return cached[1]
@@ -1984,8 +1987,10 @@ class Detector:
                         "waiting": c.waiting, "owner": c.owner})
         for rel, (seen, kind, reason) in sorted(self.skipped.items())[: max(0, limit - len(out))]:
             cached = self._skipped_owner.get(rel)
+            owner = cached[1] if cached is not None else (
+                None if kind in ("excluded", "not_acquisition") else self.rule.path_owner(rel))
             out.append({"path": storable(rel), "since": seen, "last_change": seen, "waiting": reason, "kind": kind,
-                        "owner": cached[1] if cached is not None else None})
+                        "owner": storable(owner) if owner else None})
         return out
 
 
