@@ -52,3 +52,31 @@ def test_explain_says_an_unlisted_file_will_be_left_out_before_the_acquisition_i
     got = explain(field.service.config, field.store, str(field.drop / "acq" / "notes.txt"))
     assert got.verdict == "left_out", got
     assert "is imported without it" in got.reason and "add it to the manifest's \"files\"" in got.reason
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_explain_on_what_the_walk_left_out_says_left_out(field, tmp_path, mode):
+    # runF/{a.tif, p.tif (a FIFO), alias.tif -> a.tif} with a manifest naming no files: the job
+    # imported a.tif only; explain on p.tif said "became job N, succeeded" (outside try of
+    # issue 15). It says what the job log says: left out, and why.
+    import json
+    import os
+
+    from watchfolder.watch.explain import explain
+
+    field.start(mode)
+    staging = tmp_path / "staging" / "runF"
+    staging.mkdir(parents=True)
+    (staging / "a.tif").write_bytes(b"a" * 100)
+    os.mkfifo(staging / "p.tif")
+    os.symlink("a.tif", staging / "alias.tif")
+    (staging / "watchfolder.json").write_text(json.dumps({"owner": "jdoe", "target": {"dataset": "d"}}))
+    os.rename(staging, field.drop / "runF")
+    [job] = field.settled(1)
+    assert job.state.value == "succeeded" and [f.path for f in job.spec.files] == ["a.tif"]
+    cfg = field.service.config
+    for name, why in (("p.tif", "named pipe"), ("alias.tif", "symbolic link")):
+        got = explain(cfg, field.store, str(field.drop / "runF" / name))
+        assert got.verdict == "left_out", (name, got)
+        assert why in got.reason and f"became job {job.id}" in got.reason, got.reason
+    assert explain(cfg, field.store, str(field.drop / "runF" / "a.tif")).verdict == "job"

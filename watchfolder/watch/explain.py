@@ -193,6 +193,14 @@ def explain(config: Config, store: JobStore | None, path: str, *, now: float | N
     refused = detector.refusal(rel)
     if refused is not None:
         kind, reason = refused
+        if kind == "symlink" and os.path.islink(full) and not os.path.isdir(full):
+            # A link to a file inside an acquisition: what that acquisition's look says of it (left
+            # out, with why), as the job log and the mail do.
+            acq_rel = _acquisition_of(watch, root, rel, False)
+            if acq_rel is not None and acq_rel != rel:
+                inside = _explain_acquisition(watch, root, acq_rel, full, store, now)
+                if inside.verdict == "left_out":
+                    return inside
         if kind == "excluded" and store is not None:
             reason = _after_import(watch, root, detector, rel, reason, store, now)
         return Explanation(full, "unreadable" if kind == "unreadable" else "ignored", reason, watch.name)
@@ -256,6 +264,19 @@ def _unlisted(watch: WatchConfig, root: str, acq_rel: str, full: str) -> str | N
             f"file(s))")
 
 
+def _left_out(outcome: Any, root: str, acq_rel: str, full: str) -> str | None:
+    """What the acquisition's own look left out about ``full`` (a named pipe, an excluded name, a
+    link, an unreadable folder: its ``left_out`` notes, as the job log and mail give them), or None."""
+    folder = os.path.join(root, acq_rel)
+    if outcome.spec is None or full == folder or not full.startswith(folder + os.sep):
+        return None
+    inner = os.path.relpath(full, folder).replace(os.sep, "/")
+    for note in outcome.spec.extra.get("left_out") or ():
+        if isinstance(note, str) and (note.startswith(inner + " (") or note.startswith(inner + "/ (")):
+            return note
+    return None
+
+
 def _changed_after_import(watch: WatchConfig, root: str, acq_rel: str, store: JobStore | None) -> Any:
     """The succeeded job that imported ``acq_rel`` before it changed in place (its receipt names
     it, or the store's newest success for it, and the watcher's identity rule holds), or None."""
@@ -297,6 +318,10 @@ def _explain_acquisition(
         return Explanation(full, "unreadable", part + _os_reason(exc, where), watch.name, acq_rel, pending=pending)
     out = Explanation(full, "pending", "", watch.name, acq_rel, pending=pending)
     unlisted = _unlisted(watch, root, acq_rel, full)
+    advice = "to import it too, add it to the manifest's \"files\" before the acquisition is queued"
+    if unlisted is None:
+        unlisted = _left_out(outcome, root, acq_rel, full)
+        advice = "the job log and the owner's mail name it too"
     # The watcher's rule: a job recorded for the acquisition as it is now (a "wait" one that
     # failed on missing_timeout included) is what became of it.
     if outcome.spec is not None and outcome.kind in ("enqueue", "reject", "wait") and store is not None:
@@ -320,8 +345,7 @@ def _explain_acquisition(
         return out
     if unlisted is not None:
         out.verdict = "left_out"
-        out.reason = (f"not part of the import: {unlisted}; acquisition {acq_rel} is imported without it "
-                      f"(to import it too, add it to the manifest's \"files\" before the acquisition is queued)")
+        out.reason = f"not part of the import: {unlisted}; acquisition {acq_rel} is imported without it ({advice})"
         return out
     if outcome.kind == "gone":
         out.verdict, out.reason = "not_acquisition", f"{part}{outcome.reason or 'no longer an acquisition'}"
