@@ -147,3 +147,14 @@ def test_what_an_os_makes_at_the_top_of_a_share_is_neither_a_job_nor_pending(fie
     field.quiet_for(1.0)
     assert len(field.jobs()) == 1
     assert field.pending() == [], field.pending()
+
+
+def test_a_folder_holding_only_what_is_never_imported_says_so(field):
+    # Only Thumbs.db, .DS_Store and ~$notes.docx in a dataset folder: "the folder holds none yet"
+    # read as if it were empty (outside try of issue 12, second round); the names are given.
+    field.start("events", detection="layout", layout="{owner}/{dataset}/")
+    tree(field.drop / "jdoe" / "junk", {"Thumbs.db": b"t", ".DS_Store": b"d", "~$notes.docx": b"n"})
+    wait_until(lambda: [e for e in field.pending() if e["path"] == "jdoe/junk" and "never imported" in
+                        (e.get("waiting") or "")], 10, message="the pending reason naming what it holds")
+    [entry] = [e for e in field.pending() if e["path"] == "jdoe/junk"]
+    assert "Thumbs.db" in entry["waiting"] and ".DS_Store" in entry["waiting"], entry

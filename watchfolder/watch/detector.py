@@ -533,9 +533,11 @@ class ManifestRule(Rule):
                 if copying:
                     return Outcome("wait", rel, spec=base, why="copying", reason=copying_reason(copying))
                 if not found:
+                    held = (f" (it holds only what is never imported: "
+                            f"{acq.listed_names([printable(x) for x in left_out], 5)})") if left_out else ""
                     return Outcome(
                         "reject", rel, spec=base,
-                        reason=f"{folder}: the manifest lists no files and the folder holds none to import",
+                        reason=f"{folder}: the manifest lists no files and the folder holds none to import{held}",
                     )
                 proven = False
         except AcquisitionError as exc:
@@ -904,7 +906,11 @@ class LayoutRule(Rule):
             return Outcome("wait", rel, spec=base, why="copying", reason=copying_reason(copying))
         if not found:
             # An empty folder (or one holding only temp files) is not an acquisition yet.
-            return Outcome("wait", rel, spec=base, why="empty", reason="waiting for files: the folder holds none yet")
+            reason = "waiting for files: the folder holds none yet"
+            if left_out:
+                reason = (f"waiting for files: the folder holds only what is never imported "
+                          f"({acq.listed_names([printable(x) for x in left_out], 5)})")
+            return Outcome("wait", rel, spec=base, why="empty", reason=reason)
         if owner and ("/" in owner or any(c.isspace() for c in owner)):
             return Outcome("reject", rel, spec=base, reason=f"owner {owner!r} from the path is not a valid user name")
         return _finish(self.watch, base, acq.Descriptor(), found, rel, "folder", warnings=[], left_out=left_out)
