@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="key-value annotation (repeatable)")
     p.add_argument("--wait", "--follow", action="store_true", dest="wait",
                    help="follow the job with a progress bar until it ends (exit 1 unless it succeeds)")
-    p.add_argument("--json", action="store_true", help="print the job as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the job as JSON (with --wait: only the finished job; the progress bar goes to stderr)")
     p.set_defaults(func=cmd_submit)
 
     jobs = sub.add_parser("jobs", help="list, show, retry and cancel jobs", epilog=EPILOG)
@@ -163,10 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", type=ID)
     p.add_argument("--follow", "-f", action="store_true",
                    help="draw live progress until the job ends (waits for a job about to appear)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true",
+                   help="print the job as JSON (with --follow: only the finished job; the progress bar goes to stderr)")
     p.set_defaults(func=cmd_jobs_show)
     p = jsub.add_parser("log", help="print a job's log")
     p.add_argument("id", type=ID)
+    p.add_argument("--json", action="store_true", help='print {"id": ID, "lines": [...]}')
     p.set_defaults(func=cmd_jobs_log)
     p = jsub.add_parser("retry", help="queue a failed or cancelled job again")
     p.add_argument("id", type=ID)
@@ -214,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", metavar="URL", help="the PostgreSQL database to copy into (no password in it)")
     p.add_argument("--password-env", metavar="VAR",
                    help="environment variable holding the database password (else PGPASSWORD or ~/.pgpass)")
+    p.add_argument("--json", action="store_true", help="print the store, its schema version and what was copied as JSON")
     p.set_defaults(func=cmd_store_migrate)
     store.set_defaults(func=lambda a: (store.print_help(), 2)[1])
 
@@ -237,12 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = esub.add_parser("list", help="print events (CloudEvents JSON lines) after an id, oldest first")
     p.add_argument("--after", type=EVENT_ID, default=0, help="only events with a larger id (default 0)")
     p.add_argument("--limit", type=COUNT, default=50, help="at most this many (default 50)")
+    p.add_argument("--json", action="store_true",
+                   help='one JSON document instead of lines: {"events": [...], "next_after": N, "has_more": bool}')
     p.set_defaults(func=cmd_events_list)
     p = esub.add_parser("sinks", help="each webhook / MQTT sink: position, failures, disabled")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_events_sinks)
     p = esub.add_parser("enable", help="re-enable a disabled sink; it resumes where it stopped")
     p.add_argument("name", help="the sink, e.g. webhook:lims or mqtt (see `events sinks`)")
+    p.add_argument("--json", action="store_true", help="print the sink enabled as JSON")
     p.set_defaults(func=cmd_events_enable)
     events.set_defaults(func=lambda a: (events.print_help(), 2)[1])
 
@@ -449,16 +456,25 @@ def cmd_submit(args) -> int:
         for warning in spec.extra.get("warnings", ()):
             store.log(job.id, f"warning: {warning}")
             print(printable(f"warning: {warning}"), file=sys.stderr)
+    if args.wait:
+        # With --json, stdout is one document, the job as it ended (as `jobs show --follow --json`):
+        # what was queued and the progress bar go to stderr.
+        _say_submitted(job, created, spec, sys.stderr if args.json else sys.stdout)
+        job = _follow(store, job.id, sys.stderr if args.json else None)
+        if args.json:
+            print(json.dumps(job.to_dict(), indent=2))
+        return 0 if job.state == JobState.SUCCEEDED else 1
     if args.json:
         print(json.dumps(job.to_dict(), indent=2))
     else:
-        word = "queued" if created else "already known"
-        print(printable(f"job {job.id} {word}: {len(spec.files)} file(s) of {spec.owner} → {spec.target.label} "
-                        f"[{job.state}]"))
-    if args.wait:
-        job = _follow(store, job.id)
-        return 0 if job.state == JobState.SUCCEEDED else 1
+        _say_submitted(job, created, spec, sys.stdout)
     return 0
+
+
+def _say_submitted(job: Job, created: bool, spec, out) -> None:
+    word = "queued" if created else "already known"
+    print(printable(f"job {job.id} {word}: {len(spec.files)} file(s) of {spec.owner} → {spec.target.label} "
+                    f"[{job.state}]"), file=out, flush=True)
 
 
 def _when(stamp: float | None) -> str:
@@ -589,7 +605,11 @@ def cmd_jobs_show(args) -> int:
 
 def cmd_jobs_log(args) -> int:
     config = load_config(args)
-    sys.stdout.write(open_store(config).read_log(args.id))
+    text = open_store(config).read_log(args.id)
+    if args.json:
+        print(json.dumps({"id": args.id, "lines": text.splitlines()}, indent=2, ensure_ascii=False))
+        return 0
+    sys.stdout.write(text)
     return 0
 
 
@@ -655,9 +675,15 @@ def cmd_store_migrate(args) -> int:
     config = load_config(args)
     store = open_store(config)  # applies pending schema migrations, with a log line per step
     described = store.describe()
-    print(f"store {described.get('location')}: schema {described.get('schema')} (up to date)")
+    # --json: one document at the end, {"store": …, "schema": N, "up_to_date": true, "copied": null or {…}}.
+    answer: dict[str, Any] = {"store": described, "schema": described.get("schema"), "up_to_date": True,
+                              "copied": None}
+    if not args.json:
+        print(f"store {described.get('location')}: schema {described.get('schema')} (up to date)")
     if not args.to:
         store.close()
+        if args.json:
+            print(json.dumps(answer, indent=2, default=str))
         return 0
     if config.store.backend != "sqlite":
         raise WatchfolderError(
@@ -683,6 +709,10 @@ def cmd_store_migrate(args) -> int:
         report = copy_sqlite_to_postgres(config.store.path, target)
     finally:
         target.close()
+    if args.json:
+        answer["copied"] = {"into": target.location, "tables": report}
+        print(json.dumps(answer, indent=2, default=str))
+        return 0
     for table, counts in report.items():
         print(f"  {table:<14} {counts['read']:>8} read, {counts['copied']:>8} copied "
               f"({counts['read'] - counts['copied']} already there)")
@@ -838,6 +868,14 @@ def cmd_events_list(args) -> int:
         print(f"watchfolder: error: --after {args.after} is past the newest event id of this store ({newest}); "
               "was the store replaced or restored? start again from --after 0", file=sys.stderr)
         return 1
+    if args.json:
+        # One document, shaped like GET /api/v1/events: one more event than the page tells has_more.
+        events = store.events_after(args.after, limit=args.limit + 1)
+        page = events[:args.limit]
+        print(json.dumps({"events": [envelope(e, config.events.source) for e in page],
+                          "next_after": page[-1]["id"] if page else args.after,
+                          "has_more": len(events) > args.limit}, indent=2, ensure_ascii=False))
+        return 0
     for event in store.events_after(args.after, limit=args.limit):
         print(json.dumps(envelope(event, config.events.source), ensure_ascii=False))
     return 0
@@ -868,6 +906,9 @@ def cmd_events_enable(args) -> int:
         print(f"no event sink {args.name!r}; see `watchfolder events sinks`", file=sys.stderr)
         return 1
     store.sink_reset(args.name)
+    if args.json:
+        print(json.dumps({"sink": args.name, "enabled": True}, indent=2))
+        return 0
     print(f"{args.name} enabled; it resumes after the last event it delivered")
     return 0
 
