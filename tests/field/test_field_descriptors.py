@@ -134,3 +134,29 @@ def test_a_complete_file_with_the_wrong_checksum_fails_even_while_another_is_mis
     [job] = field.settled(1)
     assert job.state.value == "failed"
     assert "checksum of a.tif does not match the manifest" in job.error.message, job.error
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_descriptors_one_letter_case_away_are_said_not_ignored(field, mode):
+    # WATCHFOLDER.JSON, cells9.czi.JSON, IMG2.CZI + img2.czi.json: a Windows instrument does not
+    # care about case, this server does; each was ignored without a word (outside try, round 2).
+    field.start(mode)
+    tree(field.drop / "upper", {"a.tif": b"a" * 10})
+    (field.drop / "upper" / "WATCHFOLDER.JSON").write_text(
+        json.dumps({"owner": "jdoe", "target": {"dataset": "d"}}), encoding="utf-8")
+    sidecar = json.dumps({"owner": "jdoe", "target": {"dataset": "d"}})
+    (field.drop / "cells9.czi").write_bytes(b"czi")
+    (field.drop / "cells9.czi.JSON").write_text(sidecar, encoding="utf-8")
+    (field.drop / "IMG2.CZI").write_bytes(b"czi")
+    (field.drop / "img2.czi.json").write_text(sidecar, encoding="utf-8")
+
+    def reasons():
+        return {e["path"]: e.get("waiting") or "" for e in field.pending()}
+
+    wait_until(lambda: {"upper/WATCHFOLDER.JSON", "cells9.czi.JSON", "img2.czi"} <= set(reasons()), 10,
+               message="each near miss listed as pending")
+    got = reasons()
+    assert "rename WATCHFOLDER.JSON to watchfolder.json" in got["upper/WATCHFOLDER.JSON"], got
+    assert "rename it cells9.czi.json" in got["cells9.czi.JSON"], got
+    wait_until(lambda: "IMG2.CZI is there" in reasons().get("img2.czi", ""), 10, message="the case hint")
+    assert field.jobs() == []

@@ -376,6 +376,34 @@ class Rule:
         looked up on the disk for one path (``explain``, an event); None when there is none."""
         return None
 
+    def near_misses(self, rel_dir: str, names: Collection[str]) -> list[tuple[str, str, str]]:
+        """Descriptors a letter case or suffix away from the names this watch folder reads
+        (``WATCHFOLDER.JSON``, ``cells.czi.JSON``), which would be ignored without a word:
+        ``(rel, "not_acquisition", reason with the fix)``. Windows shares and instruments do
+        not care about case; this server does."""
+        watch = self.watch
+        manifests = watch.detection == "manifest"
+        sidecars = watch.detection == "sidecar" or (manifests and watch.sidecars)
+        out = []
+        lower = {n.lower(): n for n in names}
+        for name in names:
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            low = name.lower()
+            if low == watch.manifest_name.lower():
+                if manifests and name != watch.manifest_name and watch.manifest_name not in names:
+                    out.append((rel, "not_acquisition", (
+                        f"not read as a manifest: a manifest must be named exactly {watch.manifest_name} "
+                        f"(letter case counts here); rename {printable(name)} to {watch.manifest_name}")))
+                continue
+            suffix = watch.sidecar_suffix
+            if sidecars and low.endswith(suffix.lower()) and not name.endswith(suffix) and len(name) > len(suffix):
+                data = name[: -len(suffix)]
+                if data.lower() in lower:
+                    out.append((rel, "not_acquisition", (
+                        f"not read as a sidecar: a sidecar is named exactly after its data file plus {suffix} "
+                        f"(letter case counts here); rename it {printable(lower[data.lower()])}{suffix}")))
+        return out
+
     def candidate_for(self, rel_path: str, known: dict[str, Candidate], is_dir: bool) -> str | None:
         """The acquisition a changed path belongs to (known or about to be), or None."""
         raise NotImplementedError
@@ -722,8 +750,16 @@ class SidecarRule(Rule):
 
     def _build_data(self, root: str, rel: str, data: Path, base: JobSpec, descriptor: acq.Descriptor) -> Outcome:
         if not os.path.lexists(data):
-            return Outcome("wait", rel, spec=base, why="sidecar",
-                           reason=f"sidecar names data file {data.name}, which is missing")
+            reason = f"sidecar names data file {data.name}, which is missing"
+            try:
+                other = next((n for n in os.listdir(data.parent) if n != data.name and n.lower() == data.name.lower()),
+                             None)
+            except OSError:
+                other = None
+            if other is not None:  # IMG2.CZI beside img2.czi.json: one rename away
+                reason += (f" ({printable(other)} is there: names must match exactly, letter case included; rename "
+                           f"one of the two)")
+            return Outcome("wait", rel, spec=base, why="sidecar", reason=reason)
         real_root = os.path.realpath(data.parent)
         real = os.path.realpath(data)
         if not real.startswith(real_root.rstrip("/") + "/"):

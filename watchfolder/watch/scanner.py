@@ -126,7 +126,7 @@ class Scanner:
                 detector.skip(data_rel, "not_acquisition", reason, now)
             if only_new:  # a poll re-lists a changed folder (a full scan starts with no notes)
                 detector.prune_notes(rel, names)
-            for stray_rel, kind, reason in rule.strays(self.root, rel, entries):
+            for stray_rel, kind, reason in (*rule.strays(self.root, rel, entries), *rule.near_misses(rel, names)):
                 detector.skip(stray_rel, kind, reason, now)
             if not rule.descend(rel):
                 continue

@@ -848,6 +848,13 @@ class Watcher:
         found = detector.rule.misplaced(self.root, rel, False)
         if found is not None:
             detector.skip(*found, now)
+        # A descriptor one letter case away (WATCHFOLDER.JSON, cells.czi.JSON): said, not ignored.
+        try:
+            listing = os.listdir(os.path.join(self.root, head) if head else self.root)
+        except OSError:
+            listing = []
+        for near_rel, kind, reason in detector.rule.near_misses(head, listing):
+            detector.skip(near_rel, kind, reason, now)
 
     # -- applying outcomes ----------------------------------------------------
 
