@@ -442,6 +442,14 @@ def test_missing_files_timeout_becomes_failed_job_listing_them(harness, store):
     assert job.state == JobState.FAILED
     assert "waiting for 2 of 3 files (missing: lost 1.tif, lost 2.tif)" in job.error.message
     assert (folder / "present.tif").exists()
+    # The failed job shows what was listed, with the size found where the file is there (the
+    # outside try of issue 15 saw "0 file(s), 0 B" and no files).
+    assert [(f.path, f.size) for f in job.spec.files] == [("present.tif", 1), ("lost 1.tif", 5), ("lost 2.tif", None)]
+    # A restart finds that failure: no second job for the acquisition as it is.
+    harness.stop()
+    harness.watcher("polling", missing_timeout=1.0)
+    time.sleep(2.5)
+    assert len(jobs_of(store)) == 1
 
 
 def test_checksum_mismatch_of_a_complete_file_fails_after_the_quiet_period(harness, store):

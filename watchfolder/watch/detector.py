@@ -297,6 +297,9 @@ class Outcome:
     warnings: list[str] = field(default_factory=list)
     why: str = ""  # a ``wait``'s pending kind: waiting (files), size, sidecar, empty
     proven: bool = False  # an enqueue whose completeness the descriptor's sizes and sha256 proved
+    # A ``wait``'s spec with the files detection saw (listed, sizes found): what the failed job
+    # shows when the wait ends on missing_timeout (it showed "0 file(s), 0 B").
+    seen: JobSpec | None = None
 
 
 @dataclass
@@ -536,7 +539,7 @@ class ManifestRule(Rule):
                     if bad:
                         return Outcome("reject", rel, spec=seen, reason=checksum_reason(bad, "manifest"))
                     why, reason = listed_reason(check, len(descriptor.files), "manifest")
-                    return Outcome("wait", rel, spec=base, reason=reason, why=why)
+                    return Outcome("wait", rel, spec=base, reason=reason, why=why, seen=seen)
                 found = check.present
                 bad = _checksums(folder, [e for e, _ in found])
                 if any(p in sized for p in bad):
@@ -1875,6 +1878,9 @@ class Detector:
                     continue
                 if now - cand.last_change >= self.watch.missing_timeout:
                     outcome.kind = "reject"
+                    if outcome.seen is not None and outcome.spec is not None:
+                        # The files it saw, under the wait's own key (a restart finds this failure).
+                        outcome.spec = dataclasses.replace(outcome.seen, idempotency_key=outcome.spec.key())
                     fix = ("copy the files again from the instrument (their sizes differ from the descriptor's), "
                            "or fix the sizes in the descriptor") if outcome.why == "size" else (
                         "finish the copy, or remove the temporary files of the abandoned one; then retry "
