@@ -133,3 +133,13 @@ def test_explain_after_a_sidecar_edit_names_the_job_that_imported_it(field, mode
     assert len(field.jobs()) == 1  # and the watcher agrees: nothing queued again
     got = explain(cfg, field.store, str(field.drop / "scan.czi"))
     assert (got.verdict, got.job_id) == ("job", job.id), got
+
+
+def test_explain_on_the_missing_data_file_of_a_waiting_sidecar_points_to_the_sidecar(field):
+    # "does not exist (check the spelling…)" left the scientist without the sidecar that waits
+    # for that very name (outside try of issue 15).
+    field.start("events")
+    (field.drop / "ghost.czi.json").write_text(json.dumps({"owner": "jdoe", "target": {"dataset": "d"}}))
+    got = explain(field.service.config, field.store, str(field.drop / "ghost.czi"))
+    assert got.verdict == "not_found"
+    assert "its sidecar ghost.czi.json is there and waits for it" in got.reason, got.reason

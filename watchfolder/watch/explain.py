@@ -175,6 +175,12 @@ def explain(config: Config, store: JobStore | None, path: str, *, now: float | N
                            f"the watch folder {watch.name!r} itself ({watch.detection} detection); {_looks_for(watch)}",
                            watch.name)
     if not os.path.lexists(full):
+        if os.path.lexists(full + watch.sidecar_suffix) and watch.detection != "layout":
+            # A data file a sidecar names, not there yet: what the pair waits for.
+            return Explanation(full, "not_found", f"{full} does not exist, but its sidecar "
+                               f"{os.path.basename(full)}{watch.sidecar_suffix} is there and waits for it: copy "
+                               "the data file there under that name (letter case included), or fix the "
+                               "sidecar's name", watch.name)
         return Explanation(full, "not_found", f"{full} does not exist (check the spelling, or it was moved "
                            "away or imported and deleted)", watch.name)
     data_rel = _pair_data(watch, root, rel)
