@@ -171,3 +171,37 @@ def test_pending_names_the_known_watch_folders_and_job_id_zero_is_refused(tmp_pa
     assert out.returncode == 2 and "unknown watch folder 'nosuch'; known: lsm980" in out.stderr
     out = run("jobs", "show", "0", "--follow")
     assert out.returncode == 2 and "'0' is not an id from 1" in out.stderr
+
+
+def test_pending_with_a_filter_that_matches_nothing_says_others_are_pending(tmp_path, make_config):
+    """Outside test of issue 15: `pending --owner nobody` said "nothing pending: every acquisition
+    the watchers know of is queued or done" while 11 entries waited; `--owner ""` was accepted."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from watchfolder.store import PendingEntry, SQLiteStore
+
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "importer": {"kind": "archive"},
+                                   "watch": [{"name": "lsm980", "path": str(drop)}]}))
+    (tmp_path / "data").mkdir()
+    store = SQLiteStore(tmp_path / "data" / "watchfolder.db")
+    now = time.time()
+    store.pending_sync("lsm980", [PendingEntry(watch="lsm980", path="acq", kind="waiting", reason="waiting for b.tif",
+                                               first_seen=now, last_change=now, owner="jdoe")], now=now)
+    store.close()
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "watchfolder", *args, "--config", str(cfg)],
+                              capture_output=True, text=True, timeout=60)
+    out = run("pending", "--owner", "nobody")
+    assert out.returncode == 0 and "nothing pending for owner 'nobody' (1 pending for other" in out.stdout, out
+    out = run("pending", "--owner", "")
+    assert out.returncode == 2 and "--owner is empty" in out.stderr, out
+    out = run("pending", "--owner", "jdoe")
+    assert "acq" in out.stdout and "waiting for b.tif" in out.stdout, out

@@ -791,13 +791,24 @@ def cmd_pending(args) -> int:
         print(f"watchfolder: error: unknown watch folder {args.watch!r}; known: {', '.join(known) or 'none configured'}",
               file=sys.stderr)
         return 2
+    if args.owner is not None and not args.owner.strip():
+        print("watchfolder: error: --owner is empty; give a user name, or leave --owner out for every owner",
+              file=sys.stderr)
+        return 2
     store = open_store(config)
     entries = pending_view(store.pending_list(watch=args.watch, owner=args.owner, limit=args.limit))
     if args.json:
         print(json.dumps({"pending": entries}, indent=2))
         return 0
     if not entries:
-        print("nothing pending: every acquisition the watchers know of is queued or done")
+        filters = [f"watch folder {args.watch!r}" if args.watch else "", f"owner {args.owner!r}" if args.owner else ""]
+        shown = " and ".join(f for f in filters if f)
+        if shown:
+            others = len(store.pending_list(limit=1_000_000))
+            print(f"nothing pending for {shown}" + (f" ({others} pending for other watch folders or owners; "
+                                                    "`watchfolder pending` lists them all)" if others else ""))
+        else:
+            print("nothing pending: every acquisition the watchers know of is queued or done")
         return 0
     for e in entries:
         owner = f"  (owner {printable(e['owner'])})" if e["owner"] else ""
