@@ -604,3 +604,24 @@ def test_failed_sidecar_acquisitions_without_an_error_report_are_not_pending_aft
     assert len(jobs_of(store)) == 3
     third.stop()
     store.close()
+
+
+def test_a_restart_keeps_the_first_sighting_of_a_data_json_that_is_not_a_sidecar(make_config, tmp_path):
+    # instr.tif + instr.tif.json holding the instrument's own metadata (not a sidecar): listed as
+    # not_acquisition. A restart looked at it as a candidate first, which took its remembered
+    # entry, so its first sighting became the restart (outside try of issue 15).
+    store, drop, cfg = _polling_site(make_config, tmp_path)
+    (drop / "instr.tif").write_bytes(b"pixels")
+    (drop / "instr.tif.json").write_text(json.dumps({"Exposure": 20}))
+    first = Watcher(cfg.watch[0], store)
+    first.loop(now=T0)
+    first.loop(now=T0 + 12)
+    (entry,) = store.pending_list(watch="w")
+    assert entry.kind == "not_acquisition" and entry.first_seen == T0
+    first.stop()
+    second = Watcher(cfg.watch[0], store)
+    second.loop(now=T0 + 60)
+    second.loop(now=T0 + 75)
+    (entry,) = store.pending_list(watch="w")
+    assert (entry.kind, entry.first_seen, entry.last_change) == ("not_acquisition", T0, T0)
+    store.close()

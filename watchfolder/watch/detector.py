@@ -1546,7 +1546,9 @@ class Detector:
         if len(self.skipped) >= MAX_SKIPPED:
             return
         old = self.remembered.pop(storable(rel), None)  # seen before a restart: first sighting kept
-        self.skipped[rel] = (min(now, old.first_seen) if old is not None else now, kind, reason)
+        cand = self.known.get(rel)  # looked at as a candidate first (its look took the remembered entry)
+        first = min(now, old.first_seen) if old is not None else min(now, cand.first_seen) if cand is not None else now
+        self.skipped[rel] = (first, kind, reason)
         log.info("watch folder %s: %s not watched: %s", self.watch.name, printable(rel), reason)
 
     def owner_of(self, rel: str) -> str | None:
