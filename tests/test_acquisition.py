@@ -663,3 +663,14 @@ def test_an_unreadable_folder_beside_the_listed_files_is_said(tmp_path, monkeypa
     monkeypatch.setattr(acquisition.os, "scandir", scandir)
     out = unlisted_files(tmp_path, [FileEntry("a.tif", 1), FileEntry("data/x.tif", 1)])
     assert out == ["priv/ (a folder the service cannot read: permission denied; whatever it holds is not imported)"]
+
+
+def test_a_name_that_is_not_utf8_is_shown_escaped_in_the_error(tmp_path):
+    # 'r\xe9sum\xe9.tif' (Latin-1): the error showed 'r�sum�.tif', hiding which bytes to fix
+    # (outside try of issue 12, second round); README: escaped as \udcXX.
+    with open(os.path.join(os.fsencode(tmp_path), b"r\xe9sum\xe9.tif"), "wb"):
+        pass
+    with pytest.raises(AcquisitionError) as info:
+        list(walk_files(tmp_path))
+    text = str(info.value)
+    assert "'r\\udce9sum\\udce9.tif' is not valid UTF-8" in text and "\ufffd" not in text, text

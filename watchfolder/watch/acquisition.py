@@ -29,7 +29,7 @@ from typing import Any
 from .. import defaults as D
 from .. import safefs
 from ..errors import AcquisitionError
-from ..job import IDENTITY_KEY, FileEntry, JobSpec, Target
+from ..job import IDENTITY_KEY, FileEntry, JobSpec, Target, printable
 from ..safefs import file_kind
 
 CONTRACT_KEYS = (
@@ -425,9 +425,12 @@ def _check_name(rel: str, root: Path) -> None:
     try:
         rel.encode("utf-8")
     except UnicodeEncodeError:
-        shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        # Escaped as everywhere else (\udce9 is the byte 0xE9), not replaced by "?" marks: the
+        # owner must see which bytes to fix.
         raise AcquisitionError(
-            f"{root}: file name {shown!r} is not valid UTF-8; rename it (the job store and OMERO need UTF-8 names)"
+            f"{printable(str(root))}: file name '{printable(rel)}' is not valid UTF-8 (each byte that is not "
+            "UTF-8 shown as \\udcXX: \\udce9 is 0xE9; written by a system using another character set); rename it "
+            "(the job store and OMERO need UTF-8 names)"
         ) from None
 
 
