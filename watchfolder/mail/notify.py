@@ -16,10 +16,12 @@ kinds are ``job_succeeded``, ``job_failed``, ``job_cancelled`` (owner mails),
 
 Templates use :class:`string.Template` syntax: ``$name`` or ``${name}``, and
 ``$$`` for a literal dollar sign. The first line of a ``.txt`` template is the
-subject: ``Subject: Imported: $acquisition``. In ``.html`` templates every
-value is HTML-escaped; the *block* variables (listed in :data:`BLOCKS`) are
-given as ready-made HTML fragments there and as text paragraphs (ending with a
-blank line, or empty) in ``.txt`` templates. A template naming a variable its
+subject: ``Subject: Imported: $acquisition``. Every value has its control
+characters escaped (a newline in a name shows as ``\\n``), in ``.html``
+templates too, where it is also HTML-escaped; the *block* variables (listed in
+:data:`BLOCKS`) are given as ready-made HTML fragments there (built from values
+escaped the same way) and as text paragraphs (ending with a blank line, or
+empty) in ``.txt`` templates. A template naming a variable its
 kind does not offer (see :data:`VARIABLES`) is refused at start with a
 :class:`~watchfolder.errors.ConfigError` naming the file and the variable.
 
@@ -54,8 +56,8 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..job import Job, JobState, printable, reason_group
-from ..store.base import MAIL_POLICY
 from ..units import format_size
+from .headers import MAIL_POLICY
 from .message import Mail
 
 log = logging.getLogger(__name__)
@@ -595,15 +597,24 @@ def _lines(*lines: str) -> str:
 
 
 def _esc(value: str) -> str:
-    return html.escape(value, quote=True)
+    """``value`` for the HTML part: control characters escaped as in the text part (:func:`printable`:
+    a newline in a name shows as ``\\n``), then HTML-escaped. Every value written into the HTML
+    part goes through here, so the HTML carries no raw control character from a name either."""
+    return html.escape(printable(value), quote=True)
 
 
 def _is_address(value: Any) -> bool:
     return isinstance(value, str) and re.fullmatch(r"\s*[^@\s<>,;]+@[^@\s<>,;]+\s*", value) is not None
 
 
+#: A line break with the blanks around it (what :func:`_one_line` joins with one space).
+_LINE_BREAK = re.compile(r"\s*[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]\s*")
+
+
 def _one_line(value: str, limit: int) -> str:
-    value = " ".join(value.split())
+    """``value`` on one line, cut to ``limit`` characters: its line breaks become spaces; runs of
+    spaces stay as given (a name with two spaces keeps them, in the subject too)."""
+    value = _LINE_BREAK.sub(" ", value).strip()
     return value if len(value) <= limit else value[: limit - 1].rstrip() + "…"
 
 
@@ -662,10 +673,11 @@ def _about_block(description: str | None, annotations: dict[str, str] | None) ->
     """The acquisition's own description and annotations, repeated so the owner recognises it."""
     text, rich = [], []
     if description:
-        text.append(_lines("Description: " + _one_line(description, 2000)))
+        description = _one_line(description, 2000)
+        text.append(_lines("Description: " + description))
         rich.append(f"<p>Description: {_esc(description)}</p>")
     if annotations:
-        rows = [(f"{k}: {_one_line(str(v), 500)}", f"<b>{_esc(k)}</b>: {_esc(str(v))}")
+        rows = [(f"{k}: {_one_line(str(v), 500)}", f"<b>{_esc(k)}</b>: {_esc(_one_line(str(v), 500))}")
                 for k, v in sorted(annotations.items())]
         block = _list_block("Annotations", rows[:MAX_LISTED], len(rows))
         text.append(block.text.rstrip("\n"))
@@ -693,7 +705,9 @@ def _log_tail(path: str | None) -> _Block:
             if size > LOG_TAIL_BYTES and lines:
                 lines = lines[1:]  # the first line read is probably cut
             text = "\n".join(lines[-LOG_TAIL_LINES:]) if lines else "(the log is empty)"
-    return _Block(_lines(*("  " + line for line in text.splitlines())) + "\n", f'<pre style="background: #f4f4f4; padding: 0.5em;">{_esc(text)}</pre>')
+    lines = text.splitlines()  # each line escaped on its own: the log's line breaks stay, a name's do not
+    return _Block(_lines(*("  " + line for line in lines)) + "\n",
+                  '<pre style="background: #f4f4f4; padding: 0.5em;">' + "\n".join(map(_esc, lines)) + "</pre>")
 
 
 def _cancelled_by(job: Job) -> str:

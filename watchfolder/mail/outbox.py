@@ -134,25 +134,36 @@ class OutboxSender:
         Returns the mails still to send one by one. A digest is composed at most
         once per window; failures arriving after it wait (held in the outbox)
         for the next one, so a storm of failures makes one mail per window.
+
+        A failure the admin was already told about is never folded into a digest
+        (counted or listed again): a mail resent with ``mail resend`` after a digest
+        took it (it names that digest, ``digest_id``) goes out on its own, as the
+        admin asked, and so does a mail whose failure (its job, at the same moment)
+        an earlier digest or a mail already sent reported.
         """
         notify = self.notifier.notify
         window = notify.admin_digest_minutes * 60.0
-        recent = [m for m in self.store.outbox_list(limit=100_000) if m.created_at >= now - window]
+        everything = self.store.outbox_list(limit=100_000)
+        recent = [m for m in everything if m.created_at >= now - window]
+        reported = _Reported(everything)
         # Owner mails redirected to the admin (no owner, no address) go with the admin's own.
-        admin = [m for m in mails if admin_bound(m)]
+        admin = [m for m in mails if admin_bound(m) and not reported(m)]
+        if not admin:
+            return mails
         # Held mails come back after the window: they count even though they are older. One
         # failure counts once, however many of its mails reach the admin.
         burst = max(len(_jobs_of(admin)), len(_jobs_of(m for m in recent if admin_bound(m))))
         if burst <= notify.admin_digest_after:
             return mails
-        rest = [m for m in mails if not admin_bound(m)]
+        chosen = {m.id for m in admin}
+        rest = [m for m in mails if m.id not in chosen]
         digests = [m.created_at for m in recent if m.kind == "admin_digest"]
         if digests:
             self.store.outbox_hold([m.id for m in admin], until=max(digests) + window, now=now)
             return rest
         # Everything due joins this digest (held ones included), not only this batch.
         for more in self.store.outbox_claim(now=now, limit=100_000, hold=self.hold):
-            (admin if admin_bound(more) else rest).append(more)
+            (admin if admin_bound(more) and not reported(more) else rest).append(more)
         failures = {}
         for m in admin:  # one line per failed job, whichever of its mails
             job_id, reason = self._failure(m)
@@ -226,6 +237,24 @@ class OutboxSender:
                 stop.wait(self.poll_interval)
         self.transport.close()
 
+
+
+class _Reported:
+    """Whether an admin-bound mail's failure was already reported to the admin: the mail itself
+    went into a digest before (``digest_id``: it was resent since), or another admin-bound mail
+    of the same failure (same job, composed at the same moment) went into a digest or was sent."""
+
+    def __init__(self, outbox: list):
+        self._told: dict = {}
+        for m in outbox:  # only the headers of the asked jobs' mails are read (admin_bound)
+            if m.job_id is not None and m.state in ("digested", "sent"):
+                self._told.setdefault((m.job_id, m.created_at), []).append(m)
+
+    def __call__(self, mail) -> bool:
+        if mail.digest_id is not None:
+            return True
+        others = self._told.get((mail.job_id, mail.created_at), ())
+        return any(m.id != mail.id and admin_bound(m) for m in others)
 
 
 def _jobs_of(mails) -> set:
