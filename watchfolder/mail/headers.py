@@ -24,7 +24,9 @@ import re
 import sys
 from email import quoprimime
 from email._header_value_parser import UnstructuredTokenList, ValueTerminal
-from email.headerregistry import HeaderRegistry, UniqueUnstructuredHeader, UnstructuredHeader
+from email.headerregistry import UniqueUnstructuredHeader, UnstructuredHeader
+
+from ..store.base import CachingHeaderRegistry
 
 __all__ = ["MAIL_POLICY", "fold_text"]
 
@@ -62,9 +64,9 @@ class _UniqueText(_LiteralText, UniqueUnstructuredHeader):
     pass
 
 
-class _Registry(HeaderRegistry):
-    """The default header registry with :class:`_LiteralText` text headers. Each header class
-    is built once (Python builds one with ``type()`` on every lookup: a third of composing a mail)."""
+class _Registry(CachingHeaderRegistry):
+    """The default header registry with :class:`_LiteralText` text headers, each header class
+    built once (:class:`~watchfolder.store.base.CachingHeaderRegistry`)."""
 
     def __init__(self) -> None:
         super().__init__(default_class=_Text)
@@ -73,14 +75,6 @@ class _Registry(HeaderRegistry):
                 self.registry[name] = _UniqueText
             elif cls is UnstructuredHeader:
                 self.registry[name] = _Text
-        self._classes: dict[str, type] = {}
-
-    def __getitem__(self, name: str) -> type:
-        key = name.lower()
-        cls = self._classes.get(key)
-        if cls is None:
-            cls = self._classes[key] = super().__getitem__(name)
-        return cls
 
 
 #: The policy to compose mails with: :data:`email.policy.default` with the text headers above.

@@ -96,13 +96,13 @@ def worker_gone(worker: str, host: str | None, pid: int | None, status: Any) -> 
     return f"is gone (pid {pid} no longer runs)"
 
 
-class _CachingHeaderRegistry(HeaderRegistry):
+class CachingHeaderRegistry(HeaderRegistry):
     """Python's :class:`~email.headerregistry.HeaderRegistry` builds a new header class with
     ``type()`` on every lookup — a third of composing a mail. The class depends only on the
     header's name, so each is built once here; the headers themselves behave the same."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._classes: dict[str, type] = {}
 
     def __getitem__(self, name: str) -> type:
@@ -113,9 +113,7 @@ class _CachingHeaderRegistry(HeaderRegistry):
         return cls
 
 
-_HEADERS = _CachingHeaderRegistry()
-#: The policy to compose mails with: :data:`email.policy.default` with cached header classes.
-MAIL_POLICY = email.policy.default.clone(header_factory=_HEADERS)
+_HEADERS = CachingHeaderRegistry()
 # Generation policies of Mail.as_bytes, by (ascii_only, one_line_headers).
 _WIRE_POLICIES = {
     (ascii_only, one_line): (email.policy.SMTP if ascii_only else email.policy.SMTPUTF8).clone(
