@@ -124,3 +124,24 @@ def clean_env(monkeypatch):
     for name in list(os.environ):
         if name.startswith("WATCHFOLDER"):
             monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def site_cfg(tmp_path, clean_env) -> Path:
+    """A site config for the CLI tests (cli_support.SITE_YAML): archive importer, folder outbox."""
+    from cli_support import SITE_YAML
+
+    path = tmp_path / "site.yaml"
+    path.write_text(SITE_YAML, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def site_store(site_cfg):
+    """The job store of :func:`site_cfg`, opened as the service opens it."""
+    from watchfolder.service import make_notifier, open_store
+
+    config = configmod.load(site_cfg, environ={})
+    s = open_store(config, make_notifier(config))
+    yield s
+    s.close()

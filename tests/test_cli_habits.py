@@ -12,39 +12,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from cli_support import SLIDE3, env
 from helpers import wait_until
-
-from watchfolder import config as configmod
-from watchfolder.service import make_notifier, open_store
-
-REPO = Path(__file__).resolve().parent.parent
-SLIDE3 = REPO / "examples" / "acquisitions" / "slide3"
-
-
-@pytest.fixture
-def cfg_path(tmp_path, clean_env) -> Path:
-    path = tmp_path / "site.yaml"
-    path.write_text(
-        "data_dir: data\n"
-        "workers: {count: 1, poll_interval: 0.1, heartbeat_seconds: 0.5}\n"
-        "importer: {kind: archive}\n"
-        "notify: {transport: folder, admin_email: admin@example.org}\n"
-        "server: {enabled: false}\n",
-        encoding="utf-8",
-    )
-    return path
-
-
-@pytest.fixture
-def jobstore(cfg_path):
-    config = configmod.load(cfg_path, environ={})
-    s = open_store(config, make_notifier(config))
-    yield s
-    s.close()
-
-
-def env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("WATCHFOLDER")}
 
 
 def sub(*args: str, cwd: Path, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
@@ -52,36 +21,36 @@ def sub(*args: str, cwd: Path, timeout: float = 60, **kw) -> subprocess.Complete
                           cwd=cwd, timeout=timeout, **kw)
 
 
-def test_config_after_the_command_and_json(cfg_path, tmp_path):
-    out = sub("submit", str(SLIDE3), "--config", str(cfg_path), "--json", cwd=tmp_path)
+def test_config_after_the_command_and_json(site_cfg, tmp_path):
+    out = sub("submit", str(SLIDE3), "--config", str(site_cfg), "--json", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     job = json.loads(out.stdout)
-    out = sub("jobs", "list", "--json", "-c", str(cfg_path), cwd=tmp_path)
+    out = sub("jobs", "list", "--json", "-c", str(site_cfg), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert [j["id"] for j in json.loads(out.stdout)["jobs"]] == [job["id"]]
-    out = sub("jobs", "cancel", str(job["id"]), "--json", "--config", str(cfg_path), cwd=tmp_path)
+    out = sub("jobs", "cancel", str(job["id"]), "--json", "--config", str(site_cfg), cwd=tmp_path)
     assert json.loads(out.stdout)["state"] == "cancelled"
-    out = sub("jobs", "retry", str(job["id"]), "--json", "--config", str(cfg_path), cwd=tmp_path)
+    out = sub("jobs", "retry", str(job["id"]), "--json", "--config", str(site_cfg), cwd=tmp_path)
     assert json.loads(out.stdout)["state"] == "queued"
-    out = sub("mail", "list", "--json", "--config", str(cfg_path), cwd=tmp_path)
+    out = sub("mail", "list", "--json", "--config", str(site_cfg), cwd=tmp_path)
     assert [m["kind"] for m in json.loads(out.stdout)["mails"]] == ["job_cancelled"]
-    out = sub("check-config", "--json", "--config", str(cfg_path), cwd=tmp_path)
+    out = sub("check-config", "--json", "--config", str(site_cfg), cwd=tmp_path)
     assert json.loads(out.stdout)["importer"]["kind"] == "archive"
     # Before the command still works, and the one after the command wins.
     other = tmp_path / "missing.yaml"
-    out = sub("--config", str(other), "jobs", "list", "--config", str(cfg_path), cwd=tmp_path)
+    out = sub("--config", str(other), "jobs", "list", "--config", str(site_cfg), cwd=tmp_path)
     assert out.returncode == 0 and f"{job['id']:>6}  queued" in out.stdout, out.stderr
 
 
-def test_closed_pipe_ends_quietly(cfg_path, tmp_path, jobstore):
+def test_closed_pipe_ends_quietly(site_cfg, tmp_path, site_store):
     from watchfolder.watch.acquisition import from_path
 
     # More output than a pipe holds (64 KiB): the writer must still be writing when the
     # reader goes away, whatever the timing (300 lines fitted, and sometimes all got out).
     spec = from_path(SLIDE3, source="cli:test")
-    jobstore.enqueue_many([(dataclasses.replace(spec, idempotency_key=f"k{i}"), "") for i in range(1000)])
+    site_store.enqueue_many([(dataclasses.replace(spec, idempotency_key=f"k{i}"), "") for i in range(1000)])
     proc = subprocess.Popen([sys.executable, "-m", "watchfolder", "jobs", "list", "--limit", "1000",
-                             "--config", str(cfg_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "--config", str(site_cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env(), cwd=tmp_path)
     proc.stdout.readline()  # `| head -1`: read one line, then close the pipe
     proc.stdout.close()
@@ -90,27 +59,27 @@ def test_closed_pipe_ends_quietly(cfg_path, tmp_path, jobstore):
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
 
 
-def test_follow_waits_for_a_job_about_to_appear(cfg_path, tmp_path, jobstore):
+def test_follow_waits_for_a_job_about_to_appear(site_cfg, tmp_path, site_store):
     proc = subprocess.Popen([sys.executable, "-m", "watchfolder", "jobs", "show", "1", "--follow",
-                             "--config", str(cfg_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "--config", str(site_cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env(), cwd=tmp_path)
     told = proc.stderr.readline()
     assert told.startswith("waiting for job 1 to appear"), told
-    out = sub("submit", str(SLIDE3), "--config", str(cfg_path), cwd=tmp_path)
+    out = sub("submit", str(SLIDE3), "--config", str(site_cfg), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    work = sub("work", "--burst", "--config", str(cfg_path), cwd=tmp_path)
+    work = sub("work", "--burst", "--config", str(site_cfg), cwd=tmp_path)
     assert work.returncode == 0, work.stderr
     stdout, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0
     assert "job 1 succeeded" in stdout.splitlines()[-1]
 
 
-def test_banner_names_the_real_executable_and_a_stopped_line_ends_the_run(cfg_path, tmp_path):
+def test_banner_names_the_real_executable_and_a_stopped_line_ends_the_run(site_cfg, tmp_path):
     script = Path(sys.executable).parent / "watchfolder"
     if not script.exists():
         pytest.skip("the watchfolder console script is not installed next to this Python")
     # `watch` prints the banner and runs no workers, so it starts fast.
-    proc = subprocess.Popen([str(script), "watch", "--config", str(cfg_path)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([str(script), "watch", "--config", str(site_cfg)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env(), cwd=tmp_path)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
@@ -120,8 +89,8 @@ def test_banner_names_the_real_executable_and_a_stopped_line_ends_the_run(cfg_pa
     assert proc.wait(timeout=30) == 0
     reader.join(10)
     text = "".join(lines)
-    assert f"{os.path.realpath(script)} --config {cfg_path.resolve()} jobs list" in text
-    assert f"{os.path.realpath(script)} --config {cfg_path.resolve()} pending" in text
+    assert f"{os.path.realpath(script)} --config {site_cfg.resolve()} jobs list" in text
+    assert f"{os.path.realpath(script)} --config {site_cfg.resolve()} pending" in text
     assert lines[-1].strip().endswith("stopped"), lines[-3:]
 
 
@@ -136,19 +105,19 @@ def test_banner_names_the_real_executable_and_a_stopped_line_ends_the_run(cfg_pa
     (("events", "list", "--limit", "-5"), "--limit"),
     (("submit", str(SLIDE3), "--dataset-id", "9" * 20), "--dataset-id"),
 ])
-def test_every_number_on_the_command_line_is_checked_before_the_store_sees_it(cfg_path, tmp_path, args, name):
-    out = sub(*args, "-c", str(cfg_path), cwd=tmp_path)
+def test_every_number_on_the_command_line_is_checked_before_the_store_sees_it(site_cfg, tmp_path, args, name):
+    out = sub(*args, "-c", str(site_cfg), cwd=tmp_path)
     assert out.returncode in (1, 2), out
     assert "Traceback" not in out.stderr and name in out.stderr, out.stderr
 
 
-def test_events_list_past_the_newest_event_says_the_store_changed(cfg_path, tmp_path, jobstore):
-    out = sub("submit", str(SLIDE3), "-c", str(cfg_path), cwd=tmp_path)
+def test_events_list_past_the_newest_event_says_the_store_changed(site_cfg, tmp_path, site_store):
+    out = sub("submit", str(SLIDE3), "-c", str(site_cfg), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    newest = jobstore.last_event_id()
-    out = sub("events", "list", "--after", str(newest), "-c", str(cfg_path), cwd=tmp_path)
+    newest = site_store.last_event_id()
+    out = sub("events", "list", "--after", str(newest), "-c", str(site_cfg), cwd=tmp_path)
     assert out.returncode == 0 and out.stdout == "", out
-    out = sub("events", "list", "--after", str(newest + 1), "-c", str(cfg_path), cwd=tmp_path)
+    out = sub("events", "list", "--after", str(newest + 1), "-c", str(site_cfg), cwd=tmp_path)
     assert out.returncode == 1 and "past the newest event id" in out.stderr and "--after 0" in out.stderr
 
 

@@ -8,60 +8,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cli_support import SLIDE3, env
 from helpers import wait_until
 
 from watchfolder import cli
-from watchfolder import config as configmod
 from watchfolder.errors import JobNotFound
-from watchfolder.service import make_notifier, open_store
-
-REPO = Path(__file__).resolve().parent.parent
-SLIDE3 = REPO / "examples" / "acquisitions" / "slide3"
 
 # Long-running services: they print a banner and log lines until stopped, no data.
 SERVICES = {("run",), ("work",), ("watch",), ("serve",)}
 FOLLOWING = {"--wait", "--follow"}
 
 
-@pytest.fixture
-def cfg_path(tmp_path, clean_env) -> Path:
-    path = tmp_path / "site.yaml"
-    path.write_text(
-        "data_dir: data\n"
-        "workers: {count: 1, poll_interval: 0.1, heartbeat_seconds: 0.5}\n"
-        "importer: {kind: archive}\n"
-        "notify: {transport: folder, admin_email: admin@example.org}\n"
-        "server: {enabled: false}\n",
-        encoding="utf-8",
-    )
-    return path
+def argv(site_cfg: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "watchfolder", *args, "--config", str(site_cfg)]
 
 
-@pytest.fixture
-def jobstore(cfg_path):
-    config = configmod.load(cfg_path, environ={})
-    s = open_store(config, make_notifier(config))
-    yield s
-    s.close()
-
-
-def env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("WATCHFOLDER")}
-
-
-def argv(cfg_path: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "watchfolder", *args, "--config", str(cfg_path)]
-
-
-def sub(cfg_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(argv(cfg_path, *args), capture_output=True, text=True, env=env(), cwd=cfg_path.parent,
+def sub(site_cfg: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(argv(site_cfg, *args), capture_output=True, text=True, env=env(), cwd=site_cfg.parent,
                           timeout=60)
 
 
@@ -86,14 +55,14 @@ def commands() -> list[tuple[tuple[str, ...], set[str]]]:
     return found
 
 
-def test_every_command_that_prints_data_takes_json_and_prints_one_document(cfg_path, tmp_path, jobstore, make_spec):
-    cancelled, _ = jobstore.enqueue(make_spec())
-    jobstore.log(cancelled.id, ["first line", "second line"])
-    jobstore.cancel(cancelled.id)
-    queued, _ = jobstore.enqueue(make_spec())
-    mail = jobstore.outbox_claim()[0]
-    jobstore.outbox_sent(mail.id)
-    jobstore.sink_claim("webhook:lims", "test", hold=30)
+def test_every_command_that_prints_data_takes_json_and_prints_one_document(site_cfg, tmp_path, site_store, make_spec):
+    cancelled, _ = site_store.enqueue(make_spec())
+    site_store.log(cancelled.id, ["first line", "second line"])
+    site_store.cancel(cancelled.id)
+    queued, _ = site_store.enqueue(make_spec())
+    mail = site_store.outbox_claim()[0]
+    site_store.outbox_sent(mail.id)
+    site_store.sink_claim("webhook:lims", "test", hold=30)
     shutil.copytree(SLIDE3, tmp_path / "slide3")
     # How to run each command; the checks on what it printed are below.
     sample = {
@@ -128,7 +97,7 @@ def test_every_command_that_prints_data_takes_json_and_prints_one_document(cfg_p
         if path not in sample:
             problems.append(f"`{name}`: add how to run it to `sample` in this test")
             continue
-        out = sub(cfg_path, *path, *sample[path], "--json")
+        out = sub(site_cfg, *path, *sample[path], "--json")
         if out.returncode != 0:
             problems.append(f"`{name} --json` exited {out.returncode}: {out.stderr.strip()}")
             continue
@@ -143,25 +112,25 @@ def test_every_command_that_prints_data_takes_json_and_prints_one_document(cfg_p
     assert [line.split(" ", 1)[1] for line in log["lines"][:2]] == ["first line", "second line"]
     assert log["lines"][2].split(" ", 1)[1].startswith("cancelled")
     migrated = printed[("store", "migrate")]
-    assert migrated["schema"] == jobstore.describe()["schema"] and migrated["up_to_date"] is True
-    assert migrated["store"]["location"] == jobstore.describe()["location"] and migrated["copied"] is None
+    assert migrated["schema"] == site_store.describe()["schema"] and migrated["up_to_date"] is True
+    assert migrated["store"]["location"] == site_store.describe()["location"] and migrated["copied"] is None
     events = printed[("events", "list")]
     assert events["events"] and all(e["specversion"] == "1.0" for e in events["events"])
-    assert events["has_more"] is False and events["next_after"] == jobstore.last_event_id()
+    assert events["has_more"] is False and events["next_after"] == site_store.last_event_id()
     assert printed[("events", "enable")] == {"sink": "webhook:lims", "enabled": True}
 
 
-def test_events_list_json_pages_like_the_api(cfg_path, jobstore, make_spec):
+def test_events_list_json_pages_like_the_api(site_cfg, site_store, make_spec):
     for _ in range(3):
-        jobstore.enqueue(make_spec())
-    newest = jobstore.last_event_id()
+        site_store.enqueue(make_spec())
+    newest = site_store.last_event_id()
     assert newest >= 3
-    page = one_document(sub(cfg_path, "events", "list", "--limit", "2", "--json").stdout)
+    page = one_document(sub(site_cfg, "events", "list", "--limit", "2", "--json").stdout)
     assert len(page["events"]) == 2 and page["has_more"] is True
-    rest = one_document(sub(cfg_path, "events", "list", "--after", str(page["next_after"]), "--limit", "1000",
+    rest = one_document(sub(site_cfg, "events", "list", "--after", str(page["next_after"]), "--limit", "1000",
                             "--json").stdout)
     assert rest["has_more"] is False and rest["next_after"] == newest
-    lines = sub(cfg_path, "events", "list", "--limit", "1000").stdout.splitlines()  # without --json: JSON lines
+    lines = sub(site_cfg, "events", "list", "--limit", "1000").stdout.splitlines()  # without --json: JSON lines
     assert [json.loads(line) for line in lines] == page["events"] + rest["events"]
 
 
@@ -173,7 +142,7 @@ def _job_appeared(store, job_id: int) -> bool:
     return True
 
 
-def test_json_with_a_waiting_mode_prints_only_the_job_as_it_ended(cfg_path, tmp_path, jobstore, make_spec):
+def test_json_with_a_waiting_mode_prints_only_the_job_as_it_ended(site_cfg, tmp_path, site_store, make_spec):
     """`submit --wait/--follow --json`, `jobs show --follow --json`: the job as it ended, the progress on stderr."""
     cases = [(path, option) for path, options in commands() if "--json" in options
              for option in sorted(options & FOLLOWING)]
@@ -185,13 +154,13 @@ def test_json_with_a_waiting_mode_prints_only_the_job_as_it_ended(cfg_path, tmp_
             shutil.copytree(SLIDE3, acquisition)
             args, job_id = ["submit", str(acquisition)], n + 1  # each case queues one job
         else:
-            job, _ = jobstore.enqueue(make_spec())
+            job, _ = site_store.enqueue(make_spec())
             args, job_id = [*path, str(job.id)], job.id
-        proc = subprocess.Popen(argv(cfg_path, *args, option, "--json"), stdout=subprocess.PIPE,
+        proc = subprocess.Popen(argv(site_cfg, *args, option, "--json"), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=env(), cwd=tmp_path)
         try:
-            wait_until(lambda: _job_appeared(jobstore, job_id), 30, message=f"job {job_id}")  # noqa: B023
-            cancel = sub(cfg_path, "jobs", "cancel", str(job_id))
+            wait_until(lambda: _job_appeared(site_store, job_id), 30, message=f"job {job_id}")  # noqa: B023
+            cancel = sub(site_cfg, "jobs", "cancel", str(job_id))
             assert cancel.returncode == 0, cancel.stderr
             stdout, stderr = proc.communicate(timeout=60)
         finally:
@@ -207,13 +176,13 @@ def test_json_with_a_waiting_mode_prints_only_the_job_as_it_ended(cfg_path, tmp_
 
 
 @pytest.mark.parametrize("option", sorted(FOLLOWING))
-def test_submit_waiting_with_json_prints_the_succeeded_job_and_the_progress_on_stderr(cfg_path, tmp_path, jobstore,
+def test_submit_waiting_with_json_prints_the_succeeded_job_and_the_progress_on_stderr(site_cfg, tmp_path, site_store,
                                                                                        option):
-    proc = subprocess.Popen(argv(cfg_path, "submit", str(SLIDE3), option, "--json"), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(argv(site_cfg, "submit", str(SLIDE3), option, "--json"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env(), cwd=tmp_path)
     try:
-        wait_until(lambda: _job_appeared(jobstore, 1), 30, message="job 1 queued")
-        work = sub(cfg_path, "work", "--burst")
+        wait_until(lambda: _job_appeared(site_store, 1), 30, message="job 1 queued")
+        work = sub(site_cfg, "work", "--burst")
         assert work.returncode == 0, work.stderr
         stdout, stderr = proc.communicate(timeout=60)
     finally:
