@@ -294,6 +294,7 @@ def test_identical_file_already_there_is_reused(store, make_spec, start, archive
     dest = archive_root / "jdoe" / "Brain atlas" / "slide 3" / Path(job.spec.root).name
     dest.mkdir(parents=True)
     (dest / "a.tif").write_bytes(files["a.tif"])  # copied by an attempt that then crashed
+    (dest / f".watchfolder-job-{job.id}.owned").write_text('"a.tif"\n')  # that attempt's ledger
     before = (dest / "a.tif").stat()
     result = ArchiveImporter(root=archive_root).run(job, ctx)
     after = (dest / "a.tif").stat()
@@ -387,6 +388,7 @@ def test_stale_part_files_are_looked_for_once_per_destination_folder(make_spec, 
     for path in stale:
         path.parent.mkdir(parents=True)
         path.write_bytes(b"half")
+    (dest / f".watchfolder-job-{job.id}.owned").write_text("")  # the interrupted attempt's ledger
     listed = []
     real_scandir = os.scandir
 
@@ -767,3 +769,30 @@ def test_a_folder_holding_another_jobs_copy_in_progress_is_not_shared(make_spec,
     result = ArchiveImporter(root=archive_root).run(job, ctx)
     assert result["destination"] == str(dest.with_name(dest.name + " (2)"))
     assert sorted(p.name for p in dest.iterdir()) == [other.name]
+
+
+def test_a_retry_does_not_take_a_folder_another_job_filled_with_files_of_the_same_names(make_spec, start,
+                                                                                      archive_root):
+    # Job A (a1, a2) failed and cleaned up; job B (the same acquisition without a2) then archived
+    # a1.tif into the folder; A retried found "its" a1.tif there and shared B's folder (outside
+    # try, round 3). Some of the job's names, no ledger of its own: another job's folder.
+    job, ctx = start(make_spec({"a1.tif": b"1" * 30, "a2.tif": b"2" * 30}))
+    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3" / Path(job.spec.root).name
+    dest.mkdir(parents=True)
+    (dest / "a1.tif").write_bytes(b"1" * 30)  # job B's copy: identical, but not this job's
+    result = ArchiveImporter(root=archive_root).run(job, ctx)
+    assert result["destination"] == str(dest.with_name(dest.name + " (2)"))
+    assert files_under(dest) == ["a1.tif"]
+
+
+def test_every_file_of_the_job_already_there_without_its_ledger_is_its_own_earlier_copy(make_spec, start,
+                                                                                      archive_root):
+    # An attempt that copied everything and was killed before its success was recorded (its
+    # ledger already removed): the retry finds its own folder, copies nothing again.
+    job, ctx = start(make_spec({"a1.tif": b"1" * 30, "a2.tif": b"2" * 30}))
+    dest = archive_root / "jdoe" / "Brain atlas" / "slide 3" / Path(job.spec.root).name
+    dest.mkdir(parents=True)
+    (dest / "a1.tif").write_bytes(b"1" * 30)
+    (dest / "a2.tif").write_bytes(b"2" * 30)
+    result = ArchiveImporter(root=archive_root).run(job, ctx)
+    assert result["destination"] == str(dest) and "renamed_from" not in result

@@ -115,6 +115,9 @@ EXCLUDE_PATTERNS = ("~$*", "*.tmp", "*.part", ".*", "Thumbs.db", "ehthumbs.db", 
 SYSTEM_NAMES = frozenset({"Thumbs.db", "ehthumbs.db", "desktop.ini", "$RECYCLE.BIN", "System Volume Information",
                           "lost+found", "Icon\r", ".DS_Store", ".Trashes", ".Spotlight-V100", ".fseventsd",
                           ".TemporaryItems", ".snapshot"})
+# Of those, the files an OS drops into any folder it shows; the others are made at the top of
+# a share or disk only (a dataset folder named lost+found deeper down is a person's, and listed).
+SYSTEM_FILE_NAMES = frozenset({"Thumbs.db", "ehthumbs.db", "desktop.ini", "Icon\r", ".DS_Store"})
 # Names of a copy in progress (a transfer writes under such a name, then renames it): an
 # acquisition holding one that the patterns leave out is still being copied, whatever the
 # quiet period says. (Not ~$*: Office's lock file of a document left open says nothing

@@ -158,3 +158,15 @@ def test_a_folder_holding_only_what_is_never_imported_says_so(field):
                         (e.get("waiting") or "")], 10, message="the pending reason naming what it holds")
     [entry] = [e for e in field.pending() if e["path"] == "jdoe/junk"]
     assert "Thumbs.db" in entry["waiting"] and ".DS_Store" in entry["waiting"], entry
+
+
+@pytest.mark.parametrize("name", ["lost+found", "$RECYCLE.BIN"])
+def test_a_dataset_named_like_a_system_folder_is_listed_not_hidden(field, name):
+    # jdoe/lost+found/b.tif: excluded (the name is the OS's), but a person made it there, so it
+    # is listed as pending with why, not hidden (outside try, round 3).
+    field.start("events", detection="layout", layout="{owner}/{dataset}/")
+    tree(field.drop / "jdoe" / name, {"b.tif": b"data " * 10})
+    wait_until(lambda: [e for e in field.pending() if e["path"] == f"jdoe/{name}"], 10,
+               message="the folder listed as pending")
+    [entry] = [e for e in field.pending() if e["path"] == f"jdoe/{name}"]
+    assert entry["kind"] == "excluded" and name in entry["waiting"], entry

@@ -268,12 +268,15 @@ def _ledger_name(job_id: int) -> str:
 
 def _claimable(folder: str, paths: set[str], job_id: int) -> bool:
     """For a layout that gives each acquisition its own folder: True when ``folder`` is absent,
-    or holds something of job ``job_id`` (its ledger, its temporary files, files it lists) and
-    nothing else. An empty folder is another job's that has just made it (its ledger
-    follows at once), so it is not claimable; an unreadable subfolder, a link or a foreign file makes it taken.
-    Symbolic links are not followed."""
+    or is this job's: it holds the job's ledger (an earlier attempt claimed it), or every file
+    the job lists and nothing else (an attempt that copied all and was stopped before its
+    success was recorded, its ledger already removed). Anything else there, some of the job's
+    names only (another job's copy of a file of the same name), or nothing at all (another job
+    that has just made it; its ledger follows at once) makes it taken. An unreadable subfolder
+    or a link counts as foreign. Symbolic links are not followed."""
     ledger, tag = _ledger_name(job_id), f".wf-{job_id}-"
-    found = False
+    owned = False
+    present: set[str] = set()
     stack = [(folder, "")]
     while stack:
         path, prefix = stack.pop()
@@ -295,11 +298,13 @@ def _claimable(folder: str, paths: set[str], job_id: int) -> bool:
                     continue
             except OSError:
                 return False
-            if rel in paths or name == ledger or (name.startswith(".") and tag in name and name.endswith(".part")):
-                found = True
-                continue
-            return False
-    return found
+            if name == ledger:
+                owned = True
+            elif rel in paths:
+                present.add(rel)
+            elif not (name.startswith(".") and tag in name and name.endswith(".part")):
+                return False
+    return owned or (bool(present) and present == paths)
 
 
 class _Ledger:

@@ -1530,8 +1530,10 @@ class Detector:
         own file, and pending is for what a person can act on. A real folder of such a name
         is the exception: it may hold data, which is never imported, so it is noted with why."""
         name = rel.rpartition("/")[2]
-        if kind == "excluded" and name in D.SYSTEM_NAMES:
-            return  # made by the OS itself ($RECYCLE.BIN, .DS_Store): nothing for a person to do
+        if kind == "excluded" and name in D.SYSTEM_NAMES and ("/" not in rel or name in D.SYSTEM_FILE_NAMES):
+            # Made by the OS itself: nothing for a person to do. A folder such as lost+found below the
+            # top of the share is a person's (a dataset named so): noted, with why.
+            return
         if is_own_file(name):
             try:
                 is_dir = stat.S_ISDIR(os.lstat(os.path.join(self.root, rel)).st_mode)
@@ -1820,7 +1822,8 @@ class Detector:
                 # Listed as unreadable instead, and looked at again until it can be read.
                 self._unreadable(cand, None, now, reason=denied)
                 continue
-            written = cand.written_since(snap)
+            # (Not for what was handled as it is: a chmod of a kept file is no change of its data.)
+            written = cand.pending and cand.written_since(snap)
             cand.ctime_ns = snap.max_ctime_ns
             if cand.digest is not None and (snap.digest != cand.digest or written):
                 # Changed since the last look without an event telling us (or between ticks), or
@@ -2059,11 +2062,13 @@ def read_receipt(root: str, rel: str) -> tuple[int | None, Any]:
     return (job_id if isinstance(job_id, int) else None), receipt
 
 
-def imported_this(job: Any, watch: str, root: str, rel: str) -> bool:
+def imported_this(job: Any, watch: str, root: str, rel: str, *, untouched_since: float | None = None) -> bool:
     """Whether succeeded ``job`` imported this very acquisition ``rel`` of watch folder ``watch``
     (at ``root``) before it changed in place: the same folder (device and inode) still holding the
     manifest or sidecar that job imported, or at least one of the files it imported, unchanged
-    (inode and mtime). A folder removed and dropped again holds a new descriptor and new files."""
+    (inode and mtime). A folder removed and dropped again holds a new descriptor and new files.
+    ``untouched_since`` (epoch seconds): that file's ctime must not be later either (a file made
+    again by ``cp -p`` can get a freed inode back, with its old mtime; its ctime is new)."""
     identity = job.spec.extra.get("identity") or {}
     if (job.state.value != "succeeded" or job.spec.extra.get("watch") != watch
             or job.spec.extra.get("acquisition") != rel or not identity.get("files")):
@@ -2088,6 +2093,7 @@ def imported_this(job: Any, watch: str, root: str, rel: str) -> bool:
             fst = os.stat(os.path.join(base, path))
         except OSError:
             continue
-        if fst.st_ino == ino and fst.st_mtime_ns == mtime_ns:
+        if fst.st_ino == ino and fst.st_mtime_ns == mtime_ns and (
+                untouched_since is None or fst.st_ctime <= untouched_since + 1):
             return True
     return False

@@ -1124,10 +1124,12 @@ class Watcher:
         receipt: Any = None
         if job_id is None:
             job_id, receipt = read_receipt(self.root, outcome.rel)
+        from_store = False
         if not isinstance(job_id, int):
             # No receipt (deleted by someone tidying the folder): the store's newest success for
-            # this acquisition, read at start, answers by the same identity rule.
-            job_id = self._succeeded_at_start.get(outcome.rel)
+            # this acquisition, read at start, answers by the same identity rule, stricter (the
+            # receipt is gone too when a folder was removed and dropped again).
+            job_id, from_store = self._succeeded_at_start.get(outcome.rel), True
         if not isinstance(job_id, int):
             return None
         try:
@@ -1136,7 +1138,8 @@ class Watcher:
             return self._receipt_only(outcome, receipt)
         except Exception:  # store busy: treat as new
             return None
-        return job if imported_this(job, self.name, self.root, outcome.rel) else None
+        since = (job.finished_at or job.updated_at) if from_store else None
+        return job if imported_this(job, self.name, self.root, outcome.rel, untouched_since=since) else None
 
     def _followups(self, now: float) -> None:
         try:
