@@ -23,6 +23,7 @@ def test_a_retry_checks_identity_before_copying_on_a_nearly_full_volume(tmpfs, s
     dest = importer.destination(job)
     dest.mkdir(parents=True)
     (dest / "stack.tif").write_bytes(data)  # archived by the attempt that then hit "no space left"
+    (dest / f".watchfolder-job-{job.id}.owned").write_text('"stack.tif"\n')  # that attempt's ledger
     filler = fill(volume)
     filler.write_bytes(filler.read_bytes()[: -(8 * 1024)])  # 8 KiB free: room for meta.txt, not a second stack
     result = importer.run(job, ctx)
