@@ -46,7 +46,7 @@ from .. import multifile, safefs
 from ..config import WatchConfig
 from ..errors import AcquisitionError, classify_os_error
 from ..filenames import beside, beside_str, fit_name
-from ..job import FileEntry, JobSpec, Target, printable, storable
+from ..job import FileEntry, JobSpec, JobState, Target, printable, storable
 from ..store.base import PendingEntry
 from . import acquisition as acq
 
@@ -379,11 +379,18 @@ class Rule:
         looked up on the disk for one path (``explain``, an event); None when there is none."""
         return None
 
+    @property
+    def reads_descriptors(self) -> bool:
+        """Does this watch folder read manifests or sidecars (not a layout rule)?"""
+        return self.watch.detection in ("manifest", "sidecar")
+
     def near_misses(self, rel_dir: str, names: Collection[str]) -> list[tuple[str, str, str]]:
         """Descriptors a letter case or suffix away from the names this watch folder reads
         (``WATCHFOLDER.JSON``, ``cells.czi.JSON``), which would be ignored without a word:
         ``(rel, "not_acquisition", reason with the fix)``. Windows shares and instruments do
         not care about case; this server does."""
+        if not self.reads_descriptors:
+            return []
         watch = self.watch
         manifests = watch.detection == "manifest"
         sidecars = watch.detection == "sidecar" or (manifests and watch.sidecars)
@@ -2060,6 +2067,20 @@ def read_receipt(root: str, rel: str) -> tuple[int | None, Any]:
     except (OSError, ValueError, AttributeError, safefs.UnsafePath):
         return None, None
     return (job_id if isinstance(job_id, int) else None), receipt
+
+
+def imported_jobs(store: Any, watch: str) -> dict[str, Any]:
+    """Acquisition (relative path) -> its newest succeeded job, among the newest
+    :data:`FINISHED_AT_START` successes of watch folder ``watch``: how a kept acquisition whose
+    receipt was deleted is recognised (the watcher at start, ``explain``). Raises what the store
+    raises."""
+    jobs, _ = store.list_jobs(states=[JobState.SUCCEEDED.value], source=f"watch:{watch}", limit=FINISHED_AT_START)
+    out: dict[str, Any] = {}
+    for job in jobs:
+        rel = job.spec.extra.get("acquisition")
+        if isinstance(rel, str) and job.spec.extra.get("watch") == watch:
+            out.setdefault(rel, job)
+    return out
 
 
 def imported_this(job: Any, watch: str, root: str, rel: str, *, untouched_since: float | None = None) -> bool:

@@ -27,10 +27,10 @@ from ..job import JobState
 from ..store.base import JobStore, PendingEntry
 from . import acquisition as acq
 from .detector import (
-    FINISHED_AT_START,
     Detector,
     Patterns,
     _os_reason,
+    imported_jobs,
     imported_this,
     is_own_file,
     make_rule,
@@ -293,12 +293,9 @@ def _changed_after_import(watch: WatchConfig, root: str, acq_rel: str, store: Jo
         # No receipt (not written yet, or deleted): the store's newest success for it, as a
         # restarted watcher looks it up (the watch folder's newest 1,000).
         try:
-            jobs, _ = store.list_jobs(states=[JobState.SUCCEEDED.value], source=f"watch:{watch.name}",
-                                      limit=FINISHED_AT_START)
+            job = imported_jobs(store, watch.name).get(acq_rel)
         except Exception:  # the store busy
             return None
-        job = next((j for j in jobs if j.spec.extra.get("acquisition") == acq_rel
-                    and j.spec.extra.get("watch") == watch.name), None)
         return job if job is not None and imported_this(job, watch.name, root, acq_rel) else None
     try:
         job = store.get(job_id)

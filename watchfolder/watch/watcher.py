@@ -49,6 +49,7 @@ from .detector import (
     RECEIPT_SUFFIX,
     Detector,
     Outcome,
+    imported_jobs,
     imported_this,
     read_receipt,
     unreadable_folder,
@@ -849,6 +850,8 @@ class Watcher:
         if found is not None:
             detector.skip(*found, now)
         # A descriptor one letter case away (WATCHFOLDER.JSON, cells.czi.JSON): said, not ignored.
+        if not detector.rule.reads_descriptors:
+            return
         try:
             listing = os.listdir(os.path.join(self.root, head) if head else self.root)
         except OSError:
@@ -1044,21 +1047,13 @@ class Watcher:
         return out
 
     def _succeeded_jobs(self) -> dict[str, int]:
-        """Acquisition (relative path) -> id of its newest succeeded job (at most
-        :data:`FINISHED_AT_START` jobs of this watch folder, newest first), from the store at
-        start: what a kept acquisition whose receipt was deleted is recognised by."""
+        """Acquisition (relative path) -> id of its newest succeeded job (:func:`imported_jobs`), from
+        the store at start: what a kept acquisition whose receipt was deleted is recognised by."""
         try:
-            jobs, _ = self.store.list_jobs(states=[JobState.SUCCEEDED.value], source=f"watch:{self.name}",
-                                           limit=FINISHED_AT_START)
+            return {rel: job.id for rel, job in imported_jobs(self.store, self.name).items()}
         except Exception:  # the store is busy: receipts still say what was imported
             log.warning("watch folder %s: cannot read its imported jobs from the store", self.name, exc_info=True)
             return {}
-        out: dict[str, int] = {}
-        for job in jobs:
-            rel = job.spec.extra.get("acquisition")
-            if isinstance(rel, str) and job.spec.extra.get("watch") == self.name:
-                out.setdefault(rel, job.id)
-        return out
 
     def _unfinished_jobs(self) -> dict[str, int]:
         """Acquisition (relative path) -> id of its unfinished job, from the store (at start)."""
