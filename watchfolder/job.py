@@ -40,6 +40,8 @@ def storable(text: str) -> str:
     :func:`printable`, which also escapes control characters). Valid text is
     returned unchanged.
     """
+    if text.isascii():  # the common case, without an encoded copy
+        return text
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

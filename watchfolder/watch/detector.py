@@ -30,6 +30,7 @@ import hashlib
 import heapq
 import json
 import logging
+import operator
 import os
 import pwd
 import re
@@ -182,6 +183,9 @@ class Patterns:
         return acq.is_excluded(relpath, self.exclude, self.include)
 
 
+_BY_NAME = operator.attrgetter("name")
+
+
 def snapshot_folder(
     path: str, patterns: Patterns, rel: str = "", *, entries: list[os.DirEntry] | None = None
 ) -> Snapshot | None:
@@ -209,10 +213,10 @@ def snapshot_folder(
         folder, sub = stack.pop()
         try:
             if entries is not None:
-                listing, entries = sorted(entries, key=lambda e: e.name), None
+                listing, entries = sorted(entries, key=_BY_NAME), None
             else:
                 with os.scandir(folder) as it:
-                    listing = sorted(it, key=lambda e: e.name)
+                    listing = sorted(it, key=_BY_NAME)
         except (FileNotFoundError, NotADirectoryError):
             if not sub:
                 return None
@@ -847,7 +851,12 @@ class LayoutRule(Rule):
         return values
 
     def folder_is_candidate(self, rel_dir: str, names: set[str]) -> bool:
-        return bool(rel_dir) and self.values(rel_dir) is not None
+        # What values() decides, without building the values (asked of every folder of a scan).
+        if not rel_dir:
+            return False
+        parts = rel_dir.split("/")
+        return len(parts) == self.depth and all(
+            regex.fullmatch(part) is not None for part, regex in zip(parts, self.regexes, strict=True))
 
     def descriptor_path(self, root: str, rel: str) -> str | None:
         return None

@@ -465,7 +465,9 @@ class Watcher:
         self.next_restart = now + delay
         self._publish(now, force=True)
 
-    def _try_start(self, now: float) -> None:
+    def _try_start(self, now: float, *, publish: bool = True) -> None:
+        """Start watching (or restart after a problem); ``publish``: say so in the store now (the
+        step that called it publishes at its end: one pending list of a new tree, not two)."""
         try:
             self._activate(now)
         except OSError as exc:
@@ -478,7 +480,8 @@ class Watcher:
         self.error = None
         self.unhealthy_since = None
         self.restart_attempt = 0
-        self._publish(now, force=True)
+        if publish:
+            self._publish(now, force=True)
 
     def _check_health(self, now: float) -> None:
         try:
@@ -507,9 +510,11 @@ class Watcher:
         if not self._hold(now):
             self._publish(now)
             return max(0.0, self.next_lease - now)
+        started = False
         if not self.active:
             if self.health in ("starting", "standby") or now >= self.next_restart:
-                self._try_start(now)
+                self._try_start(now, publish=False)
+                started = self.active
             if not self.active:
                 self._publish(now)
                 return max(0.0, min(self.next_restart - now, self.health_interval))
@@ -549,7 +554,7 @@ class Watcher:
         if self._store_error and not self._store_failed_now:  # the store answered this whole step
             self._store_error = False
             self.error = None
-        self._publish(now)
+        self._publish(now, force=started)
         return self._next_delay(now)
 
     def _store_failed(self, what: str, exc: BaseException) -> None:
