@@ -775,3 +775,18 @@ def test_what_the_service_writes_may_not_be_inside_a_watch_folder(make_config, t
         make_config(**overrides)
     text = str(info.value)
     assert "watch[0].path" in text and ("outside every watch folder" in text or "outside the archive" in text), text
+
+
+@pytest.mark.parametrize("sender, fix", [
+    ("watchfolder@exämple.org", "write the domain in its ASCII (IDNA) form such as watchfolder@xn--exmple-cua.org"),
+    ("wätchfolder@example.org", "use an address whose part before the @ is ASCII"),
+])
+def test_non_ascii_sender_is_refused_with_the_fix(sender, fix, tmp_path):
+    # Every mail's From is this address: Python's formataddr refuses a non-ASCII one, so the
+    # service started and then could not compose a single mail ("it is not sent").
+    problems = problems_of(base(tmp_path, notify={"from": sender}), tmp_path)
+    assert len(problems) == 1 and problems[0].startswith("notify.from: must be an address in ASCII")
+    assert fix in problems[0]
+    assert configmod.parse(base(tmp_path, notify={"from": "watchfolder@xn--exmple-cua.org"}),
+                           path=tmp_path / "watchfolder.yaml", environ={}).notify.sender == \
+        "watchfolder@xn--exmple-cua.org"

@@ -490,6 +490,26 @@ def email(value: Any) -> str:
     return value
 
 
+def sender_email(value: Any) -> str:
+    """``notify.from``: an address in ASCII, which every mail's From header must be (RFC 5322:
+    a display name may be encoded, the address itself may not, and a server without SMTPUTF8
+    refuses a non-ASCII envelope sender)."""
+    value = email(value)
+    if not value.isascii():
+        local, _, domain = value.rpartition("@")
+        hint = ""
+        if local.isascii():
+            try:
+                hint = f" such as {local}@{domain.encode('idna').decode('ascii')}"
+            except UnicodeError:
+                pass
+        fix = (f"write the domain in its ASCII (IDNA) form{hint}" if local.isascii()
+               else "use an address whose part before the @ is ASCII")
+        raise _Bad(f"must be an address in ASCII (every mail is sent from it; a mail server refuses or "
+                   f"mangles a non-ASCII sender), got {_show(value)}; {fix}")
+    return value
+
+
 def listen(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\s]+):\d{1,5}", value):
         raise _Bad(f"must be HOST:PORT such as 127.0.0.1:8470, got {_show(value)}")
@@ -682,7 +702,7 @@ def _notify(r: _Reader, raw: dict, data_dir: Path) -> NotifyConfig:
     return NotifyConfig(
         transport=r.get(raw, "transport", w, one_of("folder", "smtp", "none"), D.NOTIFY_TRANSPORT),
         outbox_dir=r.get(raw, "outbox_dir", w, r.path, data_dir / "outbox"),
-        sender=r.get(raw, "from", w, email, D.MAIL_FROM),
+        sender=r.get(raw, "from", w, sender_email, D.MAIL_FROM),
         admin_email=r.get(raw, "admin_email", w, email, None),
         default_domain=r.get(raw, "default_domain", w, text, None),
         templates_dir=templates_dir,

@@ -48,6 +48,7 @@ import string
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from email import quoprimime
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.utils import formataddr, formatdate
@@ -461,30 +462,63 @@ class Notifier:
         rich = {k: v.html if isinstance(v, _Block) else _esc(str(v)) for k, v in values.items()}
         rich["subject"] = _esc(subject)
         msg = EmailMessage(policy=MAIL_POLICY)
+        # Names and addresses go through the policy's header classes (headers.py: kept as given,
+        # encoded and folded when they must be). The headers made here of plain ASCII tokens are
+        # stored as they are (Message.set_raw): parsing each one into a header object was half of
+        # composing a mail, and the generator writes a short plain value exactly as that object
+        # would fold it (a long one it parses and folds then).
         msg["Subject"] = subject
         msg["From"] = formataddr(("watchfolder", self.sender))
         msg["To"] = ", ".join(recipients)
-        msg["Date"] = formatdate(stamp, localtime=True)
-        msg["Message-ID"] = message_id
+        _set_plain(msg, "Date", formatdate(stamp, localtime=True))
+        _set_plain(msg, "Message-ID", message_id)
         # RFC 3834: tells vacation responders and list servers not to answer.
-        msg["Auto-Submitted"] = "auto-generated"
-        msg["X-Watchfolder-Kind"] = kind
+        _set_plain(msg, "Auto-Submitted", "auto-generated")
+        _set_plain(msg, "X-Watchfolder-Kind", kind)
         if job_id is not None:
-            msg["X-Watchfolder-Job"] = str(job_id)
+            _set_plain(msg, "X-Watchfolder-Job", str(job_id))
         if for_admin:
-            msg[REDIRECT_HEADER] = "admin"
+            _set_plain(msg, REDIRECT_HEADER, "admin")
         if _is_address(self.notify.contact):
             msg["Reply-To"] = self.notify.contact
-        # Quoted-printable keeps the body 7-bit, so servers without 8BITMIME take it too.
-        msg.set_content(templates.text.substitute(plain), charset="utf-8", cte="quoted-printable")
-        msg.add_alternative(templates.html.substitute(rich), subtype="html", charset="utf-8",
-                            cte="quoted-printable")
-        # The boundary set here, not by the generator, which compiles a regular expression for
+        # multipart/alternative of a text and an HTML part, each quoted-printable (7-bit, so
+        # servers without 8BITMIME take it too): the same headers and bytes as
+        # EmailMessage.set_content + add_alternative write, without their header parsing. The
+        # boundary is set here, not by the generator, which compiles a regular expression for
         # each new boundary to look for it in the text (a millisecond per mail). A random number
         # between '=' runs (the generator's own form) cannot occur in quoted-printable parts,
         # where '=' is always '=3D'.
-        msg.set_boundary(f"==============={random.getrandbits(64):020d}==")
+        msg.set_raw("MIME-Version", "1.0")
+        # Content-Type parsed once here: the generator reads it several times per part.
+        msg["Content-Type"] = f'multipart/alternative; boundary="==============={random.getrandbits(64):020d}=="'
+        msg.set_payload([
+            _text_part(templates.text.substitute(plain), "plain"),
+            _text_part(templates.html.substitute(rich), "html", mime_version=True),
+        ])
         return Mail(kind=kind, recipients=tuple(recipients), message=msg)
+
+
+def _set_plain(msg: EmailMessage, name: str, value: str) -> None:
+    """Set a header made by this module: as it is when plain ASCII (no parsing), else parsed."""
+    if value.isascii() and value.isprintable():
+        msg.set_raw(name, value)
+    else:
+        msg[name] = value
+
+
+def _text_part(body: str, subtype: str, *, mime_version: bool = False) -> EmailMessage:
+    """A ``text/<subtype>`` part in UTF-8, quoted-printable: what ``set_content(body,
+    subtype=subtype, charset="utf-8", cte="quoted-printable")`` makes (lines ended as
+    :mod:`email.contentmanager` ends them; ``mime_version`` as ``add_alternative`` adds it)."""
+    part = EmailMessage(policy=MAIL_POLICY)
+    part["Content-Type"] = f'text/{subtype}; charset="utf-8"'
+    lines = body.encode("utf-8").splitlines()
+    part.set_payload(quoprimime.body_encode((b"\n".join(lines) + b"\n").decode("latin-1"),
+                                            MAIL_POLICY.max_line_length))
+    part.set_raw("Content-Transfer-Encoding", "quoted-printable")
+    if mime_version:
+        part.set_raw("MIME-Version", "1.0")
+    return part
 
 
 # ---------------------------------------------------------------- templates

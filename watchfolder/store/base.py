@@ -148,7 +148,7 @@ class Mail:
         # Nothing needs RFC 2047 encoded words (whose 75-character limit needs folding): keep
         # each header on one line (RFC 5322 allows 998). Readers that unfold a folded header
         # by turning CRLF into a space (Python's compat32, some webmail) show doubled spaces.
-        one_line = not ascii_only or all(str(v).isascii() for v in self.message.values())
+        one_line = not ascii_only or all(str(v).isascii() for _, v in self.message.raw_items())
         return self.message.as_bytes(policy=_WIRE_POLICIES[ascii_only, one_line])
 
 
