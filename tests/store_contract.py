@@ -332,6 +332,23 @@ def test_reject_records_bad_input_as_a_failed_job_once(store, make_spec):
     assert store.followups("watch:drop") == []
 
 
+def test_list_jobs_without_files_leaves_only_the_file_lists_out(store, make_spec):
+    # A watcher at start reads its folder's unfinished and finished jobs for their extra fields:
+    # a page of HCS plates must not load every plate's 100,000 file rows.
+    files = {f"Images/r01c{i:02d}.tiff": b"x" * (i + 1) for i in range(40)}
+    plate, _ = store.enqueue(make_spec(files=files, extra={"watch": "drop", "acquisition": "plate1"}), now=T0)
+    other, _ = store.enqueue(make_spec(), now=T0 + 1)
+    full, _ = store.list_jobs()
+    light, cursor = store.list_jobs(files=False)
+    assert cursor is None and [j.id for j in light] == [j.id for j in full] == [other.id, plate.id]
+    assert len(full[1].spec.files) == 40 and all(not j.spec.files for j in light)
+    for a, b in zip(full, light):
+        assert dataclasses.replace(a.spec, files=()) == b.spec
+        assert (a.state, a.idempotency_key, a.created_at, a.log_path) == (b.state, b.idempotency_key,
+                                                                           b.created_at, b.log_path)
+    assert light[1].spec.extra == {"watch": "drop", "acquisition": "plate1"}
+    assert [len(j.spec.files) for j in store.list_jobs(states=["queued"])[0]] == [2, 40]
+
 def test_list_jobs_filters_and_pages(store, make_spec):
     ids = []
     for i in range(7):

@@ -314,12 +314,16 @@ class JobStore(abc.ABC):
         limit: int = 50,
         cursor: str | None = None,
         dismissed: bool | None = None,
+        files: bool = True,
     ) -> tuple[list[Job], str | None]:
         """Jobs newest first, filtered; returns the page and the cursor of the next page (or None).
 
         ``source`` matches exactly, or as a prefix when it ends with ``*``;
         ``since``/``until`` bound the creation time; ``dismissed`` filters on
-        whether an admin acknowledged a failure.
+        whether an admin acknowledged a failure. ``files=False`` leaves each
+        job's file list out (``spec.files`` empty): for callers that read only
+        the rest, as a watcher at start does, a page of HCS plates is not a
+        page of millions of file rows.
         """
 
     @abc.abstractmethod

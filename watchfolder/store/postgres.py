@@ -681,6 +681,7 @@ class PostgresStore(FileLogs, JobStore):
         limit: int = 50,
         cursor: str | None = None,
         dismissed: bool | None = None,
+        files: bool = True,
     ) -> tuple[list[Job], str | None]:
         where: list[str] = []
         args: list[Any] = []
@@ -709,7 +710,8 @@ class PostgresStore(FileLogs, JobStore):
         sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
         with self._tx() as conn:
             rows = conn.execute(sql + " ORDER BY id DESC LIMIT %s", (*args, limit + 1)).fetchall()
-        jobs = self._jobs(rows[:limit])
+        jobs = (self._jobs(rows[:limit]) if files
+                else [job_from_row(r, self.log_path(r["id"]), files=()) for r in rows[:limit]])
         return jobs, (str(jobs[-1].id) if len(rows) > limit else None)
 
     def imported_as(self, content_key: str) -> Job | None:

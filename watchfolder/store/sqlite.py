@@ -849,6 +849,7 @@ class SQLiteStore(FileLogs, JobStore):
         limit: int = 50,
         cursor: str | None = None,
         dismissed: bool | None = None,
+        files: bool = True,
     ) -> tuple[list[Job], str | None]:
         """Jobs newest first, filtered; returns the page and the cursor of the next page (or None).
 
@@ -885,7 +886,7 @@ class SQLiteStore(FileLogs, JobStore):
         limit = max(1, min(int(limit), 1000))
         sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
         rows = self._conn().execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit + 1)).fetchall()
-        jobs = [self._job(r) for r in rows[:limit]]
+        jobs = [self._job(r) if files else job_from_row(r, self.log_path(r["id"]), files=()) for r in rows[:limit]]
         next_cursor = str(jobs[-1].id) if len(rows) > limit else None
         return jobs, next_cursor
 

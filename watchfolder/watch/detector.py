@@ -2081,9 +2081,11 @@ def read_receipt(root: str, rel: str) -> tuple[int | None, Any]:
 def imported_jobs(store: Any, watch: str) -> dict[str, Any]:
     """Acquisition (relative path) -> its newest succeeded job, among the newest
     :data:`FINISHED_AT_START` successes of watch folder ``watch``: how a kept acquisition whose
-    receipt was deleted is recognised (the watcher at start, ``explain``). Raises what the store
-    raises."""
-    jobs, _ = store.list_jobs(states=[JobState.SUCCEEDED.value], source=f"watch:{watch}", limit=FINISHED_AT_START)
+    receipt was deleted is recognised (the watcher at start, ``explain``). The jobs come without
+    their file lists (``spec.files`` empty; the identity in ``spec.extra`` is what is compared).
+    Raises what the store raises."""
+    jobs, _ = store.list_jobs(states=[JobState.SUCCEEDED.value], source=f"watch:{watch}", limit=FINISHED_AT_START,
+                              files=False)
     out: dict[str, Any] = {}
     for job in jobs:
         rel = job.spec.extra.get("acquisition")

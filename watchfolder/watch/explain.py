@@ -296,7 +296,12 @@ def _changed_after_import(watch: WatchConfig, root: str, acq_rel: str, store: Jo
             job = imported_jobs(store, watch.name).get(acq_rel)
         except Exception:  # the store busy
             return None
-        return job if job is not None and imported_this(job, watch.name, root, acq_rel) else None
+        if job is None or not imported_this(job, watch.name, root, acq_rel):
+            return None
+        try:
+            return store.get(job.id)  # with its files and history (the list leaves them out)
+        except Exception:  # the store busy
+            return None
     try:
         job = store.get(job_id)
     except Exception:  # not in this database (restored from a backup), or the store busy

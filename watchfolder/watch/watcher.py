@@ -1040,7 +1040,8 @@ class Watcher:
         at start."""
         states = [JobState.FAILED.value, JobState.CANCELLED.value]
         try:
-            jobs, _ = self.store.list_jobs(states=states, source=f"watch:{self.name}", limit=FINISHED_AT_START)
+            jobs, _ = self.store.list_jobs(states=states, source=f"watch:{self.name}", limit=FINISHED_AT_START,
+                                           files=False)
         except Exception:  # the store is busy: receipts and error reports still say what was handled
             log.warning("watch folder %s: cannot read its finished jobs from the store", self.name, exc_info=True)
             return {}
@@ -1064,7 +1065,7 @@ class Watcher:
         """Acquisition (relative path) -> id of its unfinished job, from the store (at start)."""
         unfinished = [JobState.QUEUED.value, JobState.RUNNING.value, JobState.RETRY_WAIT.value]
         try:
-            jobs, _ = self.store.list_jobs(states=unfinished, source=f"watch:{self.name}", limit=1000)
+            jobs, _ = self.store.list_jobs(states=unfinished, source=f"watch:{self.name}", limit=1000, files=False)
         except Exception:  # the store is busy: the candidates' own job ids still hold this run's jobs
             log.warning("watch folder %s: cannot read its unfinished jobs from the store", self.name, exc_info=True)
             return {}
