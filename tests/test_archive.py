@@ -16,6 +16,7 @@ import pytest
 
 from watchfolder.errors import (
     ConfigError,
+    ImportFailure,
     JobCancelled,
     PermanentImportError,
     ShuttingDown,
@@ -441,6 +442,53 @@ def test_nothing_is_reported_archived_before_it_is_durable(sync, store, make_spe
     assert f"archived sub/b.tif sha256={sha(b'b' * 20)}" in ctx.messages
     assert ctx.calls[-1][0] == "archived"
 
+
+
+def test_a_big_copy_is_flushed_while_it_is_verified_and_before_it_is_reported(
+        make_spec, start, archive_root, monkeypatch):
+    # A copy of EARLY_SYNC_BYTES or more is fsynced in a thread while it is read back (the disk
+    # writes while the CPU hashes): the flush covers the whole copy, ends before the copy gets its
+    # name, and before anything is reported archived.
+    monkeypatch.setattr(archive_module, "EARLY_SYNC_BYTES", 4096)
+    data = os.urandom(20_000)
+    job, ctx = start(make_spec({"big.tif": data, "small.tif": b"s" * 100}))
+    flushed = []
+    real_fsync = os.fsync
+
+    def spy_fsync(fd):
+        if threading.current_thread().name == "archive-fsync":
+            flushed.append((os.fstat(fd).st_size, list(ctx.messages),
+                            os.path.exists(archive_root / job.owner)
+                            and any(p.endswith("big.tif") for p in files_under(archive_root))))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(archive_module.os, "fsync", spy_fsync)
+    # Chunks of 4 KiB: the big file goes through the hash-while-writing and hash-while-reading
+    # pipelines in several turns (its two buffers alternate); its checksum must still be exact.
+    result = ArchiveImporter(root=archive_root, chunk_bytes=4096).run(job, ctx)
+    assert flushed == [(20_000, flushed[0][1], False)]  # the big file only, before it had its name
+    assert not [m for m in flushed[0][1] if m.startswith("archived")]
+    assert (Path(result["destination"]) / "big.tif").read_bytes() == data
+    assert f"archived big.tif sha256={sha(data)}" in ctx.messages
+    assert {f["path"]: f["sha256"] for f in result["files"]}["big.tif"] == sha(data)
+
+
+def test_a_failed_background_flush_fails_the_copy_and_places_nothing(make_spec, start, archive_root, monkeypatch):
+    monkeypatch.setattr(archive_module, "EARLY_SYNC_BYTES", 4096)
+    job, ctx = start(make_spec({"big.tif": os.urandom(20_000)}))
+    real_fsync = os.fsync
+
+    def failing_fsync(fd):
+        if threading.current_thread().name == "archive-fsync":
+            raise OSError(5, "Input/output error")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(archive_module.os, "fsync", failing_fsync)
+    with pytest.raises(ImportFailure) as info:
+        ArchiveImporter(root=archive_root).run(job, ctx)
+    assert "Input/output error" in str(info.value) or "I/O" in str(info.value)
+    assert not [p for p in files_under(archive_root) if p.endswith("big.tif")]
+    assert not [m for m in ctx.messages if m.startswith("archived")]
 
 @pytest.mark.parametrize("count, how", [(3, "fsync"), (70, "syncfs")])
 def test_a_few_files_are_fsynced_many_take_one_syncfs(count, how, make_spec, start, archive_root, monkeypatch):

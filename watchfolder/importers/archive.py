@@ -55,8 +55,10 @@ import json
 import os
 import shutil
 import stat
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +257,56 @@ class _Throttle:
 
 
 LOG_LINES_PER_WRITE = 1000  # archived-file lines per job-log write
+
+#: A copy at least this big (bytes) is flushed to disk while it is read back for verification.
+EARLY_SYNC_BYTES = 64 * 1024 * 1024
+
+
+
+def _hash_fd_overlapped(fd: int, buf: bytearray) -> str:
+    """SHA-256 (hex) of what ``fd`` reads from its offset on, each chunk hashed in a thread while
+    the next is read into a second buffer (for big files; ``buf`` and one more of its size)."""
+    digest = hashlib.sha256()
+    buffers = (buf, bytearray(len(buf)))
+    with ThreadPoolExecutor(1, thread_name_prefix="archive-hash") as pool:
+        hashing = None
+        turn = 0
+        while True:
+            target = buffers[turn]
+            n = os.readv(fd, [target])  # the other buffer is being hashed meanwhile
+            if hashing is not None:
+                hashing.result()
+            if not n:
+                break
+            hashing = pool.submit(digest.update, memoryview(target)[:n])
+            turn ^= 1
+    return digest.hexdigest()
+
+class _BackgroundFsync:
+    """``fsync(2)`` of a just-written copy in a thread, while the caller reads the copy back to
+    verify it: the disk writes while the CPU hashes, instead of one after the other (a 1 GiB copy
+    spent 1.8 s in its final flush, after 1 to 1.4 s of reading back). :meth:`join` waits and
+    raises the flush's :class:`OSError`; the caller always joins before it reports anything, so
+    nothing is called archived before it is on stable storage."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = os.dup(fd)  # its own descriptor: the caller may close fd on an error
+        self.error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="archive-fsync", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            self.error = exc
+        finally:
+            os.close(self._fd)
+
+    def join(self) -> None:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _size_changed(path: str, size: int, queued: int) -> str:
@@ -847,15 +899,30 @@ class ArchiveImporter(Importer):
             else:
                 fout = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o600)
             os.fchmod(fout, self.copy_mode(before))
-            while n := os.readv(fin, [buf]):
-                chunk = view[:n]
-                source_hash.update(chunk)
-                _write_all(fout, chunk)
-                done += n
-                if throttle is not None:
-                    throttle.read(n)
-                if n == len(buf):  # a file of several chunks: report within it (and honour a cancel)
-                    ctx.progress("copying", done_before + done, total, index, count)
+            # A big file's chunks are hashed in a thread while they are written (both release the
+            # GIL; both only read the buffer, which is not refilled before both are done).
+            hashing = (ThreadPoolExecutor(1, thread_name_prefix="archive-hash")
+                       if before.st_size >= EARLY_SYNC_BYTES else None)
+            try:
+                while n := os.readv(fin, [buf]):
+                    chunk = view[:n]
+                    if hashing is None:
+                        source_hash.update(chunk)
+                        _write_all(fout, chunk)
+                    else:
+                        hashed = hashing.submit(source_hash.update, chunk)
+                        try:
+                            _write_all(fout, chunk)
+                        finally:
+                            hashed.result()
+                    done += n
+                    if throttle is not None:
+                        throttle.read(n)
+                    if n == len(buf):  # a file of several chunks: report within it (and honour a cancel)
+                        ctx.progress("copying", done_before + done, total, index, count)
+            finally:
+                if hashing is not None:
+                    hashing.shutdown()
             after = os.fstat(fin)
             if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or done != after.st_size:
                 raise TransientImportError(f"{src} changed while it was being copied; it is still being written, "
@@ -866,8 +933,14 @@ class ArchiveImporter(Importer):
                     f"{os.path.basename(src)}: checksum {digest} does not match the manifest's {expected}; "
                     "the file is corrupt or the manifest is wrong: export the acquisition again"
                 )
-            os.lseek(fout, 0, os.SEEK_SET)
-            if self._hash_fd(fout, buf) != digest:
+            flushing = _BackgroundFsync(fout) if done >= EARLY_SYNC_BYTES else None
+            try:
+                os.lseek(fout, 0, os.SEEK_SET)
+                copied = self._hash_fd(fout, buf) if flushing is None else _hash_fd_overlapped(fout, buf)
+            finally:
+                if flushing is not None:
+                    flushing.join()  # its OSError is a write error of dest, as below
+            if copied != digest:
                 raise TransientImportError(f"the copy of {os.path.basename(src)} does not match its source (disk error?)")
             if tmp is None:
                 return digest, self._place(fout, dest, digest, buf), done
