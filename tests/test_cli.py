@@ -675,3 +675,30 @@ def test_commands_work_while_a_watch_folder_is_missing(cfg_path, tmp_path, capsy
     err = capsys.readouterr().err
     assert f"warning: watch folder scope: {gone} does not exist now" in err
     assert "the service waits for it to come back" in err
+
+
+def test_a_job_of_a_killed_worker_is_named_with_when_it_comes_back(cfg_path, jobstore, make_spec, capsys):
+    # Outside test: after a `kill -9` of `work`, `work --burst` exited 0 at once saying nothing of
+    # the job still held by the dead worker's lease, and `status` said healthy with running: 1.
+    job, _ = jobstore.enqueue(make_spec())
+    claimed = jobstore.claim("vm:4242:w1")  # a worker that never published a row: its process is gone
+    assert claimed is not None and claimed.id == job.id
+    assert run_cli(cfg_path, "work", "--burst") == 0
+    err = capsys.readouterr().err
+    assert (f"job {job.id} is still running on worker vm:4242:w1, which is gone (no heartbeat); it goes back "
+            "to the queue when its lease ends at ") in err
+    assert "run 'work --burst' again after that" in err
+    assert jobstore.get(job.id).state == JobState.RUNNING  # not taken over before its lease ends
+    assert run_cli(cfg_path, "status", "--json") == 1
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    assert [p for p in problems if p.startswith(f"job {job.id} is running on worker vm:4242:w1, which is gone; "
+                                                "it goes back to the queue when its lease ends at ")]
+    # A worker that is there (its row published) is not named.
+    jobstore.set_component("worker", "vm:4242:w1", {"heartbeat_seconds": 60, "process_start": None})
+    run_cli(cfg_path, "status", "--json")
+    assert not [p for p in json.loads(capsys.readouterr().out)["problems"] if "which is gone" in p]
+
+
+def test_status_text_shows_since_times_as_local_times():
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", cli._human(1796237657.97, "paused_since"))
+    assert cli._human({"targets": [{"paused_since": 1796237657.97}]})["targets"][0]["paused_since"] != 1796237657.97

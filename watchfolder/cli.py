@@ -331,6 +331,7 @@ def _run_service(args, parts, *, banner: bool = False, burst: bool = False,
         print(_banner(config, service), flush=True)
     if burst:
         service.wait_workers()
+        _say_held_jobs(service.store)
     else:
         while not stop.wait(0.5):
             pass
@@ -340,6 +341,25 @@ def _run_service(args, parts, *, banner: bool = False, burst: bool = False,
         print(f"watchfolder {__version__} stopped", flush=True)
     return 0
 
+
+
+def _say_held_jobs(store) -> None:
+    """After ``work --burst``: name the jobs still running on a worker that is no longer there (a
+    ``kill -9``). They are not taken over here -- a worker on another host, or in another PID
+    namespace under the same host name, may still run them -- but come back when their lease
+    ends; say when, so an empty burst is not mistaken for "nothing left"."""
+    try:
+        running, _ = store.list_jobs(states=[JobState.RUNNING.value], limit=1000, files=False)
+        live = {c.get("name") for c in store.components("worker")}
+    except Exception:  # the store is busy or gone: the burst's own outcome is already said
+        return
+    for job in running:
+        if job.worker in live:
+            continue
+        until = job.lease_expires_at
+        print(f"job {job.id} is still running on worker {job.worker}, which is gone (no heartbeat); it goes "
+              f"back to the queue when its lease ends{f' at {_when(until)}' if until else ''}: run "
+              "'work --burst' again after that", file=sys.stderr, flush=True)
 
 def executable() -> str:
     """How to run this very program again: the real path of the script, or ``python -m watchfolder``."""
@@ -660,7 +680,7 @@ def _human(value: object, key: str = "") -> object:
         return value
     from .units import format_duration, format_size
 
-    if key.endswith("_at") or key in _TIME_KEYS:
+    if key.endswith(("_at", "_since")) or key in _TIME_KEYS:
         return _when(value)
     if key.endswith(("_age", "_seconds", "_for")) or key in ("retry_every", "paused_for"):
         return format_duration(value)

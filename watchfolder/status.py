@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .job import JobState
 from .mail.message import CONFIG_PROBLEM
 
 # A worker is healthy while its heartbeat is younger than this many heartbeat intervals.
@@ -289,6 +290,25 @@ def disks(config) -> list[dict[str, Any]]:
     return [disk_view(label, path) for label, path in entries]
 
 
+def orphaned_jobs(store, live_workers: set[str], *, owners: Sequence[str] | None = None,
+                  now: float | None = None) -> list[str]:
+    """One line per running job whose worker has no row any more (its process was killed, e.g.
+    ``kill -9``, and pruned): the job is not lost, it goes back to the queue when its lease ends
+    (it is not taken over earlier: a worker on another host, or under the same host name in
+    another PID namespace, may still run it). At most the first 1000 running jobs are looked at."""
+    now = time.time() if now is None else now
+    jobs, _ = store.list_jobs(states=[JobState.RUNNING.value], limit=1000, files=False)
+    out = []
+    for job in jobs:
+        if job.worker in live_workers or (owners is not None and job.owner not in owners):
+            continue
+        until = job.lease_expires_at
+        when = (f" at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(until))} (in {max(0.0, until - now):.0f} s)"
+                if until else "")
+        out.append(f"job {job.id} is running on worker {job.worker}, which is gone; it goes back to the queue "
+                   f"when its lease ends{when}")
+    return out
+
 def collect_status(config, store, importer=None, *, now: float | None = None,
                    owners: Sequence[str] | None = None) -> dict[str, Any]:
     """The admin view as plain data (JSON-able); ``healthy`` sums it up and ``problems`` says why not.
@@ -321,6 +341,7 @@ def collect_status(config, store, importer=None, *, now: float | None = None,
     for w in workers:
         if not w["healthy"]:
             problems.append(f"worker {w['name']}: {w['problem']}")
+    problems += orphaned_jobs(store, {w["name"] for w in workers}, owners=owners, now=now)
     for w in watchers:
         if not w["healthy"]:
             problems.append(f"watcher {w['name']}: {w['problem']}")
