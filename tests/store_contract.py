@@ -342,7 +342,7 @@ def test_list_jobs_without_files_leaves_only_the_file_lists_out(store, make_spec
     light, cursor = store.list_jobs(files=False)
     assert cursor is None and [j.id for j in light] == [j.id for j in full] == [other.id, plate.id]
     assert len(full[1].spec.files) == 40 and all(not j.spec.files for j in light)
-    for a, b in zip(full, light):
+    for a, b in zip(full, light, strict=True):
         assert dataclasses.replace(a.spec, files=()) == b.spec
         assert (a.state, a.idempotency_key, a.created_at, a.log_path) == (b.state, b.idempotency_key,
                                                                            b.created_at, b.log_path)
